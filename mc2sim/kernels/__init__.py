@@ -1,0 +1,24 @@
+"""Reference kernels of the MC2 operators: pure single-rank functions of torch tensors.
+
+Names and keyword arguments mirror torch_npu's so Ascend users recognise them. Float inputs
+are computed in float32 and cast to the output dtype at the end; integer matmuls are exact.
+Every documented constraint is checked before any arithmetic (see ``mc2sim.errors``).
+"""
+
+from mc2sim.kernels.grouped_matmul import grouped_matmul
+from mc2sim.kernels.ifa import incre_flash_attention
+from mc2sim.kernels.int4 import convert_weight_to_int4pack, nd_to_nz, nz_to_nd, unpack_int4
+from mc2sim.kernels.quant_matmul import quant_matmul, trans_quant_param
+from mc2sim.kernels.weight_quant import weight_quant_batchmatmul
+
+__all__ = [
+    "convert_weight_to_int4pack",
+    "grouped_matmul",
+    "incre_flash_attention",
+    "nd_to_nz",
+    "nz_to_nd",
+    "quant_matmul",
+    "trans_quant_param",
+    "unpack_int4",
+    "weight_quant_batchmatmul",
+]
