@@ -41,6 +41,7 @@ class AclnnError(Exception):
         param: the parameter (input, attribute or option) that broke the rule.
         value: the value seen; it is stored as given and shown by ``repr`` in the message.
         rule: the rule that was broken, in words.
+
     """
 
     code: ClassVar[int] = 0
@@ -102,6 +103,7 @@ def error_for_code(code: int) -> type[AclnnError]:
 
     Raises:
         ParamInvalidError: ``code`` is not one of the three.
+
     """
     try:
         return _BY_CODE[code]

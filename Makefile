@@ -1,0 +1,50 @@
+# mc2sim: `make demo` runs the main job, `make test` runs every check. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+NP     ?= 4
+
+PY      := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+STAMP   := $(VENV)/.mc2sim-installed
+# Oversubscribed ranks (4 on 2 cores) must not each start a pool of BLAS/OpenMP threads.
+export OMP_NUM_THREADS ?= 1
+export PYTHONUNBUFFERED := 1
+# A stuck collective must fail the run, never hang it: pytest-timeout per test, and an
+# outer bound on every mpiexec.
+MPI_PYTEST := timeout 900 $(MPIEXEC) -n
+PYTEST_MPI_OPTS := -m mpi --with-mpi -q -p no:cacheprovider --timeout=120 --timeout-method=thread
+
+.PHONY: demo test lint unit mpi e2e bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build first, so the project's torch requirement is already met
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim info
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mc2sim tests scripts
+	$(VENV)/bin/ruff format --check mc2sim tests scripts
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not mpi" tests
+
+mpi: $(STAMP)
+	$(MPI_PYTEST) 2 $(PY) -m pytest $(PYTEST_MPI_OPTS) tests
+	$(MPI_PYTEST) 4 $(PY) -m pytest $(PYTEST_MPI_OPTS) tests
+
+test: lint unit mpi
+
+bench: $(STAMP)
+	$(MPIEXEC) -n 2 $(PY) scripts/bench_comm.py
+	$(MPIEXEC) -n 4 $(PY) scripts/bench_comm.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

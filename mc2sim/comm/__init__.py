@@ -1,0 +1,41 @@
+"""Communicators: one ``Communicator`` protocol, backends over mpi4py and torch.distributed.
+
+``MpiCommunicator`` and ``TorchCommunicator`` are imported lazily, so importing this package
+neither initialises MPI nor requires a launcher.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mc2sim.comm.base import Communicator, ReduceOp, Work
+from mc2sim.comm.launch import Backend, Launcher, detect_launcher, init
+
+if TYPE_CHECKING:
+    from mc2sim.comm.mpi import MpiCommunicator
+    from mc2sim.comm.torch_dist import TorchCommunicator
+
+__all__ = [
+    "Backend",
+    "Communicator",
+    "Launcher",
+    "MpiCommunicator",
+    "ReduceOp",
+    "TorchCommunicator",
+    "Work",
+    "detect_launcher",
+    "init",
+]
+
+_LAZY = {
+    "MpiCommunicator": "mc2sim.comm.mpi",
+    "TorchCommunicator": "mc2sim.comm.torch_dist",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

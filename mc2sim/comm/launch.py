@@ -1,0 +1,171 @@
+"""Build a Communicator from how the job was launched (mpiexec, torchrun, or a lone process)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from mc2sim._compat import StrEnum
+from mc2sim.errors import ParamInvalidError
+
+if TYPE_CHECKING:
+    from torch._C._distributed_c10d import Store
+
+    from mc2sim.comm.base import Communicator
+
+__all__ = ["Backend", "Launcher", "detect_launcher", "init"]
+
+# Environment variables each launcher sets in every process it starts.
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+class Backend(StrEnum):
+    """Which library carries the collectives.
+
+    Glossary: ``mpi`` is mpi4py (``MpiCommunicator``); ``torch`` is torch.distributed
+    (``TorchCommunicator``: gloo on CPUs, NCCL on GPUs, HCCL on Ascend).
+    """
+
+    MPI = "mpi"
+    TORCH = "torch"
+
+
+class Launcher(StrEnum):
+    """How the processes of a job were started.
+
+    Glossary: ``mpiexec`` (MPICH hydra, Open MPI, PMIx launchers), ``torchrun`` (or any
+    launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT), ``single`` (one
+    process started by hand).
+    """
+
+    MPIEXEC = "mpiexec"
+    TORCHRUN = "torchrun"
+    SINGLE = "single"
+
+
+def detect_launcher(environ: dict[str, str] | None = None) -> Launcher:
+    """Say which launcher started this process, from its environment.
+
+    Args:
+        environ: the environment to inspect; ``None`` means ``os.environ``.
+
+    Returns:
+        The launcher. torchrun's variables win when both kinds are present.
+
+    """
+    env = os.environ if environ is None else environ
+    if all(v in env for v in _TORCHRUN_VARS):
+        return Launcher.TORCHRUN
+    if any(v in env for v in _MPI_RANK_VARS):
+        return Launcher.MPIEXEC
+    return Launcher.SINGLE
+
+
+def init(backend: str | Backend = "mpi", *, torch_backend: str | None = None) -> Communicator:
+    """Return a communicator over all processes of the job.
+
+    Args:
+        backend: ``"mpi"`` for mpi4py or ``"torch"`` for torch.distributed.
+        torch_backend: with ``backend="torch"``, the process-group backend; ``None`` picks
+            ``nccl`` when CUDA is available, ``hccl`` when torch_npu is, else ``gloo``.
+
+    Returns:
+        A ``MpiCommunicator`` over ``MPI.COMM_WORLD`` or a ``TorchCommunicator`` over the
+        default process group (initialised here if it is not yet: from torchrun's variables,
+        or bootstrapped through MPI under mpiexec, or as a world of one).
+
+    Raises:
+        ParamInvalidError: unknown ``backend``.
+
+    """
+    try:
+        chosen = Backend(backend)
+    except ValueError:
+        allowed = ", ".join(repr(b.value) for b in Backend)
+        raise ParamInvalidError("backend", backend, f"must be one of {allowed}") from None
+    if chosen is Backend.MPI:
+        from mc2sim.comm.mpi import MpiCommunicator
+
+        return MpiCommunicator()
+    return _init_torch(torch_backend)
+
+
+def _default_torch_backend() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "nccl"
+    if hasattr(torch, "npu"):  # pragma: no cover - torch_npu registers torch.npu on Ascend
+        return "hccl"
+    return "gloo"
+
+
+def _local_rank() -> int:
+    for var in _LOCAL_RANK_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _init_torch(torch_backend: str | None) -> Communicator:
+    import torch
+    import torch.distributed as dist
+
+    from mc2sim.comm.torch_dist import TorchCommunicator
+
+    if dist.is_initialized():
+        return TorchCommunicator()
+    pg_backend = torch_backend or _default_torch_backend()
+    if pg_backend == "nccl":  # each process drives one GPU
+        torch.cuda.set_device(_local_rank() % torch.cuda.device_count())
+    launcher = detect_launcher()
+    # Tear the group down before the interpreter exits: gloo's and the TCP store's threads
+    # otherwise die unjoined and the process aborts with status 6 after a clean run.
+    atexit.register(_destroy_torch_group)
+    if launcher is Launcher.TORCHRUN:
+        dist.init_process_group(pg_backend)
+    elif launcher is Launcher.MPIEXEC:
+        store, rank, size = _store_through_mpi()
+        dist.init_process_group(pg_backend, store=store, rank=rank, world_size=size)
+    else:
+        lone = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group(pg_backend, store=lone, rank=0, world_size=1)
+    return TorchCommunicator()
+
+
+def _destroy_torch_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _store_through_mpi() -> tuple[Store, int, int]:
+    """Start torch.distributed's TCP store on rank 0 and tell every rank where it is, via MPI.
+
+    Rank 0 binds the store to a free port (no race on choosing one); the address is the
+    loopback when all ranks share rank 0's host, else rank 0's resolved host name.
+    """
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    hosts = world.allgather(socket.gethostname())
+    if all(h == hosts[0] for h in hosts):
+        addr = "127.0.0.1"
+    else:  # pragma: no cover - multi-node
+        addr = socket.gethostbyname(hosts[0])
+    if rank == 0:
+        master = dist.TCPStore(  # type: ignore[attr-defined]
+            addr, 0, size, is_master=True, wait_for_workers=False
+        )
+        world.bcast(master.port, root=0)
+        return master, rank, size
+    port = world.bcast(None, root=0)
+    client = dist.TCPStore(addr, port, size, is_master=False)  # type: ignore[attr-defined]
+    return client, rank, size

@@ -1,0 +1,329 @@
+"""``MpiCommunicator``: the Communicator protocol over mpi4py's buffer-based collectives.
+
+Data moves through mpi4py's upper-case (buffer) calls on NumPy views of the tensors'
+memory: nothing on the data path is pickled. Numerics:
+
+* float32, float64 and the integer dtypes are reduced by MPI in their own type (integer
+  sums wrap around as the C types do).
+* float16 and bfloat16 reductions are computed in float32 and cast back to the input dtype
+  once at the end (round to nearest even), so the result is the correctly rounded float32
+  sum rather than a chain of 16-bit roundings. MPI has no bfloat16 type; a bfloat16 tensor
+  that only moves (alltoallv, allgather) travels as its 16-bit words.
+* Tensors on an accelerator are staged through host memory: this backend is not
+  device-aware. Use ``TorchCommunicator`` (NCCL, HCCL) for device tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mc2sim.comm.base import (
+    ReduceOp,
+    Work,
+    check_dtype,
+    check_out,
+    check_reduce_rows,
+    check_splits,
+    reduce_op,
+    reduced_in_float32,
+)
+from mc2sim.errors import ParamInvalidError
+
+__all__ = ["MpiCommunicator"]
+
+_MPI_OPS = {
+    ReduceOp.SUM: MPI.SUM,
+    ReduceOp.PROD: MPI.PROD,
+    ReduceOp.MAX: MPI.MAX,
+    ReduceOp.MIN: MPI.MIN,
+}
+
+# The MPI type in which each dtype is reduced (16-bit floats are reduced as float32).
+_REDUCE_TYPES = {
+    torch.float32: MPI.FLOAT,
+    torch.float64: MPI.DOUBLE,
+    torch.int8: MPI.INT8_T,
+    torch.uint8: MPI.UINT8_T,
+    torch.int32: MPI.INT32_T,
+    torch.int64: MPI.INT64_T,
+}
+
+# Pure data movement only needs the element size: (torch view dtype, MPI type) per itemsize.
+_MOVE_TYPES = {
+    1: (torch.uint8, MPI.UINT8_T),
+    2: (torch.int16, MPI.INT16_T),
+    4: (torch.int32, MPI.INT32_T),
+    8: (torch.int64, MPI.INT64_T),
+}
+
+
+_NUMPY_WORDS = {
+    torch.uint8: np.uint8,
+    torch.int16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+}
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Return ``t`` as a contiguous CPU tensor (device tensors are staged through the host)."""
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous()
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Return an uninitialised host tensor whose memory NumPy allocated.
+
+    NumPy advises transparent huge pages for large arrays, so a fresh 64 MB receive buffer
+    takes far fewer page faults than one from torch's CPU allocator (measured in
+    ``scripts/bench_comm.py``: the difference is most of the cost of an allocating call).
+    """
+    view_dtype, _ = _MOVE_TYPES[torch.empty((), dtype=dtype).element_size()]
+    words = np.empty(shape, dtype=_NUMPY_WORDS[view_dtype])
+    return torch.from_numpy(words).view(dtype)
+
+
+def _words(t: torch.Tensor) -> tuple[np.ndarray[Any, Any], Any]:
+    """Return a flat NumPy view of ``t``'s memory in same-sized words, and its MPI type."""
+    view_dtype, mpi_type = _MOVE_TYPES[t.element_size()]
+    return t.reshape(-1).view(view_dtype).numpy(), mpi_type
+
+
+def _displacements(counts: list[int]) -> list[int]:
+    """Exclusive prefix sums of ``counts``."""
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return out
+
+
+def _writable_in_place(out: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether MPI can write straight into ``out`` (host memory, contiguous, wire dtype)."""
+    return (
+        out is not None and out.device.type == "cpu" and out.is_contiguous() and out.dtype == dtype
+    )
+
+
+class _Reduction:
+    """Buffers of one reduction: what is sent, where it lands, and how it becomes the result."""
+
+    def __init__(
+        self,
+        t: torch.Tensor,
+        op: str | ReduceOp,
+        *,
+        rows: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> None:
+        check_dtype(t)
+        self.op = _MPI_OPS[reduce_op(op)]
+        self.like = t
+        out_shape = tuple(t.shape) if rows is None else (rows, *t.shape[1:])
+        check_out(out, out_shape, t.dtype)
+        self.out = out
+        src = _host(t)
+        if reduced_in_float32(src.dtype):
+            src = src.float()
+        self.send = src
+        if out is not None and _writable_in_place(out, src.dtype):
+            self.recv = out
+        else:
+            self.recv = _empty(out_shape, src.dtype)
+        self.mpi_type = _REDUCE_TYPES[src.dtype]
+
+    def buffers(self) -> tuple[list[Any], list[Any]]:
+        """Return the ``[buffer, MPI type]`` pairs for the send and receive sides."""
+        return (
+            [self.send.reshape(-1).numpy(), self.mpi_type],
+            [self.recv.reshape(-1).numpy(), self.mpi_type],
+        )
+
+    def result(self) -> torch.Tensor:
+        """Return the received data in the input's dtype and device (in ``out`` if given)."""
+        if self.out is None:
+            return self.recv.to(dtype=self.like.dtype, device=self.like.device)
+        if self.recv is not self.out:
+            self.out.copy_(self.recv)
+        return self.out
+
+
+class _MpiWork:
+    """An MPI request and what turns its received buffer into the result."""
+
+    def __init__(self, request: MPI.Request, finish: Callable[[], torch.Tensor], keep: Any):
+        self._request = request
+        self._finish = finish
+        self._keep = keep  # buffers MPI reads or writes until completion
+        self._result: torch.Tensor | None = None
+
+    def test(self) -> bool:
+        if self._result is None and self._request.Test():
+            self._result = self._complete()
+        return self._result is not None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            self._request.Wait()
+            self._result = self._complete()
+        return self._result
+
+    def _complete(self) -> torch.Tensor:
+        self._keep = None
+        return self._finish()
+
+
+class MpiCommunicator:
+    """Communicator over an mpi4py intracommunicator (default ``MPI.COMM_WORLD``).
+
+    Args:
+        comm: the mpi4py communicator to use; ``None`` means ``MPI.COMM_WORLD``.
+
+    """
+
+    def __init__(self, comm: MPI.Intracomm | None = None) -> None:
+        self._comm: MPI.Intracomm = MPI.COMM_WORLD if comm is None else comm
+
+    @property
+    def comm(self) -> MPI.Intracomm:
+        """The underlying mpi4py communicator."""
+        return self._comm
+
+    @property
+    def rank(self) -> int:
+        """Rank of this process in the group."""
+        return int(self._comm.Get_rank())
+
+    @property
+    def size(self) -> int:
+        """Number of ranks in the group."""
+        return int(self._comm.Get_size())
+
+    @property
+    def backend(self) -> str:
+        """Always ``"mpi"``."""
+        return "mpi"
+
+    def __repr__(self) -> str:
+        return f"MpiCommunicator(rank={self.rank}, size={self.size})"
+
+    def allreduce(
+        self, t: torch.Tensor, op: str | ReduceOp = "sum", *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the element-wise reduction of ``t`` over all ranks (in ``out`` if given)."""
+        red = _Reduction(t, op, out=out)
+        send, recv = red.buffers()
+        self._comm.Allreduce(send, recv, red.op)
+        return red.result()
+
+    def iallreduce(
+        self, t: torch.Tensor, op: str | ReduceOp = "sum", *, out: torch.Tensor | None = None
+    ) -> Work:
+        """Start an allreduce (``MPI_Iallreduce``); ``wait()`` returns its result."""
+        red = _Reduction(t, op, out=out)
+        send, recv = red.buffers()
+        request = self._comm.Iallreduce(send, recv, red.op)
+        return _MpiWork(request, red.result, keep=(red, send, recv))
+
+    def _alltoallv_args(
+        self,
+        t: torch.Tensor,
+        send_splits: Sequence[int],
+        recv_splits: Sequence[int],
+        out: torch.Tensor | None,
+    ) -> tuple[list[Any], list[Any], Callable[[], torch.Tensor]]:
+        """Return the send and receive buffer specs, and what makes the result once done."""
+        check_dtype(t)
+        send, recv = check_splits(t, send_splits, recv_splits, self.size)
+        out_shape = (sum(recv), *t.shape[1:])
+        check_out(out, out_shape, t.dtype)
+        src = _host(t)
+        row = math.prod(src.shape[1:])
+        if out is not None and _writable_in_place(out, t.dtype):
+            landing = out
+        else:
+            landing = _empty(out_shape, src.dtype)
+        sbuf, mpi_type = _words(src)
+        rbuf, _ = _words(landing)
+        scounts = [s * row for s in send]
+        rcounts = [r * row for r in recv]
+
+        def finish() -> torch.Tensor:
+            if out is None:
+                return landing.to(t.device)
+            if landing is not out:
+                out.copy_(landing)
+            return out
+
+        return (
+            [sbuf, (scounts, _displacements(scounts)), mpi_type],
+            [rbuf, (rcounts, _displacements(rcounts)), mpi_type],
+            finish,
+        )
+
+    def alltoallv(
+        self,
+        t: torch.Tensor,
+        send_splits: Sequence[int],
+        recv_splits: Sequence[int],
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Exchange rows: ``send_splits[r]`` rows go to rank r, ``recv_splits[r]`` come back."""
+        send, recv, finish = self._alltoallv_args(t, send_splits, recv_splits, out)
+        self._comm.Alltoallv(send, recv)
+        return finish()
+
+    def ialltoallv(
+        self,
+        t: torch.Tensor,
+        send_splits: Sequence[int],
+        recv_splits: Sequence[int],
+        *,
+        out: torch.Tensor | None = None,
+    ) -> Work:
+        """Start an alltoallv (``MPI_Ialltoallv``); ``wait()`` returns the received rows."""
+        send, recv, finish = self._alltoallv_args(t, send_splits, recv_splits, out)
+        request = self._comm.Ialltoallv(send, recv)
+        return _MpiWork(request, finish, keep=(send, recv))
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``t`` along dim 0, in rank order."""
+        check_dtype(t)
+        src = _host(t)
+        if src.dim() == 0:
+            src = src.reshape(1)
+        out = _empty((self.size * src.shape[0], *src.shape[1:]), src.dtype)
+        sbuf, mpi_type = _words(src)
+        rbuf, _ = _words(out)
+        self._comm.Allgather([sbuf, mpi_type], [rbuf, mpi_type])
+        return out.to(t.device)
+
+    def reduce_scatter(self, t: torch.Tensor, op: str | ReduceOp = "sum") -> torch.Tensor:
+        """Reduce ``t`` over ranks; return this rank's block of ``t.shape[0] / size`` rows."""
+        rows = check_reduce_rows(t, self.size)
+        red = _Reduction(t, op, rows=rows)
+        send, recv = red.buffers()
+        self._comm.Reduce_scatter_block(send, recv, red.op)
+        return red.result()
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Return every rank's ``obj`` (pickled), in rank order."""
+        return list(self._comm.allgather(obj))
+
+    def barrier(self) -> None:
+        """Block until every rank has entered."""
+        self._comm.Barrier()
+
+    def split(self, color: int, key: int = 0) -> MpiCommunicator:
+        """Return the sub-group of ranks with the same ``color``, ordered by ``key``."""
+        if not isinstance(color, int) or color < 0:
+            raise ParamInvalidError("color", color, "must be an int >= 0")
+        return MpiCommunicator(cast(MPI.Intracomm, self._comm.Split(color, key)))
