@@ -47,10 +47,14 @@ class AclnnError(Exception):
     code: ClassVar[int] = 0
     """The aclnn status code this class stands for."""
 
+    rank: int | None
+    """The rank whose check raised this error, when ranks agreed on it (``comm.agree``)."""
+
     def __init__(self, param: str, value: object, rule: str) -> None:
         self.param = param
         self.value = value
         self.rule = rule
+        self.rank = None
         super().__init__(f"{param}={_short_repr(value)}: {rule}")
 
     def __reduce__(self) -> tuple[Any, ...]:

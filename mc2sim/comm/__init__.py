@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mc2sim.comm.agree import agree, agreed
 from mc2sim.comm.base import Communicator, ReduceOp, Work
 from mc2sim.comm.launch import Backend, Launcher, detect_launcher, init
 
@@ -23,6 +24,8 @@ __all__ = [
     "ReduceOp",
     "TorchCommunicator",
     "Work",
+    "agree",
+    "agreed",
     "detect_launcher",
     "init",
 ]

@@ -1,0 +1,133 @@
+"""Cross-rank invariants that the Ascend operators never check, checked on real ranks.
+
+GroupedMatMulAlltoAllv and AlltoAllvGroupedMatMul take, on every rank, ``send_counts`` and
+``recv_counts`` of length ``e * ep_world_size``: ``send_counts[q*e + j]`` rows of local expert
+``j`` go to rank ``q``, and ``recv_counts[r*e + j]`` rows of expert ``j`` come from rank ``r``.
+They are consistent only if
+
+    recv_counts on rank q, at r*e + j  ==  send_counts on rank r, at q*e + j
+
+for every receiver q, sender r and expert j. Nothing on one rank can verify it, and the
+hardware operator does not: a violation gives garbage or a hang. :func:`check_counts` checks
+it with two allgathers and raises the same error on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mc2sim.comm import Communicator, agreed
+from mc2sim.errors import ParamInvalidError
+
+__all__ = ["check_counts", "check_counts_local", "counts_mismatch"]
+
+
+def check_counts_local(
+    send_counts: Sequence[int], recv_counts: Sequence[int], e: int, world_size: int
+) -> tuple[list[int], list[int]]:
+    """Check what one rank can check alone: lengths, integer values, signs.
+
+    Args:
+        send_counts: rows this rank sends, indexed ``dest_rank * e + local_expert``.
+        recv_counts: rows this rank receives, indexed ``src_rank * e + local_expert``.
+        e: local experts per rank.
+        world_size: ranks in the expert-parallel group.
+
+    Returns:
+        ``(send, recv)`` as lists of Python ints.
+
+    Raises:
+        ParamInvalidError: ``e`` < 1, a length other than ``e * world_size``, a negative count
+            or a value that is not an integer.
+
+    """
+    if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+        raise ParamInvalidError("e", e, "local experts per rank must be an int >= 1")
+    out: list[list[int]] = []
+    for name, counts in (("send_counts", send_counts), ("recv_counts", recv_counts)):
+        values = _ints(name, counts)
+        if len(values) != e * world_size:
+            raise ParamInvalidError(
+                f"len({name})",
+                len(values),
+                f"must be e * ep_world_size = {e} * {world_size} = {e * world_size}",
+            )
+        negative = [i for i, v in enumerate(values) if v < 0]
+        if negative:
+            i = negative[0]
+            raise ParamInvalidError(f"{name}[{i}]", values[i], "counts must be >= 0")
+        out.append(values)
+    return out[0], out[1]
+
+
+def _ints(name: str, counts: Sequence[int]) -> list[int]:
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    values = []
+    for i, v in enumerate(counts):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ParamInvalidError(f"{name}[{i}]", v, "counts must be integers")
+        values.append(int(v))
+    return values
+
+
+def counts_mismatch(send: np.ndarray, recv: np.ndarray, e: int) -> tuple[int, int, int] | None:
+    """Return the first ``(receiver q, sender r, expert j)`` that breaks the invariant, or None.
+
+    Args:
+        send: every rank's send_counts, shape (W, W*e): ``send[r, q*e + j]``.
+        recv: every rank's recv_counts, shape (W, W*e): ``recv[q, r*e + j]``.
+        e: local experts per rank.
+
+    Returns:
+        The first offending triple in (q, r, j) order, or ``None`` when all agree.
+
+    """
+    world = send.shape[0]
+    sent = send.reshape(world, world, e)  # [r, q, j]
+    received = recv.reshape(world, world, e).transpose(1, 0, 2)  # [q, r, j] -> [r, q, j]
+    bad = np.argwhere((sent != received).transpose(1, 0, 2))  # rows of (q, r, j), sorted
+    if len(bad) == 0:
+        return None
+    q, r, j = (int(v) for v in bad[0])
+    return q, r, j
+
+
+def check_counts(
+    comm: Communicator, send_counts: Sequence[int], recv_counts: Sequence[int], e: int
+) -> None:
+    """Check the counts invariant across all ranks of ``comm``; raise alike on every rank.
+
+    Every rank of ``comm`` (the expert-parallel group) must call it. Usable on counts from
+    the user's own router as well as mc2sim's.
+
+    Args:
+        comm: the expert-parallel group; its size is ``ep_world_size``.
+        send_counts: this rank's send counts, ``dest_rank * e + local_expert``.
+        recv_counts: this rank's receive counts, ``src_rank * e + local_expert``.
+        e: local experts per rank.
+
+    Raises:
+        ParamInvalidError: on every rank, naming the first offending receiver q, sender r
+            and expert j with both values; or the first rank's malformed counts.
+
+    """
+    with agreed(comm):
+        send, recv = check_counts_local(send_counts, recv_counts, e, comm.size)
+    both = comm.allgather(torch.tensor([send + recv], dtype=torch.int64)).numpy()
+    width = e * comm.size
+    first = counts_mismatch(both[:, :width], both[:, width:], e)
+    if first is None:
+        return
+    q, r, j = first
+    got = int(both[q, width + r * e + j])
+    sent = int(both[r, q * e + j])
+    raise ParamInvalidError(
+        f"recv_counts[{r * e + j}] on rank {q}",
+        got,
+        f"must equal send_counts[{q * e + j}] on rank {r} ({sent}): rows of local expert {j} "
+        f"that rank {r} sends to rank {q} (receiver q={q}, sender r={r}, expert j={j})",
+    )
