@@ -33,8 +33,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check mc2sim tests scripts
 	$(VENV)/bin/mypy
 
+# Unit, kernel and end-to-end tests; the reference kernels must stay >= 95% line-covered.
 unit: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not mpi" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not mpi" tests \
+		--cov=mc2sim.kernels --cov-report=term:skip-covered --cov-fail-under=95
 
 mpi: $(STAMP)
 	$(MPI_PYTEST) 2 $(PY) -m pytest $(PYTEST_MPI_OPTS) tests
@@ -45,6 +47,7 @@ test: lint unit mpi
 bench: $(STAMP)
 	$(MPIEXEC) -n 2 $(PY) scripts/bench_comm.py
 	$(MPIEXEC) -n 4 $(PY) scripts/bench_comm.py
+	$(PY) scripts/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -19,6 +19,7 @@ def _with_mpi(config: pytest.Config) -> bool:
     return bool(config.getoption("with_mpi", default=False))
 
 
+@pytest.hookimpl(trylast=True)  # after the terminal reporter registered itself
 def pytest_configure(config: pytest.Config) -> None:
     if not _with_mpi(config):
         return

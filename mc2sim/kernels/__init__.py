@@ -8,6 +8,7 @@ Every documented constraint is checked before any arithmetic (see ``mc2sim.error
 from mc2sim.kernels.grouped_matmul import grouped_matmul
 from mc2sim.kernels.ifa import incre_flash_attention
 from mc2sim.kernels.int4 import convert_weight_to_int4pack, nd_to_nz, nz_to_nd, unpack_int4
+from mc2sim.kernels.matmul import matmul
 from mc2sim.kernels.quant_matmul import quant_matmul, trans_quant_param
 from mc2sim.kernels.weight_quant import weight_quant_batchmatmul
 
@@ -15,6 +16,7 @@ __all__ = [
     "convert_weight_to_int4pack",
     "grouped_matmul",
     "incre_flash_attention",
+    "matmul",
     "nd_to_nz",
     "nz_to_nd",
     "quant_matmul",

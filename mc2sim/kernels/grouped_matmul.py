@@ -1,0 +1,133 @@
+"""Grouped matmul of MoE experts: consecutive row blocks of x times one weight per expert."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
+
+__all__ = ["MAX_DIM", "grouped_matmul"]
+
+MAX_DIM = 65535
+"""Largest H and N (OPS.md section 3: H1 and N1 in (0, 65536))."""
+
+PANEL = 1024
+"""Output columns converted and multiplied per step (bounds the float32 weight buffer)."""
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _counts(group_list: Sequence[int] | torch.Tensor) -> list[int]:
+    """Return group_list as a list of Python ints, or raise ParamInvalidError."""
+    if isinstance(group_list, torch.Tensor):
+        require_dtype("group_list", group_list, (torch.int32, torch.int64))
+        require_rank("group_list", group_list, (1,))
+        return [int(c) for c in group_list.tolist()]
+    items = list(group_list)
+    require(
+        "group_list",
+        items,
+        all(isinstance(c, int) and not isinstance(c, bool) for c in items),
+        "must be a sequence of ints or a 1-D int32/int64 tensor",
+    )
+    return items
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_list: Sequence[int] | torch.Tensor,
+    *,
+    trans_weight: bool = False,
+) -> torch.Tensor:
+    """Multiply each expert's block of rows of ``x`` by that expert's weight.
+
+    ``group_list`` holds per-expert row **counts**, not cumulative offsets (torch_npu's
+    ``group_list_type=1``): expert ``j`` owns rows ``[sum(c[:j]), sum(c[:j+1]))`` of ``x`` and
+    ``out[rows] = x[rows] @ weight[j]`` (``@ weight[j].T`` when ``trans_weight``). Computed
+    in float32 (inputs upcast exactly; float32 GEMM, summation order unspecified), then
+    rounded to ``x.dtype`` (round to nearest even). Experts with zero rows are skipped.
+
+    Only the per-operator limits that do not depend on the communication group are checked
+    here (H and N in [1, 65535], counts invariant); e <= 32, the send/recv count rules and the
+    world-size limits belong to the fused operator.
+
+    Args:
+        x: ``(A, H)``, float16, bfloat16 or float32; any strides; A may be 0.
+        weight: same dtype as ``x``; ``(e, H, N)``, or ``(e, N, H)`` when ``trans_weight``.
+        group_list: ``e`` non-negative row counts (a sequence of ints or a 1-D int32/int64
+            tensor) summing to ``A``.
+        trans_weight: whether ``weight`` is stored as ``(e, N, H)``.
+
+    Returns:
+        ``(A, N)`` tensor of ``x.dtype``.
+
+    Raises:
+        ParamNullptrError: ``x``, ``weight`` or ``group_list`` is None.
+        ParamInvalidError: a dtype, rank or shape mismatch, H or N outside [1, 65535], a
+            negative count, ``len(group_list) != e`` or ``sum(group_list) != A``.
+
+    """
+    require_not_none("x", x)
+    require_not_none("weight", weight)
+    require_not_none("group_list", group_list)
+    require_dtype("x", x, _FLOAT_DTYPES)
+    require_dtype("weight", weight, (x.dtype,))
+    require_rank("x", x, (2,))
+    require_rank("weight", weight, (3,))
+    require("trans_weight", trans_weight, isinstance(trans_weight, bool), "must be a bool")
+    rows, h = x.shape
+    e = weight.shape[0]
+    wh, n = (weight.shape[2], weight.shape[1]) if trans_weight else weight.shape[1:]
+    require("x.shape", tuple(x.shape), 1 <= h <= MAX_DIM, f"H must be in [1, {MAX_DIM}]")
+    require(
+        "weight.shape",
+        tuple(weight.shape),
+        wh == h,
+        f"must be (e, {'N, H' if trans_weight else 'H, N'}) with H = x's H = {h}",
+    )
+    require("weight.shape", tuple(weight.shape), e >= 1, "must have at least one expert")
+    require("weight.shape", tuple(weight.shape), 1 <= n <= MAX_DIM, f"N must be in [1, {MAX_DIM}]")
+    counts = _counts(group_list)
+    require("group_list", counts, len(counts) == e, f"must have one count per expert (e={e})")
+    require("group_list", counts, all(c >= 0 for c in counts), "counts must be >= 0")
+    require(
+        "group_list",
+        counts,
+        sum(counts) == rows,
+        f"counts (not cumulative) must sum to x's rows A={rows}",
+    )
+
+    # Fresh CPU memory costs a page fault per 4 KiB on first touch, so the float32 copies
+    # live in small buffers reused across experts; the weight is converted one panel of at
+    # most PANEL output columns at a time.
+    out = torch.empty((rows, n), dtype=x.dtype)
+    if rows == 0:
+        return out
+    widest = max(counts)
+    panel = min(n, PANEL)
+    x_buf = torch.empty((widest, h), dtype=torch.float32)
+    w_buf = torch.empty(h * panel, dtype=torch.float32)  # flat: every panel view contiguous
+    y_buf = torch.empty(widest * panel, dtype=torch.float32)
+    start = 0
+    for j, c in enumerate(counts):
+        if c == 0:
+            continue
+        xs = x_buf[:c]
+        xs.copy_(x[start : start + c])
+        for n0 in range(0, n, panel):
+            width = min(panel, n - n0)
+            ys = y_buf[: c * width].view(c, width)
+            if trans_weight:
+                wp = w_buf[: width * h].view(width, h)
+                wp.copy_(weight[j, n0 : n0 + width])
+                torch.matmul(xs, wp.t(), out=ys)
+            else:
+                wp = w_buf[: h * width].view(h, width)
+                wp.copy_(weight[j, :, n0 : n0 + width])
+                torch.matmul(xs, wp, out=ys)
+            out[start : start + c, n0 : n0 + width].copy_(ys)
+        start += c
+    return out

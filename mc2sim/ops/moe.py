@@ -1,0 +1,353 @@
+"""Expert-parallel MoE ops: GroupedMatMulAlltoAllv (combine) and AlltoAllvGroupedMatMul (dispatch).
+
+Layouts (OPS.md section 3), for ``e`` local experts on each of ``W`` ranks:
+
+* ``send_counts[q*e + j]``: rows of local expert ``j`` this rank sends to rank ``q``;
+  ``recv_counts[r*e + j]``: rows of expert ``j`` this rank receives from rank ``r``.
+* combine (``gmm_alltoallv``): ``gmm_x`` is expert-major (expert j's rows for rank 0, rank 1,
+  ...); after the grouped matmul the rows are unpermuted to rank-major and sent; ``y`` comes
+  back ordered by (source rank, expert).
+* dispatch (``alltoallv_gmm``): ``gmm_x`` is rank-major (rows for rank 0's experts 0..e-1, then
+  rank 1's, ...); the received rows, ordered by (source rank, expert), are permuted to
+  expert-major and multiplied.
+
+Where mc2sim differs from the hardware on purpose: the cross-rank counts invariant is checked
+(``validate_counts=True``, one allgather of the counts) and every parameter error is raised on
+every rank alike. See docs/OPS.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mc2sim.comm import Communicator, agreed
+from mc2sim.invariants import check_counts, check_counts_local
+from mc2sim.kernels import grouped_matmul, matmul
+from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
+from mc2sim.ops._layout import transpose_blocks
+from mc2sim.ops.profile import HardwareProfile, hardware_profile
+
+__all__ = ["alltoallv_gmm", "gmm_alltoallv"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+MAX_E = 32
+MAX_EXPERTS = 256
+MAX_BSK = 52428800
+MAX_H1 = 65535
+MAX_H2 = 12288
+MAX_N = 65535
+TOP_K_RANGE = (2, 8)
+A3_EP_WORLD_SIZES = (8, 16, 32, 64)
+A3_PEER_BYTES = (2 * 1024 * 1024, 100 * 1024 * 1024)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoeCall:
+    """The validated shape of one MoE call, as every later step needs it."""
+
+    e: int
+    """Local experts per rank."""
+    world: int
+    """Ranks in the expert-parallel group."""
+    send: list[int]
+    """send_counts as Python ints."""
+    recv: list[int]
+    """recv_counts as Python ints."""
+
+    def per_rank(self, counts: list[int]) -> list[int]:
+        """Rows per peer rank: ``counts`` summed over each rank's ``e`` experts."""
+        return [sum(counts[r * self.e : (r + 1) * self.e]) for r in range(self.world)]
+
+    def matrix(self, counts: list[int]) -> np.ndarray:
+        """``counts`` as a (world, e) matrix: [rank, expert]."""
+        return np.asarray(counts, dtype=np.int64).reshape(self.world, self.e)
+
+
+def _check_moe(
+    *,
+    direction: str,
+    gmm_x: torch.Tensor,
+    gmm_weight: torch.Tensor,
+    comm: Communicator,
+    ep_world_size: int,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    send_counts_tensor: torch.Tensor | None,
+    recv_counts_tensor: torch.Tensor | None,
+    mm_x: torch.Tensor | None,
+    mm_weight: torch.Tensor | None,
+    trans_gmm_weight: bool,
+    trans_mm_weight: bool,
+    strict: str | HardwareProfile | None,
+) -> MoeCall:
+    """Check one rank's parameters against OPS.md section 3; raise the first broken rule."""
+    profile = hardware_profile(strict)
+    require_not_none("gmm_x", gmm_x)
+    require_not_none("gmm_weight", gmm_weight)
+    require_not_none("send_counts", send_counts)
+    require_not_none("recv_counts", recv_counts)
+    for name, value in (
+        ("send_counts_tensor", send_counts_tensor),
+        ("recv_counts_tensor", recv_counts_tensor),
+    ):
+        require(name, value, value is None, "is not supported: must be None (pass the list)")
+    for name, flag in (
+        ("trans_gmm_weight", trans_gmm_weight),
+        ("trans_mm_weight", trans_mm_weight),
+    ):
+        require(name, flag, isinstance(flag, bool), "must be a bool")
+    require_dtype("gmm_x", gmm_x, _DTYPES)
+    require_dtype("gmm_weight", gmm_weight, (gmm_x.dtype,))
+    require_rank("gmm_x", gmm_x, (2,))
+    require_rank("gmm_weight", gmm_weight, (3,))
+    require(
+        "ep_world_size",
+        ep_world_size,
+        isinstance(ep_world_size, int) and ep_world_size == comm.size,
+        f"must equal the size of the communicator ({comm.size})",
+    )
+    e = gmm_weight.shape[0]
+    require("e", e, 1 <= e <= MAX_E, f"local experts (gmm_weight.shape[0]) must be in [1, {MAX_E}]")
+    require(
+        "e * ep_world_size",
+        e * ep_world_size,
+        e * ep_world_size <= MAX_EXPERTS,
+        f"must be <= {MAX_EXPERTS}",
+    )
+    send, recv = check_counts_local(send_counts, recv_counts, e, ep_world_size)
+    h1 = gmm_x.shape[1]
+    require("H1", h1, 0 < h1 <= MAX_H1, f"gmm_x.shape[1] must be in (0, {MAX_H1 + 1})")
+    w_h, n1 = (
+        (gmm_weight.shape[2], gmm_weight.shape[1]) if trans_gmm_weight else gmm_weight.shape[1:]
+    )
+    require(
+        "gmm_weight.shape",
+        tuple(gmm_weight.shape),
+        w_h == h1,
+        f"must be (e, H1={h1}, N1)" + (" stored as (e, N1, H1)" if trans_gmm_weight else ""),
+    )
+    require("N1", n1, 0 < n1 <= MAX_N, f"must be in (0, {MAX_N + 1})")
+    require(
+        "gmm_x.shape[0]",
+        gmm_x.shape[0],
+        gmm_x.shape[0] == sum(send),
+        f"must equal sum(send_counts) = {sum(send)}",
+    )
+    bsk = sum(recv) if direction == "combine" else sum(send)
+    bsk_name = "sum(recv_counts)" if direction == "combine" else "sum(send_counts)"
+    require(f"BSK = {bsk_name}", bsk, 0 < bsk < MAX_BSK, f"must be in (0, {MAX_BSK})")
+
+    require(
+        "mm_x, mm_weight",
+        (mm_x is None, mm_weight is None),
+        (mm_x is None) == (mm_weight is None),
+        "must be given together or both be None",
+    )
+    if mm_x is not None and mm_weight is not None:
+        require_dtype("mm_x", mm_x, (gmm_x.dtype,))
+        require_dtype("mm_weight", mm_weight, (gmm_x.dtype,))
+        require_rank("mm_x", mm_x, (2,))
+        require_rank("mm_weight", mm_weight, (2,))
+        bs, h2 = mm_x.shape
+        require("H2", h2, 0 < h2 <= MAX_H2, f"mm_x.shape[1] must be in (0, {MAX_H2}]")
+        m_h, n2 = (mm_weight.shape[1], mm_weight.shape[0]) if trans_mm_weight else mm_weight.shape
+        require(
+            "mm_weight.shape",
+            tuple(mm_weight.shape),
+            m_h == h2,
+            f"must be (H2={h2}, N2)" + (" stored as (N2, H2)" if trans_mm_weight else ""),
+        )
+        require("N2", n2, 0 < n2 <= MAX_N, f"must be in (0, {MAX_N + 1})")
+        lo, hi = TOP_K_RANGE
+        require(
+            "K = BSK / BS",
+            f"{bsk} / {bs}",
+            bs > 0 and bsk % bs == 0 and lo <= bsk // bs <= hi,
+            f"top-K must be a whole number in [{lo}, {hi}] ({bsk_name} = BS * K, BS = mm_x rows)",
+        )
+    if profile is HardwareProfile.A3:
+        require(
+            "ep_world_size",
+            ep_world_size,
+            ep_world_size in A3_EP_WORLD_SIZES,
+            f"strict='A3' allows {list(A3_EP_WORLD_SIZES)}",
+        )
+        lo_b, hi_b = A3_PEER_BYTES
+        for q in range(ep_world_size):
+            peer = sum(send[q * e : (q + 1) * e]) * h1 * 2  # the implementation's H1 x 2 bytes
+            require(
+                f"traffic to rank {q}",
+                peer,
+                lo_b <= peer <= hi_b,
+                "strict='A3' requires 2 MB to 100 MB per peer (rows x H1 x 2 bytes)",
+            )
+    return MoeCall(e=e, world=ep_world_size, send=send, recv=recv)
+
+
+def _shared_expert(
+    mm_x: torch.Tensor | None, mm_weight: torch.Tensor | None, trans: bool
+) -> torch.Tensor | None:
+    if mm_x is None or mm_weight is None:
+        return None
+    return matmul(mm_x, mm_weight.t() if trans else mm_weight)
+
+
+def gmm_alltoallv(
+    gmm_x: torch.Tensor,
+    gmm_weight: torch.Tensor,
+    comm: Communicator,
+    ep_world_size: int,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    *,
+    send_counts_tensor: torch.Tensor | None = None,
+    recv_counts_tensor: torch.Tensor | None = None,
+    mm_x: torch.Tensor | None = None,
+    mm_weight: torch.Tensor | None = None,
+    trans_gmm_weight: bool = False,
+    trans_mm_weight: bool = False,
+    strict: str | HardwareProfile | None = None,
+    validate_counts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GroupedMatMulAlltoAllv: expert matmuls, then the combine AlltoAllv back to token owners.
+
+    ``gmmY = GroupedMatMul(gmm_x, gmm_weight)``; ``y = AlltoAllv(Unpermute(gmmY))``; and
+    alongside ``mm_y = mm_x @ mm_weight`` (the shared expert). Every rank of ``comm`` calls it.
+
+    Args:
+        gmm_x: ``(A, H1)`` float16/bfloat16, A = sum(send_counts), expert-major: local expert
+            j's rows for rank 0, then for rank 1, ...
+        gmm_weight: ``(e, H1, N1)``, or ``(e, N1, H1)`` when ``trans_gmm_weight``.
+        comm: the expert-parallel group (torch_npu's ``hcom``).
+        ep_world_size: ranks in the group; must equal ``comm.size``.
+        send_counts: ``e * ep_world_size`` ints, ``[q*e + j]`` = rows of expert j to rank q.
+        recv_counts: ``e * ep_world_size`` ints, ``[r*e + j]`` = rows of expert j from rank r.
+        send_counts_tensor: not supported, must be None (as on the hardware).
+        recv_counts_tensor: not supported, must be None.
+        mm_x: optional shared-expert input ``(BS, H2)``; needs ``mm_weight``.
+        mm_weight: ``(H2, N2)``, or ``(N2, H2)`` when ``trans_mm_weight``.
+        trans_gmm_weight: whether ``gmm_weight`` is stored transposed.
+        trans_mm_weight: whether ``mm_weight`` is stored transposed.
+        strict: ``None``, ``"A2"`` or ``"A3"``: also enforce that hardware's limits.
+        validate_counts: check the cross-rank counts invariant first (mc2sim only).
+
+    Returns:
+        ``(y, mm_y)``: y is ``(sum(recv_counts), N1)`` ordered by (source rank, expert);
+        mm_y is ``(BS, N2)`` or None without ``mm_x``.
+
+    Raises:
+        ParamNullptrError: a required input is None (on every rank alike).
+        ParamInvalidError: any rule of OPS.md section 3 or the counts invariant (every rank).
+    """
+    with agreed(comm):
+        call = _check_moe(
+            direction="combine",
+            gmm_x=gmm_x,
+            gmm_weight=gmm_weight,
+            comm=comm,
+            ep_world_size=ep_world_size,
+            send_counts=send_counts,
+            recv_counts=recv_counts,
+            send_counts_tensor=send_counts_tensor,
+            recv_counts_tensor=recv_counts_tensor,
+            mm_x=mm_x,
+            mm_weight=mm_weight,
+            trans_gmm_weight=trans_gmm_weight,
+            trans_mm_weight=trans_mm_weight,
+            strict=strict,
+        )
+    if validate_counts:
+        check_counts(comm, call.send, call.recv, call.e)
+    by_dest = call.matrix(call.send)  # [dest rank q, expert j]
+    gmm_y = grouped_matmul(
+        gmm_x, gmm_weight, by_dest.sum(axis=0).tolist(), trans_weight=trans_gmm_weight
+    )
+    # gmm_y is expert-major, blocks (j, q); the AlltoAllv needs them rank-major, (q, j)
+    unpermuted = gmm_y[transpose_blocks(by_dest.T)]
+    y = comm.alltoallv(unpermuted, call.per_rank(call.send), call.per_rank(call.recv))
+    return y, _shared_expert(mm_x, mm_weight, trans_mm_weight)
+
+
+def alltoallv_gmm(
+    gmm_x: torch.Tensor,
+    gmm_weight: torch.Tensor,
+    comm: Communicator,
+    ep_world_size: int,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    *,
+    send_counts_tensor: torch.Tensor | None = None,
+    recv_counts_tensor: torch.Tensor | None = None,
+    mm_x: torch.Tensor | None = None,
+    mm_weight: torch.Tensor | None = None,
+    trans_gmm_weight: bool = False,
+    trans_mm_weight: bool = False,
+    permute_out_flag: bool = False,
+    strict: str | HardwareProfile | None = None,
+    validate_counts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """AlltoAllvGroupedMatMul: the dispatch AlltoAllv, permute to expert-major, expert matmuls.
+
+    Args:
+        gmm_x: ``(BSK, H1)`` float16/bfloat16, BSK = sum(send_counts), rank-major: the rows
+            for rank 0's experts 0..e-1, then rank 1's, ...
+        gmm_weight: ``(e, H1, N1)``, or ``(e, N1, H1)`` when ``trans_gmm_weight``.
+        comm: the expert-parallel group (torch_npu's ``hcom``).
+        ep_world_size: ranks in the group; must equal ``comm.size``.
+        send_counts: ``[q*e + j]`` = rows this rank sends to rank q's expert j.
+        recv_counts: ``[r*e + j]`` = rows for local expert j received from rank r.
+        send_counts_tensor: not supported, must be None.
+        recv_counts_tensor: not supported, must be None.
+        mm_x: optional shared-expert input ``(BS, H2)``; needs ``mm_weight``.
+        mm_weight: ``(H2, N2)``, or ``(N2, H2)`` when ``trans_mm_weight``.
+        trans_gmm_weight: whether ``gmm_weight`` is stored transposed.
+        trans_mm_weight: whether ``mm_weight`` is stored transposed.
+        permute_out_flag: also return the permuted rows (the grouped matmul's input).
+        strict: ``None``, ``"A2"`` or ``"A3"``: also enforce that hardware's limits.
+        validate_counts: check the cross-rank counts invariant first (mc2sim only).
+
+    Returns:
+        ``(gmm_y, mm_y, permute_out)``: gmm_y is ``(sum(recv_counts), N1)``, expert-major;
+        mm_y is ``(BS, N2)`` or None; permute_out is ``(sum(recv_counts), H1)`` or None.
+
+    Raises:
+        ParamNullptrError: a required input is None (on every rank alike).
+        ParamInvalidError: any rule of OPS.md section 3 or the counts invariant (every rank).
+    """
+    with agreed(comm):
+        require(
+            "permute_out_flag",
+            permute_out_flag,
+            isinstance(permute_out_flag, bool),
+            "must be a bool",
+        )
+        call = _check_moe(
+            direction="dispatch",
+            gmm_x=gmm_x,
+            gmm_weight=gmm_weight,
+            comm=comm,
+            ep_world_size=ep_world_size,
+            send_counts=send_counts,
+            recv_counts=recv_counts,
+            send_counts_tensor=send_counts_tensor,
+            recv_counts_tensor=recv_counts_tensor,
+            mm_x=mm_x,
+            mm_weight=mm_weight,
+            trans_gmm_weight=trans_gmm_weight,
+            trans_mm_weight=trans_mm_weight,
+            strict=strict,
+        )
+    if validate_counts:
+        check_counts(comm, call.send, call.recv, call.e)
+    received = comm.alltoallv(gmm_x, call.per_rank(call.send), call.per_rank(call.recv))
+    by_source = call.matrix(call.recv)  # [source rank r, expert j]
+    permuted = received[transpose_blocks(by_source)]  # (r, j) blocks -> (j, r)
+    gmm_y = grouped_matmul(
+        permuted, gmm_weight, by_source.sum(axis=0).tolist(), trans_weight=trans_gmm_weight
+    )
+    mm_y = _shared_expert(mm_x, mm_weight, trans_mm_weight)
+    return gmm_y, mm_y, permuted if permute_out_flag else None

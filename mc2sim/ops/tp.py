@@ -1,0 +1,351 @@
+"""Tensor-parallel MC2 ops: MatmulAllReduce, AllGatherMatmul and MatmulReduceScatter.
+
+Each rank computes its local matmul with the kernels of :mod:`mc2sim.kernels` (whose own
+parameter checks run inside the ranks' agreement, so a bad parameter on one rank raises the
+same error on every rank before any data moves), then the collective combines the ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mc2sim._compat import StrEnum
+from mc2sim.comm import Communicator, agreed
+from mc2sim.errors import ParamNullptrError
+from mc2sim.kernels import matmul, quant_matmul, weight_quant_batchmatmul
+from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
+from mc2sim.ops.profile import HardwareProfile, hardware_profile
+
+__all__ = ["MatmulMode", "all_gather_matmul", "matmul_reduce_scatter", "mm_all_reduce"]
+
+_FLOAT = (torch.float16, torch.bfloat16)
+_LOW_BIT = (torch.int8, torch.int32, torch.uint8)  # int8, or int4 packed in int32 / uint8
+MAX_M = 2147483647
+MAX_KN = 65535
+TP_K_RANGE = (256, 65535)  # AllGatherMatmul / MatmulReduceScatter: k in [256, 65535)
+ALLREDUCE_WORLD_SIZES = (1, 2, 4, 8)
+TP_WORLD_SIZES = {HardwareProfile.A2: (2, 4, 8), HardwareProfile.A3: (2, 4, 8, 16, 32)}
+
+
+class MatmulMode(StrEnum):
+    """Which MatmulAllReduce variant a call is, decided by the dtypes of x1 and x2.
+
+    Glossary: ``float`` (x1, x2 float16/bfloat16: MatmulAllReduce), ``weight_quant``
+    (float x1, int8/int4 x2 with antiquant_scale: WeightQuantMatmulAllReduce, seed 001),
+    ``quant`` (int8 x1 and x2 with dequant_scale: QuantMatmulAllReduce).
+    """
+
+    FLOAT = "float"
+    WEIGHT_QUANT = "weight_quant"
+    QUANT = "quant"
+
+
+def _mode(x1: torch.Tensor, x2: torch.Tensor) -> MatmulMode:
+    require_dtype("x1", x1, (*_FLOAT, torch.int8))
+    if x1.dtype == torch.int8:
+        require_dtype("x2", x2, (torch.int8,))
+        return MatmulMode.QUANT
+    require_dtype("x2", x2, (x1.dtype, *_LOW_BIT))
+    return MatmulMode.FLOAT if x2.dtype == x1.dtype else MatmulMode.WEIGHT_QUANT
+
+
+def _require_sum(reduce_op: str) -> None:
+    require("reduce_op", reduce_op, reduce_op == "sum", "only 'sum' is supported")
+
+
+def _require_comm_turn(comm_turn: int) -> None:
+    require("comm_turn", comm_turn, comm_turn == 0, "only 0 is supported (the op tiles itself)")
+
+
+def _quant_output_dtype(dequant_scale: torch.Tensor, x3: torch.Tensor | None) -> torch.dtype:
+    """bfloat16 with a bfloat16 dequant_scale; else x3's dtype if given; else float16."""
+    if dequant_scale.dtype == torch.bfloat16:
+        return torch.bfloat16
+    if x3 is not None and x3.dtype in _FLOAT:
+        return x3.dtype
+    return torch.float16
+
+
+def _local_mm(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    antiquant_scale: torch.Tensor | None,
+    antiquant_offset: torch.Tensor | None,
+    x3: torch.Tensor | None,
+    dequant_scale: torch.Tensor | None,
+    pertoken_scale: torch.Tensor | None,
+    antiquant_group_size: int,
+    x2_shape: Sequence[int] | None,
+    x2_transposed: bool,
+) -> torch.Tensor:
+    """This rank's ``x1 @ x2' + bias + x3`` in the output dtype (before the AllReduce)."""
+    require_not_none("x1", x1)
+    require_not_none("x2", x2)
+    mode = _mode(x1, x2)
+    require_rank("x1", x1, (2, 3))
+    m = x1.numel() // x1.shape[-1] if x1.shape[-1] else 0
+    require("m", m, 1 <= m <= MAX_M, f"rows of x1 must be in [1, {MAX_M}]")
+    if mode is MatmulMode.FLOAT:
+        for name, t in (("antiquant_scale", antiquant_scale), ("dequant_scale", dequant_scale)):
+            require(name, t, t is None, "must be None when x1 and x2 are both float")
+        require_rank("x2", x2, (2,))
+        k, n = x2.shape
+        require("k", k, 1 <= k <= MAX_KN, f"must be in [1, {MAX_KN}]")
+        require("n", n, 1 <= n <= MAX_KN, f"must be in [1, {MAX_KN}]")
+        y = matmul(x1, x2, bias=bias)
+    elif mode is MatmulMode.WEIGHT_QUANT:
+        if antiquant_scale is None:
+            raise ParamNullptrError("antiquant_scale", None, "is required when x2 is int8/int4")
+        require("dequant_scale", dequant_scale, dequant_scale is None, "must be None")
+        y = weight_quant_batchmatmul(
+            x1,
+            x2,
+            antiquant_scale,
+            antiquant_offset,
+            bias=bias,
+            antiquant_group_size=antiquant_group_size,
+            weight_shape=x2_shape,
+            weight_transposed=x2_transposed,
+        )
+    else:
+        if dequant_scale is None:
+            raise ParamNullptrError("dequant_scale", None, "is required when x1 is int8")
+        for name, t in (
+            ("antiquant_scale", antiquant_scale),
+            ("antiquant_offset", antiquant_offset),
+        ):
+            require(name, t, t is None, "must be None when x1 is int8 (quant mode)")
+        y = quant_matmul(
+            x1,
+            x2,
+            dequant_scale,
+            pertoken_scale=pertoken_scale,
+            bias=bias,
+            output_dtype=_quant_output_dtype(dequant_scale, x3),
+        )
+    if x3 is not None:
+        require_dtype("x3", x3, (y.dtype,))
+        require(
+            "x3.shape",
+            tuple(x3.shape),
+            x3.shape == y.shape,
+            f"must equal the output's shape {tuple(y.shape)}",
+        )
+        y = (y.float() + x3.float()).to(y.dtype)
+    return y
+
+
+def mm_all_reduce(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    comm: Communicator,
+    reduce_op: str = "sum",
+    *,
+    bias: torch.Tensor | None = None,
+    antiquant_scale: torch.Tensor | None = None,
+    antiquant_offset: torch.Tensor | None = None,
+    x3: torch.Tensor | None = None,
+    dequant_scale: torch.Tensor | None = None,
+    pertoken_scale: torch.Tensor | None = None,
+    antiquant_group_size: int = 0,
+    comm_turn: int = 0,
+    x2_shape: Sequence[int] | None = None,
+    x2_transposed: bool = False,
+    strict: str | HardwareProfile | None = None,
+) -> torch.Tensor:
+    """MatmulAllReduce: ``allreduce(x1 @ x2' + bias + x3)`` over the ranks of ``comm``.
+
+    ``x2'`` is ``x2`` (float mode), ``(x2 + antiquant_offset) * antiquant_scale`` (weight-quant
+    mode, int8 or int4 x2, ND or FRACTAL_NZ), or the int8 matmul dequantized by
+    ``dequant_scale`` and ``pertoken_scale`` (quant mode). ``bias`` and ``x3`` are inside the
+    AllReduce, as the seed formula says: the sum over ranks counts them ``comm.size`` times.
+    Rounding: each rank's product (with bias) is rounded to the output dtype by its kernel,
+    ``x3`` is added in float32 and the local result rounded again, then the ranks' results
+    are summed in float32 (CPU backends) and rounded once more.
+
+    Args:
+        x1: ``(m, k)`` or ``(b, s, k)``; float16/bfloat16, or int8 (quant mode).
+        x2: ``(k, n)``: x1's dtype (float mode); int8, int4 packed in int32/uint8, or a
+            FRACTAL_NZ storage tensor (weight-quant mode, see
+            :func:`mc2sim.kernels.weight_quant_batchmatmul`); int8 (quant mode).
+        comm: the tensor-parallel group (torch_npu's ``hcom``).
+        reduce_op: only ``"sum"``.
+        bias: optional ``(n,)``: x1's dtype; int32 in quant mode.
+        antiquant_scale: weight-quant mode: per-tensor ``(1,)``, per-channel ``(n,)``/``(1, n)``
+            or per-group ``(ceil(k/g), n)``, x1's dtype.
+        antiquant_offset: optional, shape and dtype of ``antiquant_scale``.
+        x3: optional addend of the output's shape and dtype.
+        dequant_scale: quant mode: ``(1,)`` or ``(n,)``; int64 (trans_quant_param), float32 or
+            bfloat16. The output is bfloat16 for a bfloat16 scale, else x3's dtype when x3 is
+            given, else float16.
+        pertoken_scale: quant mode, optional float32 ``(m,)``.
+        antiquant_group_size: 0, or the per-group size (a multiple of 32 in [32, k-1]).
+        comm_turn: only 0.
+        x2_shape: the logical ``(k, n)`` of a FRACTAL_NZ ``x2`` (its view shape on Ascend).
+        x2_transposed: a FRACTAL_NZ ``x2`` holds the ``(n, k)`` matrix.
+        strict: ``None``, ``"A2"`` or ``"A3"``: also require world size 1, 2, 4 or 8.
+
+    Returns:
+        ``(m, n)`` or ``(b, s, n)``, the same on every rank.
+
+    Raises:
+        ParamNullptrError: x1, x2, or the mode's scale is None (on every rank alike).
+        ParamInvalidError: any rule of OPS.md sections 2 and 5 (on every rank alike).
+    """
+    with agreed(comm):
+        _require_sum(reduce_op)
+        _require_comm_turn(comm_turn)
+        if hardware_profile(strict) is not HardwareProfile.NONE:
+            require(
+                "world_size",
+                comm.size,
+                comm.size in ALLREDUCE_WORLD_SIZES,
+                f"strict={strict!r} allows {list(ALLREDUCE_WORLD_SIZES)} (HCCS full mesh)",
+            )
+        local = _local_mm(
+            x1,
+            x2,
+            bias=bias,
+            antiquant_scale=antiquant_scale,
+            antiquant_offset=antiquant_offset,
+            x3=x3,
+            dequant_scale=dequant_scale,
+            pertoken_scale=pertoken_scale,
+            antiquant_group_size=antiquant_group_size,
+            x2_shape=x2_shape,
+            x2_transposed=x2_transposed,
+        )
+    return comm.allreduce(local)
+
+
+def _check_tp(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    comm: Communicator,
+    world_size: int,
+    bias: torch.Tensor | None,
+    comm_turn: int,
+    strict: str | HardwareProfile | None,
+) -> None:
+    """Rules shared by AllGatherMatmul and MatmulReduceScatter (torch_npu's docs)."""
+    require_not_none("x1", x1)
+    require_not_none("x2", x2)
+    require_dtype("x1", x1, _FLOAT)
+    require_dtype("x2", x2, (x1.dtype,))
+    require_rank("x1", x1, (2,))
+    require_rank("x2", x2, (2,))
+    lo, hi = TP_K_RANGE
+    k = x1.shape[1]
+    require("k", k, lo <= k < hi, f"x1.shape[1] must be in [{lo}, {hi})")
+    require("x2.shape", tuple(x2.shape), x2.shape[0] == k, f"dim 0 must equal x1's k ({k})")
+    require(
+        "world_size",
+        world_size,
+        world_size == comm.size,
+        f"must equal the size of the communicator ({comm.size})",
+    )
+    _require_comm_turn(comm_turn)
+    if bias is not None:
+        require_dtype("bias", bias, (x1.dtype,))
+        n = x2.shape[1]
+        require("bias.shape", tuple(bias.shape), tuple(bias.shape) == (n,), f"must be ({n},)")
+    profile = hardware_profile(strict)
+    if profile is not HardwareProfile.NONE:
+        allowed = TP_WORLD_SIZES[profile]
+        require(
+            "world_size",
+            world_size,
+            world_size in allowed,
+            f"strict={strict!r} allows {list(allowed)}",
+        )
+
+
+def all_gather_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    comm: Communicator,
+    world_size: int,
+    bias: torch.Tensor | None = None,
+    gather_index: int = 0,
+    gather_output: bool = True,
+    comm_turn: int = 0,
+    *,
+    strict: str | HardwareProfile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """AllGatherMatmul (torch_npu.npu_all_gather_base_mm): ``allgather(x1) @ x2 + bias``.
+
+    Args:
+        x1: ``(m, k)`` float16/bfloat16, k in [256, 65535); not a transposed view.
+        x2: ``(k, n)``, x1's dtype; may be a transposed view.
+        comm: the tensor-parallel group.
+        world_size: ranks in the group; must equal ``comm.size``.
+        bias: optional ``(n,)``, x1's dtype.
+        gather_index: only 0 (gather x1).
+        gather_output: also return the gathered x1.
+        comm_turn: only 0.
+        strict: ``None``, ``"A2"`` (world size 2, 4, 8) or ``"A3"`` (2 to 32).
+
+    Returns:
+        ``(out, gather_out)``: out is ``(world_size * m, n)``; gather_out is
+        ``(world_size * m, k)``, or None when ``gather_output`` is False.
+
+    Raises:
+        ParamNullptrError: x1 or x2 is None (on every rank alike).
+        ParamInvalidError: any rule above (on every rank alike).
+    """
+    with agreed(comm):
+        _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
+        require("gather_index", gather_index, gather_index == 0, "only 0 (gather x1) is supported")
+        require("gather_output", gather_output, isinstance(gather_output, bool), "must be a bool")
+    gathered = comm.allgather(x1)
+    out = matmul(gathered, x2, bias=bias)
+    return out, gathered if gather_output else None
+
+
+def matmul_reduce_scatter(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    comm: Communicator,
+    world_size: int,
+    reduce_op: str = "sum",
+    bias: torch.Tensor | None = None,
+    comm_turn: int = 0,
+    *,
+    strict: str | HardwareProfile | None = None,
+) -> torch.Tensor:
+    """MatmulReduceScatter (torch_npu.npu_mm_reduce_scatter_base): reduce-scatter of x1 @ x2 + bias.
+
+    ``bias`` is added on every rank before the reduction, so the sum counts it
+    ``world_size`` times, as the formula ``reducescatter(x1 @ x2 + bias)`` says.
+
+    Args:
+        x1: ``(m, k)`` float16/bfloat16, m a multiple of ``world_size``, k in [256, 65535).
+        x2: ``(k, n)``, x1's dtype; may be a transposed view.
+        comm: the tensor-parallel group.
+        world_size: ranks in the group; must equal ``comm.size``.
+        reduce_op: only ``"sum"``.
+        bias: optional ``(n,)``, x1's dtype.
+        comm_turn: only 0.
+        strict: ``None``, ``"A2"`` (world size 2, 4, 8) or ``"A3"`` (2 to 32).
+
+    Returns:
+        ``(m / world_size, n)``: this rank's rows of the reduced product.
+
+    Raises:
+        ParamNullptrError: x1 or x2 is None (on every rank alike).
+        ParamInvalidError: any rule above (on every rank alike).
+    """
+    with agreed(comm):
+        _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
+        _require_sum(reduce_op)
+        require(
+            "x1.shape[0]",
+            x1.shape[0],
+            x1.shape[0] % world_size == 0,
+            f"m must be a multiple of world_size ({world_size})",
+        )
+    return comm.reduce_scatter(matmul(x1, x2, bias=bias))

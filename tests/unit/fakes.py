@@ -1,0 +1,44 @@
+"""Test doubles: a Communicator standing for any rank of a group whose ranks all pass the same."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class SameOnEveryRank:
+    """Rank 0 of a ``size``-rank group in which every rank holds the same data.
+
+    Reductions over identical inputs are computable locally (sum = size x, min = max = x),
+    and gathers repeat this rank's input, so the ops' local checks and their agreement can be
+    unit-tested for any world size without MPI.
+    """
+
+    backend = "same-on-every-rank"
+
+    def __init__(self, size: int) -> None:
+        self.rank = 0
+        self.size = size
+
+    def allreduce(self, t: torch.Tensor, op: str = "sum", *, out: Any = None) -> torch.Tensor:
+        result = t * self.size if op == "sum" else t.clone()
+        return result if out is None else out.copy_(result)
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1)] * self.size)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return [obj] * self.size
+
+    def alltoallv(
+        self, t: torch.Tensor, send: Sequence[int], recv: Sequence[int], *, out: Any = None
+    ) -> torch.Tensor:
+        raise AssertionError("validation tests must fail before any data moves")
+
+    def reduce_scatter(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        raise AssertionError("validation tests must fail before any data moves")
+
+    def barrier(self) -> None:
+        pass

@@ -1,0 +1,455 @@
+"""Routing tables: invariants, laws of each kind, matrix files and every validation rule."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mc2sim import routing
+from mc2sim.errors import ParamInvalidError
+from mc2sim.routing import Direction, RoutingConfig, RoutingKind, RoutingTable, load_matrix, route
+
+GENERATED = [
+    RoutingConfig(kind="balanced"),
+    RoutingConfig(kind="uniform", seed=1),
+    RoutingConfig(kind="zipf", seed=2, skew=1.3),
+    RoutingConfig(kind="hot", seed=3, hot_experts=2, hot_fraction=0.3),
+]
+IDS = [str(c.kind) for c in GENERATED]
+
+
+def make(config: RoutingConfig, w: int = 3, e: int = 4, bs: int = 50, k: int = 4) -> RoutingTable:
+    return route(config, world_size=w, experts_per_rank=e, tokens_per_rank=bs, top_k=k)
+
+
+# ---------------------------------------------------------------- invariants of every kind
+
+
+@pytest.mark.parametrize("config", GENERATED, ids=IDS)
+def test_every_rank_sends_tokens_times_k_and_distinct_experts(config: RoutingConfig) -> None:
+    table = make(config, w=3, e=4, bs=50, k=4)
+    assert table.counts.shape == (3, 3, 4)
+    assert table.counts.dtype == np.int64
+    assert (table.world_size, table.experts_per_rank, table.num_experts) == (3, 4, 12)
+    assert table.counts.sum(axis=(1, 2)).tolist() == [200, 200, 200]
+    # distinct experts per token: no rank sends one expert more rows than it has tokens
+    assert table.counts.max() <= 50
+    assert table.counts.min() >= 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [*GENERATED[:3], RoutingConfig(kind="hot", seed=3, hot_experts=2, hot_fraction=2 / 6)],
+    ids=IDS,
+)
+def test_top_k_equal_to_all_experts_picks_each_expert_once_per_token(
+    config: RoutingConfig,
+) -> None:
+    # with K = W * e a token must take every expert exactly once: any repeat shows up here
+    table = make(config, w=2, e=3, bs=37, k=6)
+    assert (table.counts == 37).all()
+
+
+def test_hot_with_a_whole_number_of_hot_picks_is_exact() -> None:
+    # hot_fraction * K = 2 = hot_experts: every token takes both hot experts
+    table = make(RoutingConfig(kind="hot", seed=9, hot_experts=2, hot_fraction=0.5), bs=40, k=4)
+    load = table.expert_load()
+    hot = np.flatnonzero(load == 3 * 40)
+    assert hot.size == 2
+    per_rank = table.matrix()
+    assert (per_rank[:, hot] == 40).all()
+    assert per_rank.sum(axis=1).tolist() == [160, 160, 160]
+
+
+@pytest.mark.parametrize("config", GENERATED, ids=IDS)
+def test_recv_counts_mirror_send_counts(config: RoutingConfig) -> None:
+    w, e = 3, 2
+    table = make(config, w=w, e=e, bs=30, k=3)
+    send = [table.send_counts(r) for r in range(w)]
+    recv = [table.recv_counts(q) for q in range(w)]
+    for q, r, j in itertools.product(range(w), range(w), range(e)):
+        assert recv[q][r * e + j] == send[r][q * e + j]
+        assert send[r][q * e + j] == table.counts[r, q, j]
+    for counts in send + recv:
+        assert len(counts) == w * e
+        assert all(type(c) is int for c in counts)
+    assert sum(map(sum, send)) == sum(map(sum, recv)) == w * 30 * 3
+
+
+def test_combine_direction_swaps_send_and_receive() -> None:
+    w, e = 3, 2
+    table = make(RoutingConfig(kind="uniform", seed=4), w=w, e=e, bs=20, k=2)
+    for r in range(w):
+        assert table.send_counts(r, Direction.COMBINE) == table.recv_counts(r)
+        assert table.recv_counts(r, "combine") == table.send_counts(r)
+        # the combine op's receiver gets back all BS * K rows of its tokens
+        assert sum(table.recv_counts(r, "combine")) == 40
+    for q, r, j in itertools.product(range(w), range(w), range(e)):
+        # GroupedMatMulAlltoAllv's invariant, in its own (combine) direction
+        got = table.recv_counts(q, "combine")[r * e + j]
+        assert got == table.send_counts(r, "combine")[q * e + j]
+
+
+def test_expert_load_and_imbalance_by_hand() -> None:
+    table = RoutingTable.from_matrix([[4, 0, 2, 0], [0, 0, 2, 0]], experts_per_rank=2)
+    assert table.counts[0, 1, 0] == 2  # global expert 2 = rank 1's local expert 0
+    assert table.expert_load().tolist() == [4, 0, 4, 0]
+    assert table.imbalance() == pytest.approx(4 / 2)
+    assert table.send_counts(0) == [4, 0, 2, 0]
+    assert table.recv_counts(1) == [2, 0, 2, 0]
+    assert RoutingTable.from_matrix([[1, 1], [1, 1]], 1).imbalance() == 1.0
+    assert RoutingTable.from_matrix([[0, 0], [0, 0]], 1).imbalance() == 1.0
+
+
+# ---------------------------------------------------------------- determinism and seeds
+
+
+@pytest.mark.parametrize("config", GENERATED, ids=IDS)
+def test_same_config_same_table(config: RoutingConfig) -> None:
+    assert make(config) == make(config)
+    assert make(config).counts.tolist() == make(config).counts.tolist()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "hot"])
+def test_different_seeds_differ(kind: str) -> None:
+    tables = [make(RoutingConfig(kind=kind, seed=s, hot_fraction=0.25), bs=200) for s in range(3)]
+    assert tables[0] != tables[1]
+    assert tables[1] != tables[2]
+
+
+def test_balanced_ignores_the_seed() -> None:
+    assert make(RoutingConfig(kind="balanced", seed=1)) == make(RoutingConfig(kind="balanced"))
+
+
+def test_zipf_with_skew_zero_is_uniform() -> None:
+    uniform = make(RoutingConfig(kind="uniform", seed=7), bs=200)
+    assert make(RoutingConfig(kind="zipf", seed=7, skew=0.0), bs=200) == uniform
+
+
+def test_zipf_popular_experts_follow_the_seed() -> None:
+    favourites = {
+        int(np.argmax(make(RoutingConfig(kind="zipf", seed=s, skew=2.0), bs=300).expert_load()))
+        for s in range(8)
+    }
+    assert len(favourites) > 1
+
+
+def test_chunked_drawing_gives_the_same_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    configs = [RoutingConfig(kind="uniform", seed=5), RoutingConfig(kind="zipf", seed=5)]
+    whole = [make(c, bs=300) for c in configs]
+    monkeypatch.setattr(routing, "_CHUNK_ELEMENTS", 40)  # 3 tokens per chunk of 12 experts
+    assert [make(c, bs=300) for c in configs] == whole
+    hot = make(RoutingConfig(kind="hot", hot_experts=3, hot_fraction=0.4), bs=301, k=5)
+    assert hot.counts.sum(axis=(1, 2)).tolist() == [301 * 5] * 3
+    assert hot.counts.max() <= 301
+
+
+# ---------------------------------------------------------------- laws of each kind
+
+
+@pytest.mark.parametrize(("w", "e", "bs", "k"), [(2, 3, 7, 2), (3, 4, 50, 4), (4, 5, 13, 3)])
+def test_balanced_counts_differ_by_at_most_one(w: int, e: int, bs: int, k: int) -> None:
+    table = make(RoutingConfig(kind="balanced"), w=w, e=e, bs=bs, k=k)
+    per_rank = table.matrix()
+    assert (per_rank.max(axis=1) - per_rank.min(axis=1) <= 1).all()
+    load = table.expert_load()
+    assert load.max() - load.min() <= 1
+    assert load.sum() == w * bs * k
+
+
+def test_uniform_counts_match_their_mean() -> None:
+    w, e, bs, k = 2, 4, 4000, 3
+    table = make(RoutingConfig(kind="uniform", seed=11), w=w, e=e, bs=bs, k=k)
+    p = k / (w * e)
+    sigma = math.sqrt(bs * p * (1 - p))
+    assert np.abs(table.matrix() - bs * p).max() < 6 * sigma
+
+
+def successive_sampling_inclusion(weights: np.ndarray, k: int) -> np.ndarray:
+    """P(expert i among k draws without replacement, each draw by weight): brute force."""
+    n = len(weights)
+    inclusion = np.zeros(n)
+    for order in itertools.permutations(range(n), k):
+        prob, left = 1.0, weights.sum()
+        for i in order:
+            prob *= weights[i] / left
+            left -= weights[i]
+        inclusion[list(order)] += prob
+    return inclusion
+
+
+def test_zipf_follows_successive_sampling_law() -> None:
+    w, e, bs, k, skew = 2, 2, 20000, 2, 1.0
+    table = make(RoutingConfig(kind="zipf", seed=3, skew=skew), w=w, e=e, bs=bs, k=k)
+    weights = 1.0 / np.arange(1, w * e + 1) ** skew
+    p = successive_sampling_inclusion(weights, k)
+    n = w * bs
+    expected = n * p  # already in popularity order, most popular first
+    got = np.sort(table.expert_load())[::-1]
+    assert np.all(np.abs(got - expected) < 6 * np.sqrt(n * p * (1 - p))), (got, expected)
+
+
+def test_zipf_imbalance_grows_with_skew() -> None:
+    skews = [0.0, 0.5, 1.0, 1.5, 2.0]
+    imbalance = [
+        make(RoutingConfig(kind="zipf", seed=1, skew=s), w=2, e=16, bs=2048, k=2).imbalance()
+        for s in skews
+    ]
+    # means are about 1.1, 3.1, 7.0, 11.4, 14.0; seed noise is under 0.3
+    assert all(b > a + 1.0 for a, b in itertools.pairwise(imbalance)), imbalance
+
+
+def test_hot_fraction_of_picks() -> None:
+    w, e, bs, k = 2, 8, 3000, 4
+    config = RoutingConfig(kind="hot", seed=2, hot_experts=2, hot_fraction=0.3)
+    table = make(config, w=w, e=e, bs=bs, k=k)
+    load = np.sort(table.expert_load())[::-1]
+    hot_picks = load[:2].sum()
+    # each token takes 1 hot expert, plus a second with probability 0.2
+    n = w * bs
+    mean, sigma = n * 1.2, math.sqrt(n * 0.2 * 0.8)
+    assert abs(hot_picks - mean) < 6 * sigma
+    # cold experts share the rest evenly: 2.8 picks per token over 14 experts
+    assert np.abs(load[2:] - n * 2.8 / 14).max() < 6 * math.sqrt(n * 0.2 * 0.8)
+    # every token takes one or two hot experts, so each rank sends them BS to 2 * BS rows
+    hot_rows = table.matrix()[:, np.argsort(table.expert_load())[-2:]].sum(axis=1)
+    assert ((hot_rows >= bs) & (hot_rows <= 2 * bs)).all()
+
+
+# ---------------------------------------------------------------- matrix files
+
+
+MATRIX = np.array([[5, 0, 1, 2], [0, 3, 3, 0]], dtype=np.int64)
+
+
+def write(tmp_path: Path, name: str, content: str | np.ndarray) -> Path:
+    path = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("m.npy", MATRIX),
+        ("m.npy", MATRIX.astype(np.float32)),
+        ("m.csv", "5,0,1,2\n0,3,3,0\n"),
+        ("m.csv", "# rank-by-expert\n5, 0, 1, 2\n0, 3, 3.0, 0\n"),
+        ("m.json", json.dumps(MATRIX.tolist())),
+        ("M.JSON", json.dumps({"matrix": MATRIX.tolist(), "note": "x"})),
+    ],
+)
+def test_matrix_files_round_trip(tmp_path: Path, name: str, content: str | np.ndarray) -> None:
+    path = write(tmp_path, name, content)
+    loaded = load_matrix(path)
+    assert loaded.dtype == np.int64
+    assert loaded.tolist() == MATRIX.tolist()
+    config = RoutingConfig(kind="matrix", matrix_path=path)
+    assert config.matrix_path == str(path)
+    # tokens and top_k do not have to agree with the matrix: its counts rule
+    table = route(config, world_size=2, experts_per_rank=2, tokens_per_rank=1, top_k=1)
+    assert table.matrix().tolist() == MATRIX.tolist()
+    assert table == RoutingTable.from_matrix(MATRIX, experts_per_rank=2)
+    assert table.send_counts(1) == [0, 3, 3, 0]
+    assert table.recv_counts(1) == [1, 2, 3, 0]
+    assert route(config, world_size=2, experts_per_rank=2) == table
+
+
+def test_single_row_csv_is_a_matrix(tmp_path: Path) -> None:
+    path = write(tmp_path, "one.csv", "1,2,3\n")
+    assert load_matrix(path).tolist() == [[1, 2, 3]]
+    config = RoutingConfig(kind="matrix", matrix_path=str(path))
+    table = route(config, world_size=1, experts_per_rank=3)
+    assert table.send_counts(0) == table.recv_counts(0) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "rule"),
+    [
+        ("m.txt", "1,2", "must end in .npy, .csv or .json"),
+        ("m.csv", "1,-2\n3,4\n", "entries must be >= 0"),
+        ("m.csv", "1,2.5\n3,4\n", "whole numbers"),
+        ("m.csv", "1,nan\n3,4\n", "finite"),
+        ("m.csv", "1,2\n3\n", "cannot be read"),
+        ("m.csv", "a,b\n", "cannot be read"),
+        ("m.json", "[[1, 2], [3]]", "differ in length"),
+        ("m.json", "[1, 2]", "list of rows"),
+        ("m.json", '{"rows": [[1]]}', '"matrix" key'),
+        ("m.json", '[[1, "2"]]', "must be numbers"),
+        ("m.json", "[[true, 1]]", "must be numbers"),
+        ("m.json", "[[1, 2]", "cannot be read"),
+        ("m.json", "[[]]", "non-empty 2-D"),
+        ("m.npy", np.arange(4), "non-empty 2-D"),
+        ("m.npy", np.array([[True]]), "must hold numbers"),
+    ],
+)
+def test_bad_matrix_files(tmp_path: Path, name: str, content: str | np.ndarray, rule: str) -> None:
+    path = write(tmp_path, name, content)
+    with pytest.raises(ParamInvalidError, match=rule) as info:
+        load_matrix(path)
+    assert info.value.code == 161002
+    assert info.value.param == "matrix_path"
+    assert str(path) in str(info.value)
+
+
+def test_missing_matrix_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamInvalidError, match="no such file") as info:
+        load_matrix(tmp_path / "absent.npy")
+    assert info.value.code == 161002
+    assert "absent.npy" in str(info.value)
+
+
+def test_matrix_of_the_wrong_shape_for_the_group(tmp_path: Path) -> None:
+    path = write(tmp_path, "m.npy", MATRIX)
+    config = RoutingConfig(kind="matrix", matrix_path=path)
+    with pytest.raises(ParamInvalidError, match=r"shape \(2, 4\); expected .* \(2, 6\)") as info:
+        route(config, world_size=2, experts_per_rank=3)
+    assert info.value.code == 161002
+    assert info.value.param == "matrix_path"
+
+
+# ---------------------------------------------------------------- validation rules
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"kind": "gaussian"}, "kind"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"skew": -0.1}, "skew"),
+        ({"skew": math.nan}, "skew"),
+        ({"skew": math.inf}, "skew"),
+        ({"skew": "1"}, "skew"),
+        ({"hot_fraction": 1.01}, "hot_fraction"),
+        ({"hot_fraction": -0.01}, "hot_fraction"),
+        ({"hot_experts": 0}, "hot_experts"),
+        ({"hot_experts": 2.0}, "hot_experts"),
+        ({"kind": "matrix"}, "matrix_path"),
+        ({"kind": "uniform", "matrix_path": "m.npy"}, "matrix_path"),
+        ({"kind": "matrix", "matrix_path": 3}, "matrix_path"),
+    ],
+)
+def test_config_rules(kwargs: dict[str, object], param: str) -> None:
+    with pytest.raises(ParamInvalidError) as info:
+        RoutingConfig(**kwargs)  # type: ignore[arg-type]
+    assert info.value.code == 161002
+    assert info.value.param == param
+
+
+def test_config_normalises_kind_and_numbers() -> None:
+    config = RoutingConfig(kind="zipf", seed=np.int64(4), skew=2, hot_experts=np.int32(3))
+    assert config.kind is RoutingKind.ZIPF
+    assert type(config.seed) is int and config.seed == 4
+    assert type(config.skew) is float and config.skew == 2.0
+    assert type(config.hot_experts) is int
+    with pytest.raises(AttributeError):
+        config.seed = 5  # type: ignore[misc]
+
+
+SIZES = {"world_size": 2, "experts_per_rank": 2, "tokens_per_rank": 8, "top_k": 2}
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "param"),
+    [
+        (RoutingConfig(), {"world_size": 0}, "world_size"),
+        (RoutingConfig(), {"experts_per_rank": 0}, "experts_per_rank"),
+        (RoutingConfig(), {"experts_per_rank": 2.0}, "experts_per_rank"),
+        (RoutingConfig(), {"tokens_per_rank": 0}, "tokens_per_rank"),
+        (RoutingConfig(), {"tokens_per_rank": None}, "tokens_per_rank"),
+        (RoutingConfig(), {"top_k": 0}, "top_k"),
+        (RoutingConfig(), {"top_k": 5}, "top_k"),
+        (RoutingConfig(), {"top_k": None}, "top_k"),
+        (RoutingConfig(kind="balanced"), {"top_k": True}, "top_k"),
+        (RoutingConfig(kind="hot", hot_experts=5), {}, "hot_experts"),
+        (RoutingConfig(kind="hot", hot_experts=1, hot_fraction=0.6), {}, "hot_fraction"),
+        # three hot experts of four, K = 2: at least one hot pick per token
+        (RoutingConfig(kind="hot", hot_experts=3, hot_fraction=0.4), {}, "hot_fraction"),
+    ],
+)
+def test_route_rules(config: RoutingConfig, override: dict[str, object], param: str) -> None:
+    with pytest.raises(ParamInvalidError) as info:
+        route(config, **{**SIZES, **override})  # type: ignore[arg-type]
+    assert info.value.code == 161002
+    assert info.value.param == param
+
+
+def test_route_needs_a_config() -> None:
+    with pytest.raises(ParamInvalidError) as info:
+        route({"kind": "uniform"}, **SIZES)  # type: ignore[arg-type]
+    assert info.value.param == "config"
+
+
+def test_hot_fraction_error_names_the_reachable_range() -> None:
+    with pytest.raises(ParamInvalidError, match=r"must be in \[0, 0.333333\] with hot_experts=1"):
+        route(RoutingConfig(kind="hot", hot_fraction=0.5), **{**SIZES, "top_k": 3})
+
+
+def test_hot_fraction_limits_are_reachable() -> None:
+    # 0.7 * 10 is 7.000000000000001 in floating point: still the whole number 7
+    table = route(
+        RoutingConfig(kind="hot", hot_experts=7, hot_fraction=0.7),
+        world_size=2,
+        experts_per_rank=8,
+        tokens_per_rank=5,
+        top_k=10,
+    )
+    assert (np.sort(table.expert_load())[-7:] == 10).all()
+
+
+@pytest.mark.parametrize(
+    ("counts", "param"),
+    [
+        (np.zeros((2, 3, 1), dtype=np.int64), "counts.shape"),
+        (np.zeros((2, 2), dtype=np.int64), "counts.shape"),
+        (np.zeros((2, 2, 0), dtype=np.int64), "counts.shape"),
+        (np.zeros((2, 2, 1)), "counts.dtype"),
+        (-np.ones((2, 2, 1), dtype=np.int64), "counts"),
+    ],
+)
+def test_table_rules(counts: np.ndarray, param: str) -> None:
+    with pytest.raises(ParamInvalidError) as info:
+        RoutingTable(counts=counts)
+    assert info.value.code == 161002
+    assert info.value.param == param
+
+
+def test_table_is_a_frozen_copy() -> None:
+    source = np.ones((2, 2, 1), dtype=np.int32)
+    table = RoutingTable(counts=source)
+    source[0, 0, 0] = 9
+    assert table.counts.dtype == np.int64
+    assert table.counts[0, 0, 0] == 1
+    with pytest.raises(ValueError):
+        table.counts[0, 0, 0] = 5
+    assert table.matrix().flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        (lambda t: t.send_counts(2), "rank"),
+        (lambda t: t.recv_counts(-1), "rank"),
+        (lambda t: t.send_counts(0, "sideways"), "direction"),
+        (lambda t: RoutingTable.from_matrix([[1, 2, 3]], 2), "matrix.shape"),
+        (lambda t: RoutingTable.from_matrix([[1, 2]], 0), "experts_per_rank"),
+        (lambda t: RoutingTable.from_matrix([[1, -2]], 2), "matrix"),
+    ],
+)
+def test_table_call_rules(call: Callable[[RoutingTable], object], param: str) -> None:
+    table = RoutingTable.from_matrix([[1, 2], [3, 4]], experts_per_rank=1)
+    with pytest.raises(ParamInvalidError) as info:
+        call(table)
+    assert info.value.code == 161002
+    assert info.value.param == param
