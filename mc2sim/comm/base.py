@@ -26,15 +26,17 @@ __all__ = [
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 #: The dtypes every communicator carries.
-SUPPORTED_DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int8,
-    torch.uint8,
-    torch.int32,
-    torch.int64,
+SUPPORTED_DTYPES = frozenset(
+    (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+    )
 )
 
 
@@ -203,16 +205,22 @@ def check_splits(
         raise ParamInvalidError("t.shape", tuple(t.shape), "must have at least one dimension")
     send = [int(s) for s in send_splits]
     recv = [int(s) for s in recv_splits]
+    if (  # one cheap test for the common case; the loop below names what is wrong
+        len(send) == size
+        and len(recv) == size
+        and min(send) >= 0
+        and min(recv) >= 0
+        and sum(send) == t.shape[0]
+    ):
+        return send, recv
     for name, splits in (("send_splits", send), ("recv_splits", recv)):
         if len(splits) != size:
             raise ParamInvalidError(name, splits, f"must have one count per rank ({size})")
         if min(splits) < 0:
             raise ParamInvalidError(name, splits, "counts must be >= 0")
-    if sum(send) != t.shape[0]:
-        raise ParamInvalidError(
-            "send_splits", send, f"must sum to the rows of t ({t.shape[0]}), got {sum(send)}"
-        )
-    return send, recv
+    raise ParamInvalidError(
+        "send_splits", send, f"must sum to the rows of t ({t.shape[0]}), got {sum(send)}"
+    )
 
 
 def check_reduce_rows(t: torch.Tensor, size: int) -> int:
@@ -248,5 +256,5 @@ def check_dtype(t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ParamInvalidError("t", type(t).__name__, "must be a torch.Tensor")
     if t.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES))
         raise ParamInvalidError("t.dtype", t.dtype, f"must be one of {names}")

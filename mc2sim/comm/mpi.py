@@ -54,28 +54,26 @@ _REDUCE_TYPES = {
     torch.int64: MPI.INT64_T,
 }
 
-# Pure data movement only needs the element size: (torch view dtype, MPI type) per itemsize.
-_MOVE_TYPES = {
-    1: (torch.uint8, MPI.UINT8_T),
-    2: (torch.int16, MPI.INT16_T),
-    4: (torch.int32, MPI.INT32_T),
-    8: (torch.int64, MPI.INT64_T),
-}
+# Pure data movement only needs the element size: the MPI type of each itemsize.
+_MOVE_TYPES = {1: MPI.BYTE, 2: MPI.INT16_T, 4: MPI.INT32_T, 8: MPI.INT64_T}
 
-
-_NUMPY_WORDS = {
-    torch.uint8: np.uint8,
-    torch.int16: np.int16,
-    torch.int32: np.int32,
-    torch.int64: np.int64,
-}
+# The host paths below run on every call: they use as few torch calls as they can, since
+# right after a large transfer has flushed the caches each costs microseconds
+# (scripts/bench_comm.py measured 60 us of such overhead on a 16 MB alltoallv before).
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
     """Return ``t`` as a contiguous CPU tensor (device tensors are staged through the host)."""
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
-    return t.contiguous()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _array(t: torch.Tensor) -> np.ndarray[Any, Any]:
+    """Return a flat NumPy view of a contiguous host tensor (bfloat16 as 16-bit words)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().reshape(-1)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -85,15 +83,20 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     takes far fewer page faults than one from torch's CPU allocator (measured in
     ``scripts/bench_comm.py``: the difference is most of the cost of an allocating call).
     """
-    view_dtype, _ = _MOVE_TYPES[torch.empty((), dtype=dtype).element_size()]
-    words = np.empty(shape, dtype=_NUMPY_WORDS[view_dtype])
-    return torch.from_numpy(words).view(dtype)
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.empty(shape, dtype=np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
 
 
-def _words(t: torch.Tensor) -> tuple[np.ndarray[Any, Any], Any]:
-    """Return a flat NumPy view of ``t``'s memory in same-sized words, and its MPI type."""
-    view_dtype, mpi_type = _MOVE_TYPES[t.element_size()]
-    return t.reshape(-1).view(view_dtype).numpy(), mpi_type
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+}
 
 
 def _displacements(counts: list[int]) -> list[int]:
@@ -107,9 +110,7 @@ def _displacements(counts: list[int]) -> list[int]:
 
 def _writable_in_place(out: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether MPI can write straight into ``out`` (host memory, contiguous, wire dtype)."""
-    return (
-        out is not None and out.device.type == "cpu" and out.is_contiguous() and out.dtype == dtype
-    )
+    return out is not None and out.is_cpu and out.dtype == dtype and out.is_contiguous()
 
 
 class _Reduction:
@@ -141,14 +142,13 @@ class _Reduction:
 
     def buffers(self) -> tuple[list[Any], list[Any]]:
         """Return the ``[buffer, MPI type]`` pairs for the send and receive sides."""
-        return (
-            [self.send.reshape(-1).numpy(), self.mpi_type],
-            [self.recv.reshape(-1).numpy(), self.mpi_type],
-        )
+        return [_array(self.send), self.mpi_type], [_array(self.recv), self.mpi_type]
 
     def result(self) -> torch.Tensor:
         """Return the received data in the input's dtype and device (in ``out`` if given)."""
         if self.out is None:
+            if self.recv.dtype == self.like.dtype and self.like.is_cpu:
+                return self.recv
             return self.recv.to(dtype=self.like.dtype, device=self.like.device)
         if self.recv is not self.out:
             self.out.copy_(self.recv)
@@ -250,14 +250,14 @@ class MpiCommunicator:
             landing = out
         else:
             landing = _empty(out_shape, src.dtype)
-        sbuf, mpi_type = _words(src)
-        rbuf, _ = _words(landing)
-        scounts = [s * row for s in send]
-        rcounts = [r * row for r in recv]
+        sbuf, rbuf = _array(src), _array(landing)
+        mpi_type = _MOVE_TYPES[sbuf.itemsize]
+        scounts = send if row == 1 else [s * row for s in send]
+        rcounts = recv if row == 1 else [r * row for r in recv]
 
         def finish() -> torch.Tensor:
             if out is None:
-                return landing.to(t.device)
+                return landing if t.is_cpu else landing.to(t.device)
             if landing is not out:
                 out.copy_(landing)
             return out
@@ -301,8 +301,8 @@ class MpiCommunicator:
         if src.dim() == 0:
             src = src.reshape(1)
         out = _empty((self.size * src.shape[0], *src.shape[1:]), src.dtype)
-        sbuf, mpi_type = _words(src)
-        rbuf, _ = _words(out)
+        sbuf, rbuf = _array(src), _array(out)
+        mpi_type = _MOVE_TYPES[sbuf.itemsize]
         self._comm.Allgather([sbuf, mpi_type], [rbuf, mpi_type])
         return out.to(t.device)
 
