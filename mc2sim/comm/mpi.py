@@ -69,11 +69,12 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _array(t: torch.Tensor) -> np.ndarray[Any, Any]:
-    """Return a flat NumPy view of a contiguous host tensor (bfloat16 as 16-bit words)."""
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().reshape(-1)
+def _buffer(t: torch.Tensor) -> Any:
+    """Return an MPI buffer over a contiguous host tensor's memory (no copy, no NumPy).
+
+    The buffer does not keep ``t`` alive: callers hold ``t`` until the collective is done.
+    """
+    return MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size())
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -142,7 +143,7 @@ class _Reduction:
 
     def buffers(self) -> tuple[list[Any], list[Any]]:
         """Return the ``[buffer, MPI type]`` pairs for the send and receive sides."""
-        return [_array(self.send), self.mpi_type], [_array(self.recv), self.mpi_type]
+        return [_buffer(self.send), self.mpi_type], [_buffer(self.recv), self.mpi_type]
 
     def result(self) -> torch.Tensor:
         """Return the received data in the input's dtype and device (in ``out`` if given)."""
@@ -238,8 +239,12 @@ class MpiCommunicator:
         send_splits: Sequence[int],
         recv_splits: Sequence[int],
         out: torch.Tensor | None,
-    ) -> tuple[list[Any], list[Any], Callable[[], torch.Tensor]]:
-        """Return the send and receive buffer specs, and what makes the result once done."""
+    ) -> tuple[list[Any], list[Any], Callable[[], torch.Tensor], torch.Tensor]:
+        """Return the send and receive specs, what makes the result, and the tensor sent.
+
+        The specs point at raw memory: the caller keeps the sent tensor alive (and the
+        result's, which ``finish`` holds) until the collective completes.
+        """
         check_dtype(t)
         send, recv = check_splits(t, send_splits, recv_splits, self.size)
         out_shape = (sum(recv), *t.shape[1:])
@@ -250,8 +255,8 @@ class MpiCommunicator:
             landing = out
         else:
             landing = _empty(out_shape, src.dtype)
-        sbuf, rbuf = _array(src), _array(landing)
-        mpi_type = _MOVE_TYPES[sbuf.itemsize]
+        sbuf, rbuf = _buffer(src), _buffer(landing)
+        mpi_type = _MOVE_TYPES[src.element_size()]
         scounts = send if row == 1 else [s * row for s in send]
         rcounts = recv if row == 1 else [r * row for r in recv]
 
@@ -266,6 +271,7 @@ class MpiCommunicator:
             [sbuf, (scounts, _displacements(scounts)), mpi_type],
             [rbuf, (rcounts, _displacements(rcounts)), mpi_type],
             finish,
+            src,
         )
 
     def alltoallv(
@@ -277,7 +283,7 @@ class MpiCommunicator:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Exchange rows: ``send_splits[r]`` rows go to rank r, ``recv_splits[r]`` come back."""
-        send, recv, finish = self._alltoallv_args(t, send_splits, recv_splits, out)
+        send, recv, finish, _ = self._alltoallv_args(t, send_splits, recv_splits, out)
         self._comm.Alltoallv(send, recv)
         return finish()
 
@@ -290,9 +296,9 @@ class MpiCommunicator:
         out: torch.Tensor | None = None,
     ) -> Work:
         """Start an alltoallv (``MPI_Ialltoallv``); ``wait()`` returns the received rows."""
-        send, recv, finish = self._alltoallv_args(t, send_splits, recv_splits, out)
+        send, recv, finish, src = self._alltoallv_args(t, send_splits, recv_splits, out)
         request = self._comm.Ialltoallv(send, recv)
-        return _MpiWork(request, finish, keep=(send, recv))
+        return _MpiWork(request, finish, keep=(send, recv, src))
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along dim 0, in rank order."""
@@ -301,8 +307,8 @@ class MpiCommunicator:
         if src.dim() == 0:
             src = src.reshape(1)
         out = _empty((self.size * src.shape[0], *src.shape[1:]), src.dtype)
-        sbuf, rbuf = _array(src), _array(out)
-        mpi_type = _MOVE_TYPES[sbuf.itemsize]
+        sbuf, rbuf = _buffer(src), _buffer(out)
+        mpi_type = _MOVE_TYPES[src.element_size()]
         self._comm.Allgather([sbuf, mpi_type], [rbuf, mpi_type])
         return out.to(t.device)
 
