@@ -26,10 +26,12 @@ import torch
 
 from mc2sim.comm import Communicator, agreed
 from mc2sim.invariants import check_counts, check_counts_local
-from mc2sim.kernels import grouped_matmul, matmul
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
-from mc2sim.ops._layout import transpose_blocks
+from mc2sim.ops._moe_runners import CombineRunner, DispatchRunner, SharedExpert
 from mc2sim.ops.profile import HardwareProfile, hardware_profile
+from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
+from mc2sim.schedule.executor import execute
+from mc2sim.schedule.tiling import Tiling, TilingMode, tiling_of
 
 __all__ = ["alltoallv_gmm", "gmm_alltoallv"]
 
@@ -188,14 +190,6 @@ def _check_moe(
     return MoeCall(e=e, world=ep_world_size, send=send, recv=recv)
 
 
-def _shared_expert(
-    mm_x: torch.Tensor | None, mm_weight: torch.Tensor | None, trans: bool
-) -> torch.Tensor | None:
-    if mm_x is None or mm_weight is None:
-        return None
-    return matmul(mm_x, mm_weight.t() if trans else mm_weight)
-
-
 def gmm_alltoallv(
     gmm_x: torch.Tensor,
     gmm_weight: torch.Tensor,
@@ -212,6 +206,8 @@ def gmm_alltoallv(
     trans_mm_weight: bool = False,
     strict: str | HardwareProfile | None = None,
     validate_counts: bool = True,
+    tiling: None | str | int | Tiling = None,
+    progress: str = "poll",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GroupedMatMulAlltoAllv: expert matmuls, then the combine AlltoAllv back to token owners.
 
@@ -234,6 +230,11 @@ def gmm_alltoallv(
         trans_mm_weight: whether ``mm_weight`` is stored transposed.
         strict: ``None``, ``"A2"`` or ``"A3"``: also enforce that hardware's limits.
         validate_counts: check the cross-rank counts invariant first (mc2sim only).
+        tiling: ``None`` (the hardware's: one chunk per local expert), ``"serial"`` (one
+            grouped matmul and one AlltoAllv, no overlap) or N (each expert's rows cut into N
+            sub-tiles). Results do not depend on it beyond float rounding.
+        progress: how in-flight AlltoAllv chunks progress: ``"poll"`` or ``"thread"``
+            (:mod:`mc2sim.schedule.executor`).
 
     Returns:
         ``(y, mm_y)``: y is ``(sum(recv_counts), N1)`` ordered by (source rank, expert);
@@ -244,6 +245,7 @@ def gmm_alltoallv(
         ParamInvalidError: any rule of OPS.md section 3 or the counts invariant (every rank).
     """
     with agreed(comm):
+        tiling_of(tiling)  # a bad tiling is a parameter error like any other
         call = _check_moe(
             direction="combine",
             gmm_x=gmm_x,
@@ -262,14 +264,22 @@ def gmm_alltoallv(
         )
     if validate_counts:
         check_counts(comm, call.send, call.recv, call.e)
-    by_dest = call.matrix(call.send)  # [dest rank q, expert j]
-    gmm_y = grouped_matmul(
-        gmm_x, gmm_weight, by_dest.sum(axis=0).tolist(), trans_weight=trans_gmm_weight
+    plan_tiling = tiling_of(tiling)
+    shape = _moe_shape(call, gmm_x, gmm_weight, trans_gmm_weight, mm_x, mm_weight, trans_mm_weight)
+    plan = plan_gmm_alltoallv(shape=shape, tiling=plan_tiling, rank=comm.rank)
+    runner = CombineRunner(
+        comm=comm,
+        gmm_x=gmm_x,
+        gmm_weight=gmm_weight,
+        trans_gmm_weight=trans_gmm_weight,
+        send=call.send,
+        recv=call.recv,
+        e=call.e,
+        parts=_parts(plan_tiling),
+        shared=SharedExpert(mm_x, mm_weight, trans_mm_weight),
     )
-    # gmm_y is expert-major, blocks (j, q); the AlltoAllv needs them rank-major, (q, j)
-    unpermuted = gmm_y[transpose_blocks(by_dest.T)]
-    y = comm.alltoallv(unpermuted, call.per_rank(call.send), call.per_rank(call.recv))
-    return y, _shared_expert(mm_x, mm_weight, trans_mm_weight)
+    execute(plan, comm, runner, progress=progress)
+    return runner.y(), runner.shared.result
 
 
 def alltoallv_gmm(
@@ -289,6 +299,8 @@ def alltoallv_gmm(
     permute_out_flag: bool = False,
     strict: str | HardwareProfile | None = None,
     validate_counts: bool = True,
+    tiling: None | str | int | Tiling = None,
+    progress: str = "poll",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """AlltoAllvGroupedMatMul: the dispatch AlltoAllv, permute to expert-major, expert matmuls.
 
@@ -309,6 +321,11 @@ def alltoallv_gmm(
         permute_out_flag: also return the permuted rows (the grouped matmul's input).
         strict: ``None``, ``"A2"`` or ``"A3"``: also enforce that hardware's limits.
         validate_counts: check the cross-rank counts invariant first (mc2sim only).
+        tiling: ``None`` (the hardware's: one chunk per local expert), ``"serial"`` (one
+            grouped matmul and one AlltoAllv, no overlap) or N (each expert's rows cut into N
+            sub-tiles). Results do not depend on it beyond float rounding.
+        progress: how in-flight AlltoAllv chunks progress: ``"poll"`` or ``"thread"``
+            (:mod:`mc2sim.schedule.executor`).
 
     Returns:
         ``(gmm_y, mm_y, permute_out)``: gmm_y is ``(sum(recv_counts), N1)``, expert-major;
@@ -325,6 +342,7 @@ def alltoallv_gmm(
             isinstance(permute_out_flag, bool),
             "must be a bool",
         )
+        tiling_of(tiling)
         call = _check_moe(
             direction="dispatch",
             gmm_x=gmm_x,
@@ -343,11 +361,50 @@ def alltoallv_gmm(
         )
     if validate_counts:
         check_counts(comm, call.send, call.recv, call.e)
-    received = comm.alltoallv(gmm_x, call.per_rank(call.send), call.per_rank(call.recv))
-    by_source = call.matrix(call.recv)  # [source rank r, expert j]
-    permuted = received[transpose_blocks(by_source)]  # (r, j) blocks -> (j, r)
-    gmm_y = grouped_matmul(
-        permuted, gmm_weight, by_source.sum(axis=0).tolist(), trans_weight=trans_gmm_weight
+    plan_tiling = tiling_of(tiling)
+    shape = _moe_shape(call, gmm_x, gmm_weight, trans_gmm_weight, mm_x, mm_weight, trans_mm_weight)
+    plan = plan_alltoallv_gmm(shape=shape, tiling=plan_tiling, rank=comm.rank)
+    runner = DispatchRunner(
+        comm=comm,
+        gmm_x=gmm_x,
+        gmm_weight=gmm_weight,
+        trans_gmm_weight=trans_gmm_weight,
+        send=call.send,
+        recv=call.recv,
+        e=call.e,
+        parts=_parts(plan_tiling),
+        shared=SharedExpert(mm_x, mm_weight, trans_mm_weight),
     )
-    mm_y = _shared_expert(mm_x, mm_weight, trans_mm_weight)
-    return gmm_y, mm_y, permuted if permute_out_flag else None
+    execute(plan, comm, runner, progress=progress)
+    gmm_y, permuted = runner.results()
+    return gmm_y, runner.shared.result, permuted if permute_out_flag else None
+
+
+def _parts(tiling: Tiling) -> int:
+    return tiling.count if tiling.mode is TilingMode.TILES else 1
+
+
+def _moe_shape(
+    call: MoeCall,
+    gmm_x: torch.Tensor,
+    gmm_weight: torch.Tensor,
+    trans_gmm_weight: bool,
+    mm_x: torch.Tensor | None,
+    mm_weight: torch.Tensor | None,
+    trans_mm_weight: bool,
+) -> MoeShape:
+    """The plan's view of a validated call: counts and sizes, no data."""
+    n1 = gmm_weight.shape[1] if trans_gmm_weight else gmm_weight.shape[2]
+    shared = None
+    if mm_x is not None and mm_weight is not None:
+        n2 = mm_weight.shape[0] if trans_mm_weight else mm_weight.shape[1]
+        shared = (mm_x.shape[0], mm_x.shape[1], n2)
+    return MoeShape(
+        e=call.e,
+        send=tuple(call.send),
+        recv=tuple(call.recv),
+        h1=gmm_x.shape[1],
+        n1=n1,
+        elem_bytes=gmm_x.element_size(),
+        shared=shared,
+    )

@@ -7,16 +7,27 @@ same error on every rank before any data moves), then the collective combines th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from mc2sim._compat import StrEnum
 from mc2sim.comm import Communicator, agreed
-from mc2sim.errors import ParamNullptrError
+from mc2sim.errors import AclnnRuntimeError, ParamNullptrError
 from mc2sim.kernels import matmul, quant_matmul, weight_quant_batchmatmul
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
+from mc2sim.ops._tp_runners import AllGatherMatmulRunner, AllReduceRunner, ReduceScatterRunner
 from mc2sim.ops.profile import HardwareProfile, hardware_profile
+from mc2sim.schedule.builders import (
+    MatmulShape,
+    plan_all_gather_matmul,
+    plan_matmul_reduce_scatter,
+    plan_mm_all_reduce,
+)
+from mc2sim.schedule.executor import execute
+from mc2sim.schedule.plan import TaskKind
+from mc2sim.schedule.tiling import Tiling, tiling_of
 
 __all__ = ["MatmulMode", "all_gather_matmul", "matmul_reduce_scatter", "mm_all_reduce"]
 
@@ -70,8 +81,8 @@ def _quant_output_dtype(dequant_scale: torch.Tensor, x3: torch.Tensor | None) ->
 
 def _local_mm(
     x1: torch.Tensor,
-    x2: torch.Tensor,
     *,
+    x2: torch.Tensor,
     bias: torch.Tensor | None,
     antiquant_scale: torch.Tensor | None,
     antiquant_offset: torch.Tensor | None,
@@ -89,6 +100,13 @@ def _local_mm(
     require_rank("x1", x1, (2, 3))
     m = x1.numel() // x1.shape[-1] if x1.shape[-1] else 0
     require("m", m, 1 <= m <= MAX_M, f"rows of x1 must be in [1, {MAX_M}]")
+    if mode is not MatmulMode.QUANT:
+        require(
+            "pertoken_scale",
+            pertoken_scale,
+            pertoken_scale is None,
+            "is only for int8 x1 (quant mode); must be None",
+        )
     if mode is MatmulMode.FLOAT:
         for name, t in (("antiquant_scale", antiquant_scale), ("dequant_scale", dequant_scale)):
             require(name, t, t is None, "must be None when x1 and x2 are both float")
@@ -156,6 +174,8 @@ def mm_all_reduce(
     x2_shape: Sequence[int] | None = None,
     x2_transposed: bool = False,
     strict: str | HardwareProfile | None = None,
+    tiling: None | str | int | Tiling = None,
+    progress: str = "poll",
 ) -> torch.Tensor:
     """MatmulAllReduce: ``allreduce(x1 @ x2' + bias + x3)`` over the ranks of ``comm``.
 
@@ -188,6 +208,10 @@ def mm_all_reduce(
         x2_shape: the logical ``(k, n)`` of a FRACTAL_NZ ``x2`` (its view shape on Ascend).
         x2_transposed: a FRACTAL_NZ ``x2`` holds the ``(n, k)`` matrix.
         strict: ``None``, ``"A2"`` or ``"A3"``: also require world size 1, 2, 4 or 8.
+        tiling: ``None`` (the hardware's policy: equal long M tiles plus a short one, see
+            :func:`mc2sim.schedule.hardware_mm_all_reduce_tiles`), ``"serial"`` or N equal
+            M tiles; each tile's AllReduce overlaps the next tile's matmul.
+        progress: ``"poll"`` or ``"thread"`` (:mod:`mc2sim.schedule.executor`).
 
     Returns:
         ``(m, n)`` or ``(b, s, n)``, the same on every rank.
@@ -206,20 +230,74 @@ def mm_all_reduce(
                 comm.size in ALLREDUCE_WORLD_SIZES,
                 f"strict={strict!r} allows {list(ALLREDUCE_WORLD_SIZES)} (HCCS full mesh)",
             )
-        local = _local_mm(
-            x1,
-            x2,
+        plan_tiling = tiling_of(tiling)
+        require_not_none("x1", x1)
+        require_rank("x1", x1, (2, 3))
+        rows_2d = x1.reshape(-1, x1.shape[-1])
+        m = rows_2d.shape[0]
+        require("m", m, 1 <= m <= MAX_M, f"rows of x1 must be in [1, {MAX_M}]")
+        if pertoken_scale is not None:
+            require(
+                "pertoken_scale.shape",
+                tuple(pertoken_scale.shape),
+                tuple(pertoken_scale.shape) == (m,),
+                f"must be ({m},): one scale per row of x1",
+            )
+        local = functools.partial(
+            _local_mm,
+            x2=x2,
             bias=bias,
             antiquant_scale=antiquant_scale,
             antiquant_offset=antiquant_offset,
-            x3=x3,
             dequant_scale=dequant_scale,
-            pertoken_scale=pertoken_scale,
             antiquant_group_size=antiquant_group_size,
             x2_shape=x2_shape,
             x2_transposed=x2_transposed,
         )
-    return comm.allreduce(local)
+        x3_2d = None
+        if x3 is not None:
+            require_dtype("x3", x3, _FLOAT)
+            x3_2d = x3.reshape(-1, x3.shape[-1]) if x3.dim() >= 1 else x3
+
+        def tile(start: int, stop: int) -> torch.Tensor:
+            return local(
+                rows_2d[start:stop],
+                pertoken_scale=None if pertoken_scale is None else pertoken_scale[start:stop],
+                x3=None if x3_2d is None else x3_2d[start:stop],
+            )
+
+        # one row through the kernels checks every parameter the kernels check
+        probe = tile(0, 1)
+        n = probe.shape[-1]
+        if x3 is not None:
+            expected = (*x1.shape[:-1], n)
+            require("x3.shape", tuple(x3.shape), tuple(x3.shape) == expected, f"must be {expected}")
+    mode = _mode(x1, x2)
+    shape = MatmulShape(
+        k=rows_2d.shape[1],
+        n=n,
+        in_bytes=x1.element_size(),
+        w_bytes=0.5 if x2.dtype in (torch.int32, torch.uint8) else x2.element_size(),
+        out_bytes=probe.element_size(),
+    )
+    plan = plan_mm_all_reduce(
+        m=m,
+        shape=shape,
+        kind=_KIND[mode],
+        tiling=plan_tiling,
+        rank=comm.rank,
+        world_size=comm.size,
+    )
+    out = torch.empty((m, n), dtype=probe.dtype)
+    execute(plan, comm, AllReduceRunner(comm=comm, local=tile, out=out), progress=progress)
+    return out.reshape(*x1.shape[:-1], n)
+
+
+_KIND = {
+    MatmulMode.FLOAT: TaskKind.MATMUL,
+    MatmulMode.WEIGHT_QUANT: TaskKind.WEIGHT_QUANT_MATMUL,
+    MatmulMode.QUANT: TaskKind.QUANT_MATMUL,
+}
 
 
 def _check_tp(
@@ -275,6 +353,8 @@ def all_gather_matmul(
     comm_turn: int = 0,
     *,
     strict: str | HardwareProfile | None = None,
+    tiling: None | str | int | Tiling = None,
+    progress: str = "poll",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """AllGatherMatmul (torch_npu.npu_all_gather_base_mm): ``allgather(x1) @ x2 + bias``.
 
@@ -288,6 +368,9 @@ def all_gather_matmul(
         gather_output: also return the gathered x1.
         comm_turn: only 0.
         strict: ``None``, ``"A2"`` (world size 2, 4, 8) or ``"A3"`` (2 to 32).
+        tiling: ``None`` (the hardware's: one chunk per rank, in ring order), ``"serial"``
+            (one AllGather, then one matmul) or N (each rank chunk cut into N row tiles).
+        progress: ``"poll"`` or ``"thread"`` (:mod:`mc2sim.schedule.executor`).
 
     Returns:
         ``(out, gather_out)``: out is ``(world_size * m, n)``; gather_out is
@@ -299,11 +382,23 @@ def all_gather_matmul(
     """
     with agreed(comm):
         _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
+        tiling_of(tiling)
         require("gather_index", gather_index, gather_index == 0, "only 0 (gather x1) is supported")
         require("gather_output", gather_output, isinstance(gather_output, bool), "must be a bool")
-    gathered = comm.allgather(x1)
-    out = matmul(gathered, x2, bias=bias)
-    return out, gathered if gather_output else None
+    plan = plan_all_gather_matmul(
+        m=x1.shape[0],
+        shape=_dense_shape(x1, x2),
+        tiling=tiling_of(tiling),
+        rank=comm.rank,
+        world_size=comm.size,
+    )
+    runner = AllGatherMatmulRunner(
+        comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
+    )
+    execute(plan, comm, runner, progress=progress)
+    if runner.out is None:  # every plan multiplies
+        raise AclnnRuntimeError("plan", plan.tiling, "produced no output")
+    return runner.out, runner.gathered if gather_output else None
 
 
 def matmul_reduce_scatter(
@@ -316,6 +411,8 @@ def matmul_reduce_scatter(
     comm_turn: int = 0,
     *,
     strict: str | HardwareProfile | None = None,
+    tiling: None | str | int | Tiling = None,
+    progress: str = "poll",
 ) -> torch.Tensor:
     """MatmulReduceScatter (torch_npu.npu_mm_reduce_scatter_base): reduce-scatter of x1 @ x2 + bias.
 
@@ -331,6 +428,10 @@ def matmul_reduce_scatter(
         bias: optional ``(n,)``, x1's dtype.
         comm_turn: only 0.
         strict: ``None``, ``"A2"`` (world size 2, 4, 8) or ``"A3"`` (2 to 32).
+        tiling: ``None`` (the hardware's: one chunk per destination rank, in ring order,
+            summed in float32 at home), ``"serial"`` (one matmul, one ReduceScatter) or N
+            (each chunk cut into N row tiles).
+        progress: ``"poll"`` or ``"thread"`` (:mod:`mc2sim.schedule.executor`).
 
     Returns:
         ``(m / world_size, n)``: this rank's rows of the reduced product.
@@ -341,6 +442,7 @@ def matmul_reduce_scatter(
     """
     with agreed(comm):
         _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
+        tiling_of(tiling)
         _require_sum(reduce_op)
         require(
             "x1.shape[0]",
@@ -348,4 +450,22 @@ def matmul_reduce_scatter(
             x1.shape[0] % world_size == 0,
             f"m must be a multiple of world_size ({world_size})",
         )
-    return comm.reduce_scatter(matmul(x1, x2, bias=bias))
+    plan = plan_matmul_reduce_scatter(
+        m=x1.shape[0],
+        shape=_dense_shape(x1, x2),
+        tiling=tiling_of(tiling),
+        rank=comm.rank,
+        world_size=comm.size,
+    )
+    runner = ReduceScatterRunner(
+        comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
+    )
+    execute(plan, comm, runner, progress=progress)
+    if runner.out is None:  # every plan reduces
+        raise AclnnRuntimeError("plan", plan.tiling, "produced no output")
+    return runner.out
+
+
+def _dense_shape(x1: torch.Tensor, x2: torch.Tensor) -> MatmulShape:
+    size = x1.element_size()
+    return MatmulShape(k=x1.shape[1], n=x2.shape[1], in_bytes=size, w_bytes=size, out_bytes=size)

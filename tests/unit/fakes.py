@@ -40,5 +40,13 @@ class SameOnEveryRank:
     def reduce_scatter(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         raise AssertionError("validation tests must fail before any data moves")
 
+    def ialltoallv(
+        self, t: torch.Tensor, send: Sequence[int], recv: Sequence[int], *, out: Any = None
+    ) -> Any:
+        raise AssertionError("validation tests must fail before any data moves")
+
+    def iallreduce(self, t: torch.Tensor, op: str = "sum", *, out: Any = None) -> Any:
+        raise AssertionError("validation tests must fail before any data moves")
+
     def barrier(self) -> None:
         pass

@@ -1,0 +1,484 @@
+"""Plans of the five fused ops, built from shapes, dtypes and counts alone.
+
+Each builder mirrors how the fused kernel pipelines its op (OPS.md, "How the fused kernel
+overlaps"): compute of tile i runs while tile i-1's chunk communicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mc2sim.errors import ParamInvalidError
+from mc2sim.schedule.plan import Plan, Task, TaskKind, row_tiles
+from mc2sim.schedule.tiling import (
+    Tiling,
+    TilingMode,
+    even_split,
+    hardware_mm_all_reduce_tiles,
+)
+
+__all__ = [
+    "plan_all_gather_matmul",
+    "plan_alltoallv_gmm",
+    "plan_gmm_alltoallv",
+    "plan_matmul_reduce_scatter",
+    "plan_mm_all_reduce",
+]
+
+
+class _Tasks:
+    """Accumulates tasks with consecutive ids."""
+
+    def __init__(self) -> None:
+        self.items: list[Task] = []
+
+    def add(self, name: str, kind: TaskKind, **fields: object) -> int:
+        task = Task(id=len(self.items), name=name, kind=kind, **fields)  # type: ignore[arg-type]
+        self.items.append(task)
+        return task.id
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MatmulShape:
+    """The dense part of a tile: rows x k times k x n."""
+
+    k: int
+    """Reduction dim."""
+    n: int
+    """Output columns."""
+    in_bytes: int
+    """Bytes per element of the left input."""
+    w_bytes: float
+    """Bytes per element of the weight (0.5 for int4)."""
+    out_bytes: int
+    """Bytes per element of the output."""
+
+    def flops(self, rows: int) -> int:
+        """2 * rows * k * n."""
+        return 2 * rows * self.k * self.n
+
+    def traffic(self, rows: int) -> int:
+        """Bytes a tile reads and writes: its rows of x, the whole weight, its output rows."""
+        return int(
+            rows * self.k * self.in_bytes
+            + self.k * self.n * self.w_bytes
+            + rows * self.n * self.out_bytes
+        )
+
+
+def plan_mm_all_reduce(
+    *,
+    m: int,
+    shape: MatmulShape,
+    kind: TaskKind,
+    tiling: Tiling,
+    rank: int,
+    world_size: int,
+) -> Plan:
+    """Plan MatmulAllReduce: M tiles, each a matmul then an AllReduce of its rows.
+
+    Args:
+        m: rows of the output (batch dims flattened).
+        shape: k, n and element sizes.
+        kind: ``matmul``, ``weight_quant_matmul`` or ``quant_matmul``.
+        tiling: hardware (the default policy), serial (one tile) or N equal tiles.
+        rank: this rank.
+        world_size: ranks in the group.
+
+    Returns:
+        The plan; task ``rows`` give each tile's rows.
+    """
+    if tiling.mode is TilingMode.SERIAL:
+        lengths = [m]
+        described = "serial"
+    elif tiling.mode is TilingMode.HARDWARE:
+        lengths = hardware_mm_all_reduce_tiles(m, shape.k, shape.n, shape.out_bytes)
+        described = f"hardware(tiles={len(lengths)})"
+    else:
+        lengths = [n for n in even_split(m, min(tiling.count, m)) if n > 0]
+        described = tiling.describe()
+    tasks = _Tasks()
+    for i, (start, stop) in enumerate(row_tiles(m, lengths)):
+        rows = stop - start
+        mm = tasks.add(
+            f"{kind}[{i}]",
+            kind,
+            rows=(start, stop),
+            part=i,
+            flops=shape.flops(rows),
+            bytes=shape.traffic(rows),
+        )
+        tasks.add(
+            f"allreduce[{i}]",
+            TaskKind.ALLREDUCE,
+            rows=(start, stop),
+            part=i,
+            deps=(mm,),
+            bytes=rows * shape.n * shape.out_bytes,
+        )
+    return Plan(
+        op="mm_all_reduce",
+        tiling=described,
+        rank=rank,
+        world_size=world_size,
+        tasks=tuple(tasks.items),
+        meta=(("m", m), ("k", shape.k), ("n", shape.n)),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoeShape:
+    """The shapes and counts of one rank's MoE call."""
+
+    e: int
+    """Local experts per rank."""
+    send: tuple[int, ...]
+    """send_counts (``q*e + j``)."""
+    recv: tuple[int, ...]
+    """recv_counts (``r*e + j``)."""
+    h1: int
+    """Hidden size of the routed experts."""
+    n1: int
+    """Output size of the routed experts."""
+    elem_bytes: int
+    """Bytes per element (float16/bfloat16: 2)."""
+    shared: tuple[int, int, int] | None = None
+    """(BS, H2, N2) of the shared expert, if any."""
+
+    @property
+    def world(self) -> int:
+        """Ranks in the group."""
+        return len(self.send) // self.e
+
+    def expert_part(self, counts: Sequence[int], j: int, part: int, parts: int) -> tuple[int, ...]:
+        """Rows of expert ``j``'s sub-tile ``part`` for each peer (both sides split alike)."""
+        return tuple(even_split(counts[q * self.e + j], parts)[part] for q in range(self.world))
+
+
+def _moe_parts(tiling: Tiling) -> tuple[int, str]:
+    if tiling.mode is TilingMode.TILES:
+        return tiling.count, f"experts x {tiling.count}"
+    return 1, "hardware(per expert)"
+
+
+def _shared_task(tasks: _Tasks, shape: MoeShape) -> None:
+    if shape.shared is not None:
+        bs, h2, n2 = shape.shared
+        tasks.add(
+            "matmul[shared]",
+            TaskKind.MATMUL,
+            flops=2 * bs * h2 * n2,
+            bytes=(bs * h2 + h2 * n2 + bs * n2) * shape.elem_bytes,
+        )
+
+
+def _gmm_fields(rows: int, shape: MoeShape, experts: int) -> dict[str, int]:
+    return {
+        "flops": 2 * rows * shape.h1 * shape.n1,
+        "bytes": (rows * (shape.h1 + shape.n1) + experts * shape.h1 * shape.n1) * shape.elem_bytes,
+    }
+
+
+def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
+    """Plan GroupedMatMulAlltoAllv: per expert (x sub-tiles) a GMM, then its AlltoAllv.
+
+    The hardware keeps one AlltoAllv handle per local expert: GMM of expert j, then commit
+    its AlltoAllv; the shared-expert matmul runs after the loop. ``serial``: one GMM of all
+    experts, one AlltoAllv, then the shared matmul.
+    """
+    tasks = _Tasks()
+    row_bytes = shape.n1 * shape.elem_bytes
+    world = shape.world
+    if tiling.mode is TilingMode.SERIAL:
+        rows = sum(shape.send)
+        gmm = tasks.add(
+            "grouped_matmul[all]", TaskKind.GROUPED_MATMUL, **_gmm_fields(rows, shape, shape.e)
+        )
+        send = tuple(sum(shape.send[q * shape.e : (q + 1) * shape.e]) for q in range(world))
+        recv = tuple(sum(shape.recv[r * shape.e : (r + 1) * shape.e]) for r in range(world))
+        tasks.add(
+            "alltoallv[all]",
+            TaskKind.ALLTOALLV,
+            deps=(gmm,),
+            send_splits=send,
+            recv_splits=recv,
+            bytes=_sent_bytes(send, rank, row_bytes),
+        )
+        _shared_task(tasks, shape)
+        described = "serial"
+    else:
+        parts, described = _moe_parts(tiling)
+        for j in range(shape.e):
+            for p in range(parts):
+                send = shape.expert_part(shape.send, j, p, parts)
+                recv = shape.expert_part(shape.recv, j, p, parts)
+                gmm = tasks.add(
+                    f"grouped_matmul[e{j}.{p}]",
+                    TaskKind.GROUPED_MATMUL,
+                    expert=j,
+                    part=p,
+                    **_gmm_fields(sum(send), shape, 1),
+                )
+                tasks.add(
+                    f"alltoallv[e{j}.{p}]",
+                    TaskKind.ALLTOALLV,
+                    expert=j,
+                    part=p,
+                    deps=(gmm,),
+                    send_splits=send,
+                    recv_splits=recv,
+                    bytes=_sent_bytes(send, rank, row_bytes),
+                )
+        _shared_task(tasks, shape)
+    return Plan(
+        op="gmm_alltoallv",
+        tiling=described,
+        rank=rank,
+        world_size=world,
+        tasks=tuple(tasks.items),
+        meta=(("e", shape.e), ("h1", shape.h1), ("n1", shape.n1)),
+    )
+
+
+def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
+    """Plan AlltoAllvGroupedMatMul: every expert's AlltoAllv first, then each expert's GMM.
+
+    The hardware issues all per-expert AlltoAllv, runs the shared matmul, then for each
+    expert waits for its rows and multiplies. ``serial``: one AlltoAllv, the shared matmul,
+    one GMM.
+    """
+    tasks = _Tasks()
+    row_bytes = shape.h1 * shape.elem_bytes
+    world = shape.world
+    if tiling.mode is TilingMode.SERIAL:
+        send = tuple(sum(shape.send[q * shape.e : (q + 1) * shape.e]) for q in range(world))
+        recv = tuple(sum(shape.recv[r * shape.e : (r + 1) * shape.e]) for r in range(world))
+        a2a = tasks.add(
+            "alltoallv[all]",
+            TaskKind.ALLTOALLV,
+            send_splits=send,
+            recv_splits=recv,
+            bytes=_sent_bytes(send, rank, row_bytes),
+        )
+        _shared_task(tasks, shape)
+        tasks.add(
+            "grouped_matmul[all]",
+            TaskKind.GROUPED_MATMUL,
+            deps=(a2a,),
+            **_gmm_fields(sum(shape.recv), shape, shape.e),
+        )
+        described = "serial"
+    else:
+        parts, described = _moe_parts(tiling)
+        chunks = []
+        for j in range(shape.e):
+            for p in range(parts):
+                send = shape.expert_part(shape.send, j, p, parts)
+                recv = shape.expert_part(shape.recv, j, p, parts)
+                a2a = tasks.add(
+                    f"alltoallv[e{j}.{p}]",
+                    TaskKind.ALLTOALLV,
+                    expert=j,
+                    part=p,
+                    send_splits=send,
+                    recv_splits=recv,
+                    bytes=_sent_bytes(send, rank, row_bytes),
+                )
+                chunks.append((j, p, a2a, sum(recv)))
+        _shared_task(tasks, shape)
+        for j, p, a2a, rows in chunks:
+            tasks.add(
+                f"grouped_matmul[e{j}.{p}]",
+                TaskKind.GROUPED_MATMUL,
+                expert=j,
+                part=p,
+                deps=(a2a,),
+                **_gmm_fields(rows, shape, 1),
+            )
+    return Plan(
+        op="alltoallv_gmm",
+        tiling=described,
+        rank=rank,
+        world_size=world,
+        tasks=tuple(tasks.items),
+        meta=(("e", shape.e), ("h1", shape.h1), ("n1", shape.n1)),
+    )
+
+
+def _sent_bytes(send: Sequence[int], rank: int, row_bytes: int) -> int:
+    """Bytes that leave this rank: rows to every peer but itself."""
+    return sum(c for q, c in enumerate(send) if q != rank) * row_bytes
+
+
+def _shift(world: int, rank: int, step: int, rows: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Splits of a ring step: send ``rows`` to rank+step, receive ``rows`` from rank-step."""
+    send = [0] * world
+    recv = [0] * world
+    send[(rank + step) % world] = rows
+    recv[(rank - step) % world] = rows
+    return tuple(send), tuple(recv)
+
+
+def _rank_parts(tiling: Tiling) -> tuple[int, str]:
+    if tiling.mode is TilingMode.TILES:
+        return tiling.count, f"ranks x {tiling.count}"
+    return 1, "hardware(per rank)"
+
+
+def plan_all_gather_matmul(
+    *, m: int, shape: MatmulShape, tiling: Tiling, rank: int, world_size: int
+) -> Plan:
+    """Plan AllGatherMatmul: each rank's chunk of x1 multiplied as soon as it arrives.
+
+    The local chunk is multiplied first, while the others travel in ring order: step s brings
+    the chunk of rank - s (each step an AlltoAllv shifting every rank's x1 by s), and its
+    matmul overlaps step s + 1. ``serial``: one AllGather, then one matmul.
+    """
+    tasks = _Tasks()
+    row_bytes = shape.k * shape.in_bytes
+    if tiling.mode is TilingMode.SERIAL:
+        gather = tasks.add("allgather[all]", TaskKind.ALLGATHER, bytes=m * row_bytes)
+        rows = m * world_size
+        tasks.add(
+            "matmul[all]",
+            TaskKind.MATMUL,
+            deps=(gather,),
+            flops=shape.flops(rows),
+            bytes=shape.traffic(rows),
+        )
+        described = "serial"
+    else:
+        parts, described = _rank_parts(tiling)
+        spans = row_tiles(m, [n for n in even_split(m, min(parts, m)) if n > 0])
+        arrivals: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+
+        def issue(step: int) -> None:
+            source = (rank - step) % world_size
+            arrivals[step] = []
+            for p, (start, stop) in enumerate(spans):
+                send, recv = _shift(world_size, rank, step, stop - start)
+                task = tasks.add(
+                    f"alltoallv[r{source}.{p}]",
+                    TaskKind.ALLTOALLV,
+                    peer=source,
+                    part=p,
+                    rows=(start, stop),
+                    send_splits=send,
+                    recv_splits=recv,
+                    bytes=(stop - start) * row_bytes,
+                )
+                arrivals[step].append((task, (start, stop)))
+
+        def multiply(step: int) -> None:
+            chunks = (
+                [((c,), span) for c, span in arrivals[step]] if step else [((), s) for s in spans]
+            )
+            _matmul_chunks(tasks, shape, (rank - step) % world_size, chunks)
+
+        if world_size > 1:
+            issue(1)
+        multiply(0)  # the local chunk overlaps the first step
+        for step in range(2, world_size):
+            issue(step)
+            multiply(step - 1)
+        if world_size > 1:
+            multiply(world_size - 1)
+    return Plan(
+        op="all_gather_matmul",
+        tiling=described,
+        rank=rank,
+        world_size=world_size,
+        tasks=tuple(tasks.items),
+        meta=(("m", m), ("k", shape.k), ("n", shape.n)),
+    )
+
+
+def _matmul_chunks(
+    tasks: _Tasks,
+    shape: MatmulShape,
+    peer: int,
+    chunks: Sequence[tuple[tuple[int, ...], tuple[int, int]]],
+) -> None:
+    for p, (deps, (start, stop)) in enumerate(chunks):
+        tasks.add(
+            f"matmul[r{peer}.{p}]",
+            TaskKind.MATMUL,
+            peer=peer,
+            part=p,
+            rows=(start, stop),
+            deps=deps,
+            flops=shape.flops(stop - start),
+            bytes=shape.traffic(stop - start),
+        )
+
+
+def plan_matmul_reduce_scatter(
+    *, m: int, shape: MatmulShape, tiling: Tiling, rank: int, world_size: int
+) -> Plan:
+    """Plan MatmulReduceScatter: the partial product of each destination's rows, sent as made.
+
+    Rank chunks in ring order: step s computes this rank's partial for block rank + s and
+    sends it there (an AlltoAllv shifting by s), receiving rank - s's partial of this rank's
+    block; the matmul of step s + 1 overlaps that exchange. This rank's own partial comes
+    last, then a reduce task sums the received partials. ``serial``: one matmul, then one
+    ReduceScatter.
+    """
+    if m % world_size:
+        raise ParamInvalidError("m", m, f"must be a multiple of world_size ({world_size})")
+    tasks = _Tasks()
+    block = m // world_size
+    row_bytes = shape.n * shape.out_bytes
+    if tiling.mode is TilingMode.SERIAL:
+        mm = tasks.add("matmul[all]", TaskKind.MATMUL, flops=shape.flops(m), bytes=shape.traffic(m))
+        tasks.add("reduce_scatter[all]", TaskKind.REDUCE_SCATTER, deps=(mm,), bytes=m * row_bytes)
+        described = "serial"
+    else:
+        parts, described = _rank_parts(tiling)
+        pieces = [n for n in even_split(block, min(parts, block)) if n > 0]
+        exchanges = []
+        for step in [*range(1, world_size), 0]:
+            dest = (rank + step) % world_size
+            for p, (start, stop) in enumerate(row_tiles(block, pieces)):
+                rows = (dest * block + start, dest * block + stop)
+                mm = tasks.add(
+                    f"matmul[r{dest}.{p}]",
+                    TaskKind.MATMUL,
+                    peer=dest,
+                    part=p,
+                    rows=rows,
+                    flops=shape.flops(stop - start),
+                    bytes=shape.traffic(stop - start),
+                )
+                if step:
+                    send, recv = _shift(world_size, rank, step, stop - start)
+                    exchanges.append(
+                        tasks.add(
+                            f"alltoallv[r{dest}.{p}]",
+                            TaskKind.ALLTOALLV,
+                            peer=dest,
+                            part=p,
+                            rows=(start, stop),
+                            deps=(mm,),
+                            send_splits=send,
+                            recv_splits=recv,
+                            bytes=(stop - start) * row_bytes,
+                        )
+                    )
+                else:
+                    exchanges.append(mm)
+        tasks.add(
+            "reduce[own]",
+            TaskKind.REDUCE,
+            deps=tuple(exchanges),
+            flops=world_size * block * shape.n,
+            bytes=(world_size + 1) * block * row_bytes,
+        )
+    return Plan(
+        op="matmul_reduce_scatter",
+        tiling=described,
+        rank=rank,
+        world_size=world_size,
+        tasks=tuple(tasks.items),
+        meta=(("m", m), ("k", shape.k), ("n", shape.n)),
+    )

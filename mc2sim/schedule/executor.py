@@ -1,0 +1,187 @@
+"""Run a :class:`Plan` on real ranks: compute of tile i while tile i-1 communicates.
+
+Compute tasks run in issue order on the calling thread; comm tasks are started as
+non-blocking collectives (``iallreduce`` / ``ialltoallv``) and complete in the background.
+A task whose dependency is still in flight waits for it. MPI on a CPU only progresses a
+non-blocking collective while some MPI call runs, so the executor polls every request in
+flight between tasks (``progress="poll"``), or a helper thread polls them continuously while
+compute runs (``progress="thread"``; the matmuls release the GIL). MPICH's own progress
+thread (``MPIR_CVAR_ASYNC_PROGRESS=1``) is a third option, set in the environment.
+
+Every task's start and end are recorded (``time.perf_counter_ns`` relative to an epoch
+taken right after a barrier, so the ranks' clocks line up) into the active
+:func:`mc2sim.timeline.record` context, if any. A comm task's end is when its completion
+was observed: by the next poll, a wait, or the progress thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mc2sim._compat import StrEnum
+from mc2sim.comm import Communicator, Work
+from mc2sim.errors import ParamInvalidError
+from mc2sim.schedule.plan import Plan, Resource, Task
+from mc2sim.timeline import Stream, TaskRecord, current_recorder
+
+__all__ = ["Progress", "TileRunner", "execute"]
+
+
+class Progress(StrEnum):
+    """How non-blocking collectives progress while compute runs.
+
+    Glossary: ``poll`` tests every request in flight between tasks; ``thread`` adds a
+    helper thread that tests them continuously.
+    """
+
+    POLL = "poll"
+    THREAD = "thread"
+
+
+class TileRunner(Protocol):
+    """What an op provides to run its plan: the math of each tile and each chunk's data."""
+
+    def compute(self, task: Task) -> None:
+        """Run a compute task (store its result for later tasks)."""
+        ...
+
+    def start(self, task: Task) -> Work:
+        """Start a comm task's non-blocking collective."""
+        ...
+
+    def land(self, task: Task, result: torch.Tensor) -> None:
+        """Take a finished comm task's result."""
+        ...
+
+
+_RUNS = itertools.count()
+
+
+@dataclass
+class _InFlight:
+    task: Task
+    work: Work
+    start_ns: int
+    done_ns: int | None = None
+
+
+class _Recorder:
+    """Turns task times into TaskRecords for the active recording, if there is one."""
+
+    def __init__(self, plan: Plan, comm: Communicator) -> None:
+        self.sink = current_recorder()
+        self.plan = plan
+        self.run = f"{plan.op}/{plan.tiling}#{next(_RUNS)}"
+        self.epoch = 0
+        if self.sink is not None:
+            comm.barrier()
+            self.epoch = time.perf_counter_ns()
+
+    def add(self, task: Task, start_ns: int, end_ns: int) -> None:
+        if self.sink is None:
+            return
+        self.sink.add(
+            TaskRecord(
+                rank=self.plan.rank,
+                run=self.run,
+                task=task.id,
+                name=task.name,
+                stream=Stream.COMM if task.resource is Resource.COMM else Stream.COMPUTE,
+                kind=str(task.kind),
+                start_s=(start_ns - self.epoch) * 1e-9,
+                end_s=(end_ns - self.epoch) * 1e-9,
+                flops=task.flops,
+                bytes=task.bytes,
+            )
+        )
+
+
+class _Poller:
+    """Tests the requests in flight, on demand or continuously from a helper thread."""
+
+    def __init__(self, mode: Progress) -> None:
+        self.lock = threading.Lock()
+        self.inflight: dict[int, _InFlight] = {}
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if mode is Progress.THREAD:
+            self.thread = threading.Thread(target=self._loop, name="mc2sim-progress", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            time.sleep(0)
+
+    def poll(self) -> None:
+        with self.lock:
+            for item in self.inflight.values():
+                if item.done_ns is None and item.work.test():
+                    item.done_ns = time.perf_counter_ns()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def execute(
+    plan: Plan, comm: Communicator, runner: TileRunner, *, progress: str | Progress = "poll"
+) -> str:
+    """Run ``plan`` on this rank; every rank of ``comm`` runs its own plan of the same op.
+
+    Args:
+        plan: this rank's plan.
+        comm: the group the comm tasks run on.
+        runner: the op's tile math and data.
+        progress: ``"poll"`` or ``"thread"`` (see the module docstring).
+
+    Returns:
+        The run's label in the timeline (``op/tiling#n``).
+
+    Raises:
+        ParamInvalidError: an unknown ``progress`` mode.
+    """
+    try:
+        mode = Progress(progress)
+    except ValueError:
+        raise ParamInvalidError("progress", progress, "must be 'poll' or 'thread'") from None
+    recorder = _Recorder(plan, comm)
+    poller = _Poller(mode)
+    now: Callable[[], int] = time.perf_counter_ns
+
+    def complete(task_id: int) -> None:
+        with poller.lock:
+            item = poller.inflight.pop(task_id)
+        result = item.work.wait()
+        done = item.done_ns if item.done_ns is not None else now()
+        runner.land(item.task, result)
+        recorder.add(item.task, item.start_ns, done)
+
+    try:
+        for task in plan.tasks:
+            for dep in task.deps:
+                if dep in poller.inflight:
+                    complete(dep)
+            if task.resource is Resource.COMPUTE:
+                start = now()
+                runner.compute(task)
+                recorder.add(task, start, now())
+                poller.poll()
+            else:
+                start = now()
+                work = runner.start(task)
+                with poller.lock:
+                    poller.inflight[task.id] = _InFlight(task, work, start)
+        for task_id in sorted(poller.inflight):
+            complete(task_id)
+    finally:
+        poller.close()
+    return recorder.run

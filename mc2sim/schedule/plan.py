@@ -1,0 +1,169 @@
+"""The ``Plan`` of one fused-op call on one rank: a DAG of compute tiles and comm chunks.
+
+A plan is built from the problem's shapes, dtypes and counts alone (no tensor data), so the
+same object feeds the real executor (:mod:`mc2sim.schedule.executor`) and the cost-model
+simulator. Tasks are listed in issue order, a topological order of the DAG: the order the
+fused kernel issues them on the hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from mc2sim._compat import StrEnum
+from mc2sim.errors import ParamInvalidError
+
+__all__ = ["Plan", "Resource", "Task", "TaskKind"]
+
+
+class Resource(StrEnum):
+    """What a task occupies while it runs.
+
+    Glossary: ``compute`` is the matrix unit (a tile's matmul); ``comm`` is the
+    communication engine (a chunk's collective). One task of each can run at a time, so a
+    comm chunk in flight overlaps the next compute tile.
+    """
+
+    COMPUTE = "compute"
+    COMM = "comm"
+
+
+class TaskKind(StrEnum):
+    """The operation of a task.
+
+    Glossary: compute kinds ``matmul`` (dense, the shared expert too), ``grouped_matmul``
+    (one or more experts' rows), ``quant_matmul`` (int8 x int8), ``weight_quant_matmul``
+    (float x int8/int4), ``reduce`` (summing received partials); comm kinds ``allreduce``,
+    ``alltoallv``, ``allgather``, ``reduce_scatter``.
+    """
+
+    MATMUL = "matmul"
+    GROUPED_MATMUL = "grouped_matmul"
+    QUANT_MATMUL = "quant_matmul"
+    WEIGHT_QUANT_MATMUL = "weight_quant_matmul"
+    REDUCE = "reduce"
+    ALLREDUCE = "allreduce"
+    ALLTOALLV = "alltoallv"
+    ALLGATHER = "allgather"
+    REDUCE_SCATTER = "reduce_scatter"
+
+    @property
+    def resource(self) -> Resource:
+        """The resource this kind of task occupies."""
+        comm = {self.ALLREDUCE, self.ALLTOALLV, self.ALLGATHER, self.REDUCE_SCATTER}
+        return Resource.COMM if self in comm else Resource.COMPUTE
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Task:
+    """One compute tile or comm chunk of a plan."""
+
+    id: int
+    """Position in the plan (issue order); dependencies point to smaller ids."""
+    name: str
+    """Short label, e.g. ``matmul[2]`` or ``alltoallv[e3]``."""
+    kind: TaskKind
+    """What the task does; its resource follows."""
+    deps: tuple[int, ...] = ()
+    """Tasks that must finish before this one starts."""
+    flops: int = 0
+    """Floating-point (or integer multiply-add x 2) operations of a compute task."""
+    bytes: int = 0
+    """Bytes this rank sends in a comm task; bytes read and written by a compute task."""
+    rows: tuple[int, int] | None = None
+    """``[start, stop)`` rows of the op's tile frame this task covers, if it is a row tile."""
+    expert: int | None = None
+    """The local expert of an MoE chunk, if any."""
+    part: int = 0
+    """Sub-tile number inside an expert or a rank chunk."""
+    peer: int | None = None
+    """For rank-chunked plans: the rank whose data this chunk carries."""
+    send_splits: tuple[int, ...] = ()
+    """For alltoallv chunks: rows this rank sends to each rank."""
+    recv_splits: tuple[int, ...] = ()
+    """For alltoallv chunks: rows this rank receives from each rank."""
+
+    @property
+    def resource(self) -> Resource:
+        """The resource the task occupies."""
+        return self.kind.resource
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """The tasks of one fused-op call on one rank, in issue order."""
+
+    op: str
+    """The fused op, e.g. ``mm_all_reduce``."""
+    tiling: str
+    """The tiling in words, e.g. ``hardware(tiles=3)``, ``serial``, ``tiles=4``."""
+    rank: int
+    """The rank this plan runs on (MoE plans differ per rank)."""
+    world_size: int
+    """Ranks in the group."""
+    tasks: tuple[Task, ...]
+    """Every task, in issue order (a topological order)."""
+    meta: tuple[tuple[str, object], ...] = field(default=())
+    """Shapes and other facts of the call, as (key, value) pairs."""
+
+    def __post_init__(self) -> None:
+        for position, task in enumerate(self.tasks):
+            if task.id != position:
+                raise ParamInvalidError(
+                    "tasks",
+                    task.name,
+                    f"task ids must be 0..n-1 in order; got {task.id} at {position}",
+                )
+            for dep in task.deps:
+                if not 0 <= dep < task.id:
+                    raise ParamInvalidError(
+                        f"tasks[{task.id}].deps",
+                        task.deps,
+                        "dependencies must point to earlier tasks (the plan must be acyclic)",
+                    )
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def of(self, resource: Resource) -> list[Task]:
+        """Return the tasks on ``resource``, in issue order."""
+        return [t for t in self.tasks if t.resource is resource]
+
+    @property
+    def flops(self) -> int:
+        """Total FLOPs of the compute tasks."""
+        return sum(t.flops for t in self.tasks if t.resource is Resource.COMPUTE)
+
+    @property
+    def comm_bytes(self) -> int:
+        """Total bytes this rank sends."""
+        return sum(t.bytes for t in self.tasks if t.resource is Resource.COMM)
+
+    def dependents(self, task_id: int) -> list[int]:
+        """Return the ids of the tasks that depend on ``task_id``."""
+        return [t.id for t in self.tasks if task_id in t.deps]
+
+    def meta_value(self, key: str, default: object = None) -> object:
+        """Return a meta value by key."""
+        return dict(self.meta).get(key, default)
+
+
+def row_tiles(total: int, lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Return consecutive ``[start, stop)`` row ranges of the given lengths covering ``total``.
+
+    Raises:
+        ParamInvalidError: the lengths are not positive or do not add up to ``total``.
+    """
+    if any(n <= 0 for n in lengths) or sum(lengths) != total:
+        raise ParamInvalidError(
+            "tile lengths", list(lengths), f"must be positive and sum to {total}"
+        )
+    out, start = [], 0
+    for n in lengths:
+        out.append((start, start + n))
+        start += n
+    return out

@@ -1,0 +1,660 @@
+"""The one timeline type of mc2sim: per-task records, their metrics, recording and gathering.
+
+Both the real executor and the cost-model simulator describe an op call the same way: for
+every task of its plan, on every rank, when it started and ended and on which stream. That
+record is :class:`TaskRecord`; a set of them is a :class:`Timeline` (``source`` says whether
+the times were measured or simulated). :meth:`Timeline.metrics` turns one run's timeline into
+:class:`Metrics`; the writers (Chrome trace, CSV, JSON summary) live in
+:mod:`mc2sim.timeline_io` and are re-exported here.
+
+Recording a real run::
+
+    with mc2sim.timeline.record() as rec:
+        out = mm_all_reduce(...)  # the executor calls current_recorder().add(...)
+    everything = mc2sim.timeline.gather(comm, rec.timeline)  # every rank's records
+    if comm.rank == 0:
+        mc2sim.timeline.write_all(everything, "out/")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import operator
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from mc2sim._compat import StrEnum
+from mc2sim.errors import ParamInvalidError
+from mc2sim.timeline_io import (
+    chrome_trace,
+    write_all,
+    write_chrome_trace,
+    write_summary_json,
+    write_tasks_csv,
+)
+
+if TYPE_CHECKING:
+    from mc2sim.comm.base import Communicator
+
+__all__ = [
+    "Metrics",
+    "RankMetrics",
+    "Recorder",
+    "Source",
+    "Stream",
+    "TaskRecord",
+    "Timeline",
+    "busy_time",
+    "chrome_trace",
+    "current_recorder",
+    "gather",
+    "record",
+    "write_all",
+    "write_chrome_trace",
+    "write_summary_json",
+    "write_tasks_csv",
+]
+
+
+class Stream(StrEnum):
+    """The resource a task occupied on its rank.
+
+    Glossary:
+        ``compute``: the rank's compute engine (matmul tiles, grouped matmul, quantization).
+            Tasks on it count towards ``compute_s``.
+        ``comm``: the rank's communication engine (allreduce, alltoallv, ... chunks). Tasks
+            on it count towards ``comm_s``; the part of a run's time not covered by compute
+            is its exposed communication.
+    """
+
+    COMPUTE = "compute"
+    COMM = "comm"
+
+
+class Source(StrEnum):
+    """Where a timeline's times come from.
+
+    Glossary:
+        ``measured``: wall-clock times recorded by the real executor on each rank.
+        ``simulated``: times computed by the cost-model simulator from the same plan.
+    """
+
+    MEASURED = "measured"
+    SIMULATED = "simulated"
+
+
+def _as_enum(enum: type[StrEnum], param: str, value: object) -> Any:
+    """Return ``value`` as a member of ``enum``, raising ``ParamInvalidError`` otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ParamInvalidError(param, value, f"must be one of {allowed}") from None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskRecord:
+    """When one task of a plan ran on one rank, and on which stream."""
+
+    rank: int
+    """The rank that ran the task (>= 0)."""
+
+    run: str
+    """Label of the op call the task belongs to, e.g. ``"mm_all_reduce/tiles=4#0"``."""
+
+    task: int
+    """The task's id within its plan (>= 0)."""
+
+    name: str
+    """Short name of the task, e.g. ``"matmul[2]"`` or ``"allreduce[2]"``."""
+
+    stream: Stream
+    """The resource the task occupied (a ``Stream`` or its string value)."""
+
+    kind: str
+    """What the task does, e.g. ``"matmul"``, ``"grouped_matmul"``, ``"allreduce"``."""
+
+    start_s: float
+    """Start, in seconds from the run's epoch (finite)."""
+
+    end_s: float
+    """End, in seconds from the run's epoch (finite, >= ``start_s``)."""
+
+    flops: int = 0
+    """Floating-point operations the task performed (>= 0; 0 when not counted)."""
+
+    bytes: int = 0
+    """Bytes the task moved (>= 0; 0 when not counted)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stream, Stream):
+            object.__setattr__(self, "stream", _as_enum(Stream, "stream", self.stream))
+        for name in ("rank", "task", "flops", "bytes"):
+            value = getattr(self, name)
+            if type(value) is not int:  # accept NumPy integers, store plain ints
+                try:
+                    value = operator.index(value)
+                except TypeError:
+                    raise ParamInvalidError(name, value, "must be an int >= 0") from None
+                object.__setattr__(self, name, int(value))
+            if value < 0:
+                raise ParamInvalidError(name, value, "must be an int >= 0")
+        for name in ("start_s", "end_s"):
+            value = getattr(self, name)
+            if type(value) is not float:  # ints and NumPy floats are stored as plain floats
+                try:
+                    object.__setattr__(self, name, float(value))
+                except (TypeError, ValueError):
+                    raise ParamInvalidError(name, value, "must be a number") from None
+        if not (math.isfinite(self.start_s) and math.isfinite(self.end_s)):
+            raise ParamInvalidError(
+                "start_s, end_s", (self.start_s, self.end_s), "must be finite numbers"
+            )
+        if self.end_s < self.start_s:
+            raise ParamInvalidError(
+                "end_s", self.end_s, f"must be >= start_s ({self.start_s}) in task {self.name!r}"
+            )
+
+    @property
+    def duration_s(self) -> float:
+        """``end_s - start_s``, in seconds."""
+        return self.end_s - self.start_s
+
+
+def busy_time(intervals: Iterable[tuple[float, float]]) -> float:
+    """Return the length of the union of closed intervals: overlapping ones count once.
+
+    Args:
+        intervals: ``(start, end)`` pairs with ``end >= start``, in any order.
+
+    Returns:
+        The total time covered by at least one interval (0.0 for none).
+
+    """
+    total = 0.0
+    cur_start = cur_end = -math.inf
+    for start, end in sorted(intervals):
+        if start > cur_end:  # a gap: close the current block and open a new one
+            if cur_end > cur_start:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        elif end > cur_end:
+            cur_end = end
+    if cur_end > cur_start:
+        total += cur_end - cur_start
+    return total
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankMetrics:
+    """How one rank spent one run: busy time per stream, exposed communication, overlap.
+
+    All times are in seconds; see :meth:`Timeline.metrics` for the definitions and sources.
+    """
+
+    rank: int
+    """The rank these metrics describe."""
+
+    total_s: float
+    """Last end minus first start of the rank's tasks."""
+
+    compute_s: float
+    """Busy time of the compute stream: the union of its tasks' intervals."""
+
+    comm_s: float
+    """Busy time of the comm stream: the union of its tasks' intervals."""
+
+    exposed_comm_s: float
+    """``max(0, total_s - compute_s)``: time not hidden behind compute (ASTRA-sim)."""
+
+    pure_comm_s: float
+    """t_pure of the overlap formula: the baseline's ``comm_s`` of this rank, else own."""
+
+    overlap_pct: float
+    """OSU overlap: ``clip(100 * (1 - (total_s - compute_s) / pure_comm_s), 0, 100)``."""
+
+    flops: int
+    """Sum of the rank's tasks' ``flops``."""
+
+    bytes: int
+    """Sum of the rank's tasks' ``bytes``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict."""
+        return {name: getattr(self, name) for name in _RANK_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RankMetrics:
+        """Rebuild from :meth:`as_dict`'s output.
+
+        Args:
+            data: a mapping with every field's name.
+
+        Returns:
+            The equal ``RankMetrics``.
+
+        """
+        return cls(**{name: data[name] for name in _RANK_FIELDS})
+
+
+_RANK_FIELDS = (
+    "rank",
+    "total_s",
+    "compute_s",
+    "comm_s",
+    "exposed_comm_s",
+    "pure_comm_s",
+    "overlap_pct",
+    "flops",
+    "bytes",
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Metrics:
+    """The metrics of one run: per rank, and for the job as its critical rank sees it.
+
+    See :meth:`Timeline.metrics` for the definitions and sources.
+    """
+
+    per_rank: tuple[RankMetrics, ...]
+    """One entry per rank, in rank order."""
+
+    critical_rank: int
+    """The rank with the largest ``total_s`` (the lowest such rank on a tie)."""
+
+    total_s: float
+    """The critical rank's ``total_s``: the slowest rank decides the job's time."""
+
+    compute_s: float
+    """The critical rank's ``compute_s``."""
+
+    comm_s: float
+    """The critical rank's ``comm_s``."""
+
+    exposed_comm_s: float
+    """The critical rank's ``exposed_comm_s``."""
+
+    overlap_pct: float
+    """The critical rank's ``overlap_pct``."""
+
+    speedup: float | None
+    """``baseline.total_s / total_s``; None without a baseline or when ``total_s`` is 0."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the metrics as a JSON-ready dict (``per_rank`` as a list of dicts)."""
+        return {
+            "per_rank": [m.as_dict() for m in self.per_rank],
+            "critical_rank": self.critical_rank,
+            "total_s": self.total_s,
+            "compute_s": self.compute_s,
+            "comm_s": self.comm_s,
+            "exposed_comm_s": self.exposed_comm_s,
+            "overlap_pct": self.overlap_pct,
+            "speedup": self.speedup,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Metrics:
+        """Rebuild from :meth:`as_dict`'s output (e.g. read back from a summary JSON).
+
+        Args:
+            data: a mapping with every field's name.
+
+        Returns:
+            The equal ``Metrics``.
+
+        """
+        return cls(
+            per_rank=tuple(RankMetrics.from_dict(m) for m in data["per_rank"]),
+            critical_rank=data["critical_rank"],
+            total_s=data["total_s"],
+            compute_s=data["compute_s"],
+            comm_s=data["comm_s"],
+            exposed_comm_s=data["exposed_comm_s"],
+            overlap_pct=data["overlap_pct"],
+            speedup=data["speedup"],
+        )
+
+
+def _overlap_pct(total_s: float, compute_s: float, pure_comm_s: float) -> float:
+    """OSU micro-benchmarks' overlap, in percent; 0.0 when there is no communication."""
+    if pure_comm_s <= 0.0:
+        return 0.0
+    return max(0.0, min(100.0, 100.0 * (1.0 - (total_s - compute_s) / pure_comm_s)))
+
+
+def _freeze_meta(meta: Mapping[str, Any] | None) -> MappingProxyType[str, Any]:
+    """Return a read-only copy of ``meta``, checking it is JSON-serialisable."""
+    copy = dict(meta or {})
+    try:
+        json.dumps(copy, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ParamInvalidError("meta", copy, f"must be JSON-serialisable ({exc})") from None
+    return MappingProxyType(copy)
+
+
+def _rebuild_timeline(
+    records: tuple[TaskRecord, ...], source: str, meta: dict[str, Any]
+) -> Timeline:
+    """Unpickle a :class:`Timeline` (its read-only ``meta`` travels as a dict)."""
+    return Timeline(records=records, source=Source(source), meta=meta)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeline:
+    """Task records of one or more runs on one or more ranks, measured or simulated."""
+
+    records: tuple[TaskRecord, ...] = ()
+    """The records, in the order they were added (any iterable is stored as a tuple)."""
+
+    source: Source = Source.MEASURED
+    """Whether the times were measured by the executor or computed by the simulator."""
+
+    meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Free-form, JSON-serialisable facts (world size, op, tiling, ...); stored read-only."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.records, tuple):
+            object.__setattr__(self, "records", tuple(self.records))
+        for rec in self.records:
+            if not isinstance(rec, TaskRecord):
+                raise ParamInvalidError("records", rec, "must hold TaskRecord objects only")
+        if not isinstance(self.source, Source):
+            object.__setattr__(self, "source", _as_enum(Source, "source", self.source))
+        object.__setattr__(self, "meta", _freeze_meta(self.meta))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_timeline, (self.records, self.source.value, dict(self.meta)))
+
+    def ranks(self) -> list[int]:
+        """Return the ranks that have records, in increasing order."""
+        return sorted({r.rank for r in self.records})
+
+    def runs(self) -> list[str]:
+        """Return the run labels, in the order of their first record."""
+        return list(dict.fromkeys(r.run for r in self.records))
+
+    def for_rank(self, rank: int) -> Timeline:
+        """Return the timeline of ``rank``'s records only (same source and meta).
+
+        Args:
+            rank: the rank to keep.
+
+        Returns:
+            A timeline, empty when ``rank`` has no records.
+
+        """
+        kept = tuple(r for r in self.records if r.rank == rank)
+        return Timeline(records=kept, source=self.source, meta=self.meta)
+
+    def for_run(self, run: str) -> Timeline:
+        """Return the timeline of run ``run``'s records only (same source and meta).
+
+        Args:
+            run: the run label to keep.
+
+        Returns:
+            A timeline, empty when ``run`` has no records.
+
+        """
+        kept = tuple(r for r in self.records if r.run == run)
+        return Timeline(records=kept, source=self.source, meta=self.meta)
+
+    @classmethod
+    def merge(cls, *timelines: Timeline, meta: Mapping[str, Any] | None = None) -> Timeline:
+        """Concatenate the records of timelines of one source, in the order given.
+
+        Args:
+            *timelines: at least one timeline; all must have the same ``source``.
+            meta: the merged timeline's meta. By default the union of the timelines' metas,
+                which must agree on every key they share.
+
+        Returns:
+            One timeline holding every record.
+
+        Raises:
+            ParamInvalidError: no timelines, different sources, or metas that disagree and
+                no ``meta`` given.
+
+        """
+        if not timelines:
+            raise ParamInvalidError("timelines", (), "must hold at least one timeline")
+        sources = sorted({t.source.value for t in timelines})
+        if len(sources) > 1:
+            raise ParamInvalidError("source", sources, "timelines to merge must share one")
+        if meta is None:
+            merged: dict[str, Any] = {}
+            for t in timelines:
+                for key, value in t.meta.items():
+                    if key in merged and merged[key] != value:
+                        raise ParamInvalidError(
+                            f"meta[{key!r}]",
+                            (merged[key], value),
+                            "differs between the timelines; pass meta= to merge them",
+                        )
+                    merged[key] = value
+            meta = merged
+        records = tuple(rec for t in timelines for rec in t.records)
+        return cls(records=records, source=timelines[0].source, meta=meta)
+
+    def _single_run(self, param: str) -> str:
+        """Return the one run this timeline holds, or raise ``ParamInvalidError``."""
+        runs = self.runs()
+        if not runs:
+            raise ParamInvalidError(param, "no records", "is empty: there is nothing to measure")
+        if len(runs) > 1:
+            raise ParamInvalidError(
+                param,
+                runs,
+                "holds several runs; pick one with .for_run(run) before computing metrics",
+            )
+        return runs[0]
+
+    def _rank_metrics(self, pure_by_rank: Mapping[int, float] | None) -> list[RankMetrics]:
+        """Return each rank's metrics, in rank order (the timeline holds one run).
+
+        ``pure_by_rank`` gives t_pure of each rank (the baseline's ``comm_s``); without it
+        each rank's own ``comm_s`` stands in.
+        """
+        by_rank: dict[int, list[TaskRecord]] = {}
+        for rec in self.records:
+            by_rank.setdefault(rec.rank, []).append(rec)
+        result = []
+        for rank in sorted(by_rank):
+            recs = by_rank[rank]
+            total = max(r.end_s for r in recs) - min(r.start_s for r in recs)
+            compute = busy_time((r.start_s, r.end_s) for r in recs if r.stream is Stream.COMPUTE)
+            comm = busy_time((r.start_s, r.end_s) for r in recs if r.stream is Stream.COMM)
+            if pure_by_rank is None:
+                pure = comm
+            elif rank in pure_by_rank:
+                pure = pure_by_rank[rank]
+            else:
+                raise ParamInvalidError(
+                    "baseline", sorted(pure_by_rank), f"has no records of rank {rank}"
+                )
+            result.append(
+                RankMetrics(
+                    rank=rank,
+                    total_s=total,
+                    compute_s=compute,
+                    comm_s=comm,
+                    exposed_comm_s=max(0.0, total - compute),
+                    pure_comm_s=pure,
+                    overlap_pct=_overlap_pct(total, compute, pure),
+                    flops=sum(r.flops for r in recs),
+                    bytes=sum(r.bytes for r in recs),
+                )
+            )
+        return result
+
+    def metrics(self, *, baseline: Timeline | None = None) -> Metrics:
+        """Return the metrics of the one run this timeline holds.
+
+        Per rank (times in seconds):
+
+        * ``total_s``: last end minus first start of the rank's records.
+        * ``compute_s`` / ``comm_s``: busy time of the compute / comm stream, i.e. the length
+          of the union of its records' intervals (concurrent tasks count once).
+        * ``exposed_comm_s = max(0, total_s - compute_s)``: the time not hidden behind
+          compute, ASTRA-sim's "exposed communication". Idle gaps, where the rank waits on
+          neither stream, count as exposed: the rank was waiting for something other than
+          its compute.
+        * ``overlap_pct``: the OSU micro-benchmarks' overlap of non-blocking collectives,
+          ``max(0, min(100, 100 * (1 - (t_overall - t_compute) / t_pure)))`` with
+          ``t_overall = total_s``, ``t_compute = compute_s`` and ``t_pure`` the pure
+          communication time: the ``baseline``'s ``comm_s`` of the same rank (the serial
+          plan's communication, measured alone) when a baseline is given, else this rank's
+          own ``comm_s``. When ``t_pure`` is 0 there is nothing to overlap and it is 0.0.
+
+        For the job: ``total_s`` is the largest rank ``total_s`` (the slowest rank decides);
+        that rank is the ``critical_rank`` (lowest on a tie) and ``compute_s``, ``comm_s``,
+        ``exposed_comm_s`` and ``overlap_pct`` are its own. ``speedup`` is
+        ``baseline.metrics().total_s / total_s`` with a baseline, else None (None also when
+        ``total_s`` is 0).
+
+        Args:
+            baseline: the same op's serial run (one run, records of every rank of this
+                one), e.g. ``timeline.for_run("mm_all_reduce/serial#0")``.
+
+        Returns:
+            The run's metrics.
+
+        Raises:
+            ParamInvalidError: this timeline or the baseline is empty or holds several runs,
+                or the baseline lacks a rank of this timeline.
+
+        """
+        self._single_run("timeline")
+        base: list[RankMetrics] | None = None
+        if baseline is not None:
+            baseline._single_run("baseline")
+            base = baseline._rank_metrics(None)
+        per_rank = self._rank_metrics(None if base is None else {m.rank: m.comm_s for m in base})
+        critical = max(per_rank, key=lambda m: (m.total_s, -m.rank))
+        speedup = None
+        if base is not None and critical.total_s > 0.0:
+            speedup = max(m.total_s for m in base) / critical.total_s
+        return Metrics(
+            per_rank=tuple(per_rank),
+            critical_rank=critical.rank,
+            total_s=critical.total_s,
+            compute_s=critical.compute_s,
+            comm_s=critical.comm_s,
+            exposed_comm_s=critical.exposed_comm_s,
+            overlap_pct=critical.overlap_pct,
+            speedup=speedup,
+        )
+
+
+class Recorder:
+    """Collects the task records of the executor while a :func:`record` context is active.
+
+    Records added to a recorder are also added to its parent (the recorder that was active
+    when this one was opened), so an outer ``record()`` sees everything recorded inside
+    inner ones, while an inner one sees only its own. ``add`` may be called from several
+    threads; note that a new thread does not inherit the context, so an executor looks the
+    recorder up with :func:`current_recorder` in the calling thread and hands it on.
+    """
+
+    __slots__ = ("_lock", "_parent", "_records", "meta")
+
+    def __init__(
+        self, *, meta: Mapping[str, Any] | None = None, parent: Recorder | None = None
+    ) -> None:
+        self.meta: Mapping[str, Any] = _freeze_meta(meta)
+        """The meta of the timeline this recorder builds."""
+        self._parent = parent
+        self._records: list[TaskRecord] = []
+        self._lock = threading.Lock()
+
+    @property
+    def parent(self) -> Recorder | None:
+        """The enclosing recorder, which also receives every record added here."""
+        return self._parent
+
+    def add(self, record: TaskRecord) -> None:
+        """Append ``record`` here and to every enclosing recorder.
+
+        Args:
+            record: one finished task.
+
+        """
+        if not isinstance(record, TaskRecord):
+            raise ParamInvalidError("record", record, "must be a TaskRecord")
+        recorder: Recorder | None = self
+        while recorder is not None:
+            with recorder._lock:
+                recorder._records.append(record)
+            recorder = recorder._parent
+
+    @property
+    def records(self) -> tuple[TaskRecord, ...]:
+        """The records added so far, in order."""
+        with self._lock:
+            return tuple(self._records)
+
+    @property
+    def timeline(self) -> Timeline:
+        """A measured :class:`Timeline` of the records added so far."""
+        return Timeline(records=self.records, source=Source.MEASURED, meta=self.meta)
+
+
+_CURRENT: ContextVar[Recorder | None] = ContextVar("mc2sim_timeline_recorder", default=None)
+
+
+def current_recorder() -> Recorder | None:
+    """Return the recorder of the innermost active :func:`record` context, or None.
+
+    The executor calls this once per op call; with None it records nothing.
+    """
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def record(*, meta: Mapping[str, Any] | None = None) -> Iterator[Recorder]:
+    """Record the tasks of every op call made inside the ``with`` block on this rank.
+
+    Contexts nest: an inner recorder holds only what was recorded inside it, and passes
+    every record on to the outer one too.
+
+    Args:
+        meta: JSON-serialisable facts to attach to the recorded timeline.
+
+    Yields:
+        The :class:`Recorder`; read ``rec.timeline`` after (or during) the block.
+
+    """
+    recorder = Recorder(meta=meta, parent=_CURRENT.get())
+    token = _CURRENT.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _CURRENT.reset(token)
+
+
+def gather(comm: Communicator, timeline: Timeline) -> Timeline:
+    """Merge every rank's timeline into one, on every rank (a collective).
+
+    Each rank records only its own tasks; this gives every rank the records of all, in rank
+    order. Every rank of ``comm`` must call it. If the parts cannot be merged (different
+    sources, metas that disagree) every rank raises the same ``ParamInvalidError``, since
+    every rank merges the same parts.
+
+    Args:
+        comm: the group whose ranks contribute.
+        timeline: this rank's timeline.
+
+    Returns:
+        The merged timeline, equal on every rank.
+
+    """
+    parts: list[Timeline] = comm.allgather_object(timeline)
+    return Timeline.merge(*parts)

@@ -1,0 +1,512 @@
+"""Timeline records, metrics, recording and writers, against answers worked out by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mc2sim.errors import ParamInvalidError
+from mc2sim.timeline import (
+    Metrics,
+    Source,
+    Stream,
+    TaskRecord,
+    Timeline,
+    busy_time,
+    current_recorder,
+    record,
+    write_all,
+    write_chrome_trace,
+    write_summary_json,
+    write_tasks_csv,
+)
+
+RUN = "mm_all_reduce/tiles=2#0"
+
+
+def rec(
+    stream: str,
+    start: float,
+    end: float,
+    *,
+    rank: int = 0,
+    run: str = RUN,
+    task: int = 0,
+    flops: int = 0,
+    nbytes: int = 0,
+) -> TaskRecord:
+    kind = "matmul" if stream == "compute" else "allreduce"
+    return TaskRecord(
+        rank=rank,
+        run=run,
+        task=task,
+        name=f"{kind}[{task}]",
+        stream=Stream(stream),
+        kind=kind,
+        start_s=start,
+        end_s=end,
+        flops=flops,
+        bytes=nbytes,
+    )
+
+
+def tl(*records: TaskRecord, **kw: object) -> Timeline:
+    return Timeline(records=records, **kw)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- busy time
+
+
+@pytest.mark.parametrize(
+    ("intervals", "expected"),
+    [
+        ([], 0.0),
+        ([(1.0, 1.0)], 0.0),
+        ([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)], 4.0),
+        ([(5.0, 6.0), (0.0, 1.0), (1.0, 2.0)], 3.0),  # touching, unsorted
+        ([(0.0, 10.0), (2.0, 3.0), (9.0, 10.0)], 10.0),  # nested
+    ],
+)
+def test_busy_time_is_the_union_length(
+    intervals: list[tuple[float, float]], expected: float
+) -> None:
+    assert busy_time(intervals) == expected
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_overlapping_compute_merged_and_hidden_comm() -> None:
+    # compute [0,2] u [1,4] = [0,4]: 4 s; comm [1,3] lies inside it.
+    m = tl(rec("compute", 0, 2), rec("compute", 1, 4, task=1), rec("comm", 1, 3, task=2)).metrics()
+    r = m.per_rank[0]
+    assert (r.total_s, r.compute_s, r.comm_s) == (4.0, 4.0, 2.0)
+    assert r.exposed_comm_s == 0.0
+    assert r.pure_comm_s == 2.0
+    assert r.overlap_pct == 100.0
+    assert m.speedup is None
+
+
+def test_no_overlap_exposes_all_comm() -> None:
+    m = tl(rec("compute", 0, 4), rec("comm", 4, 6, task=1)).metrics()
+    assert (m.total_s, m.compute_s, m.comm_s) == (6.0, 4.0, 2.0)
+    assert m.exposed_comm_s == 2.0
+    assert m.overlap_pct == 0.0
+
+
+def test_partial_overlap_exact_numbers() -> None:
+    # total 7, compute 4, comm 4: exposed 3; overlap = 100 * (1 - 3/4) = 25.
+    m = tl(rec("compute", 0, 4), rec("comm", 3, 7, task=1)).metrics()
+    assert (m.total_s, m.compute_s, m.comm_s, m.exposed_comm_s) == (7.0, 4.0, 4.0, 3.0)
+    assert m.overlap_pct == 25.0
+
+
+def test_idle_gap_counts_as_exposed() -> None:
+    # compute [0,2], nothing [2,3], comm [3,4]: exposed = 4 - 2 = 2 (gap included).
+    m = tl(rec("compute", 0, 2), rec("comm", 3, 4, task=1)).metrics()
+    assert m.exposed_comm_s == 2.0
+    assert m.overlap_pct == 0.0  # 100 * (1 - 2/1) clipped
+
+
+def test_baseline_gives_t_pure_and_speedup() -> None:
+    serial = tl(rec("compute", 0, 4, run="serial"), rec("comm", 4, 6, task=1, run="serial"))
+    # fused: comm slowed to 3 s by contention; total 5, compute 4, exposed 1.
+    fused = tl(rec("compute", 0, 4), rec("comm", 2, 5, task=1))
+    alone = fused.metrics()
+    assert alone.per_rank[0].pure_comm_s == 3.0
+    assert alone.overlap_pct == pytest.approx(100 * (1 - 1 / 3))
+    m = fused.metrics(baseline=serial)
+    assert m.per_rank[0].pure_comm_s == 2.0  # the serial run's comm, measured alone
+    assert m.comm_s == 3.0
+    assert m.overlap_pct == 50.0  # 100 * (1 - 1/2)
+    assert m.speedup == 1.2  # 6 / 5
+    assert serial.metrics(baseline=serial).speedup == 1.0
+
+
+def test_critical_rank_is_the_slowest() -> None:
+    t = tl(
+        rec("compute", 0, 4, rank=0),
+        rec("comm", 4, 5, rank=0, task=1),  # rank 0: total 5
+        rec("compute", 1, 5, rank=1),
+        rec("comm", 3, 8, rank=1, task=1),  # rank 1: total 7, compute 4, comm 5
+        rec("compute", 0, 2, rank=2, flops=10, nbytes=3),
+        rec("compute", 2, 3, rank=2, flops=5),  # rank 2: total 3
+    )
+    m = t.metrics()
+    assert [r.rank for r in m.per_rank] == [0, 1, 2]
+    assert m.critical_rank == 1
+    assert (m.total_s, m.compute_s, m.comm_s, m.exposed_comm_s) == (7.0, 4.0, 5.0, 3.0)
+    assert m.overlap_pct == 40.0  # 100 * (1 - 3/5)
+    assert (m.per_rank[2].flops, m.per_rank[2].bytes) == (15, 3)
+    # baseline speedup uses the slowest baseline rank: 14 / 7
+    base = tl(rec("compute", 0, 14, rank=0, run="s"), rec("comm", 0, 1, rank=1, run="s"))
+    base = Timeline.merge(base, tl(rec("comm", 0, 1, rank=2, run="s")))
+    assert t.metrics(baseline=base).speedup == 2.0
+
+
+def test_critical_rank_tie_goes_to_lowest() -> None:
+    t = tl(rec("compute", 0, 3, rank=3), rec("compute", 1, 4, rank=1))
+    assert t.metrics().critical_rank == 1
+
+
+def test_no_comm_gives_zero_overlap() -> None:
+    m = tl(rec("compute", 0, 2), rec("compute", 2, 3, task=1)).metrics()
+    assert (m.comm_s, m.exposed_comm_s, m.overlap_pct) == (0.0, 0.0, 0.0)
+    # a baseline without communication: t_pure = 0 too
+    base = tl(rec("compute", 0, 1, run="s"))
+    fused = tl(rec("compute", 0, 1), rec("comm", 0, 2, task=1))
+    assert fused.metrics(baseline=base).overlap_pct == 0.0
+
+
+def test_metrics_refuses_ambiguous_timelines() -> None:
+    two = tl(rec("compute", 0, 1), rec("compute", 0, 1, run="other"))
+    with pytest.raises(ParamInvalidError, match="for_run") as info:
+        two.metrics()
+    assert info.value.code == 161002
+    with pytest.raises(ParamInvalidError, match="empty"):
+        Timeline().metrics()
+    one = two.for_run(RUN)
+    with pytest.raises(ParamInvalidError, match="baseline"):
+        one.metrics(baseline=two)
+    with pytest.raises(ParamInvalidError, match="rank 5"):
+        tl(rec("compute", 0, 1, rank=5)).metrics(baseline=one)
+
+
+def test_metrics_as_dict_round_trips_through_json() -> None:
+    t = tl(rec("compute", 0, 4), rec("comm", 3, 7, task=1), rec("comm", 0, 1, rank=1))
+    m = t.metrics(baseline=t)
+    d = json.loads(json.dumps(m.as_dict()))
+    assert d["critical_rank"] == 0
+    assert d["per_rank"][1]["comm_s"] == 1.0
+    assert d["speedup"] == 1.0
+    assert Metrics.from_dict(d) == m
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def test_task_record_validation() -> None:
+    r = rec("comm", 1.5, 2.0)
+    assert r.stream is Stream.COMM
+    assert r.duration_s == 0.5
+    with pytest.raises(ParamInvalidError, match="end_s") as info:
+        rec("compute", 2.0, 1.0)
+    assert info.value.code == 161002
+    with pytest.raises(ParamInvalidError, match="stream"):
+        TaskRecord(rank=0, run="r", task=0, name="x", stream="disk", kind="k", start_s=0, end_s=1)  # type: ignore[arg-type]
+    as_str = TaskRecord(
+        rank=0,
+        run="r",
+        task=0,
+        name="x",
+        stream="comm",
+        kind="k",
+        start_s=0,
+        end_s=1,  # type: ignore[arg-type]
+    )
+    assert as_str.stream is Stream.COMM
+    coerced = TaskRecord(
+        rank=np.int64(1),  # type: ignore[arg-type]
+        run="r",
+        task=0,
+        name="x",
+        stream=Stream.COMPUTE,
+        kind="k",
+        start_s=0,
+        end_s=np.float32(0.5),  # type: ignore[arg-type]
+        flops=np.int32(7),  # type: ignore[arg-type]
+    )
+    assert [type(coerced.rank), type(coerced.flops)] == [int, int]
+    assert [type(coerced.start_s), type(coerced.end_s)] == [float, float]
+    assert (coerced.rank, coerced.flops, coerced.start_s, coerced.end_s) == (1, 7, 0.0, 0.5)
+    with pytest.raises(ParamInvalidError, match="rank"):
+        rec("compute", 0, 1, rank=-1)
+    with pytest.raises(ParamInvalidError, match="task"):
+        rec("compute", 0, 1, task=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match="start_s"):
+        rec("compute", "soon", 1)  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match="flops"):
+        rec("compute", 0, 1, flops=-3)
+    with pytest.raises(ParamInvalidError, match="finite"):
+        rec("compute", 0, float("nan"))
+    with pytest.raises(ParamInvalidError, match="finite"):
+        rec("compute", float("-inf"), 0)
+
+
+def test_timeline_filters_merge_and_validation() -> None:
+    a = tl(rec("compute", 0, 1, rank=1), rec("comm", 0, 1, rank=0, run="b"), meta={"op": "mm"})
+    assert a.ranks() == [0, 1]
+    assert a.runs() == [RUN, "b"]
+    assert [r.rank for r in a.for_rank(1).records] == [1]
+    assert a.for_run("b").records == (a.records[1],)
+    assert a.for_run("nope").records == ()
+    assert a.for_run("b").meta == {"op": "mm"}
+    assert a.source is Source.MEASURED
+
+    b = tl(rec("compute", 0, 1, rank=2), meta={"op": "mm", "world": 3})
+    merged = Timeline.merge(a, b)
+    assert merged.records == a.records + b.records
+    assert dict(merged.meta) == {"op": "mm", "world": 3}
+    with pytest.raises(ParamInvalidError, match="op"):
+        Timeline.merge(a, tl(meta={"op": "gmm"}))
+    assert Timeline.merge(a, tl(meta={"op": "gmm"}), meta={"x": 1}).meta == {"x": 1}
+    with pytest.raises(ParamInvalidError, match="source"):
+        Timeline.merge(a, tl(source="simulated"))
+    with pytest.raises(ParamInvalidError):
+        Timeline.merge()
+
+    with pytest.raises(ParamInvalidError, match="source"):
+        tl(source="guessed")
+    with pytest.raises(ParamInvalidError, match="JSON"):
+        tl(meta={"f": object()})
+    with pytest.raises(ParamInvalidError, match="TaskRecord"):
+        Timeline(records=[("not", "a record")])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        a.meta["op"] = "other"  # type: ignore[index]
+    listed = Timeline(records=list(a.records))
+    assert isinstance(listed.records, tuple)
+
+
+def test_timeline_pickles_and_hashes() -> None:
+    t = tl(rec("compute", 0, 1), source="simulated", meta={"tiles": [1, 2]})
+    back = pickle.loads(pickle.dumps(t))
+    assert back == t
+    assert back.source is Source.SIMULATED
+    assert back.meta == {"tiles": [1, 2]}
+    assert hash(back) == hash(t)
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def test_record_collects_and_nests() -> None:
+    assert current_recorder() is None
+    r1, r2, r3 = rec("compute", 0, 1), rec("comm", 1, 2, task=1), rec("compute", 2, 3, task=2)
+    with record(meta={"op": "mm"}) as outer:
+        assert current_recorder() is outer
+        recorder = current_recorder()
+        assert recorder is not None
+        recorder.add(r1)
+        with record() as inner:
+            assert current_recorder() is inner
+            assert inner.parent is outer
+            current_recorder().add(r2)  # type: ignore[union-attr]
+        assert current_recorder() is outer
+        outer.add(r3)
+    assert current_recorder() is None
+    assert inner.timeline.records == (r2,)
+    assert outer.timeline.records == (r1, r2, r3)
+    assert outer.timeline.source is Source.MEASURED
+    assert outer.timeline.meta == {"op": "mm"}
+    with pytest.raises(ParamInvalidError, match="TaskRecord"):
+        outer.add("record")  # type: ignore[arg-type]
+
+
+def test_record_resets_after_an_exception() -> None:
+    with pytest.raises(RuntimeError), record():
+        raise RuntimeError("boom")
+    assert current_recorder() is None
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def two_rank_timeline() -> Timeline:
+    return tl(
+        rec("compute", 0.0, 0.5, rank=0, flops=100),
+        rec("comm", 0.25, 1.0, rank=0, task=1, nbytes=64),
+        rec("compute", 0.0, 0.75, rank=1, flops=100),
+        rec("comm", 0.75, 1.0, rank=1, task=1, nbytes=64),
+        meta={"world_size": 2, "op": "mm_all_reduce"},
+    )
+
+
+def test_chrome_trace_fields(tmp_path: Path) -> None:
+    t = two_rank_timeline()
+    path = write_chrome_trace(t, tmp_path / "deep" / "trace.json")
+    assert path == tmp_path / "deep" / "trace.json"
+    trace = json.loads(path.read_text())
+    assert trace["displayTimeUnit"] == "ms"
+    assert trace["otherData"]["world_size"] == 2
+    assert trace["otherData"]["mc2sim.source"] == "measured"
+    events = trace["traceEvents"]
+    meta = [e for e in events if e["ph"] == "M"]
+    names = {(e["name"], e["pid"], e["tid"]): e["args"] for e in meta}
+    assert names[("process_name", 0, 0)] == {"name": "rank 0"}
+    assert names[("process_name", 1, 0)] == {"name": "rank 1"}
+    for pid in (0, 1):
+        assert names[("thread_name", pid, 0)] == {"name": "compute"}
+        assert names[("thread_name", pid, 1)] == {"name": "comm"}
+    complete = [e for e in events if e["ph"] == "X"]
+    assert len(complete) == 4
+    comm0 = next(e for e in complete if e["pid"] == 0 and e["tid"] == 1)
+    assert comm0["name"] == "allreduce[1]"
+    assert comm0["cat"] == "allreduce"
+    assert comm0["ts"] == pytest.approx(250_000.0)
+    assert comm0["dur"] == pytest.approx(750_000.0)
+    assert comm0["args"] == {"flops": 0, "bytes": 64, "run": RUN, "task": 1}
+    comp1 = next(e for e in complete if e["pid"] == 1 and e["tid"] == 0)
+    assert (comp1["ts"], comp1["dur"], comp1["args"]["flops"]) == (0.0, 750_000.0, 100)
+
+
+def test_chrome_trace_lanes_and_runs(tmp_path: Path) -> None:
+    # two comm chunks in flight at once; a second run timed from its own epoch.
+    t = tl(
+        rec("comm", 0, 2),
+        rec("comm", 1, 3, task=1),
+        rec("comm", 2, 4, task=2),
+        rec("compute", 0, 1, run="second"),
+    )
+    trace = json.loads(write_chrome_trace(t, tmp_path / "t.json").read_text())
+    x = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert [(e["args"]["task"], e["tid"]) for e in x if e["cat"] == "allreduce"] == [
+        (0, 1),
+        (1, 3),  # overlaps task 0: second comm lane
+        (2, 1),  # starts when task 0 ends: back on the first lane
+    ]
+    threads = {
+        e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"
+    }
+    assert threads == {0: "compute", 1: "comm", 3: "comm #2"}
+    # the second run overlapped [0, 4]: moved to 4 + 0.1 * 4 = 4.4 s
+    offsets = trace["otherData"]["mc2sim.run_offsets_s"]
+    assert offsets == {RUN: 0.0, "second": pytest.approx(4.4)}
+    second = next(e for e in x if e["args"]["run"] == "second")
+    assert second["ts"] == pytest.approx(4.4e6)
+    # runs already one after another keep their times
+    seq = tl(rec("compute", 0, 1), rec("compute", 1.5, 2, run="second"))
+    assert json.loads(write_chrome_trace(seq, tmp_path / "s.json").read_text())["otherData"][
+        "mc2sim.run_offsets_s"
+    ] == {RUN: 0.0, "second": 0.0}
+
+
+def test_tasks_csv_exact(tmp_path: Path) -> None:
+    t = two_rank_timeline()
+    path = write_tasks_csv(t, tmp_path / "tasks.csv")
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == [
+        "rank",
+        "run",
+        "task",
+        "name",
+        "stream",
+        "kind",
+        "start_s",
+        "end_s",
+        "flops",
+        "bytes",
+        "duration_s",
+    ]
+    assert len(rows) == 1 + len(t.records)
+    assert rows[1] == [
+        "0",
+        RUN,
+        "0",
+        "matmul[0]",
+        "compute",
+        "matmul",
+        "0.0",
+        "0.5",
+        "100",
+        "0",
+        "0.5",
+    ]
+    assert rows[2] == [
+        "0",
+        RUN,
+        "1",
+        "allreduce[1]",
+        "comm",
+        "allreduce",
+        "0.25",
+        "1.0",
+        "0",
+        "64",
+        "0.75",
+    ]
+    assert rows[4][6:8] == ["0.75", "1.0"]
+
+
+def test_summary_json_round_trips(tmp_path: Path) -> None:
+    t = two_rank_timeline()
+    m = t.metrics()
+    path = write_summary_json({RUN: m}, tmp_path / "summary.json", meta={"world_size": 2})
+    data = json.loads(path.read_text())
+    assert data["meta"] == {"world_size": 2}
+    assert Metrics.from_dict(data["runs"][RUN]) == m
+    with pytest.raises(ParamInvalidError, match="meta"):
+        write_summary_json({RUN: m}, tmp_path / "bad.json", meta={"x": object()})
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_writers_leave_no_temp_files_and_overwrite(tmp_path: Path) -> None:
+    t = two_rank_timeline()
+    write_tasks_csv(t, tmp_path / "tasks.csv")
+    write_tasks_csv(t.for_rank(0), tmp_path / "tasks.csv")  # replaces the first
+    paths = write_all(t, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tasks.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "summary.json",
+        "tasks.csv",
+        "trace.json",
+    ]
+    assert paths == {
+        "trace": tmp_path / "out" / "trace.json",
+        "tasks": tmp_path / "out" / "tasks.csv",
+        "summary": tmp_path / "out" / "summary.json",
+    }
+    assert len((tmp_path / "tasks.csv").read_text().splitlines()) == 3
+
+
+def test_write_all_with_baseline(tmp_path: Path) -> None:
+    serial = tl(
+        rec("compute", 0, 4, run="serial"),
+        rec("comm", 4, 6, run="serial", task=1),
+    )
+    both = Timeline.merge(serial, tl(rec("compute", 0, 4), rec("comm", 2, 5, task=1)))
+    paths = write_all(both, tmp_path, baseline_run="serial")
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["meta"] == {"source": "measured", "baseline_run": "serial", "timeline": {}}
+    assert summary["runs"]["serial"]["speedup"] == 1.0
+    assert summary["runs"][RUN]["speedup"] == 1.2
+    assert summary["runs"][RUN]["overlap_pct"] == 50.0
+    with pytest.raises(ParamInvalidError, match="baseline_run"):
+        write_all(both, tmp_path / "never", baseline_run="missing")
+    assert not (tmp_path / "never").exists()
+    plain = json.loads(write_all(both, tmp_path / "plain")["summary"].read_text())
+    assert plain["runs"][RUN]["speedup"] is None
+
+
+# ----------------------------------------------------------------------------- properties
+
+_interval = st.tuples(st.integers(0, 60), st.integers(0, 20)).map(lambda p: (p[0], p[0] + p[1]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_interval, min_size=1, max_size=12), st.lists(_interval, max_size=12))
+def test_busy_time_and_exposure_properties(
+    compute: list[tuple[int, int]], comm: list[tuple[int, int]]
+) -> None:
+    merged = busy_time([(float(a), float(b)) for a, b in compute])
+    # independent oracle: integer endpoints, so count the unit cells covered
+    assert merged == len({cell for a, b in compute for cell in range(a, b)})
+    assert merged <= sum(b - a for a, b in compute)
+    assert merged >= max(b - a for a, b in compute)
+    t = tl(
+        *[rec("compute", a, b, task=i) for i, (a, b) in enumerate(compute)],
+        *[rec("comm", a, b, task=100 + i) for i, (a, b) in enumerate(comm)],
+    )
+    m = t.metrics()
+    everything = compute + comm
+    assert m.total_s == max(b for _, b in everything) - min(a for a, _ in everything)
+    assert 0.0 <= m.exposed_comm_s <= m.total_s
+    assert m.compute_s <= m.total_s and m.comm_s <= m.total_s
+    assert 0.0 <= m.overlap_pct <= 100.0
