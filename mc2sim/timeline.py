@@ -554,6 +554,10 @@ class Timeline:
         )
 
 
+_FIELDS = ("rank", "run", "task", "name", "stream", "kind", "start_s", "end_s", "flops", "bytes")
+"""TaskRecord's fields, in the order ``Recorder.add_raw`` takes them."""
+
+
 class Recorder:
     """Collects the task records of the executor while a :func:`record` context is active.
 
@@ -572,7 +576,7 @@ class Recorder:
         self.meta: Mapping[str, Any] = _freeze_meta(meta)
         """The meta of the timeline this recorder builds."""
         self._parent = parent
-        self._records: list[TaskRecord] = []
+        self._records: list[TaskRecord | tuple[Any, ...]] = []
         self._lock = threading.Lock()
 
     @property
@@ -595,11 +599,32 @@ class Recorder:
                 recorder._records.append(record)
             recorder = recorder._parent
 
+    def add_raw(self, fields: tuple[Any, ...]) -> None:
+        """Append a record given as its field values, in ``TaskRecord`` field order.
+
+        The executor's hot path: the record is built and validated only when the records
+        are read, so recording a task costs the op about a list append.
+
+        Args:
+            fields: ``(rank, run, task, name, stream, kind, start_s, end_s, flops, bytes)``.
+
+        """
+        recorder: Recorder | None = self
+        while recorder is not None:
+            with recorder._lock:
+                recorder._records.append(fields)
+            recorder = recorder._parent
+
     @property
     def records(self) -> tuple[TaskRecord, ...]:
         """The records added so far, in order."""
         with self._lock:
-            return tuple(self._records)
+            built = [
+                r if isinstance(r, TaskRecord) else TaskRecord(**dict(zip(_FIELDS, r, strict=True)))
+                for r in self._records
+            ]
+            self._records = list(built)
+            return tuple(built)
 
     @property
     def timeline(self) -> Timeline:
