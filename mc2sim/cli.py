@@ -51,6 +51,55 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit this machine's topology on the ranks at hand; rank 0 writes it."""
+    from mc2sim.comm import init
+    from mc2sim.model.calibrate import calibrate
+    from mc2sim.topology import dump
+
+    comm = init("mpi")
+    topology = calibrate(comm, reps=args.reps, name=args.name)
+    if comm.rank == 0:
+        dump(topology, args.out)
+        device, dim, slow = topology.device, topology.network[0], topology.contention
+        peaks = ", ".join(f"{k} {v:.3g}" for k, v in sorted(device.matrix_tflops.items()))
+        eff = device.efficiency
+        print(f"wrote {args.out}")
+        print(f"compute: peak TFLOP/s {peaks}; launch {device.launch_us:.1f} us")
+        print(f"efficiency: min {eff.min_util}, max {eff.max_util}, half {eff.half_flops:.3g} FLOP")
+        print(f"memory {device.memory_gbps:.1f} GB/s, vector {device.vector_tflops:.3g} TFLOP/s")
+        print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
+        print(f"latency {dim.latency_us:.1f} us")
+        print(f"contention: compute x{slow.compute_slowdown}, comm x{slow.comm_slowdown}")
+    return 0
+
+
+def _cmd_validate_model(args: argparse.Namespace) -> int:
+    """Run the validation sweep for real and simulated; rank 0 prints the errors."""
+    from mc2sim.comm import init
+    from mc2sim.model.validate import default_cases, geomean_error, run_cases
+    from mc2sim.topology import load
+
+    comm = init("mpi")
+    topology = load(args.topology)
+    if topology.world_size != comm.size:
+        topology = topology.with_world(comm.size)
+
+    def show(i: int, n: int, name: str) -> None:
+        if comm.rank == 0:
+            print(f"[{i + 1}/{n}] {name}", file=sys.stderr, flush=True)
+
+    results = run_cases(comm, default_cases(comm), topology, reps=args.reps, progress=show)
+    if comm.rank == 0:
+        print(f"# validate-model: {comm.size} ranks, {args.topology}, median of {args.reps}")
+        print(f"{'case':<70}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
+        for r in results:
+            measured, simulated = r.measured_s * 1e3, r.simulated_s * 1e3
+            print(f"{r.name:<70}{measured:>12.2f}{simulated:>13.2f}{r.error:>8.1%}")
+        print(f"geomean error over {len(results)} cases: {geomean_error(results):.1%}")
+    return 0
+
+
 def _cmd_exec(args: argparse.Namespace) -> int:
     """Run a Python script as ``__main__`` on every rank, aborting the job if it raises."""
     sys.argv = [args.script, *args.script_args]
@@ -71,6 +120,24 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=("mpi", "torch"), default="mpi", help="communicator (default mpi)"
     )
     info.set_defaults(func=_cmd_info)
+
+    cal = commands.add_parser(
+        "calibrate", help="fit this machine's topology on the ranks at hand (under mpiexec)"
+    )
+    cal.add_argument("--out", default="topologies/this_machine.yaml", help="topology file to write")
+    cal.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
+    cal.add_argument("--name", default="this_machine", help="the topology's name")
+    cal.set_defaults(func=_cmd_calibrate)
+
+    val = commands.add_parser(
+        "validate-model",
+        help="run a sweep for real and simulated; print per-case and geomean error",
+    )
+    val.add_argument(
+        "--topology", default="topologies/this_machine.yaml", help="topology file (calibrated)"
+    )
+    val.add_argument("--reps", type=int, default=5, help="repetitions per case")
+    val.set_defaults(func=_cmd_validate_model)
 
     run_script = commands.add_parser(
         "exec",

@@ -14,14 +14,17 @@ import numpy.typing as npt
 
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
+from mc2sim.schedule.plan import SparseCounts
 
 __all__ = [
     "Direction",
     "RoutingConfig",
     "RoutingKind",
     "RoutingTable",
+    "SparseRouting",
     "load_matrix",
     "route",
+    "route_sparse",
 ]
 
 #: Most key elements (tokens x experts) drawn at once; bounds memory for large batches.
@@ -574,3 +577,103 @@ def _hot_row(
             chosen = order[np.arange(group.size)[None, :] < take[:, None]]
             counts += np.bincount(group[chosen], minlength=num_experts)
     return counts
+
+
+class SparseRouting:
+    """A routing of thousands of ranks kept sparse: only (source, expert) pairs that carry rows.
+
+    Built by :func:`route_sparse`; gives each rank's counts as ``SparseCounts`` in either
+    direction, for plans the simulator runs at scale (a dense ``RoutingTable`` has W * W * e
+    entries: 537 million at 8192 ranks of 8 experts).
+    """
+
+    def __init__(
+        self, world_size: int, experts_per_rank: int, src: npt.NDArray[np.int64],
+        expert: npt.NDArray[np.int64], rows: npt.NDArray[np.int64],
+    ) -> None:  # fmt: skip
+        self.world_size = world_size
+        self.experts_per_rank = experts_per_rank
+        e = experts_per_rank
+        size = world_size * e
+        # dispatch send of rank r: index = global expert; sorted by (src, expert) already
+        self._send = (src, expert, rows, np.searchsorted(src, np.arange(world_size + 1)))
+        # dispatch recv of rank q: index = src * e + local expert, grouped by owner q
+        owner = expert // e
+        order = np.lexsort((expert % e, src, owner))
+        self._recv = (
+            owner[order],
+            src[order] * e + expert[order] % e,
+            rows[order],
+            np.searchsorted(owner[order], np.arange(world_size + 1)),
+        )
+        self._size = size
+
+    def _slice(self, view: tuple[npt.NDArray[np.int64], ...], rank: int) -> SparseCounts:
+        _, index, rows, bounds = view
+        lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+        order = np.argsort(index[lo:hi], kind="stable")
+        return SparseCounts(self._size, index[lo:hi][order], rows[lo:hi][order])
+
+    def send_counts(
+        self, rank: int, direction: str | Direction = Direction.DISPATCH
+    ) -> SparseCounts:
+        """Rows ``rank`` sends, as ``RoutingTable.send_counts`` but sparse."""
+        if _direction(direction) is Direction.COMBINE:
+            return self._slice(self._recv, rank)
+        return self._slice(self._send, rank)
+
+    def recv_counts(
+        self, rank: int, direction: str | Direction = Direction.DISPATCH
+    ) -> SparseCounts:
+        """Rows ``rank`` receives, as ``RoutingTable.recv_counts`` but sparse."""
+        if _direction(direction) is Direction.COMBINE:
+            return self._slice(self._send, rank)
+        return self._slice(self._recv, rank)
+
+
+def route_sparse(
+    config: RoutingConfig,
+    *,
+    world_size: int,
+    experts_per_rank: int,
+    tokens_per_rank: int,
+    top_k: int,
+) -> SparseRouting:
+    """Generate a routing of many ranks quickly, for simulation at scale.
+
+    Each rank's ``tokens_per_rank * top_k`` picks are drawn at once from the experts'
+    popularity (``uniform``, ``zipf`` with the same popularity order as :func:`route`, or
+    ``hot``), with replacement: a token may pick one expert twice, which :func:`route`
+    forbids. With W * e experts much larger than top_k this changes the counts very little;
+    use :func:`route` where exact top-K semantics matter (real runs). ``balanced`` and
+    ``matrix`` are not offered here.
+
+    Raises:
+        ParamInvalidError: a kind other than uniform, zipf or hot, or bad sizes.
+    """
+    world = _check_int("world_size", world_size, 1)
+    e = _check_int("experts_per_rank", experts_per_rank, 1)
+    tokens = _check_int("tokens_per_rank", tokens_per_rank, 1)
+    k = _check_int("top_k", top_k, 1)
+    num_experts = world * e
+    if config.kind not in (RoutingKind.UNIFORM, RoutingKind.ZIPF, RoutingKind.HOT):
+        raise ParamInvalidError(
+            "kind", config.kind, "route_sparse offers 'uniform', 'zipf' and 'hot'; use route()"
+        )
+    weights = np.ones(num_experts, dtype=np.float64)
+    scales = _key_scales(config, num_experts) if config.kind is RoutingKind.ZIPF else None
+    if scales is not None:
+        weights = 1.0 / scales
+    if config.kind is RoutingKind.HOT:
+        hot = _hot_experts(config, num_experts)
+        cold = num_experts - len(hot)
+        weights[:] = (1 - config.hot_fraction) / max(cold, 1)
+        weights[hot] = config.hot_fraction / len(hot)
+    cdf = np.cumsum(weights)
+    cdf /= cdf[-1]
+    rng = np.random.default_rng([config.seed, 3])
+    picks = world * tokens * k
+    expert = np.minimum(np.searchsorted(cdf, rng.random(picks), side="right"), num_experts - 1)
+    src = np.repeat(np.arange(world, dtype=np.int64), tokens * k)
+    keys, rows = np.unique(src * num_experts + expert, return_counts=True)
+    return SparseRouting(world, e, keys // num_experts, keys % num_experts, rows.astype(np.int64))

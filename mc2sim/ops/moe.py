@@ -407,4 +407,5 @@ def _moe_shape(
         n1=n1,
         elem_bytes=gmm_x.element_size(),
         shared=shared,
+        dtype=str(gmm_x.dtype).removeprefix("torch."),
     )

@@ -279,6 +279,7 @@ def mm_all_reduce(
         in_bytes=x1.element_size(),
         w_bytes=0.5 if x2.dtype in (torch.int32, torch.uint8) else x2.element_size(),
         out_bytes=probe.element_size(),
+        dtype=str(x1.dtype).removeprefix("torch."),
     )
     plan = plan_mm_all_reduce(
         m=m,
@@ -468,4 +469,11 @@ def matmul_reduce_scatter(
 
 def _dense_shape(x1: torch.Tensor, x2: torch.Tensor) -> MatmulShape:
     size = x1.element_size()
-    return MatmulShape(k=x1.shape[1], n=x2.shape[1], in_bytes=size, w_bytes=size, out_bytes=size)
+    return MatmulShape(
+        k=x1.shape[1],
+        n=x2.shape[1],
+        in_bytes=size,
+        w_bytes=size,
+        out_bytes=size,
+        dtype=str(x1.dtype).removeprefix("torch."),
+    )

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from mc2sim.errors import ParamInvalidError
-from mc2sim.schedule.plan import Plan, Task, TaskKind, row_tiles
+from mc2sim.schedule.plan import Plan, SparseCounts, SparseSplits, Task, TaskKind, row_tiles
 from mc2sim.schedule.tiling import (
     Tiling,
     TilingMode,
@@ -53,6 +55,8 @@ class MatmulShape:
     """Bytes per element of the weight (0.5 for int4)."""
     out_bytes: int
     """Bytes per element of the output."""
+    dtype: str = "float16"
+    """The dtype the matrix unit multiplies in."""
 
     def flops(self, rows: int) -> int:
         """2 * rows * k * n."""
@@ -118,6 +122,7 @@ def plan_mm_all_reduce(
             bytes=rows * shape.n * shape.out_bytes,
         )
     return Plan(
+        dtype=shape.dtype,
         op="mm_all_reduce",
         tiling=described,
         rank=rank,
@@ -133,9 +138,9 @@ class MoeShape:
 
     e: int
     """Local experts per rank."""
-    send: tuple[int, ...]
-    """send_counts (``q*e + j``)."""
-    recv: tuple[int, ...]
+    send: tuple[int, ...] | SparseCounts
+    """send_counts (``q*e + j``); sparse for simulations of thousands of ranks."""
+    recv: tuple[int, ...] | SparseCounts
     """recv_counts (``r*e + j``)."""
     h1: int
     """Hidden size of the routed experts."""
@@ -145,15 +150,36 @@ class MoeShape:
     """Bytes per element (float16/bfloat16: 2)."""
     shared: tuple[int, int, int] | None = None
     """(BS, H2, N2) of the shared expert, if any."""
+    dtype: str = "float16"
+    """The dtype the matrix unit multiplies in."""
 
     @property
     def world(self) -> int:
         """Ranks in the group."""
-        return len(self.send) // self.e
+        size = self.send.size if isinstance(self.send, SparseCounts) else len(self.send)
+        return size // self.e
 
-    def expert_part(self, counts: Sequence[int], j: int, part: int, parts: int) -> tuple[int, ...]:
+    def expert_part(
+        self, counts: tuple[int, ...] | SparseCounts, j: int, part: int, parts: int
+    ) -> tuple[int, ...] | SparseSplits:
         """Rows of expert ``j``'s sub-tile ``part`` for each peer (both sides split alike)."""
+        if isinstance(counts, SparseCounts):
+            whole = counts.expert(j, self.e)
+            base, extra = np.divmod(whole.counts, parts)
+            return SparseSplits(self.world, whole.peers, base + (part < extra))
         return tuple(even_split(counts[q * self.e + j], parts)[part] for q in range(self.world))
+
+    def per_peer(self, counts: tuple[int, ...] | SparseCounts) -> tuple[int, ...] | SparseSplits:
+        """Rows per peer over all experts."""
+        if isinstance(counts, SparseCounts):
+            return counts.per_peer(self.e)
+        e = self.e
+        return tuple(sum(counts[q * e : (q + 1) * e]) for q in range(self.world))
+
+    @staticmethod
+    def total(counts: tuple[int, ...] | SparseCounts) -> int:
+        """All rows."""
+        return counts.total() if isinstance(counts, SparseCounts) else sum(counts)
 
 
 def _moe_parts(tiling: Tiling) -> tuple[int, str]:
@@ -191,15 +217,16 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     row_bytes = shape.n1 * shape.elem_bytes
     world = shape.world
     if tiling.mode is TilingMode.SERIAL:
-        rows = sum(shape.send)
+        rows = shape.total(shape.send)
         gmm = tasks.add(
             "grouped_matmul[all]", TaskKind.GROUPED_MATMUL, **_gmm_fields(rows, shape, shape.e)
         )
-        send = tuple(sum(shape.send[q * shape.e : (q + 1) * shape.e]) for q in range(world))
-        recv = tuple(sum(shape.recv[r * shape.e : (r + 1) * shape.e]) for r in range(world))
+        send = shape.per_peer(shape.send)
+        recv = shape.per_peer(shape.recv)
         tasks.add(
             "alltoallv[all]",
             TaskKind.ALLTOALLV,
+            row_bytes=row_bytes,
             deps=(gmm,),
             send_splits=send,
             recv_splits=recv,
@@ -218,11 +245,12 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
                     TaskKind.GROUPED_MATMUL,
                     expert=j,
                     part=p,
-                    **_gmm_fields(sum(send), shape, 1),
+                    **_gmm_fields(_rows(send), shape, 1),
                 )
                 tasks.add(
                     f"alltoallv[e{j}.{p}]",
                     TaskKind.ALLTOALLV,
+                    row_bytes=row_bytes,
                     expert=j,
                     part=p,
                     deps=(gmm,),
@@ -232,6 +260,7 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
                 )
         _shared_task(tasks, shape)
     return Plan(
+        dtype=shape.dtype,
         op="gmm_alltoallv",
         tiling=described,
         rank=rank,
@@ -252,11 +281,12 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     row_bytes = shape.h1 * shape.elem_bytes
     world = shape.world
     if tiling.mode is TilingMode.SERIAL:
-        send = tuple(sum(shape.send[q * shape.e : (q + 1) * shape.e]) for q in range(world))
-        recv = tuple(sum(shape.recv[r * shape.e : (r + 1) * shape.e]) for r in range(world))
+        send = shape.per_peer(shape.send)
+        recv = shape.per_peer(shape.recv)
         a2a = tasks.add(
             "alltoallv[all]",
             TaskKind.ALLTOALLV,
+            row_bytes=row_bytes,
             send_splits=send,
             recv_splits=recv,
             bytes=_sent_bytes(send, rank, row_bytes),
@@ -266,7 +296,7 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
             "grouped_matmul[all]",
             TaskKind.GROUPED_MATMUL,
             deps=(a2a,),
-            **_gmm_fields(sum(shape.recv), shape, shape.e),
+            **_gmm_fields(shape.total(shape.recv), shape, shape.e),
         )
         described = "serial"
     else:
@@ -279,13 +309,14 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
                 a2a = tasks.add(
                     f"alltoallv[e{j}.{p}]",
                     TaskKind.ALLTOALLV,
+                    row_bytes=row_bytes,
                     expert=j,
                     part=p,
                     send_splits=send,
                     recv_splits=recv,
                     bytes=_sent_bytes(send, rank, row_bytes),
                 )
-                chunks.append((j, p, a2a, sum(recv)))
+                chunks.append((j, p, a2a, _rows(recv)))
         _shared_task(tasks, shape)
         for j, p, a2a, rows in chunks:
             tasks.add(
@@ -297,6 +328,7 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
                 **_gmm_fields(rows, shape, 1),
             )
     return Plan(
+        dtype=shape.dtype,
         op="alltoallv_gmm",
         tiling=described,
         rank=rank,
@@ -306,8 +338,14 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     )
 
 
-def _sent_bytes(send: Sequence[int], rank: int, row_bytes: int) -> int:
+def _rows(splits: tuple[int, ...] | SparseSplits) -> int:
+    return splits.total() if isinstance(splits, SparseSplits) else sum(splits)
+
+
+def _sent_bytes(send: tuple[int, ...] | SparseSplits, rank: int, row_bytes: int) -> int:
     """Bytes that leave this rank: rows to every peer but itself."""
+    if isinstance(send, SparseSplits):
+        return send.total(without=rank) * row_bytes
     return sum(c for q, c in enumerate(send) if q != rank) * row_bytes
 
 
@@ -361,6 +399,7 @@ def plan_all_gather_matmul(
                 task = tasks.add(
                     f"alltoallv[r{source}.{p}]",
                     TaskKind.ALLTOALLV,
+                    row_bytes=row_bytes,
                     peer=source,
                     part=p,
                     rows=(start, stop),
@@ -385,6 +424,7 @@ def plan_all_gather_matmul(
         if world_size > 1:
             multiply(world_size - 1)
     return Plan(
+        dtype=shape.dtype,
         op="all_gather_matmul",
         tiling=described,
         rank=rank,
@@ -456,6 +496,7 @@ def plan_matmul_reduce_scatter(
                         tasks.add(
                             f"alltoallv[r{dest}.{p}]",
                             TaskKind.ALLTOALLV,
+                            row_bytes=row_bytes,
                             peer=dest,
                             part=p,
                             rows=(start, stop),
@@ -475,6 +516,7 @@ def plan_matmul_reduce_scatter(
             bytes=(world_size + 1) * block * row_bytes,
         )
     return Plan(
+        dtype=shape.dtype,
         op="matmul_reduce_scatter",
         tiling=described,
         rank=rank,

@@ -10,11 +10,95 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, overload
+
+import numpy as np
 
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
 
-__all__ = ["Plan", "Resource", "Task", "TaskKind"]
+__all__ = ["Plan", "Resource", "SparseCounts", "SparseSplits", "Task", "TaskKind"]
+
+
+class SparseSplits(Sequence[int]):
+    """Rows to or from each of ``world`` ranks, only the non-zero ones stored.
+
+    A ``Sequence[int]`` of length ``world`` (so the executor and the communicators take it
+    like a list), whose ``peers`` and ``counts`` arrays let the simulator handle thousands of
+    ranks without dense per-peer lists.
+    """
+
+    __slots__ = ("counts", "peers", "world")
+
+    def __init__(self, world: int, peers: np.ndarray, counts: np.ndarray) -> None:
+        keep = np.asarray(counts) != 0
+        self.world = int(world)
+        self.peers: np.ndarray = np.asarray(peers, dtype=np.int64)[keep]
+        self.counts: np.ndarray = np.asarray(counts, dtype=np.int64)[keep]
+
+    def __len__(self) -> int:
+        return self.world
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[int]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        dense = self.dense()
+        return dense[index] if isinstance(index, int) else tuple(dense[index])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.dense())
+
+    def dense(self) -> list[int]:
+        """Every rank's count, as a list."""
+        out = np.zeros(self.world, dtype=np.int64)
+        out[self.peers] = self.counts
+        return [int(c) for c in out]
+
+    def total(self, *, without: int | None = None) -> int:
+        """The sum of the counts, optionally leaving out one rank."""
+        if without is None:
+            return int(self.counts.sum())
+        return int(self.counts[self.peers != without].sum())
+
+    def __repr__(self) -> str:
+        return f"SparseSplits(world={self.world}, nonzero={len(self.peers)}, total={self.total()})"
+
+
+@dataclass(frozen=True, slots=True)
+class SparseCounts:
+    """MoE send/recv counts, indexed ``peer * e + expert``, only the non-zero ones stored."""
+
+    size: int
+    """The dense length: ``world * e``."""
+    index: np.ndarray
+    """Positions of the non-zero counts (int64, ascending)."""
+    values: np.ndarray
+    """The counts there (int64)."""
+
+    def total(self) -> int:
+        """All rows."""
+        return int(self.values.sum())
+
+    def dense(self) -> list[int]:
+        """The counts as a dense list of ``size`` ints."""
+        out = np.zeros(self.size, dtype=np.int64)
+        out[self.index] = self.values
+        return [int(c) for c in out]
+
+    def expert(self, j: int, e: int) -> SparseSplits:
+        """Expert ``j``'s count for every peer."""
+        mask = self.index % e == j
+        return SparseSplits(self.size // e, self.index[mask] // e, self.values[mask])
+
+    def per_peer(self, e: int) -> SparseSplits:
+        """Every peer's count summed over its ``e`` experts."""
+        peers = self.index // e
+        unique, inverse = np.unique(peers, return_inverse=True)
+        return SparseSplits(
+            self.size // e, unique, np.bincount(inverse, weights=self.values).astype(np.int64)
+        )
 
 
 class Resource(StrEnum):
@@ -79,10 +163,12 @@ class Task:
     """Sub-tile number inside an expert or a rank chunk."""
     peer: int | None = None
     """For rank-chunked plans: the rank whose data this chunk carries."""
-    send_splits: tuple[int, ...] = ()
+    send_splits: tuple[int, ...] | SparseSplits = ()
     """For alltoallv chunks: rows this rank sends to each rank."""
-    recv_splits: tuple[int, ...] = ()
+    recv_splits: tuple[int, ...] | SparseSplits = ()
     """For alltoallv chunks: rows this rank receives from each rank."""
+    row_bytes: int = 0
+    """For alltoallv chunks: bytes per row."""
 
     @property
     def resource(self) -> Resource:
@@ -104,6 +190,8 @@ class Plan:
     """Ranks in the group."""
     tasks: tuple[Task, ...]
     """Every task, in issue order (a topological order)."""
+    dtype: str = "float16"
+    """The compute dtype the matrix unit multiplies in (``int8`` for quant matmuls)."""
     meta: tuple[tuple[str, object], ...] = field(default=())
     """Shapes and other facts of the call, as (key, value) pairs."""
 

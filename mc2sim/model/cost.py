@@ -1,0 +1,200 @@
+"""Task times on a described topology: roofline compute and alpha-beta collectives.
+
+Compute: ``max(flops / (peak(dtype) * util(flops)), bytes / memory_bw) + launch``, the matrix
+unit's peak scaled by the device's small-tile efficiency curve; reductions run on the vector
+unit. Collectives: each network dimension is ``alpha`` (latency per message) and ``beta``
+(1 / bandwidth per rank and direction), GB = 1e9 bytes:
+
+* AllReduce: the better of a hierarchical ring (reduce-scatter from the innermost dimension
+  outwards, all-gather back; on a full mesh each phase sends to every peer at once) and
+  recursive doubling over the whole group on its slowest dimension (small messages).
+* AllGather / ReduceScatter: the hierarchical phases of the same.
+* AlltoAllv on uneven counts: every rank's traffic is split by the dimension that separates
+  it from each peer; a rank's time on a dimension is the larger of its send and receive
+  bytes over that dimension's bandwidth (on a full mesh, the busiest single link; on a ring,
+  bytes times the mean hop count over both directions), plus one latency per peer it talks
+  to there (pairwise exchange); dimensions run at once, so a rank's time is its slowest
+  dimension; the collective ends with its busiest rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from mc2sim.errors import ParamInvalidError
+from mc2sim.schedule.plan import Task, TaskKind
+from mc2sim.topology import LinkKind, NetworkDim, Topology
+
+__all__ = [
+    "allgather_time",
+    "allreduce_time",
+    "alltoallv_time",
+    "compute_time",
+    "reduce_scatter_time",
+]
+
+_MATRIX_KINDS = {
+    TaskKind.MATMUL,
+    TaskKind.GROUPED_MATMUL,
+    TaskKind.QUANT_MATMUL,
+    TaskKind.WEIGHT_QUANT_MATMUL,
+}
+
+
+def compute_time(task: Task, topology: Topology, dtype: str) -> float:
+    """Seconds of a compute task on one device.
+
+    Args:
+        task: a compute task (its FLOPs and bytes).
+        topology: the machine.
+        dtype: the plan's compute dtype (``int8`` for quant matmuls).
+
+    Returns:
+        Seconds, launch overhead included.
+    """
+    device = topology.device
+    launch = device.launch_us * 1e-6
+    if task.kind in _MATRIX_KINDS:
+        kind_dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else dtype
+        rate = device.matrix_peak(kind_dtype) * device.efficiency.util(task.flops)
+    elif task.kind is TaskKind.REDUCE:
+        rate = device.vector_tflops * 1e12
+    else:
+        raise ParamInvalidError("task.kind", task.kind, "is not a compute task")
+    memory = task.bytes / (device.memory_gbps * 1e9)
+    return max(task.flops / rate if rate > 0 else 0.0, memory) + launch
+
+
+def _phase(dim: NetworkDim, nbytes: float) -> float:
+    """One reduce-scatter or all-gather phase over ``dim``; ``nbytes`` is the full result."""
+    p = dim.ranks
+    if p <= 1 or nbytes <= 0:
+        return 0.0
+    beta = 1.0 / (dim.bandwidth_gbps * 1e9)
+    alpha = dim.latency_us * 1e-6
+    chunk = nbytes / p
+    if dim.kind is LinkKind.FULL_MESH:  # a chunk to every peer at once, one link each
+        return alpha + chunk * beta
+    # ring (and a ring over a switch port): p - 1 steps of one chunk
+    return (p - 1) * (alpha + chunk * beta)
+
+
+def allreduce_time(topology: Topology, nbytes: float) -> float:
+    """Seconds of an AllReduce of ``nbytes`` per rank over the whole topology."""
+    if nbytes <= 0 or topology.world_size <= 1:
+        return 0.0
+    size = float(nbytes)
+    hierarchical = 0.0
+    for dim in topology.network:  # reduce-scatter inwards out, all-gather back
+        hierarchical += 2 * _phase(dim, size)
+        size /= max(dim.ranks, 1)
+    slowest = min(topology.network, key=lambda d: d.bandwidth_gbps if d.ranks > 1 else math.inf)
+    steps = math.ceil(math.log2(topology.world_size))
+    doubling = steps * (slowest.latency_us * 1e-6 + nbytes / (slowest.bandwidth_gbps * 1e9))
+    return min(hierarchical, doubling)
+
+
+def allgather_time(topology: Topology, nbytes_total: float) -> float:
+    """Seconds of an AllGather whose result is ``nbytes_total`` on every rank."""
+    time = 0.0
+    gathered = nbytes_total / max(topology.world_size, 1)
+    for dim in topology.network:
+        gathered *= dim.ranks
+        time += _phase(dim, gathered)
+    return time
+
+
+def reduce_scatter_time(topology: Topology, nbytes_total: float) -> float:
+    """Seconds of a ReduceScatter of ``nbytes_total`` per rank (each keeps 1/world of it)."""
+    time = 0.0
+    size = float(nbytes_total)
+    for dim in topology.network:
+        time += _phase(dim, size)
+        size /= max(dim.ranks, 1)
+    return time
+
+
+def coordinates(topology: Topology, ranks: np.ndarray) -> np.ndarray:
+    """Each rank's coordinate in every dimension (innermost fastest): shape (len, dims)."""
+    coords = np.empty((len(ranks), len(topology.network)), dtype=np.int64)
+    rest = ranks.astype(np.int64)
+    for d, dim in enumerate(topology.network):
+        coords[:, d] = rest % dim.ranks
+        rest = rest // dim.ranks
+    return coords
+
+
+def separating_dim(topology: Topology, rank: int, peers: np.ndarray) -> np.ndarray:
+    """The outermost dimension in which ``rank`` and each peer differ (-1: the rank itself)."""
+    mine = coordinates(topology, np.asarray([rank]))[0]
+    theirs = coordinates(topology, peers)
+    differs = theirs != mine
+    dims = len(topology.network)
+    last = np.where(differs, np.arange(dims), -1)
+    return np.asarray(last.max(axis=1), dtype=np.int64)
+
+
+def _ring_hops(dim: NetworkDim) -> float:
+    """Mean hop count between two distinct ranks of a bidirectional ring."""
+    p = dim.ranks
+    if p <= 2:
+        return 1.0
+    return sum(min(h, p - h) for h in range(1, p)) / (p - 1)
+
+
+def rank_alltoallv_time(
+    topology: Topology,
+    rank: int,
+    send_peers: np.ndarray,
+    send_bytes: np.ndarray,
+    recv_peers: np.ndarray,
+    recv_bytes: np.ndarray,
+) -> float:
+    """Seconds one rank spends in an AlltoAllv, given its sparse send and receive bytes."""
+    time = 0.0
+    directions = (
+        (send_peers, send_bytes, separating_dim(topology, rank, send_peers)),
+        (recv_peers, recv_bytes, separating_dim(topology, rank, recv_peers)),
+    )
+    for d, dim in enumerate(topology.network):
+        if dim.ranks <= 1:
+            continue
+        beta = 1.0 / (dim.bandwidth_gbps * 1e9)
+        alpha = dim.latency_us * 1e-6
+        worst = 0.0
+        for _, nbytes, dims in directions:
+            here = nbytes[dims == d]
+            if here.size == 0:
+                continue
+            if dim.kind is LinkKind.FULL_MESH:
+                busy = float(here.max()) * beta  # every peer has its own link
+            elif dim.kind is LinkKind.RING:
+                busy = float(here.sum()) * _ring_hops(dim) * beta / 2  # both directions
+            else:
+                busy = float(here.sum()) * beta  # one switch port
+            worst = max(worst, busy + alpha * here.size)
+        time = max(time, worst)
+    return time
+
+
+def alltoallv_time(
+    topology: Topology,
+    splits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+) -> float:
+    """Seconds of an AlltoAllv: the busiest rank's time.
+
+    Args:
+        topology: the machine.
+        splits: for every rank (index = rank), ``(send_peers, send_bytes, recv_peers,
+            recv_bytes)`` with zero-byte peers and the rank itself left out.
+
+    Returns:
+        Seconds.
+    """
+    return max(
+        (rank_alltoallv_time(topology, r, *parts) for r, parts in enumerate(splits)),
+        default=0.0,
+    )

@@ -1,0 +1,229 @@
+"""Validate the cost model: a sweep of fused-op cases run for real and simulated.
+
+Each case is one op call with its tiling, sizes and routing. The real side runs it on the
+ranks at hand (under mpiexec), recording its timeline; the simulated side runs every rank's
+plan (built by the same builders the op uses) on a topology. Both compare the same thing:
+the span of the plan's execution on the slowest rank (``Timeline.metrics().total_s``).
+The error of a case is ``max(sim, real) / min(sim, real) - 1``; the sweep's error is the
+geometric mean of those ratios, minus one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mc2sim import ops
+from mc2sim.comm import Communicator
+from mc2sim.model.simulator import simulate
+from mc2sim.routing import RoutingConfig, RoutingKind, route
+from mc2sim.schedule import (
+    Plan,
+    TaskKind,
+    plan_all_gather_matmul,
+    plan_alltoallv_gmm,
+    plan_gmm_alltoallv,
+    plan_matmul_reduce_scatter,
+    plan_mm_all_reduce,
+    tiling_of,
+)
+from mc2sim.schedule.builders import MatmulShape, MoeShape
+from mc2sim.schedule.tiling import Tiling
+from mc2sim.timeline import gather, record
+from mc2sim.topology import Topology
+
+__all__ = ["Case", "CaseResult", "default_cases", "geomean_error", "run_cases"]
+
+TilingSpec = None | str | int | Tiling
+"""What the ops' ``tiling=`` takes."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Case:
+    """One op call: how to run it for real, and every rank's plan."""
+
+    name: str
+    """Op, tiling, sizes and routing, in words."""
+    run: Callable[[], object]
+    """Runs the op on this rank (every rank calls it)."""
+    plans: tuple[Plan, ...]
+    """Every rank's plan of the call, index = rank."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CaseResult:
+    """Measured and simulated span of one case."""
+
+    name: str
+    """The case."""
+    measured_s: float
+    """Median measured span (slowest rank)."""
+    simulated_s: float
+    """Simulated span (slowest rank)."""
+
+    @property
+    def error(self) -> float:
+        """``max / min - 1`` of the two spans."""
+        return max(self.measured_s, self.simulated_s) / min(self.measured_s, self.simulated_s) - 1
+
+
+def _bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(torch.bfloat16)
+
+
+def mm_all_reduce_case(comm: Communicator, *, m: int, k: int, n: int, tiling: TilingSpec) -> Case:
+    """MatmulAllReduce of bfloat16 (m, k) x (k, n)."""
+    gen = torch.Generator().manual_seed(comm.rank)
+    x1, x2 = _bf16(gen, m, k), _bf16(gen, k, n)
+    shape = MatmulShape(k=k, n=n, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
+    plans = tuple(
+        plan_mm_all_reduce(
+            m=m, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of(tiling),
+            rank=r, world_size=comm.size,
+        )
+        for r in range(comm.size)
+    )  # fmt: skip
+    return Case(
+        name=f"mm_all_reduce m={m} k={k} n={n} {plans[0].tiling}",
+        run=lambda: ops.mm_all_reduce(x1, x2, comm, tiling=tiling),
+        plans=plans,
+    )
+
+
+def moe_case(
+    comm: Communicator,
+    *,
+    op: str,
+    tokens: int,
+    e: int,
+    h1: int,
+    n1: int,
+    routing: RoutingConfig,
+    tiling: TilingSpec,
+) -> Case:
+    """GroupedMatMulAlltoAllv (``op="combine"``) or AlltoAllvGroupedMatMul (``"dispatch"``)."""
+    table = route(
+        routing, world_size=comm.size, experts_per_rank=e, tokens_per_rank=tokens, top_k=2
+    )
+    direction = "combine" if op == "combine" else "dispatch"
+    send = [table.send_counts(r, direction) for r in range(comm.size)]
+    recv = [table.recv_counts(r, direction) for r in range(comm.size)]
+    gen = torch.Generator().manual_seed(comm.rank)
+    x = _bf16(gen, sum(send[comm.rank]), h1)
+    w = _bf16(gen, e, h1, n1)
+    builder = plan_gmm_alltoallv if op == "combine" else plan_alltoallv_gmm
+    plans = tuple(
+        builder(
+            shape=MoeShape(
+                e=e, send=tuple(send[r]), recv=tuple(recv[r]), h1=h1, n1=n1, elem_bytes=2,
+                dtype="bfloat16",
+            ),
+            tiling=tiling_of(tiling),
+            rank=r,
+        )
+        for r in range(comm.size)
+    )  # fmt: skip
+    fn = ops.gmm_alltoallv if op == "combine" else ops.alltoallv_gmm
+    return Case(
+        name=f"{plans[0].op} BS={tokens} e={e} H1={h1} N1={n1} {routing.kind} {plans[0].tiling}",
+        run=lambda: fn(x, w, comm, comm.size, send[comm.rank], recv[comm.rank], tiling=tiling),
+        plans=plans,
+    )
+
+
+def tp_pair_case(
+    comm: Communicator, *, op: str, m: int, k: int, n: int, tiling: TilingSpec
+) -> Case:
+    """AllGatherMatmul (``op="all_gather"``) or MatmulReduceScatter (``"reduce_scatter"``)."""
+    gen = torch.Generator().manual_seed(comm.rank)
+    x1, x2 = _bf16(gen, m, k), _bf16(gen, k, n)
+    shape = MatmulShape(k=k, n=n, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
+    builder = plan_all_gather_matmul if op == "all_gather" else plan_matmul_reduce_scatter
+    plans = tuple(
+        builder(m=m, shape=shape, tiling=tiling_of(tiling), rank=r, world_size=comm.size)
+        for r in range(comm.size)
+    )
+    fn = ops.all_gather_matmul if op == "all_gather" else ops.matmul_reduce_scatter
+    return Case(
+        name=f"{plans[0].op} m={m} k={k} n={n} {plans[0].tiling}",
+        run=lambda: fn(x1, x2, comm, comm.size, tiling=tiling),
+        plans=plans,
+    )
+
+
+def default_cases(comm: Communicator) -> list[Case]:
+    """The validation sweep: 16 cases of 4 ops x tilings x sizes x routing skew."""
+    uniform = RoutingConfig(kind=RoutingKind.UNIFORM, seed=2)
+    skewed = RoutingConfig(kind=RoutingKind.ZIPF, seed=2, skew=1.5)
+    cases = []
+    for m, k, n in ((2048, 32, 2048), (4096, 96, 1024)):
+        for tiling in ("serial", None, 4):
+            cases.append(mm_all_reduce_case(comm, m=m, k=k, n=n, tiling=tiling))
+    for routing in (uniform, skewed):
+        for tiling in ("serial", None):
+            cases.append(
+                moe_case(
+                    comm,
+                    op="combine",
+                    tokens=2048,
+                    e=4,
+                    h1=32,
+                    n1=1024,
+                    routing=routing,
+                    tiling=tiling,
+                )
+            )
+    for tiling in ("serial", None):
+        cases.append(
+            moe_case(
+                comm,
+                op="dispatch",
+                tokens=2048,
+                e=4,
+                h1=1024,
+                n1=32,
+                routing=uniform,
+                tiling=tiling,
+            )
+        )
+    for op in ("all_gather", "reduce_scatter"):
+        for tiling in ("serial", None):
+            cases.append(tp_pair_case(comm, op=op, m=512 * comm.size, k=256, n=1024, tiling=tiling))
+    return cases
+
+
+def run_cases(
+    comm: Communicator,
+    cases: Sequence[Case],
+    topology: Topology,
+    *,
+    reps: int = 5,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[CaseResult]:
+    """Run every case for real (median span over ``reps`` after a warm-up) and simulated.
+
+    Every rank calls it and gets the same results.
+    """
+    results = []
+    for i, case in enumerate(cases):
+        if progress is not None:
+            progress(i, len(cases), case.name)
+        spans = []
+        for _ in range(reps + 1):
+            with record() as rec:
+                case.run()
+            spans.append(gather(comm, rec.timeline).metrics().total_s)
+        measured = statistics.median(spans[1:])
+        simulated = simulate(dict(enumerate(case.plans)), topology).metrics().total_s
+        results.append(CaseResult(name=case.name, measured_s=measured, simulated_s=simulated))
+    return results
+
+
+def geomean_error(results: Sequence[CaseResult]) -> float:
+    """Geometric mean of ``max/min`` over the cases, minus one."""
+    logs = [math.log(1 + r.error) for r in results]
+    return math.exp(sum(logs) / len(logs)) - 1 if logs else 0.0

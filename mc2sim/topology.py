@@ -1,0 +1,792 @@
+"""Machine descriptions the cost model times plans on: device, network dimensions, contention.
+
+A :class:`Topology` says how fast one rank computes (:class:`Device`, with the small-tile
+:class:`Efficiency` of its matrix unit), how its ranks are wired (a tuple of
+:class:`NetworkDim`, innermost first) and how much overlapped compute and communication slow
+each other down (:class:`Contention`). Topologies live in YAML files (``topologies/*.yaml``,
+format in ``docs/TOPOLOGY.md``); :func:`load` reads one and names the file and the field path
+in every error, :func:`dump` writes one back, :func:`builtin` opens a shipped one by name::
+
+    topo = mc2sim.topology.builtin("atlas_a2_multinode")   # 4 nodes x 8 NPUs
+    topo.world_size                                          # 32
+    topo.dim_of(3, 11)                                       # 1: the ranks are on two nodes
+    topo.with_world(64).world_size                           # 64: 8 nodes of 8
+
+Units: 1 GB = 1e9 bytes, 1 TFLOP/s = 1e12 FLOP/s (int8 figures are TOP/s, 1e12 operations
+per second); times are in microseconds in the files and in seconds from the unit-converting
+properties (:attr:`NetworkDim.latency_s`, for example).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+from mc2sim._compat import StrEnum
+from mc2sim.errors import ParamInvalidError
+
+__all__ = [
+    "MATRIX_DTYPES",
+    "Contention",
+    "Device",
+    "Efficiency",
+    "LinkKind",
+    "NetworkDim",
+    "Topology",
+    "builtin",
+    "builtin_dir",
+    "dump",
+    "list_builtin",
+    "load",
+]
+
+MATRIX_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "int8")
+"""The dtype names a device may give matrix throughput for (``Device.matrix_tflops`` keys)."""
+
+_HALF_PAIR = {"float16": "bfloat16", "bfloat16": "float16"}
+
+_T = TypeVar("_T")
+
+
+class LinkKind(StrEnum):
+    """How the ranks of one network dimension are wired to each other.
+
+    Glossary:
+        ``full_mesh``: every rank of the dimension has a direct link of ``bandwidth_gbps``
+            (per direction) to each other rank of it, and all of them can be used at once
+            (Ascend HCCS 8P in an Atlas 800T A2 server: 7 links per NPU).
+        ``ring``: each rank has a link of ``bandwidth_gbps`` (per direction) to each of its
+            two neighbours; traffic to a farther rank takes several hops and shares the links
+            on its way (a ring of NPUs, HCCL's Ring and Double-Ring algorithms).
+        ``switch``: each rank has one port of ``bandwidth_gbps`` (per direction) into a
+            non-blocking switch; all its traffic in the dimension shares that port (NVLink via
+            NVSwitch, the Ascend A3 unified bus via its UB switches, a RoCE/InfiniBand fabric).
+    """
+
+    FULL_MESH = "full_mesh"
+    RING = "ring"
+    SWITCH = "switch"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _real(param: str, value: object) -> float:
+    """Return ``value`` as a finite float, raising ``ParamInvalidError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamInvalidError(param, value, "must be a number")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ParamInvalidError(param, value, "must be finite")
+    return result
+
+
+def _positive(param: str, value: object) -> float:
+    """Return ``value`` as a float > 0."""
+    result = _real(param, value)
+    if result <= 0:
+        raise ParamInvalidError(param, value, "must be > 0")
+    return result
+
+
+def _non_negative(param: str, value: object) -> float:
+    """Return ``value`` as a float >= 0."""
+    result = _real(param, value)
+    if result < 0:
+        raise ParamInvalidError(param, value, "must be >= 0")
+    return result
+
+
+def _at_least_one(param: str, value: object) -> float:
+    """Return ``value`` as a float >= 1 (a slowdown factor)."""
+    result = _real(param, value)
+    if result < 1:
+        raise ParamInvalidError(param, value, "must be >= 1 (1 means no slowdown)")
+    return result
+
+
+def _integer(param: str, value: object, *, minimum: int) -> int:
+    """Return ``value`` as an int >= ``minimum``; bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamInvalidError(param, value, "must be an integer")
+    if value < minimum:
+        raise ParamInvalidError(param, value, f"must be >= {minimum}")
+    return value
+
+
+def _text(param: str, value: object, *, nonempty: bool = False) -> str:
+    """Return ``value`` if it is a string (non-empty when asked)."""
+    if not isinstance(value, str):
+        raise ParamInvalidError(param, value, "must be a string")
+    if nonempty and not value.strip():
+        raise ParamInvalidError(param, value, "must not be empty")
+    return value
+
+
+def _as_link_kind(param: str, value: object) -> LinkKind:
+    """Return ``value`` as a :class:`LinkKind`, listing the allowed values otherwise."""
+    try:
+        return LinkKind(value)
+    except ValueError:
+        allowed = ", ".join(repr(k.value) for k in LinkKind)
+        raise ParamInvalidError(param, value, f"must be one of {allowed}") from None
+
+
+# ----------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Efficiency:
+    """Utilisation of the matrix unit as a function of a task's size (small tiles run slower).
+
+    For a task of ``f`` FLOPs the utilisation is
+    ``min_util + (max_util - min_util) * f / (f + half_flops)``: ``min_util`` for a vanishing
+    task, half-way between the two at ``half_flops``, ``max_util`` for a very large one.
+    """
+
+    min_util: float
+    """Utilisation of the smallest tasks, in (0, max_util]."""
+
+    max_util: float
+    """Utilisation of the largest tasks, in [min_util, 1]."""
+
+    half_flops: float
+    """Task size (FLOPs) at which utilisation is half-way from ``min_util`` to ``max_util``;
+    0 means every task runs at ``max_util``."""
+
+    def __post_init__(self) -> None:
+        min_util = _real("min_util", self.min_util)
+        max_util = _real("max_util", self.max_util)
+        if not 0 < min_util <= 1:
+            raise ParamInvalidError("min_util", self.min_util, "must be in (0, 1]")
+        if not 0 < max_util <= 1:
+            raise ParamInvalidError("max_util", self.max_util, "must be in (0, 1]")
+        if min_util > max_util:
+            raise ParamInvalidError("min_util", self.min_util, f"must be <= max_util ({max_util})")
+        object.__setattr__(self, "min_util", min_util)
+        object.__setattr__(self, "max_util", max_util)
+        object.__setattr__(self, "half_flops", _non_negative("half_flops", self.half_flops))
+
+    def util(self, flops: float) -> float:
+        """Return the matrix unit's utilisation for a task of ``flops`` FLOPs.
+
+        Args:
+            flops: the task's work, >= 0; ``math.inf`` gives ``max_util``.
+
+        Returns:
+            A fraction in [min_util, max_util].
+
+        """
+        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not flops >= 0:
+            raise ParamInvalidError("flops", flops, "must be a number >= 0")
+        if math.isinf(flops) or self.half_flops == 0:
+            return self.max_util
+        return self.min_util + (self.max_util - self.min_util) * flops / (flops + self.half_flops)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Device:
+    """One rank's compute engine: peak throughputs, memory bandwidth and per-task overhead."""
+
+    name: str
+    """Product name, e.g. ``"Ascend 910B"``."""
+
+    matrix_tflops: Mapping[str, float]
+    """Peak matrix throughput per dtype name (keys from ``MATRIX_DTYPES``, at least one), in
+    TFLOP/s (int8 in TOP/s). Stored read-only."""
+
+    vector_tflops: float
+    """Peak elementwise throughput (reductions, dequantization) on 16-bit elements, in 1e12
+    operations per second counted as vendors count FLOPs (a fused multiply-add is two); > 0."""
+
+    memory_gbps: float
+    """Device memory bandwidth in GB/s (1 GB = 1e9 bytes), > 0."""
+
+    efficiency: Efficiency
+    """Utilisation of the matrix unit as a function of task size."""
+
+    launch_us: float
+    """Fixed cost of every task (launch or in-kernel synchronisation), in microseconds, >= 0."""
+
+    def __post_init__(self) -> None:
+        _text("name", self.name, nonempty=True)
+        if not isinstance(self.matrix_tflops, Mapping):
+            raise ParamInvalidError(
+                "matrix_tflops", self.matrix_tflops, "must be a mapping of dtype name to TFLOP/s"
+            )
+        if not self.matrix_tflops:
+            raise ParamInvalidError(
+                "matrix_tflops", {}, f"must give at least one of {', '.join(MATRIX_DTYPES)}"
+            )
+        table: dict[str, float] = {}
+        for dtype, tflops in self.matrix_tflops.items():
+            if dtype not in MATRIX_DTYPES:
+                raise ParamInvalidError(
+                    f"matrix_tflops.{dtype}",
+                    tflops,
+                    f"unknown dtype; known: {', '.join(MATRIX_DTYPES)}",
+                )
+            table[dtype] = _positive(f"matrix_tflops.{dtype}", tflops)
+        object.__setattr__(self, "matrix_tflops", MappingProxyType(table))
+        object.__setattr__(self, "vector_tflops", _positive("vector_tflops", self.vector_tflops))
+        object.__setattr__(self, "memory_gbps", _positive("memory_gbps", self.memory_gbps))
+        if not isinstance(self.efficiency, Efficiency):
+            raise ParamInvalidError("efficiency", self.efficiency, "must be an Efficiency")
+        object.__setattr__(self, "launch_us", _non_negative("launch_us", self.launch_us))
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.name,
+                tuple(sorted(self.matrix_tflops.items())),
+                self.vector_tflops,
+                self.memory_gbps,
+                self.efficiency,
+                self.launch_us,
+            )
+        )
+
+    def matrix_peak(self, dtype: str) -> float:
+        """Return the peak matrix throughput for ``dtype`` in FLOP/s (OP/s for int8).
+
+        A device that gives only one of ``float16`` and ``bfloat16`` is taken to run the other
+        at the same rate (true of the Ascend cube unit and of tensor cores).
+
+        Args:
+            dtype: a dtype name such as ``"float16"``.
+
+        Returns:
+            Peak operations per second, before the small-tile ``efficiency``.
+
+        Raises:
+            ParamInvalidError: the device gives no figure for ``dtype``.
+
+        """
+        tflops = self.matrix_tflops.get(dtype)
+        if tflops is None and dtype in _HALF_PAIR:
+            tflops = self.matrix_tflops.get(_HALF_PAIR[dtype])
+        if tflops is None:
+            known = ", ".join(sorted(self.matrix_tflops))
+            raise ParamInvalidError(
+                "dtype", dtype, f"{self.name} gives no matrix throughput for it; known: {known}"
+            )
+        return tflops * 1e12
+
+    @property
+    def vector_peak(self) -> float:
+        """Peak elementwise throughput in operations per second (a multiply-add is two)."""
+        return self.vector_tflops * 1e12
+
+    @property
+    def memory_bytes_per_s(self) -> float:
+        """Device memory bandwidth in bytes per second."""
+        return self.memory_gbps * 1e9
+
+    @property
+    def launch_s(self) -> float:
+        """Fixed cost of every task in seconds."""
+        return self.launch_us * 1e-6
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NetworkDim:
+    """One level of the network: how many ranks it joins, how they are wired, how fast."""
+
+    kind: LinkKind
+    """Wiring of the dimension (a ``LinkKind`` or its string value)."""
+
+    ranks: int
+    """Number of ranks along the dimension (>= 1)."""
+
+    bandwidth_gbps: float
+    """Per rank and per direction, in GB/s: per link for ``full_mesh``, per neighbour link for
+    ``ring``, the port for ``switch``; > 0."""
+
+    latency_us: float
+    """Fixed cost of one message in the dimension, in microseconds, >= 0."""
+
+    name: str = ""
+    """Short name of the interconnect, e.g. ``"hccs"``, ``"roce"``, ``"nvlink"``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", _as_link_kind("kind", self.kind))
+        _integer("ranks", self.ranks, minimum=1)
+        object.__setattr__(self, "bandwidth_gbps", _positive("bandwidth_gbps", self.bandwidth_gbps))
+        object.__setattr__(self, "latency_us", _non_negative("latency_us", self.latency_us))
+        _text("name", self.name)
+
+    @property
+    def bytes_per_s(self) -> float:
+        """``bandwidth_gbps`` in bytes per second."""
+        return self.bandwidth_gbps * 1e9
+
+    @property
+    def latency_s(self) -> float:
+        """``latency_us`` in seconds."""
+        return self.latency_us * 1e-6
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Contention:
+    """How much overlapped compute and communication on one rank slow each other down."""
+
+    compute_slowdown: float = 1.0
+    """Factor (>= 1) on compute time while communication runs on the same rank."""
+
+    comm_slowdown: float = 1.0
+    """Factor (>= 1) on communication time while compute runs on the same rank."""
+
+    source: str = ""
+    """How the factors were obtained: ``"fitted by mc2sim calibrate on ..."`` or
+    ``"assumed: ..."`` with the reason."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "compute_slowdown", _at_least_one("compute_slowdown", self.compute_slowdown)
+        )
+        object.__setattr__(
+            self, "comm_slowdown", _at_least_one("comm_slowdown", self.comm_slowdown)
+        )
+        _text("source", self.source)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Topology:
+    """A machine: its device, its network (innermost dimension first) and its contention.
+
+    Ranks are numbered innermost-fastest: with dimension sizes ``r0, r1, r2, ...`` the rank
+    whose coordinates are ``c0, c1, c2, ...`` is ``c0 + r0 * (c1 + r1 * (c2 + ...))``; for
+    ``8 x 4`` (8 NPUs per node, 4 nodes), ranks 0-7 are node 0, 8-15 node 1, and so on.
+    """
+
+    name: str
+    """Identifier, e.g. ``"atlas_a2_8p"`` (a shipped file's name is its file name)."""
+
+    description: str
+    """One or two sentences on the machine."""
+
+    device: Device
+    """The compute engine of every rank."""
+
+    network: tuple[NetworkDim, ...]
+    """Network dimensions, innermost first (at least one); the product of their ``ranks`` is
+    the world size."""
+
+    contention: Contention
+    """Slowdown of overlapped compute and communication."""
+
+    source: str
+    """Where the numbers come from, and which of them are assumptions."""
+
+    def __post_init__(self) -> None:
+        _text("name", self.name, nonempty=True)
+        _text("description", self.description)
+        _text("source", self.source)
+        if not isinstance(self.device, Device):
+            raise ParamInvalidError("device", self.device, "must be a Device")
+        if isinstance(self.network, (str, bytes)) or not isinstance(self.network, Iterable):
+            raise ParamInvalidError("network", self.network, "must be a sequence of NetworkDim")
+        network = tuple(self.network)
+        if not network:
+            raise ParamInvalidError("network", [], "must have at least one dimension")
+        for i, dim in enumerate(network):
+            if not isinstance(dim, NetworkDim):
+                raise ParamInvalidError(f"network[{i}]", dim, "must be a NetworkDim")
+        object.__setattr__(self, "network", network)
+        if not isinstance(self.contention, Contention):
+            raise ParamInvalidError("contention", self.contention, "must be a Contention")
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks: the product of every dimension's ``ranks``."""
+        return math.prod(dim.ranks for dim in self.network)
+
+    def group_size(self, dim: int) -> int:
+        """Return how many ranks a rank reaches within dimensions ``0..dim``.
+
+        Args:
+            dim: a dimension index in ``[0, len(network))``, or -1 (the rank alone).
+
+        Returns:
+            ``ranks[0] * ... * ranks[dim]`` (1 for ``dim == -1``).
+
+        """
+        self._check_dim(dim)
+        return math.prod(d.ranks for d in self.network[: dim + 1])
+
+    def coords(self, rank: int) -> tuple[int, ...]:
+        """Return a rank's coordinate along every dimension, innermost first.
+
+        Args:
+            rank: a rank in ``[0, world_size)``.
+
+        Returns:
+            ``(c0, c1, ...)`` with ``rank = c0 + r0 * (c1 + r1 * (...))``.
+
+        """
+        self._check_rank("rank", rank)
+        out = []
+        for d in self.network:
+            rank, c = divmod(rank, d.ranks)
+            out.append(c)
+        return tuple(out)
+
+    def dim_of(self, rank_a: int, rank_b: int) -> int:
+        """Return the dimension two ranks talk over: the outermost one where they differ.
+
+        Args:
+            rank_a: a rank in ``[0, world_size)``.
+            rank_b: a rank in ``[0, world_size)``.
+
+        Returns:
+            The index of the outermost dimension in which the two ranks' coordinates differ,
+            or -1 when they are the same rank.
+
+        """
+        self._check_rank("rank_a", rank_a)
+        self._check_rank("rank_b", rank_b)
+        ca, cb = self.coords(rank_a), self.coords(rank_b)
+        for i in range(len(self.network) - 1, -1, -1):
+            if ca[i] != cb[i]:
+                return i
+        return -1
+
+    def with_world(self, world_size: int) -> Topology:
+        """Return a copy whose outermost dimension is resized to give ``world_size`` ranks.
+
+        Used to simulate a machine at another rank count (more nodes, or a smaller group).
+
+        Args:
+            world_size: the wanted number of ranks, a positive multiple of the inner
+                dimensions' product.
+
+        Returns:
+            A new :class:`Topology`; everything but the outermost ``ranks`` is unchanged.
+
+        Raises:
+            ParamInvalidError: ``world_size`` is not a positive multiple of the inner product.
+
+        """
+        _integer("world_size", world_size, minimum=1)
+        inner = math.prod(d.ranks for d in self.network[:-1])
+        if world_size % inner:
+            raise ParamInvalidError(
+                "world_size",
+                world_size,
+                f"must be a multiple of {inner}, the ranks of the inner dimensions of {self.name}",
+            )
+        outer = replace(self.network[-1], ranks=world_size // inner)
+        return replace(self, network=(*self.network[:-1], outer))
+
+    def _check_rank(self, param: str, rank: object) -> None:
+        """Raise ``ParamInvalidError`` unless ``rank`` is an int in ``[0, world_size)``."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ParamInvalidError(param, rank, f"must be an integer in [0, {self.world_size})")
+
+    def _check_dim(self, dim: object) -> None:
+        """Raise ``ParamInvalidError`` unless ``dim`` is an int in ``[-1, len(network))``."""
+        n = len(self.network)
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -1 <= dim < n:
+            raise ParamInvalidError("dim", dim, f"must be an integer in [-1, {n})")
+
+
+# ----------------------------------------------------------------------------- YAML reading
+
+_TOP_KEYS = ("name", "description", "source", "device", "network", "contention")
+_DEVICE_KEYS = ("name", "matrix_tflops", "vector_tflops", "memory_gbps", "launch_us", "efficiency")
+_EFFICIENCY_KEYS = ("min_util", "max_util", "half_flops")
+_DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
+_DIM_OPTIONAL = ("name",)
+_CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "source")
+_CONTENTION_OPTIONAL = ("compute_slowdown", "comm_slowdown")
+
+# YAML 1.1 (PyYAML) reads ``1e9`` and ``2.5e9`` as strings; numbers written so are accepted.
+_NUMBER_TEXT = re.compile(r"[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][+-]?\d+)?")
+
+
+class _Reader:
+    """Turns the parsed YAML of one file into a :class:`Topology`, naming file and field."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def error(self, where: str, value: object, rule: str) -> ParamInvalidError:
+        return ParamInvalidError(f"{self.file}: {where}" if where else self.file, value, rule)
+
+    def mapping(
+        self, value: object, where: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Check ``value`` is a mapping with exactly the allowed keys, all required ones given."""
+        if not isinstance(value, dict):
+            what = f"a mapping with keys {', '.join(keys)}"
+            raise self.error(where, value, f"must be {what}, not {type(value).__name__}")
+        prefix = f"{where}." if where else ""
+        for key in value:
+            if key not in keys:
+                raise self.error(
+                    f"{prefix}{key}", value[key], f"unknown key; allowed: {', '.join(keys)}"
+                )
+        for key in keys:
+            if key not in value and key not in optional:
+                raise self.error(f"{prefix}{key}", None, "is required")
+        return value
+
+    def number(self, value: object, where: str) -> float:
+        """Return a YAML number (or numeric text such as ``1e9``) as a float."""
+        if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+            return float(value.strip().replace("_", ""))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(where, value, "must be a number")
+        return float(value)
+
+    def integer(self, value: object, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(where, value, "must be an integer")
+        return value
+
+    def text(self, value: object, where: str) -> str:
+        if not isinstance(value, str):
+            raise self.error(where, value, "must be a string")
+        return value
+
+    def build(self, where: str, factory: Callable[..., _T], **kwargs: Any) -> _T:
+        """Call ``factory(**kwargs)``, re-raising its checks' errors with file and field path."""
+        try:
+            return factory(**kwargs)
+        except ParamInvalidError as err:
+            field = f"{where}.{err.param}" if where else err.param
+            raise self.error(field, err.value, err.rule) from None
+
+    def topology(self, data: object) -> Topology:
+        top = self.mapping(data, "", _TOP_KEYS)
+        dims_data = top["network"]
+        if not isinstance(dims_data, list):
+            raise self.error("network", dims_data, "must be a list of dimensions, innermost first")
+        if not dims_data:
+            raise self.error("network", dims_data, "must have at least one dimension")
+        return self.build(
+            "",
+            Topology,
+            name=self.text(top["name"], "name"),
+            description=self.text(top["description"], "description"),
+            source=self.text(top["source"], "source"),
+            device=self.device(top["device"]),
+            network=tuple(self.dim(d, f"network[{i}]") for i, d in enumerate(dims_data)),
+            contention=self.contention(top["contention"]),
+        )
+
+    def device(self, data: object) -> Device:
+        dev = self.mapping(data, "device", _DEVICE_KEYS)
+        table = dev["matrix_tflops"]
+        if not isinstance(table, dict):
+            raise self.error(
+                "device.matrix_tflops", table, "must be a mapping of dtype name to TFLOP/s"
+            )
+        matrix = {str(k): self.number(v, f"device.matrix_tflops.{k}") for k, v in table.items()}
+        eff = self.mapping(dev["efficiency"], "device.efficiency", _EFFICIENCY_KEYS)
+        efficiency = self.build(
+            "device.efficiency",
+            Efficiency,
+            **{k: self.number(eff[k], f"device.efficiency.{k}") for k in _EFFICIENCY_KEYS},
+        )
+        return self.build(
+            "device",
+            Device,
+            name=self.text(dev["name"], "device.name"),
+            matrix_tflops=matrix,
+            vector_tflops=self.number(dev["vector_tflops"], "device.vector_tflops"),
+            memory_gbps=self.number(dev["memory_gbps"], "device.memory_gbps"),
+            launch_us=self.number(dev["launch_us"], "device.launch_us"),
+            efficiency=efficiency,
+        )
+
+    def dim(self, data: object, where: str) -> NetworkDim:
+        d = self.mapping(data, where, _DIM_KEYS, _DIM_OPTIONAL)
+        return self.build(
+            where,
+            NetworkDim,
+            name=self.text(d.get("name", ""), f"{where}.name"),
+            kind=self.text(d["kind"], f"{where}.kind"),
+            ranks=self.integer(d["ranks"], f"{where}.ranks"),
+            bandwidth_gbps=self.number(d["bandwidth_gbps"], f"{where}.bandwidth_gbps"),
+            latency_us=self.number(d["latency_us"], f"{where}.latency_us"),
+        )
+
+    def contention(self, data: object) -> Contention:
+        c = self.mapping(data, "contention", _CONTENTION_KEYS, _CONTENTION_OPTIONAL)
+        return self.build(
+            "contention",
+            Contention,
+            compute_slowdown=self.number(
+                c.get("compute_slowdown", 1.0), "contention.compute_slowdown"
+            ),
+            comm_slowdown=self.number(c.get("comm_slowdown", 1.0), "contention.comm_slowdown"),
+            source=self.text(c["source"], "contention.source"),
+        )
+
+
+def load(path: str | os.PathLike[str]) -> Topology:
+    """Read a topology file.
+
+    Args:
+        path: a YAML file in the format of ``docs/TOPOLOGY.md``.
+
+    Returns:
+        The :class:`Topology` it describes.
+
+    Raises:
+        ParamInvalidError: the file cannot be read, is not valid YAML, or breaks the format
+            (unknown or missing key, wrong type, value out of range, unknown link kind); the
+            message names the file and the field path, e.g.
+            ``"topologies/a2.yaml: network[1].bandwidth_gbps=-1.0: must be > 0"``.
+
+    """
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+        problem = getattr(err, "problem", None) or str(err)
+        raise ParamInvalidError(file, where, f"is not valid YAML: {problem}") from None
+    return _Reader(file).topology(data)
+
+
+# ----------------------------------------------------------------------------- YAML writing
+
+
+# A safe dumper that writes multi-line strings as literal blocks (made with ``type`` because
+# PyYAML ships no type hints, and mypy refuses a class statement deriving from ``Any``).
+_Dumper: Any = type("_Dumper", (yaml.SafeDumper,), {})
+
+
+def _represent_str(dumper: Any, value: str) -> Any:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _as_data(topology: Topology) -> dict[str, Any]:
+    """Return the plain-data form of ``topology``, in the file format's key order."""
+    dev = topology.device
+    eff = dev.efficiency
+    return {
+        "name": topology.name,
+        "description": topology.description,
+        "source": topology.source,
+        "device": {
+            "name": dev.name,
+            "matrix_tflops": dict(dev.matrix_tflops),
+            "vector_tflops": dev.vector_tflops,
+            "memory_gbps": dev.memory_gbps,
+            "launch_us": dev.launch_us,
+            "efficiency": {
+                "min_util": eff.min_util,
+                "max_util": eff.max_util,
+                "half_flops": eff.half_flops,
+            },
+        },
+        "network": [
+            {
+                "name": d.name,
+                "kind": d.kind.value,
+                "ranks": d.ranks,
+                "bandwidth_gbps": d.bandwidth_gbps,
+                "latency_us": d.latency_us,
+            }
+            for d in topology.network
+        ],
+        "contention": {
+            "compute_slowdown": topology.contention.compute_slowdown,
+            "comm_slowdown": topology.contention.comm_slowdown,
+            "source": topology.contention.source,
+        },
+    }
+
+
+def dump(topology: Topology, path: str | os.PathLike[str]) -> None:
+    """Write ``topology`` as YAML that :func:`load` reads back equal.
+
+    The file is written to a temporary file in the same folder and moved into place
+    (``os.replace``), so a reader never sees half a file.
+
+    Args:
+        topology: the topology to write.
+        path: the destination file; its folder must exist.
+
+    """
+    if not isinstance(topology, Topology):
+        raise ParamInvalidError("topology", topology, "must be a Topology")
+    target = Path(os.fspath(path))
+    text = yaml.dump(
+        _as_data(topology), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
+    )
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- shipped files
+
+
+def builtin_dir() -> Path:
+    """Return the repository's ``topologies`` folder (``mc2sim/../topologies``)."""
+    return Path(__file__).resolve().parent.parent / "topologies"
+
+
+def list_builtin() -> list[str]:
+    """Return the names of the shipped topologies (the ``*.yaml`` files of :func:`builtin_dir`).
+
+    Returns:
+        Sorted names without the ``.yaml`` suffix; empty when the folder is absent (an
+        installed package without the source tree).
+
+    """
+    folder = builtin_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())
+
+
+def builtin(name: str) -> Topology:
+    """Load the shipped topology ``topologies/<name>.yaml``.
+
+    Args:
+        name: one of :func:`list_builtin`, e.g. ``"atlas_a2_8p"``.
+
+    Returns:
+        The loaded :class:`Topology`.
+
+    Raises:
+        ParamInvalidError: no shipped topology has that name.
+
+    """
+    known = list_builtin()
+    if name not in known:
+        listed = ", ".join(known) if known else f"none found in {builtin_dir()}"
+        raise ParamInvalidError("topology", name, f"is not a shipped topology; known: {listed}")
+    return load(builtin_dir() / f"{name}.yaml")
