@@ -218,6 +218,11 @@ class Device:
     launch_us: float
     """Fixed cost of every task (launch or in-kernel synchronisation), in microseconds, >= 0."""
 
+    memory_overlap: bool = True
+    """Whether a task's memory traffic overlaps its arithmetic (the roofline: the longer of the
+    two, as on accelerators whose DMA feeds the matrix unit) or adds to it (separate passes, as
+    the CPU reference kernels make: upcast, matmul, cast)."""
+
     def __post_init__(self) -> None:
         _text("name", self.name, nonempty=True)
         if not isinstance(self.matrix_tflops, Mapping):
@@ -243,6 +248,8 @@ class Device:
         if not isinstance(self.efficiency, Efficiency):
             raise ParamInvalidError("efficiency", self.efficiency, "must be an Efficiency")
         object.__setattr__(self, "launch_us", _non_negative("launch_us", self.launch_us))
+        if not isinstance(self.memory_overlap, bool):
+            raise ParamInvalidError("memory_overlap", self.memory_overlap, "must be true or false")
 
     def __hash__(self) -> int:
         return hash(
@@ -253,6 +260,7 @@ class Device:
                 self.memory_gbps,
                 self.efficiency,
                 self.launch_us,
+                self.memory_overlap,
             )
         )
 
@@ -503,7 +511,16 @@ class Topology:
 # ----------------------------------------------------------------------------- YAML reading
 
 _TOP_KEYS = ("name", "description", "source", "device", "network", "contention")
-_DEVICE_KEYS = ("name", "matrix_tflops", "vector_tflops", "memory_gbps", "launch_us", "efficiency")
+_DEVICE_KEYS = (
+    "name",
+    "matrix_tflops",
+    "vector_tflops",
+    "memory_gbps",
+    "launch_us",
+    "efficiency",
+    "memory_overlap",
+)
+_DEVICE_OPTIONAL = ("memory_overlap",)
 _EFFICIENCY_KEYS = ("min_util", "max_util", "half_flops")
 _DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
 _DIM_OPTIONAL = ("name",)
@@ -539,6 +556,12 @@ class _Reader:
         for key in keys:
             if key not in value and key not in optional:
                 raise self.error(f"{prefix}{key}", None, "is required")
+        return value
+
+    def flag(self, value: object, where: str) -> bool:
+        """Return a YAML boolean."""
+        if not isinstance(value, bool):
+            raise self.error(where, value, "must be true or false")
         return value
 
     def number(self, value: object, where: str) -> float:
@@ -586,7 +609,7 @@ class _Reader:
         )
 
     def device(self, data: object) -> Device:
-        dev = self.mapping(data, "device", _DEVICE_KEYS)
+        dev = self.mapping(data, "device", _DEVICE_KEYS, _DEVICE_OPTIONAL)
         table = dev["matrix_tflops"]
         if not isinstance(table, dict):
             raise self.error(
@@ -608,6 +631,7 @@ class _Reader:
             memory_gbps=self.number(dev["memory_gbps"], "device.memory_gbps"),
             launch_us=self.number(dev["launch_us"], "device.launch_us"),
             efficiency=efficiency,
+            memory_overlap=self.flag(dev.get("memory_overlap", True), "device.memory_overlap"),
         )
 
     def dim(self, data: object, where: str) -> NetworkDim:
@@ -696,6 +720,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "vector_tflops": dev.vector_tflops,
             "memory_gbps": dev.memory_gbps,
             "launch_us": dev.launch_us,
+            "memory_overlap": dev.memory_overlap,
             "efficiency": {
                 "min_util": eff.min_util,
                 "max_util": eff.max_util,

@@ -132,18 +132,25 @@ class _Reduction:
         check_out(out, out_shape, t.dtype)
         self.out = out
         src = _host(t)
+        # A 16-bit float is summed in a float32 copy that this call owns: reduce that copy in
+        # place (MPI_IN_PLACE) rather than into a second buffer, which saves an allocation
+        # and its page faults (bfloat16 AllReduce of 8 MB: 17.6 ms before, see BENCHMARKS).
+        self.in_place = reduced_in_float32(src.dtype) and rows is None
         if reduced_in_float32(src.dtype):
-            src = src.float()
+            src = _empty(tuple(src.shape), torch.float32).copy_(src)  # NumPy memory: fewer faults
         self.send = src
-        if out is not None and _writable_in_place(out, src.dtype):
+        if self.in_place:
+            self.recv = src
+        elif out is not None and _writable_in_place(out, src.dtype):
             self.recv = out
         else:
             self.recv = _empty(out_shape, src.dtype)
         self.mpi_type = _REDUCE_TYPES[src.dtype]
 
-    def buffers(self) -> tuple[list[Any], list[Any]]:
-        """Return the ``[buffer, MPI type]`` pairs for the send and receive sides."""
-        return [_buffer(self.send), self.mpi_type], [_buffer(self.recv), self.mpi_type]
+    def buffers(self) -> tuple[Any, list[Any]]:
+        """Return the send side (a buffer spec, or ``MPI.IN_PLACE``) and the receive side."""
+        recv = [_buffer(self.recv), self.mpi_type]
+        return (MPI.IN_PLACE if self.in_place else [_buffer(self.send), self.mpi_type]), recv
 
     def result(self) -> torch.Tensor:
         """Return the received data in the input's dtype and device (in ``out`` if given)."""

@@ -3,16 +3,17 @@
 Run on every rank (under mpiexec). All ranks measure at the same time, so each rank's
 figures include what the others take from the machine, as in real runs:
 
-1. compute: mc2sim's matmul kernels at several sizes and dtypes (and the int8 quant matmul);
-   fitted to ``launch + flops / (peak(dtype) * util(flops))`` with the device's efficiency
-   curve ``util(f) = min + (1 - min) * f / (f + half)``, least squares on relative error;
-   memory bandwidth from a large copy, vector throughput from a large sum;
-2. communication: AllReduce and AlltoAllv (even splits) at several sizes through the
-   communicator, fitted to the alpha-beta model of one network dimension of every link kind;
-   the kind with the smaller error is kept;
-3. contention: tiled MatmulAllReduce and GroupedMatMulAlltoAllv runs, measured for real and
-   simulated over a grid of compute and communication slowdowns; the pair with the smallest
-   squared log error is kept.
+1. compute: mc2sim's matmul kernels at several shapes (memory-bound to compute-bound) and
+   dtypes, and the int8 quant matmul; fitted to ``launch + flops / (peak(dtype) *
+   util(flops)) + bytes / bandwidth`` with the efficiency curve ``util(f) = min + (1 - min) *
+   f / (f + half)``, least squares on relative error (the reference kernels' memory passes
+   add to their arithmetic: the device gets ``memory_overlap: false``);
+2. communication: bfloat16 AllReduce, even AlltoAllv and AllGather at several sizes through
+   the communicator, fitted to the alpha-beta model of one network dimension (the better of
+   full mesh and switch), jointly with the vector rate of the AllReduce's additions;
+3. contention: a tiled MatmulAllReduce run, measured for real and simulated over a grid of
+   compute and communication slowdowns; the pair with the smallest squared log error is
+   kept.
 
 Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 """
@@ -34,7 +35,7 @@ import torch
 
 from mc2sim.comm import Communicator, Work
 from mc2sim.kernels import matmul, quant_matmul
-from mc2sim.schedule.plan import Plan
+from mc2sim.schedule.plan import Plan, Resource, TaskKind
 from mc2sim.timeline import gather, record
 from mc2sim.topology import Contention, Device, Efficiency, LinkKind, NetworkDim, Topology
 
@@ -49,6 +50,8 @@ class ComputeSample:
     """The compute dtype."""
     flops: float
     """Its FLOPs."""
+    nbytes: float
+    """Bytes it reads and writes, counted as the plan builders count them."""
     seconds: float
     """Median seconds (slowest rank)."""
 
@@ -58,9 +61,9 @@ class CommSample:
     """One timed collective."""
 
     kind: str
-    """``allreduce`` or ``alltoallv``."""
+    """``allreduce``, ``alltoallv``, ``allgather`` or ``reduce_scatter``."""
     nbytes: float
-    """Bytes per rank (AllReduce buffer; AlltoAllv send buffer)."""
+    """Bytes per rank: the AllReduce buffer, the AlltoAllv send buffer, the AllGather result."""
     seconds: float
     """Median seconds (slowest rank)."""
 
@@ -76,52 +79,74 @@ def _median_time(comm: Communicator, fn: Callable[[], object], reps: int) -> flo
     return float(max(comm.allgather_object(statistics.median(times))))
 
 
+# (m, k, n): from memory-bound (small k, wide output) to compute-bound; none of them is a
+# size that ``validate-model`` checks.
+COMPUTE_SIZES = (
+    (512, 32, 2048),
+    (3072, 48, 2048),
+    (1024, 64, 1024),
+    (256, 256, 512),
+    (1536, 192, 1536),
+    (2048, 512, 1024),
+    (512, 1024, 1024),
+    (4096, 128, 512),
+)
+
+
 def measure_compute(comm: Communicator, reps: int) -> list[ComputeSample]:
-    """Time the matmul kernels at several sizes (float16, bfloat16, float32, int8)."""
+    """Time the kernels at several shapes and dtypes, all ranks at once."""
     samples = []
     gen = torch.Generator().manual_seed(comm.rank)
-    sizes = [
-        (64, 256, 256),
-        (256, 256, 512),
-        (512, 512, 512),
-        (1024, 512, 1024),
-        (2048, 1024, 1024),
-    ]
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype, sizes in (
+        (torch.bfloat16, COMPUTE_SIZES),
+        (torch.float16, COMPUTE_SIZES[::2]),
+        (torch.float32, COMPUTE_SIZES[1::2]),
+    ):
+        name = str(dtype).removeprefix("torch.")
+        size = torch.empty((), dtype=dtype).element_size()
         for m, k, n in sizes:
             x = torch.randn(m, k, generator=gen).to(dtype)
             w = torch.randn(k, n, generator=gen).to(dtype)
             seconds = _median_time(comm, functools.partial(matmul, x, w), reps)
+            nbytes = (m * k + k * n + m * n) * size
             samples.append(
-                ComputeSample(
-                    dtype=str(dtype).removeprefix("torch."), flops=2.0 * m * k * n, seconds=seconds
-                )
+                ComputeSample(dtype=name, flops=2.0 * m * k * n, nbytes=nbytes, seconds=seconds)
             )
     scale = torch.full((1,), 1e-3)
-    for m, k, n in sizes[1:]:
+    for m, k, n in COMPUTE_SIZES[3::2]:
         a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
         b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8)
         run = functools.partial(quant_matmul, a, b, scale, output_dtype=torch.float16)
         seconds = _median_time(comm, run, reps)
-        samples.append(ComputeSample(dtype="int8", flops=2.0 * m * k * n, seconds=seconds))
+        nbytes = m * k + k * n + 2 * m * n
+        samples.append(
+            ComputeSample(dtype="int8", flops=2.0 * m * k * n, nbytes=nbytes, seconds=seconds)
+        )
     return samples
 
 
-def fit_compute(samples: Sequence[ComputeSample]) -> tuple[dict[str, float], Efficiency, float]:
-    """Fit peak FLOP/s per dtype, the efficiency curve and the launch cost.
+def fit_compute(
+    samples: Sequence[ComputeSample],
+) -> tuple[dict[str, float], Efficiency, float, float]:
+    """Fit ``launch + flops / (peak(dtype) * util(flops)) + bytes / bandwidth``.
+
+    The CPU reference kernels make separate memory passes (upcast, matmul, cast), so memory
+    time adds to arithmetic. For each efficiency curve on a grid the model is linear in
+    (launch, 1/peak per dtype, 1/bandwidth): least squares on relative error; the curve with
+    the smallest error wins.
 
     Returns:
-        ``(peak TFLOP/s by dtype, Efficiency(min_util, max_util=1, half_flops), launch_us)``.
+        ``(peak TFLOP/s by dtype, efficiency, launch_us, memory GB/s)``.
     """
     dtypes = sorted({s.dtype for s in samples})
     flops = np.array([s.flops for s in samples])
+    nbytes = np.array([s.nbytes for s in samples])
     seconds = np.array([s.seconds for s in samples])
     best: tuple[float, float, float, np.ndarray] | None = None
     for min_util in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
         for half in np.logspace(5, 10, 26):
             util = min_util + (1 - min_util) * flops / (flops + half)
-            # t = launch + sum_d [dtype == d] * (flops / util) * inv_peak_d, weighted by 1/t
-            columns = [np.ones_like(flops)] + [
+            columns = [np.ones_like(flops), nbytes] + [
                 np.where([s.dtype == d for s in samples], flops / util, 0.0) for d in dtypes
             ]
             a = np.stack(columns, axis=1) / seconds[:, None]
@@ -134,24 +159,15 @@ def fit_compute(samples: Sequence[ComputeSample]) -> tuple[dict[str, float], Eff
     if best is None:
         raise RuntimeError("compute timings could not be fitted (no positive solution)")
     _, min_util, half, coef = best
-    peaks = {d: float(1.0 / coef[i + 1] / 1e12) for i, d in enumerate(dtypes)}
-    return peaks, Efficiency(min_util=min_util, max_util=1.0, half_flops=half), float(coef[0] * 1e6)
-
-
-def measure_memory(comm: Communicator, reps: int) -> tuple[float, float]:
-    """(memory GB/s from a 256 MiB copy, vector TFLOP/s from a 64 Mi-element sum)."""
-    big = torch.empty(64 * 1024 * 1024, dtype=torch.float32).uniform_()
-    out = torch.empty_like(big)
-    copy = _median_time(comm, lambda: out.copy_(big), reps)
-    summed = _median_time(comm, lambda: torch.add(big, big, out=out), reps)
-    nbytes = big.numel() * 4
-    return 2 * nbytes / copy / 1e9, big.numel() / summed / 1e12
+    peaks = {d: float(1.0 / coef[i + 2] / 1e12) for i, d in enumerate(dtypes)}
+    efficiency = Efficiency(min_util=min_util, max_util=1.0, half_flops=half)
+    return peaks, efficiency, float(coef[0] * 1e6), float(1.0 / coef[1] / 1e9)
 
 
 def measure_comm(comm: Communicator, reps: int) -> list[CommSample]:
-    """Time AllReduce and even AlltoAllv through the communicator, 64 KiB to 16 MiB."""
+    """Time bfloat16 AllReduce, even AlltoAllv and AllGather, 256 KiB to 16 MiB per rank."""
     samples = []
-    for nbytes in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24):
+    for nbytes in (1 << 18, 1 << 20, 1 << 22, 3 << 22):
         t = torch.ones(nbytes // 2, dtype=torch.bfloat16)
         out = torch.empty_like(t)
         seconds = _median_time(comm, _waited(comm.iallreduce, t, out=out), reps)
@@ -161,7 +177,54 @@ def measure_comm(comm: Communicator, reps: int) -> list[CommSample]:
         splits = [rows // comm.size] * comm.size
         seconds = _median_time(comm, _waited(comm.ialltoallv, x, splits, splits), reps)
         samples.append(CommSample(kind="alltoallv", nbytes=x.numel() * 2, seconds=seconds))
+        piece = torch.ones(nbytes // 2 // comm.size, dtype=torch.bfloat16)
+        seconds = _median_time(comm, functools.partial(comm.allgather, piece), reps)
+        samples.append(
+            CommSample(kind="allgather", nbytes=piece.numel() * 2 * comm.size, seconds=seconds)
+        )
     return samples
+
+
+def measure_in_ops(comm: Communicator, reps: int) -> tuple[list[ComputeSample], list[CommSample]]:
+    """Per-task times of serial runs of every op, at sizes the validation does not use.
+
+    The tasks run through the very code paths the model must predict (the kernels inside the
+    ops, the communicator's collectives with their conversions and copies), so the fit sees
+    their real costs, not only the bare kernels'. Each task's time is its median over
+    ``reps`` runs on the slowest rank.
+    """
+    from mc2sim.model.validate import calibration_cases
+
+    compute: list[ComputeSample] = []
+    comm_samples: list[CommSample] = []
+    for case in calibration_cases(comm):
+        durations: dict[int, list[float]] = {}
+        for rep in range(reps + 1):
+            with record() as rec:
+                case.run()
+            if rep == 0:
+                continue  # warm-up
+            for r in gather(comm, rec.timeline).records:
+                durations.setdefault(r.task, []).append(r.duration_s)
+        plan = case.plans[comm.rank]
+        for task in plan.tasks:
+            seconds = statistics.median(durations[task.id])
+            if task.resource is Resource.COMPUTE:
+                dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else plan.dtype
+                compute.append(
+                    ComputeSample(dtype=dtype, flops=task.flops, nbytes=task.bytes, seconds=seconds)
+                )
+            elif task.kind is TaskKind.ALLGATHER:
+                total = task.bytes * comm.size
+                comm_samples.append(CommSample(kind="allgather", nbytes=total, seconds=seconds))
+            elif task.kind is TaskKind.ALLTOALLV:
+                away = max(t.bytes for t in (p.tasks[task.id] for p in case.plans))
+                whole = away * comm.size / max(comm.size - 1, 1)  # as an even exchange
+                comm_samples.append(CommSample(kind="alltoallv", nbytes=whole, seconds=seconds))
+            else:
+                kind = "allreduce" if task.kind is TaskKind.ALLREDUCE else "reduce_scatter"
+                comm_samples.append(CommSample(kind=kind, nbytes=task.bytes, seconds=seconds))
+    return compute, comm_samples
 
 
 def _waited(start: Callable[..., Work], *args: object, **kwargs: object) -> Callable[[], object]:
@@ -169,30 +232,40 @@ def _waited(start: Callable[..., Work], *args: object, **kwargs: object) -> Call
     return lambda: start(*args, **kwargs).wait()
 
 
-def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float, float]:
-    """(a, b) with t = a * alpha + b * beta for one sample under one link kind."""
+def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float, float, float]:
+    """(a, b, c) with t = a * alpha + b * beta + c / vector_rate under one link kind.
+
+    The same formulas as :mod:`mc2sim.model.cost` for one dimension of ``world`` ranks.
+    """
     n, p = sample.nbytes, world
+    mesh = kind is LinkKind.FULL_MESH
     if sample.kind == "allreduce":
-        if kind is LinkKind.FULL_MESH:
-            return 2.0, 2.0 * n / p
-        return 2.0 * (p - 1), 2.0 * (p - 1) * n / p
-    away, peers = n * (p - 1) / p, p - 1
-    if kind is LinkKind.FULL_MESH:
-        return float(peers), n / p
-    return float(peers), away
+        steps = 2.0 if mesh else 2.0 * (p - 1)
+        return steps, steps * n / p, (p - 1) / p * n / 2
+    if sample.kind == "allgather":
+        steps = 1.0 if mesh else float(p - 1)
+        return steps, steps * n / p, 0.0
+    if sample.kind == "reduce_scatter":
+        steps = 1.0 if mesh else float(p - 1)
+        return steps, steps * n / p, (p - 1) / p * n / 2
+    return float(p - 1), (n / p if mesh else n * (p - 1) / p), 0.0
 
 
-def fit_network(samples: Sequence[CommSample], world: int) -> NetworkDim:
-    """Fit latency and 1 / bandwidth of one dimension per link kind; keep the best fit."""
-    best: tuple[float, NetworkDim] | None = None
+def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, float]:
+    """Fit latency, 1 / bandwidth and the reduction's vector rate; keep the better link kind.
+
+    Returns:
+        ``(the network dimension, vector TFLOP/s)``.
+    """
+    best: tuple[float, NetworkDim, float] | None = None
     seconds = np.array([s.seconds for s in samples])
     for kind in (LinkKind.FULL_MESH, LinkKind.SWITCH):
         a = np.array([_coefficients(kind, s, world) for s in samples]) / seconds[:, None]
         coef, *_ = np.linalg.lstsq(a, np.ones_like(seconds), rcond=None)
-        alpha, beta = max(float(coef[0]), 0.0), float(coef[1])
-        if beta <= 0:
+        alpha, beta, inv_vector = max(float(coef[0]), 0.0), float(coef[1]), float(coef[2])
+        if beta <= 0 or inv_vector <= 0:
             continue
-        error = float(np.sum((a @ np.array([alpha, beta]) - 1.0) ** 2))
+        error = float(np.sum((a @ np.array([alpha, beta, inv_vector]) - 1.0) ** 2))
         dim = NetworkDim(
             kind=kind,
             ranks=world,
@@ -201,10 +274,10 @@ def fit_network(samples: Sequence[CommSample], world: int) -> NetworkDim:
             name="shared-memory",
         )
         if best is None or error < best[0]:
-            best = (error, dim)
+            best = (error, dim, 1.0 / inv_vector / 1e12)
     if best is None:
         raise RuntimeError("communication timings could not be fitted")
-    return best[1]
+    return best[1], best[2]
 
 
 def _overlapped_runs(comm: Communicator) -> list[tuple[Callable[[], object], tuple[Plan, ...]]]:
@@ -227,9 +300,10 @@ def fit_contention(comm: Communicator, base: Topology, reps: int) -> Contention:
                 run()
             spans.append(gather(comm, rec.timeline).metrics().total_s)
         measured.append((statistics.median(spans[1:]), plans))
-    grid = [1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0]
+    compute_grid = [1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
+    comm_grid = [1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0]
     best: tuple[float, float, float] | None = None
-    for cs, ms in itertools.product(grid, grid):
+    for cs, ms in itertools.product(compute_grid, comm_grid):
         trial = dataclasses.replace(
             base, contention=Contention(compute_slowdown=cs, comm_slowdown=ms)
         )
@@ -263,10 +337,11 @@ def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") 
     Returns:
         The fitted topology; the same on every rank.
     """
-    compute = measure_compute(comm, reps)
-    peaks, efficiency, launch_us = fit_compute(compute)
-    memory_gbps, vector_tflops = measure_memory(comm, reps)
-    network = fit_network(measure_comm(comm, reps), comm.size)
+    compute, collectives = measure_in_ops(comm, reps)
+    compute += measure_compute(comm, reps)
+    collectives += measure_comm(comm, reps)
+    peaks, efficiency, launch_us, memory_gbps = fit_compute(compute)
+    network, vector_tflops = fit_network(collectives, comm.size)
     host = socket.gethostname()
     base = Topology(
         name=name,
@@ -278,12 +353,15 @@ def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") 
             memory_gbps=memory_gbps,
             efficiency=efficiency,
             launch_us=launch_us,
+            memory_overlap=False,
         ),
         network=(network,),
         contention=Contention(source="not yet fitted"),
         source=(
-            "mc2sim calibrate: matmul kernels at 5 sizes x 4 dtypes, AllReduce and AlltoAllv "
-            f"at 64 KiB to 16 MiB, {reps} repetitions each, all {comm.size} ranks at once"
+            f"mc2sim calibrate: matmul kernels at {len(COMPUTE_SIZES)} shapes x 3 dtypes and "
+            "int8, bfloat16 AllReduce, AlltoAllv and AllGather at 256 KiB to 12 MiB, "
+            f"{reps} repetitions each, all {comm.size} ranks at once; memory bandwidth and the "
+            "reduction's vector rate are effective figures of those kernels, not of the chips"
         ),
     )
     contention = fit_contention(comm, base, reps)

@@ -5,9 +5,10 @@ one issuer walks the tasks in plan order, waits for a task's dependencies, runs 
 task to its end before moving on, and hands a comm task to the rank's communication queue
 without waiting. The queue runs its collectives one at a time, in order; collective k starts
 when every rank has queued its k-th collective and is free, and all ranks take part until
-the collective's time on the topology has passed (:mod:`mc2sim.model.cost`). Compute that
-starts while the rank communicates (and communication that starts while it computes) is
-slowed by the topology's fitted contention factors.
+the collective's time on the topology has passed (:mod:`mc2sim.model.cost`). While a rank
+computes during a collective, both progress slower by the topology's fitted contention
+factors (processor sharing; a factor of 1 is full overlap, a large one means communication
+barely advances while the rank computes, as with MPI progress polled between tiles).
 
 Events are ordered in exactly one place: one heap keyed by (time, sequence number). Handlers
 only schedule events at or after the current time, so time never goes backwards.
@@ -43,12 +44,25 @@ class _Rank:
 
     plan: Plan
     pointer: int = 0  # next task the issuer looks at
-    issuer_busy: bool = False  # a compute task (or a wait) holds the issuer
+    issuer_busy: bool = False  # a compute task holds the issuer
     done: set[int] = field(default_factory=set)
-    compute_busy_until: float = 0.0
-    comm_busy_until: float = 0.0
     comm_queue: list[Task] = field(default_factory=list)  # queued, not yet started
     comm_started: int = 0  # collectives started on this rank
+    computing: _Active | None = None  # the compute task in progress
+
+
+@dataclass
+class _Active:
+    """A task in progress: work left (seconds at full speed) and its current rate."""
+
+    tasks: list[tuple[int, Task]]  # (rank, task): one for compute, every rank for a collective
+    work: float
+    rate: float
+    since: float
+    version: int = 0
+
+    def left_at(self, now: float) -> float:
+        return self.work - (now - self.since) * self.rate
 
 
 def _splits_arrays(task: Task, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -88,25 +102,56 @@ def _collective_time(tasks: list[Task], topology: Topology) -> float:
 
 
 class _Engine:
+    """The event loop. Events are (time, sequence, kind, rank, version) in one heap.
+
+    Contention is processor sharing: while a rank computes and a collective runs, the
+    rank's compute advances at ``1 / compute_slowdown`` of its speed and the collective (held
+    back by its slowest member) at ``1 / comm_slowdown``; rates change only when a task starts
+    or ends, and the affected end events are moved (stale ones are skipped by version).
+    """
+
     def __init__(self, plans: Mapping[int, Plan], topology: Topology) -> None:
         self.topology = topology
         self.world = len(plans)
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
-        self.heap: list[tuple[float, int, int, int]] = []  # (time, seq, rank, task id)
+        self.heap: list[tuple[float, int, str, int, int]] = []
         self.seq = itertools.count()
         self.now = 0.0
         self.records: list[TaskRecord] = []
         self.starts: dict[tuple[int, int], float] = {}
         self.waiting: dict[int, list[Task | None]] = {}  # collective k -> tasks by rank
         self.waiting_count: dict[int, int] = {}
+        self.collective: _Active | None = None
+        self.computing = 0  # ranks with a compute task in progress
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
         self.run = {r: f"{plans[r].op}/{plans[r].tiling}#sim" for r in range(self.world)}
 
-    def schedule(self, at: float, rank: int, task_id: int) -> None:
-        if at < self.now:  # the one rule of the engine
+    # -- the one ordering --------------------------------------------------------------------
+
+    def schedule(self, active: _Active, kind: str, rank: int) -> None:
+        """(Re)schedule ``active``'s end from its work left and rate; older events go stale."""
+        active.version += 1
+        at = self.now + active.work / active.rate
+        if at < self.now:  # time never goes backwards
             raise RuntimeError(f"event at {at} before now {self.now}")
-        heapq.heappush(self.heap, (at, next(self.seq), rank, task_id))
+        heapq.heappush(self.heap, (at, next(self.seq), kind, rank, active.version))
+
+    def rerate(self, active: _Active, rate: float, kind: str, rank: int) -> None:
+        if rate == active.rate:
+            return
+        active.work = active.left_at(self.now)
+        active.since = self.now
+        active.rate = rate
+        self.schedule(active, kind, rank)
+
+    def compute_rate(self) -> float:
+        return 1.0 / self.compute_slow if self.collective is not None else 1.0
+
+    def comm_rate(self) -> float:
+        return 1.0 / self.comm_slow if self.computing > 0 else 1.0
+
+    # -- ranks -------------------------------------------------------------------------------
 
     def advance(self, rank: int) -> None:
         """Let rank's issuer go as far as it can now."""
@@ -118,14 +163,14 @@ class _Engine:
                 return  # waiting on a dependency (a comm chunk still in flight)
             state.pointer += 1
             if task.resource is Resource.COMPUTE:
-                start = max(self.now, state.compute_busy_until)
-                duration = compute_time(task, self.topology, state.plan.dtype)
-                if state.comm_busy_until > start:
-                    duration *= self.compute_slow
+                work = compute_time(task, self.topology, state.plan.dtype)
+                state.computing = _Active([(rank, task)], work, self.compute_rate(), self.now)
                 state.issuer_busy = True
-                state.compute_busy_until = start + duration
-                self.starts[(rank, task.id)] = start
-                self.schedule(start + duration, rank, task.id)
+                self.starts[(rank, task.id)] = self.now
+                self.computing += 1
+                self.schedule(state.computing, "compute", rank)
+                if self.computing == 1 and self.collective is not None:
+                    self.rerate(self.collective, self.comm_rate(), "comm", -1)
                 return
             state.comm_queue.append(task)
             self.try_collective(rank)
@@ -133,10 +178,10 @@ class _Engine:
     def try_collective(self, rank: int) -> None:
         """Queue rank's next collective; start collective k once every rank has queued it."""
         state = self.ranks[rank]
-        if not state.comm_queue or state.comm_busy_until > self.now:
+        if not state.comm_queue or self.collective is not None:
             return
         k = state.comm_started
-        if self.waiting.get(k) is None:
+        if k not in self.waiting:
             self.waiting[k] = [None] * self.world
             self.waiting_count[k] = 0
         if self.waiting[k][rank] is not None:
@@ -147,48 +192,79 @@ class _Engine:
             return
         tasks = [t for t in self.waiting.pop(k) if t is not None]
         del self.waiting_count[k]
-        duration = _collective_time(tasks, self.topology)
-        if any(r.compute_busy_until > self.now for r in self.ranks):
-            duration *= self.comm_slow
-        end = self.now + duration
+        work = _collective_time(tasks, self.topology)
         for r, task in enumerate(tasks):
             peer = self.ranks[r]
             peer.comm_queue.pop(0)
             peer.comm_started += 1
-            peer.comm_busy_until = end
             self.starts[(r, task.id)] = self.now
-            self.schedule(end, r, task.id)
+        self.collective = _Active(list(enumerate(tasks)), work, self.comm_rate(), self.now)
+        self.schedule(self.collective, "comm", -1)
+        self._rerate_computes()
 
-    def finish(self, rank: int, task_id: int) -> None:
-        state = self.ranks[rank]
-        task = state.plan.tasks[task_id]
-        state.done.add(task_id)
+    def _rerate_computes(self) -> None:
+        if self.compute_slow == 1.0:
+            return  # no contention: rates never change
+        rate = self.compute_rate()
+        for r, state in enumerate(self.ranks):
+            if state.computing is not None:
+                self.rerate(state.computing, rate, "compute", r)
+
+    def record(self, rank: int, task: Task) -> None:
+        self.ranks[rank].done.add(task.id)
         self.records.append(
             TaskRecord(
                 rank=rank,
                 run=self.run[rank],
-                task=task_id,
+                task=task.id,
                 name=task.name,
                 stream=Stream.COMM if task.resource is Resource.COMM else Stream.COMPUTE,
                 kind=str(task.kind),
-                start_s=self.starts.pop((rank, task_id)),
+                start_s=self.starts.pop((rank, task.id)),
                 end_s=self.now,
                 flops=task.flops,
                 bytes=task.bytes,
             )
         )
-        if task.resource is Resource.COMPUTE:
-            state.issuer_busy = False
-        else:
-            self.try_collective(rank)
+
+    def finish_compute(self, rank: int) -> None:
+        state = self.ranks[rank]
+        active = state.computing
+        if active is None:
+            raise RuntimeError(f"rank {rank} finished a compute task it did not run")
+        state.computing = None
+        state.issuer_busy = False
+        self.computing -= 1
+        self.record(rank, active.tasks[0][1])
+        if self.computing == 0 and self.collective is not None:
+            self.rerate(self.collective, self.comm_rate(), "comm", -1)
         self.advance(rank)
+
+    def finish_collective(self) -> None:
+        active = self.collective
+        if active is None:
+            raise RuntimeError("a collective ended that never started")
+        self.collective = None
+        for rank, task in active.tasks:
+            self.record(rank, task)
+        self._rerate_computes()
+        for rank, _ in active.tasks:
+            self.try_collective(rank)
+            self.advance(rank)
 
     def run_all(self) -> None:
         for rank in range(self.world):
             self.advance(rank)
         while self.heap:
-            self.now, _, rank, task_id = heapq.heappop(self.heap)
-            self.finish(rank, task_id)
+            at, _, kind, rank, version = heapq.heappop(self.heap)
+            active = self.collective if kind == "comm" else self.ranks[rank].computing
+            if active is None or active.version != version:
+                continue  # a stale end: the task's rate changed since
+            self.now = at
+            if kind == "comm":
+                self.finish_collective()
+            else:
+                self.finish_compute(rank)
         stuck = [
             r for r, s in enumerate(self.ranks) if s.pointer < len(s.plan.tasks) or s.comm_queue
         ]

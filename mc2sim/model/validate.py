@@ -36,7 +36,14 @@ from mc2sim.schedule.tiling import Tiling
 from mc2sim.timeline import gather, record
 from mc2sim.topology import Topology
 
-__all__ = ["Case", "CaseResult", "default_cases", "geomean_error", "run_cases"]
+__all__ = [
+    "Case",
+    "CaseResult",
+    "calibration_cases",
+    "default_cases",
+    "geomean_error",
+    "run_cases",
+]
 
 TilingSpec = None | str | int | Tiling
 """What the ops' ``tiling=`` takes."""
@@ -193,6 +200,28 @@ def default_cases(comm: Communicator) -> list[Case]:
     for op in ("all_gather", "reduce_scatter"):
         for tiling in ("serial", None):
             cases.append(tp_pair_case(comm, op=op, m=512 * comm.size, k=256, n=1024, tiling=tiling))
+    return cases
+
+
+def calibration_cases(comm: Communicator) -> list[Case]:
+    """Serial runs of every op at sizes ``default_cases`` does not use (``mc2sim calibrate``)."""
+    uniform = RoutingConfig(kind=RoutingKind.UNIFORM, seed=5)
+    cases = [
+        mm_all_reduce_case(comm, m=m, k=k, n=n, tiling="serial")
+        for m, k, n in ((1024, 64, 1024), (3072, 48, 2048), (2048, 192, 1536), (4096, 128, 512))
+    ]
+    cases.append(
+        moe_case(
+            comm, op="combine", tokens=1024, e=4, h1=64, n1=2048, routing=uniform, tiling="serial"
+        )
+    )
+    cases.append(
+        moe_case(
+            comm, op="dispatch", tokens=1024, e=4, h1=2048, n1=64, routing=uniform, tiling="serial"
+        )
+    )
+    for op in ("all_gather", "reduce_scatter"):
+        cases.append(tp_pair_case(comm, op=op, m=384 * comm.size, k=512, n=768, tiling="serial"))
     return cases
 
 
