@@ -3,14 +3,18 @@
 Run on every rank (under mpiexec). All ranks measure at the same time, so each rank's
 figures include what the others take from the machine, as in real runs:
 
-1. compute: mc2sim's matmul kernels at several shapes (memory-bound to compute-bound) and
-   dtypes, and the int8 quant matmul; fitted to ``launch + flops / (peak(dtype) *
-   util(flops)) + bytes / bandwidth`` with the efficiency curve ``util(f) = min + (1 - min) *
-   f / (f + half)``, least squares on relative error (the reference kernels' memory passes
-   add to their arithmetic: the device gets ``memory_overlap: false``);
-2. communication: bfloat16 AllReduce, even AlltoAllv and AllGather at several sizes through
-   the communicator, fitted to the alpha-beta model of one network dimension (the better of
-   full mesh and switch), jointly with the vector rate of the AllReduce's additions;
+1. serial runs of every op at calibration sizes (MatmulAllReduce at four shapes from
+   memory-bound to compute-bound, both MoE ops, AllGatherMatmul, MatmulReduceScatter, all
+   bfloat16), recorded task by task: their compute tasks fit ``launch + flops / (peak *
+   util(flops)) + bytes / bandwidth`` with ``util(f) = min + (1 - min) * f / (f + half)``
+   (least squares on relative error; the reference kernels' memory passes add to their
+   arithmetic: ``memory_overlap: false``), and their AllReduce, AlltoAllv, AllGather and
+   ReduceScatter tasks fit the alpha-beta model of one network dimension (the better of full
+   mesh and switch) jointly with the vector rate of the reductions' additions. Tasks timed
+   inside the ops carry every cost the model must predict (conversions, copies, the
+   communicator's own work), which bare-kernel timings miss;
+2. the bare kernels at several shapes in float16, float32 and int8 give those dtypes' peaks,
+   the other terms held fixed;
 3. contention: a tiled MatmulAllReduce run, measured for real and simulated over a grid of
    compute and communication slowdowns; the pair with the smallest squared log error is
    kept.
@@ -150,8 +154,8 @@ def fit_compute(
                 np.where([s.dtype == d for s in samples], flops / util, 0.0) for d in dtypes
             ]
             a = np.stack(columns, axis=1) / seconds[:, None]
-            coef, *_ = np.linalg.lstsq(a, np.ones_like(seconds), rcond=None)
-            if coef[0] < 0 or np.any(coef[1:] <= 0):
+            coef = _nonnegative_lstsq(a, np.ones_like(seconds))
+            if np.any(coef[2:] <= 0):  # every dtype needs a finite peak
                 continue
             error = float(np.sum((a @ coef - 1.0) ** 2))
             if best is None or error < best[0]:
@@ -161,28 +165,42 @@ def fit_compute(
     _, min_util, half, coef = best
     peaks = {d: float(1.0 / coef[i + 2] / 1e12) for i, d in enumerate(dtypes)}
     efficiency = Efficiency(min_util=min_util, max_util=1.0, half_flops=half)
-    return peaks, efficiency, float(coef[0] * 1e6), float(1.0 / coef[1] / 1e9)
+    memory_gbps = 1.0 / coef[1] / 1e9 if coef[1] > 0 else _UNBOUNDED_GBPS
+    return peaks, efficiency, float(coef[0] * 1e6), float(memory_gbps)
 
 
-def measure_comm(comm: Communicator, reps: int) -> list[CommSample]:
-    """Time bfloat16 AllReduce, even AlltoAllv and AllGather, 256 KiB to 16 MiB per rank."""
-    samples = []
-    for nbytes in (1 << 18, 1 << 20, 1 << 22, 3 << 22):
-        t = torch.ones(nbytes // 2, dtype=torch.bfloat16)
-        out = torch.empty_like(t)
-        seconds = _median_time(comm, _waited(comm.iallreduce, t, out=out), reps)
-        samples.append(CommSample(kind="allreduce", nbytes=nbytes, seconds=seconds))
-        rows = max(comm.size, nbytes // 2 // 1024 // comm.size * comm.size)
-        x = torch.ones(rows, 1024, dtype=torch.bfloat16)
-        splits = [rows // comm.size] * comm.size
-        seconds = _median_time(comm, _waited(comm.ialltoallv, x, splits, splits), reps)
-        samples.append(CommSample(kind="alltoallv", nbytes=x.numel() * 2, seconds=seconds))
-        piece = torch.ones(nbytes // 2 // comm.size, dtype=torch.bfloat16)
-        seconds = _median_time(comm, functools.partial(comm.allgather, piece), reps)
-        samples.append(
-            CommSample(kind="allgather", nbytes=piece.numel() * 2 * comm.size, seconds=seconds)
+def fit_peaks(
+    samples: Sequence[ComputeSample], efficiency: Efficiency, launch_us: float, memory_gbps: float
+) -> dict[str, float]:
+    """Peak TFLOP/s of further dtypes, the efficiency, launch and memory terms held fixed."""
+    peaks = {}
+    for dtype in sorted({s.dtype for s in samples}):
+        mine = [s for s in samples if s.dtype == dtype]
+        arithmetic = np.array(
+            [s.seconds - launch_us * 1e-6 - s.nbytes / (memory_gbps * 1e9) for s in mine]
         )
-    return samples
+        work = np.array([s.flops / efficiency.util(s.flops) for s in mine])
+        inv_peak = float(np.sum(work * arithmetic) / np.sum(work * work))  # least squares
+        if inv_peak > 0:
+            peaks[dtype] = 1.0 / inv_peak / 1e12
+    return peaks
+
+
+_UNBOUNDED_GBPS = 1e6
+"""Memory bandwidth written when the fit finds memory traffic costs nothing measurable."""
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (active set: drop the most negative, refit)."""
+    active = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while active:
+        sub, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        if np.all(sub >= 0):
+            coef[active] = sub
+            return coef
+        active.pop(int(np.argmin(sub)))
+    return coef
 
 
 def measure_in_ops(comm: Communicator, reps: int) -> tuple[list[ComputeSample], list[CommSample]]:
@@ -261,8 +279,8 @@ def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, 
     seconds = np.array([s.seconds for s in samples])
     for kind in (LinkKind.FULL_MESH, LinkKind.SWITCH):
         a = np.array([_coefficients(kind, s, world) for s in samples]) / seconds[:, None]
-        coef, *_ = np.linalg.lstsq(a, np.ones_like(seconds), rcond=None)
-        alpha, beta, inv_vector = max(float(coef[0]), 0.0), float(coef[1]), float(coef[2])
+        coef = _nonnegative_lstsq(a, np.ones_like(seconds))
+        alpha, beta, inv_vector = float(coef[0]), float(coef[1]), float(coef[2])
         if beta <= 0 or inv_vector <= 0:
             continue
         error = float(np.sum((a @ np.array([alpha, beta, inv_vector]) - 1.0) ** 2))
@@ -338,9 +356,9 @@ def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") 
         The fitted topology; the same on every rank.
     """
     compute, collectives = measure_in_ops(comm, reps)
-    compute += measure_compute(comm, reps)
-    collectives += measure_comm(comm, reps)
     peaks, efficiency, launch_us, memory_gbps = fit_compute(compute)
+    others = [s for s in measure_compute(comm, reps) if s.dtype not in peaks]
+    peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
     network, vector_tflops = fit_network(collectives, comm.size)
     host = socket.gethostname()
     base = Topology(
@@ -358,10 +376,11 @@ def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") 
         network=(network,),
         contention=Contention(source="not yet fitted"),
         source=(
-            f"mc2sim calibrate: matmul kernels at {len(COMPUTE_SIZES)} shapes x 3 dtypes and "
-            "int8, bfloat16 AllReduce, AlltoAllv and AllGather at 256 KiB to 12 MiB, "
+            "mc2sim calibrate: per-task times of serial runs of the five ops at calibration "
+            "sizes (bfloat16), bare matmul kernels for float16, float32 and int8, "
             f"{reps} repetitions each, all {comm.size} ranks at once; memory bandwidth and the "
-            "reduction's vector rate are effective figures of those kernels, not of the chips"
+            "reductions' vector rate are effective figures of mc2sim's kernels and "
+            "communicator on this machine, not of the chips"
         ),
     )
     contention = fit_contention(comm, base, reps)

@@ -11,7 +11,8 @@ and an AlltoAllv on a CPU):
 
 * AllReduce: the better of a hierarchical ring (reduce-scatter from the innermost dimension
   outwards, all-gather back; on a full mesh each phase sends to every peer at once) and
-  recursive doubling over the whole group on its slowest dimension (small messages).
+  recursive doubling, ceil(log2 r) exchanges of the whole buffer on each dimension of r
+  ranks (small messages).
 * AllGather / ReduceScatter: the hierarchical phases of the same.
 * AlltoAllv on uneven counts: every rank's traffic is split by the dimension that separates
   it from each peer; a rank's time on a dimension is the larger of its send and receive
@@ -104,9 +105,13 @@ def allreduce_time(topology: Topology, nbytes: float) -> float:
     for dim in topology.network:  # reduce-scatter inwards out, all-gather back
         hierarchical += 2 * _phase(dim, size)
         size /= max(dim.ranks, 1)
-    slowest = min(topology.network, key=lambda d: d.bandwidth_gbps if d.ranks > 1 else math.inf)
-    steps = math.ceil(math.log2(world))
-    doubling = steps * (slowest.latency_us * 1e-6 + nbytes / (slowest.bandwidth_gbps * 1e9))
+    # recursive doubling, dimension by dimension: ceil(log2 r) exchanges of the whole buffer
+    doubling = 0.0
+    steps = 0
+    for dim in topology.network:
+        rounds = math.ceil(math.log2(dim.ranks)) if dim.ranks > 1 else 0
+        steps += rounds
+        doubling += rounds * (dim.latency_us * 1e-6 + nbytes / (dim.bandwidth_gbps * 1e9))
     hierarchical += _reduce_work(topology, nbytes, (world - 1) / world)
     doubling += _reduce_work(topology, nbytes, steps)
     return min(hierarchical, doubling)
@@ -114,9 +119,9 @@ def allreduce_time(topology: Topology, nbytes: float) -> float:
 
 def allgather_time(topology: Topology, nbytes_total: float) -> float:
     """Seconds of an AllGather whose result is ``nbytes_total`` on every rank."""
-    time = 0.0
+    time = 0.0  # the all-gather half of the hierarchical AllReduce: outermost dimension first
     gathered = nbytes_total / max(topology.world_size, 1)
-    for dim in topology.network:
+    for dim in reversed(topology.network):
         gathered *= dim.ranks
         time += _phase(dim, gathered)
     return time

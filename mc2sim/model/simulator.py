@@ -116,6 +116,7 @@ class _Engine:
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
         self.heap: list[tuple[float, int, str, int, int]] = []
         self.seq = itertools.count()
+        self.versions = itertools.count(1)
         self.now = 0.0
         self.records: list[TaskRecord] = []
         self.starts: dict[tuple[int, int], float] = {}
@@ -130,8 +131,12 @@ class _Engine:
     # -- the one ordering --------------------------------------------------------------------
 
     def schedule(self, active: _Active, kind: str, rank: int) -> None:
-        """(Re)schedule ``active``'s end from its work left and rate; older events go stale."""
-        active.version += 1
+        """(Re)schedule ``active``'s end from its work left and rate; older events go stale.
+
+        Versions come from one counter for the whole run, so a stale event of an earlier task
+        can never match a later task's version.
+        """
+        active.version = next(self.versions)
         at = self.now + active.work / active.rate
         if at < self.now:  # time never goes backwards
             raise RuntimeError(f"event at {at} before now {self.now}")

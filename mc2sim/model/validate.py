@@ -167,7 +167,7 @@ def default_cases(comm: Communicator) -> list[Case]:
     uniform = RoutingConfig(kind=RoutingKind.UNIFORM, seed=2)
     skewed = RoutingConfig(kind=RoutingKind.ZIPF, seed=2, skew=1.5)
     cases = []
-    for m, k, n in ((2048, 32, 2048), (4096, 96, 1024)):
+    for m, k, n in ((2048, 64, 2048), (4096, 128, 1024)):
         for tiling in ("serial", None, 4):
             cases.append(mm_all_reduce_case(comm, m=m, k=k, n=n, tiling=tiling))
     for routing in (uniform, skewed):
@@ -178,7 +178,7 @@ def default_cases(comm: Communicator) -> list[Case]:
                     op="combine",
                     tokens=2048,
                     e=4,
-                    h1=32,
+                    h1=64,
                     n1=1024,
                     routing=routing,
                     tiling=tiling,
@@ -192,7 +192,7 @@ def default_cases(comm: Communicator) -> list[Case]:
                 tokens=2048,
                 e=4,
                 h1=1024,
-                n1=32,
+                n1=64,
                 routing=uniform,
                 tiling=tiling,
             )

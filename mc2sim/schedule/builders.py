@@ -199,11 +199,14 @@ def _shared_task(tasks: _Tasks, shape: MoeShape) -> None:
         )
 
 
-def _gmm_fields(rows: int, shape: MoeShape, experts: int) -> dict[str, int]:
-    return {
-        "flops": 2 * rows * shape.h1 * shape.n1,
-        "bytes": (rows * (shape.h1 + shape.n1) + experts * shape.h1 * shape.n1) * shape.elem_bytes,
-    }
+def _gmm_fields(rows: int, shape: MoeShape, experts: int, permuted: int = 0) -> dict[str, int]:
+    """FLOPs and bytes of a grouped matmul of ``rows``.
+
+    ``permuted`` more elements per row are read and written again where a serial plan reorders
+    rows between expert-major and rank-major (a permute kernel in a non-fused pipeline).
+    """
+    traffic = rows * (shape.h1 + shape.n1) + experts * shape.h1 * shape.n1 + 2 * rows * permuted
+    return {"flops": 2 * rows * shape.h1 * shape.n1, "bytes": traffic * shape.elem_bytes}
 
 
 def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
@@ -219,7 +222,9 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     if tiling.mode is TilingMode.SERIAL:
         rows = shape.total(shape.send)
         gmm = tasks.add(
-            "grouped_matmul[all]", TaskKind.GROUPED_MATMUL, **_gmm_fields(rows, shape, shape.e)
+            "grouped_matmul[all]",
+            TaskKind.GROUPED_MATMUL,
+            **_gmm_fields(rows, shape, shape.e, permuted=shape.n1),  # unpermute its output
         )
         send = shape.per_peer(shape.send)
         recv = shape.per_peer(shape.recv)
@@ -296,7 +301,7 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
             "grouped_matmul[all]",
             TaskKind.GROUPED_MATMUL,
             deps=(a2a,),
-            **_gmm_fields(shape.total(shape.recv), shape, shape.e),
+            **_gmm_fields(shape.total(shape.recv), shape, shape.e, permuted=shape.h1),
         )
         described = "serial"
     else:

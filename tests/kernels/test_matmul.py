@@ -59,3 +59,18 @@ def test_bias_rules() -> None:
         matmul(torch.ones(2, 2), torch.ones(2, 2), bias=torch.ones(2).half())
     with pytest.raises(ParamInvalidError, match=r"bias.shape=\(3,\): must be \(2,\)"):
         matmul(torch.ones(2, 2), torch.ones(2, 2), bias=torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_many_row_blocks_with_bias(dtype: torch.dtype) -> None:
+    # n = 4096 makes a block 64 rows: 200 rows run as 4 blocks, the last one short
+    gen = torch.Generator().manual_seed(1)
+    x1 = torch.randn(2, 100, 8, generator=gen).to(dtype)
+    x2 = torch.randn(8, 4096, generator=gen).to(dtype)
+    bias = torch.randn(4096, generator=gen).to(dtype)
+    out = matmul(x1, x2, bias=bias)
+    exact = x1.double() @ x2.double() + bias.double()
+    assert out.shape == (2, 100, 4096) and out.dtype == dtype
+    assert torch.equal(out, exact.to(dtype)) or torch.allclose(
+        out.double(), exact, rtol=torch.finfo(dtype).eps, atol=1e-6
+    )
