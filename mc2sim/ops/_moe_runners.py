@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -60,8 +62,8 @@ class SharedExpert:
             self.result = matmul(self.mm_x, weight)
 
 
-class CombineRunner:
-    """GroupedMatMulAlltoAllv: expert GMM chunks, each sent back to the tokens' ranks."""
+class _ExpertChunks:
+    """What both MoE runners know of a call: counts, layouts, inputs, the shared expert."""
 
     def __init__(
         self,
@@ -81,9 +83,16 @@ class CombineRunner:
         self.world = len(send) // e
         self.by_dest = np.asarray(send, dtype=np.int64).reshape(self.world, e)  # [q, j]
         self.by_source = np.asarray(recv, dtype=np.int64).reshape(self.world, e)  # [r, j]
+
+
+class CombineRunner(_ExpertChunks):
+    """GroupedMatMulAlltoAllv: expert GMM chunks, each sent back to the tokens' ranks."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         # expert-major gmm_x: block (j, q) starts after all experts < j and peers < q of j
         flat = self.by_dest.T.reshape(-1)
-        self.starts = (np.cumsum(flat) - flat).reshape(e, self.world)  # [j, q]
+        self.starts = (np.cumsum(flat) - flat).reshape(self.e, self.world)  # [j, q]
         self.outputs: dict[int, torch.Tensor] = {}
         self.received: dict[tuple[int, int], torch.Tensor] = {}
         self.whole: torch.Tensor | None = None
@@ -138,29 +147,13 @@ class CombineRunner:
         return torch.cat(pieces)
 
 
-class DispatchRunner:
+class DispatchRunner(_ExpertChunks):
     """AlltoAllvGroupedMatMul: every expert chunk's rows sent first, each GMM once arrived."""
 
-    def __init__(
-        self,
-        *,
-        comm: Communicator,
-        gmm_x: torch.Tensor,
-        gmm_weight: torch.Tensor,
-        trans_gmm_weight: bool,
-        send: list[int],
-        recv: list[int],
-        e: int,
-        parts: int,
-        shared: SharedExpert,
-    ) -> None:
-        self.comm, self.x, self.weight, self.trans = comm, gmm_x, gmm_weight, trans_gmm_weight
-        self.e, self.parts, self.shared = e, parts, shared
-        self.world = len(send) // e
-        self.by_dest = np.asarray(send, dtype=np.int64).reshape(self.world, e)  # [q, j]
-        self.by_source = np.asarray(recv, dtype=np.int64).reshape(self.world, e)  # [r, j]
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         flat = self.by_dest.reshape(-1)
-        self.starts = (np.cumsum(flat) - flat).reshape(self.world, e)  # rank-major [q, j]
+        self.starts = (np.cumsum(flat) - flat).reshape(self.world, self.e)  # rank-major [q, j]
         self.received: dict[int, torch.Tensor] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}

@@ -18,7 +18,7 @@ every rank alike. See docs/OPS.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,41 +244,27 @@ def gmm_alltoallv(
         ParamNullptrError: a required input is None (on every rank alike).
         ParamInvalidError: any rule of OPS.md section 3 or the counts invariant (every rank).
     """
-    with agreed(comm):
-        tiling_of(tiling)  # a bad tiling is a parameter error like any other
-        call = _check_moe(
-            direction="combine",
-            gmm_x=gmm_x,
-            gmm_weight=gmm_weight,
-            comm=comm,
-            ep_world_size=ep_world_size,
-            send_counts=send_counts,
-            recv_counts=recv_counts,
-            send_counts_tensor=send_counts_tensor,
-            recv_counts_tensor=recv_counts_tensor,
-            mm_x=mm_x,
-            mm_weight=mm_weight,
-            trans_gmm_weight=trans_gmm_weight,
-            trans_mm_weight=trans_mm_weight,
-            strict=strict,
-        )
-    if validate_counts:
-        check_counts(comm, call.send, call.recv, call.e)
-    plan_tiling = tiling_of(tiling)
-    shape = _moe_shape(call, gmm_x, gmm_weight, trans_gmm_weight, mm_x, mm_weight, trans_mm_weight)
-    plan = plan_gmm_alltoallv(shape=shape, tiling=plan_tiling, rank=comm.rank)
-    runner = CombineRunner(
-        comm=comm,
+    runner = _run_moe(
+        "combine",
         gmm_x=gmm_x,
         gmm_weight=gmm_weight,
+        comm=comm,
+        ep_world_size=ep_world_size,
+        send_counts=send_counts,
+        recv_counts=recv_counts,
+        send_counts_tensor=send_counts_tensor,
+        recv_counts_tensor=recv_counts_tensor,
+        mm_x=mm_x,
+        mm_weight=mm_weight,
         trans_gmm_weight=trans_gmm_weight,
-        send=call.send,
-        recv=call.recv,
-        e=call.e,
-        parts=_parts(plan_tiling),
-        shared=SharedExpert(mm_x, mm_weight, trans_mm_weight),
+        trans_mm_weight=trans_mm_weight,
+        strict=strict,
+        validate_counts=validate_counts,
+        tiling=tiling,
+        progress=progress,
     )
-    execute(plan, comm, runner, progress=progress)
+    if not isinstance(runner, CombineRunner):  # _run_moe builds the direction's runner
+        raise TypeError(type(runner).__name__)
     return runner.y(), runner.shared.result
 
 
@@ -335,16 +321,69 @@ def alltoallv_gmm(
         ParamNullptrError: a required input is None (on every rank alike).
         ParamInvalidError: any rule of OPS.md section 3 or the counts invariant (every rank).
     """
-    with agreed(comm):
+
+    def check_flag() -> None:
         require(
             "permute_out_flag",
             permute_out_flag,
             isinstance(permute_out_flag, bool),
             "must be a bool",
         )
-        tiling_of(tiling)
+
+    runner = _run_moe(
+        "dispatch",
+        also_check=check_flag,
+        gmm_x=gmm_x,
+        gmm_weight=gmm_weight,
+        comm=comm,
+        ep_world_size=ep_world_size,
+        send_counts=send_counts,
+        recv_counts=recv_counts,
+        send_counts_tensor=send_counts_tensor,
+        recv_counts_tensor=recv_counts_tensor,
+        mm_x=mm_x,
+        mm_weight=mm_weight,
+        trans_gmm_weight=trans_gmm_weight,
+        trans_mm_weight=trans_mm_weight,
+        strict=strict,
+        validate_counts=validate_counts,
+        tiling=tiling,
+        progress=progress,
+    )
+    if not isinstance(runner, DispatchRunner):
+        raise TypeError(type(runner).__name__)
+    gmm_y, permuted = runner.results()
+    return gmm_y, runner.shared.result, permuted if permute_out_flag else None
+
+
+def _run_moe(
+    direction: str,
+    *,
+    gmm_x: torch.Tensor,
+    gmm_weight: torch.Tensor,
+    comm: Communicator,
+    ep_world_size: int,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    send_counts_tensor: torch.Tensor | None,
+    recv_counts_tensor: torch.Tensor | None,
+    mm_x: torch.Tensor | None,
+    mm_weight: torch.Tensor | None,
+    trans_gmm_weight: bool,
+    trans_mm_weight: bool,
+    strict: str | HardwareProfile | None,
+    validate_counts: bool,
+    tiling: None | str | int | Tiling,
+    progress: str,
+    also_check: Callable[[], None] | None = None,
+) -> CombineRunner | DispatchRunner:
+    """Check on every rank, agree, check the counts invariant, then plan and run the op."""
+    with agreed(comm):
+        if also_check is not None:
+            also_check()
+        plan_tiling = tiling_of(tiling)  # a bad tiling is a parameter error like any other
         call = _check_moe(
-            direction="dispatch",
+            direction=direction,
             gmm_x=gmm_x,
             gmm_weight=gmm_weight,
             comm=comm,
@@ -361,10 +400,11 @@ def alltoallv_gmm(
         )
     if validate_counts:
         check_counts(comm, call.send, call.recv, call.e)
-    plan_tiling = tiling_of(tiling)
     shape = _moe_shape(call, gmm_x, gmm_weight, trans_gmm_weight, mm_x, mm_weight, trans_mm_weight)
-    plan = plan_alltoallv_gmm(shape=shape, tiling=plan_tiling, rank=comm.rank)
-    runner = DispatchRunner(
+    combine = direction == "combine"
+    builder = plan_gmm_alltoallv if combine else plan_alltoallv_gmm
+    plan = builder(shape=shape, tiling=plan_tiling, rank=comm.rank)
+    runner = (CombineRunner if combine else DispatchRunner)(
         comm=comm,
         gmm_x=gmm_x,
         gmm_weight=gmm_weight,
@@ -376,8 +416,7 @@ def alltoallv_gmm(
         shared=SharedExpert(mm_x, mm_weight, trans_mm_weight),
     )
     execute(plan, comm, runner, progress=progress)
-    gmm_y, permuted = runner.results()
-    return gmm_y, runner.shared.result, permuted if permute_out_flag else None
+    return runner
 
 
 def _parts(tiling: Tiling) -> int:

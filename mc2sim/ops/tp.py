@@ -8,7 +8,7 @@ same error on every rank before any data moves), then the collective combines th
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ from mc2sim.schedule.builders import (
     plan_mm_all_reduce,
 )
 from mc2sim.schedule.executor import execute
-from mc2sim.schedule.plan import TaskKind
+from mc2sim.schedule.plan import Plan, TaskKind
 from mc2sim.schedule.tiling import Tiling, tiling_of
 
 __all__ = ["MatmulMode", "all_gather_matmul", "matmul_reduce_scatter", "mm_all_reduce"]
@@ -386,20 +386,11 @@ def all_gather_matmul(
         tiling_of(tiling)
         require("gather_index", gather_index, gather_index == 0, "only 0 (gather x1) is supported")
         require("gather_output", gather_output, isinstance(gather_output, bool), "must be a bool")
-    plan = plan_all_gather_matmul(
-        m=x1.shape[0],
-        shape=_dense_shape(x1, x2),
-        tiling=tiling_of(tiling),
-        rank=comm.rank,
-        world_size=comm.size,
-    )
     runner = AllGatherMatmulRunner(
         comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
     )
-    execute(plan, comm, runner, progress=progress)
-    if runner.out is None:  # every plan multiplies
-        raise AclnnRuntimeError("plan", plan.tiling, "produced no output")
-    return runner.out, runner.gathered if gather_output else None
+    out = _run_pair(plan_all_gather_matmul, runner, x1, x2, comm, tiling, progress)
+    return out, runner.gathered if gather_output else None
 
 
 def matmul_reduce_scatter(
@@ -451,18 +442,31 @@ def matmul_reduce_scatter(
             x1.shape[0] % world_size == 0,
             f"m must be a multiple of world_size ({world_size})",
         )
-    plan = plan_matmul_reduce_scatter(
+    runner = ReduceScatterRunner(
+        comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
+    )
+    return _run_pair(plan_matmul_reduce_scatter, runner, x1, x2, comm, tiling, progress)
+
+
+def _run_pair(
+    builder: Callable[..., Plan],
+    runner: AllGatherMatmulRunner | ReduceScatterRunner,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    comm: Communicator,
+    tiling: None | str | int | Tiling,
+    progress: str,
+) -> torch.Tensor:
+    """Plan one of the tensor-parallel pair, run it, return its output."""
+    plan = builder(
         m=x1.shape[0],
         shape=_dense_shape(x1, x2),
         tiling=tiling_of(tiling),
         rank=comm.rank,
         world_size=comm.size,
     )
-    runner = ReduceScatterRunner(
-        comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
-    )
     execute(plan, comm, runner, progress=progress)
-    if runner.out is None:  # every plan reduces
+    if runner.out is None:  # every plan of the pair writes the output
         raise AclnnRuntimeError("plan", plan.tiling, "produced no output")
     return runner.out
 
