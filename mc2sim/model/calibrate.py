@@ -208,8 +208,10 @@ def measure_in_ops(comm: Communicator, reps: int) -> tuple[list[ComputeSample], 
 
     The tasks run through the very code paths the model must predict (the kernels inside the
     ops, the communicator's collectives with their conversions and copies), so the fit sees
-    their real costs, not only the bare kernels'. Each task's time is its median over
-    ``reps`` runs on the slowest rank.
+    their real costs, not only the bare kernels'. A compute task's time in one run is the
+    slowest rank's; a collective's is the shortest rank's: the last rank to arrive waits for
+    nobody, so its time is the collective's own, without the others' wait for it. Each task's
+    figure is the median over ``reps`` runs.
     """
     from mc2sim.model.validate import calibration_cases
 
@@ -222,8 +224,12 @@ def measure_in_ops(comm: Communicator, reps: int) -> tuple[list[ComputeSample], 
                 case.run()
             if rep == 0:
                 continue  # warm-up
+            per_rank: dict[int, list[float]] = {}
             for r in gather(comm, rec.timeline).records:
-                durations.setdefault(r.task, []).append(r.duration_s)
+                per_rank.setdefault(r.task, []).append(r.duration_s)
+            for task_id, times in per_rank.items():
+                comm_task = case.plans[0].tasks[task_id].resource is Resource.COMM
+                durations.setdefault(task_id, []).append(min(times) if comm_task else max(times))
         plan = case.plans[comm.rank]
         for task in plan.tasks:
             seconds = statistics.median(durations[task.id])

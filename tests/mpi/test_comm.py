@@ -330,3 +330,18 @@ def test_out_of_the_wrong_shape_or_dtype_is_rejected(comm: Communicator) -> None
     splits = [1] * comm.size
     with pytest.raises(ParamInvalidError, match="out="):
         comm.alltoallv(torch.ones(comm.size, 2), splits, splits, out=torch.empty(comm.size, 3))
+
+
+def test_16bit_reductions_in_flight_never_share_scratch(comm: Communicator) -> None:
+    # several float16/bfloat16 reductions in flight at once, then repeated: the float32
+    # scratch each one sums in is reused only once it is free
+    for _ in range(3):
+        works = [
+            (i, dtype, comm.iallreduce(data(30 + i, comm.rank, (50 + 10 * i, 3), dtype)))
+            for i, dtype in enumerate([torch.bfloat16, torch.float16, torch.bfloat16])
+        ]
+        for i, dtype, work in reversed(works):
+            shape = (50 + 10 * i, 3)
+            everyone = [as_f64(data(30 + i, r, shape, dtype)) for r in range(comm.size)]
+            expected = torch.from_numpy(reduce_np(everyone, ReduceOp.SUM)).to(dtype)
+            assert_same(work.wait(), expected)
