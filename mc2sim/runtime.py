@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 
 from mc2sim.comm.launch import Launcher, detect_launcher
 from mc2sim.errors import AclnnError
 
-__all__ = ["abort_on_exception", "world_position"]
+__all__ = ["ABORT_GRACE_S", "abort_on_exception", "world_position"]
+
+
+ABORT_GRACE_S = 0.3
+"""Seconds between printing a failing rank's message and aborting the job."""
 
 
 def world_position() -> tuple[int, int]:
@@ -43,6 +48,9 @@ def _abort_job(code: int) -> None:
     if detect_launcher() is Launcher.MPIEXEC:
         from mpi4py import MPI
 
+        # The launcher forwards our stderr through a pipe; aborting at once can end the job
+        # before the line naming this rank reaches the user (seen with MPICH's hydra).
+        time.sleep(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(code)
     # torchrun (or another launcher) ends the other workers once this one exits non-zero;
     # exit at once, skipping atexit handlers that could wait on the others.
