@@ -218,6 +218,11 @@ class Device:
     launch_us: float
     """Fixed cost of every task (launch or in-kernel synchronisation), in microseconds, >= 0."""
 
+    reduce_gbps: float = 0.0
+    """Rate at which a collective's reduction consumes the data it adds, in GB/s; 0 means the
+    reduction is free (done in line by the communication engine, as HCCL and NCCL do). A CPU
+    MPI sums received buffers in a loop of its own, which calibration measures."""
+
     memory_overlap: bool = True
     """Whether a task's memory traffic overlaps its arithmetic (the roofline: the longer of the
     two, as on accelerators whose DMA feeds the matrix unit) or adds to it (separate passes, as
@@ -248,6 +253,7 @@ class Device:
         if not isinstance(self.efficiency, Efficiency):
             raise ParamInvalidError("efficiency", self.efficiency, "must be an Efficiency")
         object.__setattr__(self, "launch_us", _non_negative("launch_us", self.launch_us))
+        object.__setattr__(self, "reduce_gbps", _non_negative("reduce_gbps", self.reduce_gbps))
         if not isinstance(self.memory_overlap, bool):
             raise ParamInvalidError("memory_overlap", self.memory_overlap, "must be true or false")
 
@@ -260,6 +266,7 @@ class Device:
                 self.memory_gbps,
                 self.efficiency,
                 self.launch_us,
+                self.reduce_gbps,
                 self.memory_overlap,
             )
         )
@@ -518,9 +525,10 @@ _DEVICE_KEYS = (
     "memory_gbps",
     "launch_us",
     "efficiency",
+    "reduce_gbps",
     "memory_overlap",
 )
-_DEVICE_OPTIONAL = ("memory_overlap",)
+_DEVICE_OPTIONAL = ("reduce_gbps", "memory_overlap")
 _EFFICIENCY_KEYS = ("min_util", "max_util", "half_flops")
 _DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
 _DIM_OPTIONAL = ("name",)
@@ -631,6 +639,7 @@ class _Reader:
             memory_gbps=self.number(dev["memory_gbps"], "device.memory_gbps"),
             launch_us=self.number(dev["launch_us"], "device.launch_us"),
             efficiency=efficiency,
+            reduce_gbps=self.number(dev.get("reduce_gbps", 0.0), "device.reduce_gbps"),
             memory_overlap=self.flag(dev.get("memory_overlap", True), "device.memory_overlap"),
         )
 
@@ -720,6 +729,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "vector_tflops": dev.vector_tflops,
             "memory_gbps": dev.memory_gbps,
             "launch_us": dev.launch_us,
+            "reduce_gbps": dev.reduce_gbps,
             "memory_overlap": dev.memory_overlap,
             "efficiency": {
                 "min_util": eff.min_util,

@@ -169,6 +169,20 @@ def fit_compute(
     return peaks, efficiency, float(coef[0] * 1e6), float(memory_gbps)
 
 
+def measure_vector(comm: Communicator, reps: int) -> float:
+    """Elementwise TFLOP/s: summing four 4 Mi-element float32 partials, as a reduce task does."""
+    partials = [torch.rand(4 * 1024 * 1024) for _ in range(4)]
+    total = torch.empty_like(partials[0])
+
+    def add_all() -> None:
+        total.copy_(partials[0])
+        for part in partials[1:]:
+            total.add_(part)
+
+    seconds = _median_time(comm, add_all, reps)
+    return 3 * partials[0].numel() / seconds / 1e12
+
+
 def fit_peaks(
     samples: Sequence[ComputeSample], efficiency: Efficiency, launch_us: float, memory_gbps: float
 ) -> dict[str, float]:
@@ -257,7 +271,7 @@ def _waited(start: Callable[..., Work], *args: object, **kwargs: object) -> Call
 
 
 def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float, float, float]:
-    """(a, b, c) with t = a * alpha + b * beta + c / vector_rate under one link kind.
+    """(a, b, c) with t = a * alpha + b * beta + c / reduce_rate under one link kind.
 
     The same formulas as :mod:`mc2sim.model.cost` for one dimension of ``world`` ranks.
     """
@@ -265,13 +279,13 @@ def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float
     mesh = kind is LinkKind.FULL_MESH
     if sample.kind == "allreduce":
         steps = 2.0 if mesh else 2.0 * (p - 1)
-        return steps, steps * n / p, (p - 1) / p * n / 2
+        return steps, steps * n / p, (p - 1) / p * n
     if sample.kind == "allgather":
         steps = 1.0 if mesh else float(p - 1)
         return steps, steps * n / p, 0.0
     if sample.kind == "reduce_scatter":
         steps = 1.0 if mesh else float(p - 1)
-        return steps, steps * n / p, (p - 1) / p * n / 2
+        return steps, steps * n / p, (p - 1) / p * n
     return float(p - 1), (n / p if mesh else n * (p - 1) / p), 0.0
 
 
@@ -286,10 +300,10 @@ def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, 
     for kind in (LinkKind.FULL_MESH, LinkKind.SWITCH):
         a = np.array([_coefficients(kind, s, world) for s in samples]) / seconds[:, None]
         coef = _nonnegative_lstsq(a, np.ones_like(seconds))
-        alpha, beta, inv_vector = float(coef[0]), float(coef[1]), float(coef[2])
-        if beta <= 0 or inv_vector <= 0:
+        alpha, beta, inv_reduce = float(coef[0]), float(coef[1]), float(coef[2])
+        if beta <= 0:
             continue
-        error = float(np.sum((a @ np.array([alpha, beta, inv_vector]) - 1.0) ** 2))
+        error = float(np.sum((a @ np.array([alpha, beta, inv_reduce]) - 1.0) ** 2))
         dim = NetworkDim(
             kind=kind,
             ranks=world,
@@ -298,7 +312,7 @@ def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, 
             name="shared-memory",
         )
         if best is None or error < best[0]:
-            best = (error, dim, 1.0 / inv_vector / 1e12)
+            best = (error, dim, 1.0 / inv_reduce / 1e9 if inv_reduce > 0 else 0.0)
     if best is None:
         raise RuntimeError("communication timings could not be fitted")
     return best[1], best[2]
@@ -365,7 +379,8 @@ def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") 
     peaks, efficiency, launch_us, memory_gbps = fit_compute(compute)
     others = [s for s in measure_compute(comm, reps) if s.dtype not in peaks]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
-    network, vector_tflops = fit_network(collectives, comm.size)
+    network, reduce_gbps = fit_network(collectives, comm.size)
+    vector_tflops = measure_vector(comm, reps)
     host = socket.gethostname()
     base = Topology(
         name=name,
@@ -377,6 +392,7 @@ def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") 
             memory_gbps=memory_gbps,
             efficiency=efficiency,
             launch_us=launch_us,
+            reduce_gbps=reduce_gbps,
             memory_overlap=False,
         ),
         network=(network,),

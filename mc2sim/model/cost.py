@@ -5,9 +5,9 @@ matrix unit's peak scaled by the device's small-tile efficiency curve (the sum i
 max on a device whose memory traffic does not overlap its arithmetic); reductions run on the
 vector unit. Collectives: each network dimension is ``alpha`` (latency per message) and
 ``beta`` (1 / bandwidth per rank and direction), GB = 1e9 bytes. AllReduce and ReduceScatter
-also add what they receive: an element-add per 16-bit element of the reduced share, at the
-vector rate (negligible on an accelerator; most of the difference between a 16-bit AllReduce
-and an AlltoAllv on a CPU):
+also add what they receive, at the device's ``reduce_gbps`` (0: free, the communication engine
+reduces in line, as on accelerators; a CPU MPI's reduction loop is most of the difference
+between a 16-bit AllReduce and an AlltoAllv there):
 
 * AllReduce: the better of a hierarchical ring (reduce-scatter from the innermost dimension
   outwards, all-gather back; on a full mesh each phase sends to every peer at once) and
@@ -91,8 +91,12 @@ def _phase(dim: NetworkDim, nbytes: float) -> float:
 
 
 def _reduce_work(topology: Topology, nbytes: float, rounds: float) -> float:
-    """Seconds of adding ``rounds`` x ``nbytes`` of 16-bit elements at the vector rate."""
-    return rounds * nbytes / 2 / (topology.device.vector_tflops * 1e12)
+    """Seconds a collective spends adding ``rounds`` x ``nbytes`` it received.
+
+    Zero when the device's communication engine reduces in line (``reduce_gbps`` of 0).
+    """
+    rate = topology.device.reduce_gbps
+    return rounds * nbytes / (rate * 1e9) if rate > 0 else 0.0
 
 
 def allreduce_time(topology: Topology, nbytes: float) -> float:

@@ -72,9 +72,11 @@ DEVICE = Device(
     memory_gbps=1000.0,
     efficiency=FLAT,
     launch_us=1.0,
+    reduce_gbps=5000.0,
 )
 """100 TFLOP/s fp16 (bf16 by the half-precision fallback), 400 TOP/s int8, 10 TFLOP/s vector,
-1000 GB/s memory, 1 us launch, full utilisation at every size."""
+1000 GB/s memory, 1 us launch, collectives reducing at 5000 GB/s, full utilisation at every
+size."""
 
 
 def dim(kind: str, ranks: int, gbps: float, us: float) -> NetworkDim:
@@ -240,8 +242,8 @@ US = 1e-6
 
 
 def adds(nbytes: float, rounds: float) -> float:
-    """The element-adds of a reduction: ``rounds`` x ``nbytes`` of 16-bit elements at 10 TFLOP/s."""
-    return rounds * nbytes / 2 / 10e12
+    """A collective's reduction: ``rounds`` x ``nbytes`` consumed at the device's 5000 GB/s."""
+    return rounds * nbytes / 5000e9
 
 
 @pytest.mark.parametrize(
@@ -1033,3 +1035,18 @@ def test_route_sparse_shares_the_popularity_order_of_route() -> None:
     sparse = matrices(zipf(seed=7, skew=2.0), "dispatch")[0].sum(axis=0)
     assert int(np.argmax(sparse)) == int(np.argmax(dense.expert_load()))
     assert math.isclose(sparse.sum(), dense.expert_load().sum())
+
+
+def test_collective_reduction_is_free_when_the_engine_reduces_in_line() -> None:
+    in_line = Topology(
+        name="in-line",
+        description="",
+        source="",
+        device=replace(DEVICE, reduce_gbps=0.0),
+        network=(dim("full_mesh", 8, 10.0, 5.0),),
+        contention=Contention(),
+    )
+    # full mesh of 8 at 10 GB/s: each phase sends n/8 to every peer at once, plus a latency
+    nbytes = 8e6
+    assert allreduce_time(in_line, nbytes) == pytest.approx(2 * (5 * US + nbytes / 8 / 1e10))
+    assert reduce_scatter_time(in_line, nbytes) == pytest.approx(5 * US + nbytes / 8 / 1e10)
