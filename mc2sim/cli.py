@@ -8,6 +8,7 @@ import platform
 import runpy
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
@@ -100,6 +101,42 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    """Simulate a scenario under each of its tilings; write a results folder; print a table."""
+    from pathlib import Path
+
+    from mc2sim.errors import AclnnError
+    from mc2sim.scenario import builtin as builtin_scenario
+    from mc2sim.scenario import list_builtin as builtin_scenarios
+    from mc2sim.scenario import load as load_scenario
+    from mc2sim.study import load_topology, simulate_study, write_results
+
+    try:
+        if args.scenario in builtin_scenarios() and not Path(args.scenario).exists():
+            scenario = builtin_scenario(args.scenario, args.set)
+        else:
+            scenario = load_scenario(args.scenario, args.set)
+        topology = load_topology(args.topology or scenario.topology)
+    except (AclnnError, OSError) as exc:
+        print(f"mc2sim simulate: {exc}", file=sys.stderr)
+        return 2
+    result = simulate_study(scenario, topology, args.ranks)
+    out = Path(args.out or f"results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-sim")
+    write_results(result, out)
+    print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
+    print(f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
+          f"{'overlap%':>9}{'speedup':>9}")  # fmt: skip
+    for tiling, m in result.metrics().items():
+        speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+        print(
+            f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
+            f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
+            f"{m.overlap_pct:>9.1f}{speedup:>9}"
+        )
+    print(f"results: {out}")
+    return 0
+
+
 def _cmd_exec(args: argparse.Namespace) -> int:
     """Run a Python script as ``__main__`` on every rank, aborting the job if it raises."""
     sys.argv = [args.script, *args.script_args]
@@ -120,6 +157,18 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=("mpi", "torch"), default="mpi", help="communicator (default mpi)"
     )
     info.set_defaults(func=_cmd_info)
+
+    sim = commands.add_parser(
+        "simulate", help="simulate a scenario on a topology (no MPI); write a results folder"
+    )
+    sim.add_argument("scenario", help="scenario file, or the name of a shipped one")
+    sim.add_argument("--topology", help="topology name or file (default: the scenario's)")
+    sim.add_argument("--ranks", type=int, help="world size (default: the scenario's)")
+    sim.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    sim.add_argument("--out", help="results folder (default results/<scenario>-<time>-sim)")
+    sim.set_defaults(func=_cmd_simulate)
 
     cal = commands.add_parser(
         "calibrate", help="fit this machine's topology on the ranks at hand (under mpiexec)"

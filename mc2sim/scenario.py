@@ -1,0 +1,818 @@
+"""Scenario files: one study (op, shapes, quantisation, routing, tilings, topology) per YAML file.
+
+A :class:`Scenario` says which fused operator to run or simulate, on how many ranks, with which
+shapes, dtype, quantisation and MoE routing, which tilings to compare (always including the
+``serial`` baseline), on which topology, under which precision standard and how many times.
+Scenarios live in YAML files (``scenarios/*.yaml``, format in ``docs/SCENARIOS.md``);
+:func:`load` reads one, applies the CLI's ``--set key=value`` overrides and names the file and
+the key in every error; :func:`dump` writes one back; :func:`builtin` opens a shipped one::
+
+    sc = mc2sim.scenario.builtin("mixtral_8x7b_combine", ["scale=small", "ranks=4"])
+    sc.effective_shape()      # the small shape: {'tokens': 64, 'top_k': 2, ...}
+    sc.world_size(None)       # 4
+
+Every rule a scenario can break before anything runs (the operators' shape limits, the
+expert-parallel limits, quantisation only with MatmulAllReduce) is checked when the
+:class:`Scenario` is built, for the full shape and for the ``small`` one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from mc2sim import topology as _topology
+from mc2sim._compat import StrEnum
+from mc2sim.compare import Standard
+from mc2sim.errors import ParamInvalidError
+from mc2sim.routing import RoutingConfig, RoutingKind
+from mc2sim.schedule.tiling import tiling_of
+
+__all__ = [
+    "DTYPES",
+    "SHAPE_KEYS",
+    "OpName",
+    "QuantMode",
+    "Scale",
+    "Scenario",
+    "builtin",
+    "dump",
+    "list_builtin",
+    "load",
+    "scenarios_dir",
+]
+
+DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+"""The activation/output dtypes a scenario may ask for."""
+
+# Operator limits (the aclnn constraints; see mc2sim/ops/moe.py and mc2sim/ops/tp.py).
+_MAX_E = 32
+_MAX_EXPERTS = 256
+_MAX_BSK = 52428800
+_MAX_H1 = 65535
+_MAX_H2 = 12288
+_MAX_N = 65535
+_TOP_K_RANGE = (2, 8)
+_MAX_M = 2147483647
+_MAX_KN = 65535
+_TP_K_RANGE = (256, 65535)
+
+
+class OpName(StrEnum):
+    """The fused multi-rank operators a scenario can study.
+
+    Glossary:
+        ``mm_all_reduce``: MatmulAllReduce (and its quantised variants): ``(m, k) x (k, n)``
+            on each rank, then an AllReduce of the ``(m, n)`` partial results.
+        ``gmm_alltoallv``: GroupedMatMulAlltoAllv, the MoE combine: expert matmuls, then the
+            AlltoAllv back to the token owners (optionally a shared-expert matmul alongside).
+        ``alltoallv_gmm``: AlltoAllvGroupedMatMul, the MoE dispatch: the AlltoAllv to the
+            expert owners, then the expert matmuls (optionally a shared-expert matmul).
+        ``all_gather_matmul``: AllGatherMatmul: gather every rank's ``(m, k)`` rows, then
+            ``(world * m, k) x (k, n)``.
+        ``matmul_reduce_scatter``: MatmulReduceScatter: ``(m, k) x (k, n)``, then a
+            ReduceScatter leaving ``m / world`` rows on each rank.
+    """
+
+    MM_ALL_REDUCE = "mm_all_reduce"
+    GMM_ALLTOALLV = "gmm_alltoallv"
+    ALLTOALLV_GMM = "alltoallv_gmm"
+    ALL_GATHER_MATMUL = "all_gather_matmul"
+    MATMUL_REDUCE_SCATTER = "matmul_reduce_scatter"
+
+
+class QuantMode(StrEnum):
+    """Quantisation of an ``mm_all_reduce`` scenario (the other ops accept ``none`` only).
+
+    Glossary:
+        ``none``: float x1 and x2 in ``dtype`` (MatmulAllReduce).
+        ``weight_int8``: float x1, int8 x2 with per-channel antiquant scale and offset
+            (WeightQuantMatmulAllReduce, seed 001).
+        ``weight_int4``: float x1, int4 x2 (packed eight to an int32; ``n`` a multiple of 8)
+            with per-channel antiquant scale and offset (WeightQuantMatmulAllReduce).
+        ``w8a8``: int8 x1 and x2 with a dequant scale, output in ``dtype``
+            (QuantMatmulAllReduce).
+    """
+
+    NONE = "none"
+    WEIGHT_INT8 = "weight_int8"
+    WEIGHT_INT4 = "weight_int4"
+    W8A8 = "w8a8"
+
+
+class Scale(StrEnum):
+    """Which shape a scenario runs with.
+
+    Glossary:
+        ``full``: the realistic ``shape`` of the file.
+        ``small``: ``shape`` with the ``small`` values put in (same ratios, seconds on a CPU).
+    """
+
+    FULL = "full"
+    SMALL = "small"
+
+
+_MOE_OPS = (OpName.GMM_ALLTOALLV, OpName.ALLTOALLV_GMM)
+_MOE_KEYS = (("tokens", "top_k", "experts_per_rank", "h1", "n1"), ("h2", "n2"))
+_TP_KEYS = (("m", "k", "n"), ())
+
+SHAPE_KEYS: Mapping[OpName, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
+    {op: _MOE_KEYS if op in _MOE_OPS else _TP_KEYS for op in OpName}
+)
+"""Per op, the (required, optional) keys of ``shape``."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _integer(param: str, value: object, low: int, high: int | None = None) -> int:
+    """Return ``value`` if it is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamInvalidError(param, value, "must be an integer")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ParamInvalidError(param, value, f"must be {'in ' if high else ''}{bound}")
+    return value
+
+
+def _choice(param: str, value: object, enum: type[StrEnum]) -> Any:
+    """Return ``enum(value)``, listing the allowed values otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(v.value) for v in enum)
+        raise ParamInvalidError(param, value, f"must be one of {allowed}") from None
+
+
+def _shape_table(param: str, value: object) -> dict[str, int]:
+    """Return ``value`` as a dict of str to int, refusing anything else."""
+    if not isinstance(value, Mapping):
+        raise ParamInvalidError(param, value, "must be a mapping of dimension name to integer")
+    table: dict[str, int] = {}
+    for key, dim in value.items():
+        if not isinstance(key, str):
+            raise ParamInvalidError(f"{param}.{key}", dim, "key must be a string")
+        table[key] = _integer(f"{param}.{key}", dim, 1)
+    return table
+
+
+def _check_shape(op: OpName, shape: Mapping[str, int], where: str) -> None:
+    """Check one shape's keys and per-op limits; errors name ``where.KEY``."""
+    required, optional = SHAPE_KEYS[op]
+    allowed = required + optional
+    for key in shape:
+        if key not in allowed:
+            raise ParamInvalidError(
+                f"{where}.{key}",
+                shape[key],
+                f"unknown key for {op.value}; allowed: " + ", ".join(allowed),
+            )
+    for key in required:
+        if key not in shape:
+            raise ParamInvalidError(
+                f"{where}.{key}",
+                None,
+                f"is required for {op.value} (required: " + ", ".join(required) + ")",
+            )
+    if op in _MOE_OPS:
+        lo, hi = _TOP_K_RANGE
+        _integer(f"{where}.top_k", shape["top_k"], lo, hi)
+        _integer(f"{where}.experts_per_rank", shape["experts_per_rank"], 1, _MAX_E)
+        _integer(f"{where}.h1", shape["h1"], 1, _MAX_H1)
+        _integer(f"{where}.n1", shape["n1"], 1, _MAX_N)
+        bsk = shape["tokens"] * shape["top_k"]
+        if bsk > _MAX_BSK:
+            raise ParamInvalidError(
+                f"{where}.tokens", shape["tokens"], f"tokens * top_k must be <= {_MAX_BSK}"
+            )
+        if ("h2" in shape) != ("n2" in shape):
+            given = "h2" if "h2" in shape else "n2"
+            raise ParamInvalidError(
+                f"{where}.{given}", shape[given], "shared expert needs both h2 and n2, or neither"
+            )
+        if "h2" in shape:
+            _integer(f"{where}.h2", shape["h2"], 1, _MAX_H2)
+            _integer(f"{where}.n2", shape["n2"], 1, _MAX_N)
+    else:
+        _integer(f"{where}.m", shape["m"], 1, _MAX_M)
+        _integer(f"{where}.n", shape["n"], 1, _MAX_KN)
+        if op is OpName.MM_ALL_REDUCE:
+            _integer(f"{where}.k", shape["k"], 1, _MAX_KN)
+        else:
+            lo, hi = _TP_K_RANGE
+            k = shape["k"]
+            if not lo <= k < hi:
+                raise ParamInvalidError(f"{where}.k", k, f"must be in [{lo}, {hi}) for {op.value}")
+
+
+def _check_world(op: OpName, shape: Mapping[str, int], world: int, param: str) -> None:
+    """Check the rules that tie a shape to the world size; errors name ``param``."""
+    _integer(param, world, 1)
+    if op in _MOE_OPS:
+        e = shape["experts_per_rank"]
+        if e * world > _MAX_EXPERTS:
+            raise ParamInvalidError(
+                param, world, f"experts_per_rank ({e}) * {param} must be <= {_MAX_EXPERTS}"
+            )
+        if shape["top_k"] > e * world:
+            raise ParamInvalidError(
+                param,
+                world,
+                f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
+            )
+    elif op is OpName.MATMUL_REDUCE_SCATTER and shape["m"] % world:
+        raise ParamInvalidError(
+            param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {op.value}"
+        )
+
+
+# ----------------------------------------------------------------------------- dataclass
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Scenario:
+    """One study: an operator, its shapes and options, the tilings to compare, where to run it."""
+
+    name: str
+    """Identifier, e.g. ``"mixtral_8x7b_combine"`` (a shipped file's name is its file name)."""
+
+    description: str
+    """What the scenario models, citing the model configuration its sizes come from."""
+
+    op: OpName
+    """The fused operator (an ``OpName`` or its string value)."""
+
+    ranks: int
+    """World size ``simulate`` uses by default (``run`` uses the launched world size), >= 1."""
+
+    dtype: str
+    """Activation and output dtype: ``"float16"`` or ``"bfloat16"``."""
+
+    shape: Mapping[str, int]
+    """Full-size dimensions; keys per op in ``SHAPE_KEYS`` (``m, k, n`` for the TP ops;
+    ``tokens`` (BS per rank), ``top_k``, ``experts_per_rank``, ``h1``, ``n1`` and optionally
+    ``h2`` and ``n2`` (shared expert) for the MoE ops). Stored read-only."""
+
+    quant: QuantMode = QuantMode.NONE
+    """Quantisation; anything but ``none`` needs ``op == mm_all_reduce``."""
+
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """How tokens pick experts (MoE ops only; the TP ops keep the default)."""
+
+    tilings: tuple[str | int | None, ...] = ("serial", "hardware")
+    """Tilings to compare, each valid for ``tiling_of`` (``None`` is stored as
+    ``"hardware"``); must include ``"serial"``, the baseline; no two alike."""
+
+    topology: str = "atlas_a2_8p"
+    """A shipped topology name (``mc2sim.topology.list_builtin()``) or a topology file path;
+    the simulator resizes it to the world size."""
+
+    standard: Standard = Standard.ALLCLOSE
+    """Precision standard the outputs are checked with (a ``Standard`` or its value)."""
+
+    repetitions: int = 5
+    """Timed repetitions per tiling, >= 1."""
+
+    small: Mapping[str, int] = field(default_factory=dict)
+    """Shape values used with ``scale == "small"`` (a subset of ``shape``'s keys, each no
+    larger than the full value, chosen to keep the shape's ratios). Stored read-only."""
+
+    scale: Scale = Scale.FULL
+    """Which shape :meth:`effective_shape` gives: ``"full"`` or ``"small"``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ParamInvalidError("name", self.name, "must be a non-empty string")
+        if not isinstance(self.description, str):
+            raise ParamInvalidError("description", self.description, "must be a string")
+        op: OpName = _choice("op", self.op, OpName)
+        object.__setattr__(self, "op", op)
+        _integer("ranks", self.ranks, 1)
+        if self.dtype not in DTYPES:
+            allowed = ", ".join(repr(d) for d in DTYPES)
+            raise ParamInvalidError("dtype", self.dtype, f"must be one of {allowed}")
+        quant: QuantMode = _choice("quant", self.quant, QuantMode)
+        object.__setattr__(self, "quant", quant)
+        object.__setattr__(self, "scale", _choice("scale", self.scale, Scale))
+        object.__setattr__(self, "standard", _choice("standard", self.standard, Standard))
+        _integer("repetitions", self.repetitions, 1)
+
+        required, optional = SHAPE_KEYS[op]
+        order = required + optional
+        shape = _shape_table("shape", self.shape)
+        _check_shape(op, shape, "shape")
+        _check_world(op, shape, self.ranks, "ranks")
+        small = _shape_table("small", self.small)
+        for key, value in small.items():
+            if key not in shape:
+                raise ParamInvalidError(
+                    f"small.{key}", value, "must be a key of shape; allowed: " + ", ".join(shape)
+                )
+            if value > shape[key]:
+                raise ParamInvalidError(
+                    f"small.{key}", value, f"must be <= the full shape's {key} ({shape[key]})"
+                )
+        small_shape = {**shape, **small}
+        _check_shape(op, small_shape, "small")
+        _check_world(op, small_shape, self.ranks, "ranks")
+        object.__setattr__(
+            self, "shape", MappingProxyType({k: shape[k] for k in order if k in shape})
+        )
+        object.__setattr__(
+            self, "small", MappingProxyType({k: small[k] for k in order if k in small})
+        )
+
+        if quant is not QuantMode.NONE:
+            if op is not OpName.MM_ALL_REDUCE:
+                raise ParamInvalidError(
+                    "quant", quant.value, f"must be 'none' for {op.value} (only mm_all_reduce)"
+                )
+            if quant is QuantMode.WEIGHT_INT4:
+                for where, table in (("shape", shape), ("small", small_shape)):
+                    if table["n"] % 8:
+                        raise ParamInvalidError(
+                            f"{where}.n", table["n"], "must be a multiple of 8 for weight_int4"
+                        )
+
+        if not isinstance(self.routing, RoutingConfig):
+            raise ParamInvalidError("routing", self.routing, "must be a RoutingConfig")
+        if op not in _MOE_OPS and self.routing != RoutingConfig():
+            raise ParamInvalidError("routing", self.routing, f"only applies to MoE ops, not {op}")
+        if op in _MOE_OPS and self.routing.kind is RoutingKind.HOT:
+            total = shape["experts_per_rank"] * self.ranks
+            if self.routing.hot_experts > total:
+                raise ParamInvalidError(
+                    "routing.hot_experts",
+                    self.routing.hot_experts,
+                    f"must be <= the number of experts ({total})",
+                )
+
+        object.__setattr__(self, "tilings", self._checked_tilings())
+
+        if not isinstance(self.topology, str) or not self.topology.strip():
+            raise ParamInvalidError("topology", self.topology, "must be a non-empty string")
+        known = _topology.list_builtin()
+        if self.topology not in known and not Path(self.topology).is_file():
+            raise ParamInvalidError(
+                "topology",
+                self.topology,
+                "must be a shipped topology or a topology file; shipped: " + ", ".join(known),
+            )
+
+    def _checked_tilings(self) -> tuple[str | int | None, ...]:
+        """Return the tilings, checked, with ``None`` spelled ``"hardware"``."""
+        if not isinstance(self.tilings, (tuple, list)) or not self.tilings:
+            raise ParamInvalidError(
+                "tilings", self.tilings, "must be a non-empty list, e.g. [serial, hardware, 4]"
+            )
+        seen: dict[object, int] = {}
+        result: list[str | int | None] = []
+        for i, spec in enumerate(self.tilings):
+            spec = "hardware" if spec is None else spec
+            if isinstance(spec, bool) or not isinstance(spec, (str, int)):
+                raise ParamInvalidError(
+                    f"tilings[{i}]", spec, "must be 'serial', 'hardware' or an int in [1, 16]"
+                )
+            try:
+                tiling = tiling_of(spec)
+            except ParamInvalidError:
+                raise ParamInvalidError(
+                    f"tilings[{i}]", spec, "must be 'serial', 'hardware' or an int in [1, 16]"
+                ) from None
+            if tiling in seen:
+                raise ParamInvalidError(f"tilings[{i}]", spec, f"repeats tilings[{seen[tiling]}]")
+            seen[tiling] = i
+            result.append(spec)
+        if "serial" not in result:
+            raise ParamInvalidError(
+                "tilings", result, "must include 'serial' (the baseline of every study)"
+            )
+        return tuple(result)
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.name,
+                self.op,
+                self.ranks,
+                self.dtype,
+                tuple(self.shape.items()),
+                self.quant,
+                self.routing,
+                self.tilings,
+                self.topology,
+                self.standard,
+                self.repetitions,
+                tuple(self.small.items()),
+                self.scale,
+            )
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the op is an expert-parallel (MoE) op."""
+        return self.op in _MOE_OPS
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether an MoE scenario has a shared expert (``h2`` and ``n2`` given)."""
+        return "h2" in self.shape
+
+    def effective_shape(self) -> dict[str, int]:
+        """Return the shape to run: ``shape``, with ``small`` put in when ``scale == "small"``.
+
+        Returns:
+            A new dict of dimension name to size.
+
+        """
+        if self.scale is Scale.SMALL:
+            return {**self.shape, **self.small}
+        return dict(self.shape)
+
+    def world_size(self, override: int | None = None) -> int:
+        """Return the world size to use: ``override`` if given (checked), else ``ranks``.
+
+        Args:
+            override: the launched world size (``run``) or ``None`` (``simulate``).
+
+        Returns:
+            The world size.
+
+        Raises:
+            ParamInvalidError: ``override`` breaks a rule tying the shape to the world size
+                (``experts_per_rank * world_size <= 256``, ``top_k <= experts_per_rank *
+                world_size``, ``m`` a multiple of the world size for matmul_reduce_scatter).
+
+        """
+        if override is None:
+            return self.ranks
+        _check_world(self.op, self.effective_shape(), override, "world_size")
+        return override
+
+    def with_overrides(self, overrides: Sequence[str]) -> Scenario:
+        """Return this scenario with ``--set key=value`` overrides applied (see :func:`load`).
+
+        Args:
+            overrides: ``"key=value"`` strings.
+
+        Returns:
+            The new scenario; errors name ``--set KEY``.
+
+        """
+        data = _as_data(self)
+        touched = _apply_overrides(data, overrides)
+        return _Reader(f"scenario {self.name}", touched, None).scenario(data)
+
+    def load_topology(self) -> _topology.Topology:
+        """Return the :class:`~mc2sim.topology.Topology` this scenario names (not resized)."""
+        if self.topology in _topology.list_builtin():
+            return _topology.builtin(self.topology)
+        return _topology.load(self.topology)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+_TOP_KEYS = (
+    "name",
+    "description",
+    "op",
+    "ranks",
+    "dtype",
+    "shape",
+    "quant",
+    "routing",
+    "tilings",
+    "topology",
+    "standard",
+    "repetitions",
+    "small",
+    "scale",
+)
+_REQUIRED = ("name", "description", "op", "ranks", "dtype", "shape", "tilings", "topology")
+_ROUTING_KEYS = ("kind", "seed", "skew", "hot_fraction", "hot_experts", "matrix_path")
+_INT_KEYS = ("ranks", "repetitions", "routing.seed", "routing.hot_experts")
+_FLOAT_KEYS = ("routing.skew", "routing.hot_fraction")
+_ALL_OVERRIDE_KEYS = (
+    *(k for k in _TOP_KEYS if k not in ("shape", "routing", "small")),
+    "shape.KEY",
+    "small.KEY",
+    *(f"routing.{k}" for k in _ROUTING_KEYS),
+)
+_INT_TEXT = re.compile(r"[+-]?\d[\d_]*")
+
+
+def _parse_int(key: str, text: str) -> int:
+    if not _INT_TEXT.fullmatch(text.strip()):
+        raise ParamInvalidError(f"--set {key}", text, "must be an integer")
+    return int(text.strip().replace("_", ""))
+
+
+def _parse_float(key: str, text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ParamInvalidError(f"--set {key}", text, "must be a number") from None
+
+
+def _parse_tiling(text: str) -> str | int | None:
+    item = text.strip()
+    if _INT_TEXT.fullmatch(item):
+        return int(item)
+    if item.lower() in ("none", "null", "~"):
+        return None
+    return item
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[str, ...]:
+    """Apply ``key=value`` strings to the raw scenario ``data``; return the keys set."""
+    if isinstance(overrides, str):
+        raise ParamInvalidError("--set", overrides, "overrides must be a list of KEY=VALUE")
+    touched: list[str] = []
+    for text in overrides:
+        if not isinstance(text, str) or "=" not in text:
+            raise ParamInvalidError("--set", text, "must be KEY=VALUE, e.g. ranks=8")
+        key, _, raw = text.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        value: Any
+        if len(parts) == 2 and parts[0] in ("shape", "small") and parts[1]:
+            value = _parse_int(key, raw)
+        elif len(parts) == 2 and parts[0] == "routing" and parts[1] in _ROUTING_KEYS:
+            if key in _INT_KEYS:
+                value = _parse_int(key, raw)
+            elif key in _FLOAT_KEYS:
+                value = _parse_float(key, raw)
+            else:
+                value = raw.strip()
+        elif len(parts) == 1 and key in _TOP_KEYS and key not in ("shape", "routing", "small"):
+            if key in _INT_KEYS:
+                value = _parse_int(key, raw)
+            elif key == "tilings":
+                value = [_parse_tiling(t) for t in raw.split(",") if t.strip()]
+            else:
+                value = raw.strip()
+        else:
+            raise ParamInvalidError(
+                f"--set {key}", raw, "unknown key; allowed: " + ", ".join(_ALL_OVERRIDE_KEYS)
+            )
+        if len(parts) == 2:
+            section = data.get(parts[0])
+            if section is None:
+                section = {}
+            if not isinstance(section, dict):
+                raise ParamInvalidError(
+                    f"--set {key}", raw, f"the file's {parts[0]} is not a mapping"
+                )
+            data[parts[0]] = {**section, parts[1]: value}
+        else:
+            data[key] = value
+        touched.append(key)
+    return tuple(touched)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    """Turns parsed YAML (plus overrides) into a :class:`Scenario`, naming file and key."""
+
+    def __init__(self, file: str, overridden: tuple[str, ...], base: Path | None) -> None:
+        self.file = file
+        self.overridden = overridden
+        self.base = base
+
+    def error(self, where: str, value: object, rule: str) -> ParamInvalidError:
+        """Return an error naming the file and ``where`` (``--set KEY`` if overridden)."""
+        for key in self.overridden:
+            if where == key or where.startswith(key + ".") or key.startswith(where + "."):
+                return ParamInvalidError(f"{self.file}: --set {key}", value, rule)
+        if self.overridden:
+            rule += " (with " + ", ".join(f"--set {k}" for k in self.overridden) + ")"
+        return ParamInvalidError(f"{self.file}: {where}" if where else self.file, value, rule)
+
+    def mapping(
+        self, value: object, where: str, keys: tuple[str, ...], required: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """Check ``value`` is a mapping with only allowed keys and every required one."""
+        if not isinstance(value, dict):
+            raise self.error(where, value, f"must be a mapping with keys {', '.join(keys)}")
+        prefix = f"{where}." if where else ""
+        for key in value:
+            if key not in keys:
+                raise self.error(
+                    f"{prefix}{key}", value[key], f"unknown key; allowed: {', '.join(keys)}"
+                )
+        for key in required:
+            if key not in value:
+                raise self.error(f"{prefix}{key}", None, "is required")
+        return value
+
+    def resolve(self, path: str) -> str:
+        """Return ``path``, or the file next to the scenario file when that one exists."""
+        if self.base is not None and not os.path.isabs(path):
+            candidate = self.base / path
+            if candidate.is_file():
+                return str(candidate)
+        return path
+
+    def scenario(self, data: object) -> Scenario:
+        top = self.mapping(data, "", _TOP_KEYS, _REQUIRED)
+        op = top["op"]
+        kwargs: dict[str, Any] = {k: v for k, v in top.items() if k != "routing"}
+        if "tilings" in top:
+            tilings = top["tilings"]
+            if not isinstance(tilings, list):
+                raise self.error("tilings", tilings, "must be a list, e.g. [serial, hardware, 4]")
+            kwargs["tilings"] = tuple(tilings)
+        for key in ("shape", "small"):
+            if key in top and top[key] is None:
+                kwargs[key] = {}
+        topo = top.get("topology")
+        if isinstance(topo, str) and topo not in _topology.list_builtin():
+            kwargs["topology"] = self.resolve(topo)
+        if "routing" in top:
+            if op in [o.value for o in OpName] and op not in [o.value for o in _MOE_OPS]:
+                raise self.error("routing", top["routing"], f"only applies to MoE ops, not {op}")
+            kwargs["routing"] = self.routing(top["routing"])
+        try:
+            return Scenario(**kwargs)
+        except ParamInvalidError as err:
+            raise self.error(err.param, err.value, err.rule) from None
+
+    def routing(self, data: object) -> RoutingConfig:
+        block = dict(self.mapping(data, "routing", _ROUTING_KEYS, ()))
+        if isinstance(block.get("matrix_path"), str):
+            block["matrix_path"] = self.resolve(block["matrix_path"])
+        try:
+            return RoutingConfig(**block)
+        except ParamInvalidError as err:
+            raise self.error(f"routing.{err.param}", err.value, err.rule) from None
+
+
+def _read_yaml(file: str) -> object:
+    """Return the parsed YAML of ``file``, naming the file in every error."""
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+        problem = getattr(err, "problem", None) or str(err)
+        raise ParamInvalidError(file, where, f"is not valid YAML: {problem}") from None
+
+
+def load(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Scenario:
+    """Read a scenario file and apply ``--set`` overrides.
+
+    Args:
+        path: a YAML file in the format of ``docs/SCENARIOS.md``.
+        overrides: the CLI's ``--set key=value`` strings: a top-level key (``ranks=8``,
+            ``scale=small``, ``repetitions=3``, ``topology=atlas_a2_8p``,
+            ``tilings=serial,4,hardware``) or a dotted one (``shape.m=128``,
+            ``small.tokens=32``, ``routing.kind=zipf``, ``routing.skew=1.5``). Values are read
+            as the field needs: integers, numbers, comma lists or text.
+
+    Returns:
+        The :class:`Scenario`.
+
+    Raises:
+        ParamInvalidError: the file cannot be read, is not YAML, has an unknown or missing
+            key, or breaks a rule; the message names the file and the key, e.g.
+            ``"scenarios/x.yaml: routing.kind='zipfian': must be one of 'balanced', ..."``,
+            or ``--set KEY`` when an override is at fault.
+
+    """
+    file = os.fspath(path)
+    data = _read_yaml(file)
+    touched: tuple[str, ...] = ()
+    if overrides:
+        if not isinstance(data, dict):
+            raise ParamInvalidError(file, data, "must be a mapping of scenario keys")
+        try:
+            touched = _apply_overrides(data, overrides)
+        except ParamInvalidError as err:
+            raise ParamInvalidError(f"{file}: {err.param}", err.value, err.rule) from None
+    return _Reader(file, touched, Path(file).resolve().parent).scenario(data)
+
+
+# ----------------------------------------------------------------------------- writing
+
+_Dumper: Any = type("_Dumper", (yaml.SafeDumper,), {})
+
+
+def _represent_str(dumper: Any, value: str) -> Any:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", str(value), style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _as_data(scenario: Scenario) -> dict[str, Any]:
+    """Return the plain-data form of ``scenario``, in the file format's key order."""
+    data: dict[str, Any] = {
+        "name": scenario.name,
+        "description": scenario.description,
+        "op": scenario.op.value,
+        "ranks": scenario.ranks,
+        "dtype": scenario.dtype,
+        "shape": dict(scenario.shape),
+        "quant": scenario.quant.value,
+    }
+    if scenario.is_moe:
+        r = scenario.routing
+        routing: dict[str, Any] = {"kind": r.kind.value, "seed": r.seed, "skew": r.skew}
+        routing.update(hot_fraction=r.hot_fraction, hot_experts=r.hot_experts)
+        if r.matrix_path is not None:
+            routing["matrix_path"] = r.matrix_path
+        data["routing"] = routing
+    data.update(
+        tilings=list(scenario.tilings),
+        topology=scenario.topology,
+        standard=scenario.standard.value,
+        repetitions=scenario.repetitions,
+        small=dict(scenario.small),
+        scale=scenario.scale.value,
+    )
+    return data
+
+
+def dump(scenario: Scenario, path: str | os.PathLike[str]) -> None:
+    """Write ``scenario`` as YAML that :func:`load` reads back equal.
+
+    The text goes to a temporary file in the same folder, then is moved into place.
+
+    Args:
+        scenario: the scenario to write.
+        path: the destination file; its folder must exist.
+
+    """
+    if not isinstance(scenario, Scenario):
+        raise ParamInvalidError("scenario", scenario, "must be a Scenario")
+    target = Path(os.fspath(path))
+    text = yaml.dump(
+        _as_data(scenario), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
+    )
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- shipped files
+
+
+def scenarios_dir() -> Path:
+    """Return the repository's ``scenarios`` folder (``mc2sim/../scenarios``)."""
+    return Path(__file__).resolve().parent.parent / "scenarios"
+
+
+def list_builtin() -> list[str]:
+    """Return the names of the shipped scenarios (the ``*.yaml`` files of :func:`scenarios_dir`).
+
+    Returns:
+        Sorted names without the ``.yaml`` suffix; empty when the folder is absent.
+
+    """
+    folder = scenarios_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())
+
+
+def builtin(name: str, overrides: Sequence[str] = ()) -> Scenario:
+    """Load the shipped scenario ``scenarios/<name>.yaml``.
+
+    Args:
+        name: one of :func:`list_builtin`, e.g. ``"llama70b_tp8_prefill"``.
+        overrides: ``--set`` strings, as for :func:`load`.
+
+    Returns:
+        The loaded :class:`Scenario`.
+
+    Raises:
+        ParamInvalidError: no shipped scenario has that name, or :func:`load` fails.
+
+    """
+    known = list_builtin()
+    if name not in known:
+        listed = ", ".join(known) if known else f"none found in {scenarios_dir()}"
+        raise ParamInvalidError("scenario", name, f"is not a shipped scenario; known: {listed}")
+    return load(scenarios_dir() / f"{name}.yaml", overrides)

@@ -1,0 +1,103 @@
+"""Scenario studies simulated end to end: plans, simulation, results folder, command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mc2sim.cli import main
+from mc2sim.scenario import builtin, list_builtin, load
+from mc2sim.schedule import Plan, TaskKind
+from mc2sim.study import plans_for, simulate_study, write_results
+
+
+@pytest.mark.parametrize("name", list_builtin())
+def test_every_shipped_scenario_simulates(name: str) -> None:
+    scenario = builtin(name, ["scale=small"])
+    start = time.perf_counter()
+    result = simulate_study(scenario, scenario.load_topology())
+    assert time.perf_counter() - start < 20
+    metrics = result.metrics()
+    assert "serial" in metrics and metrics["serial"].speedup == pytest.approx(1.0)
+    for m in metrics.values():
+        assert m.total_s > 0 and 0.0 <= m.overlap_pct <= 100.0
+        assert len(m.per_rank) == scenario.ranks
+
+    # every tiling's plans carry the same matrix work as the serial one (the per-rank
+    # MatmulReduceScatter adds a reduce task where the serial plan's collective reduces)
+    def matrix_flops(plan: Plan) -> int:
+        return sum(t.flops for t in plan.tasks if t.kind is not TaskKind.REDUCE)
+
+    serial = plans_for(scenario, scenario.ranks, "serial")[0]
+    for tiling in scenario.tilings:
+        assert matrix_flops(plans_for(scenario, scenario.ranks, tiling)[0]) == matrix_flops(serial)
+
+
+def test_study_at_another_world_size_and_its_results_folder(tmp_path: Path) -> None:
+    scenario = builtin("llama70b_tp8_decode", ["tilings=serial,hardware,2", "scale=small"])
+    result = simulate_study(scenario, scenario.load_topology(), world=4)
+    assert result.world == 4
+    tilings = list(result.runs)
+    assert len(tilings) == 3
+    assert tilings[0] == "serial" and tilings[1].startswith("hardware(") and tilings[2] == "tiles=2"
+    paths = write_results(result, tmp_path)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["scenario"] == "llama70b_tp8_decode" and manifest["world_size"] == 4
+    assert manifest["source"] == "simulated" and manifest["topology"] == result.topology.name
+    summary = json.loads(paths["summary"].read_text())
+    assert set(summary["runs"]) == set(result.runs.values())
+    trace = json.loads(paths["trace"].read_text())
+    assert {e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == set(range(4))
+    with paths["tasks"].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(result.timeline.records)
+
+
+def test_command_line_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "study"
+    status = main(
+        [
+            "simulate",
+            "seed_gmm_alltoallv_ep4",
+            "--set",
+            "scale=small",
+            "--ranks",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "serial" in printed and f"results: {out}" in printed
+    assert {p.name for p in out.iterdir()} == {
+        "manifest.json",
+        "summary.json",
+        "tasks.csv",
+        "trace.json",
+    }
+
+
+def test_broken_scenario_exits_2_naming_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = (Path(__file__).parents[2] / "scenarios" / "llama70b_tp8_decode.yaml").read_text()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(good.replace("op: mm_all_reduce", "op: mm_allreduce"))
+    status = main(["simulate", str(broken), "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"{broken}: op=" in err and "mm_all_reduce" in err
+    assert not (tmp_path / "never").exists()
+    status = main(["simulate", "llama70b_tp8_decode", "--set", "shape.q=1"])
+    assert status == 2
+    assert "--set shape.q" in capsys.readouterr().err
+
+
+def test_load_path_and_builtin_agree() -> None:
+    path = Path(__file__).parents[2] / "scenarios" / "mixtral_8x7b_combine.yaml"
+    assert load(path) == builtin("mixtral_8x7b_combine")
