@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,dev]"
 	touch $(STAMP)
 
+# The main job: a scenario run for real on $(NP) ranks (every tiling, golden-checked, timed), then
+# simulated on this machine's calibrated topology and compared with the measurement.
+DEMO ?= seed_gmm_alltoallv_ep4
 demo: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim info
+	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim run $(DEMO) --set scale=small --out results/demo
+	$(PY) -m mc2sim simulate $(DEMO) --set scale=small --ranks $(NP) \
+		--topology topologies/this_machine_4ranks.yaml --measured results/demo --out results/demo-sim
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mc2sim tests scripts

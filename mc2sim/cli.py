@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from mc2sim.runtime import abort_on_exception
 
@@ -123,18 +124,104 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     result = simulate_study(scenario, topology, args.ranks)
     out = Path(args.out or f"results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-sim")
     write_results(result, out)
+    measured = _measured_totals(Path(args.measured)) if args.measured else {}
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
-    print(f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
-          f"{'overlap%':>9}{'speedup':>9}")  # fmt: skip
+    header = (
+        f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
+        f"{'overlap%':>9}{'speedup':>9}"
+    )
+    print(header + (f"{'measured':>10}{'error':>8}" if measured else ""))
     for tiling, m in result.metrics().items():
         speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
-        print(
+        line = (
             f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
             f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
             f"{m.overlap_pct:>9.1f}{speedup:>9}"
         )
+        if tiling in measured:
+            real = measured[tiling]
+            error = max(real, m.total_s) / min(real, m.total_s) - 1
+            line += f"{real * 1e3:>10.3f}{error:>8.1%}"
+        print(line)
     print(f"results: {out}")
     return 0
+
+
+def _measured_totals(directory: Path) -> dict[str, float]:
+    """Tiling -> measured total seconds, from a ``mc2sim run`` results folder."""
+    import json
+
+    summary = json.loads((directory / "summary.json").read_text())
+    return {
+        label.split("/", 1)[1].rsplit("#", 1)[0]: float(metrics["total_s"])
+        for label, metrics in summary["runs"].items()
+    }
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Run a scenario for real under mpiexec: every tiling, golden check, timeline, results."""
+    from pathlib import Path
+
+    from mc2sim.comm import init
+    from mc2sim.errors import AclnnError
+    from mc2sim.experiment import run_experiment
+    from mc2sim.scenario import builtin as builtin_scenario
+    from mc2sim.scenario import list_builtin as builtin_scenarios
+    from mc2sim.scenario import load as load_scenario
+    from mc2sim.study import add_verdicts, write_manifest
+    from mc2sim.timeline import write_all
+
+    comm = init("mpi")
+    lead = comm.rank == 0
+    try:  # every rank reads the same file: an error is the same everywhere
+        if args.scenario in builtin_scenarios() and not Path(args.scenario).exists():
+            scenario = builtin_scenario(args.scenario, args.set)
+        else:
+            scenario = load_scenario(args.scenario, args.set)
+        scenario.world_size(comm.size)
+    except (AclnnError, OSError) as exc:
+        if lead:
+            print(f"mc2sim run: {exc}", file=sys.stderr)
+        return 2
+    stamp = comm.allgather_object(time.strftime("%Y%m%d-%H%M%S"))[0]
+    out = Path(args.out or f"results/{scenario.name}-{stamp}")
+
+    def show(line: str) -> None:
+        if lead:
+            print(f"  {line}", file=sys.stderr, flush=True)
+
+    result = run_experiment(scenario, comm, progress=show)
+    if lead:
+        paths = write_all(result.timeline, out, baseline_run=result.baseline)
+        verdicts = {
+            tiling: [v.summary() for v in verdicts] for tiling, verdicts in result.verdicts.items()
+        }
+        add_verdicts(paths["summary"], verdicts)
+        write_manifest(
+            out, scenario, topology="measured", world=comm.size, source="measured",
+            hosts=result.hosts,
+        )  # fmt: skip
+        base = result.timeline.for_run(result.baseline)
+        print(f"# {scenario.name}: {scenario.op}, {comm.size} ranks (measured)")
+        print(
+            f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
+            f"{'overlap%':>9}{'speedup':>9}  golden"
+        )
+        for tiling, run in result.runs.items():
+            m = result.timeline.for_run(run).metrics(baseline=base)
+            ok = all(v.passed for v in result.verdicts[tiling])
+            speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+            print(
+                f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
+                f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
+                f"{m.overlap_pct:>9.1f}{speedup:>9}  {'pass' if ok else 'FAIL'}"
+            )
+        print(f"results: {out}")
+        for verdicts_of_tiling in result.verdicts.values():
+            for verdict in verdicts_of_tiling:
+                if not verdict.passed:
+                    print(f"golden check failed: {verdict.summary()}", file=sys.stderr)
+    return 0 if result.passed else 1
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
@@ -158,6 +245,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_cmd_info)
 
+    run = commands.add_parser(
+        "run", help="run a scenario for real under mpiexec: tilings, golden check, timeline"
+    )
+    run.add_argument("scenario", help="scenario file, or the name of a shipped one")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    run.add_argument("--out", help="results folder (default results/<scenario>-<time>)")
+    run.set_defaults(func=_cmd_run)
+
     sim = commands.add_parser(
         "simulate", help="simulate a scenario on a topology (no MPI); write a results folder"
     )
@@ -168,6 +265,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
     sim.add_argument("--out", help="results folder (default results/<scenario>-<time>-sim)")
+    sim.add_argument(
+        "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     cal = commands.add_parser(

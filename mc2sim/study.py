@@ -36,7 +36,15 @@ from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.timeline import Metrics, Timeline, write_all
 from mc2sim.topology import Topology, builtin, list_builtin, load
 
-__all__ = ["StudyResult", "load_topology", "plans_for", "simulate_study", "write_manifest"]
+__all__ = [
+    "StudyResult",
+    "add_verdicts",
+    "load_topology",
+    "plans_for",
+    "simulate_study",
+    "write_manifest",
+    "write_results",
+]
 
 DENSE_ROUTING_LIMIT = 64
 """Above this many ranks MoE routing is generated sparse (``route_sparse``)."""
@@ -235,10 +243,15 @@ def _version_of(package: str) -> str:
 
 
 def write_manifest(
-    directory: Path, result: StudyResult, *, source: str, hosts: list[str] | None = None
+    directory: Path,
+    scenario: Scenario,
+    *,
+    topology: str,
+    world: int,
+    source: str,
+    hosts: list[str] | None = None,
 ) -> Path:
     """Write ``manifest.json``: scenario, topology, seeds, versions, revision, world, hosts."""
-    scenario = result.scenario
     manifest = {
         "scenario": scenario.name,
         "op": str(scenario.op),
@@ -247,8 +260,8 @@ def write_manifest(
         "tilings": [str(t) for t in scenario.tilings],
         "routing": {"kind": str(scenario.routing.kind), "seed": scenario.routing.seed,
                     "skew": scenario.routing.skew},
-        "topology": result.topology.name,
-        "world_size": result.world,
+        "topology": topology,
+        "world_size": world,
         "source": source,
         "hosts": hosts or [socket.gethostname()],
         "git_revision": _git_revision(),
@@ -277,5 +290,18 @@ def _write_json(path: Path, data: Any) -> Path:
 def write_results(result: StudyResult, directory: Path) -> dict[str, Path]:
     """Write manifest, summary, tasks CSV and Chrome trace of a simulated study."""
     paths = write_all(result.timeline, directory, baseline_run=result.baseline)
-    paths["manifest"] = write_manifest(directory, result, source="simulated")
+    paths["manifest"] = write_manifest(
+        directory,
+        result.scenario,
+        topology=result.topology.name,
+        world=result.world,
+        source="simulated",
+    )
     return paths
+
+
+def add_verdicts(summary: Path, verdicts: Mapping[str, Any]) -> Path:
+    """Add each run's golden verdicts to a ``summary.json`` (rewritten atomically)."""
+    data = json.loads(summary.read_text())
+    data["golden"] = verdicts
+    return _write_json(summary, data)

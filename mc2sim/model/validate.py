@@ -208,7 +208,14 @@ def calibration_cases(comm: Communicator) -> list[Case]:
     uniform = RoutingConfig(kind=RoutingKind.UNIFORM, seed=5)
     cases = [
         mm_all_reduce_case(comm, m=m, k=k, n=n, tiling="serial")
-        for m, k, n in ((1024, 64, 1024), (3072, 48, 2048), (2048, 192, 1536), (4096, 128, 512))
+        for m, k, n in (
+            (1024, 64, 1024),
+            (3072, 48, 2048),
+            (2048, 192, 1536),
+            (4096, 128, 512),
+            (64, 256, 256),  # small: per-task and per-message fixed costs dominate
+            (256, 128, 512),
+        )
     ]
     cases.append(
         moe_case(
@@ -219,6 +226,9 @@ def calibration_cases(comm: Communicator) -> list[Case]:
         moe_case(
             comm, op="dispatch", tokens=1024, e=4, h1=2048, n1=64, routing=uniform, tiling="serial"
         )
+    )
+    cases.append(  # small chunks: the executor's per-task costs
+        moe_case(comm, op="combine", tokens=64, e=4, h1=128, n1=256, routing=uniform, tiling=4)
     )
     for op in ("all_gather", "reduce_scatter"):
         cases.append(tp_pair_case(comm, op=op, m=384 * comm.size, k=512, n=768, tiling="serial"))

@@ -1,0 +1,43 @@
+"""``mc2sim run`` under mpiexec, as a user launches it: results folder, golden verdict, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import mpiexec
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("scenario", ["llama70b_tp8_decode", "seed_gmm_alltoallv_ep4"])
+def test_run_a_small_scenario(tmp_path: Path, ranks: int, scenario: str) -> None:
+    out = tmp_path / "results"
+    res = mpiexec(
+        ranks, "-m", "mc2sim", "run", scenario, "--set", "scale=small",
+        "--set", "repetitions=1", "--out", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("# " + scenario) == 1, "rank 0 prints"
+    assert f"results: {out}" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == ranks and len(manifest["hosts"]) == ranks
+    assert manifest["scenario"] == scenario and manifest["source"] == "measured"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["golden"]) >= {"serial"}
+    for verdicts in summary["golden"].values():
+        assert len(verdicts) == ranks and all("PASS" in v for v in verdicts)
+    assert (out / "trace.json").exists() and (out / "tasks.csv").exists()
+
+
+def test_run_a_broken_scenario_exits_2(tmp_path: Path) -> None:
+    scenario = tmp_path / "broken.yaml"
+    good = (Path(__file__).parents[2] / "scenarios" / "llama70b_tp8_decode.yaml").read_text()
+    scenario.write_text(good.replace("repetitions: 5", "repetitions: 0"))
+    res = mpiexec(2, "-m", "mc2sim", "run", str(scenario))
+    assert res.returncode == 2
+    assert f"{scenario}: repetitions=0" in res.stderr
+    assert res.stderr.count("mc2sim run:") == 1, "one message, from rank 0"
