@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from mc2sim.runtime import abort_on_exception
 
@@ -102,21 +103,26 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_scenario(name: str, overrides: Sequence[str]) -> Any:
+    """A shipped scenario by name, or a scenario file, with ``--set`` overrides."""
+    from pathlib import Path
+
+    from mc2sim.scenario import builtin, list_builtin, load
+
+    if name in list_builtin() and not Path(name).exists():
+        return builtin(name, overrides)
+    return load(name, overrides)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     """Simulate a scenario under each of its tilings; write a results folder; print a table."""
     from pathlib import Path
 
     from mc2sim.errors import AclnnError
-    from mc2sim.scenario import builtin as builtin_scenario
-    from mc2sim.scenario import list_builtin as builtin_scenarios
-    from mc2sim.scenario import load as load_scenario
     from mc2sim.study import load_topology, simulate_study, write_results
 
     try:
-        if args.scenario in builtin_scenarios() and not Path(args.scenario).exists():
-            scenario = builtin_scenario(args.scenario, args.set)
-        else:
-            scenario = load_scenario(args.scenario, args.set)
+        scenario = _load_scenario(args.scenario, args.set)
         topology = load_topology(args.topology or scenario.topology)
     except (AclnnError, OSError) as exc:
         print(f"mc2sim simulate: {exc}", file=sys.stderr)
@@ -165,19 +171,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mc2sim.comm import init
     from mc2sim.errors import AclnnError
     from mc2sim.experiment import run_experiment
-    from mc2sim.scenario import builtin as builtin_scenario
-    from mc2sim.scenario import list_builtin as builtin_scenarios
-    from mc2sim.scenario import load as load_scenario
     from mc2sim.study import add_verdicts, write_manifest
     from mc2sim.timeline import write_all
 
     comm = init("mpi")
     lead = comm.rank == 0
     try:  # every rank reads the same file: an error is the same everywhere
-        if args.scenario in builtin_scenarios() and not Path(args.scenario).exists():
-            scenario = builtin_scenario(args.scenario, args.set)
-        else:
-            scenario = load_scenario(args.scenario, args.set)
+        scenario = _load_scenario(args.scenario, args.set)
         scenario.world_size(comm.size)
     except (AclnnError, OSError) as exc:
         if lead:
@@ -222,6 +222,119 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 if not verdict.passed:
                     print(f"golden check failed: {verdict.summary()}", file=sys.stderr)
     return 0 if result.passed else 1
+
+
+def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The grid of ``--set`` lists: ``key=v1,v2`` axes expand, the rest are fixed overrides.
+
+    ``tilings`` is a list value of its own, never an axis. Returns ``(label, overrides)`` per
+    point; the label names the point's axis values (``base`` with no axis).
+    """
+    import itertools
+
+    fixed: list[str] = []
+    grid: list[list[str]] = []
+    for item in axes:
+        key, _, values = item.partition("=")
+        if "," in values and key.strip() != "tilings":
+            grid.append([f"{key.strip()}={v.strip()}" for v in values.split(",")])
+        else:
+            fixed.append(item)
+    points = list(itertools.product(*grid)) if grid else [()]
+    return [(",".join(point) or "base", fixed + list(point)) for point in points]
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Simulate (or, with --real under mpiexec, run) a scenario at every point of a grid."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from mc2sim.errors import AclnnError
+    from mc2sim.study import load_topology, simulate_study, write_results
+
+    points = _sweep_points(args.set)
+    out = Path(
+        args.out or f"results/{Path(args.scenario).stem}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    try:
+        scenarios = [_load_scenario(args.scenario, point) for _, point in points]
+        topologies = [load_topology(args.topology or sc.topology) for sc in scenarios]
+    except (AclnnError, OSError) as exc:
+        print(f"mc2sim sweep: {exc}", file=sys.stderr)
+        return 2
+    if args.real:
+        from mc2sim.comm import init
+
+        comm = init("mpi")
+        lead = comm.rank == 0
+        status = 0
+        for label, point in points:
+            sub = ["run", args.scenario, "--out", str(out / label)]
+            for item in point:
+                sub += ["--set", item]
+            if lead:
+                print(f"# point {label}", flush=True)
+            status = max(status, main(sub))
+        return status
+    print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
+    for (label, _), scenario, topology in tqdm(
+        list(zip(points, scenarios, topologies, strict=True)), desc="sweep", file=sys.stderr
+    ):
+        result = simulate_study(scenario, topology, args.ranks)
+        write_results(result, out / label.replace("/", "_"))
+        for tiling, m in result.metrics().items():
+            speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+            print(
+                f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
+            )
+    print(f"results: {out}")
+    return 0
+
+
+def _cmd_check_counts(args: argparse.Namespace) -> int:
+    """Check the cross-rank counts invariant on a dump of every rank's counts (no MPI)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from mc2sim.invariants import counts_mismatch
+
+    path = Path(args.file)
+    try:
+        data = json.loads(path.read_text())
+        e = int(data["experts_per_rank"])
+        send = np.asarray(data["send_counts"], dtype=np.int64)
+        recv = np.asarray(data["recv_counts"], dtype=np.int64)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(
+            f"mc2sim check-counts: {path}: {exc!r}; expected JSON with keys "
+            "experts_per_rank, send_counts (a list per rank), recv_counts (a list per rank)",
+            file=sys.stderr,
+        )
+        return 2
+    world = send.shape[0] if send.ndim == 2 else 0
+    for key, counts in (("send_counts", send), ("recv_counts", recv)):
+        if counts.ndim != 2 or counts.shape != (world, world * e) or world == 0:
+            print(
+                f"mc2sim check-counts: {path}: {key} has shape {counts.shape}; must be "
+                f"(ranks, ranks * experts_per_rank) = ({world}, {world * e})",
+                file=sys.stderr,
+            )
+            return 2
+    first = counts_mismatch(send, recv, e)
+    if first is None:
+        print(f"{path}: consistent: {world} ranks, {e} experts per rank, {int(send.sum())} rows")
+        return 0
+    q, r, j = first
+    print(
+        f"{path}: recv_counts[{r * e + j}] on rank {q} = {int(recv[q, r * e + j])} but "
+        f"send_counts[{q * e + j}] on rank {r} = {int(send[r, q * e + j])} "
+        f"(receiver q={q}, sender r={r}, expert j={j})",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
@@ -269,6 +382,25 @@ def _parser() -> argparse.ArgumentParser:
         "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
     )
     sim.set_defaults(func=_cmd_simulate)
+
+    sweep = commands.add_parser(
+        "sweep", help="a grid of a scenario: --set key=v1,v2 axes; simulated, or --real"
+    )
+    sweep.add_argument("scenario", help="scenario file, or the name of a shipped one")
+    sweep.add_argument(
+        "--set", action="append", default=[], metavar="KEY=V1,V2", help="an axis or an override"
+    )
+    sweep.add_argument("--topology", help="topology name or file (default: the scenario's)")
+    sweep.add_argument("--ranks", type=int, help="world size to simulate (default: the scenario's)")
+    sweep.add_argument("--real", action="store_true", help="run each point for real (mpiexec)")
+    sweep.add_argument("--out", help="results folder (default results/<scenario>-sweep-<time>)")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    counts = commands.add_parser(
+        "check-counts", help="check the MoE counts invariant on a JSON dump of every rank's counts"
+    )
+    counts.add_argument("file", help="JSON: experts_per_rank, send_counts, recv_counts")
+    counts.set_defaults(func=_cmd_check_counts)
 
     cal = commands.add_parser(
         "calibrate", help="fit this machine's topology on the ranks at hand (under mpiexec)"

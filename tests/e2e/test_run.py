@@ -41,3 +41,17 @@ def test_run_a_broken_scenario_exits_2(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert f"{scenario}: repetitions=0" in res.stderr
     assert res.stderr.count("mc2sim run:") == 1, "one message, from rank 0"
+
+
+def test_real_sweep_runs_every_point(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    res = mpiexec(
+        2, "-m", "mc2sim", "sweep", "llama70b_tp8_decode", "--real",
+        "--set", "scale=small", "--set", "repetitions=1", "--set", "tilings=serial,2",
+        "--set", "small.m=16,32", "--out", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["small.m=16", "small.m=32"]
+    for m in (16, 32):
+        manifest = json.loads((out / f"small.m={m}" / "manifest.json").read_text())
+        assert manifest["shape"]["m"] == m and manifest["world_size"] == 2

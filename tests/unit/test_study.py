@@ -101,3 +101,45 @@ def test_broken_scenario_exits_2_naming_file_and_key(
 def test_load_path_and_builtin_agree() -> None:
     path = Path(__file__).parents[2] / "scenarios" / "mixtral_8x7b_combine.yaml"
     assert load(path) == builtin("mixtral_8x7b_combine")
+
+
+def test_sweep_simulates_every_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    status = main(
+        [
+            "sweep", "qwen3_moe_combine",
+            "--set", "scale=small", "--set", "routing.skew=0.0,2.0", "--set", "tilings=serial,2",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert status == 0
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["routing.skew=0.0", "routing.skew=2.0"]
+    for folder in folders:
+        manifest = json.loads((out / folder / "manifest.json").read_text())
+        assert manifest["routing"]["skew"] == float(folder.split("=")[1])
+        assert manifest["tilings"] == ["serial", "2"]
+    assert printed.count("experts x 2") == 2
+
+
+def test_check_counts_on_a_dump(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dump = tmp_path / "counts.json"
+    # 2 ranks, 2 experts: send[r][q*2+j], recv[q][r*2+j] built by hand to agree
+    send = [[1, 0, 2, 3], [4, 5, 0, 6]]
+    recv = [[1, 0, 4, 5], [2, 3, 0, 6]]
+    dump.write_text(json.dumps({"experts_per_rank": 2, "send_counts": send, "recv_counts": recv}))
+    assert main(["check-counts", str(dump)]) == 0
+    assert "consistent: 2 ranks, 2 experts per rank, 21 rows" in capsys.readouterr().out
+    recv[1][1] = 9  # receiver 1 expects 9 rows of expert 1 from rank 0, which sends 3
+    dump.write_text(json.dumps({"experts_per_rank": 2, "send_counts": send, "recv_counts": recv}))
+    assert main(["check-counts", str(dump)]) == 1
+    err = capsys.readouterr().err
+    assert "recv_counts[1] on rank 1 = 9 but send_counts[3] on rank 0 = 3" in err
+    assert "(receiver q=1, sender r=0, expert j=1)" in err
+    dump.write_text(
+        json.dumps({"experts_per_rank": 2, "send_counts": [[1, 2, 3]], "recv_counts": [[1, 2]]})
+    )
+    assert main(["check-counts", str(dump)]) == 2
+    assert f"{dump}: send_counts has shape (1, 3)" in capsys.readouterr().err
+    assert main(["check-counts", str(tmp_path / "missing.json")]) == 2
