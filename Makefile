@@ -33,6 +33,7 @@ demo: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim run $(DEMO) --set scale=small --out results/demo
 	$(PY) -m mc2sim simulate $(DEMO) --set scale=small --ranks $(NP) \
 		--topology topologies/this_machine_4ranks.yaml --measured results/demo --out results/demo-sim
+	$(PY) -m mc2sim report results/demo results/demo-sim --out results/demo-report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mc2sim tests scripts

@@ -292,6 +292,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Tables and plots of one or more results folders (a run and its simulation compare)."""
+    from pathlib import Path
+
+    from mc2sim.errors import AclnnError
+    from mc2sim.report import report
+
+    try:
+        result = report([Path(d) for d in args.results], Path(args.out) if args.out else None)
+    except AclnnError as exc:
+        print(f"mc2sim report: {exc}", file=sys.stderr)
+        return 2
+    print(result.tables)
+    for path in result.plots:
+        print(f"plot: {path}")
+    return 0
+
+
 def _cmd_check_counts(args: argparse.Namespace) -> int:
     """Check the cross-rank counts invariant on a dump of every rank's counts (no MPI)."""
     import json
@@ -395,6 +413,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--real", action="store_true", help="run each point for real (mpiexec)")
     sweep.add_argument("--out", help="results folder (default results/<scenario>-sweep-<time>)")
     sweep.set_defaults(func=_cmd_sweep)
+
+    rep = commands.add_parser(
+        "report", help="tables and PNG plots of results folders (run, simulate, sweep points)"
+    )
+    rep.add_argument("results", nargs="+", help="results folders")
+    rep.add_argument("--out", help="folder for the plots (default: the first results folder)")
+    rep.set_defaults(func=_cmd_report)
 
     counts = commands.add_parser(
         "check-counts", help="check the MoE counts invariant on a JSON dump of every rank's counts"

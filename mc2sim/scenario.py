@@ -18,10 +18,8 @@ expert-parallel limits, quantisation only with MatmulAllReduce) is checked when 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import yaml
 
 from mc2sim import topology as _topology
+from mc2sim._atomic import write_atomic
 from mc2sim._compat import StrEnum
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
@@ -765,15 +764,7 @@ def dump(scenario: Scenario, path: str | os.PathLike[str]) -> None:
     text = yaml.dump(
         _as_data(scenario), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
     )
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(target, text)
 
 
 # ----------------------------------------------------------------------------- shipped files

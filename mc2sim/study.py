@@ -7,11 +7,9 @@ simulation on a topology -> one Timeline -> writers. ``mc2sim simulate`` is this
 from __future__ import annotations
 
 import json
-import os
 import platform
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mc2sim._atomic import write_atomic
 from mc2sim.model import simulate
 from mc2sim.routing import route, route_sparse
 from mc2sim.scenario import OpName, QuantMode, Scenario
@@ -274,17 +273,7 @@ def write_manifest(
 
 def _write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", parents=True)
 
 
 def write_results(result: StudyResult, directory: Path) -> dict[str, Path]:

@@ -8,16 +8,15 @@ one rank. Import them from :mod:`mc2sim.timeline`.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mc2sim._atomic import write_atomic
 from mc2sim.errors import ParamInvalidError
 
 if TYPE_CHECKING:
@@ -52,28 +51,6 @@ _STREAM_TID = {"compute": 0, "comm": 1}
 
 #: Gap left between runs laid one after another in a trace, as a fraction of a run's span.
 _RUN_GAP = 0.1
-
-
-def _write_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in its directory, then rename.
-
-    Parent directories are created. The temporary file is removed if anything fails.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
 
 
 def _run_offsets(timeline: Timeline) -> dict[str, float]:
@@ -198,7 +175,7 @@ def write_chrome_trace(timeline: Timeline, path: str | os.PathLike[str]) -> Path
         The path written.
 
     """
-    return _write_atomic(path, json.dumps(chrome_trace(timeline), allow_nan=False))
+    return write_atomic(path, json.dumps(chrome_trace(timeline), allow_nan=False), parents=True)
 
 
 def write_tasks_csv(timeline: Timeline, path: str | os.PathLike[str]) -> Path:
@@ -233,7 +210,7 @@ def write_tasks_csv(timeline: Timeline, path: str | os.PathLike[str]) -> Path:
                 repr(rec.duration_s),
             )
         )
-    return _write_atomic(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue(), parents=True)
 
 
 def write_summary_json(
@@ -266,7 +243,7 @@ def write_summary_json(
         text = json.dumps(summary, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ParamInvalidError("meta", meta, f"must be JSON-serialisable ({exc})") from None
-    return _write_atomic(path, text + "\n")
+    return write_atomic(path, text + "\n", parents=True)
 
 
 def write_all(

@@ -19,11 +19,9 @@ properties (:attr:`NetworkDim.latency_s`, for example).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mc2sim._atomic import write_atomic
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
 
@@ -772,17 +771,7 @@ def dump(topology: Topology, path: str | os.PathLike[str]) -> None:
     text = yaml.dump(
         _as_data(topology), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
     )
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(target, text)
 
 
 # ----------------------------------------------------------------------------- shipped files

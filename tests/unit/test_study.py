@@ -143,3 +143,18 @@ def test_check_counts_on_a_dump(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["check-counts", str(dump)]) == 2
     assert f"{dump}: send_counts has shape (1, 3)" in capsys.readouterr().err
     assert main(["check-counts", str(tmp_path / "missing.json")]) == 2
+
+
+def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "study"
+    assert (
+        main(["simulate", "llama70b_tp8_decode", "--set", "scale=small", "--out", str(study)]) == 0
+    )
+    capsys.readouterr()
+    assert main(["report", str(study), "--out", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert "serial" in printed and "plot: " in printed
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert "gantt_serial.png" in pngs and "speedup.png" in pngs
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "is not a results folder" in capsys.readouterr().err

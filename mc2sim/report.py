@@ -1,0 +1,639 @@
+"""Tables and plots of one or more results folders written by ``mc2sim run`` or ``simulate``.
+
+A results folder holds ``manifest.json`` (what ran, where), ``summary.json`` (each run's
+:class:`~mc2sim.timeline.Metrics`, and golden verdicts for measured runs) and ``tasks.csv``
+(every task's times). This module only reads them: :func:`load_results` turns a folder into a
+:class:`ResultsFolder`, :func:`format_tables` prints per-tiling tables (and a predicted vs
+measured table for a measured and a simulated folder of one scenario and world size), and
+:func:`report` does both and draws PNG plots::
+
+    result = report([Path("results/demo"), Path("results/demo-sim")])
+    print(result.tables)  # result.plots lists the PNG files written
+
+Plots are drawn on :class:`matplotlib.figure.Figure` objects with the Agg canvas, never
+through ``pyplot``: nothing depends on (or changes) the process's matplotlib backend, so
+reports run headless and from threads. Every PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from mc2sim._atomic import write_atomic
+from mc2sim.errors import ParamInvalidError
+from mc2sim.timeline import Metrics, Source, Stream, TaskRecord, Timeline
+from mc2sim.timeline_io import CSV_COLUMNS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "Comparison",
+    "ComparisonRow",
+    "ReportResult",
+    "ResultsFolder",
+    "compare",
+    "format_tables",
+    "load_results",
+    "report",
+    "tile_count",
+    "tiling_of_run",
+]
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+TASKS = "tasks.csv"
+
+_STREAM_COLORS = {Stream.COMPUTE: "tab:blue", Stream.COMM: "tab:orange"}
+_VERDICT = re.compile(r"\b(PASS|FAIL)\b")
+_TRAILING_NUMBER = re.compile(r"(\d+)\)?\s*$")
+
+
+def tiling_of_run(label: str) -> str:
+    """Return the tiling in words of a run label: the part between ``/`` and the last ``#``.
+
+    Args:
+        label: a run label such as ``"gmm_alltoallv/experts x 2#16"``.
+
+    Returns:
+        The tiling, e.g. ``"experts x 2"``.
+
+    Raises:
+        ParamInvalidError: ``label`` has no ``/``.
+
+    """
+    if "/" not in label:
+        raise ParamInvalidError("run", label, "must look like '<op>/<tiling>#<n>'")
+    return label.split("/", 1)[1].rsplit("#", 1)[0]
+
+
+def tile_count(tiling: str) -> int | None:
+    """Return the number of tiles of a tiling in words, or None when it has no number.
+
+    ``serial`` is 1 tile; ``tiles=4``, ``experts x 4``, ``ranks x 4`` and
+    ``hardware(tiles=4)`` are 4; ``hardware(per expert)`` has no number.
+
+    Args:
+        tiling: the tiling in words.
+
+    Returns:
+        The tile count, or None.
+
+    """
+    if tiling == "serial":
+        return 1
+    found = _TRAILING_NUMBER.search(tiling)
+    return int(found.group(1)) if found else None
+
+
+def _is_hardware(tiling: str) -> bool:
+    return tiling.startswith("hardware")
+
+
+def _tiling_order(tiling: str) -> tuple[int, float, str]:
+    """Sort key: serial, then hardware, then by tile count, then by name."""
+    count = tile_count(tiling)
+    group = 0 if tiling == "serial" else 1 if _is_hardware(tiling) else 2
+    return (group, math.inf if count is None else count, tiling)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResultsFolder:
+    """One results folder, read back: its manifest, every tiling's metrics and its tasks."""
+
+    path: Path
+    """The folder."""
+
+    manifest: Mapping[str, Any]
+    """``manifest.json`` as read (read-only)."""
+
+    runs: Mapping[str, str]
+    """Tiling in words -> run label, in ``summary.json``'s order."""
+
+    metrics: Mapping[str, Metrics]
+    """Tiling in words -> the run's metrics."""
+
+    golden: Mapping[str, str]
+    """Tiling in words -> ``"pass"``, ``"FAIL"`` or ``"?"``; empty without golden checks."""
+
+    timeline: Timeline
+    """Every task of ``tasks.csv`` (source from the manifest)."""
+
+    @property
+    def scenario(self) -> str:
+        """The scenario's name."""
+        return str(self.manifest["scenario"])
+
+    @property
+    def op(self) -> str:
+        """The fused op, or ``"?"`` when the manifest does not say."""
+        return str(self.manifest.get("op", "?"))
+
+    @property
+    def source(self) -> str:
+        """``"measured"`` or ``"simulated"``."""
+        return str(self.manifest["source"])
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks."""
+        return int(self.manifest["world_size"])
+
+    @property
+    def skew(self) -> float | None:
+        """The routing skew of the manifest, or None when it has none."""
+        routing = self.manifest.get("routing")
+        if isinstance(routing, Mapping) and isinstance(routing.get("skew"), (int, float)):
+            return float(routing["skew"])
+        return None
+
+
+def _broken(directory: Path, rule: str) -> ParamInvalidError:
+    return ParamInvalidError("directory", str(directory), rule)
+
+
+def _read_json(directory: Path, name: str) -> Any:
+    path = directory / name
+    if not path.is_file():
+        raise _broken(directory, f"is not a results folder: {name} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _broken(
+            directory, f"is not a results folder: {name} is not valid JSON ({exc})"
+        ) from None
+
+
+def _verdict(lines: object) -> str:
+    """Return ``"pass"`` when every line says PASS, ``"FAIL"`` when one says FAIL, else ``?``."""
+    if not isinstance(lines, list) or not lines:
+        return "?"
+    outcomes = []
+    for line in lines:
+        found = _VERDICT.search(str(line))
+        outcomes.append(found.group(1) if found else "?")
+    if "FAIL" in outcomes:
+        return "FAIL"
+    return "pass" if all(o == "PASS" for o in outcomes) else "?"
+
+
+def _read_tasks(directory: Path, source: str) -> Timeline:
+    path = directory / TASKS
+    if not path.is_file():
+        raise _broken(directory, f"is not a results folder: {TASKS} is missing")
+    records = []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in CSV_COLUMNS[:-1] if c not in (reader.fieldnames or ())]
+            if missing:
+                raise _broken(directory, f"{TASKS} lacks the columns {missing}")
+            for row in reader:
+                try:
+                    records.append(
+                        TaskRecord(
+                            rank=int(row["rank"]),
+                            run=row["run"],
+                            task=int(row["task"]),
+                            name=row["name"],
+                            stream=Stream(row["stream"]),
+                            kind=row["kind"],
+                            start_s=float(row["start_s"]),
+                            end_s=float(row["end_s"]),
+                            flops=int(row["flops"] or 0),
+                            bytes=int(row["bytes"] or 0),
+                        )
+                    )
+                except (TypeError, ValueError) as exc:  # ParamInvalidError is a ValueError
+                    raise _broken(
+                        directory, f"{TASKS} line {reader.line_num} is broken ({exc})"
+                    ) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise _broken(directory, f"{TASKS} cannot be read ({exc})") from None
+    return Timeline(records=tuple(records), source=Source(source))
+
+
+def load_results(directory: str | os.PathLike[str]) -> ResultsFolder:
+    """Read a results folder written by ``mc2sim run`` or ``mc2sim simulate``.
+
+    Args:
+        directory: the folder holding ``manifest.json``, ``summary.json`` and ``tasks.csv``.
+
+    Returns:
+        The folder's manifest, metrics per tiling, golden verdicts and tasks.
+
+    Raises:
+        ParamInvalidError: the folder is missing, or one of its files is missing or broken;
+            the message names the folder and the file.
+
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise _broken(path, "is not a results folder: no such folder")
+    manifest = _read_json(path, MANIFEST)
+    if not isinstance(manifest, dict):
+        raise _broken(path, f"{MANIFEST} must hold a JSON object")
+    for key in ("scenario", "source", "world_size"):
+        if key not in manifest:
+            raise _broken(path, f"{MANIFEST} lacks the key {key!r}")
+    if manifest["source"] not in ("measured", "simulated"):
+        raise _broken(path, f"{MANIFEST} source {manifest['source']!r} is not measured/simulated")
+    summary = _read_json(path, SUMMARY)
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
+        raise _broken(path, f"{SUMMARY} lacks the object 'runs'")
+    found: dict[str, tuple[str, Metrics]] = {}
+    for label, data in summary["runs"].items():
+        try:
+            found[tiling_of_run(label)] = (label, Metrics.from_dict(data))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _broken(path, f"{SUMMARY} run {label!r} is broken ({exc!r})") from None
+    order = sorted(found, key=_tiling_order)
+    runs = {tiling: found[tiling][0] for tiling in order}
+    metrics = {tiling: found[tiling][1] for tiling in order}
+    golden_data = summary.get("golden") or {}
+    if not isinstance(golden_data, dict):
+        raise _broken(path, f"{SUMMARY} 'golden' must be an object")
+    golden = {str(t): _verdict(lines) for t, lines in golden_data.items()}
+    return ResultsFolder(
+        path=path,
+        manifest=MappingProxyType(manifest),
+        runs=MappingProxyType(runs),
+        metrics=MappingProxyType(metrics),
+        golden=MappingProxyType(golden),
+        timeline=_read_tasks(path, str(manifest["source"])),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ComparisonRow:
+    """One tiling's measured and simulated total time."""
+
+    tiling: str
+    """The tiling in words."""
+
+    measured_s: float
+    """The measured run's ``total_s``."""
+
+    simulated_s: float
+    """The simulated run's ``total_s``."""
+
+    @property
+    def error(self) -> float:
+        """``max / min - 1`` of the two times (0 when equal)."""
+        return max(self.measured_s, self.simulated_s) / min(self.measured_s, self.simulated_s) - 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Comparison:
+    """A measured and a simulated folder of one scenario and world size, tiling by tiling."""
+
+    measured: ResultsFolder
+    """The ``mc2sim run`` folder."""
+
+    simulated: ResultsFolder
+    """The ``mc2sim simulate`` folder."""
+
+    rows: tuple[ComparisonRow, ...]
+    """The tilings both folders ran (with positive times), in the measured folder's order."""
+
+    @property
+    def geomean_error(self) -> float:
+        """``exp(mean(log(max/min))) - 1`` over the rows; 0.0 without rows."""
+        if not self.rows:
+            return 0.0
+        logs = [math.log1p(r.error) for r in self.rows]
+        return math.exp(sum(logs) / len(logs)) - 1
+
+
+def compare(folders: Sequence[ResultsFolder]) -> list[Comparison]:
+    """Pair each measured folder with the first simulated one of its scenario and world size.
+
+    Args:
+        folders: loaded results folders, in any order.
+
+    Returns:
+        One comparison per measured folder that has a simulated partner.
+
+    """
+    pairs = []
+    for measured in folders:
+        if measured.source != "measured":
+            continue
+        partner = next(
+            (
+                f
+                for f in folders
+                if f.source == "simulated"
+                and f.scenario == measured.scenario
+                and f.world_size == measured.world_size
+            ),
+            None,
+        )
+        if partner is None:
+            continue
+        rows = tuple(
+            ComparisonRow(
+                tiling=tiling,
+                measured_s=m.total_s,
+                simulated_s=partner.metrics[tiling].total_s,
+            )
+            for tiling, m in measured.metrics.items()
+            if tiling in partner.metrics and m.total_s > 0 and partner.metrics[tiling].total_s > 0
+        )
+        pairs.append(Comparison(measured=measured, simulated=partner, rows=rows))
+    return pairs
+
+
+def _folder_table(folder: ResultsFolder) -> list[str]:
+    skew = folder.skew
+    lines = [
+        f"# {folder.scenario}: {folder.op}, {folder.world_size} ranks, {folder.source}"
+        f"{'' if skew is None else f', skew {skew:g}'} ({folder.path})",
+        f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
+        f"{'overlap%':>9}{'speedup':>9}  golden",
+    ]
+    for tiling, m in folder.metrics.items():
+        speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+        lines.append(
+            f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
+            f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
+            f"{m.overlap_pct:>9.1f}{speedup:>9}  {folder.golden.get(tiling, '-')}"
+        )
+    return lines
+
+
+def _comparison_table(pair: Comparison) -> list[str]:
+    lines = [
+        f"# predicted vs measured: {pair.measured.scenario}, {pair.measured.world_size} ranks "
+        f"({pair.measured.path} vs {pair.simulated.path})",
+        f"{'tiling':<26}{'measured ms':>12}{'simulated ms':>13}{'error':>9}",
+    ]
+    for row in pair.rows:
+        lines.append(
+            f"{row.tiling:<26}{row.measured_s * 1e3:>12.3f}{row.simulated_s * 1e3:>13.3f}"
+            f"{row.error:>9.1%}"
+        )
+    lines.append(f"geomean error over {len(pair.rows)} tilings: {pair.geomean_error:.1%}")
+    return lines
+
+
+def format_tables(folders: Sequence[ResultsFolder]) -> str:
+    """Return the text tables of ``folders``.
+
+    One table per folder (a row per tiling: total, compute, comm and exposed ms, overlap %,
+    speedup, golden verdict), then one predicted vs measured table per pair found by
+    :func:`compare` (measured ms, simulated ms, error ``max/min - 1``, geomean error).
+
+    Args:
+        folders: loaded results folders.
+
+    Returns:
+        The tables, separated by blank lines, ending with a newline.
+
+    """
+    blocks = [_folder_table(f) for f in folders]
+    blocks += [_comparison_table(p) for p in compare(folders)]
+    return "\n\n".join("\n".join(block) for block in blocks) + "\n"
+
+
+def _slug(tiling: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", tiling).strip("_") or "tiling"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "mc2sim report draws plots with matplotlib: pip install matplotlib", name=exc.name
+        ) from exc
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG, atomically (rendered in memory, then written and renamed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return write_atomic(path, buf.getvalue(), parents=True)
+
+
+def _plot_gantt(folder: ResultsFolder, tiling: str, path: Path) -> Path:
+    """One lane per (rank, stream); bars from start to end in ms, colored by stream."""
+    from matplotlib.patches import Patch
+
+    records = folder.timeline.for_run(folder.runs[tiling]).records
+    t0 = min((r.start_s for r in records), default=0.0)
+    lanes = [(rank, stream) for rank in sorted({r.rank for r in records}) for stream in Stream]
+    index = {lane: i for i, lane in enumerate(lanes)}
+    bars: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(lanes))}
+    for r in records:
+        bars[index[(r.rank, r.stream)]].append(((r.start_s - t0) * 1e3, r.duration_s * 1e3))
+    fig = _new_figure(10.0, min(30.0, 1.5 + 0.3 * max(len(lanes), 2)))
+    ax = fig.subplots()
+    for i, (_, stream) in enumerate(lanes):
+        if bars[i]:
+            ax.broken_barh(
+                bars[i], (i - 0.4, 0.8), facecolors=_STREAM_COLORS[stream], edgecolor="black",
+                linewidth=0.3, alpha=0.85,
+            )  # fmt: skip
+    ax.set_yticks(range(len(lanes)), [f"rank {rank} {stream.value}" for rank, stream in lanes])
+    ax.set_ylim(len(lanes) - 0.5, -0.5)
+    ax.set_xlabel("time from the run's first task (ms)")
+    ax.set_ylabel("rank, stream")
+    ax.set_title(f"{folder.scenario}: {tiling} ({folder.source}, {folder.world_size} ranks)")
+    ax.legend(
+        handles=[Patch(color=c, label=s.value) for s, c in _STREAM_COLORS.items()],
+        loc="upper right",
+    )
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def _folder_label(folder: ResultsFolder) -> str:
+    return f"{folder.path.name} ({folder.source})"
+
+
+def _plot_speedup(folders: Sequence[ResultsFolder], path: Path) -> Path | None:
+    """Speedup against tile count, a line per folder; hardware tilings as star markers."""
+    series = []
+    for folder in folders:
+        points: list[tuple[int, float]] = []
+        hardware: list[tuple[str, int | None, float]] = []
+        for tiling, m in folder.metrics.items():
+            if m.speedup is None:
+                continue
+            count = tile_count(tiling)
+            if _is_hardware(tiling):
+                hardware.append((tiling, count, m.speedup))
+            elif count is not None:
+                points.append((count, m.speedup))
+        if any(count > 1 for count, _ in points):
+            series.append((folder, sorted(points), hardware))
+    if not series:
+        return None
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.subplots()
+    counts: set[int] = set()
+    for folder, points, hardware in series:
+        xs = [c for c, _ in points]
+        counts.update(xs)
+        (line,) = ax.plot(xs, [s for _, s in points], marker="o", label=_folder_label(folder))
+        for tiling, count, speedup in hardware:
+            if count is not None:
+                counts.add(count)
+                ax.plot([count], [speedup], marker="*", markersize=14, color=line.get_color())
+                ax.annotate(tiling, (count, speedup), textcoords="offset points", xytext=(6, 6))
+            else:  # no tile count: a level line across the plot
+                ax.axhline(speedup, linestyle=":", color=line.get_color())
+                ax.annotate(
+                    tiling, (min(xs), speedup), textcoords="offset points", xytext=(4, 4),
+                    color=line.get_color(),
+                )  # fmt: skip
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(counts), [str(c) for c in sorted(counts)])
+    ax.set_xlabel("tile count (serial = 1; hardware: * at its tile count, else dotted)")
+    ax.set_ylabel("speedup over serial")
+    ax.set_title("speedup against tile count")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_overlap_vs_skew(folders: Sequence[ResultsFolder], path: Path) -> Path | None:
+    """Overlap % against routing skew, a line per tiling, for folders of one scenario."""
+    groups: dict[tuple[str, int, str], dict[float, ResultsFolder]] = {}
+    for folder in folders:
+        if folder.skew is not None:
+            key = (folder.scenario, folder.world_size, folder.source)
+            groups.setdefault(key, {}).setdefault(folder.skew, folder)
+    usable = {key: by_skew for key, by_skew in groups.items() if len(by_skew) >= 2}
+    if not usable:
+        return None
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.subplots()
+    several = len(usable) > 1
+    for (scenario, world, source), by_skew in usable.items():
+        skews = sorted(by_skew)
+        tilings = list(dict.fromkeys(t for s in skews for t in by_skew[s].metrics))
+        for tiling in tilings:
+            xs = [s for s in skews if tiling in by_skew[s].metrics]
+            ys = [by_skew[s].metrics[tiling].overlap_pct for s in xs]
+            label = f"{tiling} ({scenario}, {world} ranks, {source})" if several else tiling
+            ax.plot(xs, ys, marker="o", label=label)
+    if not several:
+        ((scenario, world, source),) = usable
+        ax.set_title(f"{scenario}: overlap against routing skew ({world} ranks, {source})")
+    else:
+        ax.set_title("overlap against routing skew")
+    ax.set_xlabel("routing skew")
+    ax.set_ylabel("overlap (%)")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _plot_predicted_vs_measured(pairs: Sequence[Comparison], path: Path) -> Path | None:
+    """Simulated against measured total ms per tiling, with the line y = x."""
+    pairs = [p for p in pairs if p.rows]
+    if not pairs:
+        return None
+    fig = _new_figure(6.0, 6.0)
+    ax = fig.subplots()
+    values = []
+    for pair in pairs:
+        xs = [r.measured_s * 1e3 for r in pair.rows]
+        ys = [r.simulated_s * 1e3 for r in pair.rows]
+        values += xs + ys
+        label = f"{pair.measured.scenario}, {pair.measured.world_size} ranks"
+        label += f" (geomean error {pair.geomean_error:.1%})"
+        ax.scatter(xs, ys, label=label, zorder=3)
+        for row, x, y in zip(pair.rows, xs, ys, strict=True):
+            ax.annotate(row.tiling, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    lo, hi = min(values) / 1.5, max(values) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="y = x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured total (ms)")
+    ax.set_ylabel("simulated total (ms)")
+    ax.set_title("predicted vs measured")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReportResult:
+    """What :func:`report` produced."""
+
+    tables: str
+    """The text tables (see :func:`format_tables`)."""
+
+    plots: tuple[Path, ...]
+    """The PNG files written, in the order written."""
+
+    comparisons: tuple[Comparison, ...]
+    """The predicted vs measured pairs found."""
+
+
+def report(
+    directories: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    plots: bool = True,
+) -> ReportResult:
+    """Read results folders; return their tables and write PNG plots.
+
+    Plots (each skipped, without error, when the folders do not support it):
+
+    * ``gantt_<tiling>.png`` for every tiling of the first folder: a lane per (rank, stream);
+    * ``speedup.png``: speedup against tile count, a line per folder with numbered tilings;
+    * ``overlap_vs_skew.png``: overlap % against routing skew, a line per tiling, when folders
+      of one scenario, world size and source have at least two different skews;
+    * ``predicted_vs_measured.png``: simulated against measured total ms, when a measured and
+      a simulated folder of one scenario and world size are given.
+
+    Args:
+        directories: one or more results folders.
+        out: where to write the PNGs; default the first folder (created if missing).
+        plots: False to only read and tabulate (matplotlib is not needed then).
+
+    Returns:
+        The tables, the PNG paths written and the predicted vs measured pairs.
+
+    Raises:
+        ParamInvalidError: no folder given, or one is not a results folder.
+
+    """
+    if not directories:
+        raise ParamInvalidError("directories", [], "must name at least one results folder")
+    folders = [load_results(d) for d in directories]
+    pairs = compare(folders)
+    tables = format_tables(folders)
+    written: list[Path] = []
+    if plots:
+        target = Path(out) if out is not None else folders[0].path
+        first = folders[0]
+        for tiling in first.runs:
+            written.append(_plot_gantt(first, tiling, target / f"gantt_{_slug(tiling)}.png"))
+        for drawn in (
+            _plot_speedup(folders, target / "speedup.png"),
+            _plot_overlap_vs_skew(folders, target / "overlap_vs_skew.png"),
+            _plot_predicted_vs_measured(pairs, target / "predicted_vs_measured.png"),
+        ):
+            if drawn is not None:
+                written.append(drawn)
+    return ReportResult(tables=tables, plots=tuple(written), comparisons=tuple(pairs))
