@@ -149,8 +149,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             error = max(real, m.total_s) / min(real, m.total_s) - 1
             line += f"{real * 1e3:>10.3f}{error:>8.1%}"
         print(line)
+    if args.plots:
+        _write_plots([out, Path(args.measured)] if args.measured else [out], out)
     print(f"results: {out}")
     return 0
+
+
+def _write_plots(folders: Sequence[Path], out: Path) -> None:
+    """Draw the PNG plots of results folders into ``out`` (see :func:`mc2sim.report.report`)."""
+    from mc2sim.report import report
+
+    written = report(folders, out).plots
+    print(f"plots: {len(written)} PNG in {out}")
 
 
 def _measured_totals(directory: Path) -> dict[str, float]:
@@ -216,6 +226,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
                 f"{m.overlap_pct:>9.1f}{speedup:>9}  {'pass' if ok else 'FAIL'}"
             )
+        if args.plots:
+            _write_plots([out], out)
         print(f"results: {out}")
         for verdicts_of_tiling in result.verdicts.values():
             for verdict in verdicts_of_tiling:
@@ -270,24 +282,31 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         lead = comm.rank == 0
         status = 0
         for label, point in points:
-            sub = ["run", args.scenario, "--out", str(out / label)]
+            sub = ["run", args.scenario, "--out", str(out / label.replace("/", "_"))]
+            sub += [] if args.plots else ["--no-plots"]
             for item in point:
                 sub += ["--set", item]
             if lead:
                 print(f"# point {label}", flush=True)
             status = max(status, main(sub))
+        if lead and args.plots:
+            _write_plots([out / label.replace("/", "_") for label, _ in points], out)
         return status
     print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
+    folders: list[Path] = []
     for (label, _), scenario, topology in tqdm(
         list(zip(points, scenarios, topologies, strict=True)), desc="sweep", file=sys.stderr
     ):
         result = simulate_study(scenario, topology, args.ranks)
-        write_results(result, out / label.replace("/", "_"))
+        folders.append(out / label.replace("/", "_"))
+        write_results(result, folders[-1])
         for tiling, m in result.metrics().items():
             speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
             print(
                 f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
             )
+    if args.plots:
+        _write_plots(folders, out)
     print(f"results: {out}")
     return 0
 
@@ -384,6 +403,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
     run.add_argument("--out", help="results folder (default results/<scenario>-<time>)")
+    run.add_argument(
+        "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
+    )
     run.set_defaults(func=_cmd_run)
 
     sim = commands.add_parser(
@@ -399,6 +421,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
     )
+    sim.add_argument(
+        "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     sweep = commands.add_parser(
@@ -412,6 +437,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ranks", type=int, help="world size to simulate (default: the scenario's)")
     sweep.add_argument("--real", action="store_true", help="run each point for real (mpiexec)")
     sweep.add_argument("--out", help="results folder (default results/<scenario>-sweep-<time>)")
+    sweep.add_argument(
+        "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
+    )
     sweep.set_defaults(func=_cmd_sweep)
 
     rep = commands.add_parser(

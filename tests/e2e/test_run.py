@@ -31,6 +31,7 @@ def test_run_a_small_scenario(tmp_path: Path, ranks: int, scenario: str) -> None
     for verdicts in summary["golden"].values():
         assert len(verdicts) == ranks and all("PASS" in v for v in verdicts)
     assert (out / "trace.json").exists() and (out / "tasks.csv").exists()
+    assert (out / "gantt_serial.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_a_broken_scenario_exits_2(tmp_path: Path) -> None:
@@ -51,7 +52,8 @@ def test_real_sweep_runs_every_point(tmp_path: Path) -> None:
         "--set", "small.m=16,32", "--out", str(out),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["small.m=16", "small.m=32"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["small.m=16", "small.m=32"]
+    assert (out / "speedup.png").exists(), "the sweep's plots, over every point"
     for m in (16, 32):
         manifest = json.loads((out / f"small.m={m}" / "manifest.json").read_text())
         assert manifest["shape"]["m"] == m and manifest["world_size"] == 2

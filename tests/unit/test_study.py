@@ -74,12 +74,25 @@ def test_command_line_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str
     printed = capsys.readouterr().out
     assert status == 0
     assert "serial" in printed and f"results: {out}" in printed
-    assert {p.name for p in out.iterdir()} == {
-        "manifest.json",
-        "summary.json",
-        "tasks.csv",
-        "trace.json",
+    data = {"manifest.json", "summary.json", "tasks.csv", "trace.json"}
+    plots = {
+        "gantt_serial.png",
+        "gantt_hardware_per_expert.png",
+        "gantt_experts_x_2.png",
+        "gantt_experts_x_4.png",
+        "speedup.png",
     }
+    assert {p.name for p in out.iterdir()} == data | plots
+    for name in plots:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plots: 5 PNG in" in printed
+    quick = tmp_path / "quick"
+    status = main(
+        ["simulate", "seed_gmm_alltoallv_ep4", "--set", "scale=small", "--no-plots",
+         "--out", str(quick)]
+    )  # fmt: skip
+    assert status == 0
+    assert {p.name for p in quick.iterdir()} == data
 
 
 def test_broken_scenario_exits_2_naming_file_and_key(
@@ -114,8 +127,9 @@ def test_sweep_simulates_every_point(tmp_path: Path, capsys: pytest.CaptureFixtu
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert status == 0
-    folders = sorted(p.name for p in out.iterdir())
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == ["routing.skew=0.0", "routing.skew=2.0"]
+    assert {"speedup.png", "overlap_vs_skew.png"} <= {p.name for p in out.iterdir()}
     for folder in folders:
         manifest = json.loads((out / folder / "manifest.json").read_text())
         assert manifest["routing"]["skew"] == float(folder.split("=")[1])
