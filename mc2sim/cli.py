@@ -88,11 +88,14 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     if topology.world_size != comm.size:
         topology = topology.with_world(comm.size)
 
-    def show(i: int, n: int, name: str) -> None:
-        if comm.rank == 0:
-            print(f"[{i + 1}/{n}] {name}", file=sys.stderr, flush=True)
+    cases = default_cases(comm)
+    with _progress_bar(len(cases), "validate-model", "case", show=comm.rank == 0) as bar:
 
-    results = run_cases(comm, default_cases(comm), topology, reps=args.reps, progress=show)
+        def show(i: int, n: int, name: str) -> None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
+
+        results = run_cases(comm, cases, topology, reps=args.reps, progress=show)
     if comm.rank == 0:
         print(f"# validate-model: {comm.size} ranks, {args.topology}, median of {args.reps}")
         print(f"{'case':<70}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
@@ -101,6 +104,13 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             print(f"{r.name:<70}{measured:>12.2f}{simulated:>13.2f}{r.error:>8.1%}")
         print(f"geomean error over {len(results)} cases: {geomean_error(results):.1%}")
     return 0
+
+
+def _progress_bar(total: int, desc: str, unit: str, *, show: bool) -> Any:
+    """A tqdm bar on stderr, drawn only where ``show`` (rank 0); a no-op bar elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not show)
 
 
 def _load_scenario(name: str, overrides: Sequence[str]) -> Any:
@@ -196,11 +206,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stamp = comm.allgather_object(time.strftime("%Y%m%d-%H%M%S"))[0]
     out = Path(args.out or f"results/{scenario.name}-{stamp}")
 
-    def show(line: str) -> None:
-        if lead:
-            print(f"  {line}", file=sys.stderr, flush=True)
+    with _progress_bar(len(scenario.tilings), scenario.name, "tiling", show=lead) as bar:
 
-    result = run_experiment(scenario, comm, progress=show)
+        def show(line: str) -> None:
+            bar.set_postfix_str(line, refresh=False)
+            bar.update()
+
+        result = run_experiment(scenario, comm, progress=show)
     if lead:
         paths = write_all(result.timeline, out, baseline_run=result.baseline)
         verdicts = {
