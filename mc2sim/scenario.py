@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 
 from mc2sim import topology as _topology
-from mc2sim._atomic import write_atomic
 from mc2sim._compat import StrEnum
+from mc2sim._yaml import write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
 from mc2sim.routing import RoutingConfig, RoutingKind
@@ -708,16 +708,6 @@ def load(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Scenari
 
 # ----------------------------------------------------------------------------- writing
 
-_Dumper: Any = type("_Dumper", (yaml.SafeDumper,), {})
-
-
-def _represent_str(dumper: Any, value: str) -> Any:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", str(value), style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
 
 def _as_data(scenario: Scenario) -> dict[str, Any]:
     """Return the plain-data form of ``scenario``, in the file format's key order."""
@@ -760,11 +750,7 @@ def dump(scenario: Scenario, path: str | os.PathLike[str]) -> None:
     """
     if not isinstance(scenario, Scenario):
         raise ParamInvalidError("scenario", scenario, "must be a Scenario")
-    target = Path(os.fspath(path))
-    text = yaml.dump(
-        _as_data(scenario), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
-    )
-    write_atomic(target, text)
+    write_yaml(_as_data(scenario), path)
 
 
 # ----------------------------------------------------------------------------- shipped files

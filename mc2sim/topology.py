@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from mc2sim._atomic import write_atomic
 from mc2sim._compat import StrEnum
+from mc2sim._yaml import write_yaml
 from mc2sim.errors import ParamInvalidError
 
 __all__ = [
@@ -701,19 +701,6 @@ def load(path: str | os.PathLike[str]) -> Topology:
 # ----------------------------------------------------------------------------- YAML writing
 
 
-# A safe dumper that writes multi-line strings as literal blocks (made with ``type`` because
-# PyYAML ships no type hints, and mypy refuses a class statement deriving from ``Any``).
-_Dumper: Any = type("_Dumper", (yaml.SafeDumper,), {})
-
-
-def _represent_str(dumper: Any, value: str) -> Any:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
 def _as_data(topology: Topology) -> dict[str, Any]:
     """Return the plain-data form of ``topology``, in the file format's key order."""
     dev = topology.device
@@ -767,11 +754,7 @@ def dump(topology: Topology, path: str | os.PathLike[str]) -> None:
     """
     if not isinstance(topology, Topology):
         raise ParamInvalidError("topology", topology, "must be a Topology")
-    target = Path(os.fspath(path))
-    text = yaml.dump(
-        _as_data(topology), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
-    )
-    write_atomic(target, text)
+    write_yaml(_as_data(topology), path)
 
 
 # ----------------------------------------------------------------------------- shipped files
