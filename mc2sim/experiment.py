@@ -172,6 +172,37 @@ def _tp_case(scenario: Scenario, comm: Communicator, gen: torch.Generator) -> _C
     )
 
 
+def _ifa_case(scenario: Scenario, comm: Communicator, gen: torch.Generator) -> _Case:
+    """This rank's heads of a decode step: a scattered paged cache, lengths within a block."""
+    shape = scenario.effective_shape()
+    batch, heads, kv_heads = shape["batch"], shape["heads"], shape["kv_heads"]
+    dim, kv_len, block = shape["head_dim"], shape["kv_len"], shape["block_size"]
+    dtype = _TORCH_DTYPES[scenario.dtype]
+    per_seq = -(-kv_len // block)
+    blocks = batch * per_seq + 1  # one spare block, never in the table
+    table = torch.randperm(blocks, generator=gen)[: batch * per_seq].reshape(batch, per_seq)
+    short = torch.randint(0, min(block, kv_len), (batch,), generator=gen)
+    lengths = [kv_len - int(s) for s in short]
+    query = _uniform(gen, batch, 1, heads * dim, dtype=dtype, scale=1.0)
+    key_cache = _uniform(gen, blocks, block, kv_heads * dim, dtype=dtype, scale=1.0)
+    value_cache = _uniform(gen, blocks, block, kv_heads * dim, dtype=dtype, scale=1.0)
+    table = table.to(torch.int32)
+    expected = golden.ifa_paged(
+        query, key_cache, value_cache, table, lengths,
+        num_heads=heads, num_kv_heads=kv_heads, scale=dim**-0.5,
+    )  # fmt: skip
+
+    def run(tiling: object) -> torch.Tensor:
+        return ops.ifa_decode(
+            query, key_cache, value_cache, comm,
+            block_table=table, actual_seq_lengths=lengths, num_heads=heads,
+            num_key_value_heads=kv_heads, block_size=block, scale_value=dim**-0.5,
+            tiling=tiling,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    return _Case(run=run, expected=expected)
+
+
 def run_experiment(
     scenario: Scenario,
     comm: Communicator,
@@ -194,6 +225,8 @@ def run_experiment(
         case = _moe_case(scenario, comm, gen)
     elif scenario.op is OpName.MM_ALL_REDUCE:
         case = _mm_all_reduce_case(scenario, comm, gen)
+    elif scenario.op is OpName.IFA:
+        case = _ifa_case(scenario, comm, gen)
     else:
         case = _tp_case(scenario, comm, gen)
     timelines: list[Timeline] = []

@@ -24,6 +24,7 @@ __all__ = [
     "dequant_weight",
     "gather_inputs",
     "gmm_alltoallv",
+    "ifa_paged",
     "matmul_reduce_scatter",
     "mm_all_reduce",
     "quant_scale_value",
@@ -368,3 +369,44 @@ def matmul_reduce_scatter(
         total += _round_to(y, local_dtype)
     rows = total.shape[0] // world
     return total[rank * rows : (rank + 1) * rows]
+
+
+def ifa_paged(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: Sequence[int],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+) -> np.ndarray:
+    """Decode attention over a paged cache (BSH), one batch and head at a time, in float64.
+
+    Batch b's keys are its first ``lengths[b]`` positions, read block by block through
+    ``block_table[b]`` from ``key_cache`` ``(blocknum, block_size, N_kv * D)``; query head n
+    reads KV head ``n // (N / N_kv)``; a plain softmax (maximum subtracted) weighs the values.
+    An empty window gives zeros. Returns ``(B, 1, N * D)``.
+    """
+    batch = query.shape[0]
+    dim = query.shape[-1] // num_heads
+    block = key_cache.shape[1]
+    q = _f64(query).reshape(batch, num_heads, dim)
+    keys = _f64(key_cache).reshape(key_cache.shape[0], block, num_kv_heads, dim)
+    values = _f64(value_cache).reshape(keys.shape)
+    table = block_table.detach().cpu().numpy()
+    group = num_heads // num_kv_heads
+    out = np.zeros((batch, num_heads, dim))
+    for b in range(batch):
+        length = int(lengths[b])
+        if length <= 0:
+            continue
+        blocks = [int(table[b, j]) for j in range(-(-length // block))]
+        k_rows = np.concatenate([keys[p] for p in blocks])[:length]
+        v_rows = np.concatenate([values[p] for p in blocks])[:length]
+        for n in range(num_heads):
+            scores = k_rows[:, n // group, :] @ q[b, n] * scale
+            weights = np.exp(scores - scores.max())
+            out[b, n] = weights @ v_rows[:, n // group, :] / weights.sum()
+    return out.reshape(batch, 1, num_heads * dim)

@@ -33,6 +33,7 @@ from mc2sim._compat import StrEnum
 from mc2sim._yaml import write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
+from mc2sim.kernels import _ifa_plan as ifa_limits
 from mc2sim.routing import RoutingConfig, RoutingKind
 from mc2sim.schedule.tiling import tiling_of
 
@@ -80,6 +81,9 @@ class OpName(StrEnum):
             ``(world * m, k) x (k, n)``.
         ``matmul_reduce_scatter``: MatmulReduceScatter: ``(m, k) x (k, n)``, then a
             ReduceScatter leaving ``m / world`` rows on each rank.
+        ``ifa``: IncreFlashAttention decode with page attention: every rank attends its own
+            ``heads`` of each batch's token against a paged KV cache (the attention of a
+            tensor-parallel decode layer; nothing crosses ranks). Tilings split the batch.
     """
 
     MM_ALL_REDUCE = "mm_all_reduce"
@@ -87,6 +91,7 @@ class OpName(StrEnum):
     ALLTOALLV_GMM = "alltoallv_gmm"
     ALL_GATHER_MATMUL = "all_gather_matmul"
     MATMUL_REDUCE_SCATTER = "matmul_reduce_scatter"
+    IFA = "ifa"
 
 
 class QuantMode(StrEnum):
@@ -123,9 +128,13 @@ class Scale(StrEnum):
 _MOE_OPS = (OpName.GMM_ALLTOALLV, OpName.ALLTOALLV_GMM)
 _MOE_KEYS = (("tokens", "top_k", "experts_per_rank", "h1", "n1"), ("h2", "n2"))
 _TP_KEYS = (("m", "k", "n"), ())
+_IFA_KEYS = (("batch", "heads", "kv_heads", "head_dim", "kv_len", "block_size"), ())
 
 SHAPE_KEYS: Mapping[OpName, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
-    {op: _MOE_KEYS if op in _MOE_OPS else _TP_KEYS for op in OpName}
+    {
+        op: _MOE_KEYS if op in _MOE_OPS else _IFA_KEYS if op is OpName.IFA else _TP_KEYS
+        for op in OpName
+    }
 )
 """Per op, the (required, optional) keys of ``shape``."""
 
@@ -201,6 +210,8 @@ def _check_shape(op: OpName, shape: Mapping[str, int], where: str) -> None:
         if "h2" in shape:
             _integer(f"{where}.h2", shape["h2"], 1, _MAX_H2)
             _integer(f"{where}.n2", shape["n2"], 1, _MAX_N)
+    elif op is OpName.IFA:
+        _check_ifa_shape(shape, where)
     else:
         _integer(f"{where}.m", shape["m"], 1, _MAX_M)
         _integer(f"{where}.n", shape["n"], 1, _MAX_KN)
@@ -211,6 +222,29 @@ def _check_shape(op: OpName, shape: Mapping[str, int], where: str) -> None:
             k = shape["k"]
             if not lo <= k < hi:
                 raise ParamInvalidError(f"{where}.k", k, f"must be in [{lo}, {hi}) for {op.value}")
+
+
+def _check_ifa_shape(shape: Mapping[str, int], where: str) -> None:
+    """IncreFlashAttention's limits on a BSH page-attention decode (per-rank heads)."""
+    _integer(f"{where}.batch", shape["batch"], 1, ifa_limits.MAX_BATCH)
+    heads = _integer(f"{where}.heads", shape["heads"], 1, ifa_limits.MAX_HEADS)
+    kv_heads = shape["kv_heads"]
+    if heads % kv_heads or heads // kv_heads > ifa_limits.MAX_GROUP:
+        raise ParamInvalidError(
+            f"{where}.kv_heads",
+            kv_heads,
+            f"must divide heads ({heads}), heads / kv_heads <= {ifa_limits.MAX_GROUP}",
+        )
+    dim = _integer(f"{where}.head_dim", shape["head_dim"], 1, ifa_limits.MAX_HEAD_DIM)
+    if kv_heads * dim > ifa_limits.MAX_PAGED_HIDDEN:
+        raise ParamInvalidError(
+            f"{where}.kv_heads",
+            kv_heads,
+            f"kv_heads * head_dim must be <= {ifa_limits.MAX_PAGED_HIDDEN} with page attention",
+        )
+    size = _integer(f"{where}.block_size", shape["block_size"], 1, ifa_limits.MAX_BLOCK_SIZE)
+    if size % 16:
+        raise ParamInvalidError(f"{where}.block_size", size, "must be a multiple of 16")
 
 
 def _check_world(op: OpName, shape: Mapping[str, int], world: int, param: str) -> None:
@@ -259,7 +293,8 @@ class Scenario:
     shape: Mapping[str, int]
     """Full-size dimensions; keys per op in ``SHAPE_KEYS`` (``m, k, n`` for the TP ops;
     ``tokens`` (BS per rank), ``top_k``, ``experts_per_rank``, ``h1``, ``n1`` and optionally
-    ``h2`` and ``n2`` (shared expert) for the MoE ops). Stored read-only."""
+    ``h2`` and ``n2`` (shared expert) for the MoE ops; ``batch``, ``heads``, ``kv_heads``
+    (per rank), ``head_dim``, ``kv_len``, ``block_size`` for ``ifa``). Stored read-only."""
 
     quant: QuantMode = QuantMode.NONE
     """Quantisation; anything but ``none`` needs ``op == mm_all_reduce``."""

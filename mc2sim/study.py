@@ -31,7 +31,7 @@ from mc2sim.schedule import (
     plan_mm_all_reduce,
     tiling_of,
 )
-from mc2sim.schedule.builders import MatmulShape, MoeShape
+from mc2sim.schedule.builders import IfaShape, MatmulShape, MoeShape, plan_ifa
 from mc2sim.timeline import Metrics, Timeline, write_all
 from mc2sim.topology import Topology, builtin, list_builtin, load
 
@@ -126,6 +126,20 @@ def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[
             for r in range(world)
         }
     elem = _ELEM[scenario.dtype]
+    if op is OpName.IFA:
+        attention = IfaShape(
+            heads=shape["heads"],
+            kv_heads=shape["kv_heads"],
+            head_dim=shape["head_dim"],
+            kv_len=shape["kv_len"],
+            elem_bytes=elem,
+            dtype=scenario.dtype,
+        )
+        batch = shape["batch"]
+        return {
+            r: plan_ifa(batch=batch, shape=attention, tiling=chosen, rank=r, world_size=world)
+            for r in range(world)
+        }
     quant = scenario.quant
     in_bytes = 1 if quant is QuantMode.W8A8 else elem
     w_bytes = {QuantMode.WEIGHT_INT4: 0.5, QuantMode.WEIGHT_INT8: 1.0, QuantMode.W8A8: 1.0}.get(

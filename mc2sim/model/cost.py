@@ -46,6 +46,7 @@ _MATRIX_KINDS = {
     TaskKind.GROUPED_MATMUL,
     TaskKind.QUANT_MATMUL,
     TaskKind.WEIGHT_QUANT_MATMUL,
+    TaskKind.ATTENTION,  # q.k and p.v run on the matrix unit; the KV read usually dominates
 }
 
 

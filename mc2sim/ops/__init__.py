@@ -5,6 +5,7 @@ name. Every op checks its parameters on every rank and the ranks agree before an
 a bad parameter on any rank raises the same error on all of them.
 """
 
+from mc2sim.ops.attention import ifa_decode
 from mc2sim.ops.moe import alltoallv_gmm, gmm_alltoallv
 from mc2sim.ops.profile import HardwareProfile
 from mc2sim.ops.tp import MatmulMode, all_gather_matmul, matmul_reduce_scatter, mm_all_reduce
@@ -15,6 +16,7 @@ __all__ = [
     "all_gather_matmul",
     "alltoallv_gmm",
     "gmm_alltoallv",
+    "ifa_decode",
     "matmul_reduce_scatter",
     "mm_all_reduce",
 ]

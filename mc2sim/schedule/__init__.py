@@ -6,9 +6,11 @@ overlapping the communication of tile i-1.
 """
 
 from mc2sim.schedule.builders import (
+    IfaShape,
     plan_all_gather_matmul,
     plan_alltoallv_gmm,
     plan_gmm_alltoallv,
+    plan_ifa,
     plan_matmul_reduce_scatter,
     plan_mm_all_reduce,
 )
@@ -16,6 +18,7 @@ from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.tiling import Tiling, TilingMode, hardware_mm_all_reduce_tiles, tiling_of
 
 __all__ = [
+    "IfaShape",
     "Plan",
     "Resource",
     "Task",
@@ -26,6 +29,7 @@ __all__ = [
     "plan_all_gather_matmul",
     "plan_alltoallv_gmm",
     "plan_gmm_alltoallv",
+    "plan_ifa",
     "plan_matmul_reduce_scatter",
     "plan_mm_all_reduce",
     "tiling_of",

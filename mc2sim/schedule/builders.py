@@ -1,4 +1,4 @@
-"""Plans of the five fused ops, built from shapes, dtypes and counts alone.
+"""Plans of the five fused ops and of decode attention, from shapes, dtypes and counts alone.
 
 Each builder mirrors how the fused kernel pipelines its op (OPS.md, "How the fused kernel
 overlaps"): compute of tile i runs while tile i-1's chunk communicates.
@@ -21,9 +21,11 @@ from mc2sim.schedule.tiling import (
 )
 
 __all__ = [
+    "IfaShape",
     "plan_all_gather_matmul",
     "plan_alltoallv_gmm",
     "plan_gmm_alltoallv",
+    "plan_ifa",
     "plan_matmul_reduce_scatter",
     "plan_mm_all_reduce",
 ]
@@ -528,4 +530,81 @@ def plan_matmul_reduce_scatter(
         world_size=world_size,
         tasks=tuple(tasks.items),
         meta=(("m", m), ("k", shape.k), ("n", shape.n)),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IfaShape:
+    """One rank's incremental flash attention (decode): its heads of every batch's token."""
+
+    heads: int
+    """Query heads on this rank (numHeads)."""
+
+    kv_heads: int
+    """Key/value heads on this rank (numKeyValueHeads); divides ``heads``."""
+
+    head_dim: int
+    """D."""
+
+    kv_len: int
+    """KV positions each batch attends (its actual sequence length)."""
+
+    elem_bytes: int
+    """Bytes per query, key, value and output element."""
+
+    dtype: str
+    """The compute dtype, e.g. ``"bfloat16"``."""
+
+    def flops(self, batches: int) -> int:
+        """``q.k`` and ``p.v``: two multiply-adds per head, position and D element."""
+        return 4 * batches * self.heads * self.kv_len * self.head_dim
+
+    def traffic(self, batches: int) -> int:
+        """Bytes moved: the batches' keys and values, their queries and outputs."""
+        cache = 2 * batches * self.kv_len * self.kv_heads * self.head_dim
+        return (cache + 2 * batches * self.heads * self.head_dim) * self.elem_bytes
+
+
+def plan_ifa(*, batch: int, shape: IfaShape, tiling: Tiling, rank: int, world_size: int) -> Plan:
+    """Plan incremental flash attention on one rank: batch tiles, compute only.
+
+    Every rank attends its own heads; nothing is communicated. ``serial`` and ``hardware``
+    are one task (the kernel spreads batches and KV heads over its cores within one launch);
+    N tiles are N launches of equal batch ranges, the cut a fused attention-then-projection
+    kernel would pipeline.
+
+    Args:
+        batch: B, the decode batch.
+        shape: this rank's heads and the cache length.
+        tiling: hardware, serial or N tiles.
+        rank: this rank.
+        world_size: ranks in the group.
+
+    Returns:
+        The plan; task ``rows`` give each tile's batches.
+    """
+    if tiling.mode is TilingMode.TILES:
+        lengths = [n for n in even_split(batch, min(tiling.count, batch)) if n > 0]
+        described = tiling.describe()
+    else:
+        lengths = [batch]
+        described = "serial" if tiling.mode is TilingMode.SERIAL else "hardware(tiles=1)"
+    tasks = _Tasks()
+    for i, (start, stop) in enumerate(row_tiles(batch, lengths)):
+        tasks.add(
+            f"attention[{i}]",
+            TaskKind.ATTENTION,
+            rows=(start, stop),
+            part=i,
+            flops=shape.flops(stop - start),
+            bytes=shape.traffic(stop - start),
+        )
+    return Plan(
+        dtype=shape.dtype,
+        op="ifa",
+        tiling=described,
+        rank=rank,
+        world_size=world_size,
+        tasks=tuple(tasks.items),
+        meta=(("batch", batch), ("heads", shape.heads), ("kv_len", shape.kv_len)),
     )

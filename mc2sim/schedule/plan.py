@@ -118,7 +118,8 @@ class TaskKind(StrEnum):
 
     Glossary: compute kinds ``matmul`` (dense, the shared expert too), ``grouped_matmul``
     (one or more experts' rows), ``quant_matmul`` (int8 x int8), ``weight_quant_matmul``
-    (float x int8/int4), ``reduce`` (summing received partials); comm kinds ``allreduce``,
+    (float x int8/int4), ``attention`` (incremental flash attention of some batches),
+    ``reduce`` (summing received partials); comm kinds ``allreduce``,
     ``alltoallv``, ``allgather``, ``reduce_scatter``.
     """
 
@@ -126,6 +127,7 @@ class TaskKind(StrEnum):
     GROUPED_MATMUL = "grouped_matmul"
     QUANT_MATMUL = "quant_matmul"
     WEIGHT_QUANT_MATMUL = "weight_quant_matmul"
+    ATTENTION = "attention"
     REDUCE = "reduce"
     ALLREDUCE = "allreduce"
     ALLTOALLV = "alltoallv"

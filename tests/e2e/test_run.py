@@ -13,7 +13,9 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
-@pytest.mark.parametrize("scenario", ["llama70b_tp8_decode", "seed_gmm_alltoallv_ep4"])
+@pytest.mark.parametrize(
+    "scenario", ["llama70b_tp8_decode", "seed_gmm_alltoallv_ep4", "llama70b_tp8_ifa_decode"]
+)
 def test_run_a_small_scenario(tmp_path: Path, ranks: int, scenario: str) -> None:
     out = tmp_path / "results"
     res = mpiexec(

@@ -312,3 +312,43 @@ def test_matmul_reduce_scatter(comm: Communicator, dtype: torch.dtype) -> None:
     expected = golden.matmul_reduce_scatter(comm.rank, g["x1"], g["x2"], g["b"], local_dtype=dtype)
     assert out.shape == (2, n) and out.dtype == dtype
     assert_golden(out, expected, comm)
+
+
+# -- decode attention -----------------------------------------------------------------------
+
+
+def paged_case(comm: Communicator, dtype: torch.dtype, seed: int) -> dict:
+    """This rank's heads of a decode step: a scattered paged cache, lengths down to 0."""
+    gen = gen_for(comm, seed)
+    batch, heads, kv_heads, dim, block, per_seq = 5, 4, 2, 32, 16, 4
+    blocks = batch * per_seq + 3
+    table = torch.randperm(blocks, generator=gen)[: batch * per_seq].reshape(batch, per_seq)
+    return {
+        "query": rand(gen, batch, 1, heads * dim, dtype=dtype),
+        "key_cache": rand(gen, blocks, block, kv_heads * dim, dtype=dtype),
+        "value_cache": rand(gen, blocks, block, kv_heads * dim, dtype=dtype),
+        "block_table": table.to(torch.int32),
+        "actual_seq_lengths": [64, 1, 0, 33, 17 + comm.rank],
+        "num_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "block_size": block,
+        "scale_value": dim**-0.5,
+    }
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_ifa_decode_against_golden(comm: Communicator, dtype: torch.dtype) -> None:
+    args = paged_case(comm, dtype, seed=11)
+    expected = golden.ifa_paged(
+        args["query"], args["key_cache"], args["value_cache"], args["block_table"],
+        args["actual_seq_lengths"], num_heads=args["num_heads"],
+        num_kv_heads=args["num_key_value_heads"], scale=args["scale_value"],
+    )  # fmt: skip
+    serial = ops.ifa_decode(comm=comm, tiling="serial", **args)
+    assert serial.dtype == dtype and tuple(serial.shape) == expected.shape
+    verdict = check(serial, expected, "double_thousandths", rank=comm.rank)
+    assert verdict.passed, verdict.summary()
+    assert not serial[2].any(), "an empty window gives zeros"
+    for tiling in (None, 2, 5, 16):  # batch tiles attend each batch exactly as one launch
+        tiled = ops.ifa_decode(comm=comm, tiling=tiling, **args)
+        assert torch.equal(tiled, serial), tiling

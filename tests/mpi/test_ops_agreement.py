@@ -82,3 +82,20 @@ def test_tp_error_on_one_rank(comm: Communicator, op) -> None:
     x2 = torch.ones(k, 4, dtype=BF16)
     with pytest.raises(ParamInvalidError, match=r"k=255: x1.shape\[1\] must be in \[256, 65535\)"):
         op(x1, x2, comm, comm.size)
+
+
+def test_ifa_error_on_one_rank(comm: Communicator) -> None:
+    block = 24 if comm.rank == comm.size - 1 else 16  # not a multiple of 16 on the last rank
+    args = {
+        "query": torch.ones(2, 1, 64, dtype=BF16),
+        "key_cache": torch.ones(4, block, 64, dtype=BF16),
+        "value_cache": torch.ones(4, block, 64, dtype=BF16),
+        "block_table": torch.arange(4, dtype=torch.int32).reshape(2, 2),
+        "actual_seq_lengths": [3, 5],
+        "num_heads": 2,
+        "num_key_value_heads": 2,
+        "block_size": block,
+    }
+    with pytest.raises(ParamInvalidError, match="block_size=24: must be a multiple of 16") as info:
+        ops.ifa_decode(comm=comm, **args)
+    assert info.value.rank == comm.size - 1

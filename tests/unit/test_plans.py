@@ -23,7 +23,7 @@ from mc2sim.schedule import (
     plan_mm_all_reduce,
     tiling_of,
 )
-from mc2sim.schedule.builders import MatmulShape, MoeShape
+from mc2sim.schedule.builders import IfaShape, MatmulShape, MoeShape, plan_ifa
 from mc2sim.schedule.tiling import A2_TIME_MODEL, MAX_TILES, even_split
 
 SHAPE = MatmulShape(k=64, n=32, in_bytes=2, w_bytes=2, out_bytes=2)
@@ -218,3 +218,19 @@ def test_hardware_policy_places_the_short_tile(m: int, k: int, n: int, short_las
     assert max(longs) - min(longs) <= 1, "the long tiles are equal (up to one row)"
     compute_bound = A2_TIME_MODEL.matmul_s(m, k, n) >= A2_TIME_MODEL.allreduce_s(m * n * 2)
     assert compute_bound is short_last
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: t.describe())
+def test_ifa_plan(tiling: Tiling) -> None:
+    shape = IfaShape(heads=8, kv_heads=2, head_dim=64, kv_len=300, elem_bytes=2, dtype="float16")
+    plan = plan_ifa(batch=10, shape=shape, tiling=tiling, rank=1, world_size=4)
+    assert plan.of(Resource.COMM) == []
+    compute = plan.of(Resource.COMPUTE)
+    assert {t.kind for t in compute} == {TaskKind.ATTENTION}
+    assert_rows_cover(compute, 10)
+    expected = 1 if tiling.mode is not TilingMode.TILES else min(tiling.count, 10)
+    assert len(compute) == expected
+    # q.k and p.v: 2 * 2 flops per (batch, head, position, d); bytes: K and V of every
+    # position of the KV heads, plus the query and output rows
+    assert plan.flops == 2 * 2 * 10 * 8 * 300 * 64
+    assert sum(t.bytes for t in compute) == 2 * (2 * 10 * 300 * 2 * 64 + 2 * 10 * 8 * 64)

@@ -83,6 +83,7 @@ def test_expected_scenarios_are_shipped() -> None:
         "llama70b_tp8_decode",
         "llama70b_tp8_w8a8",
         "llama70b_tp8_allgather",
+        "llama70b_tp8_ifa_decode",
     ):
         assert name in SHIPPED
 
@@ -362,3 +363,48 @@ def test_dump_round_trip(tmp_path: Path, name: str) -> None:
     original = sc.builtin(name, ["scale=small"])
     sc.dump(original, tmp_path / "out.yaml")
     assert sc.load(tmp_path / "out.yaml") == original
+
+
+IFA: dict[str, Any] = {
+    "name": "t_ifa",
+    "description": "test",
+    "op": "ifa",
+    "ranks": 2,
+    "dtype": "float16",
+    "shape": {
+        "batch": 4, "heads": 8, "kv_heads": 2, "head_dim": 64, "kv_len": 100, "block_size": 32,
+    },
+    "tilings": ["serial", 2],
+    "topology": "atlas_a2_8p",
+    "standard": "double_thousandths",
+    "repetitions": 2,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "rule"),
+    [
+        ({"kv_heads": 3}, "shape.kv_heads", "must divide heads (8)"),
+        ({"batch": 65537}, "shape.batch", "[1, 65536]"),
+        ({"block_size": 40}, "shape.block_size", "multiple of 16"),
+        ({"block_size": 1024}, "shape.block_size", "[1, 512]"),
+        ({"head_dim": 513}, "shape.head_dim", "[1, 512]"),
+        ({"m": 4}, "shape.m", "allowed: batch, heads, kv_heads, head_dim, kv_len, block_size"),
+    ],
+)
+def test_ifa_shape_rules(tmp_path: Path, change: dict[str, int], key: str, rule: str) -> None:
+    path = write(tmp_path, with_(IFA, shape={**IFA["shape"], **change}))
+    with pytest.raises(ParamInvalidError) as info:
+        sc.load(path)
+    message = str(info.value)
+    assert f"{path}: {key}=" in message and rule in message
+
+
+def test_ifa_takes_no_quant_or_routing(tmp_path: Path) -> None:
+    s = sc.load(write(tmp_path, IFA))
+    assert s.op is sc.OpName.IFA and not s.is_moe
+    assert sc.SHAPE_KEYS[sc.OpName.IFA][0][0] == "batch"
+    with pytest.raises(ParamInvalidError, match="quant"):
+        sc.load(write(tmp_path, with_(IFA, quant="w8a8"), "q.yaml"))
+    with pytest.raises(ParamInvalidError, match="routing"):
+        sc.load(write(tmp_path, with_(IFA, routing={"kind": "zipf", "skew": 1.0}), "r.yaml"))
