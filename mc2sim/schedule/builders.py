@@ -18,6 +18,7 @@ from mc2sim.schedule.tiling import (
     TilingMode,
     even_split,
     hardware_mm_all_reduce_tiles,
+    tile_lengths,
 )
 
 __all__ = [
@@ -102,7 +103,7 @@ def plan_mm_all_reduce(
         lengths = hardware_mm_all_reduce_tiles(m, shape.k, shape.n, shape.out_bytes)
         described = f"hardware(tiles={len(lengths)})"
     else:
-        lengths = [n for n in even_split(m, min(tiling.count, m)) if n > 0]
+        lengths = tile_lengths(m, tiling.count)
         described = tiling.describe()
     tasks = _Tasks()
     for i, (start, stop) in enumerate(row_tiles(m, lengths)):
@@ -395,7 +396,7 @@ def plan_all_gather_matmul(
         described = "serial"
     else:
         parts, described = _rank_parts(tiling)
-        spans = row_tiles(m, [n for n in even_split(m, min(parts, m)) if n > 0])
+        spans = row_tiles(m, tile_lengths(m, parts))
         arrivals: dict[int, list[tuple[int, tuple[int, int]]]] = {}
 
         def issue(step: int) -> None:
@@ -482,7 +483,7 @@ def plan_matmul_reduce_scatter(
         described = "serial"
     else:
         parts, described = _rank_parts(tiling)
-        pieces = [n for n in even_split(block, min(parts, block)) if n > 0]
+        pieces = tile_lengths(block, parts)
         exchanges = []
         for step in [*range(1, world_size), 0]:
             dest = (rank + step) % world_size
@@ -584,7 +585,7 @@ def plan_ifa(*, batch: int, shape: IfaShape, tiling: Tiling, rank: int, world_si
         The plan; task ``rows`` give each tile's batches.
     """
     if tiling.mode is TilingMode.TILES:
-        lengths = [n for n in even_split(batch, min(tiling.count, batch)) if n > 0]
+        lengths = tile_lengths(batch, tiling.count)
         described = tiling.describe()
     else:
         lengths = [batch]

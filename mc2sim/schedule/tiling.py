@@ -23,6 +23,7 @@ __all__ = [
     "TilingMode",
     "even_split",
     "hardware_mm_all_reduce_tiles",
+    "tile_lengths",
     "tiling_of",
 ]
 
@@ -101,6 +102,14 @@ def even_split(total: int, parts: int) -> list[int]:
     """
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def tile_lengths(total: int, parts: int) -> list[int]:
+    """Cut ``total`` rows into at most ``parts`` non-empty tiles of :func:`even_split` sizes.
+
+    Fewer tiles than ``parts`` when there are fewer rows; ``total`` must be >= 1.
+    """
+    return [n for n in even_split(total, min(parts, total)) if n > 0]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
