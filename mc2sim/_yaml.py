@@ -1,4 +1,4 @@
-"""YAML writing shared by the scenario and topology files: readable, round-trippable, atomic."""
+"""What the scenario and topology files share: YAML writing and the shipped folders."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from mc2sim._atomic import write_atomic
+from mc2sim.errors import ParamInvalidError
 
 # A safe dumper that writes multi-line strings as literal blocks (made with ``type`` because
 # PyYAML ships no type hints, and mypy refuses a class statement deriving from ``Any``).
@@ -31,3 +32,27 @@ def write_yaml(data: Any, path: str | os.PathLike[str]) -> Path:
     """
     text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
     return write_atomic(path, text)
+
+
+def shipped_names(folder: Path) -> list[str]:
+    """Return the names of the ``*.yaml`` files in ``folder``, sorted, without the suffix.
+
+    Empty when the folder is absent (an installed package without the source tree).
+    """
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())
+
+
+def shipped_file(folder: Path, name: str, what: str) -> Path:
+    """Return ``folder/<name>.yaml`` if it is one of :func:`shipped_names`.
+
+    Raises:
+        ParamInvalidError: it is not; the error names ``what`` (``"scenario"``,
+            ``"topology"``) and lists the known names.
+    """
+    known = shipped_names(folder)
+    if name not in known:
+        listed = ", ".join(known) if known else f"none found in {folder}"
+        raise ParamInvalidError(what, name, f"is not a shipped {what}; known: {listed}")
+    return folder / f"{name}.yaml"

@@ -30,7 +30,7 @@ import yaml
 
 from mc2sim import topology as _topology
 from mc2sim._compat import StrEnum
-from mc2sim._yaml import write_yaml
+from mc2sim._yaml import shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import _ifa_plan as ifa_limits
@@ -803,10 +803,7 @@ def list_builtin() -> list[str]:
         Sorted names without the ``.yaml`` suffix; empty when the folder is absent.
 
     """
-    folder = scenarios_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())
+    return shipped_names(scenarios_dir())
 
 
 def builtin(name: str, overrides: Sequence[str] = ()) -> Scenario:
@@ -823,8 +820,4 @@ def builtin(name: str, overrides: Sequence[str] = ()) -> Scenario:
         ParamInvalidError: no shipped scenario has that name, or :func:`load` fails.
 
     """
-    known = list_builtin()
-    if name not in known:
-        listed = ", ".join(known) if known else f"none found in {scenarios_dir()}"
-        raise ParamInvalidError("scenario", name, f"is not a shipped scenario; known: {listed}")
-    return load(scenarios_dir() / f"{name}.yaml", overrides)
+    return load(shipped_file(scenarios_dir(), name, "scenario"), overrides)

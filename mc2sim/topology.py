@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import yaml
 
 from mc2sim._compat import StrEnum
-from mc2sim._yaml import write_yaml
+from mc2sim._yaml import shipped_file, shipped_names, write_yaml
 from mc2sim.errors import ParamInvalidError
 
 __all__ = [
@@ -773,10 +773,7 @@ def list_builtin() -> list[str]:
         installed package without the source tree).
 
     """
-    folder = builtin_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.yaml") if p.is_file())
+    return shipped_names(builtin_dir())
 
 
 def builtin(name: str) -> Topology:
@@ -792,8 +789,4 @@ def builtin(name: str) -> Topology:
         ParamInvalidError: no shipped topology has that name.
 
     """
-    known = list_builtin()
-    if name not in known:
-        listed = ", ".join(known) if known else f"none found in {builtin_dir()}"
-        raise ParamInvalidError("topology", name, f"is not a shipped topology; known: {listed}")
-    return load(builtin_dir() / f"{name}.yaml")
+    return load(shipped_file(builtin_dir(), name, "topology"))
