@@ -129,6 +129,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mc2sim.errors import AclnnError
+    from mc2sim.model.accuracy import model_error
+    from mc2sim.report import METRICS_HEADER, metrics_row
     from mc2sim.study import load_topology, simulate_study, write_results
 
     try:
@@ -142,21 +144,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     write_results(result, out)
     measured = _measured_totals(Path(args.measured)) if args.measured else {}
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
-    header = (
-        f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
-        f"{'overlap%':>9}{'speedup':>9}"
-    )
-    print(header + (f"{'measured':>10}{'error':>8}" if measured else ""))
+    print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
     for tiling, m in result.metrics().items():
-        speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
-        line = (
-            f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
-            f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
-            f"{m.overlap_pct:>9.1f}{speedup:>9}"
-        )
+        line = metrics_row(tiling, m)
         if tiling in measured:
             real = measured[tiling]
-            error = max(real, m.total_s) / min(real, m.total_s) - 1
+            error = model_error(real, m.total_s)
             line += f"{real * 1e3:>10.3f}{error:>8.1%}"
         print(line)
     if args.plots:
@@ -191,6 +184,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mc2sim.comm import init
     from mc2sim.errors import AclnnError
     from mc2sim.experiment import run_experiment
+    from mc2sim.report import METRICS_HEADER, metrics_row
     from mc2sim.study import add_verdicts, write_manifest
     from mc2sim.timeline import write_all
 
@@ -225,19 +219,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         base = result.timeline.for_run(result.baseline)
         print(f"# {scenario.name}: {scenario.op}, {comm.size} ranks (measured)")
-        print(
-            f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
-            f"{'overlap%':>9}{'speedup':>9}  golden"
-        )
+        print(METRICS_HEADER + "  golden")
         for tiling, run in result.runs.items():
             m = result.timeline.for_run(run).metrics(baseline=base)
             ok = all(v.passed for v in result.verdicts[tiling])
-            speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
-            print(
-                f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
-                f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
-                f"{m.overlap_pct:>9.1f}{speedup:>9}  {'pass' if ok else 'FAIL'}"
-            )
+            print(f"{metrics_row(tiling, m)}  {'pass' if ok else 'FAIL'}")
         if args.plots:
             _write_plots([out], out)
         print(f"results: {out}")

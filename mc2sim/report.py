@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from mc2sim._atomic import write_atomic
 from mc2sim.errors import ParamInvalidError
+from mc2sim.model.accuracy import geomean_of, model_error
 from mc2sim.timeline import Metrics, Source, Stream, TaskRecord, Timeline
 from mc2sim.timeline_io import CSV_COLUMNS
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "METRICS_HEADER",
     "Comparison",
     "ComparisonRow",
     "ReportResult",
@@ -45,6 +47,7 @@ __all__ = [
     "compare",
     "format_tables",
     "load_results",
+    "metrics_row",
     "report",
     "tile_count",
     "tiling_of_run",
@@ -290,7 +293,7 @@ class ComparisonRow:
     @property
     def error(self) -> float:
         """``max / min - 1`` of the two times (0 when equal)."""
-        return max(self.measured_s, self.simulated_s) / min(self.measured_s, self.simulated_s) - 1
+        return model_error(self.measured_s, self.simulated_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -309,10 +312,7 @@ class Comparison:
     @property
     def geomean_error(self) -> float:
         """``exp(mean(log(max/min))) - 1`` over the rows; 0.0 without rows."""
-        if not self.rows:
-            return 0.0
-        logs = [math.log1p(r.error) for r in self.rows]
-        return math.exp(sum(logs) / len(logs)) - 1
+        return geomean_of(r.error for r in self.rows)
 
 
 def compare(folders: Sequence[ResultsFolder]) -> list[Comparison]:
@@ -354,21 +354,32 @@ def compare(folders: Sequence[ResultsFolder]) -> list[Comparison]:
     return pairs
 
 
+METRICS_HEADER = (
+    f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
+    f"{'overlap%':>9}{'speedup':>9}"
+)
+"""The column heads of :func:`metrics_row`."""
+
+
+def metrics_row(tiling: str, m: Metrics) -> str:
+    """One tiling's metrics as a table row under :data:`METRICS_HEADER` (times in ms)."""
+    speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+    return (
+        f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
+        f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
+        f"{m.overlap_pct:>9.1f}{speedup:>9}"
+    )
+
+
 def _folder_table(folder: ResultsFolder) -> list[str]:
     skew = folder.skew
     lines = [
         f"# {folder.scenario}: {folder.op}, {folder.world_size} ranks, {folder.source}"
         f"{'' if skew is None else f', skew {skew:g}'} ({folder.path})",
-        f"{'tiling':<26}{'total ms':>10}{'compute':>10}{'comm':>10}{'exposed':>10}"
-        f"{'overlap%':>9}{'speedup':>9}  golden",
+        METRICS_HEADER + "  golden",
     ]
     for tiling, m in folder.metrics.items():
-        speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
-        lines.append(
-            f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
-            f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
-            f"{m.overlap_pct:>9.1f}{speedup:>9}  {folder.golden.get(tiling, '-')}"
-        )
+        lines.append(f"{metrics_row(tiling, m)}  {folder.golden.get(tiling, '-')}")
     return lines
 
 

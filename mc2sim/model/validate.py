@@ -10,7 +10,6 @@ geometric mean of those ratios, minus one.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from mc2sim import ops
 from mc2sim.comm import Communicator
+from mc2sim.model.accuracy import geomean_of, model_error
 from mc2sim.model.simulator import simulate
 from mc2sim.routing import RoutingConfig, RoutingKind, route
 from mc2sim.schedule import (
@@ -75,7 +75,7 @@ class CaseResult:
     @property
     def error(self) -> float:
         """``max / min - 1`` of the two spans."""
-        return max(self.measured_s, self.simulated_s) / min(self.measured_s, self.simulated_s) - 1
+        return model_error(self.measured_s, self.simulated_s)
 
 
 def _bf16(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -264,5 +264,4 @@ def run_cases(
 
 def geomean_error(results: Sequence[CaseResult]) -> float:
     """Geometric mean of ``max/min`` over the cases, minus one."""
-    logs = [math.log(1 + r.error) for r in results]
-    return math.exp(sum(logs) / len(logs)) - 1 if logs else 0.0
+    return geomean_of(r.error for r in results)

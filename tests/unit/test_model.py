@@ -1050,3 +1050,13 @@ def test_collective_reduction_is_free_when_the_engine_reduces_in_line() -> None:
     nbytes = 8e6
     assert allreduce_time(in_line, nbytes) == pytest.approx(2 * (5 * US + nbytes / 8 / 1e10))
     assert reduce_scatter_time(in_line, nbytes) == pytest.approx(5 * US + nbytes / 8 / 1e10)
+
+
+def test_model_error_is_symmetric_and_geomean_multiplies() -> None:
+    from mc2sim.model.accuracy import geomean_of, model_error
+
+    assert model_error(1.0, 2.0) == pytest.approx(1.0)
+    assert model_error(2.0, 1.0) == pytest.approx(1.0)
+    assert model_error(3.0, 3.0) == 0.0
+    assert geomean_of([0.0, 3.0]) == pytest.approx(1.0)  # sqrt(1 x 4) - 1
+    assert geomean_of([]) == 0.0
