@@ -9,12 +9,15 @@ import runpy
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mc2sim.runtime import abort_on_exception
+
+if TYPE_CHECKING:
+    from mc2sim.topology import Topology
 
 __all__ = ["main"]
 
@@ -58,46 +61,67 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit this machine's topology on the ranks at hand; rank 0 writes it."""
     from mc2sim.comm import init
     from mc2sim.model.calibrate import calibrate
-    from mc2sim.topology import dump
 
     comm = init("mpi")
-    topology = calibrate(comm, reps=args.reps, name=args.name)
+    with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
+        topology = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar)).topology
     if comm.rank == 0:
-        dump(topology, args.out)
-        device, dim, slow = topology.device, topology.network[0], topology.contention
-        peaks = ", ".join(f"{k} {v:.3g}" for k, v in sorted(device.matrix_tflops.items()))
-        eff = device.efficiency
-        print(f"wrote {args.out}")
-        print(f"compute: peak TFLOP/s {peaks}; launch {device.launch_us:.1f} us")
-        print(f"efficiency: min {eff.min_util}, max {eff.max_util}, half {eff.half_flops:.3g} FLOP")
-        print(f"memory {device.memory_gbps:.1f} GB/s, vector {device.vector_tflops:.3g} TFLOP/s")
-        print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
-        print(f"latency {dim.latency_us:.1f} us")
-        print(f"contention: compute x{slow.compute_slowdown}, comm x{slow.comm_slowdown}")
+        _write_topology(topology, args.out)
     return 0
+
+
+def _write_topology(topology: Topology, out: str) -> None:
+    """Write a fitted topology and print its figures."""
+    from mc2sim.topology import dump
+
+    dump(topology, out)
+    device, dim, slow = topology.device, topology.network[0], topology.contention
+    peaks = ", ".join(f"{k} {v:.3g}" for k, v in sorted(device.matrix_tflops.items()))
+    eff = device.efficiency
+    print(f"wrote {out}")
+    print(f"compute: peak TFLOP/s {peaks}; launch {device.launch_us:.1f} us")
+    print(f"efficiency: min {eff.min_util}, max {eff.max_util}, half {eff.half_flops:.3g} FLOP")
+    print(f"memory {device.memory_gbps:.1f} GB/s, vector {device.vector_tflops:.3g} TFLOP/s")
+    print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
+    print(f"latency {dim.latency_us:.1f} us")
+    print(f"contention: compute x{slow.compute_slowdown}, comm x{slow.comm_slowdown}")
+
+
+def _ticker(bar: Any) -> Callable[[int, int, str], None]:
+    """A progress callback that advances ``bar`` and shows the label."""
+
+    def show(i: int, n: int, label: str) -> None:
+        bar.set_postfix_str(label, refresh=False)
+        bar.update()
+
+    return show
 
 
 def _cmd_validate_model(args: argparse.Namespace) -> int:
     """Run the validation sweep for real and simulated; rank 0 prints the errors."""
     from mc2sim.comm import init
-    from mc2sim.model.validate import default_cases, geomean_error, run_cases
+    from mc2sim.model.calibrate import calibrate
+    from mc2sim.model.validate import default_cases, geomean_error, run_cases, score_cases
     from mc2sim.topology import load
 
     comm = init("mpi")
-    topology = load(args.topology)
-    if topology.world_size != comm.size:
-        topology = topology.with_world(comm.size)
-
     cases = default_cases(comm)
-    with _progress_bar(len(cases), "validate-model", "case", show=comm.rank == 0) as bar:
-
-        def show(i: int, n: int, name: str) -> None:
-            bar.set_postfix_str(name, refresh=False)
-            bar.update()
-
-        results = run_cases(comm, cases, topology, reps=args.reps, progress=show)
+    with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
+        if args.calibrate:
+            fitted = calibrate(
+                comm, reps=args.reps, alongside=[c.run for c in cases], progress=_ticker(bar)
+            )
+            topology, source = fitted.topology, "calibrated in the same rounds"
+            results = score_cases(cases, fitted.alongside, topology)
+        else:
+            topology, source = load(args.topology), args.topology
+            if topology.world_size != comm.size:
+                topology = topology.with_world(comm.size)
+            results = run_cases(comm, cases, topology, reps=args.reps, progress=_ticker(bar))
     if comm.rank == 0:
-        print(f"# validate-model: {comm.size} ranks, {args.topology}, median of {args.reps}")
+        if args.calibrate and args.out:
+            _write_topology(topology, args.out)
+        print(f"# validate-model: {comm.size} ranks, {source}, median of {args.reps}")
         print(f"{'case':<70}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
         for r in results:
             measured, simulated = r.measured_s * 1e3, r.simulated_s * 1e3
@@ -457,7 +481,7 @@ def _parser() -> argparse.ArgumentParser:
         "calibrate", help="fit this machine's topology on the ranks at hand (under mpiexec)"
     )
     cal.add_argument("--out", default="topologies/this_machine.yaml", help="topology file to write")
-    cal.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
+    cal.add_argument("--reps", type=int, default=5, help="interleaved rounds of every call")
     cal.add_argument("--name", default="this_machine", help="the topology's name")
     cal.set_defaults(func=_cmd_calibrate)
 
@@ -468,7 +492,13 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--topology", default="topologies/this_machine.yaml", help="topology file (calibrated)"
     )
-    val.add_argument("--reps", type=int, default=5, help="repetitions per case")
+    val.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit the topology in this job instead, in the same rounds as the sweep",
+    )
+    val.add_argument("--out", help="with --calibrate: also write the fitted topology here")
+    val.add_argument("--reps", type=int, default=5, help="interleaved rounds of every case")
     val.set_defaults(func=_cmd_validate_model)
 
     run_script = commands.add_parser(

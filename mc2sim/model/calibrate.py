@@ -15,11 +15,13 @@ figures include what the others take from the machine, as in real runs:
    communicator's own work), which bare-kernel timings miss;
 2. the bare kernels at several shapes in float16, float32 and int8 give those dtypes' peaks,
    the other terms held fixed;
-3. contention: a tiled MatmulAllReduce run, measured for real and simulated over a grid of
-   compute and communication slowdowns; the pair with the smallest squared log error is
-   kept.
+3. contention: tiled runs of four ops (MatmulAllReduce, both MoE ops, AllGatherMatmul),
+   measured for real and simulated over a grid of compute and communication slowdowns; the
+   pair with the smallest squared log error is kept.
 
-Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
+Every measurement runs its calls in interleaved rounds (each round calls each once, after a
+warm-up round) and keeps medians, so a slow spell of a shared machine lands on all of them
+alike. Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 """
 
 from __future__ import annotations
@@ -33,17 +35,29 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from mc2sim.comm import Communicator, Work
+from mc2sim.comm import Communicator
 from mc2sim.kernels import matmul, quant_matmul
-from mc2sim.schedule.plan import Plan, Resource, TaskKind
-from mc2sim.timeline import gather, record
+from mc2sim.schedule.plan import Resource, TaskKind
+from mc2sim.timeline import TaskRecord, Timeline
 from mc2sim.topology import Contention, Device, Efficiency, LinkKind, NetworkDim, Topology
 
-__all__ = ["ComputeSample", "calibrate", "fit_compute", "fit_network"]
+if TYPE_CHECKING:
+    from mc2sim.model.validate import Case
+
+__all__ = [
+    "Calibration",
+    "ComputeSample",
+    "calibrate",
+    "fit_compute",
+    "fit_contention",
+    "fit_network",
+    "samples_of",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,6 +72,9 @@ class ComputeSample:
     """Bytes it reads and writes, counted as the plan builders count them."""
     seconds: float
     """Median seconds (slowest rank)."""
+    weight: float = 1.0
+    """Its weight in the fit: the tasks of one op call share one unit, so a call of many
+    small tiles does not outweigh the others."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,6 +87,8 @@ class CommSample:
     """Bytes per rank: the AllReduce buffer, the AlltoAllv send buffer, the AllGather result."""
     seconds: float
     """Median seconds (slowest rank)."""
+    weight: float = 1.0
+    """Its weight in the fit (as :attr:`ComputeSample.weight`)."""
 
 
 def _median_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
@@ -136,8 +155,8 @@ def fit_compute(
 
     The CPU reference kernels make separate memory passes (upcast, matmul, cast), so memory
     time adds to arithmetic. For each efficiency curve on a grid the model is linear in
-    (launch, 1/peak per dtype, 1/bandwidth): least squares on relative error; the curve with
-    the smallest error wins.
+    (launch, 1/peak per dtype, 1/bandwidth): least squares on relative error, each sample
+    weighted by its ``weight``; the curve with the smallest error wins.
 
     Returns:
         ``(peak TFLOP/s by dtype, efficiency, launch_us, memory GB/s)``.
@@ -146,6 +165,7 @@ def fit_compute(
     flops = np.array([s.flops for s in samples])
     nbytes = np.array([s.nbytes for s in samples])
     seconds = np.array([s.seconds for s in samples])
+    root_weight = np.sqrt([s.weight for s in samples])
     best: tuple[float, float, float, np.ndarray] | None = None
     for min_util in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
         for half in np.logspace(5, 10, 26):
@@ -153,11 +173,11 @@ def fit_compute(
             columns = [np.ones_like(flops), nbytes] + [
                 np.where([s.dtype == d for s in samples], flops / util, 0.0) for d in dtypes
             ]
-            a = np.stack(columns, axis=1) / seconds[:, None]
-            coef = _nonnegative_lstsq(a, np.ones_like(seconds))
+            a = np.stack(columns, axis=1) * (root_weight / seconds)[:, None]
+            coef = _nonnegative_lstsq(a, root_weight)
             if np.any(coef[2:] <= 0):  # every dtype needs a finite peak
                 continue
-            error = float(np.sum((a @ coef - 1.0) ** 2))
+            error = float(np.sum((a @ coef - root_weight) ** 2))
             if best is None or error < best[0]:
                 best = (error, min_util, float(half), coef)
     if best is None:
@@ -217,57 +237,66 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return coef
 
 
-def measure_in_ops(comm: Communicator, reps: int) -> tuple[list[ComputeSample], list[CommSample]]:
-    """Per-task times of serial runs of every op, at sizes the validation does not use.
+def samples_of(
+    comm: Communicator, cases: Sequence[Case], rounds: Sequence[Sequence[Timeline]]
+) -> tuple[list[ComputeSample], list[CommSample]]:
+    """Per-task samples of serial op runs (``rounds[i]``: case i's gathered timelines).
 
-    The tasks run through the very code paths the model must predict (the kernels inside the
+    The tasks ran through the very code paths the model must predict (the kernels inside the
     ops, the communicator's collectives with their conversions and copies), so the fit sees
     their real costs, not only the bare kernels'. A compute task's time in one run is the
-    slowest rank's; a collective's is the shortest rank's: the last rank to arrive waits for
-    nobody, so its time is the collective's own, without the others' wait for it. Each task's
-    figure is the median over ``reps`` runs.
+    slowest rank's; a collective's runs from the last rank's arrival (before it, the others
+    only wait) to the last rank's completion (when the op's span ends on an oversubscribed
+    machine, where a rank may see its completion a time slice late). Each task's figure is
+    the median over the rounds, paired with the FLOPs and bytes of the busiest rank's task;
+    the tasks of one case share one unit of weight in the fits.
     """
-    from mc2sim.model.validate import calibration_cases
-
     compute: list[ComputeSample] = []
     comm_samples: list[CommSample] = []
-    for case in calibration_cases(comm):
+    for case, timelines in zip(cases, rounds, strict=True):
         durations: dict[int, list[float]] = {}
-        for rep in range(reps + 1):
-            with record() as rec:
-                case.run()
-            if rep == 0:
-                continue  # warm-up
-            per_rank: dict[int, list[float]] = {}
-            for r in gather(comm, rec.timeline).records:
-                per_rank.setdefault(r.task, []).append(r.duration_s)
-            for task_id, times in per_rank.items():
-                comm_task = case.plans[0].tasks[task_id].resource is Resource.COMM
-                durations.setdefault(task_id, []).append(min(times) if comm_task else max(times))
+        for timeline in timelines:
+            per_task: dict[int, list[TaskRecord]] = {}
+            for r in timeline.records:
+                per_task.setdefault(r.task, []).append(r)
+            for task_id, records in per_task.items():
+                if case.plans[0].tasks[task_id].resource is Resource.COMM:
+                    # from the last rank's arrival to the last rank's completion
+                    seconds = max(r.end_s for r in records) - max(r.start_s for r in records)
+                else:
+                    seconds = max(r.duration_s for r in records)
+                durations.setdefault(task_id, []).append(seconds)
         plan = case.plans[comm.rank]
+        n_compute = sum(t.resource is Resource.COMPUTE for t in plan.tasks)
+        n_comm = len(plan.tasks) - n_compute
         for task in plan.tasks:
             seconds = statistics.median(durations[task.id])
             if task.resource is Resource.COMPUTE:
                 dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else plan.dtype
+                busiest = max((p.tasks[task.id] for p in case.plans), key=lambda t: t.flops)
                 compute.append(
-                    ComputeSample(dtype=dtype, flops=task.flops, nbytes=task.bytes, seconds=seconds)
+                    ComputeSample(
+                        dtype=dtype,
+                        flops=busiest.flops,
+                        nbytes=busiest.bytes,
+                        seconds=seconds,
+                        weight=1.0 / n_compute,
+                    )
                 )
-            elif task.kind is TaskKind.ALLGATHER:
-                total = task.bytes * comm.size
-                comm_samples.append(CommSample(kind="allgather", nbytes=total, seconds=seconds))
+                continue
+            weight = 1.0 / n_comm
+            if task.kind is TaskKind.ALLGATHER:
+                kind, nbytes = "allgather", float(task.bytes * comm.size)
             elif task.kind is TaskKind.ALLTOALLV:
                 away = max(t.bytes for t in (p.tasks[task.id] for p in case.plans))
-                whole = away * comm.size / max(comm.size - 1, 1)  # as an even exchange
-                comm_samples.append(CommSample(kind="alltoallv", nbytes=whole, seconds=seconds))
+                kind, nbytes = "alltoallv", away * comm.size / max(comm.size - 1, 1)  # as even
             else:
                 kind = "allreduce" if task.kind is TaskKind.ALLREDUCE else "reduce_scatter"
-                comm_samples.append(CommSample(kind=kind, nbytes=task.bytes, seconds=seconds))
+                nbytes = float(task.bytes)
+            comm_samples.append(
+                CommSample(kind=kind, nbytes=nbytes, seconds=seconds, weight=weight)
+            )
     return compute, comm_samples
-
-
-def _waited(start: Callable[..., Work], *args: object, **kwargs: object) -> Callable[[], object]:
-    """A call that starts a non-blocking collective and waits for it, as the executor does."""
-    return lambda: start(*args, **kwargs).wait()
 
 
 def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float, float, float]:
@@ -292,18 +321,22 @@ def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float
 def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, float]:
     """Fit latency, 1 / bandwidth and the reduction's vector rate; keep the better link kind.
 
+    Weighted least squares on relative error, as :func:`fit_compute`.
+
     Returns:
         ``(the network dimension, vector TFLOP/s)``.
     """
     best: tuple[float, NetworkDim, float] | None = None
     seconds = np.array([s.seconds for s in samples])
+    root_weight = np.sqrt([s.weight for s in samples])
     for kind in (LinkKind.FULL_MESH, LinkKind.SWITCH):
-        a = np.array([_coefficients(kind, s, world) for s in samples]) / seconds[:, None]
-        coef = _nonnegative_lstsq(a, np.ones_like(seconds))
+        a = np.array([_coefficients(kind, s, world) for s in samples])
+        a *= (root_weight / seconds)[:, None]
+        coef = _nonnegative_lstsq(a, root_weight)
         alpha, beta, inv_reduce = float(coef[0]), float(coef[1]), float(coef[2])
         if beta <= 0:
             continue
-        error = float(np.sum((a @ np.array([alpha, beta, inv_reduce]) - 1.0) ** 2))
+        error = float(np.sum((a @ np.array([alpha, beta, inv_reduce]) - root_weight) ** 2))
         dim = NetworkDim(
             kind=kind,
             ranks=world,
@@ -318,30 +351,31 @@ def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, 
     return best[1], best[2]
 
 
-def _overlapped_runs(comm: Communicator) -> list[tuple[Callable[[], object], tuple[Plan, ...]]]:
-    """Tiled op calls to fit contention on, with every rank's plan for the simulator."""
-    from mc2sim.model.validate import mm_all_reduce_case  # the same case builder
+COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+"""The grid :func:`fit_contention` searches for the compute slowdown."""
 
-    cases = [mm_all_reduce_case(comm, m=2048, k=64, n=2048, tiling=4)]
-    return [(c.run, c.plans) for c in cases]
+COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
+"""The grid :func:`fit_contention` searches for the communication slowdown."""
 
 
-def fit_contention(comm: Communicator, base: Topology, reps: int) -> Contention:
-    """Grid-search the slowdowns that make simulated tiled runs match measured ones."""
+def fit_contention(
+    base: Topology, cases: Sequence[Case], spans: Sequence[Sequence[float]]
+) -> Contention:
+    """Grid-search the slowdowns that make simulated tiled runs match measured ones.
+
+    Args:
+        base: the fitted topology, contention aside.
+        cases: tiled op calls (every rank's plan).
+        spans: each case's measured spans (slowest rank); their medians are matched.
+
+    Returns:
+        The grid point with the smallest sum of squared log errors over the cases.
+    """
     from mc2sim.model.simulator import simulate
 
-    measured = []
-    for run, plans in _overlapped_runs(comm):
-        spans = []
-        for _ in range(reps + 1):
-            with record() as rec:
-                run()
-            spans.append(gather(comm, rec.timeline).metrics().total_s)
-        measured.append((statistics.median(spans[1:]), plans))
-    compute_grid = [1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
-    comm_grid = [1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0]
+    measured = [(statistics.median(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
     best: tuple[float, float, float] | None = None
-    for cs, ms in itertools.product(compute_grid, comm_grid):
+    for cs, ms in itertools.product(COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS):
         trial = dataclasses.replace(
             base, contention=Contention(compute_slowdown=cs, comm_slowdown=ms)
         )
@@ -358,24 +392,51 @@ def fit_contention(comm: Communicator, base: Topology, reps: int) -> Contention:
         compute_slowdown=cs,
         comm_slowdown=ms,
         source=(
-            "fitted by mc2sim calibrate: simulated against measured tiled MatmulAllReduce "
-            "(m=2048, k=64, n=2048, 4 tiles) on this machine, grid search on squared log error"
+            "fitted by mc2sim calibrate: simulated against measured tiled runs of "
+            f"{', '.join(c.name for c in cases)} on this machine, grid search on squared log "
+            "error"
         ),
     )
 
 
-def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") -> Topology:
-    """Measure this machine on the ranks of ``comm`` and return its topology (every rank).
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Calibration:
+    """A fitted topology and the spans of the runs measured alongside the calibration."""
+
+    topology: Topology
+    """The fitted topology; the same on every rank."""
+    alongside: list[list[float]]
+    """For each run passed as ``alongside``, its spans (slowest rank), one per round."""
+
+
+def calibrate(
+    comm: Communicator,
+    *,
+    reps: int = 5,
+    name: str = "this_machine",
+    alongside: Sequence[Callable[[], object]] = (),
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Calibration:
+    """Measure this machine on the ranks of ``comm`` and fit its topology (every rank).
 
     Args:
         comm: every rank of the job.
-        reps: repetitions per measurement (medians).
+        reps: interleaved rounds of every measured call (medians).
         name: the topology's name.
+        alongside: further calls measured in the same rounds (``validate-model --calibrate``
+            times its sweep there, so the fit and the sweep see the same state of the machine).
+        progress: called after each round with ``(round, rounds, label)``.
 
     Returns:
-        The fitted topology; the same on every rank.
+        The fitted topology and the spans of the ``alongside`` calls.
     """
-    compute, collectives = measure_in_ops(comm, reps)
+    from mc2sim.model.validate import calibration_cases, contention_cases, measure_rounds
+
+    serial, tiled = calibration_cases(comm), contention_cases(comm)
+    runs = [c.run for c in (*serial, *tiled)] + list(alongside)
+    rounds = measure_rounds(comm, runs, reps=reps, progress=progress)
+    spans = [[t.metrics().total_s for t in mine] for mine in rounds]
+    compute, collectives = samples_of(comm, serial, rounds[: len(serial)])
     peaks, efficiency, launch_us, memory_gbps = fit_compute(compute)
     others = [s for s in measure_compute(comm, reps) if s.dtype not in peaks]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
@@ -405,6 +466,10 @@ def calibrate(comm: Communicator, *, reps: int = 5, name: str = "this_machine") 
             "communicator on this machine, not of the chips"
         ),
     )
-    contention = fit_contention(comm, base, reps)
+    first_tiled = len(serial)
+    contention = fit_contention(base, tiled, spans[first_tiled : first_tiled + len(tiled)])
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
-    return dataclasses.replace(base, contention=contention)
+    return Calibration(
+        topology=dataclasses.replace(base, contention=contention),
+        alongside=spans[first_tiled + len(tiled) :],
+    )

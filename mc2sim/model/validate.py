@@ -33,15 +33,18 @@ from mc2sim.schedule import (
 )
 from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.tiling import Tiling
-from mc2sim.timeline import gather, record
+from mc2sim.timeline import Timeline, gather, record
 from mc2sim.topology import Topology
 
 __all__ = [
     "Case",
     "CaseResult",
     "calibration_cases",
+    "contention_cases",
     "default_cases",
     "geomean_error",
+    "measure_rounds",
+    "score_cases",
     "run_cases",
 ]
 
@@ -235,6 +238,21 @@ def calibration_cases(comm: Communicator) -> list[Case]:
     return cases
 
 
+def contention_cases(comm: Communicator) -> list[Case]:
+    """Tiled runs of four ops at calibration sizes, to fit contention on (``mc2sim calibrate``)."""
+    uniform = RoutingConfig(kind=RoutingKind.UNIFORM, seed=5)
+    return [
+        mm_all_reduce_case(comm, m=3072, k=48, n=2048, tiling=4),
+        moe_case(
+            comm, op="combine", tokens=1024, e=4, h1=64, n1=2048, routing=uniform, tiling=None
+        ),
+        moe_case(
+            comm, op="dispatch", tokens=1024, e=4, h1=2048, n1=64, routing=uniform, tiling=None
+        ),
+        tp_pair_case(comm, op="all_gather", m=384 * comm.size, k=512, n=768, tiling=None),
+    ]
+
+
 def run_cases(
     comm: Communicator,
     cases: Sequence[Case],
@@ -243,23 +261,54 @@ def run_cases(
     reps: int = 5,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[CaseResult]:
-    """Run every case for real (median span over ``reps`` after a warm-up) and simulated.
+    """Run every case for real (median span over ``reps`` rounds) and simulated.
 
     Every rank calls it and gets the same results.
     """
-    results = []
-    for i, case in enumerate(cases):
-        if progress is not None:
-            progress(i, len(cases), case.name)
-        spans = []
-        for _ in range(reps + 1):
+    rounds = measure_rounds(comm, [c.run for c in cases], reps=reps, progress=progress)
+    return score_cases(cases, [[t.metrics().total_s for t in mine] for mine in rounds], topology)
+
+
+def score_cases(
+    cases: Sequence[Case], spans: Sequence[Sequence[float]], topology: Topology
+) -> list[CaseResult]:
+    """Each case's median measured span (``spans[i]``) against its simulated span."""
+    return [
+        CaseResult(
+            name=case.name,
+            measured_s=statistics.median(mine),
+            simulated_s=simulate(dict(enumerate(case.plans)), topology).metrics().total_s,
+        )
+        for case, mine in zip(cases, spans, strict=True)
+    ]
+
+
+def measure_rounds(
+    comm: Communicator,
+    runs: Sequence[Callable[[], object]],
+    *,
+    reps: int,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[list[Timeline]]:
+    """Each run's recorded timeline (every rank's) in ``reps`` interleaved rounds.
+
+    Each round calls every run once, so a slow spell of a shared machine lands on all of them
+    alike instead of on the few that ran during it; a first round warms up and is not kept.
+
+    Returns:
+        For every run, its ``reps`` gathered timelines; the same on every rank.
+    """
+    kept: list[list[Timeline]] = [[] for _ in runs]
+    rounds = reps + 1
+    for rnd in range(rounds):
+        for i, run in enumerate(runs):
             with record() as rec:
-                case.run()
-            spans.append(gather(comm, rec.timeline).metrics().total_s)
-        measured = statistics.median(spans[1:])
-        simulated = simulate(dict(enumerate(case.plans)), topology).metrics().total_s
-        results.append(CaseResult(name=case.name, measured_s=measured, simulated_s=simulated))
-    return results
+                run()
+            if rnd > 0:
+                kept[i].append(gather(comm, rec.timeline))
+        if progress is not None:
+            progress(rnd, rounds, "warm-up" if rnd == 0 else f"round {rnd}/{reps}")
+    return kept
 
 
 def geomean_error(results: Sequence[CaseResult]) -> float:
