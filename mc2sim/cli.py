@@ -80,7 +80,10 @@ def _write_topology(topology: Topology, out: str) -> None:
     eff = device.efficiency
     print(f"wrote {out}")
     print(f"compute: peak TFLOP/s {peaks}; launch {device.launch_us:.1f} us")
-    print(f"efficiency: min {eff.min_util}, max {eff.max_util}, half {eff.half_flops:.3g} FLOP")
+    print(
+        f"efficiency: small tasks {eff.small_util}, large {eff.large_util}, "
+        f"half-way at {eff.half_flops:.3g} FLOP"
+    )
     print(f"memory {device.memory_gbps:.1f} GB/s, vector {device.vector_tflops:.3g} TFLOP/s")
     print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
     print(f"latency {dim.latency_us:.1f} us")
@@ -104,6 +107,10 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from mc2sim.model.validate import default_cases, geomean_error, run_cases, score_cases
     from mc2sim.topology import load
 
+    if args.out and not args.calibrate:
+        print("mc2sim validate-model: --out writes the fitted topology: it needs --calibrate",
+              file=sys.stderr)  # fmt: skip
+        return 2
     comm = init("mpi")
     cases = default_cases(comm)
     with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
@@ -128,6 +135,17 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             print(f"{r.name:<70}{measured:>12.2f}{simulated:>13.2f}{r.error:>8.1%}")
         print(f"geomean error over {len(results)} cases: {geomean_error(results):.1%}")
     return 0
+
+
+def _rounds(text: str) -> int:
+    """``--reps``: a whole number of rounds, at least one (argparse reports the rule)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1 (rounds measured)")
+    return value
 
 
 def _progress_bar(total: int, desc: str, unit: str, *, show: bool) -> Any:
@@ -481,7 +499,9 @@ def _parser() -> argparse.ArgumentParser:
         "calibrate", help="fit this machine's topology on the ranks at hand (under mpiexec)"
     )
     cal.add_argument("--out", default="topologies/this_machine.yaml", help="topology file to write")
-    cal.add_argument("--reps", type=int, default=5, help="interleaved rounds of every call")
+    cal.add_argument(
+        "--reps", type=_rounds, default=15, help="interleaved rounds of every call (>= 1)"
+    )
     cal.add_argument("--name", default="this_machine", help="the topology's name")
     cal.set_defaults(func=_cmd_calibrate)
 
@@ -498,7 +518,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fit the topology in this job instead, in the same rounds as the sweep",
     )
     val.add_argument("--out", help="with --calibrate: also write the fitted topology here")
-    val.add_argument("--reps", type=int, default=5, help="interleaved rounds of every case")
+    val.add_argument(
+        "--reps", type=_rounds, default=15, help="interleaved rounds of every case (>= 1)"
+    )
     val.set_defaults(func=_cmd_validate_model)
 
     run_script = commands.add_parser(

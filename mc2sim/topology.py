@@ -146,51 +146,55 @@ def _as_link_kind(param: str, value: object) -> LinkKind:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Efficiency:
-    """Utilisation of the matrix unit as a function of a task's size (small tiles run slower).
+    """Utilisation of the matrix unit as a function of a task's size.
 
     For a task of ``f`` FLOPs the utilisation is
-    ``min_util + (max_util - min_util) * f / (f + half_flops)``: ``min_util`` for a vanishing
-    task, half-way between the two at ``half_flops``, ``max_util`` for a very large one.
+    ``small_util + (large_util - small_util) * f / (f + half_flops)``: ``small_util`` for a
+    vanishing task, half-way between the two at ``half_flops``, ``large_util`` for a very
+    large one. On an accelerator small tiles underuse the matrix unit (``small_util <
+    large_util``); on a CPU with more ranks than cores the curve can fall instead: a task
+    shorter than a scheduler time slice runs on a whole core, a long one shares it with the
+    other ranks (``mc2sim calibrate`` fits either shape).
     """
 
-    min_util: float
-    """Utilisation of the smallest tasks, in (0, max_util]."""
+    small_util: float
+    """Utilisation of the smallest tasks, in (0, 1]."""
 
-    max_util: float
-    """Utilisation of the largest tasks, in [min_util, 1]."""
+    large_util: float
+    """Utilisation of the largest tasks, in (0, 1]."""
 
     half_flops: float
-    """Task size (FLOPs) at which utilisation is half-way from ``min_util`` to ``max_util``;
-    0 means every task runs at ``max_util``."""
+    """Task size (FLOPs) at which utilisation is half-way from ``small_util`` to
+    ``large_util``; 0 means every task runs at ``large_util``."""
 
     def __post_init__(self) -> None:
-        min_util = _real("min_util", self.min_util)
-        max_util = _real("max_util", self.max_util)
-        if not 0 < min_util <= 1:
-            raise ParamInvalidError("min_util", self.min_util, "must be in (0, 1]")
-        if not 0 < max_util <= 1:
-            raise ParamInvalidError("max_util", self.max_util, "must be in (0, 1]")
-        if min_util > max_util:
-            raise ParamInvalidError("min_util", self.min_util, f"must be <= max_util ({max_util})")
-        object.__setattr__(self, "min_util", min_util)
-        object.__setattr__(self, "max_util", max_util)
+        small_util = _real("small_util", self.small_util)
+        large_util = _real("large_util", self.large_util)
+        if not 0 < small_util <= 1:
+            raise ParamInvalidError("small_util", self.small_util, "must be in (0, 1]")
+        if not 0 < large_util <= 1:
+            raise ParamInvalidError("large_util", self.large_util, "must be in (0, 1]")
+        object.__setattr__(self, "small_util", small_util)
+        object.__setattr__(self, "large_util", large_util)
         object.__setattr__(self, "half_flops", _non_negative("half_flops", self.half_flops))
 
     def util(self, flops: float) -> float:
         """Return the matrix unit's utilisation for a task of ``flops`` FLOPs.
 
         Args:
-            flops: the task's work, >= 0; ``math.inf`` gives ``max_util``.
+            flops: the task's work, >= 0; ``math.inf`` gives ``large_util``.
 
         Returns:
-            A fraction in [min_util, max_util].
+            A fraction between ``small_util`` and ``large_util``.
 
         """
         if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not flops >= 0:
             raise ParamInvalidError("flops", flops, "must be a number >= 0")
         if math.isinf(flops) or self.half_flops == 0:
-            return self.max_util
-        return self.min_util + (self.max_util - self.min_util) * flops / (flops + self.half_flops)
+            return self.large_util
+        return self.small_util + (self.large_util - self.small_util) * flops / (
+            flops + self.half_flops
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -528,7 +532,7 @@ _DEVICE_KEYS = (
     "memory_overlap",
 )
 _DEVICE_OPTIONAL = ("reduce_gbps", "memory_overlap")
-_EFFICIENCY_KEYS = ("min_util", "max_util", "half_flops")
+_EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
 _DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
 _DIM_OPTIONAL = ("name",)
 _CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "source")
@@ -718,8 +722,8 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "reduce_gbps": dev.reduce_gbps,
             "memory_overlap": dev.memory_overlap,
             "efficiency": {
-                "min_util": eff.min_util,
-                "max_util": eff.max_util,
+                "small_util": eff.small_util,
+                "large_util": eff.large_util,
                 "half_flops": eff.half_flops,
             },
         },

@@ -3,21 +3,23 @@
 Run on every rank (under mpiexec). All ranks measure at the same time, so each rank's
 figures include what the others take from the machine, as in real runs:
 
-1. serial runs of every op at calibration sizes (MatmulAllReduce at four shapes from
+1. serial runs of every op at calibration sizes (MatmulAllReduce at six shapes from
    memory-bound to compute-bound, both MoE ops, AllGatherMatmul, MatmulReduceScatter, all
    bfloat16), recorded task by task: their compute tasks fit ``launch + flops / (peak *
-   util(flops)) + bytes / bandwidth`` with ``util(f) = min + (1 - min) * f / (f + half)``
-   (least squares on relative error; the reference kernels' memory passes add to their
-   arithmetic: ``memory_overlap: false``), and their AllReduce, AlltoAllv, AllGather and
-   ReduceScatter tasks fit the alpha-beta model of one network dimension (the better of full
-   mesh and switch) jointly with the vector rate of the reductions' additions. Tasks timed
-   inside the ops carry every cost the model must predict (conversions, copies, the
-   communicator's own work), which bare-kernel timings miss;
+   util(flops)) + bytes / bandwidth`` with ``util(f) = small + (large - small) * f / (f +
+   half)``, rising or falling (least squares on relative error; the reference kernels'
+   memory passes add to their arithmetic: ``memory_overlap: false``), and their AllReduce,
+   AlltoAllv, AllGather and ReduceScatter tasks fit the alpha-beta model of one network
+   dimension (the better of full mesh and switch) jointly with the vector rate of the
+   reductions' additions. Tasks timed inside the ops carry every cost the model must
+   predict (conversions, copies, the communicator's own work), which bare-kernel timings
+   miss;
 2. the bare kernels at several shapes in float16, float32 and int8 give those dtypes' peaks,
-   the other terms held fixed;
-3. contention: tiled runs of four ops (MatmulAllReduce, both MoE ops, AllGatherMatmul),
-   measured for real and simulated over a grid of compute and communication slowdowns; the
-   pair with the smallest squared log error is kept.
+   and a reduce task's float32 sum of every rank's partial gives the vector rate, the other
+   terms held fixed;
+3. contention: tiled runs of four ops (MatmulAllReduce at two shapes, both MoE ops,
+   AllGatherMatmul), measured for real and simulated over a grid of compute and
+   communication slowdowns; the pair with the smallest squared log error is kept.
 
 Every measurement runs its calls in interleaved rounds (each round calls each once, after a
 warm-up round) and keeps medians, so a slow spell of a shared machine lands on all of them
@@ -154,9 +156,10 @@ def fit_compute(
     """Fit ``launch + flops / (peak(dtype) * util(flops)) + bytes / bandwidth``.
 
     The CPU reference kernels make separate memory passes (upcast, matmul, cast), so memory
-    time adds to arithmetic. For each efficiency curve on a grid the model is linear in
-    (launch, 1/peak per dtype, 1/bandwidth): least squares on relative error, each sample
-    weighted by its ``weight``; the curve with the smallest error wins.
+    time adds to arithmetic. For each efficiency curve on a grid (rising from ``small_util``
+    to 1, or falling from 1 to ``large_util``, with ``half_flops`` from 1e5 to 1e10) the
+    model is linear in (launch, 1/peak per dtype, 1/bandwidth): least squares on relative
+    error, each sample weighted by its ``weight``; the curve with the smallest error wins.
 
     Returns:
         ``(peak TFLOP/s by dtype, efficiency, launch_us, memory GB/s)``.
@@ -166,10 +169,13 @@ def fit_compute(
     nbytes = np.array([s.nbytes for s in samples])
     seconds = np.array([s.seconds for s in samples])
     root_weight = np.sqrt([s.weight for s in samples])
-    best: tuple[float, float, float, np.ndarray] | None = None
-    for min_util in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+    best: tuple[float, float, float, float, np.ndarray] | None = None
+    # rising (small tiles underuse the unit) or falling (time-shared cores): see Efficiency
+    curves = [(u, 1.0) for u in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    curves += [(1.0, u) for u in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    for small_util, large_util in curves:
         for half in np.logspace(5, 10, 26):
-            util = min_util + (1 - min_util) * flops / (flops + half)
+            util = small_util + (large_util - small_util) * flops / (flops + half)
             columns = [np.ones_like(flops), nbytes] + [
                 np.where([s.dtype == d for s in samples], flops / util, 0.0) for d in dtypes
             ]
@@ -179,28 +185,40 @@ def fit_compute(
                 continue
             error = float(np.sum((a @ coef - root_weight) ** 2))
             if best is None or error < best[0]:
-                best = (error, min_util, float(half), coef)
+                best = (error, small_util, large_util, float(half), coef)
     if best is None:
         raise RuntimeError("compute timings could not be fitted (no positive solution)")
-    _, min_util, half, coef = best
+    _, small_util, large_util, half, coef = best
     peaks = {d: float(1.0 / coef[i + 2] / 1e12) for i, d in enumerate(dtypes)}
-    efficiency = Efficiency(min_util=min_util, max_util=1.0, half_flops=half)
+    efficiency = Efficiency(small_util=small_util, large_util=large_util, half_flops=half)
     memory_gbps = 1.0 / coef[1] / 1e9 if coef[1] > 0 else _UNBOUNDED_GBPS
     return peaks, efficiency, float(coef[0] * 1e6), float(memory_gbps)
 
 
-def measure_vector(comm: Communicator, reps: int) -> float:
-    """Elementwise TFLOP/s: summing four 4 Mi-element float32 partials, as a reduce task does."""
-    partials = [torch.rand(4 * 1024 * 1024) for _ in range(4)]
-    total = torch.empty_like(partials[0])
+def measure_vector(comm: Communicator, reps: int, *, launch_us: float, memory_gbps: float) -> float:
+    """Elementwise TFLOP/s of a reduce task, its launch and memory terms held fixed.
 
-    def add_all() -> None:
-        total.copy_(partials[0])
-        for part in partials[1:]:
-            total.add_(part)
+    Times what MatmulReduceScatter's reduce task does (one 16-bit partial per rank, summed in
+    float32 and rounded once) and counts its FLOPs and bytes as the plan builder does; the
+    rate is what is left after the launch and memory terms the compute fit found (a reduce
+    costs ``launch + flops / rate + bytes / bandwidth``). Unbounded when the memory term
+    already accounts for the whole time.
+    """
+    gen = torch.Generator().manual_seed(comm.rank)
+    parts = [torch.randn(512, 1024, generator=gen).to(torch.bfloat16) for _ in range(comm.size)]
 
-    seconds = _median_time(comm, add_all, reps)
-    return 3 * partials[0].numel() / seconds / 1e12
+    def reduce() -> torch.Tensor:
+        total = torch.zeros(parts[0].shape, dtype=torch.float32)
+        for part in parts:
+            total += part.float()
+        return total.to(torch.bfloat16)
+
+    seconds = _median_time(comm, reduce, reps)
+    elements = parts[0].numel()
+    flops = comm.size * elements
+    nbytes = (comm.size + 1) * elements * parts[0].element_size()
+    arithmetic = seconds - launch_us * 1e-6 - nbytes / (memory_gbps * 1e9)
+    return flops / arithmetic / 1e12 if arithmetic > 0 else _UNBOUNDED_TFLOPS
 
 
 def fit_peaks(
@@ -222,6 +240,9 @@ def fit_peaks(
 
 _UNBOUNDED_GBPS = 1e6
 """Memory bandwidth written when the fit finds memory traffic costs nothing measurable."""
+
+_UNBOUNDED_TFLOPS = 1e6
+"""Vector rate written when a reduce's memory traffic accounts for all of its time."""
 
 
 def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -299,14 +320,20 @@ def samples_of(
     return compute, comm_samples
 
 
-def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float, float, float]:
+def _coefficients(
+    kind: LinkKind, sample: CommSample, world: int, *, doubling: bool = False
+) -> tuple[float, float, float]:
     """(a, b, c) with t = a * alpha + b * beta + c / reduce_rate under one link kind.
 
-    The same formulas as :mod:`mc2sim.model.cost` for one dimension of ``world`` ranks.
+    The same formulas as :mod:`mc2sim.model.cost` for one dimension of ``world`` ranks; an
+    AllReduce by recursive doubling when ``doubling`` (else the ring or mesh phases).
     """
     n, p = sample.nbytes, world
     mesh = kind is LinkKind.FULL_MESH
     if sample.kind == "allreduce":
+        if doubling:
+            rounds = float(math.ceil(math.log2(p))) if p > 1 else 0.0
+            return rounds, rounds * n, rounds * n
         steps = 2.0 if mesh else 2.0 * (p - 1)
         return steps, steps * n / p, (p - 1) / p * n
     if sample.kind == "allgather":
@@ -321,22 +348,40 @@ def _coefficients(kind: LinkKind, sample: CommSample, world: int) -> tuple[float
 def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, float]:
     """Fit latency, 1 / bandwidth and the reduction's vector rate; keep the better link kind.
 
-    Weighted least squares on relative error, as :func:`fit_compute`.
+    Weighted least squares on relative error, as :func:`fit_compute`. The model times an
+    AllReduce by the cheaper of two algorithms, which depends on the figures being fitted:
+    each AllReduce sample starts on the ring (or mesh) phases, then takes the algorithm the
+    fitted figures make cheaper, and the fit is repeated until no sample changes side.
 
     Returns:
-        ``(the network dimension, vector TFLOP/s)``.
+        ``(the network dimension, the collectives' reduction rate in GB/s)``; a rate of 0
+        means the additions cost nothing measurable.
     """
     best: tuple[float, NetworkDim, float] | None = None
     seconds = np.array([s.seconds for s in samples])
     root_weight = np.sqrt([s.weight for s in samples])
     for kind in (LinkKind.FULL_MESH, LinkKind.SWITCH):
-        a = np.array([_coefficients(kind, s, world) for s in samples])
-        a *= (root_weight / seconds)[:, None]
-        coef = _nonnegative_lstsq(a, root_weight)
+        doubling = [False] * len(samples)
+        for _ in range(len(samples) + 1):  # a fixed point, or as many passes as samples
+            rows = [
+                _coefficients(kind, s, world, doubling=d)
+                for s, d in zip(samples, doubling, strict=True)
+            ]
+            a = np.array(rows) * (root_weight / seconds)[:, None]
+            coef = _nonnegative_lstsq(a, root_weight)
+            cheaper = [
+                s.kind == "allreduce"
+                and float(np.dot(_coefficients(kind, s, world, doubling=True), coef))
+                < float(np.dot(_coefficients(kind, s, world), coef))
+                for s in samples
+            ]
+            if cheaper == doubling:
+                break
+            doubling = cheaper
         alpha, beta, inv_reduce = float(coef[0]), float(coef[1]), float(coef[2])
         if beta <= 0:
             continue
-        error = float(np.sum((a @ np.array([alpha, beta, inv_reduce]) - root_weight) ** 2))
+        error = float(np.sum((a @ coef - root_weight) ** 2))
         dim = NetworkDim(
             kind=kind,
             ranks=world,
@@ -351,10 +396,10 @@ def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, 
     return best[1], best[2]
 
 
-COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 """The grid :func:`fit_contention` searches for the compute slowdown."""
 
-COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
+COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
 
 
@@ -441,7 +486,7 @@ def calibrate(
     others = [s for s in measure_compute(comm, reps) if s.dtype not in peaks]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
     network, reduce_gbps = fit_network(collectives, comm.size)
-    vector_tflops = measure_vector(comm, reps)
+    vector_tflops = measure_vector(comm, reps, launch_us=launch_us, memory_gbps=memory_gbps)
     host = socket.gethostname()
     base = Topology(
         name=name,

@@ -18,6 +18,7 @@ import torch
 
 from mc2sim import ops
 from mc2sim.comm import Communicator
+from mc2sim.errors import ParamInvalidError
 from mc2sim.model.accuracy import geomean_of, model_error
 from mc2sim.model.simulator import simulate
 from mc2sim.routing import RoutingConfig, RoutingKind, route
@@ -243,6 +244,7 @@ def contention_cases(comm: Communicator) -> list[Case]:
     uniform = RoutingConfig(kind=RoutingKind.UNIFORM, seed=5)
     return [
         mm_all_reduce_case(comm, m=3072, k=48, n=2048, tiling=4),
+        mm_all_reduce_case(comm, m=2048, k=192, n=1536, tiling=4),
         moe_case(
             comm, op="combine", tokens=1024, e=4, h1=64, n1=2048, routing=uniform, tiling=None
         ),
@@ -297,7 +299,12 @@ def measure_rounds(
 
     Returns:
         For every run, its ``reps`` gathered timelines; the same on every rank.
+
+    Raises:
+        ParamInvalidError: ``reps`` below 1.
     """
+    if reps < 1:
+        raise ParamInvalidError("reps", reps, "must be >= 1 (rounds measured after the warm-up)")
     kept: list[list[Timeline]] = [[] for _ in runs]
     rounds = reps + 1
     for rnd in range(rounds):

@@ -59,3 +59,36 @@ def test_real_sweep_runs_every_point(tmp_path: Path) -> None:
     for m in (16, 32):
         manifest = json.loads((out / f"small.m={m}" / "manifest.json").read_text())
         assert manifest["shape"]["m"] == m and manifest["world_size"] == 2
+
+
+def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None:
+    out = tmp_path / "this.yaml"
+    res = mpiexec(2, "-m", "mc2sim", "calibrate", "--reps", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(f"wrote {out}") == 1, "rank 0 writes"
+    from mc2sim.topology import load
+
+    topology = load(out)
+    assert topology.world_size == 2
+    assert topology.contention.source.startswith("fitted by mc2sim calibrate")
+    assert set(topology.device.matrix_tflops) == {"bfloat16", "float16", "float32", "int8"}
+
+
+def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
+    out = tmp_path / "fit.yaml"
+    res = mpiexec(
+        2, "-m", "mc2sim", "validate-model", "--calibrate", "--reps", "1", "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    header = lines.index("# validate-model: 2 ranks, calibrated in the same rounds, median of 1")
+    rows = lines[header + 2 : header + 18]
+    assert len(rows) == 16 and all(row.endswith("%") for row in rows)
+    assert lines[header + 18].startswith("geomean error over 16 cases: ")
+    from mc2sim.topology import load
+
+    assert load(out).world_size == 2
+    # the stored fit validates again, measured anew
+    res = mpiexec(2, "-m", "mc2sim", "validate-model", "--topology", str(out), "--reps", "1")
+    assert res.returncode == 0, res.stderr
+    assert f"# validate-model: 2 ranks, {out}, median of 1" in res.stdout

@@ -64,7 +64,7 @@ from mc2sim.topology import (
 
 # ---------------------------------------------------------------- small hand-built machines
 
-FLAT = Efficiency(min_util=1.0, max_util=1.0, half_flops=0.0)
+FLAT = Efficiency(small_util=1.0, large_util=1.0, half_flops=0.0)
 DEVICE = Device(
     name="toy",
     matrix_tflops={"float16": 100.0, "int8": 400.0},
@@ -206,12 +206,12 @@ def test_compute_time_is_the_roofline_plus_launch(
 
 
 def test_compute_time_applies_the_small_tile_curve_to_matrix_work_only() -> None:
-    curve = Efficiency(min_util=0.5, max_util=1.0, half_flops=1e9)
+    curve = Efficiency(small_util=0.5, large_util=1.0, half_flops=1e9)
     topo = machine(dim("switch", 2, 1.0, 0.0), device=replace(DEVICE, efficiency=curve))
     # at half_flops the utilisation is half-way, 0.75: 1e9 / (100e12 * 0.75)
     mm = compute_time(task(TaskKind.MATMUL, 10**9), topo, "float16")
     assert mm == pytest.approx(1e9 / 75e12 + 1e-6, rel=1e-12)
-    # a vanishing task runs at min_util (plus its launch)
+    # a vanishing task runs at small_util (plus its launch)
     tiny = compute_time(task(TaskKind.MATMUL, 1000), topo, "float16")
     assert tiny == pytest.approx(1000 / 50e12 + 1e-6, rel=1e-9)
     # the vector unit has no such curve

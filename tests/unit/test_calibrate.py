@@ -1,0 +1,288 @@
+"""The calibration's fits and measurement plumbing, against data made from known parameters.
+
+Each fit is checked by generating samples from a known machine through the cost model
+(:mod:`mc2sim.model.cost`, the very formulas the simulator uses) and recovering it; the
+measurement helpers against hand-built timelines and a fake one-process communicator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from mc2sim.errors import ParamInvalidError
+from mc2sim.model import allgather_time, allreduce_time, alltoallv_time, reduce_scatter_time
+from mc2sim.model.calibrate import (
+    COMM_SLOWDOWNS,
+    COMPUTE_SLOWDOWNS,
+    CommSample,
+    ComputeSample,
+    fit_compute,
+    fit_contention,
+    fit_network,
+    samples_of,
+)
+from mc2sim.model.simulator import simulate
+from mc2sim.model.validate import Case, measure_rounds
+from mc2sim.schedule import plan_gmm_alltoallv, plan_mm_all_reduce, tiling_of
+from mc2sim.schedule.builders import MatmulShape, MoeShape
+from mc2sim.schedule.plan import TaskKind
+from mc2sim.timeline import Stream, TaskRecord, Timeline, current_recorder
+from mc2sim.topology import (
+    Contention,
+    Device,
+    Efficiency,
+    LinkKind,
+    NetworkDim,
+    Topology,
+)
+
+from .fakes import SameOnEveryRank
+
+MS = 1e-3
+
+
+def topology(world: int, *, alpha_us: float, gbps: float, reduce_gbps: float) -> Topology:
+    device = Device(
+        name="cpu",
+        matrix_tflops={"bfloat16": 0.2},
+        vector_tflops=0.001,
+        memory_gbps=5.0,
+        efficiency=Efficiency(small_util=1.0, large_util=1.0, half_flops=0.0),
+        launch_us=40.0,
+        reduce_gbps=reduce_gbps,
+        memory_overlap=False,
+    )
+    net = NetworkDim(kind=LinkKind.FULL_MESH, ranks=world, bandwidth_gbps=gbps, latency_us=alpha_us)
+    return Topology(
+        name="t", description="t", device=device, network=(net,), contention=Contention(),
+        source="tests",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- compute
+
+
+RISING = Efficiency(small_util=0.5, large_util=1.0, half_flops=1e8)
+FALLING = Efficiency(small_util=1.0, large_util=0.3, half_flops=1e7)
+
+
+def compute_samples(noise: float = 0.0, curve: Efficiency = RISING) -> list[ComputeSample]:
+    """Two dtypes at several sizes, timed by a known machine (times ``1 + noise`` jitter)."""
+    launch, gbps = 40e-6, 5.0
+    peaks = {"bfloat16": 0.2e12, "float16": 0.1e12}
+    rng = np.random.default_rng(3)
+    samples = []
+    for dtype, (flops, nbytes) in itertools.product(
+        peaks, [(1e6, 1e5), (3e7, 2e6), (2e8, 1e6), (5e8, 3e7), (2e9, 8e6), (6e9, 2e7)]
+    ):
+        seconds = launch + flops / (peaks[dtype] * curve.util(flops)) + nbytes / (gbps * 1e9)
+        seconds *= 1 + noise * rng.standard_normal()
+        samples.append(ComputeSample(dtype=dtype, flops=flops, nbytes=nbytes, seconds=seconds))
+    return samples
+
+
+@pytest.mark.parametrize("truth", [RISING, FALLING], ids=["rising", "falling"])
+def test_fit_compute_recovers_the_machine_that_made_the_samples(truth: Efficiency) -> None:
+    peaks, curve, launch_us, gbps = fit_compute(compute_samples(curve=truth))
+    assert peaks == pytest.approx({"bfloat16": 0.2, "float16": 0.1}, rel=1e-6)
+    assert (curve.small_util, curve.large_util) == (truth.small_util, truth.large_util)
+    assert curve.half_flops == pytest.approx(truth.half_flops, rel=1e-9)
+    assert launch_us == pytest.approx(40.0, rel=1e-6)
+    assert gbps == pytest.approx(5.0, rel=1e-6)
+
+
+def test_a_sample_repeated_n_times_at_weight_one_over_n_counts_once() -> None:
+    noisy = compute_samples(noise=0.2)
+    outlier = dataclasses.replace(noisy[4], seconds=noisy[4].seconds * 3)
+    once = fit_compute([*noisy, outlier])
+    split = fit_compute([*noisy] + [dataclasses.replace(outlier, weight=1 / 16)] * 16)
+    heavy = fit_compute([*noisy] + [outlier] * 16)
+    assert split[0] == pytest.approx(once[0], rel=1e-6)
+    assert split[1] == once[1], "the same efficiency curve"
+    assert split[2:] == pytest.approx(once[2:], rel=1e-6)
+    assert heavy[0]["bfloat16"] != pytest.approx(once[0]["bfloat16"], rel=1e-3), (
+        "unweighted, sixteen copies pull the fit"
+    )
+
+
+# ---------------------------------------------------------------- network
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fit_network_recovers_the_link_and_the_reduction_rate(world: int) -> None:
+    truth = topology(world, alpha_us=120.0, gbps=2.5, reduce_gbps=1.5)
+    samples = []
+    for nbytes in (3e4, 2.6e5, 2e6, 6e6, 1.2e7):
+        samples += [
+            CommSample(kind="allreduce", nbytes=nbytes, seconds=allreduce_time(truth, nbytes)),
+            CommSample(kind="allgather", nbytes=nbytes, seconds=allgather_time(truth, nbytes)),
+            CommSample(
+                kind="reduce_scatter", nbytes=nbytes, seconds=reduce_scatter_time(truth, nbytes)
+            ),
+        ]
+        # an even AlltoAllv: every rank sends nbytes / world to each peer
+        peers = [np.array([q for q in range(world) if q != r]) for r in range(world)]
+        share = np.full(world - 1, nbytes / world)
+        even = alltoallv_time(truth, [(p, share, p, share) for p in peers])
+        samples.append(CommSample(kind="alltoallv", nbytes=nbytes, seconds=even))
+    dim, reduce_gbps = fit_network(samples, world)
+    assert dim.kind is LinkKind.FULL_MESH and dim.ranks == world
+    assert dim.latency_us == pytest.approx(120.0, rel=1e-6)
+    assert dim.bandwidth_gbps == pytest.approx(2.5, rel=1e-6)
+    assert reduce_gbps == pytest.approx(1.5, rel=1e-6)
+
+
+# ---------------------------------------------------------------- samples from timelines
+
+
+def rec(rank: int, task: int, kind: TaskKind, start_ms: float, end_ms: float) -> TaskRecord:
+    stream = Stream.COMM if kind in (TaskKind.ALLREDUCE, TaskKind.ALLTOALLV) else Stream.COMPUTE
+    return TaskRecord(
+        rank=rank, run="r", task=task, name=str(kind), stream=stream, kind=str(kind),
+        start_s=start_ms * MS, end_s=end_ms * MS,
+    )  # fmt: skip
+
+
+def serial_mm_case() -> Case:
+    shape = MatmulShape(k=64, n=256, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
+    plans = tuple(
+        plan_mm_all_reduce(
+            m=128, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of("serial"), rank=r,
+            world_size=2,
+        )
+        for r in range(2)
+    )  # fmt: skip
+    return Case(name="mm", run=lambda: None, plans=plans)
+
+
+def test_samples_time_a_collective_from_the_last_arrival_to_the_last_completion() -> None:
+    case = serial_mm_case()
+    matmul, allreduce = (t.id for t in case.plans[0].tasks)
+    rounds = [
+        # rank 1 computes longer; rank 0 sees the AllReduce end late (a time slice)
+        Timeline(records=(
+            rec(0, matmul, TaskKind.MATMUL, 0, 5), rec(0, allreduce, TaskKind.ALLREDUCE, 5, 12),
+            rec(1, matmul, TaskKind.MATMUL, 0, 7), rec(1, allreduce, TaskKind.ALLREDUCE, 7, 10),
+        )),
+        Timeline(records=(
+            rec(0, matmul, TaskKind.MATMUL, 0, 6), rec(0, allreduce, TaskKind.ALLREDUCE, 6, 9),
+            rec(1, matmul, TaskKind.MATMUL, 0, 4), rec(1, allreduce, TaskKind.ALLREDUCE, 4, 9),
+        )),
+        Timeline(records=(
+            rec(0, matmul, TaskKind.MATMUL, 0, 2), rec(0, allreduce, TaskKind.ALLREDUCE, 2, 9),
+            rec(1, matmul, TaskKind.MATMUL, 0, 3), rec(1, allreduce, TaskKind.ALLREDUCE, 3, 7),
+        )),
+    ]  # fmt: skip
+    compute, comm = samples_of(SameOnEveryRank(2), [case], [rounds])
+    # compute: the slowest rank per round (7, 6, 3) -> median 6 ms
+    assert [s.seconds for s in compute] == pytest.approx([6 * MS])
+    assert compute[0].flops == 2 * 128 * 64 * 256 and compute[0].dtype == "bfloat16"
+    # allreduce: max end - max start per round (12 - 7, 9 - 6, 9 - 3) -> median 5 ms
+    assert [s.seconds for s in comm] == pytest.approx([5 * MS])
+    assert comm[0].kind == "allreduce" and comm[0].nbytes == 128 * 256 * 2
+    assert compute[0].weight == comm[0].weight == 1.0
+
+
+def test_samples_take_the_busiest_ranks_work_and_share_one_weight_per_call() -> None:
+    # rank 1 multiplies 3x the rows of rank 0 (send_counts q*e + j); per-expert tiles
+    send = ((2, 2, 2, 2), (6, 6, 6, 6))
+    recv = ((2, 2, 6, 6), (2, 2, 6, 6))
+    plans = tuple(
+        plan_gmm_alltoallv(
+            shape=MoeShape(e=2, send=send[r], recv=recv[r], h1=16, n1=32, elem_bytes=2,
+                           dtype="bfloat16"),
+            tiling=tiling_of(None), rank=r,
+        )
+        for r in range(2)
+    )  # fmt: skip
+    case = Case(name="moe", run=lambda: None, plans=plans)
+    records = []
+    for plan in plans:
+        for t in plan.tasks:
+            kind = TaskKind.GROUPED_MATMUL if t.kind is TaskKind.GROUPED_MATMUL else t.kind
+            records.append(rec(plan.rank, t.id, kind, t.id, t.id + 1))
+    compute, comm = samples_of(SameOnEveryRank(2), [case], [[Timeline(records=tuple(records))]])
+    gmm = [t for t in plans[0].tasks if t.kind is TaskKind.GROUPED_MATMUL]
+    assert len(compute) == len(gmm) > 1
+    for sample, task in zip(compute, gmm, strict=True):
+        busiest = max(plans[0].tasks[task.id].flops, plans[1].tasks[task.id].flops)
+        assert sample.flops == busiest
+        assert sample.weight == pytest.approx(1 / len(gmm))
+    assert sum(s.weight for s in comm) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- contention
+
+
+def tiled_cases(world: int) -> list[Case]:
+    shape = MatmulShape(k=64, n=2048, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
+    mm = tuple(
+        plan_mm_all_reduce(
+            m=2048, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of(4), rank=r,
+            world_size=world,
+        )
+        for r in range(world)
+    )  # fmt: skip
+    counts = tuple(256 for _ in range(2 * world))  # 2 experts per rank, even
+    moe = tuple(
+        plan_gmm_alltoallv(
+            shape=MoeShape(e=2, send=counts, recv=counts, h1=64, n1=1024,
+                           elem_bytes=2, dtype="bfloat16"),
+            tiling=tiling_of(None), rank=r,
+        )
+        for r in range(world)
+    )  # fmt: skip
+    return [
+        Case(name="mm", run=lambda: None, plans=mm),
+        Case(name="moe", run=lambda: None, plans=moe),
+    ]
+
+
+@pytest.mark.parametrize(("compute", "comm"), [(1.5, 5.0), (1.0, 1.0), (3.0, 30.0)])
+def test_fit_contention_finds_the_slowdowns_that_made_the_spans(
+    compute: float, comm: float
+) -> None:
+    base = topology(2, alpha_us=100.0, gbps=1.0, reduce_gbps=2.0)
+    truth = dataclasses.replace(
+        base, contention=Contention(compute_slowdown=compute, comm_slowdown=comm)
+    )
+    cases = tiled_cases(2)
+    spans = [[simulate(dict(enumerate(c.plans)), truth).metrics().total_s] * 3 for c in cases]
+    fitted = fit_contention(base, cases, spans)
+    assert (fitted.compute_slowdown, fitted.comm_slowdown) == (compute, comm)
+    assert "mm, moe" in fitted.source
+    assert compute in COMPUTE_SLOWDOWNS and comm in COMM_SLOWDOWNS
+
+
+# ---------------------------------------------------------------- interleaved rounds
+
+
+def test_measure_rounds_interleaves_the_calls_and_drops_the_warm_up() -> None:
+    calls: list[str] = []
+
+    def call(label: str) -> None:
+        calls.append(label)
+        sink = current_recorder()
+        assert sink is not None, "each call runs inside a recording"
+        end = len(calls) * MS
+        sink.add_raw((0, label, 0, label, Stream.COMPUTE, "matmul", 0.0, end, 0, 0))
+
+    seen: list[tuple[int, int, str]] = []
+    rounds = measure_rounds(
+        SameOnEveryRank(1), [lambda: call("a"), lambda: call("b")], reps=2,
+        progress=lambda i, n, label: seen.append((i, n, label)),
+    )  # fmt: skip
+    assert calls == ["a", "b"] * 3
+    spans = [[t.metrics().total_s for t in mine] for mine in rounds]
+    assert spans == [pytest.approx([3 * MS, 5 * MS]), pytest.approx([4 * MS, 6 * MS])]
+    assert seen == [(0, 3, "warm-up"), (1, 3, "round 1/2"), (2, 3, "round 2/2")]
+
+
+def test_measure_rounds_needs_a_round() -> None:
+    with pytest.raises(ParamInvalidError) as err:
+        measure_rounds(SameOnEveryRank(1), [lambda: None], reps=0)
+    assert err.value.param == "reps"
