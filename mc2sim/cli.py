@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mc2sim.runtime import abort_on_exception
+from mc2sim.runtime import abort_on_exception, steady_allocator
 
 if TYPE_CHECKING:
     from mc2sim.topology import Topology
@@ -544,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     """
     args = _parser().parse_args(argv)
+    steady_allocator()  # repeated calls reuse their memory: timings do not depend on order
     with abort_on_exception():
         status: int = args.func(args)
     return status

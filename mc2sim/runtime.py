@@ -1,8 +1,13 @@
-"""Process-level behaviour of a multi-rank job: abort everything when one rank fails."""
+"""Process-level behaviour of a multi-rank job.
+
+Abort everything when one rank fails; keep freed memory in the process so repeated calls
+time alike.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 import time
@@ -12,7 +17,7 @@ from collections.abc import Iterator
 from mc2sim.comm.launch import Launcher, detect_launcher
 from mc2sim.errors import AclnnError
 
-__all__ = ["ABORT_GRACE_S", "abort_on_exception", "world_position"]
+__all__ = ["ABORT_GRACE_S", "abort_on_exception", "steady_allocator", "world_position"]
 
 
 ABORT_GRACE_S = 0.3
@@ -90,3 +95,39 @@ def abort_on_exception() -> Iterator[None]:
 def _report(line: str) -> None:
     sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 32 * 1024 * 1024
+"""glibc's largest mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit)."""
+_TRIM_THRESHOLD = 1 << 30
+
+
+def steady_allocator() -> bool:
+    """Keep freed blocks of up to 32 MiB in the process instead of returning them to the OS.
+
+    glibc maps a block above its (moving) mmap threshold afresh on every allocation and unmaps
+    it when freed, so each call of an op touches new pages and pays a fault per page, more in
+    a VM, and whether a call pays depends on what ran before it. Fixing the threshold at its
+    maximum and raising the trim threshold makes repeated calls reuse their memory, as a
+    caching allocator (PyTorch's on accelerators, jemalloc or tcmalloc on CPUs) does. Set by
+    ``mc2sim`` commands at start; the user's ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_TRIM_THRESHOLD_`` win.
+
+    Returns:
+        Whether the settings were applied (False off glibc, or when the user set them).
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )

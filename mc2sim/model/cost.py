@@ -66,7 +66,7 @@ def compute_time(task: Task, topology: Topology, dtype: str) -> float:
     if task.kind in _MATRIX_KINDS:
         kind_dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else dtype
         rate = device.matrix_peak(kind_dtype) * device.efficiency.util(task.flops)
-    elif task.kind is TaskKind.REDUCE:
+    elif task.kind in (TaskKind.REDUCE, TaskKind.PACK):  # a pack has no FLOPs: memory only
         rate = device.vector_tflops * 1e12
     else:
         raise ParamInvalidError("task.kind", task.kind, "is not a compute task")

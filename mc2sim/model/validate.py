@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mc2sim import ops
@@ -295,7 +296,9 @@ def measure_rounds(
     """Each run's recorded timeline (every rank's) in ``reps`` interleaved rounds.
 
     Each round calls every run once, so a slow spell of a shared machine lands on all of them
-    alike instead of on the few that ran during it; a first round warms up and is not kept.
+    alike instead of on the few that ran during it, in a new shuffled order (seeded: the same
+    on every rank), so no run always follows the same one (a call after another of other
+    shapes can pay for the caches and the allocator); a first round warms up and is not kept.
 
     Returns:
         For every run, its ``reps`` gathered timelines; the same on every rank.
@@ -307,10 +310,11 @@ def measure_rounds(
         raise ParamInvalidError("reps", reps, "must be >= 1 (rounds measured after the warm-up)")
     kept: list[list[Timeline]] = [[] for _ in runs]
     rounds = reps + 1
+    shuffle = np.random.default_rng(0)  # the same order on every rank
     for rnd in range(rounds):
-        for i, run in enumerate(runs):
+        for i in shuffle.permutation(len(runs)):
             with record() as rec:
-                run()
+                runs[i]()
             if rnd > 0:
                 kept[i].append(gather(comm, rec.timeline))
         if progress is not None:

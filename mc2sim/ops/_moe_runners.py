@@ -157,18 +157,11 @@ class DispatchRunner(_ExpertChunks):
         self.received: dict[int, torch.Tensor] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.packed: dict[int, torch.Tensor] = {}
         self.whole: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start(self, task: Task) -> Work:
-        if task.expert is None:
-            rows = self.x
-        else:
-            j = task.expert
-            rows = self.x[
-                chunk_rows(
-                    self.by_dest[:, j], self.starts[:, j], range(self.world), task.part, self.parts
-                )
-            ]
+        rows = self.x if task.expert is None else self.packed.pop(task.deps[0])
         return self.comm.ialltoallv(rows, task.send_splits, task.recv_splits)
 
     def land(self, task: Task, result: torch.Tensor) -> None:
@@ -177,6 +170,16 @@ class DispatchRunner(_ExpertChunks):
     def compute(self, task: Task) -> None:
         if task.kind is TaskKind.MATMUL:
             self.shared.run()
+            return
+        if task.kind is TaskKind.PACK:  # expert j's sub-tile rows, destination by destination
+            j = task.expert
+            if j is None:
+                raise RuntimeError(f"{task.name}: a pack task belongs to one expert")
+            self.packed[task.id] = self.x[
+                chunk_rows(
+                    self.by_dest[:, j], self.starts[:, j], range(self.world), task.part, self.parts
+                )
+            ]
             return
         arrived = self.received.pop(task.deps[0])
         if task.expert is None:  # serial: permute (r, j) -> (j, r), then every expert

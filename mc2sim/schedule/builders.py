@@ -282,8 +282,10 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     """Plan AlltoAllvGroupedMatMul: every expert's AlltoAllv first, then each expert's GMM.
 
     The hardware issues all per-expert AlltoAllv, runs the shared matmul, then for each
-    expert waits for its rows and multiplies. ``serial``: one AlltoAllv, the shared matmul,
-    one GMM.
+    expert waits for its rows and multiplies. Each chunk's rows lie apart in the rank-major
+    input (one block per destination and expert), so a pack task first copies them into one
+    send buffer (read and write of every row the chunk sends). ``serial``: one AlltoAllv of
+    the input as it is, the shared matmul, one GMM.
     """
     tasks = _Tasks()
     row_bytes = shape.h1 * shape.elem_bytes
@@ -314,12 +316,20 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
             for p in range(parts):
                 send = shape.expert_part(shape.send, j, p, parts)
                 recv = shape.expert_part(shape.recv, j, p, parts)
+                pack = tasks.add(
+                    f"pack[e{j}.{p}]",
+                    TaskKind.PACK,
+                    expert=j,
+                    part=p,
+                    bytes=2 * _rows(send) * row_bytes,
+                )
                 a2a = tasks.add(
                     f"alltoallv[e{j}.{p}]",
                     TaskKind.ALLTOALLV,
                     row_bytes=row_bytes,
                     expert=j,
                     part=p,
+                    deps=(pack,),
                     send_splits=send,
                     recv_splits=recv,
                     bytes=_sent_bytes(send, rank, row_bytes),

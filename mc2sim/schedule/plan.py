@@ -119,7 +119,8 @@ class TaskKind(StrEnum):
     Glossary: compute kinds ``matmul`` (dense, the shared expert too), ``grouped_matmul``
     (one or more experts' rows), ``quant_matmul`` (int8 x int8), ``weight_quant_matmul``
     (float x int8/int4), ``attention`` (incremental flash attention of some batches),
-    ``reduce`` (summing received partials); comm kinds ``allreduce``,
+    ``reduce`` (summing received partials), ``pack`` (copying a chunk's rows into one send
+    buffer: a collective sends one contiguous block per peer); comm kinds ``allreduce``,
     ``alltoallv``, ``allgather``, ``reduce_scatter``.
     """
 
@@ -129,6 +130,7 @@ class TaskKind(StrEnum):
     WEIGHT_QUANT_MATMUL = "weight_quant_matmul"
     ATTENTION = "attention"
     REDUCE = "reduce"
+    PACK = "pack"
     ALLREDUCE = "allreduce"
     ALLTOALLV = "alltoallv"
     ALLGATHER = "allgather"

@@ -276,9 +276,12 @@ def test_measure_rounds_interleaves_the_calls_and_drops_the_warm_up() -> None:
         SameOnEveryRank(1), [lambda: call("a"), lambda: call("b")], reps=2,
         progress=lambda i, n, label: seen.append((i, n, label)),
     )  # fmt: skip
-    assert calls == ["a", "b"] * 3
+    assert sorted(calls[0:2]) == sorted(calls[2:4]) == sorted(calls[4:6]) == ["a", "b"]
+    # each run's kept spans are the ends of its own calls after the warm-up round
     spans = [[t.metrics().total_s for t in mine] for mine in rounds]
-    assert spans == [pytest.approx([3 * MS, 5 * MS]), pytest.approx([4 * MS, 6 * MS])]
+    for label, mine in zip("ab", spans, strict=True):
+        own = [(i + 1) * MS for i, c in enumerate(calls) if c == label][1:]
+        assert mine == pytest.approx(own)
     assert seen == [(0, 3, "warm-up"), (1, 3, "round 1/2"), (2, 3, "round 2/2")]
 
 
@@ -286,3 +289,16 @@ def test_measure_rounds_needs_a_round() -> None:
     with pytest.raises(ParamInvalidError) as err:
         measure_rounds(SameOnEveryRank(1), [lambda: None], reps=0)
     assert err.value.param == "reps"
+
+
+def test_measure_rounds_shuffles_each_round_the_same_way_on_every_rank() -> None:
+    def orders() -> list[list[int]]:
+        calls: list[int] = []
+        runs = [lambda i=i: calls.append(i) for i in range(6)]
+        measure_rounds(SameOnEveryRank(1), runs, reps=4)
+        return [calls[r * 6 : r * 6 + 6] for r in range(5)]
+
+    first = orders()
+    assert all(sorted(order) == list(range(6)) for order in first), "each round runs each once"
+    assert len({tuple(order) for order in first}) > 1, "no fixed order"
+    assert orders() == first, "seeded: every rank (every process) runs the same order"

@@ -1,5 +1,9 @@
 """Single-process checks of the communicator layer: argument checks, launch detection."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -73,3 +77,37 @@ def test_init_rejects_unknown_backend() -> None:
     with pytest.raises(ParamInvalidError, match="backend='nccl': must be one of 'mpi', 'torch'"):
         init("nccl")
     assert Backend("torch") is Backend.TORCH
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from mc2sim.runtime import steady_allocator
+applied = steady_allocator() if sys.argv[1] == "steady" else False
+def step():  # an op's call: three 20 MiB buffers alive at once, freed at the end
+    xs = [np.ones(20 << 17) for _ in range(3)]
+    return sum(x.sum() for x in xs)
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_steady_allocator_reuses_freed_blocks_instead_of_faulting_fresh_pages() -> None:
+    def faults(mode: str, **env: str) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode],
+            capture_output=True, text=True, check=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env,
+        ).stdout.split()  # fmt: skip
+        return out[0], int(out[1])
+
+    applied, steady = faults("steady")
+    assert applied == "True" and steady < 200, "repeated calls reuse their pages"
+    _, default = faults("default")
+    assert default > 1000, "glibc's default trims the heap and faults the pages in again"
+    skipped, _ = faults("steady", MALLOC_TRIM_THRESHOLD_="131072")
+    assert skipped == "False", "the user's MALLOC_* settings win"

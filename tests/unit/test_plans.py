@@ -133,6 +133,16 @@ def test_alltoallv_gmm_plan(tiling: Tiling) -> None:
         assert g.flops == 2 * sum(plan.tasks[dep].recv_splits) * 16 * 8
     assert sum(sum(c.recv_splits) for c in comm) == sum(shape.recv)
     assert sum(sum(c.send_splits) for c in comm) == sum(shape.send)
+    packs = [t for t in plan.tasks if t.kind is TaskKind.PACK]
+    if tiling.mode is TilingMode.SERIAL:  # the input goes as it is, rank-major
+        assert packs == [] and comm[0].deps == ()
+        return
+    for c in comm:  # each chunk's rows are first copied into one buffer: read + write
+        (dep,) = c.deps
+        pack = plan.tasks[dep]
+        assert pack.kind is TaskKind.PACK and (pack.expert, pack.part) == (c.expert, c.part)
+        assert pack.bytes == 2 * sum(c.send_splits) * 16 * 2 and pack.flops == 0
+    assert len(packs) == len(comm)
 
 
 @pytest.mark.parametrize("tiling", TILINGS[:4], ids=lambda t: t.describe())
