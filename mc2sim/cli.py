@@ -88,6 +88,8 @@ def _write_topology(topology: Topology, out: str) -> None:
     print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
     print(f"latency {dim.latency_us:.1f} us")
     print(f"contention: compute x{slow.compute_slowdown}, comm x{slow.comm_slowdown}")
+    together = "together" if device.concurrent_collectives else "one at a time"
+    print(f"collectives in flight progress {together}")
 
 
 def _ticker(bar: Any) -> Callable[[int, int, str], None]:
@@ -107,16 +109,21 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from mc2sim.model.validate import default_cases, geomean_error, run_cases, score_cases
     from mc2sim.topology import load
 
-    if args.out and not args.calibrate:
-        print("mc2sim validate-model: --out writes the fitted topology: it needs --calibrate",
-              file=sys.stderr)  # fmt: skip
-        return 2
+    for flag, value in (("--out", args.out), ("--name", args.name)):
+        if value is not None and not args.calibrate:
+            print(f"mc2sim validate-model: {flag} is for the fitted topology: it needs --calibrate",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     comm = init("mpi")
     cases = default_cases(comm)
     with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
         if args.calibrate:
             fitted = calibrate(
-                comm, reps=args.reps, alongside=[c.run for c in cases], progress=_ticker(bar)
+                comm,
+                reps=args.reps,
+                name=args.name or "this_machine",
+                alongside=[c.run for c in cases],
+                progress=_ticker(bar),
             )
             topology, source = fitted.topology, "calibrated in the same rounds"
             results = score_cases(cases, fitted.alongside, topology)
@@ -518,6 +525,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fit the topology in this job instead, in the same rounds as the sweep",
     )
     val.add_argument("--out", help="with --calibrate: also write the fitted topology here")
+    val.add_argument(
+        "--name", help="with --calibrate: the fitted topology's name (default this_machine)"
+    )
     val.add_argument(
         "--reps", type=_rounds, default=15, help="interleaved rounds of every case (>= 1)"
     )

@@ -231,6 +231,13 @@ class Device:
     two, as on accelerators whose DMA feeds the matrix unit) or adds to it (separate passes, as
     the CPU reference kernels make: upcast, matmul, cast)."""
 
+    concurrent_collectives: bool = False
+    """Whether the collectives a rank has in flight progress together or one at a time in
+    issue order. False: a communication stream runs them in order (HCCL, NCCL on one
+    stream, the MC2 kernels' queue). True: one progress engine advances every outstanding
+    request at once (MPI's nonblocking collectives): their latencies overlap, and those moving
+    data share the links' bandwidth equally."""
+
     def __post_init__(self) -> None:
         _text("name", self.name, nonempty=True)
         if not isinstance(self.matrix_tflops, Mapping):
@@ -259,6 +266,10 @@ class Device:
         object.__setattr__(self, "reduce_gbps", _non_negative("reduce_gbps", self.reduce_gbps))
         if not isinstance(self.memory_overlap, bool):
             raise ParamInvalidError("memory_overlap", self.memory_overlap, "must be true or false")
+        if not isinstance(self.concurrent_collectives, bool):
+            raise ParamInvalidError(
+                "concurrent_collectives", self.concurrent_collectives, "must be true or false"
+            )
 
     def __hash__(self) -> int:
         return hash(
@@ -271,6 +282,7 @@ class Device:
                 self.launch_us,
                 self.reduce_gbps,
                 self.memory_overlap,
+                self.concurrent_collectives,
             )
         )
 
@@ -530,8 +542,9 @@ _DEVICE_KEYS = (
     "efficiency",
     "reduce_gbps",
     "memory_overlap",
+    "concurrent_collectives",
 )
-_DEVICE_OPTIONAL = ("reduce_gbps", "memory_overlap")
+_DEVICE_OPTIONAL = ("reduce_gbps", "memory_overlap", "concurrent_collectives")
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
 _DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
 _DIM_OPTIONAL = ("name",)
@@ -644,6 +657,9 @@ class _Reader:
             efficiency=efficiency,
             reduce_gbps=self.number(dev.get("reduce_gbps", 0.0), "device.reduce_gbps"),
             memory_overlap=self.flag(dev.get("memory_overlap", True), "device.memory_overlap"),
+            concurrent_collectives=self.flag(
+                dev.get("concurrent_collectives", False), "device.concurrent_collectives"
+            ),
         )
 
     def dim(self, data: object, where: str) -> NetworkDim:
@@ -721,6 +737,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "launch_us": dev.launch_us,
             "reduce_gbps": dev.reduce_gbps,
             "memory_overlap": dev.memory_overlap,
+            "concurrent_collectives": dev.concurrent_collectives,
             "efficiency": {
                 "small_util": eff.small_util,
                 "large_util": eff.large_util,

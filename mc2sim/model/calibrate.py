@@ -45,7 +45,7 @@ import torch
 from mc2sim.comm import Communicator
 from mc2sim.kernels import matmul, quant_matmul
 from mc2sim.schedule.plan import Resource, TaskKind
-from mc2sim.timeline import TaskRecord, Timeline
+from mc2sim.timeline import Stream, TaskRecord, Timeline
 from mc2sim.topology import Contention, Device, Efficiency, LinkKind, NetworkDim, Topology
 
 if TYPE_CHECKING:
@@ -268,9 +268,11 @@ def samples_of(
     their real costs, not only the bare kernels'. A compute task's time in one run is the
     slowest rank's; a collective's runs from the last rank's arrival (before it, the others
     only wait) to the last rank's completion (when the op's span ends on an oversubscribed
-    machine, where a rank may see its completion a time slice late). Each task's figure is
-    the median over the rounds, paired with the FLOPs and bytes of the busiest rank's task;
-    the tasks of one case share one unit of weight in the fits.
+    machine, where a rank may see its completion a time slice late); a round in which some
+    rank computed while its part of the collective was in flight (a tiled plan's next tile)
+    is left out, as that time holds contention, which :func:`fit_contention` fits. Each
+    task's figure is the median over the rounds kept, paired with the FLOPs and bytes of the
+    busiest rank's task; the tasks of one case share one unit of weight in the fits.
     """
     compute: list[ComputeSample] = []
     comm_samples: list[CommSample] = []
@@ -282,6 +284,8 @@ def samples_of(
                 per_task.setdefault(r.task, []).append(r)
             for task_id, records in per_task.items():
                 if case.plans[0].tasks[task_id].resource is Resource.COMM:
+                    if _overlapped(records, timeline):
+                        continue  # its time holds contention, not the collective alone
                     # from the last rank's arrival to the last rank's completion
                     seconds = max(r.end_s for r in records) - max(r.start_s for r in records)
                 else:
@@ -289,8 +293,10 @@ def samples_of(
                 durations.setdefault(task_id, []).append(seconds)
         plan = case.plans[comm.rank]
         n_compute = sum(t.resource is Resource.COMPUTE for t in plan.tasks)
-        n_comm = len(plan.tasks) - n_compute
+        n_comm = sum(t.resource is Resource.COMM and t.id in durations for t in plan.tasks)
         for task in plan.tasks:
+            if task.id not in durations:
+                continue  # a collective that overlapped compute in every round
             seconds = statistics.median(durations[task.id])
             if task.resource is Resource.COMPUTE:
                 dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else plan.dtype
@@ -318,6 +324,18 @@ def samples_of(
                 CommSample(kind=kind, nbytes=nbytes, seconds=seconds, weight=weight)
             )
     return compute, comm_samples
+
+
+def _overlapped(records: Sequence[TaskRecord], timeline: Timeline) -> bool:
+    """Whether some rank computed while its part of this collective was in flight."""
+    spans = {r.rank: (r.start_s, r.end_s) for r in records}
+    return any(
+        r.stream is Stream.COMPUTE
+        and r.rank in spans
+        and r.start_s < spans[r.rank][1]
+        and r.end_s > spans[r.rank][0]
+        for r in timeline.records
+    )
 
 
 def _coefficients(
@@ -405,8 +423,11 @@ COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.
 
 def fit_contention(
     base: Topology, cases: Sequence[Case], spans: Sequence[Sequence[float]]
-) -> Contention:
-    """Grid-search the slowdowns that make simulated tiled runs match measured ones.
+) -> Topology:
+    """Grid-search how overlapped work slows down, to make simulated tiled runs match.
+
+    The grid: the compute and communication slowdowns, and whether collectives in flight
+    progress together or one at a time (``Device.concurrent_collectives``).
 
     Args:
         base: the fitted topology, contention aside.
@@ -414,34 +435,36 @@ def fit_contention(
         spans: each case's measured spans (slowest rank); their medians are matched.
 
     Returns:
-        The grid point with the smallest sum of squared log errors over the cases.
+        ``base`` at the grid point with the smallest sum of squared log errors over the cases.
     """
     from mc2sim.model.simulator import simulate
 
     measured = [(statistics.median(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
-    best: tuple[float, float, float] | None = None
-    for cs, ms in itertools.product(COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS):
+    best: tuple[float, Topology] | None = None
+    grid = itertools.product((False, True), COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS)
+    for concurrent, cs, ms in grid:
         trial = dataclasses.replace(
-            base, contention=Contention(compute_slowdown=cs, comm_slowdown=ms)
+            base,
+            device=dataclasses.replace(base.device, concurrent_collectives=concurrent),
+            contention=Contention(
+                compute_slowdown=cs,
+                comm_slowdown=ms,
+                source=(
+                    "fitted by mc2sim calibrate: simulated against measured tiled runs of "
+                    f"{', '.join(c.name for c in cases)} on this machine, grid search on "
+                    "squared log error (with device.concurrent_collectives)"
+                ),
+            ),
         )
         error = 0.0
         for real, plans in measured:
             sim = simulate(dict(enumerate(plans)), trial).metrics().total_s
             error += math.log(sim / real) ** 2
         if best is None or error < best[0]:
-            best = (error, cs, ms)
+            best = (error, trial)
     if best is None:
         raise RuntimeError("contention could not be fitted")
-    _, cs, ms = best
-    return Contention(
-        compute_slowdown=cs,
-        comm_slowdown=ms,
-        source=(
-            "fitted by mc2sim calibrate: simulated against measured tiled runs of "
-            f"{', '.join(c.name for c in cases)} on this machine, grid search on squared log "
-            "error"
-        ),
-    )
+    return best[1]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -512,9 +535,9 @@ def calibrate(
         ),
     )
     first_tiled = len(serial)
-    contention = fit_contention(base, tiled, spans[first_tiled : first_tiled + len(tiled)])
+    fitted = fit_contention(base, tiled, spans[first_tiled : first_tiled + len(tiled)])
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
     return Calibration(
-        topology=dataclasses.replace(base, contention=contention),
+        topology=fitted,
         alongside=spans[first_tiled + len(tiled) :],
     )

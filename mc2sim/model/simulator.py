@@ -3,10 +3,16 @@
 Every rank runs its plan the way the real executor does (:mod:`mc2sim.schedule.executor`):
 one issuer walks the tasks in plan order, waits for a task's dependencies, runs a compute
 task to its end before moving on, and hands a comm task to the rank's communication queue
-without waiting. The queue runs its collectives one at a time, in order; collective k starts
-when every rank has queued its k-th collective and is free, and all ranks take part until
-the collective's time on the topology has passed (:mod:`mc2sim.model.cost`). While a rank
-computes during a collective, both progress slower by the topology's fitted contention
+without waiting. Collective k starts when every rank has queued its k-th collective, and all
+ranks take part until the collective's time on the topology has passed
+(:mod:`mc2sim.model.cost`). On a communication stream (HCCL, NCCL) collectives run one at a
+time in order: k also waits for k - 1 to end. Where the device's ``concurrent_collectives``
+is set (MPI's nonblocking collectives, advanced together by one progress engine), k starts
+as soon as every rank has queued it: its latency part (its time on links of unbounded
+bandwidth: the alpha terms) overlaps the collectives before it, and its transfer part (the
+rest) follows once the latency is over and collective k - 1 has ended, as the links carry one
+transfer at a time. A latency part is waiting: it takes its time whatever else runs. While a
+rank computes during a transfer, both progress slower by the topology's fitted contention
 factors (processor sharing; a factor of 1 is full overlap, a large one means communication
 barely advances while the rank computes, as with MPI progress polled between tiles).
 
@@ -16,6 +22,7 @@ only schedule events at or after the current time, so time never goes backwards.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from collections.abc import Mapping
@@ -36,6 +43,10 @@ from mc2sim.timeline import Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
 __all__ = ["simulate"]
+
+_UNBOUNDED_GBPS = 1e300
+"""Link bandwidth at which a collective's time is its latency alone (finite, as topologies
+require; bytes over it are below any latency)."""
 
 
 @dataclass
@@ -60,6 +71,8 @@ class _Active:
     rate: float
     since: float
     version: int = 0
+    transfer: float = 0.0  # a collective's transfer part, to come after its latency part
+    transferring: bool = False  # a collective in its transfer part
 
     def left_at(self, now: float) -> float:
         return self.work - (now - self.since) * self.rate
@@ -104,14 +117,34 @@ def _collective_time(tasks: list[Task], topology: Topology) -> float:
 class _Engine:
     """The event loop. Events are (time, sequence, kind, rank, version) in one heap.
 
-    Contention is processor sharing: while a rank computes and a collective runs, the
-    rank's compute advances at ``1 / compute_slowdown`` of its speed and the collective (held
+    A collective has two parts: its latency part (the alpha terms: its time on links of
+    unbounded bandwidth) and its transfer part (the rest). Transfer parts hold the links, so
+    they run one at a time in issue order: collective k transfers once its latency part is
+    over and collective k - 1 has ended. On a communication stream the latency part is empty
+    and k starts only once k - 1 has ended; with ``concurrent_collectives`` it starts as soon
+    as every rank has queued it, so its latency overlaps the collectives before it. A latency
+    part is waiting: it takes a fixed time and slows nothing.
+
+    Contention is processor sharing: while a rank computes and a transfer is in progress, the
+    rank's compute advances at ``1 / compute_slowdown`` of its speed and the transfer (held
     back by its slowest member) at ``1 / comm_slowdown``; rates change only when a task starts
     or ends, and the affected end events are moved (stale ones are skipped by version).
     """
 
     def __init__(self, plans: Mapping[int, Plan], topology: Topology) -> None:
         self.topology = topology
+        # the same links at unbounded bandwidth, the reductions free: a collective's latency
+        self.latency_only = (
+            dataclasses.replace(
+                topology,
+                network=tuple(
+                    dataclasses.replace(d, bandwidth_gbps=_UNBOUNDED_GBPS) for d in topology.network
+                ),
+                device=dataclasses.replace(topology.device, reduce_gbps=0.0),
+            )
+            if topology.device.concurrent_collectives
+            else None
+        )
         self.world = len(plans)
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
         self.heap: list[tuple[float, int, str, int, int]] = []
@@ -122,7 +155,10 @@ class _Engine:
         self.starts: dict[tuple[int, int], float] = {}
         self.waiting: dict[int, list[Task | None]] = {}  # collective k -> tasks by rank
         self.waiting_count: dict[int, int] = {}
-        self.collective: _Active | None = None
+        self.collectives: dict[int, _Active] = {}  # collective k -> its progress, in flight
+        self.ready: set[int] = set()  # latency part over, waiting for the links
+        self.next_transfer = 0  # the collective whose transfer part is next
+        self.transferring = False  # a transfer part holds the links
         self.computing = 0  # ranks with a compute task in progress
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
@@ -145,16 +181,22 @@ class _Engine:
     def rerate(self, active: _Active, rate: float, kind: str, rank: int) -> None:
         if rate == active.rate:
             return
-        active.work = active.left_at(self.now)
+        active.work = max(active.left_at(self.now), 0.0)  # never below 0 by a rounding
         active.since = self.now
         active.rate = rate
         self.schedule(active, kind, rank)
 
     def compute_rate(self) -> float:
-        return 1.0 / self.compute_slow if self.collective is not None else 1.0
+        return 1.0 / self.compute_slow if self.transferring else 1.0
 
     def comm_rate(self) -> float:
         return 1.0 / self.comm_slow if self.computing > 0 else 1.0
+
+    def _rerate_comms(self) -> None:
+        """Re-rate the transfer in progress (a latency part waits: nothing slows it)."""
+        if self.transferring:
+            k = self.next_transfer
+            self.rerate(self.collectives[k], self.comm_rate(), "comm", k)
 
     # -- ranks -------------------------------------------------------------------------------
 
@@ -174,16 +216,19 @@ class _Engine:
                 self.starts[(rank, task.id)] = self.now
                 self.computing += 1
                 self.schedule(state.computing, "compute", rank)
-                if self.computing == 1 and self.collective is not None:
-                    self.rerate(self.collective, self.comm_rate(), "comm", -1)
+                if self.computing == 1:
+                    self._rerate_comms()
                 return
             state.comm_queue.append(task)
             self.try_collective(rank)
 
     def try_collective(self, rank: int) -> None:
-        """Queue rank's next collective; start collective k once every rank has queued it."""
+        """Queue rank's next collective; start collective k once every rank has queued it.
+
+        On a communication stream, also only once no other collective is in flight.
+        """
         state = self.ranks[rank]
-        if not state.comm_queue or self.collective is not None:
+        if not state.comm_queue or (self.collectives and self.latency_only is None):
             return
         k = state.comm_started
         if k not in self.waiting:
@@ -198,14 +243,44 @@ class _Engine:
         tasks = [t for t in self.waiting.pop(k) if t is not None]
         del self.waiting_count[k]
         work = _collective_time(tasks, self.topology)
+        latency = 0.0  # on a stream the whole time is the transfer part
+        if self.latency_only is not None:
+            latency = min(work, _collective_time(tasks, self.latency_only))
         for r, task in enumerate(tasks):
             peer = self.ranks[r]
             peer.comm_queue.pop(0)
             peer.comm_started += 1
             self.starts[(r, task.id)] = self.now
-        self.collective = _Active(list(enumerate(tasks)), work, self.comm_rate(), self.now)
-        self.schedule(self.collective, "comm", -1)
-        self._rerate_computes()
+        active = _Active(list(enumerate(tasks)), latency, 1.0, self.now, transfer=work - latency)
+        self.collectives[k] = active
+        if latency > 0.0:
+            self.schedule(active, "comm", k)
+        else:
+            self.latency_over(k)
+        if self.latency_only is not None:  # every rank's next queued collective may start too
+            for r in range(self.world):
+                self.try_collective(r)
+
+    def latency_over(self, k: int) -> None:
+        """Collective k's latency part has ended: it waits for the links."""
+        self.ready.add(k)
+        if self.try_transfer():
+            self._rerate_computes()
+
+    def try_transfer(self) -> bool:
+        """Start the next collective's transfer part if the links are free and it is ready."""
+        k = self.next_transfer
+        if self.transferring or k not in self.ready:
+            return False
+        self.ready.remove(k)
+        self.transferring = True
+        active = self.collectives[k]
+        active.work, active.transfer = active.transfer, 0.0
+        active.transferring = True
+        active.since = self.now
+        active.rate = self.comm_rate()
+        self.schedule(active, "comm", k)
+        return True
 
     def _rerate_computes(self) -> None:
         if self.compute_slow == 1.0:
@@ -241,17 +316,22 @@ class _Engine:
         state.issuer_busy = False
         self.computing -= 1
         self.record(rank, active.tasks[0][1])
-        if self.computing == 0 and self.collective is not None:
-            self.rerate(self.collective, self.comm_rate(), "comm", -1)
+        if self.computing == 0:
+            self._rerate_comms()
         self.advance(rank)
 
-    def finish_collective(self) -> None:
-        active = self.collective
-        if active is None:
-            raise RuntimeError("a collective ended that never started")
-        self.collective = None
+    def end_part(self, k: int) -> None:
+        """Collective k's latency part, or the whole collective, has ended."""
+        active = self.collectives[k]
+        if not active.transferring:
+            self.latency_over(k)
+            return
+        del self.collectives[k]
+        self.transferring = False
+        self.next_transfer += 1
         for rank, task in active.tasks:
             self.record(rank, task)
+        self.try_transfer()
         self._rerate_computes()
         for rank, _ in active.tasks:
             self.try_collective(rank)
@@ -262,12 +342,13 @@ class _Engine:
             self.advance(rank)
         while self.heap:
             at, _, kind, rank, version = heapq.heappop(self.heap)
-            active = self.collective if kind == "comm" else self.ranks[rank].computing
+            # a comm event carries its collective's index where a compute event has its rank
+            active = self.collectives.get(rank) if kind == "comm" else self.ranks[rank].computing
             if active is None or active.version != version:
                 continue  # a stale end: the task's rate changed since
             self.now = at
             if kind == "comm":
-                self.finish_collective()
+                self.end_part(rank)
             else:
                 self.finish_compute(rank)
         stuck = [

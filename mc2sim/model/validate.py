@@ -241,7 +241,11 @@ def calibration_cases(comm: Communicator) -> list[Case]:
 
 
 def contention_cases(comm: Communicator) -> list[Case]:
-    """Tiled runs of four ops at calibration sizes, to fit contention on (``mc2sim calibrate``)."""
+    """Tiled runs of four ops at calibration sizes, to fit contention on (``mc2sim calibrate``).
+
+    Their chunks range from large (bandwidth shared with compute) to a few KiB (latency), so
+    the fit also sees whether collectives in flight progress together.
+    """
     uniform = RoutingConfig(kind=RoutingKind.UNIFORM, seed=5)
     return [
         mm_all_reduce_case(comm, m=3072, k=48, n=2048, tiling=4),
@@ -253,6 +257,8 @@ def contention_cases(comm: Communicator) -> list[Case]:
             comm, op="dispatch", tokens=1024, e=4, h1=2048, n1=64, routing=uniform, tiling=None
         ),
         tp_pair_case(comm, op="all_gather", m=384 * comm.size, k=512, n=768, tiling=None),
+        # small messages in flight together: whether collectives progress at once
+        moe_case(comm, op="combine", tokens=128, e=4, h1=128, n1=256, routing=uniform, tiling=None),
     ]
 
 

@@ -77,8 +77,9 @@ def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None
 def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     out = tmp_path / "fit.yaml"
     res = mpiexec(
-        2, "-m", "mc2sim", "validate-model", "--calibrate", "--reps", "1", "--out", str(out)
-    )
+        2, "-m", "mc2sim", "validate-model", "--calibrate", "--reps", "1", "--out", str(out),
+        "--name", "fit_2ranks",
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     header = lines.index("# validate-model: 2 ranks, calibrated in the same rounds, median of 1")
@@ -88,6 +89,7 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     from mc2sim.topology import load
 
     assert load(out).world_size == 2
+    assert load(out).name == "fit_2ranks"
     # the stored fit validates again, measured anew
     res = mpiexec(2, "-m", "mc2sim", "validate-model", "--topology", str(out), "--reps", "1")
     assert res.returncode == 0, res.stderr

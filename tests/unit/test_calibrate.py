@@ -187,6 +187,41 @@ def test_samples_time_a_collective_from_the_last_arrival_to_the_last_completion(
     assert compute[0].weight == comm[0].weight == 1.0
 
 
+def test_samples_leave_out_rounds_where_a_rank_computed_during_its_collective() -> None:
+    shape = MatmulShape(k=64, n=256, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
+    plans = tuple(
+        plan_mm_all_reduce(
+            m=128, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of(2), rank=r,
+            world_size=2,
+        )
+        for r in range(2)
+    )  # fmt: skip
+    case = Case(name="mm tiled", run=lambda: None, plans=plans)
+    mm0, ar0, mm1, ar1 = (t.id for t in plans[0].tasks)
+
+    def round_(ar0_end: float, mm1_start: float) -> Timeline:
+        return Timeline(records=tuple(
+            rec(r, t, kind, start, end)
+            for r in range(2)
+            for t, kind, start, end in (
+                (mm0, TaskKind.MATMUL, 0, 2), (ar0, TaskKind.ALLREDUCE, 2, ar0_end),
+                (mm1, TaskKind.MATMUL, mm1_start, mm1_start + 2),
+                (ar1, TaskKind.ALLREDUCE, mm1_start + 2, mm1_start + 5),
+            )
+        ))  # fmt: skip
+
+    # round 1: the second tile computes while the first AllReduce is in flight (7 ms of it);
+    # rounds 2 and 3: the first AllReduce ends (in 3 and 4 ms) before the second tile starts
+    rounds = [round_(9, 2), round_(5, 5), round_(6, 6)]
+    _, comm = samples_of(SameOnEveryRank(2), [case], [rounds])
+    assert [s.seconds for s in comm] == pytest.approx([3.5 * MS, 3 * MS])
+    assert [s.weight for s in comm] == [0.5, 0.5]
+    # overlapped in every round: no sample of it, and the call's one unit goes to the other
+    _, comm = samples_of(SameOnEveryRank(2), [case], [[round_(9, 2), round_(6, 3)]])
+    assert [s.seconds for s in comm] == pytest.approx([3 * MS])
+    assert [s.weight for s in comm] == [1.0]
+
+
 def test_samples_take_the_busiest_ranks_work_and_share_one_weight_per_call() -> None:
     # rank 1 multiplies 3x the rows of rank 0 (send_counts q*e + j); per-expert tiles
     send = ((2, 2, 2, 2), (6, 6, 6, 6))
@@ -252,7 +287,7 @@ def test_fit_contention_finds_the_slowdowns_that_made_the_spans(
     )
     cases = tiled_cases(2)
     spans = [[simulate(dict(enumerate(c.plans)), truth).metrics().total_s] * 3 for c in cases]
-    fitted = fit_contention(base, cases, spans)
+    fitted = fit_contention(base, cases, spans).contention
     assert (fitted.compute_slowdown, fitted.comm_slowdown) == (compute, comm)
     assert "mm, moe" in fitted.source
     assert compute in COMPUTE_SLOWDOWNS and comm in COMM_SLOWDOWNS
@@ -302,3 +337,14 @@ def test_measure_rounds_shuffles_each_round_the_same_way_on_every_rank() -> None
     assert all(sorted(order) == list(range(6)) for order in first), "each round runs each once"
     assert len({tuple(order) for order in first}) > 1, "no fixed order"
     assert orders() == first, "seeded: every rank (every process) runs the same order"
+
+
+@pytest.mark.parametrize("flag", ["--out", "--name"])
+def test_validate_model_flags_for_the_fitted_topology_need_calibrate(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mc2sim.cli import main
+
+    assert main(["validate-model", flag, "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} is for the fitted topology: it needs --calibrate" in err

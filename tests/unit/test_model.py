@@ -88,11 +88,12 @@ def machine(
     device: Device = DEVICE,
     compute_slowdown: float = 1.0,
     comm_slowdown: float = 1.0,
+    concurrent: bool = False,
 ) -> Topology:
     return Topology(
         name="hand",
         description="hand-built for the tests",
-        device=device,
+        device=replace(device, concurrent_collectives=concurrent),
         network=dims,
         contention=Contention(compute_slowdown=compute_slowdown, comm_slowdown=comm_slowdown),
         source="tests",
@@ -503,6 +504,14 @@ def test_a_one_tile_plan_takes_its_compute_plus_its_comm(op: str, topology: str)
     assert timeline.metrics().total_s == expected(topo)  # the same two floats, added once
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_a_one_tile_plan_takes_its_compute_plus_its_comm_in_two_parts(op: str) -> None:
+    # collectives in flight together: a latency part, then a transfer part, added
+    topo = replace(two_level(), device=replace(DEVICE, concurrent_collectives=True))
+    plans, expected = serial_case(op, topo.world_size)
+    assert simulate(plans, topo).metrics().total_s == pytest.approx(expected(topo), rel=1e-12)
+
+
 def test_a_serial_moe_plan_takes_its_gmm_plus_its_alltoallv() -> None:
     topo = two_level()
     routing = sparse_routing(8, 2)
@@ -542,12 +551,17 @@ class Scenario:
     block: int  # dense ops: rows per rank
     moe: tuple[int, int, float, int, int, bool, bool]  # e, seed, skew, tokens, top_k, shared, dense
     faster: int  # which dimension doubles its bandwidth: 0, 1 or 2 (both)
+    concurrent: bool = False  # collectives in flight progress together
 
     def build(self) -> tuple[dict[int, Plan], Topology]:
         inner = dim(self.inner[0], 2, self.inner[1], self.inner[2])
         outer = dim(self.outer[0], self.world // 2, self.outer[1], self.outer[2])
         topo = machine(
-            inner, outer, compute_slowdown=self.slowdowns[0], comm_slowdown=self.slowdowns[1]
+            inner,
+            outer,
+            compute_slowdown=self.slowdowns[0],
+            comm_slowdown=self.slowdowns[1],
+            concurrent=self.concurrent,
         )
         if self.op in OPS:
             return dense_plans(self.op, self.tiling, self.world, m=self.world * self.block), topo
@@ -589,6 +603,7 @@ SCENARIOS = st.builds(
         st.booleans(),
     ),
     faster=st.sampled_from([0, 1, 2]),
+    concurrent=st.booleans(),
 )
 
 
@@ -711,6 +726,7 @@ def check_engine(plans: dict[int, Plan], timeline: Timeline, topology: Topology)
     """Every invariant of a simulated timeline that holds whatever the durations."""
     contention = topology.contention
     free = contention.compute_slowdown == 1.0
+    together = topology.device.concurrent_collectives
     records = timeline.records
     keys = Counter((r.rank, r.task) for r in records)
     expected = {(rank, t.id) for rank, plan in plans.items() for t in plan}
@@ -737,11 +753,15 @@ def check_engine(plans: dict[int, Plan], timeline: Timeline, topology: Topology)
             if t.kind is TaskKind.ALLREDUCE:  # every rank's chunk is the same size here
                 alone = allreduce_time(topology, t.bytes)
                 took = rec.end_s - rec.start_s
-                assert alone * (1 - 1e-9) <= took <= alone * contention.comm_slowdown * (1 + 1e-9)
+                assert took >= alone * (1 - 1e-9)
+                if not together:  # in flight with others, it also shares the links
+                    assert took <= alone * contention.comm_slowdown * (1 + 1e-9)
         for resource in Resource:
             mine = [by_key[(rank, t.id)] for t in plan.of(resource)]
             starts = [r.start_s for r in mine]
             assert starts == sorted(starts)  # issued in plan order
+            if resource is Resource.COMM and together:
+                continue
             for a, b in zip(mine[:-1], mine[1:], strict=True):  # one task at a time per resource
                 assert b.start_s >= a.end_s
         comm = [
@@ -776,8 +796,11 @@ def test_engine_invariants(op: str, tiling: str | int | None) -> None:
     assert timeline.runs() == [f"{op}/{plans[0].tiling}#sim"]
 
 
-def test_engine_invariants_under_contention() -> None:
-    topo = machine(*two_level().network, compute_slowdown=1.7, comm_slowdown=1.3)
+@pytest.mark.parametrize("concurrent", [False, True], ids=["stream", "concurrent"])
+def test_engine_invariants_under_contention(concurrent: bool) -> None:
+    topo = machine(
+        *two_level().network, compute_slowdown=1.7, comm_slowdown=1.3, concurrent=concurrent
+    )
     for op, tiling in PLAN_CASES:
         if op in OPS:
             plans = dense_plans(op, tiling, 8, m=64)
@@ -795,6 +818,52 @@ def test_tiles_overlap_compute_and_comm() -> None:
     assert rank0[2].start_s == rank0[1].start_s < rank0[1].end_s
     metrics = timeline.metrics()
     assert metrics.total_s < metrics.compute_s + metrics.comm_s
+
+
+def two_tiles_of_latency(concurrent: bool) -> tuple[Topology, dict[int, Plan], float, float, float]:
+    """2 ranks, 2 tiles on a link of 1 ms latency; a tile's compute, AllReduce and latency."""
+    link = dim("full_mesh", 2, 1000.0, 1000.0)
+    topo = machine(link, concurrent=concurrent)
+    plans = dense_plans("mm_all_reduce", 2, 2, m=512)
+    mm, ar = plans[0].tasks[0], plans[0].tasks[1]
+    # the latency alone: the same link at a bandwidth no transfer registers on, reductions free
+    unbounded = machine(replace(link, bandwidth_gbps=1e300), device=replace(DEVICE, reduce_gbps=0))
+    latency = allreduce_time(unbounded, ar.bytes)
+    c, a = compute_time(mm, topo, "float16"), allreduce_time(topo, ar.bytes)
+    assert c < latency < a
+    return topo, plans, c, a, latency
+
+
+def test_collectives_in_flight_together_overlap_their_latencies() -> None:
+    topo, plans, c, a, latency = two_tiles_of_latency(concurrent=False)
+    assert simulate(plans, topo).metrics().total_s == pytest.approx(c + 2 * a, rel=1e-12)
+    topo, plans, c, a, latency = two_tiles_of_latency(concurrent=True)
+    timeline = simulate(plans, topo)
+    # allreduce[1] starts with its tile, at 2c, while allreduce[0] (from c) is in flight; its
+    # transfer follows its latency and allreduce[0]'s end
+    transfer = a - latency
+    first_end = c + a
+    second_end = max(2 * c + latency, first_end) + transfer
+    assert timeline.metrics().total_s == pytest.approx(second_end, rel=1e-12)
+    ar1 = next(r for r in timeline.for_rank(0).records if r.name == "allreduce[1]")
+    assert ar1.start_s == pytest.approx(2 * c, rel=1e-12)
+    assert second_end < c + 2 * a  # the second latency is hidden
+
+
+def test_collectives_in_flight_together_take_turns_on_the_links() -> None:
+    # no latency: every collective is all transfer, one at a time in order, as on a stream;
+    # only the comm records' starts differ (when every rank has queued it, not when it runs)
+    link = dim("full_mesh", 4, 1.0, 0.0)
+    for op, tiling in PLAN_CASES:
+        if op in OPS:
+            plans = dense_plans(op, tiling, 4, m=64)
+        else:
+            plans = moe_plans(op, tiling, sparse_routing(4, 2, seed=1))
+        stream = simulate(plans, machine(link, compute_slowdown=1.5, comm_slowdown=2.0))
+        together = machine(link, compute_slowdown=1.5, comm_slowdown=2.0, concurrent=True)
+        mine = {(r.rank, r.task): r.end_s for r in simulate(plans, together).records}
+        ends = {(r.rank, r.task): r.end_s for r in stream.records}
+        assert mine == pytest.approx(ends, rel=1e-12, abs=1e-18)
 
 
 def test_mismatched_collectives_across_ranks_are_refused() -> None:
