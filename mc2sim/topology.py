@@ -235,8 +235,9 @@ class Device:
     """Whether the collectives a rank has in flight progress together or one at a time in
     issue order. False: a communication stream runs them in order (HCCL, NCCL on one
     stream, the MC2 kernels' queue). True: one progress engine advances every outstanding
-    request at once (MPI's nonblocking collectives): their latencies overlap, and those moving
-    data share the links' bandwidth equally."""
+    request at once (MPI's nonblocking collectives): a collective's latency (its alpha terms)
+    overlaps the collectives before it, while the transfers still take the links one at a
+    time in issue order."""
 
     def __post_init__(self) -> None:
         _text("name", self.name, nonempty=True)

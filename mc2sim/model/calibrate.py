@@ -18,8 +18,10 @@ figures include what the others take from the machine, as in real runs:
    and a reduce task's float32 sum of every rank's partial gives the vector rate, the other
    terms held fixed;
 3. contention: tiled runs of four ops (MatmulAllReduce at two shapes, both MoE ops,
-   AllGatherMatmul), measured for real and simulated over a grid of compute and
-   communication slowdowns; the pair with the smallest squared log error is kept.
+   AllGatherMatmul, and a GroupedMatMulAlltoAllv of a few KiB per chunk), measured for real
+   and simulated over a grid of compute and communication slowdowns and of whether
+   collectives in flight progress together (``Device.concurrent_collectives``); the point
+   with the smallest squared log error is kept.
 
 Every measurement runs its calls in interleaved rounds (each round calls each once, after a
 warm-up round) and keeps medians, so a slow spell of a shared machine lands on all of them
