@@ -678,9 +678,33 @@ class _Reader:
                 raise self.error("routing", top["routing"], f"only applies to MoE ops, not {op}")
             kwargs["routing"] = self.routing(top["routing"])
         try:
-            return Scenario(**kwargs)
+            scenario = Scenario(**kwargs)
         except ParamInvalidError as err:
             raise self.error(err.param, err.value, err.rule) from None
+        self.check_not_shadowed(scenario)
+        return scenario
+
+    def check_not_shadowed(self, scenario: Scenario) -> None:
+        """Refuse ``--set shape.KEY`` that a small run would silently ignore.
+
+        At ``scale=small`` the ``small`` values replace the ``shape`` ones they name, so such
+        an override changes nothing that runs (unless ``small.KEY`` is set alongside it).
+        """
+        if scenario.scale is not Scale.SMALL:
+            return
+        for key in self.overridden:
+            section, _, name = key.partition(".")
+            if (
+                section == "shape"
+                and name in scenario.small
+                and f"small.{name}" not in self.overridden
+            ):
+                raise self.error(
+                    key,
+                    scenario.shape[name],
+                    f"has no effect at scale=small, where small.{name}={scenario.small[name]} "
+                    f"replaces it: set small.{name} instead (or scale=full)",
+                )
 
     def routing(self, data: object) -> RoutingConfig:
         block = dict(self.mapping(data, "routing", _ROUTING_KEYS, ()))

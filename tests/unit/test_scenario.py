@@ -193,6 +193,21 @@ def test_with_overrides_matches_load(tmp_path: Path) -> None:
     )
 
 
+def test_a_shape_override_a_small_run_would_ignore_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, TP)  # small: {m: 64}
+    with pytest.raises(ParamInvalidError) as err:
+        sc.load(path, ["scale=small", "shape.m=256"])
+    assert err.value.param == f"{path}: --set shape.m" and err.value.value == 256
+    assert "small.m=64 replaces it: set small.m instead" in err.value.rule
+    with pytest.raises(ParamInvalidError, match="--set shape.m"):
+        sc.load(path).with_overrides(["shape.m=256", "scale=small"])
+    # what the run uses: the full shape's m, a key small does not name, or both set
+    assert sc.load(path, ["shape.m=256"]).effective_shape()["m"] == 256
+    assert sc.load(path, ["scale=small", "shape.n=256"]).effective_shape()["n"] == 256
+    both = sc.load(path, ["scale=small", "shape.m=256", "small.m=32"])
+    assert both.effective_shape()["m"] == 32 and both.shape["m"] == 256
+
+
 def test_tilings_override_none_is_hardware(tmp_path: Path) -> None:
     assert sc.load(write(tmp_path, TP), ["tilings=serial,none"]).tilings == ("serial", "hardware")
 
