@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import site
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,24 @@ def write_yaml(data: Any, path: str | os.PathLike[str]) -> Path:
     """
     text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
     return write_atomic(path, text)
+
+
+def shipped_dir(name: str) -> Path:
+    """Return the folder of the shipped ``name`` files (``"topologies"``, ``"scenarios"``).
+
+    The source tree's (``mc2sim/../<name>``: a checkout or an editable install) when it
+    exists, else an installed wheel's copy under the environment's ``share/mc2sim/<name>``
+    (``sys.prefix``, or the user base for ``pip install --user``); the source tree's path
+    when neither exists, so that errors name the folder looked for.
+    """
+    source = Path(__file__).resolve().parent.parent / name
+    if source.is_dir():
+        return source
+    for prefix in (sys.prefix, site.getuserbase()):
+        installed = Path(prefix) / "share" / "mc2sim" / name
+        if installed.is_dir():
+            return installed
+    return source
 
 
 def shipped_names(folder: Path) -> list[str]:

@@ -30,7 +30,7 @@ import yaml
 
 from mc2sim import topology as _topology
 from mc2sim._compat import StrEnum
-from mc2sim._yaml import shipped_file, shipped_names, write_yaml
+from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import _ifa_plan as ifa_limits
@@ -816,8 +816,8 @@ def dump(scenario: Scenario, path: str | os.PathLike[str]) -> None:
 
 
 def scenarios_dir() -> Path:
-    """Return the repository's ``scenarios`` folder (``mc2sim/../scenarios``)."""
-    return Path(__file__).resolve().parent.parent / "scenarios"
+    """Return the shipped ``scenarios`` folder: the repository's, or an install's copy."""
+    return shipped_dir("scenarios")
 
 
 def list_builtin() -> list[str]:

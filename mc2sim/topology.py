@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import yaml
 
 from mc2sim._compat import StrEnum
-from mc2sim._yaml import shipped_file, shipped_names, write_yaml
+from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.errors import ParamInvalidError
 
 __all__ = [
@@ -783,8 +783,8 @@ def dump(topology: Topology, path: str | os.PathLike[str]) -> None:
 
 
 def builtin_dir() -> Path:
-    """Return the repository's ``topologies`` folder (``mc2sim/../topologies``)."""
-    return Path(__file__).resolve().parent.parent / "topologies"
+    """Return the shipped ``topologies`` folder: the repository's, or an install's copy."""
+    return shipped_dir("topologies")
 
 
 def list_builtin() -> list[str]:

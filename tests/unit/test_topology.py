@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,29 @@ def write(tmp_path: Path, data: Any, name: str = "topo.yaml") -> Path:
 def test_every_documented_file_is_shipped() -> None:
     assert set(SHIPPED_WORLD) <= set(list_builtin())
     assert builtin_dir().name == "topologies"
+
+
+def test_an_install_without_the_source_tree_finds_the_shipped_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mc2sim import _yaml
+
+    # the package in site-packages, no topologies/ beside it; the wheel's data files under
+    # the environment's share/mc2sim (pyproject.toml's data-files)
+    site = tmp_path / "env" / "lib" / "site-packages"
+    (site / "mc2sim").mkdir(parents=True)
+    monkeypatch.setattr(_yaml, "__file__", str(site / "mc2sim" / "_yaml.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))
+    assert list_builtin() == []  # nothing shipped anywhere yet
+    assert builtin_dir() == site / "topologies"  # errors name the source tree's folder
+    shared = tmp_path / "env" / "share" / "mc2sim" / "topologies"
+    shared.mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[2] / "topologies" / "atlas_a2_8p.yaml", shared)
+    assert builtin_dir() == shared and list_builtin() == ["atlas_a2_8p"]
+    assert builtin("atlas_a2_8p").world_size == 8
+    # a source tree beside the package wins (a checkout, an editable install)
+    (site / "topologies").mkdir()
+    assert builtin_dir() == site / "topologies"
 
 
 @pytest.mark.parametrize("name", list_builtin())
