@@ -75,10 +75,15 @@ def _write_topology(topology: Topology, out: str) -> None:
     from mc2sim.topology import dump
 
     dump(topology, out)
+    print(f"wrote {out}")
+    _print_fit(topology)
+
+
+def _print_fit(topology: Topology) -> None:
+    """Print a fitted topology's figures, one line a part."""
     device, dim, slow = topology.device, topology.network[0], topology.contention
     peaks = ", ".join(f"{k} {v:.3g}" for k, v in sorted(device.matrix_tflops.items()))
     eff = device.efficiency
-    print(f"wrote {out}")
     print(f"compute: peak TFLOP/s {peaks}; launch {device.launch_us:.1f} us")
     print(
         f"efficiency: small tasks {eff.small_util}, large {eff.large_util}, "
@@ -135,6 +140,8 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     if comm.rank == 0:
         if args.calibrate and args.out:
             _write_topology(topology, args.out)
+        elif args.calibrate:
+            _print_fit(topology)
         print(f"# validate-model: {comm.size} ranks, {source}, median of {args.reps}")
         print(f"{'case':<70}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
         for r in results:
