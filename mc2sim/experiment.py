@@ -127,24 +127,48 @@ def _moe_case(scenario: Scenario, comm: Communicator, gen: torch.Generator) -> _
     recv = table.recv_counts(comm.rank, direction)
     x = _uniform(gen, sum(send), h1, dtype=dtype, scale=1.0)
     w = _uniform(gen, e, h1, n1, dtype=dtype, scale=1.0 / h1**0.5)
+    mm_x = mm_w = None
+    k = h1
+    if scenario.shared_expert:  # the shared expert runs alongside, as in the simulated plans
+        h2, n2 = shape["h2"], shape["n2"]
+        mm_x = _uniform(gen, shape["tokens"], h2, dtype=dtype, scale=1.0)
+        mm_w = _uniform(gen, h2, n2, dtype=dtype, scale=1.0 / h2**0.5)
+        k = min(h1, h2)  # one check of both outputs: the stricter bound of the two
     everyone = golden.gather_inputs(comm, x=x, w=w, send=send)
     if combine:
-        expected, _ = golden.gmm_alltoallv(
-            comm.rank, everyone["x"], everyone["w"], everyone["send"]
+        expected, mm_expected = golden.gmm_alltoallv(
+            comm.rank, everyone["x"], everyone["w"], everyone["send"], mm_x=mm_x, mm_weight=mm_w
         )
 
         def run(tiling: object) -> torch.Tensor:
-            y, _ = ops.gmm_alltoallv(x, w, comm, comm.size, send, recv, tiling=tiling)  # type: ignore[arg-type]
-            return y
+            y, mm_y = ops.gmm_alltoallv(
+                x, w, comm, comm.size, send, recv, mm_x=mm_x, mm_weight=mm_w,
+                tiling=tiling,  # type: ignore[arg-type]
+            )  # fmt: skip
+            return _with_shared(y, mm_y)
 
     else:
-        expected, _, _ = golden.alltoallv_gmm(comm.rank, everyone["x"], w, everyone["send"])
+        expected, mm_expected, _ = golden.alltoallv_gmm(
+            comm.rank, everyone["x"], w, everyone["send"], mm_x=mm_x, mm_weight=mm_w
+        )
 
         def run(tiling: object) -> torch.Tensor:
-            y, _, _ = ops.alltoallv_gmm(x, w, comm, comm.size, send, recv, tiling=tiling)  # type: ignore[arg-type]
-            return y
+            y, mm_y, _ = ops.alltoallv_gmm(
+                x, w, comm, comm.size, send, recv, mm_x=mm_x, mm_weight=mm_w,
+                tiling=tiling,  # type: ignore[arg-type]
+            )  # fmt: skip
+            return _with_shared(y, mm_y)
 
-    return _Case(run=run, expected=expected, k=h1)
+    if mm_expected is not None:
+        expected = np.concatenate([expected.ravel(), mm_expected.ravel()])
+    return _Case(run=run, expected=expected, k=k)
+
+
+def _with_shared(y: torch.Tensor, mm_y: torch.Tensor | None) -> torch.Tensor:
+    """The routed experts' output, and the shared expert's after it (flattened) if any."""
+    if mm_y is None:
+        return y
+    return torch.cat([y.reshape(-1), mm_y.reshape(-1)])
 
 
 def _tp_case(scenario: Scenario, comm: Communicator, gen: torch.Generator) -> _Case:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -33,6 +34,13 @@ def test_run_a_small_scenario(tmp_path: Path, ranks: int, scenario: str) -> None
     for verdicts in summary["golden"].values():
         assert len(verdicts) == ranks and all("PASS" in v for v in verdicts)
     assert (out / "trace.json").exists() and (out / "tasks.csv").exists()
+    if scenario == "seed_gmm_alltoallv_ep4":  # with its shared expert, as the simulation plans
+        with (out / "tasks.csv").open() as f:
+            shared = [row for row in csv.DictReader(f) if row["name"] == "matmul[shared]"]
+        assert sorted(int(row["rank"]) for row in shared) == sorted(list(range(ranks)) * 4)
+        # checked against the golden too: 64 tokens x top-2 rows of N1=64, and 64 x N2=64
+        for verdicts in summary["golden"].values():
+            assert all(f"/{64 * 2 * 64 + 64 * 64} elements" in v for v in verdicts)
     assert (out / "gantt_serial.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -81,6 +89,8 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
         "--name", "fit_2ranks",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
+    assert res.stdout.count("contention: compute x") == 1, "rank 0 prints the fit"
+    assert res.stdout.count("collectives in flight progress ") == 1
     lines = res.stdout.splitlines()
     header = lines.index("# validate-model: 2 ranks, calibrated in the same rounds, median of 1")
     rows = lines[header + 2 : header + 18]
