@@ -95,8 +95,11 @@ def _splits_arrays(task: Task, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return sp, send[sp] * task.row_bytes, rp, recv[rp] * task.row_bytes
 
 
-def _collective_time(tasks: list[Task], topology: Topology) -> float:
-    """Seconds of collective k, from every rank's k-th comm task."""
+def _collective_times(tasks: list[Task], *topologies: Topology) -> list[float]:
+    """Seconds of collective k on each of ``topologies``, from every rank's k-th comm task.
+
+    The ranks' traffic is gathered once for all the topologies.
+    """
     kind = tasks[0].kind
     for rank, task in enumerate(tasks):
         if task.kind is not kind:
@@ -106,12 +109,16 @@ def _collective_time(tasks: list[Task], topology: Topology) -> float:
                 f"collective mismatch: rank 0 runs {tasks[0].name} ({kind}) at the same position",
             )
     if kind is TaskKind.ALLREDUCE:
-        return allreduce_time(topology, max(t.bytes for t in tasks))
+        nbytes = max(t.bytes for t in tasks)
+        return [allreduce_time(topology, nbytes) for topology in topologies]
     if kind is TaskKind.ALLGATHER:
-        return allgather_time(topology, sum(t.bytes for t in tasks))
+        nbytes = sum(t.bytes for t in tasks)
+        return [allgather_time(topology, nbytes) for topology in topologies]
     if kind is TaskKind.REDUCE_SCATTER:
-        return reduce_scatter_time(topology, max(t.bytes for t in tasks))
-    return alltoallv_time(topology, [_splits_arrays(t, r) for r, t in enumerate(tasks)])
+        nbytes = max(t.bytes for t in tasks)
+        return [reduce_scatter_time(topology, nbytes) for topology in topologies]
+    splits = [_splits_arrays(t, r) for r, t in enumerate(tasks)]
+    return [alltoallv_time(topology, splits) for topology in topologies]
 
 
 class _Engine:
@@ -242,10 +249,12 @@ class _Engine:
             return
         tasks = [t for t in self.waiting.pop(k) if t is not None]
         del self.waiting_count[k]
-        work = _collective_time(tasks, self.topology)
         latency = 0.0  # on a stream the whole time is the transfer part
-        if self.latency_only is not None:
-            latency = min(work, _collective_time(tasks, self.latency_only))
+        if self.latency_only is None:
+            (work,) = _collective_times(tasks, self.topology)
+        else:
+            work, alone = _collective_times(tasks, self.topology, self.latency_only)
+            latency = min(work, alone)
         for r, task in enumerate(tasks):
             peer = self.ranks[r]
             peer.comm_queue.pop(0)
