@@ -442,21 +442,22 @@ def fit_contention(
     from mc2sim.model.simulator import simulate
 
     measured = [(statistics.median(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
+    source = (
+        "fitted by mc2sim calibrate: simulated against measured tiled runs of "
+        f"{', '.join(c.name for c in cases)} on this machine, grid search on squared log "
+        "error (with device.concurrent_collectives)"
+    )
+    devices = {
+        concurrent: dataclasses.replace(base.device, concurrent_collectives=concurrent)
+        for concurrent in (False, True)
+    }
     best: tuple[float, Topology] | None = None
-    grid = itertools.product((False, True), COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS)
-    for concurrent, cs, ms in grid:
+    grid = itertools.product(devices.values(), COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS)
+    for device, cs, ms in grid:
         trial = dataclasses.replace(
             base,
-            device=dataclasses.replace(base.device, concurrent_collectives=concurrent),
-            contention=Contention(
-                compute_slowdown=cs,
-                comm_slowdown=ms,
-                source=(
-                    "fitted by mc2sim calibrate: simulated against measured tiled runs of "
-                    f"{', '.join(c.name for c in cases)} on this machine, grid search on "
-                    "squared log error (with device.concurrent_collectives)"
-                ),
-            ),
+            device=device,
+            contention=Contention(compute_slowdown=cs, comm_slowdown=ms, source=source),
         )
         error = 0.0
         for real, plans in measured:
