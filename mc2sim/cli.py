@@ -60,7 +60,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit this machine's topology on the ranks at hand; rank 0 writes it."""
     from mc2sim.comm import init
-    from mc2sim.model.calibrate import calibrate
+    from mc2sim.study.calibrate import calibrate
 
     comm = init("mpi")
     with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
@@ -110,8 +110,8 @@ def _ticker(bar: Any) -> Callable[[int, int, str], None]:
 def _cmd_validate_model(args: argparse.Namespace) -> int:
     """Run the validation sweep for real and simulated; rank 0 prints the errors."""
     from mc2sim.comm import init
-    from mc2sim.model.calibrate import calibrate
-    from mc2sim.model.validate import default_cases, geomean_error, run_cases, score_cases
+    from mc2sim.study.calibrate import calibrate
+    from mc2sim.study.validate import default_cases, geomean_error, run_cases, score_cases
     from mc2sim.topology import load
 
     for flag, value in (("--out", args.out), ("--name", args.name)):
@@ -187,7 +187,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from mc2sim.errors import AclnnError
     from mc2sim.model.accuracy import model_error
     from mc2sim.report import METRICS_HEADER, metrics_row
-    from mc2sim.study import load_topology, simulate_study, write_results
+    from mc2sim.study.simulate import load_topology, simulate_study, write_results
 
     try:
         scenario = _load_scenario(args.scenario, args.set)
@@ -239,9 +239,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from mc2sim.comm import init
     from mc2sim.errors import AclnnError
-    from mc2sim.experiment import run_experiment
     from mc2sim.report import METRICS_HEADER, metrics_row
-    from mc2sim.study import add_verdicts, write_manifest
+    from mc2sim.study.measure import measure_study
+    from mc2sim.study.simulate import add_verdicts, write_manifest
     from mc2sim.timeline import write_all
 
     comm = init("mpi")
@@ -256,13 +256,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stamp = comm.allgather_object(time.strftime("%Y%m%d-%H%M%S"))[0]
     out = Path(args.out or f"results/{scenario.name}-{stamp}")
 
-    with _progress_bar(len(scenario.tilings), scenario.name, "tiling", show=lead) as bar:
-
-        def show(line: str) -> None:
-            bar.set_postfix_str(line, refresh=False)
-            bar.update()
-
-        result = run_experiment(scenario, comm, progress=show)
+    rounds = scenario.repetitions + 1
+    with _progress_bar(rounds, scenario.name, "round", show=lead) as bar:
+        result = measure_study(scenario, comm, progress=_ticker(bar))
     if lead:
         paths = write_all(result.timeline, out, baseline_run=result.baseline)
         verdicts = {
@@ -317,7 +313,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mc2sim.errors import AclnnError
-    from mc2sim.study import load_topology, simulate_study, write_results
+    from mc2sim.study.simulate import load_topology, simulate_study, write_results
 
     points = _sweep_points(args.set)
     out = Path(

@@ -33,7 +33,8 @@ from mc2sim._compat import StrEnum
 from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
-from mc2sim.kernels import _ifa_plan as ifa_limits
+from mc2sim.ops.registry import SPECS, spec_of
+from mc2sim.ops.spec import DTYPES, OpName, OpSpec, QuantMode
 from mc2sim.routing import RoutingConfig, RoutingKind
 from mc2sim.schedule.tiling import tiling_of
 
@@ -51,66 +52,7 @@ __all__ = [
     "scenarios_dir",
 ]
 
-DTYPES: tuple[str, ...] = ("float16", "bfloat16")
-"""The activation/output dtypes a scenario may ask for."""
-
-# Operator limits (the aclnn constraints; see mc2sim/ops/moe.py and mc2sim/ops/tp.py).
-_MAX_E = 32
-_MAX_EXPERTS = 256
-_MAX_BSK = 52428800
-_MAX_H1 = 65535
-_MAX_H2 = 12288
-_MAX_N = 65535
-_TOP_K_RANGE = (2, 8)
-_MAX_M = 2147483647
-_MAX_KN = 65535
-_TP_K_RANGE = (256, 65535)
-
-
-class OpName(StrEnum):
-    """The fused multi-rank operators a scenario can study.
-
-    Glossary:
-        ``mm_all_reduce``: MatmulAllReduce (and its quantised variants): ``(m, k) x (k, n)``
-            on each rank, then an AllReduce of the ``(m, n)`` partial results.
-        ``gmm_alltoallv``: GroupedMatMulAlltoAllv, the MoE combine: expert matmuls, then the
-            AlltoAllv back to the token owners (optionally a shared-expert matmul alongside).
-        ``alltoallv_gmm``: AlltoAllvGroupedMatMul, the MoE dispatch: the AlltoAllv to the
-            expert owners, then the expert matmuls (optionally a shared-expert matmul).
-        ``all_gather_matmul``: AllGatherMatmul: gather every rank's ``(m, k)`` rows, then
-            ``(world * m, k) x (k, n)``.
-        ``matmul_reduce_scatter``: MatmulReduceScatter: ``(m, k) x (k, n)``, then a
-            ReduceScatter leaving ``m / world`` rows on each rank.
-        ``ifa``: IncreFlashAttention decode with page attention: every rank attends its own
-            ``heads`` of each batch's token against a paged KV cache (the attention of a
-            tensor-parallel decode layer; nothing crosses ranks). Tilings split the batch.
-    """
-
-    MM_ALL_REDUCE = "mm_all_reduce"
-    GMM_ALLTOALLV = "gmm_alltoallv"
-    ALLTOALLV_GMM = "alltoallv_gmm"
-    ALL_GATHER_MATMUL = "all_gather_matmul"
-    MATMUL_REDUCE_SCATTER = "matmul_reduce_scatter"
-    IFA = "ifa"
-
-
-class QuantMode(StrEnum):
-    """Quantisation of an ``mm_all_reduce`` scenario (the other ops accept ``none`` only).
-
-    Glossary:
-        ``none``: float x1 and x2 in ``dtype`` (MatmulAllReduce).
-        ``weight_int8``: float x1, int8 x2 with per-channel antiquant scale and offset
-            (WeightQuantMatmulAllReduce, seed 001).
-        ``weight_int4``: float x1, int4 x2 (packed eight to an int32; ``n`` a multiple of 8)
-            with per-channel antiquant scale and offset (WeightQuantMatmulAllReduce).
-        ``w8a8``: int8 x1 and x2 with a dequant scale, output in ``dtype``
-            (QuantMatmulAllReduce).
-    """
-
-    NONE = "none"
-    WEIGHT_INT8 = "weight_int8"
-    WEIGHT_INT4 = "weight_int4"
-    W8A8 = "w8a8"
+# OpName, QuantMode and DTYPES are the op registry's (mc2sim.ops.spec); re-exported here.
 
 
 class Scale(StrEnum):
@@ -125,18 +67,10 @@ class Scale(StrEnum):
     SMALL = "small"
 
 
-_MOE_OPS = (OpName.GMM_ALLTOALLV, OpName.ALLTOALLV_GMM)
-_MOE_KEYS = (("tokens", "top_k", "experts_per_rank", "h1", "n1"), ("h2", "n2"))
-_TP_KEYS = (("m", "k", "n"), ())
-_IFA_KEYS = (("batch", "heads", "kv_heads", "head_dim", "kv_len", "block_size"), ())
-
 SHAPE_KEYS: Mapping[OpName, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
-    {
-        op: _MOE_KEYS if op in _MOE_OPS else _IFA_KEYS if op is OpName.IFA else _TP_KEYS
-        for op in OpName
-    }
+    {op: (spec.required, spec.optional) for op, spec in SPECS.items()}
 )
-"""Per op, the (required, optional) keys of ``shape``."""
+"""Per op, the (required, optional) keys of ``shape`` (from the op registry)."""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -171,101 +105,6 @@ def _shape_table(param: str, value: object) -> dict[str, int]:
             raise ParamInvalidError(f"{param}.{key}", dim, "key must be a string")
         table[key] = _integer(f"{param}.{key}", dim, 1)
     return table
-
-
-def _check_shape(op: OpName, shape: Mapping[str, int], where: str) -> None:
-    """Check one shape's keys and per-op limits; errors name ``where.KEY``."""
-    required, optional = SHAPE_KEYS[op]
-    allowed = required + optional
-    for key in shape:
-        if key not in allowed:
-            raise ParamInvalidError(
-                f"{where}.{key}",
-                shape[key],
-                f"unknown key for {op.value}; allowed: " + ", ".join(allowed),
-            )
-    for key in required:
-        if key not in shape:
-            raise ParamInvalidError(
-                f"{where}.{key}",
-                None,
-                f"is required for {op.value} (required: " + ", ".join(required) + ")",
-            )
-    if op in _MOE_OPS:
-        lo, hi = _TOP_K_RANGE
-        _integer(f"{where}.top_k", shape["top_k"], lo, hi)
-        _integer(f"{where}.experts_per_rank", shape["experts_per_rank"], 1, _MAX_E)
-        _integer(f"{where}.h1", shape["h1"], 1, _MAX_H1)
-        _integer(f"{where}.n1", shape["n1"], 1, _MAX_N)
-        bsk = shape["tokens"] * shape["top_k"]
-        if bsk > _MAX_BSK:
-            raise ParamInvalidError(
-                f"{where}.tokens", shape["tokens"], f"tokens * top_k must be <= {_MAX_BSK}"
-            )
-        if ("h2" in shape) != ("n2" in shape):
-            given = "h2" if "h2" in shape else "n2"
-            raise ParamInvalidError(
-                f"{where}.{given}", shape[given], "shared expert needs both h2 and n2, or neither"
-            )
-        if "h2" in shape:
-            _integer(f"{where}.h2", shape["h2"], 1, _MAX_H2)
-            _integer(f"{where}.n2", shape["n2"], 1, _MAX_N)
-    elif op is OpName.IFA:
-        _check_ifa_shape(shape, where)
-    else:
-        _integer(f"{where}.m", shape["m"], 1, _MAX_M)
-        _integer(f"{where}.n", shape["n"], 1, _MAX_KN)
-        if op is OpName.MM_ALL_REDUCE:
-            _integer(f"{where}.k", shape["k"], 1, _MAX_KN)
-        else:
-            lo, hi = _TP_K_RANGE
-            k = shape["k"]
-            if not lo <= k < hi:
-                raise ParamInvalidError(f"{where}.k", k, f"must be in [{lo}, {hi}) for {op.value}")
-
-
-def _check_ifa_shape(shape: Mapping[str, int], where: str) -> None:
-    """IncreFlashAttention's limits on a BSH page-attention decode (per-rank heads)."""
-    _integer(f"{where}.batch", shape["batch"], 1, ifa_limits.MAX_BATCH)
-    heads = _integer(f"{where}.heads", shape["heads"], 1, ifa_limits.MAX_HEADS)
-    kv_heads = shape["kv_heads"]
-    if heads % kv_heads or heads // kv_heads > ifa_limits.MAX_GROUP:
-        raise ParamInvalidError(
-            f"{where}.kv_heads",
-            kv_heads,
-            f"must divide heads ({heads}), heads / kv_heads <= {ifa_limits.MAX_GROUP}",
-        )
-    dim = _integer(f"{where}.head_dim", shape["head_dim"], 1, ifa_limits.MAX_HEAD_DIM)
-    if kv_heads * dim > ifa_limits.MAX_PAGED_HIDDEN:
-        raise ParamInvalidError(
-            f"{where}.kv_heads",
-            kv_heads,
-            f"kv_heads * head_dim must be <= {ifa_limits.MAX_PAGED_HIDDEN} with page attention",
-        )
-    size = _integer(f"{where}.block_size", shape["block_size"], 1, ifa_limits.MAX_BLOCK_SIZE)
-    if size % 16:
-        raise ParamInvalidError(f"{where}.block_size", size, "must be a multiple of 16")
-
-
-def _check_world(op: OpName, shape: Mapping[str, int], world: int, param: str) -> None:
-    """Check the rules that tie a shape to the world size; errors name ``param``."""
-    _integer(param, world, 1)
-    if op in _MOE_OPS:
-        e = shape["experts_per_rank"]
-        if e * world > _MAX_EXPERTS:
-            raise ParamInvalidError(
-                param, world, f"experts_per_rank ({e}) * {param} must be <= {_MAX_EXPERTS}"
-            )
-        if shape["top_k"] > e * world:
-            raise ParamInvalidError(
-                param,
-                world,
-                f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
-            )
-    elif op is OpName.MATMUL_REDUCE_SCATTER and shape["m"] % world:
-        raise ParamInvalidError(
-            param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {op.value}"
-        )
 
 
 # ----------------------------------------------------------------------------- dataclass
@@ -340,11 +179,9 @@ class Scenario:
         object.__setattr__(self, "standard", _choice("standard", self.standard, Standard))
         _integer("repetitions", self.repetitions, 1)
 
-        required, optional = SHAPE_KEYS[op]
-        order = required + optional
-        shape = _shape_table("shape", self.shape)
-        _check_shape(op, shape, "shape")
-        _check_world(op, shape, self.ranks, "ranks")
+        spec = spec_of(op)
+        shape = spec.check_shape(_shape_table("shape", self.shape), "shape")
+        spec.check_world(shape, self.ranks, "ranks")
         small = _shape_table("small", self.small)
         for key, value in small.items():
             if key not in shape:
@@ -355,33 +192,22 @@ class Scenario:
                 raise ParamInvalidError(
                     f"small.{key}", value, f"must be <= the full shape's {key} ({shape[key]})"
                 )
-        small_shape = {**shape, **small}
-        _check_shape(op, small_shape, "small")
-        _check_world(op, small_shape, self.ranks, "ranks")
+        small_shape = spec.check_shape({**shape, **small}, "small")
+        spec.check_world(small_shape, self.ranks, "ranks")
+        object.__setattr__(self, "shape", MappingProxyType(shape))
         object.__setattr__(
-            self, "shape", MappingProxyType({k: shape[k] for k in order if k in shape})
+            self, "small", MappingProxyType({k: small[k] for k in spec.keys if k in small})
         )
-        object.__setattr__(
-            self, "small", MappingProxyType({k: small[k] for k in order if k in small})
-        )
-
-        if quant is not QuantMode.NONE:
-            if op is not OpName.MM_ALL_REDUCE:
-                raise ParamInvalidError(
-                    "quant", quant.value, f"must be 'none' for {op.value} (only mm_all_reduce)"
-                )
-            if quant is QuantMode.WEIGHT_INT4:
-                for where, table in (("shape", shape), ("small", small_shape)):
-                    if table["n"] % 8:
-                        raise ParamInvalidError(
-                            f"{where}.n", table["n"], "must be a multiple of 8 for weight_int4"
-                        )
+        spec.check_quant(quant, shape, "shape")
+        spec.check_quant(quant, small_shape, "small")
 
         if not isinstance(self.routing, RoutingConfig):
             raise ParamInvalidError("routing", self.routing, "must be a RoutingConfig")
-        if op not in _MOE_OPS and self.routing != RoutingConfig():
-            raise ParamInvalidError("routing", self.routing, f"only applies to MoE ops, not {op}")
-        if op in _MOE_OPS and self.routing.kind is RoutingKind.HOT:
+        if not spec.routed and self.routing != RoutingConfig():
+            raise ParamInvalidError(
+                "routing", self.routing, f"only applies to ops that route tokens, not {op}"
+            )
+        if spec.routed and self.routing.kind is RoutingKind.HOT:
             total = shape["experts_per_rank"] * self.ranks
             if self.routing.hot_experts > total:
                 raise ParamInvalidError(
@@ -452,14 +278,14 @@ class Scenario:
         )
 
     @property
-    def is_moe(self) -> bool:
-        """Whether the op is an expert-parallel (MoE) op."""
-        return self.op in _MOE_OPS
+    def spec(self) -> OpSpec:
+        """The op's spec in the registry (shape keys, limits, plans, real-run case)."""
+        return spec_of(self.op)
 
     @property
-    def shared_expert(self) -> bool:
-        """Whether an MoE scenario has a shared expert (``h2`` and ``n2`` given)."""
-        return "h2" in self.shape
+    def routed(self) -> bool:
+        """Whether the op routes tokens to experts (the scenario's ``routing`` applies)."""
+        return self.spec.routed
 
     def effective_shape(self) -> dict[str, int]:
         """Return the shape to run: ``shape``, with ``small`` put in when ``scale == "small"``.
@@ -489,7 +315,7 @@ class Scenario:
         """
         if override is None:
             return self.ranks
-        _check_world(self.op, self.effective_shape(), override, "world_size")
+        self.spec.check_world(self.effective_shape(), override, "world_size")
         return override
 
     def with_overrides(self, overrides: Sequence[str]) -> Scenario:
@@ -674,8 +500,10 @@ class _Reader:
         if isinstance(topo, str) and topo not in _topology.list_builtin():
             kwargs["topology"] = self.resolve(topo)
         if "routing" in top:
-            if op in [o.value for o in OpName] and op not in [o.value for o in _MOE_OPS]:
-                raise self.error("routing", top["routing"], f"only applies to MoE ops, not {op}")
+            if op in SPECS and not SPECS[op].routed:
+                raise self.error(
+                    "routing", top["routing"], f"only applies to ops that route tokens, not {op}"
+                )
             kwargs["routing"] = self.routing(top["routing"])
         try:
             scenario = Scenario(**kwargs)
@@ -779,7 +607,7 @@ def _as_data(scenario: Scenario) -> dict[str, Any]:
         "shape": dict(scenario.shape),
         "quant": scenario.quant.value,
     }
-    if scenario.is_moe:
+    if scenario.routed:
         r = scenario.routing
         routing: dict[str, Any] = {"kind": r.kind.value, "seed": r.seed, "skew": r.skew}
         routing.update(hot_fraction=r.hot_fraction, hot_experts=r.hot_experts)

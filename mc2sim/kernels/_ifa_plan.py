@@ -17,27 +17,13 @@ from typing import cast
 
 import torch
 
+from mc2sim import limits
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
 from mc2sim.kernels._ifa_sources import Antiquant, DenseKV, KVSource, ListKV, PagedKV
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
 __all__ = ["IfaLayout", "IfaPlan", "plan_incre_flash_attention"]
-
-MAX_BATCH = 65536
-"""Largest B (A2 product line)."""
-MAX_LIST_BATCH = 256
-"""Largest B when key and value are tensor lists, one tensor per batch."""
-MAX_HEADS = 256
-"""Largest numHeads (the document's N axis)."""
-MAX_HEAD_DIM = 512
-"""Largest D."""
-MAX_GROUP = 64
-"""Largest numHeads / numKeyValueHeads."""
-MAX_BLOCK_SIZE = 512
-"""Largest page-attention blockSize."""
-MAX_PAGED_HIDDEN = 65535
-"""Largest numKeyValueHeads * D for a (blocknum, blockSize, H) page-attention cache (64k)."""
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
@@ -341,12 +327,7 @@ def _dense_or_list_cache(
         len(keys) == batch,
         f"must be one tensor of batch B={batch} or a list of B tensors of batch 1",
     )
-    require(
-        "key",
-        f"list of {len(keys)} tensors",
-        batch <= MAX_LIST_BATCH,
-        f"a tensor list may hold at most {MAX_LIST_BATCH} batches (B <= {MAX_LIST_BATCH})",
-    )
+    limits.IFA_LIST_BATCH.check("key", batch)
     seq_axis = _kv_dims(layout, heads, dim)[0]
     seq_lens = []
     for b, (k, v) in enumerate(zip(keys, values, strict=True)):
@@ -385,18 +366,10 @@ def _paged_cache(
 ) -> _Cache:
     """Check a page-attention cache, its block table and the lengths; build their readers."""
     kv_int8 = keys[0].dtype == torch.int8
-    align = 32 if kv_int8 else 16
-    size = _require_int(
-        "block_size",
-        block_size,
-        isinstance(block_size, numbers.Integral) and 0 < int(block_size) <= MAX_BLOCK_SIZE,
-        f"must be nonzero and <= {MAX_BLOCK_SIZE} with page attention",
-    )
-    require(
-        "block_size",
-        size,
-        size % align == 0,
-        f"must be a multiple of {align} with {'INT8' if kv_int8 else 'FLOAT16/BFLOAT16'} KV",
+    align = limits.IFA_BLOCK_ALIGN["int8" if kv_int8 else "float"]
+    size = limits.IFA_BLOCK_SIZE.check("block_size", block_size)
+    limits.require_multiple(
+        "block_size", size, align, f"{align} with {'INT8' if kv_int8 else 'FLOAT16/BFLOAT16'} KV"
     )
     table = _tensor("block_table", block_table)
     require_dtype("block_table", table, (torch.int32,))
@@ -432,13 +405,8 @@ def _paged_cache(
     require("key.shape", tuple(key.shape), tuple(key.shape) == expected, f"must be {words}")
     require("value.shape", tuple(value.shape), value.shape == key.shape, "must equal key's shape")
     if not heads_first:
-        require(
-            "num_key_value_heads * D",
-            heads * dim,
-            heads * dim <= MAX_PAGED_HIDDEN,
-            f"must be <= {MAX_PAGED_HIDDEN} with a (blocknum, blockSize, H) cache; "
-            "use fewer KV heads or the (blocknum, N_kv, blockSize, D) cache",
-        )
+        # with a (blocknum, blockSize, H) cache; the (blocknum, N_kv, blockSize, D) one is free
+        limits.IFA_PAGED_HIDDEN.check("num_key_value_heads * D", heads * dim)
     if lengths is None:
         raise ParamNullptrError(
             "actual_seq_lengths", None, "is required with page attention (block_table given)"
@@ -659,12 +627,7 @@ def plan_incre_flash_attention(
             "input_layout", input_layout, f"must be one of {', '.join(IfaLayout)}"
         )
     _require_int("inner_precise", inner_precise, inner_precise in (0, 1), "must be 0 or 1")
-    heads = _require_int(
-        "num_heads",
-        num_heads,
-        isinstance(num_heads, numbers.Integral) and 0 < int(num_heads) <= MAX_HEADS,
-        f"must be in [1, {MAX_HEADS}]",
-    )
+    heads = limits.IFA_HEADS.check("num_heads", num_heads)
     kv_heads = _require_int("num_key_value_heads", num_key_value_heads, True, "")
     if kv_heads == 0:  # 0 means numHeads
         kv_heads = heads
@@ -674,12 +637,7 @@ def plan_incre_flash_attention(
         0 < kv_heads <= heads and heads % kv_heads == 0,
         f"must be 0 or a positive divisor of num_heads={heads}",
     )
-    require(
-        "num_heads / num_key_value_heads",
-        heads // kv_heads,
-        heads // kv_heads <= MAX_GROUP,
-        f"must be <= {MAX_GROUP}",
-    )
+    limits.IFA_GROUP.check("num_heads / num_key_value_heads", heads // kv_heads)
     scale_ok = isinstance(scale_value, numbers.Real) and not isinstance(scale_value, bool)
     require("scale_value", scale_value, scale_ok, "must be a real number")
 
@@ -731,8 +689,8 @@ def plan_incre_flash_attention(
     require("query.shape", shape, ok, f"must be {words} for {layout}: query S must be 1")
     batch = shape[0]
     dim = shape[2] // heads if layout is IfaLayout.BSH else shape[3]
-    require("query.shape", shape, 0 < batch <= MAX_BATCH, f"B must be in [1, {MAX_BATCH}]")
-    require("query.shape", shape, 0 < dim <= MAX_HEAD_DIM, f"D must be in [1, {MAX_HEAD_DIM}]")
+    limits.IFA_BATCH.check("query.shape", batch)
+    limits.IFA_HEAD_DIM.check("query.shape", dim)
 
     anti = _antiquant(
         antiquant_scale, antiquant_offset, kv_dtype == torch.int8, q.dtype, kv_heads, dim

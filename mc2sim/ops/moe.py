@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mc2sim import limits
 from mc2sim.comm import Communicator, agreed
 from mc2sim.invariants import check_counts, check_counts_local
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
@@ -36,15 +37,6 @@ from mc2sim.schedule.tiling import Tiling, TilingMode, tiling_of
 __all__ = ["alltoallv_gmm", "gmm_alltoallv"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
-MAX_E = 32
-MAX_EXPERTS = 256
-MAX_BSK = 52428800
-MAX_H1 = 65535
-MAX_H2 = 12288
-MAX_N = 65535
-TOP_K_RANGE = (2, 8)
-A3_EP_WORLD_SIZES = (8, 16, 32, 64)
-A3_PEER_BYTES = (2 * 1024 * 1024, 100 * 1024 * 1024)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -112,17 +104,11 @@ def _check_moe(
         isinstance(ep_world_size, int) and ep_world_size == comm.size,
         f"must equal the size of the communicator ({comm.size})",
     )
-    e = gmm_weight.shape[0]
-    require("e", e, 1 <= e <= MAX_E, f"local experts (gmm_weight.shape[0]) must be in [1, {MAX_E}]")
-    require(
-        "e * ep_world_size",
-        e * ep_world_size,
-        e * ep_world_size <= MAX_EXPERTS,
-        f"must be <= {MAX_EXPERTS}",
-    )
+    e = limits.E.check("e", gmm_weight.shape[0])
+    limits.EXPERTS.check("e * ep_world_size", e * ep_world_size)
     send, recv = check_counts_local(send_counts, recv_counts, e, ep_world_size)
     h1 = gmm_x.shape[1]
-    require("H1", h1, 0 < h1 <= MAX_H1, f"gmm_x.shape[1] must be in (0, {MAX_H1 + 1})")
+    limits.H1.check("H1", h1)
     w_h, n1 = (
         (gmm_weight.shape[2], gmm_weight.shape[1]) if trans_gmm_weight else gmm_weight.shape[1:]
     )
@@ -132,7 +118,7 @@ def _check_moe(
         w_h == h1,
         f"must be (e, H1={h1}, N1)" + (" stored as (e, N1, H1)" if trans_gmm_weight else ""),
     )
-    require("N1", n1, 0 < n1 <= MAX_N, f"must be in (0, {MAX_N + 1})")
+    limits.N1.check("N1", n1)
     require(
         "gmm_x.shape[0]",
         gmm_x.shape[0],
@@ -141,7 +127,7 @@ def _check_moe(
     )
     bsk = sum(recv) if direction == "combine" else sum(send)
     bsk_name = "sum(recv_counts)" if direction == "combine" else "sum(send_counts)"
-    require(f"BSK = {bsk_name}", bsk, 0 < bsk < MAX_BSK, f"must be in (0, {MAX_BSK})")
+    limits.BSK.check(f"BSK = {bsk_name}", bsk)
 
     require(
         "mm_x, mm_weight",
@@ -155,7 +141,7 @@ def _check_moe(
         require_rank("mm_x", mm_x, (2,))
         require_rank("mm_weight", mm_weight, (2,))
         bs, h2 = mm_x.shape
-        require("H2", h2, 0 < h2 <= MAX_H2, f"mm_x.shape[1] must be in (0, {MAX_H2}]")
+        limits.H2.check("H2", h2)
         m_h, n2 = (mm_weight.shape[1], mm_weight.shape[0]) if trans_mm_weight else mm_weight.shape
         require(
             "mm_weight.shape",
@@ -163,30 +149,25 @@ def _check_moe(
             m_h == h2,
             f"must be (H2={h2}, N2)" + (" stored as (N2, H2)" if trans_mm_weight else ""),
         )
-        require("N2", n2, 0 < n2 <= MAX_N, f"must be in (0, {MAX_N + 1})")
-        lo, hi = TOP_K_RANGE
+        limits.N2.check("N2", n2)
         require(
             "K = BSK / BS",
             f"{bsk} / {bs}",
-            bs > 0 and bsk % bs == 0 and lo <= bsk // bs <= hi,
-            f"top-K must be a whole number in [{lo}, {hi}] ({bsk_name} = BS * K, BS = mm_x rows)",
+            bs > 0 and bsk % bs == 0,
+            f"top-K must be a whole number in [{limits.TOP_K.low}, {limits.TOP_K.high}] "
+            f"({bsk_name} = BS * K, BS = mm_x rows)",
         )
+        limits.TOP_K.check("K = BSK / BS", bsk // bs)
     if profile is HardwareProfile.A3:
         require(
             "ep_world_size",
             ep_world_size,
-            ep_world_size in A3_EP_WORLD_SIZES,
-            f"strict='A3' allows {list(A3_EP_WORLD_SIZES)}",
+            ep_world_size in limits.A3_EP_WORLD_SIZES,
+            f"strict='A3' allows {list(limits.A3_EP_WORLD_SIZES)}",
         )
-        lo_b, hi_b = A3_PEER_BYTES
         for q in range(ep_world_size):
             peer = sum(send[q * e : (q + 1) * e]) * h1 * 2  # the implementation's H1 x 2 bytes
-            require(
-                f"traffic to rank {q}",
-                peer,
-                lo_b <= peer <= hi_b,
-                "strict='A3' requires 2 MB to 100 MB per peer (rows x H1 x 2 bytes)",
-            )
+            limits.A3_PEER_BYTES.check(f"traffic to rank {q}", peer)
     return MoeCall(e=e, world=ep_world_size, send=send, recv=recv)
 
 

@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mc2sim import limits
 from mc2sim._compat import StrEnum
 from mc2sim.comm import Communicator, agreed
 from mc2sim.errors import AclnnRuntimeError, ParamNullptrError
 from mc2sim.kernels import matmul, quant_matmul, weight_quant_batchmatmul
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
+from mc2sim.limits import require_multiple
 from mc2sim.ops._tp_runners import AllGatherMatmulRunner, AllReduceRunner, ReduceScatterRunner
 from mc2sim.ops.profile import HardwareProfile, hardware_profile
 from mc2sim.schedule.builders import (
@@ -33,11 +35,6 @@ __all__ = ["MatmulMode", "all_gather_matmul", "matmul_reduce_scatter", "mm_all_r
 
 _FLOAT = (torch.float16, torch.bfloat16)
 _LOW_BIT = (torch.int8, torch.int32, torch.uint8)  # int8, or int4 packed in int32 / uint8
-MAX_M = 2147483647
-MAX_KN = 65535
-TP_K_RANGE = (256, 65535)  # AllGatherMatmul / MatmulReduceScatter: k in [256, 65535)
-ALLREDUCE_WORLD_SIZES = (1, 2, 4, 8)
-TP_WORLD_SIZES = {HardwareProfile.A2: (2, 4, 8), HardwareProfile.A3: (2, 4, 8, 16, 32)}
 
 
 class MatmulMode(StrEnum):
@@ -99,7 +96,7 @@ def _local_mm(
     mode = _mode(x1, x2)
     require_rank("x1", x1, (2, 3))
     m = x1.numel() // x1.shape[-1] if x1.shape[-1] else 0
-    require("m", m, 1 <= m <= MAX_M, f"rows of x1 must be in [1, {MAX_M}]")
+    limits.MM_M.check("m", m)
     if mode is not MatmulMode.QUANT:
         require(
             "pertoken_scale",
@@ -112,8 +109,8 @@ def _local_mm(
             require(name, t, t is None, "must be None when x1 and x2 are both float")
         require_rank("x2", x2, (2,))
         k, n = x2.shape
-        require("k", k, 1 <= k <= MAX_KN, f"must be in [1, {MAX_KN}]")
-        require("n", n, 1 <= n <= MAX_KN, f"must be in [1, {MAX_KN}]")
+        limits.MM_K.check("k", k)
+        limits.MM_N.check("n", n)
         y = matmul(x1, x2, bias=bias)
     elif mode is MatmulMode.WEIGHT_QUANT:
         if antiquant_scale is None:
@@ -227,15 +224,14 @@ def mm_all_reduce(
             require(
                 "world_size",
                 comm.size,
-                comm.size in ALLREDUCE_WORLD_SIZES,
-                f"strict={strict!r} allows {list(ALLREDUCE_WORLD_SIZES)} (HCCS full mesh)",
+                comm.size in limits.ALLREDUCE_WORLD_SIZES,
+                f"strict={strict!r} allows {list(limits.ALLREDUCE_WORLD_SIZES)} (HCCS full mesh)",
             )
         plan_tiling = tiling_of(tiling)
         require_not_none("x1", x1)
         require_rank("x1", x1, (2, 3))
         rows_2d = x1.reshape(-1, x1.shape[-1])
-        m = rows_2d.shape[0]
-        require("m", m, 1 <= m <= MAX_M, f"rows of x1 must be in [1, {MAX_M}]")
+        m = limits.MM_M.check("m", rows_2d.shape[0])
         if pertoken_scale is not None:
             require(
                 "pertoken_scale.shape",
@@ -317,9 +313,7 @@ def _check_tp(
     require_dtype("x2", x2, (x1.dtype,))
     require_rank("x1", x1, (2,))
     require_rank("x2", x2, (2,))
-    lo, hi = TP_K_RANGE
-    k = x1.shape[1]
-    require("k", k, lo <= k < hi, f"x1.shape[1] must be in [{lo}, {hi})")
+    k = limits.TP_K.check("k", x1.shape[1])
     require("x2.shape", tuple(x2.shape), x2.shape[0] == k, f"dim 0 must equal x1's k ({k})")
     require(
         "world_size",
@@ -334,7 +328,7 @@ def _check_tp(
         require("bias.shape", tuple(bias.shape), tuple(bias.shape) == (n,), f"must be ({n},)")
     profile = hardware_profile(strict)
     if profile is not HardwareProfile.NONE:
-        allowed = TP_WORLD_SIZES[profile]
+        allowed = limits.TP_WORLD_SIZES[profile.value]
         require(
             "world_size",
             world_size,
@@ -436,12 +430,7 @@ def matmul_reduce_scatter(
         _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
         tiling_of(tiling)
         _require_sum(reduce_op)
-        require(
-            "x1.shape[0]",
-            x1.shape[0],
-            x1.shape[0] % world_size == 0,
-            f"m must be a multiple of world_size ({world_size})",
-        )
+        require_multiple("x1.shape[0]", x1.shape[0], world_size, f"world_size ({world_size})")
     runner = ReduceScatterRunner(
         comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
     )

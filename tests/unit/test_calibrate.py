@@ -15,7 +15,7 @@ import pytest
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model import allgather_time, allreduce_time, alltoallv_time, reduce_scatter_time
-from mc2sim.model.calibrate import (
+from mc2sim.model.fit import (
     COMM_SLOWDOWNS,
     COMPUTE_SLOWDOWNS,
     CommSample,
@@ -23,13 +23,13 @@ from mc2sim.model.calibrate import (
     fit_compute,
     fit_contention,
     fit_network,
-    samples_of,
 )
 from mc2sim.model.simulator import simulate
-from mc2sim.model.validate import Case, measure_rounds
 from mc2sim.schedule import plan_gmm_alltoallv, plan_mm_all_reduce, tiling_of
 from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import TaskKind
+from mc2sim.study.calibrate import samples_of
+from mc2sim.study.measure import Case, measure_rounds
 from mc2sim.timeline import Stream, TaskRecord, Timeline, current_recorder
 from mc2sim.topology import (
     Contention,
@@ -156,7 +156,7 @@ def serial_mm_case() -> Case:
         )
         for r in range(2)
     )  # fmt: skip
-    return Case(name="mm", run=lambda: None, plans=plans)
+    return Case(name="mm", tiling="serial", run=lambda: None, plans=plans)
 
 
 def test_samples_time_a_collective_from_the_last_arrival_to_the_last_completion() -> None:
@@ -196,7 +196,7 @@ def test_samples_leave_out_rounds_where_a_rank_computed_during_its_collective() 
         )
         for r in range(2)
     )  # fmt: skip
-    case = Case(name="mm tiled", run=lambda: None, plans=plans)
+    case = Case(name="mm tiled", tiling="tiles=2", run=lambda: None, plans=plans)
     mm0, ar0, mm1, ar1 = (t.id for t in plans[0].tasks)
 
     def round_(ar0_end: float, mm1_start: float) -> Timeline:
@@ -234,7 +234,7 @@ def test_samples_take_the_busiest_ranks_work_and_share_one_weight_per_call() -> 
         )
         for r in range(2)
     )  # fmt: skip
-    case = Case(name="moe", run=lambda: None, plans=plans)
+    case = Case(name="moe", tiling="serial", run=lambda: None, plans=plans)
     records = []
     for plan in plans:
         for t in plan.tasks:
@@ -272,8 +272,8 @@ def tiled_cases(world: int) -> list[Case]:
         for r in range(world)
     )  # fmt: skip
     return [
-        Case(name="mm", run=lambda: None, plans=mm),
-        Case(name="moe", run=lambda: None, plans=moe),
+        Case(name="mm", tiling="serial", run=lambda: None, plans=mm),
+        Case(name="moe", tiling="serial", run=lambda: None, plans=moe),
     ]
 
 

@@ -3,9 +3,11 @@
 Run on every rank (under mpiexec). All ranks measure at the same time, so each rank's
 figures include what the others take from the machine, as in real runs:
 
-1. serial runs of every op at calibration sizes (MatmulAllReduce at six shapes from
-   memory-bound to compute-bound, both MoE ops, AllGatherMatmul, MatmulReduceScatter, all
-   bfloat16), recorded task by task: their compute tasks fit ``launch + flops / (peak *
+1. serial runs of every op at calibration sizes (the scenario files of
+   ``scenarios/calibration/``: MatmulAllReduce at six shapes from memory-bound to
+   compute-bound, both MoE ops, AllGatherMatmul, MatmulReduceScatter, all bfloat16, and one
+   GroupedMatMulAlltoAllv of small tiles for the executor's per-task costs; the pairs of
+   :data:`SAMPLED`), recorded task by task: their compute tasks fit ``launch + flops / (peak *
    util(flops)) + bytes / bandwidth`` with ``util(f) = small + (large - small) * f / (f +
    half)``, rising or falling (least squares on relative error; the reference kernels'
    memory passes add to their arithmetic: ``memory_overlap: false``), and their AllReduce,
@@ -18,81 +20,111 @@ figures include what the others take from the machine, as in real runs:
    and a reduce task's float32 sum of every rank's partial gives the vector rate, the other
    terms held fixed;
 3. contention: tiled runs of four ops (MatmulAllReduce at two shapes, both MoE ops,
-   AllGatherMatmul, and a GroupedMatMulAlltoAllv of a few KiB per chunk), measured for real
+   AllGatherMatmul, and a GroupedMatMulAlltoAllv of a few KiB per chunk; the pairs of
+   :data:`CONTENTION`), measured for real
    and simulated over a grid of compute and communication slowdowns and of whether
    collectives in flight progress together (``Device.concurrent_collectives``); the point
    with the smallest squared log error is kept.
 
 Every measurement runs its calls in interleaved rounds (each round calls each once, after a
-warm-up round) and keeps medians, so a slow spell of a shared machine lands on all of them
-alike. Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
+warm-up round; :func:`mc2sim.study.measure.measure_rounds`) and keeps medians, so a slow
+spell of a shared machine lands on all of them alike. The fits are :mod:`mc2sim.model.fit`'s.
+Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
-import math
 import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-import numpy as np
 import torch
 
+from mc2sim._yaml import shipped_dir
 from mc2sim.comm import Communicator
 from mc2sim.kernels import matmul, quant_matmul
+from mc2sim.model.fit import (
+    UNBOUNDED_TFLOPS,
+    CommSample,
+    ComputeSample,
+    fit_compute,
+    fit_contention,
+    fit_network,
+    fit_peaks,
+)
+from mc2sim.ops.spec import TilingSpec
+from mc2sim.scenario import load
 from mc2sim.schedule.plan import Resource, TaskKind
+from mc2sim.study.measure import Case, cases_of, measure_rounds
 from mc2sim.timeline import Stream, TaskRecord, Timeline
-from mc2sim.topology import Contention, Device, Efficiency, LinkKind, NetworkDim, Topology
-
-if TYPE_CHECKING:
-    from mc2sim.model.validate import Case
+from mc2sim.topology import Contention, Device, Topology
 
 __all__ = [
+    "CONTENTION",
+    "SAMPLED",
     "Calibration",
-    "ComputeSample",
     "calibrate",
-    "fit_compute",
-    "fit_contention",
-    "fit_network",
+    "calibration_cases",
+    "calibration_dir",
+    "contention_cases",
+    "measure_compute",
+    "measure_vector",
     "samples_of",
 ]
 
+SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
+    ("cal_mm_1024x64x1024", "serial"),
+    ("cal_mm_3072x48x2048", "serial"),
+    ("cal_mm_2048x192x1536", "serial"),
+    ("cal_mm_4096x128x512", "serial"),
+    ("cal_mm_64x256x256", "serial"),  # small: per-task and per-message fixed costs dominate
+    ("cal_mm_256x128x512", "serial"),
+    ("cal_combine_1024", "serial"),
+    ("cal_dispatch_1024", "serial"),
+    ("cal_combine_64", 4),  # small chunks: the executor's per-task costs
+    ("cal_all_gather", "serial"),
+    ("cal_reduce_scatter", "serial"),
+)
+"""(calibration scenario, tiling) whose tasks give the compute and collective samples."""
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ComputeSample:
-    """One timed compute call."""
-
-    dtype: str
-    """The compute dtype."""
-    flops: float
-    """Its FLOPs."""
-    nbytes: float
-    """Bytes it reads and writes, counted as the plan builders count them."""
-    seconds: float
-    """Median seconds (slowest rank)."""
-    weight: float = 1.0
-    """Its weight in the fit: the tasks of one op call share one unit, so a call of many
-    small tiles does not outweigh the others."""
+CONTENTION: tuple[tuple[str, TilingSpec], ...] = (
+    ("cal_mm_3072x48x2048", 4),
+    ("cal_mm_2048x192x1536", 4),
+    ("cal_combine_1024", "hardware"),
+    ("cal_dispatch_1024", "hardware"),
+    ("cal_all_gather", "hardware"),
+    ("cal_combine_128", "hardware"),  # small messages in flight together
+)
+"""(calibration scenario, tiling) of the tiled runs the contention is fitted on: chunks from
+large (bandwidth shared with compute) to a few KiB (latency), so the fit also sees whether
+collectives in flight progress together."""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CommSample:
-    """One timed collective."""
+def calibration_dir() -> Path:
+    """Return the shipped ``scenarios/calibration`` folder."""
+    return shipped_dir("scenarios") / "calibration"
 
-    kind: str
-    """``allreduce``, ``alltoallv``, ``allgather`` or ``reduce_scatter``."""
-    nbytes: float
-    """Bytes per rank: the AllReduce buffer, the AlltoAllv send buffer, the AllGather result."""
-    seconds: float
-    """Median seconds (slowest rank)."""
-    weight: float = 1.0
-    """Its weight in the fit (as :attr:`ComputeSample.weight`)."""
+
+def _cases(comm: Communicator, pairs: Sequence[tuple[str, TilingSpec]]) -> list[Case]:
+    """One case per (calibration scenario, tiling), on the ranks of ``comm``."""
+    return [
+        cases_of(load(calibration_dir() / f"{name}.yaml"), comm, [tiling])[0]
+        for name, tiling in pairs
+    ]
+
+
+def calibration_cases(comm: Communicator) -> list[Case]:
+    """The calls of :data:`SAMPLED` (``mc2sim calibrate``'s per-task samples)."""
+    return _cases(comm, SAMPLED)
+
+
+def contention_cases(comm: Communicator) -> list[Case]:
+    """The calls of :data:`CONTENTION` (``mc2sim calibrate``'s contention fit)."""
+    return _cases(comm, CONTENTION)
 
 
 def _median_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
@@ -152,51 +184,6 @@ def measure_compute(comm: Communicator, reps: int) -> list[ComputeSample]:
     return samples
 
 
-def fit_compute(
-    samples: Sequence[ComputeSample],
-) -> tuple[dict[str, float], Efficiency, float, float]:
-    """Fit ``launch + flops / (peak(dtype) * util(flops)) + bytes / bandwidth``.
-
-    The CPU reference kernels make separate memory passes (upcast, matmul, cast), so memory
-    time adds to arithmetic. For each efficiency curve on a grid (rising from ``small_util``
-    to 1, or falling from 1 to ``large_util``, with ``half_flops`` from 1e5 to 1e10) the
-    model is linear in (launch, 1/peak per dtype, 1/bandwidth): least squares on relative
-    error, each sample weighted by its ``weight``; the curve with the smallest error wins.
-
-    Returns:
-        ``(peak TFLOP/s by dtype, efficiency, launch_us, memory GB/s)``.
-    """
-    dtypes = sorted({s.dtype for s in samples})
-    flops = np.array([s.flops for s in samples])
-    nbytes = np.array([s.nbytes for s in samples])
-    seconds = np.array([s.seconds for s in samples])
-    root_weight = np.sqrt([s.weight for s in samples])
-    best: tuple[float, float, float, float, np.ndarray] | None = None
-    # rising (small tiles underuse the unit) or falling (time-shared cores): see Efficiency
-    curves = [(u, 1.0) for u in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
-    curves += [(1.0, u) for u in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
-    for small_util, large_util in curves:
-        for half in np.logspace(5, 10, 26):
-            util = small_util + (large_util - small_util) * flops / (flops + half)
-            columns = [np.ones_like(flops), nbytes] + [
-                np.where([s.dtype == d for s in samples], flops / util, 0.0) for d in dtypes
-            ]
-            a = np.stack(columns, axis=1) * (root_weight / seconds)[:, None]
-            coef = _nonnegative_lstsq(a, root_weight)
-            if np.any(coef[2:] <= 0):  # every dtype needs a finite peak
-                continue
-            error = float(np.sum((a @ coef - root_weight) ** 2))
-            if best is None or error < best[0]:
-                best = (error, small_util, large_util, float(half), coef)
-    if best is None:
-        raise RuntimeError("compute timings could not be fitted (no positive solution)")
-    _, small_util, large_util, half, coef = best
-    peaks = {d: float(1.0 / coef[i + 2] / 1e12) for i, d in enumerate(dtypes)}
-    efficiency = Efficiency(small_util=small_util, large_util=large_util, half_flops=half)
-    memory_gbps = 1.0 / coef[1] / 1e9 if coef[1] > 0 else _UNBOUNDED_GBPS
-    return peaks, efficiency, float(coef[0] * 1e6), float(memory_gbps)
-
-
 def measure_vector(comm: Communicator, reps: int, *, launch_us: float, memory_gbps: float) -> float:
     """Elementwise TFLOP/s of a reduce task, its launch and memory terms held fixed.
 
@@ -220,44 +207,7 @@ def measure_vector(comm: Communicator, reps: int, *, launch_us: float, memory_gb
     flops = comm.size * elements
     nbytes = (comm.size + 1) * elements * parts[0].element_size()
     arithmetic = seconds - launch_us * 1e-6 - nbytes / (memory_gbps * 1e9)
-    return flops / arithmetic / 1e12 if arithmetic > 0 else _UNBOUNDED_TFLOPS
-
-
-def fit_peaks(
-    samples: Sequence[ComputeSample], efficiency: Efficiency, launch_us: float, memory_gbps: float
-) -> dict[str, float]:
-    """Peak TFLOP/s of further dtypes, the efficiency, launch and memory terms held fixed."""
-    peaks = {}
-    for dtype in sorted({s.dtype for s in samples}):
-        mine = [s for s in samples if s.dtype == dtype]
-        arithmetic = np.array(
-            [s.seconds - launch_us * 1e-6 - s.nbytes / (memory_gbps * 1e9) for s in mine]
-        )
-        work = np.array([s.flops / efficiency.util(s.flops) for s in mine])
-        inv_peak = float(np.sum(work * arithmetic) / np.sum(work * work))  # least squares
-        if inv_peak > 0:
-            peaks[dtype] = 1.0 / inv_peak / 1e12
-    return peaks
-
-
-_UNBOUNDED_GBPS = 1e6
-"""Memory bandwidth written when the fit finds memory traffic costs nothing measurable."""
-
-_UNBOUNDED_TFLOPS = 1e6
-"""Vector rate written when a reduce's memory traffic accounts for all of its time."""
-
-
-def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with every coefficient >= 0 (active set: drop the most negative, refit)."""
-    active = list(range(a.shape[1]))
-    coef = np.zeros(a.shape[1])
-    while active:
-        sub, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        if np.all(sub >= 0):
-            coef[active] = sub
-            return coef
-        active.pop(int(np.argmin(sub)))
-    return coef
+    return flops / arithmetic / 1e12 if arithmetic > 0 else UNBOUNDED_TFLOPS
 
 
 def samples_of(
@@ -340,136 +290,6 @@ def _overlapped(records: Sequence[TaskRecord], timeline: Timeline) -> bool:
     )
 
 
-def _coefficients(
-    kind: LinkKind, sample: CommSample, world: int, *, doubling: bool = False
-) -> tuple[float, float, float]:
-    """(a, b, c) with t = a * alpha + b * beta + c / reduce_rate under one link kind.
-
-    The same formulas as :mod:`mc2sim.model.cost` for one dimension of ``world`` ranks; an
-    AllReduce by recursive doubling when ``doubling`` (else the ring or mesh phases).
-    """
-    n, p = sample.nbytes, world
-    mesh = kind is LinkKind.FULL_MESH
-    if sample.kind == "allreduce":
-        if doubling:
-            rounds = float(math.ceil(math.log2(p))) if p > 1 else 0.0
-            return rounds, rounds * n, rounds * n
-        steps = 2.0 if mesh else 2.0 * (p - 1)
-        return steps, steps * n / p, (p - 1) / p * n
-    if sample.kind == "allgather":
-        steps = 1.0 if mesh else float(p - 1)
-        return steps, steps * n / p, 0.0
-    if sample.kind == "reduce_scatter":
-        steps = 1.0 if mesh else float(p - 1)
-        return steps, steps * n / p, (p - 1) / p * n
-    return float(p - 1), (n / p if mesh else n * (p - 1) / p), 0.0
-
-
-def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, float]:
-    """Fit latency, 1 / bandwidth and the reduction's vector rate; keep the better link kind.
-
-    Weighted least squares on relative error, as :func:`fit_compute`. The model times an
-    AllReduce by the cheaper of two algorithms, which depends on the figures being fitted:
-    each AllReduce sample starts on the ring (or mesh) phases, then takes the algorithm the
-    fitted figures make cheaper, and the fit is repeated until no sample changes side.
-
-    Returns:
-        ``(the network dimension, the collectives' reduction rate in GB/s)``; a rate of 0
-        means the additions cost nothing measurable.
-    """
-    best: tuple[float, NetworkDim, float] | None = None
-    seconds = np.array([s.seconds for s in samples])
-    root_weight = np.sqrt([s.weight for s in samples])
-    for kind in (LinkKind.FULL_MESH, LinkKind.SWITCH):
-        doubling = [False] * len(samples)
-        for _ in range(len(samples) + 1):  # a fixed point, or as many passes as samples
-            rows = [
-                _coefficients(kind, s, world, doubling=d)
-                for s, d in zip(samples, doubling, strict=True)
-            ]
-            a = np.array(rows) * (root_weight / seconds)[:, None]
-            coef = _nonnegative_lstsq(a, root_weight)
-            cheaper = [
-                s.kind == "allreduce"
-                and float(np.dot(_coefficients(kind, s, world, doubling=True), coef))
-                < float(np.dot(_coefficients(kind, s, world), coef))
-                for s in samples
-            ]
-            if cheaper == doubling:
-                break
-            doubling = cheaper
-        alpha, beta, inv_reduce = float(coef[0]), float(coef[1]), float(coef[2])
-        if beta <= 0:
-            continue
-        error = float(np.sum((a @ coef - root_weight) ** 2))
-        dim = NetworkDim(
-            kind=kind,
-            ranks=world,
-            bandwidth_gbps=1.0 / beta / 1e9,
-            latency_us=alpha * 1e6,
-            name="shared-memory",
-        )
-        if best is None or error < best[0]:
-            best = (error, dim, 1.0 / inv_reduce / 1e9 if inv_reduce > 0 else 0.0)
-    if best is None:
-        raise RuntimeError("communication timings could not be fitted")
-    return best[1], best[2]
-
-
-COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
-"""The grid :func:`fit_contention` searches for the compute slowdown."""
-
-COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
-"""The grid :func:`fit_contention` searches for the communication slowdown."""
-
-
-def fit_contention(
-    base: Topology, cases: Sequence[Case], spans: Sequence[Sequence[float]]
-) -> Topology:
-    """Grid-search how overlapped work slows down, to make simulated tiled runs match.
-
-    The grid: the compute and communication slowdowns, and whether collectives in flight
-    progress together or one at a time (``Device.concurrent_collectives``).
-
-    Args:
-        base: the fitted topology, contention aside.
-        cases: tiled op calls (every rank's plan).
-        spans: each case's measured spans (slowest rank); their medians are matched.
-
-    Returns:
-        ``base`` at the grid point with the smallest sum of squared log errors over the cases.
-    """
-    from mc2sim.model.simulator import simulate
-
-    measured = [(statistics.median(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
-    source = (
-        "fitted by mc2sim calibrate: simulated against measured tiled runs of "
-        f"{', '.join(c.name for c in cases)} on this machine, grid search on squared log "
-        "error (with device.concurrent_collectives)"
-    )
-    devices = {
-        concurrent: dataclasses.replace(base.device, concurrent_collectives=concurrent)
-        for concurrent in (False, True)
-    }
-    best: tuple[float, Topology] | None = None
-    grid = itertools.product(devices.values(), COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS)
-    for device, cs, ms in grid:
-        trial = dataclasses.replace(
-            base,
-            device=device,
-            contention=Contention(compute_slowdown=cs, comm_slowdown=ms, source=source),
-        )
-        error = 0.0
-        for real, plans in measured:
-            sim = simulate(dict(enumerate(plans)), trial).metrics().total_s
-            error += math.log(sim / real) ** 2
-        if best is None or error < best[0]:
-            best = (error, trial)
-    if best is None:
-        raise RuntimeError("contention could not be fitted")
-    return best[1]
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Calibration:
     """A fitted topology and the spans of the runs measured alongside the calibration."""
@@ -501,8 +321,6 @@ def calibrate(
     Returns:
         The fitted topology and the spans of the ``alongside`` calls.
     """
-    from mc2sim.model.validate import calibration_cases, contention_cases, measure_rounds
-
     serial, tiled = calibration_cases(comm), contention_cases(comm)
     runs = [c.run for c in (*serial, *tiled)] + list(alongside)
     rounds = measure_rounds(comm, runs, reps=reps, progress=progress)

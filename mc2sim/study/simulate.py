@@ -1,7 +1,8 @@
-"""A study of one scenario: its plans for every tiling, simulated, written to a results folder.
+"""The simulated side of a study: a scenario's plans for every tiling, run on the cost model.
 
-Data flows one way: scenario -> plans (one per rank and tiling, from shapes alone) ->
-simulation on a topology -> one Timeline -> writers. ``mc2sim simulate`` is this module.
+Data flows one way: scenario -> plans (one per rank and tiling, from shapes alone, by the
+op's spec in the registry) -> simulation on a topology -> one Timeline -> writers.
+``mc2sim simulate`` and ``mc2sim sweep`` are this module.
 """
 
 from __future__ import annotations
@@ -19,19 +20,8 @@ from typing import Any
 
 from mc2sim._atomic import write_atomic
 from mc2sim.model import simulate
-from mc2sim.routing import route, route_sparse
-from mc2sim.scenario import OpName, QuantMode, Scenario
-from mc2sim.schedule import (
-    Plan,
-    TaskKind,
-    plan_all_gather_matmul,
-    plan_alltoallv_gmm,
-    plan_gmm_alltoallv,
-    plan_matmul_reduce_scatter,
-    plan_mm_all_reduce,
-    tiling_of,
-)
-from mc2sim.schedule.builders import IfaShape, MatmulShape, MoeShape, plan_ifa
+from mc2sim.scenario import Scenario
+from mc2sim.schedule import Plan, tiling_of
 from mc2sim.timeline import Metrics, Timeline, write_all
 from mc2sim.topology import Topology, builtin, list_builtin, load
 
@@ -45,11 +35,6 @@ __all__ = [
     "write_results",
 ]
 
-DENSE_ROUTING_LIMIT = 64
-"""Above this many ranks MoE routing is generated sparse (``route_sparse``)."""
-
-_ELEM = {"float16": 2, "bfloat16": 2}
-
 
 def load_topology(name_or_path: str) -> Topology:
     """A builtin topology by name, or a topology file by path."""
@@ -58,25 +43,8 @@ def load_topology(name_or_path: str) -> Topology:
     return load(name_or_path)
 
 
-def _moe_shape(scenario: Scenario, send: Any, recv: Any) -> MoeShape:
-    shape = scenario.effective_shape()
-    shared = None
-    if "h2" in shape and "n2" in shape:
-        shared = (shape["tokens"], shape["h2"], shape["n2"])
-    return MoeShape(
-        e=shape["experts_per_rank"],
-        send=send,
-        recv=recv,
-        h1=shape["h1"],
-        n1=shape["n1"],
-        elem_bytes=_ELEM[scenario.dtype],
-        shared=shared,
-        dtype=scenario.dtype,
-    )
-
-
 def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[int, Plan]:
-    """Every rank's plan of ``scenario`` on ``world`` ranks under ``tiling``.
+    """Every rank's plan of ``scenario`` on ``world`` ranks under ``tiling`` (its op's spec).
 
     Args:
         scenario: the study.
@@ -86,89 +54,7 @@ def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[
     Returns:
         rank -> plan.
     """
-    shape = scenario.effective_shape()
-    chosen = tiling_of(tiling)
-    op = scenario.op
-    if op in (OpName.GMM_ALLTOALLV, OpName.ALLTOALLV_GMM):
-        direction = "combine" if op is OpName.GMM_ALLTOALLV else "dispatch"
-        sizes = {
-            "world_size": world,
-            "experts_per_rank": shape["experts_per_rank"],
-            "tokens_per_rank": shape["tokens"],
-            "top_k": shape["top_k"],
-        }
-        builder = plan_gmm_alltoallv if op is OpName.GMM_ALLTOALLV else plan_alltoallv_gmm
-        if world > DENSE_ROUTING_LIMIT:
-            sparse = route_sparse(scenario.routing, **sizes)
-            return {
-                r: builder(
-                    shape=_moe_shape(
-                        scenario,
-                        sparse.send_counts(r, direction),
-                        sparse.recv_counts(r, direction),
-                    ),
-                    tiling=chosen,
-                    rank=r,
-                )
-                for r in range(world)
-            }
-        table = route(scenario.routing, **sizes)
-        return {
-            r: builder(
-                shape=_moe_shape(
-                    scenario,
-                    tuple(table.send_counts(r, direction)),
-                    tuple(table.recv_counts(r, direction)),
-                ),
-                tiling=chosen,
-                rank=r,
-            )
-            for r in range(world)
-        }
-    elem = _ELEM[scenario.dtype]
-    if op is OpName.IFA:
-        attention = IfaShape(
-            heads=shape["heads"],
-            kv_heads=shape["kv_heads"],
-            head_dim=shape["head_dim"],
-            kv_len=shape["kv_len"],
-            elem_bytes=elem,
-            dtype=scenario.dtype,
-        )
-        batch = shape["batch"]
-        return {
-            r: plan_ifa(batch=batch, shape=attention, tiling=chosen, rank=r, world_size=world)
-            for r in range(world)
-        }
-    quant = scenario.quant
-    in_bytes = 1 if quant is QuantMode.W8A8 else elem
-    w_bytes = {QuantMode.WEIGHT_INT4: 0.5, QuantMode.WEIGHT_INT8: 1.0, QuantMode.W8A8: 1.0}.get(
-        quant, float(elem)
-    )
-    dense = MatmulShape(
-        k=shape["k"],
-        n=shape["n"],
-        in_bytes=in_bytes,
-        w_bytes=w_bytes,
-        out_bytes=elem,
-        dtype=scenario.dtype,
-    )
-    if op is OpName.MM_ALL_REDUCE:
-        kind = {
-            QuantMode.NONE: TaskKind.MATMUL,
-            QuantMode.W8A8: TaskKind.QUANT_MATMUL,
-        }.get(quant, TaskKind.WEIGHT_QUANT_MATMUL)
-        return {
-            r: plan_mm_all_reduce(
-                m=shape["m"], shape=dense, kind=kind, tiling=chosen, rank=r, world_size=world
-            )
-            for r in range(world)
-        }
-    pair = plan_all_gather_matmul if op is OpName.ALL_GATHER_MATMUL else plan_matmul_reduce_scatter
-    return {
-        r: pair(m=shape["m"], shape=dense, tiling=chosen, rank=r, world_size=world)
-        for r in range(world)
-    }
+    return scenario.spec.plans(scenario, world, tiling_of(tiling))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,0 +1,215 @@
+"""Specs of the expert-parallel MoE ops: GroupedMatMulAlltoAllv and AlltoAllvGroupedMatMul.
+
+Shape keys: ``tokens`` (BS per rank), ``top_k``, ``experts_per_rank``, ``h1``, ``n1`` and,
+for a shared expert, ``h2`` and ``n2``. Tokens pick experts by the scenario's routing
+(:mod:`mc2sim.routing`), the same draw for plans and real runs. The limits are
+:mod:`mc2sim.limits`' (the ones :mod:`mc2sim.ops.moe` checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+from mc2sim import limits
+from mc2sim.errors import ParamInvalidError
+from mc2sim.ops.spec import OpName, OpSpec, RealCase, torch_dtype
+from mc2sim.ops.tp_spec import uniform
+from mc2sim.routing import Direction, RoutingTable, SparseRouting, route, route_sparse
+from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
+from mc2sim.schedule.plan import Plan, SparseCounts
+
+if TYPE_CHECKING:
+    import torch
+
+    from mc2sim.comm.base import Communicator
+    from mc2sim.scenario import Scenario
+    from mc2sim.schedule.tiling import Tiling
+
+__all__ = ["AlltoAllvGmmSpec", "GmmAlltoAllvSpec", "routing_of"]
+
+_ELEM_BYTES = {"float16": 2, "bfloat16": 2}
+
+DENSE_ROUTING_LIMIT = 64
+"""Above this many ranks MoE routing is generated sparse (``route_sparse``)."""
+
+
+def routing_of(scenario: Scenario, world: int) -> RoutingTable | SparseRouting:
+    """The routing of ``scenario``'s tokens on ``world`` ranks (every rank gets the same).
+
+    Args:
+        scenario: an MoE study.
+        world: ranks in the expert-parallel group.
+
+    Returns:
+        The routing; ``send_counts(rank, direction)`` and ``recv_counts`` give each rank's.
+    """
+    shape = scenario.effective_shape()
+    sizes = {
+        "world_size": world,
+        "experts_per_rank": shape["experts_per_rank"],
+        "tokens_per_rank": shape["tokens"],
+        "top_k": shape["top_k"],
+    }
+    if world > DENSE_ROUTING_LIMIT:
+        return route_sparse(scenario.routing, **sizes)
+    return route(scenario.routing, **sizes)
+
+
+class _MoeSpec(OpSpec):
+    """What both MoE ops share: keys, limits, world-size rules, plans from the routing."""
+
+    required: ClassVar[tuple[str, ...]] = ("tokens", "top_k", "experts_per_rank", "h1", "n1")
+    optional: ClassVar[tuple[str, ...]] = ("h2", "n2")
+    routed: ClassVar[bool] = True
+    direction: ClassVar[Direction]
+    """Which way the op's AlltoAllv sends the rows."""
+
+    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
+        limits.TOP_K.check(f"{where}.top_k", shape["top_k"])
+        limits.E.check(f"{where}.experts_per_rank", shape["experts_per_rank"])
+        limits.H1.check(f"{where}.h1", shape["h1"])
+        limits.N1.check(f"{where}.n1", shape["n1"])
+        limits.BSK.check(f"{where}.tokens * top_k", shape["tokens"] * shape["top_k"])
+        if ("h2" in shape) != ("n2" in shape):
+            given = "h2" if "h2" in shape else "n2"
+            raise ParamInvalidError(
+                f"{where}.{given}", shape[given], "shared expert needs both h2 and n2, or neither"
+            )
+        if "h2" in shape:
+            limits.H2.check(f"{where}.h2", shape["h2"])
+            limits.N2.check(f"{where}.n2", shape["n2"])
+
+    def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
+        """As :meth:`OpSpec.check_world`; the experts over all ranks must fit top-K."""
+        super().check_world(shape, world, param)
+        e = shape["experts_per_rank"]
+        try:
+            limits.EXPERTS.check(param, e * world)
+        except ParamInvalidError:
+            raise ParamInvalidError(
+                param, world, f"experts_per_rank ({e}) * {param}: {limits.EXPERTS.rule}"
+            ) from None
+        if shape["top_k"] > e * world:
+            raise ParamInvalidError(
+                param,
+                world,
+                f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
+            )
+
+    def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
+        """Every rank's plan, its counts from the scenario's routing."""
+        shape = scenario.effective_shape()
+        table = routing_of(scenario, world)
+        shared = (shape["tokens"], shape["h2"], shape["n2"]) if "h2" in shape else None
+        builder = plan_gmm_alltoallv if self.direction is Direction.COMBINE else plan_alltoallv_gmm
+
+        def counts(rank: int) -> tuple[tuple[int, ...] | SparseCounts, ...]:
+            if isinstance(table, SparseRouting):
+                return table.send_counts(rank, self.direction), table.recv_counts(
+                    rank, self.direction
+                )
+            send = table.send_counts(rank, self.direction)
+            return tuple(send), tuple(table.recv_counts(rank, self.direction))
+
+        plans = {}
+        for r in range(world):
+            send, recv = counts(r)
+            plans[r] = builder(
+                shape=MoeShape(
+                    e=shape["experts_per_rank"],
+                    send=send,
+                    recv=recv,
+                    h1=shape["h1"],
+                    n1=shape["n1"],
+                    elem_bytes=_ELEM_BYTES[scenario.dtype],
+                    shared=shared,
+                    dtype=scenario.dtype,
+                ),
+                tiling=tiling,
+                rank=r,
+            )
+        return plans
+
+    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+        """Routed rows and expert weights (and the shared expert's); golden in float64.
+
+        The output checked is the routed experts' and, after it, the shared expert's
+        (flattened), against the float64 golden of both under the stricter bound of the two.
+        """
+        import numpy as np
+
+        from mc2sim import golden, ops
+
+        shape = scenario.effective_shape()
+        e, h1, n1 = shape["experts_per_rank"], shape["h1"], shape["n1"]
+        dtype = torch_dtype(scenario.dtype)
+        table = route(
+            scenario.routing,
+            world_size=comm.size,
+            experts_per_rank=e,
+            tokens_per_rank=shape["tokens"],
+            top_k=shape["top_k"],
+        )
+        send = table.send_counts(comm.rank, self.direction)
+        recv = table.recv_counts(comm.rank, self.direction)
+        x = uniform(gen, sum(send), h1, dtype=dtype, scale=1.0)
+        w = uniform(gen, e, h1, n1, dtype=dtype, scale=1.0 / h1**0.5)
+        mm_x = mm_w = None
+        k = h1
+        if "h2" in shape:  # the shared expert runs alongside, as in the simulated plans
+            h2, n2 = shape["h2"], shape["n2"]
+            mm_x = uniform(gen, shape["tokens"], h2, dtype=dtype, scale=1.0)
+            mm_w = uniform(gen, h2, n2, dtype=dtype, scale=1.0 / h2**0.5)
+            k = min(h1, h2)  # one check of both outputs: the stricter bound of the two
+        everyone = golden.gather_inputs(comm, x=x, w=w, send=send)
+        if self.direction is Direction.COMBINE:
+            expected, mm_expected = golden.gmm_alltoallv(
+                comm.rank, everyone["x"], everyone["w"], everyone["send"], mm_x=mm_x, mm_weight=mm_w
+            )
+
+            def run(tiling: object) -> torch.Tensor:
+                y, mm_y = ops.gmm_alltoallv(
+                    x, w, comm, comm.size, send, recv, mm_x=mm_x, mm_weight=mm_w,
+                    tiling=tiling,  # type: ignore[arg-type]
+                )  # fmt: skip
+                return _with_shared(y, mm_y)
+
+        else:
+            expected, mm_expected, _ = golden.alltoallv_gmm(
+                comm.rank, everyone["x"], w, everyone["send"], mm_x=mm_x, mm_weight=mm_w
+            )
+
+            def run(tiling: object) -> torch.Tensor:
+                y, mm_y, _ = ops.alltoallv_gmm(
+                    x, w, comm, comm.size, send, recv, mm_x=mm_x, mm_weight=mm_w,
+                    tiling=tiling,  # type: ignore[arg-type]
+                )  # fmt: skip
+                return _with_shared(y, mm_y)
+
+        if mm_expected is not None:
+            expected = np.concatenate([expected.ravel(), mm_expected.ravel()])
+        return RealCase(run=run, expected=expected, k=k)
+
+
+def _with_shared(y: torch.Tensor, mm_y: torch.Tensor | None) -> torch.Tensor:
+    """The routed experts' output, and the shared expert's after it (flattened) if any."""
+    import torch
+
+    if mm_y is None:
+        return y
+    return torch.cat([y.reshape(-1), mm_y.reshape(-1)])
+
+
+class GmmAlltoAllvSpec(_MoeSpec):
+    """GroupedMatMulAlltoAllv, the MoE combine: expert matmuls, then the AlltoAllv home."""
+
+    op: ClassVar[OpName] = OpName.GMM_ALLTOALLV
+    direction: ClassVar[Direction] = Direction.COMBINE
+
+
+class AlltoAllvGmmSpec(_MoeSpec):
+    """AlltoAllvGroupedMatMul, the MoE dispatch: the AlltoAllv to the experts, then matmuls."""
+
+    op: ClassVar[OpName] = OpName.ALLTOALLV_GMM
+    direction: ClassVar[Direction] = Direction.DISPATCH

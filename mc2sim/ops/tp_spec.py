@@ -1,0 +1,225 @@
+"""Specs of the tensor-parallel ops: MatmulAllReduce, AllGatherMatmul, MatmulReduceScatter.
+
+Shape keys ``m, k, n``: each rank's x1 is ``(m, k)`` and x2 ``(k, n)``. The limits are
+:mod:`mc2sim.limits`' (the ones :mod:`mc2sim.ops.tp` checks); plans come from
+:mod:`mc2sim.schedule.builders`; real runs call :mod:`mc2sim.ops.tp` and check against
+:mod:`mc2sim.golden`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mc2sim import limits
+from mc2sim.errors import ParamInvalidError
+from mc2sim.ops.spec import OpName, OpSpec, QuantMode, RealCase, torch_dtype
+from mc2sim.schedule.builders import (
+    MatmulShape,
+    plan_all_gather_matmul,
+    plan_matmul_reduce_scatter,
+    plan_mm_all_reduce,
+)
+from mc2sim.schedule.plan import Plan, TaskKind
+
+if TYPE_CHECKING:
+    import torch
+
+    from mc2sim.comm.base import Communicator
+    from mc2sim.scenario import Scenario
+    from mc2sim.schedule.tiling import Tiling
+
+__all__ = ["AllGatherMatmulSpec", "MatmulAllReduceSpec", "MatmulReduceScatterSpec"]
+
+_ELEM_BYTES = {"float16": 2, "bfloat16": 2}
+
+_WEIGHT_BYTES = {QuantMode.WEIGHT_INT4: 0.5, QuantMode.WEIGHT_INT8: 1.0, QuantMode.W8A8: 1.0}
+"""Bytes per element of x2 in each quantised mode (float x2: the dtype's)."""
+
+_KIND = {QuantMode.NONE: TaskKind.MATMUL, QuantMode.W8A8: TaskKind.QUANT_MATMUL}
+"""The compute task of each mode (the weight-quant modes: ``WEIGHT_QUANT_MATMUL``)."""
+
+
+def _dense_shape(scenario: Scenario) -> MatmulShape:
+    """The per-rank matmul of a tensor-parallel scenario, bytes as the mode stores them."""
+    shape = scenario.effective_shape()
+    elem = _ELEM_BYTES[scenario.dtype]
+    return MatmulShape(
+        k=shape["k"],
+        n=shape["n"],
+        in_bytes=1 if scenario.quant is QuantMode.W8A8 else elem,
+        w_bytes=_WEIGHT_BYTES.get(scenario.quant, float(elem)),
+        out_bytes=elem,
+        dtype=scenario.dtype,
+    )
+
+
+def uniform(gen: torch.Generator, *shape: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Values uniform in ``[-scale, scale)`` from ``gen``, rounded to ``dtype``."""
+    import torch
+
+    return ((torch.rand(*shape, generator=gen) * 2 - 1) * scale).to(dtype)
+
+
+class _TpSpec(OpSpec):
+    """What the three tensor-parallel ops share: the keys ``m, k, n``."""
+
+    required: ClassVar[tuple[str, ...]] = ("m", "k", "n")
+
+    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
+        limits.MM_M.check(f"{where}.m", shape["m"])
+        limits.MM_N.check(f"{where}.n", shape["n"])
+        self._check_k(shape["k"], f"{where}.k")
+
+    def _check_k(self, k: int, param: str) -> None:
+        limits.TP_K.check(param, k)
+
+
+class MatmulAllReduceSpec(_TpSpec):
+    """MatmulAllReduce and its quantised variants (weight int8/int4, w8a8)."""
+
+    op: ClassVar[OpName] = OpName.MM_ALL_REDUCE
+    quant_modes: ClassVar[tuple[QuantMode, ...]] = tuple(QuantMode)
+
+    def _check_k(self, k: int, param: str) -> None:
+        limits.MM_K.check(param, k)
+
+    def check_quant(self, quant: QuantMode, shape: Mapping[str, int], where: str) -> None:
+        """As :meth:`OpSpec.check_quant`; int4 weights also need ``n`` a multiple of 8."""
+        super().check_quant(quant, shape, where)
+        if quant is QuantMode.WEIGHT_INT4:
+            limits.require_multiple(f"{where}.n", shape["n"], 8, "8 for weight_int4")
+
+    def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
+        """Every rank's plan: the same ``(m, k) x (k, n)`` and AllReduce on each."""
+        m = scenario.effective_shape()["m"]
+        dense = _dense_shape(scenario)
+        kind = _KIND.get(scenario.quant, TaskKind.WEIGHT_QUANT_MATMUL)
+        return {
+            r: plan_mm_all_reduce(
+                m=m, shape=dense, kind=kind, tiling=tiling, rank=r, world_size=world
+            )
+            for r in range(world)
+        }
+
+    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+        """Random x1, x2 (and the mode's scales); golden: the float64 sum of every rank's."""
+        import torch
+
+        from mc2sim import golden, ops
+        from mc2sim.kernels import convert_weight_to_int4pack
+
+        shape = scenario.effective_shape()
+        m, k, n = shape["m"], shape["k"], shape["n"]
+        dtype = torch_dtype(scenario.dtype)
+        quant = scenario.quant
+        kwargs: dict[str, Any] = {}
+        if quant is QuantMode.W8A8:
+            x1 = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+            x2 = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8)
+            scale = (torch.rand(n, generator=gen) * 2e-4 + 1e-5).to(torch.bfloat16)
+            kwargs = {"dequant_scale": scale}
+            out_dtype = torch.bfloat16
+        else:
+            x1 = uniform(gen, m, k, dtype=dtype, scale=1.0)
+            out_dtype = dtype
+            if quant is QuantMode.NONE:
+                x2 = uniform(gen, k, n, dtype=dtype, scale=1.0 / k**0.5)
+            else:
+                low, high = (-8, 8) if quant is QuantMode.WEIGHT_INT4 else (-128, 128)
+                values = torch.randint(low, high, (k, n), generator=gen, dtype=torch.int32)
+                x2 = (
+                    convert_weight_to_int4pack(values)
+                    if quant is QuantMode.WEIGHT_INT4
+                    else values.to(torch.int8)
+                )
+                scale = (torch.rand(n, generator=gen) * 0.02 / k**0.5 + 1e-3).to(dtype)
+                offset = uniform(gen, n, dtype=dtype, scale=1.0)
+                kwargs = {"antiquant_scale": scale, "antiquant_offset": offset}
+        everyone = golden.gather_inputs(comm, x1=x1, x2=x2, **kwargs)
+        scales: dict[str, Any] = {key: everyone[key] for key in kwargs}
+        expected = golden.mm_all_reduce(
+            everyone["x1"], everyone["x2"], local_dtype=out_dtype, **scales
+        )
+        return RealCase(
+            run=lambda tiling: ops.mm_all_reduce(x1, x2, comm, tiling=tiling, **kwargs),
+            expected=expected,
+            k=k,
+        )
+
+
+class AllGatherMatmulSpec(_TpSpec):
+    """AllGatherMatmul: gather every rank's ``(m, k)`` rows, then multiply by ``(k, n)``."""
+
+    op: ClassVar[OpName] = OpName.ALL_GATHER_MATMUL
+
+    def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
+        """Every rank's plan of the gather and the matmul of the gathered rows."""
+        m = scenario.effective_shape()["m"]
+        dense = _dense_shape(scenario)
+        return {
+            r: plan_all_gather_matmul(m=m, shape=dense, tiling=tiling, rank=r, world_size=world)
+            for r in range(world)
+        }
+
+    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+        """Random x1 per rank and x2; golden: the gathered rows times x2, in float64."""
+        from mc2sim import golden, ops
+
+        x1, x2, k = _tp_inputs(scenario, gen)
+        everyone = golden.gather_inputs(comm, x1=x1, x2=x2)
+        expected, _ = golden.all_gather_matmul(everyone["x1"], x2)
+
+        def run(tiling: object) -> torch.Tensor:
+            out, _ = ops.all_gather_matmul(x1, x2, comm, comm.size, tiling=tiling)  # type: ignore[arg-type]
+            return out
+
+        return RealCase(run=run, expected=expected, k=k)
+
+
+class MatmulReduceScatterSpec(_TpSpec):
+    """MatmulReduceScatter: ``(m, k) x (k, n)``, then ``m / world`` reduced rows per rank."""
+
+    op: ClassVar[OpName] = OpName.MATMUL_REDUCE_SCATTER
+
+    def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
+        """As :meth:`OpSpec.check_world`; ``m`` must also be a multiple of the world size."""
+        super().check_world(shape, world, param)
+        if shape["m"] % world:
+            raise ParamInvalidError(
+                param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}"
+            )
+
+    def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
+        """Every rank's plan of the matmul and the ReduceScatter of its rows."""
+        m = scenario.effective_shape()["m"]
+        dense = _dense_shape(scenario)
+        return {
+            r: plan_matmul_reduce_scatter(m=m, shape=dense, tiling=tiling, rank=r, world_size=world)
+            for r in range(world)
+        }
+
+    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+        """Random x1, x2 per rank; golden: this rank's rows of the float64 sum of products."""
+        from mc2sim import golden, ops
+
+        x1, x2, k = _tp_inputs(scenario, gen)
+        everyone = golden.gather_inputs(comm, x1=x1, x2=x2)
+        expected = golden.matmul_reduce_scatter(
+            comm.rank, everyone["x1"], everyone["x2"], local_dtype=x1.dtype
+        )
+        return RealCase(
+            run=lambda tiling: ops.matmul_reduce_scatter(x1, x2, comm, comm.size, tiling=tiling),
+            expected=expected,
+            k=k,
+        )
+
+
+def _tp_inputs(scenario: Scenario, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Float x1 ``(m, k)`` and x2 ``(k, n)`` of a tensor-parallel pair; and ``k``."""
+    shape = scenario.effective_shape()
+    m, k, n = shape["m"], shape["k"], shape["n"]
+    dtype = torch_dtype(scenario.dtype)
+    x1 = uniform(gen, m, k, dtype=dtype, scale=1.0)
+    x2 = uniform(gen, k, n, dtype=dtype, scale=1.0 / k**0.5)
+    return x1, x2, k

@@ -1,0 +1,206 @@
+"""The measured side of a study: a scenario run for real on the launched ranks.
+
+One measurement protocol serves ``mc2sim run``, ``calibrate`` and ``validate-model``
+(:func:`measure_rounds`): every call of a set is run once per round, in interleaved rounds
+shuffled the same way on every rank, after a warm-up round. Each rank builds its inputs from
+the op's spec in the registry (reproducibly, from the routing seed and its rank), so a real
+run and its simulated plans describe the same work.
+
+:func:`measure_study` is ``mc2sim run``: every tiling of the scenario is golden-checked under
+its precision standard, then timed in ``repetitions`` rounds; the representative run of each
+tiling is the one of median span.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mc2sim.comm import Communicator
+from mc2sim.compare import Verdict, check_all
+from mc2sim.errors import ParamInvalidError
+from mc2sim.ops.spec import RealCase, TilingSpec
+from mc2sim.scenario import Scenario
+from mc2sim.schedule import Plan
+from mc2sim.study.simulate import plans_for
+from mc2sim.timeline import Timeline, gather, record
+
+__all__ = [
+    "Case",
+    "MeasuredStudy",
+    "cases_of",
+    "measure_rounds",
+    "measure_study",
+    "real_case",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Case:
+    """One op call of a scenario under one tiling: how to run it, and every rank's plan."""
+
+    name: str
+    """The scenario and the tiling, in words."""
+    tiling: str
+    """The tiling in words (as the plans describe it)."""
+    run: Callable[[], object]
+    """Runs the op on this rank (every rank calls it)."""
+    plans: tuple[Plan, ...]
+    """Every rank's plan of the call, index = rank."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MeasuredStudy:
+    """What a real run of a scenario produced (the same on every rank)."""
+
+    timeline: Timeline
+    """Every rank's tasks of the representative run of each tiling (median span)."""
+    runs: dict[str, str]
+    """Tiling, in words -> its run label in ``timeline``."""
+    baseline: str
+    """Run label of the serial plan."""
+    verdicts: dict[str, list[Verdict]]
+    """Tiling -> every rank's golden verdict (index = rank)."""
+    hosts: list[str]
+    """Every rank's host name."""
+
+    @property
+    def passed(self) -> bool:
+        """Whether every rank's output matched its golden under every tiling."""
+        return all(v.passed for verdicts in self.verdicts.values() for v in verdicts)
+
+
+def real_case(scenario: Scenario, comm: Communicator) -> RealCase:
+    """This rank's inputs, op call and golden of ``scenario`` (the op's spec builds them).
+
+    Args:
+        scenario: the study; checked against the launched world size first.
+        comm: every rank of the job.
+
+    Returns:
+        The case; its inputs are drawn from a generator seeded by the routing seed and rank.
+    """
+    scenario.world_size(comm.size)  # the scenario's rules at the launched world size
+    gen = torch.Generator().manual_seed(1000 * scenario.routing.seed + comm.rank)
+    return scenario.spec.real_case(scenario, comm, gen)
+
+
+def cases_of(
+    scenario: Scenario,
+    comm: Communicator,
+    tilings: Sequence[TilingSpec] | None = None,
+    *,
+    real: RealCase | None = None,
+) -> list[Case]:
+    """One :class:`Case` per tiling of ``scenario`` on the ranks of ``comm``.
+
+    Args:
+        scenario: the study.
+        comm: every rank of the job.
+        tilings: the tilings to make cases of (default: the scenario's).
+        real: the scenario's real case, if already built (else it is built here).
+
+    Returns:
+        The cases, in the order of ``tilings``.
+    """
+    real = real if real is not None else real_case(scenario, comm)
+    cases = []
+    for tiling in scenario.tilings if tilings is None else tilings:
+        plans = plans_for(scenario, comm.size, tiling)
+        described = plans[0].tiling
+        cases.append(
+            Case(
+                name=f"{scenario.name} {described}",
+                tiling=described,
+                run=functools.partial(real.run, tiling),
+                plans=tuple(plans[r] for r in range(comm.size)),
+            )
+        )
+    return cases
+
+
+def measure_rounds(
+    comm: Communicator,
+    runs: Sequence[Callable[[], object]],
+    *,
+    reps: int,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[list[Timeline]]:
+    """Each run's recorded timeline (every rank's) in ``reps`` interleaved rounds.
+
+    Each round calls every run once, so a slow spell of a shared machine lands on all of them
+    alike instead of on the few that ran during it, in a new shuffled order (seeded: the same
+    on every rank), so no run always follows the same one (a call after another of other
+    shapes can pay for the caches and the allocator); a first round warms up and is not kept.
+
+    Returns:
+        For every run, its ``reps`` gathered timelines; the same on every rank.
+
+    Raises:
+        ParamInvalidError: ``reps`` below 1.
+    """
+    if reps < 1:
+        raise ParamInvalidError("reps", reps, "must be >= 1 (rounds measured after the warm-up)")
+    kept: list[list[Timeline]] = [[] for _ in runs]
+    rounds = reps + 1
+    shuffle = np.random.default_rng(0)  # the same order on every rank
+    for rnd in range(rounds):
+        for i in shuffle.permutation(len(runs)):
+            with record() as rec:
+                runs[i]()
+            if rnd > 0:
+                kept[i].append(gather(comm, rec.timeline))
+        if progress is not None:
+            progress(rnd, rounds, "warm-up" if rnd == 0 else f"round {rnd}/{reps}")
+    return kept
+
+
+def measure_study(
+    scenario: Scenario,
+    comm: Communicator,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> MeasuredStudy:
+    """Run ``scenario`` on every rank of ``comm`` under each of its tilings.
+
+    Each tiling's output is checked against the golden first (that call also warms it up),
+    then every tiling is timed in ``scenario.repetitions`` interleaved rounds
+    (:func:`measure_rounds`).
+
+    Args:
+        scenario: the study; its per-rank shapes are used as they are, on ``comm.size`` ranks.
+        comm: every rank of the job.
+        progress: called on every rank after each round, as :func:`measure_rounds` does.
+
+    Returns:
+        The representative timelines, golden verdicts and hosts; the same on every rank.
+    """
+    real = real_case(scenario, comm)
+    cases = cases_of(scenario, comm, real=real)
+    verdicts: dict[str, list[Verdict]] = {}
+    for case, tiling in zip(cases, scenario.tilings, strict=True):
+        output = real.run(tiling)
+        verdicts[case.tiling] = check_all(comm, output, real.expected, scenario.standard, k=real.k)
+    rounds = measure_rounds(
+        comm, [c.run for c in cases], reps=scenario.repetitions, progress=progress
+    )
+    timelines: list[Timeline] = []
+    runs: dict[str, str] = {}
+    baseline = ""
+    for case, mine in zip(cases, rounds, strict=True):
+        chosen = sorted(mine, key=lambda t: t.metrics().total_s)[len(mine) // 2]
+        label = chosen.runs()[0]
+        runs[case.tiling] = label
+        if case.tiling == "serial":
+            baseline = label
+        timelines.append(chosen)
+    hosts = comm.allgather_object(socket.gethostname())
+    merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": comm.size})
+    return MeasuredStudy(
+        timeline=merged, runs=runs, baseline=baseline, verdicts=verdicts, hosts=hosts
+    )
