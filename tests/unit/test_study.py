@@ -185,3 +185,57 @@ def test_ifa_decode_is_memory_bound_on_the_a2() -> None:
     assert metrics["serial"].comm_s == 0.0 and metrics["serial"].exposed_comm_s == 0.0
     # four launches of a quarter of the batches: the same bytes, three more launch overheads
     assert metrics["tiles=4"].total_s == pytest.approx(hbm_s + 4 * launch_s, rel=1e-9)
+
+
+def test_validation_cases_are_scenario_files_covering_every_tp_and_moe_op() -> None:
+    from mc2sim.ops.spec import OpName
+    from mc2sim.study.validate import validation_scenarios
+
+    scenarios = validation_scenarios()
+    assert len(scenarios) == 7
+    assert sum(len(s.tilings) for s in scenarios) == 16  # the sweep's 16 cases
+    ops = {s.op for s in scenarios}
+    assert ops == set(OpName) - {OpName.IFA}
+    assert {s.routing.kind for s in scenarios if s.routed} == {"uniform", "zipf"}
+    for s in scenarios:
+        assert s.name == s.name.strip() and "serial" in s.tilings
+
+
+def test_a_new_validation_file_is_a_new_case(tmp_path: Path) -> None:
+    from mc2sim.scenario import dump
+    from mc2sim.study.validate import validation_scenarios
+
+    dump(builtin("llama70b_tp8_decode", ["scale=small", "tilings=serial,2"]), tmp_path / "a.yaml")
+    (found,) = validation_scenarios(tmp_path)
+    assert found.op == "mm_all_reduce" and found.tilings == ("serial", 2)
+
+
+def test_calibration_pairs_name_shipped_files_and_their_tilings() -> None:
+    from mc2sim.schedule import tiling_of
+    from mc2sim.study.calibrate import CONTENTION, SAMPLED, calibration_dir
+
+    assert len(SAMPLED) == 11 and len(CONTENTION) == 6
+    for name, tiling in (*SAMPLED, *CONTENTION):
+        scenario = load(calibration_dir() / f"{name}.yaml")
+        assert tiling_of(tiling) in {tiling_of(t) for t in scenario.tilings}, (name, tiling)
+    # the contention fit sees tiled calls only; the samples are serial but for one
+    assert all(tiling != "serial" for _, tiling in CONTENTION)
+    assert [t for _, t in SAMPLED if t != "serial"] == [4]
+
+
+def test_plans_come_from_the_ops_spec_as_the_builders_make_them() -> None:
+    # an oracle built by hand from the builders, not through the registry
+    from mc2sim.schedule import plan_mm_all_reduce, tiling_of
+    from mc2sim.schedule.builders import MatmulShape
+
+    scenario = builtin("llama70b_tp8_w8a8", ["scale=small"])
+    shape = scenario.effective_shape()
+    dense = MatmulShape(
+        k=shape["k"], n=shape["n"], in_bytes=1, w_bytes=1.0, out_bytes=2, dtype=scenario.dtype
+    )
+    for tiling in scenario.tilings:
+        expected = plan_mm_all_reduce(
+            m=shape["m"], shape=dense, kind=TaskKind.QUANT_MATMUL, tiling=tiling_of(tiling),
+            rank=3, world_size=8,
+        )  # fmt: skip
+        assert plans_for(scenario, 8, tiling)[3] == expected
