@@ -24,7 +24,7 @@ from mc2sim.compare import Verdict, check_all
 from mc2sim.kernels import convert_weight_to_int4pack
 from mc2sim.routing import route
 from mc2sim.scenario import OpName, QuantMode, Scenario
-from mc2sim.timeline import Timeline, gather, record
+from mc2sim.timeline import RunKey, Timeline, gather, record
 
 __all__ = ["ExperimentResult", "run_experiment"]
 
@@ -37,10 +37,10 @@ class ExperimentResult:
 
     timeline: Timeline
     """Every rank's tasks of the representative run of each tiling (median total)."""
-    runs: dict[str, str]
-    """Tiling, in words -> its run label in ``timeline``."""
-    baseline: str
-    """Run label of the serial plan."""
+    runs: dict[str, RunKey]
+    """Tiling, in words -> its run in ``timeline``."""
+    baseline: RunKey
+    """The serial plan's run."""
     verdicts: dict[str, list[Verdict]]
     """Tiling -> every rank's golden verdict (index = rank)."""
     hosts: list[str]
@@ -254,9 +254,8 @@ def run_experiment(
     else:
         case = _tp_case(scenario, comm, gen)
     timelines: list[Timeline] = []
-    runs: dict[str, str] = {}
+    runs: dict[str, RunKey] = {}
     verdicts: dict[str, list[Verdict]] = {}
-    baseline = ""
     for tiling in scenario.tilings:
         output = case.run(tiling)  # warm-up, and the output checked against the golden
         candidates = []
@@ -267,11 +266,8 @@ def run_experiment(
             candidates.append((whole.metrics().total_s, whole))
         candidates.sort(key=lambda pair: pair[0])
         chosen = candidates[len(candidates) // 2][1]
-        label = chosen.runs()[0]
-        described = label.split("/", 1)[1].rsplit("#", 1)[0]
-        runs[described] = label
-        if described == "serial":
-            baseline = label
+        described = chosen.runs()[0].tiling
+        runs[described] = chosen.runs()[0]
         verdicts[described] = check_all(comm, output, case.expected, scenario.standard, k=case.k)
         timelines.append(chosen)
         if progress is not None:
@@ -279,5 +275,5 @@ def run_experiment(
     hosts = comm.allgather_object(socket.gethostname())
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": comm.size})
     return ExperimentResult(
-        timeline=merged, runs=runs, baseline=baseline, verdicts=verdicts, hosts=hosts
+        timeline=merged, runs=runs, baseline=runs["serial"], verdicts=verdicts, hosts=hosts
     )
