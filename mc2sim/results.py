@@ -24,6 +24,7 @@ values, and nothing here imports ``torch`` or ``mpi4py``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -1065,7 +1066,7 @@ def _golden_records(
         for index, verdict in enumerate(given):
             record = verdict if isinstance(verdict, GoldenVerdict) else GoldenVerdict.of(verdict)
             if record.rank is None:
-                record = _with_rank(record, index)
+                record = dataclasses.replace(record, rank=index)
             elif record.rank != index:
                 raise ParamInvalidError(
                     f"verdicts[{tiling!r}][{index}].rank",
@@ -1075,12 +1076,6 @@ def _golden_records(
             records.append(record)
         golden[tiling] = tuple(records)
     return golden
-
-
-def _with_rank(record: GoldenVerdict, rank: int) -> GoldenVerdict:
-    values = {f.name: getattr(record, f.name) for f in fields(record)}
-    values["rank"] = rank
-    return GoldenVerdict(**values)
 
 
 def write_results(
