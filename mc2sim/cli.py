@@ -180,6 +180,15 @@ def _load_scenario(name: str, overrides: Sequence[str]) -> Any:
     return load(name, overrides)
 
 
+def _scenario_file(name: str) -> Path:
+    """The file :func:`_load_scenario` reads for ``name`` (recorded in the manifest)."""
+    from mc2sim.scenario import list_builtin, scenarios_dir
+
+    if name in list_builtin() and not Path(name).exists():
+        return scenarios_dir() / f"{name}.yaml"
+    return Path(name)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     """Simulate a scenario under each of its tilings; write a results folder; print a table."""
     from pathlib import Path
@@ -197,7 +206,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 2
     result = simulate_study(scenario, topology, args.ranks)
     out = Path(args.out or f"results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-sim")
-    write_results(result, out)
+    write_results(
+        result, out, scenario_path=_scenario_file(args.scenario), argv=args.argv,
+        overrides=args.set,
+    )  # fmt: skip
     measured = _measured_totals(Path(args.measured)) if args.measured else {}
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
     print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
@@ -224,13 +236,9 @@ def _write_plots(folders: Sequence[Path], out: Path) -> None:
 
 def _measured_totals(directory: Path) -> dict[str, float]:
     """Tiling -> measured total seconds, from a ``mc2sim run`` results folder."""
-    import json
+    from mc2sim.results import read_results
 
-    summary = json.loads((directory / "summary.json").read_text())
-    return {
-        label.split("/", 1)[1].rsplit("#", 1)[0]: float(metrics["total_s"])
-        for label, metrics in summary["runs"].items()
-    }
+    return read_results(directory).totals()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -240,9 +248,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mc2sim.comm import init
     from mc2sim.errors import AclnnError
     from mc2sim.report import METRICS_HEADER, metrics_row
+    from mc2sim.results import write_results
     from mc2sim.study.measure import measure_study
-    from mc2sim.study.simulate import add_verdicts, write_manifest
-    from mc2sim.timeline import write_all
+    from mc2sim.study.simulate import manifest_of
 
     comm = init("mpi")
     lead = comm.rank == 0
@@ -260,14 +268,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _progress_bar(rounds, scenario.name, "round", show=lead) as bar:
         result = measure_study(scenario, comm, progress=_ticker(bar))
     if lead:
-        paths = write_all(result.timeline, out, baseline_run=result.baseline)
-        verdicts = {
-            tiling: [v.summary() for v in verdicts] for tiling, verdicts in result.verdicts.items()
-        }
-        add_verdicts(paths["summary"], verdicts)
-        write_manifest(
-            out, scenario, topology="measured", world=comm.size, source="measured",
-            hosts=result.hosts,
+        manifest = manifest_of(
+            scenario, topology="measured", world=comm.size, source="measured",
+            hosts=result.hosts, scenario_path=_scenario_file(args.scenario), argv=args.argv,
+            overrides=args.set,
+        )  # fmt: skip
+        write_results(
+            out, timeline=result.timeline, baseline=result.baseline, manifest=manifest,
+            verdicts=result.verdicts,
         )  # fmt: skip
         base = result.timeline.for_run(result.baseline)
         print(f"# {scenario.name}: {scenario.op}, {comm.size} ranks (measured)")
@@ -557,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     """
     args = _parser().parse_args(argv)
+    args.argv = ["mc2sim", *(sys.argv[1:] if argv is None else argv)]  # for the manifest
     steady_allocator()  # repeated calls reuse their memory: timings do not depend on order
     with abort_on_exception():
         status: int = args.func(args)

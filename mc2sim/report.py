@@ -1,11 +1,10 @@
 """Tables and plots of one or more results folders written by ``mc2sim run`` or ``simulate``.
 
-A results folder holds ``manifest.json`` (what ran, where), ``summary.json`` (each run's
-:class:`~mc2sim.timeline.Metrics`, and golden verdicts for measured runs) and ``tasks.csv``
-(every task's times). This module only reads them: :func:`load_results` turns a folder into a
-:class:`ResultsFolder`, :func:`format_tables` prints per-tiling tables (and a predicted vs
-measured table for a measured and a simulated folder of one scenario and world size), and
-:func:`report` does both and draws PNG plots::
+Folders are read with :func:`mc2sim.results.read_results` (the one reader of their files),
+as typed :class:`~mc2sim.results.ResultsFolder` records. :func:`format_tables` prints
+per-tiling tables (and a predicted vs measured table for a measured and a simulated folder of
+one scenario and world size), and :func:`report` does both and draws PNG plots, under the
+file names :mod:`mc2sim.results` gives::
 
     result = report([Path("results/demo"), Path("results/demo-sim")])
     print(result.tables)  # result.plots lists the PNG files written
@@ -17,23 +16,27 @@ reports run headless and from threads. Every PNG is written atomically.
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mc2sim._atomic import write_atomic
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model.accuracy import geomean_of, model_error
-from mc2sim.timeline import Metrics, Source, Stream, TaskRecord, Timeline
-from mc2sim.timeline_io import CSV_COLUMNS
+from mc2sim.results import (
+    OVERLAP_VS_SKEW_PNG,
+    PREDICTED_VS_MEASURED_PNG,
+    SPEEDUP_PNG,
+    ResultsFolder,
+    gantt_png,
+    read_results,
+)
+from mc2sim.timeline import Metrics, Source, Stream, Timeline
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,41 +46,15 @@ __all__ = [
     "Comparison",
     "ComparisonRow",
     "ReportResult",
-    "ResultsFolder",
     "compare",
     "format_tables",
-    "load_results",
     "metrics_row",
     "report",
     "tile_count",
-    "tiling_of_run",
 ]
 
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"
-TASKS = "tasks.csv"
-
 _STREAM_COLORS = {Stream.COMPUTE: "tab:blue", Stream.COMM: "tab:orange"}
-_VERDICT = re.compile(r"\b(PASS|FAIL)\b")
 _TRAILING_NUMBER = re.compile(r"(\d+)\)?\s*$")
-
-
-def tiling_of_run(label: str) -> str:
-    """Return the tiling in words of a run label: the part between ``/`` and the last ``#``.
-
-    Args:
-        label: a run label such as ``"gmm_alltoallv/experts x 2#16"``.
-
-    Returns:
-        The tiling, e.g. ``"experts x 2"``.
-
-    Raises:
-        ParamInvalidError: ``label`` has no ``/``.
-
-    """
-    if "/" not in label:
-        raise ParamInvalidError("run", label, "must look like '<op>/<tiling>#<n>'")
-    return label.split("/", 1)[1].rsplit("#", 1)[0]
 
 
 def tile_count(tiling: str) -> int | None:
@@ -110,171 +87,15 @@ def _tiling_order(tiling: str) -> tuple[int, float, str]:
     return (group, math.inf if count is None else count, tiling)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ResultsFolder:
-    """One results folder, read back: its manifest, every tiling's metrics and its tasks."""
-
-    path: Path
-    """The folder."""
-
-    manifest: Mapping[str, Any]
-    """``manifest.json`` as read (read-only)."""
-
-    runs: Mapping[str, str]
-    """Tiling in words -> run label, in ``summary.json``'s order."""
-
-    metrics: Mapping[str, Metrics]
-    """Tiling in words -> the run's metrics."""
-
-    golden: Mapping[str, str]
-    """Tiling in words -> ``"pass"``, ``"FAIL"`` or ``"?"``; empty without golden checks."""
-
-    timeline: Timeline
-    """Every task of ``tasks.csv`` (source from the manifest)."""
-
-    @property
-    def scenario(self) -> str:
-        """The scenario's name."""
-        return str(self.manifest["scenario"])
-
-    @property
-    def op(self) -> str:
-        """The fused op, or ``"?"`` when the manifest does not say."""
-        return str(self.manifest.get("op", "?"))
-
-    @property
-    def source(self) -> str:
-        """``"measured"`` or ``"simulated"``."""
-        return str(self.manifest["source"])
-
-    @property
-    def world_size(self) -> int:
-        """The number of ranks."""
-        return int(self.manifest["world_size"])
-
-    @property
-    def skew(self) -> float | None:
-        """The routing skew of the manifest, or None when it has none."""
-        routing = self.manifest.get("routing")
-        if isinstance(routing, Mapping) and isinstance(routing.get("skew"), (int, float)):
-            return float(routing["skew"])
-        return None
+def _tilings(folder: ResultsFolder) -> list[str]:
+    """The folder's tilings in display order: serial, hardware, then by tile count."""
+    return sorted(folder.runs, key=_tiling_order)
 
 
-def _broken(directory: Path, rule: str) -> ParamInvalidError:
-    return ParamInvalidError("directory", str(directory), rule)
-
-
-def _read_json(directory: Path, name: str) -> Any:
-    path = directory / name
-    if not path.is_file():
-        raise _broken(directory, f"is not a results folder: {name} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _broken(
-            directory, f"is not a results folder: {name} is not valid JSON ({exc})"
-        ) from None
-
-
-def _verdict(lines: object) -> str:
-    """Return ``"pass"`` when every line says PASS, ``"FAIL"`` when one says FAIL, else ``?``."""
-    if not isinstance(lines, list) or not lines:
-        return "?"
-    outcomes = []
-    for line in lines:
-        found = _VERDICT.search(str(line))
-        outcomes.append(found.group(1) if found else "?")
-    if "FAIL" in outcomes:
-        return "FAIL"
-    return "pass" if all(o == "PASS" for o in outcomes) else "?"
-
-
-def _read_tasks(directory: Path, source: str) -> Timeline:
-    path = directory / TASKS
-    if not path.is_file():
-        raise _broken(directory, f"is not a results folder: {TASKS} is missing")
-    records = []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in CSV_COLUMNS[:-1] if c not in (reader.fieldnames or ())]
-            if missing:
-                raise _broken(directory, f"{TASKS} lacks the columns {missing}")
-            for row in reader:
-                try:
-                    records.append(
-                        TaskRecord(
-                            rank=int(row["rank"]),
-                            run=row["run"],
-                            task=int(row["task"]),
-                            name=row["name"],
-                            stream=Stream(row["stream"]),
-                            kind=row["kind"],
-                            start_s=float(row["start_s"]),
-                            end_s=float(row["end_s"]),
-                            flops=int(row["flops"] or 0),
-                            bytes=int(row["bytes"] or 0),
-                        )
-                    )
-                except (TypeError, ValueError) as exc:  # ParamInvalidError is a ValueError
-                    raise _broken(
-                        directory, f"{TASKS} line {reader.line_num} is broken ({exc})"
-                    ) from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise _broken(directory, f"{TASKS} cannot be read ({exc})") from None
-    return Timeline(records=tuple(records), source=Source(source))
-
-
-def load_results(directory: str | os.PathLike[str]) -> ResultsFolder:
-    """Read a results folder written by ``mc2sim run`` or ``mc2sim simulate``.
-
-    Args:
-        directory: the folder holding ``manifest.json``, ``summary.json`` and ``tasks.csv``.
-
-    Returns:
-        The folder's manifest, metrics per tiling, golden verdicts and tasks.
-
-    Raises:
-        ParamInvalidError: the folder is missing, or one of its files is missing or broken;
-            the message names the folder and the file.
-
-    """
-    path = Path(directory)
-    if not path.is_dir():
-        raise _broken(path, "is not a results folder: no such folder")
-    manifest = _read_json(path, MANIFEST)
-    if not isinstance(manifest, dict):
-        raise _broken(path, f"{MANIFEST} must hold a JSON object")
-    for key in ("scenario", "source", "world_size"):
-        if key not in manifest:
-            raise _broken(path, f"{MANIFEST} lacks the key {key!r}")
-    if manifest["source"] not in ("measured", "simulated"):
-        raise _broken(path, f"{MANIFEST} source {manifest['source']!r} is not measured/simulated")
-    summary = _read_json(path, SUMMARY)
-    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
-        raise _broken(path, f"{SUMMARY} lacks the object 'runs'")
-    found: dict[str, tuple[str, Metrics]] = {}
-    for label, data in summary["runs"].items():
-        try:
-            found[tiling_of_run(label)] = (label, Metrics.from_dict(data))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _broken(path, f"{SUMMARY} run {label!r} is broken ({exc!r})") from None
-    order = sorted(found, key=_tiling_order)
-    runs = {tiling: found[tiling][0] for tiling in order}
-    metrics = {tiling: found[tiling][1] for tiling in order}
-    golden_data = summary.get("golden") or {}
-    if not isinstance(golden_data, dict):
-        raise _broken(path, f"{SUMMARY} 'golden' must be an object")
-    golden = {str(t): _verdict(lines) for t, lines in golden_data.items()}
-    return ResultsFolder(
-        path=path,
-        manifest=MappingProxyType(manifest),
-        runs=MappingProxyType(runs),
-        metrics=MappingProxyType(metrics),
-        golden=MappingProxyType(golden),
-        timeline=_read_tasks(path, str(manifest["source"])),
-    )
+def _golden(folder: ResultsFolder, tiling: str) -> str:
+    """``pass`` when every rank met its golden, ``FAIL`` when one did not, ``-`` unchecked."""
+    passed = folder.passed(tiling)
+    return "-" if passed is None else "pass" if passed else "FAIL"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -327,15 +148,15 @@ def compare(folders: Sequence[ResultsFolder]) -> list[Comparison]:
     """
     pairs = []
     for measured in folders:
-        if measured.source != "measured":
+        if measured.manifest.source is not Source.MEASURED:
             continue
         partner = next(
             (
                 f
                 for f in folders
-                if f.source == "simulated"
-                and f.scenario == measured.scenario
-                and f.world_size == measured.world_size
+                if f.manifest.source is Source.SIMULATED
+                and f.manifest.scenario == measured.manifest.scenario
+                and f.manifest.world_size == measured.manifest.world_size
             ),
             None,
         )
@@ -347,8 +168,10 @@ def compare(folders: Sequence[ResultsFolder]) -> list[Comparison]:
                 measured_s=m.total_s,
                 simulated_s=partner.metrics[tiling].total_s,
             )
-            for tiling, m in measured.metrics.items()
-            if tiling in partner.metrics and m.total_s > 0 and partner.metrics[tiling].total_s > 0
+            for tiling in _tilings(measured)
+            if tiling in partner.metrics
+            and (m := measured.metrics[tiling]).total_s > 0
+            and partner.metrics[tiling].total_s > 0
         )
         pairs.append(Comparison(measured=measured, simulated=partner, rows=rows))
     return pairs
@@ -372,20 +195,21 @@ def metrics_row(tiling: str, m: Metrics) -> str:
 
 
 def _folder_table(folder: ResultsFolder) -> list[str]:
-    skew = folder.skew
+    manifest = folder.manifest
     lines = [
-        f"# {folder.scenario}: {folder.op}, {folder.world_size} ranks, {folder.source}"
-        f"{'' if skew is None else f', skew {skew:g}'} ({folder.path})",
+        f"# {manifest.scenario}: {manifest.op}, {manifest.world_size} ranks, {manifest.source}, "
+        f"skew {manifest.routing.skew:g} ({folder.path})",
         METRICS_HEADER + "  golden",
     ]
-    for tiling, m in folder.metrics.items():
-        lines.append(f"{metrics_row(tiling, m)}  {folder.golden.get(tiling, '-')}")
+    for tiling in _tilings(folder):
+        lines.append(f"{metrics_row(tiling, folder.metrics[tiling])}  {_golden(folder, tiling)}")
     return lines
 
 
 def _comparison_table(pair: Comparison) -> list[str]:
+    measured = pair.measured.manifest
     lines = [
-        f"# predicted vs measured: {pair.measured.scenario}, {pair.measured.world_size} ranks "
+        f"# predicted vs measured: {measured.scenario}, {measured.world_size} ranks "
         f"({pair.measured.path} vs {pair.simulated.path})",
         f"{'tiling':<26}{'measured ms':>12}{'simulated ms':>13}{'error':>9}",
     ]
@@ -417,10 +241,6 @@ def format_tables(folders: Sequence[ResultsFolder]) -> str:
     return "\n\n".join("\n".join(block) for block in blocks) + "\n"
 
 
-def _slug(tiling: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", tiling).strip("_") or "tiling"
-
-
 def _new_figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.figure import Figure
@@ -438,11 +258,11 @@ def _save(fig: Figure, path: Path) -> Path:
     return write_atomic(path, buf.getvalue(), parents=True)
 
 
-def _plot_gantt(folder: ResultsFolder, tiling: str, path: Path) -> Path:
+def _plot_gantt(folder: ResultsFolder, timeline: Timeline, tiling: str, path: Path) -> Path:
     """One lane per (rank, stream); bars from start to end in ms, colored by stream."""
     from matplotlib.patches import Patch
 
-    records = folder.timeline.for_run(folder.runs[tiling]).records
+    records = timeline.for_run(folder.runs[tiling]).records
     t0 = min((r.start_s for r in records), default=0.0)
     lanes = [(rank, stream) for rank in sorted({r.rank for r in records}) for stream in Stream]
     index = {lane: i for i, lane in enumerate(lanes)}
@@ -461,7 +281,8 @@ def _plot_gantt(folder: ResultsFolder, tiling: str, path: Path) -> Path:
     ax.set_ylim(len(lanes) - 0.5, -0.5)
     ax.set_xlabel("time from the run's first task (ms)")
     ax.set_ylabel("rank, stream")
-    ax.set_title(f"{folder.scenario}: {tiling} ({folder.source}, {folder.world_size} ranks)")
+    manifest = folder.manifest
+    ax.set_title(f"{manifest.scenario}: {tiling} ({manifest.source}, {manifest.world_size} ranks)")
     ax.legend(
         handles=[Patch(color=c, label=s.value) for s, c in _STREAM_COLORS.items()],
         loc="upper right",
@@ -471,7 +292,7 @@ def _plot_gantt(folder: ResultsFolder, tiling: str, path: Path) -> Path:
 
 
 def _folder_label(folder: ResultsFolder) -> str:
-    return f"{folder.path.name} ({folder.source})"
+    return f"{folder.path.name} ({folder.manifest.source})"
 
 
 def _plot_speedup(folders: Sequence[ResultsFolder], path: Path) -> Path | None:
@@ -525,9 +346,9 @@ def _plot_overlap_vs_skew(folders: Sequence[ResultsFolder], path: Path) -> Path 
     """Overlap % against routing skew, a line per tiling, for folders of one scenario."""
     groups: dict[tuple[str, int, str], dict[float, ResultsFolder]] = {}
     for folder in folders:
-        if folder.skew is not None:
-            key = (folder.scenario, folder.world_size, folder.source)
-            groups.setdefault(key, {}).setdefault(folder.skew, folder)
+        manifest = folder.manifest
+        key = (manifest.scenario, manifest.world_size, manifest.source.value)
+        groups.setdefault(key, {}).setdefault(manifest.routing.skew, folder)
     usable = {key: by_skew for key, by_skew in groups.items() if len(by_skew) >= 2}
     if not usable:
         return None
@@ -536,7 +357,7 @@ def _plot_overlap_vs_skew(folders: Sequence[ResultsFolder], path: Path) -> Path 
     several = len(usable) > 1
     for (scenario, world, source), by_skew in usable.items():
         skews = sorted(by_skew)
-        tilings = list(dict.fromkeys(t for s in skews for t in by_skew[s].metrics))
+        tilings = list(dict.fromkeys(t for s in skews for t in _tilings(by_skew[s])))
         for tiling in tilings:
             xs = [s for s in skews if tiling in by_skew[s].metrics]
             ys = [by_skew[s].metrics[tiling].overlap_pct for s in xs]
@@ -567,7 +388,7 @@ def _plot_predicted_vs_measured(pairs: Sequence[Comparison], path: Path) -> Path
         xs = [r.measured_s * 1e3 for r in pair.rows]
         ys = [r.simulated_s * 1e3 for r in pair.rows]
         values += xs + ys
-        label = f"{pair.measured.scenario}, {pair.measured.world_size} ranks"
+        label = f"{pair.measured.manifest.scenario}, {pair.measured.manifest.world_size} ranks"
         label += f" (geomean error {pair.geomean_error:.1%})"
         ax.scatter(xs, ys, label=label, zorder=3)
         for row, x, y in zip(pair.rows, xs, ys, strict=True):
@@ -610,7 +431,8 @@ def report(
 
     Plots (each skipped, without error, when the folders do not support it):
 
-    * ``gantt_<tiling>.png`` for every tiling of the first folder: a lane per (rank, stream);
+    * ``gantt_<tiling>.png`` for every tiling of the first folder: a lane per (rank, stream)
+      (none when the folder has no ``tasks.csv``);
     * ``speedup.png``: speedup against tile count, a line per folder with numbered tilings;
     * ``overlap_vs_skew.png``: overlap % against routing skew, a line per tiling, when folders
       of one scenario, world size and source have at least two different skews;
@@ -631,19 +453,21 @@ def report(
     """
     if not directories:
         raise ParamInvalidError("directories", [], "must name at least one results folder")
-    folders = [load_results(d) for d in directories]
+    folders = [read_results(Path(d)) for d in directories]
     pairs = compare(folders)
     tables = format_tables(folders)
     written: list[Path] = []
     if plots:
         target = Path(out) if out is not None else folders[0].path
         first = folders[0]
-        for tiling in first.runs:
-            written.append(_plot_gantt(first, tiling, target / f"gantt_{_slug(tiling)}.png"))
+        if first.timeline is not None:
+            for tiling in _tilings(first):
+                path = target / gantt_png(tiling)
+                written.append(_plot_gantt(first, first.timeline, tiling, path))
         for drawn in (
-            _plot_speedup(folders, target / "speedup.png"),
-            _plot_overlap_vs_skew(folders, target / "overlap_vs_skew.png"),
-            _plot_predicted_vs_measured(pairs, target / "predicted_vs_measured.png"),
+            _plot_speedup(folders, target / SPEEDUP_PNG),
+            _plot_overlap_vs_skew(folders, target / OVERLAP_VS_SKEW_PNG),
+            _plot_predicted_vs_measured(pairs, target / PREDICTED_VS_MEASURED_PNG),
         ):
             if drawn is not None:
                 written.append(drawn)

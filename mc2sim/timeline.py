@@ -4,16 +4,17 @@ Both the real executor and the cost-model simulator describe an op call the same
 every task of its plan, on every rank, when it started and ended and on which stream. That
 record is :class:`TaskRecord`; a set of them is a :class:`Timeline` (``source`` says whether
 the times were measured or simulated). :meth:`Timeline.metrics` turns one run's timeline into
-:class:`Metrics`; the writers (Chrome trace, CSV, JSON summary) live in
-:mod:`mc2sim.timeline_io` and are re-exported here.
+:class:`Metrics`. Every record names its run by a :class:`RunKey` (op, tiling, repetition),
+never by a label string. The files of a results folder (Chrome trace, tasks CSV, summary)
+are written and read by :mod:`mc2sim.results`.
 
 Recording a real run::
 
     with mc2sim.timeline.record() as rec:
         out = mm_all_reduce(...)  # the executor calls current_recorder().add(...)
     everything = mc2sim.timeline.gather(comm, rec.timeline)  # every rank's records
-    if comm.rank == 0:
-        mc2sim.timeline.write_all(everything, "out/")
+    run = everything.runs()[0]  # RunKey(op="mm_all_reduce", tiling="tiles=4", repetition=0)
+    metrics = everything.for_run(run).metrics()
 """
 
 from __future__ import annotations
@@ -31,13 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
-from mc2sim.timeline_io import (
-    chrome_trace,
-    write_all,
-    write_chrome_trace,
-    write_summary_json,
-    write_tasks_csv,
-)
 
 if TYPE_CHECKING:
     from mc2sim.comm.base import Communicator
@@ -46,19 +40,15 @@ __all__ = [
     "Metrics",
     "RankMetrics",
     "Recorder",
+    "RunKey",
     "Source",
     "Stream",
     "TaskRecord",
     "Timeline",
     "busy_time",
-    "chrome_trace",
     "current_recorder",
     "gather",
     "record",
-    "write_all",
-    "write_chrome_trace",
-    "write_summary_json",
-    "write_tasks_csv",
 ]
 
 
@@ -99,14 +89,50 @@ def _as_enum(enum: type[StrEnum], param: str, value: object) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RunKey:
+    """Which op call a task belongs to: the op, its tiling in words and the repetition.
+
+    A run is data, never a label to parse: ``str(key)`` (``"op/tiling#repetition"``) is for
+    display only (Chrome trace arguments, tables).
+    """
+
+    op: str
+    """The fused op, e.g. ``"mm_all_reduce"`` (``Plan.op``)."""
+
+    tiling: str
+    """The tiling in words, as ``Plan.tiling`` gives it, e.g. ``"tiles=4"`` or ``"serial"``."""
+
+    repetition: int = 0
+    """Which call of ``op`` under ``tiling`` this is, from 0 (always 0 when simulated)."""
+
+    def __post_init__(self) -> None:
+        for name in ("op", "tiling"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ParamInvalidError(name, value, "must be a non-empty string")
+        if type(self.repetition) is not int:  # accept NumPy integers, store plain ints
+            try:
+                object.__setattr__(self, "repetition", int(operator.index(self.repetition)))
+            except TypeError:
+                raise ParamInvalidError(
+                    "repetition", self.repetition, "must be an int >= 0"
+                ) from None
+        if self.repetition < 0:
+            raise ParamInvalidError("repetition", self.repetition, "must be an int >= 0")
+
+    def __str__(self) -> str:
+        return f"{self.op}/{self.tiling}#{self.repetition}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TaskRecord:
     """When one task of a plan ran on one rank, and on which stream."""
 
     rank: int
     """The rank that ran the task (>= 0)."""
 
-    run: str
-    """Label of the op call the task belongs to, e.g. ``"mm_all_reduce/tiles=4#0"``."""
+    run: RunKey
+    """The op call the task belongs to."""
 
     task: int
     """The task's id within its plan (>= 0)."""
@@ -133,6 +159,8 @@ class TaskRecord:
     """Bytes the task moved (>= 0; 0 when not counted)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.run, RunKey):
+            raise ParamInvalidError("run", self.run, "must be a RunKey")
         if not isinstance(self.stream, Stream):
             object.__setattr__(self, "stream", _as_enum(Stream, "stream", self.stream))
         for name in ("rank", "task", "flops", "bytes"):
@@ -377,8 +405,8 @@ class Timeline:
         """Return the ranks that have records, in increasing order."""
         return sorted({r.rank for r in self.records})
 
-    def runs(self) -> list[str]:
-        """Return the run labels, in the order of their first record."""
+    def runs(self) -> list[RunKey]:
+        """Return the runs, in the order of their first record."""
         return list(dict.fromkeys(r.run for r in self.records))
 
     def for_rank(self, rank: int) -> Timeline:
@@ -394,11 +422,11 @@ class Timeline:
         kept = tuple(r for r in self.records if r.rank == rank)
         return Timeline(records=kept, source=self.source, meta=self.meta)
 
-    def for_run(self, run: str) -> Timeline:
+    def for_run(self, run: RunKey) -> Timeline:
         """Return the timeline of run ``run``'s records only (same source and meta).
 
         Args:
-            run: the run label to keep.
+            run: the run to keep.
 
         Returns:
             A timeline, empty when ``run`` has no records.
@@ -444,7 +472,7 @@ class Timeline:
         records = tuple(rec for t in timelines for rec in t.records)
         return cls(records=records, source=timelines[0].source, meta=meta)
 
-    def _single_run(self, param: str) -> str:
+    def _single_run(self, param: str) -> RunKey:
         """Return the one run this timeline holds, or raise ``ParamInvalidError``."""
         runs = self.runs()
         if not runs:
@@ -452,7 +480,7 @@ class Timeline:
         if len(runs) > 1:
             raise ParamInvalidError(
                 param,
-                runs,
+                [str(run) for run in runs],
                 "holds several runs; pick one with .for_run(run) before computing metrics",
             )
         return runs[0]
@@ -522,7 +550,7 @@ class Timeline:
 
         Args:
             baseline: the same op's serial run (one run, records of every rank of this
-                one), e.g. ``timeline.for_run("mm_all_reduce/serial#0")``.
+                one), e.g. ``timeline.for_run(RunKey(op="mm_all_reduce", tiling="serial"))``.
 
         Returns:
             The run's metrics.

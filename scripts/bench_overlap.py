@@ -198,8 +198,8 @@ def recording_overhead(world: MPI.Intracomm, case: Case, progress: str, reps: in
 
 
 def _plan_label(timeline: Timeline) -> str:
-    """The plan's tiling as the run label names it: ``op/<tiling>#n``."""
-    return timeline.runs()[0].split("/", 1)[1].rsplit("#", 1)[0]
+    """The plan's tiling in words, as its run key names it."""
+    return timeline.runs()[0].tiling
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from mc2sim.model.cost import (
     reduce_scatter_time,
 )
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
-from mc2sim.timeline import Source, Stream, TaskRecord, Timeline
+from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
 __all__ = ["simulate"]
@@ -169,7 +169,7 @@ class _Engine:
         self.computing = 0  # ranks with a compute task in progress
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
-        self.run = {r: f"{plans[r].op}/{plans[r].tiling}#sim" for r in range(self.world)}
+        self.run = {r: RunKey(op=plans[r].op, tiling=plans[r].tiling) for r in range(self.world)}
 
     # -- the one ordering --------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ was observed: by the next poll, a wait, or the progress thread.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from mc2sim._compat import StrEnum
 from mc2sim.comm import Communicator, Work
 from mc2sim.errors import ParamInvalidError
 from mc2sim.schedule.plan import Plan, Resource, Task
-from mc2sim.timeline import Stream, current_recorder
+from mc2sim.timeline import RunKey, Stream, current_recorder
 
 __all__ = ["POLL_INTERVAL_S", "Progress", "TileRunner", "execute"]
 
@@ -61,7 +60,20 @@ class TileRunner(Protocol):
         ...
 
 
-_RUNS = itertools.count()
+_CALLS: dict[tuple[str, str], int] = {}
+"""How many times each (op, tiling in words) has run in this process: the next repetition."""
+
+_CALLS_LOCK = threading.Lock()
+
+
+def _next_run(plan: Plan) -> RunKey:
+    """The run key of a new call of ``plan``: its op, its tiling, and the next repetition."""
+    key = (plan.op, plan.tiling)
+    with _CALLS_LOCK:
+        repetition = _CALLS.get(key, 0)
+        _CALLS[key] = repetition + 1
+    return RunKey(op=plan.op, tiling=plan.tiling, repetition=repetition)
+
 
 POLL_INTERVAL_S = 100e-6
 """How often the progress thread tests the requests in flight."""
@@ -81,7 +93,7 @@ class _Recorder:
     def __init__(self, plan: Plan, comm: Communicator) -> None:
         self.sink = current_recorder()
         self.plan = plan
-        self.run = f"{plan.op}/{plan.tiling}#{next(_RUNS)}"
+        self.run = _next_run(plan)
         self.epoch = 0
         if self.sink is not None:
             comm.barrier()
@@ -138,7 +150,7 @@ class _Poller:
 
 def execute(
     plan: Plan, comm: Communicator, runner: TileRunner, *, progress: str | Progress = "poll"
-) -> str:
+) -> RunKey:
     """Run ``plan`` on this rank; every rank of ``comm`` runs its own plan of the same op.
 
     Args:
@@ -148,7 +160,8 @@ def execute(
         progress: ``"poll"`` or ``"thread"`` (see the module docstring).
 
     Returns:
-        The run's label in the timeline (``op/tiling#n``).
+        The run's key in the timeline: the plan's op and tiling, and which call of them
+        this is in this process (every rank makes the same calls, so they agree).
 
     Raises:
         ParamInvalidError: an unknown ``progress`` mode.

@@ -17,9 +17,17 @@ Only the simulated side is imported here; import the measured modules by name.
 from mc2sim.study.simulate import (
     StudyResult,
     load_topology,
+    manifest_of,
     plans_for,
     simulate_study,
     write_results,
 )
 
-__all__ = ["StudyResult", "load_topology", "plans_for", "simulate_study", "write_results"]
+__all__ = [
+    "StudyResult",
+    "load_topology",
+    "manifest_of",
+    "plans_for",
+    "simulate_study",
+    "write_results",
+]

@@ -28,7 +28,7 @@ from mc2sim.ops.spec import RealCase, TilingSpec
 from mc2sim.scenario import Scenario
 from mc2sim.schedule import Plan
 from mc2sim.study.simulate import plans_for
-from mc2sim.timeline import Timeline, gather, record
+from mc2sim.timeline import RunKey, Timeline, gather, record
 
 __all__ = [
     "Case",
@@ -60,10 +60,10 @@ class MeasuredStudy:
 
     timeline: Timeline
     """Every rank's tasks of the representative run of each tiling (median span)."""
-    runs: dict[str, str]
-    """Tiling, in words -> its run label in ``timeline``."""
-    baseline: str
-    """Run label of the serial plan."""
+    runs: dict[str, RunKey]
+    """Tiling, in words -> its run in ``timeline``."""
+    baseline: RunKey
+    """The serial plan's run."""
     verdicts: dict[str, list[Verdict]]
     """Tiling -> every rank's golden verdict (index = rank)."""
     hosts: list[str]
@@ -190,17 +190,13 @@ def measure_study(
         comm, [c.run for c in cases], reps=scenario.repetitions, progress=progress
     )
     timelines: list[Timeline] = []
-    runs: dict[str, str] = {}
-    baseline = ""
+    runs: dict[str, RunKey] = {}
     for case, mine in zip(cases, rounds, strict=True):
         chosen = sorted(mine, key=lambda t: t.metrics().total_s)[len(mine) // 2]
-        label = chosen.runs()[0]
-        runs[case.tiling] = label
-        if case.tiling == "serial":
-            baseline = label
+        runs[case.tiling] = chosen.runs()[0]
         timelines.append(chosen)
     hosts = comm.allgather_object(socket.gethostname())
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": comm.size})
     return MeasuredStudy(
-        timeline=merged, runs=runs, baseline=baseline, verdicts=verdicts, hosts=hosts
+        timeline=merged, runs=runs, baseline=runs["serial"], verdicts=verdicts, hosts=hosts
     )

@@ -7,31 +7,24 @@ op's spec in the registry) -> simulation on a topology -> one Timeline -> writer
 
 from __future__ import annotations
 
-import json
-import platform
-import socket
-import subprocess
-import time
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
-from mc2sim._atomic import write_atomic
+from mc2sim import results
 from mc2sim.model import simulate
 from mc2sim.scenario import Scenario
 from mc2sim.schedule import Plan, tiling_of
-from mc2sim.timeline import Metrics, Timeline, write_all
+from mc2sim.timeline import Metrics, RunKey, Timeline
 from mc2sim.topology import Topology, builtin, list_builtin, load
 
 __all__ = [
     "StudyResult",
-    "add_verdicts",
     "load_topology",
+    "manifest_of",
     "plans_for",
     "simulate_study",
-    "write_manifest",
     "write_results",
 ]
 
@@ -69,10 +62,10 @@ class StudyResult:
     """Ranks simulated."""
     timeline: Timeline
     """Every tiling's runs, all ranks (source ``simulated``)."""
-    runs: Mapping[str, str]
-    """Tiling, in words -> its run label in ``timeline``."""
-    baseline: str
-    """Run label of the serial plan."""
+    runs: Mapping[str, RunKey]
+    """Tiling, in words -> its run in ``timeline``."""
+    baseline: RunKey
+    """The serial plan's run."""
 
     def metrics(self) -> dict[str, Metrics]:
         """Tiling, in words -> its metrics against the serial plan."""
@@ -97,8 +90,7 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
     ranks = scenario.world_size(world)
     sized = topology if topology.world_size == ranks else topology.with_world(ranks)
     timelines = []
-    runs: dict[str, str] = {}
-    baseline = ""
+    runs: dict[str, RunKey] = {}
     for tiling in scenario.tilings:
         plans = plans_for(scenario, ranks, tiling)
         described = plans[0].tiling
@@ -106,8 +98,6 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
             continue
         timeline = simulate(plans, sized)
         runs[described] = timeline.runs()[0]
-        if described == "serial":
-            baseline = runs[described]
         timelines.append(timeline)
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": ranks})
     return StudyResult(
@@ -116,81 +106,60 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
         world=ranks,
         timeline=merged,
         runs=runs,
-        baseline=baseline,
+        baseline=runs["serial"],  # every scenario has the serial baseline
     )
 
 
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
-def _version_of(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def write_manifest(
-    directory: Path,
+def manifest_of(
     scenario: Scenario,
     *,
     topology: str,
     world: int,
     source: str,
-    hosts: list[str] | None = None,
-) -> Path:
-    """Write ``manifest.json``: scenario, topology, seeds, versions, revision, world, hosts."""
-    manifest = {
-        "scenario": scenario.name,
-        "op": str(scenario.op),
-        "shape": scenario.effective_shape(),
-        "scale": scenario.scale,
-        "tilings": [str(t) for t in scenario.tilings],
-        "routing": {"kind": str(scenario.routing.kind), "seed": scenario.routing.seed,
-                    "skew": scenario.routing.skew},
-        "topology": topology,
-        "world_size": world,
-        "source": source,
-        "hosts": hosts or [socket.gethostname()],
-        "git_revision": _git_revision(),
-        "versions": {p: _version_of(p) for p in ("mc2sim", "torch", "numpy", "mpi4py")},
-        "python": platform.python_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }  # fmt: skip
-    return _write_json(directory / "manifest.json", manifest)
+    hosts: Sequence[str] | None = None,
+    scenario_path: str | os.PathLike[str] | None = None,
+    argv: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+) -> results.Manifest:
+    """The manifest of a results folder of ``scenario`` (:func:`mc2sim.results.collect_manifest`).
+
+    Args:
+        scenario: the study.
+        topology: the topology's name (``"measured"`` for a real run).
+        world: ranks.
+        source: ``"measured"`` or ``"simulated"``.
+        hosts: every rank's host; default this host.
+        scenario_path: the scenario file read, if any.
+        argv: the command line; default ``sys.argv``.
+        overrides: the ``--set`` strings applied.
+
+    Returns:
+        The manifest.
+    """
+    routing = scenario.routing
+    return results.collect_manifest(
+        scenario=scenario.name, scenario_path=scenario_path, op=scenario.op,
+        shape=scenario.effective_shape(), dtype=scenario.dtype, quant=scenario.quant,
+        standard=scenario.standard, repetitions=scenario.repetitions, scale=scenario.scale,
+        tilings=scenario.tilings, routing_kind=routing.kind, routing_seed=routing.seed,
+        routing_skew=routing.skew, topology=topology, world_size=world, source=source,
+        seeds={"routing": routing.seed}, hosts=hosts, argv=argv, overrides=overrides,
+    )  # fmt: skip
 
 
-def _write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", parents=True)
-
-
-def write_results(result: StudyResult, directory: Path) -> dict[str, Path]:
-    """Write manifest, summary, tasks CSV and Chrome trace of a simulated study."""
-    paths = write_all(result.timeline, directory, baseline_run=result.baseline)
-    paths["manifest"] = write_manifest(
-        directory,
-        result.scenario,
-        topology=result.topology.name,
-        world=result.world,
-        source="simulated",
+def write_results(
+    result: StudyResult,
+    directory: Path,
+    *,
+    scenario_path: str | os.PathLike[str] | None = None,
+    argv: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write the results folder of a simulated study (see :func:`mc2sim.results.write_results`)."""
+    manifest = manifest_of(
+        result.scenario, topology=result.topology.name, world=result.world, source="simulated",
+        scenario_path=scenario_path, argv=argv, overrides=overrides,
+    )  # fmt: skip
+    return results.write_results(
+        directory, timeline=result.timeline, baseline=result.baseline, manifest=manifest
     )
-    return paths
-
-
-def add_verdicts(summary: Path, verdicts: Mapping[str, Any]) -> Path:
-    """Add each run's golden verdicts to a ``summary.json`` (rewritten atomically)."""
-    data = json.loads(summary.read_text())
-    data["golden"] = verdicts
-    return _write_json(summary, data)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import pytest
+
+from mc2sim.results import read_results
+from mc2sim.timeline import Source
 
 from .conftest import mpiexec
 
@@ -26,21 +27,26 @@ def test_run_a_small_scenario(tmp_path: Path, ranks: int, scenario: str) -> None
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("# " + scenario) == 1, "rank 0 prints"
     assert f"results: {out}" in res.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["world_size"] == ranks and len(manifest["hosts"]) == ranks
-    assert manifest["scenario"] == scenario and manifest["source"] == "measured"
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["golden"]) >= {"serial"}
-    for verdicts in summary["golden"].values():
-        assert len(verdicts) == ranks and all("PASS" in v for v in verdicts)
-    assert (out / "trace.json").exists() and (out / "tasks.csv").exists()
+    folder = read_results(out)
+    manifest = folder.manifest
+    assert manifest.world_size == ranks and len(manifest.hosts) == ranks
+    assert manifest.scenario == scenario and manifest.source is Source.MEASURED
+    assert manifest.overrides == ("scale=small", "repetitions=1") and manifest.repetitions == 1
+    assert manifest.mpi_library is not None, "mc2sim run loads MPI: its library is recorded"
+    assert set(folder.verdicts) == set(folder.runs) >= {"serial"}
+    for verdicts in folder.verdicts.values():
+        assert len(verdicts) == ranks and all(v.passed for v in verdicts)
+        assert [v.rank for v in verdicts] == list(range(ranks))
+    assert folder.baseline == folder.runs["serial"]
+    assert (out / "trace.json").exists() and folder.timeline is not None
+    assert folder.timeline.ranks() == list(range(ranks))
+    assert set(folder.timeline.runs()) == set(folder.runs.values())
     if scenario == "seed_gmm_alltoallv_ep4":  # with its shared expert, as the simulation plans
-        with (out / "tasks.csv").open() as f:
-            shared = [row for row in csv.DictReader(f) if row["name"] == "matmul[shared]"]
-        assert sorted(int(row["rank"]) for row in shared) == sorted(list(range(ranks)) * 4)
+        shared = [r for r in folder.timeline.records if r.name == "matmul[shared]"]
+        assert sorted(r.rank for r in shared) == sorted(list(range(ranks)) * 4)
         # checked against the golden too: 64 tokens x top-2 rows of N1=64, and 64 x N2=64
-        for verdicts in summary["golden"].values():
-            assert all(f"/{64 * 2 * 64 + 64 * 64} elements" in v for v in verdicts)
+        for verdicts in folder.verdicts.values():
+            assert all(v.numel == 64 * 2 * 64 + 64 * 64 for v in verdicts)
     assert (out / "gantt_serial.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -65,8 +71,8 @@ def test_real_sweep_runs_every_point(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["small.m=16", "small.m=32"]
     assert (out / "speedup.png").exists(), "the sweep's plots, over every point"
     for m in (16, 32):
-        manifest = json.loads((out / f"small.m={m}" / "manifest.json").read_text())
-        assert manifest["shape"]["m"] == m and manifest["world_size"] == 2
+        manifest = read_results(out / f"small.m={m}").manifest
+        assert manifest.shape["m"] == m and manifest.world_size == 2
 
 
 def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None:

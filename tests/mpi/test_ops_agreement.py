@@ -36,7 +36,7 @@ def test_moe_error_on_the_last_rank_only(comm: Communicator, op) -> None:
         op(**args)
     assert info.value.code == 161002
     assert info.value.rank == last
-    assert str(info.value).startswith("e=33: local experts")
+    assert str(info.value) == "e=33: e must be in [1, 32]"
     # the group is still usable: every rank left the op at the same point
     y, _ = ops.gmm_alltoallv(**moe(comm))
     assert y.shape == (2 * comm.size, 4)
@@ -80,7 +80,7 @@ def test_tp_error_on_one_rank(comm: Communicator, op) -> None:
     k = 255 if comm.rank == comm.size - 1 else 256
     x1 = torch.ones(2 * comm.size, k, dtype=BF16)
     x2 = torch.ones(k, 4, dtype=BF16)
-    with pytest.raises(ParamInvalidError, match=r"k=255: x1.shape\[1\] must be in \[256, 65535\)"):
+    with pytest.raises(ParamInvalidError, match=r"k=255: k must be in \[256, 65534\]"):
         op(x1, x2, comm, comm.size)
 
 

@@ -6,11 +6,11 @@ import pytest
 
 from mc2sim.comm import Communicator
 from mc2sim.errors import ParamInvalidError
-from mc2sim.timeline import Source, Stream, TaskRecord, Timeline, gather, record
+from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline, gather, record
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(90)]
 
-RUN = "mm_all_reduce/tiles=2#0"
+RUN = RunKey(op="mm_all_reduce", tiling="tiles=2", repetition=0)
 
 
 def records_of(rank: int) -> tuple[TaskRecord, ...]:

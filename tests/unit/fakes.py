@@ -50,3 +50,25 @@ class SameOnEveryRank:
 
     def barrier(self) -> None:
         pass
+
+
+def toy_manifest(
+    *,
+    source: str = "measured",
+    scenario: str = "toy",
+    world_size: int = 2,
+    skew: float = 1.0,
+    tilings: Sequence[str] = ("serial", "hardware", "2"),
+    scenario_path: Any = None,
+) -> Any:
+    """A results manifest of a small mm_all_reduce study, from plain values."""
+    from mc2sim.results import collect_manifest
+
+    return collect_manifest(
+        scenario=scenario, scenario_path=scenario_path, op="mm_all_reduce",
+        shape={"m": 8, "k": 16, "n": 32}, dtype="float16", quant="none", standard="allclose",
+        repetitions=3, scale="small", tilings=tilings, routing_kind="balanced",
+        routing_seed=7, routing_skew=skew, topology="toy", world_size=world_size,
+        source=source, seeds={"routing": 7}, hosts=[f"host{r}" for r in range(world_size)],
+        argv=["mc2sim", "run", scenario], overrides=["scale=small"],
+    )  # fmt: skip

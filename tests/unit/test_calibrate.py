@@ -30,7 +30,7 @@ from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import TaskKind
 from mc2sim.study.calibrate import samples_of
 from mc2sim.study.measure import Case, measure_rounds
-from mc2sim.timeline import Stream, TaskRecord, Timeline, current_recorder
+from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline, current_recorder
 from mc2sim.topology import (
     Contention,
     Device,
@@ -142,7 +142,7 @@ def test_fit_network_recovers_the_link_and_the_reduction_rate(world: int) -> Non
 def rec(rank: int, task: int, kind: TaskKind, start_ms: float, end_ms: float) -> TaskRecord:
     stream = Stream.COMM if kind in (TaskKind.ALLREDUCE, TaskKind.ALLTOALLV) else Stream.COMPUTE
     return TaskRecord(
-        rank=rank, run="r", task=task, name=str(kind), stream=stream, kind=str(kind),
+        rank=rank, run=RunKey(op="mm", tiling="serial"), task=task, name=str(kind), stream=stream, kind=str(kind),
         start_s=start_ms * MS, end_s=end_ms * MS,
     )  # fmt: skip
 
@@ -304,7 +304,8 @@ def test_measure_rounds_interleaves_the_calls_and_drops_the_warm_up() -> None:
         sink = current_recorder()
         assert sink is not None, "each call runs inside a recording"
         end = len(calls) * MS
-        sink.add_raw((0, label, 0, label, Stream.COMPUTE, "matmul", 0.0, end, 0, 0))
+        run = RunKey(op=label, tiling="serial")
+        sink.add_raw((0, run, 0, label, Stream.COMPUTE, "matmul", 0.0, end, 0, 0))
 
     seen: list[tuple[int, int, str]] = []
     rounds = measure_rounds(

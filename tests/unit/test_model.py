@@ -51,7 +51,7 @@ from mc2sim.schedule import (
 )
 from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import SparseCounts, SparseSplits
-from mc2sim.timeline import Source, Stream, Timeline
+from mc2sim.timeline import RunKey, Source, Stream, Timeline
 from mc2sim.topology import (
     Contention,
     Device,
@@ -793,7 +793,7 @@ def test_engine_invariants(op: str, tiling: str | int | None) -> None:
         "world_size": 8,
         "topology": "hand",
     }
-    assert timeline.runs() == [f"{op}/{plans[0].tiling}#sim"]
+    assert timeline.runs() == [RunKey(op=op, tiling=plans[0].tiling, repetition=0)]
 
 
 @pytest.mark.parametrize("concurrent", [False, True], ids=["stream", "concurrent"])

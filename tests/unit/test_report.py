@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,11 @@ from typing import Any
 import pytest
 
 from mc2sim.errors import ParamInvalidError
-from mc2sim.report import load_results, report, tile_count, tiling_of_run
+from mc2sim.report import report, tile_count
+from mc2sim.results import GoldenVerdict, read_results, write_results
+from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
+
+from .fakes import toy_manifest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OP = "mm_all_reduce"
@@ -29,23 +32,13 @@ SIMULATED = {  # no "tiles=4": the comparison covers the tilings both ran
 }
 
 
-def _metrics(times: tuple[float, float, float, float], overlap: float, speedup: float) -> Any:
-    total, compute, comm, exposed = times
-    rank = {
-        "rank": 0, "total_s": total, "compute_s": compute, "comm_s": comm,
-        "exposed_comm_s": exposed, "pure_comm_s": comm, "overlap_pct": overlap,
-        "flops": 0, "bytes": 0,
-    }  # fmt: skip
-    return {
-        "per_rank": [rank],
-        "critical_rank": 0,
-        "total_s": total,
-        "compute_s": compute,
-        "comm_s": comm,
-        "exposed_comm_s": exposed,
-        "overlap_pct": overlap,
-        "speedup": speedup,
-    }
+def _verdict(rank: int, passed: bool) -> GoldenVerdict:
+    return GoldenVerdict(
+        standard="allclose", passed=passed, dtype="float16", numel=8,
+        mismatches=0 if passed else 3, mismatch_fraction=0.0 if passed else 3 / 8,
+        allowed_fraction=0.0, max_abs_error=0.0 if passed else 1.0, max_rel_error=0.0,
+        rank=rank,
+    )  # fmt: skip
 
 
 def _write_folder(
@@ -54,35 +47,39 @@ def _write_folder(
     *,
     source: str = "measured",
     skew: float = 1.0,
-    golden: dict[str, list[str]] | None = None,
+    golden: dict[str, list[bool]] | None = None,
     scenario: str = "toy",
 ) -> Path:
-    """Write a small results folder by hand: manifest, summary and a two-rank tasks CSV."""
-    path.mkdir(parents=True)
-    manifest = {
-        "scenario": scenario, "op": OP, "shape": {"m": 8}, "scale": "small",
-        "tilings": list(table), "routing": {"kind": "balanced", "seed": 0, "skew": skew},
-        "topology": "toy", "world_size": 2, "source": source, "hosts": ["vm"],
-    }  # fmt: skip
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    runs = {f"{OP}/{tiling}#{i}": _metrics(*row) for i, (tiling, row) in enumerate(table.items())}
-    summary: dict[str, Any] = {"meta": {"source": source}, "runs": runs}
-    if golden is not None:
-        summary["golden"] = golden
-    (path / "summary.json").write_text(json.dumps(summary))
-    with (path / "tasks.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["rank", "run", "task", "name", "stream", "kind", "start_s", "end_s", "flops",
-             "bytes", "duration_s"]
-        )  # fmt: skip
-        for label, data in runs.items():
-            total = data["total_s"]
-            for rank in range(2):
-                writer.writerow([rank, label, 0, "matmul[0]", "compute", "matmul", 0.0,
-                                 total / 2, 10, 0, total / 2])  # fmt: skip
-                writer.writerow([rank, label, 1, "allreduce[0]", "comm", "allreduce",
-                                 total / 4, total, 0, 64, 0.75 * total])  # fmt: skip
+    """Write a small results folder of two ranks: each tiling's run takes its table total.
+
+    On each rank a run computes over [0, total/2] and communicates over [total/4, total].
+    """
+    records = []
+    for i, (tiling, ((total, *_), *_)) in enumerate(table.items()):
+        run = RunKey(op=OP, tiling=tiling, repetition=i)
+        for rank in range(2):
+            records.append(
+                TaskRecord(
+                    rank=rank, run=run, task=0, name="matmul[0]", stream=Stream.COMPUTE,
+                    kind="matmul", start_s=0.0, end_s=total / 2, flops=10,
+                )
+            )  # fmt: skip
+            records.append(
+                TaskRecord(
+                    rank=rank, run=run, task=1, name="allreduce[0]", stream=Stream.COMM,
+                    kind="allreduce", start_s=total / 4, end_s=total, bytes=64,
+                )
+            )  # fmt: skip
+    timeline = Timeline(records=tuple(records), source=Source(source))
+    verdicts = {
+        tiling: [_verdict(rank, ok) for rank, ok in enumerate(outcomes)]
+        for tiling, outcomes in (golden or {}).items()
+    }
+    write_results(
+        path, timeline=timeline, baseline=RunKey(op=OP, tiling="serial", repetition=0),
+        manifest=toy_manifest(source=source, scenario=scenario, skew=skew, tilings=list(table)),
+        verdicts=verdicts,
+    )  # fmt: skip
     return path
 
 
@@ -101,42 +98,40 @@ def _assert_png(path: Path) -> None:
     assert len(data) > 5000, (path, len(data))
 
 
-def test_tiling_words_and_tile_counts() -> None:
-    assert tiling_of_run("gmm_alltoallv/experts x 2#16") == "experts x 2"
-    assert tiling_of_run("mm_all_reduce/hardware(tiles=3)#sim") == "hardware(tiles=3)"
+def test_tile_counts_of_tilings_in_words() -> None:
     assert [tile_count(t) for t in ("serial", "tiles=4", "experts x 8", "ranks x 2")] == [
         1, 4, 8, 2,
     ]  # fmt: skip
     assert tile_count("hardware(tiles=3)") == 3
     assert tile_count("hardware(per expert)") is None
-    with pytest.raises(ParamInvalidError):
-        tiling_of_run("no-slash#0")
 
 
 def test_tables_hold_the_summary_numbers_and_golden_verdicts(tmp_path: Path) -> None:
     golden = {
-        "serial": ["rank 0: allclose (float16) PASS: 0/8 elements", "rank 1: x PASS: 0/8"],
-        "hardware(tiles=3)": ["rank 0: allclose (float16) PASS: 0/8", "rank 1: y FAIL: 3/8"],
-        "tiles=2": ["rank 0: allclose (float16) PASS: 0/8", "rank 1: z PASS: 0/8"],
+        "serial": [True, True],
+        "hardware(tiles=3)": [True, False],
+        "tiles=2": [True, True],
     }
     folder = _write_folder(tmp_path / "run", MEASURED, golden=golden)
     result = report([folder], plots=False)
     assert result.plots == () and result.comparisons == ()
     assert not list(folder.glob("*.png"))
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = read_results(folder)
     header = "# toy: mm_all_reduce, 2 ranks, measured, skew 1"
     assert header in result.tables
     expected_golden = {"serial": "pass", "hardware(tiles=3)": "FAIL", "tiles=2": "pass"}
-    for label, m in summary["runs"].items():
-        tiling = label.split("/")[1].split("#")[0]
+    assert set(summary.metrics) == set(MEASURED)
+    for tiling, m in summary.metrics.items():
         cells = _row(result.tables, header, tiling)
-        assert [float(c) for c in cells[:6]] == pytest.approx(
-            [
-                m["total_s"] * 1e3, m["compute_s"] * 1e3, m["comm_s"] * 1e3,
-                m["exposed_comm_s"] * 1e3, m["overlap_pct"], m["speedup"],
-            ],
-            abs=6e-3,
-        )  # fmt: skip
+        assert m.total_s == MEASURED[tiling][0][0]
+        expected = [
+            m.total_s * 1e3, m.compute_s * 1e3, m.comm_s * 1e3, m.exposed_comm_s * 1e3,
+            m.overlap_pct, m.speedup,
+        ]  # fmt: skip
+        printed = [float(c) for c in cells[:6]]
+        # ms to 3 decimals, overlap % to 1, speedup to 2
+        for got, want, places in zip(printed, expected, (3, 3, 3, 3, 1, 2), strict=True):
+            assert got == pytest.approx(want, abs=0.6 * 10.0**-places)
         assert cells[6] == expected_golden.get(tiling, "-")
     # rows come serial first, hardware next, then by tile count
     order = [line.split()[0] for line in result.tables.splitlines()[2:]]
@@ -193,21 +188,23 @@ def test_overlap_vs_skew_needs_two_skews_and_plots_go_to_the_first_folder(
 
 
 def test_report_of_a_simulated_study(tmp_path: Path) -> None:
+    from mc2sim import study as studies
     from mc2sim.scenario import builtin
-    from mc2sim.study import simulate_study, write_results
 
     scenario = builtin("llama70b_tp8_decode", ["scale=small"])
-    study = simulate_study(scenario, scenario.load_topology())
-    write_results(study, tmp_path / "sim")
-    folder = load_results(tmp_path / "sim")
-    assert folder.source == "simulated" and folder.world_size == study.world
-    assert folder.scenario == scenario.name
+    study = studies.simulate_study(scenario, scenario.load_topology())
+    studies.write_results(study, tmp_path / "sim")
+    folder = read_results(tmp_path / "sim")
+    manifest = folder.manifest
+    assert manifest.source is Source.SIMULATED and manifest.world_size == study.world
+    assert manifest.scenario == scenario.name
     expected = study.metrics()
     assert set(folder.metrics) == set(expected)
     for tiling, m in expected.items():
         assert folder.metrics[tiling].total_s == m.total_s
         assert folder.metrics[tiling].overlap_pct == m.overlap_pct
-    assert len(folder.timeline.records) == len(study.timeline.records)
+    assert folder.runs == study.runs and folder.baseline == study.baseline
+    assert folder.timeline == study.timeline
     result = report([tmp_path / "sim"], tmp_path / "out")
     gantts = [p for p in result.plots if p.name.startswith("gantt_")]
     assert len(gantts) == len(expected)
@@ -217,7 +214,7 @@ def test_report_of_a_simulated_study(tmp_path: Path) -> None:
 
 def _assert_broken(folder: Path, *words: str) -> None:
     with pytest.raises(ParamInvalidError) as info:
-        load_results(folder)
+        read_results(folder)
     assert info.value.code == 161002
     assert str(folder) in str(info.value)
     for word in words:
@@ -241,21 +238,31 @@ def test_folders_that_are_not_results_folders(tmp_path: Path) -> None:
     _assert_broken(folder, "summary.json is not valid JSON")
 
     folder = _write_folder(tmp_path / "nokey", MEASURED)
-    (folder / "manifest.json").write_text(json.dumps({"scenario": "toy", "source": "measured"}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["world_size"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     _assert_broken(folder, "manifest.json", "'world_size'")
 
     folder = _write_folder(tmp_path / "badrun", MEASURED)
-    (folder / "summary.json").write_text(json.dumps({"runs": {"op/serial#0": {"total_s": 1}}}))
+    serial = {"op": "op", "tiling": "serial", "repetition": 0}
+    broken = {"run": serial, "metrics": {"total_s": 1}}
+    (folder / "summary.json").write_text(
+        json.dumps({"baseline": serial, "runs": [broken], "golden": {}, "timeline_meta": {}})
+    )
     _assert_broken(folder, "summary.json", "op/serial#0")
 
     folder = _write_folder(tmp_path / "badtask", MEASURED)
     with (folder / "tasks.csv").open("a") as handle:
-        handle.write("0,op/serial#0,2,x,disk,matmul,0.0,1.0,0,0,1.0\n")
+        handle.write(f"0,{OP},serial,0,2,x,disk,matmul,0.0,1.0,0,0,1.0\n")
     _assert_broken(folder, "tasks.csv line", "disk")
 
+    # without tasks.csv a folder still reports: tables, and every plot but the Gantt charts
     folder = _write_folder(tmp_path / "notasks", MEASURED)
     (folder / "tasks.csv").unlink()
-    _assert_broken(folder, "tasks.csv is missing")
+    assert read_results(folder).timeline is None
+    result = report([folder])
+    assert "# toy: mm_all_reduce, 2 ranks, measured" in result.tables
+    assert [p.name for p in result.plots] == ["speedup.png"]
 
     with pytest.raises(ParamInvalidError) as info:
         report([])

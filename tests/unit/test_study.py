@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from mc2sim.cli import main
+from mc2sim.results import read_results
 from mc2sim.scenario import builtin, list_builtin, load
 from mc2sim.schedule import Plan, TaskKind
 from mc2sim.study import plans_for, simulate_study, write_results
+from mc2sim.timeline import Source
 
 
 @pytest.mark.parametrize("name", list_builtin())
@@ -42,11 +45,14 @@ def test_study_at_another_world_size_and_its_results_folder(tmp_path: Path) -> N
     assert len(tilings) == 3
     assert tilings[0] == "serial" and tilings[1].startswith("hardware(") and tilings[2] == "tiles=2"
     paths = write_results(result, tmp_path)
-    manifest = json.loads(paths["manifest"].read_text())
-    assert manifest["scenario"] == "llama70b_tp8_decode" and manifest["world_size"] == 4
-    assert manifest["source"] == "simulated" and manifest["topology"] == result.topology.name
-    summary = json.loads(paths["summary"].read_text())
-    assert set(summary["runs"]) == set(result.runs.values())
+    folder = read_results(tmp_path)
+    manifest = folder.manifest
+    assert manifest.scenario == "llama70b_tp8_decode" and manifest.world_size == 4
+    assert manifest.source is Source.SIMULATED and manifest.topology == result.topology.name
+    assert manifest.tilings == ("serial", "hardware", "2")
+    assert manifest.shape == scenario.effective_shape() and manifest.scale == "small"
+    assert folder.runs == result.runs and folder.baseline == result.runs["serial"]
+    assert folder.metrics == result.metrics()
     trace = json.loads(paths["trace"].read_text())
     assert {e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == set(range(4))
     with paths["tasks"].open() as handle:
@@ -90,6 +96,30 @@ def test_command_line_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str
     )  # fmt: skip
     assert status == 0
     assert {p.name for p in quick.iterdir()} == data
+    # the manifest records the command line, the overrides and the scenario file read
+    manifest = read_results(quick).manifest
+    assert manifest.argv == (
+        "mc2sim", "simulate", "seed_gmm_alltoallv_ep4", "--set", "scale=small", "--no-plots",
+        "--out", str(quick),
+    )  # fmt: skip
+    assert manifest.overrides == ("scale=small",)
+    shipped = Path(__file__).parents[2] / "scenarios" / "seed_gmm_alltoallv_ep4.yaml"
+    assert manifest.scenario_path is not None
+    assert Path(manifest.scenario_path).name == shipped.name
+    assert manifest.scenario_sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    # a measured folder's totals, compared tiling by tiling (here a twin: error 0)
+    capsys.readouterr()
+    again = tmp_path / "again"
+    status = main(
+        ["simulate", "seed_gmm_alltoallv_ep4", "--set", "scale=small", "--no-plots",
+         "--measured", str(quick), "--out", str(again)]
+    )  # fmt: skip
+    assert status == 0
+    printed = capsys.readouterr().out
+    totals = read_results(quick).totals()
+    for tiling, total in totals.items():
+        row = next(line for line in printed.splitlines() if line.startswith(tiling + " "))
+        assert row.endswith(f"{total * 1e3:>10.3f}{0.0:>8.1%}")
 
 
 def test_broken_scenario_exits_2_naming_file_and_key(
@@ -127,10 +157,10 @@ def test_sweep_simulates_every_point(tmp_path: Path, capsys: pytest.CaptureFixtu
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == ["routing.skew=0.0", "routing.skew=2.0"]
     assert {"speedup.png", "overlap_vs_skew.png"} <= {p.name for p in out.iterdir()}
-    for folder in folders:
-        manifest = json.loads((out / folder / "manifest.json").read_text())
-        assert manifest["routing"]["skew"] == float(folder.split("=")[1])
-        assert manifest["tilings"] == ["serial", "2"]
+    for folder, skew in zip(folders, (0.0, 2.0), strict=True):
+        manifest = read_results(out / folder).manifest
+        assert manifest.routing.skew == skew
+        assert manifest.tilings == ("serial", "2")
     assert printed.count("experts x 2") == 2
 
 

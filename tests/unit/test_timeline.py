@@ -1,11 +1,12 @@
-"""Timeline records, metrics, recording and writers, against answers worked out by hand."""
+"""Timeline records, run keys, metrics and recording, against answers worked out by hand.
+
+The files written from timelines are tested with their writer and reader, in test_results.py.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from mc2sim.errors import ParamInvalidError
 from mc2sim.timeline import (
     Metrics,
+    RunKey,
     Source,
     Stream,
     TaskRecord,
@@ -22,13 +24,14 @@ from mc2sim.timeline import (
     busy_time,
     current_recorder,
     record,
-    write_all,
-    write_chrome_trace,
-    write_summary_json,
-    write_tasks_csv,
 )
 
-RUN = "mm_all_reduce/tiles=2#0"
+
+def key(tiling: str, repetition: int = 0) -> RunKey:
+    return RunKey(op="mm_all_reduce", tiling=tiling, repetition=repetition)
+
+
+RUN = key("tiles=2")
 
 
 def rec(
@@ -37,7 +40,7 @@ def rec(
     end: float,
     *,
     rank: int = 0,
-    run: str = RUN,
+    run: RunKey = RUN,
     task: int = 0,
     flops: int = 0,
     nbytes: int = 0,
@@ -116,7 +119,9 @@ def test_idle_gap_counts_as_exposed() -> None:
 
 
 def test_baseline_gives_t_pure_and_speedup() -> None:
-    serial = tl(rec("compute", 0, 4, run="serial"), rec("comm", 4, 6, task=1, run="serial"))
+    serial = tl(
+        rec("compute", 0, 4, run=key("serial")), rec("comm", 4, 6, task=1, run=key("serial"))
+    )
     # fused: comm slowed to 3 s by contention; total 5, compute 4, exposed 1.
     fused = tl(rec("compute", 0, 4), rec("comm", 2, 5, task=1))
     alone = fused.metrics()
@@ -146,8 +151,8 @@ def test_critical_rank_is_the_slowest() -> None:
     assert m.overlap_pct == 40.0  # 100 * (1 - 3/5)
     assert (m.per_rank[2].flops, m.per_rank[2].bytes) == (15, 3)
     # baseline speedup uses the slowest baseline rank: 14 / 7
-    base = tl(rec("compute", 0, 14, rank=0, run="s"), rec("comm", 0, 1, rank=1, run="s"))
-    base = Timeline.merge(base, tl(rec("comm", 0, 1, rank=2, run="s")))
+    base = tl(rec("compute", 0, 14, rank=0, run=key("s")), rec("comm", 0, 1, rank=1, run=key("s")))
+    base = Timeline.merge(base, tl(rec("comm", 0, 1, rank=2, run=key("s"))))
     assert t.metrics(baseline=base).speedup == 2.0
 
 
@@ -160,13 +165,13 @@ def test_no_comm_gives_zero_overlap() -> None:
     m = tl(rec("compute", 0, 2), rec("compute", 2, 3, task=1)).metrics()
     assert (m.comm_s, m.exposed_comm_s, m.overlap_pct) == (0.0, 0.0, 0.0)
     # a baseline without communication: t_pure = 0 too
-    base = tl(rec("compute", 0, 1, run="s"))
+    base = tl(rec("compute", 0, 1, run=key("s")))
     fused = tl(rec("compute", 0, 1), rec("comm", 0, 2, task=1))
     assert fused.metrics(baseline=base).overlap_pct == 0.0
 
 
 def test_metrics_refuses_ambiguous_timelines() -> None:
-    two = tl(rec("compute", 0, 1), rec("compute", 0, 1, run="other"))
+    two = tl(rec("compute", 0, 1), rec("compute", 0, 1, run=key("other")))
     with pytest.raises(ParamInvalidError, match="for_run") as info:
         two.metrics()
     assert info.value.code == 161002
@@ -200,10 +205,21 @@ def test_task_record_validation() -> None:
         rec("compute", 2.0, 1.0)
     assert info.value.code == 161002
     with pytest.raises(ParamInvalidError, match="stream"):
-        TaskRecord(rank=0, run="r", task=0, name="x", stream="disk", kind="k", start_s=0, end_s=1)  # type: ignore[arg-type]
+        TaskRecord(rank=0, run=RUN, task=0, name="x", stream="disk", kind="k", start_s=0, end_s=1)  # type: ignore[arg-type]
+    with pytest.raises(ParamInvalidError, match="RunKey"):
+        TaskRecord(
+            rank=0,
+            run="op/tiles=2#0",
+            task=0,
+            name="x",
+            stream="comm",
+            kind="k",
+            start_s=0,
+            end_s=1,
+        )  # type: ignore[arg-type]
     as_str = TaskRecord(
         rank=0,
-        run="r",
+        run=RUN,
         task=0,
         name="x",
         stream="comm",
@@ -214,7 +230,7 @@ def test_task_record_validation() -> None:
     assert as_str.stream is Stream.COMM
     coerced = TaskRecord(
         rank=np.int64(1),  # type: ignore[arg-type]
-        run="r",
+        run=RUN,
         task=0,
         name="x",
         stream=Stream.COMPUTE,
@@ -241,13 +257,14 @@ def test_task_record_validation() -> None:
 
 
 def test_timeline_filters_merge_and_validation() -> None:
-    a = tl(rec("compute", 0, 1, rank=1), rec("comm", 0, 1, rank=0, run="b"), meta={"op": "mm"})
+    a = tl(rec("compute", 0, 1, rank=1), rec("comm", 0, 1, rank=0, run=key("b")), meta={"op": "mm"})
     assert a.ranks() == [0, 1]
-    assert a.runs() == [RUN, "b"]
+    assert a.runs() == [RUN, key("b")]
     assert [r.rank for r in a.for_rank(1).records] == [1]
-    assert a.for_run("b").records == (a.records[1],)
-    assert a.for_run("nope").records == ()
-    assert a.for_run("b").meta == {"op": "mm"}
+    assert a.for_run(key("b")).records == (a.records[1],)
+    assert a.for_run(key("nope")).records == ()
+    assert a.for_run(key("b", repetition=1)).records == ()
+    assert a.for_run(key("b")).meta == {"op": "mm"}
     assert a.source is Source.MEASURED
 
     b = tl(rec("compute", 0, 1, rank=2), meta={"op": "mm", "world": 3})
@@ -315,174 +332,37 @@ def test_record_resets_after_an_exception() -> None:
     assert current_recorder() is None
 
 
-# ----------------------------------------------------------------------------- writers
+# ----------------------------------------------------------------------------- run keys
 
 
-def two_rank_timeline() -> Timeline:
-    return tl(
-        rec("compute", 0.0, 0.5, rank=0, flops=100),
-        rec("comm", 0.25, 1.0, rank=0, task=1, nbytes=64),
-        rec("compute", 0.0, 0.75, rank=1, flops=100),
-        rec("comm", 0.75, 1.0, rank=1, task=1, nbytes=64),
-        meta={"world_size": 2, "op": "mm_all_reduce"},
-    )
+def test_run_key_is_data_and_its_label_is_for_display() -> None:
+    k = RunKey(op="gmm_alltoallv", tiling="experts x 2", repetition=16)
+    assert (k.op, k.tiling, k.repetition) == ("gmm_alltoallv", "experts x 2", 16)
+    assert str(k) == "gmm_alltoallv/experts x 2#16"
+    assert RunKey(op="mm", tiling="serial") == RunKey(op="mm", tiling="serial", repetition=0)
+    assert len({k, RunKey(op="gmm_alltoallv", tiling="experts x 2", repetition=16)}) == 1
+    assert k != RunKey(op="gmm_alltoallv", tiling="experts x 2", repetition=15)
+    coerced = RunKey(op="mm", tiling="serial", repetition=np.int64(3))  # type: ignore[arg-type]
+    assert type(coerced.repetition) is int and coerced.repetition == 3
+    # a tiling in words may hold the characters a label would use: nothing is parsed
+    odd = RunKey(op="mm", tiling="a/b#c", repetition=1)
+    assert tl(rec("compute", 0, 1, run=odd)).runs() == [odd]
 
 
-def test_chrome_trace_fields(tmp_path: Path) -> None:
-    t = two_rank_timeline()
-    path = write_chrome_trace(t, tmp_path / "deep" / "trace.json")
-    assert path == tmp_path / "deep" / "trace.json"
-    trace = json.loads(path.read_text())
-    assert trace["displayTimeUnit"] == "ms"
-    assert trace["otherData"]["world_size"] == 2
-    assert trace["otherData"]["mc2sim.source"] == "measured"
-    events = trace["traceEvents"]
-    meta = [e for e in events if e["ph"] == "M"]
-    names = {(e["name"], e["pid"], e["tid"]): e["args"] for e in meta}
-    assert names[("process_name", 0, 0)] == {"name": "rank 0"}
-    assert names[("process_name", 1, 0)] == {"name": "rank 1"}
-    for pid in (0, 1):
-        assert names[("thread_name", pid, 0)] == {"name": "compute"}
-        assert names[("thread_name", pid, 1)] == {"name": "comm"}
-    complete = [e for e in events if e["ph"] == "X"]
-    assert len(complete) == 4
-    comm0 = next(e for e in complete if e["pid"] == 0 and e["tid"] == 1)
-    assert comm0["name"] == "allreduce[1]"
-    assert comm0["cat"] == "allreduce"
-    assert comm0["ts"] == pytest.approx(250_000.0)
-    assert comm0["dur"] == pytest.approx(750_000.0)
-    assert comm0["args"] == {"flops": 0, "bytes": 64, "run": RUN, "task": 1}
-    comp1 = next(e for e in complete if e["pid"] == 1 and e["tid"] == 0)
-    assert (comp1["ts"], comp1["dur"], comp1["args"]["flops"]) == (0.0, 750_000.0, 100)
-
-
-def test_chrome_trace_lanes_and_runs(tmp_path: Path) -> None:
-    # two comm chunks in flight at once; a second run timed from its own epoch.
-    t = tl(
-        rec("comm", 0, 2),
-        rec("comm", 1, 3, task=1),
-        rec("comm", 2, 4, task=2),
-        rec("compute", 0, 1, run="second"),
-    )
-    trace = json.loads(write_chrome_trace(t, tmp_path / "t.json").read_text())
-    x = [e for e in trace["traceEvents"] if e["ph"] == "X"]
-    assert [(e["args"]["task"], e["tid"]) for e in x if e["cat"] == "allreduce"] == [
-        (0, 1),
-        (1, 3),  # overlaps task 0: second comm lane
-        (2, 1),  # starts when task 0 ends: back on the first lane
-    ]
-    threads = {
-        e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"
-    }
-    assert threads == {0: "compute", 1: "comm", 3: "comm #2"}
-    # the second run overlapped [0, 4]: moved to 4 + 0.1 * 4 = 4.4 s
-    offsets = trace["otherData"]["mc2sim.run_offsets_s"]
-    assert offsets == {RUN: 0.0, "second": pytest.approx(4.4)}
-    second = next(e for e in x if e["args"]["run"] == "second")
-    assert second["ts"] == pytest.approx(4.4e6)
-    # runs already one after another keep their times
-    seq = tl(rec("compute", 0, 1), rec("compute", 1.5, 2, run="second"))
-    assert json.loads(write_chrome_trace(seq, tmp_path / "s.json").read_text())["otherData"][
-        "mc2sim.run_offsets_s"
-    ] == {RUN: 0.0, "second": 0.0}
-
-
-def test_tasks_csv_exact(tmp_path: Path) -> None:
-    t = two_rank_timeline()
-    path = write_tasks_csv(t, tmp_path / "tasks.csv")
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == [
-        "rank",
-        "run",
-        "task",
-        "name",
-        "stream",
-        "kind",
-        "start_s",
-        "end_s",
-        "flops",
-        "bytes",
-        "duration_s",
-    ]
-    assert len(rows) == 1 + len(t.records)
-    assert rows[1] == [
-        "0",
-        RUN,
-        "0",
-        "matmul[0]",
-        "compute",
-        "matmul",
-        "0.0",
-        "0.5",
-        "100",
-        "0",
-        "0.5",
-    ]
-    assert rows[2] == [
-        "0",
-        RUN,
-        "1",
-        "allreduce[1]",
-        "comm",
-        "allreduce",
-        "0.25",
-        "1.0",
-        "0",
-        "64",
-        "0.75",
-    ]
-    assert rows[4][6:8] == ["0.75", "1.0"]
-
-
-def test_summary_json_round_trips(tmp_path: Path) -> None:
-    t = two_rank_timeline()
-    m = t.metrics()
-    path = write_summary_json({RUN: m}, tmp_path / "summary.json", meta={"world_size": 2})
-    data = json.loads(path.read_text())
-    assert data["meta"] == {"world_size": 2}
-    assert Metrics.from_dict(data["runs"][RUN]) == m
-    with pytest.raises(ParamInvalidError, match="meta"):
-        write_summary_json({RUN: m}, tmp_path / "bad.json", meta={"x": object()})
-    assert not (tmp_path / "bad.json").exists()
-
-
-def test_writers_leave_no_temp_files_and_overwrite(tmp_path: Path) -> None:
-    t = two_rank_timeline()
-    write_tasks_csv(t, tmp_path / "tasks.csv")
-    write_tasks_csv(t.for_rank(0), tmp_path / "tasks.csv")  # replaces the first
-    paths = write_all(t, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tasks.csv"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "summary.json",
-        "tasks.csv",
-        "trace.json",
-    ]
-    assert paths == {
-        "trace": tmp_path / "out" / "trace.json",
-        "tasks": tmp_path / "out" / "tasks.csv",
-        "summary": tmp_path / "out" / "summary.json",
-    }
-    assert len((tmp_path / "tasks.csv").read_text().splitlines()) == 3
-
-
-def test_write_all_with_baseline(tmp_path: Path) -> None:
-    serial = tl(
-        rec("compute", 0, 4, run="serial"),
-        rec("comm", 4, 6, run="serial", task=1),
-    )
-    both = Timeline.merge(serial, tl(rec("compute", 0, 4), rec("comm", 2, 5, task=1)))
-    paths = write_all(both, tmp_path, baseline_run="serial")
-    summary = json.loads(paths["summary"].read_text())
-    assert summary["meta"] == {"source": "measured", "baseline_run": "serial", "timeline": {}}
-    assert summary["runs"]["serial"]["speedup"] == 1.0
-    assert summary["runs"][RUN]["speedup"] == 1.2
-    assert summary["runs"][RUN]["overlap_pct"] == 50.0
-    with pytest.raises(ParamInvalidError, match="baseline_run"):
-        write_all(both, tmp_path / "never", baseline_run="missing")
-    assert not (tmp_path / "never").exists()
-    plain = json.loads(write_all(both, tmp_path / "plain")["summary"].read_text())
-    assert plain["runs"][RUN]["speedup"] is None
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"op": "", "tiling": "serial"}, "op"),
+        ({"op": "mm", "tiling": None}, "tiling"),
+        ({"op": "mm", "tiling": "serial", "repetition": -1}, "repetition"),
+        ({"op": "mm", "tiling": "serial", "repetition": 1.5}, "repetition"),
+    ],
+)
+def test_run_key_validation(kwargs: dict[str, object], param: str) -> None:
+    with pytest.raises(ParamInvalidError) as info:
+        RunKey(**kwargs)  # type: ignore[arg-type]
+    assert info.value.param == param
+    assert info.value.code == 161002
 
 
 # ----------------------------------------------------------------------------- properties

@@ -1,0 +1,1282 @@
+"""The results folder of ``mc2sim run`` and ``mc2sim simulate``: its one writer and reader.
+
+A results folder holds:
+
+* ``manifest.json``: what ran and where (:class:`Manifest`): the command line, the
+  scenario and its file's sha256, op, shape, tilings, routing, topology, world size, hosts,
+  seeds, package versions, the MPI library, and the git revision of this checkout.
+* ``summary.json``: every run's key and :class:`~mc2sim.timeline.Metrics` (against the
+  baseline run), the baseline's key, and each tiling's golden verdicts
+  (:class:`GoldenVerdict`, one per rank) for measured runs.
+* ``tasks.csv``: every task of every rank and run, the run as the columns ``op``,
+  ``tiling`` and ``repetition``.
+* ``trace.json``: the same tasks as a Chrome trace (Perfetto opens it); written only.
+
+:func:`write_results` writes them all (atomically, file by file, the manifest last) and
+:func:`read_results` reads them back as typed records (:class:`ResultsFolder`); nothing
+else reads or writes these files. The PNG plots are drawn by :mod:`mc2sim.report` under the
+file names given here (:func:`gantt_png` and the ``*_PNG`` names).
+
+This module sits below the scenario, the ops and MPI: :func:`collect_manifest` takes plain
+values, and nothing here imports ``torch`` or ``mpi4py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from mc2sim._atomic import write_atomic
+from mc2sim.errors import ParamInvalidError
+from mc2sim.timeline import Metrics, RunKey, Source, Stream, TaskRecord, Timeline
+
+if TYPE_CHECKING:
+    from mc2sim.compare import Verdict
+
+__all__ = [
+    "CSV_COLUMNS",
+    "FORMAT",
+    "MANIFEST_FILE",
+    "OVERLAP_VS_SKEW_PNG",
+    "PACKAGES",
+    "PREDICTED_VS_MEASURED_PNG",
+    "SPEEDUP_PNG",
+    "SUMMARY_FILE",
+    "TASKS_FILE",
+    "TRACE_FILE",
+    "GoldenVerdict",
+    "Manifest",
+    "ManifestRouting",
+    "ResultsFolder",
+    "WorstElement",
+    "chrome_trace",
+    "collect_manifest",
+    "gantt_png",
+    "git_state",
+    "read_results",
+    "write_results",
+]
+
+FORMAT = 1
+"""Version of the folder's format, stored in ``manifest.json``; other versions are refused."""
+
+MANIFEST_FILE = "manifest.json"
+"""What ran and where: :class:`Manifest`."""
+
+SUMMARY_FILE = "summary.json"
+"""Every run's key and metrics, the baseline, golden verdicts."""
+
+TASKS_FILE = "tasks.csv"
+"""Every task, a row each, columns :data:`CSV_COLUMNS`."""
+
+TRACE_FILE = "trace.json"
+"""The tasks as a Chrome trace (JSON Object Format)."""
+
+SPEEDUP_PNG = "speedup.png"
+"""Plot: speedup against tile count, a line per folder."""
+
+OVERLAP_VS_SKEW_PNG = "overlap_vs_skew.png"
+"""Plot: overlap against routing skew, a line per tiling."""
+
+PREDICTED_VS_MEASURED_PNG = "predicted_vs_measured.png"
+"""Plot: simulated against measured total time per tiling."""
+
+PACKAGES = ("mc2sim", "torch", "numpy", "mpi4py", "mpich")
+"""The distributions whose versions a manifest records."""
+
+CSV_COLUMNS = (
+    "rank",
+    "op",
+    "tiling",
+    "repetition",
+    "task",
+    "name",
+    "stream",
+    "kind",
+    "start_s",
+    "end_s",
+    "flops",
+    "bytes",
+    "duration_s",
+)
+"""Columns of ``tasks.csv``: the ``TaskRecord`` fields with the run as its three fields,
+then ``duration_s`` (written for readers; derived, so not read back)."""
+
+_STREAM_TID = {"compute": 0, "comm": 1}
+"""Chrome trace thread id of each stream's first lane; lane k of a stream is at ``tid + 2k``."""
+
+_RUN_GAP = 0.1
+"""Gap left between runs laid one after another in a trace, as a fraction of a run's span."""
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+"""Where this package's files are; its git revision is recorded only for own checkouts."""
+
+
+def gantt_png(tiling: str) -> str:
+    """Return the file name of the Gantt chart of ``tiling``, e.g. ``gantt_tiles_4.png``.
+
+    Args:
+        tiling: the tiling in words.
+
+    Returns:
+        ``gantt_<tiling with runs of other characters than letters and digits as _>.png``.
+
+    """
+    return f"gantt_{re.sub(r'[^A-Za-z0-9]+', '_', tiling).strip('_') or 'tiling'}.png"
+
+
+# ----------------------------------------------------------------------------- JSON values
+
+
+def _number(value: float) -> float | str:
+    """A float as JSON allows it: non-finite values as ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+class _Fields:
+    """Typed access to one JSON object of a results file; errors name the key's path."""
+
+    __slots__ = ("data", "where")
+
+    def __init__(self, data: object, where: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ParamInvalidError(where, _kind(data), "must be a JSON object")
+        self.data: Mapping[str, Any] = data
+        self.where = where
+
+    def _get(self, key: str) -> Any:
+        if key not in self.data:
+            raise ParamInvalidError(self.where, sorted(self.data), f"lacks the key {key!r}")
+        return self.data[key]
+
+    def _bad(self, key: str, value: object, rule: str) -> ParamInvalidError:
+        return ParamInvalidError(f"{self.where}.{key}", value, rule)
+
+    def text(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise self._bad(key, value, "must be a string")
+        return value
+
+    def text_or_none(self, key: str) -> str | None:
+        return None if self._get(key) is None else self.text(key)
+
+    def integer(self, key: str) -> int:
+        value = self._get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._bad(key, value, "must be an integer")
+        return value
+
+    def integer_or_none(self, key: str) -> int | None:
+        return None if self._get(key) is None else self.integer(key)
+
+    def number(self, key: str) -> float:
+        value = self._get(key)
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+            return float(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise self._bad(key, value, "must be a number (or 'nan', 'inf', '-inf')")
+        return float(value)
+
+    def number_or_none(self, key: str) -> float | None:
+        return None if self._get(key) is None else self.number(key)
+
+    def flag(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "must be true or false")
+        return value
+
+    def flag_or_none(self, key: str) -> bool | None:
+        return None if self._get(key) is None else self.flag(key)
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        value = self._get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._bad(key, value, "must be a list of strings")
+        return tuple(value)
+
+    def table(self, key: str) -> _Fields:
+        return _Fields(self._get(key), f"{self.where}.{key}")
+
+    def items(self, key: str) -> list[Any]:
+        value = self._get(key)
+        if not isinstance(value, list):
+            raise self._bad(key, _kind(value), "must be a list")
+        return value
+
+
+def _kind(value: object) -> str:
+    """A short name of a JSON value's type, for error messages."""
+    return type(value).__name__
+
+
+def _run_json(run: RunKey) -> dict[str, Any]:
+    return {"op": run.op, "tiling": run.tiling, "repetition": run.repetition}
+
+
+def _run_of(data: _Fields) -> RunKey:
+    return RunKey(
+        op=data.text("op"), tiling=data.text("tiling"), repetition=data.integer("repetition")
+    )
+
+
+# ----------------------------------------------------------------------------- golden verdicts
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorstElement:
+    """The output element that strayed furthest from its golden."""
+
+    index: tuple[int, ...]
+    """Its index in the output's shape."""
+
+    actual: float
+    """The output's value there."""
+
+    golden: float
+    """The golden value there."""
+
+    error: float
+    """The standard's error measure of the element (inf for an unmatched NaN or inf)."""
+
+    def __post_init__(self) -> None:
+        index = tuple(self.index)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in index):
+            raise ParamInvalidError("index", self.index, "must be a tuple of ints >= 0")
+        object.__setattr__(self, "index", index)
+        for name in ("actual", "golden", "error"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GoldenVerdict:
+    """One rank's golden check of one tiling, as ``summary.json`` stores it.
+
+    The record of a :class:`mc2sim.compare.Verdict` (:meth:`of`); see its fields.
+    """
+
+    standard: str
+    """The precision standard applied (a ``mc2sim.compare.Standard`` value)."""
+
+    passed: bool
+    """Whether the output met the standard."""
+
+    dtype: str
+    """The dtype whose thresholds applied, e.g. ``"bfloat16"``."""
+
+    numel: int
+    """Elements compared."""
+
+    mismatches: int
+    """Elements that broke the per-element bound."""
+
+    mismatch_fraction: float
+    """``mismatches / numel`` (0.0 without elements)."""
+
+    allowed_fraction: float
+    """The largest mismatch fraction that still passes."""
+
+    max_abs_error: float
+    """Largest ``|actual - golden|`` over finite elements."""
+
+    max_rel_error: float
+    """Largest ``|actual - golden| / |golden|`` over finite elements with golden != 0."""
+
+    mean_error: float | None = None
+    """``error_balance`` only: the mean signed relative error; None otherwise."""
+
+    mean_limit: float | None = None
+    """``error_balance`` only: the bound on ``|mean_error|``; None otherwise."""
+
+    worst: WorstElement | None = None
+    """The worst mismatching element, or None when no element mismatched."""
+
+    rank: int | None = None
+    """The rank whose output was checked, or None outside a multi-rank check."""
+
+    def __post_init__(self) -> None:
+        for name in ("standard", "dtype"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ParamInvalidError(name, getattr(self, name), "must be a non-empty string")
+        object.__setattr__(self, "standard", str(self.standard))  # a Standard as its value
+        if not isinstance(self.passed, bool):
+            raise ParamInvalidError("passed", self.passed, "must be a bool")
+        for name in ("numel", "mismatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ParamInvalidError(name, value, "must be an int >= 0")
+        if self.mismatches > self.numel:
+            raise ParamInvalidError(
+                "mismatches", self.mismatches, f"must be <= numel ({self.numel})"
+            )
+        for name in ("mismatch_fraction", "allowed_fraction", "max_abs_error", "max_rel_error"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("mean_error", "mean_limit"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+        if self.rank is not None and (
+            not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0
+        ):
+            raise ParamInvalidError("rank", self.rank, "must be None or an int >= 0")
+
+    @classmethod
+    def of(cls, verdict: Verdict) -> GoldenVerdict:
+        """Return the record of a verdict of :mod:`mc2sim.compare`.
+
+        Args:
+            verdict: one rank's verdict (``check`` or ``check_all``).
+
+        Returns:
+            Its record; ``worst`` is the first (worst) of the verdict's mismatches.
+
+        """
+        first = verdict.worst[0] if verdict.worst else None
+        return cls(
+            standard=str(verdict.standard),
+            passed=bool(verdict.passed),
+            dtype=verdict.dtype,
+            numel=verdict.numel,
+            mismatches=verdict.mismatches,
+            mismatch_fraction=verdict.mismatch_fraction,
+            allowed_fraction=verdict.allowed_fraction,
+            max_abs_error=verdict.max_abs_error,
+            max_rel_error=verdict.max_rel_error,
+            mean_error=verdict.mean_error,
+            mean_limit=verdict.mean_limit,
+            worst=None
+            if first is None
+            else WorstElement(
+                index=first.index, actual=first.actual, golden=first.golden, error=first.error
+            ),
+            rank=verdict.rank,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the record as a JSON-ready dict (non-finite floats as strings)."""
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, WorstElement):
+                value = {
+                    "index": list(value.index),
+                    "actual": _number(value.actual),
+                    "golden": _number(value.golden),
+                    "error": _number(value.error),
+                }
+            elif isinstance(value, float):
+                value = _number(value)
+            data[f.name] = value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str = "verdict") -> GoldenVerdict:
+        """Rebuild from :meth:`to_json`'s output.
+
+        Args:
+            data: the dict.
+            where: how errors name it.
+
+        Returns:
+            The equal record.
+
+        Raises:
+            ParamInvalidError: a key is missing or holds a value of the wrong type.
+
+        """
+        got = _Fields(data, where)
+        worst = None
+        if got.data.get("worst") is not None:
+            w = got.table("worst")
+            index = w.items("index")
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in index):
+                raise ParamInvalidError(f"{where}.worst.index", index, "must be a list of ints")
+            worst = WorstElement(
+                index=tuple(index),
+                actual=w.number("actual"),
+                golden=w.number("golden"),
+                error=w.number("error"),
+            )
+        return cls(
+            standard=got.text("standard"),
+            passed=got.flag("passed"),
+            dtype=got.text("dtype"),
+            numel=got.integer("numel"),
+            mismatches=got.integer("mismatches"),
+            mismatch_fraction=got.number("mismatch_fraction"),
+            allowed_fraction=got.number("allowed_fraction"),
+            max_abs_error=got.number("max_abs_error"),
+            max_rel_error=got.number("max_rel_error"),
+            mean_error=got.number_or_none("mean_error"),
+            mean_limit=got.number_or_none("mean_limit"),
+            worst=worst,
+            rank=got.integer_or_none("rank"),
+        )
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ManifestRouting:
+    """How MoE tokens were routed (the TP ops keep the scenario's default routing)."""
+
+    kind: str
+    """The routing model, e.g. ``"uniform"`` or ``"zipf"`` (a ``RoutingKind`` value)."""
+
+    seed: int
+    """Seed of the routing's random draws."""
+
+    skew: float
+    """Zipf exponent (used by ``zipf`` only)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ParamInvalidError("routing.kind", self.kind, "must be a non-empty string")
+        object.__setattr__(self, "kind", str(self.kind))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ParamInvalidError("routing.seed", self.seed, "must be an int")
+        if not isinstance(self.skew, (int, float)) or isinstance(self.skew, bool):
+            raise ParamInvalidError("routing.skew", self.skew, "must be a number")
+        object.__setattr__(self, "skew", float(self.skew))
+
+
+def _texts(param: str, value: object) -> tuple[str, ...]:
+    """``value`` as a tuple of strings, or ``ParamInvalidError``."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ParamInvalidError(param, value, "must be a sequence of strings")
+    items = tuple(value)
+    if not all(isinstance(v, str) for v in items):
+        raise ParamInvalidError(param, items, "must be a sequence of strings")
+    return items
+
+
+def _int_table(param: str, value: object) -> MappingProxyType[str, int]:
+    """``value`` as a read-only ``str -> int`` mapping, or ``ParamInvalidError``."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in value.items()
+    ):
+        raise ParamInvalidError(param, value, "must map names to ints")
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Manifest:
+    """What ran and where: ``manifest.json`` of a results folder.
+
+    Build one with :func:`collect_manifest`, which adds the facts of this process (versions,
+    MPI library, Python, time, git revision) to the values of the study.
+    """
+
+    argv: tuple[str, ...]
+    """The command line that produced the folder (``sys.argv``)."""
+
+    overrides: tuple[str, ...]
+    """The ``--set key=value`` overrides applied to the scenario, in order."""
+
+    scenario: str
+    """The scenario's name."""
+
+    scenario_path: str | None
+    """The scenario file read, or None when the scenario came from no file."""
+
+    scenario_sha256: str | None
+    """SHA-256 of that file's bytes (hex), or None without a file."""
+
+    op: str
+    """The fused op (an ``OpName`` value)."""
+
+    shape: Mapping[str, int]
+    """The shape used (the scenario's effective shape: full or small). Stored read-only."""
+
+    dtype: str
+    """Activation and output dtype."""
+
+    quant: str
+    """Quantisation mode (a ``QuantMode`` value)."""
+
+    standard: str
+    """Precision standard of the golden checks (a ``Standard`` value)."""
+
+    repetitions: int
+    """Timed repetitions per tiling (>= 1)."""
+
+    scale: str
+    """``"full"`` or ``"small"``: which of the scenario's shapes was used."""
+
+    tilings: tuple[str, ...]
+    """The tilings the scenario asked for, as written there (``"serial"``, ``"4"``, ...)."""
+
+    routing: ManifestRouting
+    """MoE routing model, seed and skew."""
+
+    topology: str
+    """The topology's name (``"measured"`` for a real run)."""
+
+    world_size: int
+    """Ranks (>= 1)."""
+
+    source: Source
+    """Whether the times were measured or simulated (a ``Source`` or its value)."""
+
+    hosts: tuple[str, ...]
+    """Every rank's host name, in rank order (this host alone for a simulation)."""
+
+    seeds: Mapping[str, int]
+    """Every seed of the study by what it seeds, e.g. ``{"routing": 0}``. Stored read-only."""
+
+    versions: Mapping[str, str | None]
+    """Distribution -> installed version (None: not installed), for :data:`PACKAGES`."""
+
+    mpi_library: str | None
+    """The MPI library's version line, or None when ``mpi4py.MPI`` was not loaded."""
+
+    python: str
+    """The Python version, e.g. ``"3.11.7"``."""
+
+    created: str
+    """When the manifest was collected: ISO 8601 with the UTC offset."""
+
+    git_revision: str | None
+    """The commit of this project's checkout, or None when mc2sim is not run from one."""
+
+    git_dirty: bool | None
+    """Whether tracked files differ from that commit; None without a revision."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "argv", _texts("argv", self.argv))
+        object.__setattr__(self, "overrides", _texts("overrides", self.overrides))
+        object.__setattr__(self, "tilings", _texts("tilings", self.tilings))
+        object.__setattr__(self, "hosts", _texts("hosts", self.hosts))
+        for name in ("scenario", "op", "dtype", "quant", "standard", "scale", "topology"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ParamInvalidError(name, value, "must be a non-empty string")
+            object.__setattr__(self, name, str(value))  # an enum member as its value
+        for name in ("scenario_path", "mpi_library", "git_revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ParamInvalidError(name, value, "must be a string or None")
+        if (self.scenario_path is None) != (self.scenario_sha256 is None):
+            raise ParamInvalidError(
+                "scenario_sha256", self.scenario_sha256, "is given if and only if scenario_path is"
+            )
+        digest = self.scenario_sha256
+        if digest is not None and not (
+            isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
+        ):
+            raise ParamInvalidError("scenario_sha256", digest, "must be 64 lowercase hex digits")
+        object.__setattr__(self, "shape", _int_table("shape", self.shape))
+        object.__setattr__(self, "seeds", _int_table("seeds", self.seeds))
+        versions = self.versions
+        if not isinstance(versions, Mapping) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in versions.items()
+        ):
+            raise ParamInvalidError("versions", versions, "must map names to strings or None")
+        object.__setattr__(self, "versions", MappingProxyType(dict(versions)))
+        for name in ("repetitions", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ParamInvalidError(name, value, "must be an int >= 1")
+        if not isinstance(self.routing, ManifestRouting):
+            raise ParamInvalidError("routing", self.routing, "must be a ManifestRouting")
+        try:
+            object.__setattr__(self, "source", Source(self.source))
+        except ValueError:
+            raise ParamInvalidError(
+                "source", self.source, "must be 'measured' or 'simulated'"
+            ) from None
+        for name in ("python", "created"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ParamInvalidError(name, getattr(self, name), "must be a non-empty string")
+        if self.git_dirty is not None and not isinstance(self.git_dirty, bool):
+            raise ParamInvalidError("git_dirty", self.git_dirty, "must be a bool or None")
+        if self.git_revision is None and self.git_dirty is not None:
+            raise ParamInvalidError("git_dirty", self.git_dirty, "must be None without a revision")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the manifest as a JSON-ready dict, with the folder's ``format``."""
+        data: dict[str, Any] = {"format": FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ManifestRouting):
+                value = {"kind": value.kind, "seed": value.seed, "skew": _number(value.skew)}
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Source):
+                value = value.value
+            data[f.name] = value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        """Rebuild from :meth:`to_json`'s output.
+
+        Args:
+            data: the dict, e.g. ``manifest.json`` parsed.
+
+        Returns:
+            The equal manifest.
+
+        Raises:
+            ParamInvalidError: another ``format``, a missing key, or a value of the wrong
+                type; the message names the key.
+
+        """
+        got = _Fields(data, "manifest")
+        if got.data.get("format") != FORMAT:
+            raise ParamInvalidError(
+                "manifest.format",
+                got.data.get("format"),
+                f"must be {FORMAT}: the folder was written by another version of mc2sim",
+            )
+        routing = got.table("routing")
+        shape = got.table("shape").data
+        seeds = got.table("seeds").data
+        versions = got.table("versions").data
+        return cls(
+            argv=got.texts("argv"),
+            overrides=got.texts("overrides"),
+            scenario=got.text("scenario"),
+            scenario_path=got.text_or_none("scenario_path"),
+            scenario_sha256=got.text_or_none("scenario_sha256"),
+            op=got.text("op"),
+            shape=dict(shape),
+            dtype=got.text("dtype"),
+            quant=got.text("quant"),
+            standard=got.text("standard"),
+            repetitions=got.integer("repetitions"),
+            scale=got.text("scale"),
+            tilings=got.texts("tilings"),
+            routing=ManifestRouting(
+                kind=routing.text("kind"), seed=routing.integer("seed"), skew=routing.number("skew")
+            ),
+            topology=got.text("topology"),
+            world_size=got.integer("world_size"),
+            source=_source_of(got.text("source")),
+            hosts=got.texts("hosts"),
+            seeds=dict(seeds),
+            versions=dict(versions),
+            mpi_library=got.text_or_none("mpi_library"),
+            python=got.text("python"),
+            created=got.text("created"),
+            git_revision=got.text_or_none("git_revision"),
+            git_dirty=got.flag_or_none("git_dirty"),
+        )
+
+
+def _source_of(text: str) -> Source:
+    try:
+        return Source(text)
+    except ValueError:
+        raise ParamInvalidError(
+            "manifest.source", text, "must be 'measured' or 'simulated'"
+        ) from None
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _mpi_library() -> str | None:
+    """The MPI library's first version line, if ``mpi4py.MPI`` is loaded (never loads it)."""
+    module = sys.modules.get("mpi4py.MPI")
+    if module is None:
+        return None
+    line: str = module.Get_library_version().split("\n", 1)[0]
+    return " ".join(line.split())
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    """Output of a git command in ``cwd``, or None when git fails or is missing."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout
+
+
+def _is_mc2sim_project(pyproject: Path) -> bool:
+    """Whether ``pyproject`` declares ``name = "mc2sim"`` in its ``[project]`` table."""
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    table = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = stripped
+        elif table == "[project]":
+            found = re.fullmatch(r"""name\s*=\s*["']([^"']*)["']\s*(#.*)?""", stripped)
+            if found:
+                return found.group(1) == "mc2sim"
+    return False
+
+
+def git_state(package_dir: Path | None = None) -> tuple[str | None, bool | None]:
+    """Return the git revision and dirty flag of this project's checkout, if mc2sim is one.
+
+    Only when ``package_dir`` is the ``mc2sim`` folder at the top of a git work tree whose
+    ``pyproject.toml`` names the project ``mc2sim``: an installed copy (in a virtual
+    environment inside some other repository, say) has no revision of its own.
+
+    Args:
+        package_dir: the package's folder; default the one this module is in.
+
+    Returns:
+        ``(commit, dirty)``: dirty when tracked files differ from the commit; ``(None,
+        None)`` outside an own checkout or when git is unavailable.
+
+    """
+    here = (package_dir or _PACKAGE_DIR).resolve()
+    top = _git(here, "rev-parse", "--show-toplevel")
+    if top is None:
+        return None, None
+    root = Path(top.strip()).resolve()
+    if here != root / "mc2sim" or not _is_mc2sim_project(root / "pyproject.toml"):
+        return None, None
+    revision = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    if revision is None or status is None:
+        return None, None
+    return revision.strip(), bool(status.strip())
+
+
+def collect_manifest(
+    *,
+    scenario: str,
+    scenario_path: str | os.PathLike[str] | None,
+    op: str,
+    shape: Mapping[str, int],
+    dtype: str,
+    quant: str,
+    standard: str,
+    repetitions: int,
+    scale: str,
+    tilings: Sequence[str | int | None],
+    routing_kind: str,
+    routing_seed: int,
+    routing_skew: float,
+    topology: str,
+    world_size: int,
+    source: Source | str,
+    seeds: Mapping[str, int],
+    hosts: Sequence[str] | None = None,
+    argv: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+) -> Manifest:
+    """Build a :class:`Manifest` from a study's plain values and the facts of this process.
+
+    Adds the versions of :data:`PACKAGES`, the MPI library (only if ``mpi4py.MPI`` is
+    already loaded), the Python version, the time, the git state (:func:`git_state`) and
+    the scenario file's SHA-256.
+
+    Args:
+        scenario: the scenario's name.
+        scenario_path: the scenario file read, or None.
+        op: the fused op.
+        shape: the shape used.
+        dtype: activation dtype.
+        quant: quantisation mode.
+        standard: precision standard.
+        repetitions: timed repetitions per tiling.
+        scale: ``"full"`` or ``"small"``.
+        tilings: the scenario's tilings (each written with ``str``; None as ``"hardware"``).
+        routing_kind: MoE routing model.
+        routing_seed: its seed.
+        routing_skew: its skew.
+        topology: the topology's name.
+        world_size: ranks.
+        source: measured or simulated.
+        seeds: every seed by what it seeds.
+        hosts: every rank's host; default this host alone.
+        argv: the command line; default ``sys.argv``.
+        overrides: the ``--set`` strings.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ParamInvalidError: the scenario file cannot be read, or a value is invalid.
+
+    """
+    path = None if scenario_path is None else Path(scenario_path)
+    digest = None
+    if path is not None:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise ParamInvalidError("scenario_path", str(path), f"cannot be read ({exc})") from None
+    revision, dirty = git_state()
+    return Manifest(
+        argv=tuple(sys.argv if argv is None else argv),
+        overrides=tuple(overrides),
+        scenario=scenario,
+        scenario_path=None if path is None else str(path.resolve()),
+        scenario_sha256=digest,
+        op=str(op),
+        shape=dict(shape),
+        dtype=str(dtype),
+        quant=str(quant),
+        standard=str(standard),
+        repetitions=repetitions,
+        scale=str(scale),
+        tilings=tuple("hardware" if t is None else str(t) for t in tilings),
+        routing=ManifestRouting(kind=str(routing_kind), seed=routing_seed, skew=routing_skew),
+        topology=topology,
+        world_size=world_size,
+        source=Source(source),
+        hosts=tuple(hosts) if hosts is not None else (socket.gethostname(),),
+        seeds=dict(seeds),
+        versions={p: _version_of(p) for p in PACKAGES},
+        mpi_library=_mpi_library(),
+        python=platform.python_version(),
+        created=datetime.now().astimezone().isoformat(timespec="seconds"),
+        git_revision=revision,
+        git_dirty=dirty,
+    )
+
+
+# ----------------------------------------------------------------------------- Chrome trace
+
+
+def _run_offsets(timeline: Timeline) -> dict[RunKey, float]:
+    """Return the shift, in seconds, that lays each run after the previous one in a trace.
+
+    Runs are taken in the order of :meth:`Timeline.runs`. A run that starts after the
+    previous one ended (runs timed from one epoch) keeps its times; one that would overlap it
+    (each run timed from its own epoch) is moved to start a little after it.
+    """
+    spans: dict[RunKey, tuple[float, float]] = {}
+    for rec in timeline.records:
+        lo, hi = spans.get(rec.run, (rec.start_s, rec.end_s))
+        spans[rec.run] = (min(lo, rec.start_s), max(hi, rec.end_s))
+    offsets: dict[RunKey, float] = {}
+    prev_end: float | None = None
+    prev_span = 0.0
+    for run in timeline.runs():
+        start, end = spans[run]
+        shift = 0.0
+        if prev_end is not None and start < prev_end:
+            shift = prev_end + _RUN_GAP * prev_span - start
+        offsets[run] = shift
+        prev_end, prev_span = end + shift, end - start
+    return offsets
+
+
+def _lanes(records: list[tuple[float, float, TaskRecord]]) -> list[int]:
+    """Return a lane per interval so that intervals of one lane never overlap.
+
+    Chrome's format draws the complete events of one thread as a stack of properly nested
+    slices; tasks that overlap on one stream (several chunks in flight) go on extra lanes.
+    ``records`` are ``(start, end, record)`` sorted by start.
+    """
+    lane_ends: list[float] = []
+    lanes = []
+    for start, end, _ in records:
+        for lane, lane_end in enumerate(lane_ends):
+            if lane_end <= start:
+                lane_ends[lane] = end
+                break
+        else:
+            lane = len(lane_ends)
+            lane_ends.append(end)
+        lanes.append(lane)
+    return lanes
+
+
+def _meta_event(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Return a Chrome trace metadata event (``"ph": "M"``)."""
+    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
+
+
+def chrome_trace(timeline: Timeline) -> dict[str, Any]:
+    """Return ``timeline`` as a Chrome trace in the JSON Object Format (Perfetto opens it).
+
+    One process per rank (``pid`` = rank, named ``"rank r"``), one thread per stream
+    (``tid`` 0 = compute, 1 = comm; tasks that overlap on one stream spill onto extra lanes
+    ``tid + 2``, ``tid + 4``, ... named ``"compute #2"``, ...), and one complete event
+    (``"ph": "X"``) per record with ``ts`` and ``dur`` in microseconds, ``name``, ``cat`` =
+    kind and ``args`` = flops, bytes, run (its display label) and task. Several runs are laid
+    one after another (``otherData["mc2sim.run_offsets_s"]``: the shift added to each run's
+    times, by display label). ``otherData`` also holds the timeline's meta and
+    ``"mc2sim.source"``. The trace is for viewers: mc2sim never reads it back.
+
+    Args:
+        timeline: the records to draw, of any ranks and runs.
+
+    Returns:
+        The trace, ready for ``json.dump``.
+
+    """
+    offsets = _run_offsets(timeline)
+    by_thread: dict[tuple[int, str], list[tuple[float, float, TaskRecord]]] = {}
+    for rec in timeline.records:
+        shift = offsets[rec.run]
+        key = (rec.rank, rec.stream.value)
+        by_thread.setdefault(key, []).append((rec.start_s + shift, rec.end_s + shift, rec))
+    meta_events: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for rank in timeline.ranks():
+        meta_events.append(_meta_event("process_name", rank, 0, {"name": f"rank {rank}"}))
+        meta_events.append(_meta_event("process_sort_index", rank, 0, {"sort_index": rank}))
+    for (rank, stream), items in sorted(by_thread.items()):
+        items.sort(key=lambda item: (item[0], item[1]))
+        lanes = _lanes(items)
+        for lane in range(max(lanes) + 1):
+            tid = _STREAM_TID[stream] + 2 * lane
+            name = stream if lane == 0 else f"{stream} #{lane + 1}"
+            meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
+            meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
+        for (start, end, rec), lane in zip(items, lanes, strict=True):
+            events.append(
+                {
+                    "name": rec.name,
+                    "cat": rec.kind,
+                    "ph": "X",
+                    "ts": start * 1e6,
+                    "dur": (end - start) * 1e6,
+                    "pid": rank,
+                    "tid": _STREAM_TID[stream] + 2 * lane,
+                    "args": {
+                        "flops": rec.flops,
+                        "bytes": rec.bytes,
+                        "run": str(rec.run),
+                        "task": rec.task,
+                    },
+                }
+            )
+    other = dict(timeline.meta)
+    other["mc2sim.source"] = timeline.source.value
+    other["mc2sim.run_offsets_s"] = {str(run): shift for run, shift in offsets.items()}
+    return {"traceEvents": meta_events + events, "displayTimeUnit": "ms", "otherData": other}
+
+
+# ----------------------------------------------------------------------------- tasks CSV
+
+
+def _tasks_csv(timeline: Timeline) -> str:
+    """One CSV row per record under :data:`CSV_COLUMNS`; floats with ``repr`` (exact)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for rec in timeline.records:
+        writer.writerow(
+            (
+                rec.rank,
+                rec.run.op,
+                rec.run.tiling,
+                rec.run.repetition,
+                rec.task,
+                rec.name,
+                rec.stream.value,
+                rec.kind,
+                repr(rec.start_s),
+                repr(rec.end_s),
+                rec.flops,
+                rec.bytes,
+                repr(rec.duration_s),
+            )
+        )
+    return buf.getvalue()
+
+
+def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any]) -> Timeline:
+    """Read ``tasks.csv`` back into a timeline of typed records."""
+    records = []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in CSV_COLUMNS[:-1] if c not in (reader.fieldnames or ())]
+            if missing:
+                raise _broken(folder, f"{TASKS_FILE} lacks the columns {missing}")
+            for row in reader:
+                try:
+                    records.append(
+                        TaskRecord(
+                            rank=int(row["rank"]),
+                            run=RunKey(
+                                op=row["op"],
+                                tiling=row["tiling"],
+                                repetition=int(row["repetition"]),
+                            ),
+                            task=int(row["task"]),
+                            name=row["name"],
+                            stream=Stream(row["stream"]),
+                            kind=row["kind"],
+                            start_s=float(row["start_s"]),
+                            end_s=float(row["end_s"]),
+                            flops=int(row["flops"]),
+                            bytes=int(row["bytes"]),
+                        )
+                    )
+                except (TypeError, ValueError) as exc:  # ParamInvalidError is a ValueError
+                    raise _broken(
+                        folder, f"{TASKS_FILE} line {reader.line_num} is broken ({exc})"
+                    ) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise _broken(folder, f"{TASKS_FILE} cannot be read ({exc})") from None
+    return Timeline(records=tuple(records), source=source, meta=meta)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def _golden_records(
+    verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]], tilings: Sequence[str]
+) -> dict[str, tuple[GoldenVerdict, ...]]:
+    """Each tiling's verdicts as records, checked: a known tiling, index = rank."""
+    golden: dict[str, tuple[GoldenVerdict, ...]] = {}
+    for tiling, given in verdicts.items():
+        if tiling not in tilings:
+            raise ParamInvalidError("verdicts", tiling, f"must be a tiling of the runs {tilings}")
+        records = []
+        for index, verdict in enumerate(given):
+            record = verdict if isinstance(verdict, GoldenVerdict) else GoldenVerdict.of(verdict)
+            if record.rank is None:
+                record = dataclasses.replace(record, rank=index)
+            elif record.rank != index:
+                raise ParamInvalidError(
+                    f"verdicts[{tiling!r}][{index}].rank",
+                    record.rank,
+                    f"must be {index} (index = rank)",
+                )
+            records.append(record)
+        golden[tiling] = tuple(records)
+    return golden
+
+
+def write_results(
+    folder: Path,
+    *,
+    timeline: Timeline,
+    baseline: RunKey,
+    manifest: Manifest,
+    verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
+) -> dict[str, Path]:
+    """Write a results folder: ``tasks.csv``, ``trace.json``, ``summary.json``, ``manifest.json``.
+
+    Every run's metrics are computed against ``baseline`` (its speedup, and its
+    communication as the overlap's t_pure) before anything is written. Each file is written
+    atomically; the manifest goes last, so a folder with a manifest is complete.
+
+    Args:
+        folder: where to write; created if missing.
+        timeline: every rank's records of every run (at most one run per tiling).
+        baseline: the run every run is compared with (the serial plan's).
+        manifest: what ran and where; its ``source`` must be the timeline's.
+        verdicts: tiling in words -> every rank's golden verdict (index = rank), as
+            :class:`mc2sim.compare.Verdict` (or :class:`GoldenVerdict`); None without checks.
+
+    Returns:
+        ``{"manifest": ..., "summary": ..., "tasks": ..., "trace": ...}``: the paths written.
+
+    Raises:
+        ParamInvalidError: an empty timeline, two runs of one tiling, a baseline that is not
+            a run, a baseline lacking a rank of some run, a source that differs from the
+            manifest's, or verdicts of an unknown tiling or out of rank order. Nothing is
+            written then.
+
+    """
+    if not isinstance(manifest, Manifest):
+        raise ParamInvalidError("manifest", manifest, "must be a Manifest")
+    if manifest.source is not timeline.source:
+        raise ParamInvalidError(
+            "manifest.source",
+            manifest.source.value,
+            f"must be the timeline's source ({timeline.source.value})",
+        )
+    runs = timeline.runs()
+    if not runs:
+        raise ParamInvalidError("timeline", "no records", "is empty: there is nothing to write")
+    tilings = [run.tiling for run in runs]
+    for run in runs:
+        if tilings.count(run.tiling) > 1:
+            twins = [str(r) for r in runs if r.tiling == run.tiling]
+            raise ParamInvalidError("timeline", twins, "must hold one run per tiling")
+    if baseline not in runs:
+        raise ParamInvalidError(
+            "baseline", str(baseline), f"must be one of {[str(r) for r in runs]}"
+        )
+    base = timeline.for_run(baseline)
+    metrics = {run: timeline.for_run(run).metrics(baseline=base) for run in runs}
+    golden = _golden_records(verdicts or {}, tilings)
+    summary = {
+        "baseline": _run_json(baseline),
+        "runs": [{"run": _run_json(run), "metrics": metrics[run].as_dict()} for run in runs],
+        "golden": {t: [v.to_json() for v in records] for t, records in golden.items()},
+        "timeline_meta": dict(timeline.meta),
+    }
+    summary_text = _json_text(summary)
+    manifest_text = _json_text(manifest.to_json())
+    trace_text = json.dumps(chrome_trace(timeline), allow_nan=False)
+    out = Path(folder)
+    paths = {
+        "tasks": write_atomic(out / TASKS_FILE, _tasks_csv(timeline), parents=True),
+        "trace": write_atomic(out / TRACE_FILE, trace_text, parents=True),
+        "summary": write_atomic(out / SUMMARY_FILE, summary_text, parents=True),
+        "manifest": write_atomic(out / MANIFEST_FILE, manifest_text, parents=True),
+    }
+    return paths
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResultsFolder:
+    """A results folder, read back as typed records."""
+
+    path: Path
+    """The folder."""
+
+    manifest: Manifest
+    """What ran and where."""
+
+    runs: Mapping[str, RunKey]
+    """Tiling in words -> its run, in the order written. Stored read-only."""
+
+    metrics: Mapping[str, Metrics]
+    """Tiling in words -> its run's metrics against the baseline. Stored read-only."""
+
+    baseline: RunKey
+    """The run every run was compared with."""
+
+    verdicts: Mapping[str, tuple[GoldenVerdict, ...]]
+    """Tiling in words -> every rank's golden verdict (index = rank); empty without checks."""
+
+    timeline: Timeline | None
+    """Every task of ``tasks.csv``, or None when the folder has no ``tasks.csv``."""
+
+    def totals(self) -> dict[str, float]:
+        """Return tiling in words -> its run's ``total_s``, in the order written."""
+        return {tiling: m.total_s for tiling, m in self.metrics.items()}
+
+    def passed(self, tiling: str) -> bool | None:
+        """Whether every rank's output under ``tiling`` met its golden; None if unchecked."""
+        verdicts = self.verdicts.get(tiling)
+        if not verdicts:
+            return None
+        return all(v.passed for v in verdicts)
+
+
+def _broken(folder: Path, rule: str) -> ParamInvalidError:
+    return ParamInvalidError("directory", str(folder), rule)
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    path = folder / name
+    if not path.is_file():
+        raise _broken(folder, f"is not a results folder: {name} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _broken(
+            folder, f"is not a results folder: {name} is not valid JSON ({exc})"
+        ) from None
+
+
+def read_results(folder: Path) -> ResultsFolder:
+    """Read a results folder written by :func:`write_results`.
+
+    Args:
+        folder: the folder holding ``manifest.json``, ``summary.json`` and optionally
+            ``tasks.csv``.
+
+    Returns:
+        The manifest, runs, metrics, baseline, golden verdicts and (with ``tasks.csv``)
+        the timeline, typed.
+
+    Raises:
+        ParamInvalidError: the folder is missing, or a file is missing, broken or written
+            in another format; the message names the folder, the file and the key.
+
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise _broken(path, "is not a results folder: no such folder")
+    try:
+        manifest = Manifest.from_json(_read_json(path, MANIFEST_FILE))
+    except ParamInvalidError as exc:
+        if exc.param == "directory":
+            raise
+        raise _broken(path, f"{MANIFEST_FILE} is broken: {exc}") from None
+    data = _read_json(path, SUMMARY_FILE)
+    try:
+        summary = _Fields(data, "summary")
+        baseline = _run_of(summary.table("baseline"))
+        runs: dict[str, RunKey] = {}
+        metrics: dict[str, Metrics] = {}
+        for i, item in enumerate(summary.items("runs")):
+            entry = _Fields(item, f"summary.runs[{i}]")
+            run = _run_of(entry.table("run"))
+            if run.tiling in runs:
+                raise ParamInvalidError(entry.where, str(run), "repeats a tiling")
+            try:
+                metrics[run.tiling] = Metrics.from_dict(entry.table("metrics").data)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ParamInvalidError(
+                    f"{entry.where}.metrics", str(run), f"is broken ({exc!r})"
+                ) from None
+            runs[run.tiling] = run
+        if baseline not in runs.values():
+            raise ParamInvalidError("summary.baseline", str(baseline), "is not one of the runs")
+        golden: dict[str, tuple[GoldenVerdict, ...]] = {}
+        table = summary.table("golden")
+        for tiling in table.data:
+            if tiling not in runs:
+                raise ParamInvalidError("summary.golden", tiling, "is not a tiling of the runs")
+            golden[tiling] = tuple(
+                GoldenVerdict.from_json(v, f"summary.golden[{tiling!r}][{i}]")
+                for i, v in enumerate(table.items(tiling))
+            )
+        meta = dict(summary.table("timeline_meta").data)
+    except ParamInvalidError as exc:
+        raise _broken(path, f"{SUMMARY_FILE} is broken: {exc}") from None
+    timeline = None
+    if (path / TASKS_FILE).exists():
+        timeline = _read_tasks(path / TASKS_FILE, path, manifest.source, meta)
+        if set(timeline.runs()) != set(runs.values()):
+            raise _broken(
+                path,
+                f"{TASKS_FILE} holds the runs {sorted(str(r) for r in timeline.runs())}, "
+                f"{SUMMARY_FILE} {sorted(str(r) for r in runs.values())}",
+            )
+    return ResultsFolder(
+        path=path,
+        manifest=manifest,
+        runs=MappingProxyType(runs),
+        metrics=MappingProxyType(metrics),
+        baseline=baseline,
+        verdicts=MappingProxyType(golden),
+        timeline=timeline,
+    )
