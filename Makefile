@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 MPI_PYTEST := timeout 900 $(MPIEXEC) -n
 PYTEST_MPI_OPTS := -m mpi --with-mpi -q -p no:cacheprovider --timeout=120 --timeout-method=thread
 
-.PHONY: demo test lint unit mpi e2e bench clean
+.PHONY: demo test lint unit mpi e2e bench mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ mpi: $(STAMP)
 	$(MPI_PYTEST) 4 $(PY) -m pytest $(PYTEST_MPI_OPTS) tests
 
 test: lint unit mpi
+
+# Semantic bugs planted one at a time in a copy of the tree (tests/mutants/mutants.yaml); each
+# must make its tests fail. Prints `mutants caught K/N` last; fails unless every one is caught.
+mutants: $(STAMP)
+	$(PY) scripts/mutants.py
 
 bench: $(STAMP)
 	$(MPIEXEC) -n 2 $(PY) scripts/bench_comm.py

@@ -245,6 +245,19 @@ def test_collectives_in_flight_together_share_latency_but_take_turns_on_the_link
     assert_spans(timeline, {(r, name): s for r in range(2) for name, s in expected.items()})
 
 
+@pytest.mark.parametrize("concurrent", [False, True], ids=["stream", "in-flight-together"])
+def test_a_collective_issued_during_another_waits_for_it(concurrent: bool) -> None:
+    # every rank: a 2 s AllReduce, 0.5 s of compute, a 1 s AllReduce, 1 s of compute after it;
+    # latency 0.5 s. ar0 runs [0, 2.5]; ar2 is issued at 0.5. On a stream it starts when ar0
+    # ends: [2.5, 4]. In flight together it starts at once: latency [0.5, 1], then it waits for
+    # the link until 2.5 and transfers [2.5, 3.5]
+    plans = {r: plan(r, 2, allreduce(2), mm(0.5), allreduce(1), mm(1, 2)) for r in range(2)}
+    timeline = simulate(plans, machine(2, latency_s=0.5, concurrent=concurrent))
+    ar2 = (0.5, 3.5) if concurrent else (2.5, 4)
+    expected = {"ar0": (0, 2.5), "mm1": (0, 0.5), "ar2": ar2, "mm3": (ar2[1], ar2[1] + 1)}
+    assert_spans(timeline, {(r, name): s for r in range(2) for name, s in expected.items()})
+
+
 def test_a_collective_joined_late_starts_with_its_last_rank() -> None:
     # rank 1 computes 3 s before its second AllReduce; rank 0 queued it at 0. ar1 starts at 3
     # (latency [3, 3.5], the link free since 2.5), transfer [3.5, 4.5]
