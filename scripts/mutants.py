@@ -4,7 +4,7 @@ Usage (``make mutants``)::
 
     python scripts/mutants.py [--only ID,ID] [--check] [--list FILE]
 
-Every mutant replaces one exact snippet of one file. The script first checks that every
+Every mutant replaces exact snippets (usually one) of one file. The script first checks that every
 snippet occurs exactly once (and refuses to run otherwise: code moved by a refactor must be
 re-pointed, not silently skipped), copies the tree (git's tracked and untracked, not ignored,
 files) into a temporary folder, and checks there that the mutants' tests pass unmutated.
@@ -54,10 +54,9 @@ class Mutant:
     """The bug it plants, in words."""
     file: str
     """Path of the mutated file, relative to the repository root."""
-    old: str
-    """The exact snippet replaced; it must occur exactly once in ``file``."""
-    new: str
-    """What replaces it."""
+    edits: tuple[tuple[str, str], ...]
+    """``(old, new)`` replacements, applied in order; each ``old`` is an exact snippet that
+    must occur exactly once in ``file`` (one bug may need consistent edits in a few places)."""
     tests: tuple[str, ...]
     """pytest arguments selecting the tests that must fail."""
 
@@ -83,20 +82,28 @@ def load_mutants(path: Path) -> list[Mutant]:
     keys = {"id", "description", "file", "old", "new", "tests"}
     mutants: list[Mutant] = []
     for i, entry in enumerate(data):
-        if not isinstance(entry, dict) or set(entry) != keys:
-            raise MutantError(f"{path}: entry {i} must have exactly the keys {sorted(keys)}")
+        if not isinstance(entry, dict) or not keys <= set(entry) <= keys | {"more"}:
+            raise MutantError(
+                f"{path}: entry {i} must have the keys {sorted(keys)} (and optionally 'more')"
+            )
         tests = entry["tests"]
         if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
             raise MutantError(f"{path}: {entry['id']}: tests must be a list of pytest arguments")
+        more = entry.get("more", [])
+        if not isinstance(more, list) or not all(
+            isinstance(e, dict) and set(e) == {"old", "new"} for e in more
+        ):
+            raise MutantError(f"{path}: {entry['id']}: more must be a list of {{old, new}}")
+        edits = [(str(entry["old"]), str(entry["new"]))]
+        edits += [(str(e["old"]), str(e["new"])) for e in more]
         mutant = Mutant(
             id=str(entry["id"]),
             description=" ".join(str(entry["description"]).split()),
             file=str(entry["file"]),
-            old=str(entry["old"]),
-            new=str(entry["new"]),
+            edits=tuple(edits),
             tests=tuple(tests),
         )
-        if mutant.old == mutant.new or not mutant.old:
+        if any(old == new or not old for old, new in mutant.edits):
             raise MutantError(f"{path}: {mutant.id}: old must be non-empty and differ from new")
         if any(m.id == mutant.id for m in mutants):
             raise MutantError(f"{path}: duplicate id {mutant.id}")
@@ -112,12 +119,14 @@ def check_snippets(mutants: list[Mutant], root: Path) -> None:
         if not path.is_file():
             problems.append(f"{m.id}: {m.file} does not exist")
             continue
-        count = path.read_text().count(m.old)
-        if count != 1:
-            problems.append(
-                f"{m.id}: the snippet occurs {count} times in {m.file}, not once "
-                f"(re-point it to the code's new place): {m.old!r}"
-            )
+        text = path.read_text()
+        for old, _ in m.edits:
+            count = text.count(old)
+            if count != 1:
+                problems.append(
+                    f"{m.id}: the snippet occurs {count} times in {m.file}, not once "
+                    f"(re-point it to the code's new place): {old!r}"
+                )
     if problems:
         raise MutantError("mutant snippets out of date:\n  " + "\n  ".join(problems))
 
@@ -215,7 +224,10 @@ def run(mutants: list[Mutant]) -> int:
         for number, m in enumerate(mutants, 1):
             path = tree / m.file
             original = path.read_text()
-            path.write_text(original.replace(m.old, m.new, 1))
+            mutated = original
+            for old, new in m.edits:
+                mutated = mutated.replace(old, new, 1)
+            path.write_text(mutated)
             try:
                 status, seconds, tail = pytest_run(tree, m.tests)
             finally:
