@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+# Where pip takes torch from. Empty: pip's configured index (PyPI unless pip.conf says
+# otherwise), whose Linux torch wheel is the CUDA build with several GB of NVIDIA packages;
+# `make TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build instead.
+TORCH_INDEX ?=
 NP     ?= 4
 
 PY      := $(VENV)/bin/python
@@ -15,13 +19,13 @@ export PYTHONUNBUFFERED := 1
 MPI_PYTEST := timeout 900 $(MPIEXEC) -n
 PYTEST_MPI_OPTS := -m mpi --with-mpi -q -p no:cacheprovider --timeout=120 --timeout-method=thread
 
-.PHONY: demo test lint unit mpi e2e bench clean
+.PHONY: demo test lint unit mpi e2e bench mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU build first, so the project's torch requirement is already met
-	$(PY) -m pip install -q "$(TORCH)"
+	# torch first (from TORCH_INDEX when set), so the project's torch requirement is already met
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,dev]"
 	touch $(STAMP)
 
@@ -50,6 +54,11 @@ mpi: $(STAMP)
 	$(MPI_PYTEST) 4 $(PY) -m pytest $(PYTEST_MPI_OPTS) tests
 
 test: lint unit mpi
+
+# Semantic bugs planted one at a time in a copy of the tree (tests/mutants/mutants.yaml); each
+# must make its tests fail. Prints `mutants caught K/N` last; fails unless every one is caught.
+mutants: $(STAMP)
+	$(PY) scripts/mutants.py
 
 bench: $(STAMP)
 	$(MPIEXEC) -n 2 $(PY) scripts/bench_comm.py

@@ -372,10 +372,10 @@ class Contention:
     """How much overlapped compute and communication on one rank slow each other down."""
 
     compute_slowdown: float = 1.0
-    """Factor (>= 1) on compute time while communication runs on the same rank."""
+    """Factor (>= 1) on a rank's compute time while a transfer it takes part in is in flight."""
 
     comm_slowdown: float = 1.0
-    """Factor (>= 1) on communication time while compute runs on the same rank."""
+    """Factor (>= 1) on a transfer's time while any rank taking part in it computes."""
 
     source: str = ""
     """How the factors were obtained: ``"fitted by mc2sim calibrate on ..."`` or

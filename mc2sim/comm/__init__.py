@@ -1,4 +1,4 @@
-"""Communicators: one ``Communicator`` protocol, backends over mpi4py and torch.distributed.
+"""Communicators: one ``Communicator`` protocol; backends over mpi4py, torch.distributed, threads.
 
 ``MpiCommunicator`` and ``TorchCommunicator`` are imported lazily, so importing this package
 neither initialises MPI nor requires a launcher.
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from mc2sim.comm.agree import agree, agreed
 from mc2sim.comm.base import Communicator, ReduceOp, Work
 from mc2sim.comm.launch import Backend, Launcher, detect_launcher, init
+from mc2sim.comm.threads import ThreadCommunicator, run_threads
 
 if TYPE_CHECKING:
     from mc2sim.comm.mpi import MpiCommunicator
@@ -22,12 +23,14 @@ __all__ = [
     "Launcher",
     "MpiCommunicator",
     "ReduceOp",
+    "ThreadCommunicator",
     "TorchCommunicator",
     "Work",
     "agree",
     "agreed",
     "detect_launcher",
     "init",
+    "run_threads",
 ]
 
 _LAZY = {

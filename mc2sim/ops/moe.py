@@ -212,7 +212,8 @@ def gmm_alltoallv(
         strict: ``None``, ``"A2"`` or ``"A3"``: also enforce that hardware's limits.
         validate_counts: check the cross-rank counts invariant first (mc2sim only).
         tiling: ``None`` (the hardware's: one chunk per local expert), ``"serial"`` (one
-            grouped matmul and one AlltoAllv, no overlap) or N (each expert's rows cut into N
+            grouped matmul and one AlltoAllv, not tiled; with ``mm_x`` the shared-expert
+            matmul still overlaps the AlltoAllv) or N (each expert's rows cut into N
             sub-tiles). Results do not depend on it beyond float rounding.
         progress: how in-flight AlltoAllv chunks progress: ``"poll"`` or ``"thread"``
             (:mod:`mc2sim.schedule.executor`).
@@ -289,7 +290,8 @@ def alltoallv_gmm(
         strict: ``None``, ``"A2"`` or ``"A3"``: also enforce that hardware's limits.
         validate_counts: check the cross-rank counts invariant first (mc2sim only).
         tiling: ``None`` (the hardware's: one chunk per local expert), ``"serial"`` (one
-            grouped matmul and one AlltoAllv, no overlap) or N (each expert's rows cut into N
+            grouped matmul and one AlltoAllv, not tiled; with ``mm_x`` the shared-expert
+            matmul still overlaps the AlltoAllv) or N (each expert's rows cut into N
             sub-tiles). Results do not depend on it beyond float rounding.
         progress: how in-flight AlltoAllv chunks progress: ``"poll"`` or ``"thread"``
             (:mod:`mc2sim.schedule.executor`).

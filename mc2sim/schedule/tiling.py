@@ -1,10 +1,11 @@
 """Tilings: how a fused op is cut into tiles, and the hardware's default policy.
 
 ``tiling=`` on every fused op takes ``None`` (the hardware's default), ``"serial"`` (one
-tile, no overlap: the baseline every study compares against), an int (that many tiles) or a
-:class:`Tiling`. What a tile is depends on the op: rows of M for MatmulAllReduce, an expert
-(times sub-tiles) for the MoE ops, a peer rank's chunk (times sub-tiles) for AllGatherMatmul
-and MatmulReduceScatter.
+tile, not pipelined: the baseline every study compares against; the MoE ops' shared-expert
+matmul still overlaps their AlltoAllv), an int (that many tiles) or a :class:`Tiling`. What
+a tile is depends on the op: rows of M for MatmulAllReduce, an expert (times sub-tiles) for
+the MoE ops, a peer rank's chunk (times sub-tiles) for AllGatherMatmul and
+MatmulReduceScatter.
 """
 
 from __future__ import annotations

@@ -194,4 +194,10 @@ def test_timeline_of_a_tiled_run(comm: Communicator) -> None:
     assert sorted({r.rank for r in everyone.records}) == list(range(comm.size))
     metrics = everyone.metrics()
     assert len(metrics.per_rank) == comm.size
-    assert metrics.total_s > 0 and 0.0 <= metrics.overlap_pct <= 100.0
+    assert metrics.total_s > 0
+    # the fields follow from the records: exposed = total - compute; overlap against own comm
+    critical = metrics.per_rank[metrics.critical_rank]
+    assert metrics.exposed_comm_s == pytest.approx(max(0.0, critical.total_s - critical.compute_s))
+    assert critical.pure_comm_s == critical.comm_s > 0
+    overlap = 100 * (1 - metrics.exposed_comm_s / critical.comm_s)
+    assert metrics.overlap_pct == pytest.approx(min(100.0, max(0.0, overlap)), abs=1e-9)

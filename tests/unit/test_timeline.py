@@ -387,6 +387,11 @@ def test_busy_time_and_exposure_properties(
     m = t.metrics()
     everything = compute + comm
     assert m.total_s == max(b for _, b in everything) - min(a for a, _ in everything)
-    assert 0.0 <= m.exposed_comm_s <= m.total_s
-    assert m.compute_s <= m.total_s and m.comm_s <= m.total_s
-    assert 0.0 <= m.overlap_pct <= 100.0
+    # the same cell-counting oracle for every stream: exposed and overlap follow exactly
+    cells = {name: {c for a, b in spans for c in range(a, b)} for name, spans in
+             (("compute", compute), ("comm", comm))}  # fmt: skip
+    assert m.compute_s == len(cells["compute"]) and m.comm_s == len(cells["comm"])
+    assert m.exposed_comm_s == m.total_s - len(cells["compute"])
+    pure = len(cells["comm"])
+    overlap = 100 * (1 - m.exposed_comm_s / pure) if pure else 0.0
+    assert m.overlap_pct == pytest.approx(min(100.0, max(0.0, overlap)), abs=1e-9)
