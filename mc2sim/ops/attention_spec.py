@@ -74,7 +74,7 @@ class IfaSpec(OpSpec):
         }
 
     def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
-        """This rank's heads of a decode step: a scattered paged cache, lengths within a block."""
+        """This rank's heads of a decode step over a scattered paged cache of ``kv_len`` tokens."""
         import torch
 
         from mc2sim import golden, ops
@@ -86,8 +86,9 @@ class IfaSpec(OpSpec):
         per_seq = -(-kv_len // block)
         blocks = batch * per_seq + 1  # one spare block, never in the table
         table = torch.randperm(blocks, generator=gen)[: batch * per_seq].reshape(batch, per_seq)
-        short = torch.randint(0, min(block, kv_len), (batch,), generator=gen)
-        lengths = [kv_len - int(s) for s in short]
+        # every batch holds kv_len tokens, the length its simulated plan is costed at; the last
+        # block of each is padding where kv_len is not a multiple of the block size
+        lengths = [kv_len] * batch
         query = uniform(gen, batch, 1, heads * dim, dtype=dtype, scale=1.0)
         key_cache = uniform(gen, blocks, block, kv_heads * dim, dtype=dtype, scale=1.0)
         value_cache = uniform(gen, blocks, block, kv_heads * dim, dtype=dtype, scale=1.0)
