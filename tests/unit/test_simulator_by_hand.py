@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from mc2sim.model.calibrate import CommSample, fit_contention, fit_network
+from mc2sim.model.fit import CommSample, fit_contention, fit_network
 from mc2sim.model.simulator import simulate
-from mc2sim.model.validate import Case
 from mc2sim.schedule.plan import Plan, Task, TaskKind
+from mc2sim.study.measure import Case
 from mc2sim.timeline import Timeline
 from mc2sim.topology import Contention, Device, Efficiency, LinkKind, NetworkDim, Topology
 
@@ -323,9 +323,9 @@ def test_fit_contention_recovers_the_factors_that_made_the_spans() -> None:
     #     of the transfer done; the remaining 3.625 s at full speed: 5.125.
     #  Z: a 2 s AllReduce, then a 1 s matmul that needs it: nothing overlaps, 3.
     cases = [
-        Case(name="X", run=lambda: None, plans=tuple(plan(r, 2, allreduce(1), mm(4)) for r in (0, 1))),
-        Case(name="Y", run=lambda: None, plans=tuple(plan(r, 2, allreduce(4), mm(1)) for r in (0, 1))),
-        Case(name="Z", run=lambda: None, plans=tuple(plan(r, 2, allreduce(2), mm(1, 0)) for r in (0, 1))),
+        Case(name="X", tiling="tiles=2", run=lambda: None, plans=tuple(plan(r, 2, allreduce(1), mm(4)) for r in (0, 1))),
+        Case(name="Y", tiling="tiles=2", run=lambda: None, plans=tuple(plan(r, 2, allreduce(4), mm(1)) for r in (0, 1))),
+        Case(name="Z", tiling="tiles=2", run=lambda: None, plans=tuple(plan(r, 2, allreduce(2), mm(1, 0)) for r in (0, 1))),
     ]  # fmt: skip
     measured = [[4 + 4 / 3], [5.125], [3.0]]
     fitted = fit_contention(machine(2), cases, measured)
