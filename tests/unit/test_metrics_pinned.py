@@ -14,11 +14,11 @@ import pytest
 
 from mc2sim.scenario import builtin
 from mc2sim.study import simulate_study
-from mc2sim.timeline import Metrics, Stream, TaskRecord, Timeline
+from mc2sim.timeline import Metrics, RunKey, Stream, TaskRecord, Timeline
 from mc2sim.topology import load
 
 
-def rec(rank: int, stream: str, start: float, end: float, run: str, task: int) -> TaskRecord:
+def rec(rank: int, stream: str, start: float, end: float, run: RunKey, task: int) -> TaskRecord:
     kind = "matmul" if stream == "compute" else "alltoallv"
     return TaskRecord(
         rank=rank, run=run, task=task, name=f"{kind}[{task}]", stream=Stream(stream),
@@ -26,7 +26,7 @@ def rec(rank: int, stream: str, start: float, end: float, run: str, task: int) -
     )  # fmt: skip
 
 
-def timeline(run: str, *spans: tuple[int, str, float, float]) -> Timeline:
+def timeline(run: RunKey, *spans: tuple[int, str, float, float]) -> Timeline:
     return Timeline(records=[rec(r, s, a, b, run, i) for i, (r, s, a, b) in enumerate(spans)])
 
 
@@ -34,7 +34,7 @@ def timeline(run: str, *spans: tuple[int, str, float, float]) -> Timeline:
 #   rank 0: compute [0, 3], comm [2, 6]      -> total 6, compute 3, comm 4, exposed 3
 #   rank 1: compute [0, 2], comm [1, 5.5]    -> total 5.5, compute 2, comm 4.5, exposed 3.5
 SERIAL = timeline(
-    "gmm_alltoallv/serial#0",
+    RunKey(op="gmm_alltoallv", tiling="serial"),
     (0, "compute", 0, 3), (0, "comm", 2, 6),
     (1, "compute", 0, 2), (1, "comm", 1, 5.5),
 )  # fmt: skip
@@ -45,7 +45,7 @@ SERIAL = timeline(
 #   rank 1: compute [0, 1] u [2, 3], comm [0.5, 2.5], idle [3, 3.25], comm [3.25, 4.5]
 #           -> total 4.5, compute 2, comm 3.25, exposed 2.5 (the idle quarter included)
 TILED = timeline(
-    "gmm_alltoallv/tiles=2#0",
+    RunKey(op="gmm_alltoallv", tiling="tiles=2"),
     (0, "compute", 0, 1.5), (0, "compute", 1.5, 3), (0, "comm", 1, 2.5), (0, "comm", 2.5, 4),
     (1, "compute", 0, 1), (1, "compute", 2, 3), (1, "comm", 0.5, 2.5), (1, "comm", 3.25, 4.5),
 )  # fmt: skip
