@@ -8,7 +8,7 @@ Shape keys ``m, k, n``: each rank's x1 is ``(m, k)`` and x2 ``(k, n)``. The limi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
@@ -148,19 +148,28 @@ class MatmulAllReduceSpec(_TpSpec):
         )
 
 
-class AllGatherMatmulSpec(_TpSpec):
+class _TpPairSpec(_TpSpec):
+    """AllGatherMatmul and MatmulReduceScatter: one builder of every rank's plan each."""
+
+    builder: ClassVar[Callable[..., Plan]]
+    """Builds one rank's plan from ``m``, the matmul's shape, the tiling, rank and world."""
+
+    def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
+        """Every rank's plan of the collective and the matmul, tiled alike on every rank."""
+        m = scenario.effective_shape()["m"]
+        dense = _dense_shape(scenario)
+        build = type(self).builder
+        return {
+            r: build(m=m, shape=dense, tiling=tiling, rank=r, world_size=world)
+            for r in range(world)
+        }
+
+
+class AllGatherMatmulSpec(_TpPairSpec):
     """AllGatherMatmul: gather every rank's ``(m, k)`` rows, then multiply by ``(k, n)``."""
 
     op: ClassVar[OpName] = OpName.ALL_GATHER_MATMUL
-
-    def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
-        """Every rank's plan of the gather and the matmul of the gathered rows."""
-        m = scenario.effective_shape()["m"]
-        dense = _dense_shape(scenario)
-        return {
-            r: plan_all_gather_matmul(m=m, shape=dense, tiling=tiling, rank=r, world_size=world)
-            for r in range(world)
-        }
+    builder = staticmethod(plan_all_gather_matmul)
 
     def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
         """Random x1 per rank and x2; golden: the gathered rows times x2, in float64."""
@@ -177,10 +186,11 @@ class AllGatherMatmulSpec(_TpSpec):
         return RealCase(run=run, expected=expected, k=k)
 
 
-class MatmulReduceScatterSpec(_TpSpec):
+class MatmulReduceScatterSpec(_TpPairSpec):
     """MatmulReduceScatter: ``(m, k) x (k, n)``, then ``m / world`` reduced rows per rank."""
 
     op: ClassVar[OpName] = OpName.MATMUL_REDUCE_SCATTER
+    builder = staticmethod(plan_matmul_reduce_scatter)
 
     def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
         """As :meth:`OpSpec.check_world`; ``m`` must also be a multiple of the world size."""
@@ -189,15 +199,6 @@ class MatmulReduceScatterSpec(_TpSpec):
             raise ParamInvalidError(
                 param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}"
             )
-
-    def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
-        """Every rank's plan of the matmul and the ReduceScatter of its rows."""
-        m = scenario.effective_shape()["m"]
-        dense = _dense_shape(scenario)
-        return {
-            r: plan_matmul_reduce_scatter(m=m, shape=dense, tiling=tiling, rank=r, world_size=world)
-            for r in range(world)
-        }
 
     def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
         """Random x1, x2 per rank; golden: this rank's rows of the float64 sum of products."""
