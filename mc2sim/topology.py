@@ -709,6 +709,8 @@ def load(path: str | os.PathLike[str]) -> Topology:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as err:
         raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ParamInvalidError(file, f"byte {err.start}", "is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
