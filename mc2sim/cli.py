@@ -387,7 +387,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     with _checking():
         scenario = _load_scenario(args.scenario, args.set)
         world = scenario.world_size(args.ranks, "--ranks")
-        topology = _sized_topology(scenario, args.topology, world, "--ranks")
+        world_param = "ranks" if args.ranks is None else "--ranks"
+        topology = _sized_topology(scenario, args.topology, world, world_param)
         measured = _measured_totals(Path(args.measured)) if args.measured else {}
         default = f"results/{scenario.name}-{_stamp()}-sim"
         out = _check_out(Path(args.out or default), args.overwrite)
@@ -603,7 +604,7 @@ def _simulate_sweep(
         scenarios = [_load_scenario(args.scenario, point) for _, point in points]
         worlds = [sc.world_size(args.ranks, "--ranks") for sc in scenarios]
         topologies = [
-            _sized_topology(sc, args.topology, world, "--ranks")
+            _sized_topology(sc, args.topology, world, "ranks" if args.ranks is None else "--ranks")
             for sc, world in zip(scenarios, worlds, strict=True)
         ]
         out = _check_out(Path(args.out or default), args.overwrite)

@@ -372,7 +372,7 @@ def load_matrix(path: str | os.PathLike[str]) -> npt.NDArray[np.int64]:
             raw = np.asarray(doc, dtype=np.float64)
     except ParamInvalidError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ParamInvalidError("matrix_path", name, f"cannot be read: {exc}") from None
     return _as_count_matrix("matrix_path", np.asarray(raw), f"matrix in {name}")
 

@@ -718,6 +718,8 @@ def load(path: str | os.PathLike[str]) -> Topology:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err)
         raise ParamInvalidError(file, where, f"is not valid YAML: {problem}") from None
+    except RecursionError:
+        raise ParamInvalidError(file, "?", "is not valid YAML: nested too deeply") from None
     return _Reader(file).topology(data)
 
 

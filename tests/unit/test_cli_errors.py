@@ -55,6 +55,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (t / "huge_seed.yaml").write_text(
         MOE.replace("seed: 0", "seed: 18446744073709551616"), encoding="utf-8"
     )
+    (t / "deep.yaml").write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    (t / "m_deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     (t / "afile").write_text("not a folder\n", encoding="utf-8")
     (t / "adir").mkdir()
     (t / "mine").mkdir()
@@ -164,6 +166,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "{t}/list.yaml"], ["list.yaml=[1, 2]", "must be a mapping"]),
     (["simulate", "{t}/unknown.yaml"], ["unknown.yaml: colour='blue'", "unknown key"]),
     (["simulate", "{t}/python.yaml"], ["python.yaml=", "not valid YAML"]),
+    (["simulate", "{t}/deep.yaml"], ["deep.yaml=", "nested too deeply"]),
     (["simulate", "{t}/zero_reps.yaml"], ["zero_reps.yaml: repetitions=0", ">= 1"]),
     (["simulate", "{t}/huge_seed.yaml"], ["routing.seed=18446744073709551616", "4294967295"]),
     (["simulate", "llama70b_tp8_decode", "--set", "ranks"], ["--set='ranks'", "KEY=VALUE"]),
@@ -219,12 +222,14 @@ CASES: list[tuple[list[str], list[str]]] = [
             ("m_neg.csv", ">= 0"),
             ("m_text.csv", "cannot be read"),
             ("m.txt", ".npy, .csv or .json"),
+            ("m_deep.json", "cannot be read"),
         ]
     ],
     # topologies
     (["simulate", "llama70b_tp8_decode", "--topology", "nosuch"], ["--topology='nosuch'"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/nonutf8.yaml"], ["not UTF-8"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/badyaml.yaml"], ["not valid YAML"]),
+    (["simulate", "llama70b_tp8_decode", "--topology", "{t}/deep.yaml"], ["nested too deeply"]),
     (
         ["simulate", "llama70b_tp8_decode", "--topology", "{t}/topo_neg.yaml"],
         ["topo_neg.yaml: network[0].bandwidth_gbps=-28.0", "> 0"],
