@@ -1154,7 +1154,7 @@ def check_folder(
 
     """
     path = Path(folder)
-    if path.is_dir() and not path.is_symlink():
+    if path.is_dir():  # a link to a folder is that folder
         entries = sorted(path.iterdir())
         if entries and not overwrite:
             raise ParamInvalidError(

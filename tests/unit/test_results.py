@@ -719,3 +719,19 @@ def test_a_sweep_folder_lists_its_points_last(tmp_path: Path) -> None:
         results.check_folder(sweep)
     results.clear_folder(sweep)
     assert not list(sweep.iterdir())
+
+
+def test_a_link_to_a_results_folder_is_that_folder(tmp_path: Path) -> None:
+    old = _written(tmp_path / "old")
+    link = tmp_path / "latest"
+    link.symlink_to(old, target_is_directory=True)
+    with pytest.raises(ParamInvalidError, match="is not empty"):
+        results.check_folder(link)
+    paths = write_results(
+        link, timeline=two_rank_timeline(), baseline=RUN, manifest=toy_manifest(), overwrite=True
+    )
+    assert paths["complete"].parent == link and link.is_symlink()
+    assert dict(read_results(old).runs) == {"tiles=2": RUN}
+    (old / "elsewhere").symlink_to(tmp_path)
+    with pytest.raises(ParamInvalidError, match="'elsewhere', which mc2sim did not write"):
+        results.check_folder(old, overwrite=True)
