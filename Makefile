@@ -34,9 +34,9 @@ $(STAMP): pyproject.toml
 DEMO ?= seed_gmm_alltoallv_ep4
 demo: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim info
-	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim run $(DEMO) --set scale=small --out results/demo
+	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim run $(DEMO) --set scale=small --out results/demo --overwrite
 	$(PY) -m mc2sim simulate $(DEMO) --set scale=small --ranks $(NP) \
-		--topology topologies/this_machine_4ranks.yaml --measured results/demo --out results/demo-sim
+		--topology topologies/this_machine_4ranks.yaml --measured results/demo --out results/demo-sim --overwrite
 	$(PY) -m mc2sim report results/demo results/demo-sim --out results/demo-report
 
 lint: $(STAMP)

@@ -1,25 +1,118 @@
-"""The ``mc2sim`` command line (also ``python -m mc2sim``)."""
+"""The ``mc2sim`` command line (also ``python -m mc2sim``).
+
+One error path: a user's mistake (a file that cannot be read, bad YAML or JSON, a value that
+breaks a rule, an output path that cannot be written, a world size the scenario does not
+allow) is found before any work, in a command's ``with _checking(...)`` block, and
+:func:`main` reports it as one line on stderr, ``mc2sim <command>: <parameter>=<value>:
+<rule>``, from rank 0 alone, with exit status 2. Under MPI the ranks agree on the outcome of
+their checks (:func:`mc2sim.comm.agree`) before going on, so all of them return 2 together
+and none is left waiting in a collective. Usage errors of the arguments themselves are one
+line from rank 0 too (exit status 2). What fails after the checks is a failure of the work,
+not of the input: a traceback, and on several ranks the job is aborted
+(:func:`mc2sim.runtime.abort_on_exception`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import platform
 import runpy
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from mc2sim.runtime import abort_on_exception, steady_allocator
+from mc2sim.errors import AclnnError, ParamInvalidError
+from mc2sim.runtime import abort_on_exception, steady_allocator, world_position
 
 if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+    from mc2sim.comm import Communicator
+    from mc2sim.scenario import Scenario
     from mc2sim.topology import Topology
 
-__all__ = ["main"]
+__all__ = ["TIMEOUT_ENV", "InputError", "main"]
+
+TIMEOUT_ENV = "MC2SIM_TIMEOUT"
+"""The environment variable ``--timeout`` sets: the seconds a collective may wait before the
+communicator's watchdog ends the job with exit status 3 (read when the communicator is
+initialised; default 300)."""
+
+
+class InputError(Exception):
+    """A user's input broke a rule, found before any work: one line, exit status 2.
+
+    Args:
+        error: the rule broken (every rank holds the same one under MPI).
+
+    """
+
+    def __init__(self, error: AclnnError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _as_param_error(exc: BaseException) -> AclnnError:
+    """An input error that is not yet an ``AclnnError`` (OSError, UnicodeError, YAML), as one."""
+    if isinstance(exc, AclnnError):
+        return exc
+    if isinstance(exc, OSError):
+        name = exc.filename if exc.filename is not None else "path"
+        return ParamInvalidError(str(name), str(name), f"cannot be used: {exc.strerror or exc}")
+    if isinstance(exc, UnicodeDecodeError):
+        return ParamInvalidError("input", f"byte {exc.start}", "is not UTF-8 text")
+    return ParamInvalidError("input", type(exc).__name__, f"is not valid: {exc}")
+
+
+@contextlib.contextmanager
+def _checking(comm: Communicator | None = None) -> Iterator[None]:
+    """Run checks of the user's input; a rule broken in the body becomes an :class:`InputError`.
+
+    ``AclnnError`` (the project's errors: every reader names file, key and rule), and an
+    ``OSError``, ``UnicodeError`` or YAML error a reader let through, count as input errors;
+    anything else is a bug and propagates. With ``comm``, every rank must enter the block:
+    the ranks agree on the lowest failing rank's error, so all raise it or none does. The
+    body must not call collectives then (one rank failing early would skip them).
+    """
+    import yaml
+
+    error: AclnnError | None = None
+    try:
+        yield
+    except (AclnnError, OSError, UnicodeError, yaml.YAMLError) as exc:
+        error = _as_param_error(exc)
+    if comm is not None and comm.size > 1:
+        from mc2sim.comm import agree
+
+        try:
+            agree(comm, error)
+        except AclnnError as exc:
+            error = exc
+    if error is not None:
+        raise InputError(error) from None
+
+
+def _lead() -> bool:
+    """Whether this process is rank 0 (or alone), without initialising anything."""
+    return world_position()[0] == 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose messages come from rank 0 alone and whose errors are one line."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if _lead():
+            super()._print_message(message, file)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _version_of(package: str) -> str:
@@ -62,7 +155,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from mc2sim.comm import init
     from mc2sim.study.calibrate import calibrate
 
+    with _checking():  # the arguments alone, the same on every rank: before MPI starts
+        _check_name(args.name)
     comm = init("mpi")
+    with _checking(comm):
+        if comm.rank == 0:
+            _check_topology_out(args.out, args.overwrite)
     with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
         topology = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar)).topology
     if comm.rank == 0:
@@ -70,10 +168,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_name(name: str) -> None:
+    """``--name``: a fitted topology's name, not empty."""
+    if not name.strip():
+        raise ParamInvalidError("--name", name, "must be a non-empty name for the topology")
+
+
+def _check_topology_out(out: str, overwrite: bool) -> None:
+    """``--out`` of a fitted topology: a new file, or an old one with ``--overwrite``."""
+    from mc2sim._paths import check_new_file
+
+    check_new_file(Path(out), "--out", overwrite=overwrite, hint="--overwrite")
+
+
 def _write_topology(topology: Topology, out: str) -> None:
-    """Write a fitted topology and print its figures."""
+    """Write a fitted topology (creating its folder) and print its figures."""
     from mc2sim.topology import dump
 
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     dump(topology, out)
     print(f"wrote {out}")
     _print_fit(topology)
@@ -112,14 +224,20 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from mc2sim.comm import init
     from mc2sim.study.calibrate import calibrate
     from mc2sim.study.validate import default_cases, geomean_error, run_cases, score_cases
-    from mc2sim.topology import load
 
-    for flag, value in (("--out", args.out), ("--name", args.name)):
-        if value is not None and not args.calibrate:
-            print(f"mc2sim validate-model: {flag} is for the fitted topology: it needs --calibrate",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+    with _checking():  # the arguments alone, the same on every rank: before MPI starts
+        for flag, value in (("--out", args.out), ("--name", args.name)):
+            if value is not None and not args.calibrate:
+                raise ParamInvalidError(
+                    flag, value, "is for the fitted topology: it needs --calibrate"
+                )
+        _check_name(args.name or "this_machine")
     comm = init("mpi")
+    with _checking(comm):
+        if args.calibrate and comm.rank == 0 and args.out is not None:
+            _check_topology_out(args.out, args.overwrite)
+        if not args.calibrate:
+            given = _topology_file(args.topology, comm.size)
     cases = default_cases(comm)
     with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
         if args.calibrate:
@@ -133,9 +251,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             topology, source = fitted.topology, "calibrated in the same rounds"
             results = score_cases(cases, fitted.alongside, topology)
         else:
-            topology, source = load(args.topology), args.topology
-            if topology.world_size != comm.size:
-                topology = topology.with_world(comm.size)
+            topology, source = given, args.topology
             results = run_cases(comm, cases, topology, reps=args.reps, progress=_ticker(bar))
     if comm.rank == 0:
         if args.calibrate and args.out:
@@ -151,14 +267,38 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology_file(path: str, world: int) -> Topology:
+    """``validate-model --topology``: a topology file, resized to ``world`` ranks."""
+    from mc2sim.topology import load
+
+    if not Path(path).is_file():
+        rule = "is not a file"
+        if not Path(path).exists():
+            rule = "no such file: fit one first (mc2sim calibrate), or pass --calibrate"
+        raise ParamInvalidError("--topology", path, rule)
+    topology = load(path)
+    return topology if topology.world_size == world else topology.with_world(world)
+
+
 def _rounds(text: str) -> int:
     """``--reps``: a whole number of rounds, at least one (argparse reports the rule)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1 (rounds measured)")
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1 (rounds measured)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: seconds, a finite number > 0 (argparse reports the rule)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds > 0")
     return value
 
 
@@ -169,14 +309,18 @@ def _progress_bar(total: int, desc: str, unit: str, *, show: bool) -> Any:
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not show)
 
 
-def _load_scenario(name: str, overrides: Sequence[str]) -> Any:
+def _load_scenario(name: str, overrides: Sequence[str]) -> Scenario:
     """A shipped scenario by name, or a scenario file, with ``--set`` overrides."""
-    from pathlib import Path
-
     from mc2sim.scenario import builtin, list_builtin, load
 
     if name in list_builtin() and not Path(name).exists():
         return builtin(name, overrides)
+    if not Path(name).exists():
+        raise ParamInvalidError(
+            "scenario",
+            name,
+            "is neither a scenario file nor a shipped scenario (" + ", ".join(list_builtin()) + ")",
+        )
     return load(name, overrides)
 
 
@@ -189,28 +333,76 @@ def _scenario_file(name: str) -> Path:
     return Path(name)
 
 
+def _sized_topology(
+    scenario: Scenario, given: str | None, world: int, world_param: str
+) -> Topology:
+    """The topology to simulate on (``--topology``, else the scenario's), at ``world`` ranks."""
+    from mc2sim.study.simulate import load_topology
+    from mc2sim.topology import list_builtin
+
+    name = given or scenario.topology
+    if given is not None and given not in list_builtin() and not Path(given).exists():
+        raise ParamInvalidError(
+            "--topology",
+            given,
+            "is neither a topology file nor a shipped topology (" + ", ".join(list_builtin()) + ")",
+        )
+    topology = load_topology(name)
+    if topology.world_size == world:
+        return topology
+    try:
+        return topology.with_world(world)
+    except ParamInvalidError as err:
+        raise ParamInvalidError(world_param, err.value, err.rule) from None
+
+
+def _check_out(out: Path, overwrite: bool) -> Path:
+    """``--out`` of a results (or sweep) folder: a fresh one, or old results with --overwrite."""
+    from mc2sim.results import check_folder
+
+    return check_folder(out, overwrite=overwrite, param="--out", hint="--overwrite")
+
+
+def _check_plots(plots: bool) -> None:
+    """The plots need matplotlib: find out before the work, not after it."""
+    import importlib.util
+
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        raise ParamInvalidError(
+            "plots", "matplotlib", "is not installed: pip install matplotlib, or pass --no-plots"
+        )
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     """Simulate a scenario under each of its tilings; write a results folder; print a table."""
-    from pathlib import Path
-
-    from mc2sim.errors import AclnnError
     from mc2sim.model.accuracy import model_error
     from mc2sim.report import METRICS_HEADER, metrics_row
-    from mc2sim.study.simulate import load_topology, simulate_study, write_results
+    from mc2sim.results import clear_folder
+    from mc2sim.study.simulate import simulate_study, write_results
 
-    try:
+    with _checking():
         scenario = _load_scenario(args.scenario, args.set)
-        topology = load_topology(args.topology or scenario.topology)
-    except (AclnnError, OSError) as exc:
-        print(f"mc2sim simulate: {exc}", file=sys.stderr)
-        return 2
-    result = simulate_study(scenario, topology, args.ranks)
-    out = Path(args.out or f"results/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-sim")
+        world = scenario.world_size(args.ranks, "--ranks")
+        world_param = "ranks" if args.ranks is None else "--ranks"
+        topology = _sized_topology(scenario, args.topology, world, world_param)
+        measured = _measured_totals(Path(args.measured)) if args.measured else {}
+        default = f"results/{scenario.name}-{_stamp()}-sim"
+        out = _check_out(Path(args.out or default), args.overwrite)
+        if args.measured and out.resolve() == Path(args.measured).resolve():
+            raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
+        _check_plots(args.plots)
+    with _checking():  # the model is pure: what it refuses is in the input
+        result = simulate_study(scenario, topology, world)
+    if args.overwrite:
+        clear_folder(out)
     write_results(
         result, out, scenario_path=_scenario_file(args.scenario), argv=args.argv,
         overrides=args.set,
     )  # fmt: skip
-    measured = _measured_totals(Path(args.measured)) if args.measured else {}
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
     print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
     for tiling, m in result.metrics().items():
@@ -235,43 +427,62 @@ def _write_plots(folders: Sequence[Path], out: Path) -> None:
 
 
 def _measured_totals(directory: Path) -> dict[str, float]:
-    """Tiling -> measured total seconds, from a ``mc2sim run`` results folder."""
+    """``--measured``: tiling -> measured total seconds, from a ``mc2sim run`` results folder."""
     from mc2sim.results import read_results
 
-    return read_results(directory).totals()
+    try:
+        return read_results(directory).totals()
+    except ParamInvalidError as err:
+        raise ParamInvalidError("--measured", str(directory), err.rule) from None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run a scenario for real under mpiexec: every tiling, golden check, timeline, results."""
-    from pathlib import Path
-
     from mc2sim.comm import init
-    from mc2sim.errors import AclnnError
+    from mc2sim.results import clear_folder
+
+    comm = init("mpi")
+    lead = comm.rank == 0
+    stamp = comm.allgather_object(_stamp())[0]
+    with _checking(comm):  # every rank reads the same file: an error is the same everywhere
+        scenario = _load_scenario(args.scenario, args.set)
+        scenario.world_size(comm.size)
+        out = Path(args.out or f"results/{scenario.name}-{stamp}")
+        if lead:  # rank 0 alone writes the folder
+            _check_out(out, args.overwrite)
+            _check_plots(args.plots)
+    if lead and args.overwrite:
+        clear_folder(out)
+    return _measure_into(
+        comm, scenario, out, plots=args.plots, scenario_path=_scenario_file(args.scenario),
+        argv=args.argv, overrides=args.set,
+    )  # fmt: skip
+
+
+def _measure_into(
+    comm: Communicator,
+    scenario: Scenario,
+    out: Path,
+    *,
+    plots: bool,
+    scenario_path: Path,
+    argv: Sequence[str],
+    overrides: Sequence[str],
+) -> int:
+    """Measure ``scenario`` on every rank; rank 0 writes the results folder ``out`` (fresh)."""
     from mc2sim.report import METRICS_HEADER, metrics_row
     from mc2sim.results import write_results
     from mc2sim.study.measure import measure_study
     from mc2sim.study.simulate import manifest_of
 
-    comm = init("mpi")
     lead = comm.rank == 0
-    try:  # every rank reads the same file: an error is the same everywhere
-        scenario = _load_scenario(args.scenario, args.set)
-        scenario.world_size(comm.size)
-    except (AclnnError, OSError) as exc:
-        if lead:
-            print(f"mc2sim run: {exc}", file=sys.stderr)
-        return 2
-    stamp = comm.allgather_object(time.strftime("%Y%m%d-%H%M%S"))[0]
-    out = Path(args.out or f"results/{scenario.name}-{stamp}")
-
     rounds = scenario.repetitions + 1
     with _progress_bar(rounds, scenario.name, "round", show=lead) as bar:
         result = measure_study(scenario, comm, progress=_ticker(bar))
     if lead:
         manifest = manifest_of(
             scenario, topology="measured", world=comm.size, source="measured",
-            hosts=result.hosts, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-            overrides=args.set,
+            hosts=result.hosts, scenario_path=scenario_path, argv=argv, overrides=overrides,
         )  # fmt: skip
         write_results(
             out, timeline=result.timeline, baseline=result.baseline, manifest=manifest,
@@ -284,7 +495,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             m = result.timeline.for_run(run).metrics(baseline=base)
             ok = all(v.passed for v in result.verdicts[tiling])
             print(f"{metrics_row(tiling, m)}  {'pass' if ok else 'FAIL'}")
-        if args.plots:
+        if plots:
             _write_plots([out], out)
         print(f"results: {out}")
         for verdicts_of_tiling in result.verdicts.values():
@@ -314,113 +525,173 @@ def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
     return [(",".join(point) or "base", fixed + list(point)) for point in points]
 
 
+def _point_folders(points: Sequence[tuple[str, list[str]]]) -> list[str]:
+    """Each sweep point's folder name (its label, ``/`` as ``_``); two alike are refused."""
+    names = [label.replace("/", "_") for label, _ in points]
+    for i, name in enumerate(names):
+        if name in names[:i] or name in (".", ".."):
+            raise ParamInvalidError(
+                "--set", points[i][0], f"names the point folder {name!r}, which another point "
+                "has or which is no folder name",
+            )  # fmt: skip
+    return names
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Simulate (or, with --real under mpiexec, run) a scenario at every point of a grid."""
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from mc2sim.errors import AclnnError
-    from mc2sim.study.simulate import load_topology, simulate_study, write_results
+    from mc2sim.results import clear_folder, write_sweep
 
     points = _sweep_points(args.set)
-    out = Path(
-        args.out or f"results/{Path(args.scenario).stem}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    try:
-        scenarios = [_load_scenario(args.scenario, point) for _, point in points]
-        topologies = [load_topology(args.topology or sc.topology) for sc in scenarios]
-    except (AclnnError, OSError) as exc:
-        print(f"mc2sim sweep: {exc}", file=sys.stderr)
-        return 2
+    default = f"results/{Path(args.scenario).stem}-sweep-"
     if args.real:
         from mc2sim.comm import init
 
         comm = init("mpi")
         lead = comm.rank == 0
+        stamp = comm.allgather_object(_stamp())[0]
+        with _checking(comm):
+            if args.ranks is not None or args.topology is not None:
+                flag = "--ranks" if args.ranks is not None else "--topology"
+                raise ParamInvalidError(
+                    flag, args.ranks if args.ranks is not None else args.topology,
+                    "is for simulated sweeps: --real runs on the ranks of mpiexec",
+                )  # fmt: skip
+            names = _point_folders(points)
+            scenarios = [_load_scenario(args.scenario, point) for _, point in points]
+            for scenario in scenarios:
+                scenario.world_size(comm.size)
+            out = Path(args.out or default + stamp)
+            if lead:
+                _check_out(out, args.overwrite)
+                _check_plots(args.plots)
+        if lead and args.overwrite:
+            clear_folder(out)
         status = 0
-        for label, point in points:
-            sub = ["run", args.scenario, "--out", str(out / label.replace("/", "_"))]
-            sub += [] if args.plots else ["--no-plots"]
-            for item in point:
-                sub += ["--set", item]
+        for (label, point), name, scenario in zip(points, names, scenarios, strict=True):
             if lead:
                 print(f"# point {label}", flush=True)
-            status = max(status, main(sub))
-        if lead and args.plots:
-            _write_plots([out / label.replace("/", "_") for label, _ in points], out)
+            status = max(
+                status,
+                _measure_into(
+                    comm,
+                    scenario,
+                    out / name,
+                    plots=args.plots,
+                    scenario_path=_scenario_file(args.scenario),
+                    argv=args.argv,
+                    overrides=point,
+                ),  # fmt: skip
+            )
+        if lead:
+            if args.plots:
+                _write_plots([out / name for name in names], out)
+            write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
         return status
+    return _simulate_sweep(args, points, default + _stamp())
+
+
+def _simulate_sweep(
+    args: argparse.Namespace, points: Sequence[tuple[str, list[str]]], default: str
+) -> int:
+    """``sweep`` without ``--real``: every point simulated, a results folder each."""
+    from tqdm import tqdm
+
+    from mc2sim.results import clear_folder, write_sweep
+    from mc2sim.study.simulate import simulate_study, write_results
+
+    with _checking():
+        names = _point_folders(points)
+        scenarios = [_load_scenario(args.scenario, point) for _, point in points]
+        worlds = [sc.world_size(args.ranks, "--ranks") for sc in scenarios]
+        topologies = [
+            _sized_topology(sc, args.topology, world, "ranks" if args.ranks is None else "--ranks")
+            for sc, world in zip(scenarios, worlds, strict=True)
+        ]
+        out = _check_out(Path(args.out or default), args.overwrite)
+        _check_plots(args.plots)
+    if args.overwrite:
+        clear_folder(out)
     print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
-    folders: list[Path] = []
-    for (label, _), scenario, topology in tqdm(
-        list(zip(points, scenarios, topologies, strict=True)), desc="sweep", file=sys.stderr
+    grid = list(zip(points, names, scenarios, topologies, worlds, strict=True))
+    for (label, point), name, scenario, topology, world in tqdm(
+        grid, desc="sweep", file=sys.stderr
     ):
-        result = simulate_study(scenario, topology, args.ranks)
-        folders.append(out / label.replace("/", "_"))
-        write_results(result, folders[-1])
+        with _checking():  # the model is pure: what it refuses is in the input
+            result = simulate_study(scenario, topology, world)
+        write_results(
+            result, out / name, scenario_path=_scenario_file(args.scenario), argv=args.argv,
+            overrides=point,
+        )  # fmt: skip
         for tiling, m in result.metrics().items():
             speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
             print(
                 f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
             )
     if args.plots:
-        _write_plots(folders, out)
+        _write_plots([out / name for name in names], out)
+    write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
     print(f"results: {out}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     """Tables and plots of one or more results folders (a run and its simulation compare)."""
-    from pathlib import Path
-
-    from mc2sim.errors import AclnnError
+    from mc2sim._paths import check_creatable
     from mc2sim.report import report
 
-    try:
+    with _checking():
+        if args.out:
+            check_creatable(Path(args.out), "--out")
+        _check_plots(True)
         result = report([Path(d) for d in args.results], Path(args.out) if args.out else None)
-    except AclnnError as exc:
-        print(f"mc2sim report: {exc}", file=sys.stderr)
-        return 2
     print(result.tables)
     for path in result.plots:
         print(f"plot: {path}")
     return 0
 
 
+def _read_counts(path: Path) -> tuple[Any, Any, Any]:
+    """``check-counts``' file: JSON with experts_per_rank, send_counts and recv_counts."""
+    import json
+
+    expected = (
+        "must be JSON with the keys experts_per_rank, send_counts (a list of counts per rank) "
+        "and recv_counts (likewise)"
+    )
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        rule = f"cannot be read: {err.strerror or err}"
+        raise ParamInvalidError("file", str(path), rule) from None
+    except UnicodeDecodeError as err:
+        raise ParamInvalidError(str(path), f"byte {err.start}", "is not UTF-8 text") from None
+    except (ValueError, RecursionError) as err:
+        raise ParamInvalidError(str(path), "not JSON", f"{expected} ({err})") from None
+    if not isinstance(data, dict):
+        raise ParamInvalidError(str(path), type(data).__name__, expected)
+    for key in ("experts_per_rank", "send_counts", "recv_counts"):
+        if key not in data:
+            raise ParamInvalidError(f"{path}: {key}", None, f"is missing; the file {expected}")
+    return data["send_counts"], data["recv_counts"], data["experts_per_rank"]
+
+
 def _cmd_check_counts(args: argparse.Namespace) -> int:
     """Check the cross-rank counts invariant on a dump of every rank's counts (no MPI)."""
-    import json
-    from pathlib import Path
-
-    import numpy as np
-
-    from mc2sim.invariants import counts_mismatch
+    from mc2sim.invariants import check_counts_table, counts_mismatch
 
     path = Path(args.file)
-    try:
-        data = json.loads(path.read_text())
-        e = int(data["experts_per_rank"])
-        send = np.asarray(data["send_counts"], dtype=np.int64)
-        recv = np.asarray(data["recv_counts"], dtype=np.int64)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(
-            f"mc2sim check-counts: {path}: {exc!r}; expected JSON with keys "
-            "experts_per_rank, send_counts (a list per rank), recv_counts (a list per rank)",
-            file=sys.stderr,
-        )
-        return 2
-    world = send.shape[0] if send.ndim == 2 else 0
-    for key, counts in (("send_counts", send), ("recv_counts", recv)):
-        if counts.ndim != 2 or counts.shape != (world, world * e) or world == 0:
-            print(
-                f"mc2sim check-counts: {path}: {key} has shape {counts.shape}; must be "
-                f"(ranks, ranks * experts_per_rank) = ({world}, {world * e})",
-                file=sys.stderr,
-            )
-            return 2
+    with _checking():
+        send_counts, recv_counts, experts = _read_counts(path)
+        try:  # the rules mc2sim.invariants.check_counts applies to every rank's counts
+            send, recv = check_counts_table(send_counts, recv_counts, experts)
+        except ParamInvalidError as err:
+            raise ParamInvalidError(f"{path}: {err.param}", err.value, err.rule) from None
+    e = int(experts)
+    world = send.shape[0]
     first = counts_mismatch(send, recv, e)
     if first is None:
-        print(f"{path}: consistent: {world} ranks, {e} experts per rank, {int(send.sum())} rows")
+        rows = int(send.astype(object).sum())  # exact: int64 sums could wrap
+        print(f"{path}: consistent: {world} ranks, {e} experts per rank, {rows} rows")
         return 0
     q, r, j = first
     print(
@@ -434,15 +705,40 @@ def _cmd_check_counts(args: argparse.Namespace) -> int:
 
 def _cmd_exec(args: argparse.Namespace) -> int:
     """Run a Python script as ``__main__`` on every rank, aborting the job if it raises."""
+    with _checking():
+        script = Path(args.script)
+        if not script.is_file():
+            rule = "is not a file" if script.exists() else "no such file"
+            raise ParamInvalidError("script", args.script, rule)
+        if not os.access(script, os.R_OK):
+            raise ParamInvalidError("script", args.script, "is not readable")
     sys.argv = [args.script, *args.script_args]
     runpy.run_path(args.script, run_name="__main__")
     return 0
 
 
+_TIMEOUT_HELP = (
+    f"seconds a collective may wait before the job ends with exit status 3 (sets {TIMEOUT_ENV}; "
+    f"default: ${TIMEOUT_ENV}, else 300)"
+)
+_OVERWRITE_HELP = "replace the results of an earlier run in --out (else --out must be new or empty)"
+
+
+def _add_timeout(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--timeout", type=_seconds, metavar="SECONDS", help=_TIMEOUT_HELP)
+
+
+def _add_out(command: argparse.ArgumentParser, help_text: str) -> None:
+    command.add_argument("--out", help=help_text)
+    command.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mc2sim",
         description="Simulation harness for MC2 fused communication-computation operators.",
+        epilog="A bad input is reported as one line on stderr (rank 0 alone under MPI), exit "
+        "status 2, before any work.",
     )
     parser.add_argument("--version", action="version", version=_version_of("mc2sim"))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -460,10 +756,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
-    run.add_argument("--out", help="results folder (default results/<scenario>-<time>)")
+    _add_out(run, "results folder, new or empty (default results/<scenario>-<time>)")
     run.add_argument(
         "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
     )
+    _add_timeout(run)
     run.set_defaults(func=_cmd_run)
 
     sim = commands.add_parser(
@@ -475,7 +772,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
-    sim.add_argument("--out", help="results folder (default results/<scenario>-<time>-sim)")
+    _add_out(sim, "results folder, new or empty (default results/<scenario>-<time>-sim)")
     sim.add_argument(
         "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
     )
@@ -494,16 +791,17 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--topology", help="topology name or file (default: the scenario's)")
     sweep.add_argument("--ranks", type=int, help="world size to simulate (default: the scenario's)")
     sweep.add_argument("--real", action="store_true", help="run each point for real (mpiexec)")
-    sweep.add_argument("--out", help="results folder (default results/<scenario>-sweep-<time>)")
+    _add_out(sweep, "folder of the points' folders (default results/<scenario>-sweep-<time>)")
     sweep.add_argument(
         "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
     )
+    _add_timeout(sweep)
     sweep.set_defaults(func=_cmd_sweep)
 
     rep = commands.add_parser(
         "report", help="tables and PNG plots of results folders (run, simulate, sweep points)"
     )
-    rep.add_argument("results", nargs="+", help="results folders")
+    rep.add_argument("results", nargs="+", help="results folders (a sweep's: all its points)")
     rep.add_argument("--out", help="folder for the plots (default: the first results folder)")
     rep.set_defaults(func=_cmd_report)
 
@@ -516,11 +814,15 @@ def _parser() -> argparse.ArgumentParser:
     cal = commands.add_parser(
         "calibrate", help="fit this machine's topology on the ranks at hand (under mpiexec)"
     )
-    cal.add_argument("--out", default="topologies/this_machine.yaml", help="topology file to write")
+    cal.add_argument(
+        "--out", default="topologies/this_machine.yaml", help="topology file to write (new)"
+    )
+    cal.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     cal.add_argument(
         "--reps", type=_rounds, default=15, help="interleaved rounds of every call (>= 1)"
     )
     cal.add_argument("--name", default="this_machine", help="the topology's name")
+    _add_timeout(cal)
     cal.set_defaults(func=_cmd_calibrate)
 
     val = commands.add_parser(
@@ -535,23 +837,36 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fit the topology in this job instead, in the same rounds as the sweep",
     )
-    val.add_argument("--out", help="with --calibrate: also write the fitted topology here")
+    val.add_argument("--out", help="with --calibrate: also write the fitted topology here (new)")
+    val.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     val.add_argument(
         "--name", help="with --calibrate: the fitted topology's name (default this_machine)"
     )
     val.add_argument(
         "--reps", type=_rounds, default=15, help="interleaved rounds of every case (>= 1)"
     )
+    _add_timeout(val)
     val.set_defaults(func=_cmd_validate_model)
 
     run_script = commands.add_parser(
         "exec",
         help="run a Python script on every rank; an exception on any rank aborts the job",
     )
+    _add_timeout(run_script)
     run_script.add_argument("script", help="path of the script")
     run_script.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     run_script.set_defaults(func=_cmd_exec)
     return parser
+
+
+def _report_input_error(command: str, exc: InputError) -> None:
+    """Print a user error as one line, on rank 0 alone (every rank holds the same one)."""
+    if not _lead():
+        return
+    where = exc.error.rank
+    line = f"mc2sim {command}: {exc}" + (f" (found on rank {where})" if where else "")
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -561,12 +876,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``None`` means ``sys.argv[1:]``.
 
     Returns:
-        The exit status.
+        The exit status: 0 done; 1 a check of the results failed (a golden verdict, the
+        counts invariant); 2 a bad input or usage, reported as one line before any work.
 
     """
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (one line, rank 0)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     args.argv = ["mc2sim", *(sys.argv[1:] if argv is None else argv)]  # for the manifest
+    if getattr(args, "timeout", None) is not None:  # read when the communicator starts
+        os.environ[TIMEOUT_ENV] = repr(args.timeout)
     steady_allocator()  # repeated calls reuse their memory: timings do not depend on order
     with abort_on_exception():
-        status: int = args.func(args)
+        try:
+            status: int = args.func(args)
+        except InputError as exc:
+            _report_input_error(args.command, exc)
+            status = 2
     return status

@@ -15,6 +15,7 @@ it with two allgathers and raises the same error on every rank.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch
 from mc2sim.comm import Communicator, agreed
 from mc2sim.errors import ParamInvalidError
 
-__all__ = ["check_counts", "check_counts_local", "counts_mismatch"]
+__all__ = ["check_counts", "check_counts_local", "check_counts_table", "counts_mismatch"]
 
 
 def check_counts_local(
@@ -72,6 +73,78 @@ def _ints(name: str, counts: Sequence[int]) -> list[int]:
             raise ParamInvalidError(f"{name}[{i}]", v, "counts must be integers")
         values.append(int(v))
     return values
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def check_counts_table(
+    send_counts: object, recv_counts: object, experts_per_rank: object
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check every rank's counts, given together (a row per rank), without a communicator.
+
+    Each row must pass :func:`check_counts_local` (the rules every rank applies to its own
+    counts in :func:`check_counts`), the tables must have one row per rank, and every count
+    must fit in int64. ``mc2sim check-counts`` reads a dump through this.
+
+    Args:
+        send_counts: a list per rank of its send counts, ``dest_rank * e + local_expert``.
+        recv_counts: a list per rank of its receive counts, ``src_rank * e + local_expert``.
+        experts_per_rank: local experts per rank, ``e``.
+
+    Returns:
+        ``(send, recv)`` as int64 arrays of shape ``(ranks, ranks * e)``, ready for
+        :func:`counts_mismatch`.
+
+    Raises:
+        ParamInvalidError: naming the table, rank and index, e.g. ``send_counts[1][3]=-1:
+            counts must be >= 0``.
+
+    """
+    tables: list[Sequence[object]] = []
+    for name, table in (("send_counts", send_counts), ("recv_counts", recv_counts)):
+        if isinstance(table, (str, bytes)) or not isinstance(table, Sequence) or not table:
+            raise ParamInvalidError(
+                name, table, "must be a non-empty list holding a list of counts per rank"
+            )
+        tables.append(table)
+    world = len(tables[0])
+    if len(tables[1]) != world:
+        raise ParamInvalidError(
+            "len(recv_counts)", len(tables[1]), f"must be the ranks of send_counts ({world})"
+        )
+    rows: tuple[list[list[int]], list[list[int]]] = ([], [])
+    for r in range(world):
+        for name, table in zip(("send_counts", "recv_counts"), tables, strict=True):
+            row = table[r]
+            if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+                raise ParamInvalidError(f"{name}[{r}]", row, "must be a list of counts")
+        try:
+            send, recv = check_counts_local(
+                cast("Sequence[int]", tables[0][r]),
+                cast("Sequence[int]", tables[1][r]),
+                cast(int, experts_per_rank),
+                world,
+            )
+        except ParamInvalidError as err:
+            param = "experts_per_rank" if err.param == "e" else _of_rank(err.param, r)
+            raise ParamInvalidError(param, err.value, err.rule) from None
+        for name, values, out in (("send_counts", send, rows[0]), ("recv_counts", recv, rows[1])):
+            big = next((i for i, v in enumerate(values) if v > _INT64_MAX), None)
+            if big is not None:
+                raise ParamInvalidError(
+                    f"{name}[{r}][{big}]", values[big], "counts must be < 2**63 (int64)"
+                )
+            out.append(values)
+    return np.array(rows[0], dtype=np.int64), np.array(rows[1], dtype=np.int64)
+
+
+def _of_rank(param: str, rank: int) -> str:
+    """``send_counts[3]`` -> ``send_counts[rank][3]``; ``len(send_counts)`` likewise."""
+    for name in ("send_counts", "recv_counts"):
+        if name in param:
+            return param.replace(name, f"{name}[{rank}]", 1)
+    return param
 
 
 def counts_mismatch(send: np.ndarray, recv: np.ndarray, e: int) -> tuple[int, int, int] | None:

@@ -35,6 +35,7 @@ from mc2sim.results import (
     ResultsFolder,
     gantt_png,
     read_results,
+    read_sweep,
 )
 from mc2sim.timeline import Metrics, Source, Stream, Timeline
 
@@ -407,6 +408,12 @@ def _plot_predicted_vs_measured(pairs: Sequence[Comparison], path: Path) -> Path
     return _save(fig, path)
 
 
+def _results_folders(directory: Path) -> list[Path]:
+    """``directory``, or a sweep's point folders when it is a sweep's folder."""
+    points = read_sweep(directory)
+    return [directory] if points is None else list(points.values())
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ReportResult:
     """What :func:`report` produced."""
@@ -440,7 +447,7 @@ def report(
       a simulated folder of one scenario and world size are given.
 
     Args:
-        directories: one or more results folders.
+        directories: one or more results folders; a sweep's folder stands for its points.
         out: where to write the PNGs; default the first folder (created if missing).
         plots: False to only read and tabulate (matplotlib is not needed then).
 
@@ -448,17 +455,18 @@ def report(
         The tables, the PNG paths written and the predicted vs measured pairs.
 
     Raises:
-        ParamInvalidError: no folder given, or one is not a results folder.
+        ParamInvalidError: no folder given, or one is not a complete results folder (see
+            :func:`mc2sim.results.read_results`).
 
     """
     if not directories:
         raise ParamInvalidError("directories", [], "must name at least one results folder")
-    folders = [read_results(Path(d)) for d in directories]
+    folders = [read_results(p) for d in directories for p in _results_folders(Path(d))]
     pairs = compare(folders)
     tables = format_tables(folders)
     written: list[Path] = []
     if plots:
-        target = Path(out) if out is not None else folders[0].path
+        target = Path(out) if out is not None else Path(directories[0])
         first = folders[0]
         if first.timeline is not None:
             for tiling in _tilings(first):

@@ -11,11 +11,19 @@ A results folder holds:
 * ``tasks.csv``: every task of every rank and run, the run as the columns ``op``,
   ``tiling`` and ``repetition``.
 * ``trace.json``: the same tasks as a Chrome trace (Perfetto opens it); written only.
+* ``complete.json``: written last: the folder is complete, and these are its files (the
+  size and SHA-256 of each). A folder without it is incomplete (its run did not finish)
+  and is refused; so is one whose files differ from what it lists (a ``tasks.csv`` cut
+  short, a ``summary.json`` of another run). ``tasks.csv`` and ``trace.json`` may be
+  deleted to save space; the others may not.
 
-:func:`write_results` writes them all (atomically, file by file, the manifest last) and
-:func:`read_results` reads them back as typed records (:class:`ResultsFolder`); nothing
-else reads or writes these files. The PNG plots are drawn by :mod:`mc2sim.report` under the
-file names given here (:func:`gantt_png` and the ``*_PNG`` names).
+:func:`write_results` writes them all (atomically, file by file, the marker last) into a
+fresh folder (:func:`check_folder`, :func:`clear_folder`) and :func:`read_results` reads
+them back as typed records (:class:`ResultsFolder`); nothing else reads or writes these
+files. A sweep's folder holds a results folder per point and a ``complete.json`` of its own
+listing them (:func:`write_sweep`, :func:`read_sweep`). The PNG plots are drawn by
+:mod:`mc2sim.report` under the file names given here (:func:`gantt_png` and the ``*_PNG``
+names).
 
 This module sits below the scenario, the ops and MPI: :func:`collect_manifest` takes plain
 values, and nothing here imports ``torch`` or ``mpi4py``.
@@ -44,13 +52,15 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from mc2sim._atomic import write_atomic
+from mc2sim._paths import check_creatable
 from mc2sim.errors import ParamInvalidError
-from mc2sim.timeline import Metrics, RunKey, Source, Stream, TaskRecord, Timeline
+from mc2sim.timeline import Metrics, RankMetrics, RunKey, Source, Stream, TaskRecord, Timeline
 
 if TYPE_CHECKING:
     from mc2sim.compare import Verdict
 
 __all__ = [
+    "COMPLETE_FILE",
     "CSV_COLUMNS",
     "FORMAT",
     "MANIFEST_FILE",
@@ -66,16 +76,24 @@ __all__ = [
     "ManifestRouting",
     "ResultsFolder",
     "WorstElement",
+    "check_folder",
     "chrome_trace",
+    "clear_folder",
     "collect_manifest",
     "gantt_png",
     "git_state",
     "read_results",
+    "read_sweep",
     "write_results",
+    "write_sweep",
 ]
 
-FORMAT = 1
-"""Version of the folder's format, stored in ``manifest.json``; other versions are refused."""
+FORMAT = 2
+"""Version of the folder's format, stored in ``manifest.json`` and ``complete.json``; other
+versions are refused. Format 2 added ``complete.json``."""
+
+COMPLETE_FILE = "complete.json"
+"""Written last: the folder is complete; each file's size and SHA-256 (or a sweep's points)."""
 
 MANIFEST_FILE = "manifest.json"
 """What ran and where: :class:`Manifest`."""
@@ -124,6 +142,18 @@ _STREAM_TID = {"compute": 0, "comm": 1}
 
 _RUN_GAP = 0.1
 """Gap left between runs laid one after another in a trace, as a fraction of a run's span."""
+
+_OWN_NAME = re.compile(
+    r"(manifest|summary|complete|trace)\.json|tasks\.csv|gantt_\w*\.png"
+    r"|speedup\.png|overlap_vs_skew\.png|predicted_vs_measured\.png"
+)
+"""Names of the files mc2sim writes in a results or sweep folder."""
+
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{16}\.tmp")
+"""A temporary file of an atomic write (``mc2sim._atomic``) of one of those files."""
+
+_OPTIONAL_FILES = (TASKS_FILE, TRACE_FILE)
+"""Files a complete folder may lack (deleted to save space); the rest must be there."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 """Where this package's files are; its git revision is recorded only for own checkouts."""
@@ -1013,6 +1043,13 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
     """Read ``tasks.csv`` back into a timeline of typed records."""
     records = []
     try:
+        with path.open("rb") as raw:
+            raw.seek(0, os.SEEK_END)
+            if raw.tell() == 0:
+                raise _broken(folder, f"{TASKS_FILE} is empty: it lacks even its header")
+            raw.seek(-1, os.SEEK_END)
+            if raw.read(1) != b"\n":
+                raise _broken(folder, f"{TASKS_FILE} ends in the middle of a row: it was cut short")
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in CSV_COLUMNS[:-1] if c not in (reader.fieldnames or ())]
@@ -1078,6 +1115,102 @@ def _golden_records(
     return golden
 
 
+def _is_own(entry: Path) -> bool:
+    """Whether mc2sim wrote ``entry``: a results file, a plot, a temporary file of one.
+
+    A folder (a sweep's point) counts when everything in it does.
+    """
+    if entry.is_symlink():
+        return False
+    if entry.is_dir():
+        return all(_is_own(child) for child in entry.iterdir())
+    temp = _TEMP_NAME.fullmatch(entry.name)
+    return bool(_OWN_NAME.fullmatch(temp.group(1) if temp else entry.name))
+
+
+def check_folder(
+    folder: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    param: str = "folder",
+    hint: str = "overwrite=True",
+) -> Path:
+    """Check, before any work, that a fresh results (or sweep) folder can be written there.
+
+    Args:
+        folder: where the results will go.
+        overwrite: whether a folder of earlier results may be cleared (:func:`clear_folder`)
+            to make room; without it, only a missing or empty folder will do.
+        param: what errors call the folder (``"--out"``).
+        hint: how to allow clearing, for the message (``"--overwrite"``).
+
+    Returns:
+        The folder as a :class:`~pathlib.Path`.
+
+    Raises:
+        ParamInvalidError: the folder is a file or cannot be created or written; it is not
+            empty and ``overwrite`` is False; or it holds anything mc2sim did not write (which
+            even ``overwrite`` never deletes).
+
+    """
+    path = Path(folder)
+    if path.is_dir():  # a link to a folder is that folder
+        entries = sorted(path.iterdir())
+        if entries and not overwrite:
+            raise ParamInvalidError(
+                param,
+                str(path),
+                f"is not empty: name a new folder, or pass {hint} to replace the results in it",
+            )
+        foreign = [e.name for e in entries if not _is_own(e)]
+        if foreign:
+            raise ParamInvalidError(
+                param,
+                str(path),
+                f"holds {foreign[0]!r}, which mc2sim did not write: only a folder of mc2sim "
+                "results is replaced; name another folder",
+            )
+    elif path.exists() or path.is_symlink():
+        raise ParamInvalidError(param, str(path), "is a file, not a folder")
+    check_creatable(path, param)
+    return path
+
+
+def clear_folder(folder: str | os.PathLike[str]) -> None:
+    """Delete the results in ``folder`` (its ``complete.json`` first), leaving it empty.
+
+    Args:
+        folder: a folder :func:`check_folder` accepted with ``overwrite``; a missing one is
+            left missing.
+
+    Raises:
+        ParamInvalidError: the folder holds anything mc2sim did not write (nothing is
+            deleted then).
+
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        return
+    check_folder(path, overwrite=True)
+    _clear(path)
+
+
+def _clear(path: Path) -> None:
+    marker = path / COMPLETE_FILE
+    if marker.exists():  # first: from here on the folder is incomplete
+        marker.unlink()
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir():
+            _clear(entry)
+            entry.rmdir()
+        else:
+            entry.unlink()
+
+
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_results(
     folder: Path,
     *,
@@ -1085,29 +1218,36 @@ def write_results(
     baseline: RunKey,
     manifest: Manifest,
     verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write a results folder: ``tasks.csv``, ``trace.json``, ``summary.json``, ``manifest.json``.
+    """Write a results folder: tasks, trace, summary, manifest, then ``complete.json``.
 
+    The files are ``tasks.csv``, ``trace.json``, ``summary.json`` and ``manifest.json``.
     Every run's metrics are computed against ``baseline`` (its speedup, and its
     communication as the overlap's t_pure) before anything is written. Each file is written
-    atomically; the manifest goes last, so a folder with a manifest is complete.
+    atomically; ``complete.json`` goes last, so a folder with it is complete, and it lists
+    the size and SHA-256 of every file written, so a file changed later is found.
 
     Args:
-        folder: where to write; created if missing.
+        folder: where to write: missing (it is created) or empty, or, with ``overwrite``, a
+            folder of earlier results (cleared first).
         timeline: every rank's records of every run (at most one run per tiling).
         baseline: the run every run is compared with (the serial plan's).
         manifest: what ran and where; its ``source`` must be the timeline's.
         verdicts: tiling in words -> every rank's golden verdict (index = rank), as
             :class:`mc2sim.compare.Verdict` (or :class:`GoldenVerdict`); None without checks.
+        overwrite: clear a folder of earlier results first (see :func:`check_folder`).
 
     Returns:
-        ``{"manifest": ..., "summary": ..., "tasks": ..., "trace": ...}``: the paths written.
+        ``{"manifest": ..., "summary": ..., "tasks": ..., "trace": ..., "complete": ...}``:
+        the paths written.
 
     Raises:
         ParamInvalidError: an empty timeline, two runs of one tiling, a baseline that is not
-            a run, a baseline lacking a rank of some run, a source that differs from the
-            manifest's, or verdicts of an unknown tiling or out of rank order. Nothing is
-            written then.
+            a run, a baseline lacking a rank of some run, a rank outside the manifest's world
+            size, a source that differs from the manifest's, verdicts of an unknown tiling
+            or out of rank order, or a folder that is not fresh (:func:`check_folder`).
+            Nothing is written then.
 
     """
     if not isinstance(manifest, Manifest):
@@ -1130,26 +1270,176 @@ def write_results(
         raise ParamInvalidError(
             "baseline", str(baseline), f"must be one of {[str(r) for r in runs]}"
         )
+    outside = [r for r in timeline.ranks() if r >= manifest.world_size]
+    if outside:
+        raise ParamInvalidError(
+            "timeline", f"rank {outside[0]}", f"must be below the world size {manifest.world_size}"
+        )
     base = timeline.for_run(baseline)
     metrics = {run: timeline.for_run(run).metrics(baseline=base) for run in runs}
     golden = _golden_records(verdicts or {}, tilings)
+    for tiling, records in golden.items():
+        if len(records) > manifest.world_size:
+            raise ParamInvalidError(
+                f"verdicts[{tiling!r}]",
+                f"{len(records)} verdicts",
+                f"must be at most one per rank ({manifest.world_size})",
+            )
     summary = {
         "baseline": _run_json(baseline),
         "runs": [{"run": _run_json(run), "metrics": metrics[run].as_dict()} for run in runs],
         "golden": {t: [v.to_json() for v in records] for t, records in golden.items()},
         "timeline_meta": dict(timeline.meta),
     }
-    summary_text = _json_text(summary)
-    manifest_text = _json_text(manifest.to_json())
-    trace_text = json.dumps(chrome_trace(timeline), allow_nan=False)
-    out = Path(folder)
-    paths = {
-        "tasks": write_atomic(out / TASKS_FILE, _tasks_csv(timeline), parents=True),
-        "trace": write_atomic(out / TRACE_FILE, trace_text, parents=True),
-        "summary": write_atomic(out / SUMMARY_FILE, summary_text, parents=True),
-        "manifest": write_atomic(out / MANIFEST_FILE, manifest_text, parents=True),
+    files = {
+        TASKS_FILE: _tasks_csv(timeline).encode("utf-8"),
+        TRACE_FILE: json.dumps(chrome_trace(timeline), allow_nan=False).encode("utf-8"),
+        SUMMARY_FILE: _json_text(summary).encode("utf-8"),
+        MANIFEST_FILE: _json_text(manifest.to_json()).encode("utf-8"),
     }
+    marker = {
+        "format": FORMAT,
+        "kind": "results",
+        "files": {name: _digest(data) for name, data in files.items()},
+    }
+    out = check_folder(folder, overwrite=overwrite)
+    if overwrite:
+        clear_folder(out)
+    paths = {
+        name.split(".")[0]: write_atomic(out / name, data, parents=True)
+        for name, data in files.items()
+    }
+    paths["complete"] = write_atomic(out / COMPLETE_FILE, _json_text(marker))
     return paths
+
+
+def write_sweep(folder: str | os.PathLike[str], points: Mapping[str, str]) -> Path:
+    """Mark a sweep's folder complete: write its ``complete.json`` listing the points.
+
+    Call it last, once every point's results folder is written (and the plots drawn).
+
+    Args:
+        folder: the sweep's folder.
+        points: each point's label (its ``--set`` values) -> its results folder's name in
+            ``folder``.
+
+    Returns:
+        The marker's path.
+
+    Raises:
+        ParamInvalidError: a point's folder is not a complete results folder.
+
+    """
+    path = Path(folder)
+    for label, name in points.items():
+        if Path(name).name != name or not (path / name / COMPLETE_FILE).is_file():
+            raise ParamInvalidError(
+                f"points[{label!r}]", name, f"must name a complete results folder in {path}"
+            )
+    marker = {"format": FORMAT, "kind": "sweep", "points": dict(points)}
+    return write_atomic(path / COMPLETE_FILE, _json_text(marker))
+
+
+def read_sweep(folder: str | os.PathLike[str]) -> dict[str, Path] | None:
+    """Return a sweep folder's points, label -> results folder; None for another folder.
+
+    Args:
+        folder: any folder.
+
+    Returns:
+        The points, in the order written, when ``folder`` is a complete sweep's folder; None
+        when it is not a sweep's folder (a results folder, an incomplete one, no folder).
+
+    Raises:
+        ParamInvalidError: the sweep's ``complete.json`` is broken.
+
+    """
+    path = Path(folder)
+    marker = _read_marker(path)
+    if marker is None or marker.get("kind") != "sweep":
+        return None
+    points = marker.get("points")
+    if not isinstance(points, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and Path(v).name == v for k, v in points.items()
+    ):
+        raise _broken(path, f"{COMPLETE_FILE} is broken: points must map labels to folder names")
+    return {label: path / name for label, name in points.items()}
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``complete.json`` (format checked), or None when it has none."""
+    path = folder / COMPLETE_FILE
+    if not path.is_file():
+        return None
+    data = _read_json(folder, COMPLETE_FILE)
+    if not isinstance(data, dict) or data.get("kind") not in ("results", "sweep"):
+        raise _broken(folder, f"{COMPLETE_FILE} is broken: it must be an object with a kind")
+    if data.get("format") != FORMAT:
+        raise _broken(
+            folder,
+            f"{COMPLETE_FILE} has format {data.get('format')!r}, not {FORMAT}: the folder was "
+            "written by another version of mc2sim",
+        )
+    return data
+
+
+def _check_files(folder: Path, marker: Mapping[str, Any]) -> None:
+    """Check the folder's files against the sizes and digests its marker lists."""
+    files = marker.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise _broken(folder, f"{COMPLETE_FILE} is broken: files must map names to digests")
+    for name in (MANIFEST_FILE, SUMMARY_FILE, *_OPTIONAL_FILES):
+        listed = files.get(name)
+        path = folder / name
+        if listed is None:
+            if path.exists():
+                raise _broken(folder, f"{name} is not one of the files {COMPLETE_FILE} lists")
+            continue
+        if not path.is_file():
+            if name in _OPTIONAL_FILES:
+                continue
+            raise _broken(folder, f"{name} is missing")
+        try:
+            actual = _digest(path.read_bytes())
+        except OSError as exc:
+            raise _broken(folder, f"{name} cannot be read ({exc})") from None
+        if actual != listed:
+            raise _broken(
+                folder,
+                f"{name} is not the file its run wrote ({actual['bytes']} bytes, "
+                f"{COMPLETE_FILE} lists {listed.get('bytes')}; SHA-256 differs): it was "
+                "changed, cut short or replaced after the run finished",
+            )
+
+
+def _metrics_of(data: _Fields) -> Metrics:
+    """A run's metrics from ``summary.json``, every field of its type (numbers as numbers)."""
+    per_rank = []
+    for i, item in enumerate(data.items("per_rank")):
+        m = _Fields(item, f"per_rank[{i}]")
+        per_rank.append(
+            RankMetrics(
+                rank=m.integer("rank"),
+                total_s=m.number("total_s"),
+                compute_s=m.number("compute_s"),
+                comm_s=m.number("comm_s"),
+                exposed_comm_s=m.number("exposed_comm_s"),
+                pure_comm_s=m.number("pure_comm_s"),
+                overlap_pct=m.number("overlap_pct"),
+                flops=m.integer("flops"),
+                bytes=m.integer("bytes"),
+            )
+        )
+    return Metrics(
+        per_rank=tuple(per_rank),
+        critical_rank=data.integer("critical_rank"),
+        total_s=data.number("total_s"),
+        compute_s=data.number("compute_s"),
+        comm_s=data.number("comm_s"),
+        exposed_comm_s=data.number("exposed_comm_s"),
+        overlap_pct=data.number("overlap_pct"),
+        speedup=data.number_or_none("speedup"),
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1217,13 +1507,27 @@ def read_results(folder: Path) -> ResultsFolder:
         the timeline, typed.
 
     Raises:
-        ParamInvalidError: the folder is missing, or a file is missing, broken or written
-            in another format; the message names the folder, the file and the key.
+        ParamInvalidError: the folder is missing or incomplete (no ``complete.json``); a
+            file is missing, broken, written in another format, or not the file its run
+            wrote (its size or SHA-256 differs from what ``complete.json`` lists); or the
+            files disagree (a rank outside the manifest's world size, runs of ``tasks.csv``
+            other than the summary's); the message names the folder, the file and the key.
 
     """
     path = Path(folder)
     if not path.is_dir():
-        raise _broken(path, "is not a results folder: no such folder")
+        what = "it is a file" if path.exists() else "no such folder"
+        raise _broken(path, f"is not a results folder: {what}")
+    marker = _read_marker(path)
+    if marker is not None and marker["kind"] == "sweep":
+        raise _broken(path, "is a sweep's folder, not a results folder: read its points")
+    written = (MANIFEST_FILE, SUMMARY_FILE, TASKS_FILE, TRACE_FILE)
+    if marker is None and any((path / name).exists() for name in written):
+        raise _broken(
+            path,
+            f"is incomplete: it has no {COMPLETE_FILE}, so the run writing it did not finish "
+            f"(or an mc2sim older than format {FORMAT} wrote it)",
+        )
     try:
         manifest = Manifest.from_json(_read_json(path, MANIFEST_FILE))
     except ParamInvalidError as exc:
@@ -1242,11 +1546,17 @@ def read_results(folder: Path) -> ResultsFolder:
             if run.tiling in runs:
                 raise ParamInvalidError(entry.where, str(run), "repeats a tiling")
             try:
-                metrics[run.tiling] = Metrics.from_dict(entry.table("metrics").data)
-            except (KeyError, TypeError, ValueError) as exc:
+                metrics[run.tiling] = _metrics_of(entry.table("metrics"))
+            except ParamInvalidError as exc:
                 raise ParamInvalidError(
-                    f"{entry.where}.metrics", str(run), f"is broken ({exc!r})"
+                    f"{entry.where}.metrics", str(run), f"is broken ({exc})"
                 ) from None
+            bad = [m.rank for m in metrics[run.tiling].per_rank if m.rank >= manifest.world_size]
+            if bad:
+                raise ParamInvalidError(
+                    f"{entry.where}.metrics", f"rank {bad[0]}",
+                    f"is not a rank of the manifest's world size {manifest.world_size}",
+                )  # fmt: skip
             runs[run.tiling] = run
         if baseline not in runs.values():
             raise ParamInvalidError("summary.baseline", str(baseline), "is not one of the runs")
@@ -1259,7 +1569,18 @@ def read_results(folder: Path) -> ResultsFolder:
                 GoldenVerdict.from_json(v, f"summary.golden[{tiling!r}][{i}]")
                 for i, v in enumerate(table.items(tiling))
             )
+            if len(golden[tiling]) > manifest.world_size:
+                raise ParamInvalidError(
+                    f"summary.golden[{tiling!r}]", f"{len(golden[tiling])} verdicts",
+                    f"must be at most one per rank of the manifest ({manifest.world_size})",
+                )  # fmt: skip
         meta = dict(summary.table("timeline_meta").data)
+        for key in ("scenario", "world_size"):
+            stated = getattr(manifest, key)
+            if key in meta and meta[key] != stated:
+                raise ParamInvalidError(
+                    f"summary.timeline_meta.{key}", meta[key], f"must be the manifest's ({stated})"
+                )
     except ParamInvalidError as exc:
         raise _broken(path, f"{SUMMARY_FILE} is broken: {exc}") from None
     timeline = None
@@ -1271,6 +1592,16 @@ def read_results(folder: Path) -> ResultsFolder:
                 f"{TASKS_FILE} holds the runs {sorted(str(r) for r in timeline.runs())}, "
                 f"{SUMMARY_FILE} {sorted(str(r) for r in runs.values())}",
             )
+        outside = [r for r in timeline.ranks() if r >= manifest.world_size]
+        if outside:
+            raise _broken(
+                path,
+                f"{TASKS_FILE} holds rank {outside[0]}, outside the manifest's world size "
+                f"{manifest.world_size}",
+            )
+    if marker is None:
+        raise _broken(path, f"is incomplete: it has no {COMPLETE_FILE}")
+    _check_files(path, marker)
     return ResultsFolder(
         path=path,
         manifest=manifest,

@@ -20,8 +20,10 @@ __all__ = [
     "Direction",
     "RoutingConfig",
     "RoutingKind",
+    "MAX_SEED",
     "RoutingTable",
     "SparseRouting",
+    "check_matrix",
     "load_matrix",
     "route",
     "route_sparse",
@@ -29,6 +31,10 @@ __all__ = [
 
 #: Most key elements (tokens x experts) drawn at once; bounds memory for large batches.
 _CHUNK_ELEMENTS = 1 << 20
+
+MAX_SEED = 2**32 - 1
+"""The largest routing seed. A real run seeds each rank's inputs with
+``1000 * seed + rank``, which must stay within ``torch.manual_seed``'s 64 bits."""
 
 #: Stream tags of the seed sequences, so global draws never reuse a rank's stream.
 _GLOBAL_STREAM = 0
@@ -111,7 +117,8 @@ class RoutingConfig:
     """The routing model (a ``RoutingKind`` or its string value)."""
 
     seed: int = 0
-    """Seed of every random draw; tables for different seeds differ (except ``balanced``)."""
+    """Seed of every random draw, in [0, :data:`MAX_SEED`]; tables for different seeds differ
+    (except ``balanced``)."""
 
     skew: float = 1.0
     """Zipf exponent, >= 0; used by ``zipf`` only. 0 is uniform, larger is more skewed."""
@@ -132,7 +139,7 @@ class RoutingConfig:
             allowed = ", ".join(repr(k.value) for k in RoutingKind)
             raise ParamInvalidError("kind", self.kind, f"must be one of {allowed}") from None
         object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "seed", _check_int("seed", self.seed, 0))
+        object.__setattr__(self, "seed", _check_int_range("seed", self.seed, 0, MAX_SEED))
         object.__setattr__(self, "skew", _check_float("skew", self.skew, 0.0, math.inf))
         object.__setattr__(
             self, "hot_fraction", _check_float("hot_fraction", self.hot_fraction, 0.0, 1.0)
@@ -365,9 +372,41 @@ def load_matrix(path: str | os.PathLike[str]) -> npt.NDArray[np.int64]:
             raw = np.asarray(doc, dtype=np.float64)
     except ParamInvalidError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ParamInvalidError("matrix_path", name, f"cannot be read: {exc}") from None
     return _as_count_matrix("matrix_path", np.asarray(raw), f"matrix in {name}")
+
+
+def check_matrix(
+    config: RoutingConfig, *, world_size: int, experts_per_rank: int
+) -> npt.NDArray[np.int64]:
+    """Read a ``matrix`` routing's file and check its shape against the group.
+
+    Args:
+        config: a routing of kind ``matrix``.
+        world_size: ranks in the group.
+        experts_per_rank: local experts per rank.
+
+    Returns:
+        The (world_size, world_size * experts_per_rank) matrix.
+
+    Raises:
+        ParamInvalidError: the config is not of kind ``matrix``, or its file cannot be read,
+            is malformed or holds a matrix of another shape (``matrix_path`` names it).
+
+    """
+    if config.kind is not RoutingKind.MATRIX or config.matrix_path is None:
+        raise ParamInvalidError("kind", config.kind.value, "must be 'matrix' with a matrix_path")
+    matrix = load_matrix(config.matrix_path)
+    experts = world_size * experts_per_rank
+    if matrix.shape != (world_size, experts):
+        raise ParamInvalidError(
+            "matrix_path",
+            config.matrix_path,
+            f"holds a matrix of shape {tuple(matrix.shape)}; expected "
+            f"(world_size, world_size * experts_per_rank) = ({world_size}, {experts})",
+        )
+    return matrix
 
 
 def _is_json_number(value: object) -> bool:
@@ -415,16 +454,7 @@ def route(
             _check_int("tokens_per_rank", tokens_per_rank, 1)
         if top_k is not None:
             _check_int("top_k", top_k, 1)
-        if config.matrix_path is None:  # RoutingConfig already refuses this
-            raise ParamInvalidError("matrix_path", None, "is required when kind='matrix'")
-        matrix = load_matrix(config.matrix_path)
-        if matrix.shape != (world, num_experts):
-            raise ParamInvalidError(
-                "matrix_path",
-                config.matrix_path,
-                f"holds a matrix of shape {tuple(matrix.shape)}; expected "
-                f"(world_size, world_size * experts_per_rank) = ({world}, {num_experts})",
-            )
+        matrix = check_matrix(config, world_size=world, experts_per_rank=e)
         return RoutingTable(counts=matrix.reshape(world, world, e))
 
     if tokens_per_rank is None:

@@ -35,11 +35,12 @@ from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
 from mc2sim.ops.registry import SPECS, spec_of
 from mc2sim.ops.spec import DTYPES, OpName, OpSpec, QuantMode
-from mc2sim.routing import RoutingConfig, RoutingKind
+from mc2sim.routing import RoutingConfig, RoutingKind, check_matrix
 from mc2sim.schedule.tiling import tiling_of
 
 __all__ = [
     "DTYPES",
+    "MAX_WORLD",
     "SHAPE_KEYS",
     "OpName",
     "QuantMode",
@@ -66,6 +67,10 @@ class Scale(StrEnum):
     FULL = "full"
     SMALL = "small"
 
+
+MAX_WORLD = 65_536
+"""The largest world size a scenario plans for (``ranks``, ``--ranks``): no machine mc2sim
+models is larger, and an op's own limits (MoE's expert count) may bound it lower."""
 
 SHAPE_KEYS: Mapping[OpName, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
     {op: (spec.required, spec.optional) for op, spec in SPECS.items()}
@@ -169,7 +174,7 @@ class Scenario:
             raise ParamInvalidError("description", self.description, "must be a string")
         op: OpName = _choice("op", self.op, OpName)
         object.__setattr__(self, "op", op)
-        _integer("ranks", self.ranks, 1)
+        _integer("ranks", self.ranks, 1, MAX_WORLD)
         if self.dtype not in DTYPES:
             allowed = ", ".join(repr(d) for d in DTYPES)
             raise ParamInvalidError("dtype", self.dtype, f"must be one of {allowed}")
@@ -298,25 +303,35 @@ class Scenario:
             return {**self.shape, **self.small}
         return dict(self.shape)
 
-    def world_size(self, override: int | None = None) -> int:
-        """Return the world size to use: ``override`` if given (checked), else ``ranks``.
+    def world_size(self, override: int | None = None, param: str = "world_size") -> int:
+        """Return the world size to use: ``override`` if given, else ``ranks``; checked.
 
         Args:
-            override: the launched world size (``run``) or ``None`` (``simulate``).
+            override: the launched world size (``run``), ``--ranks``, or ``None``.
+            param: what errors call ``override`` (``"--ranks"`` for the command line).
 
         Returns:
             The world size.
 
         Raises:
-            ParamInvalidError: ``override`` breaks a rule tying the shape to the world size
-                (``experts_per_rank * world_size <= 256``, ``top_k <= experts_per_rank *
-                world_size``, ``m`` a multiple of the world size for matmul_reduce_scatter).
+            ParamInvalidError: ``override`` is not an int in [1, :data:`MAX_WORLD`] or breaks
+                a rule tying the shape to the world size (``experts_per_rank * world_size
+                <= 256``, ``top_k <= experts_per_rank * world_size``, ``m`` a multiple of the
+                world size for matmul_reduce_scatter); or a ``matrix`` routing's file cannot
+                be read or holds a matrix of another shape (``routing.matrix_path``).
 
         """
-        if override is None:
-            return self.ranks
-        self.spec.check_world(self.effective_shape(), override, "world_size")
-        return override
+        world = self.ranks
+        if override is not None:
+            world = _integer(param, override, 1, MAX_WORLD)
+            self.spec.check_world(self.effective_shape(), world, param)
+        if self.routed and self.routing.kind is RoutingKind.MATRIX:
+            experts = self.effective_shape()["experts_per_rank"]
+            try:
+                check_matrix(self.routing, world_size=world, experts_per_rank=experts)
+            except ParamInvalidError as err:
+                raise ParamInvalidError(f"routing.{err.param}", err.value, err.rule) from None
+        return world
 
     def with_overrides(self, overrides: Sequence[str]) -> Scenario:
         """Return this scenario with ``--set key=value`` overrides applied (see :func:`load`).
@@ -550,6 +565,8 @@ def _read_yaml(file: str) -> object:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as err:
         raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ParamInvalidError(file, f"byte {err.start}", "is not UTF-8 text") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -557,6 +574,8 @@ def _read_yaml(file: str) -> object:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err)
         raise ParamInvalidError(file, where, f"is not valid YAML: {problem}") from None
+    except RecursionError:
+        raise ParamInvalidError(file, "?", "is not valid YAML: nested too deeply") from None
 
 
 def load(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Scenario:

@@ -709,6 +709,8 @@ def load(path: str | os.PathLike[str]) -> Topology:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as err:
         raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ParamInvalidError(file, f"byte {err.start}", "is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -716,6 +718,8 @@ def load(path: str | os.PathLike[str]) -> Topology:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err)
         raise ParamInvalidError(file, where, f"is not valid YAML: {problem}") from None
+    except RecursionError:
+        raise ParamInvalidError(file, "?", "is not valid YAML: nested too deeply") from None
     return _Reader(file).topology(data)
 
 

@@ -342,10 +342,17 @@ def test_measure_rounds_shuffles_each_round_the_same_way_on_every_rank() -> None
 
 @pytest.mark.parametrize("flag", ["--out", "--name"])
 def test_validate_model_flags_for_the_fitted_topology_need_calibrate(
-    flag: str, capsys: pytest.CaptureFixture[str]
+    flag: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import mc2sim.comm
     from mc2sim.cli import main
 
+    def no_mpi(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the arguments alone are wrong: found before MPI starts")
+
+    monkeypatch.setattr(mc2sim.comm, "init", no_mpi)
     assert main(["validate-model", flag, "x"]) == 2
     err = capsys.readouterr().err
-    assert f"{flag} is for the fitted topology: it needs --calibrate" in err
+    assert err == (
+        f"mc2sim validate-model: {flag}='x': is for the fitted topology: it needs --calibrate\n"
+    )

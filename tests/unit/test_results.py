@@ -112,6 +112,7 @@ def test_write_then_read_gives_equal_typed_records(tmp_path: Path) -> None:
         "trace": tmp_path / "out" / "trace.json",
         "summary": tmp_path / "out" / "summary.json",
         "manifest": tmp_path / "out" / "manifest.json",
+        "complete": tmp_path / "out" / "complete.json",
     }
     folder = read_results(tmp_path / "out")
     assert folder.path == tmp_path / "out"
@@ -415,10 +416,16 @@ def test_write_results_refuses_what_it_cannot_write(tmp_path: Path) -> None:
 
 def test_writes_leave_no_temp_files_and_overwrite(tmp_path: Path) -> None:
     write_results(tmp_path, timeline=serial_and_tiled(), baseline=SERIAL, manifest=toy_manifest())
-    write_results(tmp_path, timeline=two_rank_timeline(), baseline=RUN, manifest=toy_manifest())
+    (tmp_path / "gantt_serial.png").write_bytes(b"stale plot of the first run")
+    with pytest.raises(ParamInvalidError, match="is not empty"):
+        write_results(tmp_path, timeline=two_rank_timeline(), baseline=RUN, manifest=toy_manifest())
+    write_results(
+        tmp_path, timeline=two_rank_timeline(), baseline=RUN, manifest=toy_manifest(),
+        overwrite=True,
+    )  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "summary.json", "tasks.csv", "trace.json",
-    ]  # fmt: skip
+        "complete.json", "manifest.json", "summary.json", "tasks.csv", "trace.json",
+    ], "the stale plot went with the old results"  # fmt: skip
     folder = read_results(tmp_path)
     assert dict(folder.runs) == {"tiles=2": RUN}
     assert len((tmp_path / "tasks.csv").read_text().splitlines()) == 5
@@ -561,3 +568,170 @@ def test_plot_file_names() -> None:
     assert results.gantt_png("hardware(tiles=3)") == "gantt_hardware_tiles_3.png"
     assert results.gantt_png("experts x 2") == "gantt_experts_x_2.png"
     assert results.gantt_png("()") == "gantt_tiling.png"
+
+
+# ----------------------------------------------------------------------------- complete folders
+
+
+def test_complete_json_is_written_last_and_certifies_every_file(tmp_path: Path) -> None:
+    folder = _written(tmp_path / "done")
+    marker = json.loads((folder / "complete.json").read_text())
+    assert marker["format"] == results.FORMAT == 2 and marker["kind"] == "results"
+    for name in ("manifest.json", "summary.json", "tasks.csv", "trace.json"):
+        data = (folder / name).read_bytes()
+        assert marker["files"][name] == {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+    times = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert times["complete.json"] == max(times.values())
+
+
+def test_a_folder_without_its_marker_is_incomplete(tmp_path: Path) -> None:
+    folder = _written(tmp_path / "cut")
+    (folder / "complete.json").unlink()
+    _assert_broken(folder, "is incomplete", "complete.json", "did not finish")
+    for name in ("manifest.json", "summary.json"):  # a run that died half-way through writing
+        (folder / name).unlink()
+        _assert_broken(folder, "is incomplete")
+
+
+def test_a_crash_while_writing_leaves_no_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = results.write_atomic
+
+    def dies_at_the_manifest(path: Path, data: Any, **kwargs: Any) -> Path:
+        if Path(path).name == "manifest.json":
+            raise OSError(28, "No space left on device")
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(results, "write_atomic", dies_at_the_manifest)
+    with pytest.raises(OSError, match="No space"):
+        _written(tmp_path / "died")
+    assert (tmp_path / "died" / "summary.json").exists()
+    assert not (tmp_path / "died" / "complete.json").exists()
+    _assert_broken(tmp_path / "died", "is incomplete")
+
+
+@pytest.mark.parametrize("cut", [1, 7, "row"])
+def test_a_tasks_csv_cut_short_is_refused(tmp_path: Path, cut: int | str) -> None:
+    folder = _written(tmp_path / "cut")
+    data = (folder / "tasks.csv").read_bytes()
+    if cut == "row":  # at a row's end: only the marker's size and digest tell
+        kept = data[: data.rstrip(b"\n").rindex(b"\n") + 1]
+        (folder / "tasks.csv").write_bytes(kept)
+        _assert_broken(folder, "tasks.csv is not the file its run wrote", "cut short")
+    else:
+        assert isinstance(cut, int)
+        (folder / "tasks.csv").write_bytes(data[:-cut])
+        _assert_broken(folder, "tasks.csv ends in the middle of a row")
+
+
+def test_a_summary_of_another_run_is_refused(tmp_path: Path) -> None:
+    first = _written(tmp_path / "first")
+    second = tmp_path / "second"
+    write_results(
+        second, timeline=two_rank_timeline(key("tiles=2", 1)), baseline=key("tiles=2", 1),
+        manifest=toy_manifest(),
+    )  # fmt: skip
+    (first / "summary.json").write_bytes((second / "summary.json").read_bytes())
+    with pytest.raises(ParamInvalidError) as info:
+        read_results(first)
+    assert "summary.json" in str(info.value) or "tasks.csv" in str(info.value)
+    # a summary that reads well with the other files, but is not the one its run wrote
+    data = json.loads((second / "summary.json").read_text())
+    data["runs"][0]["metrics"]["total_s"] = 0.5
+    (second / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+    _assert_broken(second, "summary.json is not the file its run wrote")
+
+
+def test_a_summary_for_another_world_size_is_refused(tmp_path: Path) -> None:
+    folder = _written(tmp_path / "w")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["timeline_meta"]["world_size"] = 4
+    (folder / "summary.json").write_text(json.dumps(summary))
+    _assert_broken(folder, "timeline_meta.world_size=4", "manifest's (2)")
+    with pytest.raises(ParamInvalidError, match="rank 1'.* below the world size 1"):
+        write_results(
+            tmp_path / "x", timeline=two_rank_timeline(), baseline=RUN,
+            manifest=toy_manifest(world_size=1),
+        )  # fmt: skip
+
+
+def test_strings_for_numbers_in_the_summary_are_refused(tmp_path: Path) -> None:
+    folder = _written(tmp_path / "s")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["runs"][0]["metrics"]["per_rank"][0]["flops"] = "many"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    _assert_broken(folder, "per_rank[0].flops='many'", "integer")
+
+
+def test_tasks_and_trace_may_be_deleted_but_not_replaced(tmp_path: Path) -> None:
+    folder = _written(tmp_path / "slim")
+    (folder / "tasks.csv").unlink()
+    (folder / "trace.json").unlink()
+    assert read_results(folder).timeline is None
+    (folder / "trace.json").write_text("{}")
+    _assert_broken(folder, "trace.json is not the file its run wrote")
+
+
+def test_a_fresh_folder_is_needed_and_overwrite_clears_only_results(tmp_path: Path) -> None:
+    assert results.check_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists(), "checking creates nothing"
+    (tmp_path / "empty").mkdir()
+    results.check_folder(tmp_path / "empty")
+    old = _written(tmp_path / "old")
+    (old / "gantt_serial.png").write_bytes(b"png")
+    (old / ".summary.json.0123456789abcdef.tmp").write_text("left by a killed write")
+    with pytest.raises(ParamInvalidError, match="is not empty: .* pass --overwrite") as info:
+        results.check_folder(old, param="--out", hint="--overwrite")
+    assert info.value.param == "--out"
+    results.check_folder(old, overwrite=True)
+    results.clear_folder(old)
+    assert old.is_dir() and not list(old.iterdir())
+
+    mine = _written(tmp_path / "mine")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ParamInvalidError, match="'notes.txt', which mc2sim did not write"):
+        results.check_folder(mine, overwrite=True)
+    with pytest.raises(ParamInvalidError, match="did not write"):
+        results.clear_folder(mine)
+    assert (mine / "complete.json").exists(), "nothing deleted"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ParamInvalidError, match="is a file, not a folder"):
+        results.check_folder(tmp_path / "afile")
+    with pytest.raises(ParamInvalidError, match="afile is not a folder"):
+        results.check_folder(tmp_path / "afile" / "sub")
+
+
+def test_a_sweep_folder_lists_its_points_last(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for name in ("skew=0", "skew=1"):
+        _written(sweep / name)
+    with pytest.raises(ParamInvalidError, match="complete results folder"):
+        results.write_sweep(sweep, {"skew=2": "skew=2"})
+    results.write_sweep(sweep, {"skew=0": "skew=0", "skew=1": "skew=1"})
+    assert results.read_sweep(sweep) == {"skew=0": sweep / "skew=0", "skew=1": sweep / "skew=1"}
+    assert results.read_sweep(sweep / "skew=0") is None
+    _assert_broken(sweep, "is a sweep's folder")
+    with pytest.raises(ParamInvalidError, match="is not empty"):
+        results.check_folder(sweep)
+    results.clear_folder(sweep)
+    assert not list(sweep.iterdir())
+
+
+def test_a_link_to_a_results_folder_is_that_folder(tmp_path: Path) -> None:
+    old = _written(tmp_path / "old")
+    link = tmp_path / "latest"
+    link.symlink_to(old, target_is_directory=True)
+    with pytest.raises(ParamInvalidError, match="is not empty"):
+        results.check_folder(link)
+    paths = write_results(
+        link, timeline=two_rank_timeline(), baseline=RUN, manifest=toy_manifest(), overwrite=True
+    )
+    assert paths["complete"].parent == link and link.is_symlink()
+    assert dict(read_results(old).runs) == {"tiles=2": RUN}
+    (old / "elsewhere").symlink_to(tmp_path)
+    with pytest.raises(ParamInvalidError, match="'elsewhere', which mc2sim did not write"):
+        results.check_folder(old, overwrite=True)

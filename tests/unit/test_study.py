@@ -82,7 +82,7 @@ def test_command_line_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str
     printed = capsys.readouterr().out
     assert status == 0
     assert "serial" in printed and f"results: {out}" in printed
-    data = {"manifest.json", "summary.json", "tasks.csv", "trace.json"}
+    data = {"manifest.json", "summary.json", "tasks.csv", "trace.json", "complete.json"}
     plots = {
         "gantt_serial.png",
         "gantt_hardware_per_expert.png",
@@ -167,6 +167,58 @@ def test_sweep_simulates_every_point(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert manifest.routing.skew == skew
         assert manifest.tilings == ("serial", "2")
     assert printed.count("experts x 2") == 2
+    # the sweep's folder is complete once every point is; report reads all of its points
+    marker = json.loads((out / "complete.json").read_text())
+    assert marker["kind"] == "sweep" and list(marker["points"]) == folders
+    manifest = read_results(out / folders[1]).manifest
+    assert manifest.overrides == ("scale=small", "tilings=serial,2", "routing.skew=2.0")
+    assert manifest.argv[:3] == ("mc2sim", "sweep", "qwen3_moe_combine")
+    assert manifest.scenario_path is not None and manifest.scenario_sha256 is not None
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.count("# qwen3_moe_combine") == 2
+
+
+def test_out_must_be_fresh_and_overwrite_replaces_old_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "study"
+    small = ["simulate", "llama70b_tp8_decode", "--set", "scale=small", "--out", str(out)]
+    assert main(small) == 0
+    assert (out / "gantt_tiles_2.png").exists()
+    capsys.readouterr()
+    again = [*small, "--set", "tilings=serial,4", "--no-plots"]
+    assert main(again) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert read_results(out).manifest.tilings != ("serial", "4"), "the old results are kept"
+    assert main([*again, "--overwrite"]) == 0
+    assert read_results(out).manifest.tilings == ("serial", "4")
+    assert not list(out.glob("*.png")), "no stale plot of the earlier run is left beside it"
+
+
+def test_a_crash_mid_run_leaves_no_complete_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mc2sim import results
+
+    out = tmp_path / "study"
+    small = ["simulate", "llama70b_tp8_decode", "--set", "scale=small", "--no-plots"]
+    assert main([*small, "--out", str(out)]) == 0
+
+    write = results.write_atomic
+
+    def crash(path: Path, data: object, **kwargs: object) -> Path:
+        if Path(path).name == "manifest.json":
+            raise RuntimeError("killed while writing")
+        return write(path, data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(results, "write_atomic", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*small, "--out", str(out), "--overwrite"])
+    assert (out / "summary.json").exists() and not (out / "complete.json").exists()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is incomplete" in err and "Traceback" not in err
 
 
 def test_check_counts_on_a_dump(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,7 +239,10 @@ def test_check_counts_on_a_dump(tmp_path: Path, capsys: pytest.CaptureFixture[st
         json.dumps({"experts_per_rank": 2, "send_counts": [[1, 2, 3]], "recv_counts": [[1, 2]]})
     )
     assert main(["check-counts", str(dump)]) == 2
-    assert f"{dump}: send_counts has shape (1, 3)" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"mc2sim check-counts: {dump}: len(send_counts[0])=3: must be e * ep_world_size = "
+        "2 * 1 = 2\n"
+    )
     assert main(["check-counts", str(tmp_path / "missing.json")]) == 2
 
 

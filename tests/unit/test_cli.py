@@ -1,0 +1,74 @@
+"""Options of the command line that are not about its errors: --timeout, --help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mc2sim.cli import TIMEOUT_ENV, main
+
+from .fakes import SameOnEveryRank
+
+
+class _Stop(Exception):
+    """Raised by the stand-in work, once the environment has been seen."""
+
+
+@pytest.mark.parametrize("command", ["run", "calibrate", "validate-model", "sweep"])
+def test_timeout_is_in_the_environment_when_the_communicator_starts(
+    command: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import mc2sim.comm
+    import mc2sim.study.calibrate
+    import mc2sim.study.measure
+    import mc2sim.study.validate
+
+    seen: list[str | None] = []
+
+    def init(*args: object, **kwargs: object) -> SameOnEveryRank:
+        import os
+
+        seen.append(os.environ.get(TIMEOUT_ENV))
+        return SameOnEveryRank(1)
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise _Stop
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    monkeypatch.setattr(mc2sim.comm, "init", init)
+    for module, name in [
+        (mc2sim.study.measure, "measure_study"),
+        (mc2sim.study.calibrate, "calibrate"),
+        (mc2sim.study.validate, "default_cases"),
+    ]:
+        monkeypatch.setattr(module, name, stop)
+    argv = {
+        "run": ["run", "llama70b_tp8_decode", "--no-plots", "--out", str(tmp_path / "out")],
+        "calibrate": ["calibrate", "--out", str(tmp_path / "fit.yaml")],
+        "validate-model": ["validate-model", "--calibrate"],
+        "sweep": ["sweep", "llama70b_tp8_decode", "--real", "--out", str(tmp_path / "out")],
+    }[command]
+    with pytest.raises(_Stop):
+        main([*argv, "--timeout", "12.5"])
+    assert seen == ["12.5"]
+
+
+def test_exec_passes_the_timeout_to_the_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    script = tmp_path / "show.py"
+    script.write_text(f"import os\nprint('timeout', os.environ['{TIMEOUT_ENV}'])\n")
+    assert main(["exec", "--timeout", "1e3", str(script)]) == 0
+    assert capsys.readouterr().out == "timeout 1000.0\n"
+    monkeypatch.setenv(TIMEOUT_ENV, "42")
+    assert main(["exec", str(script)]) == 0
+    assert capsys.readouterr().out == "timeout 42\n", "without --timeout the variable is kept"
+
+
+def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--timeout SECONDS" in out and "--overwrite" in out and "MC2SIM_TIMEOUT" in out
