@@ -19,7 +19,7 @@ from typing import Any
 
 from mc2sim._atomic import write_atomic
 from mc2sim.model import simulate
-from mc2sim.routing import route, route_sparse
+from mc2sim.routing import route
 from mc2sim.scenario import OpName, QuantMode, Scenario
 from mc2sim.schedule import (
     Plan,
@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 DENSE_ROUTING_LIMIT = 64
-"""Above this many ranks MoE routing is generated sparse (``route_sparse``)."""
+"""Above this many ranks MoE counts are kept sparse (``route(..., sparse=True)``) to save
+memory; the counts are the same draw either way, so crossing it never changes a workload."""
 
 _ELEM = {"float16": 2, "bfloat16": 2}
 
@@ -99,7 +100,7 @@ def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[
         }
         builder = plan_gmm_alltoallv if op is OpName.GMM_ALLTOALLV else plan_alltoallv_gmm
         if world > DENSE_ROUTING_LIMIT:
-            sparse = route_sparse(scenario.routing, **sizes)
+            sparse = route(scenario.routing, **sizes, sparse=True)
             return {
                 r: builder(
                     shape=_moe_shape(
@@ -112,7 +113,7 @@ def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[
                 )
                 for r in range(world)
             }
-        table = route(scenario.routing, **sizes)
+        table = route(scenario.routing, **sizes, sparse=False)
         return {
             r: builder(
                 shape=_moe_shape(
