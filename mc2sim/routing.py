@@ -582,8 +582,14 @@ class _Law:
     """Global expert of each internal value (a permutation of ``range(G)``); None: itself."""
     weight: npt.NDArray[np.float64]
     """Weight of each internal value (in each group its share of candidates)."""
-    cdf: npt.NDArray[np.float64]
-    """Cumulative weights of the internal values, ``G + 1`` entries from 0."""
+    rank_of: npt.NDArray[np.int64] | None
+    """Place of each internal value in the order of decreasing weight (each group's values
+    together, the first group first); None: the internal order is that order already."""
+    by_rank: npt.NDArray[np.int64] | None
+    """The internal value at each place of that order (the inverse of :attr:`rank_of`)."""
+    survival: npt.NDArray[np.float64]
+    """``survival[r]``: the weight of places r, r + 1, ..., G - 1 (``G + 1`` entries, the last
+    0), summed from the lightest up so that the weight left after heavy picks stays exact."""
     span: int
     """Candidates are drawn as uniform integers in ``[0, span)``."""
     cut: int
@@ -629,7 +635,7 @@ class _Law:
 def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
     """The candidate law of ``config`` (``uniform``, ``zipf`` or ``hot``) over G experts."""
     identity = np.arange(num_experts, dtype=np.int64)
-    flat = np.arange(num_experts + 1, dtype=np.float64)
+    flat = np.arange(num_experts, -1, -1, dtype=np.float64)  # survival of equal weights
     if config.kind is RoutingKind.HOT:
         hot = _hot_experts(config, num_experts)
         target = _hot_target(config, k, num_experts)
@@ -640,7 +646,9 @@ def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
             size=num_experts,
             experts=np.concatenate([hot, cold]),
             weight=np.ones(num_experts),
-            cdf=flat,
+            rank_of=None,
+            by_rank=None,
+            survival=flat,
             span=cut * max(1, num_experts - cut),
             cut=cut,
             table=None,
@@ -654,7 +662,9 @@ def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
             size=num_experts,
             experts=None,
             weight=np.ones(num_experts),
-            cdf=flat,
+            rank_of=None,
+            by_rank=None,
+            survival=flat,
             span=num_experts,
             cut=num_experts,
             table=None,
@@ -669,9 +679,11 @@ def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
         raise ParamInvalidError(
             "world_size * experts_per_rank", num_experts, "must be below 2**38 for zipf"
         )
+    order = _global_rng(config.seed).permutation(num_experts).astype(np.int64)
     popularity = np.empty(num_experts, dtype=np.int64)
-    popularity[_global_rng(config.seed).permutation(num_experts)] = identity
-    weights = np.power(popularity + 1.0, -config.skew)
+    popularity[order] = identity
+    by_popularity = np.power(identity + 1.0, -config.skew)
+    weights = by_popularity[popularity]
     alias, probability = _alias_table(weights)
     threshold = np.round(probability * float(1 << shift)).astype(np.int64)
     alias_bits = (num_experts - 1).bit_length()  # threshold <= 2**shift: all fits in 63 bits
@@ -679,7 +691,9 @@ def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
         size=num_experts,
         experts=None,
         weight=weights,
-        cdf=np.concatenate([[0.0], np.cumsum(weights)]),
+        rank_of=popularity,
+        by_rank=order,
+        survival=np.append(np.cumsum(by_popularity[::-1])[::-1], 0.0),
         span=num_experts << shift,
         cut=num_experts,
         table=(threshold << alias_bits) | alias,
@@ -842,7 +856,7 @@ def _redraw(
     elif law.table is None:  # equal weights
         fast = 2 * (size - have) >= size
     else:
-        total = law.cdf[size]
+        total = law.survival[0]
         mass = np.where(valid, law.weight[np.minimum(local, size - 1)], 0.0).sum(axis=1)
         fast = 2.0 * (total - mass) >= total
     del local, valid
@@ -944,49 +958,58 @@ def _invert_rest(
 ) -> npt.NDArray[np.int64]:
     """Draw every pick still missing from the law restricted to the experts not yet picked.
 
-    One uniform per missing pick, from the token's rank, token by token. A pick is the
-    inverse of the cumulative weights with the picked experts cut out: ``x`` uniform on the
-    weight left in its group (``hot``: the hot experts until the token has its hot picks,
-    then the cold ones) is stepped past each picked expert at or below it. Only
-    floating-point rounding can push ``x`` past the end of the group onto a picked expert;
-    such a pick moves to the next unpicked expert of its group (or the last one).
+    One uniform per missing pick, from the token's rank, token by token. The experts are
+    placed by decreasing weight (each ``hot`` group on its own: the hot ones until the token
+    has its hot picks, then the cold ones). From the first place not picked, the head, ``x``
+    uniform on the weight left is stepped past each picked place at or below it, and the pick
+    is the place whose interval then holds ``x``: the inverse of the cumulative weights with
+    the picked experts cut out. Weights are summed from the head on (``survival``), so the
+    few heaviest experts being picked loses no precision. Only floating-point rounding can
+    push ``x`` past the end of the group onto a picked expert; such a pick moves to the next
+    unpicked place of its group (or the last one).
 
     Returns:
         The new picks as ``local_rank * G + value``.
 
     """
-    size = law.size
-    cdf = law.cdf
+    size, k = law.size, rows.shape[1]
+    survival = law.survival
+    rising = -survival  # ascending, for searchsorted
     offset = token_offset[ids]
     values = np.where(rows == empty, size, rows - offset[:, None])
+    if law.rank_of is not None:
+        values = np.where(values < size, law.rank_of[np.minimum(values, size - 1)], size)
     values.sort(axis=1)
     want = (values == size).sum(axis=1)
     uniforms = _uniforms_per_rank(rngs, ids // tokens, want)
     start = np.concatenate([[0], np.cumsum(want)[:-1]])
     new: list[npt.NDArray[np.int64]] = []
-    k = rows.shape[1]
     for step in range(int(want.max())):
         live = np.flatnonzero(want > step)
         picked = values[live]
-        have = picked < size
-        if hot_picks is None:
-            second = np.zeros(len(live), dtype=bool)
-        else:
-            hot_have = ((picked < law.cut) & have).sum(axis=1)
-            second = hot_have >= hot_picks[ids[live]]
+        second = np.zeros(len(live), dtype=bool)
+        if hot_picks is not None:
+            second = (picked < law.cut).sum(axis=1) >= hot_picks[ids[live]]
         low = np.where(second, law.cut, 0)
         high = np.where(second, size, law.cut)
-        inside = have & (picked >= low[:, None]) & (picked < high[:, None])
+        head = low.copy()  # the first place of the group not picked
+        for column in range(k):  # picked places ascend along a row
+            head += picked[:, column] == head
+        inside = (picked > head[:, None]) & (picked < high[:, None])
         capped = np.minimum(picked, size - 1)
-        below, above = cdf[capped], cdf[capped + 1]
-        weight = np.where(inside, above - below, 0.0)
-        left = cdf[high] - cdf[low] - weight.sum(axis=1)
-        x = cdf[low] + uniforms[start[live] + step] * np.maximum(left, 0.0)
-        for column in range(k):  # picked values ascend along a row
-            step_over = inside[:, column] & (x >= below[:, column])
-            x = np.where(step_over, np.maximum(x + weight[:, column], above[:, column]), x)
-        value = np.clip(np.searchsorted(cdf, x, side="right") - 1, low, high - 1)
-        for _ in range(k + 1):  # rounding: step off picked experts, upwards then downwards
+        base = survival[head]
+        begin = base[:, None] - survival[capped]  # a picked place's interval, from the head
+        end = base[:, None] - survival[capped + 1]
+        weight = np.where(inside, end - begin, 0.0)
+        left = base - survival[high] - weight.sum(axis=1)
+        x = uniforms[start[live] + step] * np.maximum(left, 0.0)
+        for column in range(k):
+            step_over = inside[:, column] & (x >= begin[:, column])
+            x = np.where(step_over, np.maximum(x + weight[:, column], end[:, column]), x)
+        # the place v with survival[v] >= base - x > survival[v + 1]
+        place = np.searchsorted(rising, x - base, side="right") - 1
+        value = np.clip(place, head, high - 1)
+        for _ in range(k + 1):  # rounding: step off picked places, upwards then downwards
             taken = _row_any(picked == value[:, None])
             if not taken.any():
                 break
@@ -994,6 +1017,8 @@ def _invert_rest(
             value = np.where(up < high, up, _highest_free(picked, low, high))
         values[live, k - 1] = value
         values[live] = np.sort(values[live], axis=1)
+        if law.by_rank is not None:
+            value = law.by_rank[value]
         new.append(value + offset[live])
     return np.concatenate(new)
 

@@ -337,13 +337,16 @@ def test_study_plans_are_the_same_on_both_sides_of_the_dense_limit(
 def reference_row(config: RoutingConfig, rank: int, num_experts: int, bs: int, k: int) -> list:
     """Rank ``rank``'s row drawn token by token in plain Python, as ``route`` documents it.
 
-    Shares only the candidate law (its alias table and groups) with the code under test:
-    the order of the draws, the rounds, the reserve and the inversion are written anew.
+    Shares only the candidate law (its alias table, groups and sums of weights) with the
+    code under test: the order of the draws, the rounds, the reserve and the inversion are
+    written anew.
     """
     law = routing._law(config, num_experts, k)
     rng = np.random.default_rng([config.seed, 1, rank])
-    size, cut, cdf = num_experts, law.cut, law.cdf.tolist()
-    weight = law.weight.tolist()
+    size, cut = num_experts, law.cut
+    weight, survival = law.weight.tolist(), law.survival.tolist()
+    rank_of = list(range(size)) if law.rank_of is None else law.rank_of.tolist()
+    by_rank = list(range(size)) if law.by_rank is None else law.by_rank.tolist()
 
     def candidate(raw: int, cold: bool) -> int:
         if law.hot_frac is not None:
@@ -374,7 +377,7 @@ def reference_row(config: RoutingConfig, rank: int, num_experts: int, bs: int, k
 
     def fast(t: int) -> bool:
         lo, hi = (cut, size) if cold_next(picks[t], t) else (0, cut)
-        total = cdf[hi] - cdf[lo]
+        total = survival[lo] - survival[hi]
         return 2 * (total - sum(weight[v] for v in picks[t] if lo <= v < hi)) >= total
 
     short = [t for t in range(bs) if len(picks[t]) < k]
@@ -395,18 +398,24 @@ def reference_row(config: RoutingConfig, rank: int, num_experts: int, bs: int, k
     rest = sorted(slow + active)
     uniforms = rng.random(sum(k - len(picks[t]) for t in rest)).tolist() if rest else []
     for t in rest:
-        while len(picks[t]) < k:
-            lo, hi = (cut, size) if cold_next(picks[t], t) else (0, cut)
-            inside = sorted(v for v in picks[t] if lo <= v < hi)
-            left = cdf[hi] - cdf[lo] - sum(cdf[v + 1] - cdf[v] for v in inside)
-            x = cdf[lo] + uniforms.pop(0) * max(left, 0.0)
-            for v in inside:
-                if x >= cdf[v]:
-                    x = max(x + (cdf[v + 1] - cdf[v]), cdf[v + 1])
-            value = min(max(np.searchsorted(cdf, x, side="right") - 1, lo), hi - 1)
-            while value in picks[t]:  # rounding only
-                value = value + 1 if value + 1 < hi else max(set(range(lo, hi)) - set(picks[t]))
-            picks[t].append(int(value))
+        places = sorted(rank_of[v] for v in picks[t])  # by decreasing weight
+        while len(places) < k:
+            lo, hi = (cut, size) if sum(p < cut for p in places) >= hot[t] else (0, cut)
+            head = lo
+            while head in places:
+                head += 1
+            inside = [p for p in places if head < p < hi]
+            base = survival[head]
+            left = base - survival[hi] - sum(survival[p] - survival[p + 1] for p in inside)
+            x = uniforms.pop(0) * max(left, 0.0)
+            for p in inside:
+                if x >= base - survival[p]:
+                    x = max(x + (survival[p] - survival[p + 1]), base - survival[p + 1])
+            place = next(v for v in range(head, hi) if base - survival[v + 1] > x)
+            while place in places:  # rounding only
+                place = place + 1 if place + 1 < hi else max(set(range(lo, hi)) - set(places))
+            places = sorted([*places, place])
+        picks[t] = [by_rank[p] for p in places]
     row = [0] * num_experts
     experts = law.experts
     for mine in picks:
@@ -435,6 +444,16 @@ def test_rows_are_the_documented_draw(
     expected = [reference_row(config, r, w * e, bs, k) for r in range(w)]
     assert make(config, w, e, bs, k).matrix().tolist() == expected
     assert make_sparse(config, w, e, bs, k).matrix().tolist() == expected
+
+
+def test_a_very_steep_zipf_takes_the_most_popular_experts() -> None:
+    # skew 80: after the heaviest picks, the next most popular expert still holds all but
+    # 1e-7 of what is left, though that is 1e-24 of the whole weight; every token must take
+    # the K most popular experts (the seeded permutation lists experts by popularity)
+    table = make(RoutingConfig(kind="zipf", seed=3, skew=80.0), w=2, e=4, bs=50, k=4)
+    expected = np.zeros(8, dtype=np.int64)
+    expected[np.random.default_rng([3, 0]).permutation(8)[:4]] = 50
+    assert table.matrix().tolist() == [expected.tolist()] * 2
 
 
 @pytest.mark.parametrize("rounds", [0, 8, 1000])
