@@ -589,7 +589,8 @@ class _Law:
     """The internal value at each place of that order (the inverse of :attr:`rank_of`)."""
     survival: npt.NDArray[np.float64]
     """``survival[r]``: the weight of places r, r + 1, ..., G - 1 (``G + 1`` entries, the last
-    0), summed from the lightest up so that the weight left after heavy picks stays exact."""
+    0), summed from the lightest up so that the weight left after heavy picks keeps its
+    precision."""
     span: int
     """Candidates are drawn as uniform integers in ``[0, span)``."""
     cut: int
