@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -26,11 +27,16 @@ __all__ = [
     "check_matrix",
     "load_matrix",
     "route",
-    "route_sparse",
 ]
 
-#: Most key elements (tokens x experts) drawn at once; bounds memory for large batches.
-_CHUNK_ELEMENTS = 1 << 20
+#: Most picks (ranks x tokens x top_k) drawn in one block: bounds memory and keeps the work
+#: arrays in cache (blocks of 2**19 picks run four times faster than blocks of 2**22 here);
+#: never changes a count.
+_CHUNK_ELEMENTS = 1 << 16
+
+#: Redraw rounds of a token whose candidates repeat an expert, before the picks it still
+#: misses are drawn by inversion; the law is the same, the rounds are faster.
+_ROUNDS = 8
 
 MAX_SEED = 2**32 - 1
 """The largest routing seed. A real run seeds each rank's inputs with
@@ -414,6 +420,7 @@ def _is_json_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+@overload
 def route(
     config: RoutingConfig,
     *,
@@ -421,13 +428,73 @@ def route(
     experts_per_rank: int,
     tokens_per_rank: int | None = None,
     top_k: int | None = None,
-) -> RoutingTable:
-    """Generate the routing table of a whole expert-parallel group, on any rank alike.
+    sparse: Literal[False] = False,
+) -> RoutingTable: ...
 
-    Nothing is communicated: every rank draws every rank's tokens from generators seeded
-    by ``(config.seed, rank)``, so each rank gets the same table. Each token picks
-    ``top_k`` distinct experts, so every rank sends ``tokens_per_rank * top_k`` rows in the
-    dispatch direction (``matrix`` excepted: the file's counts rule).
+
+@overload
+def route(
+    config: RoutingConfig,
+    *,
+    world_size: int,
+    experts_per_rank: int,
+    tokens_per_rank: int | None = None,
+    top_k: int | None = None,
+    sparse: Literal[True],
+) -> SparseRouting: ...
+
+
+@overload
+def route(
+    config: RoutingConfig,
+    *,
+    world_size: int,
+    experts_per_rank: int,
+    tokens_per_rank: int | None = None,
+    top_k: int | None = None,
+    sparse: bool,
+) -> RoutingTable | SparseRouting: ...
+
+
+def route(
+    config: RoutingConfig,
+    *,
+    world_size: int,
+    experts_per_rank: int,
+    tokens_per_rank: int | None = None,
+    top_k: int | None = None,
+    sparse: bool = False,
+) -> RoutingTable | SparseRouting:
+    """Generate the routing of a whole expert-parallel group, on any rank alike.
+
+    Nothing is communicated: rank r's tokens are drawn from a generator seeded by
+    ``(config.seed, r)`` alone, so every rank gets the same routing, and rank r's row
+    (its counts per global expert) depends only on the config, r, the number of experts
+    W * e, ``tokens_per_rank`` and ``top_k``. Each token picks ``top_k`` distinct experts,
+    so every rank sends ``tokens_per_rank * top_k`` rows in the dispatch direction
+    (``matrix`` excepted: the file's counts rule).
+
+    The representation is the caller's explicit choice and never changes a count:
+    ``sparse=False`` gives the dense (W, W, e) :class:`RoutingTable`, ``sparse=True`` a
+    :class:`SparseRouting` that keeps only the non-zero counts (537 million entries at 8192
+    ranks of 8 experts dense; about 200 million non-zero ones sparse at 4096 tokens of top-8,
+    fewer with fewer tokens). Both are built from the same rows, block of ranks by block.
+
+    How a token's picks are drawn (``uniform``, ``zipf``, ``hot``): it draws ``top_k``
+    candidates independently from the law of its kind and keeps the distinct ones; while it
+    is short, it draws one more candidate a round and keeps it if new. That is successive
+    sampling: each pick by weight among the experts the token has not picked. A token whose
+    picks already hold half of the weight, or that is still short after ``_ROUNDS`` rounds,
+    draws its missing picks from that restricted law directly (by inversion of the
+    cumulative weights) instead: the law is the same. :func:`_sampled_picks` lists the
+    draws of each rank's generator in order.
+
+    Time and memory at 8192 ranks of 8 experts, top-8, ``sparse=True``, one core of the
+    project's shared 2-core machine (CPU seconds; ``docs/BENCHMARKS.md``): 2.0 to 2.2 s at
+    256 tokens per rank; at 4096 tokens, 28 to 34 s and 0.6 to 2.5 GiB (uniform 28.5 s with
+    211 million non-zero counts, zipf 1.2 28 s, hot 34 s). The generator it replaces, which
+    drew with replacement from one global stream, took 4.4 to 10 s at 256 tokens and 74 to
+    177 s with 9 to 22 GiB at 4096.
 
     Args:
         config: the routing model and its parameters.
@@ -435,9 +502,10 @@ def route(
         experts_per_rank: local experts per rank, e >= 1.
         tokens_per_rank: tokens (BS) on each rank, >= 1; optional for ``matrix``.
         top_k: distinct experts per token, 1 <= K <= W * e; optional for ``matrix``.
+        sparse: whether to return a :class:`SparseRouting` instead of a :class:`RoutingTable`.
 
     Returns:
-        The (W, W, e) table.
+        The (W, W, e) table, or the same counts kept sparse.
 
     Raises:
         ParamInvalidError: a size out of range, a ``hot`` config that cannot reach its
@@ -446,6 +514,8 @@ def route(
     """
     if not isinstance(config, RoutingConfig):
         raise ParamInvalidError("config", type(config).__name__, "must be a RoutingConfig")
+    if not isinstance(sparse, (bool, np.bool_)):
+        raise ParamInvalidError("sparse", sparse, "must be True or False")
     world = _check_int("world_size", world_size, 1)
     e = _check_int("experts_per_rank", experts_per_rank, 1)
     num_experts = world * e
@@ -455,6 +525,8 @@ def route(
         if top_k is not None:
             _check_int("top_k", top_k, 1)
         matrix = check_matrix(config, world_size=world, experts_per_rank=e)
+        if sparse:
+            return SparseRouting.from_matrix(matrix, e)
         return RoutingTable(counts=matrix.reshape(world, world, e))
 
     if tokens_per_rank is None:
@@ -463,20 +535,13 @@ def route(
         raise ParamInvalidError("top_k", None, f"is required by kind={config.kind!r}")
     tokens = _check_int("tokens_per_rank", tokens_per_rank, 1)
     k = _check_int_range("top_k", top_k, 1, num_experts)
-
+    blocks = _pick_blocks(config, world, num_experts, tokens, k)
+    if sparse:
+        return SparseRouting._from_picks(world, e, blocks, most=tokens)
     rows = np.empty((world, num_experts), dtype=np.int64)
-    if config.kind is RoutingKind.BALANCED:
-        for r in range(world):
-            rows[r] = _balanced_row(r, tokens, k, num_experts)
-    elif config.kind is RoutingKind.HOT:
-        hot = _hot_experts(config, num_experts)
-        target = _hot_target(config, k, num_experts)
-        for r in range(world):
-            rows[r] = _hot_row(_rank_rng(config.seed, r), hot, num_experts, tokens, k, target)
-    else:
-        scales = _key_scales(config, num_experts)
-        for r in range(world):
-            rows[r] = _sampled_row(_rank_rng(config.seed, r), scales, num_experts, tokens, k)
+    for first, count, picks in blocks:
+        bins = count * num_experts
+        rows[first : first + count] = np.bincount(picks, minlength=bins)[:bins].reshape(count, -1)
     return RoutingTable(counts=rows.reshape(world, world, e))
 
 
@@ -490,8 +555,34 @@ def _global_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, _GLOBAL_STREAM])
 
 
-def _balanced_row(rank: int, tokens: int, k: int, num_experts: int) -> npt.NDArray[np.int64]:
-    """Rows rank ``rank`` sends to each expert under ``balanced`` routing.
+def _pick_blocks(
+    config: RoutingConfig, world: int, num_experts: int, tokens: int, k: int
+) -> Iterator[tuple[int, int, npt.NDArray[np.int64]]]:
+    """Yield ``(first, count, picks)``: every pick of ranks ``first .. first + count - 1``.
+
+    A pick is ``(r - first) * G + g`` for a token of rank r that picked global expert g;
+    entries ``>= count * G`` stand for no pick and are to be ignored. How many ranks a block
+    holds only bounds memory (``_CHUNK_ELEMENTS``); it never changes a pick, because each
+    rank draws from its own generator, in the same calls whatever its block.
+    """
+    per_block = max(1, _CHUNK_ELEMENTS // (tokens * k))
+    law = None if config.kind is RoutingKind.BALANCED else _law(config, num_experts, k)
+    for first in range(0, world, per_block):
+        count = min(per_block, world - first)
+        if law is None:
+            yield first, count, _balanced_picks(first, count, tokens, k, num_experts)
+            continue
+        picks = _sampled_picks(law, config.seed, first, count, tokens, k)
+        if law.experts is not None:
+            value = picks % num_experts
+            picks += law.experts[value] - value
+        yield first, count, picks
+
+
+def _balanced_picks(
+    first: int, count: int, tokens: int, k: int, num_experts: int
+) -> npt.NDArray[np.int64]:
+    """The picks of ranks ``first .. first + count - 1`` under ``balanced`` routing.
 
     Token t of rank r picks experts ``(offset + t*k + i) mod G`` for i < k with
     ``offset = r * tokens * k``: k consecutive experts, distinct because k <= G. The picks of
@@ -499,51 +590,177 @@ def _balanced_row(rank: int, tokens: int, k: int, num_experts: int) -> npt.NDArr
     the global loads are floor or ceil of their mean.
     """
     picks = tokens * k
-    offset = (rank * picks) % num_experts
-    position = (np.arange(num_experts, dtype=np.int64) - offset) % num_experts
-    return picks // num_experts + (position < picks % num_experts).astype(np.int64)
+    ranks = np.arange(first, first + count, dtype=np.int64)
+    offset = (ranks * picks) % num_experts
+    expert = (offset[:, None] + np.arange(picks, dtype=np.int64)[None, :]) % num_experts
+    local: npt.NDArray[np.int64] = (expert + (ranks - first)[:, None] * num_experts).ravel()
+    return local
 
 
-def _key_scales(config: RoutingConfig, num_experts: int) -> npt.NDArray[np.float64] | None:
-    """Inverse sampling weight of each expert: None (all equal) or Zipf's ``(p + 1) ** skew``."""
-    if config.kind is RoutingKind.UNIFORM or config.skew == 0.0:
-        return None
-    popularity = np.empty(num_experts, dtype=np.int64)
-    popularity[_global_rng(config.seed).permutation(num_experts)] = np.arange(num_experts)
-    scales: npt.NDArray[np.float64] = np.power(popularity + 1.0, config.skew, dtype=np.float64)
-    return scales
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Law:
+    """How one token's candidate experts are drawn, in an internal order of the experts.
 
-
-def _sampled_row(
-    rng: np.random.Generator,
-    scales: npt.NDArray[np.float64] | None,
-    num_experts: int,
-    tokens: int,
-    k: int,
-) -> npt.NDArray[np.int64]:
-    """Rows per expert when each token draws ``k`` distinct experts by weight.
-
-    Efraimidis-Spirakis: with ``E`` standard exponential, the k smallest keys ``E / w`` are a
-    sample without replacement with the successive-sampling probabilities of weights ``w``
-    (the same law as Gumbel top-k); ``scales`` holds ``1 / w``.
+    Internal value v stands for global expert ``experts[v]``. Values ``[0, cut)`` form the
+    first group (``hot``'s hot experts) and ``[cut, G)`` the second; one-group laws have
+    ``cut == G``. A candidate is one uniform integer in ``[0, span)``, mapped by :meth:`values`.
     """
-    counts = np.zeros(num_experts, dtype=np.int64)
-    chunk = max(1, _CHUNK_ELEMENTS // num_experts)
-    for start in range(0, tokens, chunk):
-        n = min(chunk, tokens - start)
-        keys = rng.standard_exponential(size=(n, num_experts))
-        if scales is not None:
-            keys *= scales
-        picked = _smallest_k(keys, k)
-        counts += np.bincount(picked.ravel(), minlength=num_experts)
-    return counts
+
+    size: int
+    """Experts, G."""
+    experts: npt.NDArray[np.int64] | None
+    """Global expert of each internal value (a permutation of ``range(G)``); None: itself."""
+    weight: npt.NDArray[np.float64]
+    """Weight of each internal value (in each group its share of candidates)."""
+    rank_of: npt.NDArray[np.int64] | None
+    """Place of each internal value in the order of decreasing weight (each group's values
+    together, the first group first); None: the internal order is that order already."""
+    by_rank: npt.NDArray[np.int64] | None
+    """The internal value at each place of that order (the inverse of :attr:`rank_of`)."""
+    survival: npt.NDArray[np.float64]
+    """``survival[r]``: the weight of places r, r + 1, ..., G - 1 (``G + 1`` entries, the last
+    0), summed from the lightest up so that the weight left after heavy picks keeps its
+    precision."""
+    span: int
+    """Candidates are drawn as uniform integers in ``[0, span)``."""
+    cut: int
+    """Start of the second group; ``G`` for laws of one group."""
+    table: npt.NDArray[np.int64] | None
+    """Alias table of a weighted law (``zipf``), or None when all weights are equal: column
+    j's threshold (out of ``2 ** shift``) above ``alias_bits`` bits of its alias."""
+    shift: int
+    """Fraction bits of a weighted candidate (its low bits; the high bits pick a column)."""
+    alias_bits: int
+    """Bits of an alias in :attr:`table`."""
+    hot_base: int
+    """Hot picks every ``hot`` token takes at least (0 for other kinds)."""
+    hot_frac: float | None
+    """Probability of one more hot pick (``hot`` only; None for other kinds)."""
+
+    def values(
+        self, raw: npt.NDArray[np.int64], second: npt.NDArray[np.bool_] | None
+    ) -> npt.NDArray[np.int64]:
+        """Map uniform integers in ``[0, span)`` to candidates (internal values); reuses ``raw``.
+
+        ``second`` says which candidates belong to the second group (``hot`` only): one
+        integer ``a + cut * b`` gives the independent uniforms ``a`` (a hot expert) and ``b``
+        (a cold one). A weighted candidate takes column ``raw >> shift`` unless its low bits
+        reach the column's threshold, and then the column's alias (Walker's alias method).
+        """
+        if second is not None:
+            cold, hot = np.divmod(raw, self.cut)
+            cold += self.cut
+            np.copyto(hot, cold, where=second)
+            return hot
+        if self.table is None:
+            return raw
+        column = raw >> self.shift
+        entry: npt.NDArray[np.int64] = self.table[column]
+        raw &= (1 << self.shift) - 1
+        keep = raw < (entry >> self.alias_bits)
+        entry &= (1 << self.alias_bits) - 1
+        np.copyto(entry, column, where=keep)
+        return entry
 
 
-def _smallest_k(keys: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.intp]:
-    """Column indices of the ``k`` smallest keys of each row (distinct within a row)."""
-    if k == keys.shape[1]:
-        return np.broadcast_to(np.arange(k), keys.shape)
-    return np.argpartition(keys, k - 1, axis=1)[:, :k]
+def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
+    """The candidate law of ``config`` (``uniform``, ``zipf`` or ``hot``) over G experts."""
+    identity = np.arange(num_experts, dtype=np.int64)
+    flat = np.arange(num_experts, -1, -1, dtype=np.float64)  # survival of equal weights
+    if config.kind is RoutingKind.HOT:
+        hot = _hot_experts(config, num_experts)
+        target = _hot_target(config, k, num_experts)
+        cut = len(hot)
+        cold = np.setdiff1d(identity, hot)
+        base = math.floor(target)
+        return _Law(
+            size=num_experts,
+            experts=np.concatenate([hot, cold]),
+            weight=np.ones(num_experts),
+            rank_of=None,
+            by_rank=None,
+            survival=flat,
+            span=cut * max(1, num_experts - cut),
+            cut=cut,
+            table=None,
+            shift=0,
+            alias_bits=0,
+            hot_base=base,
+            hot_frac=target - base,
+        )
+    if config.kind is RoutingKind.UNIFORM or config.skew == 0.0:
+        return _Law(
+            size=num_experts,
+            experts=None,
+            weight=np.ones(num_experts),
+            rank_of=None,
+            by_rank=None,
+            survival=flat,
+            span=num_experts,
+            cut=num_experts,
+            table=None,
+            shift=0,
+            alias_bits=0,
+            hot_base=0,
+            hot_frac=None,
+        )
+    # zipf: expert g of popularity rank p (a seeded permutation) has weight 1 / (p + 1) ** skew
+    shift = 62 - num_experts.bit_length()
+    if shift < 24:
+        raise ParamInvalidError(
+            "world_size * experts_per_rank", num_experts, "must be below 2**38 for zipf"
+        )
+    order = _global_rng(config.seed).permutation(num_experts).astype(np.int64)
+    popularity = np.empty(num_experts, dtype=np.int64)
+    popularity[order] = identity
+    by_popularity = np.power(identity + 1.0, -config.skew)
+    weights = by_popularity[popularity]
+    alias, probability = _alias_table(weights)
+    threshold = np.round(probability * float(1 << shift)).astype(np.int64)
+    alias_bits = (num_experts - 1).bit_length()  # threshold <= 2**shift: all fits in 63 bits
+    return _Law(
+        size=num_experts,
+        experts=None,
+        weight=weights,
+        rank_of=popularity,
+        by_rank=order,
+        survival=np.append(np.cumsum(by_popularity[::-1])[::-1], 0.0),
+        span=num_experts << shift,
+        cut=num_experts,
+        table=(threshold << alias_bits) | alias,
+        shift=shift,
+        alias_bits=alias_bits,
+        hot_base=0,
+        hot_frac=None,
+    )
+
+
+def _alias_table(
+    weights: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Walker's alias table (Vose's construction) of non-negative weights.
+
+    Column j, drawn uniformly, keeps j with probability ``probability[j]`` and otherwise
+    gives ``alias[j]``; then value v comes out with probability ``weights[v] / sum``.
+
+    Returns:
+        ``(alias, probability)``.
+
+    """
+    size = len(weights)
+    scaled = (weights * (size / weights.sum())).tolist()
+    alias = list(range(size))
+    probability = [1.0] * size
+    small = [j for j, q in enumerate(scaled) if q < 1.0]
+    large = [j for j, q in enumerate(scaled) if q >= 1.0]
+    while small and large:
+        s, g = small.pop(), large[-1]
+        probability[s] = scaled[s]
+        alias[s] = g
+        scaled[g] -= 1.0 - scaled[s]
+        if scaled[g] < 1.0:
+            small.append(large.pop())
+    return np.asarray(alias, dtype=np.int64), np.asarray(probability, dtype=np.float64)
 
 
 def _hot_experts(config: RoutingConfig, num_experts: int) -> npt.NDArray[np.int64]:
@@ -579,75 +796,398 @@ def _hot_target(config: RoutingConfig, k: int, num_experts: int) -> float:
     return target
 
 
-def _hot_row(
-    rng: np.random.Generator,
-    hot: npt.NDArray[np.int64],
-    num_experts: int,
-    tokens: int,
-    k: int,
-    target: float,
+def _sampled_picks(
+    law: _Law, seed: int, first: int, count: int, tokens: int, k: int
 ) -> npt.NDArray[np.int64]:
-    """Rows per expert under ``hot`` routing (see :class:`RoutingKind`).
+    """The picks of ranks ``first .. first + count - 1``, as ``local_rank * G + value``.
 
-    Token t takes ``h_t = floor(target) + Bernoulli(frac(target))`` hot experts, the first
-    ``h_t`` of a random permutation of the hot set, and ``k - h_t`` cold experts likewise.
+    Values are internal (see :class:`_Law`); entries ``>= count * G`` are no pick. Rank r's
+    generator gives, in this order:
+
+    1. (``hot`` only) ``tokens`` uniforms that round each token's number of hot picks;
+    2. ``tokens * k`` candidates, k per token (a ``hot`` token's first ones hot): a token's
+       picks are its distinct candidates;
+    3. for the tokens still short, a reserve of candidates (:class:`_Reserve`) used round
+       by round, one per token still short, token by token (see :func:`_redraw`);
+    4. one uniform per pick still missing, token by token, inverted (:func:`_invert_rest`).
+
+    The ranks of a block are handled together, but each draws only from its own generator
+    and only as much as its own tokens need, so its picks never depend on the block.
     """
-    cold = np.setdiff1d(np.arange(num_experts, dtype=np.int64), hot)
-    base = math.floor(target)
-    frac = target - base
-    counts = np.zeros(num_experts, dtype=np.int64)
-    chunk = max(1, _CHUNK_ELEMENTS // num_experts)
-    for start in range(0, tokens, chunk):
-        n = min(chunk, tokens - start)
-        n_hot = base + (rng.random(n) < frac).astype(np.int64)
-        for group, take in ((hot, n_hot), (cold, k - n_hot)):
-            if group.size == 0:
-                continue
-            order = np.argsort(rng.random((n, group.size)), axis=1)
-            chosen = order[np.arange(group.size)[None, :] < take[:, None]]
-            counts += np.bincount(group[chosen], minlength=num_experts)
-    return counts
+    size = law.size
+    empty = count * size
+    rngs = [_rank_rng(seed, r) for r in range(first, first + count)]
+    hot_picks = None
+    if law.hot_frac is not None:
+        frac = law.hot_frac
+        hot_picks = law.hot_base + np.concatenate(
+            [(rng.random(tokens) < frac).astype(np.int64) for rng in rngs]
+        )
+    raw = np.concatenate([rng.integers(0, law.span, size=tokens * k) for rng in rngs])
+    raw = raw.reshape(count * tokens, k)
+    second = None if hot_picks is None else np.arange(k)[None, :] >= hot_picks[:, None]
+    picks = law.values(raw, second)
+    del raw, second
+    token_offset = np.repeat(np.arange(count, dtype=np.int64) * size, tokens)
+    picks += token_offset[:, None]
+    picks.sort(axis=1)
+    token, column = np.divmod(np.flatnonzero(picks[:, 1:] == picks[:, :-1]), k - 1)
+    if not len(token):
+        return picks.ravel()
+    picks[token, column + 1] = empty
+    kept = [picks.ravel()]
+    ids = token[np.concatenate([[True], token[1:] != token[:-1]])]  # ascending already
+    rows = np.sort(picks[ids], axis=1)  # each short token's picks, then its empty slots
+    kept.extend(_redraw(law, rngs, rows, ids, token_offset, hot_picks, tokens, empty))
+    return np.concatenate(kept)
 
 
-class SparseRouting:
-    """A routing of thousands of ranks kept sparse: only (source, expert) pairs that carry rows.
+def _redraw(
+    law: _Law,
+    rngs: list[np.random.Generator],
+    rows: npt.NDArray[np.int64],
+    ids: npt.NDArray[np.intp],
+    token_offset: npt.NDArray[np.int64],
+    hot_picks: npt.NDArray[np.int64] | None,
+    tokens: int,
+    empty: int,
+) -> list[npt.NDArray[np.int64]]:
+    """Complete the tokens that are short of picks; return the picks they add.
 
-    Built by :func:`route_sparse`; gives each rank's counts as ``SparseCounts`` in either
-    direction, for plans the simulator runs at scale (a dense ``RoutingTable`` has W * W * e
-    entries: 537 million at 8192 ranks of 8 experts).
+    Round by round, each short token draws one candidate, kept if new to it. A token whose
+    next candidate would be new with probability below one half at the start (its picks
+    hold half of its group's weight), and every token still short after ``_ROUNDS`` rounds,
+    gets its missing picks by inversion instead (:func:`_invert_rest`): fewer draws, the
+    same law, since which way a pick is drawn depends only on the picks made so far.
+
+    Args:
+        law: the candidate law.
+        rngs: the block's generators, one per rank.
+        rows: (short tokens, k) their picks as ``local_rank * G + value``, sorted, followed
+            by ``empty`` entries for the missing ones.
+        ids: the short tokens' indices in the block, ascending.
+        token_offset: ``local_rank * G`` of each token of the block.
+        hot_picks: hot picks of each token of the block (``hot`` only).
+        tokens: tokens per rank.
+        empty: the entry that marks a missing pick.
+
+    Returns:
+        Arrays of new picks, as ``local_rank * G + value``.
+
+    """
+    size, k = law.size, rows.shape[1]
+    local = rows - token_offset[ids][:, None]
+    valid = local < size
+    have = valid.sum(axis=1)
+    first_have = (local < law.cut).sum(axis=1)  # missing picks are >= size >= cut
+    if hot_picks is not None:  # equal weights within each group
+        second = first_have >= hot_picks[ids]
+        group_size = np.where(second, size - law.cut, law.cut)
+        fast = 2 * (group_size - np.where(second, have - first_have, first_have)) >= group_size
+    elif law.table is None:  # equal weights
+        fast = 2 * (size - have) >= size
+    else:
+        total = law.survival[0]
+        mass = np.where(valid, law.weight[np.minimum(local, size - 1)], 0.0).sum(axis=1)
+        fast = 2.0 * (total - mass) >= total
+    del local, valid
+    slow = [(rows[~fast], ids[~fast])]
+    rows, ids, have, first_have = (a[fast] for a in (rows, ids, have, first_have))
+    kept: list[npt.NDArray[np.int64]] = []
+    reserve = _Reserve(rngs, law.span, np.bincount(ids // tokens, k - have, len(rngs)))
+    for _ in range(_ROUNDS):
+        if not len(ids):
+            break
+        second = None
+        if hot_picks is not None:
+            second = first_have >= hot_picks[ids]
+        draws = reserve.take(np.bincount(ids // tokens, minlength=len(rngs)))
+        candidate = law.values(draws, second) + token_offset[ids]
+        taken = np.flatnonzero(~_row_any(rows == candidate[:, None]))
+        rows[taken, have[taken]] = candidate[taken]
+        kept.append(candidate[taken])
+        have[taken] += 1
+        if second is not None:
+            first_have[taken] += ~second[taken]
+        short = have < k
+        if not short.all():
+            rows, ids, have, first_have = (a[short] for a in (rows, ids, have, first_have))
+    slow.append((rows, ids))
+    if sum(len(i) for _, i in slow):
+        rows = np.concatenate([r for r, _ in slow])
+        ids = np.concatenate([i for _, i in slow])
+        order = np.argsort(ids, kind="stable")
+        kept.append(
+            _invert_rest(law, rngs, rows[order], ids[order], token_offset, hot_picks, tokens, empty)
+        )
+    return kept
+
+
+def _row_any(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``mask.any(axis=1)`` for short rows, column by column (many times faster)."""
+    out: npt.NDArray[np.bool_] = mask[:, 0].copy()
+    for column in range(1, mask.shape[1]):
+        out |= mask[:, column]
+    return out
+
+
+class _Reserve:
+    """Candidates drawn ahead for the redraw rounds: few generator calls per rank.
+
+    Rank r draws ``2 * wanted[r] + 4`` uniform integers at once; each round takes the next
+    ones, in token order; a rank that runs out draws ``2 * needed + 4`` more.
     """
 
     def __init__(
-        self, world_size: int, experts_per_rank: int, src: npt.NDArray[np.int64],
-        expert: npt.NDArray[np.int64], rows: npt.NDArray[np.int64],
-    ) -> None:  # fmt: skip
-        self.world_size = world_size
-        self.experts_per_rank = experts_per_rank
-        e = experts_per_rank
-        size = world_size * e
-        # dispatch send of rank r: index = global expert; sorted by (src, expert) already
-        self._send = (src, expert, rows, np.searchsorted(src, np.arange(world_size + 1)))
-        # dispatch recv of rank q: index = src * e + local expert, grouped by owner q
-        owner = expert // e
-        order = np.lexsort((expert % e, src, owner))
-        self._recv = (
-            owner[order],
-            src[order] * e + expert[order] % e,
-            rows[order],
-            np.searchsorted(owner[order], np.arange(world_size + 1)),
-        )
-        self._size = size
+        self, rngs: list[np.random.Generator], span: int, wanted: npt.NDArray[np.integer[Any]]
+    ) -> None:
+        self._rngs = rngs
+        self._span = span
+        self._left = [
+            rng.integers(0, span, size=2 * int(n) + 4) if n else np.empty(0, dtype=np.int64)
+            for rng, n in zip(rngs, wanted, strict=True)
+        ]
 
-    def _slice(self, view: tuple[npt.NDArray[np.int64], ...], rank: int) -> SparseCounts:
-        _, index, rows, bounds = view
-        lo, hi = int(bounds[rank]), int(bounds[rank + 1])
-        order = np.argsort(index[lo:hi], kind="stable")
-        return SparseCounts(self._size, index[lo:hi][order], rows[lo:hi][order])
+    def take(self, per_rank: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
+        """The next ``per_rank[r]`` candidates of each rank r, rank by rank."""
+        parts = []
+        for rank in np.flatnonzero(per_rank):
+            n, left = int(per_rank[rank]), self._left[rank]
+            if len(left) < n:
+                more = self._rngs[rank].integers(0, self._span, size=2 * n + 4)
+                left = np.concatenate([left, more])
+            parts.append(left[:n])
+            self._left[rank] = left[n:]
+        if not parts:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate(parts)
+
+
+def _uniforms_per_rank(
+    rngs: list[np.random.Generator],
+    rank_of_token: npt.NDArray[np.int64],
+    per_token: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """Draw ``per_token[i]`` uniforms in [0, 1) for each token i from its own rank's generator.
+
+    Tokens are in rank order, so one call per rank draws that rank's uniforms, token by token.
+    """
+    needed = np.bincount(rank_of_token, weights=per_token, minlength=len(rngs)).astype(np.int64)
+    parts = [rngs[rank].random(int(needed[rank])) for rank in np.flatnonzero(needed)]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def _invert_rest(
+    law: _Law,
+    rngs: list[np.random.Generator],
+    rows: npt.NDArray[np.int64],
+    ids: npt.NDArray[np.intp],
+    token_offset: npt.NDArray[np.int64],
+    hot_picks: npt.NDArray[np.int64] | None,
+    tokens: int,
+    empty: int,
+) -> npt.NDArray[np.int64]:
+    """Draw every pick still missing from the law restricted to the experts not yet picked.
+
+    One uniform per missing pick, from the token's rank, token by token. The experts are
+    placed by decreasing weight (each ``hot`` group on its own: the hot ones until the token
+    has its hot picks, then the cold ones). From the first place not picked, the head, ``x``
+    uniform on the weight left is stepped past each picked place at or below it, and the pick
+    is the place whose interval then holds ``x``: the inverse of the cumulative weights with
+    the picked experts cut out. Weights are summed from the head on (``survival``), so the
+    few heaviest experts being picked loses no precision. Only floating-point rounding can
+    push ``x`` past the end of the group onto a picked expert; such a pick moves to the next
+    unpicked place of its group (or the last one).
+
+    Returns:
+        The new picks as ``local_rank * G + value``.
+
+    """
+    size, k = law.size, rows.shape[1]
+    survival = law.survival
+    rising = -survival  # ascending, for searchsorted
+    offset = token_offset[ids]
+    values = np.where(rows == empty, size, rows - offset[:, None])
+    if law.rank_of is not None:
+        values = np.where(values < size, law.rank_of[np.minimum(values, size - 1)], size)
+    values.sort(axis=1)
+    want = (values == size).sum(axis=1)
+    uniforms = _uniforms_per_rank(rngs, ids // tokens, want)
+    start = np.concatenate([[0], np.cumsum(want)[:-1]])
+    new: list[npt.NDArray[np.int64]] = []
+    for step in range(int(want.max())):
+        live = np.flatnonzero(want > step)
+        picked = values[live]
+        second = np.zeros(len(live), dtype=bool)
+        if hot_picks is not None:
+            second = (picked < law.cut).sum(axis=1) >= hot_picks[ids[live]]
+        low = np.where(second, law.cut, 0)
+        high = np.where(second, size, law.cut)
+        head = low.copy()  # the first place of the group not picked
+        for column in range(k):  # picked places ascend along a row
+            head += picked[:, column] == head
+        inside = (picked > head[:, None]) & (picked < high[:, None])
+        capped = np.minimum(picked, size - 1)
+        base = survival[head]
+        begin = base[:, None] - survival[capped]  # a picked place's interval, from the head
+        end = base[:, None] - survival[capped + 1]
+        weight = np.where(inside, end - begin, 0.0)
+        left = base - survival[high] - weight.sum(axis=1)
+        x = uniforms[start[live] + step] * np.maximum(left, 0.0)
+        for column in range(k):
+            step_over = inside[:, column] & (x >= begin[:, column])
+            x = np.where(step_over, np.maximum(x + weight[:, column], end[:, column]), x)
+        # the place v with survival[v] >= base - x > survival[v + 1]
+        place = np.searchsorted(rising, x - base, side="right") - 1
+        value = np.clip(place, head, high - 1)
+        for _ in range(k + 1):  # rounding: step off picked places, upwards then downwards
+            taken = _row_any(picked == value[:, None])
+            if not taken.any():
+                break
+            up = np.where(taken, value + 1, value)
+            value = np.where(up < high, up, _highest_free(picked, low, high))
+        values[live, k - 1] = value
+        values[live] = np.sort(values[live], axis=1)
+        if law.by_rank is not None:
+            value = law.by_rank[value]
+        new.append(value + offset[live])
+    return np.concatenate(new)
+
+
+def _highest_free(
+    picked: npt.NDArray[np.int64], low: npt.NDArray[np.int64], high: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """The highest value of each row's group ``[low, high)`` not among its ``picked``."""
+    value = high - 1
+    for _ in range(picked.shape[1] + 1):
+        taken = _row_any(picked == value[:, None])
+        if not taken.any():
+            break
+        value = np.where(taken, value - 1, value)
+    return np.maximum(value, low)
+
+
+class SparseRouting:
+    """The counts of a routing kept sparse: only (rank, expert) pairs that carry rows.
+
+    Built by ``route(..., sparse=True)`` from the same picks as the dense
+    :class:`RoutingTable`: ``send_counts`` and ``recv_counts`` give the same counts in
+    either direction, as ``SparseCounts``, for plans the simulator runs at scale (a dense
+    table has W * W * e entries: 537 million at 8192 ranks of 8 experts).
+    """
+
+    __slots__ = ("_recv", "_send", "experts_per_rank", "world_size")
+
+    def __init__(
+        self,
+        *,
+        world_size: int,
+        experts_per_rank: int,
+        bounds: npt.NDArray[np.int64],
+        expert: npt.NDArray[np.integer[Any]],
+        rows: npt.NDArray[np.integer[Any]],
+    ) -> None:
+        """Keep the non-zero counts of each rank, and index them by receiver too.
+
+        Args:
+            world_size: ranks, W >= 1.
+            experts_per_rank: local experts per rank, e >= 1.
+            bounds: W + 1 offsets; rank r's counts are entries ``bounds[r]:bounds[r + 1]``.
+            expert: each entry's global expert, ascending within a rank.
+            rows: each entry's count, > 0.
+
+        """
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.experts_per_rank = _check_int("experts_per_rank", experts_per_rank, 1)
+        bounds = np.asarray(bounds, dtype=np.int64)
+        if bounds.shape != (self.world_size + 1,):
+            raise ParamInvalidError("bounds.shape", bounds.shape, "must be (world_size + 1,)")
+        self._send = (bounds, expert, rows)
+        self._recv = _receiver_view(self.world_size, self.experts_per_rank, bounds, expert, rows)
+
+    @classmethod
+    def from_matrix(cls, matrix: npt.ArrayLike, experts_per_rank: int) -> SparseRouting:
+        """Keep a rank-by-global-expert matrix sparse (see :meth:`RoutingTable.from_matrix`).
+
+        Args:
+            matrix: (W, W * experts_per_rank) non-negative integers.
+            experts_per_rank: local experts per rank, e >= 1.
+
+        Returns:
+            The routing whose counts are the matrix's.
+
+        """
+        dense = RoutingTable.from_matrix(matrix, experts_per_rank).matrix()
+        source, expert = np.nonzero(dense)
+        bounds = np.searchsorted(source, np.arange(len(dense) + 1))
+        return cls(
+            world_size=len(dense),
+            experts_per_rank=experts_per_rank,
+            bounds=bounds,
+            expert=expert.astype(_index_dtype(dense.shape[1])),
+            rows=dense[source, expert],
+        )
+
+    @classmethod
+    def _from_picks(
+        cls,
+        world_size: int,
+        experts_per_rank: int,
+        blocks: Iterable[tuple[int, int, npt.NDArray[np.int64]]],
+        most: int,
+    ) -> SparseRouting:
+        """Count the picks of blocks that cover ranks 0..W-1 in order (see ``_pick_blocks``).
+
+        ``most`` bounds every count (the tokens per rank), which sets the counts' dtype.
+        """
+        size = world_size * experts_per_rank
+        count_dtype = _index_dtype(most + 1)
+        per_rank = np.zeros(world_size, dtype=np.int64)
+        experts, counts = [], []
+        for first, count, picks in blocks:
+            picks.sort()
+            picks = picks[: np.searchsorted(picks, count * size)]
+            starts = np.concatenate([[0], np.flatnonzero(picks[1:] != picks[:-1]) + 1])
+            keys = picks[starts]
+            rows = np.diff(np.append(starts, len(picks)))
+            source = keys // size
+            per_rank[first : first + count] = np.bincount(source, minlength=count)
+            experts.append((keys - source * size).astype(_index_dtype(size)))
+            counts.append(rows.astype(count_dtype))
+        return cls(
+            world_size=world_size,
+            experts_per_rank=experts_per_rank,
+            bounds=np.concatenate([[0], np.cumsum(per_rank)]),
+            expert=np.concatenate(experts),
+            rows=np.concatenate(counts),
+        )
+
+    @property
+    def num_experts(self) -> int:
+        """Global experts, W * e."""
+        return self.world_size * self.experts_per_rank
+
+    def _slice(self, view: tuple[npt.NDArray[Any], ...], rank: object) -> SparseCounts:
+        r = _check_int_range("rank", rank, 0, self.world_size - 1)
+        bounds, index, rows = view
+        lo, hi = int(bounds[r]), int(bounds[r + 1])
+        return SparseCounts(
+            self.num_experts, index[lo:hi].astype(np.int64), rows[lo:hi].astype(np.int64)
+        )
 
     def send_counts(
         self, rank: int, direction: str | Direction = Direction.DISPATCH
     ) -> SparseCounts:
-        """Rows ``rank`` sends, as ``RoutingTable.send_counts`` but sparse."""
+        """Rows ``rank`` sends, as ``RoutingTable.send_counts`` but sparse.
+
+        Args:
+            rank: the sending rank, 0 <= rank < W.
+            direction: ``dispatch`` or ``combine``, as for ``RoutingTable.send_counts``.
+
+        Returns:
+            The non-zero counts, indexed ``peer * e + expert``.
+
+        """
         if _direction(direction) is Direction.COMBINE:
             return self._slice(self._recv, rank)
         return self._slice(self._send, rank)
@@ -655,55 +1195,89 @@ class SparseRouting:
     def recv_counts(
         self, rank: int, direction: str | Direction = Direction.DISPATCH
     ) -> SparseCounts:
-        """Rows ``rank`` receives, as ``RoutingTable.recv_counts`` but sparse."""
+        """Rows ``rank`` receives, as ``RoutingTable.recv_counts`` but sparse.
+
+        Args:
+            rank: the receiving rank, 0 <= rank < W.
+            direction: ``dispatch`` or ``combine``, as for ``RoutingTable.recv_counts``.
+
+        Returns:
+            The non-zero counts, indexed ``peer * e + expert``.
+
+        """
         if _direction(direction) is Direction.COMBINE:
             return self._slice(self._send, rank)
         return self._slice(self._recv, rank)
 
+    def matrix(self) -> npt.NDArray[np.int64]:
+        """Return the dense (W, W * e) rank-by-global-expert matrix, as ``RoutingTable.matrix``."""
+        bounds, expert, rows = self._send
+        out = np.zeros((self.world_size, self.num_experts), dtype=np.int64)
+        out[np.repeat(np.arange(self.world_size), np.diff(bounds)), expert] = rows
+        return out
 
-def route_sparse(
-    config: RoutingConfig,
-    *,
-    world_size: int,
-    experts_per_rank: int,
-    tokens_per_rank: int,
-    top_k: int,
-) -> SparseRouting:
-    """Generate a routing of many ranks quickly, for simulation at scale.
 
-    Each rank's ``tokens_per_rank * top_k`` picks are drawn at once from the experts'
-    popularity (``uniform``, ``zipf`` with the same popularity order as :func:`route`, or
-    ``hot``), with replacement: a token may pick one expert twice, which :func:`route`
-    forbids. With W * e experts much larger than top_k this changes the counts very little;
-    use :func:`route` where exact top-K semantics matter (real runs). ``balanced`` and
-    ``matrix`` are not offered here.
+def _receiver_view(
+    world: int,
+    e: int,
+    bounds: npt.NDArray[np.int64],
+    expert: npt.NDArray[np.integer[Any]],
+    rows: npt.NDArray[np.integer[Any]],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.integer[Any]], npt.NDArray[np.integer[Any]]]:
+    """Index the counts by the rank that owns the expert: the dispatch receivers' view.
 
-    Raises:
-        ParamInvalidError: a kind other than uniform, zipf or hot, or bad sizes.
+    A counting sort by owner, a chunk of source ranks at a time (memory stays that of the
+    result): within a chunk, entry (source r, global expert q*e + j) sorts by the key
+    ``q * G + r * e + j`` (its count riding in the low bits where both fit in 63 bits), and
+    the chunk's entries of owner q go next in q's part of the result, so each owner's entries
+    ascend in ``r * e + j``.
+
+    Returns:
+        ``(bounds, index, rows)``: owner q's entries are ``bounds[q]:bounds[q + 1]``, with
+        index ``r * e + j``.
+
     """
-    world = _check_int("world_size", world_size, 1)
-    e = _check_int("experts_per_rank", experts_per_rank, 1)
-    tokens = _check_int("tokens_per_rank", tokens_per_rank, 1)
-    k = _check_int("top_k", top_k, 1)
-    num_experts = world * e
-    if config.kind not in (RoutingKind.UNIFORM, RoutingKind.ZIPF, RoutingKind.HOT):
-        raise ParamInvalidError(
-            "kind", config.kind, "route_sparse offers 'uniform', 'zipf' and 'hot'; use route()"
-        )
-    weights = np.ones(num_experts, dtype=np.float64)
-    scales = _key_scales(config, num_experts) if config.kind is RoutingKind.ZIPF else None
-    if scales is not None:
-        weights = 1.0 / scales
-    if config.kind is RoutingKind.HOT:
-        hot = _hot_experts(config, num_experts)
-        cold = num_experts - len(hot)
-        weights[:] = (1 - config.hot_fraction) / max(cold, 1)
-        weights[hot] = config.hot_fraction / len(hot)
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    rng = np.random.default_rng([config.seed, 3])
-    picks = world * tokens * k
-    expert = np.minimum(np.searchsorted(cdf, rng.random(picks), side="right"), num_experts - 1)
-    src = np.repeat(np.arange(world, dtype=np.int64), tokens * k)
-    keys, rows = np.unique(src * num_experts + expert, return_counts=True)
-    return SparseRouting(world, e, keys // num_experts, keys % num_experts, rows.astype(np.int64))
+    size = world * e
+    total = len(expert)
+    row_bits = max(1, int(rows.max(initial=0)).bit_length())
+    packed = (world * size - 1).bit_length() + row_bits <= 63
+    step = max(1, world * _CHUNK_ELEMENTS // max(1, total))
+    chunks = [(a, min(world, a + step)) for a in range(0, world, step)]
+    per_owner = np.zeros(world, dtype=np.int64)
+    for a, b in chunks:
+        per_owner += np.bincount(expert[bounds[a] : bounds[b]] // e, minlength=world)
+    owner_bounds = np.concatenate([[0], np.cumsum(per_owner)])
+    cursor = owner_bounds[:-1].copy()
+    index = np.empty(total, dtype=_index_dtype(size))
+    recv_rows = np.empty(total, dtype=rows.dtype)
+    for a, b in chunks:
+        lo, hi = int(bounds[a]), int(bounds[b])
+        owner, local = np.divmod(expert[lo:hi].astype(np.int64), e)
+        key = np.repeat(np.arange(a, b, dtype=np.int64) * e, np.diff(bounds[a : b + 1]))
+        key += local
+        owner *= size
+        key += owner
+        if packed:
+            key <<= row_bits
+            key |= rows[lo:hi]
+            key.sort()
+            count: npt.NDArray[np.integer[Any]] = key & ((1 << row_bits) - 1)
+            key >>= row_bits
+        else:
+            order = np.argsort(key)
+            key, count = key[order], rows[lo:hi][order]
+        owner, key = np.divmod(key, size)
+        per_chunk = np.bincount(owner, minlength=world)
+        place = (cursor - np.cumsum(per_chunk) + per_chunk)[owner]
+        place += np.arange(len(key))
+        index[place] = key
+        recv_rows[place] = count
+        cursor += per_chunk
+    return owner_bounds, index, recv_rows
+
+
+def _index_dtype(size: int) -> type[np.integer[Any]]:
+    """The narrowest of uint16, int32 and int64 that holds 0..size-1 (memory at scale)."""
+    if size <= 1 << 16:
+        return np.uint16
+    return np.int32 if size <= 1 << 31 else np.int64

@@ -2,12 +2,12 @@
 
 For each world size W (a multiple of 16: servers of 16 Ascend 910C dies) the builtin
 topology ``atlas_a3_superpod_384`` is resized with ``with_world(W)``; a Zipf routing
-(``route_sparse``) gives every rank its combine-direction counts as ``SparseCounts``; every
-rank's GroupedMatMulAlltoAllv plan is built with the hardware tiling (one GMM and one
-AlltoAllv per local expert); then ``simulate`` runs them all. Each stage is timed on its own
-(routing, plans, ``simulate``, ``Timeline.metrics``), with the simulated op time and the
-peak resident memory. Each W runs in a fresh process (``--in-process`` to turn that off),
-so the peak RSS is that W's own.
+(``route(..., sparse=True)``) gives every rank its combine-direction counts as
+``SparseCounts``; every rank's GroupedMatMulAlltoAllv plan is built with the hardware tiling
+(one GMM and one AlltoAllv per local expert); then ``simulate`` runs them all. Each stage is
+timed on its own (routing, plans, ``simulate``, ``Timeline.metrics``), with the simulated op
+time and the peak resident memory. Each W runs in a fresh process (``--in-process`` to turn
+that off), so the peak RSS is that W's own.
 
 Targets (the issue's): ``simulate`` at 1024 ranks within 2 s, at 8192 ranks within 30 s;
 the script exits 1 if one is missed. ``--profile`` runs cProfile over ``simulate`` at the
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model import simulate
-from mc2sim.routing import Direction, RoutingConfig, RoutingKind, route_sparse
+from mc2sim.routing import Direction, RoutingConfig, RoutingKind, route
 from mc2sim.schedule import Plan, Tiling, plan_gmm_alltoallv
 from mc2sim.schedule.builders import MoeShape
 from mc2sim.topology import Topology, builtin
@@ -73,7 +73,7 @@ class Row:
     servers: int
     """Servers of the resized topology (its outermost dimension)."""
     routing_s: float
-    """Seconds of ``route_sparse``."""
+    """Seconds of ``route(..., sparse=True)``."""
     plans_s: float
     """Seconds to build every rank's plan (counts sliced from the routing included)."""
     simulate_s: float
@@ -96,12 +96,13 @@ def resized(case: Case, ranks: int) -> Topology:
 def build_plans(case: Case, ranks: int) -> tuple[dict[int, Plan], float, float]:
     """Every rank's plan; also the seconds of the routing and of the plan building."""
     start = time.perf_counter()
-    routing = route_sparse(
+    routing = route(
         RoutingConfig(kind=RoutingKind.ZIPF, seed=case.seed, skew=case.skew),
         world_size=ranks,
         experts_per_rank=case.experts,
         tokens_per_rank=case.tokens,
         top_k=case.top_k,
+        sparse=True,
     )
     routed = time.perf_counter()
     plans = {}

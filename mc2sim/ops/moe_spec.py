@@ -15,7 +15,7 @@ from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
 from mc2sim.ops.spec import OpName, OpSpec, RealCase, torch_dtype
 from mc2sim.ops.tp_spec import uniform
-from mc2sim.routing import Direction, RoutingTable, SparseRouting, route, route_sparse
+from mc2sim.routing import Direction, RoutingTable, SparseRouting, route
 from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
 from mc2sim.schedule.plan import Plan, SparseCounts
 
@@ -31,7 +31,8 @@ __all__ = ["AlltoAllvGmmSpec", "GmmAlltoAllvSpec", "routing_of"]
 _ELEM_BYTES = {"float16": 2, "bfloat16": 2}
 
 DENSE_ROUTING_LIMIT = 64
-"""Above this many ranks MoE routing is generated sparse (``route_sparse``)."""
+"""Above this many ranks MoE counts are kept sparse (``route(..., sparse=True)``) to save
+memory; the counts are the same draw either way, so crossing it never changes a workload."""
 
 
 def routing_of(scenario: Scenario, world: int) -> RoutingTable | SparseRouting:
@@ -51,9 +52,7 @@ def routing_of(scenario: Scenario, world: int) -> RoutingTable | SparseRouting:
         "tokens_per_rank": shape["tokens"],
         "top_k": shape["top_k"],
     }
-    if world > DENSE_ROUTING_LIMIT:
-        return route_sparse(scenario.routing, **sizes)
-    return route(scenario.routing, **sizes)
+    return route(scenario.routing, **sizes, sparse=world > DENSE_ROUTING_LIMIT)
 
 
 class _MoeSpec(OpSpec):
@@ -150,6 +149,7 @@ class _MoeSpec(OpSpec):
             experts_per_rank=e,
             tokens_per_rank=shape["tokens"],
             top_k=shape["top_k"],
+            sparse=False,
         )
         send = table.send_counts(comm.rank, self.direction)
         recv = table.recv_counts(comm.rank, self.direction)

@@ -11,9 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mc2sim import routing
+from mc2sim import routing, study
 from mc2sim.errors import ParamInvalidError
-from mc2sim.routing import Direction, RoutingConfig, RoutingKind, RoutingTable, load_matrix, route
+from mc2sim.routing import (
+    Direction,
+    RoutingConfig,
+    RoutingKind,
+    RoutingTable,
+    SparseRouting,
+    load_matrix,
+    route,
+)
+from mc2sim.scenario import builtin
+from mc2sim.schedule import Plan
 
 GENERATED = [
     RoutingConfig(kind="balanced"),
@@ -26,6 +36,12 @@ IDS = [str(c.kind) for c in GENERATED]
 
 def make(config: RoutingConfig, w: int = 3, e: int = 4, bs: int = 50, k: int = 4) -> RoutingTable:
     return route(config, world_size=w, experts_per_rank=e, tokens_per_rank=bs, top_k=k)
+
+
+def make_sparse(
+    config: RoutingConfig, w: int = 3, e: int = 4, bs: int = 50, k: int = 4
+) -> SparseRouting:
+    return route(config, world_size=w, experts_per_rank=e, tokens_per_rank=bs, top_k=k, sparse=True)
 
 
 # ---------------------------------------------------------------- invariants of every kind
@@ -141,10 +157,14 @@ def test_zipf_popular_experts_follow_the_seed() -> None:
 
 
 def test_chunked_drawing_gives_the_same_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    configs = [RoutingConfig(kind="uniform", seed=5), RoutingConfig(kind="zipf", seed=5)]
+    configs = [*GENERATED, RoutingConfig(kind="zipf", seed=5, skew=3.0)]
     whole = [make(c, bs=300) for c in configs]
-    monkeypatch.setattr(routing, "_CHUNK_ELEMENTS", 40)  # 3 tokens per chunk of 12 experts
+    sparse = [make_sparse(c, bs=300).matrix() for c in configs]
+    monkeypatch.setattr(routing, "_CHUNK_ELEMENTS", 40)  # one rank per block
     assert [make(c, bs=300) for c in configs] == whole
+    assert all(
+        (make_sparse(c, bs=300).matrix() == m).all() for c, m in zip(configs, sparse, strict=True)
+    )
     hot = make(RoutingConfig(kind="hot", hot_experts=3, hot_fraction=0.4), bs=301, k=5)
     assert hot.counts.sum(axis=(1, 2)).tolist() == [301 * 5] * 3
     assert hot.counts.max() <= 301
@@ -220,6 +240,236 @@ def test_hot_fraction_of_picks() -> None:
     # every token takes one or two hot experts, so each rank sends them BS to 2 * BS rows
     hot_rows = table.matrix()[:, np.argsort(table.expert_load())[-2:]].sum(axis=1)
     assert ((hot_rows >= bs) & (hot_rows <= 2 * bs)).all()
+
+
+# ---------------------------------------------------------------- one draw, dense or sparse
+
+DRAWN = [*GENERATED, RoutingConfig(kind="zipf", seed=4, skew=3.0)]
+DRAWN_IDS = [*IDS, "zipf-steep"]
+
+
+@pytest.mark.parametrize("config", DRAWN, ids=DRAWN_IDS)
+@pytest.mark.parametrize(
+    ("w", "e", "bs", "k"),
+    [(1, 4, 20, 2), (3, 4, 50, 4), (60, 1, 6, 3), (63, 1, 5, 3), (64, 1, 5, 3), (65, 1, 5, 3),
+     (70, 1, 4, 3), (66, 2, 3, 6)],
+)  # fmt: skip
+def test_dense_and_sparse_hold_the_same_counts(
+    config: RoutingConfig, w: int, e: int, bs: int, k: int
+) -> None:
+    dense, sparse = make(config, w, e, bs, k), make_sparse(config, w, e, bs, k)
+    assert (sparse.world_size, sparse.experts_per_rank, sparse.num_experts) == (w, e, w * e)
+    for r, direction in itertools.product(range(w), Direction):
+        assert sparse.send_counts(r, direction).dense() == dense.send_counts(r, direction)
+        assert sparse.recv_counts(r, direction).dense() == dense.recv_counts(r, direction)
+    for r in range(w):
+        # distinct experts per token, in sparse form too: at most one row per token for an
+        # expert, BS * K rows in all, and only non-zero counts kept, in ascending order
+        counts = sparse.send_counts(r)
+        assert counts.size == w * e and counts.total() == bs * k
+        assert counts.index.dtype == counts.values.dtype == np.int64
+        assert 0 < counts.values.min() and counts.values.max() <= bs
+        assert (np.diff(counts.index) > 0).all()
+    assert sparse.matrix().tolist() == dense.matrix().tolist()
+
+
+def test_a_matrix_file_kept_sparse(tmp_path: Path) -> None:
+    path = write(tmp_path, "m.npy", MATRIX)
+    config = RoutingConfig(kind="matrix", matrix_path=path)
+    sparse = route(config, world_size=2, experts_per_rank=2, sparse=True)
+    assert sparse.send_counts(1).dense() == [0, 3, 3, 0]
+    assert sparse.recv_counts(1).dense() == [1, 2, 3, 0]
+    assert sparse.send_counts(0, "combine").dense() == [5, 0, 0, 3]
+    assert SparseRouting.from_matrix(MATRIX, 2).matrix().tolist() == MATRIX.tolist()
+    # counts too large to share a 64-bit sort key with the receiver's index still sort right
+    huge = SparseRouting.from_matrix([[2**60, 0, 1, 0], [0, 2, 0, 3]], 2)
+    assert huge.recv_counts(0).dense() == [2**60, 0, 0, 2]
+    assert huge.recv_counts(1, "combine").dense() == [0, 2, 0, 3]
+
+
+@pytest.mark.parametrize("config", DRAWN, ids=DRAWN_IDS)
+def test_a_ranks_row_depends_on_the_number_of_experts_not_on_the_world(
+    config: RoutingConfig,
+) -> None:
+    # 24 experts as 4 ranks of 6, 8 ranks of 3 or 24 ranks of 1: rank r draws the same row
+    rows = [
+        make_sparse(config, w=w, e=24 // w, bs=30, k=4).matrix()[:4].tolist() for w in (4, 8, 24)
+    ]
+    assert rows[0] == rows[1] == rows[2]
+    assert make(config, w=8, e=3, bs=30, k=4).matrix()[:4].tolist() == rows[0]
+
+
+def test_sparse_must_be_a_bool() -> None:
+    with pytest.raises(ParamInvalidError) as info:
+        route(RoutingConfig(), **SIZES, sparse="yes")  # type: ignore[call-overload]
+    assert info.value.param == "sparse"
+
+
+def plan_facts(plan: Plan) -> list[tuple[object, ...]]:
+    """Every task's work, with its splits made dense (sparse and dense splits compare alike)."""
+    return [
+        (t.name, t.kind, t.deps, t.flops, t.bytes, tuple(t.send_splits), tuple(t.recv_splits))
+        for t in plan.tasks
+    ]
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_dispatch_ep64", "deepseek_v3_combine_ep32"])
+def test_study_plans_are_the_same_on_both_sides_of_the_dense_limit(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # study keeps counts sparse above DENSE_ROUTING_LIMIT ranks only to save memory: at 64 and
+    # 65 ranks, the plans are the same whichever representation it picks
+    scenario = builtin(name, ["scale=small"])
+    limit = study.DENSE_ROUTING_LIMIT
+    for world in (limit, limit + 1):
+        default = study.plans_for(scenario, world, "hardware")
+        monkeypatch.setattr(study, "DENSE_ROUTING_LIMIT", limit if world > limit else 0)
+        other = study.plans_for(scenario, world, "hardware")
+        monkeypatch.setattr(study, "DENSE_ROUTING_LIMIT", limit)
+        assert [plan_facts(default[r]) for r in range(world)] == [
+            plan_facts(other[r]) for r in range(world)
+        ]
+
+
+# ---------------------------------------------------------------- the draw as documented
+
+
+def reference_row(config: RoutingConfig, rank: int, num_experts: int, bs: int, k: int) -> list:
+    """Rank ``rank``'s row drawn token by token in plain Python, as ``route`` documents it.
+
+    Shares only the candidate law (its alias table, groups and sums of weights) with the
+    code under test: the order of the draws, the rounds, the reserve and the inversion are
+    written anew.
+    """
+    law = routing._law(config, num_experts, k)
+    rng = np.random.default_rng([config.seed, 1, rank])
+    size, cut = num_experts, law.cut
+    weight, survival = law.weight.tolist(), law.survival.tolist()
+    rank_of = list(range(size)) if law.rank_of is None else law.rank_of.tolist()
+    by_rank = list(range(size)) if law.by_rank is None else law.by_rank.tolist()
+
+    def candidate(raw: int, cold: bool) -> int:
+        if law.hot_frac is not None:
+            return cut + raw // cut if cold else raw % cut
+        if law.table is None:
+            return raw
+        column, entry = raw >> law.shift, int(law.table[raw >> law.shift])
+        if raw & ((1 << law.shift) - 1) < entry >> law.alias_bits:
+            return column
+        return entry & ((1 << law.alias_bits) - 1)
+
+    hot = [k] * bs
+    if law.hot_frac is not None:
+        hot = [law.hot_base + int(u < law.hot_frac) for u in rng.random(bs)]
+
+    def cold_next(picks: list[int], t: int) -> bool:
+        return sum(v < cut for v in picks) >= hot[t]
+
+    raw = rng.integers(0, law.span, size=bs * k).tolist()
+    picks: list[list[int]] = []
+    for t in range(bs):
+        mine: list[int] = []
+        for i in range(k):
+            value = candidate(raw[t * k + i], i >= hot[t])
+            if value not in mine:
+                mine.append(value)
+        picks.append(mine)
+
+    def fast(t: int) -> bool:
+        lo, hi = (cut, size) if cold_next(picks[t], t) else (0, cut)
+        total = survival[lo] - survival[hi]
+        return 2 * (total - sum(weight[v] for v in picks[t] if lo <= v < hi)) >= total
+
+    short = [t for t in range(bs) if len(picks[t]) < k]
+    active = [t for t in short if fast(t)]
+    slow = [t for t in short if not fast(t)]
+    wanted = sum(k - len(picks[t]) for t in active)
+    reserve = rng.integers(0, law.span, size=2 * wanted + 4).tolist() if wanted else []
+    for _ in range(routing._ROUNDS):
+        if not active:
+            break
+        if len(reserve) < len(active):
+            reserve += rng.integers(0, law.span, size=2 * len(active) + 4).tolist()
+        for t in active:
+            value = candidate(reserve.pop(0), cold_next(picks[t], t))
+            if value not in picks[t]:
+                picks[t].append(value)
+        active = [t for t in active if len(picks[t]) < k]
+    rest = sorted(slow + active)
+    uniforms = rng.random(sum(k - len(picks[t]) for t in rest)).tolist() if rest else []
+    for t in rest:
+        places = sorted(rank_of[v] for v in picks[t])  # by decreasing weight
+        while len(places) < k:
+            lo, hi = (cut, size) if sum(p < cut for p in places) >= hot[t] else (0, cut)
+            head = lo
+            while head in places:
+                head += 1
+            inside = [p for p in places if head < p < hi]
+            base = survival[head]
+            left = base - survival[hi] - sum(survival[p] - survival[p + 1] for p in inside)
+            x = uniforms.pop(0) * max(left, 0.0)
+            for p in inside:
+                if x >= base - survival[p]:
+                    x = max(x + (survival[p] - survival[p + 1]), base - survival[p + 1])
+            place = next(v for v in range(head, hi) if base - survival[v + 1] > x)
+            while place in places:  # rounding only
+                place = place + 1 if place + 1 < hi else max(set(range(lo, hi)) - set(places))
+            places = sorted([*places, place])
+        picks[t] = [by_rank[p] for p in places]
+    row = [0] * num_experts
+    experts = law.experts
+    for mine in picks:
+        assert len(set(mine)) == k
+        for value in mine:
+            row[value if experts is None else int(experts[value])] += 1
+    return row
+
+
+@pytest.mark.parametrize(
+    ("config", "w", "e", "bs", "k"),
+    [
+        (RoutingConfig(kind="uniform", seed=3), 3, 2, 40, 6),  # K = all experts: inversion
+        (RoutingConfig(kind="uniform", seed=3), 2, 8, 200, 4),
+        (RoutingConfig(kind="uniform", seed=3), 2, 500, 3, 2),  # no repeats at all
+        (RoutingConfig(kind="zipf", seed=1, skew=1.0), 4, 4, 300, 4),  # rounds and reserve
+        (RoutingConfig(kind="zipf", seed=2, skew=3.0), 3, 3, 100, 5),  # inversion
+        (RoutingConfig(kind="zipf", seed=8, skew=1.2), 70, 1, 8, 8),
+        (RoutingConfig(kind="hot", seed=5, hot_experts=3, hot_fraction=0.4), 4, 2, 150, 5),
+        (RoutingConfig(kind="hot", seed=6, hot_experts=2, hot_fraction=0.25), 2, 4, 99, 8),
+    ],
+)
+def test_rows_are_the_documented_draw(
+    config: RoutingConfig, w: int, e: int, bs: int, k: int
+) -> None:
+    expected = [reference_row(config, r, w * e, bs, k) for r in range(w)]
+    assert make(config, w, e, bs, k).matrix().tolist() == expected
+    assert make_sparse(config, w, e, bs, k).matrix().tolist() == expected
+
+
+def test_a_very_steep_zipf_takes_the_most_popular_experts() -> None:
+    # skew 80: after the heaviest picks, the next most popular expert still holds all but
+    # 1e-7 of what is left, though that is 1e-24 of the whole weight; every token must take
+    # the K most popular experts (the seeded permutation lists experts by popularity)
+    table = make(RoutingConfig(kind="zipf", seed=3, skew=80.0), w=2, e=4, bs=50, k=4)
+    expected = np.zeros(8, dtype=np.int64)
+    expected[np.random.default_rng([3, 0]).permutation(8)[:4]] = 50
+    assert table.matrix().tolist() == [expected.tolist()] * 2
+
+
+@pytest.mark.parametrize("rounds", [0, 8, 1000])
+def test_steep_zipf_follows_successive_sampling_by_inversion_and_rounds(
+    rounds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 6 experts, K = 4, skew 2.5: most picks after the first come from the redraw rounds or
+    # the inversion; however many rounds run first, the law is successive sampling
+    monkeypatch.setattr(routing, "_ROUNDS", rounds)
+    w, e, bs, k, skew = 2, 3, 20000, 4, 2.5
+    table = make(RoutingConfig(kind="zipf", seed=11, skew=skew), w=w, e=e, bs=bs, k=k)
+    p = successive_sampling_inclusion(1.0 / np.arange(1, w * e + 1) ** skew, k)
+    n = w * bs
+    got = np.sort(table.expert_load())[::-1]
+    assert np.all(np.abs(got - n * p) < 6 * np.sqrt(n * p * (1 - p))), (got, n * p)
+    assert (table.matrix() <= bs).all()
 
 
 # ---------------------------------------------------------------- matrix files
