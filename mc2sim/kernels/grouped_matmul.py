@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mc2sim.kernels._device import mm_float32, same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
 __all__ = ["MAX_DIM", "grouped_matmul"]
@@ -47,8 +48,10 @@ def grouped_matmul(
     ``group_list`` holds per-expert row **counts**, not cumulative offsets (torch_npu's
     ``group_list_type=1``): expert ``j`` owns rows ``[sum(c[:j]), sum(c[:j+1]))`` of ``x`` and
     ``out[rows] = x[rows] @ weight[j]`` (``@ weight[j].T`` when ``trans_weight``). Computed
-    in float32 (inputs upcast exactly; float32 GEMM, summation order unspecified), then
-    rounded to ``x.dtype`` (round to nearest even). Experts with zero rows are skipped.
+    as the matrix unit does: exact products, float32 accumulation (summation order
+    unspecified), then rounded once to ``x.dtype`` (round to nearest even). Experts with zero
+    rows are skipped. Runs on ``x``'s device (CUDA: one tensor-core GEMM per expert with
+    float32 accumulation and output) and returns there.
 
     Only the per-operator limits that do not depend on the communication group are checked
     here (H and N in [1, 65535], counts invariant); e <= 32, the send/recv count rules and the
@@ -62,17 +65,23 @@ def grouped_matmul(
         trans_weight: whether ``weight`` is stored as ``(e, N, H)``.
 
     Returns:
-        ``(A, N)`` tensor of ``x.dtype``.
+        ``(A, N)`` tensor of ``x.dtype`` on ``x``'s device.
 
     Raises:
         ParamNullptrError: ``x``, ``weight`` or ``group_list`` is None.
         ParamInvalidError: a dtype, rank or shape mismatch, H or N outside [1, 65535], a
-            negative count, ``len(group_list) != e`` or ``sum(group_list) != A``.
+            negative count, ``len(group_list) != e`` or ``sum(group_list) != A``, or
+            ``weight`` (or a ``group_list`` tensor) on another device than ``x``.
 
     """
     require_not_none("x", x)
     require_not_none("weight", weight)
     require_not_none("group_list", group_list)
+    device = same_device(
+        ("x", x),
+        ("weight", weight),
+        ("group_list", group_list if isinstance(group_list, torch.Tensor) else None),
+    )
     require_dtype("x", x, _FLOAT_DTYPES)
     require_dtype("weight", weight, (x.dtype,))
     require_rank("x", x, (2,))
@@ -100,12 +109,20 @@ def grouped_matmul(
         f"counts (not cumulative) must sum to x's rows A={rows}",
     )
 
+    out = torch.empty((rows, n), dtype=x.dtype, device=device)
+    if rows == 0:
+        return out
+    if device.type != "cpu":
+        start = 0
+        for j, c in enumerate(counts):
+            if c:
+                w = weight[j].t() if trans_weight else weight[j]
+                out[start : start + c].copy_(mm_float32(x[start : start + c], w))
+            start += c
+        return out
     # Fresh CPU memory costs a page fault per 4 KiB on first touch, so the float32 copies
     # live in small buffers reused across experts; the weight is converted one panel of at
     # most PANEL output columns at a time.
-    out = torch.empty((rows, n), dtype=x.dtype)
-    if rows == 0:
-        return out
     widest = max(counts)
     panel = min(n, PANEL)
     x_buf = torch.empty((widest, h), dtype=torch.float32)
