@@ -400,13 +400,19 @@ def ifa_paged(
     num_heads: int,
     num_kv_heads: int,
     scale: float,
+    probs_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Decode attention over a paged cache (BSH), one batch and head at a time, in float64.
 
     Batch b's keys are its first ``lengths[b]`` positions, read block by block through
     ``block_table[b]`` from ``key_cache`` ``(blocknum, block_size, N_kv * D)``; query head n
     reads KV head ``n // (N / N_kv)``; a plain softmax (maximum subtracted) weighs the values.
-    An empty window gives zeros. Returns ``(B, 1, N * D)``.
+    An empty window gives zeros. Exact by default. With ``probs_dtype`` (the query's dtype)
+    the unnormalized probabilities ``exp(s - max)`` are rounded to it before they weigh the
+    values and the sum of the unrounded ones divides, as the device's matrix unit and the
+    public goldens do (docs/OPS.md, "Where the device rounds"): the op's own precision,
+    which the relative standards (double_thousandths) need, as ``local_dtype`` for
+    :func:`mm_all_reduce`. Returns ``(B, 1, N * D)``.
     """
     batch = query.shape[0]
     dim = query.shape[-1] // num_heads
@@ -427,5 +433,5 @@ def ifa_paged(
         for n in range(num_heads):
             scores = k_rows[:, n // group, :] @ q[b, n] * scale
             weights = np.exp(scores - scores.max())
-            out[b, n] = weights @ v_rows[:, n // group, :] / weights.sum()
+            out[b, n] = _round_to(weights, probs_dtype) @ v_rows[:, n // group, :] / weights.sum()
     return out.reshape(batch, 1, num_heads * dim)
