@@ -115,5 +115,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no
         padded = torch.zeros((kp, np_), dtype=torch.int8, device=b.device)
         padded[:k, :n] = b
         b = padded
-    out = torch._int_mm(a, b)
+    try:
+        out = torch._int_mm(a, b)
+    except RuntimeError:  # a layout cuBLASLt's int8 GEMM does not take: row-major copies
+        out = torch._int_mm(a.contiguous(), b.contiguous())
     return out[:m, :n]
