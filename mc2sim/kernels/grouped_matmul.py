@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ PANEL = 1024
 """Output columns converted and multiplied per step (bounds the float32 weight buffer)."""
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _counts(group_list: Sequence[int] | torch.Tensor) -> list[int]:
@@ -36,6 +38,32 @@ def _counts(group_list: Sequence[int] | torch.Tensor) -> list[int]:
     return items
 
 
+def _grouped_gemm(
+    x: torch.Tensor, weight: torch.Tensor, counts: list[int], trans_weight: bool
+) -> torch.Tensor | None:
+    """One grouped GEMM for every expert on CUDA, or None where that path does not apply."""
+    if not (x.is_cuda and x.dtype in _HALF and hasattr(torch, "_grouped_mm")):
+        return None
+    return _cuda_grouped_gemm(x, weight, counts, trans_weight)
+
+
+def _cuda_grouped_gemm(
+    x: torch.Tensor, weight: torch.Tensor, counts: list[int], trans_weight: bool
+) -> torch.Tensor | None:  # pragma: no cover - CUDA only
+    """``torch._grouped_mm``: CUTLASS's grouped GEMM, one launch for all experts.
+
+    It accumulates the 16-bit products in float32 and rounds once to the output dtype, as
+    the per-expert path does (bitwise the same result on an H200, docs/BENCHMARKS.md).
+    None if it refuses the call (alignment, architecture): the caller goes expert by expert.
+    """
+    ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x.device)
+    mat_b = weight.transpose(-2, -1) if trans_weight else weight
+    try:
+        return torch._grouped_mm(x, mat_b, offs=ends, out_dtype=x.dtype)
+    except RuntimeError:
+        return None
+
+
 def grouped_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -50,8 +78,8 @@ def grouped_matmul(
     ``out[rows] = x[rows] @ weight[j]`` (``@ weight[j].T`` when ``trans_weight``). Computed
     as the matrix unit does: exact products, float32 accumulation (summation order
     unspecified), then rounded once to ``x.dtype`` (round to nearest even). Experts with zero
-    rows are skipped. Runs on ``x``'s device (CUDA: one tensor-core GEMM per expert with
-    float32 accumulation and output) and returns there.
+    rows are skipped. Runs on ``x``'s device and returns there (CUDA: one grouped
+    tensor-core GEMM for all experts, or one GEMM per expert with float32 output).
 
     Only the per-operator limits that do not depend on the communication group are checked
     here (H and N in [1, 65535], counts invariant); e <= 32, the send/recv count rules and the
@@ -113,6 +141,9 @@ def grouped_matmul(
     if rows == 0:
         return out
     if device.type != "cpu":
+        fused = _grouped_gemm(x, weight, counts, trans_weight)
+        if fused is not None:  # pragma: no cover - CUDA
+            return fused
         start = 0
         for j, c in enumerate(counts):
             if c:
