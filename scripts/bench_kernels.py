@@ -340,11 +340,11 @@ def _paged(dense: torch.Tensor, block: int, perm: torch.Tensor, heads_first: boo
 def case_ifa(args: argparse.Namespace) -> list[Row]:
     """incre_flash_attention decode (fp16 inputs) against float32 SDPA on the dense inputs.
 
-    The contract case is page attention at B=4, N=32, N_kv=8, D=128, S=8192, block 128, with
-    both cache layouts; the dense BNSD row is for reference. Baseline:
+    The contract case is page attention at B=4 (``--ifa-batch``), N=32, N_kv=8, D=128,
+    S=8192, block 128, with both cache layouts; the dense BNSD row is for reference. Baseline:
     ``torch.nn.functional.scaled_dot_product_attention`` in float32 with ``enable_gqa``.
     """
-    batch, heads, kv_heads, dim, seq, block = 4, 32, 8, 128, 8192, 128
+    batch, heads, kv_heads, dim, seq, block = args.ifa_batch, 32, 8, 128, 8192, 128
     gen = torch.Generator().manual_seed(0)
     dev = args.device
     q = torch.randn(batch, heads, 1, dim, generator=gen)
@@ -474,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 if a row misses its target")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where the kernels run"
+    )
+    parser.add_argument(
+        "--ifa-batch", type=int, default=4, help="incre_flash_attention batch B (decode tokens)"
     )
     parser.add_argument(
         "--iters", type=int, default=20, help="GPU: calls per timed rep, between synchronizations"

@@ -20,7 +20,14 @@ import torch
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
 from mc2sim.kernels._device import same_device
-from mc2sim.kernels._ifa_sources import Antiquant, DenseKV, KVSource, ListKV, PagedKV
+from mc2sim.kernels._ifa_sources import (
+    Antiquant,
+    BlockIndex,
+    DenseKV,
+    KVSource,
+    ListKV,
+    PagedKV,
+)
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
 __all__ = ["IfaLayout", "IfaPlan", "plan_incre_flash_attention"]
@@ -463,10 +470,11 @@ def _paged_cache(
         "ceil(actual_seq_lengths[b] / blockSize)",
     )
     used = max(needed)
-    table64 = table[:, :used].to(torch.int64)
-    in_use = torch.arange(used, device=table.device).unsqueeze(0) < torch.tensor(
-        needed, device=table.device
-    ).unsqueeze(1)
+    # The table's entries in use are checked on the host: one copy of (B, used) indices, the
+    # metadata every check needs, where checking them on an accelerator takes a dozen kernel
+    # launches and a synchronization anyway.
+    table64 = table[:, :used].to(device="cpu", dtype=torch.int64)
+    in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
     bad = in_use & ((table64 < 0) | (table64 >= blocknum))
     if bool(bad.any()):
         b, j = (int(i) for i in bad.nonzero()[0])
@@ -477,13 +485,15 @@ def _paged_cache(
         )
     # Entries past a batch's last block are never read by the operator; any valid index will
     # do for the gather, and the attention zeroes what they bring in.
-    safe = torch.where(in_use, table64, torch.zeros_like(table64))
+    safe = torch.where(in_use, table64, torch.zeros_like(table64)).to(table.device)
+    blocks = _block_index(table64, in_use, lengths, size, blocknum, table.device)
     readers = [
         PagedKV(
             cache=t if heads_first else t.view(blocknum, size, heads, dim),
             heads_first=heads_first,
             table=safe,
             block_size=size,
+            blocks=blocks,
         )
         for t in (key, value)
     ]
@@ -494,6 +504,45 @@ def _paged_cache(
         dense=False,
         paged=True,
         block_size=size,
+    )
+
+
+def _block_index(
+    table: torch.Tensor,
+    in_use: torch.Tensor,
+    lengths: list[int],
+    size: int,
+    blocknum: int,
+    device: torch.device,
+) -> BlockIndex | None:
+    """Index the blocks in use when each belongs to one batch and they fill half the cache.
+
+    Args:
+        table: int64 ``(B, used)`` on the host, the block table's entries in use or not.
+        in_use: bool ``(B, used)``, which entries a batch's length reaches.
+        lengths: per-batch KV lengths.
+        size: the block size.
+        blocknum: blocks in the cache.
+        device: where the attention runs.
+
+    Returns:
+        The index, or None (shared blocks, or a cache mostly of other batches' blocks).
+    """
+    use_b, use_j = in_use.nonzero(as_tuple=True)
+    use_p = table[use_b, use_j]
+    if use_p.numel() * 2 < blocknum or len(set(use_p.tolist())) != use_p.numel():
+        return None
+    owner = torch.zeros(blocknum, dtype=torch.int64)
+    owner[use_p] = use_b
+    ends = [(b, n // size, n % size) for b, n in enumerate(lengths) if n % size]
+    return BlockIndex(
+        owner=owner.to(device),
+        in_use=in_use.to(device),
+        use_b=use_b.to(device),
+        use_j=use_j.to(device),
+        use_p=use_p.to(device),
+        partial_p=table[[b for b, _, _ in ends], [j for _, j, _ in ends]].to(device),
+        partial_valid=tuple(valid for _, _, valid in ends),
     )
 
 

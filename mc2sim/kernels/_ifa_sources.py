@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Antiquant", "DenseKV", "KVSource", "ListKV", "PagedKV"]
+__all__ = ["Antiquant", "BlockIndex", "DenseKV", "KVSource", "ListKV", "PagedKV"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +85,30 @@ class ListKV:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BlockIndex:
+    """Where each batch's blocks lie in a page cache whose blocks each belong to one batch.
+
+    Lets the attention read the cache block by block in place (no gathered copy): in use
+    are the table entries ``(use_b[i], use_j[i])``, physical block ``use_p[i]``.
+    """
+
+    owner: torch.Tensor
+    """int64 ``(blocknum,)``: the batch whose table holds each block (0 for unused blocks)."""
+    in_use: torch.Tensor
+    """bool ``(B, used blocks)``: which table entries a batch's length reaches."""
+    use_b: torch.Tensor
+    """int64: batch of each entry in use."""
+    use_j: torch.Tensor
+    """int64: logical block of each entry in use."""
+    use_p: torch.Tensor
+    """int64: physical block of each entry in use."""
+    partial_p: torch.Tensor
+    """int64: the physical blocks a batch's window ends inside of."""
+    partial_valid: tuple[int, ...]
+    """For each of ``partial_p``, how many of its positions the window covers."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PagedKV:
     """A page-attention cache: physical blocks gathered through a block table."""
 
@@ -96,6 +120,9 @@ class PagedKV:
     """int64 ``(B, used blocks)``: physical block of each logical block, every entry valid."""
     block_size: int
     """Tokens per block; chunk bounds are multiples of it."""
+    blocks: BlockIndex | None = None
+    """Set when every block in use belongs to one batch and they fill at least half the cache:
+    the accelerator path then reads the cache in place, block by block."""
 
     def load(self, c0: int, c1: int, buffer: torch.Tensor | None) -> torch.Tensor:
         """Gather the blocks covering ``[c0, c1)`` (multiples of the block size).

@@ -8,6 +8,7 @@ import torch
 
 from mc2sim.kernels._device import mm_float32
 from mc2sim.kernels._ifa_plan import IfaLayout, IfaPlan, plan_incre_flash_attention
+from mc2sim.kernels._ifa_sources import BlockIndex, PagedKV
 
 __all__ = ["IfaLayout", "incre_flash_attention"]
 
@@ -282,7 +283,9 @@ def _scores(
             keys = plan.key.load(c0, c1, buffer)
             scores[..., c0:c1] = torch.matmul(q32, keys.transpose(-1, -2))
         return scores
-    for c0, c1 in bounds:  # accelerators: tensor cores, float32 sums
+    if len(bounds) == 1:  # accelerators: one tensor-core GEMM, float32 sums
+        return _bmm_float32(q, plan.key.load(0, plan.length, None).transpose(-1, -2))
+    for c0, c1 in bounds:
         keys = plan.key.load(c0, c1, None)
         scores[..., c0:c1] = _bmm_float32(q, keys.transpose(-1, -2))
     return scores
@@ -306,31 +309,25 @@ def _attend(plan: IfaPlan) -> torch.Tensor:
     batch, kv_heads, dim, length = plan.batch, plan.num_kv_heads, plan.head_dim, plan.length
     group = plan.num_heads // kv_heads
     device = plan.query.device
-    out = torch.zeros(batch, kv_heads, group, dim, device=device)
     if length == 0:
-        return out
+        return torch.zeros(batch, kv_heads, group, dim, device=device)
     on_cpu = device.type == "cpu"
+    key, value = plan.key, plan.value
+    if (
+        not on_cpu
+        and plan.key_antiquant is None
+        and isinstance(key, PagedKV)
+        and isinstance(value, PagedKV)
+        and key.blocks is not None
+    ):
+        return _attend_in_blocks(plan, key, value, key.blocks)
     chunk = _chunk_positions(plan, on_cpu)
     buffer = torch.empty(batch, kv_heads, chunk, dim) if on_cpu else None
     bounds = [(c0, min(c0 + chunk, length)) for c0 in range(0, length, chunk)]
 
-    scores = _scores(plan, bounds, buffer)
-    scores.mul_(plan.scale_value)
-    if plan.pse_shift is not None:
-        pse = plan.pse_shift[:, :, :length].float()
-        scores.add_(pse.reshape(pse.shape[0], kv_heads, group, length))
-    if plan.atten_mask is not None:
-        masked = plan.atten_mask[:, :length] != 0
-        scores.masked_fill_(masked.view(batch, 1, 1, length), MASKED_SCORE)
-    positions = torch.arange(length, device=device)
-    starts = torch.tensor(plan.starts, device=device).unsqueeze(1)
-    ends = torch.tensor(plan.ends, device=device).unsqueeze(1)
-    inside = (positions >= starts) & (positions < ends)
-    scores.masked_fill_(~inside.view(batch, 1, 1, length), float("-inf"))
-    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    del scores
-    total = weights.sum(dim=-1, keepdim=True)
+    weights, total, inside = _softmax_parts(plan, _scores(plan, bounds, buffer))
 
+    out = torch.zeros(batch, kv_heads, group, dim, device=device)
     value_anti = plan.value_antiquant
     if value_anti is not None:
         parts = _msd_parts(weights * MSD_COEFF, MSD_STEPS[plan.inner_precise])
@@ -348,15 +345,120 @@ def _attend(plan: IfaPlan) -> torch.Tensor:
         rounded32 = rounded.float()
         for c0, c1 in bounds:
             values = plan.value.load(c0, c1, buffer)
-            _clear_outside(values, plan, c0, c1, inside)
+            if inside is not None:
+                _clear_outside(values, plan, c0, c1, inside)
             out.add_(torch.matmul(rounded32[..., c0:c1], values))
-    else:  # accelerators: tensor cores, float32 sums
-        for c0, c1 in bounds:
-            values = plan.value.load(c0, c1, None)
-            if _outside(plan, c0, c1):
-                values = values.masked_fill(~inside[:, c0:c1].view(batch, 1, c1 - c0, 1), 0.0)
-            out += _bmm_float32(rounded[..., c0:c1], values)
+    else:  # accelerators: tensor cores, float32 sums, the whole window in one GEMM
+        values = plan.value.load(0, length, None)
+        if inside is not None:
+            values = values.masked_fill(~inside.view(batch, 1, length, 1), 0.0)
+        out = _bmm_float32(rounded, values)
     return out.div_(total)
+
+
+def _softmax_parts(
+    plan: IfaPlan, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Scale, pse, mask and window the float32 scores, in place; exponentiate them.
+
+    Returns ``exp(s - max)``, its sum, and the window mask (None when every window covers
+    every position).
+    """
+    batch, kv_heads, length = plan.batch, plan.num_kv_heads, plan.length
+    group = plan.num_heads // kv_heads
+    scores.mul_(plan.scale_value)
+    if plan.pse_shift is not None:
+        pse = plan.pse_shift[:, :, :length].float()
+        scores.add_(pse.reshape(pse.shape[0], kv_heads, group, length))
+    if plan.atten_mask is not None:
+        masked = plan.atten_mask[:, :length] != 0
+        scores.masked_fill_(masked.view(batch, 1, 1, length), MASKED_SCORE)
+    inside = None
+    if _outside(plan, 0, length):  # some window leaves out a position: -inf there
+        device = scores.device
+        positions = torch.arange(length, device=device)
+        starts = torch.tensor(plan.starts, device=device).unsqueeze(1)
+        ends = torch.tensor(plan.ends, device=device).unsqueeze(1)
+        inside = (positions >= starts) & (positions < ends)
+        scores.masked_fill_(~inside.view(batch, 1, 1, length), float("-inf"))
+    weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return weights, weights.sum(dim=-1, keepdim=True), inside
+
+
+def _block_products(left: torch.Tensor, cache: torch.Tensor, heads_first: bool) -> torch.Tensor:
+    """``left[p, h] @ block(p, h)`` for every block ``p`` and KV head ``h``, float32.
+
+    Args:
+        left: ``(blocknum, N_kv, M, K)``, the cache's dtype.
+        cache: the right operands in place: ``(blocknum, N_kv, K, N)`` if ``heads_first``,
+            else ``(blocknum, K, N_kv, N)`` (head h of block p at ``[p, :, h]``).
+        heads_first: the layout.
+
+    Returns:
+        ``(blocknum, N_kv, M, N)`` float32.
+    """
+    blocknum, heads, m, _ = left.shape
+    if heads_first:  # blocks and heads merge into one batch of the GEMM
+        right = cache.reshape(blocknum * heads, *cache.shape[2:])
+        n = right.shape[-1]
+        return mm_float32(left.reshape(blocknum * heads, m, -1), right).view(blocknum, heads, m, n)
+    out = torch.empty(blocknum, heads, m, cache.shape[-1], device=left.device)
+    for h in range(heads):  # one batched GEMM per KV head, the head a strided slice
+        out[:, h] = mm_float32(left[:, h], cache[:, :, h])
+    return out
+
+
+def _attend_in_blocks(
+    plan: IfaPlan, key: PagedKV, value: PagedKV, index: BlockIndex
+) -> torch.Tensor:
+    """Page attention reading the cache in place, block by block (the accelerator path).
+
+    Each block's scores come from its own batch's query (``index.owner``) in one batched
+    GEMM, and are gathered into the batches' windows; the rounded probabilities go back to
+    their blocks and each block's product with its values is summed per batch in float32.
+    The arithmetic is ``_attend``'s (the same rounding points), in another summation order,
+    with no gathered copy of the cache. Blocks a window ends inside are multiplied again from
+    a copy zeroed past the window (the cache there may hold anything, not finite included).
+    """
+    batch, kv_heads, dim, length = plan.batch, plan.num_kv_heads, plan.head_dim, plan.length
+    group = plan.num_heads // kv_heads
+    size, table = key.block_size, key.table
+    used = table.shape[1]
+    blocknum = key.cache.shape[0]
+    q = plan.query.reshape(batch, kv_heads, group, dim)
+    # each block's keys as the (D, blockSize) right operand, head h at [:, h] / [:, :, h]
+    k_t = key.cache.transpose(-1, -2) if key.heads_first else key.cache.permute(0, 3, 2, 1)
+    scores_in_blocks = _block_products(q.index_select(0, index.owner), k_t, key.heads_first)
+    scores = (
+        scores_in_blocks.index_select(0, table.reshape(-1))
+        .view(batch, used, kv_heads, group, size)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(batch, kv_heads, group, length)
+    )
+    weights, total, _ = _softmax_parts(plan, scores)
+    rounded = weights.to(plan.query.dtype)  # rounding point, as in _attend
+    by_block = rounded.view(batch, kv_heads, group, used, size).permute(0, 3, 1, 2, 4)
+    probs = torch.zeros(blocknum, kv_heads, group, size, dtype=rounded.dtype, device=rounded.device)
+    probs[index.use_p] = by_block[index.use_b, index.use_j]
+    out_in_blocks = _block_products(probs, value.cache, value.heads_first)
+    if index.partial_valid:
+        tail = value.cache.index_select(0, index.partial_p)
+        position_axis = 2 if value.heads_first else 1
+        positions = torch.arange(size, device=tail.device).view(
+            [1] * position_axis + [size] + [1] * (tail.dim() - position_axis - 1)
+        )
+        valid = torch.tensor(index.partial_valid, device=tail.device).view(
+            [-1] + [1] * (tail.dim() - 1)
+        )
+        tail = tail.masked_fill(positions >= valid, 0.0)
+        out_in_blocks[index.partial_p] = _block_products(
+            probs.index_select(0, index.partial_p), tail, value.heads_first
+        )
+    per_batch = out_in_blocks.index_select(0, table.reshape(-1)).view(
+        batch, used, kv_heads, group, dim
+    )
+    per_batch.masked_fill_(~index.in_use.view(batch, used, 1, 1, 1), 0.0)
+    return per_batch.sum(dim=1).div_(total)
 
 
 def _outside(plan: IfaPlan, c0: int, c1: int) -> bool:
@@ -367,7 +469,7 @@ def _outside(plan: IfaPlan, c0: int, c1: int) -> bool:
 def _clear_outside(
     values: torch.Tensor, plan: IfaPlan, c0: int, c1: int, inside: torch.Tensor
 ) -> None:
-    """Zero the positions of a float32 chunk that lie outside every window.
+    """Zero the positions of a float32 chunk that lie outside a batch's window.
 
     The operator never reads outside the window; keep what lies there (padding, unused
     blocks) out of the sum even if it is not finite (its weight is 0, but 0 * inf is NaN).
@@ -380,16 +482,17 @@ def _clear_outside(
 def _finish(plan: IfaPlan, out: torch.Tensor) -> torch.Tensor:
     """Zero the empty windows' rows, quantize or round, and shape like the query."""
     batch = plan.batch
-    empty = torch.tensor(
-        [e <= s for s, e in zip(plan.starts, plan.ends, strict=True)], device=out.device
-    )
+    flags = [e <= s for s, e in zip(plan.starts, plan.ends, strict=True)]
+    empty = torch.tensor(flags, device=out.device).view(batch, 1, 1) if any(flags) else None
     flat = out.reshape(batch, plan.num_heads, plan.head_dim)
-    flat.masked_fill_(empty.view(batch, 1, 1), 0.0)
+    if empty is not None:
+        flat.masked_fill_(empty, 0.0)
     if plan.quant_scale2 is not None:
         shifted = flat * plan.quant_scale2
         if plan.quant_offset2 is not None:
             shifted.add_(plan.quant_offset2)
         quantized = torch.round(shifted).clamp_(-128, 127)
-        quantized.masked_fill_(empty.view(batch, 1, 1), 0.0)
+        if empty is not None:
+            quantized.masked_fill_(empty, 0.0)
         return quantized.to(torch.int8).reshape(plan.out_shape)
     return flat.to(plan.out_dtype).reshape(plan.out_shape)

@@ -651,6 +651,66 @@ def test_int8_kv_splits_the_probabilities_into_int8_parts() -> None:
     assert abs(three.item() - exact) < 0.02 * exact
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("heads_first", [False, True], ids=["bsh_cache", "bnsd_cache"])
+def test_in_place_block_path_matches_the_gathered_path(
+    dtype: torch.dtype, heads_first: bool
+) -> None:
+    """The accelerators' in-place page-attention path gives the gathered path's result.
+
+    The cache read block by block in place: same rounding points, another float32 summation
+    order. Garbage (NaN) past each window, a partial last block, an empty window, mask, pse.
+    """
+    gen = _gen(31)
+    b, n, nkv, d, block, s = 4, 4, 2, 16, 16, 64
+    lengths = [64, 37, 0, 16]
+    q, k, v = (
+        _rand(b, n, d, dtype=dtype, gen=gen),
+        _rand(b, nkv, s, d, dtype=dtype, gen=gen),
+        _rand(b, nkv, s, d, dtype=dtype, gen=gen),
+    )
+    perm = torch.randperm(9, generator=gen)
+    kc, table = _paged(k, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
+    vc, _ = _paged(v, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
+    layout = "BNSD" if heads_first else "BSH"
+    plan = ifa_module.plan_incre_flash_attention(
+        _query(q, layout), kc, vc, padding_mask=None,
+        atten_mask=torch.rand(b, table.shape[1] * block, generator=gen) < 0.2,
+        pse_shift=_rand(1, n, 1, table.shape[1] * block, dtype=dtype, gen=gen),
+        actual_seq_lengths=lengths, antiquant_scale=None, antiquant_offset=None,
+        block_table=table, dequant_scale1=None, quant_scale1=None, dequant_scale2=None,
+        quant_scale2=None, quant_offset2=None, kv_padding_size=None, num_heads=n,
+        scale_value=0.3, input_layout=layout, num_key_value_heads=nkv, block_size=block,
+        inner_precise=1,
+    )  # fmt: skip
+    assert plan.key.blocks is not None  # type: ignore[attr-defined]
+    gathered = ifa_module._finish(plan, ifa_module._attend(plan))
+    in_place = ifa_module._finish(
+        plan,
+        ifa_module._attend_in_blocks(plan, plan.key, plan.value, plan.key.blocks),  # type: ignore[arg-type, attr-defined]
+    )
+    assert not in_place.isnan().any() and not in_place.reshape(b, -1)[2].any()
+    tol = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(in_place.double(), gathered.double(), rtol=tol, atol=tol)
+
+
+def test_shared_or_sparse_blocks_take_the_gathered_path() -> None:
+    gen = _gen(32)
+    q, kv = _rand(2, 2, 16, gen=gen), _rand(10, 16, 32, gen=gen)
+    shared = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)  # block 1 in both tables
+    sparse = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # 4 of 10 blocks in use
+    for table in (shared, sparse):
+        plan = ifa_module.plan_incre_flash_attention(
+            _query(q, "BSH"), kv, kv, padding_mask=None, atten_mask=None, pse_shift=None,
+            actual_seq_lengths=[32, 20], antiquant_scale=None, antiquant_offset=None,
+            block_table=table, dequant_scale1=None, quant_scale1=None, dequant_scale2=None,
+            quant_scale2=None, quant_offset2=None, kv_padding_size=None, num_heads=2,
+            scale_value=1.0, input_layout="BSH", num_key_value_heads=2, block_size=16,
+            inner_precise=1,
+        )  # fmt: skip
+        assert plan.key.blocks is None  # type: ignore[attr-defined]
+
+
 def _assert_quantized(out: torch.Tensor, ref: np.ndarray) -> None:
     """``out`` equals round-half-even(clip(ref)) except within 1e-3 of a rounding tie."""
     got = out.reshape(-1).numpy().astype(np.int64)
