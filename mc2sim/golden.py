@@ -55,6 +55,17 @@ def _round_to(values: np.ndarray, dtype: torch.dtype | None) -> np.ndarray:
     return _f64(torch.from_numpy(np.ascontiguousarray(values)).to(dtype))
 
 
+def _stored(values: np.ndarray, dtype: torch.dtype | None) -> np.ndarray:
+    """A float32 vector-unit result stored in ``dtype``: float32 rounding, then ``dtype``'s.
+
+    As the public kernel goldens form it (numpy ``astype(float32)``, then
+    ``astype(float16 / bfloat16)``); no-op for None.
+    """
+    if dtype is None:
+        return values
+    return _round_to(values.astype(np.float32).astype(np.float64), dtype)
+
+
 # -- weights ------------------------------------------------------------------------------
 
 
@@ -92,8 +103,14 @@ def dequant_weight(
     group_size: int = 0,
     shape: Sequence[int] | None = None,
     transposed: bool = False,
+    stored_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Return ``(w + offset) * scale`` as a float64 ``(k, n)`` array.
+
+    Exact by default. With ``stored_dtype`` each step is stored in that dtype as the device
+    and the public goldens store it (``w + offset``, then ``* scale``, each rounded to x's
+    16-bit dtype: hicann/ops-nn weight_quant_batch_matmul_v2 kernel golden, Ascend/op-plugin
+    test_npu_weight_quant_batchmatmul.py); see docs/OPS.md, "Where the device rounds".
 
     Args:
         x2: int8 ``(k, n)`` (any strides); int4 packed in int32 (8 per word) or uint8 (2 per
@@ -105,6 +122,7 @@ def dequant_weight(
         group_size: ``g`` for per-group parameters (row ``kk`` uses group ``kk // g``).
         shape: the logical ``(k, n)``; required for FRACTAL_NZ.
         transposed: a FRACTAL_NZ storage holding the ``(n, k)`` matrix.
+        stored_dtype: round each step to this dtype (the device's precision), or None.
 
     Returns:
         float64 ``(k, n)``.
@@ -134,8 +152,8 @@ def dequant_weight(
         return a.reshape(1, -1) if a.size > 1 else a.reshape(1, 1)
 
     if offset is not None:
-        w64 = w64 + expand(offset)
-    return np.asarray(w64 * expand(scale), dtype=np.float64)
+        w64 = _stored(w64 + expand(offset), stored_dtype)
+    return np.asarray(_stored(w64 * expand(scale), stored_dtype), dtype=np.float64)
 
 
 def quant_scale_value(scale: torch.Tensor, *, truncate: bool) -> np.ndarray:
@@ -323,6 +341,7 @@ def mm_all_reduce(
                     group_size=antiquant_group_size,
                     shape=x2_shape,
                     transposed=x2_transposed,
+                    stored_dtype=local_dtype,
                 )
             else:
                 w = _f64(x2[r])
@@ -381,13 +400,19 @@ def ifa_paged(
     num_heads: int,
     num_kv_heads: int,
     scale: float,
+    probs_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Decode attention over a paged cache (BSH), one batch and head at a time, in float64.
 
     Batch b's keys are its first ``lengths[b]`` positions, read block by block through
     ``block_table[b]`` from ``key_cache`` ``(blocknum, block_size, N_kv * D)``; query head n
     reads KV head ``n // (N / N_kv)``; a plain softmax (maximum subtracted) weighs the values.
-    An empty window gives zeros. Returns ``(B, 1, N * D)``.
+    An empty window gives zeros. Exact by default. With ``probs_dtype`` (the query's dtype)
+    the unnormalized probabilities ``exp(s - max)`` are rounded to it before they weigh the
+    values and the sum of the unrounded ones divides, as the device's matrix unit and the
+    public goldens do (docs/OPS.md, "Where the device rounds"): the op's own precision,
+    which the relative standards (double_thousandths) need, as ``local_dtype`` for
+    :func:`mm_all_reduce`. Returns ``(B, 1, N * D)``.
     """
     batch = query.shape[0]
     dim = query.shape[-1] // num_heads
@@ -408,5 +433,5 @@ def ifa_paged(
         for n in range(num_heads):
             scores = k_rows[:, n // group, :] @ q[b, n] * scale
             weights = np.exp(scores - scores.max())
-            out[b, n] = weights @ v_rows[:, n // group, :] / weights.sum()
+            out[b, n] = _round_to(weights, probs_dtype) @ v_rows[:, n // group, :] / weights.sum()
     return out.reshape(batch, 1, num_heads * dim)

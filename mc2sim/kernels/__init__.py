@@ -1,8 +1,11 @@
 """Reference kernels of the MC2 operators: pure single-rank functions of torch tensors.
 
-Names and keyword arguments mirror torch_npu's so Ascend users recognise them. Float inputs
-are computed in float32 and cast to the output dtype at the end; integer matmuls are exact.
-Every documented constraint is checked before any arithmetic (see ``mc2sim.errors``).
+Names and keyword arguments mirror torch_npu's so Ascend users recognise them. They round
+where the device rounds (docs/OPS.md, "Where the device rounds"): 16-bit products are exact
+and accumulated in float32, intermediate results the device stores in 16 bits are rounded to
+them, integer matmuls are exact. Each kernel computes on its inputs' device and returns there
+(inputs on different devices: ``ParamInvalidError``). Every documented constraint is checked
+before any arithmetic (see ``mc2sim.errors``).
 """
 
 from mc2sim.kernels.grouped_matmul import grouped_matmul

@@ -20,7 +20,15 @@ import torch
 from mc2sim import limits
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
-from mc2sim.kernels._ifa_sources import Antiquant, DenseKV, KVSource, ListKV, PagedKV
+from mc2sim.kernels._device import same_device
+from mc2sim.kernels._ifa_sources import (
+    Antiquant,
+    BlockIndex,
+    DenseKV,
+    KVSource,
+    ListKV,
+    PagedKV,
+)
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
 __all__ = ["IfaLayout", "IfaPlan", "plan_incre_flash_attention"]
@@ -62,9 +70,16 @@ class IfaPlan:
     query: torch.Tensor
     """The query as given (B * N * D elements, in head-major order in every layout)."""
     key: KVSource
-    """Reader of the keys."""
+    """Reader of the keys (the cache's own values: int8 stays int8)."""
     value: KVSource
     """Reader of the values."""
+    key_antiquant: Antiquant | None
+    """With an int8 cache, the keys' ``(k + offset) * scale``; else ``None``."""
+    value_antiquant: Antiquant | None
+    """With an int8 cache, the values' ``(v + offset) * scale``; else ``None``."""
+    inner_precise: int
+    """0 (high precision) or 1 (high performance): with an int8 cache, how many int8 parts
+    the query and the probabilities are split into (3 or 2)."""
     starts: tuple[int, ...]
     """Per batch, the first KV position attended."""
     ends: tuple[int, ...]
@@ -302,7 +317,6 @@ def _dense_or_list_cache(
     batch: int,
     heads: int,
     dim: int,
-    anti: tuple[Antiquant | None, Antiquant | None],
 ) -> _Cache:
     """Check contiguous (one tensor) or tensor-list KV; build their readers."""
     if len(keys) == 1 and keys[0].dim() >= 1 and keys[0].shape[0] == batch:
@@ -312,8 +326,8 @@ def _dense_or_list_cache(
             "value.shape", tuple(value.shape), value.shape == key.shape, "must equal key's shape"
         )
         return _Cache(
-            key=DenseKV(view=_kv_view(key, layout, heads, dim), antiquant=anti[0]),
-            value=DenseKV(view=_kv_view(value, layout, heads, dim), antiquant=anti[1]),
+            key=DenseKV(view=_kv_view(key, layout, heads, dim)),
+            value=DenseKV(view=_kv_view(value, layout, heads, dim)),
             seq_lens=(seq,) * batch,
             dense=True,
             paged=False,
@@ -339,12 +353,8 @@ def _dense_or_list_cache(
         first = [d for i, d in enumerate(keys[0].shape) if i != seq_axis]
         require(f"key[{b}].shape", tuple(k.shape), same == first, "must equal key[0]'s but for S")
     return _Cache(
-        key=ListKV(
-            views=tuple(_kv_view(k, layout, heads, dim)[0] for k in keys), antiquant=anti[0]
-        ),
-        value=ListKV(
-            views=tuple(_kv_view(v, layout, heads, dim)[0] for v in values), antiquant=anti[1]
-        ),
+        key=ListKV(views=tuple(_kv_view(k, layout, heads, dim)[0] for k in keys)),
+        value=ListKV(views=tuple(_kv_view(v, layout, heads, dim)[0] for v in values)),
         seq_lens=tuple(seq_lens),
         dense=False,
         paged=False,
@@ -362,7 +372,6 @@ def _paged_cache(
     batch: int,
     heads: int,
     dim: int,
-    anti: tuple[Antiquant | None, Antiquant | None],
 ) -> _Cache:
     """Check a page-attention cache, its block table and the lengths; build their readers."""
     kv_int8 = keys[0].dtype == torch.int8
@@ -429,7 +438,10 @@ def _paged_cache(
         "ceil(actual_seq_lengths[b] / blockSize)",
     )
     used = max(needed)
-    table64 = table[:, :used].to(torch.int64)
+    # The table's entries in use are checked on the host: one copy of (B, used) indices, the
+    # metadata every check needs, where checking them on an accelerator takes a dozen kernel
+    # launches and a synchronization anyway.
+    table64 = table[:, :used].to(device="cpu", dtype=torch.int64)
     in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
     bad = in_use & ((table64 < 0) | (table64 >= blocknum))
     if bool(bad.any()):
@@ -441,16 +453,17 @@ def _paged_cache(
         )
     # Entries past a batch's last block are never read by the operator; any valid index will
     # do for the gather, and the attention zeroes what they bring in.
-    safe = torch.where(in_use, table64, torch.zeros_like(table64))
+    safe = torch.where(in_use, table64, torch.zeros_like(table64)).to(table.device)
+    blocks = _block_index(table64, in_use, lengths, size, blocknum, table.device)
     readers = [
         PagedKV(
             cache=t if heads_first else t.view(blocknum, size, heads, dim),
             heads_first=heads_first,
             table=safe,
             block_size=size,
-            antiquant=a,
+            blocks=blocks,
         )
-        for t, a in ((key, anti[0]), (value, anti[1]))
+        for t in (key, value)
     ]
     return _Cache(
         key=readers[0],
@@ -459,6 +472,45 @@ def _paged_cache(
         dense=False,
         paged=True,
         block_size=size,
+    )
+
+
+def _block_index(
+    table: torch.Tensor,
+    in_use: torch.Tensor,
+    lengths: list[int],
+    size: int,
+    blocknum: int,
+    device: torch.device,
+) -> BlockIndex | None:
+    """Index the blocks in use when each belongs to one batch and they fill half the cache.
+
+    Args:
+        table: int64 ``(B, used)`` on the host, the block table's entries in use or not.
+        in_use: bool ``(B, used)``, which entries a batch's length reaches.
+        lengths: per-batch KV lengths.
+        size: the block size.
+        blocknum: blocks in the cache.
+        device: where the attention runs.
+
+    Returns:
+        The index, or None (shared blocks, or a cache mostly of other batches' blocks).
+    """
+    use_b, use_j = in_use.nonzero(as_tuple=True)
+    use_p = table[use_b, use_j]
+    if use_p.numel() * 2 < blocknum or len(set(use_p.tolist())) != use_p.numel():
+        return None
+    owner = torch.zeros(blocknum, dtype=torch.int64)
+    owner[use_p] = use_b
+    ends = [(b, n // size, n % size) for b, n in enumerate(lengths) if n % size]
+    return BlockIndex(
+        owner=owner.to(device),
+        in_use=in_use.to(device),
+        use_b=use_b.to(device),
+        use_j=use_j.to(device),
+        use_p=use_p.to(device),
+        partial_p=table[[b for b, _, _ in ends], [j for _, j, _ in ends]].to(device),
+        partial_valid=tuple(valid for _, _, valid in ends),
     )
 
 
@@ -626,7 +678,9 @@ def plan_incre_flash_attention(
         raise ParamInvalidError(
             "input_layout", input_layout, f"must be one of {', '.join(IfaLayout)}"
         )
-    _require_int("inner_precise", inner_precise, inner_precise in (0, 1), "must be 0 or 1")
+    precise = _require_int(
+        "inner_precise", inner_precise, inner_precise in (0, 1), "must be 0 or 1"
+    )
     heads = limits.IFA_HEADS.check("num_heads", num_heads)
     kv_heads = _require_int("num_key_value_heads", num_key_value_heads, True, "")
     if kv_heads == 0:  # 0 means numHeads
@@ -675,6 +729,24 @@ def plan_incre_flash_attention(
         f"must equal query's dtype {str(q.dtype).removeprefix('torch.')} or be int8",
     )
 
+    same_device(
+        ("query", q),
+        *((f"key[{i}]" if len(keys) > 1 else "key", t) for i, t in enumerate(keys)),
+        *((f"value[{i}]" if len(values) > 1 else "value", t) for i, t in enumerate(values)),
+        *(
+            (name, t if isinstance(t, torch.Tensor) else None)
+            for name, t in (
+                ("atten_mask", atten_mask),
+                ("pse_shift", pse_shift),
+                ("antiquant_scale", antiquant_scale),
+                ("antiquant_offset", antiquant_offset),
+                ("block_table", block_table),
+                ("quant_scale2", quant_scale2),
+                ("quant_offset2", quant_offset2),
+                ("kv_padding_size", kv_padding_size),
+            )
+        ),
+    )
     require_rank("query", q, (3,) if layout is IfaLayout.BSH else (4,))
     shape = tuple(q.shape)
     if layout is IfaLayout.BSH:
@@ -700,10 +772,10 @@ def plan_incre_flash_attention(
     lengths = _parse_lengths(actual_seq_lengths, batch)
     if block_table is not None:
         cache = _paged_cache(
-            keys, values, block_table, block_size, lengths, layout, batch, kv_heads, dim, anti
+            keys, values, block_table, block_size, lengths, layout, batch, kv_heads, dim
         )
     else:
-        cache = _dense_or_list_cache(keys, values, layout, batch, kv_heads, dim, anti)
+        cache = _dense_or_list_cache(keys, values, layout, batch, kv_heads, dim)
 
     starts, ends = _windows(cache, lengths, kv_padding_size, batch)
     attended = max((e for s, e in zip(starts, ends, strict=True) if e > s), default=0)
@@ -724,6 +796,9 @@ def plan_incre_flash_attention(
         query=q,
         key=cache.key,
         value=cache.value,
+        key_antiquant=anti[0],
+        value_antiquant=anti[1],
+        inner_precise=precise,
         starts=starts,
         ends=ends,
         length=length,

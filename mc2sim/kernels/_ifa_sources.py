@@ -1,9 +1,12 @@
-"""Key/value readers of incre_flash_attention: one chunk of KV positions, in float32, at a time.
+"""Key/value readers of incre_flash_attention: one chunk of KV positions at a time.
 
-Every reader writes positions ``[c0, c1)`` of all batches into a caller's float32 buffer laid
-out ``(B, N_kv, c1 - c0, D)``, converting the dtype, reordering the axes and applying the int8
-antiquant in the same few passes, so the attention never holds a float32 copy of the whole
-cache. Positions a batch does not have (past the end of its tensor-list entry) are zeros.
+Every reader returns positions ``[c0, c1)`` of all batches laid out ``(B, N_kv, c1 - c0, D)``,
+with the cache's own values (int8 caches stay integers: the attention applies their
+antiquant itself). Given a buffer (the CPU path: a float32 buffer reused from chunk to chunk,
+so the attention never holds a float32 copy of the whole cache) the reader converts into it;
+without one it returns the cache's dtype on the cache's device, a strided view where the
+layout allows (the accelerator path: no copy of a dense cache at all). Positions a batch does
+not have (past the end of its tensor-list entry) are zeros.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Antiquant", "DenseKV", "KVSource", "ListKV", "PagedKV"]
+__all__ = ["Antiquant", "BlockIndex", "DenseKV", "KVSource", "ListKV", "PagedKV"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -25,18 +28,16 @@ class Antiquant:
     offset: torch.Tensor | None
     """float32, same shape as ``scale``; ``None`` means 0."""
 
-    def apply(self, chunk: torch.Tensor) -> None:
-        """Dequantize ``chunk`` (float32, ``(B, N_kv, n, D)``) in place."""
-        if self.offset is not None:
-            chunk.add_(self.offset)
-        chunk.mul_(self.scale)
-
 
 class KVSource(Protocol):
-    """Something that reads KV positions ``[c0, c1)`` of every batch as float32."""
+    """Something that reads KV positions ``[c0, c1)`` of every batch."""
 
-    def load(self, c0: int, c1: int, buffer: torch.Tensor) -> torch.Tensor:
-        """Fill and return ``buffer[:, :, : c1 - c0]`` of a ``(B, N_kv, >= c1 - c0, D)`` buffer."""
+    def load(self, c0: int, c1: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Return positions ``[c0, c1)`` as ``(B, N_kv, c1 - c0, D)``.
+
+        With a ``(B, N_kv, >= c1 - c0, D)`` buffer, fill and return its first ``c1 - c0``
+        positions (converting to the buffer's dtype); without, return the cache's dtype.
+        """
         ...
 
 
@@ -46,15 +47,13 @@ class DenseKV:
 
     view: torch.Tensor
     """``(B, N_kv, S, D)``, a strided view of the caller's tensor (no copy)."""
-    antiquant: Antiquant | None = None
-    """Dequantization of an int8 cache, else ``None``."""
 
-    def load(self, c0: int, c1: int, buffer: torch.Tensor) -> torch.Tensor:
-        """Copy positions ``[c0, c1)`` into ``buffer`` (see :class:`KVSource`)."""
+    def load(self, c0: int, c1: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Positions ``[c0, c1)`` (see :class:`KVSource`); without a buffer, a view."""
+        if buffer is None:
+            return self.view[:, :, c0:c1]
         chunk = buffer[:, :, : c1 - c0]
         chunk.copy_(self.view[:, :, c0:c1])
-        if self.antiquant is not None:
-            self.antiquant.apply(chunk)
         return chunk
 
 
@@ -64,12 +63,17 @@ class ListKV:
 
     views: tuple[torch.Tensor, ...]
     """Per-batch ``(N_kv, S_b, D)`` strided views of the caller's tensors."""
-    antiquant: Antiquant | None = None
-    """Dequantization of an int8 cache, else ``None``."""
 
-    def load(self, c0: int, c1: int, buffer: torch.Tensor) -> torch.Tensor:
-        """Copy positions ``[c0, c1)`` into ``buffer``; zeros past an entry's end."""
+    def load(self, c0: int, c1: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Positions ``[c0, c1)`` (see :class:`KVSource`); zeros past an entry's end."""
         n = c1 - c0
+        if buffer is None:
+            first = self.views[0]
+            buffer = torch.empty(
+                (len(self.views), first.shape[0], n, first.shape[2]),
+                dtype=first.dtype,
+                device=first.device,
+            )
         chunk = buffer[:, :, :n]
         for b, view in enumerate(self.views):
             have = max(0, min(n, view.shape[1] - c0))
@@ -77,9 +81,31 @@ class ListKV:
                 chunk[b, :, :have].copy_(view[:, c0 : c0 + have])
             if have < n:
                 chunk[b, :, have:].zero_()
-        if self.antiquant is not None:
-            self.antiquant.apply(chunk)
         return chunk
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BlockIndex:
+    """Where each batch's blocks lie in a page cache whose blocks each belong to one batch.
+
+    Lets the attention read the cache block by block in place (no gathered copy): in use
+    are the table entries ``(use_b[i], use_j[i])``, physical block ``use_p[i]``.
+    """
+
+    owner: torch.Tensor
+    """int64 ``(blocknum,)``: the batch whose table holds each block (0 for unused blocks)."""
+    in_use: torch.Tensor
+    """bool ``(B, used blocks)``: which table entries a batch's length reaches."""
+    use_b: torch.Tensor
+    """int64: batch of each entry in use."""
+    use_j: torch.Tensor
+    """int64: logical block of each entry in use."""
+    use_p: torch.Tensor
+    """int64: physical block of each entry in use."""
+    partial_p: torch.Tensor
+    """int64: the physical blocks a batch's window ends inside of."""
+    partial_valid: tuple[int, ...]
+    """For each of ``partial_p``, how many of its positions the window covers."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,22 +120,35 @@ class PagedKV:
     """int64 ``(B, used blocks)``: physical block of each logical block, every entry valid."""
     block_size: int
     """Tokens per block; chunk bounds are multiples of it."""
-    antiquant: Antiquant | None = None
-    """Dequantization of an int8 cache, else ``None``."""
+    blocks: BlockIndex | None = None
+    """Set when every block in use belongs to one batch and they fill at least half the cache:
+    the accelerator path then reads the cache in place, block by block."""
 
-    def load(self, c0: int, c1: int, buffer: torch.Tensor) -> torch.Tensor:
-        """Gather the blocks covering ``[c0, c1)`` (multiples of the block size) into ``buffer``."""
-        batch, heads, _, dim = buffer.shape
+    def load(self, c0: int, c1: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Gather the blocks covering ``[c0, c1)`` (multiples of the block size).
+
+        Into ``buffer`` if given; else a fresh gather in the cache's dtype, returned as a
+        strided view for the ``(blocknum, blockSize, N_kv, D)`` cache.
+        """
+        batch = self.table.shape[0]
+        heads, dim = (
+            (self.cache.shape[1], self.cache.shape[3])
+            if self.heads_first
+            else (self.cache.shape[2], self.cache.shape[3])
+        )
         j0, j1 = c0 // self.block_size, c1 // self.block_size
         blocks = j1 - j0
-        chunk = buffer[:, :, : c1 - c0]
         gathered = self.cache.index_select(0, self.table[:, j0:j1].reshape(-1))
         if self.heads_first:
             src = gathered.view(batch, blocks, heads, self.block_size, dim).permute(0, 2, 1, 3, 4)
+            if buffer is None:
+                return src.reshape(batch, heads, blocks * self.block_size, dim)
+            chunk = buffer[:, :, : c1 - c0]
             chunk.view(batch, heads, blocks, self.block_size, dim).copy_(src)
-        else:
-            src = gathered.view(batch, blocks * self.block_size, heads, dim).permute(0, 2, 1, 3)
-            chunk.copy_(src)
-        if self.antiquant is not None:
-            self.antiquant.apply(chunk)
+            return chunk
+        src = gathered.view(batch, blocks * self.block_size, heads, dim).permute(0, 2, 1, 3)
+        if buffer is None:
+            return src
+        chunk = buffer[:, :, : c1 - c0]
+        chunk.copy_(src)
         return chunk

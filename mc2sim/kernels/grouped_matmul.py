@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 
+from mc2sim.kernels._device import mm_float32, same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
 __all__ = ["MAX_DIM", "grouped_matmul"]
@@ -17,6 +19,7 @@ PANEL = 1024
 """Output columns converted and multiplied per step (bounds the float32 weight buffer)."""
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _counts(group_list: Sequence[int] | torch.Tensor) -> list[int]:
@@ -35,6 +38,32 @@ def _counts(group_list: Sequence[int] | torch.Tensor) -> list[int]:
     return items
 
 
+def _grouped_gemm(
+    x: torch.Tensor, weight: torch.Tensor, counts: list[int], trans_weight: bool
+) -> torch.Tensor | None:
+    """One grouped GEMM for every expert on CUDA, or None where that path does not apply."""
+    if not (x.is_cuda and x.dtype in _HALF and hasattr(torch, "_grouped_mm")):
+        return None
+    return _cuda_grouped_gemm(x, weight, counts, trans_weight)
+
+
+def _cuda_grouped_gemm(
+    x: torch.Tensor, weight: torch.Tensor, counts: list[int], trans_weight: bool
+) -> torch.Tensor | None:  # pragma: no cover - CUDA only
+    """``torch._grouped_mm``: CUTLASS's grouped GEMM, one launch for all experts.
+
+    It accumulates the 16-bit products in float32 and rounds once to the output dtype, as
+    the per-expert path does (bitwise the same result on an H200, docs/BENCHMARKS.md).
+    None if it refuses the call (alignment, architecture): the caller goes expert by expert.
+    """
+    ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x.device)
+    mat_b = weight.transpose(-2, -1) if trans_weight else weight
+    try:
+        return torch._grouped_mm(x, mat_b, offs=ends, out_dtype=x.dtype)
+    except RuntimeError:
+        return None
+
+
 def grouped_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -47,8 +76,10 @@ def grouped_matmul(
     ``group_list`` holds per-expert row **counts**, not cumulative offsets (torch_npu's
     ``group_list_type=1``): expert ``j`` owns rows ``[sum(c[:j]), sum(c[:j+1]))`` of ``x`` and
     ``out[rows] = x[rows] @ weight[j]`` (``@ weight[j].T`` when ``trans_weight``). Computed
-    in float32 (inputs upcast exactly; float32 GEMM, summation order unspecified), then
-    rounded to ``x.dtype`` (round to nearest even). Experts with zero rows are skipped.
+    as the matrix unit does: exact products, float32 accumulation (summation order
+    unspecified), then rounded once to ``x.dtype`` (round to nearest even). Experts with zero
+    rows are skipped. Runs on ``x``'s device and returns there (CUDA: one grouped
+    tensor-core GEMM for all experts, or one GEMM per expert with float32 output).
 
     Only the per-operator limits that do not depend on the communication group are checked
     here (H and N in [1, 65535], counts invariant); e <= 32, the send/recv count rules and the
@@ -62,17 +93,23 @@ def grouped_matmul(
         trans_weight: whether ``weight`` is stored as ``(e, N, H)``.
 
     Returns:
-        ``(A, N)`` tensor of ``x.dtype``.
+        ``(A, N)`` tensor of ``x.dtype`` on ``x``'s device.
 
     Raises:
         ParamNullptrError: ``x``, ``weight`` or ``group_list`` is None.
         ParamInvalidError: a dtype, rank or shape mismatch, H or N outside [1, 65535], a
-            negative count, ``len(group_list) != e`` or ``sum(group_list) != A``.
+            negative count, ``len(group_list) != e`` or ``sum(group_list) != A``, or
+            ``weight`` (or a ``group_list`` tensor) on another device than ``x``.
 
     """
     require_not_none("x", x)
     require_not_none("weight", weight)
     require_not_none("group_list", group_list)
+    device = same_device(
+        ("x", x),
+        ("weight", weight),
+        ("group_list", group_list if isinstance(group_list, torch.Tensor) else None),
+    )
     require_dtype("x", x, _FLOAT_DTYPES)
     require_dtype("weight", weight, (x.dtype,))
     require_rank("x", x, (2,))
@@ -100,12 +137,23 @@ def grouped_matmul(
         f"counts (not cumulative) must sum to x's rows A={rows}",
     )
 
+    out = torch.empty((rows, n), dtype=x.dtype, device=device)
+    if rows == 0:
+        return out
+    if device.type != "cpu":
+        fused = _grouped_gemm(x, weight, counts, trans_weight)
+        if fused is not None:  # pragma: no cover - CUDA
+            return fused
+        start = 0
+        for j, c in enumerate(counts):
+            if c:
+                w = weight[j].t() if trans_weight else weight[j]
+                out[start : start + c].copy_(mm_float32(x[start : start + c], w))
+            start += c
+        return out
     # Fresh CPU memory costs a page fault per 4 KiB on first touch, so the float32 copies
     # live in small buffers reused across experts; the weight is converted one panel of at
     # most PANEL output columns at a time.
-    out = torch.empty((rows, n), dtype=x.dtype)
-    if rows == 0:
-        return out
     widest = max(counts)
     panel = min(n, PANEL)
     x_buf = torch.empty((widest, h), dtype=torch.float32)

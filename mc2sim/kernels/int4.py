@@ -272,7 +272,7 @@ def _pack_nd(values: torch.Tensor, pdt: Int4PackDtype) -> torch.Tensor:
     """Pack int4 values (any integer dtype, already range-checked) along the last dim."""
     per = pdt.per_element
     nibbles = (values.to(torch.int64) & 0xF).reshape(*values.shape[:-1], -1, per)
-    shifts = torch.arange(0, 4 * per, 4, dtype=torch.int64)
+    shifts = torch.arange(0, 4 * per, 4, dtype=torch.int64, device=values.device)
     words = (nibbles << shifts).sum(dim=-1)  # disjoint bit fields: sum == bitwise or
     if pdt is Int4PackDtype.INT4:
         return words.to(torch.uint8)
@@ -284,7 +284,7 @@ def _unpack_nd(packed: torch.Tensor, pdt: Int4PackDtype) -> torch.Tensor:
     """Inverse of :func:`_pack_nd`: int32 values in [-8, 7], last dim times 8 or 2."""
     per = pdt.per_element
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 4 * per, 4, dtype=torch.int64)
+    shifts = torch.arange(0, 4 * per, 4, dtype=torch.int64, device=packed.device)
     nibbles = (words.unsqueeze(-1) >> shifts) & 0xF
     values = nibbles - ((nibbles & 0x8) << 1)  # nibble > 7 means value - 16
     return values.reshape(*packed.shape[:-1], packed.shape[-1] * per).to(torch.int32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mc2sim.kernels._device import mm_float32, same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
 __all__ = ["matmul"]
@@ -14,8 +15,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def matmul(x1: torch.Tensor, x2: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``x1 @ x2 + bias`` in ``x1``'s dtype.
 
-    Computed in float32 (inputs upcast exactly, float32 GEMM, summation order unspecified,
-    bias added in float32), then rounded once to ``x1.dtype`` (round to nearest even).
+    Computed as the matrix unit does: exact products, float32 accumulation (summation order
+    unspecified), bias added in float32, then rounded once to ``x1.dtype`` (round to nearest
+    even). On ``x1``'s device; the result stays there.
 
     Args:
         x1: ``(m, k)`` or ``(b, s, k)``; float16, bfloat16 or float32; any strides.
@@ -23,12 +25,12 @@ def matmul(x1: torch.Tensor, x2: torch.Tensor, *, bias: torch.Tensor | None = No
         bias: optional ``(n,)`` of ``x1``'s dtype.
 
     Returns:
-        ``(m, n)`` or ``(b, s, n)`` tensor of ``x1.dtype``.
+        ``(m, n)`` or ``(b, s, n)`` tensor of ``x1.dtype`` on ``x1``'s device.
 
     Raises:
         ParamNullptrError: ``x1`` or ``x2`` is None.
         ParamInvalidError: dtypes differ or are not float, ranks or inner dims do not match,
-            or ``bias`` is not ``(n,)``.
+            ``bias`` is not ``(n,)``, or a tensor lies on another device than ``x1``.
 
     """
     require_not_none("x1", x1)
@@ -44,8 +46,14 @@ def matmul(x1: torch.Tensor, x2: torch.Tensor, *, bias: torch.Tensor | None = No
     if bias is not None:
         require_dtype("bias", bias, (x1.dtype,))
         require("bias.shape", tuple(bias.shape), tuple(bias.shape) == (n,), f"must be ({n},)")
+    device = same_device(("x1", x1), ("x2", x2), ("bias", bias))
     lead = x1.shape[:-1]
     rows = x1.reshape(-1, k)
+    if device.type != "cpu":
+        result = mm_float32(rows, x2)
+        if bias is not None:
+            result += bias.float()
+        return result.to(x1.dtype).reshape(*lead, n)
     if x1.dtype == torch.float32:
         result = torch.matmul(rows, x2)
         if bias is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mc2sim.errors import ParamInvalidError
+from mc2sim.kernels._device import int8_matmul, same_device, uses_cuda_int8
 from mc2sim.kernels._validate import (
     require,
     require_dtype,
@@ -19,6 +20,7 @@ __all__ = [
     "effective_quant_param",
     "exact_int_matmul",
     "quant_matmul",
+    "requantize_int8",
     "round_to_int8",
     "trans_quant_param",
 ]
@@ -117,44 +119,54 @@ def _float32_matmul_is_exact() -> bool:
 
 
 def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Multiply integer matrices exactly into int32, using float32 GEMMs on chunks of k.
+    """Multiply integer matrices exactly into int32, on their device.
 
-    With ``p = max|a| * max|b|``, the k axis is cut into chunks of ``2**24 // p`` (1024 for
-    int8 data reaching -128): every partial sum inside a chunk is an integer of magnitude
-    <= 2**24, hence exact in float32 whatever the summation order of the BLAS. The chunk
-    products are converted to int32 (exactly) and summed in int32, which cannot overflow
-    because ``k * p < 2**31`` is required. Should torch be set to a reduced float32 matmul
-    precision (``torch.set_float32_matmul_precision("medium")``, mkldnn bf16/tf32), the
-    product is taken in float64 instead (exact below 2**53, slower).
+    On CUDA, int8 operands go to ``torch._int_mm`` (exact int32 accumulation, padded where
+    its shape rules need it). Elsewhere the k axis is cut into chunks of ``2**24 // p`` with
+    ``p = max|a| * max|b|`` (1024 for int8 data reaching -128): every partial sum inside a
+    chunk is an integer of magnitude <= 2**24, hence exact in a float32 GEMM whatever its
+    summation order. The chunk products are converted to int32 (exactly) and summed in int32,
+    which cannot overflow because ``k * p < 2**31`` is required. Off the CPU, int8 operands
+    take ``p = 128 * 128`` from their dtype rather than from their values, so nothing is read
+    back to the host. Should torch be set to a reduced float32 matmul precision on the CPU
+    (``torch.set_float32_matmul_precision("medium")``, mkldnn bf16/tf32), the product is
+    taken in float64 instead (exact below 2**53, slower).
 
     Args:
         a: integer tensor ``(..., m, k)`` (any integer dtype).
-        b: integer tensor ``(..., k, n)``; batch dims broadcast as in ``torch.matmul``.
+        b: integer tensor ``(..., k, n)`` on ``a``'s device; batch dims broadcast as in
+            ``torch.matmul``.
 
     Returns:
-        The exact ``torch.int32`` product ``(..., m, n)``.
+        The exact ``torch.int32`` product ``(..., m, n)`` on ``a``'s device.
 
     Raises:
         ParamInvalidError: ``k * max|a| * max|b| >= 2**31`` (the result might not fit int32).
 
     """
     k = a.shape[-1]
-    bound = max(-int(a.min()), int(a.max()), 0) * max(-int(b.min()), int(b.max()), 0)
+    int8_operands = a.dtype == b.dtype == _I8
+    if int8_operands and a.device.type != "cpu":
+        bound = 128 * 128
+    else:
+        bound = max(-int(a.min()), int(a.max()), 0) * max(-int(b.min()), int(b.max()), 0)
     require(
         "k",
         k,
         k * bound < 2**31,
         f"k * max|a| * max|b| = {k * bound} must be < 2**31 for an exact int32 result",
     )
-    if not _float32_matmul_is_exact():
+    if int8_operands and uses_cuda_int8(a):  # pragma: no cover - CUDA only
+        return _cuda_int8_batched(a, b)
+    if a.device.type == "cpu" and not _float32_matmul_is_exact():
         return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
     chunk = max(1, _FLOAT32_EXACT_INT // max(bound, 1))
     if k <= chunk:
         return torch.matmul(a.to(torch.float32), b.to(torch.float32)).to(torch.int32)
     # Chunk operands are converted into buffers reused from chunk to chunk: fresh CPU memory
     # costs a page fault per 4 KiB on first touch, more than the conversion itself.
-    a_buf = torch.empty((*a.shape[:-1], chunk), dtype=torch.float32)
-    b_buf = torch.empty((*b.shape[:-2], chunk, b.shape[-1]), dtype=torch.float32)
+    a_buf = torch.empty((*a.shape[:-1], chunk), dtype=torch.float32, device=a.device)
+    b_buf = torch.empty((*b.shape[:-2], chunk, b.shape[-1]), dtype=torch.float32, device=a.device)
     a_view, b_view = a_buf[..., :chunk], b_buf[..., :chunk, :]
     a_view.copy_(a[..., :chunk])
     b_view.copy_(b[..., :chunk, :])
@@ -170,6 +182,48 @@ def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         part_int.copy_(part)
         acc += part_int
     return acc
+
+
+def _cuda_int8_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    """``exact_int_matmul`` of int8 operands on CUDA: one ``torch._int_mm`` per matrix."""
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if b.dim() == 2:  # every batch of a against one matrix: a single tall product
+        return int8_matmul(a.reshape(-1, k), b).reshape(*a.shape[:-1], n)
+    batch = broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])) or ()
+    a3 = a.expand(*batch, m, k).reshape(-1, m, k)
+    b3 = b.expand(*batch, k, n).reshape(-1, k, n)
+    out = torch.empty((a3.shape[0], m, n), dtype=torch.int32, device=a.device)
+    for i in range(a3.shape[0]):
+        out[i] = int8_matmul(a3[i], b3[i])
+    return out.reshape(*batch, m, n)
+
+
+def requantize_int8(y: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """INT8 output of the quantized matmul: ``round(y)`` saturated to 9 bits, ``+ offset``.
+
+    The device's requantization (the fixpipe's ``y = acc * scale``, then its int8 output)
+    rounds ``y`` to an integer and saturates it to the 9-bit range [-256, 255] before adding
+    the 9-bit offset; the sum is then saturated to int8. Evidence: hicann/ops-nn
+    ``matmul/quant_batch_matmul_v3/tests/assets/qbmmv3_kernel_golden.py``
+    (``compute_requant``: ``f32_2_s9(out * x2_scale)``, then ``+ f32_2_s9(offset)``, then
+    ``clip(-128, 127)``) with ``f32_2_s9 = clip(round(x), -256, 255)`` in
+    ``matmul/common/tests/st/arch35/matmul_quant_util.py``. Without the 9-bit step a large
+    ``y`` and a negative offset would land inside [-128, 127] instead of saturating (``y =
+    400, offset = -200`` gives 55 on the device, where ``round(400)`` saturates to 255
+    first, and 127 with the offset added before any saturation). Rounding is half to even,
+    as numpy's ``round`` in that golden.
+
+    Args:
+        y: float32 ``acc * scale``.
+        offset: float32 integers in [-256, 255], broadcastable against ``y``.
+
+    Returns:
+        The ``torch.int8`` result; NaN becomes 0.
+
+    """
+    s9 = torch.round(y).nan_to_num_(nan=0.0).clamp_(-256, 255)
+    s9 += offset
+    return s9.clamp_(-128, 127).to(torch.int8)
 
 
 def round_to_int8(y: torch.Tensor) -> torch.Tensor:
@@ -339,9 +393,12 @@ def quant_matmul(
     5. ``y = float32(acc) * s [* pertoken_scale[row]] [+ float bias]`` in float32: the
        int32 is converted to float32 (exact up to 2**24, else round to nearest even) and
        every operation is rounded to float32 (nearest even).
-    6. int8 output: ``round_half_to_even(y + o)`` (the addition in float32) saturated to
-       [-128, 127]; the offset is applied to int8 output only. float16/bfloat16 output:
-       ``y`` rounded to the output dtype (nearest even).
+    6. int8 output: ``round_half_to_even(y)`` saturated to the 9-bit range [-256, 255],
+       then ``+ o``, then saturated to [-128, 127], as the device's requantization does
+       (:func:`requantize_int8`); the offset is applied to int8 output only.
+       float16/bfloat16 output: ``y`` rounded to the output dtype (nearest even).
+
+    Computed on ``x1``'s device and returned there (CUDA: ``torch._int_mm``).
 
     Args:
         x1: ``torch.int8`` ``(..., m, k)``, or ``torch.int32`` ``(..., m, k/8)`` holding eight
@@ -365,8 +422,8 @@ def quant_matmul(
         ParamNullptrError: ``x1``, ``x2`` or ``scale`` is None.
         ParamInvalidError: a dtype combination outside seed 004's table, a rank outside 2..6,
             a last dim above 65535, an empty input, mismatched k, batch dims that do not
-            broadcast, a bad int4 layout, or a bad shape of scale, offset, pertoken_scale
-            or bias.
+            broadcast, a bad int4 layout, a bad shape of scale, offset, pertoken_scale
+            or bias, or a tensor on another device than ``x1``.
 
     """
     require_not_none("x1", x1)
@@ -445,6 +502,15 @@ def quant_matmul(
         )
         require("bias.shape", tuple(bias.shape), ok, rule)
 
+    device = same_device(
+        ("x1", x1),
+        ("x2", x2),
+        ("scale", scale),
+        ("offset", offset),
+        ("pertoken_scale", pertoken_scale),
+        ("bias", bias),
+    )
+
     # --- arithmetic -------------------------------------------------------------------
     if int4:
         a = unpack_int4(x1, (*x1.shape[:-1], k))
@@ -452,6 +518,8 @@ def quant_matmul(
             b = unpack_int4(x2.t(), (n, k)).t()
         else:
             b = unpack_int4(x2, (k, n))
+        if device.type != "cpu":  # int4 values are int8 values: the device's int8 path
+            a, b = a.to(_I8), b.to(_I8)
     else:
         a, b = x1, x2
     acc = exact_int_matmul(a, b)
@@ -468,9 +536,8 @@ def quant_matmul(
     if bias is not None and bias.dtype != _I32:
         y += bias.to(torch.float32)
     if out_dtype == _I8:
-        y += o
-        return round_to_int8(y)
-    out = torch.empty(y.shape, dtype=out_dtype)
+        return requantize_int8(y, o)
+    out = torch.empty(y.shape, dtype=out_dtype, device=device)
     return out.copy_(y)
 
 
@@ -511,7 +578,7 @@ def _effective_scale_offset(
         scale.dtype == _F32 and pertoken_scale is None and out_dtype in (_I8, _F16)
     ):
         return effective_quant_param(scale, offset)
-    return scale.to(torch.float32), torch.zeros(1)
+    return scale.to(torch.float32), torch.zeros(1, device=scale.device)
 
 
 def _is_transposed_2d(t: torch.Tensor) -> bool:

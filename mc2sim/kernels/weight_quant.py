@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
+from mc2sim.kernels._device import mm_float32, same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 from mc2sim.kernels.int4 import (
     NZ_C0_BYTES,
@@ -19,7 +20,7 @@ from mc2sim.kernels.int4 import (
 )
 from mc2sim.kernels.quant_matmul import effective_quant_param, round_to_int8
 
-__all__ = ["MAX_KN", "weight_quant_batchmatmul"]
+__all__ = ["MAX_KN", "dequantize_weight", "weight_quant_batchmatmul"]
 
 MAX_KN = 65535
 """Largest k and n (seed 001: "k、n的范围为[1, 65535]")."""
@@ -144,12 +145,68 @@ def _decode_weight(
     return values.t() if weight_transposed else values
 
 
-def _expand_rows(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
-    """Antiquant parameter as float32, broadcastable against the (k, n) weight."""
-    t32 = t.to(torch.float32)
+def _expand_rows(t: torch.Tensor, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Antiquant parameter in ``dtype``, broadcastable against the (k, n) weight."""
+    cast = t.to(dtype)
     if group_size:
-        return t32.repeat_interleave(group_size, dim=0)[:k]
-    return t32.reshape(1, -1)
+        return cast.repeat_interleave(group_size, dim=0)[:k]
+    return cast.reshape(1, -1)
+
+
+def dequantize_weight(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """Return ``(values + offset) * scale`` as the device forms it: in the scale's dtype.
+
+    The matrix unit multiplies float16/bfloat16 operands, so the antiquant runs on the
+    vector unit before the matmul and its results are stored in x's dtype: ``values +
+    offset`` is computed in float32 and rounded to that dtype, then multiplied by the
+    scale in float32 and rounded again. Evidence: hicann/ops-nn
+    ``matmul/weight_quant_batch_matmul_v2/tests/assets/wqbmmv2_kernel_golden.py``
+    (``_compute_tc`` and ``_compute_pergroup`` truncate ``weight + offset`` and then
+    ``weight * scale`` to the intermediate dtype, float16 for float16 x and bfloat16 for
+    bfloat16 x, ``matmul_golden_util.truncate`` being a round-to-nearest cast), and
+    Ascend/op-plugin ``test/test_custom_ops/test_npu_weight_quant_batchmatmul.py``, whose
+    golden ``(weight + antiquant_offset) * antiquant_scale`` on an int8 tensor and 16-bit
+    parameters rounds each step to the parameters' dtype by torch's type promotion.
+    Rounding once at the end instead (all float32) misses rtol 1e-3 against those goldens
+    for 17% of float16 and 49% of bfloat16 outputs. Each float32 step is exact or rounds
+    once before the 16-bit rounding, exactly as the goldens' float32 numpy arithmetic.
+
+    Args:
+        values: integer ``(k, n)`` weight values (int8 range), on the device.
+        scale: float16/bfloat16 antiquant scale, ``(1,)``, ``(n,)``, ``(1, n)`` or
+            per-group ``(ceil(k/g), n)``.
+        offset: optional, like ``scale``.
+        group_size: ``g`` for per-group parameters (row ``kk`` uses group ``kk // g``), else 0.
+
+    Returns:
+        The ``(k, n)`` dequantized weight in ``scale``'s dtype on ``values``' device.
+
+    """
+    k, n = values.shape
+    dtype = scale.dtype
+    if values.device.type != "cpu":
+        # Off the CPU, in x's dtype directly: torch computes 16-bit elementwise ops in float32
+        # and rounds each result once, the same two roundings with a third of the traffic.
+        deq = values.to(dtype)  # exact: int8 and int4 values are 16-bit floats
+        if offset is not None:
+            deq = deq + _expand_rows(offset, group_size, k, dtype)
+        return deq * _expand_rows(scale, group_size, k, dtype)
+    # Reused buffers: fresh CPU memory costs a page fault per 4 KiB on first touch.
+    w = torch.empty((k, n), dtype=torch.float32)
+    w.copy_(values)
+    rounded = torch.empty((k, n), dtype=dtype)
+    if offset is not None:
+        w += _expand_rows(offset, group_size, k, torch.float32)
+        rounded.copy_(w)  # rounding point 1: w + offset stored in x's dtype
+        w.copy_(rounded)
+    w *= _expand_rows(scale, group_size, k, torch.float32)
+    rounded.copy_(w)  # rounding point 2: (w + offset) * scale stored in x's dtype
+    return rounded
 
 
 def weight_quant_batchmatmul(
@@ -169,11 +226,13 @@ def weight_quant_batchmatmul(
     """Matmul with a weight-only quantized weight: ``x @ ((w + offset) * scale) + bias``.
 
     Positional order follows torch_npu.npu_weight_quant_batchmatmul (``quant_scale`` before
-    ``quant_offset``). All arithmetic is float32: ``W = (w + antiquant_offset) * antiquant_scale``
-    elementwise (each step rounded to float32), ``y = x @ W`` by a float32 GEMM (summation
-    order unspecified), ``+ bias``. Per-group parameters apply to row ``kk`` of the weight
-    from group ``kk // antiquant_group_size``. Without ``quant_scale`` the result is rounded
-    to ``x.dtype`` (round to nearest even). With ``quant_scale`` the output is int8:
+    ``quant_offset``). Rounded where the device rounds (:func:`dequantize_weight`):
+    ``W = round(round(w + antiquant_offset) * antiquant_scale)``, each step computed in
+    float32 and rounded to ``x.dtype``; then ``y = x @ W`` with exact products and float32
+    accumulation (summation order unspecified), ``+ bias`` in float32. Per-group parameters
+    apply to row ``kk`` of the weight from group ``kk // antiquant_group_size``. Without
+    ``quant_scale`` the result is rounded to ``x.dtype`` (round to nearest even). With
+    ``quant_scale`` the output is int8:
     ``round_half_to_even(y * qs + qo)`` saturated to [-128, 127], where ``(qs, qo)`` are what
     the hardware applies: a float32 ``quant_scale`` is encoded by trans_quant_param first,
     as torch_npu does (low 13 mantissa bits dropped, offset rounded half to even and clamped
@@ -220,7 +279,8 @@ def weight_quant_batchmatmul(
             ``weight_shape`` is None for a FRACTAL_NZ weight.
         ParamInvalidError: a dtype, rank, shape or layout outside the rules above, k or n
             outside [1, 65535], mismatched k, a bad ``antiquant_group_size``, or
-            ``quant_offset`` without ``quant_scale``.
+            ``quant_offset`` without ``quant_scale``, or a tensor on another device than
+            ``x``.
 
     """
     require_not_none("x", x)
@@ -304,17 +364,31 @@ def weight_quant_batchmatmul(
             f"must be (n,) or (1, n) with n={n}",
         )
 
+    device = same_device(
+        ("x", x),
+        ("weight", weight),
+        ("antiquant_scale", antiquant_scale),
+        ("antiquant_offset", antiquant_offset),
+        ("quant_scale", quant_scale),
+        ("quant_offset", quant_offset),
+        ("bias", bias),
+    )
+
     # --- arithmetic -------------------------------------------------------------------
-    # Casts go through torch.empty(...).copy_(...): the vectorized copy kernel, and no
-    # temporaries beyond the float32 weight, x and y.
-    w = torch.empty((k, n), dtype=torch.float32)
-    w.copy_(_decode_weight(weight, fmt, k, n, weight_transposed))
-    if antiquant_offset is not None:
-        w += _expand_rows(antiquant_offset, g, k)
-    w *= _expand_rows(antiquant_scale, g, k)
-    x32 = torch.empty((m, k), dtype=torch.float32)
-    x32.copy_(x.reshape(m, k))
-    y = torch.matmul(x32, w)
+    w = dequantize_weight(
+        _decode_weight(weight, fmt, k, n, weight_transposed), antiquant_scale, antiquant_offset, g
+    )
+    x2d = x.reshape(m, k)
+    if device.type == "cpu":
+        # Casts go through torch.empty(...).copy_(...): the vectorized copy kernel, and no
+        # temporaries beyond the float32 weight, x and y.
+        w32 = torch.empty((k, n), dtype=torch.float32)
+        w32.copy_(w)
+        x32 = torch.empty((m, k), dtype=torch.float32)
+        x32.copy_(x2d)
+        y = torch.matmul(x32, w32)
+    else:
+        y = mm_float32(x2d, w)
     if bias is not None:
         y += bias.to(torch.float32).reshape(-1)
     if quant_scale is not None:
@@ -323,6 +397,6 @@ def weight_quant_batchmatmul(
         y += qo.reshape(-1)
         out = round_to_int8(y)
     else:
-        out = torch.empty((m, n), dtype=x.dtype)
+        out = torch.empty((m, n), dtype=x.dtype, device=device)
         out.copy_(y)
     return out.reshape(*x.shape[:-1], n)

@@ -104,7 +104,7 @@ class CombineRunner(_ExpertChunks):
             gmm_y = grouped_matmul(
                 self.x, self.weight, self.by_dest.sum(axis=0).tolist(), trans_weight=self.trans
             )
-            self.outputs[task.id] = gmm_y[transpose_blocks(self.by_dest.T)]
+            self.outputs[task.id] = gmm_y[transpose_blocks(self.by_dest.T).to(gmm_y.device)]
         else:
             j = task.expert
             if self.parts == 1:
@@ -114,7 +114,7 @@ class CombineRunner(_ExpertChunks):
                 idx = chunk_rows(
                     self.by_dest[:, j], self.starts[j], range(self.world), task.part, self.parts
                 )
-                rows = self.x[idx]
+                rows = self.x[idx.to(self.x.device)]
             self.outputs[task.id] = grouped_matmul(
                 rows, self.weight[j : j + 1], [rows.shape[0]], trans_weight=self.trans
             )
@@ -178,12 +178,12 @@ class DispatchRunner(_ExpertChunks):
             self.packed[task.id] = self.x[
                 chunk_rows(
                     self.by_dest[:, j], self.starts[:, j], range(self.world), task.part, self.parts
-                )
+                ).to(self.x.device)
             ]
             return
         arrived = self.received.pop(task.deps[0])
         if task.expert is None:  # serial: permute (r, j) -> (j, r), then every expert
-            permuted = arrived[transpose_blocks(self.by_source)]
+            permuted = arrived[transpose_blocks(self.by_source).to(arrived.device)]
             gmm_y = grouped_matmul(
                 permuted, self.weight, self.by_source.sum(axis=0).tolist(), trans_weight=self.trans
             )

@@ -63,7 +63,7 @@ class AllGatherMatmulRunner:
         self.comm, self.x1, self.multiply = comm, x1, multiply
         m, world = x1.shape[0], comm.size
         self.m = m
-        self.gathered = torch.empty((world * m, x1.shape[1]), dtype=x1.dtype)
+        self.gathered = torch.empty((world * m, x1.shape[1]), dtype=x1.dtype, device=x1.device)
         self.gathered[comm.rank * m : (comm.rank + 1) * m] = x1
         self.out: torch.Tensor | None = None
         self.n = n
@@ -89,7 +89,9 @@ class AllGatherMatmulRunner:
             self.out = self.multiply(self.gathered)
             return
         if self.out is None:
-            self.out = torch.empty((self.gathered.shape[0], self.n), dtype=self.x1.dtype)
+            self.out = torch.empty(
+                (self.gathered.shape[0], self.n), dtype=self.x1.dtype, device=self.x1.device
+            )
         rows = self._rows(task.peer, task)
         self.out[rows] = self.multiply(self.gathered[rows])
 
@@ -144,7 +146,7 @@ class ReduceScatterRunner:
         rows = []
         for start in starts:
             parts = [self.arrived[(start, r)] for r in range(self.comm.size)]
-            total = torch.zeros(parts[0].shape, dtype=torch.float32)
+            total = torch.zeros(parts[0].shape, dtype=torch.float32, device=parts[0].device)
             for part in parts:
                 total += part.float()
             rows.append(total.to(self.x1.dtype))

@@ -95,7 +95,7 @@ class IfaSpec(OpSpec):
         table = table.to(torch.int32)
         expected = golden.ifa_paged(
             query, key_cache, value_cache, table, lengths,
-            num_heads=heads, num_kv_heads=kv_heads, scale=dim**-0.5,
+            num_heads=heads, num_kv_heads=kv_heads, scale=dim**-0.5, probs_dtype=dtype,
         )  # fmt: skip
 
         def run(tiling: object) -> torch.Tensor:

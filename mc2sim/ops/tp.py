@@ -17,6 +17,7 @@ from mc2sim._compat import StrEnum
 from mc2sim.comm import Communicator, agreed
 from mc2sim.errors import AclnnRuntimeError, ParamNullptrError
 from mc2sim.kernels import matmul, quant_matmul, weight_quant_batchmatmul
+from mc2sim.kernels._device import same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 from mc2sim.limits import require_multiple
 from mc2sim.ops._tp_runners import AllGatherMatmulRunner, AllReduceRunner, ReduceScatterRunner
@@ -144,6 +145,7 @@ def _local_mm(
         )
     if x3 is not None:
         require_dtype("x3", x3, (y.dtype,))
+        same_device(("x1", x1), ("x3", x3))
         require(
             "x3.shape",
             tuple(x3.shape),
@@ -285,7 +287,7 @@ def mm_all_reduce(
         rank=comm.rank,
         world_size=comm.size,
     )
-    out = torch.empty((m, n), dtype=probe.dtype)
+    out = torch.empty((m, n), dtype=probe.dtype, device=probe.device)
     execute(plan, comm, AllReduceRunner(comm=comm, local=tile, out=out), progress=progress)
     return out.reshape(*x1.shape[:-1], n)
 

@@ -100,13 +100,16 @@ def _loop_oracle(
     mask: torch.Tensor | None = None,
     pse: torch.Tensor | None = None,
     kv_affine: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    probs_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Per-batch, per-head float64 numpy loops.
 
     q (B, N, D); keys/values per batch (N_kv, S_b, D); windows per batch [start, end);
     mask (B, S) nonzero = masked (replaced by -1e12); pse (1|B, N, S); kv_affine =
     (k_scale, k_offset, v_scale, v_offset) broadcastable to (N_kv, 1, D): kv = (kv + o) * s.
-    Returns (B, N, D).
+    probs_dtype: round the unnormalized probabilities exp(s - max) to this dtype before the
+    product with the values, dividing by the sum of the unrounded ones (where the device
+    rounds); None keeps everything exact. Returns (B, N, D).
     """
     qn = q.double().numpy()
     b, n, d = qn.shape
@@ -129,7 +132,11 @@ def _loop_oracle(
             if mask is not None:
                 s = np.where(mask[i, lo:hi].numpy() != 0, -1e12, s)
             p = np.exp(s - s.max())
-            out[i, h] = (p / p.sum()) @ vh
+            if probs_dtype is None:
+                out[i, h] = (p / p.sum()) @ vh
+            else:
+                stored = torch.from_numpy(p).to(probs_dtype).double().numpy()
+                out[i, h] = (stored @ vh) / p.sum()
     return out
 
 
@@ -551,6 +558,159 @@ def test_int8_kv_antiquant_with_tensor_list() -> None:
     _assert_close(out, ref, torch.bfloat16)
 
 
+# --------------------------------------------------------------------------- where the device rounds
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp16", "bf16"])
+def test_probabilities_are_rounded_to_the_query_dtype_before_the_values(
+    dtype: torch.dtype,
+) -> None:
+    """exp(s - max) is stored in the query's dtype for the product with V.
+
+    The sum of the unrounded ones divides it (hicann/ops-transformer incre_flash_attention_
+    split_Bbn2s2_Us2.h: DealBmm1ResBaseBlock casts the softmax result to the KV dtype;
+    RowDivs by the float32 softmax sum at the end).
+
+    Nearly every output equals the device-rounded float64 oracle rounded once; with float32
+    probabilities throughout, a large share of them (a quarter or more) differ from it.
+    """
+    gen = _gen(30)
+    b, n, nkv, d, s = 8, 8, 2, 16, 48
+    q, k, v = (
+        _rand(b, n, d, dtype=dtype, gen=gen),
+        _rand(b, nkv, s, d, dtype=dtype, gen=gen),
+        _rand(b, nkv, s, d, dtype=dtype, gen=gen),
+    )
+    out = incre_flash_attention(
+        _query(q, "BNSD"), k, v, num_heads=n, num_key_value_heads=nkv, scale_value=0.5,
+        input_layout="BNSD",
+    )  # fmt: skip
+    windows = [(0, s)] * b
+    device = _loop_oracle(q, list(k), list(v), scale=0.5, windows=windows, probs_dtype=dtype)
+    exact = _loop_oracle(q, list(k), list(v), scale=0.5, windows=windows)
+    got = _flat_out(out)
+    assert (
+        got == torch.from_numpy(device).to(dtype).double().reshape(b, -1)
+    ).double().mean() >= 0.99
+    assert (got != torch.from_numpy(exact).to(dtype).double().reshape(b, -1)).double().mean() >= 0.2
+
+
+def _two_position_int8_call(
+    q: torch.Tensor, k1: int, v1: int, scale_value: float, inner: int, v_scale: float = 1.0
+) -> torch.Tensor:
+    """Attend one fp16 query (1, 1, D) to int8 KV of two positions.
+
+    Position 0 holds zeros; position 1 holds ``k1`` in the key's last channel and ``v1`` in
+    every channel of the value.
+    """
+    d = q.shape[-1]
+    k = torch.zeros(1, 2, d, dtype=torch.int8)
+    k[0, 1, -1] = k1
+    v = torch.zeros(1, 2, d, dtype=torch.int8)
+    v[0, 1] = v1
+    return incre_flash_attention(
+        q, k, v, antiquant_scale=torch.tensor([1.0, v_scale], dtype=torch.float16),
+        num_heads=1, scale_value=scale_value, inner_precise=inner,
+    )  # fmt: skip
+
+
+def test_int8_kv_splits_the_query_into_two_or_three_int8_parts() -> None:
+    """INT8 KV: the query is split into 2 int8 parts at inner_precise 1, 3 at 0.
+
+    Scaled to 127 / max|q|, each part resolving the last residual in 1/254 (ops-transformer
+    IFA kernel AntiquantMatmulPreProcess / AntiquantAIterExpand; ITER_NUM = 2,
+    HIGH_PRECISION_ITER_NUM = 3 in incre_flash_attention_tiling_base.h).
+
+    q = (1, 2**-17): 127 * 2**-17 = 9.7e-4 of an int8 step, below the 1/508 that two parts
+    resolve, so with 2 parts the score of position 1 is exactly that of position 0 and the
+    output averages the values (v1 / 2 = 32); 3 parts resolve it (score 4.8 apart after
+    scale_value 5000: about 0.992 * 64), as exact dequantization does.
+    """
+    q = torch.tensor([1.0, 2.0**-17], dtype=torch.float16).view(1, 1, 2)
+    exact_weight = 1.0 / (1.0 + math.exp(-127 * 2.0**-17 * 5000))
+    two = _two_position_int8_call(q, 127, 64, 5000.0, inner=1)
+    three = _two_position_int8_call(q, 127, 64, 5000.0, inner=0)
+    assert two.reshape(-1).tolist() == [32.0, 32.0]
+    assert torch.allclose(
+        three.double(), torch.tensor(64 * exact_weight, dtype=torch.float64), rtol=2e-3
+    )
+
+
+def test_int8_kv_splits_the_probabilities_into_int8_parts() -> None:
+    """INT8 KV: the probabilities times 127 are split into int8 parts as the query is.
+
+    (AntiquantSoftmaxResPreProcess.) A weight of 1.0e-5 is 1.3e-3 of an int8 step: lost by
+    2 parts (output 0), kept by 3 (about 1.0e-5 * 127 * 1000 = 1.27, as exact).
+    """
+    q = torch.tensor([1.0], dtype=torch.float16).view(1, 1, 1)
+    # score of position 1: 127 * (-115) / 127 * 0.1 = -11.5, so its weight is e^-11.5 = 1.0e-5
+    exact = 127 * 1000.0 * math.exp(-11.5) / (1 + math.exp(-11.5))
+    two = _two_position_int8_call(q, -115, 127, 0.1, inner=1, v_scale=1000.0)
+    three = _two_position_int8_call(q, -115, 127, 0.1, inner=0, v_scale=1000.0)
+    assert two.item() == 0.0
+    assert abs(three.item() - exact) < 0.02 * exact
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("heads_first", [False, True], ids=["bsh_cache", "bnsd_cache"])
+def test_in_place_block_path_matches_the_gathered_path(
+    dtype: torch.dtype, heads_first: bool
+) -> None:
+    """The accelerators' in-place page-attention path gives the gathered path's result.
+
+    The cache read block by block in place: same rounding points, another float32 summation
+    order. Garbage (NaN) past each window, a partial last block, an empty window, mask, pse.
+    """
+    gen = _gen(31)
+    b, n, nkv, d, block, s = 4, 4, 2, 16, 16, 64
+    lengths = [64, 37, 0, 16]
+    q, k, v = (
+        _rand(b, n, d, dtype=dtype, gen=gen),
+        _rand(b, nkv, s, d, dtype=dtype, gen=gen),
+        _rand(b, nkv, s, d, dtype=dtype, gen=gen),
+    )
+    perm = torch.randperm(9, generator=gen)
+    kc, table = _paged(k, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
+    vc, _ = _paged(v, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
+    layout = "BNSD" if heads_first else "BSH"
+    plan = ifa_module.plan_incre_flash_attention(
+        _query(q, layout), kc, vc, padding_mask=None,
+        atten_mask=torch.rand(b, table.shape[1] * block, generator=gen) < 0.2,
+        pse_shift=_rand(1, n, 1, table.shape[1] * block, dtype=dtype, gen=gen),
+        actual_seq_lengths=lengths, antiquant_scale=None, antiquant_offset=None,
+        block_table=table, dequant_scale1=None, quant_scale1=None, dequant_scale2=None,
+        quant_scale2=None, quant_offset2=None, kv_padding_size=None, num_heads=n,
+        scale_value=0.3, input_layout=layout, num_key_value_heads=nkv, block_size=block,
+        inner_precise=1,
+    )  # fmt: skip
+    assert plan.key.blocks is not None  # type: ignore[attr-defined]
+    gathered = ifa_module._finish(plan, ifa_module._attend(plan))
+    in_place = ifa_module._finish(
+        plan,
+        ifa_module._attend_in_blocks(plan, plan.key, plan.value, plan.key.blocks),  # type: ignore[arg-type, attr-defined]
+    )
+    assert not in_place.isnan().any() and not in_place.reshape(b, -1)[2].any()
+    tol = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(in_place.double(), gathered.double(), rtol=tol, atol=tol)
+
+
+def test_shared_or_sparse_blocks_take_the_gathered_path() -> None:
+    gen = _gen(32)
+    q, kv = _rand(2, 2, 16, gen=gen), _rand(10, 16, 32, gen=gen)
+    shared = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)  # block 1 in both tables
+    sparse = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # 4 of 10 blocks in use
+    for table in (shared, sparse):
+        plan = ifa_module.plan_incre_flash_attention(
+            _query(q, "BSH"), kv, kv, padding_mask=None, atten_mask=None, pse_shift=None,
+            actual_seq_lengths=[32, 20], antiquant_scale=None, antiquant_offset=None,
+            block_table=table, dequant_scale1=None, quant_scale1=None, dequant_scale2=None,
+            quant_scale2=None, quant_offset2=None, kv_padding_size=None, num_heads=2,
+            scale_value=1.0, input_layout="BSH", num_key_value_heads=2, block_size=16,
+            inner_precise=1,
+        )  # fmt: skip
+        assert plan.key.blocks is None  # type: ignore[attr-defined]
+
+
 def _assert_quantized(out: torch.Tensor, ref: np.ndarray) -> None:
     """``out`` equals round-half-even(clip(ref)) except within 1e-3 of a rounding tie."""
     got = out.reshape(-1).numpy().astype(np.int64)
@@ -594,7 +754,7 @@ def test_int8_output_quantization(
         input_layout="BNSD",
     )
     assert out.dtype == torch.int8 and out.shape == (b, n, 1, d)
-    attn = _loop_oracle(q, list(k), list(v), scale=0.25, windows=[(0, s)] * b)
+    attn = _loop_oracle(q, list(k), list(v), scale=0.25, windows=[(0, s)] * b, probs_dtype=dtype)
     sc = scale.double().numpy().reshape(1, *(shape if per_channel else (1, 1)))
     of = 0.0 if offset is None else offset.double().numpy().reshape(sc.shape)
     _assert_quantized(out, attn * sc + of)

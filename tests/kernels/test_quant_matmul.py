@@ -42,8 +42,14 @@ def np_offset(offset: np.ndarray) -> np.ndarray:
     return np.clip(np.round(offset.astype(np.float64)), -256, 255).astype(np.float32)
 
 
-def np_to_int8(y: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(y), -128, 127).astype(np.int8)
+def np_requant(y: np.ndarray, offset: np.ndarray | float = 0.0) -> np.ndarray:
+    """The device's int8 requantization: round, saturate to 9 bits, add the offset, to int8.
+
+    hicann/ops-nn quant_batch_matmul_v3 kernel golden (``compute_requant``):
+    ``clip(clip(round(acc * scale), -256, 255) + offset, -128, 127)``.
+    """
+    s9 = np.clip(np.round(y.astype(np.float64)), -256, 255)
+    return np.clip(s9 + np.asarray(offset, dtype=np.float64), -128, 127).astype(np.int8)
 
 
 def np_pack_int4(values: np.ndarray) -> np.ndarray:
@@ -85,10 +91,41 @@ def test_seed_004_example_both_methods() -> None:
     assert out1.shape == (31, 256, 16)
     assert torch.equal(out1, out2)
     acc = (np_acc(x1, x2) + bias.numpy()).astype(np.float32)
-    y = acc * np_truncate(scale.numpy()) + np_offset(offset.numpy())
-    np.testing.assert_array_equal(out1.numpy(), np_to_int8(y))
+    y = acc * np_truncate(scale.numpy())
+    np.testing.assert_array_equal(out1.numpy(), np_requant(y, np_offset(offset.numpy())))
     # Some values saturate, some do not: the example exercises both.
     assert int((out1 == 127).sum()) > 0 and int((out1.abs() < 100).sum()) > 0
+
+
+# --- where the device rounds: INT8 output --------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["float32", "int64"])
+def test_int8_output_saturates_to_9_bits_before_the_offset(how: str) -> None:
+    """``round(acc * scale)`` saturates to [-256, 255] before the offset is added.
+
+    hicann/ops-nn qbmmv3 kernel golden, ``compute_requant`` with ``f32_2_s9``.
+
+    Row r of x1 times the ones column of x2 gives acc = 100 * r; with scale 1 and
+    offset -200 / +200 the device gives ``clip(clip(acc, -256, 255) +- 200, -128, 127)``.
+    Adding the offset first (float32 throughout) gives other values wherever |acc| > 255.
+    """
+    acc = torch.arange(-5, 6, dtype=torch.int64) * 100  # -500 .. 500
+    x1 = torch.zeros(acc.numel(), 100, dtype=I8)
+    x1[:, :5] = (acc // 5).reshape(-1, 1).to(I8)  # five entries summing to acc
+    x2 = torch.ones(100, 2, dtype=I8)
+    scale = torch.ones(2)
+    offset = torch.tensor([-200.0, 200.0])
+    if how == "float32":
+        out = quant_matmul(x1, x2, scale, offset=offset)
+    else:
+        out = quant_matmul(x1, x2, trans_quant_param(scale, offset))
+    a = acc.numpy().reshape(-1, 1).astype(np.float64)
+    device = np.clip(np.clip(a, -256, 255) + np.array([-200.0, 200.0]), -128, 127)
+    offset_first = np.clip(a + np.array([-200.0, 200.0]), -128, 127)
+    np.testing.assert_array_equal(out.numpy(), device.astype(np.int8))
+    assert out.numpy()[-1, 0] == 55 and out.numpy()[0, 1] == -56  # 500 - 200, -500 + 200
+    assert (out.numpy() != offset_first.astype(np.int8)).sum() == 6
 
 
 # --- each supported combination against the oracle ------------------------------------------
@@ -111,8 +148,8 @@ def test_int8_to_int8_per_tensor_int64_offset_field() -> None:
     scale = torch.tensor([0.0123], dtype=F32)
     offset = torch.tensor([-3.5], dtype=F32)  # rounds half to even: -4
     out = quant_matmul(x1, x2, trans_quant_param(scale, offset))
-    y = np_acc(x1, x2).astype(np.float32) * np_truncate(scale.numpy()) + np.float32(-4)
-    np.testing.assert_array_equal(out.numpy(), np_to_int8(y))
+    y = np_acc(x1, x2).astype(np.float32) * np_truncate(scale.numpy())
+    np.testing.assert_array_equal(out.numpy(), np_requant(y, -4.0))
 
 
 def test_float_offset_replaces_int64_offset_field() -> None:
@@ -121,8 +158,8 @@ def test_float_offset_replaces_int64_offset_field() -> None:
     packed = trans_quant_param(scale, torch.full((4,), 100.0))
     offset = torch.tensor([2.5, -1.2, 0.0, 300.0], dtype=F32)
     out = quant_matmul(x1, x2, packed, offset=offset)
-    y = np_acc(x1, x2).astype(np.float32) * np_truncate(scale.numpy()) + np_offset(offset.numpy())
-    np.testing.assert_array_equal(out.numpy(), np_to_int8(y))
+    y = np_acc(x1, x2).astype(np.float32) * np_truncate(scale.numpy())
+    np.testing.assert_array_equal(out.numpy(), np_requant(y, np_offset(offset.numpy())))
 
 
 @pytest.mark.parametrize("bias_dtype", [None, I32, BF16, F32])

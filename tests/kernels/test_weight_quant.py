@@ -17,6 +17,14 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 # --- oracle: float64 numpy with an explicit per-row group index ------------------------------
 
 
+def stored(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """A float32 result stored in ``dtype``: float32 rounding, then ``dtype``'s.
+
+    As numpy's ``astype(float32).astype(inter_dtype)`` in the public kernel goldens.
+    """
+    return torch.from_numpy(values.astype(np.float32)).to(dtype).to(torch.float64).numpy()
+
+
 def oracle(
     x: torch.Tensor,
     w: np.ndarray,
@@ -24,8 +32,15 @@ def oracle(
     offset: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     group_size: int = 0,
+    *,
+    device_rounding: bool = True,
 ) -> np.ndarray:
-    """``x @ ((w + offset) * scale) + bias`` in float64; ``w`` is the (k, n) integer matrix."""
+    """``x @ ((w + offset) * scale) + bias`` in float64; ``w`` is the (k, n) integer matrix.
+
+    With ``device_rounding`` the dequantized weight is rounded where the device rounds it:
+    ``w + offset`` and then ``* scale`` each stored in x's dtype (hicann/ops-nn
+    weight_quant_batch_matmul_v2 kernel golden); without, it stays exact.
+    """
     k, n = w.shape
     s = scale.to(torch.float64).numpy()
     o = None if offset is None else offset.to(torch.float64).numpy()
@@ -36,7 +51,13 @@ def oracle(
     else:
         s_full = np.broadcast_to(s.reshape(1, -1), (k, n))
         o_full = None if o is None else np.broadcast_to(o.reshape(1, -1), (k, n))
-    deq = (w.astype(np.float64) + (0.0 if o_full is None else o_full)) * s_full
+    if device_rounding:
+        shifted = w.astype(np.float64)
+        if o_full is not None:
+            shifted = stored(shifted + o_full, x.dtype)
+        deq = stored(shifted * s_full, x.dtype)
+    else:
+        deq = (w.astype(np.float64) + (0.0 if o_full is None else o_full)) * s_full
     y = np.einsum("mk,kn->mn", x.to(torch.float64).reshape(-1, k).numpy(), deq)
     if bias is not None:
         y = y + bias.to(torch.float64).numpy().reshape(-1)
@@ -138,6 +159,75 @@ def test_bias_dtypes_3d_x_and_transposed_weight_view() -> None:
     b16 = rand_p((48,), F16, 13)
     y16 = weight_quant_batchmatmul(x16, w_nk.t(), scale.to(F16), bias=b16)
     assert_close_to(y16, oracle(x16, w_nk.t().numpy(), scale.to(F16), bias=b16))
+
+
+# --- where the device rounds -----------------------------------------------------------------
+
+
+def as_dtype(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(values).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode", ["per_tensor", "per_channel", "per_group"])
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+@pytest.mark.parametrize("with_offset", [True, False], ids=["offset", "no_offset"])
+def test_dequantized_weight_is_rounded_to_x_dtype_before_the_matmul(
+    dtype: torch.dtype, mode: str, bits: int, with_offset: bool
+) -> None:
+    """``w + offset`` and ``* scale`` are stored in x's dtype before the matmul.
+
+    The device's matrix unit takes 16-bit operands (hicann/ops-nn wqbmmv2 kernel golden,
+    op-plugin's test golden).
+
+    The output equals the device-rounded float64 oracle rounded once (but for the rare
+    element where float32 accumulation order crosses a rounding boundary); with the weight
+    dequantized in float32 throughout, 30% to 55% of the outputs differ from it, so this
+    test fails if the rounding points are dropped.
+    """
+    m, k, n = 8, 128, 64
+    shape, group = {
+        "per_tensor": ((1,), 0),
+        "per_channel": ((n,), 0),
+        "per_group": ((k // 32, n), 32),
+    }[mode]
+    lo, hi = (-128, 128) if bits == 8 else (-8, 8)
+    values = rand_w((k, n), lo, hi, torch.int32, 40)
+    weight = values.to(torch.int8) if bits == 8 else convert_weight_to_int4pack(values)
+    x = rand_x((m, k), dtype, 41)
+    scale = rand_p(shape, dtype, 42, positive=True)
+    offset = rand_p(shape, dtype, 43) * 3 if with_offset else None
+    y = weight_quant_batchmatmul(x, weight, scale, offset, antiquant_group_size=group)
+    device = as_dtype(oracle(x, values.numpy(), scale, offset, group_size=group), dtype)
+    float32_throughout = as_dtype(
+        oracle(x, values.numpy(), scale, offset, group_size=group, device_rounding=False), dtype
+    )
+    assert (y == device).double().mean() >= 0.99
+    assert (y != float32_throughout).double().mean() >= 0.25
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_distance_from_the_exact_golden_is_the_rounding_bound(dtype: torch.dtype) -> None:
+    """Against the exact golden the output errs by no more than its rounding points allow.
+
+    Each weight element by two roundings to x's dtype, the sum by one more.
+    """
+    m, k, n = 16, 256, 64
+    u = torch.finfo(dtype).eps / 2  # unit roundoff
+    x = rand_x((m, k), dtype, 44)
+    w = rand_w((k, n), -128, 128, torch.int8, 45)
+    scale = rand_p((n,), dtype, 46, positive=True)
+    offset = rand_p((n,), dtype, 47) * 3
+    y = weight_quant_batchmatmul(x, w, scale, offset).double().numpy()
+    exact = oracle(x, w.numpy(), scale, offset, device_rounding=False)
+    shifted = np.abs(w.numpy().astype(np.float64) + offset.double().numpy())
+    per_weight = (u * shifted + u * (1 + u) * shifted) * scale.double().numpy()  # 2 roundings
+    magnitude = np.abs(x.double().numpy()) @ (shifted * scale.double().numpy())
+    accumulation = k * 2.0**-24 * magnitude  # float32 sums of exact products
+    bound = np.abs(x.double().numpy()) @ per_weight + u * np.abs(exact) * 1.01 + accumulation
+    error = np.abs(y - exact)
+    assert (error <= bound).all()
+    assert error.max() > u * np.abs(exact).max() / 4  # the weight's rounding is visible
 
 
 # --- int4 ND and the NZ layouts -------------------------------------------------------------

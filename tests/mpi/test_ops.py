@@ -342,7 +342,7 @@ def test_ifa_decode_against_golden(comm: Communicator, dtype: torch.dtype) -> No
     expected = golden.ifa_paged(
         args["query"], args["key_cache"], args["value_cache"], args["block_table"],
         args["actual_seq_lengths"], num_heads=args["num_heads"],
-        num_kv_heads=args["num_key_value_heads"], scale=args["scale_value"],
+        num_kv_heads=args["num_key_value_heads"], scale=args["scale_value"], probs_dtype=dtype,
     )  # fmt: skip
     serial = ops.ifa_decode(comm=comm, tiling="serial", **args)
     assert serial.dtype == dtype and tuple(serial.shape) == expected.shape
