@@ -390,7 +390,7 @@ def test_ifa_decode_every_tiling_on_each_ranks_heads(world: int) -> None:
         expected = golden.ifa_paged(
             args["query"], args["key_cache"], args["value_cache"], args["block_table"],
             args["actual_seq_lengths"], num_heads=heads, num_kv_heads=kv_heads,
-            scale=args["scale_value"],
+            scale=args["scale_value"], probs_dtype=args["query"].dtype,
         )  # fmt: skip
         serial = ops.ifa_decode(comm=comm, tiling="serial", **args)
         verdict = check(serial, expected, "double_thousandths", rank=comm.rank)
