@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mc2sim import routing, study
+from mc2sim import routing
 from mc2sim.errors import ParamInvalidError
+from mc2sim.ops import moe_spec
 from mc2sim.routing import (
     Direction,
     RoutingConfig,
@@ -24,6 +25,7 @@ from mc2sim.routing import (
 )
 from mc2sim.scenario import builtin
 from mc2sim.schedule import Plan
+from mc2sim.study import plans_for
 
 GENERATED = [
     RoutingConfig(kind="balanced"),
@@ -320,12 +322,13 @@ def test_study_plans_are_the_same_on_both_sides_of_the_dense_limit(
     # study keeps counts sparse above DENSE_ROUTING_LIMIT ranks only to save memory: at 64 and
     # 65 ranks, the plans are the same whichever representation it picks
     scenario = builtin(name, ["scale=small"])
-    limit = study.DENSE_ROUTING_LIMIT
+    limit = moe_spec.DENSE_ROUTING_LIMIT
     for world in (limit, limit + 1):
-        default = study.plans_for(scenario, world, "hardware")
-        monkeypatch.setattr(study, "DENSE_ROUTING_LIMIT", limit if world > limit else 0)
-        other = study.plans_for(scenario, world, "hardware")
-        monkeypatch.setattr(study, "DENSE_ROUTING_LIMIT", limit)
+        default = plans_for(scenario, world, "hardware")
+        # the other representation: dense above the limit, sparse at or below it
+        monkeypatch.setattr(moe_spec, "DENSE_ROUTING_LIMIT", world if world > limit else 0)
+        other = plans_for(scenario, world, "hardware")
+        monkeypatch.setattr(moe_spec, "DENSE_ROUTING_LIMIT", limit)
         assert [plan_facts(default[r]) for r in range(world)] == [
             plan_facts(other[r]) for r in range(world)
         ]
