@@ -23,15 +23,15 @@ the job, and the line says the ranks are unknown.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import NamedTuple, ParamSpec, Protocol, TypeVar
+from typing import Generic, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from mc2sim.comm.job import end_job
 from mc2sim.errors import ParamInvalidError
@@ -118,6 +118,7 @@ _NAMED: ContextVar[str | None] = ContextVar("mc2sim_collective_name", default=No
 
 P = ParamSpec("P")
 R = TypeVar("R")
+V = TypeVar("V")
 
 
 def current_op() -> str | None:
@@ -126,19 +127,32 @@ def current_op() -> str | None:
     return None if call is None else call.name
 
 
-@contextlib.contextmanager
-def op_call(name: str) -> Iterator[None]:
+class _Scoped(Generic[V]):
+    """Sets a context variable for the body of a ``with`` (a class: a generator costs more)."""
+
+    __slots__ = ("_token", "_value", "_var")
+
+    def __init__(self, var: ContextVar[V], value: V) -> None:
+        self._var, self._value = var, value
+
+    def __enter__(self) -> None:
+        self._token = self._var.set(self._value)
+
+    def __exit__(self, *exc: object) -> None:
+        self._var.reset(self._token)
+
+
+def op_call(name: str) -> AbstractContextManager[None]:
     """Label the collectives issued in the body with ``name`` and their index in this call.
 
     Args:
         name: the op's name, as users call it (``"gmm_alltoallv"``).
 
+    Returns:
+        The context manager.
+
     """
-    token = _OP.set(_OpCall(name))
-    try:
-        yield
-    finally:
-        _OP.reset(token)
+    return _Scoped(_OP, _OpCall(name))
 
 
 def in_op(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -155,14 +169,9 @@ def in_op(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return decorate
 
 
-@contextlib.contextmanager
-def collectives_named(kind: str) -> Iterator[None]:
+def collectives_named(kind: str) -> AbstractContextManager[None]:
     """Label the collectives issued in the body ``kind`` instead of their method's name."""
-    token = _NAMED.set(kind)
-    try:
-        yield
-    finally:
-        _NAMED.reset(token)
+    return _Scoped(_NAMED, kind)
 
 
 class Collective(NamedTuple):
