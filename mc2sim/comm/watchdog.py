@@ -27,6 +27,7 @@ import functools
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
@@ -391,7 +392,7 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     def add(self, watch: Watch) -> None:
-        """Watch ``watch`` from now on (for as long as it lives)."""
+        """Watch ``watch`` from now on."""
         with self._lock:
             self._watches.append(watch)
 
@@ -410,8 +411,14 @@ class Watchdog:
             self._thread.join()
 
     def _loop(self) -> None:
+        reported = False
         while not self._stop.wait(POLL_S):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a bug here must not end the deadlines
+                if not reported:
+                    traceback.print_exc()
+                    reported = True
 
     def check(self) -> None:
         """Answer roll calls; end the job if a wait is past its deadline."""
