@@ -31,8 +31,9 @@ __all__ = [
 INTERRUPTED_STATUS = 130
 """Exit status of a job ended by SIGINT (128 + 2, as shells report it)."""
 
-INTERRUPT_LEAD_S = 1.0
-"""How long a rank other than 0 that got SIGINT leaves rank 0 to end the job with its line."""
+LEAD_S = 1.0
+"""How long a rank other than 0 leaves rank 0 to end the job with its line, when every rank
+has the same reason to end it (SIGINT, or an error the ranks agreed on)."""
 
 
 @contextlib.contextmanager
@@ -41,7 +42,9 @@ def abort_on_exception() -> Iterator[None]:
 
     The line reads ``mc2sim: rank R/N: ErrorClass: message``. Errors of the operators'
     contract (``AclnnError``) print that line alone; anything else prints its traceback
-    first. A ``SystemExit`` with a non-zero code aborts too, since the other ranks may be
+    first. An error the ranks agreed on (``AclnnError.rank`` set: every rank raises it) is
+    printed by rank 0 alone; another rank prints it only if still running after
+    ``LEAD_S``. A ``SystemExit`` with a non-zero code aborts too, since the other ranks may be
     waiting for this one in a collective. In a lone process the exception propagates.
 
     SIGINT (Ctrl-C) ends the job with exit status 130 and one line, ``mc2sim: interrupted``,
@@ -68,6 +71,8 @@ def abort_on_exception() -> Iterator[None]:
                 raise
             if not isinstance(exc, AclnnError):
                 traceback.print_exc()
+            elif exc.rank is not None and rank != 0:  # agreed: rank 0 has the same line
+                time.sleep(LEAD_S)
             end_job(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1)
 
 
@@ -79,7 +84,7 @@ def _interrupted() -> None:
         print("mc2sim: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_STATUS) from None
     if rank != 0:  # rank 0 got it too when Ctrl-C reached the job: it speaks for all
-        time.sleep(INTERRUPT_LEAD_S)
+        time.sleep(LEAD_S)
     where = "" if rank == 0 else f" (rank {rank}/{size})"
     end_job(f"mc2sim: interrupted{where}", INTERRUPTED_STATUS)
 

@@ -174,3 +174,31 @@ def test_sigint_in_a_lone_process_is_one_line_and_status_130(tmp_path: Path) -> 
     res = launch([sys.executable, "-m", "mc2sim", "exec", str(script)], timeout=60)
     assert res.returncode == 130, res.stderr
     assert res.stderr == "mc2sim: interrupted\n"
+
+
+MISMATCH = r"""
+    import sys
+    import torch
+    from mc2sim import ops
+    from mc2sim.comm import init
+
+    comm = init("mpi")
+    x1 = torch.ones(2, 16, dtype=torch.bfloat16)
+    x2 = torch.ones(16, 4, dtype=torch.bfloat16)
+    ops.mm_all_reduce(x1, x2, comm, tiling=2 if comm.rank == comm.size - 1 else None)
+"""
+
+
+def test_a_mismatch_across_ranks_ends_the_job_with_one_line_from_rank_zero(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "mismatch.py"
+    script.write_text(textwrap.dedent(MISMATCH))
+    res = mpiexec(3, "-m", "mc2sim", "exec", str(script), timeout=120)
+    assert res.returncode == 1, res.stderr
+    lines = [x for x in res.stderr.splitlines() if x.startswith("mc2sim:")]
+    assert lines == [
+        "mc2sim: rank 0/3: ParamInvalidError: tiling={2: 'tiles=2'}: must be the same on every "
+        "rank ('hardware' on ranks 0, 1): the ranks issue one schedule of collectives together"
+    ], res.stderr
+    assert "Traceback" not in res.stderr
