@@ -9,7 +9,9 @@ They are consistent only if
 
 for every receiver q, sender r and expert j. Nothing on one rank can verify it, and the
 hardware operator does not: a violation gives garbage or a hang. :func:`check_counts` checks
-it with two allgathers and raises the same error on every rank.
+it and raises the same error on every rank: one allreduce agrees on the local checks and on
+``e`` and the lengths of the counts (so that the allgather that follows moves equal sizes from
+every rank), then one allgather of the counts.
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ import numpy as np
 import torch
 
 from mc2sim.comm import Communicator, agreed
+from mc2sim.comm.watchdog import in_op
 from mc2sim.errors import ParamInvalidError
 
-__all__ = ["check_counts", "check_counts_local", "check_counts_table", "counts_mismatch"]
+__all__ = [
+    "check_counts",
+    "check_counts_local",
+    "check_counts_table",
+    "counts_invariant",
+    "counts_mismatch",
+]
+
+_INT64_MAX = 2**63 - 1
 
 
 def check_counts_local(
@@ -41,8 +52,8 @@ def check_counts_local(
         ``(send, recv)`` as lists of Python ints.
 
     Raises:
-        ParamInvalidError: ``e`` < 1, a length other than ``e * world_size``, a negative count
-            or a value that is not an integer.
+        ParamInvalidError: ``e`` < 1, counts that are not a flat sequence of integers, a
+            length other than ``e * world_size``, a count < 0 or beyond int64.
 
     """
     if not isinstance(e, int) or isinstance(e, bool) or e < 1:
@@ -56,17 +67,27 @@ def check_counts_local(
                 len(values),
                 f"must be e * ep_world_size = {e} * {world_size} = {e * world_size}",
             )
-        negative = [i for i, v in enumerate(values) if v < 0]
-        if negative:
-            i = negative[0]
-            raise ParamInvalidError(f"{name}[{i}]", values[i], "counts must be >= 0")
+        for i, v in enumerate(values):
+            if v < 0:
+                raise ParamInvalidError(f"{name}[{i}]", v, "counts must be >= 0")
+            if v > _INT64_MAX:
+                raise ParamInvalidError(f"{name}[{i}]", v, "counts must fit in int64")
         out.append(values)
     return out[0], out[1]
 
 
 def _ints(name: str, counts: Sequence[int]) -> list[int]:
-    if isinstance(counts, torch.Tensor):
+    """``counts`` as Python ints: a list, tuple, 1-D tensor or 1-D array of integers."""
+    if isinstance(counts, (torch.Tensor, np.ndarray)):
+        if counts.ndim != 1:
+            raise ParamInvalidError(
+                f"{name}.shape", tuple(counts.shape), "must be 1-D: one count per (rank, expert)"
+            )
         counts = counts.tolist()
+    elif isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+        raise ParamInvalidError(
+            name, type(counts).__name__, "must be a sequence of ints (list, tuple, 1-D tensor)"
+        )
     values = []
     for i, v in enumerate(counts):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -75,17 +96,14 @@ def _ints(name: str, counts: Sequence[int]) -> list[int]:
     return values
 
 
-_INT64_MAX = 2**63 - 1
-
-
 def check_counts_table(
     send_counts: object, recv_counts: object, experts_per_rank: object
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check every rank's counts, given together (a row per rank), without a communicator.
 
     Each row must pass :func:`check_counts_local` (the rules every rank applies to its own
-    counts in :func:`check_counts`), the tables must have one row per rank, and every count
-    must fit in int64. ``mc2sim check-counts`` reads a dump through this.
+    counts in :func:`check_counts`, int64 bound included), and the tables must have one row
+    per rank. ``mc2sim check-counts`` reads a dump through this.
 
     Args:
         send_counts: a list per rank of its send counts, ``dest_rank * e + local_expert``.
@@ -129,13 +147,8 @@ def check_counts_table(
         except ParamInvalidError as err:
             param = "experts_per_rank" if err.param == "e" else _of_rank(err.param, r)
             raise ParamInvalidError(param, err.value, err.rule) from None
-        for name, values, out in (("send_counts", send, rows[0]), ("recv_counts", recv, rows[1])):
-            big = next((i for i, v in enumerate(values) if v > _INT64_MAX), None)
-            if big is not None:
-                raise ParamInvalidError(
-                    f"{name}[{r}][{big}]", values[big], "counts must be < 2**63 (int64)"
-                )
-            out.append(values)
+        rows[0].append(send)
+        rows[1].append(recv)
     return np.array(rows[0], dtype=np.int64), np.array(rows[1], dtype=np.int64)
 
 
@@ -169,6 +182,7 @@ def counts_mismatch(send: np.ndarray, recv: np.ndarray, e: int) -> tuple[int, in
     return q, r, j
 
 
+@in_op("check_counts")
 def check_counts(
     comm: Communicator, send_counts: Sequence[int], recv_counts: Sequence[int], e: int
 ) -> None:
@@ -185,11 +199,35 @@ def check_counts(
 
     Raises:
         ParamInvalidError: on every rank, naming the first offending receiver q, sender r
-            and expert j with both values; or the first rank's malformed counts.
+            and expert j with both values; or the first rank's malformed counts; or ``e``
+            or a length that differs between ranks, with each rank's value.
 
     """
-    with agreed(comm):
+    with agreed(comm) as same:
         send, recv = check_counts_local(send_counts, recv_counts, e, comm.size)
+        same("e", e, "every rank holds the same number of local experts")
+        same("len(send_counts)", len(send), "the counts of every rank are gathered together")
+        same("len(recv_counts)", len(recv), "the counts of every rank are gathered together")
+    counts_invariant(comm, send, recv, e)
+
+
+def counts_invariant(comm: Communicator, send: list[int], recv: list[int], e: int) -> None:
+    """Check the counts invariant, for ranks that already agreed on ``e`` and valid counts.
+
+    :func:`check_counts` without its agreement: for an op whose own agreement covered
+    :func:`check_counts_local` and ``e``, so every rank gathers ``2 * e * size`` counts.
+
+    Args:
+        comm: the expert-parallel group.
+        send: this rank's send counts, checked by :func:`check_counts_local`.
+        recv: this rank's receive counts, likewise.
+        e: local experts per rank, the same on every rank.
+
+    Raises:
+        ParamInvalidError: on every rank, naming the first offending receiver q, sender r
+            and expert j with both values.
+
+    """
     both = comm.allgather(torch.tensor([send + recv], dtype=torch.int64)).numpy()
     width = e * comm.size
     first = counts_mismatch(both[:, :width], both[:, width:], e)

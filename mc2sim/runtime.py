@@ -1,7 +1,7 @@
 """Process-level behaviour of a multi-rank job.
 
-Abort everything when one rank fails; keep freed memory in the process so repeated calls
-time alike.
+Abort everything when one rank fails or the user interrupts; keep freed memory in the process
+so repeated calls time alike.
 """
 
 from __future__ import annotations
@@ -9,57 +9,31 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
+from types import FrameType
 
-from mc2sim.comm.launch import Launcher, detect_launcher
+from mc2sim.comm.job import ABORT_GRACE_S, end_job, world_position
 from mc2sim.errors import AclnnError
 
-__all__ = ["ABORT_GRACE_S", "abort_on_exception", "steady_allocator", "world_position"]
+__all__ = [
+    "ABORT_GRACE_S",
+    "INTERRUPTED_STATUS",
+    "abort_on_exception",
+    "steady_allocator",
+    "world_position",
+]
 
+INTERRUPTED_STATUS = 130
+"""Exit status of a job ended by SIGINT (128 + 2, as shells report it)."""
 
-ABORT_GRACE_S = 0.3
-"""Seconds between printing a failing rank's message and aborting the job."""
-
-
-def world_position() -> tuple[int, int]:
-    """Return ``(rank, size)`` of this process in the job, without initialising anything.
-
-    Reads MPI when it is already initialised, else the launcher's environment variables;
-    a lone process is ``(0, 1)``.
-    """
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        return mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()
-    env = os.environ
-    for rank_var, size_var in (
-        ("RANK", "WORLD_SIZE"),
-        ("PMI_RANK", "PMI_SIZE"),
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-        ("PMIX_RANK", "PMIX_SIZE"),
-    ):
-        if rank_var in env and size_var in env:
-            return int(env[rank_var]), int(env[size_var])
-    return 0, 1
-
-
-def _abort_job(code: int) -> None:
-    """End every process of the job with ``code``; returns only in a lone process."""
-    rank, size = world_position()
-    if size <= 1:
-        return
-    if detect_launcher() is Launcher.MPIEXEC:
-        from mpi4py import MPI
-
-        # The launcher forwards our stderr through a pipe; aborting at once can end the job
-        # before the line naming this rank reaches the user (seen with MPICH's hydra).
-        time.sleep(ABORT_GRACE_S)
-        MPI.COMM_WORLD.Abort(code)
-    # torchrun (or another launcher) ends the other workers once this one exits non-zero;
-    # exit at once, skipping atexit handlers that could wait on the others.
-    os._exit(code)
+LEAD_S = 1.0
+"""How long a rank other than 0 leaves rank 0 to end the job with its line, when every rank
+has the same reason to end it (SIGINT, or an error the ranks agreed on)."""
 
 
 @contextlib.contextmanager
@@ -68,33 +42,94 @@ def abort_on_exception() -> Iterator[None]:
 
     The line reads ``mc2sim: rank R/N: ErrorClass: message``. Errors of the operators'
     contract (``AclnnError``) print that line alone; anything else prints its traceback
-    first. A ``SystemExit`` with a non-zero code aborts too, since the other ranks may be
+    first. An error the ranks agreed on (``AclnnError.rank`` set: every rank raises it) is
+    printed by rank 0 alone; another rank prints it only if still running after
+    ``LEAD_S``. A ``SystemExit`` with a non-zero code aborts too, since the other ranks may be
     waiting for this one in a collective. In a lone process the exception propagates.
+
+    SIGINT (Ctrl-C) ends the job with exit status 130 and one line, ``mc2sim: interrupted``,
+    from rank 0 (a rank that alone got the signal says which it is), and no traceback. In a
+    job of several ranks a helper thread takes the signal, since the main thread may be
+    blocked inside MPI where Python never sees it; in a lone process ``KeyboardInterrupt``
+    becomes that line and ``SystemExit(130)``.
     """
+    with _interrupt_ends_the_job():
+        try:
+            yield
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if code != 0:
+                rank, size = world_position()
+                if size > 1:
+                    end_job(f"mc2sim: rank {rank}/{size}: exit status {code}", code)
+            raise
+        except KeyboardInterrupt:
+            _interrupted()
+        except BaseException as exc:
+            rank, size = world_position()
+            if size <= 1:
+                raise
+            if not isinstance(exc, AclnnError):
+                traceback.print_exc()
+            elif exc.rank is not None and rank != 0:  # agreed: rank 0 has the same line
+                time.sleep(LEAD_S)
+            end_job(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1)
+
+
+def _interrupted() -> None:
+    """End the job after SIGINT: one line, exit status 130 (``SystemExit`` in a lone process)."""
+    rank, size = world_position()
+    if size <= 1:
+        sys.stdout.flush()
+        print("mc2sim: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_STATUS) from None
+    if rank != 0:  # rank 0 got it too when Ctrl-C reached the job: it speaks for all
+        time.sleep(LEAD_S)
+    where = "" if rank == 0 else f" (rank {rank}/{size})"
+    end_job(f"mc2sim: interrupted{where}", INTERRUPTED_STATUS)
+
+
+@contextlib.contextmanager
+def _interrupt_ends_the_job() -> Iterator[None]:
+    """In a job of several ranks, let a helper thread end the job on SIGINT.
+
+    Python runs a signal handler only between bytecodes of the main thread, and the main
+    thread may be blocked inside MPI for ever. The C-level handler still writes the signal's
+    number to the wakeup fd (``signal.set_wakeup_fd``), which the helper thread reads.
+    """
+    _, size = world_position()
+    if size <= 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous = signal.signal(signal.SIGINT, _taken_by_the_helper)
+    threading.Thread(
+        target=_wait_for_interrupt, args=(read_fd,), name="mc2sim-interrupt", daemon=True
+    ).start()
     try:
         yield
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if code != 0:
-            rank, size = world_position()
-            if size > 1:
-                _report(f"mc2sim: rank {rank}/{size}: exit status {code}")
-                _abort_job(code)
-        raise
-    except BaseException as exc:
-        rank, size = world_position()
-        if size <= 1:
-            raise
-        if not isinstance(exc, AclnnError):
-            traceback.print_exc()
-        _report(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}")
-        _abort_job(1)
-        raise  # pragma: no cover - _abort_job does not return in a job of several ranks
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the helper reads end-of-file and returns
 
 
-def _report(line: str) -> None:
-    sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
+def _taken_by_the_helper(signum: int, frame: FrameType | None) -> None:
+    """SIGINT's Python handler: nothing; the helper thread ends the job."""
+
+
+def _wait_for_interrupt(read_fd: int) -> None:
+    try:
+        while True:
+            data = os.read(read_fd, 64)
+            if not data:
+                return
+            if signal.SIGINT in data:
+                _interrupted()
+    finally:
+        os.close(read_fd)
 
 
 _M_TRIM_THRESHOLD = -1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mc2sim.comm.agree import agree, agreed
+from mc2sim.comm.agree import MustMatch, agree, agreed
 from mc2sim.comm.base import Communicator, ReduceOp, Work
 from mc2sim.comm.launch import Backend, Launcher, detect_launcher, init
 from mc2sim.comm.threads import ThreadCommunicator, run_threads
@@ -22,6 +22,7 @@ __all__ = [
     "Communicator",
     "Launcher",
     "MpiCommunicator",
+    "MustMatch",
     "ReduceOp",
     "ThreadCommunicator",
     "TorchCommunicator",

@@ -8,6 +8,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from mc2sim._compat import StrEnum
+from mc2sim.comm.job import Launcher, detect_launcher
 from mc2sim.errors import ParamInvalidError
 
 if TYPE_CHECKING:
@@ -17,9 +18,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "Launcher", "detect_launcher", "init"]
 
-# Environment variables each launcher sets in every process it starts.
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 _LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
@@ -32,37 +30,6 @@ class Backend(StrEnum):
 
     MPI = "mpi"
     TORCH = "torch"
-
-
-class Launcher(StrEnum):
-    """How the processes of a job were started.
-
-    Glossary: ``mpiexec`` (MPICH hydra, Open MPI, PMIx launchers), ``torchrun`` (or any
-    launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT), ``single`` (one
-    process started by hand).
-    """
-
-    MPIEXEC = "mpiexec"
-    TORCHRUN = "torchrun"
-    SINGLE = "single"
-
-
-def detect_launcher(environ: dict[str, str] | None = None) -> Launcher:
-    """Say which launcher started this process, from its environment.
-
-    Args:
-        environ: the environment to inspect; ``None`` means ``os.environ``.
-
-    Returns:
-        The launcher. torchrun's variables win when both kinds are present.
-
-    """
-    env = os.environ if environ is None else environ
-    if all(v in env for v in _TORCHRUN_VARS):
-        return Launcher.TORCHRUN
-    if any(v in env for v in _MPI_RANK_VARS):
-        return Launcher.MPIEXEC
-    return Launcher.SINGLE
 
 
 def init(backend: str | Backend = "mpi", *, torch_backend: str | None = None) -> Communicator:

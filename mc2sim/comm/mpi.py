@@ -11,6 +11,10 @@ memory: nothing on the data path is pickled. Numerics:
   that only moves (alltoallv, allgather) travels as its 16-bit words.
 * Tensors on an accelerator are staged through host memory: this backend is not
   device-aware. Use ``TorchCommunicator`` (NCCL, HCCL) for device tensors.
+
+Every collective has a deadline (:mod:`mc2sim.comm.watchdog`): the communicator records each
+one it issues and each wait, and a duplicate of the group's communicator carries the roll
+call that names the ranks that never arrived.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from mc2sim.comm.base import (
     reduce_op,
     reduced_in_float32,
 )
+from mc2sim.comm.watchdog import Answer, Collective, Watch, timeout_from_env, watch_of
 from mc2sim.errors import ParamInvalidError
 
-__all__ = ["MpiCommunicator"]
+__all__ = ["MpiCommunicator", "MpiSideChannel", "mpi_watch"]
 
 _MPI_OPS = {
     ReduceOp.SUM: MPI.SUM,
@@ -213,11 +218,19 @@ class _Reduction:
 class _MpiWork:
     """An MPI request and what turns its received buffer into the result."""
 
-    def __init__(self, request: MPI.Request, finish: Callable[[], torch.Tensor], keep: Any):
+    def __init__(
+        self,
+        request: MPI.Request,
+        finish: Callable[[], torch.Tensor],
+        keep: Any,
+        watch: Watch,
+        collective: Collective,
+    ):
         self._request = request
         self._finish = finish
         self._keep = keep  # buffers MPI reads or writes until completion
         self._result: torch.Tensor | None = None
+        self._watch, self._collective = watch, collective
 
     def test(self) -> bool:
         if self._result is None and self._request.Test():
@@ -226,7 +239,11 @@ class _MpiWork:
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
-            self._request.Wait()
+            self._watch.wait(self._collective)
+            try:
+                self._request.Wait()
+            finally:
+                self._watch.done()
             self._result = self._complete()
         return self._result
 
@@ -235,17 +252,115 @@ class _MpiWork:
         return self._finish()
 
 
+class MpiSideChannel:
+    """The watchdogs' roll calls, on a duplicate of a group's communicator.
+
+    Small pickled point-to-point messages, sent without waiting and received by probing, so
+    a peer that exited or never answers cannot block the asking rank.
+
+    Args:
+        comm: the group; duplicated here (collectively, on every rank of it).
+
+    """
+
+    _ASK = 0x6D32
+    _ANSWER = 0x6D33
+
+    def __init__(self, comm: MPI.Intracomm) -> None:
+        self._comm: MPI.Intracomm = comm.Dup()
+        self._rank, self._size = int(comm.Get_rank()), int(comm.Get_size())
+        world = MPI.COMM_WORLD.Get_group()
+        group = comm.Get_group()
+        self._world = [int(r) for r in group.Translate_ranks(list(range(self._size)), world)]
+        self._sends: list[MPI.Request] = []
+
+    @property
+    def rank(self) -> int:
+        """This rank in the group."""
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        """Ranks in the group."""
+        return self._size
+
+    @property
+    def world_ranks(self) -> list[int]:
+        """The ``MPI.COMM_WORLD`` rank of each rank of the group."""
+        return self._world
+
+    def _send(self, dest: int, tag: int, obj: Any) -> None:
+        self._sends = [r for r in self._sends if not r.Test()]
+        self._sends.append(self._comm.isend(obj, dest=dest, tag=tag))
+
+    def ask(self, seq: int) -> None:
+        """Ask every other rank where it is, about collective ``seq``."""
+        for dest in range(self._size):
+            if dest != self._rank:
+                self._send(dest, self._ASK, seq)
+
+    def answer(self, dest: int, seq: int, answer: Answer) -> None:
+        """Send rank ``dest`` this rank's answer to its roll call about ``seq``."""
+        self._send(dest, self._ANSWER, (seq, tuple(answer)))
+
+    def receive(self) -> tuple[list[tuple[int, int]], list[tuple[int, int, Answer]]]:
+        """Return the roll calls and answers that arrived."""
+        asks: list[tuple[int, int]] = []
+        answers: list[tuple[int, int, Answer]] = []
+        status = MPI.Status()
+        while (message := self._comm.improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)) is not None:
+            source, tag = status.Get_source(), status.Get_tag()
+            body = message.recv()
+            if tag == self._ASK:
+                asks.append((source, int(body)))
+            elif tag == self._ANSWER:
+                seq, fields = body
+                answers.append((source, int(seq), Answer(*fields)))
+        return asks, answers
+
+
+def mpi_watch(comm: MPI.Intracomm) -> Watch:
+    """Return the Watch of an MPI communicator (made collectively on first use).
+
+    Args:
+        comm: the group.
+
+    Returns:
+        Its Watch: deadline ``MC2SIM_TIMEOUT`` and a roll-call channel, or no deadline for a
+        group of one rank.
+
+    Raises:
+        ParamInvalidError: ``MC2SIM_TIMEOUT`` is not a number of seconds > 0.
+
+    """
+
+    def make() -> Watch:
+        if comm.Get_size() == 1:
+            return Watch(timeout=float("inf"))
+        timeout = timeout_from_env()
+        return Watch(timeout=timeout, channel=MpiSideChannel(comm))
+
+    return watch_of(("mpi", comm.py2f()), make)
+
+
 class MpiCommunicator:
     """Communicator over an mpi4py intracommunicator (default ``MPI.COMM_WORLD``).
 
+    Making one is collective over ``comm`` the first time (it duplicates ``comm`` for the
+    watchdog's roll calls, :mod:`mc2sim.comm.watchdog`).
+
     Args:
         comm: the mpi4py communicator to use; ``None`` means ``MPI.COMM_WORLD``.
+
+    Raises:
+        ParamInvalidError: ``MC2SIM_TIMEOUT`` is not a number of seconds > 0.
 
     """
 
     def __init__(self, comm: MPI.Intracomm | None = None) -> None:
         self._comm: MPI.Intracomm = MPI.COMM_WORLD if comm is None else comm
         self._scratch = _Scratch()
+        self._watch = mpi_watch(self._comm)
 
     @property
     def comm(self) -> MPI.Intracomm:
@@ -276,7 +391,11 @@ class MpiCommunicator:
         """Return the element-wise reduction of ``t`` over all ranks (in ``out`` if given)."""
         red = _Reduction(t, op, out=out, scratch=self._scratch)
         send, recv = red.buffers()
-        self._comm.Allreduce(send, recv, red.op)
+        self._watch.enter("allreduce")
+        try:
+            self._comm.Allreduce(send, recv, red.op)
+        finally:
+            self._watch.done()
         return red.result()
 
     def iallreduce(
@@ -285,8 +404,9 @@ class MpiCommunicator:
         """Start an allreduce (``MPI_Iallreduce``); ``wait()`` returns its result."""
         red = _Reduction(t, op, out=out, scratch=self._scratch)
         send, recv = red.buffers()
+        collective = self._watch.issue("allreduce")
         request = self._comm.Iallreduce(send, recv, red.op)
-        return _MpiWork(request, red.result, keep=(red, send, recv))
+        return _MpiWork(request, red.result, (red, send, recv), self._watch, collective)
 
     def _alltoallv_args(
         self,
@@ -339,7 +459,11 @@ class MpiCommunicator:
     ) -> torch.Tensor:
         """Exchange rows: ``send_splits[r]`` rows go to rank r, ``recv_splits[r]`` come back."""
         send, recv, finish, _ = self._alltoallv_args(t, send_splits, recv_splits, out)
-        self._comm.Alltoallv(send, recv)
+        self._watch.enter("alltoallv")
+        try:
+            self._comm.Alltoallv(send, recv)
+        finally:
+            self._watch.done()
         return finish()
 
     def ialltoallv(
@@ -352,8 +476,9 @@ class MpiCommunicator:
     ) -> Work:
         """Start an alltoallv (``MPI_Ialltoallv``); ``wait()`` returns the received rows."""
         send, recv, finish, src = self._alltoallv_args(t, send_splits, recv_splits, out)
+        collective = self._watch.issue("alltoallv")
         request = self._comm.Ialltoallv(send, recv)
-        return _MpiWork(request, finish, keep=(send, recv, src))
+        return _MpiWork(request, finish, (send, recv, src), self._watch, collective)
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along dim 0, in rank order."""
@@ -364,7 +489,11 @@ class MpiCommunicator:
         out = _empty((self.size * src.shape[0], *src.shape[1:]), src.dtype)
         sbuf, rbuf = _buffer(src), _buffer(out)
         mpi_type = _MOVE_TYPES[src.element_size()]
-        self._comm.Allgather([sbuf, mpi_type], [rbuf, mpi_type])
+        self._watch.enter("allgather")
+        try:
+            self._comm.Allgather([sbuf, mpi_type], [rbuf, mpi_type])
+        finally:
+            self._watch.done()
         return out.to(t.device)
 
     def reduce_scatter(self, t: torch.Tensor, op: str | ReduceOp = "sum") -> torch.Tensor:
@@ -372,19 +501,36 @@ class MpiCommunicator:
         rows = check_reduce_rows(t, self.size)
         red = _Reduction(t, op, rows=rows)
         send, recv = red.buffers()
-        self._comm.Reduce_scatter_block(send, recv, red.op)
+        self._watch.enter("reduce_scatter")
+        try:
+            self._comm.Reduce_scatter_block(send, recv, red.op)
+        finally:
+            self._watch.done()
         return red.result()
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Return every rank's ``obj`` (pickled), in rank order."""
-        return list(self._comm.allgather(obj))
+        self._watch.enter("allgather_object")
+        try:
+            return list(self._comm.allgather(obj))
+        finally:
+            self._watch.done()
 
     def barrier(self) -> None:
         """Block until every rank has entered."""
-        self._comm.Barrier()
+        self._watch.enter("barrier")
+        try:
+            self._comm.Barrier()
+        finally:
+            self._watch.done()
 
     def split(self, color: int, key: int = 0) -> MpiCommunicator:
         """Return the sub-group of ranks with the same ``color``, ordered by ``key``."""
         if not isinstance(color, int) or color < 0:
             raise ParamInvalidError("color", color, "must be an int >= 0")
-        return MpiCommunicator(cast(MPI.Intracomm, self._comm.Split(color, key)))
+        self._watch.enter("split")
+        try:
+            sub = cast(MPI.Intracomm, self._comm.Split(color, key))
+        finally:
+            self._watch.done()
+        return MpiCommunicator(sub)

@@ -9,10 +9,14 @@ backend-specific parts are two named tables below:
   float32 and cast back, exactly like ``MpiCommunicator``, so CPU runs give the same bits on
   either backend. NCCL and HCCL reduce 16-bit floats natively, as the hardware operators
   being studied do.
+
+Every collective has a deadline (:mod:`mc2sim.comm.watchdog`). Under mpiexec the roll call
+that names the ranks that never arrived travels over MPI; under torchrun there is none.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +33,7 @@ from mc2sim.comm.base import (
     reduce_op,
     reduced_in_float32,
 )
+from mc2sim.comm.watchdog import Collective, SideChannel, Watch, timeout_from_env, watch_of
 from mc2sim.errors import ParamInvalidError
 
 __all__ = ["TorchCommunicator"]
@@ -52,10 +57,13 @@ _TORCH_OPS = {
 class _TorchWork:
     """A torch.distributed work handle and what turns its output into the result."""
 
-    def __init__(self, work: Any, finish: Callable[[], torch.Tensor]) -> None:
+    def __init__(
+        self, work: Any, finish: Callable[[], torch.Tensor], watch: Watch, collective: Collective
+    ) -> None:
         self._work = work
         self._finish = finish
         self._result: torch.Tensor | None = None
+        self._watch, self._collective = watch, collective
 
     def test(self) -> bool:
         if self._result is None and self._work.is_completed():
@@ -65,9 +73,53 @@ class _TorchWork:
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
-            self._work.wait()
+            self._watch.wait(self._collective)
+            try:
+                self._work.wait()
+            finally:
+                self._watch.done()
             self._result = self._finish()
         return self._result
+
+
+def _side_channel(group: dist.ProcessGroup | None) -> SideChannel | None:
+    """The roll-call channel of ``group`` over MPI when MPI runs the job, else ``None``."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    world = mpi.COMM_WORLD
+    if world.Get_size() != dist.get_world_size() or world.Get_rank() != dist.get_rank():
+        return None  # torch's ranks are not MPI's: no way to name them
+    from mc2sim.comm.mpi import MpiSideChannel
+
+    if group is None:
+        return MpiSideChannel(world)
+    members = world.Get_group().Incl(dist.get_process_group_ranks(group))
+    return MpiSideChannel(world.Create_group(members))  # collective over the members only
+
+
+def torch_watch(group: dist.ProcessGroup | None) -> Watch:
+    """Return the Watch of a process group (made collectively on first use).
+
+    Args:
+        group: the group; ``None`` is the default group.
+
+    Returns:
+        Its Watch: deadline ``MC2SIM_TIMEOUT`` and, under mpiexec, a roll-call channel over
+        MPI; no deadline for a group of one rank.
+
+    Raises:
+        ParamInvalidError: ``MC2SIM_TIMEOUT`` is not a number of seconds > 0.
+
+    """
+
+    def make() -> Watch:
+        if dist.get_world_size(group) == 1:
+            return Watch(timeout=float("inf"))
+        timeout = timeout_from_env()
+        return Watch(timeout=timeout, channel=_side_channel(group))
+
+    return watch_of(("torch", group), make)
 
 
 class TorchCommunicator:
@@ -90,6 +142,7 @@ class TorchCommunicator:
         self._group = group
         self._backend = str(dist.get_backend(group))
         self._device = self._backend_device()
+        self._watch = torch_watch(group)
 
     def _backend_device(self) -> torch.device:
         device_type = _DEVICE_TYPE.get(self._backend, "cpu")
@@ -189,9 +242,10 @@ class TorchCommunicator:
             buf.copy_(t)
         else:
             buf = self._staged(t, reduce=True)
+        collective = self._watch.issue("allreduce")
         work = dist.all_reduce(buf, op=torch_op, group=self._group, async_op=True)
         finish = self._into(out, t)
-        return _TorchWork(work, lambda: finish(buf))
+        return _TorchWork(work, lambda: finish(buf), self._watch, collective)
 
     def alltoallv(
         self,
@@ -222,6 +276,7 @@ class TorchCommunicator:
             landing = out
         else:
             landing = torch.empty(out_shape, dtype=buf.dtype, device=buf.device)
+        collective = self._watch.issue("alltoallv")
         work = dist.all_to_all_single(
             landing,
             buf,
@@ -231,7 +286,7 @@ class TorchCommunicator:
             async_op=True,
         )
         finish = self._into(out, t)
-        return _TorchWork(work, lambda: finish(landing))
+        return _TorchWork(work, lambda: finish(landing), self._watch, collective)
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along dim 0, in rank order."""
@@ -241,7 +296,11 @@ class TorchCommunicator:
         out = torch.empty(
             (self.size * buf.shape[0], *buf.shape[1:]), dtype=buf.dtype, device=buf.device
         )
-        _all_gather_single(out, buf, group=self._group)
+        self._watch.enter("allgather")
+        try:
+            _all_gather_single(out, buf, group=self._group)
+        finally:
+            self._watch.done()
         return self._back(out, t)
 
     def reduce_scatter(self, t: torch.Tensor, op: str | ReduceOp = "sum") -> torch.Tensor:
@@ -250,18 +309,30 @@ class TorchCommunicator:
         rows = check_reduce_rows(t, self.size)
         buf = self._staged(t, reduce=True)
         out = torch.empty((rows, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
-        _reduce_scatter_single(out, buf, op=torch_op, group=self._group)
+        self._watch.enter("reduce_scatter")
+        try:
+            _reduce_scatter_single(out, buf, op=torch_op, group=self._group)
+        finally:
+            self._watch.done()
         return self._back(out, t)
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Return every rank's ``obj`` (pickled), in rank order."""
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj, group=self._group)
+        self._watch.enter("allgather_object")
+        try:
+            dist.all_gather_object(out, obj, group=self._group)
+        finally:
+            self._watch.done()
         return out
 
     def barrier(self) -> None:
         """Block until every rank has entered."""
-        dist.barrier(group=self._group)
+        self._watch.enter("barrier")
+        try:
+            dist.barrier(group=self._group)
+        finally:
+            self._watch.done()
 
     def split(self, color: int, key: int = 0) -> TorchCommunicator:
         """Return the sub-group of ranks with the same ``color``, ordered by ``key``.

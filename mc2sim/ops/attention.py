@@ -4,6 +4,10 @@ Each rank attends its own heads (``num_heads`` and ``num_key_value_heads`` are p
 every batch's one query token against its paged KV cache; nothing crosses ranks. Run through
 the overlap scheduler, the batch is cut into tiles, each a kernel launch on a batch range, and
 every tile lands in the timeline like the compute tiles of the fused ops.
+
+The ranks of one decode layer still agree, before any work, on what must be the same on all of
+them: the dtype, the tiling (their timelines pair runs by op and tiling), the batch and the
+heads' shape (each rank holds an equal share of the layer's heads).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mc2sim.comm import Communicator, Work, agreed
+from mc2sim.comm.watchdog import in_op
 from mc2sim.errors import AclnnRuntimeError
 from mc2sim.kernels import incre_flash_attention
 from mc2sim.kernels._ifa_plan import plan_incre_flash_attention
@@ -54,6 +59,7 @@ class _IfaRunner:
         raise AclnnRuntimeError("task", task.name, "an ifa plan has no communication tasks")
 
 
+@in_op("ifa_decode")
 def ifa_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -99,7 +105,7 @@ def ifa_decode(
         ParamInvalidError: as the kernel, or a bad ``tiling``.
     """
     lengths = [int(n) for n in actual_seq_lengths]
-    with agreed(comm):
+    with agreed(comm) as same:
         require("block_table", block_table, block_table is not None, "is required (page attention)")
         plan = plan_incre_flash_attention(
             query,
@@ -116,6 +122,13 @@ def ifa_decode(
             **_ABSENT,
         )
         chosen = tiling_of(tiling)
+        layer = "every rank attends an equal share of one layer's heads for the same batch"
+        same("query.dtype", str(query.dtype).removeprefix("torch."), layer)
+        same("B", plan.batch, layer)
+        same("num_heads", plan.num_heads, layer)
+        same("num_key_value_heads", plan.num_kv_heads, layer)
+        same("D", plan.head_dim, layer)
+        same("tiling", chosen.describe(), "the ranks' timelines pair their runs by tiling")
     batch = plan.batch
     shape = IfaShape(
         heads=plan.num_heads,

@@ -13,7 +13,9 @@ Layouts (OPS.md section 3), for ``e`` local experts on each of ``W`` ranks:
 
 Where mc2sim differs from the hardware on purpose: the cross-rank counts invariant is checked
 (``validate_counts=True``, one allgather of the counts) and every parameter error is raised on
-every rank alike. See docs/OPS.md.
+every rank alike. What must match across ranks is agreed in the same collective as the
+parameter checks: the dtype, the tiling, e, H1, N1, the shared expert's (H2, N2) or its
+absence, and ``validate_counts``. See docs/OPS.md.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 
 from mc2sim import limits
-from mc2sim.comm import Communicator, agreed
-from mc2sim.invariants import check_counts, check_counts_local
+from mc2sim.comm import Communicator, MustMatch, agreed
+from mc2sim.comm.watchdog import in_op
+from mc2sim.invariants import check_counts_local, counts_invariant
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 from mc2sim.ops._moe_runners import CombineRunner, DispatchRunner, SharedExpert
 from mc2sim.ops.profile import HardwareProfile, hardware_profile
@@ -171,6 +174,7 @@ def _check_moe(
     return MoeCall(e=e, world=ep_world_size, send=send, recv=recv)
 
 
+@in_op("gmm_alltoallv")
 def gmm_alltoallv(
     gmm_x: torch.Tensor,
     gmm_weight: torch.Tensor,
@@ -250,6 +254,7 @@ def gmm_alltoallv(
     return runner.y(), runner.shared.result
 
 
+@in_op("alltoallv_gmm")
 def alltoallv_gmm(
     gmm_x: torch.Tensor,
     gmm_weight: torch.Tensor,
@@ -361,7 +366,7 @@ def _run_moe(
     also_check: Callable[[], None] | None = None,
 ) -> CombineRunner | DispatchRunner:
     """Check on every rank, agree, check the counts invariant, then plan and run the op."""
-    with agreed(comm):
+    with agreed(comm) as same:
         if also_check is not None:
             also_check()
         plan_tiling = tiling_of(tiling)  # a bad tiling is a parameter error like any other
@@ -381,9 +386,12 @@ def _run_moe(
             trans_mm_weight=trans_mm_weight,
             strict=strict,
         )
+        shape = _moe_shape(
+            call, gmm_x, gmm_weight, trans_gmm_weight, mm_x, mm_weight, trans_mm_weight
+        )
+        _must_match(same, shape, plan_tiling, validate_counts)
     if validate_counts:
-        check_counts(comm, call.send, call.recv, call.e)
-    shape = _moe_shape(call, gmm_x, gmm_weight, trans_gmm_weight, mm_x, mm_weight, trans_mm_weight)
+        counts_invariant(comm, call.send, call.recv, call.e)
     combine = direction == "combine"
     builder = plan_gmm_alltoallv if combine else plan_alltoallv_gmm
     plan = builder(shape=shape, tiling=plan_tiling, rank=comm.rank)
@@ -400,6 +408,21 @@ def _run_moe(
     )
     execute(plan, comm, runner, progress=progress)
     return runner
+
+
+def _must_match(same: MustMatch, shape: MoeShape, tiling: Tiling, validate_counts: bool) -> None:
+    """Name what every rank of the expert-parallel group must pass alike."""
+    same("gmm_x.dtype", shape.dtype, "the ranks exchange rows of one dtype")
+    same("e", shape.e, "every rank holds the same number of local experts (counts of e * W)")
+    same("H1", shape.h1, "the experts of one layer take rows of H1 on every rank")
+    same("N1", shape.n1, "the experts of one layer give rows of N1 on every rank")
+    same(
+        "shared expert (H2, N2)",
+        None if shape.shared is None else shape.shared[1:],
+        "one layer has the shared expert on every rank or on none, of one shape",
+    )
+    same("tiling", tiling.describe(), "the ranks issue one schedule of AlltoAllv chunks together")
+    same("validate_counts", validate_counts, "the counts check is a collective of every rank")
 
 
 def _parts(tiling: Tiling) -> int:

@@ -3,6 +3,13 @@
 Each rank computes its local matmul with the kernels of :mod:`mc2sim.kernels` (whose own
 parameter checks run inside the ranks' agreement, so a bad parameter on one rank raises the
 same error on every rank before any data moves), then the collective combines the ranks.
+
+What must match across ranks, agreed in the same collective: the dtypes, the tiling and all
+of (m, k, n). The collectives need m (every rank's rows are summed, gathered or scattered
+alike) and the exchanged width (n for the AllReduce and ReduceScatter, k for the AllGather);
+the rest are the shards of one tensor-parallel layer, equal on every rank, and the hardware
+MatmulAllReduce cuts its tiles from (m, k, n) on each rank, so they must agree for every rank
+to issue the same AllReduces.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 from mc2sim import limits
 from mc2sim._compat import StrEnum
 from mc2sim.comm import Communicator, agreed
+from mc2sim.comm.watchdog import in_op
 from mc2sim.errors import AclnnRuntimeError, ParamNullptrError
 from mc2sim.kernels import matmul, quant_matmul, weight_quant_batchmatmul
 from mc2sim.kernels._device import same_device
@@ -156,6 +164,16 @@ def _local_mm(
     return y
 
 
+_SAME_MN = "every rank's (m, n) product is summed in one AllReduce"
+_SAME_K = (
+    "every rank holds an equal shard of the one weight, and the hardware's tiles are cut "
+    "from (m, k, n)"
+)
+_SAME_TILING = "the ranks issue one schedule of collectives together"
+_SAME_DTYPE = "the ranks exchange and sum tensors of one dtype"
+
+
+@in_op("mm_all_reduce")
 def mm_all_reduce(
     x1: torch.Tensor,
     x2: torch.Tensor,
@@ -219,7 +237,7 @@ def mm_all_reduce(
         ParamNullptrError: x1, x2, or the mode's scale is None (on every rank alike).
         ParamInvalidError: any rule of OPS.md sections 2 and 5 (on every rank alike).
     """
-    with agreed(comm):
+    with agreed(comm) as same:
         _require_sum(reduce_op)
         _require_comm_turn(comm_turn)
         if hardware_profile(strict) is not HardwareProfile.NONE:
@@ -270,6 +288,13 @@ def mm_all_reduce(
         if x3 is not None:
             expected = (*x1.shape[:-1], n)
             require("x3.shape", tuple(x3.shape), tuple(x3.shape) == expected, f"must be {expected}")
+        same("x1.dtype", _name(x1.dtype), _SAME_DTYPE)
+        same("x2.dtype", _name(x2.dtype), "every rank holds a shard of the one weight")
+        same("output dtype", _name(probe.dtype), _SAME_DTYPE)
+        same("m", m, _SAME_MN)
+        same("k", rows_2d.shape[1], _SAME_K)
+        same("n", n, _SAME_MN)
+        same("tiling", plan_tiling.describe(), _SAME_TILING)
     mode = _mode(x1, x2)
     shape = MatmulShape(
         k=rows_2d.shape[1],
@@ -339,6 +364,11 @@ def _check_tp(
         )
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@in_op("all_gather_matmul")
 def all_gather_matmul(
     x1: torch.Tensor,
     x2: torch.Tensor,
@@ -377,11 +407,16 @@ def all_gather_matmul(
         ParamNullptrError: x1 or x2 is None (on every rank alike).
         ParamInvalidError: any rule above (on every rank alike).
     """
-    with agreed(comm):
+    with agreed(comm) as same:
         _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
-        tiling_of(tiling)
+        chosen = tiling_of(tiling)
         require("gather_index", gather_index, gather_index == 0, "only 0 (gather x1) is supported")
         require("gather_output", gather_output, isinstance(gather_output, bool), "must be a bool")
+        same("x1.dtype", _name(x1.dtype), "the AllGather moves x1 of one dtype")
+        same("m", x1.shape[0], "the AllGather moves equal (m, k) chunks of x1 from every rank")
+        same("k", x1.shape[1], "the AllGather moves equal (m, k) chunks of x1 from every rank")
+        same("n", x2.shape[1], "every rank holds an equal column shard of the one weight")
+        same("tiling", chosen.describe(), _SAME_TILING)
     runner = AllGatherMatmulRunner(
         comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
     )
@@ -389,6 +424,7 @@ def all_gather_matmul(
     return out, runner.gathered if gather_output else None
 
 
+@in_op("matmul_reduce_scatter")
 def matmul_reduce_scatter(
     x1: torch.Tensor,
     x2: torch.Tensor,
@@ -428,11 +464,17 @@ def matmul_reduce_scatter(
         ParamNullptrError: x1 or x2 is None (on every rank alike).
         ParamInvalidError: any rule above (on every rank alike).
     """
-    with agreed(comm):
+    with agreed(comm) as same:
         _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
-        tiling_of(tiling)
+        chosen = tiling_of(tiling)
         _require_sum(reduce_op)
         require_multiple("x1.shape[0]", x1.shape[0], world_size, f"world_size ({world_size})")
+        why = "every rank's (m, n) product is summed and scattered in one ReduceScatter"
+        same("x1.dtype", _name(x1.dtype), _SAME_DTYPE)
+        same("m", x1.shape[0], why)
+        same("k", x1.shape[1], "every rank holds an equal row shard of the one weight")
+        same("n", x2.shape[1], why)
+        same("tiling", chosen.describe(), _SAME_TILING)
     runner = ReduceScatterRunner(
         comm=comm, x1=x1, multiply=lambda rows: matmul(rows, x2, bias=bias), n=x2.shape[1]
     )
