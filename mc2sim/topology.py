@@ -239,6 +239,12 @@ class Device:
     overlaps the collectives before it, while the transfers still take the links one at a
     time in issue order."""
 
+    reductions_in_float32: bool = False
+    """Whether AllReduce and ReduceScatter move float32 copies of the plans' 16-bit data,
+    twice the bytes the plans count (mc2sim's MPI and gloo communicators on a CPU: MPI has no
+    bfloat16 sum, so they sum in float32 and round once). False: 16-bit data moves and is
+    reduced as it is (HCCL, NCCL)."""
+
     def __post_init__(self) -> None:
         _text("name", self.name, nonempty=True)
         if not isinstance(self.matrix_tflops, Mapping):
@@ -271,6 +277,10 @@ class Device:
             raise ParamInvalidError(
                 "concurrent_collectives", self.concurrent_collectives, "must be true or false"
             )
+        if not isinstance(self.reductions_in_float32, bool):
+            raise ParamInvalidError(
+                "reductions_in_float32", self.reductions_in_float32, "must be true or false"
+            )
 
     def __hash__(self) -> int:
         return hash(
@@ -284,6 +294,7 @@ class Device:
                 self.reduce_gbps,
                 self.memory_overlap,
                 self.concurrent_collectives,
+                self.reductions_in_float32,
             )
         )
 
@@ -455,6 +466,30 @@ class Topology:
         self._check_dim(dim)
         return math.prod(d.ranks for d in self.network[: dim + 1])
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks of one node: the innermost dimension's ``ranks``.
+
+        A node is the innermost dimension (the NPUs of a server on HCCS, the processes of a
+        host on shared memory); every outer dimension joins nodes. A topology of one
+        dimension is one node. Consecutive ranks share a node, as ``mpiexec -hosts
+        a:K,b:K`` places them.
+        """
+        return self.network[0].ranks
+
+    def node_of(self, rank: int) -> int:
+        """Return the node a rank is on: ``rank // ranks_per_node``.
+
+        Args:
+            rank: a rank in ``[0, world_size)``.
+
+        Returns:
+            The node's index, from 0.
+
+        """
+        self._check_rank("rank", rank)
+        return rank // self.ranks_per_node
+
     def coords(self, rank: int) -> tuple[int, ...]:
         """Return a rank's coordinate along every dimension, innermost first.
 
@@ -544,8 +579,14 @@ _DEVICE_KEYS = (
     "reduce_gbps",
     "memory_overlap",
     "concurrent_collectives",
+    "reductions_in_float32",
 )
-_DEVICE_OPTIONAL = ("reduce_gbps", "memory_overlap", "concurrent_collectives")
+_DEVICE_OPTIONAL = (
+    "reduce_gbps",
+    "memory_overlap",
+    "concurrent_collectives",
+    "reductions_in_float32",
+)
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
 _DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
 _DIM_OPTIONAL = ("name",)
@@ -661,6 +702,9 @@ class _Reader:
             concurrent_collectives=self.flag(
                 dev.get("concurrent_collectives", False), "device.concurrent_collectives"
             ),
+            reductions_in_float32=self.flag(
+                dev.get("reductions_in_float32", False), "device.reductions_in_float32"
+            ),
         )
 
     def dim(self, data: object, where: str) -> NetworkDim:
@@ -739,6 +783,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "reduce_gbps": dev.reduce_gbps,
             "memory_overlap": dev.memory_overlap,
             "concurrent_collectives": dev.concurrent_collectives,
+            "reductions_in_float32": dev.reductions_in_float32,
             "efficiency": {
                 "small_util": eff.small_util,
                 "large_util": eff.large_util,

@@ -16,6 +16,9 @@ rank computes during a transfer, both progress slower by the topology's fitted c
 factors (processor sharing; a factor of 1 is full overlap, a large one means communication
 barely advances while the rank computes, as with MPI progress polled between tiles).
 
+Every comm task's record splits the bytes its rank sends into those within its node and
+those across nodes (``Topology.node_of``; :mod:`mc2sim.schedule.traffic`).
+
 Events are ordered in exactly one place: one heap keyed by (time, sequence number). Handlers
 only schedule events at or after the current time, so time never goes backwards.
 """
@@ -39,6 +42,7 @@ from mc2sim.model.cost import (
     reduce_scatter_time,
 )
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
+from mc2sim.schedule.traffic import Placement, level_bytes
 from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
@@ -153,6 +157,7 @@ class _Engine:
             else None
         )
         self.world = len(plans)
+        self.placement = Placement.of(np.arange(self.world) // topology.ranks_per_node)
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
         self.heap: list[tuple[float, int, str, int, int]] = []
         self.seq = itertools.count()
@@ -301,6 +306,7 @@ class _Engine:
 
     def record(self, rank: int, task: Task) -> None:
         self.ranks[rank].done.add(task.id)
+        intra, inter = level_bytes(task, rank, self.placement)
         self.records.append(
             TaskRecord(
                 rank=rank,
@@ -313,6 +319,8 @@ class _Engine:
                 end_s=self.now,
                 flops=task.flops,
                 bytes=task.bytes,
+                intra_bytes=intra,
+                inter_bytes=inter,
             )
         )
 

@@ -305,7 +305,7 @@ def test_measure_rounds_interleaves_the_calls_and_drops_the_warm_up() -> None:
         assert sink is not None, "each call runs inside a recording"
         end = len(calls) * MS
         run = RunKey(op=label, tiling="serial")
-        sink.add_raw((0, run, 0, label, Stream.COMPUTE, "matmul", 0.0, end, 0, 0))
+        sink.add_raw((0, run, 0, label, Stream.COMPUTE, "matmul", 0.0, end, 0, 0, 0, 0))
 
     seen: list[tuple[int, int, str]] = []
     rounds = measure_rounds(
