@@ -360,17 +360,33 @@ class NetworkDim:
     name: str = ""
     """Short name of the interconnect, e.g. ``"hccs"``, ``"roce"``, ``"nvlink"``."""
 
+    link_gbps: float = 0.0
+    """A cap the wire itself puts on each rank, per direction, in GB/s, below what the ranks'
+    own communication work achieves (``bandwidth_gbps``): a node's network link shared by
+    its ranks, or a rate limit on it; 0 means no cap. Transfers move at the lower of the two
+    rates, and overlapped compute slows only what the ranks' own work limits (a wire keeps
+    its pace while the processor computes). ``mc2sim calibrate`` fits ``bandwidth_gbps`` on
+    the links as they are; a cap says what a slower link would change."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", _as_link_kind("kind", self.kind))
         _integer("ranks", self.ranks, minimum=1)
         object.__setattr__(self, "bandwidth_gbps", _positive("bandwidth_gbps", self.bandwidth_gbps))
         object.__setattr__(self, "latency_us", _non_negative("latency_us", self.latency_us))
         _text("name", self.name)
+        object.__setattr__(self, "link_gbps", _non_negative("link_gbps", self.link_gbps))
 
     @property
     def bytes_per_s(self) -> float:
         """``bandwidth_gbps`` in bytes per second."""
         return self.bandwidth_gbps * 1e9
+
+    @property
+    def effective_gbps(self) -> float:
+        """The rate transfers move at: ``bandwidth_gbps``, or ``link_gbps`` where lower."""
+        if self.link_gbps > 0:
+            return min(self.bandwidth_gbps, self.link_gbps)
+        return self.bandwidth_gbps
 
     @property
     def latency_s(self) -> float:
@@ -588,8 +604,8 @@ _DEVICE_OPTIONAL = (
     "reductions_in_float32",
 )
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
-_DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
-_DIM_OPTIONAL = ("name",)
+_DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us", "link_gbps")
+_DIM_OPTIONAL = ("name", "link_gbps")
 _CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "source")
 _CONTENTION_OPTIONAL = ("compute_slowdown", "comm_slowdown")
 
@@ -717,6 +733,7 @@ class _Reader:
             ranks=self.integer(d["ranks"], f"{where}.ranks"),
             bandwidth_gbps=self.number(d["bandwidth_gbps"], f"{where}.bandwidth_gbps"),
             latency_us=self.number(d["latency_us"], f"{where}.latency_us"),
+            link_gbps=self.number(d.get("link_gbps", 0.0), f"{where}.link_gbps"),
         )
 
     def contention(self, data: object) -> Contention:
@@ -797,6 +814,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
                 "ranks": d.ranks,
                 "bandwidth_gbps": d.bandwidth_gbps,
                 "latency_us": d.latency_us,
+                **({"link_gbps": d.link_gbps} if d.link_gbps > 0 else {}),
             }
             for d in topology.network
         ],
