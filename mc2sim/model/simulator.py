@@ -222,9 +222,7 @@ class _Engine:
         A transfer whose wire takes ``headroom`` times what the ranks' own work would
         (:attr:`_Active.headroom`) advances at ``min(1, headroom / comm_slowdown)``.
         """
-        if self.computing == 0:
-            return 1.0
-        return min(1.0, active.headroom / self.comm_slow)
+        return min(1.0, active.headroom / self.comm_slow) if self.computing > 0 else 1.0
 
     def _rerate_comms(self) -> None:
         """Re-rate the transfer in progress (a latency part waits: nothing slows it)."""
