@@ -15,7 +15,11 @@ figures include what the others take from the machine, as in real runs:
    dimension (the better of full mesh and switch) jointly with the vector rate of the
    reductions' additions. Tasks timed inside the ops carry every cost the model must
    predict (conversions, copies, the communicator's own work), which bare-kernel timings
-   miss;
+   miss. On several hosts (the same number of ranks on each, placed by host) these runs
+   are made on groups of each network level, every group at once: the ranks of each host
+   (shared memory) and one rank of each host (the inter-node network, a switch), and
+   both levels are fitted together with one rate of the additions
+   (:func:`mc2sim.model.fit.fit_levels`): a topology of two dimensions;
 2. the bare kernels at several shapes in float16, float32 and int8 give those dtypes' peaks,
    and a reduce task's float32 sum of every rank's partial gives the vector rate, the other
    terms held fixed;
