@@ -193,7 +193,7 @@ def _write_topology(topology: Topology, out: str) -> None:
 
 def _print_fit(topology: Topology) -> None:
     """Print a fitted topology's figures, one line a part."""
-    device, dim, slow = topology.device, topology.network[0], topology.contention
+    device, slow = topology.device, topology.contention
     peaks = ", ".join(f"{k} {v:.3g}" for k, v in sorted(device.matrix_tflops.items()))
     eff = device.efficiency
     print(f"compute: peak TFLOP/s {peaks}; launch {device.launch_us:.1f} us")
@@ -202,8 +202,9 @@ def _print_fit(topology: Topology) -> None:
         f"half-way at {eff.half_flops:.3g} FLOP"
     )
     print(f"memory {device.memory_gbps:.1f} GB/s, vector {device.vector_tflops:.3g} TFLOP/s")
-    print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
-    print(f"latency {dim.latency_us:.1f} us")
+    for dim in topology.network:  # innermost first: on several hosts, then across them
+        print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
+        print(f"latency {dim.latency_us:.1f} us")
     print(f"contention: compute x{slow.compute_slowdown}, comm x{slow.comm_slowdown}")
     together = "together" if device.concurrent_collectives else "one at a time"
     print(f"collectives in flight progress {together}")

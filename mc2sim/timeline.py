@@ -158,12 +158,19 @@ class TaskRecord:
     bytes: int = 0
     """Bytes the task moved (>= 0; 0 when not counted)."""
 
+    intra_bytes: int = 0
+    """Of a comm task, the bytes the rank sent to ranks of its own node (>= 0), as
+    :func:`mc2sim.schedule.traffic.level_bytes` splits them; 0 for compute tasks."""
+
+    inter_bytes: int = 0
+    """Of a comm task, the bytes the rank sent to other nodes (>= 0); 0 on one node."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.run, RunKey):
             raise ParamInvalidError("run", self.run, "must be a RunKey")
         if not isinstance(self.stream, Stream):
             object.__setattr__(self, "stream", _as_enum(Stream, "stream", self.stream))
-        for name in ("rank", "task", "flops", "bytes"):
+        for name in ("rank", "task", "flops", "bytes", "intra_bytes", "inter_bytes"):
             value = getattr(self, name)
             if type(value) is not int:  # accept NumPy integers, store plain ints
                 try:
@@ -582,7 +589,20 @@ class Timeline:
         )
 
 
-_FIELDS = ("rank", "run", "task", "name", "stream", "kind", "start_s", "end_s", "flops", "bytes")
+_FIELDS = (
+    "rank",
+    "run",
+    "task",
+    "name",
+    "stream",
+    "kind",
+    "start_s",
+    "end_s",
+    "flops",
+    "bytes",
+    "intra_bytes",
+    "inter_bytes",
+)
 """TaskRecord's fields, in the order ``Recorder.add_raw`` takes them."""
 
 
@@ -634,7 +654,8 @@ class Recorder:
         are read, so recording a task costs the op about a list append.
 
         Args:
-            fields: ``(rank, run, task, name, stream, kind, start_s, end_s, flops, bytes)``.
+            fields: ``(rank, run, task, name, stream, kind, start_s, end_s, flops, bytes,
+                intra_bytes, inter_bytes)``.
 
         """
         recorder: Recorder | None = self

@@ -239,6 +239,12 @@ class Device:
     overlaps the collectives before it, while the transfers still take the links one at a
     time in issue order."""
 
+    reductions_in_float32: bool = False
+    """Whether AllReduce and ReduceScatter move float32 copies of the plans' 16-bit data,
+    twice the bytes the plans count (mc2sim's MPI and gloo communicators on a CPU: MPI has no
+    bfloat16 sum, so they sum in float32 and round once). False: 16-bit data moves and is
+    reduced as it is (HCCL, NCCL)."""
+
     def __post_init__(self) -> None:
         _text("name", self.name, nonempty=True)
         if not isinstance(self.matrix_tflops, Mapping):
@@ -271,6 +277,10 @@ class Device:
             raise ParamInvalidError(
                 "concurrent_collectives", self.concurrent_collectives, "must be true or false"
             )
+        if not isinstance(self.reductions_in_float32, bool):
+            raise ParamInvalidError(
+                "reductions_in_float32", self.reductions_in_float32, "must be true or false"
+            )
 
     def __hash__(self) -> int:
         return hash(
@@ -284,6 +294,7 @@ class Device:
                 self.reduce_gbps,
                 self.memory_overlap,
                 self.concurrent_collectives,
+                self.reductions_in_float32,
             )
         )
 
@@ -349,17 +360,33 @@ class NetworkDim:
     name: str = ""
     """Short name of the interconnect, e.g. ``"hccs"``, ``"roce"``, ``"nvlink"``."""
 
+    link_gbps: float = 0.0
+    """A cap the wire itself puts on each rank, per direction, in GB/s, below what the ranks'
+    own communication work achieves (``bandwidth_gbps``): a node's network link shared by
+    its ranks, or a rate limit on it; 0 means no cap. Transfers move at the lower of the two
+    rates, and overlapped compute slows only what the ranks' own work limits (a wire keeps
+    its pace while the processor computes). ``mc2sim calibrate`` fits ``bandwidth_gbps`` on
+    the links as they are; a cap says what a slower link would change."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", _as_link_kind("kind", self.kind))
         _integer("ranks", self.ranks, minimum=1)
         object.__setattr__(self, "bandwidth_gbps", _positive("bandwidth_gbps", self.bandwidth_gbps))
         object.__setattr__(self, "latency_us", _non_negative("latency_us", self.latency_us))
         _text("name", self.name)
+        object.__setattr__(self, "link_gbps", _non_negative("link_gbps", self.link_gbps))
 
     @property
     def bytes_per_s(self) -> float:
         """``bandwidth_gbps`` in bytes per second."""
         return self.bandwidth_gbps * 1e9
+
+    @property
+    def effective_gbps(self) -> float:
+        """The rate transfers move at: ``bandwidth_gbps``, or ``link_gbps`` where lower."""
+        if self.link_gbps > 0:
+            return min(self.bandwidth_gbps, self.link_gbps)
+        return self.bandwidth_gbps
 
     @property
     def latency_s(self) -> float:
@@ -455,6 +482,30 @@ class Topology:
         self._check_dim(dim)
         return math.prod(d.ranks for d in self.network[: dim + 1])
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks of one node: the innermost dimension's ``ranks``.
+
+        A node is the innermost dimension (the NPUs of a server on HCCS, the processes of a
+        host on shared memory); every outer dimension joins nodes. A topology of one
+        dimension is one node. Consecutive ranks share a node, as ``mpiexec -hosts
+        a:K,b:K`` places them.
+        """
+        return self.network[0].ranks
+
+    def node_of(self, rank: int) -> int:
+        """Return the node a rank is on: ``rank // ranks_per_node``.
+
+        Args:
+            rank: a rank in ``[0, world_size)``.
+
+        Returns:
+            The node's index, from 0.
+
+        """
+        self._check_rank("rank", rank)
+        return rank // self.ranks_per_node
+
     def coords(self, rank: int) -> tuple[int, ...]:
         """Return a rank's coordinate along every dimension, innermost first.
 
@@ -544,11 +595,17 @@ _DEVICE_KEYS = (
     "reduce_gbps",
     "memory_overlap",
     "concurrent_collectives",
+    "reductions_in_float32",
 )
-_DEVICE_OPTIONAL = ("reduce_gbps", "memory_overlap", "concurrent_collectives")
+_DEVICE_OPTIONAL = (
+    "reduce_gbps",
+    "memory_overlap",
+    "concurrent_collectives",
+    "reductions_in_float32",
+)
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
-_DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us")
-_DIM_OPTIONAL = ("name",)
+_DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us", "link_gbps")
+_DIM_OPTIONAL = ("name", "link_gbps")
 _CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "source")
 _CONTENTION_OPTIONAL = ("compute_slowdown", "comm_slowdown")
 
@@ -661,6 +718,9 @@ class _Reader:
             concurrent_collectives=self.flag(
                 dev.get("concurrent_collectives", False), "device.concurrent_collectives"
             ),
+            reductions_in_float32=self.flag(
+                dev.get("reductions_in_float32", False), "device.reductions_in_float32"
+            ),
         )
 
     def dim(self, data: object, where: str) -> NetworkDim:
@@ -673,6 +733,7 @@ class _Reader:
             ranks=self.integer(d["ranks"], f"{where}.ranks"),
             bandwidth_gbps=self.number(d["bandwidth_gbps"], f"{where}.bandwidth_gbps"),
             latency_us=self.number(d["latency_us"], f"{where}.latency_us"),
+            link_gbps=self.number(d.get("link_gbps", 0.0), f"{where}.link_gbps"),
         )
 
     def contention(self, data: object) -> Contention:
@@ -743,6 +804,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "reduce_gbps": dev.reduce_gbps,
             "memory_overlap": dev.memory_overlap,
             "concurrent_collectives": dev.concurrent_collectives,
+            "reductions_in_float32": dev.reductions_in_float32,
             "efficiency": {
                 "small_util": eff.small_util,
                 "large_util": eff.large_util,
@@ -756,6 +818,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
                 "ranks": d.ranks,
                 "bandwidth_gbps": d.bandwidth_gbps,
                 "latency_us": d.latency_us,
+                **({"link_gbps": d.link_gbps} if d.link_gbps > 0 else {}),
             }
             for d in topology.network
         ],

@@ -4,10 +4,13 @@ Compute: ``max(flops / (peak(dtype) * util(flops)), bytes / memory_bw) + launch`
 matrix unit's peak scaled by the device's small-tile efficiency curve (the sum instead of the
 max on a device whose memory traffic does not overlap its arithmetic); reductions run on the
 vector unit. Collectives: each network dimension is ``alpha`` (latency per message) and
-``beta`` (1 / bandwidth per rank and direction), GB = 1e9 bytes. AllReduce and ReduceScatter
-also add what they receive, at the device's ``reduce_gbps`` (0: free, the communication engine
-reduces in line, as on accelerators; a CPU MPI's reduction loop is most of the difference
-between a 16-bit AllReduce and an AlltoAllv there):
+``beta`` (1 / bandwidth per rank and direction; the wire's ``link_gbps`` where that is
+lower), GB = 1e9 bytes. AllReduce and ReduceScatter also add what they receive, at the
+device's ``reduce_gbps`` (0: free, the communication engine reduces in line, as on
+accelerators; a CPU MPI's reduction loop is most of the difference between a 16-bit AllReduce
+and an AlltoAllv there); on a device whose reductions move float32 copies of 16-bit data
+(``Device.reductions_in_float32``, a CPU MPI) their transfers carry twice the bytes the plans
+count:
 
 * AllReduce: the better of a hierarchical ring (reduce-scatter from the innermost dimension
   outwards, all-gather back; on a full mesh each phase sends to every peer at once) and
@@ -20,6 +23,10 @@ between a 16-bit AllReduce and an AlltoAllv there):
   bytes times the mean hop count over both directions), plus one latency per peer it talks
   to there (pairwise exchange); dimensions run at once, so a rank's time is its slowest
   dimension; the collective ends with its busiest rank.
+
+A rank's traffic on the dimensions inside its node and across nodes is what
+:func:`mc2sim.schedule.traffic.level_bytes` records; phased collectives pay the levels one
+after another (each phase waits for the one before), an AlltoAllv its slowest level.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ def _phase(dim: NetworkDim, nbytes: float) -> float:
     p = dim.ranks
     if p <= 1 or nbytes <= 0:
         return 0.0
-    beta = 1.0 / (dim.bandwidth_gbps * 1e9)
+    beta = 1.0 / (dim.effective_gbps * 1e9)
     alpha = dim.latency_us * 1e-6
     chunk = nbytes / p
     if dim.kind is LinkKind.FULL_MESH:  # a chunk to every peer at once, one link each
@@ -100,12 +107,18 @@ def _reduce_work(topology: Topology, nbytes: float, rounds: float) -> float:
     return rounds * nbytes / (rate * 1e9) if rate > 0 else 0.0
 
 
+def _wire(topology: Topology) -> float:
+    """Bytes a reduction moves per byte of the plan: 2 where 16-bit data travels as float32."""
+    return 2.0 if topology.device.reductions_in_float32 else 1.0
+
+
 def allreduce_time(topology: Topology, nbytes: float) -> float:
     """Seconds of an AllReduce of ``nbytes`` per rank over the whole topology."""
     if nbytes <= 0 or topology.world_size <= 1:
         return 0.0
     world = topology.world_size
-    size = float(nbytes)
+    wire = _wire(topology)
+    size = float(nbytes) * wire
     hierarchical = 0.0
     for dim in topology.network:  # reduce-scatter inwards out, all-gather back
         hierarchical += 2 * _phase(dim, size)
@@ -116,7 +129,7 @@ def allreduce_time(topology: Topology, nbytes: float) -> float:
     for dim in topology.network:
         rounds = math.ceil(math.log2(dim.ranks)) if dim.ranks > 1 else 0
         steps += rounds
-        doubling += rounds * (dim.latency_us * 1e-6 + nbytes / (dim.bandwidth_gbps * 1e9))
+        doubling += rounds * (dim.latency_us * 1e-6 + nbytes * wire / (dim.effective_gbps * 1e9))
     hierarchical += _reduce_work(topology, nbytes, (world - 1) / world)
     doubling += _reduce_work(topology, nbytes, steps)
     return min(hierarchical, doubling)
@@ -136,7 +149,7 @@ def reduce_scatter_time(topology: Topology, nbytes_total: float) -> float:
     """Seconds of a ReduceScatter of ``nbytes_total`` per rank (each keeps 1/world of it)."""
     world = max(topology.world_size, 1)
     time = _reduce_work(topology, nbytes_total, (world - 1) / world)
-    size = float(nbytes_total)
+    size = float(nbytes_total) * _wire(topology)
     for dim in topology.network:
         time += _phase(dim, size)
         size /= max(dim.ranks, 1)
@@ -188,7 +201,7 @@ def rank_alltoallv_time(
     for d, dim in enumerate(topology.network):
         if dim.ranks <= 1:
             continue
-        beta = 1.0 / (dim.bandwidth_gbps * 1e9)
+        beta = 1.0 / (dim.effective_gbps * 1e9)
         alpha = dim.latency_us * 1e-6
         worst = 0.0
         for _, nbytes, dims in directions:

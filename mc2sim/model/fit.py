@@ -6,8 +6,9 @@
   ``util(f) = small + (large - small) * f / (f + half)``, rising or falling (least squares on
   relative error; :func:`fit_compute`), further dtypes' peaks with the rest held fixed
   (:func:`fit_peaks`);
-* collectives fit the alpha-beta model of one network dimension (the better of full mesh and
-  switch) jointly with the vector rate of the reductions' additions (:func:`fit_network`);
+* collectives fit the alpha-beta model of each network level (the better of full mesh and
+  switch) jointly with one vector rate of the reductions' additions (:func:`fit_levels`;
+  :func:`fit_network` for one level);
 * tiled runs fit the contention of overlapped work by grid search over simulated runs of
   their plans (:func:`fit_contention`).
 """
@@ -35,9 +36,11 @@ __all__ = [
     "UNBOUNDED_TFLOPS",
     "CommSample",
     "ComputeSample",
+    "LevelSamples",
     "PlannedCall",
     "fit_compute",
     "fit_contention",
+    "fit_levels",
     "fit_network",
     "fit_peaks",
 ]
@@ -169,78 +172,136 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _coefficients(
-    kind: LinkKind, sample: CommSample, world: int, *, doubling: bool = False
+    kind: LinkKind, sample: CommSample, world: int, *, doubling: bool = False, wire: float = 1.0
 ) -> tuple[float, float, float]:
     """(a, b, c) with t = a * alpha + b * beta + c / reduce_rate under one link kind.
 
     The same formulas as :mod:`mc2sim.model.cost` for one dimension of ``world`` ranks; an
-    AllReduce by recursive doubling when ``doubling`` (else the ring or mesh phases).
+    AllReduce by recursive doubling when ``doubling`` (else the ring or mesh phases); a
+    reduction's transfers carry ``wire`` bytes per byte of the sample.
     """
     n, p = sample.nbytes, world
     mesh = kind is LinkKind.FULL_MESH
     if sample.kind == "allreduce":
         if doubling:
             rounds = float(math.ceil(math.log2(p))) if p > 1 else 0.0
-            return rounds, rounds * n, rounds * n
+            return rounds, rounds * n * wire, rounds * n
         steps = 2.0 if mesh else 2.0 * (p - 1)
-        return steps, steps * n / p, (p - 1) / p * n
+        return steps, steps * n * wire / p, (p - 1) / p * n
     if sample.kind == "allgather":
         steps = 1.0 if mesh else float(p - 1)
         return steps, steps * n / p, 0.0
     if sample.kind == "reduce_scatter":
         steps = 1.0 if mesh else float(p - 1)
-        return steps, steps * n / p, (p - 1) / p * n
+        return steps, steps * n * wire / p, (p - 1) / p * n
     return float(p - 1), (n / p if mesh else n * (p - 1) / p), 0.0
 
 
-def fit_network(samples: Sequence[CommSample], world: int) -> tuple[NetworkDim, float]:
-    """Fit latency, 1 / bandwidth and the reduction's vector rate; keep the better link kind.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LevelSamples:
+    """The collectives timed on one level of the network (one dimension of the topology)."""
 
-    Weighted least squares on relative error, as :func:`fit_compute`. The model times an
+    name: str
+    """The dimension's name, e.g. ``shared-memory``."""
+    world: int
+    """Ranks of the groups the samples were timed on: the dimension's ``ranks``."""
+    samples: Sequence[CommSample]
+    """The timed collectives."""
+    kinds: Sequence[LinkKind] = (LinkKind.FULL_MESH, LinkKind.SWITCH)
+    """The link kinds to try (a host's network port is a ``switch`` whatever the number of
+    hosts; with two, their timings cannot tell the kinds apart)."""
+
+
+def fit_network(
+    samples: Sequence[CommSample],
+    world: int,
+    *,
+    name: str = "shared-memory",
+    reductions_in_float32: bool = False,
+) -> tuple[NetworkDim, float]:
+    """Fit one network dimension and the reductions' rate: :func:`fit_levels` of one level.
+
+    Returns:
+        ``(the network dimension, the collectives' reduction rate in GB/s)``.
+    """
+    dims, reduce_gbps = fit_levels(
+        [LevelSamples(name=name, world=world, samples=samples)],
+        reductions_in_float32=reductions_in_float32,
+    )
+    return dims[0], reduce_gbps
+
+
+def fit_levels(
+    levels: Sequence[LevelSamples], *, reductions_in_float32: bool = False
+) -> tuple[tuple[NetworkDim, ...], float]:
+    """Fit every level's latency and 1 / bandwidth, and one rate of the reductions' additions.
+
+    Weighted least squares on relative error, as :func:`fit_compute`, over the samples of
+    all levels at once: each level has its own link figures, while the additions are the
+    ranks' own work, one rate for all (an AllReduce's excess over what its transfers cost,
+    beside the AlltoAllv and AllGather samples that pin the links). Every combination of the
+    levels' link kinds is tried; the one with the smallest error is kept. The model times an
     AllReduce by the cheaper of two algorithms, which depends on the figures being fitted:
     each AllReduce sample starts on the ring (or mesh) phases, then takes the algorithm the
     fitted figures make cheaper, and the fit is repeated until no sample changes side.
 
+    Args:
+        levels: each level's timed collectives, innermost first.
+        reductions_in_float32: whether reductions move twice the bytes the samples count
+            (``Device.reductions_in_float32``).
+
     Returns:
-        ``(the network dimension, the collectives' reduction rate in GB/s)``; a rate of 0
-        means the additions cost nothing measurable.
+        ``(the network dimensions, innermost first; the reductions' rate in GB/s)``; a rate
+        of 0 means the additions cost nothing measurable.
     """
-    best: tuple[float, NetworkDim, float] | None = None
-    seconds = np.array([s.seconds for s in samples])
-    root_weight = np.sqrt([s.weight for s in samples])
-    for kind in (LinkKind.FULL_MESH, LinkKind.SWITCH):
-        doubling = [False] * len(samples)
-        for _ in range(len(samples) + 1):  # a fixed point, or as many passes as samples
-            rows = [
-                _coefficients(kind, s, world, doubling=d)
-                for s, d in zip(samples, doubling, strict=True)
-            ]
-            a = np.array(rows) * (root_weight / seconds)[:, None]
+    flat = [(i, s) for i, level in enumerate(levels) for s in level.samples]
+    seconds = np.array([s.seconds for _, s in flat])
+    root_weight = np.sqrt([s.weight for _, s in flat])
+    wire = 2.0 if reductions_in_float32 else 1.0
+    width = 2 * len(levels) + 1  # (alpha, beta) per level, then 1 / reduce rate
+
+    def row(kinds: Sequence[LinkKind], i: int, sample: CommSample, doubling: bool) -> np.ndarray:
+        a, b, c = _coefficients(kinds[i], sample, levels[i].world, doubling=doubling, wire=wire)
+        out = np.zeros(width)
+        out[2 * i : 2 * i + 2] = a, b
+        out[-1] = c
+        return out
+
+    best: tuple[float, tuple[NetworkDim, ...], float] | None = None
+    for kinds in itertools.product(*(level.kinds for level in levels)):
+        doubling = [False] * len(flat)
+        for _ in range(len(flat) + 1):  # a fixed point, or as many passes as samples
+            rows = np.array([row(kinds, i, s, d) for (i, s), d in zip(flat, doubling, strict=True)])
+            a = rows * (root_weight / seconds)[:, None]
             coef = _nonnegative_lstsq(a, root_weight)
             cheaper = [
                 s.kind == "allreduce"
-                and float(np.dot(_coefficients(kind, s, world, doubling=True), coef))
-                < float(np.dot(_coefficients(kind, s, world), coef))
-                for s in samples
+                and float(np.dot(row(kinds, i, s, True), coef))
+                < float(np.dot(row(kinds, i, s, False), coef))
+                for i, s in flat
             ]
             if cheaper == doubling:
                 break
             doubling = cheaper
-        alpha, beta, inv_reduce = float(coef[0]), float(coef[1]), float(coef[2])
-        if beta <= 0:
-            continue
         error = float(np.sum((a @ coef - root_weight) ** 2))
-        dim = NetworkDim(
-            kind=kind,
-            ranks=world,
-            bandwidth_gbps=1.0 / beta / 1e9,
-            latency_us=alpha * 1e6,
-            name="shared-memory",
+        dims = tuple(
+            NetworkDim(
+                kind=kind,
+                ranks=level.world,
+                # no cost per byte found (noise, or latency explains all): unbounded
+                bandwidth_gbps=(
+                    1.0 / float(coef[2 * i + 1]) / 1e9 if coef[2 * i + 1] > 0 else UNBOUNDED_GBPS
+                ),
+                latency_us=float(coef[2 * i]) * 1e6,
+                name=level.name,
+            )
+            for i, (kind, level) in enumerate(zip(kinds, levels, strict=True))
         )
+        inv_reduce = float(coef[-1])
         if best is None or error < best[0]:
-            best = (error, dim, 1.0 / inv_reduce / 1e9 if inv_reduce > 0 else 0.0)
-    if best is None:
-        raise RuntimeError("communication timings could not be fitted")
+            best = (error, dims, 1.0 / inv_reduce / 1e9 if inv_reduce > 0 else 0.0)
+    if best is None:  # only when ``levels`` offers no link kind to try
+        raise RuntimeError("communication timings could not be fitted: no link kind to try")
     return best[1], best[2]
 
 

@@ -14,7 +14,13 @@ rest) follows once the latency is over and collective k - 1 has ended, as the li
 transfer at a time. A latency part is waiting: it takes its time whatever else runs. While a
 rank computes during a transfer, both progress slower by the topology's fitted contention
 factors (processor sharing; a factor of 1 is full overlap, a large one means communication
-barely advances while the rank computes, as with MPI progress polled between tiles).
+barely advances while the rank computes, as with MPI progress polled between tiles). Only
+the ranks' own work of a transfer is slowed: one that a capped wire holds back
+(``NetworkDim.link_gbps``) to ``h`` times its uncapped time advances at
+``min(1, h / comm_slowdown)`` while a rank computes, as the wire keeps its pace.
+
+Every comm task's record splits the bytes its rank sends into those within its node and
+those across nodes (``Topology.node_of``; :mod:`mc2sim.schedule.traffic`).
 
 Events are ordered in exactly one place: one heap keyed by (time, sequence number). Handlers
 only schedule events at or after the current time, so time never goes backwards.
@@ -39,6 +45,7 @@ from mc2sim.model.cost import (
     reduce_scatter_time,
 )
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
+from mc2sim.schedule.traffic import Placement, level_bytes
 from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
@@ -73,6 +80,7 @@ class _Active:
     version: int = 0
     transfer: float = 0.0  # a collective's transfer part, to come after its latency part
     transferring: bool = False  # a collective in its transfer part
+    headroom: float = 1.0  # a transfer's time over its time without the wires' caps (>= 1)
 
     def left_at(self, now: float) -> float:
         return self.work - (now - self.since) * self.rate
@@ -145,14 +153,26 @@ class _Engine:
             dataclasses.replace(
                 topology,
                 network=tuple(
-                    dataclasses.replace(d, bandwidth_gbps=_UNBOUNDED_GBPS) for d in topology.network
+                    dataclasses.replace(d, bandwidth_gbps=_UNBOUNDED_GBPS, link_gbps=0.0)
+                    for d in topology.network
                 ),
                 device=dataclasses.replace(topology.device, reduce_gbps=0.0),
             )
             if topology.device.concurrent_collectives
             else None
         )
+        # the same links without the wires' caps: the part of a transfer the ranks' own work
+        # limits, which overlapped compute slows (a capped wire keeps its pace)
+        self.uncapped = (
+            dataclasses.replace(
+                topology,
+                network=tuple(dataclasses.replace(d, link_gbps=0.0) for d in topology.network),
+            )
+            if any(d.link_gbps > 0 for d in topology.network)
+            else None
+        )
         self.world = len(plans)
+        self.placement = Placement.of(np.arange(self.world) // topology.ranks_per_node)
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
         self.heap: list[tuple[float, int, str, int, int]] = []
         self.seq = itertools.count()
@@ -196,14 +216,20 @@ class _Engine:
     def compute_rate(self) -> float:
         return 1.0 / self.compute_slow if self.transferring else 1.0
 
-    def comm_rate(self) -> float:
-        return 1.0 / self.comm_slow if self.computing > 0 else 1.0
+    def comm_rate(self, active: _Active) -> float:
+        """A transfer's rate: slowed while a rank computes, unless a capped wire holds it back.
+
+        A transfer whose wire takes ``headroom`` times what the ranks' own work would
+        (:attr:`_Active.headroom`) advances at ``min(1, headroom / comm_slowdown)``.
+        """
+        return min(1.0, active.headroom / self.comm_slow) if self.computing > 0 else 1.0
 
     def _rerate_comms(self) -> None:
         """Re-rate the transfer in progress (a latency part waits: nothing slows it)."""
         if self.transferring:
             k = self.next_transfer
-            self.rerate(self.collectives[k], self.comm_rate(), "comm", k)
+            active = self.collectives[k]
+            self.rerate(active, self.comm_rate(active), "comm", k)
 
     # -- ranks -------------------------------------------------------------------------------
 
@@ -250,17 +276,27 @@ class _Engine:
         tasks = [t for t in self.waiting.pop(k) if t is not None]
         del self.waiting_count[k]
         latency = 0.0  # on a stream the whole time is the transfer part
-        if self.latency_only is None:
-            (work,) = _collective_times(tasks, self.topology)
-        else:
-            work, alone = _collective_times(tasks, self.topology, self.latency_only)
-            latency = min(work, alone)
+        others = [t for t in (self.latency_only, self.uncapped) if t is not None]
+        work, *times = _collective_times(tasks, self.topology, *others)
+        if self.latency_only is not None:
+            latency = min(work, times.pop(0))
+        headroom = 1.0
+        if self.uncapped is not None:  # the transfer's own work, without the wires' caps
+            own = times.pop(0) - latency
+            headroom = (work - latency) / own if own > 0 else 1.0
         for r, task in enumerate(tasks):
             peer = self.ranks[r]
             peer.comm_queue.pop(0)
             peer.comm_started += 1
             self.starts[(r, task.id)] = self.now
-        active = _Active(list(enumerate(tasks)), latency, 1.0, self.now, transfer=work - latency)
+        active = _Active(
+            list(enumerate(tasks)),
+            latency,
+            1.0,
+            self.now,
+            transfer=work - latency,
+            headroom=max(headroom, 1.0),
+        )
         self.collectives[k] = active
         if latency > 0.0:
             self.schedule(active, "comm", k)
@@ -287,7 +323,7 @@ class _Engine:
         active.work, active.transfer = active.transfer, 0.0
         active.transferring = True
         active.since = self.now
-        active.rate = self.comm_rate()
+        active.rate = self.comm_rate(active)
         self.schedule(active, "comm", k)
         return True
 
@@ -301,6 +337,7 @@ class _Engine:
 
     def record(self, rank: int, task: Task) -> None:
         self.ranks[rank].done.add(task.id)
+        intra, inter = level_bytes(task, rank, self.placement)
         self.records.append(
             TaskRecord(
                 rank=rank,
@@ -313,6 +350,8 @@ class _Engine:
                 end_s=self.now,
                 flops=task.flops,
                 bytes=task.bytes,
+                intra_bytes=intra,
+                inter_bytes=inter,
             )
         )
 

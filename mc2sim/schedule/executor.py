@@ -10,12 +10,15 @@ thread (``MPIR_CVAR_ASYNC_PROGRESS=1``) is a third option, set in the environmen
 
 Every task's start and end are recorded (``time.perf_counter_ns`` relative to an epoch
 taken right after a barrier, so the ranks' clocks line up) into the active
-:func:`mc2sim.timeline.record` context, if any. A comm task's end is when its completion
-was observed: by the next poll, a wait, or the progress thread.
+:func:`mc2sim.timeline.record` context, if any, with a comm task's bytes split into those
+sent within the rank's node and across nodes (the ranks' host names give the placement:
+:mod:`mc2sim.schedule.traffic`). A comm task's end is when its completion was observed: by
+the next poll, a wait, or the progress thread.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from mc2sim._compat import StrEnum
 from mc2sim.comm import Communicator, Work
 from mc2sim.errors import ParamInvalidError
 from mc2sim.schedule.plan import Plan, Resource, Task
+from mc2sim.schedule.traffic import Placement, level_bytes
 from mc2sim.timeline import RunKey, Stream, current_recorder
 
 __all__ = ["POLL_INTERVAL_S", "Progress", "TileRunner", "execute"]
@@ -95,13 +99,21 @@ class _Recorder:
         self.plan = plan
         self.run = _next_run(plan)
         self.epoch = 0
+        self.levels: dict[int, tuple[int, int]] = {}
         if self.sink is not None:
+            where = Placement.of_hosts(comm.allgather_object(socket.gethostname()))
+            self.levels = {
+                t.id: level_bytes(t, plan.rank, where)
+                for t in plan.tasks
+                if t.resource is Resource.COMM
+            }
             comm.barrier()
             self.epoch = time.perf_counter_ns()
 
     def add(self, task: Task, start_ns: int, end_ns: int) -> None:
         if self.sink is None:
             return
+        intra, inter = self.levels.get(task.id, (0, 0))
         self.sink.add_raw(
             (
                 self.plan.rank,
@@ -114,6 +126,8 @@ class _Recorder:
                 (end_ns - self.epoch) * 1e-9,
                 task.flops,
                 task.bytes,
+                intra,
+                inter,
             )
         )
 

@@ -15,7 +15,11 @@ figures include what the others take from the machine, as in real runs:
    dimension (the better of full mesh and switch) jointly with the vector rate of the
    reductions' additions. Tasks timed inside the ops carry every cost the model must
    predict (conversions, copies, the communicator's own work), which bare-kernel timings
-   miss;
+   miss. On several hosts (the same number of ranks on each, placed by host) these runs
+   are made on groups of each network level, every group at once: the ranks of each host
+   (shared memory) and one rank of each host (the inter-node network, a switch), and
+   both levels are fitted together with one rate of the additions
+   (:func:`mc2sim.model.fit.fit_levels`): a topology of two dimensions;
 2. the bare kernels at several shapes in float16, float32 and int8 give those dtypes' peaks,
    and a reduce task's float32 sum of every rank's partial gives the vector rate, the other
    terms held fixed;
@@ -39,29 +43,32 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from mc2sim._yaml import shipped_dir
 from mc2sim.comm import Communicator
+from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import matmul, quant_matmul
 from mc2sim.model.fit import (
     UNBOUNDED_TFLOPS,
     CommSample,
     ComputeSample,
+    LevelSamples,
     fit_compute,
     fit_contention,
-    fit_network,
+    fit_levels,
     fit_peaks,
 )
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.scenario import load
 from mc2sim.schedule.plan import Resource, TaskKind
+from mc2sim.schedule.traffic import Placement
 from mc2sim.study.measure import Case, cases_of, measure_rounds
 from mc2sim.timeline import Stream, TaskRecord, Timeline
-from mc2sim.topology import Contention, Device, Topology
+from mc2sim.topology import Contention, Device, LinkKind, NetworkDim, Topology
 
 __all__ = [
     "CONTENTION",
@@ -321,22 +328,39 @@ def calibrate(
     Returns:
         The fitted topology and the spans of the ``alongside`` calls.
     """
-    serial, tiled = calibration_cases(comm), contention_cases(comm)
-    runs = [c.run for c in (*serial, *tiled)] + list(alongside)
-    rounds = measure_rounds(comm, runs, reps=reps, progress=progress)
-    spans = [[t.metrics().total_s for t in mine] for mine in rounds]
-    compute, collectives = samples_of(comm, serial, rounds[: len(serial)])
+    hosts = comm.allgather_object(socket.gethostname())
+    levels, per_node = _levels(comm, hosts)
+    serial = [(level.group, calibration_cases(level.group)) for level in levels]
+    tiled = contention_cases(comm)
+    runs = [c.run for _, cases in serial for c in cases]
+    groups = [group for group, cases in serial for _ in cases]
+    runs += [c.run for c in tiled] + list(alongside)
+    groups += [comm] * (len(tiled) + len(alongside))
+    rounds = measure_rounds(comm, runs, reps=reps, progress=progress, groups=groups)
+    compute: list[ComputeSample] = []
+    by_level: list[list[CommSample]] = []
+    first = 0
+    for group, cases in serial:
+        mine = samples_of(group, cases, rounds[first : first + len(cases)])
+        first += len(cases)
+        # each group of a level measured its own copy: pool every group's (its rank 0 speaks)
+        parts = comm.allgather_object(mine if group.rank == 0 else None)
+        spoken = [p for p in parts if p is not None]
+        compute += [replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[0]]
+        by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
+    spans = [[t.metrics().total_s for t in mine] for mine in rounds[first:]]
     peaks, efficiency, launch_us, memory_gbps = fit_compute(compute)
     others = [s for s in measure_compute(comm, reps) if s.dtype not in peaks]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
-    network, reduce_gbps = fit_network(collectives, comm.size)
+    wide = comm.backend in WIDE_REDUCTIONS
+    network, reduce_gbps = _fit_levels(levels, by_level, wide=wide, per_node=per_node)
     vector_tflops = measure_vector(comm, reps, launch_us=launch_us, memory_gbps=memory_gbps)
-    host = socket.gethostname()
+    where = f"host {hosts[0]}" if len(network) == 1 else f"{network[-1].ranks} hosts"
     base = Topology(
         name=name,
-        description=f"{comm.size} ranks on host {host}, fitted by mc2sim calibrate",
+        description=f"{comm.size} ranks on {where}, fitted by mc2sim calibrate",
         device=Device(
-            name=f"{host} CPU share of one rank (mc2sim kernels)",
+            name=f"{hosts[0]} CPU share of one rank (mc2sim kernels)",
             matrix_tflops=peaks,
             vector_tflops=vector_tflops,
             memory_gbps=memory_gbps,
@@ -344,21 +368,97 @@ def calibrate(
             launch_us=launch_us,
             reduce_gbps=reduce_gbps,
             memory_overlap=False,
+            reductions_in_float32=wide,
         ),
-        network=(network,),
+        network=network,
         contention=Contention(source="not yet fitted"),
         source=(
             "mc2sim calibrate: per-task times of serial runs of the five ops at calibration "
             "sizes (bfloat16), bare matmul kernels for float16, float32 and int8, "
-            f"{reps} repetitions each, all {comm.size} ranks at once; memory bandwidth and the "
-            "reductions' vector rate are effective figures of mc2sim's kernels and "
-            "communicator on this machine, not of the chips"
+            f"{reps} repetitions each, all {comm.size} ranks at once"
+            + (
+                ""
+                if len(network) == 1
+                else " (the collectives of each network level timed on groups of that level "
+                "alone: the ranks of one host, and one rank of each host, every group at "
+                "once)"
+            )
+            + "; memory bandwidth and the reductions' vector rate are effective figures of "
+            "mc2sim's kernels and communicator on this machine, not of the chips"
         ),
     )
-    first_tiled = len(serial)
-    fitted = fit_contention(base, tiled, spans[first_tiled : first_tiled + len(tiled)])
+    fitted = fit_contention(base, tiled, spans[: len(tiled)])
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
-    return Calibration(
-        topology=fitted,
-        alongside=spans[first_tiled + len(tiled) :],
+    return Calibration(topology=fitted, alongside=spans[len(tiled) :])
+
+
+WIDE_REDUCTIONS = ("mpi", "gloo", "threads")
+"""Backends whose reductions move float32 copies of 16-bit data (``Device.reductions_in_float32``):
+mc2sim's MPI, gloo and thread communicators sum 16-bit floats in float32."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Level:
+    """A network level and the group its collectives are timed on."""
+
+    name: str
+    """The level's network dimension's name."""
+    group: Communicator
+    """This rank's group of the level."""
+
+
+def _levels(comm: Communicator, hosts: Sequence[str]) -> tuple[list[_Level], int]:
+    """The levels of the network, innermost first, and the ranks each host holds.
+
+    One host: one level, the whole job on shared memory. Several: the ranks of this rank's
+    host (when it holds more than one), then one rank of each host (the ranks of one local
+    index: every host's ranks form such a group at once, sharing the hosts' links as a job
+    of all ranks does).
+
+    Raises:
+        ParamInvalidError: the hosts do not hold equal consecutive blocks of ranks.
+    """
+    where = Placement.of_hosts(hosts)
+    if where.node_count == 1:
+        return [_Level(name="shared-memory", group=comm)], comm.size
+    per_node = comm.size // where.node_count
+    if list(where.nodes) != [r // per_node for r in range(comm.size)]:
+        raise ParamInvalidError(
+            "hosts",
+            list(hosts),
+            "calibrating several hosts needs the same number of ranks on each, placed by host "
+            "(mpiexec -hosts a:K,b:K)",
+        )
+    levels = [_Level(name="inter-node", group=comm.split(comm.rank % per_node, comm.rank))]
+    if per_node > 1:
+        intra = comm.split(comm.rank // per_node, comm.rank)
+        levels.insert(0, _Level(name="shared-memory", group=intra))
+    return levels, per_node
+
+
+def _fit_levels(
+    levels: Sequence[_Level], samples: Sequence[Sequence[CommSample]], *, wide: bool, per_node: int
+) -> tuple[tuple[NetworkDim, ...], float]:
+    """Each level's network dimension and the reductions' rate, fitted together.
+
+    The inter-node level is a ``switch``: each host reaches the others through its port.
+    With one rank per host, the host is a dimension of one rank, which carries no traffic
+    (its figures, copied from the level above, are never used).
+    """
+    dims, reduce_gbps = fit_levels(
+        [
+            LevelSamples(
+                name=level.name,
+                world=level.group.size,
+                samples=mine,
+                kinds=(LinkKind.SWITCH,)
+                if level.name == "inter-node"
+                else (LinkKind.FULL_MESH, LinkKind.SWITCH),
+            )
+            for level, mine in zip(levels, samples, strict=True)
+        ],
+        reductions_in_float32=wide,
     )
+    if per_node == 1 and len(dims) == 1 and levels[0].name == "inter-node":
+        dims = (replace(dims[0], ranks=1, name="one rank per host"), *dims)
+    return dims, reduce_gbps

@@ -130,6 +130,7 @@ def measure_rounds(
     *,
     reps: int,
     progress: Callable[[int, int, str], None] | None = None,
+    groups: Sequence[Communicator] | None = None,
 ) -> list[list[Timeline]]:
     """Each run's recorded timeline (every rank's) in ``reps`` interleaved rounds.
 
@@ -138,14 +139,27 @@ def measure_rounds(
     on every rank), so no run always follows the same one (a call after another of other
     shapes can pay for the caches and the allocator); a first round warms up and is not kept.
 
+    Args:
+        comm: every rank of the job (each calls every run).
+        runs: the calls.
+        reps: rounds kept after the warm-up.
+        progress: called after each round with ``(round, rounds, label)``.
+        groups: for each run, the group its ranks run it in (a split of ``comm``: every
+            group runs its own copy at once) and its timeline is gathered over; default
+            ``comm`` for all.
+
     Returns:
-        For every run, its ``reps`` gathered timelines; the same on every rank.
+        For every run, its ``reps`` timelines gathered over its group; the same on every
+        rank of the group.
 
     Raises:
-        ParamInvalidError: ``reps`` below 1.
+        ParamInvalidError: ``reps`` below 1, or not one group per run.
     """
     if reps < 1:
         raise ParamInvalidError("reps", reps, "must be >= 1 (rounds measured after the warm-up)")
+    over = [comm] * len(runs) if groups is None else list(groups)
+    if len(over) != len(runs):
+        raise ParamInvalidError("groups", len(over), f"must give one group per run ({len(runs)})")
     kept: list[list[Timeline]] = [[] for _ in runs]
     rounds = reps + 1
     shuffle = np.random.default_rng(0)  # the same order on every rank
@@ -154,7 +168,7 @@ def measure_rounds(
             with record() as rec:
                 runs[i]()
             if rnd > 0:
-                kept[i].append(gather(comm, rec.timeline))
+                kept[i].append(gather(over[i], rec.timeline))
         if progress is not None:
             progress(rnd, rounds, "warm-up" if rnd == 0 else f"round {rnd}/{reps}")
     return kept

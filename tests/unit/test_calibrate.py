@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import pytest
 
+from mc2sim.comm import ThreadCommunicator, run_threads
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model import allgather_time, allreduce_time, alltoallv_time, reduce_scatter_time
 from mc2sim.model.fit import (
@@ -28,7 +29,7 @@ from mc2sim.model.simulator import simulate
 from mc2sim.schedule import plan_gmm_alltoallv, plan_mm_all_reduce, tiling_of
 from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import TaskKind
-from mc2sim.study.calibrate import samples_of
+from mc2sim.study.calibrate import _fit_levels, _Level, _levels, samples_of
 from mc2sim.study.measure import Case, measure_rounds
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline, current_recorder
 from mc2sim.topology import (
@@ -45,7 +46,14 @@ from .fakes import SameOnEveryRank
 MS = 1e-3
 
 
-def topology(world: int, *, alpha_us: float, gbps: float, reduce_gbps: float) -> Topology:
+def topology(
+    world: int,
+    *,
+    alpha_us: float,
+    gbps: float,
+    reduce_gbps: float,
+    kind: LinkKind = LinkKind.FULL_MESH,
+) -> Topology:
     device = Device(
         name="cpu",
         matrix_tflops={"bfloat16": 0.2},
@@ -56,7 +64,7 @@ def topology(world: int, *, alpha_us: float, gbps: float, reduce_gbps: float) ->
         reduce_gbps=reduce_gbps,
         memory_overlap=False,
     )
-    net = NetworkDim(kind=LinkKind.FULL_MESH, ranks=world, bandwidth_gbps=gbps, latency_us=alpha_us)
+    net = NetworkDim(kind=kind, ranks=world, bandwidth_gbps=gbps, latency_us=alpha_us)
     return Topology(
         name="t", description="t", device=device, network=(net,), contention=Contention(),
         source="tests",
@@ -305,7 +313,7 @@ def test_measure_rounds_interleaves_the_calls_and_drops_the_warm_up() -> None:
         assert sink is not None, "each call runs inside a recording"
         end = len(calls) * MS
         run = RunKey(op=label, tiling="serial")
-        sink.add_raw((0, run, 0, label, Stream.COMPUTE, "matmul", 0.0, end, 0, 0))
+        sink.add_raw((0, run, 0, label, Stream.COMPUTE, "matmul", 0.0, end, 0, 0, 0, 0))
 
     seen: list[tuple[int, int, str]] = []
     rounds = measure_rounds(
@@ -356,3 +364,95 @@ def test_validate_model_flags_for_the_fitted_topology_need_calibrate(
     assert err == (
         f"mc2sim validate-model: {flag}='x': is for the fitted topology: it needs --calibrate\n"
     )
+
+
+# ---------------------------------------------------------------- several hosts
+
+
+def level_samples(truth: Topology, wide: bool) -> list[CommSample]:
+    """Collectives of every kind timed on a one-dimension ``truth``, reductions wide or not."""
+    truth = dataclasses.replace(
+        truth, device=dataclasses.replace(truth.device, reductions_in_float32=wide)
+    )
+    world = truth.world_size
+    samples = []
+    for nbytes in (3e4, 2.6e5, 2e6, 6e6, 1.2e7):
+        samples += [
+            CommSample(kind="allreduce", nbytes=nbytes, seconds=allreduce_time(truth, nbytes)),
+            CommSample(kind="allgather", nbytes=nbytes, seconds=allgather_time(truth, nbytes)),
+            CommSample(
+                kind="reduce_scatter", nbytes=nbytes, seconds=reduce_scatter_time(truth, nbytes)
+            ),
+        ]
+        peers = [np.array([q for q in range(world) if q != r]) for r in range(world)]
+        share = np.full(world - 1, nbytes / world)
+        even = alltoallv_time(truth, [(p, share, p, share) for p in peers])
+        samples.append(CommSample(kind="alltoallv", nbytes=nbytes, seconds=even))
+    return samples
+
+
+def test_levels_split_the_job_by_host() -> None:
+    def levels(hosts: list[str]) -> tuple[list[tuple[str, int, int]], int]:
+        def body(comm: ThreadCommunicator) -> tuple[list[tuple[str, int, int]], int]:
+            found, per_node = _levels(comm, hosts[: comm.size])
+            return [(lv.name, lv.group.size, lv.group.rank) for lv in found], per_node
+
+        return run_threads(len(hosts), body)[len(hosts) - 1]  # the last rank's view
+
+    assert levels(["a", "a", "b", "b"]) == (
+        [("shared-memory", 2, 1), ("inter-node", 2, 1)],
+        2,
+    )
+    assert levels(["a", "b", "c"]) == ([("inter-node", 3, 2)], 1)
+    assert levels(["a", "a", "a"]) == ([("shared-memory", 3, 2)], 3)
+
+
+def test_levels_refuse_ranks_not_placed_by_host() -> None:
+    def body(comm: ThreadCommunicator) -> None:
+        _levels(comm, ["a", "b", "a", "b"])
+
+    with pytest.raises(ParamInvalidError, match="placed by host"):
+        run_threads(4, body)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["16-bit", "float32-wire"])
+def test_both_levels_are_fitted_from_their_own_groups(wide: bool) -> None:
+    # shared memory inside a host (fast, short latency) and TCP across hosts (slow, long):
+    # each level's samples come from its own groups; the reductions' rate, a property of the
+    # ranks, is one figure fitted on both
+    intra = topology(2, alpha_us=80.0, gbps=3.0, reduce_gbps=1.5)
+    inter = topology(2, alpha_us=400.0, gbps=0.4, reduce_gbps=1.5)
+    samples = [level_samples(intra, wide), level_samples(inter, wide)]
+    groups = [
+        _Level(name="shared-memory", group=SameOnEveryRank(2)),
+        _Level(name="inter-node", group=SameOnEveryRank(2)),
+    ]  # type: ignore[arg-type]
+    network, reduce_gbps = _fit_levels(groups, samples, wide=wide, per_node=2)
+    assert [(d.name, d.ranks) for d in network] == [("shared-memory", 2), ("inter-node", 2)]
+    assert [d.bandwidth_gbps for d in network] == pytest.approx([3.0, 0.4], rel=1e-6)
+    assert [d.latency_us for d in network] == pytest.approx([80.0, 400.0], rel=1e-6)
+    assert reduce_gbps == pytest.approx(1.5, rel=1e-6)
+
+
+def test_one_rank_per_host_makes_the_host_a_dimension_of_one_rank() -> None:
+    inter = topology(3, alpha_us=400.0, gbps=0.4, reduce_gbps=1.5, kind=LinkKind.SWITCH)
+    groups = [_Level(name="inter-node", group=SameOnEveryRank(3))]  # type: ignore[arg-type]
+    network, _ = _fit_levels(groups, [level_samples(inter, True)], wide=True, per_node=1)
+    assert [(d.name, d.ranks) for d in network] == [("one rank per host", 1), ("inter-node", 3)]
+    assert network[1].kind is LinkKind.SWITCH, "a host's port, whatever the timings"
+    assert network[1].bandwidth_gbps == pytest.approx(0.4, rel=1e-6)
+
+
+def test_a_network_with_no_measurable_cost_per_byte_fits_an_unbounded_bandwidth() -> None:
+    # times that do not grow with bytes (latency alone, as noise can make a short run look):
+    # the fit keeps the latency and an unbounded bandwidth instead of failing the calibration
+    from mc2sim.model.fit import UNBOUNDED_GBPS
+
+    samples = [
+        CommSample(kind=kind, nbytes=nbytes, seconds=1e-4)
+        for kind in ("allreduce", "alltoallv", "allgather", "reduce_scatter")
+        for nbytes in (1e3, 1e5, 1e7)
+    ]
+    dim, _ = fit_network(samples, 2)
+    assert dim.bandwidth_gbps == UNBOUNDED_GBPS
+    assert dim.latency_us > 0

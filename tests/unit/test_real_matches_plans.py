@@ -2,7 +2,8 @@
 
 For every shipped scenario (small scale) on thread ranks, the tasks the executor records
 inside the real op (their ids, names, kinds, FLOPs and bytes) equal the tasks of the plans the
-op's spec builds for the simulator: the two sides of a study describe the same work.
+op's spec builds for the simulator: the two sides of a study describe the same work. On one
+host, no byte is recorded as crossing to another node.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from mc2sim.comm import ThreadCommunicator, run_threads
 from mc2sim.scenario import builtin, list_builtin
 from mc2sim.study import plans_for
 from mc2sim.study.measure import real_case
-from mc2sim.timeline import Timeline, record
+from mc2sim.timeline import Stream, Timeline, record
 
 WORLD = 2
 
@@ -42,3 +43,10 @@ def test_the_real_op_runs_the_plans_the_simulator_runs(name: str) -> None:
             assert {(r.run.op, r.run.tiling) for r in records} == {
                 (plans[rank].op, plans[rank].tiling)
             }
+            # one host: every byte stays inside the node; an AlltoAllv's are the bytes it sends
+            assert {r.inter_bytes for r in records} == {0}
+            for r in records:
+                if r.kind == "alltoallv":
+                    assert r.intra_bytes == r.bytes, (tiling, rank, r.name)
+                elif r.stream is Stream.COMPUTE:
+                    assert r.intra_bytes == 0, (tiling, rank, r.name)

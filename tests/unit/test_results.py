@@ -162,24 +162,42 @@ def test_tasks_csv_has_op_tiling_repetition_columns_and_reads_back_unparsed(
         rows = list(csv.reader(f))
     assert rows[0] == [
         "rank", "op", "tiling", "repetition", "task", "name", "stream", "kind", "start_s",
-        "end_s", "flops", "bytes", "duration_s",
+        "end_s", "flops", "bytes", "duration_s", "intra_bytes", "inter_bytes",
     ]  # fmt: skip
     assert tuple(rows[0]) == CSV_COLUMNS
     assert "run" not in rows[0]
     assert len(rows) == 1 + len(timeline.records)
     assert rows[1] == [
         "0", OP, "a/b#2, c", "7", "0", "matmul[0]", "compute", "matmul", "0.0", "0.5", "100",
-        "0", "0.5",
+        "0", "0.5", "0", "0",
     ]  # fmt: skip
     assert rows[2] == [
         "0", OP, "a/b#2, c", "7", "1", "allreduce[1]", "comm", "allreduce", "0.25", "1.0", "0",
-        "64", "0.75",
+        "64", "0.75", "0", "0",
     ]  # fmt: skip
     assert rows[4][8:10] == ["0.75", "1.0"]
     folder = read_results(tmp_path)
     assert folder.timeline == timeline
     assert folder.timeline is not None and folder.timeline.runs() == [odd]
     assert dict(folder.runs) == {"a/b#2, c": odd}
+
+
+def test_bytes_by_level_round_trip_and_default_to_zero_in_older_files(tmp_path: Path) -> None:
+    split = dataclasses.replace(rec("comm", 0.0, 1.0, task=1), intra_bytes=40, inter_bytes=24)
+    timeline = Timeline(records=(rec("compute", 0.0, 0.5), split))
+    write_results(tmp_path, timeline=timeline, baseline=RUN, manifest=toy_manifest())
+    folder = read_results(tmp_path)
+    assert folder.timeline == timeline
+    assert folder.timeline is not None and folder.timeline.records[1].inter_bytes == 24
+    # a tasks.csv written before the two columns existed reads back with zeros
+    path = tmp_path / "tasks.csv"
+    with path.open(newline="") as f:
+        rows = [row[:-2] for row in csv.reader(f)]
+    with path.open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    older = read_results(tmp_path).timeline
+    assert older is not None
+    assert [(r.intra_bytes, r.inter_bytes) for r in older.records] == [(0, 0), (0, 0)]
 
 
 def test_floats_round_trip_exactly(tmp_path: Path) -> None:
