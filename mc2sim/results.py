@@ -138,7 +138,7 @@ CSV_COLUMNS = (
 )
 """Columns of ``tasks.csv``: the ``TaskRecord`` fields with the run as its three fields,
 then ``duration_s`` (written for readers; derived, so not read back), then the bytes sent
-within and across nodes (read as 0 from files written before they existed)."""
+within and across nodes."""
 
 _STREAM_TID = {"compute": 0, "comm": 1}
 """Chrome trace thread id of each stream's first lane; lane k of a stream is at ``tid + 2k``."""
@@ -1057,7 +1057,8 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                 raise _broken(folder, f"{TASKS_FILE} ends in the middle of a row: it was cut short")
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in CSV_COLUMNS[:-3] if c not in (reader.fieldnames or ())]
+            needed = [c for c in CSV_COLUMNS if c != "duration_s"]  # derived, not read back
+            missing = [c for c in needed if c not in (reader.fieldnames or ())]
             if missing:
                 raise _broken(folder, f"{TASKS_FILE} lacks the columns {missing}")
             for row in reader:
@@ -1078,8 +1079,8 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                             end_s=float(row["end_s"]),
                             flops=int(row["flops"]),
                             bytes=int(row["bytes"]),
-                            intra_bytes=int(row.get("intra_bytes") or 0),
-                            inter_bytes=int(row.get("inter_bytes") or 0),
+                            intra_bytes=int(row["intra_bytes"]),
+                            inter_bytes=int(row["inter_bytes"]),
                         )
                     )
                 except (TypeError, ValueError) as exc:  # ParamInvalidError is a ValueError

@@ -182,22 +182,16 @@ def test_tasks_csv_has_op_tiling_repetition_columns_and_reads_back_unparsed(
     assert dict(folder.runs) == {"a/b#2, c": odd}
 
 
-def test_bytes_by_level_round_trip_and_default_to_zero_in_older_files(tmp_path: Path) -> None:
+def test_bytes_by_level_round_trip(tmp_path: Path) -> None:
     split = dataclasses.replace(rec("comm", 0.0, 1.0, task=1), intra_bytes=40, inter_bytes=24)
     timeline = Timeline(records=(rec("compute", 0.0, 0.5), split))
     write_results(tmp_path, timeline=timeline, baseline=RUN, manifest=toy_manifest())
     folder = read_results(tmp_path)
     assert folder.timeline == timeline
     assert folder.timeline is not None and folder.timeline.records[1].inter_bytes == 24
-    # a tasks.csv written before the two columns existed reads back with zeros
-    path = tmp_path / "tasks.csv"
-    with path.open(newline="") as f:
-        rows = [row[:-2] for row in csv.reader(f)]
-    with path.open("w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
-    older = read_results(tmp_path).timeline
-    assert older is not None
-    assert [(r.intra_bytes, r.inter_bytes) for r in older.records] == [(0, 0), (0, 0)]
+    with (tmp_path / "tasks.csv").open(newline="") as f:
+        header = next(csv.reader(f))
+    assert header[-2:] == ["intra_bytes", "inter_bytes"]
 
 
 def test_floats_round_trip_exactly(tmp_path: Path) -> None:
@@ -510,7 +504,7 @@ def test_folders_written_otherwise_are_refused_naming_file_and_key(tmp_path: Pat
 
     mixed = _written(tmp_path / "mixed")
     with (mixed / "tasks.csv").open("a") as handle:
-        handle.write(f"0,{OP},tiles=9,0,5,x,compute,matmul,0.0,1.0,0,0,1.0\n")
+        handle.write(f"0,{OP},tiles=9,0,5,x,compute,matmul,0.0,1.0,0,0,1.0,0,0\n")
     _assert_broken(mixed, "tasks.csv holds the runs", "tiles=9")
 
 
