@@ -46,10 +46,16 @@ lint: $(STAMP)
 	# every planted mutant still names code that exists (make mutants runs them)
 	$(PY) scripts/mutants.py --check
 
-# Unit, kernel and end-to-end tests; the reference kernels must stay >= 95% line-covered.
+# The single-process tier: unit and kernel tests (the fused ops on thread ranks, no mpiexec);
+# the reference kernels must stay >= 95% line-covered.
 unit: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not mpi and not multinode" tests \
+	$(PY) -m pytest -q -p no:cacheprovider -m "not mpi and not multinode" tests/unit tests/kernels \
 		--cov=mc2sim.kernels --cov-report=term:skip-covered --cov-fail-under=95
+
+# End to end: the command line as a user launches it (mpiexec, torchrun), its error lines,
+# the watchdog and Ctrl-C.
+e2e: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not mpi and not multinode" tests/e2e
 
 mpi: $(STAMP)
 	$(MPI_PYTEST) 2 $(PY) -m pytest $(PYTEST_MPI_OPTS) tests
@@ -61,7 +67,7 @@ mpi: $(STAMP)
 multinode: $(STAMP)
 	timeout 1200 $(PY) -m pytest -q -p no:cacheprovider -m multinode tests/multinode
 
-test: lint unit mpi multinode
+test: lint unit e2e mpi multinode
 
 # Semantic bugs planted one at a time in a copy of the tree (tests/mutants/mutants.yaml); each
 # must make its tests fail. Prints `mutants caught K/N` last; fails unless every one is caught.
