@@ -123,20 +123,8 @@ def test_a_sample_repeated_n_times_at_weight_one_over_n_counts_once() -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_fit_network_recovers_the_link_and_the_reduction_rate(world: int) -> None:
     truth = topology(world, alpha_us=120.0, gbps=2.5, reduce_gbps=1.5)
-    samples = []
-    for nbytes in (3e4, 2.6e5, 2e6, 6e6, 1.2e7):
-        samples += [
-            CommSample(kind="allreduce", nbytes=nbytes, seconds=allreduce_time(truth, nbytes)),
-            CommSample(kind="allgather", nbytes=nbytes, seconds=allgather_time(truth, nbytes)),
-            CommSample(
-                kind="reduce_scatter", nbytes=nbytes, seconds=reduce_scatter_time(truth, nbytes)
-            ),
-        ]
-        # an even AlltoAllv: every rank sends nbytes / world to each peer
-        peers = [np.array([q for q in range(world) if q != r]) for r in range(world)]
-        share = np.full(world - 1, nbytes / world)
-        even = alltoallv_time(truth, [(p, share, p, share) for p in peers])
-        samples.append(CommSample(kind="alltoallv", nbytes=nbytes, seconds=even))
+    assert not truth.device.reductions_in_float32
+    samples = level_samples(truth, wide=False)
     dim, reduce_gbps = fit_network(samples, world)
     assert dim.kind is LinkKind.FULL_MESH and dim.ranks == world
     assert dim.latency_us == pytest.approx(120.0, rel=1e-6)
@@ -384,6 +372,7 @@ def level_samples(truth: Topology, wide: bool) -> list[CommSample]:
                 kind="reduce_scatter", nbytes=nbytes, seconds=reduce_scatter_time(truth, nbytes)
             ),
         ]
+        # an even AlltoAllv: every rank sends nbytes / world to each peer
         peers = [np.array([q for q in range(world) if q != r]) for r in range(world)]
         share = np.full(world - 1, nbytes / world)
         even = alltoallv_time(truth, [(p, share, p, share) for p in peers])
