@@ -72,6 +72,7 @@ __all__ = [
     "TASKS_FILE",
     "TRACE_FILE",
     "GoldenVerdict",
+    "ImplementationRecord",
     "Manifest",
     "ManifestRouting",
     "ResultsFolder",
@@ -347,7 +348,16 @@ class GoldenVerdict:
     rank: int | None = None
     """The rank whose output was checked, or None outside a multi-rank check."""
 
+    error: str | None = None
+    """Why the output could not be compared with its golden (the implementation raised, or
+    returned another shape, dtype or form than the op's), or None when it was. A verdict
+    with an error has not passed. Absent from folders written before it (read as None)."""
+
     def __post_init__(self) -> None:
+        if self.error is not None and (not isinstance(self.error, str) or not self.error):
+            raise ParamInvalidError("error", self.error, "must be None or a non-empty string")
+        if self.error is not None and self.passed is True:
+            raise ParamInvalidError("passed", self.passed, "must be False with an error")
         for name in ("standard", "dtype"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ParamInvalidError(name, getattr(self, name), "must be a non-empty string")
@@ -463,6 +473,71 @@ class GoldenVerdict:
             mean_limit=got.number_or_none("mean_limit"),
             worst=worst,
             rank=got.integer_or_none("rank"),
+            error=got.text_or_none("error") if "error" in got.data else None,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ImplementationRecord:
+    """A user's implementation of the op, checked and timed beside the tilings (``check``).
+
+    ``summary.json`` keeps one per implementation under its run's tiling in words (its
+    label, e.g. ``"impl plugin:my_mm"``); that run is in the timeline when the
+    implementation was timed (every rank returned an output of the op's form, shape and
+    dtype), and absent when it was not.
+    """
+
+    impl: str
+    """The implementation as given: ``module:function``."""
+
+    device: str
+    """Where its inputs were: ``"cpu"``, ``"cuda"``, ..."""
+
+    verdicts: tuple[GoldenVerdict, ...]
+    """Every rank's golden verdict of its output (index = rank)."""
+
+    timed: bool
+    """Whether its run is in the timeline."""
+
+    def __post_init__(self) -> None:
+        for name in ("impl", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ParamInvalidError(name, getattr(self, name), "must be a non-empty string")
+        object.__setattr__(self, "verdicts", tuple(self.verdicts))
+        for index, verdict in enumerate(self.verdicts):
+            if not isinstance(verdict, GoldenVerdict) or verdict.rank != index:
+                raise ParamInvalidError(
+                    f"verdicts[{index}]", verdict, f"must be a GoldenVerdict of rank {index}"
+                )
+        if not isinstance(self.timed, bool):
+            raise ParamInvalidError("timed", self.timed, "must be a bool")
+
+    @property
+    def passed(self) -> bool:
+        """Whether every rank's output met its golden (False without verdicts)."""
+        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the record as a JSON-ready dict."""
+        return {
+            "impl": self.impl,
+            "device": self.device,
+            "verdicts": [v.to_json() for v in self.verdicts],
+            "timed": self.timed,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> ImplementationRecord:
+        """Rebuild from :meth:`to_json`'s output; errors name ``where`` and the key."""
+        got = _Fields(data, where)
+        return cls(
+            impl=got.text("impl"),
+            device=got.text("device"),
+            verdicts=tuple(
+                GoldenVerdict.from_json(v, f"{where}.verdicts[{i}]")
+                for i, v in enumerate(got.items("verdicts"))
+            ),
+            timed=got.flag("timed"),
         )
 
 
@@ -1123,6 +1198,26 @@ def _golden_records(
     return golden
 
 
+def _check_implementations(
+    impls: Mapping[str, ImplementationRecord], tilings: Sequence[str], world: int
+) -> None:
+    """Each implementation: a record, at most one verdict per rank, its run there iff timed."""
+    for label, record in impls.items():
+        if not isinstance(record, ImplementationRecord):
+            raise ParamInvalidError(
+                f"implementations[{label!r}]", record, "must be an ImplementationRecord"
+            )
+        if len(record.verdicts) > world:
+            raise ParamInvalidError(
+                f"implementations[{label!r}].verdicts",
+                f"{len(record.verdicts)} verdicts",
+                f"must be at most one per rank ({world})",
+            )
+        if record.timed != (label in tilings):
+            rule = "must be a run of the timeline" if record.timed else "was not timed: no run"
+            raise ParamInvalidError(f"implementations[{label!r}]", label, rule)
+
+
 def _is_own(entry: Path) -> bool:
     """Whether mc2sim wrote ``entry``: a results file, a plot, a temporary file of one.
 
@@ -1226,6 +1321,7 @@ def write_results(
     baseline: RunKey,
     manifest: Manifest,
     verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
+    implementations: Mapping[str, ImplementationRecord] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write a results folder: tasks, trace, summary, manifest, then ``complete.json``.
@@ -1244,6 +1340,8 @@ def write_results(
         manifest: what ran and where; its ``source`` must be the timeline's.
         verdicts: tiling in words -> every rank's golden verdict (index = rank), as
             :class:`mc2sim.compare.Verdict` (or :class:`GoldenVerdict`); None without checks.
+        implementations: label -> a user's implementation checked beside the tilings
+            (``mc2sim check``); a timed one's run is the timeline's run of that label.
         overwrite: clear a folder of earlier results first (see :func:`check_folder`).
 
     Returns:
@@ -1285,7 +1383,14 @@ def write_results(
         )
     base = timeline.for_run(baseline)
     metrics = {run: timeline.for_run(run).metrics(baseline=base) for run in runs}
+    impls = dict(implementations or {})
+    _check_implementations(impls, tilings, manifest.world_size)
     golden = _golden_records(verdicts or {}, tilings)
+    for tiling in golden:
+        if tiling in impls:
+            raise ParamInvalidError(
+                "verdicts", tiling, "is an implementation: its verdicts are in its record"
+            )
     for tiling, records in golden.items():
         if len(records) > manifest.world_size:
             raise ParamInvalidError(
@@ -1297,6 +1402,7 @@ def write_results(
         "baseline": _run_json(baseline),
         "runs": [{"run": _run_json(run), "metrics": metrics[run].as_dict()} for run in runs],
         "golden": {t: [v.to_json() for v in records] for t, records in golden.items()},
+        "implementations": {label: record.to_json() for label, record in impls.items()},
         "timeline_meta": dict(timeline.meta),
     }
     files = {
@@ -1475,12 +1581,24 @@ class ResultsFolder:
     timeline: Timeline | None
     """Every task of ``tasks.csv``, or None when the folder has no ``tasks.csv``."""
 
+    implementations: Mapping[str, ImplementationRecord] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Label -> a user's implementation checked beside the tilings; a timed one's label is
+    also a run of :attr:`runs`. Empty for folders of ``run`` and ``simulate`` (and for folders
+    written before implementations were recorded). Stored read-only."""
+
     def totals(self) -> dict[str, float]:
         """Return tiling in words -> its run's ``total_s``, in the order written."""
         return {tiling: m.total_s for tiling, m in self.metrics.items()}
 
     def passed(self, tiling: str) -> bool | None:
-        """Whether every rank's output under ``tiling`` met its golden; None if unchecked."""
+        """Whether every rank's output under ``tiling`` (or implementation) met its golden.
+
+        None when it was not checked.
+        """
+        if tiling in self.implementations:
+            return self.implementations[tiling].passed
         verdicts = self.verdicts.get(tiling)
         if not verdicts:
             return None
@@ -1582,6 +1700,25 @@ def read_results(folder: Path) -> ResultsFolder:
                     f"summary.golden[{tiling!r}]", f"{len(golden[tiling])} verdicts",
                     f"must be at most one per rank of the manifest ({manifest.world_size})",
                 )  # fmt: skip
+        implementations: dict[str, ImplementationRecord] = {}
+        if "implementations" in summary.data:  # folders of format 2 before it lack the key
+            table = summary.table("implementations")
+            for label in table.data:
+                record = ImplementationRecord.from_json(
+                    table.data[label], f"summary.implementations[{label!r}]"
+                )
+                if record.timed != (label in runs):
+                    raise ParamInvalidError(
+                        f"summary.implementations[{label!r}].timed", record.timed,
+                        "must say whether its run is one of the runs",
+                    )  # fmt: skip
+                if len(record.verdicts) > manifest.world_size:
+                    raise ParamInvalidError(
+                        f"summary.implementations[{label!r}].verdicts",
+                        f"{len(record.verdicts)} verdicts",
+                        f"must be at most one per rank of the manifest ({manifest.world_size})",
+                    )
+                implementations[label] = record
         meta = dict(summary.table("timeline_meta").data)
         for key in ("scenario", "world_size"):
             stated = getattr(manifest, key)
@@ -1618,4 +1755,5 @@ def read_results(folder: Path) -> ResultsFolder:
         baseline=baseline,
         verdicts=MappingProxyType(golden),
         timeline=timeline,
+        implementations=MappingProxyType(implementations),
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
-from mc2sim.ops.spec import OpName, OpSpec, RealCase, torch_dtype
+from mc2sim.ops.spec import OpName, OpSpec, RealCase, one_tensor, torch_dtype
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.schedule.builders import IfaShape, plan_ifa
 from mc2sim.schedule.plan import Plan
@@ -98,12 +98,17 @@ class IfaSpec(OpSpec):
             num_heads=heads, num_kv_heads=kv_heads, scale=dim**-0.5, probs_dtype=dtype,
         )  # fmt: skip
 
-        def run(tiling: object) -> torch.Tensor:
-            return ops.ifa_decode(
-                query, key_cache, value_cache, comm,
-                block_table=table, actual_seq_lengths=lengths, num_heads=heads,
-                num_key_value_heads=kv_heads, block_size=block, scale_value=dim**-0.5,
-                tiling=tiling,  # type: ignore[arg-type]
-            )  # fmt: skip
-
-        return RealCase(run=run, expected=expected)
+        return RealCase(
+            op=ops.ifa_decode,
+            args=(query, key_cache, value_cache, comm),
+            kwargs={
+                "block_table": table,
+                "actual_seq_lengths": lengths,
+                "num_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "block_size": block,
+                "scale_value": dim**-0.5,
+            },
+            output=lambda out: one_tensor(out, "ifa_decode"),
+            expected=expected,
+        )

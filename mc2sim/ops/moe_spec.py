@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
-from mc2sim.ops.spec import OpName, OpSpec, RealCase, torch_dtype
+from mc2sim.ops.spec import OpName, OpSpec, RealCase, one_tensor, returned, torch_dtype
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.routing import Direction, RoutingTable, SparseRouting, route
 from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
@@ -163,33 +163,35 @@ class _MoeSpec(OpSpec):
             mm_w = uniform(gen, h2, n2, dtype=dtype, scale=1.0 / h2**0.5)
             k = min(h1, h2)  # one check of both outputs: the stricter bound of the two
         everyone = golden.gather_inputs(comm, x=x, w=w, send=send)
+        shared = mm_x is not None
         if self.direction is Direction.COMBINE:
             expected, mm_expected = golden.gmm_alltoallv(
                 comm.rank, everyone["x"], everyone["w"], everyone["send"], mm_x=mm_x, mm_weight=mm_w
             )
-
-            def run(tiling: object) -> torch.Tensor:
-                y, mm_y = ops.gmm_alltoallv(
-                    x, w, comm, comm.size, send, recv, mm_x=mm_x, mm_weight=mm_w,
-                    tiling=tiling,  # type: ignore[arg-type]
-                )  # fmt: skip
-                return _with_shared(y, mm_y)
-
+            op, names = ops.gmm_alltoallv, "(y, mm_y)"
         else:
             expected, mm_expected, _ = golden.alltoallv_gmm(
                 comm.rank, everyone["x"], w, everyone["send"], mm_x=mm_x, mm_weight=mm_w
             )
+            op, names = ops.alltoallv_gmm, "(gmm_y, mm_y, permute_out)"
+        name = self.op.value
 
-            def run(tiling: object) -> torch.Tensor:
-                y, mm_y, _ = ops.alltoallv_gmm(
-                    x, w, comm, comm.size, send, recv, mm_x=mm_x, mm_weight=mm_w,
-                    tiling=tiling,  # type: ignore[arg-type]
-                )  # fmt: skip
-                return _with_shared(y, mm_y)
+        def output(value: object) -> torch.Tensor:
+            outs = returned(value, name, len(names.split(",")), names)
+            y = one_tensor(outs[0], f"{name} (its first output)")
+            mm_y = one_tensor(outs[1], f"{name} (its mm_y)") if shared else None
+            return _with_shared(y, mm_y)
 
         if mm_expected is not None:
             expected = np.concatenate([expected.ravel(), mm_expected.ravel()])
-        return RealCase(run=run, expected=expected, k=k)
+        return RealCase(
+            op=op,
+            args=(x, w, comm, comm.size, send, recv),
+            kwargs={"mm_x": mm_x, "mm_weight": mm_w},
+            output=output,
+            expected=expected,
+            k=k,
+        )
 
 
 def _with_shared(y: torch.Tensor, mm_y: torch.Tensor | None) -> torch.Tensor:

@@ -34,7 +34,17 @@ if TYPE_CHECKING:
     from mc2sim.schedule.plan import Plan
     from mc2sim.schedule.tiling import Tiling
 
-__all__ = ["DTYPES", "OpName", "OpSpec", "QuantMode", "RealCase", "TilingSpec"]
+__all__ = [
+    "DTYPES",
+    "OpName",
+    "OpSpec",
+    "OutputFormError",
+    "QuantMode",
+    "RealCase",
+    "TilingSpec",
+    "one_tensor",
+    "returned",
+]
 
 DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 """The activation/output dtypes a scenario may ask for."""
@@ -91,17 +101,77 @@ class QuantMode(StrEnum):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RealCase:
-    """One rank's inputs of a real run: how to call the op, and the golden of its output."""
+    """One rank's inputs of a real run: the op call as data, and the golden of its output.
 
-    run: Callable[[TilingSpec | Tiling], torch.Tensor]
-    """Calls the op on this rank's inputs under a tiling (every rank calls it); returns its
-    output, flattened together with any second output the golden covers."""
+    The call is ``op(*args, **kwargs)`` with the signature of the op's function in
+    :mod:`mc2sim.ops` (torch_npu-style names); :meth:`run` makes it with mc2sim's own op
+    under a tiling, :meth:`call` with any other implementation of that signature, and both
+    hand the result to :attr:`output`, so each is checked against the same golden.
+    """
+
+    op: Callable[..., Any]
+    """mc2sim's op, e.g. :func:`mc2sim.ops.mm_all_reduce` (it also takes ``tiling=``)."""
+
+    args: tuple[Any, ...]
+    """The positional arguments of the call on this rank (the communicator among them)."""
+
+    kwargs: Mapping[str, Any]
+    """The keyword arguments of the call on this rank."""
+
+    output: Callable[[Any], torch.Tensor]
+    """Picks what the golden covers from what the op returns: its output, flattened together
+    with any second output the golden covers. Raises :class:`OutputFormError` naming the
+    op's return form when given something else (a tensor for a tuple)."""
 
     expected: np.ndarray
-    """This rank's float64 golden of what ``run`` returns."""
+    """This rank's float64 golden of what :attr:`output` returns."""
 
     k: int | None = None
     """The reduction length the precision standard scales its bound by (None: none)."""
+
+    def run(self, tiling: TilingSpec | Tiling) -> torch.Tensor:
+        """Call mc2sim's op on this rank's inputs under ``tiling`` (every rank calls it)."""
+        return self.output(self.op(*self.args, tiling=tiling, **self.kwargs))
+
+    def call(self, impl: Callable[..., Any]) -> torch.Tensor:
+        """Call ``impl`` with the op's arguments on this rank; return what the golden covers."""
+        return self.output(impl(*self.args, **self.kwargs))
+
+
+class OutputFormError(TypeError):
+    """An implementation returned something else than the op's form (a tensor for a tuple)."""
+
+
+def returned(value: object, op: str, count: int, names: str) -> tuple[Any, ...]:
+    """``value`` as the ``count``-tuple an op returns, or ``TypeError`` naming the form.
+
+    Args:
+        value: what an implementation returned.
+        op: the op's name, for the message.
+        count: how many outputs the op returns.
+        names: their names, e.g. ``"(y, mm_y)"``.
+
+    Returns:
+        The outputs as a tuple.
+
+    Raises:
+        OutputFormError: ``value`` is not a tuple or list of ``count`` items.
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != count:
+        got = f"{type(value).__name__}" + (
+            f" of {len(value)}" if isinstance(value, (tuple, list)) else ""
+        )
+        raise OutputFormError(f"{op} returns a tuple of {count} {names}; got a {got}")
+    return tuple(value)
+
+
+def one_tensor(value: object, op: str) -> torch.Tensor:
+    """``value`` if it is a tensor, else :class:`OutputFormError` saying ``op`` returns one."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise OutputFormError(f"{op} returns one tensor; got a {type(value).__name__}")
+    return value
 
 
 class OpSpec(ABC):

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
-from mc2sim.ops.spec import OpName, OpSpec, QuantMode, RealCase, torch_dtype
+from mc2sim.ops.spec import (
+    OpName,
+    OpSpec,
+    QuantMode,
+    RealCase,
+    one_tensor,
+    returned,
+    torch_dtype,
+)
 from mc2sim.schedule.builders import (
     MatmulShape,
     plan_all_gather_matmul,
@@ -142,7 +150,10 @@ class MatmulAllReduceSpec(_TpSpec):
             everyone["x1"], everyone["x2"], local_dtype=out_dtype, **scales
         )
         return RealCase(
-            run=lambda tiling: ops.mm_all_reduce(x1, x2, comm, tiling=tiling, **kwargs),
+            op=ops.mm_all_reduce,
+            args=(x1, x2, comm),
+            kwargs=kwargs,
+            output=lambda out: one_tensor(out, "mm_all_reduce"),
             expected=expected,
             k=k,
         )
@@ -179,11 +190,18 @@ class AllGatherMatmulSpec(_TpPairSpec):
         everyone = golden.gather_inputs(comm, x1=x1, x2=x2)
         expected, _ = golden.all_gather_matmul(everyone["x1"], x2)
 
-        def run(tiling: object) -> torch.Tensor:
-            out, _ = ops.all_gather_matmul(x1, x2, comm, comm.size, tiling=tiling)  # type: ignore[arg-type]
-            return out
+        def output(value: object) -> torch.Tensor:
+            out, _ = returned(value, "all_gather_matmul", 2, "(out, gather_out)")
+            return one_tensor(out, "all_gather_matmul (its out)")
 
-        return RealCase(run=run, expected=expected, k=k)
+        return RealCase(
+            op=ops.all_gather_matmul,
+            args=(x1, x2, comm, comm.size),
+            kwargs={},
+            output=output,
+            expected=expected,
+            k=k,
+        )
 
 
 class MatmulReduceScatterSpec(_TpPairSpec):
@@ -210,7 +228,10 @@ class MatmulReduceScatterSpec(_TpPairSpec):
             comm.rank, everyone["x1"], everyone["x2"], local_dtype=x1.dtype
         )
         return RealCase(
-            run=lambda tiling: ops.matmul_reduce_scatter(x1, x2, comm, comm.size, tiling=tiling),
+            op=ops.matmul_reduce_scatter,
+            args=(x1, x2, comm, comm.size),
+            kwargs={},
+            output=lambda out: one_tensor(out, "matmul_reduce_scatter"),
             expected=expected,
             k=k,
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +61,7 @@ class MeasuredStudy:
     timeline: Timeline
     """Every rank's tasks of the representative run of each tiling (median span)."""
     runs: dict[str, RunKey]
-    """Tiling, in words -> its run in ``timeline``."""
+    """Tiling, in words (or the name of a call timed alongside) -> its run in ``timeline``."""
     baseline: RunKey
     """The serial plan's run."""
     verdicts: dict[str, list[Verdict]]
@@ -179,35 +179,42 @@ def measure_study(
     comm: Communicator,
     *,
     progress: Callable[[int, int, str], None] | None = None,
+    alongside: Mapping[str, Callable[[], object]] | None = None,
+    real: RealCase | None = None,
 ) -> MeasuredStudy:
     """Run ``scenario`` on every rank of ``comm`` under each of its tilings.
 
     Each tiling's output is checked against the golden first (that call also warms it up),
     then every tiling is timed in ``scenario.repetitions`` interleaved rounds
-    (:func:`measure_rounds`).
+    (:func:`measure_rounds`), together with the calls of ``alongside``.
 
     Args:
         scenario: the study; its per-rank shapes are used as they are, on ``comm.size`` ranks.
         comm: every rank of the job.
         progress: called on every rank after each round, as :func:`measure_rounds` does.
+        alongside: more calls to time in the same rounds, by the name their run gets
+            (``mc2sim check``'s implementation); each records its own tasks of that name.
+        real: the scenario's real case, if already built (else it is built here).
 
     Returns:
         The representative timelines, golden verdicts and hosts; the same on every rank.
     """
-    real = real_case(scenario, comm)
+    real = real if real is not None else real_case(scenario, comm)
     cases = cases_of(scenario, comm, real=real)
+    extra = dict(alongside or {})
     verdicts: dict[str, list[Verdict]] = {}
     for case, tiling in zip(cases, scenario.tilings, strict=True):
         output = real.run(tiling)
         verdicts[case.tiling] = check_all(comm, output, real.expected, scenario.standard, k=real.k)
     rounds = measure_rounds(
-        comm, [c.run for c in cases], reps=scenario.repetitions, progress=progress
-    )
+        comm, [c.run for c in cases] + list(extra.values()), reps=scenario.repetitions,
+        progress=progress,
+    )  # fmt: skip
     timelines: list[Timeline] = []
     runs: dict[str, RunKey] = {}
-    for case, mine in zip(cases, rounds, strict=True):
+    for name, mine in zip([c.tiling for c in cases] + list(extra), rounds, strict=True):
         chosen = sorted(mine, key=lambda t: t.metrics().total_s)[len(mine) // 2]
-        runs[case.tiling] = chosen.runs()[0]
+        runs[name] = chosen.runs()[0]
         timelines.append(chosen)
     hosts = comm.allgather_object(socket.gethostname())
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": comm.size})
