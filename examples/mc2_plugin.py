@@ -84,3 +84,50 @@ def gmm_alltoallv(
     if mm_x is not None and mm_weight is not None:
         mm_y = (mm_x.float() @ mm_weight.float()).to(mm_x.dtype)
     return y, mm_y
+
+
+def alltoallv_gmm(
+    gmm_x: torch.Tensor,
+    gmm_weight: torch.Tensor,
+    comm: Any,
+    ep_world_size: int,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    *,
+    mm_x: torch.Tensor | None = None,
+    mm_weight: torch.Tensor | None = None,
+    permute_out_flag: bool = False,
+    **unused: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """AlltoAllvGroupedMatMul (the MoE dispatch): rows to the experts' ranks, then matmuls.
+
+    ``gmm_x`` is rank-major (rows for rank 0's experts 0..e-1, then rank 1's, ...); the rows
+    arrive ordered by (source rank, expert) and are permuted to expert-major (expert j's
+    rows from rank 0, rank 1, ...) before each expert's matmul.
+    """
+    e = gmm_weight.shape[0]
+    per_rank = [sum(send_counts[q * e : (q + 1) * e]) for q in range(ep_world_size)]
+    from_rank = [sum(recv_counts[r * e : (r + 1) * e]) for r in range(ep_world_size)]
+    got = comm.alltoallv(gmm_x, per_rank, from_rank)  # by (source rank, expert)
+    starts, at = {}, 0
+    for r in range(ep_world_size):
+        for j in range(e):
+            starts[(r, j)] = at
+            at += recv_counts[r * e + j]
+    permuted = torch.cat(
+        [
+            got[starts[(r, j)] : starts[(r, j)] + recv_counts[r * e + j]]
+            for j in range(e)
+            for r in range(ep_world_size)
+        ]
+    )
+    y = torch.empty(permuted.shape[0], gmm_weight.shape[2], dtype=gmm_x.dtype)
+    at = 0
+    for j in range(e):
+        rows = sum(recv_counts[r * e + j] for r in range(ep_world_size))
+        y[at : at + rows] = (permuted[at : at + rows].float() @ gmm_weight[j].float()).to(y.dtype)
+        at += rows
+    mm_y = None
+    if mm_x is not None and mm_weight is not None:
+        mm_y = (mm_x.float() @ mm_weight.float()).to(mm_x.dtype)
+    return y, mm_y, permuted if permute_out_flag else None

@@ -506,6 +506,70 @@ def _measure_into(
     return 0 if result.passed else 1
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Check and time a user's implementation of a scenario's op beside mc2sim's tilings."""
+    from mc2sim.comm import init
+    from mc2sim.report import format_tables
+    from mc2sim.results import clear_folder, read_results, write_results
+    from mc2sim.study.check import (
+        SKIPPED_STATUS,
+        ImplementationFailedError,
+        check_device,
+        check_implementation,
+        load_implementation,
+    )
+    from mc2sim.study.simulate import manifest_of
+
+    comm = init("mpi")
+    lead = comm.rank == 0
+    stamp = comm.allgather_object(_stamp())[0]
+    with _checking(comm):  # every rank loads the same module: an error is the same everywhere
+        scenario = _load_scenario(args.scenario, args.set)
+        scenario.world_size(comm.size)
+        impl = load_implementation(args.impl)
+        check_device(args.device)
+        out = Path(args.out or f"results/{scenario.name}-check-{stamp}")
+        if lead:
+            _check_out(out, args.overwrite)
+            _check_plots(args.plots)
+    rounds = scenario.repetitions + 1
+    with _progress_bar(rounds, f"check {impl.spec}", "round", show=lead) as bar:
+        try:
+            result = check_implementation(
+                scenario, impl, comm, device=args.device, progress=_ticker(bar)
+            )
+        except ImplementationFailedError as exc:  # every rank holds the same one
+            if lead:
+                print(f"mc2sim check: {exc}", file=sys.stderr, flush=True)
+            return 1
+    if result.skipped is not None:
+        if lead:
+            print(f"mc2sim check: skipped {impl.spec}: {result.skipped}", file=sys.stderr)
+        return SKIPPED_STATUS
+    measured, record = result.measured, result.record
+    if measured is None or record is None:  # not skipped: both are there
+        raise AssertionError("a check that ran has its measurement")
+    if lead:
+        if args.overwrite:
+            clear_folder(out)
+        manifest = manifest_of(
+            scenario, topology="measured", world=comm.size, source="measured",
+            hosts=measured.hosts, scenario_path=_scenario_file(args.scenario), argv=args.argv,
+            overrides=args.set,
+        )  # fmt: skip
+        write_results(
+            out, timeline=measured.timeline, baseline=measured.baseline, manifest=manifest,
+            verdicts=measured.verdicts, implementations={impl.label: record},
+        )  # fmt: skip
+        print(format_tables([read_results(out)]), end="")
+        for verdict in result.verdicts:
+            print(f"{impl.label}: {verdict.summary()}")
+        if args.plots:
+            _write_plots([out], out)
+        print(f"results: {out}")
+    return 0 if result.passed else 1
+
+
 def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
     """The grid of ``--set`` lists: ``key=v1,v2`` axes expand, the rest are fixed overrides.
 
@@ -764,6 +828,33 @@ def _parser() -> argparse.ArgumentParser:
     _add_timeout(run)
     run.set_defaults(func=_cmd_run)
 
+    chk = commands.add_parser(
+        "check",
+        help="check and time your implementation of a scenario's op on every rank (mpiexec)",
+    )
+    chk.add_argument("scenario", help="scenario file, or the name of a shipped one")
+    chk.add_argument(
+        "--impl",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="the implementation: a callable with the signature of the op in mc2sim.ops "
+        "(a module name or a .py file, a colon, its name); mc2sim.adapters has real ones",
+    )
+    chk.add_argument(
+        "--device",
+        default="cpu",
+        help="where the implementation's inputs are: cpu (default), cuda (a GPU per rank), cuda:N",
+    )
+    chk.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+    )
+    _add_out(chk, "results folder, new or empty (default results/<scenario>-check-<time>)")
+    chk.add_argument(
+        "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
+    )
+    _add_timeout(chk)
+    chk.set_defaults(func=_cmd_check)
+
     sim = commands.add_parser(
         "simulate", help="simulate a scenario on a topology (no MPI); write a results folder"
     )
@@ -878,7 +969,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 done; 1 a check of the results failed (a golden verdict, the
-        counts invariant); 2 a bad input or usage, reported as one line before any work.
+        counts invariant, an implementation's verdict); 2 a bad input or usage, reported as
+        one line before any work; 3 a collective or an implementation's call ran past the
+        deadline (the watchdog); 4 ``check`` skipped an implementation unavailable here.
 
     """
     try:

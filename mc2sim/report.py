@@ -49,6 +49,7 @@ __all__ = [
     "ReportResult",
     "compare",
     "format_tables",
+    "implementation_rows",
     "metrics_row",
     "report",
     "tile_count",
@@ -89,8 +90,17 @@ def _tiling_order(tiling: str) -> tuple[int, float, str]:
 
 
 def _tilings(folder: ResultsFolder) -> list[str]:
-    """The folder's tilings in display order: serial, hardware, then by tile count."""
-    return sorted(folder.runs, key=_tiling_order)
+    """The folder's tilings in display order: serial, hardware, then by tile count.
+
+    The runs of implementations checked beside them (``mc2sim check``) are not tilings and
+    are left out: see :func:`_implementations`.
+    """
+    return sorted((t for t in folder.runs if t not in folder.implementations), key=_tiling_order)
+
+
+def _implementations(folder: ResultsFolder) -> list[str]:
+    """The labels of the implementations checked in the folder, in the order written."""
+    return list(folder.implementations)
 
 
 def _golden(folder: ResultsFolder, tiling: str) -> str:
@@ -185,14 +195,51 @@ METRICS_HEADER = (
 """The column heads of :func:`metrics_row`."""
 
 
-def metrics_row(tiling: str, m: Metrics) -> str:
-    """One tiling's metrics as a table row under :data:`METRICS_HEADER` (times in ms)."""
+def metrics_row(tiling: str, m: Metrics, *, opaque: bool = False) -> str:
+    """One tiling's metrics as a table row under :data:`METRICS_HEADER` (times in ms).
+
+    ``opaque``: the run is one task per rank spanning a call whose inside is not seen (an
+    implementation checked by ``mc2sim check``): its compute, comm, exposed and overlap
+    columns are ``-``.
+    """
     speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+    if opaque:
+        return f"{tiling:<26}{m.total_s * 1e3:>10.3f}{'-':>10}{'-':>10}{'-':>10}{'-':>9}{speedup:>9}"
     return (
         f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
         f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
         f"{m.overlap_pct:>9.1f}{speedup:>9}"
     )
+
+
+def implementation_rows(folder: ResultsFolder) -> list[str]:
+    """The rows of the folder's implementations under :data:`METRICS_HEADER` + golden.
+
+    A timed implementation's row has its total and speedup (the rest ``-``: its inside is
+    not seen); one not timed (a rank raised or returned another form, shape or dtype) says
+    so. Each is followed by the failing ranks' verdicts, one line each.
+    """
+    lines = []
+    for label, record in folder.implementations.items():
+        golden = "pass" if record.passed else "FAIL"
+        if label in folder.metrics:
+            lines.append(f"{metrics_row(label, folder.metrics[label], opaque=True)}  {golden}")
+        else:
+            lines.append(f"{label:<26}{'not timed':>10}{'':>47}  {golden}")
+        for v in record.verdicts:
+            if v.passed:
+                continue
+            if v.error is not None:
+                lines.append(f"  rank {v.rank}: {v.error}")
+            elif v.worst is not None:
+                w = v.worst
+                lines.append(
+                    f"  rank {v.rank}: {v.standard} ({v.dtype}) {v.mismatches}/{v.numel} "
+                    f"mismatched; worst at {w.index}: actual {w.actual!r}, golden {w.golden!r}"
+                )
+            else:
+                lines.append(f"  rank {v.rank}: {v.standard} ({v.dtype}) failed")
+    return lines
 
 
 def _folder_table(folder: ResultsFolder) -> list[str]:
@@ -204,7 +251,7 @@ def _folder_table(folder: ResultsFolder) -> list[str]:
     ]
     for tiling in _tilings(folder):
         lines.append(f"{metrics_row(tiling, folder.metrics[tiling])}  {_golden(folder, tiling)}")
-    return lines
+    return lines + implementation_rows(folder)
 
 
 def _comparison_table(pair: Comparison) -> list[str]:
@@ -220,6 +267,30 @@ def _comparison_table(pair: Comparison) -> list[str]:
             f"{row.error:>9.1%}"
         )
     lines.append(f"geomean error over {len(pair.rows)} tilings: {pair.geomean_error:.1%}")
+    lines += _implementation_vs_model(pair)
+    return lines
+
+
+def _implementation_vs_model(pair: Comparison) -> list[str]:
+    """Each timed implementation's measured total beside the model's prediction of the op.
+
+    The model predicts the tilings, not a user's kernel: the lines give its time of the
+    hardware tiling (the fused op's own schedule) and of its fastest tiling.
+    """
+    simulated = pair.simulated.metrics
+    if not simulated:
+        return []
+    fastest = min(simulated, key=lambda t: simulated[t].total_s)
+    hardware = next((t for t in simulated if _is_hardware(t)), None)
+    lines = []
+    for label in _implementations(pair.measured):
+        if label not in pair.measured.metrics:
+            continue
+        line = f"{label}: measured {pair.measured.metrics[label].total_s * 1e3:.3f} ms; model: "
+        if hardware is not None:
+            line += f"{hardware} {simulated[hardware].total_s * 1e3:.3f} ms, "
+        line += f"fastest {fastest} {simulated[fastest].total_s * 1e3:.3f} ms"
+        lines.append(line)
     return lines
 
 
@@ -303,7 +374,7 @@ def _plot_speedup(folders: Sequence[ResultsFolder], path: Path) -> Path | None:
         points: list[tuple[int, float]] = []
         hardware: list[tuple[str, int | None, float]] = []
         for tiling, m in folder.metrics.items():
-            if m.speedup is None:
+            if m.speedup is None or tiling in folder.implementations:
                 continue
             count = tile_count(tiling)
             if _is_hardware(tiling):
@@ -469,7 +540,8 @@ def report(
         target = Path(out) if out is not None else Path(directories[0])
         first = folders[0]
         if first.timeline is not None:
-            for tiling in _tilings(first):
+            timed = [label for label in _implementations(first) if label in first.runs]
+            for tiling in _tilings(first) + timed:
                 path = target / gantt_png(tiling)
                 written.append(_plot_gantt(first, first.timeline, tiling, path))
         for drawn in (

@@ -84,10 +84,26 @@ class _TpSpec(OpSpec):
 
 
 class MatmulAllReduceSpec(_TpSpec):
-    """MatmulAllReduce and its quantised variants (weight int8/int4, w8a8)."""
+    """MatmulAllReduce and its quantised variants (weight int8/int4, w8a8).
+
+    The optional shape key ``group_size`` gives the weight-quant modes per-group antiquant
+    scales and offsets (``antiquant_group_size``: a ``(ceil(k/g), n)`` scale, row ``kk`` of
+    the weight in group ``kk // g``); without it they are per channel. The plans do not
+    depend on it.
+    """
 
     op: ClassVar[OpName] = OpName.MM_ALL_REDUCE
     quant_modes: ClassVar[tuple[QuantMode, ...]] = tuple(QuantMode)
+    optional: ClassVar[tuple[str, ...]] = ("group_size",)
+
+    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
+        super()._check_dims(shape, where)
+        if "group_size" in shape:
+            g, k = shape["group_size"], shape["k"]
+            if g % 32 or not 32 <= g <= k - 1:
+                raise ParamInvalidError(
+                    f"{where}.group_size", g, f"must be a multiple of 32 in [32, k-1] (k={k})"
+                )
 
     def _check_k(self, k: int, param: str) -> None:
         limits.MM_K.check(param, k)
@@ -95,6 +111,13 @@ class MatmulAllReduceSpec(_TpSpec):
     def check_quant(self, quant: QuantMode, shape: Mapping[str, int], where: str) -> None:
         """As :meth:`OpSpec.check_quant`; int4 weights also need ``n`` a multiple of 8."""
         super().check_quant(quant, shape, where)
+        if "group_size" in shape and quant not in (QuantMode.WEIGHT_INT8, QuantMode.WEIGHT_INT4):
+            raise ParamInvalidError(
+                f"{where}.group_size",
+                shape["group_size"],
+                f"is for quant 'weight_int8' or 'weight_int4' (per-group antiquant), not "
+                f"{quant.value!r}",
+            )
         if quant is QuantMode.WEIGHT_INT4:
             limits.require_multiple(f"{where}.n", shape["n"], 8, "8 for weight_int4")
 
@@ -141,11 +164,19 @@ class MatmulAllReduceSpec(_TpSpec):
                     if quant is QuantMode.WEIGHT_INT4
                     else values.to(torch.int8)
                 )
-                scale = (torch.rand(n, generator=gen) * 0.02 / k**0.5 + 1e-3).to(dtype)
-                offset = uniform(gen, n, dtype=dtype, scale=1.0)
+                g = shape.get("group_size", 0)
+                rows = -(-k // g) if g else None
+                params = (n,) if rows is None else (rows, n)
+                scale = (torch.rand(*params, generator=gen) * 0.02 / k**0.5 + 1e-3).to(dtype)
+                offset = uniform(gen, *params, dtype=dtype, scale=1.0)
                 kwargs = {"antiquant_scale": scale, "antiquant_offset": offset}
-        everyone = golden.gather_inputs(comm, x1=x1, x2=x2, **kwargs)
-        scales: dict[str, Any] = {key: everyone[key] for key in kwargs}
+                if g:
+                    kwargs["antiquant_group_size"] = g
+        tensors = {key: v for key, v in kwargs.items() if key != "antiquant_group_size"}
+        everyone = golden.gather_inputs(comm, x1=x1, x2=x2, **tensors)
+        scales: dict[str, Any] = {key: everyone[key] for key in kwargs if key in everyone}
+        if "antiquant_group_size" in kwargs:
+            scales["antiquant_group_size"] = kwargs["antiquant_group_size"]
         expected = golden.mm_all_reduce(
             everyone["x1"], everyone["x2"], local_dtype=out_dtype, **scales
         )

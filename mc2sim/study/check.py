@@ -65,6 +65,7 @@ __all__ = [
     "Outcome",
     "RankVerdict",
     "Unavailable",
+    "check_device",
     "check_implementation",
     "load_implementation",
 ]
@@ -74,8 +75,8 @@ SKIPPED_STATUS = 4
 
 RAISED_GRACE_S = 10.0
 """How long a rank whose call raised waits for the others to return from theirs (at most
-the collective deadline) before it ends the job: they may be waiting for it inside the
-implementation's collectives."""
+half the collective deadline, so its line comes before a watchdog's) before it ends the job:
+they may be waiting for it inside the implementation's collectives."""
 
 LEAD_S = 1.0
 """How long a rank other than 0 leaves rank 0 to end the job first when its call ran past
@@ -368,7 +369,7 @@ class _Caller:
         with collectives_named("check: returned"):
             arrived = self.harness.iallreduce(torch.ones(1, dtype=torch.int64))
             if ended.outcome is Outcome.RAISED and ended.unavailable is None:
-                grace = min(RAISED_GRACE_S, self.timeout)
+                grace = min(RAISED_GRACE_S, self.timeout / 2)
                 until = time.monotonic() + grace
                 while not arrived.test():
                     if time.monotonic() > until:
@@ -514,7 +515,7 @@ def check_implementation(
     """
     if isinstance(impl, str):
         impl = load_implementation(impl)
-    target = _device(device)
+    target = check_device(device)
     harness = _harness_of(comm)
     skipped = _unavailable(impl, comm, harness)
     if skipped is not None:
@@ -553,12 +554,24 @@ def check_implementation(
     )  # fmt: skip
 
 
-def _device(device: str) -> str:
-    """``device`` checked: a torch device name (``cuda`` needs CUDA); ``cuda`` is per rank."""
+def check_device(device: str) -> str:
+    """``device`` checked, as the implementation's inputs are put there.
+
+    Args:
+        device: ``cpu``, ``cuda`` (a GPU per rank: this rank's modulo the GPUs) or ``cuda:N``.
+
+    Returns:
+        The device's name, e.g. ``"cuda:1"``.
+
+    Raises:
+        ParamInvalidError: not such a device, or CUDA asked for where it is not available.
+    """
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ParamInvalidError("--device", device, "must be a torch device: cpu, cuda, cuda:N")
+        raise ParamInvalidError(
+            "--device", device, "must be a torch device: cpu, cuda, cuda:N"
+        ) from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ParamInvalidError("--device", device, "needs CUDA, which is not available here")

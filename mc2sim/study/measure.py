@@ -69,6 +69,10 @@ class MeasuredStudy:
     hosts: list[str]
     """Every rank's host name."""
 
+    def passed_tiling(self, tiling: str) -> bool:
+        """Whether every rank's output matched its golden under ``tiling``."""
+        return all(v.passed for v in self.verdicts[tiling])
+
     @property
     def passed(self) -> bool:
         """Whether every rank's output matched its golden under every tiling."""
