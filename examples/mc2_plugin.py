@@ -73,9 +73,7 @@ def gmm_alltoallv(
         for q in range(ep_world_size):
             offsets[q * e + j] = at
             at += send_counts[q * e + j]
-    order = [
-        out[offsets[i] : offsets[i] + send_counts[i]] for i in range(e * ep_world_size)
-    ]
+    order = [out[offsets[i] : offsets[i] + send_counts[i]] for i in range(e * ep_world_size)]
     send = torch.cat(order)
     per_rank = [sum(send_counts[q * e : (q + 1) * e]) for q in range(ep_world_size)]
     from_rank = [sum(recv_counts[r * e : (r + 1) * e]) for r in range(ep_world_size)]

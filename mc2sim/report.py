@@ -204,7 +204,8 @@ def metrics_row(tiling: str, m: Metrics, *, opaque: bool = False) -> str:
     """
     speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
     if opaque:
-        return f"{tiling:<26}{m.total_s * 1e3:>10.3f}{'-':>10}{'-':>10}{'-':>10}{'-':>9}{speedup:>9}"
+        dashes = f"{'-':>10}{'-':>10}{'-':>10}{'-':>9}"
+        return f"{tiling:<26}{m.total_s * 1e3:>10.3f}{dashes}{speedup:>9}"
     return (
         f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
         f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"

@@ -1,4 +1,4 @@
-"""The ``torch.distributed`` group an adapter's library needs, over an mc2sim communicator's ranks."""
+"""The ``torch.distributed`` group an adapter's library needs, over a communicator's ranks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PyTorch's symmetric-memory fused ops on CUDA GPUs, as mc2sim's AllGatherMatmul and MatmulReduceScatter.
+"""PyTorch's symmetric-memory fused ops on CUDA GPUs: AllGatherMatmul and MatmulReduceScatter.
 
 * :func:`fused_all_gather_matmul` is :func:`mc2sim.ops.all_gather_matmul`:
   ``torch.ops.symm_mem.fused_all_gather_matmul(A=x1, Bs=[x2], gather_dim=0, group_name)``

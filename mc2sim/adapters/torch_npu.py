@@ -227,8 +227,11 @@ def _moe_args(
         move(gmm_x, device),
         move(gmm_weight, device),
         _on(
-            device, send_counts_tensor=send_counts_tensor, recv_counts_tensor=recv_counts_tensor,
-            mm_x=mm_x, mm_weight=mm_weight,
+            device,
+            send_counts_tensor=send_counts_tensor,
+            recv_counts_tensor=recv_counts_tensor,
+            mm_x=mm_x,
+            mm_weight=mm_weight,
         ),  # fmt: skip
     )
 
@@ -335,12 +338,9 @@ def npu_incre_flash_attention(
     return out
 
 
-for _adapter in (
-    npu_mm_all_reduce_base,
-    npu_quant_matmul,
-    npu_weight_quant_batchmatmul,
-    npu_gmm_alltoallv,
-    npu_alltoallv_gmm,
-    npu_incre_flash_attention,
-):
-    _adapter.unavailable = unavailable  # type: ignore[attr-defined]
+npu_mm_all_reduce_base.unavailable = unavailable  # type: ignore[attr-defined]
+npu_quant_matmul.unavailable = unavailable  # type: ignore[attr-defined]
+npu_weight_quant_batchmatmul.unavailable = unavailable  # type: ignore[attr-defined]
+npu_gmm_alltoallv.unavailable = unavailable  # type: ignore[attr-defined]
+npu_alltoallv_gmm.unavailable = unavailable  # type: ignore[attr-defined]
+npu_incre_flash_attention.unavailable = unavailable  # type: ignore[attr-defined]

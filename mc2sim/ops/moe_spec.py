@@ -8,8 +8,8 @@ for a shared expert, ``h2`` and ``n2``. Tokens pick experts by the scenario's ro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
@@ -164,6 +164,7 @@ class _MoeSpec(OpSpec):
             k = min(h1, h2)  # one check of both outputs: the stricter bound of the two
         everyone = golden.gather_inputs(comm, x=x, w=w, send=send)
         shared = mm_x is not None
+        op: Callable[..., Any]
         if self.direction is Direction.COMBINE:
             expected, mm_expected = golden.gmm_alltoallv(
                 comm.rank, everyone["x"], everyone["w"], everyone["send"], mm_x=mm_x, mm_weight=mm_w

@@ -596,9 +596,7 @@ def _verdict(
     if ended.outcome is not None or out is None:
         outcome = ended.outcome if ended.outcome is not None else Outcome.RAISED
         return RankVerdict(rank=rank, outcome=outcome, detail=ended.detail)
-    verdict = check(
-        out.detach().cpu(), real.expected, scenario.standard, rank=rank, k=real.k
-    )
+    verdict = check(out.detach().cpu(), real.expected, scenario.standard, rank=rank, k=real.k)
     return RankVerdict(
         rank=rank,
         outcome=Outcome.PASS if verdict.passed else Outcome.MISMATCH,

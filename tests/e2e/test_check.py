@@ -69,7 +69,9 @@ def test_the_example_plugin_passes_and_report_shows_it_beside_the_tilings(
     res = check(n, scenario, PLUGIN, "--out", str(out))
     assert res.returncode == 0, res.stderr
     label = f"impl {PLUGIN}"
-    assert re.search(rf"^{re.escape(label)}\s+[\d.]+\s+-\s+-\s+-\s+-\s+[\d.]+\s+pass$", res.stdout, re.M)
+    assert re.search(
+        rf"^{re.escape(label)}\s+[\d.]+\s+-\s+-\s+-\s+-\s+[\d.]+\s+pass$", res.stdout, re.M
+    )
     for r in range(n):
         assert f"{label}: rank {r}: pass: allclose (bfloat16) PASS" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -86,7 +88,9 @@ def test_the_example_plugin_passes_and_report_shows_it_beside_the_tilings(
         ]
     )  # fmt: skip
     assert simulated.returncode == 0, simulated.stderr
-    rep = launch([sys.executable, "-m", "mc2sim", "report", str(out), str(sim), "--out", str(tmp_path)])
+    rep = launch(
+        [sys.executable, "-m", "mc2sim", "report", str(out), str(sim), "--out", str(tmp_path)]
+    )
     assert rep.returncode == 0, rep.stderr
     assert re.search(rf"^{re.escape(label)}: measured [\d.]+ ms; model: ", rep.stdout, re.M)
     assert re.search(rf"^{re.escape(label)}\s+[\d.]+(\s+-){{4}}", rep.stdout, re.M)

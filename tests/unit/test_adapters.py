@@ -194,7 +194,9 @@ class FakeSymm:
 
     def __init__(self, m: int, k: int, n: int, world: int) -> None:
         gathered = torch.zeros(world * m, k)
-        self.fused_all_gather_matmul = Recorder(lambda a, kw: (gathered, [torch.ones(world * m, n)]))
+        self.fused_all_gather_matmul = Recorder(
+            lambda a, kw: (gathered, [torch.ones(world * m, n)])
+        )
         self.fused_matmul_reduce_scatter = Recorder(lambda a, kw: torch.ones(m // world, n))
         self.gathered = gathered
 
@@ -242,7 +244,10 @@ def test_symm_mem_says_why_it_cannot_run_here(monkeypatch: pytest.MonkeyPatch) -
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     reason = symm_mem.fused_all_gather_matmul.unavailable(Two())  # type: ignore[attr-defined]
-    assert reason == "the symmetric-memory fused ops need CUDA GPUs; torch.cuda.is_available() is False"
+    assert (
+        reason
+        == "the symmetric-memory fused ops need CUDA GPUs; torch.cuda.is_available() is False"
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert "has no GPU of its own (0 on this host)" in str(symm_mem.unavailable(Two()))  # type: ignore[arg-type]
