@@ -9,7 +9,9 @@ output against the float64 golden, then times it beside mc2sim's own tilings::
 
 It uses nothing of mc2sim but the communicator it is handed (``comm.allreduce``,
 ``comm.alltoallv``); a real plugin would call its own Triton/CUDA kernel and its own
-collectives (NCCL, HCCL) instead. The arithmetic follows the ops' rounding points, which the
+collectives (NCCL, HCCL) instead. The arithmetic runs where the inputs are: with
+``--device cuda`` on the GPU (mc2sim's MPI communicator stages device tensors through the
+host). The arithmetic follows the ops' rounding points, which the
 goldens model: each rank's product is rounded to the output dtype before the ranks' results
 are summed.
 """
@@ -59,7 +61,7 @@ def gmm_alltoallv(
     each rank's in expert order, and arrive ordered by (source rank, expert).
     """
     e = gmm_weight.shape[0]
-    out = torch.empty(gmm_x.shape[0], gmm_weight.shape[2], dtype=gmm_x.dtype)
+    out = torch.empty(gmm_x.shape[0], gmm_weight.shape[2], dtype=gmm_x.dtype, device=gmm_x.device)
     start = 0
     for j in range(e):  # expert j's rows for every rank, one after another
         rows = sum(send_counts[q * e + j] for q in range(ep_world_size))
@@ -119,7 +121,7 @@ def alltoallv_gmm(
             for r in range(ep_world_size)
         ]
     )
-    y = torch.empty(permuted.shape[0], gmm_weight.shape[2], dtype=gmm_x.dtype)
+    y = torch.empty(permuted.shape[0], gmm_weight.shape[2], dtype=gmm_x.dtype, device=gmm_x.device)
     at = 0
     for j in range(e):
         rows = sum(recv_counts[r * e + j] for r in range(ep_world_size))

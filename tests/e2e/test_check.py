@@ -182,3 +182,16 @@ def test_a_module_that_raises_on_import_is_an_input_error(scenario: Path, tmp_pa
         f"mc2sim check: --impl='{bad}:f': module '{bad}' cannot be imported: "
         "RuntimeError: cannot load the kernel"
     ]
+
+
+@pytest.mark.gpu
+def test_a_cuda_implementation_is_checked_on_one_gpu(scenario: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    out = tmp_path / "cuda"
+    res = check(1, scenario, PLUGIN, "--device", "cuda", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert f"impl {PLUGIN}: rank 0: pass: allclose (bfloat16) PASS" in res.stdout
+    record = json.loads((out / "summary.json").read_text())["implementations"][f"impl {PLUGIN}"]
+    assert record["device"] == "cuda:0" and record["timed"] is True
