@@ -532,16 +532,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if lead:
             _check_out(out, args.overwrite)
             _check_plots(args.plots)
-    rounds = scenario.repetitions + 1
-    with _progress_bar(rounds, f"check {impl.spec}", "round", show=lead) as bar:
-        try:
-            result = check_implementation(
-                scenario, impl, comm, device=args.device, progress=_ticker(bar)
-            )
-        except ImplementationFailedError as exc:  # every rank holds the same one
-            if lead:
-                print(f"mc2sim check: {exc}", file=sys.stderr, flush=True)
-            return 1
+    bars: list[Any] = []  # drawn from the first timed round: after the checked call's lines
+
+    def progress(i: int, n: int, label: str) -> None:
+        if not bars:
+            bars.append(_progress_bar(n, f"check {impl.spec}", "round", show=lead))
+        _ticker(bars[0])(i, n, label)
+
+    try:
+        result = check_implementation(scenario, impl, comm, device=args.device, progress=progress)
+    except ImplementationFailedError as exc:  # every rank holds the same one
+        if lead:
+            print(f"mc2sim check: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for bar in bars:
+            bar.close()
     if result.skipped is not None:
         if lead:
             print(f"mc2sim check: skipped {impl.spec}: {result.skipped}", file=sys.stderr)

@@ -94,7 +94,7 @@ def _group_quant(
     g: int, *, right: bool,
 ) -> torch.Tensor:  # fmt: skip
     k = x2.shape[0]
-    rows = torch.arange(k)
+    rows = torch.arange(k, device=x2.device)
     group = rows // g if right else rows % scale.shape[0]  # BUG: modulo for division
     dtype = x1.dtype  # each antiquant step is stored in x1's dtype, as the device does
     w = ((x2.to(dtype) + offset[group]).to(dtype) * scale[group]).to(dtype)
