@@ -409,9 +409,13 @@ class _Caller:
 
 
 def _to(value: Any, device: str) -> Any:
-    """``value`` on ``device`` if it is a tensor; anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.device.type != torch.device(device).type:
-        return value.to(device)
+    """A copy of ``value`` on ``device`` if it is a tensor; anything else as it is.
+
+    A copy even on the same device: an implementation that writes into its inputs must not
+    change what mc2sim's tilings get after it.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=True)
     return value
 
 

@@ -180,3 +180,11 @@ def test_an_unavailable_implementation_is_skipped_with_its_reason(
     probed = run(comm, sc, f"{BROKEN}:probed_away")
     assert probed.skipped == f"rank {comm.size - 1}: no device here"
     assert probed.verdicts == () and probed.measured is None and not probed.passed
+
+
+def test_an_implementation_writing_into_its_inputs_leaves_the_tilings_theirs(
+    comm: Communicator, tmp: Path
+) -> None:
+    result = run(comm, scenario(comm, MM, tmp, "tilings=serial,2"), f"{BROKEN}:writes_into_x1")
+    assert outcomes(result) == [Outcome.PASS] * comm.size
+    assert result.measured is not None and result.measured.passed  # mc2sim's own, after it
