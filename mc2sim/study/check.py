@@ -105,7 +105,7 @@ class Outcome(StrEnum):
         ``shape``: an output of another shape than the op's.
         ``dtype``: an output of another dtype than the op's.
         ``form``: not what the op returns (a tensor for a tuple, a tuple of another length).
-        ``raised``: the call raised an exception.
+        ``raised``: the call raised an exception (``sys.exit`` included).
     """
 
     PASS = "pass"
@@ -221,6 +221,9 @@ def _import(name: str, param: str, spec: str) -> Any:
                 raise ParamInvalidError(param, spec, f"{name} is not a Python file")
             module = importlib.util.module_from_spec(loader)
             sys.modules[unique] = module
+            folder = str(path.resolve().parent)
+            if folder not in sys.path:  # its own helpers next to it import as they would
+                sys.path.append(folder)
             loader.loader.exec_module(module)
             return module
         if os.getcwd() not in sys.path and "" not in sys.path:
@@ -280,7 +283,7 @@ class _Deadline:
                 continue
             if self.rank != 0:  # rank 0's call may be past it too: its line first
                 time.sleep(LEAD_S)
-                if self._until is None:
+                if self._until != until:  # that call returned meanwhile
                     continue
             end_job(
                 f"mc2sim: timeout: implementation {self.label} did not return on rank "
@@ -329,18 +332,21 @@ class _Caller:
     def call(self) -> tuple[torch.Tensor | None, _Ended, float, float]:
         """One guarded call on this rank: output, how it ended, start and end (perf s)."""
         out: torch.Tensor | None = None
+        on_gpu = torch.device(self.device).type == "cuda"
+        if on_gpu:  # what ran before is not this call's
+            torch.cuda.synchronize(self.device)
         with self.deadline:
             start = time.perf_counter()
             try:
                 out = self._invoke()
-                if out.device.type == "cuda":
-                    torch.cuda.synchronize(out.device)
+                if on_gpu or out.device.type == "cuda":  # its kernels are part of the call
+                    torch.cuda.synchronize(out.device if out.device.type == "cuda" else None)
                 ended = self._judge_form(out)
             except Unavailable as exc:
                 ended = _Ended(outcome=Outcome.RAISED, detail=str(exc), unavailable=str(exc))
             except OutputFormError as exc:
                 ended = _Ended(outcome=Outcome.FORM, detail=str(exc))
-            except Exception as exc:  # noqa: BLE001 - the user's code: any failure is a verdict
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code: a verdict
                 ended = _Ended(outcome=Outcome.RAISED, detail=_one_line(exc))
             end = time.perf_counter()
         return out, ended, start, end
@@ -362,9 +368,10 @@ class _Caller:
     def agree(self, ended: _Ended) -> list[_Ended]:
         """Every rank's :class:`_Ended`, on every rank; never leaves a rank waiting.
 
-        A rank whose call raised gives the others :data:`RAISED_GRACE_S` (at most the
+        A rank whose call raised gives the others :data:`RAISED_GRACE_S` (at most half the
         deadline) to return from theirs; if they do not, they are inside the
-        implementation, waiting for it, and this rank ends the job with one line.
+        implementation, waiting for it, and this rank ends the job with one line. The others
+        wait under the communicator's deadline (its watchdog).
         """
         with collectives_named("check: returned"):
             arrived = self.harness.iallreduce(torch.ones(1, dtype=torch.int64))

@@ -200,3 +200,8 @@ def writes_into_x1(
     out = mm_rounded_per_rank(x1, x2, comm)
     x1.fill_(7)
     return out
+
+
+def exits_everywhere(x1: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """BUG: calls sys.exit on every rank (a script's habit)."""
+    raise SystemExit(3)

@@ -169,6 +169,10 @@ def test_an_implementation_raising_everywhere_gets_its_error_on_every_rank(
     assert outcomes(result) == [Outcome.RAISED] * comm.size
     assert {v.detail for v in result.verdicts} == {"ValueError: boom"}
     assert not result.timed
+    exited = run(comm, scenario(comm, MM, tmp), f"{BROKEN}:exits_everywhere")
+    assert [(v.outcome, v.detail) for v in exited.verdicts] == [
+        (Outcome.RAISED, "SystemExit: 3")
+    ] * comm.size
 
 
 def test_an_unavailable_implementation_is_skipped_with_its_reason(
