@@ -7,14 +7,16 @@
   ``torch.ops.symm_mem.fused_matmul_reduce_scatter(A=x1, B=x2, reduce_op="sum",
   scatter_dim=0, group_name)``.
 
-Both need CUDA, a GPU per rank on its host, at least two ranks, and the ops (PyTorch 2.5 and
-later); their probe says which is missing. Inputs on the CPU are moved to this rank's GPU
-(``cuda:<local rank>``). The ranks join an NCCL group once
+Both need CUDA, a GPU per rank on its host, and the ops (PyTorch 2.5 and later); their probe
+says which is missing. On one rank they run too (the gather and the reduction are then
+copies): a check of the kernel and the mapping, not of the overlap. Inputs on the CPU are
+moved to this rank's GPU (``cuda:<local rank>``). The ranks join an NCCL group once
 (:func:`mc2sim.adapters._dist.process_group`), with symmetric memory enabled for it.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -26,14 +28,21 @@ __all__ = ["fused_all_gather_matmul", "fused_matmul_reduce_scatter", "symm_mem_o
 
 
 def symm_mem_ops() -> Any:
-    """``torch.ops.symm_mem`` (the fused ops' namespace); tests put a fake in its place."""
+    """``torch.ops.symm_mem`` (the fused ops' namespace); tests put a fake in its place.
+
+    The fused ops are registered by ``torch.distributed._symmetric_memory`` when it is
+    imported (``torch.library``), so it is imported first; without it the namespace is
+    empty (seen with torch 2.11).
+    """
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401 - registers the ops
+    except ImportError:  # a build without torch.distributed: the probe says what is missing
+        pass
     return torch.ops.symm_mem
 
 
 def unavailable(comm: Communicator) -> str | None:
     """Why the symmetric-memory ops cannot run on these ranks, or None."""
-    if comm.size < 2:
-        return f"the symmetric-memory fused ops need at least 2 ranks (world size {comm.size})"
     if not torch.cuda.is_available():
         return "the symmetric-memory fused ops need CUDA GPUs; torch.cuda.is_available() is False"
     if local_rank() >= torch.cuda.device_count():
@@ -55,8 +64,10 @@ def _group_name(comm: Communicator) -> str:
     from torch.distributed import _symmetric_memory as symm
 
     enable = getattr(symm, "enable_symm_mem_for_group", None)
-    if enable is not None:
-        enable(name)
+    if enable is not None:  # needed before PyTorch 2.9; deprecated (a no-op) since
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(name)
     return name
 
 

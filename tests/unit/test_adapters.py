@@ -239,9 +239,6 @@ def test_symm_mem_says_why_it_cannot_run_here(monkeypatch: pytest.MonkeyPatch) -
     class Two(OneRank):
         size = 2
 
-    assert symm_mem.unavailable(OneRank()) == (  # type: ignore[arg-type]
-        "the symmetric-memory fused ops need at least 2 ranks (world size 1)"
-    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     reason = symm_mem.fused_all_gather_matmul.unavailable(Two())  # type: ignore[attr-defined]
     assert (
