@@ -329,8 +329,12 @@ class _Caller:
     def _invoke(self) -> torch.Tensor:
         return self.real.output(self.impl.fn(*self.args, **self.kwargs))
 
-    def call(self) -> tuple[torch.Tensor | None, _Ended, float, float]:
-        """One guarded call on this rank: output, how it ended, start and end (perf s)."""
+    def call(self, *, keep: bool = True) -> tuple[torch.Tensor | None, _Ended, float, float]:
+        """One guarded call on this rank: how it ended, start and end (perf s).
+
+        Args:
+            keep: also return the output, on the host (None when it is not comparable).
+        """
         out: torch.Tensor | None = None
         on_gpu = torch.device(self.device).type == "cuda"
         if on_gpu:  # what ran before is not this call's
@@ -341,14 +345,18 @@ class _Caller:
                 out = self._invoke()
                 if on_gpu or out.device.type == "cuda":  # its kernels are part of the call
                     torch.cuda.synchronize(out.device if out.device.type == "cuda" else None)
+                end = time.perf_counter()
                 ended = self._judge_form(out)
+                if ended.outcome is None and keep:  # compared on the host
+                    out = out.detach().to("cpu")
             except Unavailable as exc:
                 ended = _Ended(outcome=Outcome.RAISED, detail=str(exc), unavailable=str(exc))
             except OutputFormError as exc:
                 ended = _Ended(outcome=Outcome.FORM, detail=str(exc))
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code: a verdict
                 ended = _Ended(outcome=Outcome.RAISED, detail=_one_line(exc))
-            end = time.perf_counter()
+            if ended.outcome is not None:
+                out, end = None, time.perf_counter()
         return out, ended, start, end
 
     def _judge_form(self, out: torch.Tensor) -> _Ended:
@@ -394,7 +402,7 @@ class _Caller:
     def timed(self) -> None:
         """One timed call (a round of :func:`measure_rounds`): its task, on every rank."""
         self.harness.barrier()  # the ranks start together, as the executor's runs do
-        _, ended, start, end = self.call()
+        _, ended, start, end = self.call(keep=False)
         everyone = self.agree(ended)
         bad = [(r, e) for r, e in enumerate(everyone) if e.outcome is not None]
         if bad:

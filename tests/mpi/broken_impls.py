@@ -205,3 +205,10 @@ def writes_into_x1(
 def exits_everywhere(x1: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """BUG: calls sys.exit on every rank (a script's habit)."""
     raise SystemExit(3)
+
+
+def meta_output(
+    x1: torch.Tensor, x2: torch.Tensor, comm: Any, reduce_op: str = "sum", **unused: Any
+) -> torch.Tensor:
+    """BUG: returns a tensor of the right shape and dtype with no data (the meta device)."""
+    return torch.empty(x1.shape[0], x2.shape[1], dtype=x1.dtype, device="meta")

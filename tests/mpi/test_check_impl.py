@@ -169,6 +169,8 @@ def test_an_implementation_raising_everywhere_gets_its_error_on_every_rank(
     assert outcomes(result) == [Outcome.RAISED] * comm.size
     assert {v.detail for v in result.verdicts} == {"ValueError: boom"}
     assert not result.timed
+    dataless = run(comm, scenario(comm, MM, tmp), f"{BROKEN}:meta_output")
+    assert outcomes(dataless) == [Outcome.RAISED] * comm.size  # its output cannot be read
     exited = run(comm, scenario(comm, MM, tmp), f"{BROKEN}:exits_everywhere")
     assert [(v.outcome, v.detail) for v in exited.verdicts] == [
         (Outcome.RAISED, "SystemExit: 3")
