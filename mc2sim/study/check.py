@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from mc2sim._compat import StrEnum
-from mc2sim.comm import Communicator
+from mc2sim.comm import Communicator, agreed
 from mc2sim.comm.job import end_job
 from mc2sim.comm.watchdog import POLL_S, TIMEOUT_STATUS, collectives_named, timeout_from_env
 from mc2sim.compare import Verdict, check
@@ -529,13 +529,17 @@ def check_implementation(
         The verdicts, timings and the record for the results folder; the same on every rank.
 
     Raises:
-        ParamInvalidError: a malformed ``impl`` or ``device`` (on every rank alike).
+        ParamInvalidError: a malformed ``impl`` or ``device``, or ranks naming different
+            ones (on every rank alike).
         ImplementationFailedError: a timed call (after a passing checked call) failed.
     """
-    if isinstance(impl, str):
-        impl = load_implementation(impl)
-    target = check_device(device)
     harness = _harness_of(comm)
+    with agreed(harness) as same:  # a bad spec or device on one rank stops every rank
+        if isinstance(impl, str):
+            impl = load_implementation(impl, "impl")
+        target = check_device(device)
+        same("impl", impl.spec, "every rank runs the same implementation")
+        same("device", torch.device(target).type, "the ranks' inputs are on one kind of device")
     skipped = _unavailable(impl, comm, harness)
     if skipped is not None:
         return CheckedStudy(

@@ -194,3 +194,23 @@ def test_an_implementation_writing_into_its_inputs_leaves_the_tilings_theirs(
     result = run(comm, scenario(comm, MM, tmp, "tilings=serial,2"), f"{BROKEN}:writes_into_x1")
     assert outcomes(result) == [Outcome.PASS] * comm.size
     assert result.measured is not None and result.measured.passed  # mc2sim's own, after it
+
+
+def test_ranks_naming_different_implementations_all_get_the_error(
+    comm: Communicator, tmp: Path
+) -> None:
+    from mc2sim.errors import ParamInvalidError
+
+    sc = scenario(comm, MM, tmp)
+    mine = (
+        f"{BROKEN}:mm_no_rounding"
+        if comm.rank == comm.size - 1
+        else f"{BROKEN}:mm_rounded_per_rank"
+    )
+    with pytest.raises(ParamInvalidError) as info:
+        check_implementation(sc, mine, comm)
+    assert info.value.param == "impl" and info.value.rank == comm.size - 1
+    assert "every rank runs the same implementation" in info.value.rule
+    with pytest.raises(ParamInvalidError) as bad:
+        check_implementation(sc, "no_colon" if comm.rank == 0 else f"{BROKEN}:mm_no_rounding", comm)
+    assert bad.value.param == "impl" and "must be MODULE:FUNCTION" in bad.value.rule
