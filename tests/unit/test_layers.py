@@ -140,3 +140,15 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_package_has_no_import_cycle() -> None:
     inner = {name: {m for m in deps if m in MODULES and m != name} for name, deps in GRAPH.items()}
     assert _cycles(inner) == []
+
+
+def test_nothing_of_mc2sim_imports_the_adapters() -> None:
+    # third-party adapters are loaded by `mc2sim check --impl` alone, never by the package
+    users = sorted(
+        name
+        for name, deps in GRAPH.items()
+        if not name.startswith("mc2sim.adapters")
+        and any(d.startswith("mc2sim.adapters") for d in deps)
+    )
+    assert users == []
+    assert "mc2sim.comm" in _reached("mc2sim.adapters.symm_mem")  # the walker sees them
