@@ -548,13 +548,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
-    if result.skipped is not None:
+    measured, record = result.measured, result.record
+    if result.skipped is not None or measured is None or record is None:  # all three, or none
         if lead:
             print(f"mc2sim check: skipped {impl.spec}: {result.skipped}", file=sys.stderr)
         return SKIPPED_STATUS
-    measured, record = result.measured, result.record
-    if measured is None or record is None:  # not skipped: both are there
-        raise AssertionError("a check that ran has its measurement")
     if lead:
         if args.overwrite:
             clear_folder(out)
