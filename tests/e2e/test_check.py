@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import Result, launch, mpiexec
+from mc2sim.cli import main
+from mc2sim.report import report
+
+from .conftest import Result, mpiexec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -81,19 +83,11 @@ def test_the_example_plugin_passes_and_report_shows_it_beside_the_tilings(
     assert {r["run"]["tiling"] for r in summary["runs"]} == {"serial", "tiles=2", label}
     # the model's prediction of the same scenario, and report putting them side by side
     sim = tmp_path / "sim"
-    simulated = launch(
-        [
-            sys.executable, "-m", "mc2sim", "simulate", str(scenario), "--ranks", str(n),
-            "--topology", "atlas_a2_8p", "--out", str(sim), "--no-plots",
-        ]
-    )  # fmt: skip
-    assert simulated.returncode == 0, simulated.stderr
-    rep = launch(
-        [sys.executable, "-m", "mc2sim", "report", str(out), str(sim), "--out", str(tmp_path)]
-    )
-    assert rep.returncode == 0, rep.stderr
-    assert re.search(rf"^{re.escape(label)}: measured [\d.]+ ms; model: ", rep.stdout, re.M)
-    assert re.search(rf"^{re.escape(label)}\s+[\d.]+(\s+-){{4}}", rep.stdout, re.M)
+    argv = ["simulate", str(scenario), "--ranks", str(n), "--topology", "atlas_a2_8p"]
+    assert main([*argv, "--out", str(sim), "--no-plots"]) == 0
+    tables = report([out, sim], plots=False).tables
+    assert re.search(rf"^{re.escape(label)}: measured [\d.]+ ms; model: ", tables, re.M)
+    assert re.search(rf"^{re.escape(label)}\s+[\d.]+(\s+-){{4}}", tables, re.M)
 
 
 @pytest.mark.parametrize("n", [2, 4])
