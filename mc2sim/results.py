@@ -54,7 +54,16 @@ from typing import TYPE_CHECKING, Any
 from mc2sim._atomic import write_atomic
 from mc2sim._paths import check_creatable
 from mc2sim.errors import ParamInvalidError
-from mc2sim.timeline import Metrics, RankMetrics, RunKey, Source, Stream, TaskRecord, Timeline
+from mc2sim.timeline import (
+    Clock,
+    Metrics,
+    RankMetrics,
+    RunKey,
+    Source,
+    Stream,
+    TaskRecord,
+    Timeline,
+)
 
 if TYPE_CHECKING:
     from mc2sim.compare import Verdict
@@ -135,13 +144,23 @@ CSV_COLUMNS = (
     "duration_s",
     "intra_bytes",
     "inter_bytes",
+    "clock",
+    "host_start_s",
+    "host_end_s",
 )
 """Columns of ``tasks.csv``: the ``TaskRecord`` fields with the run as its three fields,
 then ``duration_s`` (written for readers; derived, so not read back), then the bytes sent
-within and across nodes."""
+within and across nodes, then what timed the task and the host's interval of it."""
+
+_LATER_COLUMNS = ("clock", "host_start_s", "host_end_s")
+"""Columns added after format 2 was fixed: a ``tasks.csv`` written before lacks them and
+reads as host-timed tasks (the host's interval is the task's)."""
 
 _STREAM_TID = {"compute": 0, "comm": 1}
 """Chrome trace thread id of each stream's first lane; lane k of a stream is at ``tid + 2k``."""
+
+_HOST_TID = 1000
+"""Chrome trace thread id of the first lane of the host's intervals of device-timed tasks."""
 
 _RUN_GAP = 0.1
 """Gap left between runs laid one after another in a trace, as a fraction of a run's span."""
@@ -958,10 +977,14 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
     (``tid`` 0 = compute, 1 = comm; tasks that overlap on one stream spill onto extra lanes
     ``tid + 2``, ``tid + 4``, ... named ``"compute #2"``, ...), and one complete event
     (``"ph": "X"``) per record with ``ts`` and ``dur`` in microseconds, ``name``, ``cat`` =
-    kind and ``args`` = flops, bytes, run (its display label) and task. Several runs are laid
-    one after another (``otherData["mc2sim.run_offsets_s"]``: the shift added to each run's
-    times, by display label). ``otherData`` also holds the timeline's meta and
-    ``"mc2sim.source"``. The trace is for viewers: mc2sim never reads it back.
+    kind and ``args`` = flops, bytes, run (its display label), task and clock. A stream
+    timed by the device is named after its clock (``"compute (device)"``, ``"comm
+    (staged)"``), and the host's interval of each such task (issuing it; for a staged
+    collective, until the host saw MPI complete) is drawn on the rank's ``"host"`` thread
+    (``tid`` 1000, lanes 1001, ...), so launch overhead shows. Several runs are laid one after
+    another (``otherData["mc2sim.run_offsets_s"]``: the shift added to each run's times, by
+    display label). ``otherData`` also holds the timeline's meta and ``"mc2sim.source"``.
+    The trace is for viewers: mc2sim never reads it back.
 
     Args:
         timeline: the records to draw, of any ranks and runs.
@@ -976,6 +999,9 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
         shift = offsets[rec.run]
         key = (rec.rank, rec.stream.value)
         by_thread.setdefault(key, []).append((rec.start_s + shift, rec.end_s + shift, rec))
+        if rec.clock is not Clock.HOST:
+            start, end = rec.host_span_s
+            by_thread.setdefault((rec.rank, "host"), []).append((start + shift, end + shift, rec))
     meta_events: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for rank in timeline.ranks():
@@ -984,27 +1010,33 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
     for (rank, stream), items in sorted(by_thread.items()):
         items.sort(key=lambda item: (item[0], item[1]))
         lanes = _lanes(items)
+        host = stream == "host"
+        base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
+        clocks = sorted({rec.clock.value for _, _, rec in items} - {Clock.HOST.value})
+        label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
         for lane in range(max(lanes) + 1):
-            tid = _STREAM_TID[stream] + 2 * lane
-            name = stream if lane == 0 else f"{stream} #{lane + 1}"
+            tid = base + step * lane
+            name = label if lane == 0 else f"{label} #{lane + 1}"
             meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
             meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
         for (start, end, rec), lane in zip(items, lanes, strict=True):
+            args: dict[str, Any] = {
+                "flops": rec.flops,
+                "bytes": rec.bytes,
+                "run": str(rec.run),
+                "task": rec.task,
+                "clock": "host" if host else rec.clock.value,
+            }
             events.append(
                 {
-                    "name": rec.name,
+                    "name": f"issue {rec.name}" if host else rec.name,
                     "cat": rec.kind,
                     "ph": "X",
                     "ts": start * 1e6,
                     "dur": (end - start) * 1e6,
                     "pid": rank,
-                    "tid": _STREAM_TID[stream] + 2 * lane,
-                    "args": {
-                        "flops": rec.flops,
-                        "bytes": rec.bytes,
-                        "run": str(rec.run),
-                        "task": rec.task,
-                    },
+                    "tid": base + step * lane,
+                    "args": args,
                 }
             )
     other = dict(timeline.meta)
@@ -1039,9 +1071,17 @@ def _tasks_csv(timeline: Timeline) -> str:
                 repr(rec.duration_s),
                 rec.intra_bytes,
                 rec.inter_bytes,
+                rec.clock.value,
+                repr(rec.host_span_s[0]),
+                repr(rec.host_span_s[1]),
             )
         )
     return buf.getvalue()
+
+
+def _float_or_none(text: str | None) -> float | None:
+    """A later column's number, or None where a row lacks it."""
+    return None if text is None or text == "" else float(text)
 
 
 def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any]) -> Timeline:
@@ -1057,7 +1097,8 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                 raise _broken(folder, f"{TASKS_FILE} ends in the middle of a row: it was cut short")
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            needed = [c for c in CSV_COLUMNS if c != "duration_s"]  # derived, not read back
+            # duration_s is derived, not read back; the later columns may be absent
+            needed = [c for c in CSV_COLUMNS if c != "duration_s" and c not in _LATER_COLUMNS]
             missing = [c for c in needed if c not in (reader.fieldnames or ())]
             if missing:
                 raise _broken(folder, f"{TASKS_FILE} lacks the columns {missing}")
@@ -1081,6 +1122,9 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                             bytes=int(row["bytes"]),
                             intra_bytes=int(row["intra_bytes"]),
                             inter_bytes=int(row["inter_bytes"]),
+                            clock=row.get("clock") or Clock.HOST,
+                            host_start_s=_float_or_none(row.get("host_start_s")),
+                            host_end_s=_float_or_none(row.get("host_end_s")),
                         )
                     )
                 except (TypeError, ValueError) as exc:  # ParamInvalidError is a ValueError

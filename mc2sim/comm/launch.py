@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 
     from mc2sim.comm.base import Communicator
 
-__all__ = ["Backend", "Launcher", "detect_launcher", "init"]
+__all__ = ["Backend", "Launcher", "detect_launcher", "init", "local_rank"]
 
 _LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 class Backend(StrEnum):
@@ -38,7 +39,8 @@ def init(backend: str | Backend = "mpi", *, torch_backend: str | None = None) ->
     Args:
         backend: ``"mpi"`` for mpi4py or ``"torch"`` for torch.distributed.
         torch_backend: with ``backend="torch"``, the process-group backend; ``None`` picks
-            ``nccl`` when CUDA is available, ``hccl`` when torch_npu is, else ``gloo``.
+            ``nccl`` when CUDA is available with a GPU for each of this host's ranks,
+            ``hccl`` when torch_npu is, else ``gloo``.
 
     Returns:
         A ``MpiCommunicator`` over ``MPI.COMM_WORLD`` or a ``TorchCommunicator`` over the
@@ -46,7 +48,8 @@ def init(backend: str | Backend = "mpi", *, torch_backend: str | None = None) ->
         or bootstrapped through MPI under mpiexec, or as a world of one).
 
     Raises:
-        ParamInvalidError: unknown ``backend``.
+        ParamInvalidError: unknown ``backend``, or ``nccl`` with more ranks on this host
+            than GPUs.
 
     """
     try:
@@ -64,8 +67,8 @@ def init(backend: str | Backend = "mpi", *, torch_backend: str | None = None) ->
 def _default_torch_backend() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return "nccl"
+    if torch.cuda.is_available() and _local_size() <= torch.cuda.device_count():
+        return "nccl"  # one GPU per rank; ranks sharing a GPU fall back to gloo
     if hasattr(torch, "npu"):  # pragma: no cover - torch_npu registers torch.npu on Ascend
         return "hccl"
     return "gloo"
@@ -78,6 +81,32 @@ def _local_rank() -> int:
     return 0
 
 
+def local_rank() -> int:
+    """This process's rank among the job's processes on its host (0 when alone)."""
+    return _local_rank()
+
+
+def _local_size() -> int:
+    for var in _LOCAL_SIZE_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def _one_gpu_per_rank() -> None:
+    """Refuse NCCL when this host's ranks outnumber its GPUs (NCCL needs a GPU per rank)."""
+    import torch
+
+    ranks, gpus = _local_size(), torch.cuda.device_count()
+    if ranks > gpus:
+        raise ParamInvalidError(
+            "torch_backend",
+            "nccl",
+            f"needs one GPU per rank: {ranks} ranks share {gpus} GPU(s) on this host; use the "
+            "mpi backend, which stages device tensors through host memory",
+        )
+
+
 def _init_torch(torch_backend: str | None) -> Communicator:
     import torch
     import torch.distributed as dist
@@ -88,6 +117,7 @@ def _init_torch(torch_backend: str | None) -> Communicator:
         return TorchCommunicator()
     pg_backend = torch_backend or _default_torch_backend()
     if pg_backend == "nccl":  # each process drives one GPU
+        _one_gpu_per_rank()
         torch.cuda.set_device(_local_rank() % torch.cuda.device_count())
     launcher = detect_launcher()
     # Tear the group down before the interpreter exits: gloo's and the TCP store's threads
