@@ -615,11 +615,23 @@ class Manifest:
     git_dirty: bool | None
     """Whether tracked files differ from that commit; None without a revision."""
 
+    devices: tuple[str, ...] = ()
+    """Every rank's device, in rank order, e.g. ``"cuda:0 (NVIDIA H200)"`` or ``"cpu"``;
+    empty for a simulated run (and in folders written before devices were recorded)."""
+
+    backend: str | None = None
+    """The transport of a measured run's collectives: ``"mpi"``, ``"mpi (staged through host
+    memory)"``, ``"mpi (device-aware)"``, ``"nccl"``, ``"gloo"``; None when simulated (and in
+    folders written before backends were recorded)."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "argv", _texts("argv", self.argv))
         object.__setattr__(self, "overrides", _texts("overrides", self.overrides))
         object.__setattr__(self, "tilings", _texts("tilings", self.tilings))
         object.__setattr__(self, "hosts", _texts("hosts", self.hosts))
+        object.__setattr__(self, "devices", _texts("devices", self.devices))
+        if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
+            raise ParamInvalidError("backend", self.backend, "must be a non-empty string or None")
         for name in ("scenario", "op", "dtype", "quant", "standard", "scale", "topology"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -736,6 +748,9 @@ class Manifest:
             created=got.text("created"),
             git_revision=got.text_or_none("git_revision"),
             git_dirty=got.flag_or_none("git_dirty"),
+            # recorded since the accelerator executor; older folders lack them
+            devices=got.texts("devices") if "devices" in got.data else (),
+            backend=got.text_or_none("backend") if "backend" in got.data else None,
         )
 
 
@@ -844,6 +859,8 @@ def collect_manifest(
     hosts: Sequence[str] | None = None,
     argv: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    devices: Sequence[str] = (),
+    backend: str | None = None,
 ) -> Manifest:
     """Build a :class:`Manifest` from a study's plain values and the facts of this process.
 
@@ -872,6 +889,8 @@ def collect_manifest(
         hosts: every rank's host; default this host alone.
         argv: the command line; default ``sys.argv``.
         overrides: the ``--set`` strings.
+        devices: every rank's device (a measured run).
+        backend: the collectives' transport (a measured run).
 
     Returns:
         The manifest.
@@ -914,6 +933,8 @@ def collect_manifest(
         created=datetime.now().astimezone().isoformat(timespec="seconds"),
         git_revision=revision,
         git_dirty=dirty,
+        devices=tuple(devices),
+        backend=backend,
     )
 
 
@@ -1122,7 +1143,7 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                             bytes=int(row["bytes"]),
                             intra_bytes=int(row["intra_bytes"]),
                             inter_bytes=int(row["inter_bytes"]),
-                            clock=row.get("clock") or Clock.HOST,
+                            clock=Clock(row.get("clock") or Clock.HOST),
                             host_start_s=_float_or_none(row.get("host_start_s")),
                             host_end_s=_float_or_none(row.get("host_end_s")),
                         )

@@ -740,7 +740,9 @@ class Recorder:
         """The records added so far, in order."""
         with self._lock:
             built = [
-                r if isinstance(r, TaskRecord) else TaskRecord(**dict(zip(_FIELDS[: len(r)], r, strict=True)))
+                r
+                if isinstance(r, TaskRecord)
+                else TaskRecord(**dict(zip(_FIELDS[: len(r)], r, strict=True)))
                 for r in self._records
             ]
             self._records = list(built)

@@ -398,9 +398,7 @@ def _stage_in(t: torch.Tensor, dtype: torch.dtype, aware: bool) -> torch.Tensor:
     return host
 
 
-def _stage_out(
-    buf: torch.Tensor, like: torch.Tensor, out: torch.Tensor | None
-) -> torch.Tensor:
+def _stage_out(buf: torch.Tensor, like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """Queue ``buf`` back onto ``like``'s device and dtype (into ``out`` when given)."""
     dev = buf.to(device=like.device, non_blocking=True).to(dtype=like.dtype)
     if out is None:

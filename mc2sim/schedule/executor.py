@@ -310,7 +310,12 @@ class _DeviceRun:
     """One plan on a device's compute and comm streams (see the module docstring)."""
 
     def __init__(
-        self, plan: Plan, comm: Communicator, runner: TileRunner, device: torch.device, mode: Progress
+        self,
+        plan: Plan,
+        comm: Communicator,
+        runner: TileRunner,
+        device: torch.device,
+        mode: Progress,
     ) -> None:
         self.plan, self.runner = plan, runner
         self.device = _indexed(device)

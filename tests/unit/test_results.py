@@ -325,7 +325,7 @@ MANIFEST_KEYS = {
     "format", "argv", "overrides", "scenario", "scenario_path", "scenario_sha256", "op",
     "shape", "dtype", "quant", "standard", "repetitions", "scale", "tilings", "routing",
     "topology", "world_size", "source", "hosts", "seeds", "versions", "mpi_library", "python",
-    "created", "git_revision", "git_dirty",
+    "created", "git_revision", "git_dirty", "devices", "backend",
 }  # fmt: skip
 
 
