@@ -49,7 +49,7 @@ from mc2sim.schedule.plan import Plan, Resource, Task
 from mc2sim.schedule.traffic import Placement, level_bytes
 from mc2sim.timeline import Clock, RunKey, Stream, current_recorder
 
-__all__ = ["POLL_INTERVAL_S", "Progress", "TileRunner", "device_streams", "execute"]
+__all__ = ["POLL_INTERVAL_S", "SPIN_S", "Progress", "TileRunner", "device_streams", "execute"]
 
 
 class Progress(StrEnum):
@@ -96,6 +96,10 @@ def _next_run(plan: Plan) -> RunKey:
 
 POLL_INTERVAL_S = 100e-6
 """How often the progress thread tests the requests in flight."""
+
+SPIN_S = 1.0
+"""On a device, how long the host polls the collectives in flight while it waits for one,
+before it blocks in that one's wait (where the watchdog's deadline applies)."""
 
 
 @dataclass
@@ -360,7 +364,7 @@ class _DeviceRun:
                 self._issue(task)
                 self._poll()
             while self.inflight:
-                self._land(min(self.inflight))
+                self._settle(min(self.inflight))
         finally:
             self.stop.set()
             if thread is not None:
@@ -389,7 +393,7 @@ class _DeviceRun:
         stream = self._stream_of(task)
         for dep in task.deps:
             if dep in self.inflight:
-                self._land(dep)
+                self._settle(dep)
             if self.plan.tasks[dep].resource is not task.resource:
                 stream.wait_event(self.events[dep][1])
         start, end = self._event(), self._event()
@@ -426,6 +430,19 @@ class _DeviceRun:
     def _loop(self) -> None:
         while not self.stop.wait(POLL_INTERVAL_S):
             self._poll()
+
+    def _settle(self, task_id: int) -> None:
+        """Wait for a host-progressed collective, polling every one in flight meanwhile.
+
+        Polling lets each later collective start as soon as its input is out of the device
+        (MPI progresses them together); after ``SPIN_S`` the wait blocks, under the
+        collective's deadline (:mod:`mc2sim.comm.watchdog`).
+        """
+        item = self.inflight[task_id]
+        deadline = time.perf_counter() + SPIN_S
+        while item.done_ns is None and time.perf_counter() < deadline:
+            self._poll()
+        self._land(task_id)
 
     def _land(self, task_id: int) -> None:
         """Complete a host-progressed collective: its copy back and end event on the stream."""
