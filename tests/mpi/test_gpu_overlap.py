@@ -63,7 +63,10 @@ def comm() -> MpiCommunicator:
 
 CASES = {
     "mm_all_reduce": ("llama70b_tp8_prefill", []),
-    "mm_all_reduce weight_int8": ("seed_weight_quant_mm_allreduce", ["shape.m=64", "dtype=float16"]),
+    "mm_all_reduce weight_int8": (
+        "seed_weight_quant_mm_allreduce",
+        ["shape.m=64", "dtype=float16"],
+    ),
     "mm_all_reduce weight_int4": (
         "seed_weight_quant_mm_allreduce",
         ["shape.m=64", "shape.k=256", "shape.n=128", "quant=weight_int4"],
