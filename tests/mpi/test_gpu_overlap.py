@@ -148,8 +148,7 @@ def _independent_plan(rank: int, world: int, tiles: int, *, dependent: bool) -> 
 
 
 def _timed(comm: MpiCommunicator, fn: Callable[[], object]) -> tuple[float, Timeline]:
-    """The call's wall time on this rank (from a barrier, the device idle) and every rank's
-    timeline of it."""
+    """This rank's wall time of the call (from a barrier, the device idle); every timeline."""
     if ON_DEVICE:
         torch.cuda.synchronize()
     comm.barrier()
