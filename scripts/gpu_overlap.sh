@@ -12,7 +12,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 MPIEXEC=(mpiexec)
-if mpiexec --version 2>&1 | grep -q "Open MPI"; then
+if mpiexec --version 2>&1 | grep -qiE "open ?mpi|openrte"; then
     MPIEXEC=(mpiexec --allow-run-as-root --oversubscribe --bind-to none)
 fi
 WITH_MPI=()
