@@ -31,7 +31,7 @@ _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.at
 _INT_MM_MIN_ROWS = 17
 """``torch._int_mm`` on CUDA needs more than 16 rows ..."""
 _INT_MM_ALIGN = 8
-"""... and k and n multiples of 8; smaller problems are zero-padded (exactly)."""
+"""... and m, k and n multiples of 8; other problems are zero-padded (exactly)."""
 
 
 def same_device(
@@ -104,7 +104,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no
     """
     m, k = a.shape
     n = b.shape[1]
-    mp = max(m, _INT_MM_MIN_ROWS)
+    # rows too: cuBLASLt refuses some row counts that are not multiples of 8 (17 rows of a
+    # hardware-tiled MatmulAllReduce, k 112, n 256 on an H200: CUBLAS_STATUS_NOT_SUPPORTED)
+    mp = max(-(-m // _INT_MM_ALIGN) * _INT_MM_ALIGN, _INT_MM_MIN_ROWS + _INT_MM_ALIGN - 1)
     kp = -(-k // _INT_MM_ALIGN) * _INT_MM_ALIGN
     np_ = -(-n // _INT_MM_ALIGN) * _INT_MM_ALIGN
     if (mp, kp) != (m, k):
