@@ -31,7 +31,9 @@ _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.at
 _INT_MM_MIN_ROWS = 17
 """``torch._int_mm`` on CUDA needs more than 16 rows ..."""
 _INT_MM_ALIGN = 8
-"""... and k and n multiples of 8; smaller problems are zero-padded (exactly)."""
+"""... and n a multiple of 8; other problems are zero-padded (exactly) ..."""
+_INT_MM_K_ALIGN = 32
+"""... and k a multiple of 32 (the H200's cuBLASLt refused k = 112)."""
 
 
 def same_device(
@@ -134,7 +136,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no
     m, k = a.shape
     n = b.shape[1]
     mp = max(m, _INT_MM_MIN_ROWS)
-    kp = -(-k // _INT_MM_ALIGN) * _INT_MM_ALIGN
+    # k to a multiple of 32: cuBLASLt's int8 GEMM on an H200 refused k = 112 (a multiple of
+    # 8 and 16) with CUBLAS_STATUS_NOT_SUPPORTED, at 17 and 24 rows and n = 256
+    kp = -(-k // _INT_MM_K_ALIGN) * _INT_MM_K_ALIGN
     np_ = -(-n // _INT_MM_ALIGN) * _INT_MM_ALIGN
     if (mp, kp) != (m, k):
         padded = torch.zeros((mp, kp), dtype=torch.int8, device=a.device)

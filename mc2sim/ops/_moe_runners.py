@@ -13,7 +13,26 @@ from mc2sim.ops._layout import transpose_blocks
 from mc2sim.schedule.plan import Task, TaskKind
 from mc2sim.schedule.tiling import even_split
 
-__all__ = ["CombineRunner", "DispatchRunner", "SharedExpert", "chunk_rows", "split_by_source"]
+__all__ = [
+    "CombineRunner",
+    "DispatchRunner",
+    "SharedExpert",
+    "chunk_rows",
+    "index_on",
+    "split_by_source",
+]
+
+
+def index_on(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Row numbers made on the host, on ``device`` without blocking the host.
+
+    A plain copy to an accelerator synchronises its stream; a tile runner must not (the
+    executor queues tile after tile), so the numbers go through pinned memory, copied
+    asynchronously on the current stream.
+    """
+    if device.type == "cpu":
+        return idx
+    return idx.pin_memory().to(device, non_blocking=True)
 
 
 def chunk_rows(
@@ -104,7 +123,7 @@ class CombineRunner(_ExpertChunks):
             gmm_y = grouped_matmul(
                 self.x, self.weight, self.by_dest.sum(axis=0).tolist(), trans_weight=self.trans
             )
-            self.outputs[task.id] = gmm_y[transpose_blocks(self.by_dest.T).to(gmm_y.device)]
+            self.outputs[task.id] = gmm_y[index_on(transpose_blocks(self.by_dest.T), gmm_y.device)]
         else:
             j = task.expert
             if self.parts == 1:
@@ -114,7 +133,7 @@ class CombineRunner(_ExpertChunks):
                 idx = chunk_rows(
                     self.by_dest[:, j], self.starts[j], range(self.world), task.part, self.parts
                 )
-                rows = self.x[idx.to(self.x.device)]
+                rows = self.x[index_on(idx, self.x.device)]
             self.outputs[task.id] = grouped_matmul(
                 rows, self.weight[j : j + 1], [rows.shape[0]], trans_weight=self.trans
             )
@@ -176,14 +195,21 @@ class DispatchRunner(_ExpertChunks):
             if j is None:
                 raise RuntimeError(f"{task.name}: a pack task belongs to one expert")
             self.packed[task.id] = self.x[
-                chunk_rows(
-                    self.by_dest[:, j], self.starts[:, j], range(self.world), task.part, self.parts
-                ).to(self.x.device)
+                index_on(
+                    chunk_rows(
+                        self.by_dest[:, j],
+                        self.starts[:, j],
+                        range(self.world),
+                        task.part,
+                        self.parts,
+                    ),
+                    self.x.device,
+                )
             ]
             return
         arrived = self.received.pop(task.deps[0])
         if task.expert is None:  # serial: permute (r, j) -> (j, r), then every expert
-            permuted = arrived[transpose_blocks(self.by_source).to(arrived.device)]
+            permuted = arrived[index_on(transpose_blocks(self.by_source), arrived.device)]
             gmm_y = grouped_matmul(
                 permuted, self.weight, self.by_source.sum(axis=0).tolist(), trans_weight=self.trans
             )

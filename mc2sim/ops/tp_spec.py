@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
-from mc2sim.ops.spec import OpName, OpSpec, QuantMode, RealCase, torch_dtype
+from mc2sim.ops.spec import OpName, OpSpec, QuantMode, RealCase, placed, torch_dtype
 from mc2sim.schedule.builders import (
     MatmulShape,
     plan_all_gather_matmul,
@@ -102,7 +102,13 @@ class MatmulAllReduceSpec(_TpSpec):
             for r in range(world)
         }
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """Random x1, x2 (and the mode's scales); golden: the float64 sum of every rank's."""
         import torch
 
@@ -141,6 +147,8 @@ class MatmulAllReduceSpec(_TpSpec):
         expected = golden.mm_all_reduce(
             everyone["x1"], everyone["x2"], local_dtype=out_dtype, **scales
         )
+        x1, x2 = placed(device, x1, x2)
+        kwargs = dict(zip(kwargs, placed(device, *kwargs.values()), strict=True))
         return RealCase(
             run=lambda tiling: ops.mm_all_reduce(x1, x2, comm, tiling=tiling, **kwargs),
             expected=expected,
@@ -171,13 +179,20 @@ class AllGatherMatmulSpec(_TpPairSpec):
     op: ClassVar[OpName] = OpName.ALL_GATHER_MATMUL
     builder = staticmethod(plan_all_gather_matmul)
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """Random x1 per rank and x2; golden: the gathered rows times x2, in float64."""
         from mc2sim import golden, ops
 
         x1, x2, k = _tp_inputs(scenario, gen)
         everyone = golden.gather_inputs(comm, x1=x1, x2=x2)
         expected, _ = golden.all_gather_matmul(everyone["x1"], x2)
+        x1, x2 = placed(device, x1, x2)
 
         def run(tiling: object) -> torch.Tensor:
             out, _ = ops.all_gather_matmul(x1, x2, comm, comm.size, tiling=tiling)  # type: ignore[arg-type]
@@ -200,7 +215,13 @@ class MatmulReduceScatterSpec(_TpPairSpec):
                 param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}"
             )
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """Random x1, x2 per rank; golden: this rank's rows of the float64 sum of products."""
         from mc2sim import golden, ops
 
@@ -209,6 +230,7 @@ class MatmulReduceScatterSpec(_TpPairSpec):
         expected = golden.matmul_reduce_scatter(
             comm.rank, everyone["x1"], everyone["x2"], local_dtype=x1.dtype
         )
+        x1, x2 = placed(device, x1, x2)
         return RealCase(
             run=lambda tiling: ops.matmul_reduce_scatter(x1, x2, comm, comm.size, tiling=tiling),
             expected=expected,

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import mpiexec, torchrun
 
@@ -22,6 +23,19 @@ def test_info_on_four_ranks() -> None:
     assert "backend:     mpi" in res.stdout
     assert "MPI library: MPICH" in res.stdout
     assert [int(r) for r in re.findall(r"rank\s+(\d+)\s+host", res.stdout)] == [0, 1, 2, 3]
+    # no GPU here: --device auto (the default of info) is the CPU, MPI carries host memory
+    assert res.stdout.count("device cpu via mpi") == 4
+
+
+def test_run_on_a_gpu_where_there_is_none_is_one_line() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    res = mpiexec(2, "-m", "mc2sim", "run", "seed_gmm_alltoallv_ep4", "--device", "cuda")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["mc2sim run: --device='cuda': needs a CUDA GPU, and this host has none"], (
+        res.stderr
+    )
 
 
 def test_info_with_torch_backend_under_mpiexec() -> None:
