@@ -9,6 +9,7 @@ import torch
 
 from mc2sim.comm import Communicator, Work
 from mc2sim.kernels import grouped_matmul, matmul
+from mc2sim.kernels._device import from_host
 from mc2sim.ops._layout import transpose_blocks
 from mc2sim.schedule.plan import Task, TaskKind
 from mc2sim.schedule.tiling import even_split
@@ -18,21 +19,8 @@ __all__ = [
     "DispatchRunner",
     "SharedExpert",
     "chunk_rows",
-    "index_on",
     "split_by_source",
 ]
-
-
-def index_on(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Row numbers made on the host, on ``device`` without blocking the host.
-
-    A plain copy to an accelerator synchronises its stream; a tile runner must not (the
-    executor queues tile after tile), so the numbers go through pinned memory, copied
-    asynchronously on the current stream.
-    """
-    if device.type == "cpu":
-        return idx
-    return idx.pin_memory().to(device, non_blocking=True)
 
 
 def chunk_rows(
@@ -123,7 +111,7 @@ class CombineRunner(_ExpertChunks):
             gmm_y = grouped_matmul(
                 self.x, self.weight, self.by_dest.sum(axis=0).tolist(), trans_weight=self.trans
             )
-            self.outputs[task.id] = gmm_y[index_on(transpose_blocks(self.by_dest.T), gmm_y.device)]
+            self.outputs[task.id] = gmm_y[from_host(transpose_blocks(self.by_dest.T), gmm_y.device)]
         else:
             j = task.expert
             if self.parts == 1:
@@ -133,7 +121,7 @@ class CombineRunner(_ExpertChunks):
                 idx = chunk_rows(
                     self.by_dest[:, j], self.starts[j], range(self.world), task.part, self.parts
                 )
-                rows = self.x[index_on(idx, self.x.device)]
+                rows = self.x[from_host(idx, self.x.device)]
             self.outputs[task.id] = grouped_matmul(
                 rows, self.weight[j : j + 1], [rows.shape[0]], trans_weight=self.trans
             )
@@ -195,7 +183,7 @@ class DispatchRunner(_ExpertChunks):
             if j is None:
                 raise RuntimeError(f"{task.name}: a pack task belongs to one expert")
             self.packed[task.id] = self.x[
-                index_on(
+                from_host(
                     chunk_rows(
                         self.by_dest[:, j],
                         self.starts[:, j],
@@ -209,7 +197,7 @@ class DispatchRunner(_ExpertChunks):
             return
         arrived = self.received.pop(task.deps[0])
         if task.expert is None:  # serial: permute (r, j) -> (j, r), then every expert
-            permuted = arrived[index_on(transpose_blocks(self.by_source), arrived.device)]
+            permuted = arrived[from_host(transpose_blocks(self.by_source), arrived.device)]
             gmm_y = grouped_matmul(
                 permuted, self.weight, self.by_source.sum(axis=0).tolist(), trans_weight=self.trans
             )
