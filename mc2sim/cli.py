@@ -32,6 +32,7 @@ from mc2sim.errors import AclnnError, ParamInvalidError
 from mc2sim.runtime import abort_on_exception, steady_allocator, world_position
 
 if TYPE_CHECKING:
+    import torch
     from _typeshed import SupportsWrite
 
     from mc2sim.comm import Communicator
@@ -124,10 +125,13 @@ def _version_of(package: str) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     """Print versions, the MPI library, the launcher and every rank's host."""
-    from mc2sim.comm import detect_launcher, init
+    from mc2sim.comm import describe_device, detect_launcher, init, rank_device, transport
 
     comm = init(args.backend)
-    rows = comm.allgather_object((comm.rank, socket.gethostname(), os.getpid()))
+    with _checking(comm):
+        device = rank_device(args.device)
+    where = f"{describe_device(device)} via {transport(comm, device)}"
+    rows = comm.allgather_object((comm.rank, socket.gethostname(), os.getpid(), where))
     if comm.rank != 0:
         return 0
     mpi_library = "not loaded"
@@ -145,8 +149,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"launcher:    {detect_launcher()}")
     print(f"backend:     {comm.backend}")
     print(f"world size:  {comm.size}")
-    for rank, host, pid in rows:
-        print(f"  rank {rank:>4}  host {host}  pid {pid}")
+    for rank, host, pid, where in rows:
+        print(f"  rank {rank:>4}  host {host}  pid {pid}  device {where}")
     return 0
 
 
@@ -439,13 +443,14 @@ def _measured_totals(directory: Path) -> dict[str, float]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run a scenario for real under mpiexec: every tiling, golden check, timeline, results."""
-    from mc2sim.comm import init
+    from mc2sim.comm import init, rank_device
     from mc2sim.results import clear_folder
 
     comm = init("mpi")
     lead = comm.rank == 0
     stamp = comm.allgather_object(_stamp())[0]
     with _checking(comm):  # every rank reads the same file: an error is the same everywhere
+        device = rank_device(args.device)
         scenario = _load_scenario(args.scenario, args.set)
         scenario.world_size(comm.size)
         out = Path(args.out or f"results/{scenario.name}-{stamp}")
@@ -456,7 +461,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         clear_folder(out)
     return _measure_into(
         comm, scenario, out, plots=args.plots, scenario_path=_scenario_file(args.scenario),
-        argv=args.argv, overrides=args.set,
+        argv=args.argv, overrides=args.set, device=device,
     )  # fmt: skip
 
 
@@ -469,6 +474,7 @@ def _measure_into(
     scenario_path: Path,
     argv: Sequence[str],
     overrides: Sequence[str],
+    device: torch.device | None = None,
 ) -> int:
     """Measure ``scenario`` on every rank; rank 0 writes the results folder ``out`` (fresh)."""
     from mc2sim.report import METRICS_HEADER, metrics_row
@@ -479,18 +485,22 @@ def _measure_into(
     lead = comm.rank == 0
     rounds = scenario.repetitions + 1
     with _progress_bar(rounds, scenario.name, "round", show=lead) as bar:
-        result = measure_study(scenario, comm, progress=_ticker(bar))
+        result = measure_study(scenario, comm, progress=_ticker(bar), device=device)
     if lead:
         manifest = manifest_of(
             scenario, topology="measured", world=comm.size, source="measured",
             hosts=result.hosts, scenario_path=scenario_path, argv=argv, overrides=overrides,
+            devices=result.devices, backend=result.backend,
         )  # fmt: skip
         write_results(
             out, timeline=result.timeline, baseline=result.baseline, manifest=manifest,
             verdicts=result.verdicts,
         )  # fmt: skip
         base = result.timeline.for_run(result.baseline)
-        print(f"# {scenario.name}: {scenario.op}, {comm.size} ranks (measured)")
+        print(
+            f"# {scenario.name}: {scenario.op}, {comm.size} ranks (measured on "
+            f"{', '.join(sorted(set(result.devices)))} via {result.backend})"
+        )
         print(METRICS_HEADER + "  golden")
         for tiling, run in result.runs.items():
             m = result.timeline.for_run(run).metrics(baseline=base)
@@ -797,6 +807,17 @@ def _add_timeout(command: argparse.ArgumentParser) -> None:
     command.add_argument("--timeout", type=_seconds, metavar="SECONDS", help=_TIMEOUT_HELP)
 
 
+def _add_device(command: argparse.ArgumentParser, default: str) -> None:
+    command.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default=default,
+        help="where each rank's tensors live: cpu, cuda (the GPU of the rank's local rank; "
+        "ranks share GPUs when there are fewer), auto (that GPU if the host has one, else "
+        f"cpu); default {default}",
+    )
+
+
 def _add_out(command: argparse.ArgumentParser, help_text: str) -> None:
     command.add_argument("--out", help=help_text)
     command.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
@@ -816,6 +837,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--backend", choices=("mpi", "torch"), default="mpi", help="communicator (default mpi)"
     )
+    _add_device(info, "auto")
     info.set_defaults(func=_cmd_info)
 
     run = commands.add_parser(
@@ -829,6 +851,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
     )
+    _add_device(run, "cpu")
     _add_timeout(run)
     run.set_defaults(func=_cmd_run)
 
@@ -844,11 +867,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the implementation: a callable with the signature of the op in mc2sim.ops "
         "(a module name or a .py file, a colon, its name); mc2sim.adapters has real ones",
     )
-    chk.add_argument(
-        "--device",
-        default="cpu",
-        help="where the implementation's inputs are: cpu (default), cuda (a GPU per rank), cuda:N",
-    )
+    _add_device(chk, "cpu")
     chk.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )

@@ -54,7 +54,16 @@ from typing import TYPE_CHECKING, Any
 from mc2sim._atomic import write_atomic
 from mc2sim._paths import check_creatable
 from mc2sim.errors import ParamInvalidError
-from mc2sim.timeline import Metrics, RankMetrics, RunKey, Source, Stream, TaskRecord, Timeline
+from mc2sim.timeline import (
+    Clock,
+    Metrics,
+    RankMetrics,
+    RunKey,
+    Source,
+    Stream,
+    TaskRecord,
+    Timeline,
+)
 
 if TYPE_CHECKING:
     from mc2sim.compare import Verdict
@@ -136,13 +145,23 @@ CSV_COLUMNS = (
     "duration_s",
     "intra_bytes",
     "inter_bytes",
+    "clock",
+    "host_start_s",
+    "host_end_s",
 )
 """Columns of ``tasks.csv``: the ``TaskRecord`` fields with the run as its three fields,
 then ``duration_s`` (written for readers; derived, so not read back), then the bytes sent
-within and across nodes."""
+within and across nodes, then what timed the task and the host's interval of it."""
+
+_LATER_COLUMNS = ("clock", "host_start_s", "host_end_s")
+"""Columns added after format 2 was fixed: a ``tasks.csv`` written before lacks them and
+reads as host-timed tasks (the host's interval is the task's)."""
 
 _STREAM_TID = {"compute": 0, "comm": 1}
 """Chrome trace thread id of each stream's first lane; lane k of a stream is at ``tid + 2k``."""
+
+_HOST_TID = 1000
+"""Chrome trace thread id of the first lane of the host's intervals of device-timed tasks."""
 
 _RUN_GAP = 0.1
 """Gap left between runs laid one after another in a trace, as a fraction of a run's span."""
@@ -671,11 +690,23 @@ class Manifest:
     git_dirty: bool | None
     """Whether tracked files differ from that commit; None without a revision."""
 
+    devices: tuple[str, ...] = ()
+    """Every rank's device, in rank order, e.g. ``"cuda:0 (NVIDIA H200)"`` or ``"cpu"``;
+    empty for a simulated run (and in folders written before devices were recorded)."""
+
+    backend: str | None = None
+    """The transport of a measured run's collectives: ``"mpi"``, ``"mpi (staged through host
+    memory)"``, ``"mpi (device-aware)"``, ``"nccl"``, ``"gloo"``; None when simulated (and in
+    folders written before backends were recorded)."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "argv", _texts("argv", self.argv))
         object.__setattr__(self, "overrides", _texts("overrides", self.overrides))
         object.__setattr__(self, "tilings", _texts("tilings", self.tilings))
         object.__setattr__(self, "hosts", _texts("hosts", self.hosts))
+        object.__setattr__(self, "devices", _texts("devices", self.devices))
+        if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
+            raise ParamInvalidError("backend", self.backend, "must be a non-empty string or None")
         for name in ("scenario", "op", "dtype", "quant", "standard", "scale", "topology"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -792,6 +823,9 @@ class Manifest:
             created=got.text("created"),
             git_revision=got.text_or_none("git_revision"),
             git_dirty=got.flag_or_none("git_dirty"),
+            # recorded since the accelerator executor; older folders lack them
+            devices=got.texts("devices") if "devices" in got.data else (),
+            backend=got.text_or_none("backend") if "backend" in got.data else None,
         )
 
 
@@ -900,6 +934,8 @@ def collect_manifest(
     hosts: Sequence[str] | None = None,
     argv: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    devices: Sequence[str] = (),
+    backend: str | None = None,
 ) -> Manifest:
     """Build a :class:`Manifest` from a study's plain values and the facts of this process.
 
@@ -928,6 +964,8 @@ def collect_manifest(
         hosts: every rank's host; default this host alone.
         argv: the command line; default ``sys.argv``.
         overrides: the ``--set`` strings.
+        devices: every rank's device (a measured run).
+        backend: the collectives' transport (a measured run).
 
     Returns:
         The manifest.
@@ -970,6 +1008,8 @@ def collect_manifest(
         created=datetime.now().astimezone().isoformat(timespec="seconds"),
         git_revision=revision,
         git_dirty=dirty,
+        devices=tuple(devices),
+        backend=backend,
     )
 
 
@@ -1033,10 +1073,14 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
     (``tid`` 0 = compute, 1 = comm; tasks that overlap on one stream spill onto extra lanes
     ``tid + 2``, ``tid + 4``, ... named ``"compute #2"``, ...), and one complete event
     (``"ph": "X"``) per record with ``ts`` and ``dur`` in microseconds, ``name``, ``cat`` =
-    kind and ``args`` = flops, bytes, run (its display label) and task. Several runs are laid
-    one after another (``otherData["mc2sim.run_offsets_s"]``: the shift added to each run's
-    times, by display label). ``otherData`` also holds the timeline's meta and
-    ``"mc2sim.source"``. The trace is for viewers: mc2sim never reads it back.
+    kind and ``args`` = flops, bytes, run (its display label), task and clock. A stream
+    timed by the device is named after its clock (``"compute (device)"``, ``"comm
+    (staged)"``), and the host's interval of each such task (issuing it; for a staged
+    collective, until the host saw MPI complete) is drawn on the rank's ``"host"`` thread
+    (``tid`` 1000, lanes 1001, ...), so launch overhead shows. Several runs are laid one after
+    another (``otherData["mc2sim.run_offsets_s"]``: the shift added to each run's times, by
+    display label). ``otherData`` also holds the timeline's meta and ``"mc2sim.source"``.
+    The trace is for viewers: mc2sim never reads it back.
 
     Args:
         timeline: the records to draw, of any ranks and runs.
@@ -1051,6 +1095,9 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
         shift = offsets[rec.run]
         key = (rec.rank, rec.stream.value)
         by_thread.setdefault(key, []).append((rec.start_s + shift, rec.end_s + shift, rec))
+        if rec.clock is not Clock.HOST:
+            start, end = rec.host_span_s
+            by_thread.setdefault((rec.rank, "host"), []).append((start + shift, end + shift, rec))
     meta_events: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for rank in timeline.ranks():
@@ -1059,27 +1106,33 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
     for (rank, stream), items in sorted(by_thread.items()):
         items.sort(key=lambda item: (item[0], item[1]))
         lanes = _lanes(items)
+        host = stream == "host"
+        base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
+        clocks = sorted({rec.clock.value for _, _, rec in items} - {Clock.HOST.value})
+        label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
         for lane in range(max(lanes) + 1):
-            tid = _STREAM_TID[stream] + 2 * lane
-            name = stream if lane == 0 else f"{stream} #{lane + 1}"
+            tid = base + step * lane
+            name = label if lane == 0 else f"{label} #{lane + 1}"
             meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
             meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
         for (start, end, rec), lane in zip(items, lanes, strict=True):
+            args: dict[str, Any] = {
+                "flops": rec.flops,
+                "bytes": rec.bytes,
+                "run": str(rec.run),
+                "task": rec.task,
+                "clock": "host" if host else rec.clock.value,
+            }
             events.append(
                 {
-                    "name": rec.name,
+                    "name": f"issue {rec.name}" if host else rec.name,
                     "cat": rec.kind,
                     "ph": "X",
                     "ts": start * 1e6,
                     "dur": (end - start) * 1e6,
                     "pid": rank,
-                    "tid": _STREAM_TID[stream] + 2 * lane,
-                    "args": {
-                        "flops": rec.flops,
-                        "bytes": rec.bytes,
-                        "run": str(rec.run),
-                        "task": rec.task,
-                    },
+                    "tid": base + step * lane,
+                    "args": args,
                 }
             )
     other = dict(timeline.meta)
@@ -1114,9 +1167,17 @@ def _tasks_csv(timeline: Timeline) -> str:
                 repr(rec.duration_s),
                 rec.intra_bytes,
                 rec.inter_bytes,
+                rec.clock.value,
+                repr(rec.host_span_s[0]),
+                repr(rec.host_span_s[1]),
             )
         )
     return buf.getvalue()
+
+
+def _float_or_none(text: str | None) -> float | None:
+    """A later column's number, or None where a row lacks it."""
+    return None if text is None or text == "" else float(text)
 
 
 def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any]) -> Timeline:
@@ -1132,7 +1193,8 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                 raise _broken(folder, f"{TASKS_FILE} ends in the middle of a row: it was cut short")
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            needed = [c for c in CSV_COLUMNS if c != "duration_s"]  # derived, not read back
+            # duration_s is derived, not read back; the later columns may be absent
+            needed = [c for c in CSV_COLUMNS if c != "duration_s" and c not in _LATER_COLUMNS]
             missing = [c for c in needed if c not in (reader.fieldnames or ())]
             if missing:
                 raise _broken(folder, f"{TASKS_FILE} lacks the columns {missing}")
@@ -1156,6 +1218,9 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                             bytes=int(row["bytes"]),
                             intra_bytes=int(row["intra_bytes"]),
                             inter_bytes=int(row["inter_bytes"]),
+                            clock=Clock(row.get("clock") or Clock.HOST),
+                            host_start_s=_float_or_none(row.get("host_start_s")),
+                            host_end_s=_float_or_none(row.get("host_end_s")),
                         )
                     )
                 except (TypeError, ValueError) as exc:  # ParamInvalidError is a ValueError

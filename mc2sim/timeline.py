@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from mc2sim.comm.base import Communicator
 
 __all__ = [
+    "Clock",
     "Metrics",
     "RankMetrics",
     "Recorder",
@@ -65,6 +66,26 @@ class Stream(StrEnum):
 
     COMPUTE = "compute"
     COMM = "comm"
+
+
+class Clock(StrEnum):
+    """What timed a task's ``start_s`` and ``end_s``.
+
+    Glossary:
+        ``host``: the host's monotonic clock (``time.perf_counter_ns``) around the task, run
+            on the calling thread: the CPU executor. Simulated records carry it too (their
+            times are the model's).
+        ``device``: events recorded on the task's device stream (compute stream or comm
+            stream) before and after its kernels, measured against the run's epoch event.
+        ``staged``: device events around a collective that the host progressed: the data
+            left the device (event before the copy to host memory), travelled by MPI on the
+            host, and landed back (event after the copy to the device). The wire time in
+            between is the host's (``host_end_s`` is when the host saw MPI complete).
+    """
+
+    HOST = "host"
+    DEVICE = "device"
+    STAGED = "staged"
 
 
 class Source(StrEnum):
@@ -165,6 +186,18 @@ class TaskRecord:
     inter_bytes: int = 0
     """Of a comm task, the bytes the rank sent to other nodes (>= 0); 0 on one node."""
 
+    clock: Clock = Clock.HOST
+    """What timed ``start_s`` and ``end_s`` (a ``Clock`` or its string value)."""
+
+    host_start_s: float | None = None
+    """When the host began issuing the task, in seconds from the run's epoch on the host's
+    clock; None (the default) means ``start_s``: a host-timed task starts when issued."""
+
+    host_end_s: float | None = None
+    """When the host was done with the task: for a device task, when its kernels were
+    enqueued (``host_end_s - host_start_s`` is the launch overhead); for a staged
+    collective, when the host saw MPI complete. None (the default) means ``end_s``."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.run, RunKey):
             raise ParamInvalidError("run", self.run, "must be a RunKey")
@@ -195,11 +228,38 @@ class TaskRecord:
             raise ParamInvalidError(
                 "end_s", self.end_s, f"must be >= start_s ({self.start_s}) in task {self.name!r}"
             )
+        if not isinstance(self.clock, Clock):
+            object.__setattr__(self, "clock", _as_enum(Clock, "clock", self.clock))
+        for name, default in (("host_start_s", self.start_s), ("host_end_s", self.end_s)):
+            value = getattr(self, name)
+            if value is None:
+                value = default
+            elif type(value) is not float:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ParamInvalidError(name, value, "must be a number or None") from None
+            if not math.isfinite(value):
+                raise ParamInvalidError(name, value, "must be a finite number")
+            object.__setattr__(self, name, value)
+        if self.host_span_s[1] < self.host_span_s[0]:
+            raise ParamInvalidError(
+                "host_end_s",
+                self.host_end_s,
+                f"must be >= host_start_s ({self.host_start_s}) in task {self.name!r}",
+            )
 
     @property
     def duration_s(self) -> float:
         """``end_s - start_s``, in seconds."""
         return self.end_s - self.start_s
+
+    @property
+    def host_span_s(self) -> tuple[float, float]:
+        """``(host_start_s, host_end_s)``, both numbers (filled in from the task's own)."""
+        start = self.start_s if self.host_start_s is None else self.host_start_s
+        end = self.end_s if self.host_end_s is None else self.host_end_s
+        return start, end
 
 
 def busy_time(intervals: Iterable[tuple[float, float]]) -> float:
@@ -602,8 +662,14 @@ _FIELDS = (
     "bytes",
     "intra_bytes",
     "inter_bytes",
+    "clock",
+    "host_start_s",
+    "host_end_s",
 )
 """TaskRecord's fields, in the order ``Recorder.add_raw`` takes them."""
+
+_RAW_LENGTHS = (_FIELDS.index("inter_bytes") + 1, len(_FIELDS))
+"""How many fields ``add_raw`` takes: up to the bytes by level (host-timed), or all."""
 
 
 class Recorder:
@@ -655,9 +721,14 @@ class Recorder:
 
         Args:
             fields: ``(rank, run, task, name, stream, kind, start_s, end_s, flops, bytes,
-                intra_bytes, inter_bytes)``.
+                intra_bytes, inter_bytes)``, optionally followed by ``(clock, host_start_s,
+                host_end_s)`` (else the task was timed by the host).
 
         """
+        if len(fields) not in _RAW_LENGTHS:
+            raise ParamInvalidError(
+                "fields", len(fields), f"must hold {' or '.join(map(str, _RAW_LENGTHS))} values"
+            )
         recorder: Recorder | None = self
         while recorder is not None:
             with recorder._lock:
@@ -669,7 +740,9 @@ class Recorder:
         """The records added so far, in order."""
         with self._lock:
             built = [
-                r if isinstance(r, TaskRecord) else TaskRecord(**dict(zip(_FIELDS, r, strict=True)))
+                r
+                if isinstance(r, TaskRecord)
+                else TaskRecord(**dict(zip(_FIELDS[: len(r)], r, strict=True)))
                 for r in self._records
             ]
             self._records = list(built)

@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 from mc2sim.comm.agree import MustMatch, agree, agreed
 from mc2sim.comm.base import Communicator, ReduceOp, Work
-from mc2sim.comm.launch import Backend, Launcher, detect_launcher, init
+from mc2sim.comm.launch import (
+    Backend,
+    DeviceChoice,
+    Launcher,
+    describe_device,
+    detect_launcher,
+    init,
+    rank_device,
+    transport,
+)
 from mc2sim.comm.threads import ThreadCommunicator, run_threads
 
 if TYPE_CHECKING:
@@ -20,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "Communicator",
+    "DeviceChoice",
     "Launcher",
     "MpiCommunicator",
     "MustMatch",
@@ -29,9 +39,12 @@ __all__ = [
     "Work",
     "agree",
     "agreed",
+    "describe_device",
     "detect_launcher",
     "init",
+    "rank_device",
     "run_threads",
+    "transport",
 ]
 
 _LAZY = {

@@ -82,6 +82,11 @@ class Work(Protocol):
     ``wait()`` blocks until the collective is complete and returns its result; calling it
     again returns the same tensor. ``test()`` progresses the collective and says whether
     it is complete, without blocking.
+
+    A work may also have a true attribute ``stream_ordered``: then the collective runs on
+    the device and ``wait()`` does not block the host but orders it before the caller's
+    current stream (NCCL, HCCL). Without it (MPI, gloo, staged device tensors) the host
+    progresses the collective, and ``wait()`` blocks until it is done.
     """
 
     def wait(self) -> torch.Tensor:

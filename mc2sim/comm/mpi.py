@@ -9,8 +9,18 @@ memory: nothing on the data path is pickled. Numerics:
   once at the end (round to nearest even), so the result is the correctly rounded float32
   sum rather than a chain of 16-bit roundings. MPI has no bfloat16 type; a bfloat16 tensor
   that only moves (alltoallv, allgather) travels as its 16-bit words.
-* Tensors on an accelerator are staged through host memory: this backend is not
-  device-aware. Use ``TorchCommunicator`` (NCCL, HCCL) for device tensors.
+* Tensors on an accelerator (CUDA, or an Ascend ``npu`` through the same torch calls) are
+  staged through pinned host memory. The blocking collectives copy to the host and back on
+  the caller's current stream. The non-blocking ones (``iallreduce``, ``ialltoallv``) do not
+  block the host: the copy to pinned memory is queued on the caller's current stream, MPI
+  starts once an event says it is done (``test()`` or ``wait()``, in issue order, so every
+  rank starts the group's collectives in the same order), and when MPI completes the copy
+  back is queued on that same stream: work queued on it afterwards sees the result. The
+  device-side input is kept alive until its copy is done, so the caching allocator cannot
+  hand its memory to another stream too early. Where the MPI library says it is CUDA-aware
+  (``MPI.Query_cuda_support()``; ``MC2SIM_MPI_DEVICE_AWARE=1`` or ``0`` overrides) the
+  device buffers go to MPI as they are, without host copies. Ranks sharing one GPU use this
+  backend: NCCL refuses two ranks on one device.
 
 Every collective has a deadline (:mod:`mc2sim.comm.watchdog`): the communicator records each
 one it issues and each wait, and a duplicate of the group's communicator carries the roll
@@ -20,7 +30,9 @@ call that names the ranks that never arrived.
 from __future__ import annotations
 
 import math
+import os
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -41,7 +53,11 @@ from mc2sim.comm.base import (
 from mc2sim.comm.watchdog import Answer, Collective, Watch, timeout_from_env, watch_of
 from mc2sim.errors import ParamInvalidError
 
-__all__ = ["MpiCommunicator", "MpiSideChannel", "mpi_watch"]
+__all__ = ["DEVICE_AWARE_ENV", "MpiCommunicator", "MpiSideChannel", "device_aware", "mpi_watch"]
+
+DEVICE_AWARE_ENV = "MC2SIM_MPI_DEVICE_AWARE"
+"""``1`` passes device buffers straight to MPI, ``0`` stages them through host memory;
+unset asks the MPI library (``MPI.Query_cuda_support``, CUDA only)."""
 
 _MPI_OPS = {
     ReduceOp.SUM: MPI.SUM,
@@ -252,6 +268,145 @@ class _MpiWork:
         return self._finish()
 
 
+def device_aware(device: torch.device) -> bool:
+    """Whether MPI takes buffers on ``device`` as they are (see :data:`DEVICE_AWARE_ENV`).
+
+    Raises:
+        ParamInvalidError: ``MC2SIM_MPI_DEVICE_AWARE`` is neither ``0`` nor ``1``.
+    """
+    forced = os.environ.get(DEVICE_AWARE_ENV)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ParamInvalidError(DEVICE_AWARE_ENV, forced, "must be 0 or 1")
+        return forced == "1"
+    query = getattr(MPI, "Query_cuda_support", None)
+    if device.type != "cuda" or query is None:
+        return False
+    try:
+        return bool(query())
+    except MPI.Exception:  # the library lacks the MPIX extension
+        return False
+
+
+class _Staging:
+    """The staged collectives of one communicator that MPI has not started yet, in issue order.
+
+    A staged collective can start once its input is in MPI's buffer (its ``ready`` event);
+    they start strictly in issue order, so the ranks' MPI calls match. Every blocking call
+    of the communicator first starts all of them (:meth:`flush`).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # the executor's progress thread tests works too
+        self.pending: deque[_StagedWork] = deque()
+
+    def advance(self, until: _StagedWork | None = None) -> None:
+        """Start, in order, every pending collective whose input is ready.
+
+        With ``until``, wait for the inputs of every collective up to and including it
+        (blocking the host on their events) and start them.
+        """
+        with self.lock:
+            while self.pending:
+                head = self.pending[0]
+                if until is None and not head.ready.query():
+                    return
+                head.ready.synchronize()
+                self.pending.popleft()
+                head.launch()
+                if head is until:
+                    return
+
+    def flush(self) -> None:
+        """Start every pending collective (waiting for their inputs)."""
+        with self.lock:
+            if self.pending:
+                self.advance(self.pending[-1])
+
+
+class _StagedWork:
+    """A non-blocking collective on device tensors: copy out, MPI on the host, copy back.
+
+    ``launch`` starts the MPI request once the input is in its buffer; ``finish`` queues the
+    copy back on ``stream`` (the caller's stream at issue) and returns the result.
+    """
+
+    def __init__(
+        self,
+        *,
+        staging: _Staging,
+        ready: Any,
+        start: Callable[[], MPI.Request],
+        finish: Callable[[], torch.Tensor],
+        stream: Any,
+        keep: Any,
+        watch: Watch,
+        collective: Collective,
+    ) -> None:
+        self._staging, self.ready, self._start, self._finish = staging, ready, start, finish
+        self._stream, self._keep = stream, keep
+        self._watch, self._collective = watch, collective
+        self._request: MPI.Request | None = None
+        self._result: torch.Tensor | None = None
+        with staging.lock:
+            staging.pending.append(self)
+
+    def launch(self) -> None:
+        """Start the MPI request (the staging calls it, in issue order)."""
+        self._request = self._start()
+
+    def test(self) -> bool:
+        if self._result is None:
+            self._staging.advance()
+            if self._request is not None and self._request.Test():
+                self._result = self._complete()
+        return self._result is not None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            self._watch.wait(self._collective)
+            try:
+                if self._request is None:
+                    self._staging.advance(self)
+                if self._request is None:  # pragma: no cover - advance(self) launches it
+                    raise RuntimeError("a staged collective was not started")
+                self._request.Wait()
+            finally:
+                self._watch.done()
+            self._result = self._complete()
+        return self._result
+
+    def _complete(self) -> torch.Tensor:
+        module = torch.get_device_module(self._stream.device)
+        with module.stream(self._stream):
+            result = self._finish()
+        self._keep = None  # the input was copied out before MPI started
+        return result
+
+
+def _stage_in(t: torch.Tensor, dtype: torch.dtype, aware: bool) -> torch.Tensor:
+    """The buffer MPI works on: ``t`` as ``dtype``, pinned on the host or (aware) a device copy.
+
+    Always a fresh buffer, never ``t`` itself: reductions run in place and inputs are never
+    modified. The copy is queued on the current stream.
+    """
+    if aware:
+        return t.to(dtype=dtype, copy=True).contiguous()
+    src = t.to(dtype=dtype)
+    host = torch.empty(tuple(t.shape), dtype=dtype, pin_memory=True)
+    host.copy_(src, non_blocking=True)
+    return host
+
+
+def _stage_out(buf: torch.Tensor, like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Queue ``buf`` back onto ``like``'s device and dtype (into ``out`` when given)."""
+    dev = buf.to(device=like.device, non_blocking=True).to(dtype=like.dtype)
+    if out is None:
+        return dev
+    out.copy_(dev)
+    return out
+
+
 class MpiSideChannel:
     """The watchdogs' roll calls, on a duplicate of a group's communicator.
 
@@ -361,6 +516,7 @@ class MpiCommunicator:
         self._comm: MPI.Intracomm = MPI.COMM_WORLD if comm is None else comm
         self._scratch = _Scratch()
         self._watch = mpi_watch(self._comm)
+        self._staging = _Staging()
 
     @property
     def comm(self) -> MPI.Intracomm:
@@ -391,6 +547,7 @@ class MpiCommunicator:
         """Return the element-wise reduction of ``t`` over all ranks (in ``out`` if given)."""
         red = _Reduction(t, op, out=out, scratch=self._scratch)
         send, recv = red.buffers()
+        self._staging.flush()
         self._watch.enter("allreduce")
         try:
             self._comm.Allreduce(send, recv, red.op)
@@ -402,6 +559,8 @@ class MpiCommunicator:
         self, t: torch.Tensor, op: str | ReduceOp = "sum", *, out: torch.Tensor | None = None
     ) -> Work:
         """Start an allreduce (``MPI_Iallreduce``); ``wait()`` returns its result."""
+        if isinstance(t, torch.Tensor) and not t.is_cpu:
+            return self._staged_allreduce(t, op, out)
         red = _Reduction(t, op, out=out, scratch=self._scratch)
         send, recv = red.buffers()
         collective = self._watch.issue("allreduce")
@@ -459,6 +618,7 @@ class MpiCommunicator:
     ) -> torch.Tensor:
         """Exchange rows: ``send_splits[r]`` rows go to rank r, ``recv_splits[r]`` come back."""
         send, recv, finish, _ = self._alltoallv_args(t, send_splits, recv_splits, out)
+        self._staging.flush()
         self._watch.enter("alltoallv")
         try:
             self._comm.Alltoallv(send, recv)
@@ -475,10 +635,83 @@ class MpiCommunicator:
         out: torch.Tensor | None = None,
     ) -> Work:
         """Start an alltoallv (``MPI_Ialltoallv``); ``wait()`` returns the received rows."""
+        if isinstance(t, torch.Tensor) and not t.is_cpu:
+            return self._staged_alltoallv(t, send_splits, recv_splits, out)
         send, recv, finish, src = self._alltoallv_args(t, send_splits, recv_splits, out)
         collective = self._watch.issue("alltoallv")
         request = self._comm.Ialltoallv(send, recv)
         return _MpiWork(request, finish, (send, recv, src), self._watch, collective)
+
+    def _staged(
+        self,
+        t: torch.Tensor,
+        buf: torch.Tensor,
+        start: Callable[[], MPI.Request],
+        finish: Callable[[], torch.Tensor],
+        kind: str,
+    ) -> Work:
+        """A staged collective on ``t``'s device (module docstring): ready when ``buf`` is."""
+        module = torch.get_device_module(t.device)
+        stream = module.current_stream(t.device)
+        ready = module.Event()
+        ready.record(stream)
+        collective = self._watch.issue(kind)
+        return _StagedWork(
+            staging=self._staging, ready=ready, start=start, finish=finish, stream=stream,
+            keep=(t, buf), watch=self._watch, collective=collective,
+        )  # fmt: skip
+
+    def _staged_allreduce(
+        self, t: torch.Tensor, op: str | ReduceOp, out: torch.Tensor | None
+    ) -> Work:
+        """``iallreduce`` of a device tensor: a float32 copy for 16-bit floats, in place."""
+        mpi_op = _MPI_OPS[reduce_op(op)]
+        check_dtype(t)
+        check_out(out, tuple(t.shape), t.dtype)
+        if out is not None and out.device != t.device:
+            raise ParamInvalidError("out.device", str(out.device), f"must be t's ({t.device})")
+        wire = torch.float32 if reduced_in_float32(t.dtype) else t.dtype
+        buf = _stage_in(t, wire, device_aware(t.device))
+        spec = [_buffer(buf), _REDUCE_TYPES[wire]]
+        return self._staged(
+            t, buf,
+            lambda: self._comm.Iallreduce(MPI.IN_PLACE, spec, mpi_op),
+            lambda: _stage_out(buf, t, out),
+            "allreduce",
+        )  # fmt: skip
+
+    def _staged_alltoallv(
+        self,
+        t: torch.Tensor,
+        send_splits: Sequence[int],
+        recv_splits: Sequence[int],
+        out: torch.Tensor | None,
+    ) -> Work:
+        """``ialltoallv`` of a device tensor: rows copied out, exchanged, copied back."""
+        check_dtype(t)
+        send, recv = check_splits(t, send_splits, recv_splits, self.size)
+        out_shape = (sum(recv), *t.shape[1:])
+        check_out(out, out_shape, t.dtype)
+        if out is not None and out.device != t.device:
+            raise ParamInvalidError("out.device", str(out.device), f"must be t's ({t.device})")
+        aware = device_aware(t.device)
+        buf = _stage_in(t, t.dtype, aware)
+        if aware:
+            landing = torch.empty(out_shape, dtype=t.dtype, device=t.device)
+        else:
+            landing = torch.empty(out_shape, dtype=t.dtype, pin_memory=True)
+        row = math.prod(t.shape[1:])
+        scounts = [s * row for s in send]
+        rcounts = [r * row for r in recv]
+        mpi_type = _MOVE_TYPES[t.element_size()]
+        sspec = [_buffer(buf), (scounts, _displacements(scounts)), mpi_type]
+        rspec = [_buffer(landing), (rcounts, _displacements(rcounts)), mpi_type]
+        return self._staged(
+            t, buf,
+            lambda: self._comm.Ialltoallv(sspec, rspec),
+            lambda: _stage_out(landing, t, out),
+            "alltoallv",
+        )  # fmt: skip
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along dim 0, in rank order."""
@@ -489,6 +722,7 @@ class MpiCommunicator:
         out = _empty((self.size * src.shape[0], *src.shape[1:]), src.dtype)
         sbuf, rbuf = _buffer(src), _buffer(out)
         mpi_type = _MOVE_TYPES[src.element_size()]
+        self._staging.flush()
         self._watch.enter("allgather")
         try:
             self._comm.Allgather([sbuf, mpi_type], [rbuf, mpi_type])
@@ -501,6 +735,7 @@ class MpiCommunicator:
         rows = check_reduce_rows(t, self.size)
         red = _Reduction(t, op, rows=rows)
         send, recv = red.buffers()
+        self._staging.flush()
         self._watch.enter("reduce_scatter")
         try:
             self._comm.Reduce_scatter_block(send, recv, red.op)
@@ -510,6 +745,7 @@ class MpiCommunicator:
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Return every rank's ``obj`` (pickled), in rank order."""
+        self._staging.flush()
         self._watch.enter("allgather_object")
         try:
             return list(self._comm.allgather(obj))
@@ -518,6 +754,7 @@ class MpiCommunicator:
 
     def barrier(self) -> None:
         """Block until every rank has entered."""
+        self._staging.flush()
         self._watch.enter("barrier")
         try:
             self._comm.Barrier()
@@ -528,6 +765,7 @@ class MpiCommunicator:
         """Return the sub-group of ranks with the same ``color``, ordered by ``key``."""
         if not isinstance(color, int) or color < 0:
             raise ParamInvalidError("color", color, "must be an int >= 0")
+        self._staging.flush()
         self._watch.enter("split")
         try:
             sub = cast(MPI.Intracomm, self._comm.Split(color, key))

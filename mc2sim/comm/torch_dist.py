@@ -55,11 +55,23 @@ _TORCH_OPS = {
 
 
 class _TorchWork:
-    """A torch.distributed work handle and what turns its output into the result."""
+    """A torch.distributed work handle and what turns its output into the result.
+
+    ``stream_ordered`` (see :class:`~mc2sim.comm.base.Work`): on a device backend (NCCL,
+    HCCL) ``wait()`` does not block the host; it makes the caller's current stream wait for
+    the collective, so work queued on that stream afterwards sees the result.
+    """
 
     def __init__(
-        self, work: Any, finish: Callable[[], torch.Tensor], watch: Watch, collective: Collective
+        self,
+        work: Any,
+        finish: Callable[[], torch.Tensor],
+        watch: Watch,
+        collective: Collective,
+        *,
+        stream_ordered: bool = False,
     ) -> None:
+        self.stream_ordered = stream_ordered
         self._work = work
         self._finish = finish
         self._result: torch.Tensor | None = None
@@ -245,7 +257,9 @@ class TorchCommunicator:
         collective = self._watch.issue("allreduce")
         work = dist.all_reduce(buf, op=torch_op, group=self._group, async_op=True)
         finish = self._into(out, t)
-        return _TorchWork(work, lambda: finish(buf), self._watch, collective)
+        return _TorchWork(
+            work, lambda: finish(buf), self._watch, collective, stream_ordered=not buf.is_cpu
+        )
 
     def alltoallv(
         self,
@@ -286,7 +300,9 @@ class TorchCommunicator:
             async_op=True,
         )
         finish = self._into(out, t)
-        return _TorchWork(work, lambda: finish(landing), self._watch, collective)
+        return _TorchWork(
+            work, lambda: finish(landing), self._watch, collective, stream_ordered=not buf.is_cpu
+        )
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along dim 0, in rank order."""

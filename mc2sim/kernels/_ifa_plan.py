@@ -20,7 +20,7 @@ import torch
 from mc2sim import limits
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
-from mc2sim.kernels._device import same_device
+from mc2sim.kernels._device import from_host, same_device
 from mc2sim.kernels._ifa_sources import (
     Antiquant,
     BlockIndex,
@@ -453,7 +453,7 @@ def _paged_cache(
         )
     # Entries past a batch's last block are never read by the operator; any valid index will
     # do for the gather, and the attention zeroes what they bring in.
-    safe = torch.where(in_use, table64, torch.zeros_like(table64)).to(table.device)
+    safe = from_host(torch.where(in_use, table64, torch.zeros_like(table64)), table.device)
     blocks = _block_index(table64, in_use, lengths, size, blocknum, table.device)
     readers = [
         PagedKV(
@@ -504,12 +504,12 @@ def _block_index(
     owner[use_p] = use_b
     ends = [(b, n // size, n % size) for b, n in enumerate(lengths) if n % size]
     return BlockIndex(
-        owner=owner.to(device),
-        in_use=in_use.to(device),
-        use_b=use_b.to(device),
-        use_j=use_j.to(device),
-        use_p=use_p.to(device),
-        partial_p=table[[b for b, _, _ in ends], [j for _, j, _ in ends]].to(device),
+        owner=from_host(owner, device),
+        in_use=from_host(in_use, device),
+        use_b=from_host(use_b, device),
+        use_j=from_host(use_j, device),
+        use_p=from_host(use_p, device),
+        partial_p=from_host(table[[b for b, _, _ in ends], [j for _, j, _ in ends]], device),
         partial_valid=tuple(valid for _, _, valid in ends),
     )
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mc2sim.kernels._device import mm_float32, same_device
+from mc2sim.kernels._device import from_host, mm_float32, same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
 __all__ = ["MAX_DIM", "grouped_matmul"]
@@ -56,7 +56,7 @@ def _cuda_grouped_gemm(
     the per-expert path does (bitwise the same result on an H200, docs/BENCHMARKS.md).
     None if it refuses the call (alignment, architecture): the caller goes expert by expert.
     """
-    ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x.device)
+    ends = from_host(list(itertools.accumulate(counts)), x.device, torch.int32)
     mat_b = weight.transpose(-2, -1) if trans_weight else weight
     try:
         return torch._grouped_mm(x, mat_b, offs=ends, out_dtype=x.dtype)
@@ -137,13 +137,13 @@ def grouped_matmul(
         f"counts (not cumulative) must sum to x's rows A={rows}",
     )
 
-    out = torch.empty((rows, n), dtype=x.dtype, device=device)
     if rows == 0:
-        return out
+        return torch.empty((rows, n), dtype=x.dtype, device=device)
     if device.type != "cpu":
         fused = _grouped_gemm(x, weight, counts, trans_weight)
         if fused is not None:  # pragma: no cover - CUDA
             return fused
+        out = torch.empty((rows, n), dtype=x.dtype, device=device)
         start = 0
         for j, c in enumerate(counts):
             if c:
@@ -151,6 +151,7 @@ def grouped_matmul(
                 out[start : start + c].copy_(mm_float32(x[start : start + c], w))
             start += c
         return out
+    out = torch.empty((rows, n), dtype=x.dtype, device=device)
     # Fresh CPU memory costs a page fault per 4 KiB on first touch, so the float32 copies
     # live in small buffers reused across experts; the weight is converted one panel of at
     # most PANEL output columns at a time.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mc2sim.kernels._device import mm_float32
+from mc2sim.kernels._device import from_host, mm_float32
 from mc2sim.kernels._ifa_plan import IfaLayout, IfaPlan, plan_incre_flash_attention
 from mc2sim.kernels._ifa_sources import BlockIndex, PagedKV
 
@@ -377,8 +377,8 @@ def _softmax_parts(
     if _outside(plan, 0, length):  # some window leaves out a position: -inf there
         device = scores.device
         positions = torch.arange(length, device=device)
-        starts = torch.tensor(plan.starts, device=device).unsqueeze(1)
-        ends = torch.tensor(plan.ends, device=device).unsqueeze(1)
+        starts = from_host(plan.starts, device).unsqueeze(1)
+        ends = from_host(plan.ends, device).unsqueeze(1)
         inside = (positions >= starts) & (positions < ends)
         scores.masked_fill_(~inside.view(batch, 1, 1, length), float("-inf"))
     weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
@@ -447,9 +447,7 @@ def _attend_in_blocks(
         positions = torch.arange(size, device=tail.device).view(
             [1] * position_axis + [size] + [1] * (tail.dim() - position_axis - 1)
         )
-        valid = torch.tensor(index.partial_valid, device=tail.device).view(
-            [-1] + [1] * (tail.dim() - 1)
-        )
+        valid = from_host(index.partial_valid, tail.device).view([-1] + [1] * (tail.dim() - 1))
         tail = tail.masked_fill(positions >= valid, 0.0)
         out_in_blocks[index.partial_p] = _block_products(
             probs.index_select(0, index.partial_p), tail, value.heads_first
@@ -483,7 +481,7 @@ def _finish(plan: IfaPlan, out: torch.Tensor) -> torch.Tensor:
     """Zero the empty windows' rows, quantize or round, and shape like the query."""
     batch = plan.batch
     flags = [e <= s for s, e in zip(plan.starts, plan.ends, strict=True)]
-    empty = torch.tensor(flags, device=out.device).view(batch, 1, 1) if any(flags) else None
+    empty = from_host(flags, out.device).view(batch, 1, 1) if any(flags) else None
     flat = out.reshape(batch, plan.num_heads, plan.head_dim)
     if empty is not None:
         flat.masked_fill_(empty, 0.0)

@@ -9,11 +9,18 @@ import torch
 
 from mc2sim.comm import Communicator, Work
 from mc2sim.kernels import grouped_matmul, matmul
+from mc2sim.kernels._device import from_host
 from mc2sim.ops._layout import transpose_blocks
 from mc2sim.schedule.plan import Task, TaskKind
 from mc2sim.schedule.tiling import even_split
 
-__all__ = ["CombineRunner", "DispatchRunner", "SharedExpert", "chunk_rows", "split_by_source"]
+__all__ = [
+    "CombineRunner",
+    "DispatchRunner",
+    "SharedExpert",
+    "chunk_rows",
+    "split_by_source",
+]
 
 
 def chunk_rows(
@@ -104,7 +111,7 @@ class CombineRunner(_ExpertChunks):
             gmm_y = grouped_matmul(
                 self.x, self.weight, self.by_dest.sum(axis=0).tolist(), trans_weight=self.trans
             )
-            self.outputs[task.id] = gmm_y[transpose_blocks(self.by_dest.T).to(gmm_y.device)]
+            self.outputs[task.id] = gmm_y[from_host(transpose_blocks(self.by_dest.T), gmm_y.device)]
         else:
             j = task.expert
             if self.parts == 1:
@@ -114,7 +121,7 @@ class CombineRunner(_ExpertChunks):
                 idx = chunk_rows(
                     self.by_dest[:, j], self.starts[j], range(self.world), task.part, self.parts
                 )
-                rows = self.x[idx.to(self.x.device)]
+                rows = self.x[from_host(idx, self.x.device)]
             self.outputs[task.id] = grouped_matmul(
                 rows, self.weight[j : j + 1], [rows.shape[0]], trans_weight=self.trans
             )
@@ -176,14 +183,21 @@ class DispatchRunner(_ExpertChunks):
             if j is None:
                 raise RuntimeError(f"{task.name}: a pack task belongs to one expert")
             self.packed[task.id] = self.x[
-                chunk_rows(
-                    self.by_dest[:, j], self.starts[:, j], range(self.world), task.part, self.parts
-                ).to(self.x.device)
+                from_host(
+                    chunk_rows(
+                        self.by_dest[:, j],
+                        self.starts[:, j],
+                        range(self.world),
+                        task.part,
+                        self.parts,
+                    ),
+                    self.x.device,
+                )
             ]
             return
         arrived = self.received.pop(task.deps[0])
         if task.expert is None:  # serial: permute (r, j) -> (j, r), then every expert
-            permuted = arrived[transpose_blocks(self.by_source).to(arrived.device)]
+            permuted = arrived[from_host(transpose_blocks(self.by_source), arrived.device)]
             gmm_y = grouped_matmul(
                 permuted, self.weight, self.by_source.sum(axis=0).tolist(), trans_weight=self.trans
             )

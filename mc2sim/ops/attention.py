@@ -157,5 +157,7 @@ def ifa_decode(
         )
 
     out = torch.empty_like(query)
-    execute(schedule, comm, _IfaRunner(attend=attend, out=out), progress=progress)
+    execute(
+        schedule, comm, _IfaRunner(attend=attend, out=out), progress=progress, device=out.device
+    )
     return out

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
-from mc2sim.ops.spec import OpName, OpSpec, RealCase, one_tensor, torch_dtype
+from mc2sim.ops.spec import OpName, OpSpec, RealCase, one_tensor, placed, torch_dtype
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.schedule.builders import IfaShape, plan_ifa
 from mc2sim.schedule.plan import Plan
@@ -73,7 +73,13 @@ class IfaSpec(OpSpec):
             for r in range(world)
         }
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """This rank's heads of a decode step over a scattered paged cache of ``kv_len`` tokens."""
         import torch
 
@@ -97,6 +103,7 @@ class IfaSpec(OpSpec):
             query, key_cache, value_cache, table, lengths,
             num_heads=heads, num_kv_heads=kv_heads, scale=dim**-0.5, probs_dtype=dtype,
         )  # fmt: skip
+        query, key_cache, value_cache, table = placed(device, query, key_cache, value_cache, table)
 
         return RealCase(
             op=ops.ifa_decode,

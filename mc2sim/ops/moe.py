@@ -406,7 +406,7 @@ def _run_moe(
         parts=_parts(plan_tiling),
         shared=SharedExpert(mm_x, mm_weight, trans_mm_weight),
     )
-    execute(plan, comm, runner, progress=progress)
+    execute(plan, comm, runner, progress=progress, device=gmm_x.device)
     return runner
 
 

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
-from mc2sim.ops.spec import OpName, OpSpec, RealCase, one_tensor, returned, torch_dtype
+from mc2sim.ops.spec import (
+    OpName,
+    OpSpec,
+    RealCase,
+    one_tensor,
+    placed,
+    returned,
+    torch_dtype,
+)
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.routing import Direction, RoutingTable, SparseRouting, route
 from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
@@ -130,7 +138,13 @@ class _MoeSpec(OpSpec):
             )
         return plans
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """Routed rows and expert weights (and the shared expert's); golden in float64.
 
         The output checked is the routed experts' and, after it, the shared expert's
@@ -163,17 +177,21 @@ class _MoeSpec(OpSpec):
             mm_w = uniform(gen, h2, n2, dtype=dtype, scale=1.0 / h2**0.5)
             k = min(h1, h2)  # one check of both outputs: the stricter bound of the two
         everyone = golden.gather_inputs(comm, x=x, w=w, send=send)
+        on_host = (x, w, mm_x, mm_w)
+        x, w, mm_x, mm_w = placed(device, *on_host)
         shared = mm_x is not None
         op: Callable[..., Any]
         if self.direction is Direction.COMBINE:
             expected, mm_expected = golden.gmm_alltoallv(
-                comm.rank, everyone["x"], everyone["w"], everyone["send"], mm_x=mm_x, mm_weight=mm_w
-            )
+                comm.rank, everyone["x"], everyone["w"], everyone["send"],
+                mm_x=on_host[2], mm_weight=on_host[3],
+            )  # fmt: skip
             op, names = ops.gmm_alltoallv, "(y, mm_y)"
         else:
             expected, mm_expected, _ = golden.alltoallv_gmm(
-                comm.rank, everyone["x"], w, everyone["send"], mm_x=mm_x, mm_weight=mm_w
-            )
+                comm.rank, everyone["x"], on_host[1], everyone["send"],
+                mm_x=on_host[2], mm_weight=on_host[3],
+            )  # fmt: skip
             op, names = ops.alltoallv_gmm, "(gmm_y, mm_y, permute_out)"
         name = self.op.value
 

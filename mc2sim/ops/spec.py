@@ -43,6 +43,7 @@ __all__ = [
     "RealCase",
     "TilingSpec",
     "one_tensor",
+    "placed",
     "returned",
 ]
 
@@ -275,20 +276,36 @@ class OpSpec(ABC):
         """
 
     @abstractmethod
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """This rank's inputs of a real run of ``scenario``, the op call and its golden.
 
         Every rank calls it; inputs come from ``gen`` (seeded per rank by the caller), and
-        the golden sees every rank's inputs (gathered through ``comm``).
+        the golden sees every rank's inputs (gathered through ``comm``). The inputs are drawn
+        on the host (the same numbers whatever the device) and the op's are then moved to
+        ``device`` (:func:`placed`), where the op computes and returns its output.
 
         Args:
             scenario: the study (its effective shape, dtype, quantisation, routing).
             comm: every rank of the job.
             gen: this rank's generator.
+            device: where the op runs; None is the CPU.
 
         Returns:
             The case.
         """
+
+
+def placed(device: torch.device | None, *tensors: torch.Tensor | None) -> list[Any]:
+    """``tensors`` on ``device`` (None entries stay None; a None device leaves them be)."""
+    if device is None:
+        return list(tensors)
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 def torch_dtype(name: str) -> Any:

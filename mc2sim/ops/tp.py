@@ -313,7 +313,8 @@ def mm_all_reduce(
         world_size=comm.size,
     )
     out = torch.empty((m, n), dtype=probe.dtype, device=probe.device)
-    execute(plan, comm, AllReduceRunner(comm=comm, local=tile, out=out), progress=progress)
+    runner = AllReduceRunner(comm=comm, local=tile, out=out)
+    execute(plan, comm, runner, progress=progress, device=out.device)
     return out.reshape(*x1.shape[:-1], n)
 
 
@@ -498,7 +499,7 @@ def _run_pair(
         rank=comm.rank,
         world_size=comm.size,
     )
-    execute(plan, comm, runner, progress=progress)
+    execute(plan, comm, runner, progress=progress, device=x1.device)
     if runner.out is None:  # every plan of the pair writes the output
         raise AclnnRuntimeError("plan", plan.tiling, "produced no output")
     return runner.out

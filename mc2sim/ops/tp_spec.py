@@ -19,6 +19,7 @@ from mc2sim.ops.spec import (
     QuantMode,
     RealCase,
     one_tensor,
+    placed,
     returned,
     torch_dtype,
 )
@@ -133,7 +134,13 @@ class MatmulAllReduceSpec(_TpSpec):
             for r in range(world)
         }
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """Random x1, x2 (and the mode's scales); golden: the float64 sum of every rank's."""
         import torch
 
@@ -180,6 +187,11 @@ class MatmulAllReduceSpec(_TpSpec):
         expected = golden.mm_all_reduce(
             everyone["x1"], everyone["x2"], local_dtype=out_dtype, **scales
         )
+        x1, x2 = placed(device, x1, x2)
+        kwargs = {
+            key: placed(device, v)[0] if isinstance(v, torch.Tensor) else v  # not the group size
+            for key, v in kwargs.items()
+        }
         return RealCase(
             op=ops.mm_all_reduce,
             args=(x1, x2, comm),
@@ -213,13 +225,20 @@ class AllGatherMatmulSpec(_TpPairSpec):
     op: ClassVar[OpName] = OpName.ALL_GATHER_MATMUL
     builder = staticmethod(plan_all_gather_matmul)
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """Random x1 per rank and x2; golden: the gathered rows times x2, in float64."""
         from mc2sim import golden, ops
 
         x1, x2, k = _tp_inputs(scenario, gen)
         everyone = golden.gather_inputs(comm, x1=x1, x2=x2)
         expected, _ = golden.all_gather_matmul(everyone["x1"], x2)
+        x1, x2 = placed(device, x1, x2)
 
         def output(value: object) -> torch.Tensor:
             out, _ = returned(value, "all_gather_matmul", 2, "(out, gather_out)")
@@ -249,7 +268,13 @@ class MatmulReduceScatterSpec(_TpPairSpec):
                 param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}"
             )
 
-    def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
+    def real_case(
+        self,
+        scenario: Scenario,
+        comm: Communicator,
+        gen: torch.Generator,
+        device: torch.device | None = None,
+    ) -> RealCase:
         """Random x1, x2 per rank; golden: this rank's rows of the float64 sum of products."""
         from mc2sim import golden, ops
 
@@ -258,6 +283,7 @@ class MatmulReduceScatterSpec(_TpPairSpec):
         expected = golden.matmul_reduce_scatter(
             comm.rank, everyone["x1"], everyone["x2"], local_dtype=x1.dtype
         )
+        x1, x2 = placed(device, x1, x2)
         return RealCase(
             op=ops.matmul_reduce_scatter,
             args=(x1, x2, comm, comm.size),

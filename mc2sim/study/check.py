@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from mc2sim._compat import StrEnum
-from mc2sim.comm import Communicator, agreed
+from mc2sim.comm import Communicator, agreed, rank_device
 from mc2sim.comm.job import end_job
 from mc2sim.comm.watchdog import POLL_S, TIMEOUT_STATUS, collectives_named, timeout_from_env
 from mc2sim.compare import Verdict, check
@@ -505,7 +505,7 @@ def check_implementation(
     impl: Implementation | str,
     comm: Communicator,
     *,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> CheckedStudy:
     """Check and time ``impl`` beside mc2sim's own tilings of ``scenario`` (every rank).
@@ -521,8 +521,9 @@ def check_implementation(
         scenario: the study; its op's function in :mod:`mc2sim.ops` gives the signature.
         impl: the implementation, or its ``module:function``.
         comm: every rank of the job (the implementation gets it as the op's ``comm``).
-        device: where the implementation's tensor inputs are put: ``"cpu"``, ``"cuda"``, or
-            ``"cuda:N"``; mc2sim's tilings run on the CPU inputs.
+        device: where every rank's inputs are, mc2sim's tilings run (its executor on an
+            accelerator) and the implementation gets its copies: ``"cpu"``, ``"cuda"``,
+            ``"auto"`` (:func:`check_device`) or a ``torch.device``.
         progress: called on every rank after each timing round (``measure_rounds``).
 
     Returns:
@@ -537,15 +538,16 @@ def check_implementation(
     with agreed(harness) as same:  # a bad spec or device on one rank stops every rank
         if isinstance(impl, str):
             impl = load_implementation(impl, "impl")
-        target = check_device(device)
+        where = check_device(device)
+        target = str(where)
         same("impl", impl.spec, "every rank runs the same implementation")
-        same("device", torch.device(target).type, "the ranks' inputs are on one kind of device")
+        same("device", where.type, "the ranks' inputs are on one kind of device")
     skipped = _unavailable(impl, comm, harness)
     if skipped is not None:
         return CheckedStudy(
             impl=impl, device=target, skipped=skipped, verdicts=(), measured=None, record=None
         )
-    real = real_case(scenario, comm)
+    real = real_case(scenario, comm, where)
     reference = real.run("serial")  # mc2sim's op: agrees the arguments, gives the out dtype
     caller = _Caller(
         impl, real, comm, harness, device=target, out_dtype=reference.dtype,
@@ -563,7 +565,9 @@ def check_implementation(
     verdicts = tuple(harness.allgather_object(mine))
     timed = all(e.outcome is None for e in everyone)
     alongside = {impl.label: caller.timed} if timed else {}
-    measured = measure_study(scenario, comm, progress=progress, alongside=alongside, real=real)
+    measured = measure_study(
+        scenario, comm, progress=progress, alongside=alongside, real=real, device=where
+    )
     dtype = _name(reference.dtype)
     record = ImplementationRecord(
         impl=impl.spec,
@@ -577,39 +581,22 @@ def check_implementation(
     )  # fmt: skip
 
 
-def check_device(device: str) -> str:
-    """``device`` checked, as the implementation's inputs are put there.
+def check_device(device: str | torch.device) -> torch.device:
+    """This rank's device for ``device``, as ``mc2sim run --device`` chooses it.
 
     Args:
-        device: ``cpu``, ``cuda`` (a GPU per rank: this rank's modulo the GPUs) or ``cuda:N``.
+        device: ``"cpu"``, ``"cuda"`` (the GPU of the rank's local rank), ``"auto"`` (that
+            GPU if the host has one, else the CPU), or a ``torch.device`` (taken as it is).
 
     Returns:
-        The device's name, e.g. ``"cuda:1"``.
+        The device.
 
     Raises:
-        ParamInvalidError: not such a device, or CUDA asked for where it is not available.
+        ParamInvalidError: an unknown choice, or ``cuda`` on a host without a CUDA GPU.
     """
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ParamInvalidError(
-            "--device", device, "must be a torch device: cpu, cuda, cuda:N"
-        ) from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ParamInvalidError("--device", device, "needs CUDA, which is not available here")
-        if parsed.index is None:  # one GPU per rank on a node
-            from mc2sim.comm.job import world_position
-
-            rank = world_position()[0]
-            return f"cuda:{rank % torch.cuda.device_count()}"
-        if parsed.index >= torch.cuda.device_count():
-            raise ParamInvalidError(
-                "--device", device, f"must name one of {torch.cuda.device_count()} GPUs"
-            )
-    elif parsed.type != "cpu":
-        raise ParamInvalidError("--device", device, "must be cpu, cuda or cuda:N")
-    return str(parsed) if parsed.type == "cuda" else "cpu"
+    if isinstance(device, torch.device):
+        return device
+    return rank_device(device, "--device")
 
 
 def _verdict(

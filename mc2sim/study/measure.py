@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mc2sim.comm import Communicator
+from mc2sim.comm import Communicator, describe_device, transport
 from mc2sim.compare import Verdict, check_all
 from mc2sim.errors import ParamInvalidError
 from mc2sim.ops.spec import RealCase, TilingSpec
@@ -68,6 +68,10 @@ class MeasuredStudy:
     """Tiling -> every rank's golden verdict (index = rank)."""
     hosts: list[str]
     """Every rank's host name."""
+    devices: list[str]
+    """Every rank's device, in words (:func:`mc2sim.comm.describe_device`)."""
+    backend: str
+    """How the collectives travelled (:func:`mc2sim.comm.transport`)."""
 
     def passed_tiling(self, tiling: str) -> bool:
         """Whether every rank's output matched its golden under ``tiling``."""
@@ -79,19 +83,23 @@ class MeasuredStudy:
         return all(v.passed for verdicts in self.verdicts.values() for v in verdicts)
 
 
-def real_case(scenario: Scenario, comm: Communicator) -> RealCase:
+def real_case(
+    scenario: Scenario, comm: Communicator, device: torch.device | None = None
+) -> RealCase:
     """This rank's inputs, op call and golden of ``scenario`` (the op's spec builds them).
 
     Args:
         scenario: the study; checked against the launched world size first.
         comm: every rank of the job.
+        device: where the op runs (None: the CPU).
 
     Returns:
-        The case; its inputs are drawn from a generator seeded by the routing seed and rank.
+        The case; its inputs are drawn from a generator seeded by the routing seed and rank
+        (on the host, so every device gets the same numbers) and placed on ``device``.
     """
     scenario.world_size(comm.size)  # the scenario's rules at the launched world size
     gen = torch.Generator().manual_seed(1000 * scenario.routing.seed + comm.rank)
-    return scenario.spec.real_case(scenario, comm, gen)
+    return scenario.spec.real_case(scenario, comm, gen, device)
 
 
 def cases_of(
@@ -185,6 +193,7 @@ def measure_study(
     progress: Callable[[int, int, str], None] | None = None,
     alongside: Mapping[str, Callable[[], object]] | None = None,
     real: RealCase | None = None,
+    device: torch.device | None = None,
 ) -> MeasuredStudy:
     """Run ``scenario`` on every rank of ``comm`` under each of its tilings.
 
@@ -198,12 +207,17 @@ def measure_study(
         progress: called on every rank after each round, as :func:`measure_rounds` does.
         alongside: more calls to time in the same rounds, by the name their run gets
             (``mc2sim check``'s implementation); each records its own tasks of that name.
-        real: the scenario's real case, if already built (else it is built here).
+        real: the scenario's real case, if already built on ``device`` (else it is built
+            here).
+        device: this rank's device (None: the CPU); on an accelerator the executor runs
+            each plan on its compute and comm streams and times it by device events.
 
     Returns:
-        The representative timelines, golden verdicts and hosts; the same on every rank.
+        The representative timelines, golden verdicts, hosts and devices; the same on
+        every rank.
     """
-    real = real if real is not None else real_case(scenario, comm)
+    where = torch.device("cpu") if device is None else device
+    real = real if real is not None else real_case(scenario, comm, where)
     cases = cases_of(scenario, comm, real=real)
     extra = dict(alongside or {})
     verdicts: dict[str, list[Verdict]] = {}
@@ -221,7 +235,9 @@ def measure_study(
         runs[name] = chosen.runs()[0]
         timelines.append(chosen)
     hosts = comm.allgather_object(socket.gethostname())
+    devices = comm.allgather_object(describe_device(where))
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": comm.size})
     return MeasuredStudy(
-        timeline=merged, runs=runs, baseline=runs["serial"], verdicts=verdicts, hosts=hosts
-    )
+        timeline=merged, runs=runs, baseline=runs["serial"], verdicts=verdicts, hosts=hosts,
+        devices=devices, backend=transport(comm, where),
+    )  # fmt: skip

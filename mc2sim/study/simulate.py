@@ -120,6 +120,8 @@ def manifest_of(
     scenario_path: str | os.PathLike[str] | None = None,
     argv: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    devices: Sequence[str] = (),
+    backend: str | None = None,
 ) -> results.Manifest:
     """The manifest of a results folder of ``scenario`` (:func:`mc2sim.results.collect_manifest`).
 
@@ -132,6 +134,8 @@ def manifest_of(
         scenario_path: the scenario file read, if any.
         argv: the command line; default ``sys.argv``.
         overrides: the ``--set`` strings applied.
+        devices: every rank's device (a measured run).
+        backend: the collectives' transport (a measured run).
 
     Returns:
         The manifest.
@@ -144,6 +148,7 @@ def manifest_of(
         tilings=scenario.tilings, routing_kind=routing.kind, routing_seed=routing.seed,
         routing_skew=routing.skew, topology=topology, world_size=world, source=source,
         seeds={"routing": routing.seed}, hosts=hosts, argv=argv, overrides=overrides,
+        devices=devices, backend=backend,
     )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mc2sim.results import read_results
-from mc2sim.timeline import Source
+from mc2sim.timeline import Clock, Source
 
 from .conftest import mpiexec
 
@@ -33,6 +33,8 @@ def test_run_a_small_scenario(tmp_path: Path, ranks: int, scenario: str) -> None
     assert manifest.scenario == scenario and manifest.source is Source.MEASURED
     assert manifest.overrides == ("scale=small", "repetitions=1") and manifest.repetitions == 1
     assert manifest.mpi_library is not None, "mc2sim run loads MPI: its library is recorded"
+    assert manifest.devices == ("cpu",) * ranks and manifest.backend == "mpi"
+    assert {r.clock for r in folder.timeline.records} == {Clock.HOST}  # type: ignore[union-attr]
     assert set(folder.verdicts) == set(folder.runs) >= {"serial"}
     for verdicts in folder.verdicts.values():
         assert len(verdicts) == ranks and all(v.passed for v in verdicts)

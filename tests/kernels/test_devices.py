@@ -174,3 +174,14 @@ def test_mixed_devices_are_refused_naming_the_parameter(
     assert info.value.code == 161002
     assert info.value.param == f"{param}.device"
     assert "meta" in str(info.value) and "cpu" in str(info.value)
+
+
+def test_from_host_on_the_cpu_keeps_values_and_casts_to_the_dtype() -> None:
+    """On the CPU ``from_host`` is the host tensor itself, in the asked dtype."""
+    from mc2sim.kernels._device import from_host
+
+    t = from_host([[1, 2], [3, 4]], torch.device("cpu"), torch.int32)
+    assert t.dtype == torch.int32 and t.device.type == "cpu" and t.tolist() == [[1, 2], [3, 4]]
+    given = torch.tensor([True, False])
+    assert from_host(given, torch.device("cpu")) is given
+    assert from_host(given, torch.device("cpu"), torch.int64).tolist() == [1, 0]

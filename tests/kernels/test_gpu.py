@@ -506,3 +506,26 @@ def test_ifa_decode(comm: Communicator, dtype: torch.dtype) -> None:
         )  # fmt: skip
         # allclose: double_thousandths is relative, and cancellation leaves outputs near 0
         _golden_check(out, expected)
+
+
+def test_metadata_reaches_the_device_without_waiting_for_queued_kernels() -> None:
+    """``from_host`` (the kernels' index and offset lists) never blocks on queued GPU work.
+
+    A blocking host-to-device copy waits for every kernel before it; with 4 GEMMs of 8192^3
+    queued (milliseconds), the stream must still be busy when ``from_host`` returns, and the
+    copied values must be right once it drains.
+    """
+    from mc2sim.kernels._device import from_host
+
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA stream to queue work on")
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    for _ in range(4):
+        a = a @ a / 8192
+    moved = [from_host([i, i + 1, i + 2], DEVICE, torch.int32) for i in range(50)]
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy, "from_host waited for the queued GEMMs"
+    assert all(m.device == DEVICE and m.dtype == torch.int32 for m in moved)
+    assert [m.tolist() for m in moved] == [[i, i + 1, i + 2] for i in range(50)]

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.report import format_tables
@@ -73,9 +74,12 @@ def test_an_import_that_fails_inside_the_module_names_its_error(tmp_path: Path) 
         load_implementation(f"{plugin}:f")
 
 
-def test_devices_are_checked_before_any_work() -> None:
-    assert check_device("cpu") == "cpu"
-    for bad in ("gpu", "cuda:x", "meta"):
+def test_devices_are_checked_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device(torch.device("meta")) == torch.device("meta")  # as given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("auto") == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "cuda"):
         with pytest.raises(ParamInvalidError) as info:
             check_device(bad)
         assert info.value.param == "--device"

@@ -111,3 +111,51 @@ def test_steady_allocator_reuses_freed_blocks_instead_of_faulting_fresh_pages() 
     assert default > 1000, "glibc's default trims the heap and faults the pages in again"
     skipped, _ = faults("steady", MALLOC_TRIM_THRESHOLD_="131072")
     assert skipped == "False", "the user's MALLOC_* settings win"
+
+
+# -- devices of the ranks, NCCL's one GPU per rank --------------------------------------------
+
+
+def test_rank_device_on_a_host_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mc2sim.comm import describe_device, rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("cpu") == torch.device("cpu")
+    assert rank_device("auto") == torch.device("cpu")
+    assert describe_device(rank_device("auto")) == "cpu"
+    with pytest.raises(ParamInvalidError, match="--device='cuda': needs a CUDA GPU"):
+        rank_device("cuda")
+    with pytest.raises(ParamInvalidError, match="--device='tpu': must be one of 'cpu', 'cuda'"):
+        rank_device("tpu")
+
+
+def test_rank_device_takes_the_gpu_of_the_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mc2sim.comm import rank_device
+
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for local, gpu in ((0, 0), (1, 1), (3, 1)):  # ranks share the GPUs in turn
+        monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", str(local))
+        for var in ("LOCAL_RANK", "MPI_LOCALRANKID"):
+            monkeypatch.delenv(var, raising=False)
+        assert rank_device("cuda") == torch.device("cuda", gpu)
+        assert rank_device("auto") == torch.device("cuda", gpu)
+    assert chosen == [torch.device("cuda", g) for g in (0, 0, 1, 1, 1, 1)]
+
+
+def test_nccl_needs_a_gpu_per_rank_of_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mc2sim.comm import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "4")
+    assert launch._default_torch_backend() == "gloo"  # ranks sharing the GPU: not NCCL
+    with pytest.raises(ParamInvalidError, match="needs one GPU per rank: 4 ranks share 1 GPU"):
+        launch._one_gpu_per_rank()
+    monkeypatch.setenv("MPI_LOCALNRANKS", "1")
+    assert launch._default_torch_backend() == "nccl"
+    launch._one_gpu_per_rank()  # one rank, one GPU: allowed

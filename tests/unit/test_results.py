@@ -29,7 +29,7 @@ from mc2sim.results import (
     read_results,
     write_results,
 )
-from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
+from mc2sim.timeline import Clock, RunKey, Source, Stream, TaskRecord, Timeline
 
 from .fakes import toy_manifest
 
@@ -162,18 +162,19 @@ def test_tasks_csv_has_op_tiling_repetition_columns_and_reads_back_unparsed(
         rows = list(csv.reader(f))
     assert rows[0] == [
         "rank", "op", "tiling", "repetition", "task", "name", "stream", "kind", "start_s",
-        "end_s", "flops", "bytes", "duration_s", "intra_bytes", "inter_bytes",
+        "end_s", "flops", "bytes", "duration_s", "intra_bytes", "inter_bytes", "clock",
+        "host_start_s", "host_end_s",
     ]  # fmt: skip
     assert tuple(rows[0]) == CSV_COLUMNS
     assert "run" not in rows[0]
     assert len(rows) == 1 + len(timeline.records)
     assert rows[1] == [
         "0", OP, "a/b#2, c", "7", "0", "matmul[0]", "compute", "matmul", "0.0", "0.5", "100",
-        "0", "0.5", "0", "0",
+        "0", "0.5", "0", "0", "host", "0.0", "0.5",
     ]  # fmt: skip
     assert rows[2] == [
         "0", OP, "a/b#2, c", "7", "1", "allreduce[1]", "comm", "allreduce", "0.25", "1.0", "0",
-        "64", "0.75", "0", "0",
+        "64", "0.75", "0", "0", "host", "0.25", "1.0",
     ]  # fmt: skip
     assert rows[4][8:10] == ["0.75", "1.0"]
     folder = read_results(tmp_path)
@@ -191,7 +192,48 @@ def test_bytes_by_level_round_trip(tmp_path: Path) -> None:
     assert folder.timeline is not None and folder.timeline.records[1].inter_bytes == 24
     with (tmp_path / "tasks.csv").open(newline="") as f:
         header = next(csv.reader(f))
-    assert header[-2:] == ["intra_bytes", "inter_bytes"]
+    assert header[13:15] == ["intra_bytes", "inter_bytes"]
+
+
+def test_device_clocks_round_trip_and_older_csv_reads_as_host_timed(tmp_path: Path) -> None:
+    device = dataclasses.replace(
+        rec("compute", 0.25, 0.5), clock="device", host_start_s=0.0, host_end_s=0.125
+    )
+    staged = dataclasses.replace(
+        rec("comm", 0.5, 1.0, task=1), clock="staged", host_start_s=0.125, host_end_s=0.875
+    )
+    timeline = Timeline(records=(device, staged))
+    write_results(tmp_path, timeline=timeline, baseline=RUN, manifest=toy_manifest())
+    folder = read_results(tmp_path)
+    assert folder.timeline == timeline
+    assert [r.clock for r in folder.timeline.records] == [Clock.DEVICE, Clock.STAGED]
+    assert folder.timeline.records[1].host_span_s == (0.125, 0.875)
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in trace["traceEvents"]
+        if e["name"] == "thread_name"
+    }
+    assert threads == {(0, 0): "compute (device)", (0, 1): "comm (staged)", (0, 1000): "host"}
+    issued = [e for e in trace["traceEvents"] if e.get("tid") == 1000 and e["ph"] == "X"]
+    assert [(e["name"], e["ts"], e["dur"]) for e in issued] == [
+        ("issue matmul[0]", 0.0, 125000.0),
+        ("issue allreduce[1]", 125000.0, 750000.0),
+    ]
+    # a tasks.csv written before the clock columns existed: host-timed tasks
+    path = tmp_path / "tasks.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    keep = len(rows[0]) - 3
+    path.write_text("".join(",".join(row[:keep]) + "\n" for row in rows))
+    marker = json.loads((tmp_path / "complete.json").read_text())
+    body = path.read_bytes()  # certify the older file as that run's marker would have
+    marker["files"]["tasks.csv"] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    (tmp_path / "complete.json").write_text(json.dumps(marker))
+    older = read_results(tmp_path).timeline
+    assert older is not None
+    assert [r.clock for r in older.records] == [Clock.HOST, Clock.HOST]
+    assert older.records[1].host_span_s == (0.5, 1.0)
 
 
 def test_floats_round_trip_exactly(tmp_path: Path) -> None:
@@ -283,7 +325,7 @@ MANIFEST_KEYS = {
     "format", "argv", "overrides", "scenario", "scenario_path", "scenario_sha256", "op",
     "shape", "dtype", "quant", "standard", "repetitions", "scale", "tilings", "routing",
     "topology", "world_size", "source", "hosts", "seeds", "versions", "mpi_library", "python",
-    "created", "git_revision", "git_dirty",
+    "created", "git_revision", "git_dirty", "devices", "backend",
 }  # fmt: skip
 
 
@@ -535,7 +577,9 @@ def test_chrome_trace_fields(tmp_path: Path) -> None:
     assert comm0["ts"] == pytest.approx(250_000.0)
     assert comm0["dur"] == pytest.approx(750_000.0)
     # the run's display label, for viewers only
-    assert comm0["args"] == {"flops": 0, "bytes": 64, "run": "mm_all_reduce/tiles=2#0", "task": 1}
+    assert comm0["args"] == {
+        "flops": 0, "bytes": 64, "run": "mm_all_reduce/tiles=2#0", "task": 1, "clock": "host"
+    }  # fmt: skip
     comp1 = next(e for e in complete if e["pid"] == 1 and e["tid"] == 0)
     assert (comp1["ts"], comp1["dur"], comp1["args"]["flops"]) == (0.0, 750_000.0, 100)
 

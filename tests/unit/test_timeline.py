@@ -5,6 +5,7 @@ The files written from timelines are tested with their writer and reader, in tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -395,3 +396,52 @@ def test_busy_time_and_exposure_properties(
     pure = len(cells["comm"])
     overlap = 100 * (1 - m.exposed_comm_s / pure) if pure else 0.0
     assert m.overlap_pct == pytest.approx(min(100.0, max(0.0, overlap)), abs=1e-9)
+
+
+# -- clocks and the host's interval -------------------------------------------------------------
+
+
+def test_a_record_without_host_times_is_host_timed_over_its_own_interval() -> None:
+    from mc2sim.timeline import Clock
+
+    rec = TaskRecord(
+        rank=0, run=RunKey(op="x", tiling="serial"), task=0, name="a", stream="compute",
+        kind="matmul", start_s=0.25, end_s=0.5,
+    )  # fmt: skip
+    assert rec.clock is Clock.HOST
+    assert (rec.host_start_s, rec.host_end_s) == rec.host_span_s == (0.25, 0.5)
+    device = dataclasses.replace(rec, clock="device", host_start_s=0, host_end_s=0.125)
+    assert device.clock is Clock.DEVICE and device.host_span_s == (0.0, 0.125)
+    assert type(device.host_start_s) is float
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"clock": "wall"}, "clock='wall': must be one of 'host', 'device', 'staged'"),
+        ({"host_start_s": 0.5, "host_end_s": 0.25}, "host_end_s=0.25: must be >= host_start_s"),
+        ({"host_start_s": float("nan")}, "host_start_s=nan: must be a finite number"),
+        ({"host_end_s": "soon"}, "host_end_s='soon': must be a number or None"),
+    ],
+)
+def test_bad_clocks_and_host_times_are_refused(changes: dict[str, object], match: str) -> None:
+    base = dict(
+        rank=0, run=RunKey(op="x", tiling="serial"), task=0, name="a", stream="compute",
+        kind="matmul", start_s=0.25, end_s=0.5,
+    )  # fmt: skip
+    with pytest.raises(ParamInvalidError, match=match):
+        TaskRecord(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def test_add_raw_takes_the_host_timed_fields_or_all_of_them() -> None:
+    from mc2sim.timeline import Clock, Recorder
+
+    run = RunKey(op="x", tiling="serial")
+    rec = Recorder()
+    rec.add_raw((0, run, 0, "a", "compute", "matmul", 0.0, 1.0, 0, 0, 0, 0))
+    rec.add_raw((0, run, 1, "b", "comm", "allreduce", 0.5, 2.0, 0, 8, 8, 0, "staged", 0.25, 1.5))
+    first, second = rec.records
+    assert first.clock is Clock.HOST and first.host_span_s == (0.0, 1.0)
+    assert second.clock is Clock.STAGED and second.host_span_s == (0.25, 1.5)
+    with pytest.raises(ParamInvalidError, match="fields=13: must hold 12 or 15 values"):
+        rec.add_raw((0, run, 2, "c", "comm", "allreduce", 0.5, 2.0, 0, 8, 8, 0, "staged"))
