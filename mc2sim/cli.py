@@ -310,10 +310,15 @@ def _progress_bar(total: int, desc: str, unit: str, *, show: bool) -> Any:
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not show)
 
 
-def _load_scenario(name: str, overrides: Sequence[str]) -> Scenario:
-    """A shipped scenario by name, or a scenario file, with ``--set`` overrides."""
+def _load_scenario(name: str, overrides: Sequence[str], what_if: bool = False) -> Scenario:
+    """A shipped scenario by name, or a scenario file, with ``--set`` overrides.
+
+    ``what_if`` (``--what-if``) sets ``limits=what-if``: hardware limits lifted.
+    """
     from mc2sim.scenario import builtin, list_builtin, load
 
+    if what_if:
+        overrides = [*overrides, "limits=what-if"]
     if name in list_builtin() and not Path(name).exists():
         return builtin(name, overrides)
     if not Path(name).exists():
@@ -357,6 +362,15 @@ def _sized_topology(
         raise ParamInvalidError(world_param, err.value, err.rule) from None
 
 
+def _warn_lifted(lifted: Sequence[Any], command: str) -> None:
+    """Print each hardware limit a what-if study lifts, once, as a warning line on stderr."""
+    seen: set[str] = set()
+    for item in lifted:
+        if item.rule not in seen:
+            seen.add(item.rule)
+            print(f"mc2sim {command}: warning: {item.warning()}", file=sys.stderr)
+
+
 def _check_out(out: Path, overwrite: bool) -> Path:
     """``--out`` of a results (or sweep) folder: a fresh one, or old results with --overwrite."""
     from mc2sim.results import check_folder
@@ -386,9 +400,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from mc2sim.study.simulate import simulate_study, write_results
 
     with _checking():
-        scenario = _load_scenario(args.scenario, args.set)
+        scenario = _load_scenario(args.scenario, args.set, args.what_if)
         world = scenario.world_size(args.ranks, "--ranks")
         world_param = "ranks" if args.ranks is None else "--ranks"
+        lifted = scenario.lifted(args.ranks, "--ranks")
         topology = _sized_topology(scenario, args.topology, world, world_param)
         measured = _measured_totals(Path(args.measured)) if args.measured else {}
         default = f"results/{scenario.name}-{_stamp()}-sim"
@@ -396,6 +411,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if args.measured and out.resolve() == Path(args.measured).resolve():
             raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
+    _warn_lifted(lifted, "simulate")
     with _checking():  # the model is pure: what it refuses is in the input
         result = simulate_study(scenario, topology, world)
     if args.overwrite:
@@ -447,6 +463,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stamp = comm.allgather_object(_stamp())[0]
     with _checking(comm):  # every rank reads the same file: an error is the same everywhere
         scenario = _load_scenario(args.scenario, args.set)
+        _require_strict(scenario, "run")
         scenario.world_size(comm.size)
         out = Path(args.out or f"results/{scenario.name}-{stamp}")
         if lead:  # rank 0 alone writes the folder
@@ -458,6 +475,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         comm, scenario, out, plots=args.plots, scenario_path=_scenario_file(args.scenario),
         argv=args.argv, overrides=args.set,
     )  # fmt: skip
+
+
+def _require_strict(scenario: Scenario, what: str) -> None:
+    """Real runs call the operators, which keep every limit: refuse a what-if scenario."""
+    from mc2sim.limits import LimitProfile
+
+    if scenario.limits is not LimitProfile.STRICT:
+        raise ParamInvalidError(
+            "limits", scenario.limits.value,
+            f"{what} executes the real operators, which keep every limit: must be 'strict' "
+            "(what-if is for simulate and sweep)",
+        )  # fmt: skip
 
 
 def _measure_into(
@@ -557,9 +586,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                     flag, args.ranks if args.ranks is not None else args.topology,
                     "is for simulated sweeps: --real runs on the ranks of mpiexec",
                 )  # fmt: skip
+            if args.what_if:
+                raise ParamInvalidError(
+                    "--what-if", True, "is for simulated sweeps: --real runs the real operators"
+                )
             names = _point_folders(points)
             scenarios = [_load_scenario(args.scenario, point) for _, point in points]
             for scenario in scenarios:
+                _require_strict(scenario, "sweep --real")
                 scenario.world_size(comm.size)
             out = Path(args.out or default + stamp)
             if lead:
@@ -602,14 +636,16 @@ def _simulate_sweep(
 
     with _checking():
         names = _point_folders(points)
-        scenarios = [_load_scenario(args.scenario, point) for _, point in points]
+        scenarios = [_load_scenario(args.scenario, point, args.what_if) for _, point in points]
         worlds = [sc.world_size(args.ranks, "--ranks") for sc in scenarios]
+        lifted = [item for sc in scenarios for item in sc.lifted(args.ranks, "--ranks")]
         topologies = [
             _sized_topology(sc, args.topology, world, "ranks" if args.ranks is None else "--ranks")
             for sc, world in zip(scenarios, worlds, strict=True)
         ]
         out = _check_out(Path(args.out or default), args.overwrite)
         _check_plots(args.plots)
+    _warn_lifted(lifted, "sweep")
     if args.overwrite:
         clear_folder(out)
     print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
@@ -722,6 +758,10 @@ _TIMEOUT_HELP = (
     f"seconds a collective may wait before the job ends with exit status 3 (sets {TIMEOUT_ENV}; "
     f"default: ${TIMEOUT_ENV}, else 300)"
 )
+_WHAT_IF_HELP = (
+    "lift today's hardware limits (e * world <= 256, aclnn size ranges; each lifted one is "
+    "reported once); the operators' semantic limits still apply (sets limits=what-if)"
+)
 _OVERWRITE_HELP = "replace the results of an earlier run in --out (else --out must be new or empty)"
 
 
@@ -773,6 +813,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
+    sim.add_argument("--what-if", action="store_true", help=_WHAT_IF_HELP)
     _add_out(sim, "results folder, new or empty (default results/<scenario>-<time>-sim)")
     sim.add_argument(
         "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
@@ -792,6 +833,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--topology", help="topology name or file (default: the scenario's)")
     sweep.add_argument("--ranks", type=int, help="world size to simulate (default: the scenario's)")
     sweep.add_argument("--real", action="store_true", help="run each point for real (mpiexec)")
+    sweep.add_argument("--what-if", action="store_true", help=_WHAT_IF_HELP)
     _add_out(sweep, "folder of the points' folders (default results/<scenario>-sweep-<time>)")
     sweep.add_argument(
         "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"

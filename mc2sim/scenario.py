@@ -33,6 +33,7 @@ from mc2sim._compat import StrEnum
 from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
+from mc2sim.limits import WORLD, Lifted, LimitProfile, Policy
 from mc2sim.ops.registry import SPECS, spec_of
 from mc2sim.ops.spec import DTYPES, OpName, OpSpec, QuantMode
 from mc2sim.routing import RoutingConfig, RoutingKind, check_matrix
@@ -68,7 +69,7 @@ class Scale(StrEnum):
     SMALL = "small"
 
 
-MAX_WORLD = 65_536
+MAX_WORLD = WORLD.high
 """The largest world size a scenario plans for (``ranks``, ``--ranks``): no machine mc2sim
 models is larger, and an op's own limits (MoE's expert count) may bound it lower."""
 
@@ -167,6 +168,11 @@ class Scenario:
     scale: Scale = Scale.FULL
     """Which shape :meth:`effective_shape` gives: ``"full"`` or ``"small"``."""
 
+    limits: LimitProfile = LimitProfile.STRICT
+    """Which limits the study keeps (:mod:`mc2sim.limits`): ``"strict"`` (every limit, the
+    default; ``run`` needs it) or ``"what-if"`` (hardware limits lifted: ``simulate`` and
+    ``sweep`` with ``--what-if``; semantic limits still apply)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ParamInvalidError("name", self.name, "must be a non-empty string")
@@ -182,11 +188,13 @@ class Scenario:
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "scale", _choice("scale", self.scale, Scale))
         object.__setattr__(self, "standard", _choice("standard", self.standard, Standard))
+        object.__setattr__(self, "limits", _choice("limits", self.limits, LimitProfile))
         _integer("repetitions", self.repetitions, 1)
+        policy = Policy(profile=self.limits)
 
         spec = spec_of(op)
-        shape = spec.check_shape(_shape_table("shape", self.shape), "shape")
-        spec.check_world(shape, self.ranks, "ranks")
+        shape = spec.check_shape(_shape_table("shape", self.shape), "shape", policy)
+        spec.check_world(shape, self.ranks, "ranks", policy)
         small = _shape_table("small", self.small)
         for key, value in small.items():
             if key not in shape:
@@ -197,8 +205,8 @@ class Scenario:
                 raise ParamInvalidError(
                     f"small.{key}", value, f"must be <= the full shape's {key} ({shape[key]})"
                 )
-        small_shape = spec.check_shape({**shape, **small}, "small")
-        spec.check_world(small_shape, self.ranks, "ranks")
+        small_shape = spec.check_shape({**shape, **small}, "small", policy)
+        spec.check_world(small_shape, self.ranks, "ranks", policy)
         object.__setattr__(self, "shape", MappingProxyType(shape))
         object.__setattr__(
             self, "small", MappingProxyType({k: small[k] for k in spec.keys if k in small})
@@ -324,7 +332,7 @@ class Scenario:
         world = self.ranks
         if override is not None:
             world = _integer(param, override, 1, MAX_WORLD)
-            self.spec.check_world(self.effective_shape(), world, param)
+            self.spec.check_world(self.effective_shape(), world, param, Policy(profile=self.limits))
         if self.routed and self.routing.kind is RoutingKind.MATRIX:
             experts = self.effective_shape()["experts_per_rank"]
             try:
@@ -332,6 +340,28 @@ class Scenario:
             except ParamInvalidError as err:
                 raise ParamInvalidError(f"routing.{err.param}", err.value, err.rule) from None
         return world
+
+    def lifted(self, world: int | None = None, param: str = "world_size") -> tuple[Lifted, ...]:
+        """The hardware limits this study goes past at ``world`` ranks (what-if only).
+
+        Args:
+            world: the world size (None: ``ranks``), already accepted by :meth:`world_size`.
+            param: what the world size is called (``"--ranks"`` for the command line).
+
+        Returns:
+            One :class:`~mc2sim.limits.Lifted` per limit lifted (the first place it was met),
+            in the order the checks meet them; empty under ``strict``.
+        """
+        policy = Policy(profile=self.limits)
+        if self.limits is LimitProfile.STRICT:
+            return ()
+        spec = self.spec
+        world_param = "ranks" if world is None else param
+        ranks = self.ranks if world is None else world
+        for where, shape in (("shape", dict(self.shape)), ("small", {**self.shape, **self.small})):
+            spec.check_shape(shape, where, policy)
+            spec.check_world(shape, ranks, world_param, policy)
+        return tuple(policy.lifted)
 
     def with_overrides(self, overrides: Sequence[str]) -> Scenario:
         """Return this scenario with ``--set key=value`` overrides applied (see :func:`load`).
@@ -371,6 +401,7 @@ _TOP_KEYS = (
     "repetitions",
     "small",
     "scale",
+    "limits",
 )
 _REQUIRED = ("name", "description", "op", "ranks", "dtype", "shape", "tilings", "topology")
 _ROUTING_KEYS = ("kind", "seed", "skew", "hot_fraction", "hot_experts", "matrix_path")
@@ -641,6 +672,8 @@ def _as_data(scenario: Scenario) -> dict[str, Any]:
         small=dict(scenario.small),
         scale=scenario.scale.value,
     )
+    if scenario.limits is not LimitProfile.STRICT:
+        data["limits"] = scenario.limits.value
     return data
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from mc2sim import limits
-from mc2sim.errors import ParamInvalidError
+from mc2sim.limits import Policy
 from mc2sim.ops.spec import OpName, OpSpec, RealCase, torch_dtype
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.routing import Direction, RoutingTable, SparseRouting, route
@@ -64,37 +64,39 @@ class _MoeSpec(OpSpec):
     direction: ClassVar[Direction]
     """Which way the op's AlltoAllv sends the rows."""
 
-    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
-        limits.TOP_K.check(f"{where}.top_k", shape["top_k"])
-        limits.E.check(f"{where}.experts_per_rank", shape["experts_per_rank"])
-        limits.H1.check(f"{where}.h1", shape["h1"])
-        limits.N1.check(f"{where}.n1", shape["n1"])
-        limits.BSK.check(f"{where}.tokens * top_k", shape["tokens"] * shape["top_k"])
+    def _check_dims(self, shape: Mapping[str, int], where: str, policy: Policy | None) -> None:
+        limits.TOP_K.check(f"{where}.top_k", shape["top_k"], policy)
+        limits.E.check(f"{where}.experts_per_rank", shape["experts_per_rank"], policy)
+        limits.H1.check(f"{where}.h1", shape["h1"], policy)
+        limits.N1.check(f"{where}.n1", shape["n1"], policy)
+        limits.BSK.check(f"{where}.tokens * top_k", shape["tokens"] * shape["top_k"], policy)
         if ("h2" in shape) != ("n2" in shape):
             given = "h2" if "h2" in shape else "n2"
-            raise ParamInvalidError(
-                f"{where}.{given}", shape[given], "shared expert needs both h2 and n2, or neither"
-            )
+            limits.SHARED_PAIR.check(f"{where}.{given}", shape[given], False)
         if "h2" in shape:
-            limits.H2.check(f"{where}.h2", shape["h2"])
-            limits.N2.check(f"{where}.n2", shape["n2"])
+            limits.H2.check(f"{where}.h2", shape["h2"], policy)
+            limits.N2.check(f"{where}.n2", shape["n2"], policy)
 
-    def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
+    def check_world(
+        self, shape: Mapping[str, int], world: int, param: str, policy: Policy | None = None
+    ) -> None:
         """As :meth:`OpSpec.check_world`; the experts over all ranks must fit top-K."""
-        super().check_world(shape, world, param)
+        super().check_world(shape, world, param, policy)
         e = shape["experts_per_rank"]
-        try:
-            limits.EXPERTS.check(param, e * world)
-        except ParamInvalidError:
-            raise ParamInvalidError(
-                param, world, f"experts_per_rank ({e}) * {param}: {limits.EXPERTS.rule}"
-            ) from None
-        if shape["top_k"] > e * world:
-            raise ParamInvalidError(
-                param,
-                world,
-                f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
-            )
+        limits.enforce(
+            limits.EXPERTS,
+            param,
+            world,
+            limits.EXPERTS.low <= e * world <= limits.EXPERTS.high,
+            f"experts_per_rank ({e}) * {param}: {limits.EXPERTS.rule}",
+            policy,
+        )
+        limits.TOP_K_FITS.check(
+            param,
+            world,
+            shape["top_k"] <= e * world,
+            f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
+        )
 
     def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
         """Every rank's plan, its counts from the scenario's routing."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
-from mc2sim.errors import ParamInvalidError
+from mc2sim.limits import Policy
 from mc2sim.ops.spec import OpName, OpSpec, QuantMode, RealCase, torch_dtype
 from mc2sim.schedule.builders import (
     MatmulShape,
@@ -66,13 +66,13 @@ class _TpSpec(OpSpec):
 
     required: ClassVar[tuple[str, ...]] = ("m", "k", "n")
 
-    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
-        limits.MM_M.check(f"{where}.m", shape["m"])
-        limits.MM_N.check(f"{where}.n", shape["n"])
-        self._check_k(shape["k"], f"{where}.k")
+    def _check_dims(self, shape: Mapping[str, int], where: str, policy: Policy | None) -> None:
+        limits.MM_M.check(f"{where}.m", shape["m"], policy)
+        limits.MM_N.check(f"{where}.n", shape["n"], policy)
+        self._check_k(shape["k"], f"{where}.k", policy)
 
-    def _check_k(self, k: int, param: str) -> None:
-        limits.TP_K.check(param, k)
+    def _check_k(self, k: int, param: str, policy: Policy | None) -> None:
+        limits.TP_K.check(param, k, policy)
 
 
 class MatmulAllReduceSpec(_TpSpec):
@@ -81,14 +81,14 @@ class MatmulAllReduceSpec(_TpSpec):
     op: ClassVar[OpName] = OpName.MM_ALL_REDUCE
     quant_modes: ClassVar[tuple[QuantMode, ...]] = tuple(QuantMode)
 
-    def _check_k(self, k: int, param: str) -> None:
-        limits.MM_K.check(param, k)
+    def _check_k(self, k: int, param: str, policy: Policy | None) -> None:
+        limits.MM_K.check(param, k, policy)
 
     def check_quant(self, quant: QuantMode, shape: Mapping[str, int], where: str) -> None:
         """As :meth:`OpSpec.check_quant`; int4 weights also need ``n`` a multiple of 8."""
         super().check_quant(quant, shape, where)
         if quant is QuantMode.WEIGHT_INT4:
-            limits.require_multiple(f"{where}.n", shape["n"], 8, "8 for weight_int4")
+            limits.INT4_N.check(f"{where}.n", shape["n"], shape["n"] % 8 == 0)
 
     def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
         """Every rank's plan: the same ``(m, k) x (k, n)`` and AllReduce on each."""
@@ -192,13 +192,17 @@ class MatmulReduceScatterSpec(_TpPairSpec):
     op: ClassVar[OpName] = OpName.MATMUL_REDUCE_SCATTER
     builder = staticmethod(plan_matmul_reduce_scatter)
 
-    def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
+    def check_world(
+        self, shape: Mapping[str, int], world: int, param: str, policy: Policy | None = None
+    ) -> None:
         """As :meth:`OpSpec.check_world`; ``m`` must also be a multiple of the world size."""
-        super().check_world(shape, world, param)
-        if shape["m"] % world:
-            raise ParamInvalidError(
-                param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}"
-            )
+        super().check_world(shape, world, param, policy)
+        limits.RS_ROWS.check(
+            param,
+            world,
+            shape["m"] % world == 0,
+            f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}",
+        )
 
     def real_case(self, scenario: Scenario, comm: Communicator, gen: torch.Generator) -> RealCase:
         """Random x1, x2 per rank; golden: this rank's rows of the float64 sum of products."""
