@@ -317,8 +317,7 @@ def _load_scenario(name: str, overrides: Sequence[str], what_if: bool = False) -
     """
     from mc2sim.scenario import builtin, list_builtin, load
 
-    if what_if:
-        overrides = [*overrides, "limits=what-if"]
+    overrides = _with_profile(overrides, what_if)
     if name in list_builtin() and not Path(name).exists():
         return builtin(name, overrides)
     if not Path(name).exists():
@@ -360,6 +359,11 @@ def _sized_topology(
         return topology.with_world(world)
     except ParamInvalidError as err:
         raise ParamInvalidError(world_param, err.value, err.rule) from None
+
+
+def _with_profile(overrides: Sequence[str], what_if: bool) -> list[str]:
+    """The overrides a study ran with, ``limits=what-if`` added by ``--what-if`` (manifest)."""
+    return [*overrides, "limits=what-if"] if what_if else list(overrides)
 
 
 def _warn_lifted(lifted: Sequence[Any], command: str) -> None:
@@ -418,7 +422,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         clear_folder(out)
     write_results(
         result, out, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-        overrides=args.set,
+        overrides=_with_profile(args.set, args.what_if),
     )  # fmt: skip
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
     print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
@@ -657,7 +661,7 @@ def _simulate_sweep(
             result = simulate_study(scenario, topology, world)
         write_results(
             result, out / name, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-            overrides=point,
+            overrides=_with_profile(point, args.what_if),
         )  # fmt: skip
         for tiling, m in result.metrics().items():
             speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
