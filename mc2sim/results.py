@@ -69,6 +69,9 @@ __all__ = [
     "PREDICTED_VS_MEASURED_PNG",
     "SPEEDUP_PNG",
     "SUMMARY_FILE",
+    "RANKS_FILE",
+    "RANK_COLUMNS",
+    "RankRow",
     "TASKS_FILE",
     "TRACE_FILE",
     "GoldenVerdict",
@@ -106,6 +109,10 @@ TASKS_FILE = "tasks.csv"
 
 TRACE_FILE = "trace.json"
 """The tasks as a Chrome trace (JSON Object Format)."""
+
+RANKS_FILE = "ranks.csv"
+"""Per rank and tiling, a simulated study's stragglers and who waited for whom (only
+written for a study with stragglers)."""
 
 SPEEDUP_PNG = "speedup.png"
 """Plot: speedup against tile count, a line per folder."""
@@ -155,7 +162,7 @@ _OWN_NAME = re.compile(
 _TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{16}\.tmp")
 """A temporary file of an atomic write (``mc2sim._atomic``) of one of those files."""
 
-_OPTIONAL_FILES = (TASKS_FILE, TRACE_FILE)
+_OPTIONAL_FILES = (TASKS_FILE, TRACE_FILE, RANKS_FILE)
 """Files a complete folder may lack (deleted to save space); the rest must be there."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -467,6 +474,98 @@ class GoldenVerdict:
 
 
 # ----------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankRow:
+    """One rank of one tiling of a study with stragglers: its slowdowns and its waits.
+
+    Exposed communication is the rank's ``total - compute`` (:class:`RankMetrics`); the
+    nominal figures come from the same study simulated without its stragglers.
+    """
+
+    tiling: str
+    """The tiling, in words."""
+    rank: int
+    """The rank."""
+    compute: float
+    """Its compute slowdown factor (1: nominal)."""
+    link: float
+    """The fraction of bandwidth its links carry (1: nominal)."""
+    late_us: float
+    """Microseconds it started after the others."""
+    total_s: float
+    """Its time from its first task's start to its last task's end."""
+    exposed_comm_s: float
+    """Its exposed communication."""
+    nominal_exposed_comm_s: float
+    """Its exposed communication without the stragglers."""
+    added_exposed_s: float
+    """``exposed_comm_s - nominal_exposed_comm_s``: what the stragglers added."""
+    wait_s: float
+    """Seconds it waited at collectives for the last rank to arrive."""
+    nominal_wait_s: float
+    """The same without the stragglers."""
+    waited_for: int
+    """The last rank to arrive at the collective where it waited longest (-1: never)."""
+    last: int
+    """Collectives at which it arrived last while another rank waited for it."""
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "waited_for", "last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParamInvalidError(name, value, "must be an integer")
+        for name in RANK_COLUMNS[2:]:
+            value = getattr(self, name)
+            if name not in ("waited_for", "last") and not (
+                isinstance(value, float) and math.isfinite(value)
+            ):
+                raise ParamInvalidError(name, value, "must be a finite float")
+
+
+RANK_COLUMNS = (
+    "tiling", "rank", "compute", "link", "late_us", "total_s", "exposed_comm_s",
+    "nominal_exposed_comm_s", "added_exposed_s", "wait_s", "nominal_wait_s", "waited_for",
+    "last",
+)  # fmt: skip
+"""The columns of :data:`RANKS_FILE`, in order (:class:`RankRow`'s fields)."""
+
+
+def _ranks_csv(rows: Sequence[RankRow]) -> str:
+    """One CSV row per :class:`RankRow`; floats with ``repr`` (exact)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(RANK_COLUMNS)
+    for row in rows:
+        writer.writerow(
+            [
+                repr(v) if isinstance(v, float) else v
+                for v in (getattr(row, c) for c in RANK_COLUMNS)
+            ]
+        )
+    return buf.getvalue()
+
+
+def _read_ranks(path: Path, folder: Path) -> tuple[RankRow, ...]:
+    """Read :data:`RANKS_FILE` back into typed rows."""
+    rows = []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != RANK_COLUMNS:
+                raise _broken(folder, f"{RANKS_FILE} has the columns {reader.fieldnames}")
+            for item in reader:
+                kwargs: dict[str, Any] = {"tiling": item["tiling"]}
+                for name in RANK_COLUMNS[1:]:
+                    text = item[name]
+                    kwargs[name] = (
+                        int(text) if name in ("rank", "waited_for", "last") else float(text)
+                    )
+                rows.append(RankRow(**kwargs))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, ParamInvalidError) as exc:
+        raise _broken(folder, f"{RANKS_FILE} is broken near row {len(rows) + 1}: {exc}") from None
+    return tuple(rows)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1227,6 +1326,7 @@ def write_results(
     manifest: Manifest,
     verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
     overwrite: bool = False,
+    ranks: Sequence[RankRow] = (),
 ) -> dict[str, Path]:
     """Write a results folder: tasks, trace, summary, manifest, then ``complete.json``.
 
@@ -1245,10 +1345,12 @@ def write_results(
         verdicts: tiling in words -> every rank's golden verdict (index = rank), as
             :class:`mc2sim.compare.Verdict` (or :class:`GoldenVerdict`); None without checks.
         overwrite: clear a folder of earlier results first (see :func:`check_folder`).
+        ranks: a study with stragglers: every rank's row of every tiling (``ranks.csv``,
+            written only when given).
 
     Returns:
-        ``{"manifest": ..., "summary": ..., "tasks": ..., "trace": ..., "complete": ...}``:
-        the paths written.
+        ``{"manifest": ..., "summary": ..., "tasks": ..., "trace": ..., "complete": ...}``
+        (and ``"ranks"``): the paths written.
 
     Raises:
         ParamInvalidError: an empty timeline, two runs of one tiling, a baseline that is not
@@ -1305,6 +1407,14 @@ def write_results(
         SUMMARY_FILE: _json_text(summary).encode("utf-8"),
         MANIFEST_FILE: _json_text(manifest.to_json()).encode("utf-8"),
     }
+    if ranks:
+        bad = [r for r in ranks if r.tiling not in tilings or not 0 <= r.rank < manifest.world_size]
+        if bad:
+            raise ParamInvalidError(
+                "ranks", f"{bad[0].tiling} rank {bad[0].rank}",
+                f"must be a tiling of the runs and a rank below {manifest.world_size}",
+            )  # fmt: skip
+        files[RANKS_FILE] = _ranks_csv(ranks).encode("utf-8")
     marker = {
         "format": FORMAT,
         "kind": "results",
@@ -1475,6 +1585,9 @@ class ResultsFolder:
     timeline: Timeline | None
     """Every task of ``tasks.csv``, or None when the folder has no ``tasks.csv``."""
 
+    ranks: tuple[RankRow, ...] = ()
+    """A study with stragglers: ``ranks.csv``'s rows (every rank of every tiling)."""
+
     def totals(self) -> dict[str, float]:
         """Return tiling in words -> its run's ``total_s``, in the order written."""
         return {tiling: m.total_s for tiling, m in self.metrics.items()}
@@ -1610,6 +1723,7 @@ def read_results(folder: Path) -> ResultsFolder:
     if marker is None:
         raise _broken(path, f"is incomplete: it has no {COMPLETE_FILE}")
     _check_files(path, marker)
+    rank_rows = _read_ranks(path / RANKS_FILE, path) if (path / RANKS_FILE).exists() else ()
     return ResultsFolder(
         path=path,
         manifest=manifest,
@@ -1618,4 +1732,5 @@ def read_results(folder: Path) -> ResultsFolder:
         baseline=baseline,
         verdicts=MappingProxyType(golden),
         timeline=timeline,
+        ranks=rank_rows,
     )

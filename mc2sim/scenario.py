@@ -34,6 +34,7 @@ from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
 from mc2sim.limits import WORLD, Lifted, LimitProfile, Policy
+from mc2sim.model.heterogeneity import STRAGGLER_KEYS, Straggler, check_stragglers
 from mc2sim.ops.registry import SPECS, spec_of
 from mc2sim.ops.spec import DTYPES, OpName, OpSpec, QuantMode
 from mc2sim.routing import RoutingConfig, RoutingKind, check_matrix
@@ -173,6 +174,11 @@ class Scenario:
     default; ``run`` needs it) or ``"what-if"`` (hardware limits lifted: ``simulate`` and
     ``sweep`` with ``--what-if``; semantic limits still apply)."""
 
+    stragglers: Mapping[int, Straggler] = field(default_factory=dict)
+    """Ranks unlike the others (simulation only): rank -> its compute slowdown, link
+    bandwidth fraction and late start (:class:`~mc2sim.model.heterogeneity.Straggler`);
+    each rank must be < the world size. Stored read-only, in rank order."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ParamInvalidError("name", self.name, "must be a non-empty string")
@@ -230,6 +236,9 @@ class Scenario:
                 )
 
         object.__setattr__(self, "tilings", self._checked_tilings())
+        stragglers = check_stragglers("stragglers", self.stragglers)
+        object.__setattr__(self, "stragglers", MappingProxyType(stragglers))
+        self.check_stragglers(self.ranks, "ranks")
 
         if not isinstance(self.topology, str) or not self.topology.strip():
             raise ParamInvalidError("topology", self.topology, "must be a non-empty string")
@@ -333,6 +342,7 @@ class Scenario:
         if override is not None:
             world = _integer(param, override, 1, MAX_WORLD)
             self.spec.check_world(self.effective_shape(), world, param, Policy(profile=self.limits))
+            self.check_stragglers(world, param)
         if self.routed and self.routing.kind is RoutingKind.MATRIX:
             experts = self.effective_shape()["experts_per_rank"]
             try:
@@ -340,6 +350,18 @@ class Scenario:
             except ParamInvalidError as err:
                 raise ParamInvalidError(f"routing.{err.param}", err.value, err.rule) from None
         return world
+
+    def check_stragglers(self, world: int, param: str) -> None:
+        """Refuse a straggler whose rank is not below ``world`` (errors name ``param``).
+
+        Raises:
+            ParamInvalidError: a straggler's rank >= ``world``.
+        """
+        for rank in self.stragglers:
+            if rank >= world:
+                raise ParamInvalidError(
+                    f"stragglers.{rank}", rank, f"must be a rank < {param} ({world})"
+                )
 
     def lifted(self, world: int | None = None, param: str = "world_size") -> tuple[Lifted, ...]:
         """The hardware limits this study goes past at ``world`` ranks (what-if only).
@@ -402,17 +424,20 @@ _TOP_KEYS = (
     "small",
     "scale",
     "limits",
+    "stragglers",
 )
 _REQUIRED = ("name", "description", "op", "ranks", "dtype", "shape", "tilings", "topology")
 _ROUTING_KEYS = ("kind", "seed", "skew", "hot_fraction", "hot_experts", "matrix_path")
 _INT_KEYS = ("ranks", "repetitions", "routing.seed", "routing.hot_experts")
 _FLOAT_KEYS = ("routing.skew", "routing.hot_fraction")
 _ALL_OVERRIDE_KEYS = (
-    *(k for k in _TOP_KEYS if k not in ("shape", "routing", "small")),
+    *(k for k in _TOP_KEYS if k not in ("shape", "routing", "small", "stragglers")),
     "shape.KEY",
     "small.KEY",
     *(f"routing.{k}" for k in _ROUTING_KEYS),
+    *(f"stragglers.RANK.{k}" for k in STRAGGLER_KEYS),
 )
+_SECTIONS = ("shape", "routing", "small", "stragglers")
 _INT_TEXT = re.compile(r"[+-]?\d[\d_]*")
 
 
@@ -450,6 +475,23 @@ def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[st
         key = key.strip()
         parts = key.split(".")
         value: Any
+        if len(parts) == 3 and parts[0] == "stragglers" and parts[2] in STRAGGLER_KEYS:
+            rank = _parse_int(key, parts[1])
+            if rank < 0:
+                raise ParamInvalidError(f"--set {key}", raw, "the rank must be an int >= 0")
+            section = data.get("stragglers") or {}
+            if not isinstance(section, dict):
+                raise ParamInvalidError(
+                    f"--set {key}", raw, "the file's stragglers is not a mapping"
+                )
+            entry = section.get(rank) or {}
+            if not isinstance(entry, dict):
+                raise ParamInvalidError(
+                    f"--set {key}", raw, f"the file's stragglers.{rank} is not a mapping"
+                )
+            data["stragglers"] = {**section, rank: {**entry, parts[2]: _parse_float(key, raw)}}
+            touched.append(key)
+            continue
         if len(parts) == 2 and parts[0] in ("shape", "small") and parts[1]:
             value = _parse_int(key, raw)
         elif len(parts) == 2 and parts[0] == "routing" and parts[1] in _ROUTING_KEYS:
@@ -459,7 +501,7 @@ def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[st
                 value = _parse_float(key, raw)
             else:
                 value = raw.strip()
-        elif len(parts) == 1 and key in _TOP_KEYS and key not in ("shape", "routing", "small"):
+        elif len(parts) == 1 and key in _TOP_KEYS and key not in _SECTIONS:
             if key in _INT_KEYS:
                 value = _parse_int(key, raw)
             elif key == "tilings":
@@ -539,7 +581,7 @@ class _Reader:
             if not isinstance(tilings, list):
                 raise self.error("tilings", tilings, "must be a list, e.g. [serial, hardware, 4]")
             kwargs["tilings"] = tuple(tilings)
-        for key in ("shape", "small"):
+        for key in ("shape", "small", "stragglers"):
             if key in top and top[key] is None:
                 kwargs[key] = {}
         topo = top.get("topology")
@@ -674,6 +716,11 @@ def _as_data(scenario: Scenario) -> dict[str, Any]:
     )
     if scenario.limits is not LimitProfile.STRICT:
         data["limits"] = scenario.limits.value
+    if scenario.stragglers:
+        data["stragglers"] = {
+            rank: {k: getattr(s, k) for k in STRAGGLER_KEYS}
+            for rank, s in scenario.stragglers.items()
+        }
     return data
 
 

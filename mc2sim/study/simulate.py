@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mc2sim import results
-from mc2sim.model import simulate
+from mc2sim.model.heterogeneity import Arrivals, rank_waits
+from mc2sim.model.simulator import simulate_waits
+from mc2sim.results import RankRow
 from mc2sim.scenario import Scenario
 from mc2sim.schedule import Plan, tiling_of
 from mc2sim.timeline import Metrics, RunKey, Timeline
@@ -66,6 +68,8 @@ class StudyResult:
     """Tiling, in words -> its run in ``timeline``."""
     baseline: RunKey
     """The serial plan's run."""
+    ranks: tuple[RankRow, ...] = ()
+    """With stragglers: every rank of every tiling, against the study without them."""
 
     def metrics(self) -> dict[str, Metrics]:
         """Tiling, in words -> its metrics against the serial plan."""
@@ -91,14 +95,19 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
     sized = topology if topology.world_size == ranks else topology.with_world(ranks)
     timelines = []
     runs: dict[str, RunKey] = {}
+    rows: list[RankRow] = []
     for tiling in scenario.tilings:
         plans = plans_for(scenario, ranks, tiling)
         described = plans[0].tiling
         if described in runs:  # e.g. None and "hardware": the same plan, simulated once
             continue
-        timeline = simulate(plans, sized)
+        timeline, arrivals = simulate_waits(plans, sized, scenario.stragglers)
         runs[described] = timeline.runs()[0]
         timelines.append(timeline)
+        if scenario.stragglers:
+            rows += _rank_rows(
+                scenario, described, (timeline, arrivals), simulate_waits(plans, sized)
+            )
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": ranks})
     return StudyResult(
         scenario=scenario,
@@ -107,7 +116,43 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
         timeline=merged,
         runs=runs,
         baseline=runs["serial"],  # every scenario has the serial baseline
+        ranks=tuple(rows),
     )
+
+
+def _rank_rows(
+    scenario: Scenario,
+    tiling: str,
+    straggling: tuple[Timeline, Arrivals],
+    nominal: tuple[Timeline, Arrivals],
+) -> list[RankRow]:
+    """Every rank's row of one tiling: its slowdowns, exposed comm and waits, both ways."""
+    (timeline, arrivals), (base_timeline, base_arrivals) = straggling, nominal
+    per_rank = timeline.metrics().per_rank
+    base_per_rank = base_timeline.metrics().per_rank
+    waits, base_waits = rank_waits(arrivals), rank_waits(base_arrivals)
+    rows = []
+    for m, base in zip(per_rank, base_per_rank, strict=True):
+        r = m.rank
+        s = scenario.stragglers.get(r)
+        rows.append(
+            RankRow(
+                tiling=tiling,
+                rank=r,
+                compute=s.compute if s else 1.0,
+                link=s.link if s else 1.0,
+                late_us=s.late_us if s else 0.0,
+                total_s=m.total_s,
+                exposed_comm_s=m.exposed_comm_s,
+                nominal_exposed_comm_s=base.exposed_comm_s,
+                added_exposed_s=m.exposed_comm_s - base.exposed_comm_s,
+                wait_s=float(waits.wait_s[r]),
+                nominal_wait_s=float(base_waits.wait_s[r]),
+                waited_for=int(waits.waited_for[r]),
+                last=int(waits.last[r]),
+            )
+        )
+    return rows
 
 
 def manifest_of(
@@ -161,5 +206,6 @@ def write_results(
         scenario_path=scenario_path, argv=argv, overrides=overrides,
     )  # fmt: skip
     return results.write_results(
-        directory, timeline=result.timeline, baseline=result.baseline, manifest=manifest
-    )
+        directory, timeline=result.timeline, baseline=result.baseline, manifest=manifest,
+        ranks=result.ranks,
+    )  # fmt: skip
