@@ -23,7 +23,7 @@ import runpy
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -632,13 +632,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _simulate_sweep(
     args: argparse.Namespace, points: Sequence[tuple[str, list[str]]], default: str
 ) -> int:
-    """``sweep`` without ``--real``: every point simulated, a results folder each."""
+    """``sweep`` without ``--real``: every point simulated, a results folder each.
+
+    Under ``mpiexec -n N`` the points are dealt out in rounds (point ``i`` to rank
+    ``i mod N``); each rank simulates and encodes its point, rank 0 gathers every round's
+    and alone writes the folders, in grid order: the folder is the serial sweep's
+    (:func:`mc2sim.results.comparable_files`).
+    """
     from tqdm import tqdm
 
-    from mc2sim.results import clear_folder, write_sweep
-    from mc2sim.study.simulate import simulate_study, write_results
+    from mc2sim.results import clear_folder, write_encoded, write_sweep
+    from mc2sim.study.simulate import encode_study, simulate_study
 
-    with _checking():
+    comm = None
+    if world_position()[1] > 1:
+        from mc2sim.comm import init
+
+        comm = init("mpi")
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    lead = rank == 0
+    with _checking(comm):  # every rank reads the same inputs: an error is the same everywhere
         names = _point_folders(points)
         scenarios = [_load_scenario(args.scenario, point, args.what_if) for _, point in points]
         worlds = [sc.world_size(args.ranks, "--ranks") for sc in scenarios]
@@ -647,32 +660,59 @@ def _simulate_sweep(
             _sized_topology(sc, args.topology, world, "ranks" if args.ranks is None else "--ranks")
             for sc, world in zip(scenarios, worlds, strict=True)
         ]
-        out = _check_out(Path(args.out or default), args.overwrite)
-        _check_plots(args.plots)
-    _warn_lifted(lifted, "sweep")
-    if args.overwrite:
-        clear_folder(out)
-    print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
+        out = Path(args.out or default)
+        if lead:
+            out = _check_out(out, args.overwrite)
+            _check_plots(args.plots)
+    if lead:
+        _warn_lifted(lifted, "sweep")
+        if args.overwrite:
+            clear_folder(out)
+        print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
     grid = list(zip(points, names, scenarios, topologies, worlds, strict=True))
-    for (label, point), name, scenario, topology, world in tqdm(
-        grid, desc="sweep", file=sys.stderr
-    ):
-        with _checking():  # the model is pure: what it refuses is in the input
-            result = simulate_study(scenario, topology, world)
-        write_results(
-            result, out / name, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-            overrides=_with_profile(point, args.what_if),
-        )  # fmt: skip
-        for tiling, m in result.metrics().items():
-            speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
-            print(
-                f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
-            )
-    if args.plots:
-        _write_plots([out / name for name in names], out)
-    write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
-    print(f"results: {out}")
+    with tqdm(total=len(grid), desc="sweep", file=sys.stderr, disable=not lead) as bar:
+        for first in range(0, len(grid), size):
+            mine: tuple[int, Any, Any] | None = None
+            if first + rank < len(grid):
+                i = first + rank
+                (label, point), name, scenario, topology, world = grid[i]
+                try:  # the model is pure: what it refuses is in the input
+                    result = simulate_study(scenario, topology, world)
+                except AclnnError as err:
+                    mine = (i, None, err)
+                else:
+                    files = encode_study(
+                        result, scenario_path=_scenario_file(args.scenario), argv=args.argv,
+                        overrides=_with_profile(point, args.what_if),
+                    )  # fmt: skip
+                    mine = (i, files, _sweep_rows(label, result.metrics()))
+            done = comm.allgather_object(mine) if comm is not None else [mine]
+            refused = [item[2] for item in done if item is not None and item[1] is None]
+            if refused:  # every rank raises the first point's error, so none is left waiting
+                raise InputError(refused[0])
+            for item in done:
+                if item is not None and lead:
+                    i, files, rows = item
+                    write_encoded(out / names[i], files)
+                    print("\n".join(rows))
+                    bar.update(1)
+    if lead:
+        if args.plots:
+            _write_plots([out / name for name in names], out)
+        write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
+        print(f"results: {out}")
     return 0
+
+
+def _sweep_rows(label: str, metrics: Mapping[str, Any]) -> list[str]:
+    """A sweep point's lines of the printed table: one per tiling."""
+    rows = []
+    for tiling, m in metrics.items():
+        speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+        rows.append(
+            f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
+        )
+    return rows
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

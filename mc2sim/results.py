@@ -74,6 +74,7 @@ __all__ = [
     "RankRow",
     "TASKS_FILE",
     "TRACE_FILE",
+    "VOLATILE_MANIFEST_FIELDS",
     "GoldenVerdict",
     "Manifest",
     "ManifestRouting",
@@ -83,10 +84,13 @@ __all__ = [
     "chrome_trace",
     "clear_folder",
     "collect_manifest",
+    "comparable_files",
+    "encode_results",
     "gantt_png",
     "git_state",
     "read_results",
     "read_sweep",
+    "write_encoded",
     "write_results",
     "write_sweep",
 ]
@@ -1360,6 +1364,35 @@ def write_results(
             Nothing is written then.
 
     """
+    return write_encoded(
+        folder,
+        encode_results(
+            timeline=timeline, baseline=baseline, manifest=manifest, verdicts=verdicts,
+            ranks=ranks,
+        ),
+        overwrite=overwrite,
+    )  # fmt: skip
+
+
+def encode_results(
+    *,
+    timeline: Timeline,
+    baseline: RunKey,
+    manifest: Manifest,
+    verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
+    ranks: Sequence[RankRow] = (),
+) -> dict[str, bytes]:
+    """The files of a results folder, as bytes, without writing them (:func:`write_results`).
+
+    A sweep spread over MPI ranks encodes each point on the rank that simulated it and has
+    rank 0 write the bytes (:func:`write_encoded`), so its folder is the serial sweep's.
+
+    Returns:
+        File name -> its bytes, ``complete.json`` (listing the others' digests) last.
+
+    Raises:
+        ParamInvalidError: as :func:`write_results`.
+    """
     if not isinstance(manifest, Manifest):
         raise ParamInvalidError("manifest", manifest, "must be a Manifest")
     if manifest.source is not timeline.source:
@@ -1420,15 +1453,77 @@ def write_results(
         "kind": "results",
         "files": {name: _digest(data) for name, data in files.items()},
     }
-    out = check_folder(folder, overwrite=overwrite)
+    files[COMPLETE_FILE] = _json_text(marker).encode("utf-8")
+    return files
+
+
+def write_encoded(
+    folder: str | os.PathLike[str], files: Mapping[str, bytes], *, overwrite: bool = False
+) -> dict[str, Path]:
+    """Write the files :func:`encode_results` made into ``folder``, ``complete.json`` last.
+
+    Args:
+        folder: missing, empty, or (``overwrite``) a folder of earlier results.
+        files: file name -> bytes, as :func:`encode_results` returns them.
+        overwrite: clear a folder of earlier results first.
+
+    Returns:
+        The paths written, by file stem (``"manifest"``, ..., ``"complete"``).
+
+    Raises:
+        ParamInvalidError: the folder is not fresh (:func:`check_folder`), or ``files``
+            lacks ``complete.json``.
+    """
+    if COMPLETE_FILE not in files:
+        raise ParamInvalidError("files", sorted(files), f"must hold {COMPLETE_FILE}")
+    out = check_folder(Path(folder), overwrite=overwrite)
     if overwrite:
         clear_folder(out)
     paths = {
         name.split(".")[0]: write_atomic(out / name, data, parents=True)
         for name, data in files.items()
+        if name != COMPLETE_FILE
     }
-    paths["complete"] = write_atomic(out / COMPLETE_FILE, _json_text(marker))
+    paths["complete"] = write_atomic(out / COMPLETE_FILE, files[COMPLETE_FILE])
     return paths
+
+
+VOLATILE_MANIFEST_FIELDS = ("created", "mpi_library")
+"""The manifest's fields that say when and in which kind of process a folder was written,
+not what was studied: the time it was collected, and the MPI library (loaded under mpiexec,
+absent in a lone process). Two runs of the same study differ in these alone, and in the
+manifest's digest in ``complete.json`` that follows from them (:func:`comparable_files`)."""
+
+
+def comparable_files(folder: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file of a results or sweep folder, with what differs between runs left out.
+
+    A ``manifest.json`` loses :data:`VOLATILE_MANIFEST_FIELDS`; a results folder's
+    ``complete.json`` loses the manifest's digest. Two runs of the same study (a sweep
+    serial and spread over MPI ranks) give equal dictionaries.
+
+    Args:
+        folder: a folder :func:`write_results` or a sweep wrote.
+
+    Returns:
+        Path relative to ``folder`` (``/``-separated) -> the file's bytes, so adjusted.
+    """
+    root = Path(folder)
+    found: dict[str, bytes] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == MANIFEST_FILE:
+            manifest = json.loads(data)
+            for key in VOLATILE_MANIFEST_FIELDS:
+                manifest.pop(key, None)
+            data = _json_text(manifest).encode("utf-8")
+        elif path.name == COMPLETE_FILE:
+            marker = json.loads(data)
+            if isinstance(marker.get("files"), dict):
+                marker["files"].pop(MANIFEST_FILE, None)
+            data = _json_text(marker).encode("utf-8")
+        found[path.relative_to(root).as_posix()] = data
+    return found
 
 
 def write_sweep(folder: str | os.PathLike[str], points: Mapping[str, str]) -> Path:

@@ -26,6 +26,7 @@ __all__ = [
     "load_topology",
     "manifest_of",
     "plans_for",
+    "encode_study",
     "simulate_study",
     "write_results",
 ]
@@ -192,6 +193,34 @@ def manifest_of(
     )  # fmt: skip
 
 
+def encode_study(
+    result: StudyResult,
+    *,
+    scenario_path: str | os.PathLike[str] | None = None,
+    argv: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, bytes]:
+    """The results folder of a simulated study as bytes (:func:`mc2sim.results.encode_results`).
+
+    Args:
+        result: the study simulated.
+        scenario_path: the scenario file read, if any.
+        argv: the command line; default ``sys.argv``.
+        overrides: the ``--set`` strings applied.
+
+    Returns:
+        File name -> bytes, ready for :func:`mc2sim.results.write_encoded`.
+    """
+    manifest = manifest_of(
+        result.scenario, topology=result.topology.name, world=result.world, source="simulated",
+        scenario_path=scenario_path, argv=argv, overrides=overrides,
+    )  # fmt: skip
+    return results.encode_results(
+        timeline=result.timeline, baseline=result.baseline, manifest=manifest,
+        ranks=result.ranks,
+    )  # fmt: skip
+
+
 def write_results(
     result: StudyResult,
     directory: Path,
@@ -201,11 +230,5 @@ def write_results(
     overrides: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the results folder of a simulated study (see :func:`mc2sim.results.write_results`)."""
-    manifest = manifest_of(
-        result.scenario, topology=result.topology.name, world=result.world, source="simulated",
-        scenario_path=scenario_path, argv=argv, overrides=overrides,
-    )  # fmt: skip
-    return results.write_results(
-        directory, timeline=result.timeline, baseline=result.baseline, manifest=manifest,
-        ranks=result.ranks,
-    )  # fmt: skip
+    files = encode_study(result, scenario_path=scenario_path, argv=argv, overrides=overrides)
+    return results.write_encoded(directory, files)
