@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -839,6 +840,21 @@ def _version_of(package: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _git_state_once() -> tuple[str | None, bool | None]:
+    """:func:`git_state` of this checkout, asked once per process (three git commands)."""
+    return git_state()
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str | None], ...]:
+    """The installed version of each of :data:`PACKAGES`, looked up once per process.
+
+    A sweep collects a manifest per point.
+    """
+    return tuple((p, _version_of(p)) for p in PACKAGES)
+
+
 def _mpi_library() -> str | None:
     """The MPI library's first version line, if ``mpi4py.MPI`` is loaded (never loads it)."""
     module = sys.modules.get("mpi4py.MPI")
@@ -971,7 +987,7 @@ def collect_manifest(
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as exc:
             raise ParamInvalidError("scenario_path", str(path), f"cannot be read ({exc})") from None
-    revision, dirty = git_state()
+    revision, dirty = _git_state_once()
     return Manifest(
         argv=tuple(sys.argv if argv is None else argv),
         overrides=tuple(overrides),
@@ -992,7 +1008,7 @@ def collect_manifest(
         source=Source(source),
         hosts=tuple(hosts) if hosts is not None else (socket.gethostname(),),
         seeds=dict(seeds),
-        versions={p: _version_of(p) for p in PACKAGES},
+        versions=dict(_versions()),
         mpi_library=_mpi_library(),
         python=platform.python_version(),
         created=datetime.now().astimezone().isoformat(timespec="seconds"),

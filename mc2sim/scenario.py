@@ -18,6 +18,8 @@ expert-parallel limits, quantisation only with MatmulAllReduce) is checked when 
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -633,6 +635,25 @@ class _Reader:
 
 
 def _read_yaml(file: str) -> object:
+    """Return a fresh copy of the parsed YAML of ``file``; errors name the file.
+
+    The file is parsed once while it is unchanged: a sweep reads its scenario once per point.
+    """
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return _parse_yaml(file)
+    return copy.deepcopy(_parsed(file, stat.st_mtime_ns, stat.st_size, stat.st_ino))
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(file: str, mtime_ns: int, size: int, inode: int) -> object:
+    """The parsed YAML of ``file`` as it was at ``mtime_ns``, ``size`` and ``inode``."""
+    del mtime_ns, size, inode  # the cache key: a changed file is parsed again
+    return _parse_yaml(file)
+
+
+def _parse_yaml(file: str) -> object:
     """Return the parsed YAML of ``file``, naming the file in every error."""
     try:
         text = Path(file).read_text(encoding="utf-8")
