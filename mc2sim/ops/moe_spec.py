@@ -8,6 +8,7 @@ for a shared expert, ``h2`` and ``n2``. Tokens pick experts by the scenario's ro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
@@ -15,7 +16,14 @@ from mc2sim import limits
 from mc2sim.limits import Policy
 from mc2sim.ops.spec import OpName, OpSpec, RealCase, torch_dtype
 from mc2sim.ops.tp_spec import uniform
-from mc2sim.routing import Direction, RoutingTable, SparseRouting, route
+from mc2sim.routing import (
+    Direction,
+    RoutingConfig,
+    RoutingKind,
+    RoutingTable,
+    SparseRouting,
+    route,
+)
 from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
 from mc2sim.schedule.plan import Plan, SparseCounts
 
@@ -46,13 +54,24 @@ def routing_of(scenario: Scenario, world: int) -> RoutingTable | SparseRouting:
         The routing; ``send_counts(rank, direction)`` and ``recv_counts`` give each rank's.
     """
     shape = scenario.effective_shape()
-    sizes = {
-        "world_size": world,
-        "experts_per_rank": shape["experts_per_rank"],
-        "tokens_per_rank": shape["tokens"],
-        "top_k": shape["top_k"],
-    }
-    return route(scenario.routing, **sizes, sparse=world > DENSE_ROUTING_LIMIT)
+    draw = _routing.__wrapped__ if scenario.routing.kind is RoutingKind.MATRIX else _routing
+    return draw(  # a matrix file is read anew each time: it may have changed
+        scenario.routing, world, shape["experts_per_rank"], shape["tokens"], shape["top_k"]
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _routing(
+    config: RoutingConfig, world: int, experts: int, tokens: int, top_k: int
+) -> RoutingTable | SparseRouting:
+    """:func:`routing_of`, drawn once per config and sizes.
+
+    A study plans every tiling from the same draw; the tables are never changed once made.
+    """
+    return route(
+        config, world_size=world, experts_per_rank=experts, tokens_per_rank=tokens,
+        top_k=top_k, sparse=world > DENSE_ROUTING_LIMIT,
+    )  # fmt: skip
 
 
 class _MoeSpec(OpSpec):
