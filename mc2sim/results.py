@@ -841,12 +841,6 @@ def _version_of(package: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _git_state_once() -> tuple[str | None, bool | None]:
-    """:func:`git_state` of this checkout, asked once per process (three git commands)."""
-    return git_state()
-
-
-@functools.lru_cache(maxsize=1)
 def _versions() -> tuple[tuple[str, str | None], ...]:
     """The installed version of each of :data:`PACKAGES`, looked up once per process.
 
@@ -987,7 +981,7 @@ def collect_manifest(
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as exc:
             raise ParamInvalidError("scenario_path", str(path), f"cannot be read ({exc})") from None
-    revision, dirty = _git_state_once()
+    revision, dirty = git_state()
     return Manifest(
         argv=tuple(sys.argv if argv is None else argv),
         overrides=tuple(overrides),
