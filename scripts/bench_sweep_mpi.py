@@ -35,7 +35,7 @@ TARGET = 0.6
 
 
 def sweep_argv(points: int) -> list[str]:
-    """A grid of ``points`` points of the MoE seed scenario on 16 ranks: skews x token counts."""
+    """A grid of ``points`` points of the MoE seed scenario on 32 ranks: skews x token counts."""
     tokens = [8, 16, 24, 32, 40, 48, 56, 64, 72, 80]
     skews = max(1, points // len(tokens))
     if skews * len(tokens) != points:
@@ -45,7 +45,7 @@ def sweep_argv(points: int) -> list[str]:
     return [
         "sweep", "seed_gmm_alltoallv_ep4", "--set", "scale=small",
         "--set", f"routing.skew={skew_values}", "--set", f"small.tokens={token_values}",
-        "--set", "shape.tokens=80", "--ranks", "16", "--no-plots",
+        "--set", "shape.tokens=80", "--ranks", "32", "--no-plots",
     ]  # fmt: skip
 
 
