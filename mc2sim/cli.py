@@ -370,8 +370,8 @@ def _warn_lifted(lifted: Sequence[Any], command: str) -> None:
     """Print each hardware limit a what-if study lifts, once, as a warning line on stderr."""
     seen: set[str] = set()
     for item in lifted:
-        if item.rule not in seen:
-            seen.add(item.rule)
+        if item.limit not in seen:
+            seen.add(item.limit)
             print(f"mc2sim {command}: warning: {item.warning()}", file=sys.stderr)
 
 

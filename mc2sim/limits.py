@@ -109,6 +109,8 @@ class LimitProfile(StrEnum):
 class Lifted:
     """A hardware limit a what-if study went past."""
 
+    limit: str
+    """The limit's name in :data:`TABLE` (one warning per limit)."""
     rule: str
     """The limit's rule in words (as strict would have raised it)."""
     param: str
@@ -134,10 +136,10 @@ class Policy:
         """Whether a limit of ``kind`` is lifted under this profile."""
         return kind is LimitKind.HARDWARE and self.profile is LimitProfile.WHAT_IF
 
-    def note(self, rule: str, param: str, value: object) -> None:
-        """Record a lifted limit (a rule already noted is not noted again)."""
-        if all(seen.rule != rule for seen in self.lifted):
-            self.lifted.append(Lifted(rule=rule, param=param, value=value))
+    def note(self, limit: str, rule: str, param: str, value: object) -> None:
+        """Record a lifted limit (a limit already noted is not noted again)."""
+        if all(seen.limit != limit for seen in self.lifted):
+            self.lifted.append(Lifted(limit=limit, rule=rule, param=param, value=value))
 
 
 def integer(param: str, value: object) -> int:
@@ -204,7 +206,7 @@ class Range:
                 raise ParamInvalidError(param, value, self.rule)
             if number < 1:
                 raise ParamInvalidError(param, value, POSITIVE.rule)
-            policy.note(self.rule, param, value)
+            policy.note(self.name, self.rule, param, value)
         return number
 
 
@@ -262,7 +264,7 @@ def enforce(
         return
     text = detail or limit.rule
     if policy is not None and policy.lifts(limit.kind):
-        policy.note(text, param, value)
+        policy.note(limit.name, text, param, value)
         return
     raise ParamInvalidError(param, value, text)
 
