@@ -23,7 +23,7 @@ import runpy
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -314,10 +314,14 @@ def _progress_bar(total: int, desc: str, unit: str, *, show: bool) -> Any:
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not show)
 
 
-def _load_scenario(name: str, overrides: Sequence[str]) -> Scenario:
-    """A shipped scenario by name, or a scenario file, with ``--set`` overrides."""
+def _load_scenario(name: str, overrides: Sequence[str], what_if: bool = False) -> Scenario:
+    """A shipped scenario by name, or a scenario file, with ``--set`` overrides.
+
+    ``what_if`` (``--what-if``) sets ``limits=what-if``: hardware limits lifted.
+    """
     from mc2sim.scenario import builtin, list_builtin, load
 
+    overrides = _with_profile(overrides, what_if)
     if name in list_builtin() and not Path(name).exists():
         return builtin(name, overrides)
     if not Path(name).exists():
@@ -361,6 +365,20 @@ def _sized_topology(
         raise ParamInvalidError(world_param, err.value, err.rule) from None
 
 
+def _with_profile(overrides: Sequence[str], what_if: bool) -> list[str]:
+    """The overrides a study ran with, ``limits=what-if`` added by ``--what-if`` (manifest)."""
+    return [*overrides, "limits=what-if"] if what_if else list(overrides)
+
+
+def _warn_lifted(lifted: Sequence[Any], command: str) -> None:
+    """Print each hardware limit a what-if study lifts, once, as a warning line on stderr."""
+    seen: set[str] = set()
+    for item in lifted:
+        if item.limit not in seen:
+            seen.add(item.limit)
+            print(f"mc2sim {command}: warning: {item.warning()}", file=sys.stderr)
+
+
 def _check_out(out: Path, overwrite: bool) -> Path:
     """``--out`` of a results (or sweep) folder: a fresh one, or old results with --overwrite."""
     from mc2sim.results import check_folder
@@ -390,9 +408,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from mc2sim.study.simulate import simulate_study, write_results
 
     with _checking():
-        scenario = _load_scenario(args.scenario, args.set)
+        scenario = _load_scenario(args.scenario, args.set, args.what_if)
         world = scenario.world_size(args.ranks, "--ranks")
         world_param = "ranks" if args.ranks is None else "--ranks"
+        lifted = scenario.lifted(args.ranks, "--ranks")
         topology = _sized_topology(scenario, args.topology, world, world_param)
         measured = _measured_totals(Path(args.measured)) if args.measured else {}
         default = f"results/{scenario.name}-{_stamp()}-sim"
@@ -400,13 +419,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if args.measured and out.resolve() == Path(args.measured).resolve():
             raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
+    _warn_lifted(lifted, "simulate")
     with _checking():  # the model is pure: what it refuses is in the input
         result = simulate_study(scenario, topology, world)
     if args.overwrite:
         clear_folder(out)
     write_results(
         result, out, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-        overrides=args.set,
+        overrides=_with_profile(args.set, args.what_if),
     )  # fmt: skip
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
     print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
@@ -452,6 +472,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _checking(comm):  # every rank reads the same file: an error is the same everywhere
         device = rank_device(args.device)
         scenario = _load_scenario(args.scenario, args.set)
+        _require_strict(scenario, "run")
         scenario.world_size(comm.size)
         out = Path(args.out or f"results/{scenario.name}-{stamp}")
         if lead:  # rank 0 alone writes the folder
@@ -463,6 +484,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         comm, scenario, out, plots=args.plots, scenario_path=_scenario_file(args.scenario),
         argv=args.argv, overrides=args.set, device=device,
     )  # fmt: skip
+
+
+def _require_strict(scenario: Scenario, what: str) -> None:
+    """Real runs call the operators, which keep every limit: refuse a what-if scenario."""
+    from mc2sim.limits import LimitProfile
+
+    if scenario.limits is not LimitProfile.STRICT:
+        raise ParamInvalidError(
+            "limits", scenario.limits.value,
+            f"{what} executes the real operators, which keep every limit: must be 'strict' "
+            "(what-if is for simulate and sweep)",
+        )  # fmt: skip
 
 
 def _measure_into(
@@ -635,9 +668,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                     flag, args.ranks if args.ranks is not None else args.topology,
                     "is for simulated sweeps: --real runs on the ranks of mpiexec",
                 )  # fmt: skip
+            if args.what_if:
+                raise ParamInvalidError(
+                    "--what-if", True, "is for simulated sweeps: --real runs the real operators"
+                )
             names = _point_folders(points)
             scenarios = [_load_scenario(args.scenario, point) for _, point in points]
             for scenario in scenarios:
+                _require_strict(scenario, "sweep --real")
                 scenario.world_size(comm.size)
             out = Path(args.out or default + stamp)
             if lead:
@@ -672,45 +710,99 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _simulate_sweep(
     args: argparse.Namespace, points: Sequence[tuple[str, list[str]]], default: str
 ) -> int:
-    """``sweep`` without ``--real``: every point simulated, a results folder each."""
+    """``sweep`` without ``--real``: every point simulated, a results folder each.
+
+    Under ``mpiexec -n N`` the points are dealt out (point ``i`` to rank ``i mod N``) in
+    batches of ``N x`` :data:`_SWEEP_BATCH`; each rank simulates and encodes its points of a
+    batch, rank 0 gathers them and alone writes the folders, in grid order: the folder is the
+    serial sweep's (:func:`mc2sim.results.comparable_files`). A point the model refuses
+    ends the sweep on every rank with the first such point's error (exit status 2).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    from mc2sim.results import clear_folder, write_sweep
-    from mc2sim.study.simulate import simulate_study, write_results
+    from mc2sim.results import clear_folder, write_encoded, write_sweep
+    from mc2sim.study.simulate import encode_study, simulate_study
 
-    with _checking():
+    comm = None
+    if world_position()[1] > 1:
+        from mc2sim.comm import init
+
+        comm = init("mpi")
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    lead = rank == 0
+    with _checking(comm):  # every rank reads the same inputs: an error is the same everywhere
         names = _point_folders(points)
-        scenarios = [_load_scenario(args.scenario, point) for _, point in points]
+        scenarios = [_load_scenario(args.scenario, point, args.what_if) for _, point in points]
         worlds = [sc.world_size(args.ranks, "--ranks") for sc in scenarios]
+        lifted = [item for sc in scenarios for item in sc.lifted(args.ranks, "--ranks")]
         topologies = [
             _sized_topology(sc, args.topology, world, "ranks" if args.ranks is None else "--ranks")
             for sc, world in zip(scenarios, worlds, strict=True)
         ]
-        out = _check_out(Path(args.out or default), args.overwrite)
-        _check_plots(args.plots)
-    if args.overwrite:
-        clear_folder(out)
-    print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
+        out = Path(args.out or default)
+        if lead:
+            out = _check_out(out, args.overwrite)
+            _check_plots(args.plots)
+    if lead:
+        _warn_lifted(lifted, "sweep")
+        if args.overwrite:
+            clear_folder(out)
+        print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
     grid = list(zip(points, names, scenarios, topologies, worlds, strict=True))
-    for (label, point), name, scenario, topology, world in tqdm(
-        grid, desc="sweep", file=sys.stderr
-    ):
-        with _checking():  # the model is pure: what it refuses is in the input
-            result = simulate_study(scenario, topology, world)
-        write_results(
-            result, out / name, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-            overrides=point,
-        )  # fmt: skip
-        for tiling, m in result.metrics().items():
-            speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
-            print(
-                f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
-            )
-    if args.plots:
-        _write_plots([out / name for name in names], out)
-    write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
-    print(f"results: {out}")
+    # rank 0 writes the folders in a thread of its own, while it simulates its next points
+    writer = ThreadPoolExecutor(max_workers=1)
+    written = []
+    with writer, tqdm(total=len(grid), desc="sweep", file=sys.stderr, disable=not lead) as bar:
+        for first in range(0, len(grid), size * _SWEEP_BATCH):
+            mine: list[tuple[int, Any, Any]] = []
+            for i in range(first + rank, min(first + size * _SWEEP_BATCH, len(grid)), size):
+                (label, point), name, scenario, topology, world = grid[i]
+                try:  # the model is pure: what it refuses is in the input
+                    result = simulate_study(scenario, topology, world)
+                except AclnnError as err:
+                    mine.append((i, None, err))
+                    break
+                files = encode_study(
+                    result, scenario_path=_scenario_file(args.scenario), argv=args.argv,
+                    overrides=_with_profile(point, args.what_if),
+                )  # fmt: skip
+                mine.append((i, files, _sweep_rows(label, result.metrics())))
+            done = comm.allgather_object(mine) if comm is not None else [mine]
+            batch = sorted((item for items in done for item in items), key=lambda item: item[0])
+            refused = [item[2] for item in batch if item[1] is None]
+            if refused:  # every rank raises the first point's error, so none is left waiting
+                raise InputError(refused[0])
+            if lead:
+                for i, files, rows in batch:
+                    written.append(writer.submit(write_encoded, out / names[i], files))
+                    print("\n".join(rows))
+                    bar.update(1)
+        for write in written:
+            write.result()  # a write that failed raises here
+    if lead:
+        if args.plots:
+            _write_plots([out / name for name in names], out)
+        write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
+        print(f"results: {out}")
     return 0
+
+
+_SWEEP_BATCH = 8
+"""Points each rank of a sweep under mpiexec simulates between two gatherings at rank 0:
+fewer collectives and waits, at the memory of ``ranks x 8`` points' files on rank 0."""
+
+
+def _sweep_rows(label: str, metrics: Mapping[str, Any]) -> list[str]:
+    """A sweep point's lines of the printed table: one per tiling."""
+    rows = []
+    for tiling, m in metrics.items():
+        speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
+        rows.append(
+            f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
+        )
+    return rows
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -800,6 +892,10 @@ _TIMEOUT_HELP = (
     f"seconds a collective may wait before the job ends with exit status 3 (sets {TIMEOUT_ENV}; "
     f"default: ${TIMEOUT_ENV}, else 300)"
 )
+_WHAT_IF_HELP = (
+    "lift today's hardware limits (e * world <= 256, aclnn size ranges; each lifted one is "
+    "reported once); the operators' semantic limits still apply (sets limits=what-if)"
+)
 _OVERWRITE_HELP = "replace the results of an earlier run in --out (else --out must be new or empty)"
 
 
@@ -887,6 +983,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
+    sim.add_argument("--what-if", action="store_true", help=_WHAT_IF_HELP)
     _add_out(sim, "results folder, new or empty (default results/<scenario>-<time>-sim)")
     sim.add_argument(
         "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
@@ -906,6 +1003,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--topology", help="topology name or file (default: the scenario's)")
     sweep.add_argument("--ranks", type=int, help="world size to simulate (default: the scenario's)")
     sweep.add_argument("--real", action="store_true", help="run each point for real (mpiexec)")
+    sweep.add_argument("--what-if", action="store_true", help=_WHAT_IF_HELP)
     _add_out(sweep, "folder of the points' folders (default results/<scenario>-sweep-<time>)")
     sweep.add_argument(
         "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"

@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mc2sim._atomic import write_atomic
 from mc2sim.errors import ParamInvalidError
@@ -255,6 +255,42 @@ def _folder_table(folder: ResultsFolder) -> list[str]:
     return lines + implementation_rows(folder)
 
 
+STRAGGLER_ROWS = 8
+"""Ranks the straggler table shows per tiling besides the stragglers themselves: those whose
+exposed communication the stragglers raised most."""
+
+
+def _straggler_table(folder: ResultsFolder) -> list[str]:
+    """Per tiling: the stragglers, then the ranks they delayed most (``ranks.csv``)."""
+    lines = [
+        f"# stragglers of {folder.manifest.scenario} ({folder.path}): exposed comm with and "
+        "without them, waits at collectives for the last rank to arrive",
+        f"{'tiling':<26}{'rank':>6}{'compute':>9}{'link':>6}{'late us':>9}{'exposed ms':>12}"
+        f"{'nominal ms':>12}{'added ms':>10}{'wait ms':>10}{'waited for':>11}{'last at':>8}",
+    ]
+    by_tiling: dict[str, list[Any]] = {}
+    for row in folder.ranks:
+        by_tiling.setdefault(row.tiling, []).append(row)
+    for tiling, rows in by_tiling.items():
+        odd = [r for r in rows if (r.compute, r.link, r.late_us) != (1.0, 1.0, 0.0)]
+        others = sorted(
+            (r for r in rows if r not in odd), key=lambda r: (-r.added_exposed_s, r.rank)
+        )[:STRAGGLER_ROWS]
+        for r in [*odd, *others]:
+            lines.append(
+                f"{tiling:<26}{r.rank:>6}{r.compute:>9.3g}{r.link:>6.3g}{r.late_us:>9.3g}"
+                f"{r.exposed_comm_s * 1e3:>12.3f}{r.nominal_exposed_comm_s * 1e3:>12.3f}"
+                f"{r.added_exposed_s * 1e3:>10.3f}{r.wait_s * 1e3:>10.3f}"
+                f"{r.waited_for if r.waited_for >= 0 else '-':>11}{r.last:>8}"
+            )
+        rest = len(rows) - len(odd) - len(others)
+        if rest > 0:
+            mean = sum(r.added_exposed_s for r in rows if r not in odd) / (len(rows) - len(odd))
+            lines.append(f"{tiling:<26}  ... {rest} more ranks; mean added over the nominal "
+                         f"ranks {mean * 1e3:.3f} ms")  # fmt: skip
+    return lines
+
+
 def _comparison_table(pair: Comparison) -> list[str]:
     measured = pair.measured.manifest
     lines = [
@@ -299,8 +335,10 @@ def format_tables(folders: Sequence[ResultsFolder]) -> str:
     """Return the text tables of ``folders``.
 
     One table per folder (a row per tiling: total, compute, comm and exposed ms, overlap %,
-    speedup, golden verdict), then one predicted vs measured table per pair found by
-    :func:`compare` (measured ms, simulated ms, error ``max/min - 1``, geomean error).
+    speedup, golden verdict), a straggler table per folder of a study with stragglers (the
+    stragglers, and the ranks whose exposed communication they raised most), then one
+    predicted vs measured table per pair found by :func:`compare` (measured ms, simulated
+    ms, error ``max/min - 1``, geomean error).
 
     Args:
         folders: loaded results folders.
@@ -310,6 +348,7 @@ def format_tables(folders: Sequence[ResultsFolder]) -> str:
 
     """
     blocks = [_folder_table(f) for f in folders]
+    blocks += [_straggler_table(f) for f in folders if f.ranks]
     blocks += [_comparison_table(p) for p in compare(folders)]
     return "\n\n".join("\n".join(block) for block in blocks) + "\n"
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -78,8 +79,12 @@ __all__ = [
     "PREDICTED_VS_MEASURED_PNG",
     "SPEEDUP_PNG",
     "SUMMARY_FILE",
+    "RANKS_FILE",
+    "RANK_COLUMNS",
+    "RankRow",
     "TASKS_FILE",
     "TRACE_FILE",
+    "VOLATILE_MANIFEST_FIELDS",
     "GoldenVerdict",
     "ImplementationRecord",
     "Manifest",
@@ -90,10 +95,13 @@ __all__ = [
     "chrome_trace",
     "clear_folder",
     "collect_manifest",
+    "comparable_files",
+    "encode_results",
     "gantt_png",
     "git_state",
     "read_results",
     "read_sweep",
+    "write_encoded",
     "write_results",
     "write_sweep",
 ]
@@ -116,6 +124,10 @@ TASKS_FILE = "tasks.csv"
 
 TRACE_FILE = "trace.json"
 """The tasks as a Chrome trace (JSON Object Format)."""
+
+RANKS_FILE = "ranks.csv"
+"""Per rank and tiling, a simulated study's stragglers and who waited for whom (only
+written for a study with stragglers)."""
 
 SPEEDUP_PNG = "speedup.png"
 """Plot: speedup against tile count, a line per folder."""
@@ -175,7 +187,7 @@ _OWN_NAME = re.compile(
 _TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{16}\.tmp")
 """A temporary file of an atomic write (``mc2sim._atomic``) of one of those files."""
 
-_OPTIONAL_FILES = (TASKS_FILE, TRACE_FILE)
+_OPTIONAL_FILES = (TASKS_FILE, TRACE_FILE, RANKS_FILE)
 """Files a complete folder may lack (deleted to save space); the rest must be there."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -564,6 +576,98 @@ class ImplementationRecord:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RankRow:
+    """One rank of one tiling of a study with stragglers: its slowdowns and its waits.
+
+    Exposed communication is the rank's ``total - compute`` (:class:`RankMetrics`); the
+    nominal figures come from the same study simulated without its stragglers.
+    """
+
+    tiling: str
+    """The tiling, in words."""
+    rank: int
+    """The rank."""
+    compute: float
+    """Its compute slowdown factor (1: nominal)."""
+    link: float
+    """The fraction of bandwidth its links carry (1: nominal)."""
+    late_us: float
+    """Microseconds it started after the others."""
+    total_s: float
+    """Its time from its first task's start to its last task's end."""
+    exposed_comm_s: float
+    """Its exposed communication."""
+    nominal_exposed_comm_s: float
+    """Its exposed communication without the stragglers."""
+    added_exposed_s: float
+    """``exposed_comm_s - nominal_exposed_comm_s``: what the stragglers added."""
+    wait_s: float
+    """Seconds it waited at collectives for the last rank to arrive."""
+    nominal_wait_s: float
+    """The same without the stragglers."""
+    waited_for: int
+    """The last rank to arrive at the collective where it waited longest (-1: never)."""
+    last: int
+    """Collectives at which it arrived last while another rank waited for it."""
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "waited_for", "last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParamInvalidError(name, value, "must be an integer")
+        for name in RANK_COLUMNS[2:]:
+            value = getattr(self, name)
+            if name not in ("waited_for", "last") and not (
+                isinstance(value, float) and math.isfinite(value)
+            ):
+                raise ParamInvalidError(name, value, "must be a finite float")
+
+
+RANK_COLUMNS = (
+    "tiling", "rank", "compute", "link", "late_us", "total_s", "exposed_comm_s",
+    "nominal_exposed_comm_s", "added_exposed_s", "wait_s", "nominal_wait_s", "waited_for",
+    "last",
+)  # fmt: skip
+"""The columns of :data:`RANKS_FILE`, in order (:class:`RankRow`'s fields)."""
+
+
+def _ranks_csv(rows: Sequence[RankRow]) -> str:
+    """One CSV row per :class:`RankRow`; floats with ``repr`` (exact)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(RANK_COLUMNS)
+    for row in rows:
+        writer.writerow(
+            [
+                repr(v) if isinstance(v, float) else v
+                for v in (getattr(row, c) for c in RANK_COLUMNS)
+            ]
+        )
+    return buf.getvalue()
+
+
+def _read_ranks(path: Path, folder: Path) -> tuple[RankRow, ...]:
+    """Read :data:`RANKS_FILE` back into typed rows."""
+    rows = []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != RANK_COLUMNS:
+                raise _broken(folder, f"{RANKS_FILE} has the columns {reader.fieldnames}")
+            for item in reader:
+                kwargs: dict[str, Any] = {"tiling": item["tiling"]}
+                for name in RANK_COLUMNS[1:]:
+                    text = item[name]
+                    kwargs[name] = (
+                        int(text) if name in ("rank", "waited_for", "last") else float(text)
+                    )
+                rows.append(RankRow(**kwargs))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, ParamInvalidError) as exc:
+        raise _broken(folder, f"{RANKS_FILE} is broken near row {len(rows) + 1}: {exc}") from None
+    return tuple(rows)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ManifestRouting:
     """How MoE tokens were routed (the TP ops keep the scenario's default routing)."""
 
@@ -845,6 +949,15 @@ def _version_of(package: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str | None], ...]:
+    """The installed version of each of :data:`PACKAGES`, looked up once per process.
+
+    A sweep collects a manifest per point.
+    """
+    return tuple((p, _version_of(p)) for p in PACKAGES)
+
+
 def _mpi_library() -> str | None:
     """The MPI library's first version line, if ``mpi4py.MPI`` is loaded (never loads it)."""
     module = sys.modules.get("mpi4py.MPI")
@@ -1002,7 +1115,7 @@ def collect_manifest(
         source=Source(source),
         hosts=tuple(hosts) if hosts is not None else (socket.gethostname(),),
         seeds=dict(seeds),
-        versions={p: _version_of(p) for p in PACKAGES},
+        versions=dict(_versions()),
         mpi_library=_mpi_library(),
         python=platform.python_version(),
         created=datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -1388,6 +1501,7 @@ def write_results(
     verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
     implementations: Mapping[str, ImplementationRecord] | None = None,
     overwrite: bool = False,
+    ranks: Sequence[RankRow] = (),
 ) -> dict[str, Path]:
     """Write a results folder: tasks, trace, summary, manifest, then ``complete.json``.
 
@@ -1408,10 +1522,12 @@ def write_results(
         implementations: label -> a user's implementation checked beside the tilings
             (``mc2sim check``); a timed one's run is the timeline's run of that label.
         overwrite: clear a folder of earlier results first (see :func:`check_folder`).
+        ranks: a study with stragglers: every rank's row of every tiling (``ranks.csv``,
+            written only when given).
 
     Returns:
-        ``{"manifest": ..., "summary": ..., "tasks": ..., "trace": ..., "complete": ...}``:
-        the paths written.
+        ``{"manifest": ..., "summary": ..., "tasks": ..., "trace": ..., "complete": ...}``
+        (and ``"ranks"``): the paths written.
 
     Raises:
         ParamInvalidError: an empty timeline, two runs of one tiling, a baseline that is not
@@ -1420,6 +1536,36 @@ def write_results(
             or out of rank order, or a folder that is not fresh (:func:`check_folder`).
             Nothing is written then.
 
+    """
+    return write_encoded(
+        folder,
+        encode_results(
+            timeline=timeline, baseline=baseline, manifest=manifest, verdicts=verdicts,
+            implementations=implementations, ranks=ranks,
+        ),
+        overwrite=overwrite,
+    )  # fmt: skip
+
+
+def encode_results(
+    *,
+    timeline: Timeline,
+    baseline: RunKey,
+    manifest: Manifest,
+    verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
+    implementations: Mapping[str, ImplementationRecord] | None = None,
+    ranks: Sequence[RankRow] = (),
+) -> dict[str, bytes]:
+    """The files of a results folder, as bytes, without writing them (:func:`write_results`).
+
+    A sweep spread over MPI ranks encodes each point on the rank that simulated it and has
+    rank 0 write the bytes (:func:`write_encoded`), so its folder is the serial sweep's.
+
+    Returns:
+        File name -> its bytes, ``complete.json`` (listing the others' digests) last.
+
+    Raises:
+        ParamInvalidError: as :func:`write_results`.
     """
     if not isinstance(manifest, Manifest):
         raise ParamInvalidError("manifest", manifest, "must be a Manifest")
@@ -1476,20 +1622,90 @@ def write_results(
         SUMMARY_FILE: _json_text(summary).encode("utf-8"),
         MANIFEST_FILE: _json_text(manifest.to_json()).encode("utf-8"),
     }
+    if ranks:
+        bad = [r for r in ranks if r.tiling not in tilings or not 0 <= r.rank < manifest.world_size]
+        if bad:
+            raise ParamInvalidError(
+                "ranks", f"{bad[0].tiling} rank {bad[0].rank}",
+                f"must be a tiling of the runs and a rank below {manifest.world_size}",
+            )  # fmt: skip
+        files[RANKS_FILE] = _ranks_csv(ranks).encode("utf-8")
     marker = {
         "format": FORMAT,
         "kind": "results",
         "files": {name: _digest(data) for name, data in files.items()},
     }
-    out = check_folder(folder, overwrite=overwrite)
+    files[COMPLETE_FILE] = _json_text(marker).encode("utf-8")
+    return files
+
+
+def write_encoded(
+    folder: str | os.PathLike[str], files: Mapping[str, bytes], *, overwrite: bool = False
+) -> dict[str, Path]:
+    """Write the files :func:`encode_results` made into ``folder``, ``complete.json`` last.
+
+    Args:
+        folder: missing, empty, or (``overwrite``) a folder of earlier results.
+        files: file name -> bytes, as :func:`encode_results` returns them.
+        overwrite: clear a folder of earlier results first.
+
+    Returns:
+        The paths written, by file stem (``"manifest"``, ..., ``"complete"``).
+
+    Raises:
+        ParamInvalidError: the folder is not fresh (:func:`check_folder`), or ``files``
+            lacks ``complete.json``.
+    """
+    if COMPLETE_FILE not in files:
+        raise ParamInvalidError("files", sorted(files), f"must hold {COMPLETE_FILE}")
+    out = check_folder(Path(folder), overwrite=overwrite)
     if overwrite:
         clear_folder(out)
     paths = {
         name.split(".")[0]: write_atomic(out / name, data, parents=True)
         for name, data in files.items()
+        if name != COMPLETE_FILE
     }
-    paths["complete"] = write_atomic(out / COMPLETE_FILE, _json_text(marker))
+    paths["complete"] = write_atomic(out / COMPLETE_FILE, files[COMPLETE_FILE])
     return paths
+
+
+VOLATILE_MANIFEST_FIELDS = ("created", "mpi_library")
+"""The manifest's fields that say when and in which kind of process a folder was written,
+not what was studied: the time it was collected, and the MPI library (loaded under mpiexec,
+absent in a lone process). Two runs of the same study differ in these alone, and in the
+manifest's digest in ``complete.json`` that follows from them (:func:`comparable_files`)."""
+
+
+def comparable_files(folder: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file of a results or sweep folder, with what differs between runs left out.
+
+    A ``manifest.json`` loses :data:`VOLATILE_MANIFEST_FIELDS`; a results folder's
+    ``complete.json`` loses the manifest's digest. Two runs of the same study (a sweep
+    serial and spread over MPI ranks) give equal dictionaries.
+
+    Args:
+        folder: a folder :func:`write_results` or a sweep wrote.
+
+    Returns:
+        Path relative to ``folder`` (``/``-separated) -> the file's bytes, so adjusted.
+    """
+    root = Path(folder)
+    found: dict[str, bytes] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == MANIFEST_FILE:
+            manifest = json.loads(data)
+            for key in VOLATILE_MANIFEST_FIELDS:
+                manifest.pop(key, None)
+            data = _json_text(manifest).encode("utf-8")
+        elif path.name == COMPLETE_FILE:
+            marker = json.loads(data)
+            if isinstance(marker.get("files"), dict):
+                marker["files"].pop(MANIFEST_FILE, None)
+            data = _json_text(marker).encode("utf-8")
+        found[path.relative_to(root).as_posix()] = data
+    return found
 
 
 def write_sweep(folder: str | os.PathLike[str], points: Mapping[str, str]) -> Path:
@@ -1653,6 +1869,9 @@ class ResultsFolder:
     also a run of :attr:`runs`. Empty for folders of ``run`` and ``simulate`` (and for folders
     written before implementations were recorded). Stored read-only."""
 
+    ranks: tuple[RankRow, ...] = ()
+    """A study with stragglers: ``ranks.csv``'s rows (every rank of every tiling)."""
+
     def totals(self) -> dict[str, float]:
         """Return tiling in words -> its run's ``total_s``, in the order written."""
         return {tiling: m.total_s for tiling, m in self.metrics.items()}
@@ -1812,6 +2031,7 @@ def read_results(folder: Path) -> ResultsFolder:
     if marker is None:
         raise _broken(path, f"is incomplete: it has no {COMPLETE_FILE}")
     _check_files(path, marker)
+    rank_rows = _read_ranks(path / RANKS_FILE, path) if (path / RANKS_FILE).exists() else ()
     return ResultsFolder(
         path=path,
         manifest=manifest,
@@ -1821,4 +2041,5 @@ def read_results(folder: Path) -> ResultsFolder:
         verdicts=MappingProxyType(golden),
         timeline=timeline,
         implementations=MappingProxyType(implementations),
+        ranks=rank_rows,
     )

@@ -18,6 +18,8 @@ expert-parallel limits, quantisation only with MatmulAllReduce) is checked when 
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +35,8 @@ from mc2sim._compat import StrEnum
 from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
+from mc2sim.limits import WORLD, Lifted, LimitProfile, Policy
+from mc2sim.model.heterogeneity import STRAGGLER_KEYS, Straggler, check_stragglers
 from mc2sim.ops.registry import SPECS, spec_of
 from mc2sim.ops.spec import DTYPES, OpName, OpSpec, QuantMode
 from mc2sim.routing import RoutingConfig, RoutingKind, check_matrix
@@ -68,7 +72,7 @@ class Scale(StrEnum):
     SMALL = "small"
 
 
-MAX_WORLD = 65_536
+MAX_WORLD = WORLD.high
 """The largest world size a scenario plans for (``ranks``, ``--ranks``): no machine mc2sim
 models is larger, and an op's own limits (MoE's expert count) may bound it lower."""
 
@@ -167,6 +171,16 @@ class Scenario:
     scale: Scale = Scale.FULL
     """Which shape :meth:`effective_shape` gives: ``"full"`` or ``"small"``."""
 
+    limits: LimitProfile = LimitProfile.STRICT
+    """Which limits the study keeps (:mod:`mc2sim.limits`): ``"strict"`` (every limit, the
+    default; ``run`` needs it) or ``"what-if"`` (hardware limits lifted: ``simulate`` and
+    ``sweep`` with ``--what-if``; semantic limits still apply)."""
+
+    stragglers: Mapping[int, Straggler] = field(default_factory=dict)
+    """Ranks unlike the others (simulation only): rank -> its compute slowdown, link
+    bandwidth fraction and late start (:class:`~mc2sim.model.heterogeneity.Straggler`);
+    each rank must be < the world size. Stored read-only, in rank order."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ParamInvalidError("name", self.name, "must be a non-empty string")
@@ -182,11 +196,13 @@ class Scenario:
         object.__setattr__(self, "quant", quant)
         object.__setattr__(self, "scale", _choice("scale", self.scale, Scale))
         object.__setattr__(self, "standard", _choice("standard", self.standard, Standard))
+        object.__setattr__(self, "limits", _choice("limits", self.limits, LimitProfile))
         _integer("repetitions", self.repetitions, 1)
+        policy = Policy(profile=self.limits)
 
         spec = spec_of(op)
-        shape = spec.check_shape(_shape_table("shape", self.shape), "shape")
-        spec.check_world(shape, self.ranks, "ranks")
+        shape = spec.check_shape(_shape_table("shape", self.shape), "shape", policy)
+        spec.check_world(shape, self.ranks, "ranks", policy)
         small = _shape_table("small", self.small)
         for key, value in small.items():
             if key not in shape:
@@ -197,8 +213,8 @@ class Scenario:
                 raise ParamInvalidError(
                     f"small.{key}", value, f"must be <= the full shape's {key} ({shape[key]})"
                 )
-        small_shape = spec.check_shape({**shape, **small}, "small")
-        spec.check_world(small_shape, self.ranks, "ranks")
+        small_shape = spec.check_shape({**shape, **small}, "small", policy)
+        spec.check_world(small_shape, self.ranks, "ranks", policy)
         object.__setattr__(self, "shape", MappingProxyType(shape))
         object.__setattr__(
             self, "small", MappingProxyType({k: small[k] for k in spec.keys if k in small})
@@ -222,6 +238,9 @@ class Scenario:
                 )
 
         object.__setattr__(self, "tilings", self._checked_tilings())
+        stragglers = check_stragglers("stragglers", self.stragglers)
+        object.__setattr__(self, "stragglers", MappingProxyType(stragglers))
+        self.check_stragglers(self.ranks, "ranks")
 
         if not isinstance(self.topology, str) or not self.topology.strip():
             raise ParamInvalidError("topology", self.topology, "must be a non-empty string")
@@ -324,7 +343,8 @@ class Scenario:
         world = self.ranks
         if override is not None:
             world = _integer(param, override, 1, MAX_WORLD)
-            self.spec.check_world(self.effective_shape(), world, param)
+            self.spec.check_world(self.effective_shape(), world, param, Policy(profile=self.limits))
+            self.check_stragglers(world, param)
         if self.routed and self.routing.kind is RoutingKind.MATRIX:
             experts = self.effective_shape()["experts_per_rank"]
             try:
@@ -332,6 +352,40 @@ class Scenario:
             except ParamInvalidError as err:
                 raise ParamInvalidError(f"routing.{err.param}", err.value, err.rule) from None
         return world
+
+    def check_stragglers(self, world: int, param: str) -> None:
+        """Refuse a straggler whose rank is not below ``world`` (errors name ``param``).
+
+        Raises:
+            ParamInvalidError: a straggler's rank >= ``world``.
+        """
+        for rank in self.stragglers:
+            if rank >= world:
+                raise ParamInvalidError(
+                    f"stragglers.{rank}", rank, f"must be a rank < {param} ({world})"
+                )
+
+    def lifted(self, world: int | None = None, param: str = "world_size") -> tuple[Lifted, ...]:
+        """The hardware limits this study goes past at ``world`` ranks (what-if only).
+
+        Args:
+            world: the world size (None: ``ranks``), already accepted by :meth:`world_size`.
+            param: what the world size is called (``"--ranks"`` for the command line).
+
+        Returns:
+            One :class:`~mc2sim.limits.Lifted` per limit lifted (the first place it was met),
+            in the order the checks meet them; empty under ``strict``.
+        """
+        policy = Policy(profile=self.limits)
+        if self.limits is LimitProfile.STRICT:
+            return ()
+        spec = self.spec
+        world_param = "ranks" if world is None else param
+        ranks = self.ranks if world is None else world
+        for where, shape in (("shape", dict(self.shape)), ("small", {**self.shape, **self.small})):
+            spec.check_shape(shape, where, policy)
+            spec.check_world(shape, ranks, world_param, policy)
+        return tuple(policy.lifted)
 
     def with_overrides(self, overrides: Sequence[str]) -> Scenario:
         """Return this scenario with ``--set key=value`` overrides applied (see :func:`load`).
@@ -371,17 +425,21 @@ _TOP_KEYS = (
     "repetitions",
     "small",
     "scale",
+    "limits",
+    "stragglers",
 )
 _REQUIRED = ("name", "description", "op", "ranks", "dtype", "shape", "tilings", "topology")
 _ROUTING_KEYS = ("kind", "seed", "skew", "hot_fraction", "hot_experts", "matrix_path")
 _INT_KEYS = ("ranks", "repetitions", "routing.seed", "routing.hot_experts")
 _FLOAT_KEYS = ("routing.skew", "routing.hot_fraction")
 _ALL_OVERRIDE_KEYS = (
-    *(k for k in _TOP_KEYS if k not in ("shape", "routing", "small")),
+    *(k for k in _TOP_KEYS if k not in ("shape", "routing", "small", "stragglers")),
     "shape.KEY",
     "small.KEY",
     *(f"routing.{k}" for k in _ROUTING_KEYS),
+    *(f"stragglers.RANK.{k}" for k in STRAGGLER_KEYS),
 )
+_SECTIONS = ("shape", "routing", "small", "stragglers")
 _INT_TEXT = re.compile(r"[+-]?\d[\d_]*")
 
 
@@ -419,6 +477,23 @@ def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[st
         key = key.strip()
         parts = key.split(".")
         value: Any
+        if len(parts) == 3 and parts[0] == "stragglers" and parts[2] in STRAGGLER_KEYS:
+            rank = _parse_int(key, parts[1])
+            if rank < 0:
+                raise ParamInvalidError(f"--set {key}", raw, "the rank must be an int >= 0")
+            section = data.get("stragglers") or {}
+            if not isinstance(section, dict):
+                raise ParamInvalidError(
+                    f"--set {key}", raw, "the file's stragglers is not a mapping"
+                )
+            entry = section.get(rank) or {}
+            if not isinstance(entry, dict):
+                raise ParamInvalidError(
+                    f"--set {key}", raw, f"the file's stragglers.{rank} is not a mapping"
+                )
+            data["stragglers"] = {**section, rank: {**entry, parts[2]: _parse_float(key, raw)}}
+            touched.append(key)
+            continue
         if len(parts) == 2 and parts[0] in ("shape", "small") and parts[1]:
             value = _parse_int(key, raw)
         elif len(parts) == 2 and parts[0] == "routing" and parts[1] in _ROUTING_KEYS:
@@ -428,7 +503,7 @@ def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[st
                 value = _parse_float(key, raw)
             else:
                 value = raw.strip()
-        elif len(parts) == 1 and key in _TOP_KEYS and key not in ("shape", "routing", "small"):
+        elif len(parts) == 1 and key in _TOP_KEYS and key not in _SECTIONS:
             if key in _INT_KEYS:
                 value = _parse_int(key, raw)
             elif key == "tilings":
@@ -508,7 +583,7 @@ class _Reader:
             if not isinstance(tilings, list):
                 raise self.error("tilings", tilings, "must be a list, e.g. [serial, hardware, 4]")
             kwargs["tilings"] = tuple(tilings)
-        for key in ("shape", "small"):
+        for key in ("shape", "small", "stragglers"):
             if key in top and top[key] is None:
                 kwargs[key] = {}
         topo = top.get("topology")
@@ -560,6 +635,25 @@ class _Reader:
 
 
 def _read_yaml(file: str) -> object:
+    """Return a fresh copy of the parsed YAML of ``file``; errors name the file.
+
+    The file is parsed once while it is unchanged: a sweep reads its scenario once per point.
+    """
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return _parse_yaml(file)
+    return copy.deepcopy(_parsed(file, stat.st_mtime_ns, stat.st_size, stat.st_ino))
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(file: str, mtime_ns: int, size: int, inode: int) -> object:
+    """The parsed YAML of ``file`` as it was at ``mtime_ns``, ``size`` and ``inode``."""
+    del mtime_ns, size, inode  # the cache key: a changed file is parsed again
+    return _parse_yaml(file)
+
+
+def _parse_yaml(file: str) -> object:
     """Return the parsed YAML of ``file``, naming the file in every error."""
     try:
         text = Path(file).read_text(encoding="utf-8")
@@ -641,6 +735,13 @@ def _as_data(scenario: Scenario) -> dict[str, Any]:
         small=dict(scenario.small),
         scale=scenario.scale.value,
     )
+    if scenario.limits is not LimitProfile.STRICT:
+        data["limits"] = scenario.limits.value
+    if scenario.stragglers:
+        data["stragglers"] = {
+            rank: {k: getattr(s, k) for k in STRAGGLER_KEYS}
+            for rank, s in scenario.stragglers.items()
+        }
     return data
 
 

@@ -1,269 +1,169 @@
-"""Time the cost-model simulation of GroupedMatMulAlltoAllv at thousands of ranks.
+"""Time ``mc2sim simulate --what-if --ranks W`` at thousands of ranks, through the command line.
 
-For each world size W (a multiple of 16: servers of 16 Ascend 910C dies) the builtin
-topology ``atlas_a3_superpod_384`` is resized with ``with_world(W)``; a Zipf routing
-(``route(..., sparse=True)``) gives every rank its combine-direction counts as
-``SparseCounts``; every rank's GroupedMatMulAlltoAllv plan is built with the hardware tiling
-(one GMM and one AlltoAllv per local expert); then ``simulate`` runs them all. Each stage is
-timed on its own (routing, plans, ``simulate``, ``Timeline.metrics``), with the simulated op
-time and the peak resident memory. Each W runs in a fresh process (``--in-process`` to turn
-that off), so the peak RSS is that W's own.
+For each world size W the command a user types runs in a fresh process::
 
-Targets (the issue's): ``simulate`` at 1024 ranks within 2 s, at 8192 ranks within 30 s;
-the script exits 1 if one is missed. ``--profile`` runs cProfile over ``simulate`` at the
-largest W and prints where the time goes.
+    mc2sim simulate deepseek_v3_combine_ep32 --what-if --ranks W --no-plots --out TMP
 
-    python scripts/bench_simulate.py                       # W = 64 ... 8192
-    python scripts/bench_simulate.py --ranks 1024 --profile
+timed wall-clock (Python start-up included) with its peak resident memory (the child's
+``ru_maxrss``), as ``/usr/bin/time -v`` reports them. With ``--stages`` a second fresh process
+runs the same functions the command calls (``mc2sim.cli`` -> ``Scenario.world_size`` ->
+``simulate_study``: ``routing_of``, ``plans_for`` and ``simulate_waits`` per tiling ->
+``encode_study`` -> ``write_encoded``) and times each stage, so the table says where the time
+goes. A W whose command runs past ``--timeout`` seconds is reported as such.
+
+Targets (the issue's): W = 8192 within 5 s; W = 65536 within 60 s and 8 GiB peak memory; the
+script exits 1 if one is missed.
+
+    python scripts/bench_simulate.py                            # W = 1024 8192
+    python scripts/bench_simulate.py --ranks 256 1024 --stages
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import multiprocessing
-import pstats
-import resource
+import os
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
-from mc2sim.errors import ParamInvalidError
-from mc2sim.model import simulate
-from mc2sim.routing import Direction, RoutingConfig, RoutingKind, route
-from mc2sim.schedule import Plan, Tiling, plan_gmm_alltoallv
-from mc2sim.schedule.builders import MoeShape
-from mc2sim.topology import Topology, builtin
+ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULT_RANKS = (64, 256, 1024, 2048, 4096, 8192)
-TARGETS_S = {1024: 2.0, 8192: 30.0}
-"""Seconds ``simulate`` may take at these world sizes (the issue's targets)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Case:
-    """The MoE layer every rank runs (DeepSeek-V3-like by default)."""
-
-    topology: str
-    """Builtin topology, resized to each W."""
-    experts: int
-    """Local experts per rank."""
-    tokens: int
-    """Tokens per rank (BS)."""
-    top_k: int
-    """Experts per token."""
-    h1: int
-    """Hidden size of the routed experts."""
-    n1: int
-    """Output size of the routed experts."""
-    skew: float
-    """Zipf exponent of the routing."""
-    seed: int
-    """Routing seed."""
+DEFAULT_RANKS = (1024, 8192)
+TARGETS = {8192: (5.0, None), 65536: (60.0, 8 * 1024.0)}
+"""W -> (seconds, MiB of peak memory or None) the command may take (the issue's targets)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Row:
-    """The measurements at one world size."""
+    """One W: the command's wall time and peak memory (None: it ran past the timeout)."""
 
     ranks: int
-    """World size W."""
-    servers: int
-    """Servers of the resized topology (its outermost dimension)."""
-    routing_s: float
-    """Seconds of ``route(..., sparse=True)``."""
-    plans_s: float
-    """Seconds to build every rank's plan (counts sliced from the routing included)."""
-    simulate_s: float
-    """Seconds of ``simulate``."""
-    metrics_s: float
-    """Seconds of ``Timeline.metrics`` on the result."""
-    tasks: int
-    """Tasks over all ranks."""
-    total_s: float
-    """The simulated op time (slowest rank)."""
-    peak_rss_mib: float
-    """Peak resident memory of the process, MiB."""
+    wall_s: float | None
+    peak_mib: float | None
+    stages: dict[str, float]
 
 
-def resized(case: Case, ranks: int) -> Topology:
-    """The case's topology resized to ``ranks`` (a multiple of its inner dimensions)."""
-    return builtin(case.topology).with_world(ranks)
+def command(scenario: str, ranks: int, out: Path, overrides: Sequence[str]) -> list[str]:
+    """The command line a user types, with this interpreter."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    return [
+        sys.executable, "-m", "mc2sim", "simulate", scenario, "--what-if", "--ranks", str(ranks),
+        *sets, "--no-plots", "--out", str(out),
+    ]  # fmt: skip
 
 
-def build_plans(case: Case, ranks: int) -> tuple[dict[int, Plan], float, float]:
-    """Every rank's plan; also the seconds of the routing and of the plan building."""
-    start = time.perf_counter()
-    routing = route(
-        RoutingConfig(kind=RoutingKind.ZIPF, seed=case.seed, skew=case.skew),
-        world_size=ranks,
-        experts_per_rank=case.experts,
-        tokens_per_rank=case.tokens,
-        top_k=case.top_k,
-        sparse=True,
-    )
-    routed = time.perf_counter()
-    plans = {}
-    for rank in range(ranks):
-        shape = MoeShape(
-            e=case.experts,
-            send=routing.send_counts(rank, Direction.COMBINE),
-            recv=routing.recv_counts(rank, Direction.COMBINE),
-            h1=case.h1,
-            n1=case.n1,
-            elem_bytes=2,
-            dtype="bfloat16",
-        )
-        plans[rank] = plan_gmm_alltoallv(shape=shape, tiling=Tiling(), rank=rank)
-    built = time.perf_counter()
-    return plans, routed - start, built - routed
+def run_command(
+    scenario: str, ranks: int, overrides: Sequence[str], timeout: float
+) -> tuple[float | None, float | None]:
+    """Wall seconds and peak MiB of the command in a fresh process (None, None: timed out).
 
-
-def measure(case: Case, ranks: int) -> Row:
-    """Route, plan and simulate at ``ranks``; time each stage.
-
-    Args:
-        case: the MoE layer.
-        ranks: the world size.
-
-    Returns:
-        The measurements.
+    The peak is the child's own ``ru_maxrss`` (``os.wait4``), as ``/usr/bin/time -v`` gives it.
     """
-    topology = resized(case, ranks)
-    plans, routing_s, plans_s = build_plans(case, ranks)
-    start = time.perf_counter()
-    timeline = simulate(plans, topology)
-    simulated = time.perf_counter()
-    metrics = timeline.metrics()
-    done = time.perf_counter()
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return Row(
-        ranks=ranks,
-        servers=topology.network[-1].ranks,
-        routing_s=routing_s,
-        plans_s=plans_s,
-        simulate_s=simulated - start,
-        metrics_s=done - simulated,
-        tasks=sum(len(p) for p in plans.values()),
-        total_s=metrics.total_s,
-        peak_rss_mib=rss_kib / 1024,
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "err", "w+b") as err:
+        argv = command(scenario, ranks, Path(tmp) / "out", overrides)
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        timer = threading.Timer(timeout, child.kill)
+        timer.start()
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        timer.cancel()
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if wall >= timeout:
+            return None, None
+        if child.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"W={ranks}: the command failed:\n{err.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
 
 
-def measure_isolated(case: Case, ranks: int) -> Row:
-    """:func:`measure` in a fresh process, so its peak RSS is this W's alone."""
+def stages(scenario_name: str, ranks: int, overrides: Sequence[str]) -> dict[str, float]:
+    """Seconds of each stage of the command's code path, in this (fresh) process."""
+    marks = {"start": time.perf_counter()}
+    from mc2sim.cli import _load_scenario, _sized_topology
+    from mc2sim.model.simulator import simulate_waits
+    from mc2sim.ops.moe_spec import routing_of
+    from mc2sim.results import write_encoded
+    from mc2sim.study.simulate import encode_study, plans_for, simulate_study
+
+    marks["import"] = time.perf_counter()
+    scenario = _load_scenario(scenario_name, list(overrides), True)
+    world = scenario.world_size(ranks, "--ranks")
+    topology = _sized_topology(scenario, None, world, "--ranks")
+    marks["scenario"] = time.perf_counter()
+    times = {"import": marks["import"] - marks["start"], "scenario": 0.0}
+    times["scenario"] = marks["scenario"] - marks["import"]
+    if scenario.routed:
+        t = time.perf_counter()
+        routing_of(scenario, world)
+        times["routing (once)"] = time.perf_counter() - t
+    plan_s = sim_s = 0.0
+    for tiling in scenario.tilings:  # what simulate_study does, stage by stage
+        t = time.perf_counter()
+        plans = plans_for(scenario, world, tiling)
+        plan_s += time.perf_counter() - t
+        t = time.perf_counter()
+        simulate_waits(plans, topology, scenario.stragglers)
+        sim_s += time.perf_counter() - t
+        del plans
+    times["plans"] = plan_s
+    times["simulate"] = sim_s
+    t = time.perf_counter()
+    result = simulate_study(scenario, topology, world)  # all of the above again, as the CLI
+    times["simulate_study"] = time.perf_counter() - t
+    t = time.perf_counter()
+    files = encode_study(result, argv=["bench"])
+    times["encode"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        write_encoded(Path(tmp) / "out", files)
+        times["write"] = time.perf_counter() - t
+    times["output MiB"] = sum(len(b) for b in files.values()) / 2**20
+    return times
+
+
+def _stages_isolated(scenario: str, ranks: int, overrides: Sequence[str]) -> dict[str, float]:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        row: Row = pool.apply(measure, (case, ranks))
-    return row
-
-
-def profile(case: Case, ranks: int, top: int = 20) -> str:
-    """Profile ``simulate`` at ``ranks``; the top functions by own and by cumulative time."""
-    topology = resized(case, ranks)
-    plans, _, _ = build_plans(case, ranks)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    simulate(plans, topology)
-    profiler.disable()
-    out = io.StringIO()
-    for key in ("tottime", "cumulative"):
-        out.write(f"--- simulate() at W={ranks}, top {top} by {key}\n")
-        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(top)
-    return out.getvalue()
-
-
-def table(rows: Sequence[Row]) -> str:
-    """The rows as a fixed-width table, with each W's target and the time per rank."""
-    head = (
-        f"{'W':>6} {'servers':>7} {'tasks':>7} {'routing s':>9} {'plans s':>8} "
-        f"{'simulate s':>10} {'us/rank':>7} {'metrics s':>9} {'sim total':>10} "
-        f"{'RSS MiB':>8}  target"
-    )
-    lines = [head]
-    for r in rows:
-        target = TARGETS_S.get(r.ranks)
-        verdict = (
-            ""
-            if target is None
-            else f"<= {target:g} s " + ("ok" if r.simulate_s <= target else "MISSED")
-        )
-        lines.append(
-            f"{r.ranks:>6} {r.servers:>7} {r.tasks:>7} {r.routing_s:>9.3f} {r.plans_s:>8.3f} "
-            f"{r.simulate_s:>10.3f} {1e6 * r.simulate_s / r.ranks:>7.0f} {r.metrics_s:>9.3f} "
-            f"{1e3 * r.total_s:>7.3f} ms {r.peak_rss_mib:>8.0f}  {verdict}"
-        )
-    return "\n".join(lines)
+        result: dict[str, float] = pool.apply(stages, (scenario, ranks, list(overrides)))
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the world sizes and print the table.
-
-    Args:
-        argv: command-line arguments (default ``sys.argv[1:]``).
-
-    Returns:
-        0, or 1 when ``simulate`` misses a target (or a W cannot be simulated).
-    """
+    """Time the command at each W; print the table; 1 if a target is missed."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    parser.add_argument(
-        "--ranks",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_RANKS),
-        help="world sizes, multiples of 16 (default: %(default)s)",
-    )
-    parser.add_argument("--topology", default="atlas_a3_superpod_384", help="builtin topology")
-    parser.add_argument("--experts", type=int, default=8, help="local experts per rank")
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank")
-    parser.add_argument("--top-k", type=int, default=8, help="experts per token")
-    parser.add_argument("--h1", type=int, default=7168, help="expert hidden size")
-    parser.add_argument("--n1", type=int, default=4096, help="expert output size")
-    parser.add_argument("--skew", type=float, default=1.2, help="Zipf exponent")
-    parser.add_argument("--seed", type=int, default=0, help="routing seed")
-    parser.add_argument(
-        "--in-process", action="store_true", help="run every W in this process (RSS cumulative)"
-    )
-    parser.add_argument(
-        "--profile", action="store_true", help="cProfile simulate() at the largest W"
-    )
+    parser.add_argument("--scenario", default="deepseek_v3_combine_ep32", help="scenario")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS))
+    parser.add_argument("--set", action="append", default=[], help="a --set of the command")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per command")
+    parser.add_argument("--stages", action="store_true", help="also time each stage")
     args = parser.parse_args(argv)
-    case = Case(
-        topology=args.topology,
-        experts=args.experts,
-        tokens=args.tokens,
-        top_k=args.top_k,
-        h1=args.h1,
-        n1=args.n1,
-        skew=args.skew,
-        seed=args.seed,
-    )
-    print(
-        f"# GroupedMatMulAlltoAllv, hardware tiling; {case.topology} resized; "
-        f"{case.experts} experts/rank, BS={case.tokens}, top-{case.top_k}, "
-        f"H1={case.h1}, N1={case.n1}, bf16; zipf skew {case.skew:g}, seed {case.seed}",
-        flush=True,
-    )
-    rows: list[Row] = []
-    failed = False
-    for ranks in sorted(set(args.ranks)):
-        try:
-            resized(case, ranks)  # refuse a W the topology cannot take before timing anything
-        except ParamInvalidError as err:
-            print(f"W={ranks}: {err}", file=sys.stderr)
-            failed = True
-            continue
-        row = measure(case, ranks) if args.in_process else measure_isolated(case, ranks)
-        rows.append(row)
-        print(f"#   W={ranks}: {asdict(row)}", flush=True)
-    print(table(rows))
-    missed = [r.ranks for r in rows if r.simulate_s > TARGETS_S.get(r.ranks, float("inf"))]
-    if missed:
-        print(f"# simulate() missed its target at W = {missed}")
-    if args.profile and rows:
-        print(profile(case, max(r.ranks for r in rows)))
-    return 1 if missed or failed else 0
+    sys.path.insert(0, str(ROOT))
+    print(f"# mc2sim simulate {args.scenario} --what-if --ranks W --no-plots "
+          + " ".join(f"--set {s}" for s in args.set), flush=True)  # fmt: skip
+    missed = []
+    for ranks in args.ranks:
+        wall, peak = run_command(args.scenario, ranks, args.set, args.timeout)
+        seconds, mib = TARGETS.get(ranks, (None, None))
+        verdict = ""
+        if seconds is not None:
+            ok = wall is not None and wall <= seconds and (mib is None or (peak or 0) <= mib)
+            verdict = f"target <= {seconds:g} s" + (f", {mib:g} MiB" if mib else "")
+            verdict += ": ok" if ok else ": MISSED"
+            if not ok:
+                missed.append(ranks)
+        shown = f"{wall:8.2f} s {peak:8.0f} MiB" if wall is not None else f"> {args.timeout:g} s"
+        print(f"W={ranks:>6}: {shown}  {verdict}", flush=True)
+        if args.stages and wall is not None:
+            parts = _stages_isolated(args.scenario, ranks, args.set)
+            print("          " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

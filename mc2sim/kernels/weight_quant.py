@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mc2sim import limits
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
 from mc2sim.kernels._device import mm_float32, same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
@@ -310,7 +311,7 @@ def weight_quant_batchmatmul(
     require("weight", (k, n), 1 <= n <= MAX_KN, f"n must be in [1, {MAX_KN}]")
 
     g = antiquant_group_size
-    require(
+    limits.ANTIQUANT_GROUP.check(
         "antiquant_group_size",
         g,
         isinstance(g, int)

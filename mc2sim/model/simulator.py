@@ -22,6 +22,10 @@ the ranks' own work of a transfer is slowed: one that a capped wire holds back
 Every comm task's record splits the bytes its rank sends into those within its node and
 those across nodes (``Topology.node_of``; :mod:`mc2sim.schedule.traffic`).
 
+Stragglers (:mod:`mc2sim.model.heterogeneity`) make a rank's compute slower, its links
+narrower or its start later; the engine also notes when each rank queued each collective,
+from which :func:`~mc2sim.model.heterogeneity.rank_waits` tells who waited for whom.
+
 Events are ordered in exactly one place: one heap keyed by (time, sequence number). Handlers
 only schedule events at or after the current time, so time never goes backwards.
 """
@@ -42,14 +46,16 @@ from mc2sim.model.cost import (
     allreduce_time,
     alltoallv_time,
     compute_time,
+    rank_alltoallv_time,
     reduce_scatter_time,
 )
+from mc2sim.model.heterogeneity import Arrivals, Straggler
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
 from mc2sim.schedule.traffic import Placement, level_bytes
 from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "simulate_waits"]
 
 _UNBOUNDED_GBPS = 1e300
 """Link bandwidth at which a collective's time is its latency alone (finite, as topologies
@@ -66,6 +72,7 @@ class _Rank:
     done: set[int] = field(default_factory=set)
     comm_queue: list[Task] = field(default_factory=list)  # queued, not yet started
     comm_started: int = 0  # collectives started on this rank
+    comm_queued: int = 0  # collectives queued by this rank
     computing: _Active | None = None  # the compute task in progress
 
 
@@ -101,6 +108,42 @@ def _splits_arrays(task: Task, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     sp = np.flatnonzero(send)
     rp = np.flatnonzero(recv)
     return sp, send[sp] * task.row_bytes, rp, recv[rp] * task.row_bytes
+
+
+def _narrowed(topology: Topology, factor: float) -> Topology:
+    """``topology`` with every link at ``factor`` of its bandwidth (latencies unchanged)."""
+    return dataclasses.replace(
+        topology,
+        network=tuple(
+            dataclasses.replace(
+                d, bandwidth_gbps=d.bandwidth_gbps * factor, link_gbps=d.link_gbps * factor
+            )
+            for d in topology.network
+        ),
+    )
+
+
+def _straggling_times(
+    tasks: list[Task], links: Mapping[int, float], *topologies: Topology
+) -> list[float]:
+    """:func:`_collective_times` with some ranks' links at a fraction of their bandwidth.
+
+    An AlltoAllv takes its slowest rank's time, each degraded rank's own traffic costed on
+    its narrowed links; any other collective runs at the narrowest rank's bandwidth.
+    """
+    times = _collective_times(tasks, *topologies)
+    if not links:
+        return times
+    if tasks[0].kind is not TaskKind.ALLTOALLV:
+        narrowest = min(links.values())
+        return _collective_times(tasks, *(_narrowed(t, narrowest) for t in topologies))
+    for rank, factor in links.items():
+        parts = _splits_arrays(tasks[rank], rank)
+        times = [
+            max(time, rank_alltoallv_time(_narrowed(topology, factor), rank, *parts))
+            for time, topology in zip(times, topologies, strict=True)
+        ]
+    return times
 
 
 def _collective_times(tasks: list[Task], *topologies: Topology) -> list[float]:
@@ -146,8 +189,19 @@ class _Engine:
     or ends, and the affected end events are moved (stale ones are skipped by version).
     """
 
-    def __init__(self, plans: Mapping[int, Plan], topology: Topology) -> None:
+    def __init__(
+        self,
+        plans: Mapping[int, Plan],
+        topology: Topology,
+        stragglers: Mapping[int, Straggler] | None = None,
+    ) -> None:
         self.topology = topology
+        stragglers = stragglers or {}
+        self.slow = {r: s.compute for r, s in stragglers.items() if s.compute != 1.0}
+        self.links = {r: s.link for r, s in stragglers.items() if s.link != 1.0}
+        self.late = {r: s.late_us * 1e-6 for r, s in stragglers.items() if s.late_us > 0}
+        self.queued: list[np.ndarray] = []  # collective k -> when each rank queued it
+        self.started: list[float] = []  # collective k -> when it started
         # the same links at unbounded bandwidth, the reductions free: a collective's latency
         self.latency_only = (
             dataclasses.replace(
@@ -244,6 +298,7 @@ class _Engine:
             state.pointer += 1
             if task.resource is Resource.COMPUTE:
                 work = compute_time(task, self.topology, state.plan.dtype)
+                work *= self.slow.get(rank, 1.0)
                 state.computing = _Active([(rank, task)], work, self.compute_rate(), self.now)
                 state.issuer_busy = True
                 self.starts[(rank, task.id)] = self.now
@@ -253,6 +308,10 @@ class _Engine:
                     self._rerate_comms()
                 return
             state.comm_queue.append(task)
+            if state.comm_queued == len(self.queued):
+                self.queued.append(np.full(self.world, np.nan))
+            self.queued[state.comm_queued][rank] = self.now
+            state.comm_queued += 1
             self.try_collective(rank)
 
     def try_collective(self, rank: int) -> None:
@@ -277,7 +336,8 @@ class _Engine:
         del self.waiting_count[k]
         latency = 0.0  # on a stream the whole time is the transfer part
         others = [t for t in (self.latency_only, self.uncapped) if t is not None]
-        work, *times = _collective_times(tasks, self.topology, *others)
+        work, *times = _straggling_times(tasks, self.links, self.topology, *others)
+        self.started.append(self.now)
         if self.latency_only is not None:
             latency = min(work, times.pop(0))
         headroom = 1.0
@@ -387,9 +447,16 @@ class _Engine:
 
     def run_all(self) -> None:
         for rank in range(self.world):
-            self.advance(rank)
+            if rank in self.late:  # a late rank's issuer starts at its offset
+                heapq.heappush(self.heap, (self.late[rank], next(self.seq), "start", rank, 0))
+            else:
+                self.advance(rank)
         while self.heap:
             at, _, kind, rank, version = heapq.heappop(self.heap)
+            if kind == "start":
+                self.now = at
+                self.advance(rank)
+                continue
             # a comm event carries its collective's index where a compute event has its rank
             active = self.collectives.get(rank) if kind == "comm" else self.ranks[rank].computing
             if active is None or active.version != version:
@@ -425,12 +492,37 @@ def simulate(plans: Mapping[int, Plan], topology: Topology) -> Timeline:
         ParamInvalidError: ranks missing from ``plans``, or plans whose collectives do not
             match across ranks.
     """
+    return simulate_waits(plans, topology)[0]
+
+
+def simulate_waits(
+    plans: Mapping[int, Plan],
+    topology: Topology,
+    stragglers: Mapping[int, Straggler] | None = None,
+) -> tuple[Timeline, Arrivals]:
+    """:func:`simulate` with stragglers; also when each rank queued each collective.
+
+    Args:
+        plans: rank -> that rank's plan, for ranks 0..n-1.
+        topology: the machine (resized to ``len(plans)`` ranks if needed).
+        stragglers: rank -> its slowdowns (:mod:`mc2sim.model.heterogeneity`); the other
+            ranks are nominal.
+
+    Returns:
+        The timeline, and the arrivals at every collective.
+
+    Raises:
+        ParamInvalidError: as :func:`simulate`; or a straggler's rank outside the plans.
+    """
     world = len(plans)
     if sorted(plans) != list(range(world)) or world == 0:
         raise ParamInvalidError("plans", sorted(plans)[:8], "must map ranks 0..n-1 to plans")
     if topology.world_size != world:
         topology = topology.with_world(world)
-    engine = _Engine(plans, topology)
+    outside = [r for r in stragglers or {} if not 0 <= r < world]
+    if outside:
+        raise ParamInvalidError(f"stragglers.{outside[0]}", outside[0], f"must be a rank < {world}")
+    engine = _Engine(plans, topology, stragglers)
     engine.run_all()
     first = plans[0]
     meta = {
@@ -439,4 +531,6 @@ def simulate(plans: Mapping[int, Plan], topology: Topology) -> Timeline:
         "world_size": world,
         "topology": topology.name,
     }
-    return Timeline(records=tuple(engine.records), source=Source.SIMULATED, meta=meta)
+    timeline = Timeline(records=tuple(engine.records), source=Source.SIMULATED, meta=meta)
+    queued = np.array(engine.queued).reshape(len(engine.queued), world)
+    return timeline, Arrivals(queued_s=queued, started_s=np.array(engine.started))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from mc2sim import limits
-from mc2sim.errors import ParamInvalidError
+from mc2sim.limits import Policy
 from mc2sim.ops.spec import OpName, OpSpec, RealCase, one_tensor, placed, torch_dtype
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.schedule.builders import IfaShape, plan_ifa
@@ -42,18 +42,29 @@ class IfaSpec(OpSpec):
         "block_size",
     )
 
-    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
-        limits.IFA_BATCH.check(f"{where}.batch", shape["batch"])
-        heads = limits.IFA_HEADS.check(f"{where}.heads", shape["heads"])
+    def _check_dims(self, shape: Mapping[str, int], where: str, policy: Policy | None) -> None:
+        limits.IFA_BATCH.check(f"{where}.batch", shape["batch"], policy)
+        heads = limits.IFA_HEADS.check(f"{where}.heads", shape["heads"], policy)
         kv_heads = shape["kv_heads"]
-        if kv_heads < 1 or heads % kv_heads:
-            raise ParamInvalidError(f"{where}.kv_heads", kv_heads, f"must divide heads ({heads})")
-        limits.IFA_GROUP.check(f"{where}.heads / kv_heads", heads // kv_heads)
-        dim = limits.IFA_HEAD_DIM.check(f"{where}.head_dim", shape["head_dim"])
-        limits.IFA_PAGED_HIDDEN.check(f"{where}.kv_heads * head_dim", kv_heads * dim)
-        size = limits.IFA_BLOCK_SIZE.check(f"{where}.block_size", shape["block_size"])
+        limits.KV_HEADS_DIVIDE.check(
+            f"{where}.kv_heads",
+            kv_heads,
+            kv_heads >= 1 and heads % kv_heads == 0,
+            f"must divide heads ({heads})",
+        )
+        limits.IFA_GROUP.check(f"{where}.heads / kv_heads", heads // kv_heads, policy)
+        dim = limits.IFA_HEAD_DIM.check(f"{where}.head_dim", shape["head_dim"], policy)
+        limits.IFA_PAGED_HIDDEN.check(f"{where}.kv_heads * head_dim", kv_heads * dim, policy)
+        size = limits.IFA_BLOCK_SIZE.check(f"{where}.block_size", shape["block_size"], policy)
         align = limits.IFA_BLOCK_ALIGN["float"]
-        limits.require_multiple(f"{where}.block_size", size, align, f"{align}")
+        limits.enforce(
+            limits.IFA_BLOCK_ALIGNMENT,
+            f"{where}.block_size",
+            size,
+            size % align == 0,
+            f"must be a multiple of {align}",
+            policy,
+        )
 
     def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
         """Every rank's plan: its heads of every batch, in batch tiles."""

@@ -8,11 +8,12 @@ for a shared expert, ``h2`` and ``n2``. Tokens pick experts by the scenario's ro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
-from mc2sim.errors import ParamInvalidError
+from mc2sim.limits import Policy
 from mc2sim.ops.spec import (
     OpName,
     OpSpec,
@@ -23,7 +24,14 @@ from mc2sim.ops.spec import (
     torch_dtype,
 )
 from mc2sim.ops.tp_spec import uniform
-from mc2sim.routing import Direction, RoutingTable, SparseRouting, route
+from mc2sim.routing import (
+    Direction,
+    RoutingConfig,
+    RoutingKind,
+    RoutingTable,
+    SparseRouting,
+    route,
+)
 from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
 from mc2sim.schedule.plan import Plan, SparseCounts
 
@@ -54,13 +62,24 @@ def routing_of(scenario: Scenario, world: int) -> RoutingTable | SparseRouting:
         The routing; ``send_counts(rank, direction)`` and ``recv_counts`` give each rank's.
     """
     shape = scenario.effective_shape()
-    sizes = {
-        "world_size": world,
-        "experts_per_rank": shape["experts_per_rank"],
-        "tokens_per_rank": shape["tokens"],
-        "top_k": shape["top_k"],
-    }
-    return route(scenario.routing, **sizes, sparse=world > DENSE_ROUTING_LIMIT)
+    draw = _routing.__wrapped__ if scenario.routing.kind is RoutingKind.MATRIX else _routing
+    return draw(  # a matrix file is read anew each time: it may have changed
+        scenario.routing, world, shape["experts_per_rank"], shape["tokens"], shape["top_k"]
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _routing(
+    config: RoutingConfig, world: int, experts: int, tokens: int, top_k: int
+) -> RoutingTable | SparseRouting:
+    """:func:`routing_of`, drawn once per config and sizes.
+
+    A study plans every tiling from the same draw; the tables are never changed once made.
+    """
+    return route(
+        config, world_size=world, experts_per_rank=experts, tokens_per_rank=tokens,
+        top_k=top_k, sparse=world > DENSE_ROUTING_LIMIT,
+    )  # fmt: skip
 
 
 class _MoeSpec(OpSpec):
@@ -72,37 +91,39 @@ class _MoeSpec(OpSpec):
     direction: ClassVar[Direction]
     """Which way the op's AlltoAllv sends the rows."""
 
-    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
-        limits.TOP_K.check(f"{where}.top_k", shape["top_k"])
-        limits.E.check(f"{where}.experts_per_rank", shape["experts_per_rank"])
-        limits.H1.check(f"{where}.h1", shape["h1"])
-        limits.N1.check(f"{where}.n1", shape["n1"])
-        limits.BSK.check(f"{where}.tokens * top_k", shape["tokens"] * shape["top_k"])
+    def _check_dims(self, shape: Mapping[str, int], where: str, policy: Policy | None) -> None:
+        limits.TOP_K.check(f"{where}.top_k", shape["top_k"], policy)
+        limits.E.check(f"{where}.experts_per_rank", shape["experts_per_rank"], policy)
+        limits.H1.check(f"{where}.h1", shape["h1"], policy)
+        limits.N1.check(f"{where}.n1", shape["n1"], policy)
+        limits.BSK.check(f"{where}.tokens * top_k", shape["tokens"] * shape["top_k"], policy)
         if ("h2" in shape) != ("n2" in shape):
             given = "h2" if "h2" in shape else "n2"
-            raise ParamInvalidError(
-                f"{where}.{given}", shape[given], "shared expert needs both h2 and n2, or neither"
-            )
+            limits.SHARED_PAIR.check(f"{where}.{given}", shape[given], False)
         if "h2" in shape:
-            limits.H2.check(f"{where}.h2", shape["h2"])
-            limits.N2.check(f"{where}.n2", shape["n2"])
+            limits.H2.check(f"{where}.h2", shape["h2"], policy)
+            limits.N2.check(f"{where}.n2", shape["n2"], policy)
 
-    def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
+    def check_world(
+        self, shape: Mapping[str, int], world: int, param: str, policy: Policy | None = None
+    ) -> None:
         """As :meth:`OpSpec.check_world`; the experts over all ranks must fit top-K."""
-        super().check_world(shape, world, param)
+        super().check_world(shape, world, param, policy)
         e = shape["experts_per_rank"]
-        try:
-            limits.EXPERTS.check(param, e * world)
-        except ParamInvalidError:
-            raise ParamInvalidError(
-                param, world, f"experts_per_rank ({e}) * {param}: {limits.EXPERTS.rule}"
-            ) from None
-        if shape["top_k"] > e * world:
-            raise ParamInvalidError(
-                param,
-                world,
-                f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
-            )
+        limits.enforce(
+            limits.EXPERTS,
+            param,
+            world,
+            limits.EXPERTS.low <= e * world <= limits.EXPERTS.high,
+            f"experts_per_rank ({e}) * {param}: {limits.EXPERTS.rule}",
+            policy,
+        )
+        limits.TOP_K_FITS.check(
+            param,
+            world,
+            shape["top_k"] <= e * world,
+            f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
+        )
 
     def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
         """Every rank's plan, its counts from the scenario's routing."""

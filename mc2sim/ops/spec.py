@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
-from mc2sim.limits import integer
+from mc2sim.limits import WORLD, Policy, integer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -198,12 +198,15 @@ class OpSpec(ABC):
         """Every key of ``shape``, required first, in the file format's order."""
         return self.required + self.optional
 
-    def check_shape(self, shape: Mapping[str, object], where: str) -> dict[str, int]:
+    def check_shape(
+        self, shape: Mapping[str, object], where: str, policy: Policy | None = None
+    ) -> dict[str, int]:
         """Check one shape's keys and the op's limits; errors name ``where.KEY``.
 
         Args:
             shape: dimension name to size, as a scenario gives it.
             where: the prefix errors name (``"shape"`` or ``"small"``).
+            policy: the limit profile (None: strict); lifted limits are noted in it.
 
         Returns:
             The shape as plain ints, in :attr:`keys` order.
@@ -226,26 +229,30 @@ class OpSpec(ABC):
                     f"is required for {self.op.value} (required: {', '.join(self.required)})",
                 )
         dims = {k: integer(f"{where}.{k}", shape[k]) for k in self.keys if k in shape}
-        self._check_dims(dims, where)
+        self._check_dims(dims, where, policy)
         return dims
 
     @abstractmethod
-    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
+    def _check_dims(self, shape: Mapping[str, int], where: str, policy: Policy | None) -> None:
         """The op's limits on a shape whose keys are right; errors name ``where.KEY``."""
 
-    def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
+    def check_world(
+        self, shape: Mapping[str, int], world: int, param: str, policy: Policy | None = None
+    ) -> None:
         """Check the rules that tie a shape to the world size; errors name ``param``.
 
         Args:
             shape: a shape :meth:`check_shape` accepted.
             world: the world size.
             param: what errors call the world size (``"ranks"``, ``"world_size"``).
+            policy: the limit profile (None: strict); lifted limits are noted in it.
 
         Raises:
             ParamInvalidError: a rule broken.
         """
         if integer(param, world) < 1:
             raise ParamInvalidError(param, world, "must be >= 1")
+        WORLD.check(param, world)
 
     def check_quant(self, quant: QuantMode, shape: Mapping[str, int], where: str) -> None:
         """Check a quantisation mode against the op and a shape; errors name ``where.KEY``.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError
+from mc2sim.limits import Policy
 from mc2sim.ops.spec import (
     OpName,
     OpSpec,
@@ -75,13 +76,13 @@ class _TpSpec(OpSpec):
 
     required: ClassVar[tuple[str, ...]] = ("m", "k", "n")
 
-    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
-        limits.MM_M.check(f"{where}.m", shape["m"])
-        limits.MM_N.check(f"{where}.n", shape["n"])
-        self._check_k(shape["k"], f"{where}.k")
+    def _check_dims(self, shape: Mapping[str, int], where: str, policy: Policy | None) -> None:
+        limits.MM_M.check(f"{where}.m", shape["m"], policy)
+        limits.MM_N.check(f"{where}.n", shape["n"], policy)
+        self._check_k(shape["k"], f"{where}.k", policy)
 
-    def _check_k(self, k: int, param: str) -> None:
-        limits.TP_K.check(param, k)
+    def _check_k(self, k: int, param: str, policy: Policy | None) -> None:
+        limits.TP_K.check(param, k, policy)
 
 
 class MatmulAllReduceSpec(_TpSpec):
@@ -97,17 +98,20 @@ class MatmulAllReduceSpec(_TpSpec):
     quant_modes: ClassVar[tuple[QuantMode, ...]] = tuple(QuantMode)
     optional: ClassVar[tuple[str, ...]] = ("group_size",)
 
-    def _check_dims(self, shape: Mapping[str, int], where: str) -> None:
-        super()._check_dims(shape, where)
+    def _check_dims(self, shape: Mapping[str, int], where: str, policy: Policy | None) -> None:
+        super()._check_dims(shape, where, policy)
         if "group_size" in shape:
             g, k = shape["group_size"], shape["k"]
-            if g % 32 or not 32 <= g <= k - 1:
-                raise ParamInvalidError(
-                    f"{where}.group_size", g, f"must be a multiple of 32 in [32, k-1] (k={k})"
-                )
+            limits.ANTIQUANT_GROUP.check(
+                f"{where}.group_size",
+                g,
+                g % 32 == 0 and 32 <= g <= k - 1,
+                f"must be a multiple of 32 in [32, k-1] (k={k})",
+                policy,
+            )
 
-    def _check_k(self, k: int, param: str) -> None:
-        limits.MM_K.check(param, k)
+    def _check_k(self, k: int, param: str, policy: Policy | None) -> None:
+        limits.MM_K.check(param, k, policy)
 
     def check_quant(self, quant: QuantMode, shape: Mapping[str, int], where: str) -> None:
         """As :meth:`OpSpec.check_quant`; int4 weights also need ``n`` a multiple of 8."""
@@ -120,7 +124,7 @@ class MatmulAllReduceSpec(_TpSpec):
                 f"{quant.value!r}",
             )
         if quant is QuantMode.WEIGHT_INT4:
-            limits.require_multiple(f"{where}.n", shape["n"], 8, "8 for weight_int4")
+            limits.INT4_N.check(f"{where}.n", shape["n"], shape["n"] % 8 == 0)
 
     def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
         """Every rank's plan: the same ``(m, k) x (k, n)`` and AllReduce on each."""
@@ -260,13 +264,17 @@ class MatmulReduceScatterSpec(_TpPairSpec):
     op: ClassVar[OpName] = OpName.MATMUL_REDUCE_SCATTER
     builder = staticmethod(plan_matmul_reduce_scatter)
 
-    def check_world(self, shape: Mapping[str, int], world: int, param: str) -> None:
+    def check_world(
+        self, shape: Mapping[str, int], world: int, param: str, policy: Policy | None = None
+    ) -> None:
         """As :meth:`OpSpec.check_world`; ``m`` must also be a multiple of the world size."""
-        super().check_world(shape, world, param)
-        if shape["m"] % world:
-            raise ParamInvalidError(
-                param, world, f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}"
-            )
+        super().check_world(shape, world, param, policy)
+        limits.RS_ROWS.check(
+            param,
+            world,
+            shape["m"] % world == 0,
+            f"shape m ({shape['m']}) must be a multiple of {param} for {self.op}",
+        )
 
     def real_case(
         self,

@@ -7,13 +7,16 @@ op's spec in the registry) -> simulation on a topology -> one Timeline -> writer
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mc2sim import results
-from mc2sim.model import simulate
+from mc2sim.model.heterogeneity import Arrivals, rank_waits
+from mc2sim.model.simulator import simulate_waits
+from mc2sim.results import RankRow
 from mc2sim.scenario import Scenario
 from mc2sim.schedule import Plan, tiling_of
 from mc2sim.timeline import Metrics, RunKey, Timeline
@@ -24,13 +27,28 @@ __all__ = [
     "load_topology",
     "manifest_of",
     "plans_for",
+    "encode_study",
     "simulate_study",
     "write_results",
 ]
 
 
 def load_topology(name_or_path: str) -> Topology:
-    """A builtin topology by name, or a topology file by path."""
+    """A builtin topology by name, or a topology file by path.
+
+    Each is read once while unchanged (a sweep asks once per point; a topology is immutable).
+    """
+    path = Path(name_or_path)
+    if name_or_path not in list_builtin() and path.is_file():
+        stat = path.stat()
+        return _read_topology(name_or_path, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return _read_topology(name_or_path, None)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_topology(name_or_path: str, version: tuple[int, int, int] | None) -> Topology:
+    """:func:`load_topology` uncached; ``version`` (a file's stat) is the cache key."""
+    del version
     if name_or_path in list_builtin():
         return builtin(name_or_path)
     return load(name_or_path)
@@ -66,6 +84,8 @@ class StudyResult:
     """Tiling, in words -> its run in ``timeline``."""
     baseline: RunKey
     """The serial plan's run."""
+    ranks: tuple[RankRow, ...] = ()
+    """With stragglers: every rank of every tiling, against the study without them."""
 
     def metrics(self) -> dict[str, Metrics]:
         """Tiling, in words -> its metrics against the serial plan."""
@@ -91,14 +111,19 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
     sized = topology if topology.world_size == ranks else topology.with_world(ranks)
     timelines = []
     runs: dict[str, RunKey] = {}
+    rows: list[RankRow] = []
     for tiling in scenario.tilings:
         plans = plans_for(scenario, ranks, tiling)
         described = plans[0].tiling
         if described in runs:  # e.g. None and "hardware": the same plan, simulated once
             continue
-        timeline = simulate(plans, sized)
+        timeline, arrivals = simulate_waits(plans, sized, scenario.stragglers)
         runs[described] = timeline.runs()[0]
         timelines.append(timeline)
+        if scenario.stragglers:
+            rows += _rank_rows(
+                scenario, described, (timeline, arrivals), simulate_waits(plans, sized)
+            )
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": ranks})
     return StudyResult(
         scenario=scenario,
@@ -107,7 +132,43 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
         timeline=merged,
         runs=runs,
         baseline=runs["serial"],  # every scenario has the serial baseline
+        ranks=tuple(rows),
     )
+
+
+def _rank_rows(
+    scenario: Scenario,
+    tiling: str,
+    straggling: tuple[Timeline, Arrivals],
+    nominal: tuple[Timeline, Arrivals],
+) -> list[RankRow]:
+    """Every rank's row of one tiling: its slowdowns, exposed comm and waits, both ways."""
+    (timeline, arrivals), (base_timeline, base_arrivals) = straggling, nominal
+    per_rank = timeline.metrics().per_rank
+    base_per_rank = base_timeline.metrics().per_rank
+    waits, base_waits = rank_waits(arrivals), rank_waits(base_arrivals)
+    rows = []
+    for m, base in zip(per_rank, base_per_rank, strict=True):
+        r = m.rank
+        s = scenario.stragglers.get(r)
+        rows.append(
+            RankRow(
+                tiling=tiling,
+                rank=r,
+                compute=s.compute if s else 1.0,
+                link=s.link if s else 1.0,
+                late_us=s.late_us if s else 0.0,
+                total_s=m.total_s,
+                exposed_comm_s=m.exposed_comm_s,
+                nominal_exposed_comm_s=base.exposed_comm_s,
+                added_exposed_s=m.exposed_comm_s - base.exposed_comm_s,
+                wait_s=float(waits.wait_s[r]),
+                nominal_wait_s=float(base_waits.wait_s[r]),
+                waited_for=int(waits.waited_for[r]),
+                last=int(waits.last[r]),
+            )
+        )
+    return rows
 
 
 def manifest_of(
@@ -152,6 +213,34 @@ def manifest_of(
     )  # fmt: skip
 
 
+def encode_study(
+    result: StudyResult,
+    *,
+    scenario_path: str | os.PathLike[str] | None = None,
+    argv: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, bytes]:
+    """The results folder of a simulated study as bytes (:func:`mc2sim.results.encode_results`).
+
+    Args:
+        result: the study simulated.
+        scenario_path: the scenario file read, if any.
+        argv: the command line; default ``sys.argv``.
+        overrides: the ``--set`` strings applied.
+
+    Returns:
+        File name -> bytes, ready for :func:`mc2sim.results.write_encoded`.
+    """
+    manifest = manifest_of(
+        result.scenario, topology=result.topology.name, world=result.world, source="simulated",
+        scenario_path=scenario_path, argv=argv, overrides=overrides,
+    )  # fmt: skip
+    return results.encode_results(
+        timeline=result.timeline, baseline=result.baseline, manifest=manifest,
+        ranks=result.ranks,
+    )  # fmt: skip
+
+
 def write_results(
     result: StudyResult,
     directory: Path,
@@ -161,10 +250,5 @@ def write_results(
     overrides: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the results folder of a simulated study (see :func:`mc2sim.results.write_results`)."""
-    manifest = manifest_of(
-        result.scenario, topology=result.topology.name, world=result.world, source="simulated",
-        scenario_path=scenario_path, argv=argv, overrides=overrides,
-    )  # fmt: skip
-    return results.write_results(
-        directory, timeline=result.timeline, baseline=result.baseline, manifest=manifest
-    )
+    files = encode_study(result, scenario_path=scenario_path, argv=argv, overrides=overrides)
+    return results.write_encoded(directory, files)

@@ -44,8 +44,37 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "mc2sim validate-model: --topology='{t}/absent.yaml': no such file",
         ),
         (["exec", "{t}/absent.py"], "mc2sim exec: script='{t}/absent.py': no such file"),
+        (
+            [
+                "sweep",
+                "seed_gmm_alltoallv_ep4",
+                "--what-if",
+                "--set",
+                "shape.top_k=9,2",
+                "--ranks",
+                "1",
+                "--no-plots",
+                "--out",
+                "{t}/sweep",
+            ],
+            "mc2sim sweep: --ranks=1: top_k (9) must be <= experts_per_rank (4) * --ranks",
+        ),
+        (
+            ["run", "seed_gmm_alltoallv_ep4", "--set", "limits=what-if"],
+            "mc2sim run: limits='what-if': run executes the real operators",
+        ),
     ],
-    ids=["not-utf8", "out-file", "seed", "timeout", "calibrate-out", "topology", "exec"],
+    ids=[
+        "not-utf8",
+        "out-file",
+        "seed",
+        "timeout",
+        "calibrate-out",
+        "topology",
+        "exec",
+        "sweep-semantic",
+        "run-what-if",
+    ],
 )
 def test_one_line_from_rank_0_and_exit_status_2(inputs: Path, argv: list[str], line: str) -> None:
     args = [a.replace("{t}", str(inputs)) for a in argv]

@@ -307,6 +307,39 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["check-counts", "{t}/c_not_json.json"], ["c_not_json.json=", "must be JSON"]),
 ]
 CASES += [
+    # limit profiles: strict refuses a hardware limit; what-if still refuses semantic ones
+    (
+        ["simulate", "seed_gmm_alltoallv_ep4", "--ranks", "1024", "--no-plots"],
+        ["--ranks=1024", "e * ep_world_size must be in [1, 256]"],
+    ),
+    (
+        [
+            "simulate",
+            "seed_gmm_alltoallv_ep4",
+            "--what-if",
+            "--set",
+            "shape.top_k=9",
+            "--ranks",
+            "1",
+            "--no-plots",
+        ],
+        ["--ranks=1", "top_k (9) must be <= experts_per_rank"],
+    ),
+    (
+        ["sweep", "seed_gmm_alltoallv_ep4", "--what-if", "--set", "shape.h1=0,64", "--no-plots"],
+        ["shape.h1", "must be"],
+    ),
+    (["run", "seed_gmm_alltoallv_ep4", "--set", "limits=what-if"], ["limits='what-if'", "strict"]),
+    (
+        ["simulate", "seed_gmm_alltoallv_ep4", "--set", "limits=lenient", "--no-plots"],
+        ["--set limits='lenient'", "must be one of 'strict', 'what-if'"],
+    ),
+    (
+        ["sweep", "seed_gmm_alltoallv_ep4", "--real", "--what-if", "--no-plots"],
+        ["--what-if=True", "is for simulated sweeps"],
+    ),
+]
+CASES += [
     (["check-counts", f"{{t}}/{name}.json"], fragments)
     for name, fragments in [
         ("c_neg", ["send_counts[0][1]=-2", ">= 0"]),

@@ -168,3 +168,74 @@ def test_a_range_names_its_bounds_and_refuses_non_integers() -> None:
     for bad in (True, 2.0, "8"):
         with pytest.raises(ParamInvalidError, match="must be an integer"):
             h1.check("H1", bad)
+
+
+# ------------------------------------------------------------------ profiles: strict, what-if
+
+
+def test_the_limits_doc_is_the_code_table() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "LIMITS.md").read_text()
+    between = doc.split("<!-- limits-table: begin -->\n")[1].split("<!-- limits-table: end -->")[0]
+    assert between == limits.table_markdown()
+    # every row has one of the two kinds, and both kinds occur
+    kinds = [row.rsplit("|", 2)[1].strip() for row in between.splitlines()[2:]]
+    assert set(kinds) == {"semantic", "hardware"}
+    assert len(kinds) == len(limits.TABLE)
+
+
+def test_every_range_the_specs_use_is_in_the_table_once() -> None:
+    ranges = [v for v in vars(limits).values() if isinstance(v, (limits.Range, limits.Rule))]
+    for item in ranges:
+        assert sum(x is item for x in limits.TABLE) == 1, item.name
+
+
+def _moe(**changes: Any) -> Scenario:
+    fields: dict[str, Any] = {
+        "name": "t", "description": "", "op": "gmm_alltoallv", "ranks": 4, "dtype": "float16",
+        "shape": {"tokens": 16, "top_k": 2, "experts_per_rank": 4, "h1": 64, "n1": 32},
+        "tilings": ("serial",), "topology": "atlas_a2_8p",
+    }  # fmt: skip
+    fields.update(changes)
+    return Scenario(**fields)
+
+
+def test_what_if_lifts_hardware_limits_and_notes_each_once() -> None:
+    # 70000 > 65535 (H1) and 4 experts x 128 ranks = 512 > 256: both hardware limits
+    shape = {"tokens": 16, "top_k": 2, "experts_per_rank": 4, "h1": 70000, "n1": 32}
+    with pytest.raises(ParamInvalidError, match=r"shape.h1=70000: H1 must be in \[1, 65535\]"):
+        _moe(shape=shape)
+    with pytest.raises(ParamInvalidError) as err:
+        _moe(ranks=128)
+    assert err.value.code == 161002 and "e * ep_world_size must be in [1, 256]" in str(err.value)
+    sc = _moe(shape=shape, ranks=128, limits="what-if")
+    lifted = sc.lifted()
+    assert [(x.param, x.value) for x in lifted] == [("shape.h1", 70000), ("ranks", 128)]
+    assert sc.world_size(1024, "--ranks") == 1024
+    assert [x.param for x in sc.lifted(1024, "--ranks")] == ["shape.h1", "--ranks"]
+    assert _moe().lifted() == ()  # strict: nothing is ever lifted
+
+
+def test_what_if_keeps_semantic_limits() -> None:
+    # top_k 9 lifts top-K's [2, 8] but 9 distinct experts cannot be drawn from 4 x 2 = 8
+    shape = {"tokens": 16, "top_k": 9, "experts_per_rank": 4, "h1": 64, "n1": 32}
+    with pytest.raises(ParamInvalidError, match=r"top_k \(9\) must be <= experts_per_rank"):
+        _moe(shape=shape, ranks=2, limits="what-if")
+    assert _moe(shape=shape, ranks=3, limits="what-if").lifted()[0].param == "shape.top_k"
+    # a lifted range still needs a positive size; the shared expert needs both sizes
+    with pytest.raises(ParamInvalidError, match="must be >= 1"):
+        limits.H1.check("h1", 0, limits.Policy(profile=limits.LimitProfile.WHAT_IF))
+    with pytest.raises(ParamInvalidError, match="needs both h2 and n2"):
+        _moe(shape={**shape, "top_k": 2, "h2": 8}, limits="what-if")
+    with pytest.raises(ParamInvalidError, match="must be a multiple of ranks"):
+        Scenario(
+            name="t", description="", op="matmul_reduce_scatter", ranks=3, dtype="float16",
+            shape={"m": 8, "k": 256, "n": 8}, tilings=("serial",), topology="atlas_a2_8p",
+            limits="what-if",
+        )  # fmt: skip
+
+
+def test_a_what_if_profile_is_refused_by_its_name() -> None:
+    with pytest.raises(ParamInvalidError, match="limits='lenient': must be one of 'strict'"):
+        _moe(limits="lenient")
