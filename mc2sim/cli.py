@@ -162,10 +162,38 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if comm.rank == 0:
             _check_topology_out(args.out, args.overwrite)
     with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
-        topology = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar)).topology
+        fitted = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar))
     if comm.rank == 0:
-        _write_topology(topology, args.out)
+        _write_topology(fitted.topology, args.out)
+        _print_independent(fitted.topology, fitted.independent)
     return 0
+
+
+def _print_independent(topology: Topology, independent: Any) -> None:
+    """The fitted figures beside the same figures measured apart from the fit."""
+    device = topology.device
+    inner = topology.network[0]
+    rows = [
+        (
+            "float32 matmul TFLOP/s",
+            device.matrix_tflops.get("float32", 0.0),
+            independent.matmul_tflops,
+        ),
+        ("memory GB/s", device.memory_gbps, independent.memcpy_gbps),
+        (
+            f"{inner.name} message latency + issue overhead us",
+            inner.latency_us + device.issue_us,
+            independent.pingpong_us,
+        ),
+    ]
+    print(
+        f"fitted against independent (one rank on a whole core, the others asleep; "
+        f"{device.cores_per_node:g} cores per node, each rank at {topology.core_share:.2g} "
+        "of one):"
+    )
+    for label, fit, measured in rows:
+        ratio = fit / measured if measured > 0 else math.inf
+        print(f"  {label:<48}{fit:>12.4g}{measured:>12.4g}   x{ratio:.2f}")
 
 
 def _check_name(name: str) -> None:
@@ -223,8 +251,9 @@ def _ticker(bar: Any) -> Callable[[int, int, str], None]:
 def _cmd_validate_model(args: argparse.Namespace) -> int:
     """Run the validation sweep for real and simulated; rank 0 prints the errors."""
     from mc2sim.comm import init
-    from mc2sim.study.calibrate import calibrate
-    from mc2sim.study.validate import default_cases, geomean_error, run_cases, score_cases
+    from mc2sim.study.calibrate import calibrate, calibration_cases, contention_cases
+    from mc2sim.study.measure import measure_rounds
+    from mc2sim.study.validate import default_cases, geomean_error, score_cases
 
     with _checking():  # the arguments alone, the same on every rank: before MPI starts
         for flag, value in (("--out", args.out), ("--name", args.name)):
@@ -251,20 +280,39 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             )
             topology, source = fitted.topology, "calibrated in the same rounds"
             results = score_cases(cases, fitted.alongside, topology)
+            inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology)
         else:
             topology, source = given, args.topology
-            results = run_cases(comm, cases, topology, reps=args.reps, progress=_ticker(bar))
+            own = calibration_cases(comm) + contention_cases(comm)
+            runs = [c.run for c in cases + own]
+            rounds = measure_rounds(comm, runs, reps=args.reps, progress=_ticker(bar))
+            spans = [[t.metrics().total_s for t in mine] for mine in rounds]
+            results = score_cases(cases, spans[: len(cases)], topology)
+            inside = score_cases(own, spans[len(cases) :], topology)
     if comm.rank == 0:
         if args.calibrate and args.out:
             _write_topology(topology, args.out)
         elif args.calibrate:
             _print_fit(topology)
+        if args.calibrate:
+            _print_independent(topology, fitted.independent)
         print(f"# validate-model: {comm.size} ranks, {source}, median of {args.reps}")
-        print(f"{'case':<70}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
-        for r in results:
-            measured, simulated = r.measured_s * 1e3, r.simulated_s * 1e3
-            print(f"{r.name:<70}{measured:>12.2f}{simulated:>13.2f}{r.error:>8.1%}")
-        print(f"geomean error over {len(results)} cases: {geomean_error(results):.1%}")
+        split = (
+            "held out: scenarios/validation/ (never fitted on); "
+            "in sample: the calls calibrate fits on (scenarios/calibration/)"
+        )
+        print(f"# split: {split}")
+        for title, rows in (("held out", results), ("in sample", inside)):
+            print(f"{title + ': case':<76}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
+            for r in rows:
+                measured, simulated = r.measured_s * 1e3, r.simulated_s * 1e3
+                print(f"{r.name:<76}{measured:>12.2f}{simulated:>13.2f}{r.error:>8.1%}")
+        worst = max(results, key=lambda r: r.error)
+        print(
+            f"held-out geomean error over {len(results)} cases: {geomean_error(results):.1%} "
+            f"(worst {worst.error:.1%}: {worst.name})"
+        )
+        print(f"in-sample geomean error over {len(inside)} cases: {geomean_error(inside):.1%}")
     return 0
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from mc2sim.model.simulator import simulate
 from mc2sim.schedule.plan import Plan
-from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, Topology
+from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, ProfilePoint, Topology
 
 __all__ = [
     "COMM_SLOWDOWNS",
@@ -43,6 +43,8 @@ __all__ = [
     "fit_levels",
     "fit_network",
     "fit_peaks",
+    "fit_comm_profile",
+    "fit_profile",
 ]
 
 
@@ -73,6 +75,8 @@ class ComputeSample:
     weight: float = 1.0
     """Its weight in the fit: the tasks of one op call share one unit, so a call of many
     small tiles does not outweigh the others."""
+    kind: str = "matmul"
+    """The task kind (``TaskKind`` value): the profile keeps one curve per kind and dtype."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,6 +153,45 @@ def fit_peaks(
         if inv_peak > 0:
             peaks[dtype] = 1.0 / inv_peak / 1e12
     return peaks
+
+
+def fit_profile(samples: Sequence[ComputeSample]) -> tuple[ProfilePoint, ...]:
+    """The machine's profile: one point per distinct task (kind, dtype, FLOPs, bytes).
+
+    A task timed in several places (the tiles of one call) keeps the median of its times.
+    Sorted by kind, dtype and FLOPs.
+    """
+    groups: dict[tuple[str, str, float, float], list[float]] = {}
+    for s in samples:
+        groups.setdefault((s.kind, s.dtype, s.flops, s.nbytes), []).append(s.seconds)
+    return tuple(
+        ProfilePoint(
+            kind=kind, dtype=dtype, flops=flops, bytes=nbytes, us=statistics.median(t) * 1e6
+        )
+        for (kind, dtype, flops, nbytes), t in sorted(groups.items())
+    )
+
+
+def fit_comm_profile(samples: Sequence[CommSample], world: int) -> tuple[ProfilePoint, ...]:
+    """The collectives' profile: one point per (kind, bytes) timed on ``world`` ranks.
+
+    Several samples of one kind and size (the chunks of one call) keep their median.
+    """
+    groups: dict[tuple[str, float], list[float]] = {}
+    for s in samples:
+        groups.setdefault((s.kind, s.nbytes), []).append(s.seconds)
+    return tuple(
+        ProfilePoint(
+            kind=kind,
+            dtype="",
+            flops=0.0,
+            bytes=nbytes,
+            us=statistics.median(t) * 1e6,
+            ranks=world,
+        )
+        for (kind, nbytes), t in sorted(groups.items())
+        if statistics.median(t) > 0
+    )
 
 
 UNBOUNDED_GBPS = 1e6
@@ -317,8 +360,10 @@ def fit_contention(
 ) -> Topology:
     """Grid-search how overlapped work slows down, to make simulated tiled runs match.
 
-    The grid: the compute and communication slowdowns, and whether collectives in flight
-    progress together or one at a time (``Device.concurrent_collectives``).
+    The grid: the compute and communication slowdowns, or polled progress (a transfer stops
+    while a rank computes: ``Contention.polled``) in place of the latter, and whether
+    collectives in flight progress together or one at a time
+    (``Device.concurrent_collectives``).
 
     Args:
         base: the fitted topology, contention aside.
@@ -339,12 +384,15 @@ def fit_contention(
         for concurrent in (False, True)
     }
     best: tuple[float, Topology] | None = None
-    grid = itertools.product(devices.values(), COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS)
-    for device, cs, ms in grid:
+    comm = [(ms, False) for ms in COMM_SLOWDOWNS] + [(1.0, True)]
+    grid = itertools.product(devices.values(), COMPUTE_SLOWDOWNS, comm)
+    for device, cs, (ms, polled) in grid:
         trial = dataclasses.replace(
             base,
             device=device,
-            contention=Contention(compute_slowdown=cs, comm_slowdown=ms, source=source),
+            contention=Contention(
+                compute_slowdown=cs, comm_slowdown=ms, polled=polled, source=source
+            ),
         )
         error = 0.0
         for real, plans in measured:

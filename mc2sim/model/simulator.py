@@ -17,7 +17,15 @@ factors (processor sharing; a factor of 1 is full overlap, a large one means com
 barely advances while the rank computes, as with MPI progress polled between tiles). Only
 the ranks' own work of a transfer is slowed: one that a capped wire holds back
 (``NetworkDim.link_gbps``) to ``h`` times its uncapped time advances at
-``min(1, h / comm_slowdown)`` while a rank computes, as the wire keeps its pace.
+``min(1, h / comm_slowdown)`` while a rank computes, as the wire keeps its pace. Where
+progress is polled (``Contention.polled``: a CPU MPI advances a nonblocking collective only
+inside MPI calls, which the executor makes between tasks), the ranks' own part of a transfer
+stops while a rank computes and only a capped wire's part goes on (``1 - 1 / h``).
+
+Posting a collective holds the rank's issuer for the device's issue overhead (LogP's ``o``,
+``Device.issue_us``) before the collective is queued; compute, the overhead and the
+reductions run at the rank's share of a core where a node's ranks share fewer cores
+(``Topology.core_share``; :mod:`mc2sim.model.cost`).
 
 Every comm task's record splits the bytes its rank sends into those within its node and
 those across nodes (``Topology.node_of``; :mod:`mc2sim.schedule.traffic`).
@@ -42,6 +50,7 @@ from mc2sim.model.cost import (
     allreduce_time,
     alltoallv_time,
     compute_time,
+    issue_time,
     reduce_scatter_time,
 )
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
@@ -67,6 +76,8 @@ class _Rank:
     comm_queue: list[Task] = field(default_factory=list)  # queued, not yet started
     comm_started: int = 0  # collectives started on this rank
     computing: _Active | None = None  # the compute task in progress
+    issuing: Task | None = None  # a comm task being posted (the issue overhead o)
+    issue_version: int = 0
 
 
 @dataclass
@@ -156,7 +167,8 @@ class _Engine:
                     dataclasses.replace(d, bandwidth_gbps=_UNBOUNDED_GBPS, link_gbps=0.0)
                     for d in topology.network
                 ),
-                device=dataclasses.replace(topology.device, reduce_gbps=0.0),
+                # the profile's ratios are of whole collectives, not of their latency
+                device=dataclasses.replace(topology.device, reduce_gbps=0.0, profile=()),
             )
             if topology.device.concurrent_collectives
             else None
@@ -189,6 +201,8 @@ class _Engine:
         self.computing = 0  # ranks with a compute task in progress
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
+        self.polled = topology.contention.polled
+        self.issue = issue_time(topology)
         self.run = {r: RunKey(op=plans[r].op, tiling=plans[r].tiling) for r in range(self.world)}
 
     # -- the one ordering --------------------------------------------------------------------
@@ -200,6 +214,8 @@ class _Engine:
         can never match a later task's version.
         """
         active.version = next(self.versions)
+        if active.rate <= 0.0:
+            return  # stalled (a polled transfer while a rank computes): re-rated later
         at = self.now + active.work / active.rate
         if at < self.now:  # time never goes backwards
             raise RuntimeError(f"event at {at} before now {self.now}")
@@ -220,9 +236,15 @@ class _Engine:
         """A transfer's rate: slowed while a rank computes, unless a capped wire holds it back.
 
         A transfer whose wire takes ``headroom`` times what the ranks' own work would
-        (:attr:`_Active.headroom`) advances at ``min(1, headroom / comm_slowdown)``.
+        (:attr:`_Active.headroom`) advances at ``min(1, headroom / comm_slowdown)``. Where
+        progress is polled (``Contention.polled``), the ranks' own part stops while a rank
+        computes and only the wire's goes on: ``1 - 1 / headroom`` (0 on an uncapped wire).
         """
-        return min(1.0, active.headroom / self.comm_slow) if self.computing > 0 else 1.0
+        if self.computing == 0:
+            return 1.0
+        if self.polled:
+            return 1.0 - 1.0 / active.headroom
+        return min(1.0, active.headroom / self.comm_slow)
 
     def _rerate_comms(self) -> None:
         """Re-rate the transfer in progress (a latency part waits: nothing slows it)."""
@@ -252,8 +274,27 @@ class _Engine:
                 if self.computing == 1:
                     self._rerate_comms()
                 return
+            if self.issue > 0.0:  # posting it holds the issuer (LogP's o)
+                state.issuer_busy = True
+                state.issuing = task
+                state.issue_version = next(self.versions)
+                at = self.now + self.issue
+                heapq.heappush(self.heap, (at, next(self.seq), "issue", rank, state.issue_version))
+                return
             state.comm_queue.append(task)
             self.try_collective(rank)
+
+    def issued(self, rank: int) -> None:
+        """Rank's issuer has posted its comm task: queue it and go on."""
+        state = self.ranks[rank]
+        task = state.issuing
+        if task is None:
+            raise RuntimeError(f"rank {rank} finished posting a collective it did not post")
+        state.issuing = None
+        state.issuer_busy = False
+        state.comm_queue.append(task)
+        self.try_collective(rank)
+        self.advance(rank)
 
     def try_collective(self, rank: int) -> None:
         """Queue rank's next collective; start collective k once every rank has queued it.
@@ -390,6 +431,11 @@ class _Engine:
             self.advance(rank)
         while self.heap:
             at, _, kind, rank, version = heapq.heappop(self.heap)
+            if kind == "issue":
+                if self.ranks[rank].issue_version == version:
+                    self.now = at
+                    self.issued(rank)
+                continue
             # a comm event carries its collective's index where a compute event has its rank
             active = self.collectives.get(rank) if kind == "comm" else self.ranks[rank].computing
             if active is None or active.version != version:
@@ -400,7 +446,9 @@ class _Engine:
             else:
                 self.finish_compute(rank)
         stuck = [
-            r for r, s in enumerate(self.ranks) if s.pointer < len(s.plan.tasks) or s.comm_queue
+            r
+            for r, s in enumerate(self.ranks)
+            if s.pointer < len(s.plan.tasks) or s.comm_queue or s.issuing is not None
         ]
         if stuck:
             raise ParamInvalidError(

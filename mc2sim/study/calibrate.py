@@ -39,6 +39,7 @@ Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import statistics
 import time
@@ -57,10 +58,12 @@ from mc2sim.model.fit import (
     CommSample,
     ComputeSample,
     LevelSamples,
+    fit_comm_profile,
     fit_compute,
     fit_contention,
     fit_levels,
     fit_peaks,
+    fit_profile,
 )
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.scenario import load
@@ -74,13 +77,18 @@ __all__ = [
     "CONTENTION",
     "SAMPLED",
     "Calibration",
+    "Independent",
     "calibrate",
     "calibration_cases",
     "calibration_dir",
     "contention_cases",
     "measure_compute",
+    "measure_independent",
+    "measure_issue",
     "measure_vector",
+    "node_cores",
     "samples_of",
+    "share_of_cores",
 ]
 
 SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
@@ -95,8 +103,17 @@ SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_combine_64", 4),  # small chunks: the executor's per-task costs
     ("cal_all_gather", "serial"),
     ("cal_reduce_scatter", "serial"),
+    ("cal_ifa_small", "serial"),  # the attention kernel's profile
+    ("cal_ifa_mid", "serial"),
+    ("cal_ifa_large", "serial"),
+    ("cal_mm_w8a8", "serial"),  # the int8 kernel's profile
+    ("cal_mm_weight_quant", "serial"),  # the weight-quant kernel's profile
 )
 """(calibration scenario, tiling) whose tasks give the compute and collective samples."""
+
+ROOFLINE_KINDS = ("matmul", "grouped_matmul", "reduce", "pack")
+"""The task kinds the roofline is fitted on (16-bit matmuls and memory passes); every kind,
+these too, is also kept in the device's profile, which corrects the roofline kind by kind."""
 
 CONTENTION: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_mm_3072x48x2048", 4),
@@ -191,7 +208,9 @@ def measure_compute(comm: Communicator, reps: int) -> list[ComputeSample]:
     return samples
 
 
-def measure_vector(comm: Communicator, reps: int, *, launch_us: float, memory_gbps: float) -> float:
+def measure_vector(
+    comm: Communicator, reps: int, *, launch_us: float, memory_gbps: float, share: float = 1.0
+) -> float:
     """Elementwise TFLOP/s of a reduce task, its launch and memory terms held fixed.
 
     Times what MatmulReduceScatter's reduce task does (one 16-bit partial per rank, summed in
@@ -209,7 +228,7 @@ def measure_vector(comm: Communicator, reps: int, *, launch_us: float, memory_gb
             total += part.float()
         return total.to(torch.bfloat16)
 
-    seconds = _median_time(comm, reduce, reps)
+    seconds = _median_time(comm, reduce, reps) * share  # a whole core's time
     elements = parts[0].numel()
     flops = comm.size * elements
     nbytes = (comm.size + 1) * elements * parts[0].element_size()
@@ -267,6 +286,7 @@ def samples_of(
                         nbytes=busiest.bytes,
                         seconds=seconds,
                         weight=1.0 / n_compute,
+                        kind=str(task.kind),
                     )
                 )
                 continue
@@ -305,6 +325,12 @@ class Calibration:
     """The fitted topology; the same on every rank."""
     alongside: list[list[float]]
     """For each run passed as ``alongside``, its spans (slowest rank), one per round."""
+    fitted_cases: list[Case]
+    """The calls the fit was made on, run on every rank of the job (the in-sample cases)."""
+    fitted_spans: list[list[float]]
+    """Their spans (slowest rank), one per round, index as ``fitted_cases``."""
+    independent: Independent
+    """Figures of the machine measured apart from the fit, to check the fitted ones against."""
 
 
 def calibrate(
@@ -349,12 +375,31 @@ def calibrate(
         compute += [replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[0]]
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
     spans = [[t.metrics().total_s for t in mine] for mine in rounds[first:]]
-    peaks, efficiency, launch_us, memory_gbps = fit_compute(compute)
-    others = [s for s in measure_compute(comm, reps) if s.dtype not in peaks]
+    cores = node_cores(comm, hosts)
+    share = min(1.0, cores / per_node) if cores > 0 else 1.0
+    issue_s = measure_issue(comm, reps)
+    # a whole core's figures: the ranks measured at once, each at its share of a core
+    compute = [replace(s, seconds=s.seconds * share) for s in compute]
+    # a collective's span includes its last rank's posting, which the model holds apart
+    by_level = [
+        [replace(s, seconds=max(s.seconds - issue_s, 0.1 * s.seconds)) for s in mine]
+        for mine in by_level
+    ]
+    peaks, efficiency, launch_us, memory_gbps = fit_compute(
+        [s for s in compute if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
+    )
+    others = [
+        replace(s, seconds=s.seconds * share)
+        for s in measure_compute(comm, reps)
+        if s.dtype not in peaks
+    ]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
     wide = comm.backend in WIDE_REDUCTIONS
     network, reduce_gbps = _fit_levels(levels, by_level, wide=wide, per_node=per_node)
-    vector_tflops = measure_vector(comm, reps, launch_us=launch_us, memory_gbps=memory_gbps)
+    reduce_gbps *= share
+    vector_tflops = measure_vector(
+        comm, reps, launch_us=launch_us, memory_gbps=memory_gbps, share=share
+    )
     where = f"host {hosts[0]}" if len(network) == 1 else f"{network[-1].ranks} hosts"
     base = Topology(
         name=name,
@@ -369,6 +414,10 @@ def calibrate(
             reduce_gbps=reduce_gbps,
             memory_overlap=False,
             reductions_in_float32=wide,
+            cores_per_node=cores,
+            issue_us=issue_s * share * 1e6,
+            profile=fit_profile(compute)
+            + (fit_comm_profile(by_level[0], comm.size) if len(network) == 1 else ()),
         ),
         network=network,
         contention=Contention(source="not yet fitted"),
@@ -388,8 +437,179 @@ def calibrate(
         ),
     )
     fitted = fit_contention(base, tiled, spans[: len(tiled)])
+    independent = measure_independent(comm, reps)
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
-    return Calibration(topology=fitted, alongside=spans[len(tiled) :])
+    return Calibration(
+        topology=fitted,
+        alongside=spans[len(tiled) :],
+        fitted_cases=[c for group, cases in serial if group is comm for c in cases] + tiled,
+        fitted_spans=_fitted_spans(serial, rounds, comm, len(tiled)),
+        independent=independent,
+    )
+
+
+def _fitted_spans(
+    serial: Sequence[tuple[Communicator, Sequence[Case]]],
+    rounds: Sequence[Sequence[Timeline]],
+    comm: Communicator,
+    tiled: int,
+) -> list[list[float]]:
+    """The spans of the serial calls run on the whole job, then of the ``tiled`` calls."""
+    spans = []
+    first = 0
+    for group, cases in serial:
+        if group is comm:
+            spans += [
+                [t.metrics().total_s for t in mine] for mine in rounds[first : first + len(cases)]
+            ]
+        first += len(cases)
+    spans += [[t.metrics().total_s for t in mine] for mine in rounds[first : first + tiled]]
+    return spans
+
+
+def share_of_cores(machine_cores: float, ranks_on_machine: int, ranks_per_node: int) -> float:
+    """The cores a node's ranks share, where a machine's cores serve all ranks it runs.
+
+    Nodes of one machine (network namespaces on one host) split its cores by their ranks:
+    ``machine_cores * ranks_per_node / ranks_on_machine``.
+
+    Raises:
+        ParamInvalidError: a count below 1 or a node larger than its machine.
+    """
+    if ranks_on_machine < 1 or ranks_per_node < 1 or ranks_per_node > ranks_on_machine:
+        raise ParamInvalidError(
+            "ranks_per_node",
+            ranks_per_node,
+            f"must be between 1 and the ranks on the machine ({ranks_on_machine})",
+        )
+    if machine_cores <= 0:
+        raise ParamInvalidError("machine_cores", machine_cores, "must be > 0")
+    return machine_cores * ranks_per_node / ranks_on_machine
+
+
+def _cgroup_cores() -> float:
+    """The CPU quota of this process's cgroup, in cores (0: no quota found)."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return 0.0
+    return 0.0 if quota == "max" else float(quota) / float(period)
+
+
+def _machine() -> str:
+    """This machine's identity: its kernel's boot id (namespaces of one host share it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def node_cores(comm: Communicator, hosts: Sequence[str]) -> float:
+    """The CPU cores each node's ranks share (``Device.cores_per_node``; every rank).
+
+    A machine's cores are the union of its ranks' CPU affinities (ranks bound to distinct
+    cores by the launcher get one each), capped by a cgroup quota; nodes of one machine
+    split them by ranks (:func:`share_of_cores`). The smallest node's figure is kept.
+    """
+    mine = (_machine(), sorted(os.sched_getaffinity(0)), _cgroup_cores())
+    every = comm.allgather_object(mine)
+    per_node = comm.size // max(len(set(hosts)), 1)
+    figures = []
+    for machine in {m for m, _, _ in every}:
+        here = [(cpus, quota) for m, cpus, quota in every if m == machine]
+        cores = float(len(set().union(*(set(c) for c, _ in here))))
+        quotas = [q for _, q in here if q > 0]
+        if quotas:
+            cores = min(cores, min(quotas))
+        figures.append(share_of_cores(cores, len(here), per_node))
+    return min(figures)
+
+
+def measure_issue(comm: Communicator, reps: int) -> float:
+    """Median seconds a rank spends posting a nonblocking collective (LogP's ``o``).
+
+    Every rank posts a 1-row-per-peer bfloat16 AlltoAllv and a 256-element AllReduce at
+    once, as the tiled plans do, timing the post alone; the slowest rank's median of both
+    kinds together.
+    """
+    rows = torch.zeros((comm.size, 64), dtype=torch.bfloat16)
+    ones = [1] * comm.size
+    flat = torch.zeros(256, dtype=torch.bfloat16)
+    times = []
+    for i in range(2 * (reps + 1)):
+        comm.barrier()
+        start = time.perf_counter()
+        work = comm.ialltoallv(rows, ones, ones) if i % 2 == 0 else comm.iallreduce(flat)
+        posted = time.perf_counter() - start
+        work.wait()
+        if i >= 2:  # the first of each kind warms up
+            times.append(posted)
+    return float(max(comm.allgather_object(statistics.median(times))))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Independent:
+    """Figures of the machine measured apart from the fit, printed beside the fitted ones.
+
+    Each is timed on one rank while the others sleep, so on a whole core.
+    """
+
+    matmul_tflops: float
+    """A plain float32 matmul (1024 x 1024 x 1024, torch), TFLOP/s."""
+    memcpy_gbps: float
+    """A 64 MiB copy, bytes read plus written per second, GB/s."""
+    pingpong_us: float
+    """One exchange of 4 bytes between two ranks (a 2-rank float32 AllReduce: one message
+    each way at once), microseconds."""
+
+
+def _asleep_until_done(comm: Communicator, busy: bool) -> None:
+    """Ranks not ``busy`` sleep (never spin) until every busy rank is done."""
+    work = comm.iallreduce(torch.zeros(1))
+    if busy:
+        work.wait()
+        return
+    while not work.test():
+        time.sleep(0.002)
+    work.wait()
+
+
+def measure_independent(comm: Communicator, reps: int) -> Independent:
+    """Time a float32 matmul and a memcpy on rank 0, and a ping-pong on ranks 0 and 1."""
+    figures: dict[str, float] = {}
+    if comm.rank == 0:
+        a = torch.randn(1024, 1024)
+        b = torch.randn(1024, 1024)
+        seconds = _alone_median(lambda: torch.mm(a, b), reps)
+        figures["matmul"] = 2.0 * 1024**3 / seconds / 1e12
+        src = torch.ones(16 * 1024 * 1024)  # 64 MiB of float32
+        dst = torch.empty_like(src)
+        seconds = _alone_median(lambda: dst.copy_(src), reps)
+        figures["memcpy"] = 2.0 * src.numel() * 4 / seconds / 1e9
+    _asleep_until_done(comm, comm.rank == 0)
+    pair = comm.split(0 if comm.rank < 2 else 1, comm.rank)
+    if comm.size >= 2 and comm.rank < 2:
+        x = torch.zeros(1)
+        seconds = _alone_median(lambda: pair.allreduce(x), 20 * reps)
+        figures["pingpong"] = seconds * 1e6
+    _asleep_until_done(comm, comm.rank < 2)
+    shared = comm.allgather_object(figures)[0]
+    return Independent(
+        matmul_tflops=shared["matmul"],
+        memcpy_gbps=shared["memcpy"],
+        pingpong_us=shared.get("pingpong", 0.0),
+    )
+
+
+def _alone_median(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of ``fn`` on this rank alone (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(max(reps, 3)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 WIDE_REDUCTIONS = ("mpi", "gloo", "threads")
