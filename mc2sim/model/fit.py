@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mc2sim.model.accuracy import typical
 from mc2sim.model.simulator import simulate
 from mc2sim.schedule.plan import Plan
 from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, ProfilePoint, Topology
@@ -368,12 +369,13 @@ def fit_contention(
     Args:
         base: the fitted topology, contention aside.
         cases: tiled op calls (every rank's plan).
-        spans: each case's measured spans (slowest rank); their medians are matched.
+        spans: each case's measured spans (slowest rank); their lower quartiles
+            (:func:`mc2sim.model.accuracy.typical`) are matched.
 
     Returns:
         ``base`` at the grid point with the smallest sum of squared log errors over the cases.
     """
-    measured = [(statistics.median(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
+    measured = [(typical(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
     source = (
         "fitted by mc2sim calibrate: simulated against measured tiled runs of "
         f"{', '.join(c.name for c in cases)} on this machine, grid search on squared log "

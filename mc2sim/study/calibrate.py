@@ -53,6 +53,7 @@ from mc2sim._yaml import shipped_dir
 from mc2sim.comm import Communicator
 from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import matmul, quant_matmul
+from mc2sim.model.accuracy import typical
 from mc2sim.model.fit import (
     UNBOUNDED_TFLOPS,
     CommSample,
@@ -249,7 +250,8 @@ def samples_of(
     machine, where a rank may see its completion a time slice late); a round in which some
     rank computed while its part of the collective was in flight (a tiled plan's next tile)
     is left out, as that time holds contention, which :func:`fit_contention` fits. Each
-    task's figure is the median over the rounds kept, paired with the FLOPs and bytes of the
+    task's figure is the lower quartile over the rounds kept
+    (:func:`mc2sim.model.accuracy.typical`), paired with the FLOPs and bytes of the
     busiest rank's task; the tasks of one case share one unit of weight in the fits.
     """
     compute: list[ComputeSample] = []
@@ -275,7 +277,7 @@ def samples_of(
         for task in plan.tasks:
             if task.id not in durations:
                 continue  # a collective that overlapped compute in every round
-            seconds = statistics.median(durations[task.id])
+            seconds = typical(durations[task.id])
             if task.resource is Resource.COMPUTE:
                 dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else plan.dtype
                 busiest = max((p.tasks[task.id] for p in case.plans), key=lambda t: t.flops)

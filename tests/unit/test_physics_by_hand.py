@@ -184,3 +184,15 @@ def test_a_collective_profile_holds_at_its_rank_count_only() -> None:
     assert allreduce_time(topo, 100_000) == pytest.approx(30.0)
     assert allreduce_time(topo, 10_000) == pytest.approx(10 * math.sqrt(0.9))
     assert allreduce_time(topo.with_world(4), 10_000) == pytest.approx(15.0)
+
+
+def test_a_calls_time_is_the_lower_quartile_of_its_rounds() -> None:
+    from mc2sim.model.accuracy import typical
+
+    # 5 rounds sorted 1, 2, 3, 10, 50: the quartile sits at index 0.25 * 4 = 1: 2
+    assert typical([10.0, 1.0, 50.0, 3.0, 2.0]) == 2.0
+    # 4 rounds 1, 2, 4, 8: index 0.75, between 1 and 2: 1.75
+    assert typical([8.0, 4.0, 2.0, 1.0]) == pytest.approx(1.75)
+    assert typical([7.0]) == 7.0
+    with pytest.raises(ValueError, match="no values"):
+        typical([])
