@@ -91,7 +91,7 @@ def run_cases(
     reps: int = 5,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[CaseResult]:
-    """Run every case for real (median span over ``reps`` rounds) and simulated.
+    """Run every case for real (``reps`` rounds: :func:`typical` of the spans) and simulated.
 
     Every rank calls it and gets the same results.
     """
