@@ -170,30 +170,36 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _print_independent(topology: Topology, independent: Any) -> None:
-    """The fitted figures beside the same figures measured apart from the fit."""
+    """The fitted figures beside the same figures measured apart from the fit.
+
+    Each row is the model's figure for what the independent measurement times: a 1024^3
+    float32 matmul task on a whole core (the roofline, its efficiency and memory terms),
+    the memory rate (against a bfloat16 to float32 conversion, the kernels' memory pass,
+    and a memcpy), a 4-byte exchange of two ranks (latency plus issue overhead).
+    """
+    from mc2sim.model.cost import roofline_time
+    from mc2sim.schedule.plan import TaskKind
+
     device = topology.device
     inner = topology.network[0]
+    flops = 2.0 * 1024**3
+    matmul = flops / roofline_time(device, TaskKind.MATMUL, "float32", flops, 3 * 1024**2 * 4)
+    message = inner.latency_us + device.issue_us
     rows = [
-        (
-            "float32 matmul TFLOP/s",
-            device.matrix_tflops.get("float32", 0.0),
-            independent.matmul_tflops,
-        ),
-        ("memory GB/s", device.memory_gbps, independent.memcpy_gbps),
-        (
-            f"{inner.name} message latency + issue overhead us",
-            inner.latency_us + device.issue_us,
-            independent.pingpong_us,
-        ),
+        ("float32 matmul 1024^3, TFLOP/s", matmul / 1e12, independent.matmul_tflops),
+        ("memory GB/s vs bf16->f32 conversion", device.memory_gbps, independent.upcast_gbps),
+        ("memory GB/s vs memcpy (read + write)", device.memory_gbps, independent.memcpy_gbps),
+        ("4-byte exchange us, the others asleep", message, independent.pingpong_us),
+        ("4-byte exchange us, every pair at once", message, independent.pingpong_loaded_us),
     ]
     print(
-        f"fitted against independent (one rank on a whole core, the others asleep; "
-        f"{device.cores_per_node:g} cores per node, each rank at {topology.core_share:.2g} "
-        "of one):"
+        f"fitted against independent ({device.cores_per_node:g} cores per node, each rank at "
+        f"{topology.core_share:.2g} of one; compute and memory on one rank, the others asleep):"
     )
+    print(f"  {'':<44}{'fitted':>10}{'measured':>10}   ratio")
     for label, fit, measured in rows:
         ratio = fit / measured if measured > 0 else math.inf
-        print(f"  {label:<48}{fit:>12.4g}{measured:>12.4g}   x{ratio:.2f}")
+        print(f"  {label:<44}{fit:>10.4g}{measured:>10.4g}   x{ratio:.2f}")
 
 
 def _check_name(name: str) -> None:

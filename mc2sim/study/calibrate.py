@@ -83,6 +83,8 @@ __all__ = [
     "calibration_cases",
     "calibration_dir",
     "contention_cases",
+    "COLLECTIVE_BYTES",
+    "measure_collectives",
     "measure_compute",
     "measure_independent",
     "measure_issue",
@@ -150,6 +152,52 @@ def calibration_cases(comm: Communicator) -> list[Case]:
 def contention_cases(comm: Communicator) -> list[Case]:
     """The calls of :data:`CONTENTION` (``mc2sim calibrate``'s contention fit)."""
     return _cases(comm, CONTENTION)
+
+
+KINDS = ("allreduce", "alltoallv", "allgather", "reduce_scatter")
+"""The collectives' sample kinds (:class:`mc2sim.model.fit.CommSample`)."""
+
+COLLECTIVE_BYTES = (64, 4096, 65536, 1048576, 4194304)
+"""Bytes per rank of the AllReduce and AlltoAllv sweep of ``calibrate`` (bfloat16): from a
+tiny message, where the latency and the per-call costs are all, to bandwidth."""
+
+
+def measure_collectives(comm: Communicator, reps: int) -> list[CommSample]:
+    """Time a bfloat16 AllReduce and an even AlltoAllv at each of :data:`COLLECTIVE_BYTES`.
+
+    Each call is posted and waited for as the executor does (every rank at once, after a
+    barrier); its figure is the slowest rank's lower quartile over ``reps`` calls, the post
+    included (``calibrate`` takes the issue overhead off every collective sample alike). The
+    samples of one kind share one unit of weight.
+    """
+    samples = []
+    for nbytes in COLLECTIVE_BYTES:
+        elements = max(nbytes // 2, 1)
+        flat = torch.zeros(elements, dtype=torch.bfloat16)
+        rows_per_peer = max(elements // (64 * comm.size), 1)
+        rows = torch.zeros((rows_per_peer * comm.size, 64), dtype=torch.bfloat16)
+        counts = [rows_per_peer] * comm.size
+        for kind, call in (
+            ("allreduce", lambda flat=flat: comm.iallreduce(flat).wait()),
+            ("alltoallv", lambda rows=rows, c=counts: comm.ialltoallv(rows, c, c).wait()),
+        ):
+            seconds = _quiet_time(comm, call, reps)
+            size = float(flat.numel() * 2 if kind == "allreduce" else rows.numel() * 2)
+            weight = 1.0 / len(COLLECTIVE_BYTES)
+            samples.append(CommSample(kind=kind, nbytes=size, seconds=seconds, weight=weight))
+    return samples
+
+
+def _quiet_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
+    """The slowest rank's lower quartile (:func:`typical`) of ``fn``, every rank at once."""
+    fn()
+    times = []
+    for _ in range(max(reps, 3)):
+        comm.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(max(comm.allgather_object(typical(times))))
 
 
 def _median_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
@@ -380,6 +428,15 @@ def calibrate(
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
     issue_s = measure_issue(comm, reps)
+    in_ops = list(by_level[0])
+    if len(levels) == 1:  # one host: the collectives over sizes join the serial runs' samples
+        swept = measure_collectives(comm, reps)
+        by_level[0] += swept
+        # the profile keeps the ops' own collectives, and the sweep below their sizes (tiny
+        # messages): a bare call lacks the executor's costs around it, so sizes among the
+        # ops' would mix two kinds of figure
+        least = {k: min((s.nbytes for s in in_ops if s.kind == k), default=0.0) for k in KINDS}
+        in_ops += [s for s in swept if s.nbytes < least.get(s.kind, 0.0)]
     # a whole core's figures: the ranks measured at once, each at its share of a core
     compute = [replace(s, seconds=s.seconds * share) for s in compute]
     # a collective's span includes its last rank's posting, which the model holds apart
@@ -387,6 +444,7 @@ def calibrate(
         [replace(s, seconds=max(s.seconds - issue_s, 0.1 * s.seconds)) for s in mine]
         for mine in by_level
     ]
+    in_ops = [replace(s, seconds=max(s.seconds - issue_s, 0.1 * s.seconds)) for s in in_ops]
     peaks, efficiency, launch_us, memory_gbps = fit_compute(
         [s for s in compute if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
     )
@@ -419,7 +477,7 @@ def calibrate(
             cores_per_node=cores,
             issue_us=issue_s * share * 1e6,
             profile=fit_profile(compute)
-            + (fit_comm_profile(by_level[0], comm.size) if len(network) == 1 else ()),
+            + (fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()),
         ),
         network=network,
         contention=Contention(source="not yet fitted"),
@@ -560,9 +618,15 @@ class Independent:
     """A plain float32 matmul (1024 x 1024 x 1024, torch), TFLOP/s."""
     memcpy_gbps: float
     """A 64 MiB copy, bytes read plus written per second, GB/s."""
+    upcast_gbps: float
+    """A bfloat16 to float32 conversion of 32 MiB, bytes of bfloat16 data per second, GB/s:
+    the memory pass of the reference kernels, whose plans count 16-bit bytes."""
     pingpong_us: float
     """One exchange of 4 bytes between two ranks (a 2-rank float32 AllReduce: one message
-    each way at once), microseconds."""
+    each way at once), the other ranks asleep, microseconds."""
+    pingpong_loaded_us: float
+    """The same, every pair of ranks exchanging at once (ranks 0-1, 2-3, ...): a message as
+    the job's own ranks, sharing the cores, see it."""
 
 
 def _asleep_until_done(comm: Communicator, busy: bool) -> None:
@@ -588,6 +652,9 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
         dst = torch.empty_like(src)
         seconds = _alone_median(lambda: dst.copy_(src), reps)
         figures["memcpy"] = 2.0 * src.numel() * 4 / seconds / 1e9
+        half = torch.ones(16 * 1024 * 1024, dtype=torch.bfloat16)
+        seconds = _alone_median(lambda: dst.copy_(half), reps)
+        figures["upcast"] = half.numel() * 2 / seconds / 1e9
     _asleep_until_done(comm, comm.rank == 0)
     pair = comm.split(0 if comm.rank < 2 else 1, comm.rank)
     if comm.size >= 2 and comm.rank < 2:
@@ -595,11 +662,20 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
         seconds = _alone_median(lambda: pair.allreduce(x), 20 * reps)
         figures["pingpong"] = seconds * 1e6
     _asleep_until_done(comm, comm.rank < 2)
+    pairs = comm.split(comm.rank // 2, comm.rank)
+    paired = pairs.size == 2
+    if paired:
+        x = torch.zeros(1)
+        figures["loaded"] = _alone_median(lambda: pairs.allreduce(x), 20 * reps) * 1e6
+    _asleep_until_done(comm, paired)
+    loaded = max((f.get("loaded", 0.0) for f in comm.allgather_object(figures)), default=0.0)
     shared = comm.allgather_object(figures)[0]
     return Independent(
         matmul_tflops=shared["matmul"],
         memcpy_gbps=shared["memcpy"],
+        upcast_gbps=shared["upcast"],
         pingpong_us=shared.get("pingpong", 0.0),
+        pingpong_loaded_us=loaded,
     )
 
 
