@@ -183,6 +183,13 @@ class _Engine:
             if any(d.link_gbps > 0 for d in topology.network)
             else None
         )
+        # the same machine without its profile: a profiled collective's latency part is the
+        # model's latency times the profile's ratio (its fixed costs overlap as latency does)
+        self.bare = (
+            dataclasses.replace(topology, device=dataclasses.replace(topology.device, profile=()))
+            if self.latency_only is not None and topology.device.profile
+            else None
+        )
         self.world = len(plans)
         self.placement = Placement.of(np.arange(self.world) // topology.ranks_per_node)
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
@@ -317,10 +324,14 @@ class _Engine:
         tasks = [t for t in self.waiting.pop(k) if t is not None]
         del self.waiting_count[k]
         latency = 0.0  # on a stream the whole time is the transfer part
-        others = [t for t in (self.latency_only, self.uncapped) if t is not None]
+        others = [t for t in (self.latency_only, self.uncapped, self.bare) if t is not None]
         work, *times = _collective_times(tasks, self.topology, *others)
+        ratio = 1.0
+        if self.bare is not None:  # the profile's ratio of this collective
+            bare = times.pop()
+            ratio = work / bare if bare > 0 else 1.0
         if self.latency_only is not None:
-            latency = min(work, times.pop(0))
+            latency = min(work, times.pop(0) * ratio)
         headroom = 1.0
         if self.uncapped is not None:  # the transfer's own work, without the wires' caps
             own = times.pop(0) - latency

@@ -154,9 +154,6 @@ def contention_cases(comm: Communicator) -> list[Case]:
     return _cases(comm, CONTENTION)
 
 
-KINDS = ("allreduce", "alltoallv", "allgather", "reduce_scatter")
-"""The collectives' sample kinds (:class:`mc2sim.model.fit.CommSample`)."""
-
 COLLECTIVE_BYTES = (64, 4096, 65536, 1048576, 4194304)
 """Bytes per rank of the AllReduce and AlltoAllv sweep of ``calibrate`` (bfloat16): from a
 tiny message, where the latency and the per-call costs are all, to bandwidth."""
@@ -428,15 +425,15 @@ def calibrate(
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
     issue_s = measure_issue(comm, reps)
-    in_ops = list(by_level[0])
+    in_ops: list[CommSample] = []
     if len(levels) == 1:  # one host: the collectives over sizes join the serial runs' samples
         swept = measure_collectives(comm, reps)
         by_level[0] += swept
-        # the profile keeps the ops' own collectives, and the sweep below their sizes (tiny
-        # messages): a bare call lacks the executor's costs around it, so sizes among the
-        # ops' would mix two kinds of figure
-        least = {k: min((s.nbytes for s in in_ops if s.kind == k), default=0.0) for k in KINDS}
-        in_ops += [s for s in swept if s.nbytes < least.get(s.kind, 0.0)]
+        # the profile: the serial calls' collectives and the sweep's; a sub-tiled call's
+        # chunks (cal_combine_64) are timed while the ranks take turns computing, which
+        # the contention model accounts for
+        whole = [(c, r) for c, r in zip(serial[0][1], rounds, strict=False) if c.tiling == "serial"]
+        in_ops = samples_of(comm, [c for c, _ in whole], [r for _, r in whole])[1] + swept
     # a whole core's figures: the ranks measured at once, each at its share of a core
     compute = [replace(s, seconds=s.seconds * share) for s in compute]
     # a collective's span includes its last rank's posting, which the model holds apart

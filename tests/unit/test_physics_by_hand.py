@@ -196,3 +196,18 @@ def test_a_calls_time_is_the_lower_quartile_of_its_rounds() -> None:
     assert typical([7.0]) == 7.0
     with pytest.raises(ValueError, match="no values"):
         typical([])
+
+
+def test_a_profiled_collective_keeps_the_models_share_of_latency() -> None:
+    # collectives in flight together, latency 0.5 s: an AllReduce of 1000 B on 2 ranks is
+    # 0.5 s latency + 1 s transfer in the model (recursive doubling). A profile timing it at
+    # 3 s (ratio 2) scales both parts: 1 s of latency, 2 s of transfer. Two back to back:
+    # both latencies [0, 1]; transfers one at a time: [1, 3] and [3, 5]
+    from mc2sim.model.fit import CommSample, fit_comm_profile
+
+    topo = machine(2, latency_s=0.5, concurrent=True)
+    profile = fit_comm_profile([CommSample(kind="allreduce", nbytes=1000, seconds=3.0)], 2)
+    topo = with_device(topo, profile=profile)
+    plans = {r: plan(r, 2, allreduce(1), allreduce(1)) for r in range(2)}
+    expected = {"ar0": (0.0, 3.0), "ar1": (0.0, 5.0)}
+    assert_spans(simulate(plans, topo), {(r, n): s for r in range(2) for n, s in expected.items()})
