@@ -619,8 +619,9 @@ class Independent:
     """A bfloat16 to float32 conversion of 32 MiB, bytes of bfloat16 data per second, GB/s:
     the memory pass of the reference kernels, whose plans count 16-bit bytes."""
     pingpong_us: float
-    """One exchange of 4 bytes between two ranks (a 2-rank float32 AllReduce: one message
-    each way at once), the other ranks asleep, microseconds."""
+    """One exchange of 4 bytes between two ranks (a 2-rank float32 AllReduce, posted and
+    waited for as the executor does: one message each way at once), the other ranks asleep,
+    microseconds."""
     pingpong_loaded_us: float
     """The same, every pair of ranks exchanging at once (ranks 0-1, 2-3, ...): a message as
     the job's own ranks, sharing the cores, see it."""
@@ -656,14 +657,14 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
     pair = comm.split(0 if comm.rank < 2 else 1, comm.rank)
     if comm.size >= 2 and comm.rank < 2:
         x = torch.zeros(1)
-        seconds = _alone_median(lambda: pair.allreduce(x), 20 * reps)
+        seconds = _alone_median(lambda: pair.iallreduce(x).wait(), 20 * reps)
         figures["pingpong"] = seconds * 1e6
     _asleep_until_done(comm, comm.rank < 2)
     pairs = comm.split(comm.rank // 2, comm.rank)
     paired = pairs.size == 2
     if paired:
         x = torch.zeros(1)
-        figures["loaded"] = _alone_median(lambda: pairs.allreduce(x), 20 * reps) * 1e6
+        figures["loaded"] = _alone_median(lambda: pairs.iallreduce(x).wait(), 20 * reps) * 1e6
     _asleep_until_done(comm, paired)
     loaded = max((f.get("loaded", 0.0) for f in comm.allgather_object(figures)), default=0.0)
     shared = comm.allgather_object(figures)[0]
