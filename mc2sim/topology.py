@@ -290,6 +290,12 @@ class Device:
     plan of many tiny chunks pays it once per chunk. 0 on accelerators, whose
     communication engine takes a descriptor."""
 
+    slice_us: float = 0.0
+    """Where a node's ranks share fewer cores (``Topology.core_share`` below 1): how long a
+    collective waits, in microseconds, for a peer that is off its core (the scheduler's
+    time slice). Each collective waits ``slice_us * (1 - core_share)`` on average, as
+    latency; ``mc2sim calibrate`` fits it with the contention. >= 0."""
+
     profile: tuple[ProfilePoint, ...] = ()
     """Compute tasks timed on this machine (``mc2sim calibrate``); empty for a machine
     described on paper, whose tasks take the roofline's time."""
@@ -340,6 +346,7 @@ class Device:
             self, "cores_per_node", _non_negative("cores_per_node", self.cores_per_node)
         )
         object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
+        object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
         if not isinstance(self.profile, tuple) or not all(
             isinstance(p, ProfilePoint) for p in self.profile
         ):
@@ -360,6 +367,7 @@ class Device:
                 self.reductions_in_float32,
                 self.cores_per_node,
                 self.issue_us,
+                self.slice_us,
                 self.profile,
             )
         )
@@ -681,6 +689,7 @@ _DEVICE_KEYS = (
     "reductions_in_float32",
     "cores_per_node",
     "issue_us",
+    "slice_us",
     "profile",
 )
 _DEVICE_OPTIONAL = (
@@ -690,6 +699,7 @@ _DEVICE_OPTIONAL = (
     "reductions_in_float32",
     "cores_per_node",
     "issue_us",
+    "slice_us",
     "profile",
 )
 _PROFILE_KEYS = ("kind", "dtype", "flops", "bytes", "us", "ranks")
@@ -813,6 +823,7 @@ class _Reader:
             ),
             cores_per_node=self.number(dev.get("cores_per_node", 0.0), "device.cores_per_node"),
             issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
+            slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
             profile=self.profile(dev.get("profile", [])),
         )
 
@@ -922,6 +933,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "reductions_in_float32": dev.reductions_in_float32,
             **({"cores_per_node": dev.cores_per_node} if dev.cores_per_node else {}),
             **({"issue_us": dev.issue_us} if dev.issue_us else {}),
+            **({"slice_us": dev.slice_us} if dev.slice_us else {}),
             "efficiency": {
                 "small_util": eff.small_util,
                 "large_util": eff.large_util,

@@ -51,6 +51,7 @@ __all__ = [
     "compute_time",
     "issue_time",
     "profiled_ratio",
+    "schedule_wait",
     "roofline_time",
     "task_dtype",
     "reduce_scatter_time",
@@ -131,6 +132,14 @@ def compute_time(task: Task, topology: Topology, dtype: str) -> float:
     if device.profile:
         roof *= profiled_ratio(device, task.kind, kind_dtype, roof)
     return roof / topology.core_share
+
+
+def schedule_wait(topology: Topology) -> float:
+    """Seconds a collective waits for peers off their cores: ``slice * (1 - core_share)``.
+
+    0 where every rank has a core of its own (``core_share`` 1) or ``slice_us`` is 0.
+    """
+    return topology.device.slice_us * 1e-6 * (1.0 - topology.core_share)
 
 
 def issue_time(topology: Topology) -> float:

@@ -32,6 +32,7 @@ from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, Profil
 
 __all__ = [
     "COMM_SLOWDOWNS",
+    "SLICES_US",
     "COMPUTE_SLOWDOWNS",
     "UNBOUNDED_GBPS",
     "UNBOUNDED_TFLOPS",
@@ -352,6 +353,9 @@ def fit_levels(
 COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 """The grid :func:`fit_contention` searches for the compute slowdown."""
 
+SLICES_US = (0.0, 100.0, 300.0, 1000.0, 3000.0)
+"""The grid :func:`fit_contention` searches for ``Device.slice_us`` where ranks share cores."""
+
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
 
@@ -361,8 +365,10 @@ def fit_contention(
 ) -> Topology:
     """Grid-search how overlapped work slows down, to make simulated tiled runs match.
 
-    The grid: the compute and communication slowdowns, or polled progress (a transfer stops
-    while a rank computes: ``Contention.polled``) in place of the latter, and whether
+    The grid: where ranks share cores, the wait for a peer off its core
+    (``Device.slice_us``); the compute and communication slowdowns, or polled progress (a
+    transfer stops while a rank computes: ``Contention.polled``) in place of the latter, and
+    whether
     collectives in flight progress together or one at a time
     (``Device.concurrent_collectives``).
 
@@ -387,11 +393,12 @@ def fit_contention(
     }
     best: tuple[float, Topology] | None = None
     comm = [(ms, False) for ms in COMM_SLOWDOWNS] + [(1.0, True)]
-    grid = itertools.product(devices.values(), COMPUTE_SLOWDOWNS, comm)
-    for device, cs, (ms, polled) in grid:
+    slices = SLICES_US if base.core_share < 1.0 else (0.0,)
+    grid = itertools.product(devices.values(), slices, COMPUTE_SLOWDOWNS, comm)
+    for device, slice_us, cs, (ms, polled) in grid:
         trial = dataclasses.replace(
             base,
-            device=device,
+            device=dataclasses.replace(device, slice_us=slice_us),
             contention=Contention(
                 compute_slowdown=cs, comm_slowdown=ms, polled=polled, source=source
             ),

@@ -22,6 +22,8 @@ progress is polled (``Contention.polled``: a CPU MPI advances a nonblocking coll
 inside MPI calls, which the executor makes between tasks), the ranks' own part of a transfer
 stops while a rank computes and only a capped wire's part goes on (``1 - 1 / h``).
 
+Where a node's ranks share fewer cores, every collective also waits ``Device.slice_us * (1 -
+core_share)`` for peers off their cores, as latency (:func:`mc2sim.model.cost.schedule_wait`).
 Posting a collective holds the rank's issuer for the device's issue overhead (LogP's ``o``,
 ``Device.issue_us``) before the collective is queued; compute, the overhead and the
 reductions run at the rank's share of a core where a node's ranks share fewer cores
@@ -52,6 +54,7 @@ from mc2sim.model.cost import (
     compute_time,
     issue_time,
     reduce_scatter_time,
+    schedule_wait,
 )
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
 from mc2sim.schedule.traffic import Placement, level_bytes
@@ -210,6 +213,7 @@ class _Engine:
         self.comm_slow = topology.contention.comm_slowdown
         self.polled = topology.contention.polled
         self.issue = issue_time(topology)
+        self.wait = schedule_wait(topology)
         self.run = {r: RunKey(op=plans[r].op, tiling=plans[r].tiling) for r in range(self.world)}
 
     # -- the one ordering --------------------------------------------------------------------
@@ -331,7 +335,8 @@ class _Engine:
             bare = times.pop()
             ratio = work / bare if bare > 0 else 1.0
         if self.latency_only is not None:
-            latency = min(work, times.pop(0) * ratio)
+            latency = min(work, times.pop(0) * ratio) + self.wait
+        work += self.wait  # waiting for peers off their cores: latency
         headroom = 1.0
         if self.uncapped is not None:  # the transfer's own work, without the wires' caps
             own = times.pop(0) - latency

@@ -211,3 +211,22 @@ def test_a_profiled_collective_keeps_the_models_share_of_latency() -> None:
     plans = {r: plan(r, 2, allreduce(1), allreduce(1)) for r in range(2)}
     expected = {"ar0": (0.0, 3.0), "ar1": (0.0, 5.0)}
     assert_spans(simulate(plans, topo), {(r, n): s for r in range(2) for n, s in expected.items()})
+
+
+def test_a_collective_waits_for_peers_off_their_cores_as_latency() -> None:
+    # 4 ranks on 2 cores (share 1/2), slice 1 s: each collective waits 1 * (1 - 1/2) = 0.5 s.
+    # In flight together, latency 0: two 1000-byte AllReduces on a 4-rank switch (the ring's
+    # 2 (p - 1) / p * n / B = 1.5 s each). Both wait [0, 0.5]; transfers one at a time:
+    # [0.5, 2], [2, 3.5]. On a stream the whole of each is serialised: [0, 2], [2, 4]. With a
+    # core per rank (cores 4) there is no wait: [0, 1.5], [1.5, 3].
+    plans = {r: plan(r, 4, allreduce(1), allreduce(1)) for r in range(4)}
+    for concurrent, cores, ar0, ar1 in (
+        (True, 2, (0.0, 2.0), (0.0, 3.5)),
+        (False, 2, (0.0, 2.0), (2.0, 4.0)),
+        (True, 4, (0.0, 1.5), (0.0, 3.0)),
+    ):
+        topo = with_device(machine(4, concurrent=concurrent), cores_per_node=cores, slice_us=1e6)
+        expected = {"ar0": ar0, "ar1": ar1}
+        assert_spans(
+            simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()}
+        )
