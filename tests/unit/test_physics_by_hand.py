@@ -230,3 +230,26 @@ def test_a_collective_waits_for_peers_off_their_cores_as_latency() -> None:
         assert_spans(
             simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()}
         )
+
+
+@pytest.mark.parametrize(
+    ("entry", "where", "rule"),
+    [
+        ("{kind: matmul, dtype: float16, flops: 1, bytes: 1, us: -1}", "profile[0].us", "> 0"),
+        ("{kind: matmul, dtype: float16, flops: 1, bytes: 1}", "profile[0].us", "required"),
+        ("{kind: matmul, dtype: '', flops: 1, bytes: 1, us: 1}", "profile[0].dtype", "empty"),
+        ("{kind: allreduce, dtype: '', flops: 0, bytes: 1, us: 1, ranks: -2}", "ranks", ">= 0"),
+        ("{kind: matmul, dtype: f, flops: 1, bytes: 1, us: 1, speed: 2}", "speed", "unknown"),
+    ],
+)
+def test_a_bad_profile_entry_is_named_by_its_field(
+    tmp_path: object, entry: str, where: str, rule: str
+) -> None:
+    topo = with_device(machine(2), issue_us=1.0)
+    path = f"{tmp_path}/t.yaml"
+    dump(topo, path)
+    text = open(path).read().replace("  efficiency:", f"  profile:\n  - {entry}\n  efficiency:", 1)
+    open(path, "w").write(text)
+    with pytest.raises(ParamInvalidError) as err:
+        load(path)
+    assert where in str(err.value) and rule in str(err.value)
