@@ -30,8 +30,20 @@ figures include what the others take from the machine, as in real runs:
    collectives in flight progress together (``Device.concurrent_collectives``); the point
    with the smallest squared log error is kept.
 
+Besides (``docs/MODEL.md``): every compute task and collective of the serial runs is kept as
+the device's profile (interpolated in log space by the model), with a bfloat16 AllReduce and
+AlltoAllv timed over :data:`COLLECTIVE_BYTES` (in the network fit, and in the profile); the
+cores the ranks share are read (:func:`node_cores`) and every compute figure scaled to a
+whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`)
+and taken off every collective sample; where ranks share cores, the contention fit also
+finds how long a collective waits for peers off their cores (``Device.slice_us``); and a
+float32 matmul, a memcpy, a 16-bit to float32 conversion and a 4-byte exchange are timed
+apart from the fit (:func:`measure_independent`) for ``calibrate`` to print beside the
+fitted figures. A call's figure over its rounds is their lower quartile
+(:func:`mc2sim.model.accuracy.typical`).
+
 Every measurement runs its calls in interleaved rounds (each round calls each once, after a
-warm-up round; :func:`mc2sim.study.measure.measure_rounds`) and keeps medians, so a slow
+warm-up round; :func:`mc2sim.study.measure.measure_rounds`) and keeps lower quartiles, so a slow
 spell of a shared machine lands on all of them alike. The fits are :mod:`mc2sim.model.fit`'s.
 Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 """
