@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: a scenario run for real on $(NP) ranks (every tiling, golden-checked, timed), then
-# simulated on this machine's calibrated topology and compared with the measurement.
+# simulated on this machine's calibrated topology and compared with the measurement, then the
+# same plans predicted on the target hardware (Atlas A3).
 DEMO ?= seed_gmm_alltoallv_ep4
 demo: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim info
@@ -38,6 +39,9 @@ demo: $(STAMP)
 	$(PY) -m mc2sim simulate $(DEMO) --set scale=small --ranks $(NP) \
 		--topology topologies/this_machine_4ranks.yaml --measured results/demo --out results/demo-sim --overwrite
 	$(PY) -m mc2sim report results/demo results/demo-sim --out results/demo-report
+	# the same plans on the target hardware: what MC2 tiling buys on an Atlas A3
+	$(PY) -m mc2sim simulate $(DEMO) --set scale=small --ranks $(NP) \
+		--topology topologies/atlas_a3_superpod_16.yaml --out results/demo-a3 --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mc2sim tests scripts

@@ -166,10 +166,44 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if comm.rank == 0:
             _check_topology_out(args.out, args.overwrite)
     with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
-        topology = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar)).topology
+        fitted = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar))
     if comm.rank == 0:
-        _write_topology(topology, args.out)
+        _write_topology(fitted.topology, args.out)
+        _print_independent(fitted.topology, fitted.independent)
     return 0
+
+
+def _print_independent(topology: Topology, independent: Any) -> None:
+    """The fitted figures beside the same figures measured apart from the fit.
+
+    Each row is the model's figure for what the independent measurement times: a 1024^3
+    float32 matmul task on a whole core (the roofline, its efficiency and memory terms),
+    the memory rate (against a bfloat16 to float32 conversion, the kernels' memory pass,
+    and a memcpy), a 4-byte exchange of two ranks (latency plus issue overhead).
+    """
+    from mc2sim.model.cost import roofline_time
+    from mc2sim.schedule.plan import TaskKind
+
+    device = topology.device
+    inner = topology.network[0]
+    flops = 2.0 * 1024**3
+    matmul = flops / roofline_time(device, TaskKind.MATMUL, "float32", flops, 3 * 1024**2 * 4)
+    message = inner.latency_us + device.issue_us
+    rows = [
+        ("float32 matmul 1024^3, TFLOP/s", matmul / 1e12, independent.matmul_tflops),
+        ("memory GB/s vs bf16->f32 conversion", device.memory_gbps, independent.upcast_gbps),
+        ("memory GB/s vs memcpy (read + write)", device.memory_gbps, independent.memcpy_gbps),
+        ("4-byte exchange us, the others asleep", message, independent.pingpong_us),
+        ("4-byte exchange us, every pair at once", message, independent.pingpong_loaded_us),
+    ]
+    print(
+        f"fitted against independent ({device.cores_per_node:g} cores per node, each rank at "
+        f"{topology.core_share:.2g} of one; compute and memory on one rank, the others asleep):"
+    )
+    print(f"  {'':<44}{'fitted':>10}{'measured':>10}   ratio")
+    for label, fit, measured in rows:
+        ratio = fit / measured if measured > 0 else math.inf
+        print(f"  {label:<44}{fit:>10.4g}{measured:>10.4g}   x{ratio:.2f}")
 
 
 def _check_name(name: str) -> None:
@@ -227,8 +261,10 @@ def _ticker(bar: Any) -> Callable[[int, int, str], None]:
 def _cmd_validate_model(args: argparse.Namespace) -> int:
     """Run the validation sweep for real and simulated; rank 0 prints the errors."""
     from mc2sim.comm import init
-    from mc2sim.study.calibrate import calibrate
-    from mc2sim.study.validate import default_cases, geomean_error, run_cases, score_cases
+    from mc2sim.model.accuracy import geomean_of
+    from mc2sim.study.calibrate import calibrate, calibration_cases, contention_cases
+    from mc2sim.study.measure import measure_rounds
+    from mc2sim.study.validate import default_cases, geomean_error, score_cases
 
     with _checking():  # the arguments alone, the same on every rank: before MPI starts
         for flag, value in (("--out", args.out), ("--name", args.name)):
@@ -255,20 +291,43 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             )
             topology, source = fitted.topology, "calibrated in the same rounds"
             results = score_cases(cases, fitted.alongside, topology)
+            inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology)
         else:
             topology, source = given, args.topology
-            results = run_cases(comm, cases, topology, reps=args.reps, progress=_ticker(bar))
+            own = calibration_cases(comm) + contention_cases(comm)
+            runs = [c.run for c in cases + own]
+            rounds = measure_rounds(comm, runs, reps=args.reps, progress=_ticker(bar))
+            spans = [[t.metrics().total_s for t in mine] for mine in rounds]
+            results = score_cases(cases, spans[: len(cases)], topology)
+            inside = score_cases(own, spans[len(cases) :], topology)
     if comm.rank == 0:
         if args.calibrate and args.out:
             _write_topology(topology, args.out)
         elif args.calibrate:
             _print_fit(topology)
-        print(f"# validate-model: {comm.size} ranks, {source}, median of {args.reps}")
-        print(f"{'case':<70}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
-        for r in results:
-            measured, simulated = r.measured_s * 1e3, r.simulated_s * 1e3
-            print(f"{r.name:<70}{measured:>12.2f}{simulated:>13.2f}{r.error:>8.1%}")
-        print(f"geomean error over {len(results)} cases: {geomean_error(results):.1%}")
+        if args.calibrate:
+            _print_independent(topology, fitted.independent)
+        print(
+            f"# validate-model: {comm.size} ranks, {source}, lower quartile of {args.reps} rounds"
+        )
+        split = (
+            "held out: scenarios/validation/ (never fitted on); "
+            "in sample: the calls calibrate fits on (scenarios/calibration/)"
+        )
+        print(f"# split: {split}")
+        for title, rows in (("held out", results), ("in sample", inside)):
+            print(f"{title + ': case':<76}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
+            for r in rows:
+                measured, simulated = r.measured_s * 1e3, r.simulated_s * 1e3
+                print(f"{r.name:<76}{measured:>12.2f}{simulated:>13.2f}{r.error:>8.1%}")
+        worst = max(results, key=lambda r: r.error)
+        print(
+            f"held-out geomean error over {len(results)} cases: {geomean_error(results):.1%} "
+            f"(worst {worst.error:.1%}: {worst.name})"
+        )
+        print(f"in-sample geomean error over {len(inside)} cases: {geomean_error(inside):.1%}")
+        medians = geomean_of(r.median_error for r in results)
+        print(f"held-out geomean error against the rounds' medians: {medians:.1%}")
     return 0
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "Efficiency",
     "LinkKind",
     "NetworkDim",
+    "ProfilePoint",
     "Topology",
     "builtin",
     "builtin_dir",
@@ -145,6 +146,40 @@ def _as_link_kind(param: str, value: object) -> LinkKind:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ProfilePoint:
+    """One compute task or collective timed on the machine.
+
+    A device's profile corrects its model where the hardware is at hand: a task's time is
+    the roofline's (a collective's, the alpha-beta model's), times the measured over modelled
+    ratio of its kind, interpolated in log space (:mod:`mc2sim.model.cost`).
+    """
+
+    kind: str
+    """The task kind (``matmul``, ``attention``, ..., ``allreduce``, ``alltoallv``, ...)."""
+    dtype: str
+    """The plan's compute dtype (``int8`` for quant matmuls); empty for a collective."""
+    flops: float
+    """The task's FLOPs, >= 0."""
+    bytes: float
+    """Bytes it reads and writes, as the plan builders count them, >= 0."""
+    us: float
+    """Its measured time on a whole core (a collective's: as the job's ranks ran it), in
+    microseconds, > 0."""
+    ranks: int = 0
+    """The ranks a collective was timed on (its ratio holds on a one-level topology of that
+    many ranks); 0 for a compute task. A collective's ``bytes`` are as
+    :class:`mc2sim.model.fit.CommSample` counts them."""
+
+    def __post_init__(self) -> None:
+        _text("kind", self.kind, nonempty=True)
+        object.__setattr__(self, "ranks", _integer("ranks", self.ranks, minimum=0))
+        _text("dtype", self.dtype, nonempty=self.ranks == 0)
+        object.__setattr__(self, "flops", _non_negative("flops", self.flops))
+        object.__setattr__(self, "bytes", _non_negative("bytes", self.bytes))
+        object.__setattr__(self, "us", _positive("us", self.us))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Efficiency:
     """Utilisation of the matrix unit as a function of a task's size.
 
@@ -239,6 +274,32 @@ class Device:
     overlaps the collectives before it, while the transfers still take the links one at a
     time in issue order."""
 
+    cores_per_node: float = 0.0
+    """CPU cores the ranks of one node share (fractional where several nodes share one
+    machine's cores, as namespaces on one host do) (``ranks_per_node`` of them); 0: every rank has
+    an engine of its own (an NPU, a GPU). Where a node holds more ranks than cores (four MPI
+    ranks on two cores), each rank's share of a core is ``cores_per_node / ranks_per_node``
+    (MPI ranks busy-poll while they wait, so every rank of the node holds a core's time
+    slices all the time): compute tasks, the issue overhead and the collectives' reductions
+    run at that share, and the figures above are those of one whole core."""
+
+    issue_us: float = 0.0
+    """CPU time a rank spends issuing one collective (LogP's overhead ``o``), in microseconds,
+    >= 0: packing its buffers and posting the nonblocking call (a CPU MPI copies small
+    messages eagerly while posting). The rank's issuer can do nothing else meanwhile; a
+    plan of many tiny chunks pays it once per chunk. 0 on accelerators, whose
+    communication engine takes a descriptor."""
+
+    slice_us: float = 0.0
+    """Where a node's ranks share fewer cores (``Topology.core_share`` below 1): how long a
+    collective waits, in microseconds, for a peer that is off its core (the scheduler's
+    time slice). Each collective waits ``slice_us * (1 - core_share)`` on average, as
+    latency; ``mc2sim calibrate`` fits it with the contention. >= 0."""
+
+    profile: tuple[ProfilePoint, ...] = ()
+    """Compute tasks timed on this machine (``mc2sim calibrate``); empty for a machine
+    described on paper, whose tasks take the roofline's time."""
+
     reductions_in_float32: bool = False
     """Whether AllReduce and ReduceScatter move float32 copies of the plans' 16-bit data,
     twice the bytes the plans count (mc2sim's MPI and gloo communicators on a CPU: MPI has no
@@ -281,6 +342,15 @@ class Device:
             raise ParamInvalidError(
                 "reductions_in_float32", self.reductions_in_float32, "must be true or false"
             )
+        object.__setattr__(
+            self, "cores_per_node", _non_negative("cores_per_node", self.cores_per_node)
+        )
+        object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
+        object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
+        if not isinstance(self.profile, tuple) or not all(
+            isinstance(p, ProfilePoint) for p in self.profile
+        ):
+            raise ParamInvalidError("profile", self.profile, "must be a tuple of ProfilePoint")
 
     def __hash__(self) -> int:
         return hash(
@@ -295,6 +365,10 @@ class Device:
                 self.memory_overlap,
                 self.concurrent_collectives,
                 self.reductions_in_float32,
+                self.cores_per_node,
+                self.issue_us,
+                self.slice_us,
+                self.profile,
             )
         )
 
@@ -404,6 +478,12 @@ class Contention:
     comm_slowdown: float = 1.0
     """Factor (>= 1) on a transfer's time while any rank taking part in it computes."""
 
+    polled: bool = False
+    """Whether a transfer progresses only while no rank taking part in it computes (a CPU
+    MPI without a progress thread advances a nonblocking collective only inside MPI calls,
+    which the executor makes between tasks): ``comm_slowdown`` without bound. A capped wire
+    still carries what was handed to it (see :mod:`mc2sim.model.simulator`)."""
+
     source: str = ""
     """How the factors were obtained: ``"fitted by mc2sim calibrate on ..."`` or
     ``"assumed: ..."`` with the reason."""
@@ -415,6 +495,8 @@ class Contention:
         object.__setattr__(
             self, "comm_slowdown", _at_least_one("comm_slowdown", self.comm_slowdown)
         )
+        if not isinstance(self.polled, bool):
+            raise ParamInvalidError("polled", self.polled, "must be true or false")
         _text("source", self.source)
 
 
@@ -492,6 +574,15 @@ class Topology:
         a:K,b:K`` places them.
         """
         return self.network[0].ranks
+
+    @property
+    def core_share(self) -> float:
+        """The share of a CPU core each rank runs at: ``cores_per_node / ranks_per_node``.
+
+        At most 1; 1 where the device's ``cores_per_node`` is 0 (an engine per rank).
+        """
+        cores = self.device.cores_per_node
+        return 1.0 if cores <= 0 else min(1.0, cores / self.ranks_per_node)
 
     def node_of(self, rank: int) -> int:
         """Return the node a rank is on: ``rank // ranks_per_node``.
@@ -596,18 +687,27 @@ _DEVICE_KEYS = (
     "memory_overlap",
     "concurrent_collectives",
     "reductions_in_float32",
+    "cores_per_node",
+    "issue_us",
+    "slice_us",
+    "profile",
 )
 _DEVICE_OPTIONAL = (
     "reduce_gbps",
     "memory_overlap",
     "concurrent_collectives",
     "reductions_in_float32",
+    "cores_per_node",
+    "issue_us",
+    "slice_us",
+    "profile",
 )
+_PROFILE_KEYS = ("kind", "dtype", "flops", "bytes", "us", "ranks")
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
 _DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us", "link_gbps")
 _DIM_OPTIONAL = ("name", "link_gbps")
-_CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "source")
-_CONTENTION_OPTIONAL = ("compute_slowdown", "comm_slowdown")
+_CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "polled", "source")
+_CONTENTION_OPTIONAL = ("compute_slowdown", "comm_slowdown", "polled")
 
 # YAML 1.1 (PyYAML) reads ``1e9`` and ``2.5e9`` as strings; numbers written so are accepted.
 _NUMBER_TEXT = re.compile(r"[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][+-]?\d+)?")
@@ -721,7 +821,32 @@ class _Reader:
             reductions_in_float32=self.flag(
                 dev.get("reductions_in_float32", False), "device.reductions_in_float32"
             ),
+            cores_per_node=self.number(dev.get("cores_per_node", 0.0), "device.cores_per_node"),
+            issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
+            slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
+            profile=self.profile(dev.get("profile", [])),
         )
+
+    def profile(self, data: object) -> tuple[ProfilePoint, ...]:
+        if not isinstance(data, list):
+            raise self.error("device.profile", data, "must be a list of timed tasks")
+        points = []
+        for i, item in enumerate(data):
+            where = f"device.profile[{i}]"
+            p = self.mapping(item, where, _PROFILE_KEYS, ("ranks",))
+            points.append(
+                self.build(
+                    where,
+                    ProfilePoint,
+                    kind=self.text(p["kind"], f"{where}.kind"),
+                    dtype=self.text(p["dtype"], f"{where}.dtype"),
+                    flops=self.number(p["flops"], f"{where}.flops"),
+                    bytes=self.number(p["bytes"], f"{where}.bytes"),
+                    us=self.number(p["us"], f"{where}.us"),
+                    ranks=self.integer(p.get("ranks", 0), f"{where}.ranks"),
+                )
+            )
+        return tuple(points)
 
     def dim(self, data: object, where: str) -> NetworkDim:
         d = self.mapping(data, where, _DIM_KEYS, _DIM_OPTIONAL)
@@ -745,6 +870,7 @@ class _Reader:
                 c.get("compute_slowdown", 1.0), "contention.compute_slowdown"
             ),
             comm_slowdown=self.number(c.get("comm_slowdown", 1.0), "contention.comm_slowdown"),
+            polled=self.flag(c.get("polled", False), "contention.polled"),
             source=self.text(c["source"], "contention.source"),
         )
 
@@ -805,11 +931,31 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "memory_overlap": dev.memory_overlap,
             "concurrent_collectives": dev.concurrent_collectives,
             "reductions_in_float32": dev.reductions_in_float32,
+            **({"cores_per_node": dev.cores_per_node} if dev.cores_per_node else {}),
+            **({"issue_us": dev.issue_us} if dev.issue_us else {}),
+            **({"slice_us": dev.slice_us} if dev.slice_us else {}),
             "efficiency": {
                 "small_util": eff.small_util,
                 "large_util": eff.large_util,
                 "half_flops": eff.half_flops,
             },
+            **(
+                {
+                    "profile": [
+                        {
+                            "kind": p.kind,
+                            "dtype": p.dtype,
+                            "flops": p.flops,
+                            "bytes": p.bytes,
+                            "us": p.us,
+                            **({"ranks": p.ranks} if p.ranks else {}),
+                        }
+                        for p in dev.profile
+                    ]
+                }
+                if dev.profile
+                else {}
+            ),
         },
         "network": [
             {
@@ -825,6 +971,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
         "contention": {
             "compute_slowdown": topology.contention.compute_slowdown,
             "comm_slowdown": topology.contention.comm_slowdown,
+            **({"polled": True} if topology.contention.polled else {}),
             "source": topology.contention.source,
         },
     }

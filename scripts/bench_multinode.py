@@ -19,7 +19,8 @@ the calibration's (its largest collectives are about 8 to 13 MB), the larger bey
 Then it predicts every case at every cap by simulating its plans on the calibrated topology
 with a wire under the inter-node dimension (``NetworkDim.link_gbps``): the token bucket's
 rate in TCP payload (:func:`mc2sim.cluster.tcp_payload_rate`) shared by the node's ranks,
-and prints, per case and cap, the measured median span (slowest rank), the prediction and
+and prints, per case and cap, the measured span (slowest rank; the lower quartile of the
+rounds, as the calibration takes its figures), the prediction and
 the error. ``--report`` prints the table of a finished run again.
 """
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -253,6 +253,7 @@ def report(
     topology_path: Path, measured: dict[str, dict[str, list[float]]], rates: Sequence[float | None]
 ) -> list[str]:
     from mc2sim.model import simulate
+    from mc2sim.model.accuracy import typical
     from mc2sim.topology import load
 
     topology = load(topology_path)
@@ -264,7 +265,7 @@ def report(
     for bench in benches(NODES * PER_NODE):
         for rate in rates:
             spans = measured[bench.name][rate_label(rate)]
-            real = statistics.median(spans)
+            real = typical(spans)  # the lower quartile, as calibrate takes its figures
             plans = dict(enumerate(bench.plans))
             sim = simulate(plans, limited(topology, rate)).metrics().total_s  # type: ignore[arg-type]
             lines.append(

@@ -7,9 +7,32 @@ The error of one pair is ``max / min - 1`` (symmetric: 2x too fast and 2x too sl
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["geomean_of", "model_error"]
+__all__ = ["QUIET_QUANTILE", "geomean_of", "model_error", "typical"]
+
+QUIET_QUANTILE = 0.25
+"""The quantile of a call's rounds that stands for its time (:func:`typical`)."""
+
+
+def typical(values: Sequence[float]) -> float:
+    """A call's time over its rounds: their lower quartile (linear between order statistics).
+
+    The machine's other users only ever add time to a round (a stolen time slice, a cache
+    flushed by another job), so the quiet end of the rounds is the call's own time; the
+    lower quartile rather than the minimum, so one lucky round does not set it. The fit and
+    the validation both take it; ``validate-model`` prints the medians' error too.
+
+    Raises:
+        ValueError: no values.
+    """
+    if not values:
+        raise ValueError("typical() of no values")
+    ordered = sorted(values)
+    at = QUIET_QUANTILE * (len(ordered) - 1)
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
 def model_error(measured_s: float, simulated_s: float) -> float:

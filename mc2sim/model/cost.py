@@ -3,7 +3,10 @@
 Compute: ``max(flops / (peak(dtype) * util(flops)), bytes / memory_bw) + launch``, the
 matrix unit's peak scaled by the device's small-tile efficiency curve (the sum instead of the
 max on a device whose memory traffic does not overlap its arithmetic); reductions run on the
-vector unit. Collectives: each network dimension is ``alpha`` (latency per message) and
+vector unit. Where a node's ranks share fewer CPU cores than there are ranks
+(``Device.cores_per_node``), every rank's CPU work (compute, the issue overhead ``o`` of a
+collective, a collective's reduction) runs at its share of a core,
+``Topology.core_share``. Collectives: each network dimension is ``alpha`` (latency per message) and
 ``beta`` (1 / bandwidth per rank and direction; the wire's ``link_gbps`` where that is
 lower), GB = 1e9 bytes. AllReduce and ReduceScatter also add what they receive, at the
 device's ``reduce_gbps`` (0: free, the communication engine reduces in line, as on
@@ -31,20 +34,26 @@ after another (each phase waits for the one before), an AlltoAllv its slowest le
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.schedule.plan import Task, TaskKind
-from mc2sim.topology import LinkKind, NetworkDim, Topology
+from mc2sim.topology import Device, LinkKind, NetworkDim, ProfilePoint, Topology
 
 __all__ = [
     "allgather_time",
     "allreduce_time",
     "alltoallv_time",
     "compute_time",
+    "issue_time",
+    "profiled_ratio",
+    "schedule_wait",
+    "roofline_time",
+    "task_dtype",
     "reduce_scatter_time",
 ]
 
@@ -57,8 +66,57 @@ _MATRIX_KINDS = {
 }
 
 
+def task_dtype(kind: TaskKind, dtype: str) -> str:
+    """The dtype a compute task of ``kind`` runs in, in a plan of compute dtype ``dtype``."""
+    return "int8" if kind is TaskKind.QUANT_MATMUL else dtype
+
+
+def roofline_time(device: Device, kind: TaskKind, dtype: str, flops: float, nbytes: float) -> float:
+    """Seconds of a compute task on a whole core (or engine) by the roofline alone."""
+    launch = device.launch_us * 1e-6
+    if kind in _MATRIX_KINDS:
+        rate = device.matrix_peak(task_dtype(kind, dtype)) * device.efficiency.util(flops)
+    elif kind in (TaskKind.REDUCE, TaskKind.PACK):  # a pack has no FLOPs: memory only
+        rate = device.vector_tflops * 1e12
+    else:
+        raise ParamInvalidError("task.kind", kind, "is not a compute task")
+    memory = nbytes / (device.memory_gbps * 1e9)
+    arithmetic = flops / rate if rate > 0 else 0.0
+    whole = max(arithmetic, memory) if device.memory_overlap else arithmetic + memory
+    return whole + launch
+
+
+@functools.lru_cache(maxsize=256)
+def _profile_curve(device: Device, kind: TaskKind, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Log roofline time and log measured / roofline of the profile's points of one kind.
+
+    Sorted by the first; empty where the profile has no point of that kind and dtype.
+    """
+    points = [p for p in device.profile if p.kind == str(kind) and p.dtype == dtype]
+    roof = np.array([roofline_time(device, kind, dtype, p.flops, p.bytes) for p in points])
+    ratio = np.array([p.us * 1e-6 for p in points]) / roof if points else np.array([])
+    order = np.argsort(roof)
+    return np.log(roof[order]), np.log(ratio[order])
+
+
+def profiled_ratio(device: Device, kind: TaskKind, dtype: str, roofline: float) -> float:
+    """The measured over roofline ratio of a task of ``kind`` whose roofline time is ``roofline``.
+
+    Interpolated linearly in log space between the profile's points of the same kind and
+    dtype, held at the end points' ratios outside them; 1 where the profile has none.
+    """
+    x, y = _profile_curve(device, kind, dtype)
+    if x.size == 0:
+        return 1.0
+    return float(np.exp(np.interp(math.log(roofline), x, y)))
+
+
 def compute_time(task: Task, topology: Topology, dtype: str) -> float:
     """Seconds of a compute task on one device.
+
+    The roofline's time, times the device's profiled ratio for the task's kind and dtype
+    (:func:`profiled_ratio`; 1 for a device described on paper), at the rank's share of a
+    core.
 
     Args:
         task: a compute task (its FLOPs and bytes).
@@ -69,19 +127,24 @@ def compute_time(task: Task, topology: Topology, dtype: str) -> float:
         Seconds, launch overhead included.
     """
     device = topology.device
-    launch = device.launch_us * 1e-6
-    if task.kind in _MATRIX_KINDS:
-        kind_dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else dtype
-        rate = device.matrix_peak(kind_dtype) * device.efficiency.util(task.flops)
-    elif task.kind in (TaskKind.REDUCE, TaskKind.PACK):  # a pack has no FLOPs: memory only
-        rate = device.vector_tflops * 1e12
-    else:
-        raise ParamInvalidError("task.kind", task.kind, "is not a compute task")
-    memory = task.bytes / (device.memory_gbps * 1e9)
-    arithmetic = task.flops / rate if rate > 0 else 0.0
-    if device.memory_overlap:
-        return max(arithmetic, memory) + launch
-    return arithmetic + memory + launch
+    roof = roofline_time(device, task.kind, dtype, task.flops, task.bytes)
+    kind_dtype = task_dtype(task.kind, dtype)
+    if device.profile:
+        roof *= profiled_ratio(device, task.kind, kind_dtype, roof)
+    return roof / topology.core_share
+
+
+def schedule_wait(topology: Topology) -> float:
+    """Seconds a collective waits for peers off their cores: ``slice * (1 - core_share)``.
+
+    0 where every rank has a core of its own (``core_share`` 1) or ``slice_us`` is 0.
+    """
+    return topology.device.slice_us * 1e-6 * (1.0 - topology.core_share)
+
+
+def issue_time(topology: Topology) -> float:
+    """Seconds a rank's issuer spends posting one collective (LogP's ``o``), at its core share."""
+    return topology.device.issue_us * 1e-6 / topology.core_share
 
 
 def _phase(dim: NetworkDim, nbytes: float) -> float:
@@ -104,7 +167,7 @@ def _reduce_work(topology: Topology, nbytes: float, rounds: float) -> float:
     Zero when the device's communication engine reduces in line (``reduce_gbps`` of 0).
     """
     rate = topology.device.reduce_gbps
-    return rounds * nbytes / (rate * 1e9) if rate > 0 else 0.0
+    return rounds * nbytes / (rate * 1e9) / topology.core_share if rate > 0 else 0.0
 
 
 def _wire(topology: Topology) -> float:
@@ -112,8 +175,66 @@ def _wire(topology: Topology) -> float:
     return 2.0 if topology.device.reductions_in_float32 else 1.0
 
 
+def _comm_points(topology: Topology, kind: str) -> list[ProfilePoint]:
+    """The profile's points of collective ``kind`` that hold on ``topology``.
+
+    Those timed on one level of as many ranks as it has (none on a machine on paper).
+    """
+    if len(topology.network) != 1 or not topology.device.profile:
+        return []
+    world = topology.world_size
+    return [p for p in topology.device.profile if p.kind == kind and p.ranks == world]
+
+
+@functools.lru_cache(maxsize=256)
+def _comm_curve(topology: Topology, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Log modelled time and log measured / modelled of collective ``kind``'s points."""
+    raw = _RAW[kind]
+    points = _comm_points(topology, kind)
+    model = np.array([raw(topology, p.bytes) for p in points])
+    keep = model > 0
+    measured = np.array([p.us * 1e-6 for p in points])
+    order = np.argsort(model[keep])
+    return np.log(model[keep][order]), np.log(measured[keep][order] / model[keep][order])
+
+
+def _profiled(topology: Topology, kind: str, modelled: float) -> float:
+    """``modelled`` seconds of collective ``kind``, times the profile's ratio (log space)."""
+    if modelled <= 0 or not _comm_points(topology, kind):
+        return modelled
+    x, y = _comm_curve(topology, kind)
+    if x.size == 0:
+        return modelled
+    return modelled * float(np.exp(np.interp(math.log(modelled), x, y)))
+
+
 def allreduce_time(topology: Topology, nbytes: float) -> float:
     """Seconds of an AllReduce of ``nbytes`` per rank over the whole topology."""
+    return _profiled(topology, "allreduce", _allreduce_model(topology, nbytes))
+
+
+def allgather_time(topology: Topology, nbytes_total: float) -> float:
+    """Seconds of an AllGather whose result is ``nbytes_total`` on every rank."""
+    return _profiled(topology, "allgather", _allgather_model(topology, nbytes_total))
+
+
+def reduce_scatter_time(topology: Topology, nbytes_total: float) -> float:
+    """Seconds of a ReduceScatter of ``nbytes_total`` per rank (each keeps 1/world of it)."""
+    return _profiled(topology, "reduce_scatter", _reduce_scatter_model(topology, nbytes_total))
+
+
+def _even_alltoallv_model(topology: Topology, nbytes: float) -> float:
+    """An AlltoAllv in which every rank sends ``nbytes / world`` to every other rank."""
+    world = topology.world_size
+    if world <= 1 or nbytes <= 0:
+        return 0.0
+    peers = np.arange(1, world)
+    each = np.full(world - 1, nbytes / world)
+    return rank_alltoallv_time(topology, 0, peers, each, peers, each)
+
+
+def _allreduce_model(topology: Topology, nbytes: float) -> float:
+    """The alpha-beta model of an AllReduce (:func:`allreduce_time` without the profile)."""
     if nbytes <= 0 or topology.world_size <= 1:
         return 0.0
     world = topology.world_size
@@ -135,8 +256,8 @@ def allreduce_time(topology: Topology, nbytes: float) -> float:
     return min(hierarchical, doubling)
 
 
-def allgather_time(topology: Topology, nbytes_total: float) -> float:
-    """Seconds of an AllGather whose result is ``nbytes_total`` on every rank."""
+def _allgather_model(topology: Topology, nbytes_total: float) -> float:
+    """The alpha-beta model of an AllGather."""
     time = 0.0  # the all-gather half of the hierarchical AllReduce: outermost dimension first
     gathered = nbytes_total / max(topology.world_size, 1)
     for dim in reversed(topology.network):
@@ -145,8 +266,8 @@ def allgather_time(topology: Topology, nbytes_total: float) -> float:
     return time
 
 
-def reduce_scatter_time(topology: Topology, nbytes_total: float) -> float:
-    """Seconds of a ReduceScatter of ``nbytes_total`` per rank (each keeps 1/world of it)."""
+def _reduce_scatter_model(topology: Topology, nbytes_total: float) -> float:
+    """The alpha-beta model of a ReduceScatter."""
     world = max(topology.world_size, 1)
     time = _reduce_work(topology, nbytes_total, (world - 1) / world)
     size = float(nbytes_total) * _wire(topology)
@@ -233,7 +354,17 @@ def alltoallv_time(
     Returns:
         Seconds.
     """
-    return max(
+    modelled = max(
         (rank_alltoallv_time(topology, r, *parts) for r, parts in enumerate(splits)),
         default=0.0,
     )
+    return _profiled(topology, "alltoallv", modelled)
+
+
+_RAW: dict[str, Callable[[Topology, float], float]] = {
+    "allreduce": _allreduce_model,
+    "allgather": _allgather_model,
+    "reduce_scatter": _reduce_scatter_model,
+    "alltoallv": _even_alltoallv_model,
+}
+"""Each collective's alpha-beta model of a profile point's bytes."""

@@ -25,12 +25,14 @@ from typing import Protocol
 
 import numpy as np
 
+from mc2sim.model.accuracy import typical
 from mc2sim.model.simulator import simulate
 from mc2sim.schedule.plan import Plan
-from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, Topology
+from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, ProfilePoint, Topology
 
 __all__ = [
     "COMM_SLOWDOWNS",
+    "SLICES_US",
     "COMPUTE_SLOWDOWNS",
     "UNBOUNDED_GBPS",
     "UNBOUNDED_TFLOPS",
@@ -43,6 +45,8 @@ __all__ = [
     "fit_levels",
     "fit_network",
     "fit_peaks",
+    "fit_comm_profile",
+    "fit_profile",
 ]
 
 
@@ -73,6 +77,8 @@ class ComputeSample:
     weight: float = 1.0
     """Its weight in the fit: the tasks of one op call share one unit, so a call of many
     small tiles does not outweigh the others."""
+    kind: str = "matmul"
+    """The task kind (``TaskKind`` value): the profile keeps one curve per kind and dtype."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,6 +155,45 @@ def fit_peaks(
         if inv_peak > 0:
             peaks[dtype] = 1.0 / inv_peak / 1e12
     return peaks
+
+
+def fit_profile(samples: Sequence[ComputeSample]) -> tuple[ProfilePoint, ...]:
+    """The machine's profile: one point per distinct task (kind, dtype, FLOPs, bytes).
+
+    A task timed in several places (the tiles of one call) keeps the median of its times.
+    Sorted by kind, dtype and FLOPs.
+    """
+    groups: dict[tuple[str, str, float, float], list[float]] = {}
+    for s in samples:
+        groups.setdefault((s.kind, s.dtype, s.flops, s.nbytes), []).append(s.seconds)
+    return tuple(
+        ProfilePoint(
+            kind=kind, dtype=dtype, flops=flops, bytes=nbytes, us=statistics.median(t) * 1e6
+        )
+        for (kind, dtype, flops, nbytes), t in sorted(groups.items())
+    )
+
+
+def fit_comm_profile(samples: Sequence[CommSample], world: int) -> tuple[ProfilePoint, ...]:
+    """The collectives' profile: one point per (kind, bytes) timed on ``world`` ranks.
+
+    Several samples of one kind and size (the chunks of one call) keep their median.
+    """
+    groups: dict[tuple[str, float], list[float]] = {}
+    for s in samples:
+        groups.setdefault((s.kind, s.nbytes), []).append(s.seconds)
+    return tuple(
+        ProfilePoint(
+            kind=kind,
+            dtype="",
+            flops=0.0,
+            bytes=nbytes,
+            us=statistics.median(t) * 1e6,
+            ranks=world,
+        )
+        for (kind, nbytes), t in sorted(groups.items())
+        if statistics.median(t) > 0
+    )
 
 
 UNBOUNDED_GBPS = 1e6
@@ -308,6 +353,9 @@ def fit_levels(
 COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 """The grid :func:`fit_contention` searches for the compute slowdown."""
 
+SLICES_US = (0.0, 100.0, 300.0, 1000.0, 3000.0)
+"""The grid :func:`fit_contention` searches for ``Device.slice_us`` where ranks share cores."""
+
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
 
@@ -317,18 +365,23 @@ def fit_contention(
 ) -> Topology:
     """Grid-search how overlapped work slows down, to make simulated tiled runs match.
 
-    The grid: the compute and communication slowdowns, and whether collectives in flight
-    progress together or one at a time (``Device.concurrent_collectives``).
+    The grid: where ranks share cores, the wait for a peer off its core
+    (``Device.slice_us``); the compute and communication slowdowns, or polled progress (a
+    transfer stops while a rank computes: ``Contention.polled``) in place of the latter, and
+    whether
+    collectives in flight progress together or one at a time
+    (``Device.concurrent_collectives``).
 
     Args:
         base: the fitted topology, contention aside.
         cases: tiled op calls (every rank's plan).
-        spans: each case's measured spans (slowest rank); their medians are matched.
+        spans: each case's measured spans (slowest rank); their lower quartiles
+            (:func:`mc2sim.model.accuracy.typical`) are matched.
 
     Returns:
         ``base`` at the grid point with the smallest sum of squared log errors over the cases.
     """
-    measured = [(statistics.median(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
+    measured = [(typical(mine), c.plans) for c, mine in zip(cases, spans, strict=True)]
     source = (
         "fitted by mc2sim calibrate: simulated against measured tiled runs of "
         f"{', '.join(c.name for c in cases)} on this machine, grid search on squared log "
@@ -339,12 +392,16 @@ def fit_contention(
         for concurrent in (False, True)
     }
     best: tuple[float, Topology] | None = None
-    grid = itertools.product(devices.values(), COMPUTE_SLOWDOWNS, COMM_SLOWDOWNS)
-    for device, cs, ms in grid:
+    comm = [(ms, False) for ms in COMM_SLOWDOWNS] + [(1.0, True)]
+    slices = SLICES_US if base.core_share < 1.0 else (0.0,)
+    grid = itertools.product(devices.values(), slices, COMPUTE_SLOWDOWNS, comm)
+    for device, slice_us, cs, (ms, polled) in grid:
         trial = dataclasses.replace(
             base,
-            device=device,
-            contention=Contention(compute_slowdown=cs, comm_slowdown=ms, source=source),
+            device=dataclasses.replace(device, slice_us=slice_us),
+            contention=Contention(
+                compute_slowdown=cs, comm_slowdown=ms, polled=polled, source=source
+            ),
         )
         error = 0.0
         for real, plans in measured:

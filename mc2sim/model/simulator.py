@@ -17,7 +17,17 @@ factors (processor sharing; a factor of 1 is full overlap, a large one means com
 barely advances while the rank computes, as with MPI progress polled between tiles). Only
 the ranks' own work of a transfer is slowed: one that a capped wire holds back
 (``NetworkDim.link_gbps``) to ``h`` times its uncapped time advances at
-``min(1, h / comm_slowdown)`` while a rank computes, as the wire keeps its pace.
+``min(1, h / comm_slowdown)`` while a rank computes, as the wire keeps its pace. Where
+progress is polled (``Contention.polled``: a CPU MPI advances a nonblocking collective only
+inside MPI calls, which the executor makes between tasks), the ranks' own part of a transfer
+stops while a rank computes and only a capped wire's part goes on (``1 - 1 / h``).
+
+Where a node's ranks share fewer cores, every collective also waits ``Device.slice_us * (1 -
+core_share)`` for peers off their cores, as latency (:func:`mc2sim.model.cost.schedule_wait`).
+Posting a collective holds the rank's issuer for the device's issue overhead (LogP's ``o``,
+``Device.issue_us``) before the collective is queued; compute, the overhead and the
+reductions run at the rank's share of a core where a node's ranks share fewer cores
+(``Topology.core_share``; :mod:`mc2sim.model.cost`).
 
 Every comm task's record splits the bytes its rank sends into those within its node and
 those across nodes (``Topology.node_of``; :mod:`mc2sim.schedule.traffic`).
@@ -46,8 +56,10 @@ from mc2sim.model.cost import (
     allreduce_time,
     alltoallv_time,
     compute_time,
+    issue_time,
     rank_alltoallv_time,
     reduce_scatter_time,
+    schedule_wait,
 )
 from mc2sim.model.heterogeneity import Arrivals, Straggler
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
@@ -74,6 +86,8 @@ class _Rank:
     comm_started: int = 0  # collectives started on this rank
     comm_queued: int = 0  # collectives queued by this rank
     computing: _Active | None = None  # the compute task in progress
+    issuing: Task | None = None  # a comm task being posted (the issue overhead o)
+    issue_version: int = 0
 
 
 @dataclass
@@ -210,7 +224,8 @@ class _Engine:
                     dataclasses.replace(d, bandwidth_gbps=_UNBOUNDED_GBPS, link_gbps=0.0)
                     for d in topology.network
                 ),
-                device=dataclasses.replace(topology.device, reduce_gbps=0.0),
+                # the profile's ratios are of whole collectives, not of their latency
+                device=dataclasses.replace(topology.device, reduce_gbps=0.0, profile=()),
             )
             if topology.device.concurrent_collectives
             else None
@@ -223,6 +238,13 @@ class _Engine:
                 network=tuple(dataclasses.replace(d, link_gbps=0.0) for d in topology.network),
             )
             if any(d.link_gbps > 0 for d in topology.network)
+            else None
+        )
+        # the same machine without its profile: a profiled collective's latency part is the
+        # model's latency times the profile's ratio (its fixed costs overlap as latency does)
+        self.bare = (
+            dataclasses.replace(topology, device=dataclasses.replace(topology.device, profile=()))
+            if self.latency_only is not None and topology.device.profile
             else None
         )
         self.world = len(plans)
@@ -243,6 +265,9 @@ class _Engine:
         self.computing = 0  # ranks with a compute task in progress
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
+        self.polled = topology.contention.polled
+        self.issue = issue_time(topology)
+        self.wait = schedule_wait(topology)
         self.run = {r: RunKey(op=plans[r].op, tiling=plans[r].tiling) for r in range(self.world)}
 
     # -- the one ordering --------------------------------------------------------------------
@@ -254,6 +279,8 @@ class _Engine:
         can never match a later task's version.
         """
         active.version = next(self.versions)
+        if active.rate <= 0.0:
+            return  # stalled (a polled transfer while a rank computes): re-rated later
         at = self.now + active.work / active.rate
         if at < self.now:  # time never goes backwards
             raise RuntimeError(f"event at {at} before now {self.now}")
@@ -274,9 +301,15 @@ class _Engine:
         """A transfer's rate: slowed while a rank computes, unless a capped wire holds it back.
 
         A transfer whose wire takes ``headroom`` times what the ranks' own work would
-        (:attr:`_Active.headroom`) advances at ``min(1, headroom / comm_slowdown)``.
+        (:attr:`_Active.headroom`) advances at ``min(1, headroom / comm_slowdown)``. Where
+        progress is polled (``Contention.polled``), the ranks' own part stops while a rank
+        computes and only the wire's goes on: ``1 - 1 / headroom`` (0 on an uncapped wire).
         """
-        return min(1.0, active.headroom / self.comm_slow) if self.computing > 0 else 1.0
+        if self.computing == 0:
+            return 1.0
+        if self.polled:
+            return 1.0 - 1.0 / active.headroom
+        return min(1.0, active.headroom / self.comm_slow)
 
     def _rerate_comms(self) -> None:
         """Re-rate the transfer in progress (a latency part waits: nothing slows it)."""
@@ -307,12 +340,35 @@ class _Engine:
                 if self.computing == 1:
                     self._rerate_comms()
                 return
-            state.comm_queue.append(task)
-            if state.comm_queued == len(self.queued):
-                self.queued.append(np.full(self.world, np.nan))
-            self.queued[state.comm_queued][rank] = self.now
-            state.comm_queued += 1
-            self.try_collective(rank)
+            if self.issue > 0.0:  # posting it holds the issuer (LogP's o)
+                state.issuer_busy = True
+                state.issuing = task
+                state.issue_version = next(self.versions)
+                at = self.now + self.issue
+                heapq.heappush(self.heap, (at, next(self.seq), "issue", rank, state.issue_version))
+                return
+            self.queue_comm(rank, task)
+
+    def queue_comm(self, rank: int, task: Task) -> None:
+        """Queue rank's posted comm task (noting when, for who-waited-for-whom) and try it."""
+        state = self.ranks[rank]
+        state.comm_queue.append(task)
+        if state.comm_queued == len(self.queued):
+            self.queued.append(np.full(self.world, np.nan))
+        self.queued[state.comm_queued][rank] = self.now
+        state.comm_queued += 1
+        self.try_collective(rank)
+
+    def issued(self, rank: int) -> None:
+        """Rank's issuer has posted its comm task: queue it and go on."""
+        state = self.ranks[rank]
+        task = state.issuing
+        if task is None:
+            raise RuntimeError(f"rank {rank} finished posting a collective it did not post")
+        state.issuing = None
+        state.issuer_busy = False
+        self.queue_comm(rank, task)
+        self.advance(rank)
 
     def try_collective(self, rank: int) -> None:
         """Queue rank's next collective; start collective k once every rank has queued it.
@@ -335,11 +391,16 @@ class _Engine:
         tasks = [t for t in self.waiting.pop(k) if t is not None]
         del self.waiting_count[k]
         latency = 0.0  # on a stream the whole time is the transfer part
-        others = [t for t in (self.latency_only, self.uncapped) if t is not None]
+        others = [t for t in (self.latency_only, self.uncapped, self.bare) if t is not None]
         work, *times = _straggling_times(tasks, self.links, self.topology, *others)
         self.started.append(self.now)
+        ratio = 1.0
+        if self.bare is not None:  # the profile's ratio of this collective
+            bare = times.pop()
+            ratio = work / bare if bare > 0 else 1.0
         if self.latency_only is not None:
-            latency = min(work, times.pop(0))
+            latency = min(work, times.pop(0) * ratio) + self.wait
+        work += self.wait  # waiting for peers off their cores: latency
         headroom = 1.0
         if self.uncapped is not None:  # the transfer's own work, without the wires' caps
             own = times.pop(0) - latency
@@ -457,6 +518,11 @@ class _Engine:
                 self.now = at
                 self.advance(rank)
                 continue
+            if kind == "issue":
+                if self.ranks[rank].issue_version == version:
+                    self.now = at
+                    self.issued(rank)
+                continue
             # a comm event carries its collective's index where a compute event has its rank
             active = self.collectives.get(rank) if kind == "comm" else self.ranks[rank].computing
             if active is None or active.version != version:
@@ -467,7 +533,9 @@ class _Engine:
             else:
                 self.finish_compute(rank)
         stuck = [
-            r for r, s in enumerate(self.ranks) if s.pointer < len(s.plan.tasks) or s.comm_queue
+            r
+            for r, s in enumerate(self.ranks)
+            if s.pointer < len(s.plan.tasks) or s.comm_queue or s.issuing is not None
         ]
         if stuck:
             raise ParamInvalidError(

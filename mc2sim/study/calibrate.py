@@ -30,8 +30,20 @@ figures include what the others take from the machine, as in real runs:
    collectives in flight progress together (``Device.concurrent_collectives``); the point
    with the smallest squared log error is kept.
 
+Besides (``docs/MODEL.md``): every compute task and collective of the serial runs is kept as
+the device's profile (interpolated in log space by the model), with a bfloat16 AllReduce and
+AlltoAllv timed over :data:`COLLECTIVE_BYTES` (in the network fit, and in the profile); the
+cores the ranks share are read (:func:`node_cores`) and every compute figure scaled to a
+whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`)
+and taken off every collective sample; where ranks share cores, the contention fit also
+finds how long a collective waits for peers off their cores (``Device.slice_us``); and a
+float32 matmul, a memcpy, a 16-bit to float32 conversion and a 4-byte exchange are timed
+apart from the fit (:func:`measure_independent`) for ``calibrate`` to print beside the
+fitted figures. A call's figure over its rounds is their lower quartile
+(:func:`mc2sim.model.accuracy.typical`).
+
 Every measurement runs its calls in interleaved rounds (each round calls each once, after a
-warm-up round; :func:`mc2sim.study.measure.measure_rounds`) and keeps medians, so a slow
+warm-up round; :func:`mc2sim.study.measure.measure_rounds`) and keeps lower quartiles, so a slow
 spell of a shared machine lands on all of them alike. The fits are :mod:`mc2sim.model.fit`'s.
 Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 """
@@ -39,6 +51,7 @@ Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import statistics
 import time
@@ -52,15 +65,18 @@ from mc2sim._yaml import shipped_dir
 from mc2sim.comm import Communicator
 from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import matmul, quant_matmul
+from mc2sim.model.accuracy import typical
 from mc2sim.model.fit import (
     UNBOUNDED_TFLOPS,
     CommSample,
     ComputeSample,
     LevelSamples,
+    fit_comm_profile,
     fit_compute,
     fit_contention,
     fit_levels,
     fit_peaks,
+    fit_profile,
 )
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.scenario import load
@@ -74,13 +90,20 @@ __all__ = [
     "CONTENTION",
     "SAMPLED",
     "Calibration",
+    "Independent",
     "calibrate",
     "calibration_cases",
     "calibration_dir",
     "contention_cases",
+    "COLLECTIVE_BYTES",
+    "measure_collectives",
     "measure_compute",
+    "measure_independent",
+    "measure_issue",
     "measure_vector",
+    "node_cores",
     "samples_of",
+    "share_of_cores",
 ]
 
 SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
@@ -95,8 +118,17 @@ SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_combine_64", 4),  # small chunks: the executor's per-task costs
     ("cal_all_gather", "serial"),
     ("cal_reduce_scatter", "serial"),
+    ("cal_ifa_small", "serial"),  # the attention kernel's profile
+    ("cal_ifa_mid", "serial"),
+    ("cal_ifa_large", "serial"),
+    ("cal_mm_w8a8", "serial"),  # the int8 kernel's profile
+    ("cal_mm_weight_quant", "serial"),  # the weight-quant kernel's profile
 )
 """(calibration scenario, tiling) whose tasks give the compute and collective samples."""
+
+ROOFLINE_KINDS = ("matmul", "grouped_matmul", "reduce", "pack")
+"""The task kinds the roofline is fitted on (16-bit matmuls and memory passes); every kind,
+these too, is also kept in the device's profile, which corrects the roofline kind by kind."""
 
 CONTENTION: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_mm_3072x48x2048", 4),
@@ -132,6 +164,49 @@ def calibration_cases(comm: Communicator) -> list[Case]:
 def contention_cases(comm: Communicator) -> list[Case]:
     """The calls of :data:`CONTENTION` (``mc2sim calibrate``'s contention fit)."""
     return _cases(comm, CONTENTION)
+
+
+COLLECTIVE_BYTES = (64, 4096, 65536, 1048576, 4194304)
+"""Bytes per rank of the AllReduce and AlltoAllv sweep of ``calibrate`` (bfloat16): from a
+tiny message, where the latency and the per-call costs are all, to bandwidth."""
+
+
+def measure_collectives(comm: Communicator, reps: int) -> list[CommSample]:
+    """Time a bfloat16 AllReduce and an even AlltoAllv at each of :data:`COLLECTIVE_BYTES`.
+
+    Each call is posted and waited for as the executor does (every rank at once, after a
+    barrier); its figure is the slowest rank's lower quartile over ``reps`` calls, the post
+    included (``calibrate`` takes the issue overhead off every collective sample alike). The
+    samples of one kind share one unit of weight.
+    """
+    samples = []
+    for nbytes in COLLECTIVE_BYTES:
+        elements = max(nbytes // 2, 1)
+        flat = torch.zeros(elements, dtype=torch.bfloat16)
+        rows_per_peer = max(elements // (64 * comm.size), 1)
+        rows = torch.zeros((rows_per_peer * comm.size, 64), dtype=torch.bfloat16)
+        counts = [rows_per_peer] * comm.size
+        for kind, call in (
+            ("allreduce", lambda flat=flat: comm.iallreduce(flat).wait()),
+            ("alltoallv", lambda rows=rows, c=counts: comm.ialltoallv(rows, c, c).wait()),
+        ):
+            seconds = _quiet_time(comm, call, reps)
+            size = float(flat.numel() * 2 if kind == "allreduce" else rows.numel() * 2)
+            weight = 1.0 / len(COLLECTIVE_BYTES)
+            samples.append(CommSample(kind=kind, nbytes=size, seconds=seconds, weight=weight))
+    return samples
+
+
+def _quiet_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
+    """The slowest rank's lower quartile (:func:`typical`) of ``fn``, every rank at once."""
+    fn()
+    times = []
+    for _ in range(max(reps, 3)):
+        comm.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(max(comm.allgather_object(typical(times))))
 
 
 def _median_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
@@ -191,7 +266,9 @@ def measure_compute(comm: Communicator, reps: int) -> list[ComputeSample]:
     return samples
 
 
-def measure_vector(comm: Communicator, reps: int, *, launch_us: float, memory_gbps: float) -> float:
+def measure_vector(
+    comm: Communicator, reps: int, *, launch_us: float, memory_gbps: float, share: float = 1.0
+) -> float:
     """Elementwise TFLOP/s of a reduce task, its launch and memory terms held fixed.
 
     Times what MatmulReduceScatter's reduce task does (one 16-bit partial per rank, summed in
@@ -209,7 +286,7 @@ def measure_vector(comm: Communicator, reps: int, *, launch_us: float, memory_gb
             total += part.float()
         return total.to(torch.bfloat16)
 
-    seconds = _median_time(comm, reduce, reps)
+    seconds = _median_time(comm, reduce, reps) * share  # a whole core's time
     elements = parts[0].numel()
     flops = comm.size * elements
     nbytes = (comm.size + 1) * elements * parts[0].element_size()
@@ -230,7 +307,8 @@ def samples_of(
     machine, where a rank may see its completion a time slice late); a round in which some
     rank computed while its part of the collective was in flight (a tiled plan's next tile)
     is left out, as that time holds contention, which :func:`fit_contention` fits. Each
-    task's figure is the median over the rounds kept, paired with the FLOPs and bytes of the
+    task's figure is the lower quartile over the rounds kept
+    (:func:`mc2sim.model.accuracy.typical`), paired with the FLOPs and bytes of the
     busiest rank's task; the tasks of one case share one unit of weight in the fits.
     """
     compute: list[ComputeSample] = []
@@ -256,7 +334,7 @@ def samples_of(
         for task in plan.tasks:
             if task.id not in durations:
                 continue  # a collective that overlapped compute in every round
-            seconds = statistics.median(durations[task.id])
+            seconds = typical(durations[task.id])
             if task.resource is Resource.COMPUTE:
                 dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else plan.dtype
                 busiest = max((p.tasks[task.id] for p in case.plans), key=lambda t: t.flops)
@@ -267,6 +345,7 @@ def samples_of(
                         nbytes=busiest.bytes,
                         seconds=seconds,
                         weight=1.0 / n_compute,
+                        kind=str(task.kind),
                     )
                 )
                 continue
@@ -305,6 +384,12 @@ class Calibration:
     """The fitted topology; the same on every rank."""
     alongside: list[list[float]]
     """For each run passed as ``alongside``, its spans (slowest rank), one per round."""
+    fitted_cases: list[Case]
+    """The calls the fit was made on, run on every rank of the job (the in-sample cases)."""
+    fitted_spans: list[list[float]]
+    """Their spans (slowest rank), one per round, index as ``fitted_cases``."""
+    independent: Independent
+    """Figures of the machine measured apart from the fit, to check the fitted ones against."""
 
 
 def calibrate(
@@ -349,12 +434,41 @@ def calibrate(
         compute += [replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[0]]
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
     spans = [[t.metrics().total_s for t in mine] for mine in rounds[first:]]
-    peaks, efficiency, launch_us, memory_gbps = fit_compute(compute)
-    others = [s for s in measure_compute(comm, reps) if s.dtype not in peaks]
+    cores = node_cores(comm, hosts)
+    share = min(1.0, cores / per_node) if cores > 0 else 1.0
+    issue_s = measure_issue(comm, reps)
+    in_ops: list[CommSample] = []
+    if len(levels) == 1:  # one host: the collectives over sizes join the serial runs' samples
+        swept = measure_collectives(comm, reps)
+        by_level[0] += swept
+        # the profile: the serial calls' collectives and the sweep's; a sub-tiled call's
+        # chunks (cal_combine_64) are timed while the ranks take turns computing, which
+        # the contention model accounts for
+        whole = [(c, r) for c, r in zip(serial[0][1], rounds, strict=False) if c.tiling == "serial"]
+        in_ops = samples_of(comm, [c for c, _ in whole], [r for _, r in whole])[1] + swept
+    # a whole core's figures: the ranks measured at once, each at its share of a core
+    compute = [replace(s, seconds=s.seconds * share) for s in compute]
+    # a collective's span includes its last rank's posting, which the model holds apart
+    by_level = [
+        [replace(s, seconds=max(s.seconds - issue_s, 0.1 * s.seconds)) for s in mine]
+        for mine in by_level
+    ]
+    in_ops = [replace(s, seconds=max(s.seconds - issue_s, 0.1 * s.seconds)) for s in in_ops]
+    peaks, efficiency, launch_us, memory_gbps = fit_compute(
+        [s for s in compute if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
+    )
+    others = [
+        replace(s, seconds=s.seconds * share)
+        for s in measure_compute(comm, reps)
+        if s.dtype not in peaks
+    ]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
     wide = comm.backend in WIDE_REDUCTIONS
     network, reduce_gbps = _fit_levels(levels, by_level, wide=wide, per_node=per_node)
-    vector_tflops = measure_vector(comm, reps, launch_us=launch_us, memory_gbps=memory_gbps)
+    reduce_gbps *= share
+    vector_tflops = measure_vector(
+        comm, reps, launch_us=launch_us, memory_gbps=memory_gbps, share=share
+    )
     where = f"host {hosts[0]}" if len(network) == 1 else f"{network[-1].ranks} hosts"
     base = Topology(
         name=name,
@@ -369,6 +483,10 @@ def calibrate(
             reduce_gbps=reduce_gbps,
             memory_overlap=False,
             reductions_in_float32=wide,
+            cores_per_node=cores,
+            issue_us=issue_s * share * 1e6,
+            profile=fit_profile(compute)
+            + (fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()),
         ),
         network=network,
         contention=Contention(source="not yet fitted"),
@@ -388,8 +506,198 @@ def calibrate(
         ),
     )
     fitted = fit_contention(base, tiled, spans[: len(tiled)])
+    independent = measure_independent(comm, reps)
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
-    return Calibration(topology=fitted, alongside=spans[len(tiled) :])
+    return Calibration(
+        topology=fitted,
+        alongside=spans[len(tiled) :],
+        fitted_cases=[c for group, cases in serial if group is comm for c in cases] + tiled,
+        fitted_spans=_fitted_spans(serial, rounds, comm, len(tiled)),
+        independent=independent,
+    )
+
+
+def _fitted_spans(
+    serial: Sequence[tuple[Communicator, Sequence[Case]]],
+    rounds: Sequence[Sequence[Timeline]],
+    comm: Communicator,
+    tiled: int,
+) -> list[list[float]]:
+    """The spans of the serial calls run on the whole job, then of the ``tiled`` calls."""
+    spans = []
+    first = 0
+    for group, cases in serial:
+        if group is comm:
+            spans += [
+                [t.metrics().total_s for t in mine] for mine in rounds[first : first + len(cases)]
+            ]
+        first += len(cases)
+    spans += [[t.metrics().total_s for t in mine] for mine in rounds[first : first + tiled]]
+    return spans
+
+
+def share_of_cores(machine_cores: float, ranks_on_machine: int, ranks_per_node: int) -> float:
+    """The cores a node's ranks share, where a machine's cores serve all ranks it runs.
+
+    Nodes of one machine (network namespaces on one host) split its cores by their ranks:
+    ``machine_cores * ranks_per_node / ranks_on_machine``.
+
+    Raises:
+        ParamInvalidError: a count below 1 or a node larger than its machine.
+    """
+    if ranks_on_machine < 1 or ranks_per_node < 1 or ranks_per_node > ranks_on_machine:
+        raise ParamInvalidError(
+            "ranks_per_node",
+            ranks_per_node,
+            f"must be between 1 and the ranks on the machine ({ranks_on_machine})",
+        )
+    if machine_cores <= 0:
+        raise ParamInvalidError("machine_cores", machine_cores, "must be > 0")
+    return machine_cores * ranks_per_node / ranks_on_machine
+
+
+def _cgroup_cores() -> float:
+    """The CPU quota of this process's cgroup, in cores (0: no quota found)."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return 0.0
+    return 0.0 if quota == "max" else float(quota) / float(period)
+
+
+def _machine() -> str:
+    """This machine's identity: its kernel's boot id (namespaces of one host share it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def node_cores(comm: Communicator, hosts: Sequence[str]) -> float:
+    """The CPU cores each node's ranks share (``Device.cores_per_node``; every rank).
+
+    A machine's cores are the union of its ranks' CPU affinities (ranks bound to distinct
+    cores by the launcher get one each), capped by a cgroup quota; nodes of one machine
+    split them by ranks (:func:`share_of_cores`). The smallest node's figure is kept.
+    """
+    mine = (_machine(), sorted(os.sched_getaffinity(0)), _cgroup_cores())
+    every = comm.allgather_object(mine)
+    per_node = comm.size // max(len(set(hosts)), 1)
+    figures = []
+    for machine in {m for m, _, _ in every}:
+        here = [(cpus, quota) for m, cpus, quota in every if m == machine]
+        cores = float(len(set().union(*(set(c) for c, _ in here))))
+        quotas = [q for _, q in here if q > 0]
+        if quotas:
+            cores = min(cores, min(quotas))
+        figures.append(share_of_cores(cores, len(here), per_node))
+    return min(figures)
+
+
+def measure_issue(comm: Communicator, reps: int) -> float:
+    """Median seconds a rank spends posting a nonblocking collective (LogP's ``o``).
+
+    Every rank posts a 1-row-per-peer bfloat16 AlltoAllv and a 256-element AllReduce at
+    once, as the tiled plans do, timing the post alone; the slowest rank's median of both
+    kinds together.
+    """
+    rows = torch.zeros((comm.size, 64), dtype=torch.bfloat16)
+    ones = [1] * comm.size
+    flat = torch.zeros(256, dtype=torch.bfloat16)
+    times = []
+    for i in range(2 * (reps + 1)):
+        comm.barrier()
+        start = time.perf_counter()
+        work = comm.ialltoallv(rows, ones, ones) if i % 2 == 0 else comm.iallreduce(flat)
+        posted = time.perf_counter() - start
+        work.wait()
+        if i >= 2:  # the first of each kind warms up
+            times.append(posted)
+    return float(max(comm.allgather_object(statistics.median(times))))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Independent:
+    """Figures of the machine measured apart from the fit, printed beside the fitted ones.
+
+    Each is timed on one rank while the others sleep, so on a whole core.
+    """
+
+    matmul_tflops: float
+    """A plain float32 matmul (1024 x 1024 x 1024, torch), TFLOP/s."""
+    memcpy_gbps: float
+    """A 64 MiB copy, bytes read plus written per second, GB/s."""
+    upcast_gbps: float
+    """A bfloat16 to float32 conversion of 32 MiB, bytes of bfloat16 data per second, GB/s:
+    the memory pass of the reference kernels, whose plans count 16-bit bytes."""
+    pingpong_us: float
+    """One exchange of 4 bytes between two ranks (a 2-rank float32 AllReduce, posted and
+    waited for as the executor does: one message each way at once), the other ranks asleep,
+    microseconds."""
+    pingpong_loaded_us: float
+    """The same, every pair of ranks exchanging at once (ranks 0-1, 2-3, ...): a message as
+    the job's own ranks, sharing the cores, see it."""
+
+
+def _asleep_until_done(comm: Communicator, busy: bool) -> None:
+    """Ranks not ``busy`` sleep (never spin) until every busy rank is done."""
+    work = comm.iallreduce(torch.zeros(1))
+    if busy:
+        work.wait()
+        return
+    while not work.test():
+        time.sleep(0.002)
+    work.wait()
+
+
+def measure_independent(comm: Communicator, reps: int) -> Independent:
+    """Time a float32 matmul and a memcpy on rank 0, and a ping-pong on ranks 0 and 1."""
+    figures: dict[str, float] = {}
+    if comm.rank == 0:
+        a = torch.randn(1024, 1024)
+        b = torch.randn(1024, 1024)
+        seconds = _alone_median(lambda: torch.mm(a, b), reps)
+        figures["matmul"] = 2.0 * 1024**3 / seconds / 1e12
+        src = torch.ones(16 * 1024 * 1024)  # 64 MiB of float32
+        dst = torch.empty_like(src)
+        seconds = _alone_median(lambda: dst.copy_(src), reps)
+        figures["memcpy"] = 2.0 * src.numel() * 4 / seconds / 1e9
+        half = torch.ones(16 * 1024 * 1024, dtype=torch.bfloat16)
+        seconds = _alone_median(lambda: dst.copy_(half), reps)
+        figures["upcast"] = half.numel() * 2 / seconds / 1e9
+    _asleep_until_done(comm, comm.rank == 0)
+    pair = comm.split(0 if comm.rank < 2 else 1, comm.rank)
+    if comm.size >= 2 and comm.rank < 2:
+        x = torch.zeros(1)
+        seconds = _alone_median(lambda: pair.iallreduce(x).wait(), 20 * reps)
+        figures["pingpong"] = seconds * 1e6
+    _asleep_until_done(comm, comm.rank < 2)
+    pairs = comm.split(comm.rank // 2, comm.rank)
+    paired = pairs.size == 2
+    if paired:
+        x = torch.zeros(1)
+        figures["loaded"] = _alone_median(lambda: pairs.iallreduce(x).wait(), 20 * reps) * 1e6
+    _asleep_until_done(comm, paired)
+    loaded = max((f.get("loaded", 0.0) for f in comm.allgather_object(figures)), default=0.0)
+    shared = comm.allgather_object(figures)[0]
+    return Independent(
+        matmul_tflops=shared["matmul"],
+        memcpy_gbps=shared["memcpy"],
+        upcast_gbps=shared["upcast"],
+        pingpong_us=shared.get("pingpong", 0.0),
+        pingpong_loaded_us=loaded,
+    )
+
+
+def _alone_median(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of ``fn`` on this rank alone (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(max(reps, 3)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 WIDE_REDUCTIONS = ("mpi", "gloo", "threads")

@@ -100,10 +100,30 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     assert res.stdout.count("contention: compute x") == 1, "rank 0 prints the fit"
     assert res.stdout.count("collectives in flight progress ") == 1
     lines = res.stdout.splitlines()
-    header = lines.index("# validate-model: 2 ranks, calibrated in the same rounds, median of 1")
-    rows = lines[header + 2 : header + 18]
-    assert len(rows) == 16 and all(row.endswith("%") for row in rows)
-    assert lines[header + 18].startswith("geomean error over 16 cases: ")
+    header = lines.index(
+        "# validate-model: 2 ranks, calibrated in the same rounds, lower quartile of 1 rounds"
+    )
+    assert lines[header + 1].startswith("# split: held out: scenarios/validation/")
+    assert lines[header + 2].startswith("held out: case")
+    held = lines[header + 3 : header + 39]
+    assert len(held) == 36 and all(row.endswith("%") for row in held)
+    assert lines[header + 39].startswith("in sample: case")
+    inside = lines[header + 40 : header + 62]
+    assert len(inside) == 22 and all(row.endswith("%") for row in inside)
+    assert lines[header + 62].startswith("held-out geomean error over 36 cases: ")
+    assert lines[header + 63].startswith("in-sample geomean error over 22 cases: ")
+    # the fitted figures beside the independent ones
+    assert res.stdout.count("fitted against independent") == 1
+    for row in (
+        "float32 matmul 1024^3, TFLOP/s",
+        "memory GB/s vs bf16->f32 conversion",
+        "memory GB/s vs memcpy (read + write)",
+        "4-byte exchange us, the others asleep",
+        "4-byte exchange us, every pair at once",
+    ):
+        (line,) = [x for x in lines if x.strip().startswith(row)]
+        fitted, measured, ratio = line.split()[-3:]
+        assert float(fitted) > 0 and float(measured) > 0 and ratio.startswith("x"), line
     from mc2sim.topology import load
 
     assert load(out).world_size == 2
@@ -111,4 +131,5 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     # the stored fit validates again, measured anew
     res = mpiexec(2, "-m", "mc2sim", "validate-model", "--topology", str(out), "--reps", "1")
     assert res.returncode == 0, res.stderr
-    assert f"# validate-model: 2 ranks, {out}, median of 1" in res.stdout
+    assert f"# validate-model: 2 ranks, {out}, lower quartile of 1 rounds" in res.stdout
+    assert "in-sample geomean error over 22 cases: " in res.stdout

@@ -109,10 +109,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # `make demo`'s simulated table (README), as mc2sim prints it: tiling -> total, compute,
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
-    "serial": "1.951 0.422 1.715 1.529 10.9 1.00",
-    "hardware(per expert)": "2.416 0.894 2.239 1.523 11.2 0.81",
-    "experts x 2": "3.086 1.564 2.914 1.522 11.3 0.63",
-    "experts x 4": "4.436 2.917 4.266 1.519 11.5 0.44",
+    "serial": "0.794 0.229 0.631 0.565 10.5 1.00",
+    "hardware(per expert)": "2.520 0.427 2.423 2.093 0.0 0.32",
+    "experts x 2": "4.917 0.718 4.826 4.200 0.0 0.16",
+    "experts x 4": "9.715 1.294 9.626 8.420 0.0 0.08",
 }
 
 

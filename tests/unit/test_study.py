@@ -277,18 +277,41 @@ def test_ifa_decode_is_memory_bound_on_the_a2() -> None:
     assert metrics["tiles=4"].total_s == pytest.approx(hbm_s + 4 * launch_s, rel=1e-9)
 
 
-def test_validation_cases_are_scenario_files_covering_every_tp_and_moe_op() -> None:
+def test_validation_cases_cover_every_op_quant_size_routing_and_tiling_held_out() -> None:
     from mc2sim.ops.spec import OpName
+    from mc2sim.study.calibrate import calibration_dir
+    from mc2sim.study.simulate import plans_for
     from mc2sim.study.validate import validation_scenarios
 
     scenarios = validation_scenarios()
-    assert len(scenarios) == 7
-    assert sum(len(s.tilings) for s in scenarios) == 16  # the sweep's 16 cases
-    ops = {s.op for s in scenarios}
-    assert ops == set(OpName) - {OpName.IFA}
+    assert len(scenarios) == 13
+    assert sum(len(s.tilings) for s in scenarios) == 36  # the held-out sweep's cases
+    assert {s.op for s in scenarios} == set(OpName)  # IFA too
+    assert {str(s.quant) for s in scenarios} == {"none", "w8a8", "weight_int8"}
     assert {s.routing.kind for s in scenarios if s.routed} == {"uniform", "zipf"}
+    kinds = {
+        "serial" if t == "serial" else "hardware" if t == "hardware" else "tiles"
+        for s in scenarios
+        for t in s.tilings
+    }
+    assert kinds == {"serial", "hardware", "tiles"}
     for s in scenarios:
         assert s.name == s.name.strip() and "serial" in s.tilings
+    # two decades of FLOPs and of bytes moved among the MatmulAllReduce cases (2 ranks)
+    flops, moved = [], []
+    for s in scenarios:
+        if s.op == OpName.MM_ALL_REDUCE:
+            tasks = plans_for(s, 2, "serial")[0].tasks
+            flops.append(sum(t.flops for t in tasks))
+            moved.append(sum(t.bytes for t in tasks if t.resource.value == "comm"))
+    assert max(flops) / min(flops) >= 100 and max(moved) / min(moved) >= 30
+    # held out: no validation case has the op, quantisation and shape of a calibration call
+    fitted = {
+        (c.op, str(c.quant), tuple(sorted(c.shape.items())))
+        for c in (load(f) for f in sorted(calibration_dir().glob("*.yaml")))
+    }
+    for s in scenarios:
+        assert (s.op, str(s.quant), tuple(sorted(s.shape.items()))) not in fitted, s.name
 
 
 def test_a_new_validation_file_is_a_new_case(tmp_path: Path) -> None:
@@ -304,7 +327,7 @@ def test_calibration_pairs_name_shipped_files_and_their_tilings() -> None:
     from mc2sim.schedule import tiling_of
     from mc2sim.study.calibrate import CONTENTION, SAMPLED, calibration_dir
 
-    assert len(SAMPLED) == 11 and len(CONTENTION) == 6
+    assert len(SAMPLED) == 16 and len(CONTENTION) == 6
     for name, tiling in (*SAMPLED, *CONTENTION):
         scenario = load(calibration_dir() / f"{name}.yaml")
         assert tiling_of(tiling) in {tiling_of(t) for t in scenario.tilings}, (name, tiling)

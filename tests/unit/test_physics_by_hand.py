@@ -1,0 +1,255 @@
+"""Ranks sharing cores, polled progress and the issue overhead, against answers worked on paper.
+
+The machine of :mod:`tests.unit.test_simulator_by_hand` (a matmul of ``1e6 * t`` FLOPs takes
+t s on a whole core, links carry 1000 B/s, no launch or latency), with the three figures of
+this module set one at a time. Every expected time is derived in the comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mc2sim.errors import ParamInvalidError
+from mc2sim.model.cost import compute_time, issue_time
+from mc2sim.model.simulator import simulate
+from mc2sim.topology import Contention, NetworkDim, Topology, dump, load
+from tests.unit.test_simulator_by_hand import allreduce, assert_spans, machine, mm, plan
+
+
+def with_device(topology: Topology, **changes: object) -> Topology:
+    return dataclasses.replace(topology, device=dataclasses.replace(topology.device, **changes))
+
+
+@pytest.mark.parametrize(
+    ("ranks", "cores", "share"),
+    [(2, 0, 1.0), (2, 2, 1.0), (4, 2, 0.5), (8, 2, 0.25), (3, 2, 2 / 3), (2, 16, 1.0)],
+)
+def test_a_rank_runs_at_its_share_of_the_nodes_cores(ranks: int, cores: int, share: float) -> None:
+    topo = with_device(machine(ranks), cores_per_node=cores, issue_us=1e6)
+    assert topo.core_share == pytest.approx(share)
+    task = mm(3).__class__(id=0, name="mm", kind=mm(3).kind, flops=3_000_000)
+    # 3 s on a whole core; at a share s of a core, 3 / s
+    assert compute_time(task, topo, "float16") == pytest.approx(3 / share)
+    assert issue_time(topo) == pytest.approx(1 / share)  # 1 s of issue overhead
+
+
+def test_the_share_is_per_node_not_per_job() -> None:
+    # 2 nodes x 4 ranks, 2 cores a node: each rank gets half a core
+    topo = machine(4)
+    inner = dataclasses.replace(topo.network[0], ranks=4)
+    outer = NetworkDim(kind=inner.kind, ranks=2, bandwidth_gbps=1e-6, latency_us=0.0)
+    topo = dataclasses.replace(topo, network=(inner, outer))
+    assert with_device(topo, cores_per_node=2).core_share == 0.5
+    assert with_device(topo, cores_per_node=8).core_share == 1.0
+
+
+def test_polled_progress_stops_a_transfer_while_a_rank_computes() -> None:
+    # a 2 s AllReduce; rank 0 computes 1 s meanwhile, rank 1 waits for it. Polled: the
+    # transfer makes no progress in [0, 1] and takes its 2 s after: [1, 3]; rank 1's matmul
+    # [3, 4]. (Unpolled with comm_slowdown 1 it would end at 2.)
+    plans = {0: plan(0, 2, allreduce(2), mm(1)), 1: plan(1, 2, allreduce(2), mm(1, 0))}
+    topo = dataclasses.replace(machine(2), contention=Contention(polled=True))
+    assert_spans(
+        simulate(plans, topo),
+        {(0, "ar0"): (0, 3), (0, "mm1"): (0, 1), (1, "ar0"): (0, 3), (1, "mm1"): (3, 4)},
+    )
+
+
+def test_polled_progress_on_a_capped_wire_keeps_the_wires_part() -> None:
+    # the link's own rate is 1000 B/s; a wire capped at 250 B/s makes the 2000-byte AllReduce
+    # take 8 s where the ranks' own work would take 2 s: headroom 4. While rank 0 computes
+    # [0, 2] the transfer goes on at 1 - 1/4 = 3/4: 1.5 s of its 8 s done; the other 6.5 s at
+    # full rate: it ends at 8.5
+    plans = {0: plan(0, 2, allreduce(2), mm(2)), 1: plan(1, 2, allreduce(2), mm(1, 0))}
+    topo = machine(2)
+    capped = dataclasses.replace(topo.network[0], link_gbps=250 / 1e9)
+    topo = dataclasses.replace(topo, network=(capped,), contention=Contention(polled=True))
+    assert_spans(
+        simulate(plans, topo),
+        {(0, "ar0"): (0, 8.5), (0, "mm1"): (0, 2), (1, "ar0"): (0, 8.5), (1, "mm1"): (8.5, 9.5)},
+    )
+
+
+def test_posting_a_collective_holds_the_issuer() -> None:
+    # o = 0.25 s. Rank 0: ar0 (1 s), mm1 (1 s), ar2 (1 s), mm3 (1 s) after ar2. Rank 1 the
+    # same. Each posts ar0 over [0, 0.25]: it starts at 0.25 and ends at 1.25; mm1 runs
+    # [0.25, 1.25] (no contention factors); ar2 posted [1.25, 1.5], runs [1.5, 2.5]; mm3 waits
+    # for it: [2.5, 3.5]
+    plans = {r: plan(r, 2, allreduce(1), mm(1), allreduce(1), mm(1, 2)) for r in range(2)}
+    topo = with_device(machine(2), issue_us=0.25e6)
+    expected = {"ar0": (0.25, 1.25), "mm1": (0.25, 1.25), "ar2": (1.5, 2.5), "mm3": (2.5, 3.5)}
+    assert_spans(simulate(plans, topo), {(r, n): s for r in range(2) for n, s in expected.items()})
+
+
+def test_the_issue_overhead_runs_at_the_core_share() -> None:
+    # 4 ranks on 2 cores, o = 0.25 s of a whole core: 0.5 s each; an AllReduce of 1000 B on a
+    # 4-rank switch (latency 0) takes the cheaper of the ring (2 (p - 1) chunks of n / p:
+    # 1.5 s) and recursive doubling (2 whole-buffer exchanges: 2 s): 1.5 s. Posted [0, 0.5],
+    # runs [0.5, 2]; then a matmul of 1 s at half a core: [2, 4]
+    plans = {r: plan(r, 4, allreduce(1), mm(1, 0)) for r in range(4)}
+    topo = with_device(machine(4), issue_us=0.25e6, cores_per_node=2)
+    expected = {"ar0": (0.5, 2.0), "mm1": (2.0, 4.0)}
+    assert_spans(simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()})
+
+
+def test_the_new_figures_survive_a_file_and_are_checked(tmp_path: object) -> None:
+    topo = with_device(machine(4), issue_us=12.5, cores_per_node=2)
+    topo = dataclasses.replace(topo, contention=Contention(comm_slowdown=3.0, polled=True))
+    path = f"{tmp_path}/t.yaml"
+    dump(topo, path)
+    back = load(path)
+    assert (back.device.issue_us, back.device.cores_per_node) == (12.5, 2)
+    assert back.contention.polled is True
+    with pytest.raises(ParamInvalidError, match="cores_per_node"):
+        with_device(topo, cores_per_node=-1)
+    with pytest.raises(ParamInvalidError, match="issue_us"):
+        with_device(topo, issue_us=-1.0)
+    with pytest.raises(ParamInvalidError, match="polled"):
+        Contention(polled=1)  # type: ignore[arg-type]
+
+
+def test_fit_contention_finds_polled_progress() -> None:
+    # spans made with polled progress and compute slowdown 1: X, a 1 s AllReduce under 4 s of
+    # compute, waits for the compute: [4, 5]; Y, a 4 s AllReduce under 1 s: 1 + 4 = 5; Z, a 2 s
+    # AllReduce then a 1 s matmul that needs it: 3. No finite comm slowdown gives X 5 s and
+    # Y 5 s at once (X would need a slowdown >= 4 with no progress at all, Y one of 2).
+    from mc2sim.model.fit import fit_contention
+    from mc2sim.study.measure import Case
+
+    def case(name: str, *tasks: object) -> Case:
+        plans = tuple(plan(r, 2, *tasks) for r in (0, 1))  # type: ignore[arg-type]
+        return Case(name=name, tiling="tiles=2", run=lambda: None, plans=plans)
+
+    cases = [
+        case("X", allreduce(1), mm(4)),
+        case("Y", allreduce(4), mm(1)),
+        case("Z", allreduce(2), mm(1, 0)),
+    ]
+    fitted = fit_contention(machine(2), cases, [[5.0], [5.0], [3.0]]).contention
+    assert fitted.polled is True
+    assert fitted.compute_slowdown == 1.0
+
+
+def test_a_profile_corrects_the_roofline_by_kind_in_log_space(tmp_path: object) -> None:
+    # the paper machine: a matmul of 1e6 * t FLOPs takes t s by the roofline. Profile: 1 s
+    # matmuls measured at 2 s, 100 s ones at 50 s (ratios 2 and 1/2). A 10 s matmul sits half
+    # way in log time: ratio exp((ln 2 + ln 0.5) / 2) = 1, so 10 s; a 0.1 s one is below the
+    # points: ratio 2, 0.2 s; a 1000 s one above: ratio 1/2, 500 s. Attention has no point:
+    # the roofline's 10 s.
+    from mc2sim.model.fit import ComputeSample, fit_profile
+    from mc2sim.schedule.plan import Task, TaskKind
+
+    samples = [
+        ComputeSample(dtype="float16", flops=1e6, nbytes=0, seconds=2.0),
+        ComputeSample(dtype="float16", flops=1e6, nbytes=0, seconds=2.2),  # median of 2.0, 2.2 ...
+        ComputeSample(dtype="float16", flops=1e6, nbytes=0, seconds=1.8),  # ... and 1.8: 2.0
+        ComputeSample(dtype="float16", flops=1e8, nbytes=0, seconds=50.0),
+    ]
+    profile = fit_profile(samples)
+    assert [(p.flops, p.us) for p in profile] == [(1e6, 2e6), (1e8, 5e7)]
+    topo = with_device(machine(2), profile=profile)
+    for seconds, expected in ((10, 10), (0.1, 0.2), (1000, 500)):
+        task = Task(id=0, name="mm", kind=TaskKind.MATMUL, flops=int(seconds * 1e6))
+        assert compute_time(task, topo, "float16") == pytest.approx(expected)
+    attention = Task(id=0, name="ifa", kind=TaskKind.ATTENTION, flops=int(1e7))
+    assert compute_time(attention, topo, "float16") == pytest.approx(10)
+    # the profile survives a file
+    path = f"{tmp_path}/profile.yaml"
+    dump(topo, path)
+    assert load(path).device.profile == profile
+
+
+def test_a_collective_profile_holds_at_its_rank_count_only() -> None:
+    # the paper link (1000 B/s, no latency): an AllReduce of 1000 B on 2 ranks by recursive
+    # doubling takes 1 s in the model. Timed at 3 s (1000 B) and 30 s (100 000 B: 100 s in the
+    # model): ratios 3 and 0.3. 10 000 B (10 s) lies half way in log time: ratio
+    # exp((ln 3 + ln 0.3) / 2) = 0.9487 (sqrt 0.9), 9.487 s. At 4 ranks the points do not hold:
+    # the model's time (the ring, 2 (p - 1) / p n / B = 15 s) unchanged.
+    import math
+
+    from mc2sim.model.cost import allreduce_time
+    from mc2sim.model.fit import CommSample, fit_comm_profile
+
+    samples = [
+        CommSample(kind="allreduce", nbytes=1000, seconds=3.0),
+        CommSample(kind="allreduce", nbytes=100_000, seconds=30.0),
+        CommSample(kind="alltoallv", nbytes=1000, seconds=7.0),
+    ]
+    profile = fit_comm_profile(samples, 2)
+    assert {(p.kind, p.ranks) for p in profile} == {("allreduce", 2), ("alltoallv", 2)}
+    topo = with_device(machine(2), profile=profile)
+    assert allreduce_time(topo, 1000) == pytest.approx(3.0)
+    assert allreduce_time(topo, 100_000) == pytest.approx(30.0)
+    assert allreduce_time(topo, 10_000) == pytest.approx(10 * math.sqrt(0.9))
+    assert allreduce_time(topo.with_world(4), 10_000) == pytest.approx(15.0)
+
+
+def test_a_calls_time_is_the_lower_quartile_of_its_rounds() -> None:
+    from mc2sim.model.accuracy import typical
+
+    # 5 rounds sorted 1, 2, 3, 10, 50: the quartile sits at index 0.25 * 4 = 1: 2
+    assert typical([10.0, 1.0, 50.0, 3.0, 2.0]) == 2.0
+    # 4 rounds 1, 2, 4, 8: index 0.75, between 1 and 2: 1.75
+    assert typical([8.0, 4.0, 2.0, 1.0]) == pytest.approx(1.75)
+    assert typical([7.0]) == 7.0
+    with pytest.raises(ValueError, match="no values"):
+        typical([])
+
+
+def test_a_profiled_collective_keeps_the_models_share_of_latency() -> None:
+    # collectives in flight together, latency 0.5 s: an AllReduce of 1000 B on 2 ranks is
+    # 0.5 s latency + 1 s transfer in the model (recursive doubling). A profile timing it at
+    # 3 s (ratio 2) scales both parts: 1 s of latency, 2 s of transfer. Two back to back:
+    # both latencies [0, 1]; transfers one at a time: [1, 3] and [3, 5]
+    from mc2sim.model.fit import CommSample, fit_comm_profile
+
+    topo = machine(2, latency_s=0.5, concurrent=True)
+    profile = fit_comm_profile([CommSample(kind="allreduce", nbytes=1000, seconds=3.0)], 2)
+    topo = with_device(topo, profile=profile)
+    plans = {r: plan(r, 2, allreduce(1), allreduce(1)) for r in range(2)}
+    expected = {"ar0": (0.0, 3.0), "ar1": (0.0, 5.0)}
+    assert_spans(simulate(plans, topo), {(r, n): s for r in range(2) for n, s in expected.items()})
+
+
+def test_a_collective_waits_for_peers_off_their_cores_as_latency() -> None:
+    # 4 ranks on 2 cores (share 1/2), slice 1 s: each collective waits 1 * (1 - 1/2) = 0.5 s.
+    # In flight together, latency 0: two 1000-byte AllReduces on a 4-rank switch (the ring's
+    # 2 (p - 1) / p * n / B = 1.5 s each). Both wait [0, 0.5]; transfers one at a time:
+    # [0.5, 2], [2, 3.5]. On a stream the whole of each is serialised: [0, 2], [2, 4]. With a
+    # core per rank (cores 4) there is no wait: [0, 1.5], [1.5, 3].
+    plans = {r: plan(r, 4, allreduce(1), allreduce(1)) for r in range(4)}
+    for concurrent, cores, ar0, ar1 in (
+        (True, 2, (0.0, 2.0), (0.0, 3.5)),
+        (False, 2, (0.0, 2.0), (2.0, 4.0)),
+        (True, 4, (0.0, 1.5), (0.0, 3.0)),
+    ):
+        topo = with_device(machine(4, concurrent=concurrent), cores_per_node=cores, slice_us=1e6)
+        expected = {"ar0": ar0, "ar1": ar1}
+        assert_spans(
+            simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()}
+        )
+
+
+@pytest.mark.parametrize(
+    ("entry", "where", "rule"),
+    [
+        ("{kind: matmul, dtype: float16, flops: 1, bytes: 1, us: -1}", "profile[0].us", "> 0"),
+        ("{kind: matmul, dtype: float16, flops: 1, bytes: 1}", "profile[0].us", "required"),
+        ("{kind: matmul, dtype: '', flops: 1, bytes: 1, us: 1}", "profile[0].dtype", "empty"),
+        ("{kind: allreduce, dtype: '', flops: 0, bytes: 1, us: 1, ranks: -2}", "ranks", ">= 0"),
+        ("{kind: matmul, dtype: f, flops: 1, bytes: 1, us: 1, speed: 2}", "speed", "unknown"),
+    ],
+)
+def test_a_bad_profile_entry_is_named_by_its_field(
+    tmp_path: object, entry: str, where: str, rule: str
+) -> None:
+    topo = with_device(machine(2), issue_us=1.0)
+    path = f"{tmp_path}/t.yaml"
+    dump(topo, path)
+    text = open(path).read().replace("  efficiency:", f"  profile:\n  - {entry}\n  efficiency:", 1)
+    open(path, "w").write(text)
+    with pytest.raises(ParamInvalidError) as err:
+        load(path)
+    assert where in str(err.value) and rule in str(err.value)
