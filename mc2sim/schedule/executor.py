@@ -140,47 +140,27 @@ class _Recorder:
         """Add a task timed by device events (seconds from the epoch already)."""
         if self.sink is None:
             return
-        intra, inter = self.levels.get(task.id, (0, 0))
         self.sink.add_raw(
-            (
-                self.plan.rank,
-                self.run,
-                task.id,
-                task.name,
-                Stream.COMM if task.resource is Resource.COMM else Stream.COMPUTE,
-                str(task.kind),
-                start_s,
-                max(start_s, end_s),
-                task.flops,
-                task.bytes,
-                intra,
-                inter,
-                clock,
-                (host_ns[0] - self.epoch) * 1e-9,
-                (host_ns[1] - self.epoch) * 1e-9,
-            )
+            self._fields(task, start_s, max(start_s, end_s))
+            + (clock, (host_ns[0] - self.epoch) * 1e-9, (host_ns[1] - self.epoch) * 1e-9)
         )
 
     def add(self, task: Task, start_ns: int, end_ns: int) -> None:
+        """Add a task timed by the host's clock (nanoseconds)."""
         if self.sink is None:
             return
-        intra, inter = self.levels.get(task.id, (0, 0))
         self.sink.add_raw(
-            (
-                self.plan.rank,
-                self.run,
-                task.id,
-                task.name,
-                Stream.COMM if task.resource is Resource.COMM else Stream.COMPUTE,
-                str(task.kind),
-                (start_ns - self.epoch) * 1e-9,
-                (end_ns - self.epoch) * 1e-9,
-                task.flops,
-                task.bytes,
-                intra,
-                inter,
-            )
+            self._fields(task, (start_ns - self.epoch) * 1e-9, (end_ns - self.epoch) * 1e-9)
         )
+
+    def _fields(self, task: Task, start_s: float, end_s: float) -> tuple[object, ...]:
+        """A record's fields up to its bytes by level (``Timeline.add_raw``'s order)."""
+        intra, inter = self.levels.get(task.id, (0, 0))
+        stream = Stream.COMM if task.resource is Resource.COMM else Stream.COMPUTE
+        return (
+            self.plan.rank, self.run, task.id, task.name, stream, str(task.kind),
+            start_s, end_s, task.flops, task.bytes, intra, inter,
+        )  # fmt: skip
 
 
 class _Poller:
