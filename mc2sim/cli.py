@@ -771,11 +771,13 @@ def _simulate_sweep(
 ) -> int:
     """``sweep`` without ``--real``: every point simulated, a results folder each.
 
-    Under ``mpiexec -n N`` the points are dealt out (point ``i`` to rank ``i mod N``) in
-    batches of ``N x`` :data:`_SWEEP_BATCH`; each rank simulates and encodes its points of a
-    batch, rank 0 gathers them and alone writes the folders, in grid order: the folder is the
-    serial sweep's (:func:`mc2sim.results.comparable_files`). A point the model refuses
-    ends the sweep on every rank with the first such point's error (exit status 2).
+    Under ``mpiexec -n N`` the points are dealt out in batches of ``N x`` :data:`_SWEEP_BATCH`,
+    in snake order (:func:`_dealt`: a grid whose cost rises along its inner axis would give
+    rank ``N - 1`` the dearest point of every round under ``i mod N``); each rank simulates
+    and encodes its points of a batch, rank 0 gathers them and alone writes the folders, in
+    grid order: the folder is the serial sweep's (:func:`mc2sim.results.comparable_files`). A
+    point the model refuses ends the sweep on every rank with the first such point's error
+    (exit status 2).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -816,7 +818,7 @@ def _simulate_sweep(
     with writer, tqdm(total=len(grid), desc="sweep", file=sys.stderr, disable=not lead) as bar:
         for first in range(0, len(grid), size * _SWEEP_BATCH):
             mine: list[tuple[int, Any, Any]] = []
-            for i in range(first + rank, min(first + size * _SWEEP_BATCH, len(grid)), size):
+            for i in _dealt(first, min(first + size * _SWEEP_BATCH, len(grid)), rank, size):
                 (label, point), name, scenario, topology, world = grid[i]
                 try:  # the model is pure: what it refuses is in the input
                     result = simulate_study(scenario, topology, world)
@@ -846,6 +848,20 @@ def _simulate_sweep(
         write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
         print(f"results: {out}")
     return 0
+
+
+def _dealt(first: int, stop: int, rank: int, size: int) -> list[int]:
+    """The points ``[first, stop)`` of a sweep batch that ``rank`` of ``size`` simulates.
+
+    Snake order: round ``j`` of ``size`` points goes to ranks ``0..size-1`` when ``j`` is even
+    and ``size-1..0`` when odd, so no rank always gets the later, dearer point of each round.
+    """
+    mine = []
+    for i in range(first, stop):
+        j, k = divmod(i - first, size)
+        if (k if j % 2 == 0 else size - 1 - k) == rank:
+            mine.append(i)
+    return mine
 
 
 _SWEEP_BATCH = 8

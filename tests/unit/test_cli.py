@@ -72,3 +72,26 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--timeout SECONDS" in out and "--overwrite" in out and "MC2SIM_TIMEOUT" in out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("first, count", [(0, 16), (32, 29), (8, 1)])
+def test_sweep_batches_deal_each_point_to_one_rank_in_snake_order(
+    size: int, first: int, count: int
+) -> None:
+    """Every point of a batch goes to exactly one rank; rounds alternate direction."""
+    from mc2sim.cli import _dealt
+
+    owners: dict[int, int] = {}
+    for rank in range(size):
+        for i in _dealt(first, first + count, rank, size):
+            assert i not in owners, f"point {i} dealt twice"
+            owners[i] = rank
+    assert sorted(owners) == list(range(first, first + count))
+    for i, rank in owners.items():  # round j of `size` points: forwards when j is even
+        j, k = divmod(i - first, size)
+        assert rank == (k if j % 2 == 0 else size - 1 - k)
+    if size == 2 and count == 16:  # costs rising with the point's place in its round
+        cost = {i: (i - first) % size for i in owners}  # the later point of a round is dearer
+        per_rank = [sum(cost[i] for i, r in owners.items() if r == rank) for rank in range(2)]
+        assert per_rank == [4, 4]  # i mod 2 would give [0, 8]
