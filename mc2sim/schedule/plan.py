@@ -76,6 +76,10 @@ class SparseCounts:
     """Positions of the non-zero counts (int64, ascending)."""
     values: np.ndarray
     """The counts there (int64)."""
+    _experts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """``e`` -> every expert's (peers, counts), split once: plans ask for each expert in turn."""
 
     def total(self) -> int:
         """All rows."""
@@ -88,9 +92,21 @@ class SparseCounts:
         return [int(c) for c in out]
 
     def expert(self, j: int, e: int) -> SparseSplits:
-        """Expert ``j``'s count for every peer."""
-        mask = self.index % e == j
-        return SparseSplits(self.size // e, self.index[mask] // e, self.values[mask])
+        """Expert ``j``'s count for every peer (peers ascending)."""
+        split = self._experts.get(e)
+        if split is None:  # one stable sort by expert instead of a scan per expert
+            which = self.index % e
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(e + 1))
+            peers, values = self.index[order] // e, self.values[order]
+            split = [
+                (peers[bounds[k] : bounds[k + 1]], values[bounds[k] : bounds[k + 1]])
+                for k in range(e)
+            ]
+            self._experts[e] = split
+        if not 0 <= j < e:
+            return SparseSplits(self.size // e, self.index[:0], self.values[:0])
+        return SparseSplits(self.size // e, *split[j])
 
     def per_peer(self, e: int) -> SparseSplits:
         """Every peer's count summed over its ``e`` experts."""

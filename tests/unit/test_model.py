@@ -1127,3 +1127,20 @@ def test_model_error_is_symmetric_and_geomean_multiplies() -> None:
     assert model_error(3.0, 3.0) == 0.0
     assert geomean_of([0.0, 3.0]) == pytest.approx(1.0)  # sqrt(1 x 4) - 1
     assert geomean_of([]) == 0.0
+
+
+@pytest.mark.parametrize("e", [1, 3, 8])
+def test_sparse_counts_expert_matches_the_dense_counts_for_every_expert(e: int) -> None:
+    """Each expert's split (made once per ``e``) is the dense list's every e-th count."""
+    rng = np.random.default_rng(e)
+    world = 37
+    dense = rng.integers(0, 4, world * e) * (rng.random(world * e) < 0.3)
+    index = np.flatnonzero(dense)
+    counts = SparseCounts(world * e, index, dense[index])
+    for _ in range(2):  # the second pass reads the cached split
+        for j in range(e):
+            split = counts.expert(j, e)
+            assert split.world == world
+            assert list(split) == [int(c) for c in dense[j::e]]
+            assert np.all(np.diff(split.peers) > 0)
+    assert list(counts.expert(e, e)) == [0] * world  # no such expert: nothing to anyone
