@@ -676,22 +676,6 @@ class Topology:
 # ----------------------------------------------------------------------------- YAML reading
 
 _TOP_KEYS = ("name", "description", "source", "device", "network", "contention")
-_DEVICE_KEYS = (
-    "name",
-    "matrix_tflops",
-    "vector_tflops",
-    "memory_gbps",
-    "launch_us",
-    "efficiency",
-    "reduce_gbps",
-    "memory_overlap",
-    "concurrent_collectives",
-    "reductions_in_float32",
-    "cores_per_node",
-    "issue_us",
-    "slice_us",
-    "profile",
-)
 _DEVICE_OPTIONAL = (
     "reduce_gbps",
     "memory_overlap",
@@ -701,6 +685,15 @@ _DEVICE_OPTIONAL = (
     "issue_us",
     "slice_us",
     "profile",
+)
+_DEVICE_KEYS = (
+    "name",
+    "matrix_tflops",
+    "vector_tflops",
+    "memory_gbps",
+    "launch_us",
+    "efficiency",
+    *_DEVICE_OPTIONAL,
 )
 _PROFILE_KEYS = ("kind", "dtype", "flops", "bytes", "us", "ranks")
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")

@@ -137,13 +137,14 @@ def grouped_matmul(
         f"counts (not cumulative) must sum to x's rows A={rows}",
     )
 
-    if rows == 0:
-        return torch.empty((rows, n), dtype=x.dtype, device=device)
-    if device.type != "cpu":
+    if rows and device.type != "cpu":
         fused = _grouped_gemm(x, weight, counts, trans_weight)
         if fused is not None:  # pragma: no cover - CUDA
             return fused
-        out = torch.empty((rows, n), dtype=x.dtype, device=device)
+    out = torch.empty((rows, n), dtype=x.dtype, device=device)
+    if rows == 0:
+        return out
+    if device.type != "cpu":
         start = 0
         for j, c in enumerate(counts):
             if c:
@@ -151,7 +152,6 @@ def grouped_matmul(
                 out[start : start + c].copy_(mm_float32(x[start : start + c], w))
             start += c
         return out
-    out = torch.empty((rows, n), dtype=x.dtype, device=device)
     # Fresh CPU memory costs a page fault per 4 KiB on first touch, so the float32 copies
     # live in small buffers reused across experts; the weight is converted one panel of at
     # most PANEL output columns at a time.
