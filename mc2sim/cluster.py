@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ __all__ = [
     "cleanup_stale",
     "main",
     "tcp_payload_rate",
+    "token_bucket_bytes",
     "unavailable",
 ]
 
@@ -74,6 +76,8 @@ NETNS_ETC = Path("/etc/netns")
 _SUBNET = "10.213.{k}.0/24"
 _MAX_CLUSTERS = 250
 _MTU = 1500
+_GSO_MAX = 65536
+"""The largest packet a veth hands its qdisc (its ``gso_max_size``, ``ip -d link``)."""
 
 
 class ClusterError(RuntimeError):
@@ -116,6 +120,30 @@ def tcp_payload_rate(rate_bits: float, mtu: int = _MTU) -> float:
         Bytes of payload per second.
     """
     return rate_bits / 8 * (mtu - 52) / (mtu + 14)
+
+
+def token_bucket_bytes(rate_bits: float, tick_s: float | None = None) -> int:
+    """The depth of the token bucket :meth:`Cluster.limit` puts on a link of ``rate_bits``.
+
+    A bucket that is full when the qdisc's wake-up comes late loses the tokens of the delay,
+    and the link runs below its rate. A bucket of one 64 KiB packet, at 200 Mbit/s, loses
+    all of them: the packet can leave only when the bucket is full. So the bucket holds two
+    of the largest packets the veth hands it (one waits while the other is paid for) and
+    the tokens of 1 ms plus two timer ticks: the kernel wakes the qdisc no sooner than its
+    timers resolve, 1 ns with high-resolution timers and a whole tick (4 ms at HZ=250)
+    without. What the bucket holds leaves at once: a transfer of B bytes from an idle link
+    takes ``(B - depth) / rate`` at the least.
+
+    Args:
+        rate_bits: the bucket's rate, in bits per second.
+        tick_s: the timer resolution, in seconds; ``None`` reads this host's.
+
+    Returns:
+        The depth in bytes.
+    """
+    if tick_s is None:
+        tick_s = time.clock_getres(time.CLOCK_MONOTONIC)
+    return max(int(rate_bits / 8 * (1e-3 + 2 * tick_s)), 2 * _GSO_MAX)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -501,8 +529,8 @@ class Cluster:
     def limit(self, rate_bits: float | None) -> None:
         """Cap every node's link at ``rate_bits`` bits per second each way, or lift the cap.
 
-        A token bucket (``tc ... tbf``) on both ends of each veth: the node's end limits
-        what it sends, the host's end what it receives.
+        A token bucket (``tc ... tbf``, :func:`token_bucket_bytes` deep) on both ends of each
+        veth: the node's end limits what it sends, the host's end what it receives.
 
         Args:
             rate_bits: the rate, > 0; ``None`` removes the limits.
@@ -514,9 +542,8 @@ class Cluster:
                     continue
                 if not rate_bits > 0:
                     raise ClusterError(f"rate_bits={rate_bits!r}: must be > 0")
-                burst = max(int(rate_bits / 8 / 1000), 64 * 1024)  # >= 1 ms of traffic
                 _run(*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-                     "rate", f"{int(rate_bits)}bit", "burst", str(burst),
+                     "rate", f"{int(rate_bits)}bit", "burst", str(token_bucket_bytes(rate_bits)),
                      "latency", "200ms")  # fmt: skip
 
     def link_bytes(self) -> list[LinkBytes]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,15 +114,23 @@ print(time.perf_counter() - start)
 
 
 def test_a_link_cap_slows_a_transfer_as_its_rate_says(cluster_2x2: Cluster) -> None:
-    # 8 MiB from node 1 to node 0 over a link capped at 200 Mbit/s
+    # 8 MiB from node 1 to node 0 over a link capped at 200 Mbit/s, the best of three:
+    # a busy host only ever slows a transfer, and the cap must hold on the fastest one
     first = cluster_2x2.nodes[0]
-    cluster_2x2.limit(200e6)
+    size, rate = 8 * (1 << 20), 200e6
+    seconds = []
+    cluster_2x2.limit(rate)
     try:
-        server = subprocess.Popen(cluster_2x2.on(0, [sys.executable, "-c", SERVER]))
-        sent = sh(*cluster_2x2.on(1, [sys.executable, "-c", CLIENT, first.address]))
-        server.wait(timeout=30)
+        for _ in range(3):
+            server = subprocess.Popen(cluster_2x2.on(0, [sys.executable, "-c", SERVER]))
+            sent = sh(*cluster_2x2.on(1, [sys.executable, "-c", CLIENT, first.address]))
+            server.wait(timeout=30)
+            seconds.append(float(sent.stdout))
     finally:
         cluster_2x2.limit(None)
-    seconds = float(sent.stdout)
-    expected = 8 * (1 << 20) / cluster_module.tcp_payload_rate(200e6)
-    assert seconds == pytest.approx(expected, rel=0.1), sent.stderr
+    payload = cluster_module.tcp_payload_rate(rate)
+    # what the bucket holds leaves at once; the rest at the rate, never faster
+    fastest = (size - cluster_module.token_bucket_bytes(rate)) / payload
+    expected = size / payload
+    why = f"seconds {seconds}, timer resolution {time.clock_getres(time.CLOCK_MONOTONIC)} s"
+    assert 0.95 * fastest <= min(seconds) <= 1.1 * expected, why

@@ -11,13 +11,22 @@ import sys
 import pytest
 
 from mc2sim import cluster
-from mc2sim.cluster import Cluster, ClusterError, tcp_payload_rate
+from mc2sim.cluster import Cluster, ClusterError, tcp_payload_rate, token_bucket_bytes
 
 
 def test_a_bucket_of_one_gigabit_passes_the_payload_of_full_frames() -> None:
     # 1448 bytes of payload in each 1514-byte frame the bucket counts
     assert tcp_payload_rate(1e9) == pytest.approx(125e6 * 1448 / 1514)
     assert tcp_payload_rate(4e9, mtu=9000) == pytest.approx(500e6 * 8948 / 9014)
+
+
+def test_a_bucket_outlasts_two_packets_and_the_late_wake_ups_of_its_timer() -> None:
+    # high-resolution timers: 1 ms of tokens, at least two 64 KiB packets
+    assert token_bucket_bytes(4e9, tick_s=1e-9) == int(4e9 / 8 * (1e-3 + 2e-9))
+    assert token_bucket_bytes(200e6, tick_s=1e-9) == 2 * 65536
+    # a 4 ms tick (HZ=250, no high-resolution timers): 1 ms and two ticks of tokens
+    assert token_bucket_bytes(200e6, tick_s=4e-3) == 225_000  # 25 MB/s for 9 ms
+    assert token_bucket_bytes(1e9) >= 2 * 65536
 
 
 @pytest.mark.parametrize(
