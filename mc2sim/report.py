@@ -37,18 +37,20 @@ from mc2sim.results import (
     read_results,
     read_sweep,
 )
-from mc2sim.timeline import Metrics, Source, Stream, Timeline
+from mc2sim.timeline import Metrics, Source, Stream, TaskRecord, Timeline
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "GANTT_RANKS",
     "METRICS_HEADER",
     "Comparison",
     "ComparisonRow",
     "ReportResult",
     "compare",
     "format_tables",
+    "gantt_ranks",
     "implementation_rows",
     "metrics_row",
     "report",
@@ -370,17 +372,43 @@ def _save(fig: Figure, path: Path) -> Path:
     return write_atomic(path, buf.getvalue(), parents=True)
 
 
+GANTT_RANKS = 16
+"""The most ranks a Gantt chart draws: beyond it, the ones with the most compute."""
+
+
+def gantt_ranks(records: Sequence[TaskRecord], limit: int = GANTT_RANKS) -> list[int]:
+    """The ranks a Gantt chart of ``records`` shows, in rank order.
+
+    Every rank up to ``limit`` ranks; beyond it the ``limit`` with the most compute time
+    (the ones a collective waits for: a straggler, the ranks of the hot experts), the lower
+    rank first among equals.
+    """
+    busy: dict[int, float] = {}
+    for r in records:
+        busy[r.rank] = busy.get(r.rank, 0.0) + (r.duration_s if r.stream == Stream.COMPUTE else 0.0)
+    if len(busy) <= limit:
+        return sorted(busy)
+    return sorted(sorted(busy, key=lambda rank: (-busy[rank], rank))[:limit])
+
+
 def _plot_gantt(folder: ResultsFolder, timeline: Timeline, tiling: str, path: Path) -> Path:
-    """One lane per (rank, stream); bars from start to end in ms, colored by stream."""
+    """One lane per (rank, stream); bars from start to end in ms, colored by stream.
+
+    At most :data:`GANTT_RANKS` ranks (:func:`gantt_ranks`); the title says when it is fewer
+    than the run's.
+    """
     from matplotlib.patches import Patch
 
     records = timeline.for_run(folder.runs[tiling]).records
     t0 = min((r.start_s for r in records), default=0.0)
-    lanes = [(rank, stream) for rank in sorted({r.rank for r in records}) for stream in Stream]
+    shown = gantt_ranks(records)
+    lanes = [(rank, stream) for rank in shown for stream in Stream]
     index = {lane: i for i, lane in enumerate(lanes)}
     bars: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(lanes))}
     for r in records:
-        bars[index[(r.rank, r.stream)]].append(((r.start_s - t0) * 1e3, r.duration_s * 1e3))
+        lane = index.get((r.rank, r.stream))
+        if lane is not None:
+            bars[lane].append(((r.start_s - t0) * 1e3, r.duration_s * 1e3))
     fig = _new_figure(10.0, min(30.0, 1.5 + 0.3 * max(len(lanes), 2)))
     ax = fig.subplots()
     for i, (_, stream) in enumerate(lanes):
@@ -394,7 +422,10 @@ def _plot_gantt(folder: ResultsFolder, timeline: Timeline, tiling: str, path: Pa
     ax.set_xlabel("time from the run's first task (ms)")
     ax.set_ylabel("rank, stream")
     manifest = folder.manifest
-    ax.set_title(f"{manifest.scenario}: {tiling} ({manifest.source}, {manifest.world_size} ranks)")
+    ranks = f"{manifest.world_size} ranks"
+    if len(shown) < manifest.world_size:
+        ranks = f"the {len(shown)} of {ranks} with the most compute"
+    ax.set_title(f"{manifest.scenario}: {tiling} ({manifest.source}, {ranks})")
     ax.legend(
         handles=[Patch(color=c, label=s.value) for s, c in _STREAM_COLORS.items()],
         loc="upper right",
@@ -549,8 +580,9 @@ def report(
 
     Plots (each skipped, without error, when the folders do not support it):
 
-    * ``gantt_<tiling>.png`` for every tiling of the first folder: a lane per (rank, stream)
-      (none when the folder has no ``tasks.csv``);
+    * ``gantt_<tiling>.png`` for every tiling of the first folder: a lane per (rank, stream),
+      of at most :data:`GANTT_RANKS` ranks, beyond it those with the most compute
+      (:func:`gantt_ranks`) (none when the folder has no ``tasks.csv``);
     * ``speedup.png``: speedup against tile count, a line per folder with numbered tilings;
     * ``overlap_vs_skew.png``: overlap % against routing skew, a line per tiling, when folders
       of one scenario, world size and source have at least two different skews;

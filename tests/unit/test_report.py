@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mc2sim.errors import ParamInvalidError
-from mc2sim.report import report, tile_count
+from mc2sim.report import gantt_ranks, report, tile_count
 from mc2sim.results import GoldenVerdict, read_results, write_results
 from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
 
@@ -267,3 +267,29 @@ def test_folders_that_are_not_results_folders(tmp_path: Path) -> None:
     with pytest.raises(ParamInvalidError) as info:
         report([])
     assert info.value.code == 161002
+
+
+def test_a_gantt_of_many_ranks_draws_the_ones_with_the_most_compute() -> None:
+    run = RunKey(op="gmm_alltoallv", tiling="serial", repetition=0)
+
+    def record(rank: int, task: int, stream: Stream, start: float, end: float) -> TaskRecord:
+        return TaskRecord(rank=rank, run=run, task=task, name="t", stream=stream,
+                          kind="k", start_s=start, end_s=end)  # fmt: skip
+
+    # 40 ranks; rank r computes (r * 7) % 40 ms in two tasks, then every rank's collective
+    # ends at 100 ms (its comm time does not count): the 16 with the most compute are the
+    # ranks r with (r * 7) % 40 >= 24
+    records = []
+    for r in range(40):
+        ms = ((r * 7) % 40) * 1e-3
+        records += [
+            record(r, 0, Stream.COMPUTE, 0.0, ms / 4),
+            record(r, 1, Stream.COMPUTE, 0.05, 0.05 + ms * 3 / 4),
+            record(r, 2, Stream.COMM, 0.0, 0.1),
+        ]
+    heavy = [r for r in range(40) if (r * 7) % 40 >= 24]
+    assert len(heavy) == 16 and gantt_ranks(records) == heavy
+    assert gantt_ranks(records, limit=40) == list(range(40))
+    # equals: the lower rank first
+    tied = [record(r, 0, Stream.COMPUTE, 0.0, 1.0) for r in range(20)]
+    assert gantt_ranks(tied, limit=3) == [0, 1, 2]
