@@ -277,24 +277,21 @@ def _reduce_scatter_model(topology: Topology, nbytes_total: float) -> float:
     return time
 
 
-def coordinates(topology: Topology, ranks: np.ndarray) -> np.ndarray:
-    """Each rank's coordinate in every dimension (innermost fastest): shape (len, dims)."""
-    coords = np.empty((len(ranks), len(topology.network)), dtype=np.int64)
-    rest = ranks.astype(np.int64)
+def separating_dims(topology: Topology, ranks: np.ndarray, peers: np.ndarray) -> np.ndarray:
+    """The dimension each pair ``(ranks[i], peers[i])`` talks over (-1: the same rank).
+
+    That is the outermost dimension in which the two differ. Two ranks agree in every
+    dimension from ``d`` outwards exactly when they agree after dividing by the ranks of the
+    dimensions inside ``d``, so the answer is the last ``d`` at which those quotients
+    differ (no coordinates are formed).
+    """
+    ranks, peers = np.asarray(ranks, dtype=np.int64), np.asarray(peers, dtype=np.int64)
+    out = np.full(ranks.shape, -1, dtype=np.int64)
+    inside = 1
     for d, dim in enumerate(topology.network):
-        coords[:, d] = rest % dim.ranks
-        rest = rest // dim.ranks
-    return coords
-
-
-def separating_dim(topology: Topology, rank: int, peers: np.ndarray) -> np.ndarray:
-    """The outermost dimension in which ``rank`` and each peer differ (-1: the rank itself)."""
-    mine = coordinates(topology, np.asarray([rank]))[0]
-    theirs = coordinates(topology, peers)
-    differs = theirs != mine
-    dims = len(topology.network)
-    last = np.where(differs, np.arange(dims), -1)
-    return np.asarray(last.max(axis=1), dtype=np.int64)
+        out[ranks // inside != peers // inside] = d
+        inside *= dim.ranks
+    return out
 
 
 def _ring_hops(dim: NetworkDim) -> float:
@@ -303,6 +300,43 @@ def _ring_hops(dim: NetworkDim) -> float:
     if p <= 2:
         return 1.0
     return sum(min(h, p - h) for h in range(1, p)) / (p - 1)
+
+
+def _busiest_side(
+    topology: Topology, ranks: np.ndarray, peers: np.ndarray, nbytes: np.ndarray
+) -> float:
+    """Seconds of the busiest rank on one side (sending or receiving) of an AlltoAllv.
+
+    Pair ``i`` moves ``nbytes[i]`` between ``ranks[i]`` and ``peers[i]`` (no pair of a rank
+    with itself). In each dimension a rank's bytes over it cost, by the dimension's kind,
+    their largest (full mesh: a link per peer), their sum (switch: one port) or their sum
+    times the ring's mean hops over both directions; plus one latency per peer. The
+    dimensions run at once: a rank takes its slowest one.
+    """
+    if ranks.size == 0:
+        return 0.0
+    dims = separating_dims(topology, ranks, peers)
+    worst = 0.0
+    for d, dim in enumerate(topology.network):
+        if dim.ranks <= 1:
+            continue
+        here = dims == d
+        if not here.any():
+            continue
+        owners, load = ranks[here], nbytes[here].astype(np.float64)
+        beta = 1.0 / (dim.effective_gbps * 1e9)
+        alpha = dim.latency_us * 1e-6
+        busy: np.ndarray
+        if dim.kind is LinkKind.FULL_MESH:
+            largest = np.zeros(int(owners.max()) + 1)
+            np.maximum.at(largest, owners, load)
+            busy = largest * beta
+        elif dim.kind is LinkKind.RING:
+            busy = np.bincount(owners, weights=load) * _ring_hops(dim) * beta / 2
+        else:
+            busy = np.bincount(owners, weights=load) * beta
+        worst = max(worst, float((busy + alpha * np.bincount(owners)).max()))
+    return worst
 
 
 def rank_alltoallv_time(
@@ -314,30 +348,10 @@ def rank_alltoallv_time(
     recv_bytes: np.ndarray,
 ) -> float:
     """Seconds one rank spends in an AlltoAllv, given its sparse send and receive bytes."""
-    time = 0.0
-    directions = (
-        (send_peers, send_bytes, separating_dim(topology, rank, send_peers)),
-        (recv_peers, recv_bytes, separating_dim(topology, rank, recv_peers)),
+    return max(
+        _busiest_side(topology, np.full(len(send_peers), rank), send_peers, send_bytes),
+        _busiest_side(topology, np.full(len(recv_peers), rank), recv_peers, recv_bytes),
     )
-    for d, dim in enumerate(topology.network):
-        if dim.ranks <= 1:
-            continue
-        beta = 1.0 / (dim.effective_gbps * 1e9)
-        alpha = dim.latency_us * 1e-6
-        worst = 0.0
-        for _, nbytes, dims in directions:
-            here = nbytes[dims == d]
-            if here.size == 0:
-                continue
-            if dim.kind is LinkKind.FULL_MESH:
-                busy = float(here.max()) * beta  # every peer has its own link
-            elif dim.kind is LinkKind.RING:
-                busy = float(here.sum()) * _ring_hops(dim) * beta / 2  # both directions
-            else:
-                busy = float(here.sum()) * beta  # one switch port
-            worst = max(worst, busy + alpha * here.size)
-        time = max(time, worst)
-    return time
 
 
 def alltoallv_time(
@@ -345,6 +359,9 @@ def alltoallv_time(
     splits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
 ) -> float:
     """Seconds of an AlltoAllv: the busiest rank's time.
+
+    Every rank's pairs are costed at once (:func:`_busiest_side` over all of them), not
+    rank by rank.
 
     Args:
         topology: the machine.
@@ -354,10 +371,15 @@ def alltoallv_time(
     Returns:
         Seconds.
     """
-    modelled = max(
-        (rank_alltoallv_time(topology, r, *parts) for r, parts in enumerate(splits)),
-        default=0.0,
-    )
+    modelled = 0.0
+    for peers_at, bytes_at in ((0, 1), (2, 3)):
+        sizes = [len(parts[peers_at]) for parts in splits]
+        if not sum(sizes):
+            continue
+        ranks = np.repeat(np.arange(len(splits)), sizes)
+        peers = np.concatenate([parts[peers_at] for parts in splits])
+        nbytes = np.concatenate([parts[bytes_at] for parts in splits])
+        modelled = max(modelled, _busiest_side(topology, ranks, peers, nbytes))
     return _profiled(topology, "alltoallv", modelled)
 
 

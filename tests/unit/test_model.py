@@ -28,7 +28,7 @@ from mc2sim.model import (
     reduce_scatter_time,
     simulate,
 )
-from mc2sim.model.cost import rank_alltoallv_time
+from mc2sim.model.cost import rank_alltoallv_time, separating_dims
 from mc2sim.routing import (
     Direction,
     RoutingConfig,
@@ -472,6 +472,59 @@ def test_alltoallv_across_the_outer_dimension_uses_its_bandwidth() -> None:
     # dimensions run at once: half to each side costs the slower side alone
     both = splits_of([[0, 1e6, 1e6, 0], [0] * 4, [0] * 4, [0] * 4])
     assert alltoallv_time(topo, both) == pytest.approx(1e6 / 1e10 + 2 * US, rel=1e-12)
+
+
+def scalar_alltoallv(topo: Topology, matrix: np.ndarray) -> float:
+    """The AlltoAllv's time rank by rank, peer by peer, in plain Python (an oracle)."""
+    worst = 0.0
+    for r in range(len(matrix)):
+        for side in (matrix[r], matrix[:, r]):  # what r sends, what it receives
+            for d, nd in enumerate(topo.network):
+                loads = [float(side[p]) for p in range(len(matrix))
+                         if p != r and side[p] > 0 and topo.dim_of(r, p) == d]  # fmt: skip
+                if nd.ranks <= 1 or not loads:
+                    continue
+                hops = 1.0
+                if nd.kind is LinkKind.RING and nd.ranks > 2:
+                    hops = sum(min(h, nd.ranks - h) for h in range(1, nd.ranks)) / (nd.ranks - 1)
+                seconds_per_byte = 1 / (nd.effective_gbps * 1e9)
+                busy = {
+                    LinkKind.FULL_MESH: max(loads) * seconds_per_byte,
+                    LinkKind.RING: sum(loads) * hops * seconds_per_byte / 2,
+                    LinkKind.SWITCH: sum(loads) * seconds_per_byte,
+                }[nd.kind]
+                worst = max(worst, busy + nd.latency_us * 1e-6 * len(loads))
+    return worst
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(
+        st.tuples(st.sampled_from(["full_mesh", "ring", "switch"]), st.integers(1, 4)),
+        min_size=1, max_size=3,
+    ),
+    seed=st.integers(0, 2**31 - 1),
+    density=st.floats(0.0, 1.0),
+)  # fmt: skip
+def test_alltoallv_of_all_ranks_at_once_matches_rank_by_rank(
+    shape: list[tuple[str, int]], seed: int, density: float
+) -> None:
+    topo = machine(*(dim(kind, ranks, 10.0 * (d + 1), 1.0 + d) for d, (kind, ranks) in
+                     enumerate(shape)))  # fmt: skip
+    world = topo.world_size
+    rng = np.random.default_rng(seed)
+    matrix = rng.integers(1, 1 << 20, size=(world, world)) * (rng.random((world, world)) < density)
+    np.fill_diagonal(matrix, 0)
+    splits = splits_of(matrix.tolist())
+    expected = scalar_alltoallv(topo, matrix)
+    assert alltoallv_time(topo, splits) == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert max((rank_alltoallv_time(topo, r, *splits[r]) for r in range(world)), default=0.0) == (
+        pytest.approx(expected, rel=1e-12, abs=1e-18)
+    )
+    pairs = np.array([(a, b) for a in range(world) for b in range(world)]).reshape(-1, 2)
+    assert separating_dims(topo, pairs[:, 0], pairs[:, 1]).tolist() == [
+        topo.dim_of(int(a), int(b)) for a, b in pairs
+    ]
 
 
 # ---------------------------------------------------------------- sanity (a): one tile
