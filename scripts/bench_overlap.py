@@ -43,7 +43,7 @@ from typing import cast
 import torch
 
 from mc2sim import ops
-from mc2sim.comm import Communicator, Work, describe_device, init, rank_device, transport
+from mc2sim.comm import Communicator, Completed, Work, describe_device, init, rank_device, transport
 from mc2sim.routing import RoutingConfig, RoutingKind, route
 from mc2sim.schedule import Plan, Task, TaskKind
 from mc2sim.schedule.executor import execute
@@ -132,21 +132,6 @@ def gmm_alltoallv_case(
     )
 
 
-class _Local:
-    """A collective skipped: its result is at hand at once (stream-ordered on a device)."""
-
-    stream_ordered = True
-
-    def __init__(self, result: torch.Tensor) -> None:
-        self.result = result
-
-    def wait(self) -> torch.Tensor:
-        return self.result
-
-    def test(self) -> bool:
-        return True
-
-
 class ComputeOnly:
     """``comm`` with the plans' non-blocking collectives skipped: the op's compute alone.
 
@@ -163,7 +148,7 @@ class ComputeOnly:
         self, t: torch.Tensor, op: str = "sum", *, out: torch.Tensor | None = None
     ) -> Work:
         """Skip the AllReduce: this rank's own values stand for the sum."""
-        return _Local(t if out is None else out)
+        return Completed(t if out is None else out, stream_ordered=True)
 
     def ialltoallv(
         self,
@@ -176,7 +161,7 @@ class ComputeOnly:
         """Skip the AlltoAllv: an uninitialised landing buffer of the received rows."""
         if out is None:
             out = t.new_empty((sum(int(r) for r in recv_splits), *t.shape[1:]))
-        return _Local(out)
+        return Completed(out, stream_ordered=True)
 
 
 def _slowest(comm: Communicator, seconds: float) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mc2sim.comm.agree import MustMatch, agree, agreed
-from mc2sim.comm.base import Communicator, ReduceOp, Work
+from mc2sim.comm.base import Communicator, Completed, ReduceOp, Work
 from mc2sim.comm.launch import (
     Backend,
     DeviceChoice,
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "Communicator",
+    "Completed",
     "DeviceChoice",
     "Launcher",
     "MpiCommunicator",

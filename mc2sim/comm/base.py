@@ -12,6 +12,7 @@ from mc2sim.errors import ParamInvalidError
 
 __all__ = [
     "Communicator",
+    "Completed",
     "ReduceOp",
     "Work",
     "check_dtype",
@@ -96,6 +97,27 @@ class Work(Protocol):
     def test(self) -> bool:
         """Progress the collective; return True once it is complete."""
         ...
+
+
+class Completed:
+    """A :class:`Work` whose collective is already complete: ``wait()`` returns ``result``.
+
+    For a collective made blocking (the serial plans' calls) or skipped; ``stream_ordered``
+    as :class:`Work` says, true where ``result`` is a device tensor already ordered on its
+    stream.
+    """
+
+    def __init__(self, result: torch.Tensor, *, stream_ordered: bool = False) -> None:
+        self.result = result
+        self.stream_ordered = stream_ordered
+
+    def wait(self) -> torch.Tensor:
+        """Return the result."""
+        return self.result
+
+    def test(self) -> bool:
+        """Complete already: True."""
+        return True
 
 
 @runtime_checkable

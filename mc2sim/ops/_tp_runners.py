@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from mc2sim.comm import Communicator, Work
+from mc2sim.comm import Communicator, Completed, Work
 from mc2sim.schedule.plan import Task, TaskKind
 
 __all__ = ["AllGatherMatmulRunner", "AllReduceRunner", "ReduceScatterRunner"]
@@ -74,7 +74,7 @@ class AllGatherMatmulRunner:
 
     def start(self, task: Task) -> Work:
         if task.kind is TaskKind.ALLGATHER:
-            return _Done(self.comm.allgather(self.x1))
+            return Completed(self.comm.allgather(self.x1))
         start, stop = _span(task)
         return self.comm.ialltoallv(self.x1[start:stop], task.send_splits, task.recv_splits)
 
@@ -128,7 +128,7 @@ class ReduceScatterRunner:
 
     def start(self, task: Task) -> Work:
         if task.kind is TaskKind.REDUCE_SCATTER:
-            return _Done(self.comm.reduce_scatter(self.partials.pop(task.deps[0])))
+            return Completed(self.comm.reduce_scatter(self.partials.pop(task.deps[0])))
         return self.comm.ialltoallv(
             self.partials.pop(task.deps[0]), task.send_splits, task.recv_splits
         )
@@ -151,16 +151,3 @@ class ReduceScatterRunner:
                 total += part.float()
             rows.append(total.to(self.x1.dtype))
         self.out = torch.cat(rows)
-
-
-class _Done:
-    """A Work for a collective that already completed (the serial plans' blocking calls)."""
-
-    def __init__(self, result: torch.Tensor) -> None:
-        self.result = result
-
-    def wait(self) -> torch.Tensor:
-        return self.result
-
-    def test(self) -> bool:
-        return True

@@ -15,21 +15,11 @@ from typing import Any
 import pytest
 import torch
 
+from mc2sim.comm import Completed
 from mc2sim.ops import mm_all_reduce
 
 TINY = 2.0**-11
 """Half an ulp of 1.0 in float16: 1 + TINY is a tie that rounds (to even) to 1.0."""
-
-
-class _Done:
-    def __init__(self, result: torch.Tensor) -> None:
-        self.result = result
-
-    def wait(self) -> torch.Tensor:
-        return self.result
-
-    def test(self) -> bool:
-        return True
 
 
 class RankZeroOfTwo:
@@ -53,10 +43,10 @@ class RankZeroOfTwo:
     def allgather_object(self, obj: Any) -> list[Any]:
         return [obj, obj]
 
-    def iallreduce(self, t: torch.Tensor, op: str = "sum", *, out: Any = None) -> _Done:
+    def iallreduce(self, t: torch.Tensor, op: str = "sum", *, out: Any = None) -> Completed:
         self.seen.append(t.clone())
         total = (t.float() + self.other.float()).to(t.dtype)
-        return _Done(total if out is None else out.copy_(total))
+        return Completed(total if out is None else out.copy_(total))
 
     def barrier(self) -> None:
         pass
