@@ -405,8 +405,7 @@ def _sized_topology(
     scenario: Scenario, given: str | None, world: int, world_param: str
 ) -> Topology:
     """The topology to simulate on (``--topology``, else the scenario's), at ``world`` ranks."""
-    from mc2sim.study.simulate import load_topology
-    from mc2sim.topology import list_builtin
+    from mc2sim.topology import list_builtin, resolve
 
     name = given or scenario.topology
     if given is not None and given not in list_builtin() and not Path(given).exists():
@@ -415,7 +414,7 @@ def _sized_topology(
             given,
             "is neither a topology file nor a shipped topology (" + ", ".join(list_builtin()) + ")",
         )
-    topology = load_topology(name)
+    topology = resolve(name)
     if topology.world_size == world:
         return topology
     try:

@@ -403,9 +403,7 @@ class Scenario:
 
     def load_topology(self) -> _topology.Topology:
         """Return the :class:`~mc2sim.topology.Topology` this scenario names (not resized)."""
-        if self.topology in _topology.list_builtin():
-            return _topology.builtin(self.topology)
-        return _topology.load(self.topology)
+        return _topology.resolve(self.topology)
 
 
 # ----------------------------------------------------------------------------- overrides

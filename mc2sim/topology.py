@@ -19,6 +19,7 @@ properties (:attr:`NetworkDim.latency_s`, for example).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -48,6 +49,7 @@ __all__ = [
     "dump",
     "list_builtin",
     "load",
+    "resolve",
 ]
 
 MATRIX_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "int8")
@@ -1019,3 +1021,35 @@ def builtin(name: str) -> Topology:
 
     """
     return load(shipped_file(builtin_dir(), name, "topology"))
+
+
+def resolve(name_or_path: str | os.PathLike[str]) -> Topology:
+    """A shipped topology by name (:func:`builtin`), or else a topology file by path.
+
+    Each is read once while unchanged (a sweep asks once per point; a topology is immutable).
+
+    Args:
+        name_or_path: one of :func:`list_builtin`, or a topology file's path.
+
+    Returns:
+        The loaded :class:`Topology`.
+
+    Raises:
+        ParamInvalidError: neither a shipped topology nor a readable topology file.
+
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text)
+    if text not in list_builtin() and path.is_file():
+        stat = path.stat()
+        return _resolved(text, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return _resolved(text, None)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(name_or_path: str, version: tuple[int, int, int] | None) -> Topology:
+    """:func:`resolve` uncached; ``version`` (a file's stat) is the cache key."""
+    del version
+    if name_or_path in list_builtin():
+        return builtin(name_or_path)
+    return load(name_or_path)

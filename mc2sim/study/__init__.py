@@ -16,7 +16,6 @@ Only the simulated side is imported here; import the measured modules by name.
 
 from mc2sim.study.simulate import (
     StudyResult,
-    load_topology,
     manifest_of,
     plans_for,
     simulate_study,
@@ -25,7 +24,6 @@ from mc2sim.study.simulate import (
 
 __all__ = [
     "StudyResult",
-    "load_topology",
     "manifest_of",
     "plans_for",
     "simulate_study",

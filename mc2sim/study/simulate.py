@@ -7,7 +7,6 @@ op's spec in the registry) -> simulation on a topology -> one Timeline -> writer
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,38 +19,16 @@ from mc2sim.results import RankRow
 from mc2sim.scenario import Scenario
 from mc2sim.schedule import Plan, tiling_of
 from mc2sim.timeline import Metrics, RunKey, Timeline
-from mc2sim.topology import Topology, builtin, list_builtin, load
+from mc2sim.topology import Topology
 
 __all__ = [
     "StudyResult",
-    "load_topology",
     "manifest_of",
     "plans_for",
     "encode_study",
     "simulate_study",
     "write_results",
 ]
-
-
-def load_topology(name_or_path: str) -> Topology:
-    """A builtin topology by name, or a topology file by path.
-
-    Each is read once while unchanged (a sweep asks once per point; a topology is immutable).
-    """
-    path = Path(name_or_path)
-    if name_or_path not in list_builtin() and path.is_file():
-        stat = path.stat()
-        return _read_topology(name_or_path, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
-    return _read_topology(name_or_path, None)
-
-
-@functools.lru_cache(maxsize=16)
-def _read_topology(name_or_path: str, version: tuple[int, int, int] | None) -> Topology:
-    """:func:`load_topology` uncached; ``version`` (a file's stat) is the cache key."""
-    del version
-    if name_or_path in list_builtin():
-        return builtin(name_or_path)
-    return load(name_or_path)
 
 
 def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[int, Plan]:
