@@ -129,8 +129,11 @@ def test_a_link_cap_slows_a_transfer_as_its_rate_says(cluster_2x2: Cluster) -> N
     finally:
         cluster_2x2.limit(None)
     payload = cluster_module.tcp_payload_rate(rate)
-    # what the bucket holds leaves at once; the rest at the rate, never faster
+    # what the bucket holds leaves at once, the rest at the rate: never faster than that.
+    # Slower only by the host: a loaded or virtual host wakes the qdisc late (CI once took
+    # 1.76x with a bucket of one packet); 2x still tells a cap in bytes from one in bits (8x)
+    # and any cap from none (8 MiB crosses an uncapped veth in milliseconds)
     fastest = (size - cluster_module.token_bucket_bytes(rate)) / payload
     expected = size / payload
     why = f"seconds {seconds}, timer resolution {time.clock_getres(time.CLOCK_MONOTONIC)} s"
-    assert 0.95 * fastest <= min(seconds) <= 1.1 * expected, why
+    assert 0.95 * fastest <= min(seconds) <= 2 * expected, why
