@@ -279,6 +279,15 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--calibrate", "--out", "{t}/afile"], ["--out=", "exists"]),
     (["validate-model", "--out", "{t}/new.yaml"], ["--out=", "needs --calibrate"]),
     (["report", "{t}/done", "--out", "{t}/afile"], ["--out=", "not a folder"]),
+    # a folder the permissions allow (root) but where nothing can be made: found before work
+    (
+        ["simulate", "llama70b_tp8_decode", "--out", "/proc/mc2sim"],
+        ["--out='/proc/mc2sim'", "/proc"],
+    ),
+    (["sweep", "llama70b_tp8_decode", "--out", "/proc/mc2sim"], ["--out='/proc/mc2sim'", "/proc"]),
+    (["run", "llama70b_tp8_decode", "--out", "/proc/mc2sim"], ["--out='/proc/mc2sim'", "/proc"]),
+    (["calibrate", "--out", "/proc/mc2sim.yaml"], ["--out='/proc/mc2sim.yaml'", "/proc"]),
+    (["report", "{t}/done", "--out", "/proc/mc2sim"], ["--out='/proc/mc2sim'", "/proc"]),
     # results folders that cannot be trusted
     (["report", "{t}/absent"], ["directory=", "no such folder"]),
     (["report", "{t}/adir"], ["directory=", "manifest.json is missing"]),
