@@ -56,6 +56,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         MOE.replace("seed: 0", "seed: 18446744073709551616"), encoding="utf-8"
     )
     (t / "deep.yaml").write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    (t / "nul.yaml").write_bytes(b"name: a\x00b\n")  # PyYAML's message has two lines
     (t / "m_deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     (t / "afile").write_text("not a folder\n", encoding="utf-8")
     (t / "adir").mkdir()
@@ -167,6 +168,8 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "{t}/unknown.yaml"], ["unknown.yaml: colour='blue'", "unknown key"]),
     (["simulate", "{t}/python.yaml"], ["python.yaml=", "not valid YAML"]),
     (["simulate", "{t}/deep.yaml"], ["deep.yaml=", "nested too deeply"]),
+    (["simulate", "{t}/nul.yaml"], ["nul.yaml='character 8'", "unacceptable character #x0000"]),
+    (["sweep", "{t}/nul.yaml"], ["nul.yaml='character 8'", "not valid YAML"]),
     (["simulate", "{t}/zero_reps.yaml"], ["zero_reps.yaml: repetitions=0", ">= 1"]),
     (["simulate", "{t}/huge_seed.yaml"], ["routing.seed=18446744073709551616", "4294967295"]),
     (["simulate", "llama70b_tp8_decode", "--set", "ranks"], ["--set='ranks'", "KEY=VALUE"]),
@@ -230,6 +233,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/nonutf8.yaml"], ["not UTF-8"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/badyaml.yaml"], ["not valid YAML"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/deep.yaml"], ["nested too deeply"]),
+    (["simulate", "llama70b_tp8_decode", "--topology", "{t}/nul.yaml"], ["#x0000", "valid YAML"]),
     (
         ["simulate", "llama70b_tp8_decode", "--topology", "{t}/topo_neg.yaml"],
         ["topo_neg.yaml: network[0].bandwidth_gbps=-28.0", "> 0"],
