@@ -675,22 +675,47 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+MAX_SWEEP_POINTS = 10_000
+"""The most points a sweep's grid may have (each point is a results folder of its own)."""
+
+
 def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
     """The grid of ``--set`` lists: ``key=v1,v2`` axes expand, the rest are fixed overrides.
 
     ``tilings`` is a list value of its own, never an axis. Returns ``(label, overrides)`` per
     point; the label names the point's axis values (``base`` with no axis).
+
+    Raises:
+        ParamInvalidError: a key is given twice (an axis lists its values in one ``--set``;
+            a second would silently win over the first in every point), or the grid has
+            more than :data:`MAX_SWEEP_POINTS` points (found before it is expanded).
     """
     import itertools
 
     fixed: list[str] = []
     grid: list[list[str]] = []
+    given: dict[str, str] = {}
     for item in axes:
-        key, _, values = item.partition("=")
-        if "," in values and key.strip() != "tilings":
-            grid.append([f"{key.strip()}={v.strip()}" for v in values.split(",")])
+        key, equals, values = item.partition("=")
+        key = key.strip()
+        if equals and key:  # a malformed item is the scenario reader's to refuse, by name
+            if key in given:
+                raise ParamInvalidError(
+                    f"--set {key}", values, f"is given twice (also --set {given[key]}): one "
+                    "--set per key; an axis lists its values, --set key=v1,v2",
+                )  # fmt: skip
+            given[key] = item
+        if "," in values and key != "tilings":
+            grid.append([f"{key}={v.strip()}" for v in values.split(",")])
         else:
             fixed.append(item)
+    size = math.prod(len(axis) for axis in grid)
+    if size > MAX_SWEEP_POINTS:
+        raise ParamInvalidError(
+            "--set", " x ".join(str(len(axis)) for axis in grid) + f" = {size} points",
+            f"a sweep has at most {MAX_SWEEP_POINTS} points (a results folder each): "
+            "split the grid into several sweeps",
+        )  # fmt: skip
     points = list(itertools.product(*grid)) if grid else [()]
     return [(",".join(point) or "base", fixed + list(point)) for point in points]
 
@@ -698,12 +723,14 @@ def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
 def _point_folders(points: Sequence[tuple[str, list[str]]]) -> list[str]:
     """Each sweep point's folder name (its label, ``/`` as ``_``); two alike are refused."""
     names = [label.replace("/", "_") for label, _ in points]
+    seen: set[str] = set()
     for i, name in enumerate(names):
-        if name in names[:i] or name in (".", ".."):
+        if name in seen or name in (".", ".."):
             raise ParamInvalidError(
                 "--set", points[i][0], f"names the point folder {name!r}, which another point "
                 "has or which is no folder name",
             )  # fmt: skip
+        seen.add(name)
     return names
 
 
@@ -711,7 +738,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     """Simulate (or, with --real under mpiexec, run) a scenario at every point of a grid."""
     from mc2sim.results import clear_folder, write_sweep
 
-    points = _sweep_points(args.set)
+    with _checking():  # the arguments alone, the same on every rank: before MPI starts
+        points = _sweep_points(args.set)
     default = f"results/{Path(args.scenario).stem}-sweep-"
     if args.real:
         from mc2sim.comm import init

@@ -272,6 +272,26 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "llama70b_tp8_decode", "--measured", "{t}/afile"], ["--measured=", "a file"]),
     (["simulate", "llama70b_tp8_decode", "--measured", "{t}/incomplete"], ["incomplete"]),
     (["sweep", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
+    # a sweep's grid: a key twice would win silently in every point; a grid past the cap
+    (
+        ["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,16", "--set", "shape.m=32,64"],
+        ["--set shape.m='32,64'", "is given twice", "--set shape.m=8,16"],
+    ),
+    (
+        ["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,16", "--set", " shape.m =32"],
+        ["--set shape.m='32'", "is given twice"],
+    ),
+    (
+        [
+            "sweep",
+            "llama70b_tp8_decode",
+            "--set",
+            "shape.m=" + ",".join(map(str, range(1, 102))),
+            "--set",
+            "shape.n=" + ",".join(map(str, range(8, 808, 8))),
+        ],
+        ["--set='101 x 100 = 10100 points'", "at most 10000 points"],
+    ),  # fmt: skip
     (["sweep", "llama70b_tp8_decode", "--out", "{t}/done"], ["--out=", "not empty"]),
     (["run", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
     (["run", "llama70b_tp8_decode", "--out", "{t}/done"], ["--out=", "not empty"]),
