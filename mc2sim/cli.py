@@ -627,7 +627,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     with _checking(comm):  # every rank loads the same module: an error is the same everywhere
         scenario = _load_scenario(args.scenario, args.set)
         scenario.world_size(comm.size)
-        impl = load_implementation(args.impl)
+        impl = load_implementation(args.impl, rank=comm.rank)
         check_device(args.device)
         out = Path(args.out or f"results/{scenario.name}-check-{stamp}")
         if lead:
