@@ -381,6 +381,8 @@ def _load_scenario(name: str, overrides: Sequence[str], what_if: bool = False) -
     from mc2sim.scenario import builtin, list_builtin, load
 
     overrides = _with_profile(overrides, what_if)
+    if not name.strip():
+        raise ParamInvalidError("scenario", name, "must name a scenario file or a shipped scenario")
     if name in list_builtin() and not Path(name).exists():
         return builtin(name, overrides)
     if not Path(name).exists():
@@ -407,8 +409,9 @@ def _sized_topology(
     """The topology to simulate on (``--topology``, else the scenario's), at ``world`` ranks."""
     from mc2sim.topology import list_builtin, resolve
 
-    name = given or scenario.topology
-    if given is not None and given not in list_builtin() and not Path(given).exists():
+    name = given if given is not None else scenario.topology
+    unknown = given is not None and given not in list_builtin() and not Path(given).exists()
+    if given is not None and (unknown or not given.strip()):
         raise ParamInvalidError(
             "--topology",
             given,
@@ -435,6 +438,15 @@ def _warn_lifted(lifted: Sequence[Any], command: str) -> None:
         if item.limit not in seen:
             seen.add(item.limit)
             print(f"mc2sim {command}: warning: {item.warning()}", file=sys.stderr)
+
+
+def _out_or(out: str | None, default: str) -> Path:
+    """``--out`` as given, else ``default``; an empty one (an unset shell variable) is refused."""
+    if out is not None and not out.strip():
+        raise ParamInvalidError(
+            "--out", out, "must name a folder (leave --out out for the default)"
+        )
+    return Path(default if out is None else out)
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
@@ -473,7 +485,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         topology = _sized_topology(scenario, args.topology, world, world_param)
         measured = _measured_totals(Path(args.measured)) if args.measured else {}
         default = f"results/{scenario.name}-{_stamp()}-sim"
-        out = _check_out(Path(args.out or default), args.overwrite)
+        out = _check_out(_out_or(args.out, default), args.overwrite)
         if args.measured and out.resolve() == Path(args.measured).resolve():
             raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
@@ -532,7 +544,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scenario = _load_scenario(args.scenario, args.set)
         _require_strict(scenario, "run")
         scenario.world_size(comm.size)
-        out = Path(args.out or f"results/{scenario.name}-{stamp}")
+        out = _out_or(args.out, f"results/{scenario.name}-{stamp}")
         if lead:  # rank 0 alone writes the folder
             _check_out(out, args.overwrite)
             _check_plots(args.plots)
@@ -629,7 +641,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         scenario.world_size(comm.size)
         impl = load_implementation(args.impl, rank=comm.rank)
         check_device(args.device)
-        out = Path(args.out or f"results/{scenario.name}-check-{stamp}")
+        out = _out_or(args.out, f"results/{scenario.name}-check-{stamp}")
         if lead:
             _check_out(out, args.overwrite)
             _check_plots(args.plots)
@@ -763,7 +775,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             for scenario in scenarios:
                 _require_strict(scenario, "sweep --real")
                 scenario.world_size(comm.size)
-            out = Path(args.out or default + stamp)
+            out = _out_or(args.out, default + stamp)
             if lead:
                 _check_out(out, args.overwrite)
                 _check_plots(args.plots)
@@ -829,7 +841,7 @@ def _simulate_sweep(
             _sized_topology(sc, args.topology, world, "ranks" if args.ranks is None else "--ranks")
             for sc, world in zip(scenarios, worlds, strict=True)
         ]
-        out = Path(args.out or default)
+        out = _out_or(args.out, default)
         if lead:
             out = _check_out(out, args.overwrite)
             _check_plots(args.plots)

@@ -247,6 +247,13 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--topology", "{t}/good.yaml"], ["good.yaml: op=", "unknown key"]),
     # output paths, found before any work
     (["simulate", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
+    # empty strings (an unset shell variable) were read as '.' or as the flag left out
+    (["simulate", ""], ["scenario=''", "must name a scenario file"]),
+    (["run", ""], ["scenario=''", "must name a scenario file"]),
+    (["simulate", "llama70b_tp8_decode", "--topology", ""], ["--topology=''", "neither"]),
+    (["simulate", "llama70b_tp8_decode", "--out", ""], ["--out=''", "must name a folder"]),
+    (["sweep", "llama70b_tp8_decode", "--out", " "], ["--out=' '", "must name a folder"]),
+    (["run", "llama70b_tp8_decode", "--out", ""], ["--out=''", "must name a folder"]),
     (["simulate", "llama70b_tp8_decode", "--out", "{t}/afile/sub"], ["--out=", "not a folder"]),
     (
         ["simulate", "llama70b_tp8_decode", "--out", "{t}/done"],
