@@ -1,12 +1,16 @@
 """Checks of output paths before any work: a folder or file that can be written where named.
 
 A command that finds out only after minutes of work that its ``--out`` names a file, or
-sits under one, has wasted the work; these checks run first. They create nothing.
+sits under one, or lies where nothing can be written, has wasted the work; these checks run
+first. They leave nothing behind: whether the folder to write in takes a new entry is tried
+with an empty folder made and removed at once, since permission bits alone miss a read-only
+or virtual file system (``/proc``) and a process running as root.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from mc2sim.errors import ParamInvalidError
@@ -34,7 +38,7 @@ def check_creatable(path: Path, param: str, *, shown: Path | None = None) -> Non
 
     Raises:
         ParamInvalidError: ``path`` or an ancestor on the way is a file, or the folder to
-            write in is not writable.
+            write in is not writable (by its permissions, or as tried).
 
     """
     name = str(shown if shown is not None else path)
@@ -43,6 +47,12 @@ def check_creatable(path: Path, param: str, *, shown: Path | None = None) -> Non
         raise ParamInvalidError(param, name, f"cannot be made: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ParamInvalidError(param, name, f"cannot be written: {existing} is not writable")
+    try:  # root passes os.access everywhere; a read-only or virtual file system refuses here
+        probe = tempfile.mkdtemp(prefix=".mc2sim-probe-", dir=existing)
+    except OSError as err:
+        rule = f"cannot be written: {existing} takes no new entry ({err.strerror or err})"
+        raise ParamInvalidError(param, name, rule) from None
+    os.rmdir(probe)
 
 
 def check_new_file(path: Path, param: str, *, overwrite: bool, hint: str = "") -> None:

@@ -1,4 +1,4 @@
-"""What the scenario and topology files share: YAML writing and the shipped folders."""
+"""What the scenario and topology files share: YAML reading and writing, the shipped folders."""
 
 from __future__ import annotations
 
@@ -24,6 +24,45 @@ def _represent_str(dumper: Any, value: str) -> Any:
 
 
 _Dumper.add_representer(str, _represent_str)
+
+
+def read_yaml(file: str) -> object:
+    """Return the parsed YAML of ``file``; every error names the file and is one line.
+
+    Args:
+        file: the file's path.
+
+    Returns:
+        The plain data (``yaml.safe_load``).
+
+    Raises:
+        ParamInvalidError: the file cannot be read, is not UTF-8 text, or is not valid YAML
+            (the value is where: ``line L, column C``, or the character for a character
+            YAML does not allow; the rule is PyYAML's problem on one line).
+    """
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ParamInvalidError(file, f"byte {err.start}", "is not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        position = getattr(err, "position", None)  # a ReaderError: a character not allowed
+        if mark is not None:
+            where = f"line {mark.line + 1}, column {mark.column + 1}"
+        elif position is not None:
+            where = f"character {position + 1}"
+        else:
+            where = "?"
+        # a ReaderError has no problem; its message says where on a second line
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or ["?"])[0]
+        one_line = " ".join(str(problem).split())
+        raise ParamInvalidError(file, where, f"is not valid YAML: {one_line}") from None
+    except RecursionError:
+        raise ParamInvalidError(file, "?", "is not valid YAML: nested too deeply") from None
 
 
 def write_yaml(data: Any, path: str | os.PathLike[str]) -> Path:

@@ -381,6 +381,8 @@ def _load_scenario(name: str, overrides: Sequence[str], what_if: bool = False) -
     from mc2sim.scenario import builtin, list_builtin, load
 
     overrides = _with_profile(overrides, what_if)
+    if not name.strip():
+        raise ParamInvalidError("scenario", name, "must name a scenario file or a shipped scenario")
     if name in list_builtin() and not Path(name).exists():
         return builtin(name, overrides)
     if not Path(name).exists():
@@ -407,8 +409,9 @@ def _sized_topology(
     """The topology to simulate on (``--topology``, else the scenario's), at ``world`` ranks."""
     from mc2sim.topology import list_builtin, resolve
 
-    name = given or scenario.topology
-    if given is not None and given not in list_builtin() and not Path(given).exists():
+    name = given if given is not None else scenario.topology
+    unknown = given is not None and given not in list_builtin() and not Path(given).exists()
+    if given is not None and (unknown or not given.strip()):
         raise ParamInvalidError(
             "--topology",
             given,
@@ -435,6 +438,15 @@ def _warn_lifted(lifted: Sequence[Any], command: str) -> None:
         if item.limit not in seen:
             seen.add(item.limit)
             print(f"mc2sim {command}: warning: {item.warning()}", file=sys.stderr)
+
+
+def _out_or(out: str | None, default: str) -> Path:
+    """``--out`` as given, else ``default``; an empty one (an unset shell variable) is refused."""
+    if out is not None and not out.strip():
+        raise ParamInvalidError(
+            "--out", out, "must name a folder (leave --out out for the default)"
+        )
+    return Path(default if out is None else out)
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
@@ -473,7 +485,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         topology = _sized_topology(scenario, args.topology, world, world_param)
         measured = _measured_totals(Path(args.measured)) if args.measured else {}
         default = f"results/{scenario.name}-{_stamp()}-sim"
-        out = _check_out(Path(args.out or default), args.overwrite)
+        out = _check_out(_out_or(args.out, default), args.overwrite)
         if args.measured and out.resolve() == Path(args.measured).resolve():
             raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
@@ -532,7 +544,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scenario = _load_scenario(args.scenario, args.set)
         _require_strict(scenario, "run")
         scenario.world_size(comm.size)
-        out = Path(args.out or f"results/{scenario.name}-{stamp}")
+        out = _out_or(args.out, f"results/{scenario.name}-{stamp}")
         if lead:  # rank 0 alone writes the folder
             _check_out(out, args.overwrite)
             _check_plots(args.plots)
@@ -627,9 +639,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     with _checking(comm):  # every rank loads the same module: an error is the same everywhere
         scenario = _load_scenario(args.scenario, args.set)
         scenario.world_size(comm.size)
-        impl = load_implementation(args.impl)
+        impl = load_implementation(args.impl, rank=comm.rank)
         check_device(args.device)
-        out = Path(args.out or f"results/{scenario.name}-check-{stamp}")
+        out = _out_or(args.out, f"results/{scenario.name}-check-{stamp}")
         if lead:
             _check_out(out, args.overwrite)
             _check_plots(args.plots)
@@ -675,22 +687,47 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+MAX_SWEEP_POINTS = 10_000
+"""The most points a sweep's grid may have (each point is a results folder of its own)."""
+
+
 def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
     """The grid of ``--set`` lists: ``key=v1,v2`` axes expand, the rest are fixed overrides.
 
     ``tilings`` is a list value of its own, never an axis. Returns ``(label, overrides)`` per
     point; the label names the point's axis values (``base`` with no axis).
+
+    Raises:
+        ParamInvalidError: a key is given twice (an axis lists its values in one ``--set``;
+            a second would silently win over the first in every point), or the grid has
+            more than :data:`MAX_SWEEP_POINTS` points (found before it is expanded).
     """
     import itertools
 
     fixed: list[str] = []
     grid: list[list[str]] = []
+    given: dict[str, str] = {}
     for item in axes:
-        key, _, values = item.partition("=")
-        if "," in values and key.strip() != "tilings":
-            grid.append([f"{key.strip()}={v.strip()}" for v in values.split(",")])
+        key, equals, values = item.partition("=")
+        key = key.strip()
+        if equals and key:  # a malformed item is the scenario reader's to refuse, by name
+            if key in given:
+                raise ParamInvalidError(
+                    f"--set {key}", values, f"is given twice (also --set {given[key]}): one "
+                    "--set per key; an axis lists its values, --set key=v1,v2",
+                )  # fmt: skip
+            given[key] = item
+        if "," in values and key != "tilings":
+            grid.append([f"{key}={v.strip()}" for v in values.split(",")])
         else:
             fixed.append(item)
+    size = math.prod(len(axis) for axis in grid)
+    if size > MAX_SWEEP_POINTS:
+        raise ParamInvalidError(
+            "--set", " x ".join(str(len(axis)) for axis in grid) + f" = {size} points",
+            f"a sweep has at most {MAX_SWEEP_POINTS} points (a results folder each): "
+            "split the grid into several sweeps",
+        )  # fmt: skip
     points = list(itertools.product(*grid)) if grid else [()]
     return [(",".join(point) or "base", fixed + list(point)) for point in points]
 
@@ -698,12 +735,14 @@ def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
 def _point_folders(points: Sequence[tuple[str, list[str]]]) -> list[str]:
     """Each sweep point's folder name (its label, ``/`` as ``_``); two alike are refused."""
     names = [label.replace("/", "_") for label, _ in points]
+    seen: set[str] = set()
     for i, name in enumerate(names):
-        if name in names[:i] or name in (".", ".."):
+        if name in seen or name in (".", ".."):
             raise ParamInvalidError(
                 "--set", points[i][0], f"names the point folder {name!r}, which another point "
                 "has or which is no folder name",
             )  # fmt: skip
+        seen.add(name)
     return names
 
 
@@ -711,7 +750,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     """Simulate (or, with --real under mpiexec, run) a scenario at every point of a grid."""
     from mc2sim.results import clear_folder, write_sweep
 
-    points = _sweep_points(args.set)
+    with _checking():  # the arguments alone, the same on every rank: before MPI starts
+        points = _sweep_points(args.set)
     default = f"results/{Path(args.scenario).stem}-sweep-"
     if args.real:
         from mc2sim.comm import init
@@ -735,7 +775,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             for scenario in scenarios:
                 _require_strict(scenario, "sweep --real")
                 scenario.world_size(comm.size)
-            out = Path(args.out or default + stamp)
+            out = _out_or(args.out, default + stamp)
             if lead:
                 _check_out(out, args.overwrite)
                 _check_plots(args.plots)
@@ -801,7 +841,7 @@ def _simulate_sweep(
             _sized_topology(sc, args.topology, world, "ranks" if args.ranks is None else "--ranks")
             for sc, world in zip(scenarios, worlds, strict=True)
         ]
-        out = Path(args.out or default)
+        out = _out_or(args.out, default)
         if lead:
             out = _check_out(out, args.overwrite)
             _check_plots(args.plots)

@@ -28,11 +28,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from mc2sim import topology as _topology
 from mc2sim._compat import StrEnum
-from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
+from mc2sim._yaml import read_yaml, shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
 from mc2sim.limits import WORLD, Lifted, LimitProfile, Policy
@@ -653,21 +651,7 @@ def _parsed(file: str, mtime_ns: int, size: int, inode: int) -> object:
 
 def _parse_yaml(file: str) -> object:
     """Return the parsed YAML of ``file``, naming the file in every error."""
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise ParamInvalidError(file, f"byte {err.start}", "is not UTF-8 text") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
-        problem = getattr(err, "problem", None) or str(err)
-        raise ParamInvalidError(file, where, f"is not valid YAML: {problem}") from None
-    except RecursionError:
-        raise ParamInvalidError(file, "?", "is not valid YAML: nested too deeply") from None
+    return read_yaml(file)
 
 
 def load(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Scenario:

@@ -29,10 +29,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-import yaml
-
 from mc2sim._compat import StrEnum
-from mc2sim._yaml import shipped_dir, shipped_file, shipped_names, write_yaml
+from mc2sim._yaml import read_yaml, shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.errors import ParamInvalidError
 
 __all__ = [
@@ -887,21 +885,7 @@ def load(path: str | os.PathLike[str]) -> Topology:
 
     """
     file = os.fspath(path)
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise ParamInvalidError(file, f"byte {err.start}", "is not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
-        problem = getattr(err, "problem", None) or str(err)
-        raise ParamInvalidError(file, where, f"is not valid YAML: {problem}") from None
-    except RecursionError:
-        raise ParamInvalidError(file, "?", "is not valid YAML: nested too deeply") from None
+    data = read_yaml(file)
     return _Reader(file).topology(data)
 
 

@@ -173,15 +173,18 @@ class Implementation:
         return f"impl {self.spec}"
 
 
-def load_implementation(spec: str, param: str = "--impl") -> Implementation:
+def load_implementation(spec: str, param: str = "--impl", *, rank: int = 0) -> Implementation:
     """Import ``module:function`` (or ``file.py:function``) and return the callable.
 
     The current directory is searched for the module as ``python -m`` does, after
-    ``sys.path``. ``function`` may be a dotted path of attributes (``Class.method``).
+    ``sys.path``. ``function`` may be a dotted path of attributes (``Class.method``). The
+    import runs under the calls' deadline (``MC2SIM_TIMEOUT``): a module that never finishes
+    importing ends the job (exit status 3, one line naming the module and the rank).
 
     Args:
         spec: ``module:function``; the module a dotted name or a path ending in ``.py``.
         param: what errors call the spec.
+        rank: this process's rank, for the deadline's line.
 
     Returns:
         The implementation.
@@ -195,7 +198,8 @@ def load_implementation(spec: str, param: str = "--impl") -> Implementation:
             param, spec, "must be MODULE:FUNCTION (a module name or a .py file, a colon, a name)"
         )
     module_name, _, attr = spec.partition(":")
-    module = _import(module_name.strip(), param, spec)
+    with _Deadline(timeout_from_env(), rank, spec, what=f"importing {module_name.strip()!r}"):
+        module = _import(module_name.strip(), param, spec)
     target: Any = module
     walked = module_name
     for part in attr.strip().split("."):
@@ -255,10 +259,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Deadline:
-    """Ends the job when one call on this rank runs past ``timeout`` seconds."""
+    """Ends the job when one call on this rank runs past ``timeout`` seconds.
 
-    def __init__(self, timeout: float, rank: int, label: str) -> None:
+    Its line says ``{what} did not return``: the implementation ``label`` by default.
+    """
+
+    def __init__(self, timeout: float, rank: int, label: str, *, what: str = "") -> None:
         self.timeout, self.rank, self.label = timeout, rank, label
+        self.what = what or f"implementation {label}"
         self._until: float | None = None
         self._thread: threading.Thread | None = None
 
@@ -286,8 +294,8 @@ class _Deadline:
                 if self._until != until:  # that call returned meanwhile
                     continue
             end_job(
-                f"mc2sim: timeout: implementation {self.label} did not return on rank "
-                f"{self.rank} within {self.timeout:g} s",
+                f"mc2sim: timeout: {self.what} did not return on rank {self.rank} within "
+                f"{self.timeout:g} s",
                 TIMEOUT_STATUS,
             )
 
@@ -537,7 +545,7 @@ def check_implementation(
     harness = _harness_of(comm)
     with agreed(harness) as same:  # a bad spec or device on one rank stops every rank
         if isinstance(impl, str):
-            impl = load_implementation(impl, "impl")
+            impl = load_implementation(impl, "impl", rank=comm.rank)
         where = check_device(device)
         target = str(where)
         same("impl", impl.spec, "every rank runs the same implementation")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from mc2sim.cli import main
 from mc2sim.report import report
 
-from .conftest import Result, mpiexec
+from .conftest import Result, launch, mpiexec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -174,6 +175,23 @@ def test_a_module_that_raises_on_import_is_an_input_error(scenario: Path, tmp_pa
         f"mc2sim check: --impl='{bad}:f': module '{bad}' cannot be imported: "
         "RuntimeError: cannot load the kernel"
     ]
+
+
+def test_a_module_that_never_finishes_importing_ends_the_job_at_the_deadline(
+    scenario: Path, tmp_path: Path
+) -> None:
+    stuck = tmp_path / "stuck_plugin.py"
+    stuck.write_text("import time\ntime.sleep(3600)\n")
+    res = launch(
+        [sys.executable, "-m", "mc2sim", "check", str(scenario), "--impl", f"{stuck}:f",
+         "--no-plots", "--timeout", str(TIMEOUT_S)],
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 3, res.stderr
+    assert lines_of(res) == [
+        f"mc2sim: timeout: importing '{stuck}' did not return on rank 0 within {TIMEOUT_S:g} s"
+    ]
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.gpu

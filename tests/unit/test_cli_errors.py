@@ -56,6 +56,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         MOE.replace("seed: 0", "seed: 18446744073709551616"), encoding="utf-8"
     )
     (t / "deep.yaml").write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    (t / "nul.yaml").write_bytes(b"name: a\x00b\n")  # PyYAML's message has two lines
     (t / "m_deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     (t / "afile").write_text("not a folder\n", encoding="utf-8")
     (t / "adir").mkdir()
@@ -167,6 +168,8 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "{t}/unknown.yaml"], ["unknown.yaml: colour='blue'", "unknown key"]),
     (["simulate", "{t}/python.yaml"], ["python.yaml=", "not valid YAML"]),
     (["simulate", "{t}/deep.yaml"], ["deep.yaml=", "nested too deeply"]),
+    (["simulate", "{t}/nul.yaml"], ["nul.yaml='character 8'", "unacceptable character #x0000"]),
+    (["sweep", "{t}/nul.yaml"], ["nul.yaml='character 8'", "not valid YAML"]),
     (["simulate", "{t}/zero_reps.yaml"], ["zero_reps.yaml: repetitions=0", ">= 1"]),
     (["simulate", "{t}/huge_seed.yaml"], ["routing.seed=18446744073709551616", "4294967295"]),
     (["simulate", "llama70b_tp8_decode", "--set", "ranks"], ["--set='ranks'", "KEY=VALUE"]),
@@ -230,6 +233,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/nonutf8.yaml"], ["not UTF-8"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/badyaml.yaml"], ["not valid YAML"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/deep.yaml"], ["nested too deeply"]),
+    (["simulate", "llama70b_tp8_decode", "--topology", "{t}/nul.yaml"], ["#x0000", "valid YAML"]),
     (
         ["simulate", "llama70b_tp8_decode", "--topology", "{t}/topo_neg.yaml"],
         ["topo_neg.yaml: network[0].bandwidth_gbps=-28.0", "> 0"],
@@ -243,6 +247,13 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--topology", "{t}/good.yaml"], ["good.yaml: op=", "unknown key"]),
     # output paths, found before any work
     (["simulate", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
+    # empty strings (an unset shell variable) were read as '.' or as the flag left out
+    (["simulate", ""], ["scenario=''", "must name a scenario file"]),
+    (["run", ""], ["scenario=''", "must name a scenario file"]),
+    (["simulate", "llama70b_tp8_decode", "--topology", ""], ["--topology=''", "neither"]),
+    (["simulate", "llama70b_tp8_decode", "--out", ""], ["--out=''", "must name a folder"]),
+    (["sweep", "llama70b_tp8_decode", "--out", " "], ["--out=' '", "must name a folder"]),
+    (["run", "llama70b_tp8_decode", "--out", ""], ["--out=''", "must name a folder"]),
     (["simulate", "llama70b_tp8_decode", "--out", "{t}/afile/sub"], ["--out=", "not a folder"]),
     (
         ["simulate", "llama70b_tp8_decode", "--out", "{t}/done"],
@@ -268,6 +279,26 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "llama70b_tp8_decode", "--measured", "{t}/afile"], ["--measured=", "a file"]),
     (["simulate", "llama70b_tp8_decode", "--measured", "{t}/incomplete"], ["incomplete"]),
     (["sweep", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
+    # a sweep's grid: a key twice would win silently in every point; a grid past the cap
+    (
+        ["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,16", "--set", "shape.m=32,64"],
+        ["--set shape.m='32,64'", "is given twice", "--set shape.m=8,16"],
+    ),
+    (
+        ["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,16", "--set", " shape.m =32"],
+        ["--set shape.m='32'", "is given twice"],
+    ),
+    (
+        [
+            "sweep",
+            "llama70b_tp8_decode",
+            "--set",
+            "shape.m=" + ",".join(map(str, range(1, 102))),
+            "--set",
+            "shape.n=" + ",".join(map(str, range(8, 808, 8))),
+        ],
+        ["--set='101 x 100 = 10100 points'", "at most 10000 points"],
+    ),  # fmt: skip
     (["sweep", "llama70b_tp8_decode", "--out", "{t}/done"], ["--out=", "not empty"]),
     (["run", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
     (["run", "llama70b_tp8_decode", "--out", "{t}/done"], ["--out=", "not empty"]),
@@ -279,6 +310,15 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--calibrate", "--out", "{t}/afile"], ["--out=", "exists"]),
     (["validate-model", "--out", "{t}/new.yaml"], ["--out=", "needs --calibrate"]),
     (["report", "{t}/done", "--out", "{t}/afile"], ["--out=", "not a folder"]),
+    # a folder the permissions allow (root) but where nothing can be made: found before work
+    (
+        ["simulate", "llama70b_tp8_decode", "--out", "/proc/mc2sim"],
+        ["--out='/proc/mc2sim'", "/proc"],
+    ),
+    (["sweep", "llama70b_tp8_decode", "--out", "/proc/mc2sim"], ["--out='/proc/mc2sim'", "/proc"]),
+    (["run", "llama70b_tp8_decode", "--out", "/proc/mc2sim"], ["--out='/proc/mc2sim'", "/proc"]),
+    (["calibrate", "--out", "/proc/mc2sim.yaml"], ["--out='/proc/mc2sim.yaml'", "/proc"]),
+    (["report", "{t}/done", "--out", "/proc/mc2sim"], ["--out='/proc/mc2sim'", "/proc"]),
     # results folders that cannot be trusted
     (["report", "{t}/absent"], ["directory=", "no such folder"]),
     (["report", "{t}/adir"], ["directory=", "manifest.json is missing"]),
