@@ -754,12 +754,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         points = _sweep_points(args.set)
     default = f"results/{Path(args.scenario).stem}-sweep-"
     if args.real:
-        from mc2sim.comm import init
+        from mc2sim.comm import init, rank_device
 
         comm = init("mpi")
         lead = comm.rank == 0
         stamp = comm.allgather_object(_stamp())[0]
         with _checking(comm):
+            device = rank_device(args.device)
             if args.ranks is not None or args.topology is not None:
                 flag = "--ranks" if args.ranks is not None else "--topology"
                 raise ParamInvalidError(
@@ -795,6 +796,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                     scenario_path=_scenario_file(args.scenario),
                     argv=args.argv,
                     overrides=point,
+                    device=device,
                 ),  # fmt: skip
             )
         if lead:
@@ -833,6 +835,10 @@ def _simulate_sweep(
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     lead = rank == 0
     with _checking(comm):  # every rank reads the same inputs: an error is the same everywhere
+        if args.device != "cpu":
+            raise ParamInvalidError(
+                "--device", args.device, "is for --real sweeps: a simulated sweep runs no kernel"
+            )
         names = _point_folders(points)
         scenarios = [_load_scenario(args.scenario, point, args.what_if) for _, point in points]
         worlds = [sc.world_size(args.ranks, "--ranks") for sc in scenarios]
@@ -1117,6 +1123,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--topology", help="topology name or file (default: the scenario's)")
     sweep.add_argument("--ranks", type=int, help="world size to simulate (default: the scenario's)")
     sweep.add_argument("--real", action="store_true", help="run each point for real (mpiexec)")
+    _add_device(sweep, "cpu")
     sweep.add_argument("--what-if", action="store_true", help=_WHAT_IF_HELP)
     _add_out(sweep, "folder of the points' folders (default results/<scenario>-sweep-<time>)")
     sweep.add_argument(

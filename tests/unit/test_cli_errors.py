@@ -157,6 +157,11 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["sweep", "seed_gmm_alltoallv_ep4", "--ranks", "65"], ["--ranks=65", "256"]),
     (["sweep", "llama70b_tp8_decode", "--ranks", "70000"], ["--ranks=70000", "65536"]),
     (["sweep", "llama70b_tp8_decode", "--real", "--ranks", "4"], ["--ranks=4", "--real"]),
+    (["sweep", "llama70b_tp8_decode", "--device", "cuda"], ["--device='cuda'", "--real"]),
+    (
+        ["sweep", "llama70b_tp8_decode", "--real", "--device", "cuda"],
+        ["--device='cuda'", "needs a CUDA GPU"],
+    ),
     (["run", "seed_gmm_alltoallv_ep4", "--set", "ranks=65"], ["ranks=65", "256"]),
     # scenario files and --set
     (["simulate", "nosuch"], ["scenario='nosuch'", "neither a scenario file nor a shipped"]),
