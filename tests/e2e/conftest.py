@@ -36,6 +36,10 @@ class Result:
 def launch(argv: list[str], *, timeout: float = 120) -> Result:
     """Run ``argv`` and return its status, output and wall time; never hangs past ``timeout``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # Open MPI's mpiexec refuses root without these (CI and the GPU host run as root); MPICH
+    # ignores them
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     start = time.monotonic()
     proc = subprocess.run(
         argv, capture_output=True, text=True, timeout=timeout, env=env, check=False
