@@ -114,6 +114,10 @@ SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_mm_64x256x256", "serial"),  # small: per-task and per-message fixed costs dominate
     ("cal_mm_256x128x512", "serial"),
     ("cal_combine_1024", "serial"),
+    # large: a CPU's grouped matmul slows per FLOP once its operands leave the caches, and
+    # past the profile's largest point the model holds that point's ratio (4096 tokens per
+    # rank took twice the time so extrapolated: docs/BENCHMARKS.md, issue 17)
+    ("cal_combine_4096", "serial"),
     ("cal_dispatch_1024", "serial"),
     ("cal_combine_64", 4),  # small chunks: the executor's per-task costs
     ("cal_all_gather", "serial"),
