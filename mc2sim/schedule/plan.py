@@ -36,6 +36,13 @@ class SparseSplits(Sequence[int]):
         self.peers: np.ndarray = np.asarray(peers, dtype=np.int64)[keep]
         self.counts: np.ndarray = np.asarray(counts, dtype=np.int64)[keep]
 
+    @classmethod
+    def _nonzero(cls, world: int, peers: np.ndarray, counts: np.ndarray) -> SparseSplits:
+        """Wrap int64 ``peers`` and ``counts`` that hold no zero count already (no copy)."""
+        splits = cls.__new__(cls)
+        splits.world, splits.peers, splits.counts = world, peers, counts
+        return splits
+
     def __len__(self) -> int:
         return self.world
 
@@ -108,13 +115,37 @@ class SparseCounts:
             return SparseSplits(self.size // e, self.index[:0], self.values[:0])
         return SparseSplits(self.size // e, *split[j])
 
+    def expert_parts(self, e: int, parts: int) -> list[SparseSplits]:
+        """Every expert's counts cut in ``parts`` sub-tiles, entry ``j * parts + p``.
+
+        Sub-tile ``p`` of expert ``j`` gets, from each peer, that peer's count for ``j`` split
+        as :func:`mc2sim.schedule.tiling.even_split` splits it (the larger parts first):
+        what ``expert(j, e)`` gives, cut for all experts and sub-tiles at once.
+        """
+        index = np.asarray(self.index, dtype=np.int64)
+        which = index % e
+        order = np.argsort(which, kind="stable")
+        which, peers = which[order], index[order] // e
+        base, extra = np.divmod(np.asarray(self.values, dtype=np.int64)[order], parts)
+        world, out = self.size // e, []
+        cuts = []
+        for p in range(parts):
+            counts = base + (p < extra)
+            keep = counts != 0
+            bounds = np.searchsorted(which[keep], np.arange(e + 1))
+            cuts.append((peers[keep], counts[keep], bounds))
+        for j in range(e):
+            for kept_peers, kept_counts, bounds in cuts:
+                lo, hi = bounds[j], bounds[j + 1]
+                out.append(SparseSplits._nonzero(world, kept_peers[lo:hi], kept_counts[lo:hi]))
+        return out
+
     def per_peer(self, e: int) -> SparseSplits:
         """Every peer's count summed over its ``e`` experts."""
-        peers = self.index // e
-        unique, inverse = np.unique(peers, return_inverse=True)
-        return SparseSplits(
-            self.size // e, unique, np.bincount(inverse, weights=self.values).astype(np.int64)
-        )
+        peers = self.index // e  # ascending, as the index is
+        starts = np.flatnonzero(np.diff(peers, prepend=-1))
+        sums = np.add.reduceat(self.values, starts) if len(starts) else self.values[:0]
+        return SparseSplits(self.size // e, peers[starts], sums)
 
 
 class Resource(StrEnum):
