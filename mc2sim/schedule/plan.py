@@ -28,19 +28,22 @@ class SparseSplits(Sequence[int]):
     ranks without dense per-peer lists.
     """
 
-    __slots__ = ("counts", "peers", "world")
+    __slots__ = ("_total", "counts", "peers", "world")
 
     def __init__(self, world: int, peers: np.ndarray, counts: np.ndarray) -> None:
         keep = np.asarray(counts) != 0
         self.world = int(world)
         self.peers: np.ndarray = np.asarray(peers, dtype=np.int64)[keep]
         self.counts: np.ndarray = np.asarray(counts, dtype=np.int64)[keep]
+        self._total: int | None = None
 
     @classmethod
-    def _nonzero(cls, world: int, peers: np.ndarray, counts: np.ndarray) -> SparseSplits:
-        """Wrap int64 ``peers`` and ``counts`` that hold no zero count already (no copy)."""
+    def _nonzero(
+        cls, world: int, peers: np.ndarray, counts: np.ndarray, total: int
+    ) -> SparseSplits:
+        """Wrap int64 ``peers`` and ``counts`` that hold no zero count, and their ``total``."""
         splits = cls.__new__(cls)
-        splits.world, splits.peers, splits.counts = world, peers, counts
+        splits.world, splits.peers, splits.counts, splits._total = world, peers, counts, total
         return splits
 
     def __len__(self) -> int:
@@ -66,7 +69,9 @@ class SparseSplits(Sequence[int]):
     def total(self, *, without: int | None = None) -> int:
         """The sum of the counts, optionally leaving out one rank."""
         if without is None:
-            return int(self.counts.sum())
+            if self._total is None:
+                self._total = int(self.counts.sum())
+            return self._total
         return int(self.counts[self.peers != without].sum())
 
     def __repr__(self) -> str:
@@ -123,21 +128,29 @@ class SparseCounts:
         what ``expert(j, e)`` gives, cut for all experts and sub-tiles at once.
         """
         index = np.asarray(self.index, dtype=np.int64)
-        which = index % e
-        order = np.argsort(which, kind="stable")
-        which, peers = which[order], index[order] // e
-        base, extra = np.divmod(np.asarray(self.values, dtype=np.int64)[order], parts)
+        peers = index // e  # floor division by a scalar is fast, % is not: which by subtraction
+        which = index - peers * e
+        # a stable sort by expert (a radix sort where the experts fit 16 bits): peers ascend
+        order = np.argsort(which.astype(np.uint16) if e <= 1 << 16 else which, kind="stable")
+        which, peers, values = which[order], peers[order], np.asarray(self.values, np.int64)[order]
+        base = values // parts
+        extra = values - base * parts
+        # row p: every count's sub-tile p; kept in (part, expert, peer) order, cut by group
+        counts = base + (np.arange(parts)[:, None] < extra)
+        keep = counts != 0
+        group = (np.arange(parts)[:, None] * e + which)[keep]
+        kept_peers, kept_counts = np.broadcast_to(peers, counts.shape)[keep], counts[keep]
+        bounds = np.searchsorted(group, np.arange(parts * e + 1)).tolist()
+        sums = np.concatenate([[0], np.cumsum(kept_counts)])[bounds].tolist()
         world, out = self.size // e, []
-        cuts = []
-        for p in range(parts):
-            counts = base + (p < extra)
-            keep = counts != 0
-            bounds = np.searchsorted(which[keep], np.arange(e + 1))
-            cuts.append((peers[keep], counts[keep], bounds))
         for j in range(e):
-            for kept_peers, kept_counts, bounds in cuts:
-                lo, hi = bounds[j], bounds[j + 1]
-                out.append(SparseSplits._nonzero(world, kept_peers[lo:hi], kept_counts[lo:hi]))
+            for g in range(j, parts * e, e):
+                lo, hi = bounds[g], bounds[g + 1]
+                out.append(
+                    SparseSplits._nonzero(
+                        world, kept_peers[lo:hi], kept_counts[lo:hi], sums[g + 1] - sums[g]
+                    )
+                )
         return out
 
     def per_peer(self, e: int) -> SparseSplits:
