@@ -1129,40 +1129,47 @@ def collect_manifest(
 # ----------------------------------------------------------------------------- Chrome trace
 
 
-def _run_offsets(timeline: Timeline) -> dict[RunKey, float]:
+def _run_offsets(timeline: Timeline) -> tuple[list[RunKey], list[float], list[int]]:
     """Return the shift, in seconds, that lays each run after the previous one in a trace.
 
     Runs are taken in the order of :meth:`Timeline.runs`. A run that starts after the
     previous one ended (runs timed from one epoch) keeps its times; one that would overlap it
     (each run timed from its own epoch) is moved to start a little after it.
+
+    Returns:
+        The runs, each one's shift, and each record's run as a position among them
+        (:meth:`Timeline.run_positions`).
     """
-    spans: dict[RunKey, tuple[float, float]] = {}
-    for rec in timeline.records:
-        lo, hi = spans.get(rec.run, (rec.start_s, rec.end_s))
-        spans[rec.run] = (min(lo, rec.start_s), max(hi, rec.end_s))
-    offsets: dict[RunKey, float] = {}
+    runs, positions = timeline.run_positions()
+    starts = [math.inf] * len(runs)
+    ends = [-math.inf] * len(runs)
+    for rec, position in zip(timeline.records, positions, strict=True):
+        if rec.start_s < starts[position]:
+            starts[position] = rec.start_s
+        if rec.end_s > ends[position]:
+            ends[position] = rec.end_s
+    offsets: list[float] = []
     prev_end: float | None = None
     prev_span = 0.0
-    for run in timeline.runs():
-        start, end = spans[run]
+    for start, end in zip(starts, ends, strict=True):
         shift = 0.0
         if prev_end is not None and start < prev_end:
             shift = prev_end + _RUN_GAP * prev_span - start
-        offsets[run] = shift
+        offsets.append(shift)
         prev_end, prev_span = end + shift, end - start
-    return offsets
+    return runs, offsets, positions
 
 
-def _lanes(records: list[tuple[float, float, TaskRecord]]) -> list[int]:
+def _lanes(records: list[tuple[float, float, TaskRecord, int]]) -> list[int]:
     """Return a lane per interval so that intervals of one lane never overlap.
 
     Chrome's format draws the complete events of one thread as a stack of properly nested
     slices; tasks that overlap on one stream (several chunks in flight) go on extra lanes.
-    ``records`` are ``(start, end, record)`` sorted by start.
+    ``records`` are ``(start, end, record, run)`` sorted by start.
     """
     lane_ends: list[float] = []
     lanes = []
-    for start, end, _ in records:
+    for start, end, _, _ in records:
         for lane, lane_end in enumerate(lane_ends):
             if lane_end <= start:
                 lane_ends[lane] = end
@@ -1202,15 +1209,22 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
         The trace, ready for ``json.dump``.
 
     """
-    offsets = _run_offsets(timeline)
-    by_thread: dict[tuple[int, str], list[tuple[float, float, TaskRecord]]] = {}
-    for rec in timeline.records:
-        shift = offsets[rec.run]
-        key = (rec.rank, rec.stream.value)
-        by_thread.setdefault(key, []).append((rec.start_s + shift, rec.end_s + shift, rec))
-        if rec.clock is not Clock.HOST:
+    runs, offsets, positions = _run_offsets(timeline)
+    labels = [str(run) for run in runs]
+    host_clock = Clock.HOST
+    by_thread: dict[tuple[int, str], list[tuple[float, float, TaskRecord, int]]] = {}
+    for rec, position in zip(timeline.records, positions, strict=True):
+        shift = offsets[position]
+        key = (rec.rank, f"{rec.stream}")  # a StrEnum formats as its value
+        thread = by_thread.get(key)
+        if thread is None:
+            thread = by_thread[key] = []
+        thread.append((rec.start_s + shift, rec.end_s + shift, rec, position))
+        if rec.clock is not host_clock:
             start, end = rec.host_span_s
-            by_thread.setdefault((rec.rank, "host"), []).append((start + shift, end + shift, rec))
+            by_thread.setdefault((rec.rank, "host"), []).append(
+                (start + shift, end + shift, rec, position)
+            )
     meta_events: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for rank in timeline.ranks():
@@ -1221,21 +1235,14 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
         lanes = _lanes(items)
         host = stream == "host"
         base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
-        clocks = sorted({rec.clock.value for _, _, rec in items} - {Clock.HOST.value})
+        clocks = sorted({f"{item[2].clock}" for item in items} - {host_clock.value})
         label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
         for lane in range(max(lanes) + 1):
             tid = base + step * lane
             name = label if lane == 0 else f"{label} #{lane + 1}"
             meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
             meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
-        for (start, end, rec), lane in zip(items, lanes, strict=True):
-            args: dict[str, Any] = {
-                "flops": rec.flops,
-                "bytes": rec.bytes,
-                "run": str(rec.run),
-                "task": rec.task,
-                "clock": "host" if host else rec.clock.value,
-            }
+        for (start, end, rec, position), lane in zip(items, lanes, strict=True):
             events.append(
                 {
                     "name": f"issue {rec.name}" if host else rec.name,
@@ -1245,47 +1252,63 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
                     "dur": (end - start) * 1e6,
                     "pid": rank,
                     "tid": base + step * lane,
-                    "args": args,
+                    "args": {
+                        "flops": rec.flops,
+                        "bytes": rec.bytes,
+                        "run": labels[position],
+                        "task": rec.task,
+                        "clock": "host" if host else f"{rec.clock}",
+                    },
                 }
             )
     other = dict(timeline.meta)
     other["mc2sim.source"] = timeline.source.value
-    other["mc2sim.run_offsets_s"] = {str(run): shift for run, shift in offsets.items()}
+    other["mc2sim.run_offsets_s"] = dict(zip(labels, offsets, strict=True))
     return {"traceEvents": meta_events + events, "displayTimeUnit": "ms", "otherData": other}
 
 
 # ----------------------------------------------------------------------------- tasks CSV
 
 
-def _tasks_csv(timeline: Timeline) -> str:
-    """One CSV row per record under :data:`CSV_COLUMNS`; floats with ``repr`` (exact)."""
+def _csv_cell(text: str) -> str:
+    """``text`` as ``csv.writer`` writes it among other cells (quoted only where it must be)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    csv.writer(buf, lineterminator="\n").writerow((text, ""))
+    return buf.getvalue()[: -len(",\n")]
+
+
+def _tasks_csv(timeline: Timeline) -> str:
+    """One CSV row per record under :data:`CSV_COLUMNS`; floats with ``repr`` (exact).
+
+    The bytes ``csv.writer`` writes, with the rows formatted here in one pass: numbers never
+    need quotes, and each distinct text (a task's name, a run) is quoted once.
+    """
+    cells: dict[str, str] = {}
+    runs: dict[RunKey, str] = {}
+
+    def cell(text: str) -> str:
+        quoted = cells.get(text)
+        if quoted is None:
+            quoted = cells[text] = _csv_cell(text)
+        return quoted
+
+    lines = [",".join(map(cell, CSV_COLUMNS))]
+    run, run_cells = None, ""
     for rec in timeline.records:
-        writer.writerow(
-            (
-                rec.rank,
-                rec.run.op,
-                rec.run.tiling,
-                rec.run.repetition,
-                rec.task,
-                rec.name,
-                rec.stream.value,
-                rec.kind,
-                repr(rec.start_s),
-                repr(rec.end_s),
-                rec.flops,
-                rec.bytes,
-                repr(rec.duration_s),
-                rec.intra_bytes,
-                rec.inter_bytes,
-                rec.clock.value,
-                repr(rec.host_span_s[0]),
-                repr(rec.host_span_s[1]),
+        if rec.run is not run:  # a run's records come together: look its cells up once
+            run = rec.run
+            run_cells = runs.get(run) or runs.setdefault(
+                run, f"{cell(run.op)},{cell(run.tiling)},{run.repetition}"
             )
+        host_start, host_end = rec.host_span_s
+        # a StrEnum formats as its value, as csv.writer writes it
+        lines.append(
+            f"{rec.rank},{run_cells},{rec.task},{cell(rec.name)},{rec.stream},{cell(rec.kind)},"
+            f"{rec.start_s!r},{rec.end_s!r},{rec.flops},{rec.bytes},{rec.end_s - rec.start_s!r},"
+            f"{rec.intra_bytes},{rec.inter_bytes},{rec.clock},{host_start!r},{host_end!r}"
         )
-    return buf.getvalue()
+    lines.append("")
+    return "\n".join(lines)
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -1592,8 +1615,8 @@ def encode_results(
         raise ParamInvalidError(
             "timeline", f"rank {outside[0]}", f"must be below the world size {manifest.world_size}"
         )
-    base = timeline.for_run(baseline)
-    metrics = {run: timeline.for_run(run).metrics(baseline=base) for run in runs}
+    per_run = timeline.by_run()
+    metrics = {run: per_run[run].metrics(baseline=per_run[baseline]) for run in runs}
     impls = dict(implementations or {})
     _check_implementations(impls, tilings, manifest.world_size)
     golden = _golden_records(verdicts or {}, tilings)
