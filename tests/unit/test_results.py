@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -181,6 +182,27 @@ def test_tasks_csv_has_op_tiling_repetition_columns_and_reads_back_unparsed(
     assert folder.timeline == timeline
     assert folder.timeline is not None and folder.timeline.runs() == [odd]
     assert dict(folder.runs) == {"a/b#2, c": odd}
+
+
+def test_tasks_csv_is_what_csv_writer_writes_for_texts_that_need_quotes() -> None:
+    """Names and tilings with commas, quotes, line breaks or nothing: the csv module's bytes."""
+    odd = RunKey(op=OP, tiling='a "b", c', repetition=2)
+    names = ["plain[0]", "with,comma", 'with "quotes"', "two\nlines", "", " padded "]
+    records = [
+        dataclasses.replace(rec("compute", 0.1 * i, 0.1 * i + 0.3, run=odd, task=i), name=name)
+        for i, name in enumerate(names)
+    ]
+    timeline = Timeline(records=records)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in records:
+        writer.writerow(
+            (r.rank, r.run.op, r.run.tiling, r.run.repetition, r.task, r.name, "compute",
+             r.kind, repr(r.start_s), repr(r.end_s), r.flops, r.bytes, repr(r.end_s - r.start_s),
+             r.intra_bytes, r.inter_bytes, "host", repr(r.start_s), repr(r.end_s))
+        )  # fmt: skip
+    assert results._tasks_csv(timeline) == buf.getvalue()
 
 
 def test_bytes_by_level_round_trip(tmp_path: Path) -> None:
