@@ -199,8 +199,12 @@ class TaskKind(StrEnum):
     @property
     def resource(self) -> Resource:
         """The resource this kind of task occupies."""
-        comm = {self.ALLREDUCE, self.ALLTOALLV, self.ALLGATHER, self.REDUCE_SCATTER}
-        return Resource.COMM if self in comm else Resource.COMPUTE
+        return _RESOURCE_OF[self]
+
+
+_COMM_KINDS = (TaskKind.ALLREDUCE, TaskKind.ALLTOALLV, TaskKind.ALLGATHER, TaskKind.REDUCE_SCATTER)
+_RESOURCE_OF = {k: Resource.COMM if k in _COMM_KINDS else Resource.COMPUTE for k in TaskKind}
+"""Each task kind's resource (asked once per task by the simulator: a lookup, not a set)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
