@@ -155,9 +155,10 @@ class SparseCounts:
 
     def per_peer(self, e: int) -> SparseSplits:
         """Every peer's count summed over its ``e`` experts."""
-        peers = self.index // e  # ascending, as the index is
+        peers = np.asarray(self.index, dtype=np.int64) // e  # ascending, as the index is
         starts = np.flatnonzero(np.diff(peers, prepend=-1))
-        sums = np.add.reduceat(self.values, starts) if len(starts) else self.values[:0]
+        values = np.asarray(self.values, dtype=np.int64)  # sums in int64, whatever the counts'
+        sums = np.add.reduceat(values, starts) if len(starts) else values[:0]
         return SparseSplits(self.size // e, peers[starts], sums)
 
 
