@@ -1186,6 +1186,60 @@ def _meta_event(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str
     return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
 
 
+_Complete = tuple[str, float, float, int, int, TaskRecord, str, str]
+"""A complete event of a trace: name, start and end (seconds, shifted), pid, tid, the record,
+its run's label and the clock named in its arguments."""
+
+
+def _trace_layout(
+    timeline: Timeline,
+) -> tuple[list[dict[str, Any]], list[_Complete], dict[str, Any]]:
+    """The pieces of :func:`chrome_trace`: metadata events, complete events, ``otherData``."""
+    runs, offsets, positions = _run_offsets(timeline)
+    labels = [str(run) for run in runs]
+    host_clock = Clock.HOST
+    by_thread: dict[tuple[int, str], list[tuple[float, float, TaskRecord, int]]] = {}
+    for rec, position in zip(timeline.records, positions, strict=True):
+        shift = offsets[position]
+        key = (rec.rank, f"{rec.stream}")  # a StrEnum formats as its value
+        thread = by_thread.get(key)
+        if thread is None:
+            thread = by_thread[key] = []
+        thread.append((rec.start_s + shift, rec.end_s + shift, rec, position))
+        if rec.clock is not host_clock:
+            start, end = rec.host_span_s
+            by_thread.setdefault((rec.rank, "host"), []).append(
+                (start + shift, end + shift, rec, position)
+            )
+    meta_events: list[dict[str, Any]] = []
+    events: list[_Complete] = []
+    for rank in timeline.ranks():
+        meta_events.append(_meta_event("process_name", rank, 0, {"name": f"rank {rank}"}))
+        meta_events.append(_meta_event("process_sort_index", rank, 0, {"sort_index": rank}))
+    for (rank, stream), items in sorted(by_thread.items()):
+        items.sort(key=lambda item: (item[0], item[1]))
+        lanes = _lanes(items)
+        host = stream == "host"
+        base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
+        clocks = sorted({f"{item[2].clock}" for item in items} - {host_clock.value})
+        label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
+        for lane in range(max(lanes) + 1):
+            tid = base + step * lane
+            name = label if lane == 0 else f"{label} #{lane + 1}"
+            meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
+            meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
+        for (start, end, rec, position), lane in zip(items, lanes, strict=True):
+            name = f"issue {rec.name}" if host else rec.name
+            clock = "host" if host else f"{rec.clock}"
+            events.append(
+                (name, start, end, rank, base + step * lane, rec, labels[position], clock)
+            )
+    other = dict(timeline.meta)
+    other["mc2sim.source"] = timeline.source.value
+    other["mc2sim.run_offsets_s"] = dict(zip(labels, offsets, strict=True))
+    return meta_events, events, other
+
+
 def chrome_trace(timeline: Timeline) -> dict[str, Any]:
     """Return ``timeline`` as a Chrome trace in the JSON Object Format (Perfetto opens it).
 
@@ -1209,62 +1263,59 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
         The trace, ready for ``json.dump``.
 
     """
-    runs, offsets, positions = _run_offsets(timeline)
-    labels = [str(run) for run in runs]
-    host_clock = Clock.HOST
-    by_thread: dict[tuple[int, str], list[tuple[float, float, TaskRecord, int]]] = {}
-    for rec, position in zip(timeline.records, positions, strict=True):
-        shift = offsets[position]
-        key = (rec.rank, f"{rec.stream}")  # a StrEnum formats as its value
-        thread = by_thread.get(key)
-        if thread is None:
-            thread = by_thread[key] = []
-        thread.append((rec.start_s + shift, rec.end_s + shift, rec, position))
-        if rec.clock is not host_clock:
-            start, end = rec.host_span_s
-            by_thread.setdefault((rec.rank, "host"), []).append(
-                (start + shift, end + shift, rec, position)
-            )
-    meta_events: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    for rank in timeline.ranks():
-        meta_events.append(_meta_event("process_name", rank, 0, {"name": f"rank {rank}"}))
-        meta_events.append(_meta_event("process_sort_index", rank, 0, {"sort_index": rank}))
-    for (rank, stream), items in sorted(by_thread.items()):
-        items.sort(key=lambda item: (item[0], item[1]))
-        lanes = _lanes(items)
-        host = stream == "host"
-        base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
-        clocks = sorted({f"{item[2].clock}" for item in items} - {host_clock.value})
-        label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
-        for lane in range(max(lanes) + 1):
-            tid = base + step * lane
-            name = label if lane == 0 else f"{label} #{lane + 1}"
-            meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
-            meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
-        for (start, end, rec, position), lane in zip(items, lanes, strict=True):
-            events.append(
-                {
-                    "name": f"issue {rec.name}" if host else rec.name,
-                    "cat": rec.kind,
-                    "ph": "X",
-                    "ts": start * 1e6,
-                    "dur": (end - start) * 1e6,
-                    "pid": rank,
-                    "tid": base + step * lane,
-                    "args": {
-                        "flops": rec.flops,
-                        "bytes": rec.bytes,
-                        "run": labels[position],
-                        "task": rec.task,
-                        "clock": "host" if host else f"{rec.clock}",
-                    },
-                }
-            )
-    other = dict(timeline.meta)
-    other["mc2sim.source"] = timeline.source.value
-    other["mc2sim.run_offsets_s"] = dict(zip(labels, offsets, strict=True))
+    meta_events, complete, other = _trace_layout(timeline)
+    events = [
+        {
+            "name": name,
+            "cat": rec.kind,
+            "ph": "X",
+            "ts": start * 1e6,
+            "dur": (end - start) * 1e6,
+            "pid": pid,
+            "tid": tid,
+            "args": {
+                "flops": rec.flops,
+                "bytes": rec.bytes,
+                "run": run,
+                "task": rec.task,
+                "clock": clock,
+            },
+        }
+        for name, start, end, pid, tid, rec, run, clock in complete
+    ]
     return {"traceEvents": meta_events + events, "displayTimeUnit": "ms", "otherData": other}
+
+
+def _trace_json(timeline: Timeline) -> str:
+    """``json.dumps(chrome_trace(timeline), allow_nan=False)``, a complete event at a time.
+
+    Each event is formatted here as ``json`` writes it (numbers with ``repr``, each distinct
+    text encoded once by ``json``), with no dictionary per event in between.
+    """
+    meta_events, complete, other = _trace_layout(timeline)
+    encoded: dict[str, str] = {}
+
+    def text(value: str) -> str:
+        quoted = encoded.get(value)
+        if quoted is None:
+            quoted = encoded[value] = json.dumps(value)
+        return quoted
+
+    parts = [json.dumps(meta_events, allow_nan=False)[1:-1]] if meta_events else []
+    for name, start, end, pid, tid, rec, run, clock in complete:
+        ts, dur = start * 1e6, (end - start) * 1e6
+        if not (math.isfinite(ts) and math.isfinite(dur)):
+            raise ValueError(f"Out of range float values are not JSON compliant: {ts!r}, {dur!r}")
+        parts.append(
+            f'{{"name": {text(name)}, "cat": {text(rec.kind)}, "ph": "X", "ts": {ts!r}, '
+            f'"dur": {dur!r}, "pid": {pid}, "tid": {tid}, "args": {{"flops": {rec.flops}, '
+            f'"bytes": {rec.bytes}, "run": {text(run)}, "task": {rec.task}, '
+            f'"clock": {text(clock)}}}}}'
+        )
+    return (
+        f'{{"traceEvents": [{", ".join(parts)}], "displayTimeUnit": "ms", '
+        f'"otherData": {json.dumps(other, allow_nan=False)}}}'
+    )
 
 
 # ----------------------------------------------------------------------------- tasks CSV
@@ -1641,7 +1692,7 @@ def encode_results(
     }
     files = {
         TASKS_FILE: _tasks_csv(timeline).encode("utf-8"),
-        TRACE_FILE: json.dumps(chrome_trace(timeline), allow_nan=False).encode("utf-8"),
+        TRACE_FILE: _trace_json(timeline).encode("utf-8"),
         SUMMARY_FILE: _json_text(summary).encode("utf-8"),
         MANIFEST_FILE: _json_text(manifest.to_json()).encode("utf-8"),
     }

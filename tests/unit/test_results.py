@@ -641,6 +641,20 @@ def test_chrome_trace_lanes_and_runs() -> None:
     }
 
 
+def test_trace_json_is_what_json_writes_of_the_chrome_trace() -> None:
+    """Lanes, two runs, a device-timed task (host lane) and texts JSON must escape."""
+    odd = RunKey(op=OP, tiling='tiles "4"\\ é', repetition=1)
+    device = dataclasses.replace(
+        rec("compute", 0.25, 0.5, rank=1), clock="device", host_start_s=0.0, host_end_s=0.125
+    )
+    named = dataclasses.replace(rec("comm", 0.1, 0.7, task=3, run=odd), name='a "b"\n\tc ü')
+    t = Timeline(
+        records=(rec("comm", 0, 2), rec("comm", 1, 3, task=1), device, named),
+        meta={"world_size": 2, "note": "ünï"},
+    )
+    assert results._trace_json(t) == json.dumps(chrome_trace(t), allow_nan=False)
+
+
 def test_plot_file_names() -> None:
     assert results.gantt_png("serial") == "gantt_serial.png"
     assert results.gantt_png("hardware(tiles=3)") == "gantt_hardware_tiles_3.png"
