@@ -44,7 +44,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -1160,16 +1160,16 @@ def _run_offsets(timeline: Timeline) -> tuple[list[RunKey], list[float], list[in
     return runs, offsets, positions
 
 
-def _lanes(records: list[tuple[float, float, TaskRecord, int]]) -> list[int]:
+def _lanes(intervals: Iterable[tuple[float, float]]) -> list[int]:
     """Return a lane per interval so that intervals of one lane never overlap.
 
     Chrome's format draws the complete events of one thread as a stack of properly nested
     slices; tasks that overlap on one stream (several chunks in flight) go on extra lanes.
-    ``records`` are ``(start, end, record, run)`` sorted by start.
+    ``intervals`` are ``(start, end)`` sorted by start.
     """
     lane_ends: list[float] = []
     lanes = []
-    for start, end, _, _ in records:
+    for start, end in intervals:
         for lane, lane_end in enumerate(lane_ends):
             if lane_end <= start:
                 lane_ends[lane] = end
@@ -1193,51 +1193,73 @@ its run's label and the clock named in its arguments."""
 
 def _trace_layout(
     timeline: Timeline,
-) -> tuple[list[dict[str, Any]], list[_Complete], dict[str, Any]]:
-    """The pieces of :func:`chrome_trace`: metadata events, complete events, ``otherData``."""
+) -> tuple[list[dict[str, Any]], Iterator[_Complete], dict[str, Any]]:
+    """The pieces of :func:`chrome_trace`: metadata events, complete events, ``otherData``.
+
+    The complete events come one at a time, in the trace's order, made as they are asked
+    for: a thread keeps its records' positions and times (plain numbers), so laying out a
+    timeline of many records leaves no object per record behind for the garbage collector
+    to walk again and again.
+    """
     runs, offsets, positions = _run_offsets(timeline)
     labels = [str(run) for run in runs]
+    records = timeline.records
     host_clock = Clock.HOST
-    by_thread: dict[tuple[int, str], list[tuple[float, float, TaskRecord, int]]] = {}
-    for rec, position in zip(timeline.records, positions, strict=True):
+    # (rank, stream) -> its records' positions in `records`, starts and ends (shifted)
+    threads: dict[tuple[int, str], tuple[list[int], list[float], list[float]]] = {}
+    for i, (rec, position) in enumerate(zip(records, positions, strict=True)):
         shift = offsets[position]
         key = (rec.rank, f"{rec.stream}")  # a StrEnum formats as its value
-        thread = by_thread.get(key)
+        thread = threads.get(key)
         if thread is None:
-            thread = by_thread[key] = []
-        thread.append((rec.start_s + shift, rec.end_s + shift, rec, position))
+            thread = threads[key] = ([], [], [])
+        thread[0].append(i)
+        thread[1].append(rec.start_s + shift)
+        thread[2].append(rec.end_s + shift)
         if rec.clock is not host_clock:
             start, end = rec.host_span_s
-            by_thread.setdefault((rec.rank, "host"), []).append(
-                (start + shift, end + shift, rec, position)
-            )
+            issued = threads.setdefault((rec.rank, "host"), ([], [], []))
+            issued[0].append(i)
+            issued[1].append(start + shift)
+            issued[2].append(end + shift)
     meta_events: list[dict[str, Any]] = []
-    events: list[_Complete] = []
     for rank in timeline.ranks():
         meta_events.append(_meta_event("process_name", rank, 0, {"name": f"rank {rank}"}))
         meta_events.append(_meta_event("process_sort_index", rank, 0, {"sort_index": rank}))
-    for (rank, stream), items in sorted(by_thread.items()):
-        items.sort(key=lambda item: (item[0], item[1]))
-        lanes = _lanes(items)
+    laid_out = []
+    for (rank, stream), (indices, starts, ends) in sorted(threads.items()):
+        order = sorted(range(len(indices)), key=lambda k: (starts[k], ends[k]))
+        lanes = _lanes((starts[k], ends[k]) for k in order)
         host = stream == "host"
         base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
-        clocks = sorted({f"{item[2].clock}" for item in items} - {host_clock.value})
+        clocks = sorted({f"{records[i].clock}" for i in indices} - {host_clock.value})
         label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
         for lane in range(max(lanes) + 1):
             tid = base + step * lane
             name = label if lane == 0 else f"{label} #{lane + 1}"
             meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
             meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
-        for (start, end, rec, position), lane in zip(items, lanes, strict=True):
-            name = f"issue {rec.name}" if host else rec.name
-            clock = "host" if host else f"{rec.clock}"
-            events.append(
-                (name, start, end, rank, base + step * lane, rec, labels[position], clock)
-            )
+        laid_out.append((rank, host, base, step, order, lanes, indices, starts, ends))
+
+    def complete() -> Iterator[_Complete]:
+        for rank, host, base, step, order, lanes, indices, starts, ends in laid_out:
+            for k, lane in zip(order, lanes, strict=True):
+                rec = records[indices[k]]
+                yield (
+                    f"issue {rec.name}" if host else rec.name,
+                    starts[k],
+                    ends[k],
+                    rank,
+                    base + step * lane,
+                    rec,
+                    labels[positions[indices[k]]],
+                    "host" if host else f"{rec.clock}",
+                )
+
     other = dict(timeline.meta)
     other["mc2sim.source"] = timeline.source.value
     other["mc2sim.run_offsets_s"] = dict(zip(labels, offsets, strict=True))
-    return meta_events, events, other
+    return meta_events, complete(), other
 
 
 def chrome_trace(timeline: Timeline) -> dict[str, Any]:
