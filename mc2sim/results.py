@@ -44,7 +44,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -1129,40 +1129,47 @@ def collect_manifest(
 # ----------------------------------------------------------------------------- Chrome trace
 
 
-def _run_offsets(timeline: Timeline) -> dict[RunKey, float]:
+def _run_offsets(timeline: Timeline) -> tuple[list[RunKey], list[float], list[int]]:
     """Return the shift, in seconds, that lays each run after the previous one in a trace.
 
     Runs are taken in the order of :meth:`Timeline.runs`. A run that starts after the
     previous one ended (runs timed from one epoch) keeps its times; one that would overlap it
     (each run timed from its own epoch) is moved to start a little after it.
+
+    Returns:
+        The runs, each one's shift, and each record's run as a position among them
+        (:meth:`Timeline.run_positions`).
     """
-    spans: dict[RunKey, tuple[float, float]] = {}
-    for rec in timeline.records:
-        lo, hi = spans.get(rec.run, (rec.start_s, rec.end_s))
-        spans[rec.run] = (min(lo, rec.start_s), max(hi, rec.end_s))
-    offsets: dict[RunKey, float] = {}
+    runs, positions = timeline.run_positions()
+    starts = [math.inf] * len(runs)
+    ends = [-math.inf] * len(runs)
+    for rec, position in zip(timeline.records, positions, strict=True):
+        if rec.start_s < starts[position]:
+            starts[position] = rec.start_s
+        if rec.end_s > ends[position]:
+            ends[position] = rec.end_s
+    offsets: list[float] = []
     prev_end: float | None = None
     prev_span = 0.0
-    for run in timeline.runs():
-        start, end = spans[run]
+    for start, end in zip(starts, ends, strict=True):
         shift = 0.0
         if prev_end is not None and start < prev_end:
             shift = prev_end + _RUN_GAP * prev_span - start
-        offsets[run] = shift
+        offsets.append(shift)
         prev_end, prev_span = end + shift, end - start
-    return offsets
+    return runs, offsets, positions
 
 
-def _lanes(records: list[tuple[float, float, TaskRecord]]) -> list[int]:
+def _lanes(intervals: Iterable[tuple[float, float]]) -> list[int]:
     """Return a lane per interval so that intervals of one lane never overlap.
 
     Chrome's format draws the complete events of one thread as a stack of properly nested
     slices; tasks that overlap on one stream (several chunks in flight) go on extra lanes.
-    ``records`` are ``(start, end, record)`` sorted by start.
+    ``intervals`` are ``(start, end)`` sorted by start.
     """
     lane_ends: list[float] = []
     lanes = []
-    for start, end, _ in records:
+    for start, end in intervals:
         for lane, lane_end in enumerate(lane_ends):
             if lane_end <= start:
                 lane_ends[lane] = end
@@ -1177,6 +1184,82 @@ def _lanes(records: list[tuple[float, float, TaskRecord]]) -> list[int]:
 def _meta_event(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:
     """Return a Chrome trace metadata event (``"ph": "M"``)."""
     return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
+
+
+_Complete = tuple[str, float, float, int, int, TaskRecord, str, str]
+"""A complete event of a trace: name, start and end (seconds, shifted), pid, tid, the record,
+its run's label and the clock named in its arguments."""
+
+
+def _trace_layout(
+    timeline: Timeline,
+) -> tuple[list[dict[str, Any]], Iterator[_Complete], dict[str, Any]]:
+    """The pieces of :func:`chrome_trace`: metadata events, complete events, ``otherData``.
+
+    The complete events come one at a time, in the trace's order, made as they are asked
+    for: a thread keeps its records' positions and times (plain numbers), so laying out a
+    timeline of many records leaves no object per record behind for the garbage collector
+    to walk again and again.
+    """
+    runs, offsets, positions = _run_offsets(timeline)
+    labels = [str(run) for run in runs]
+    records = timeline.records
+    host_clock = Clock.HOST
+    # (rank, stream) -> its records' positions in `records`, starts and ends (shifted)
+    threads: dict[tuple[int, str], tuple[list[int], list[float], list[float]]] = {}
+    for i, (rec, position) in enumerate(zip(records, positions, strict=True)):
+        shift = offsets[position]
+        key = (rec.rank, f"{rec.stream}")  # a StrEnum formats as its value
+        thread = threads.get(key)
+        if thread is None:
+            thread = threads[key] = ([], [], [])
+        thread[0].append(i)
+        thread[1].append(rec.start_s + shift)
+        thread[2].append(rec.end_s + shift)
+        if rec.clock is not host_clock:
+            start, end = rec.host_span_s
+            issued = threads.setdefault((rec.rank, "host"), ([], [], []))
+            issued[0].append(i)
+            issued[1].append(start + shift)
+            issued[2].append(end + shift)
+    meta_events: list[dict[str, Any]] = []
+    for rank in timeline.ranks():
+        meta_events.append(_meta_event("process_name", rank, 0, {"name": f"rank {rank}"}))
+        meta_events.append(_meta_event("process_sort_index", rank, 0, {"sort_index": rank}))
+    laid_out = []
+    for (rank, stream), (indices, starts, ends) in sorted(threads.items()):
+        order = sorted(range(len(indices)), key=lambda k: (starts[k], ends[k]))
+        lanes = _lanes((starts[k], ends[k]) for k in order)
+        host = stream == "host"
+        base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
+        clocks = sorted({f"{records[i].clock}" for i in indices} - {host_clock.value})
+        label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
+        for lane in range(max(lanes) + 1):
+            tid = base + step * lane
+            name = label if lane == 0 else f"{label} #{lane + 1}"
+            meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
+            meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
+        laid_out.append((rank, host, base, step, order, lanes, indices, starts, ends))
+
+    def complete() -> Iterator[_Complete]:
+        for rank, host, base, step, order, lanes, indices, starts, ends in laid_out:
+            for k, lane in zip(order, lanes, strict=True):
+                rec = records[indices[k]]
+                yield (
+                    f"issue {rec.name}" if host else rec.name,
+                    starts[k],
+                    ends[k],
+                    rank,
+                    base + step * lane,
+                    rec,
+                    labels[positions[indices[k]]],
+                    "host" if host else f"{rec.clock}",
+                )
+
+    other = dict(timeline.meta)
+    other["mc2sim.source"] = timeline.source.value
+    other["mc2sim.run_offsets_s"] = dict(zip(labels, offsets, strict=True))
+    return meta_events, complete(), other
 
 
 def chrome_trace(timeline: Timeline) -> dict[str, Any]:
@@ -1202,90 +1285,103 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
         The trace, ready for ``json.dump``.
 
     """
-    offsets = _run_offsets(timeline)
-    by_thread: dict[tuple[int, str], list[tuple[float, float, TaskRecord]]] = {}
-    for rec in timeline.records:
-        shift = offsets[rec.run]
-        key = (rec.rank, rec.stream.value)
-        by_thread.setdefault(key, []).append((rec.start_s + shift, rec.end_s + shift, rec))
-        if rec.clock is not Clock.HOST:
-            start, end = rec.host_span_s
-            by_thread.setdefault((rec.rank, "host"), []).append((start + shift, end + shift, rec))
-    meta_events: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    for rank in timeline.ranks():
-        meta_events.append(_meta_event("process_name", rank, 0, {"name": f"rank {rank}"}))
-        meta_events.append(_meta_event("process_sort_index", rank, 0, {"sort_index": rank}))
-    for (rank, stream), items in sorted(by_thread.items()):
-        items.sort(key=lambda item: (item[0], item[1]))
-        lanes = _lanes(items)
-        host = stream == "host"
-        base, step = (_HOST_TID, 1) if host else (_STREAM_TID[stream], 2)
-        clocks = sorted({rec.clock.value for _, _, rec in items} - {Clock.HOST.value})
-        label = stream if host or not clocks else f"{stream} ({', '.join(clocks)})"
-        for lane in range(max(lanes) + 1):
-            tid = base + step * lane
-            name = label if lane == 0 else f"{label} #{lane + 1}"
-            meta_events.append(_meta_event("thread_name", rank, tid, {"name": name}))
-            meta_events.append(_meta_event("thread_sort_index", rank, tid, {"sort_index": tid}))
-        for (start, end, rec), lane in zip(items, lanes, strict=True):
-            args: dict[str, Any] = {
+    meta_events, complete, other = _trace_layout(timeline)
+    events = [
+        {
+            "name": name,
+            "cat": rec.kind,
+            "ph": "X",
+            "ts": start * 1e6,
+            "dur": (end - start) * 1e6,
+            "pid": pid,
+            "tid": tid,
+            "args": {
                 "flops": rec.flops,
                 "bytes": rec.bytes,
-                "run": str(rec.run),
+                "run": run,
                 "task": rec.task,
-                "clock": "host" if host else rec.clock.value,
-            }
-            events.append(
-                {
-                    "name": f"issue {rec.name}" if host else rec.name,
-                    "cat": rec.kind,
-                    "ph": "X",
-                    "ts": start * 1e6,
-                    "dur": (end - start) * 1e6,
-                    "pid": rank,
-                    "tid": base + step * lane,
-                    "args": args,
-                }
-            )
-    other = dict(timeline.meta)
-    other["mc2sim.source"] = timeline.source.value
-    other["mc2sim.run_offsets_s"] = {str(run): shift for run, shift in offsets.items()}
+                "clock": clock,
+            },
+        }
+        for name, start, end, pid, tid, rec, run, clock in complete
+    ]
     return {"traceEvents": meta_events + events, "displayTimeUnit": "ms", "otherData": other}
+
+
+def _trace_json(timeline: Timeline) -> str:
+    """``json.dumps(chrome_trace(timeline), allow_nan=False)``, a complete event at a time.
+
+    Each event is formatted here as ``json`` writes it (numbers with ``repr``, each distinct
+    text encoded once by ``json``), with no dictionary per event in between.
+    """
+    meta_events, complete, other = _trace_layout(timeline)
+    encoded: dict[str, str] = {}
+
+    def text(value: str) -> str:
+        quoted = encoded.get(value)
+        if quoted is None:
+            quoted = encoded[value] = json.dumps(value)
+        return quoted
+
+    parts = [json.dumps(meta_events, allow_nan=False)[1:-1]] if meta_events else []
+    for name, start, end, pid, tid, rec, run, clock in complete:
+        ts, dur = start * 1e6, (end - start) * 1e6
+        if not (math.isfinite(ts) and math.isfinite(dur)):
+            raise ValueError(f"Out of range float values are not JSON compliant: {ts!r}, {dur!r}")
+        parts.append(
+            f'{{"name": {text(name)}, "cat": {text(rec.kind)}, "ph": "X", "ts": {ts!r}, '
+            f'"dur": {dur!r}, "pid": {pid}, "tid": {tid}, "args": {{"flops": {rec.flops}, '
+            f'"bytes": {rec.bytes}, "run": {text(run)}, "task": {rec.task}, '
+            f'"clock": {text(clock)}}}}}'
+        )
+    return (
+        f'{{"traceEvents": [{", ".join(parts)}], "displayTimeUnit": "ms", '
+        f'"otherData": {json.dumps(other, allow_nan=False)}}}'
+    )
 
 
 # ----------------------------------------------------------------------------- tasks CSV
 
 
-def _tasks_csv(timeline: Timeline) -> str:
-    """One CSV row per record under :data:`CSV_COLUMNS`; floats with ``repr`` (exact)."""
+def _csv_cell(text: str) -> str:
+    """``text`` as ``csv.writer`` writes it among other cells (quoted only where it must be)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    csv.writer(buf, lineterminator="\n").writerow((text, ""))
+    return buf.getvalue()[: -len(",\n")]
+
+
+def _tasks_csv(timeline: Timeline) -> str:
+    """One CSV row per record under :data:`CSV_COLUMNS`; floats with ``repr`` (exact).
+
+    The bytes ``csv.writer`` writes, with the rows formatted here in one pass: numbers never
+    need quotes, and each distinct text (a task's name, a run) is quoted once.
+    """
+    cells: dict[str, str] = {}
+    runs: dict[RunKey, str] = {}
+
+    def cell(text: str) -> str:
+        quoted = cells.get(text)
+        if quoted is None:
+            quoted = cells[text] = _csv_cell(text)
+        return quoted
+
+    lines = [",".join(map(cell, CSV_COLUMNS))]
+    run, run_cells = None, ""
     for rec in timeline.records:
-        writer.writerow(
-            (
-                rec.rank,
-                rec.run.op,
-                rec.run.tiling,
-                rec.run.repetition,
-                rec.task,
-                rec.name,
-                rec.stream.value,
-                rec.kind,
-                repr(rec.start_s),
-                repr(rec.end_s),
-                rec.flops,
-                rec.bytes,
-                repr(rec.duration_s),
-                rec.intra_bytes,
-                rec.inter_bytes,
-                rec.clock.value,
-                repr(rec.host_span_s[0]),
-                repr(rec.host_span_s[1]),
+        if rec.run is not run:  # a run's records come together: look its cells up once
+            run = rec.run
+            run_cells = runs.get(run) or runs.setdefault(
+                run, f"{cell(run.op)},{cell(run.tiling)},{run.repetition}"
             )
+        host_start, host_end = rec.host_span_s
+        # a StrEnum formats as its value, as csv.writer writes it
+        lines.append(
+            f"{rec.rank},{run_cells},{rec.task},{cell(rec.name)},{rec.stream},{cell(rec.kind)},"
+            f"{rec.start_s!r},{rec.end_s!r},{rec.flops},{rec.bytes},{rec.end_s - rec.start_s!r},"
+            f"{rec.intra_bytes},{rec.inter_bytes},{rec.clock},{host_start!r},{host_end!r}"
         )
-    return buf.getvalue()
+    lines.append("")
+    return "\n".join(lines)
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -1592,8 +1688,8 @@ def encode_results(
         raise ParamInvalidError(
             "timeline", f"rank {outside[0]}", f"must be below the world size {manifest.world_size}"
         )
-    base = timeline.for_run(baseline)
-    metrics = {run: timeline.for_run(run).metrics(baseline=base) for run in runs}
+    per_run = timeline.by_run()
+    metrics = {run: per_run[run].metrics(baseline=per_run[baseline]) for run in runs}
     impls = dict(implementations or {})
     _check_implementations(impls, tilings, manifest.world_size)
     golden = _golden_records(verdicts or {}, tilings)
@@ -1618,7 +1714,7 @@ def encode_results(
     }
     files = {
         TASKS_FILE: _tasks_csv(timeline).encode("utf-8"),
-        TRACE_FILE: json.dumps(chrome_trace(timeline), allow_nan=False).encode("utf-8"),
+        TRACE_FILE: _trace_json(timeline).encode("utf-8"),
         SUMMARY_FILE: _json_text(summary).encode("utf-8"),
         MANIFEST_FILE: _json_text(manifest.to_json()).encode("utf-8"),
     }

@@ -474,7 +474,37 @@ class Timeline:
 
     def runs(self) -> list[RunKey]:
         """Return the runs, in the order of their first record."""
-        return list(dict.fromkeys(r.run for r in self.records))
+        return self.run_positions()[0]
+
+    def run_positions(self) -> tuple[list[RunKey], list[int]]:
+        """Return the runs (as :meth:`runs`) and each record's run, as a position among them.
+
+        Each distinct ``RunKey`` object is hashed once (the simulator shares one per rank), so
+        grouping a timeline's records by run costs about a dict lookup per record.
+        """
+        runs: dict[RunKey, int] = {}
+        by_object: dict[int, int] = {}  # id of a RunKey the records hold -> its position
+        positions = []
+        for rec in self.records:
+            position = by_object.get(id(rec.run))
+            if position is None:
+                position = by_object[id(rec.run)] = runs.setdefault(rec.run, len(runs))
+            positions.append(position)
+        return list(runs), positions
+
+    def by_run(self) -> dict[RunKey, Timeline]:
+        """Return each run's timeline (as :meth:`for_run` gives it), runs in :meth:`runs` order.
+
+        One pass over the records, however many runs.
+        """
+        runs, positions = self.run_positions()
+        kept: list[list[TaskRecord]] = [[] for _ in runs]
+        for rec, position in zip(self.records, positions, strict=True):
+            kept[position].append(rec)
+        return {
+            run: Timeline(records=tuple(records), source=self.source, meta=self.meta)
+            for run, records in zip(runs, kept, strict=True)
+        }
 
     def for_rank(self, rank: int) -> Timeline:
         """Return the timeline of ``rank``'s records only (same source and meta).
@@ -499,7 +529,9 @@ class Timeline:
             A timeline, empty when ``run`` has no records.
 
         """
-        kept = tuple(r for r in self.records if r.run == run)
+        runs, positions = self.run_positions()
+        wanted = runs.index(run) if run in runs else -1
+        kept = tuple(r for r, p in zip(self.records, positions, strict=True) if p == wanted)
         return Timeline(records=kept, source=self.source, meta=self.meta)
 
     @classmethod

@@ -172,6 +172,14 @@ class MoeShape:
             return SparseSplits(self.world, whole.peers, base + (part < extra))
         return tuple(even_split(counts[q * self.e + j], parts)[part] for q in range(self.world))
 
+    def expert_parts(
+        self, counts: tuple[int, ...] | SparseCounts, parts: int
+    ) -> Sequence[tuple[int, ...] | SparseSplits]:
+        """:meth:`expert_part` of every expert and sub-tile, entry ``j * parts + p``."""
+        if isinstance(counts, SparseCounts):
+            return counts.expert_parts(self.e, parts)
+        return [self.expert_part(counts, j, p, parts) for j in range(self.e) for p in range(parts)]
+
     def per_peer(self, counts: tuple[int, ...] | SparseCounts) -> tuple[int, ...] | SparseSplits:
         """Rows per peer over all experts."""
         if isinstance(counts, SparseCounts):
@@ -244,10 +252,10 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
         described = "serial"
     else:
         parts, described = _moe_parts(tiling)
+        sends, recvs = shape.expert_parts(shape.send, parts), shape.expert_parts(shape.recv, parts)
         for j in range(shape.e):
             for p in range(parts):
-                send = shape.expert_part(shape.send, j, p, parts)
-                recv = shape.expert_part(shape.recv, j, p, parts)
+                send, recv = sends[j * parts + p], recvs[j * parts + p]
                 gmm = tasks.add(
                     f"grouped_matmul[e{j}.{p}]",
                     TaskKind.GROUPED_MATMUL,
@@ -312,10 +320,10 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     else:
         parts, described = _moe_parts(tiling)
         chunks = []
+        sends, recvs = shape.expert_parts(shape.send, parts), shape.expert_parts(shape.recv, parts)
         for j in range(shape.e):
             for p in range(parts):
-                send = shape.expert_part(shape.send, j, p, parts)
-                recv = shape.expert_part(shape.recv, j, p, parts)
+                send, recv = sends[j * parts + p], recvs[j * parts + p]
                 pack = tasks.add(
                     f"pack[e{j}.{p}]",
                     TaskKind.PACK,

@@ -28,13 +28,23 @@ class SparseSplits(Sequence[int]):
     ranks without dense per-peer lists.
     """
 
-    __slots__ = ("counts", "peers", "world")
+    __slots__ = ("_total", "counts", "peers", "world")
 
     def __init__(self, world: int, peers: np.ndarray, counts: np.ndarray) -> None:
         keep = np.asarray(counts) != 0
         self.world = int(world)
         self.peers: np.ndarray = np.asarray(peers, dtype=np.int64)[keep]
         self.counts: np.ndarray = np.asarray(counts, dtype=np.int64)[keep]
+        self._total: int | None = None
+
+    @classmethod
+    def _nonzero(
+        cls, world: int, peers: np.ndarray, counts: np.ndarray, total: int
+    ) -> SparseSplits:
+        """Wrap int64 ``peers`` and ``counts`` that hold no zero count, and their ``total``."""
+        splits = cls.__new__(cls)
+        splits.world, splits.peers, splits.counts, splits._total = world, peers, counts, total
+        return splits
 
     def __len__(self) -> int:
         return self.world
@@ -59,7 +69,9 @@ class SparseSplits(Sequence[int]):
     def total(self, *, without: int | None = None) -> int:
         """The sum of the counts, optionally leaving out one rank."""
         if without is None:
-            return int(self.counts.sum())
+            if self._total is None:
+                self._total = int(self.counts.sum())
+            return self._total
         return int(self.counts[self.peers != without].sum())
 
     def __repr__(self) -> str:
@@ -108,13 +120,46 @@ class SparseCounts:
             return SparseSplits(self.size // e, self.index[:0], self.values[:0])
         return SparseSplits(self.size // e, *split[j])
 
+    def expert_parts(self, e: int, parts: int) -> list[SparseSplits]:
+        """Every expert's counts cut in ``parts`` sub-tiles, entry ``j * parts + p``.
+
+        Sub-tile ``p`` of expert ``j`` gets, from each peer, that peer's count for ``j`` split
+        as :func:`mc2sim.schedule.tiling.even_split` splits it (the larger parts first):
+        what ``expert(j, e)`` gives, cut for all experts and sub-tiles at once.
+        """
+        index = np.asarray(self.index, dtype=np.int64)
+        peers = index // e  # floor division by a scalar is fast, % is not: which by subtraction
+        which = index - peers * e
+        # a stable sort by expert (a radix sort where the experts fit 16 bits): peers ascend
+        order = np.argsort(which.astype(np.uint16) if e <= 1 << 16 else which, kind="stable")
+        which, peers, values = which[order], peers[order], np.asarray(self.values, np.int64)[order]
+        base = values // parts
+        extra = values - base * parts
+        # row p: every count's sub-tile p; kept in (part, expert, peer) order, cut by group
+        counts = base + (np.arange(parts)[:, None] < extra)
+        keep = counts != 0
+        group = (np.arange(parts)[:, None] * e + which)[keep]
+        kept_peers, kept_counts = np.broadcast_to(peers, counts.shape)[keep], counts[keep]
+        bounds = np.searchsorted(group, np.arange(parts * e + 1)).tolist()
+        sums = np.concatenate([[0], np.cumsum(kept_counts)])[bounds].tolist()
+        world, out = self.size // e, []
+        for j in range(e):
+            for g in range(j, parts * e, e):
+                lo, hi = bounds[g], bounds[g + 1]
+                out.append(
+                    SparseSplits._nonzero(
+                        world, kept_peers[lo:hi], kept_counts[lo:hi], sums[g + 1] - sums[g]
+                    )
+                )
+        return out
+
     def per_peer(self, e: int) -> SparseSplits:
         """Every peer's count summed over its ``e`` experts."""
-        peers = self.index // e
-        unique, inverse = np.unique(peers, return_inverse=True)
-        return SparseSplits(
-            self.size // e, unique, np.bincount(inverse, weights=self.values).astype(np.int64)
-        )
+        peers = np.asarray(self.index, dtype=np.int64) // e  # ascending, as the index is
+        starts = np.flatnonzero(np.diff(peers, prepend=-1))
+        values = np.asarray(self.values, dtype=np.int64)  # sums in int64, whatever the counts'
+        sums = np.add.reduceat(values, starts) if len(starts) else values[:0]
+        return SparseSplits(self.size // e, peers[starts], sums)
 
 
 class Resource(StrEnum):
@@ -155,8 +200,12 @@ class TaskKind(StrEnum):
     @property
     def resource(self) -> Resource:
         """The resource this kind of task occupies."""
-        comm = {self.ALLREDUCE, self.ALLTOALLV, self.ALLGATHER, self.REDUCE_SCATTER}
-        return Resource.COMM if self in comm else Resource.COMPUTE
+        return _RESOURCE_OF[self]
+
+
+_COMM_KINDS = (TaskKind.ALLREDUCE, TaskKind.ALLTOALLV, TaskKind.ALLGATHER, TaskKind.REDUCE_SCATTER)
+_RESOURCE_OF = {k: Resource.COMM if k in _COMM_KINDS else Resource.COMPUTE for k in TaskKind}
+"""Each task kind's resource (asked once per task by the simulator: a lookup, not a set)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -66,11 +66,9 @@ class StudyResult:
 
     def metrics(self) -> dict[str, Metrics]:
         """Tiling, in words -> its metrics against the serial plan."""
-        base = self.timeline.for_run(self.baseline)
-        return {
-            tiling: self.timeline.for_run(run).metrics(baseline=base)
-            for tiling, run in self.runs.items()
-        }
+        per_run = self.timeline.by_run()
+        base = per_run[self.baseline]
+        return {tiling: per_run[run].metrics(baseline=base) for tiling, run in self.runs.items()}
 
 
 def simulate_study(scenario: Scenario, topology: Topology, world: int | None = None) -> StudyResult:

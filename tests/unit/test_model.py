@@ -50,6 +50,7 @@ from mc2sim.schedule import (
 )
 from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import SparseCounts, SparseSplits
+from mc2sim.schedule.tiling import even_split
 from mc2sim.timeline import RunKey, Source, Stream, Timeline
 from mc2sim.topology import (
     Contention,
@@ -1197,3 +1198,23 @@ def test_sparse_counts_expert_matches_the_dense_counts_for_every_expert(e: int) 
             assert list(split) == [int(c) for c in dense[j::e]]
             assert np.all(np.diff(split.peers) > 0)
     assert list(counts.expert(e, e)) == [0] * world  # no such expert: nothing to anyone
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.data())
+def test_sparse_counts_expert_parts_cut_each_peers_count_as_even_split(
+    e: int, parts: int, data: st.DataObject
+) -> None:
+    """All sub-tiles at once: entry j * parts + p is even_split of each peer's count for j."""
+    world = data.draw(st.integers(1, 6))
+    dense = data.draw(st.lists(st.integers(0, 9), min_size=world * e, max_size=world * e))
+    index = np.flatnonzero(dense)
+    counts = SparseCounts(world * e, index, np.asarray(dense)[index])
+    cut = counts.expert_parts(e, parts)
+    assert len(cut) == e * parts
+    for j in range(e):
+        for p in range(parts):
+            split = cut[j * parts + p]
+            assert split.world == world
+            assert list(split) == [even_split(c, parts)[p] for c in dense[j::e]]
+            assert np.all(split.counts != 0) and np.all(np.diff(split.peers) > 0)

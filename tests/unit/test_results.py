@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -181,6 +182,27 @@ def test_tasks_csv_has_op_tiling_repetition_columns_and_reads_back_unparsed(
     assert folder.timeline == timeline
     assert folder.timeline is not None and folder.timeline.runs() == [odd]
     assert dict(folder.runs) == {"a/b#2, c": odd}
+
+
+def test_tasks_csv_is_what_csv_writer_writes_for_texts_that_need_quotes() -> None:
+    """Names and tilings with commas, quotes, line breaks or nothing: the csv module's bytes."""
+    odd = RunKey(op=OP, tiling='a "b", c', repetition=2)
+    names = ["plain[0]", "with,comma", 'with "quotes"', "two\nlines", "", " padded "]
+    records = [
+        dataclasses.replace(rec("compute", 0.1 * i, 0.1 * i + 0.3, run=odd, task=i), name=name)
+        for i, name in enumerate(names)
+    ]
+    timeline = Timeline(records=records)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in records:
+        writer.writerow(
+            (r.rank, r.run.op, r.run.tiling, r.run.repetition, r.task, r.name, "compute",
+             r.kind, repr(r.start_s), repr(r.end_s), r.flops, r.bytes, repr(r.end_s - r.start_s),
+             r.intra_bytes, r.inter_bytes, "host", repr(r.start_s), repr(r.end_s))
+        )  # fmt: skip
+    assert results._tasks_csv(timeline) == buf.getvalue()
 
 
 def test_bytes_by_level_round_trip(tmp_path: Path) -> None:
@@ -617,6 +639,20 @@ def test_chrome_trace_lanes_and_runs() -> None:
         str(RUN): 0.0,
         str(second): 0.0,
     }
+
+
+def test_trace_json_is_what_json_writes_of_the_chrome_trace() -> None:
+    """Lanes, two runs, a device-timed task (host lane) and texts JSON must escape."""
+    odd = RunKey(op=OP, tiling='tiles "4"\\ é', repetition=1)
+    device = dataclasses.replace(
+        rec("compute", 0.25, 0.5, rank=1), clock="device", host_start_s=0.0, host_end_s=0.125
+    )
+    named = dataclasses.replace(rec("comm", 0.1, 0.7, task=3, run=odd), name='a "b"\n\tc ü')
+    t = Timeline(
+        records=(rec("comm", 0, 2), rec("comm", 1, 3, task=1), device, named),
+        meta={"world_size": 2, "note": "ünï"},
+    )
+    assert results._trace_json(t) == json.dumps(chrome_trace(t), allow_nan=False)
 
 
 def test_plot_file_names() -> None:

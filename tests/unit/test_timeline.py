@@ -445,3 +445,28 @@ def test_add_raw_takes_the_host_timed_fields_or_all_of_them() -> None:
     assert second.clock is Clock.STAGED and second.host_span_s == (0.25, 1.5)
     with pytest.raises(ParamInvalidError, match="fields=13: must hold 12 or 15 values"):
         rec.add_raw((0, run, 2, "c", "comm", "allreduce", 0.5, 2.0, 0, 8, 8, 0, "staged"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 1)), min_size=0, max_size=30))
+def test_grouping_by_run_keeps_each_runs_records_in_order(picks: list[tuple[int, int]]) -> None:
+    """Equal runs held by distinct objects, interleaved: grouped as equality alone groups."""
+    tilings = ["serial", "tiles=2", "tiles=4"]
+    records = [  # a fresh RunKey for each record, as equal as its tiling says
+        rec("compute", float(i), float(i) + 1.0, rank=rank, run=key(tilings[t]), task=i)
+        for i, (t, rank) in enumerate(picks)
+    ]
+    timeline = tl(*records)
+    expected_runs = []
+    for r in records:
+        if r.run not in expected_runs:
+            expected_runs.append(r.run)
+    runs, positions = timeline.run_positions()
+    assert runs == timeline.runs() == expected_runs
+    assert [runs[p] for p in positions] == [r.run for r in records]
+    grouped = timeline.by_run()
+    assert list(grouped) == expected_runs
+    for run in expected_runs:
+        alone = tuple(r for r in records if r.run == run)
+        assert grouped[run].records == alone == timeline.for_run(run).records
+    assert timeline.for_run(key("tiles=8")).records == ()
