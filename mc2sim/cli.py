@@ -115,6 +115,24 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """Parse; an unknown argument is reported by the command it was given to.
+
+        argparse hands a subcommand's unknown arguments up to the top-level parser, whose
+        line would name ``mc2sim`` alone; this names ``mc2sim COMMAND`` and its help.
+        """
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            owner = self.commands.get(command, self) if isinstance(command, str) else self
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    commands: Mapping[str, argparse.ArgumentParser] = {}
+    """The subcommands' parsers by name (set by :func:`_parser`)."""
+
 
 def _version_of(package: str) -> str:
     try:
@@ -1048,6 +1066,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version_of("mc2sim"))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands.choices
 
     info = commands.add_parser("info", help="print versions, MPI library, world size, backend")
     info.add_argument(

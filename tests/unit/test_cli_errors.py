@@ -344,6 +344,12 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--reps", "many"], ["--reps", "'many'", "whole number"]),
     (["simulate"], ["scenario", "required"]),
     (["frobnicate"], ["invalid choice", "'frobnicate'"]),
+    # an unknown flag is reported by the command it was given to, with that command's help
+    (["calibrate", "--bogus"], ["unrecognized arguments: --bogus", "see mc2sim calibrate --help"]),
+    (
+        ["simulate", "llama70b_tp8_decode", "--frobnicate", "1"],
+        ["unrecognized arguments: --frobnicate 1", "see mc2sim simulate --help"],
+    ),
     (["info", "--backend", "carrier-pigeon"], ["--backend", "'carrier-pigeon'", "invalid choice"]),
     # check-counts: the rules of mc2sim.invariants.check_counts
     (["check-counts", "{t}/absent.json"], ["absent.json'", "cannot be read"]),
