@@ -934,11 +934,13 @@ fewer collectives and waits, at the memory of ``ranks x 8`` points' files on ran
 
 def _sweep_rows(label: str, metrics: Mapping[str, Any]) -> list[str]:
     """A sweep point's lines of the printed table: one per tiling."""
+    from mc2sim.report import ms_column
+
     rows = []
     for tiling, m in metrics.items():
         speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
         rows.append(
-            f"{label:<34}{tiling:<26}{m.total_s * 1e3:>10.3f}{m.overlap_pct:>9.1f}{speedup:>9}"
+            f"{label:<34}{tiling:<26}{ms_column(m.total_s)}{m.overlap_pct:>9.1f}{speedup:>9}"
         )
     return rows
 

@@ -197,6 +197,18 @@ METRICS_HEADER = (
 """The column heads of :func:`metrics_row`."""
 
 
+def ms_column(seconds: float, width: int = 10) -> str:
+    """``seconds`` in ms, right-aligned in ``width`` characters with a space before it.
+
+    Three decimals where they fit; otherwise 4 significant digits in exponent form (a
+    what-if of huge shapes), so the columns stay aligned.
+    """
+    text = f"{seconds * 1e3:.3f}"
+    if len(text) >= width:
+        text = f"{seconds * 1e3:.4g}"
+    return f"{text:>{width}}"
+
+
 def metrics_row(tiling: str, m: Metrics, *, opaque: bool = False) -> str:
     """One tiling's metrics as a table row under :data:`METRICS_HEADER` (times in ms).
 
@@ -207,10 +219,10 @@ def metrics_row(tiling: str, m: Metrics, *, opaque: bool = False) -> str:
     speedup = f"{m.speedup:.2f}" if m.speedup is not None else "-"
     if opaque:
         dashes = f"{'-':>10}{'-':>10}{'-':>10}{'-':>9}"
-        return f"{tiling:<26}{m.total_s * 1e3:>10.3f}{dashes}{speedup:>9}"
+        return f"{tiling:<26}{ms_column(m.total_s)}{dashes}{speedup:>9}"
     return (
-        f"{tiling:<26}{m.total_s * 1e3:>10.3f}{m.compute_s * 1e3:>10.3f}"
-        f"{m.comm_s * 1e3:>10.3f}{m.exposed_comm_s * 1e3:>10.3f}"
+        f"{tiling:<26}{ms_column(m.total_s)}{ms_column(m.compute_s)}"
+        f"{ms_column(m.comm_s)}{ms_column(m.exposed_comm_s)}"
         f"{m.overlap_pct:>9.1f}{speedup:>9}"
     )
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mc2sim.errors import ParamInvalidError
-from mc2sim.report import gantt_ranks, report, tile_count
+from mc2sim.report import gantt_ranks, ms_column, report, tile_count
 from mc2sim.results import GoldenVerdict, read_results, write_results
 from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
 
@@ -96,6 +96,21 @@ def _assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE, path
     assert len(data) > 5000, (path, len(data))
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.000059, "0.059"),
+        (12.3456789, "12345.679"),
+        (123.456789, "1.235e+05"),  # 123456.789 in .3f is 10 characters: no room for a space
+        (3.414e16, "3.414e+19"),
+    ],
+)
+def test_a_column_of_ms_keeps_its_width_for_any_size(seconds: float, text: str) -> None:
+    column = ms_column(seconds)
+    assert len(column) == 10 and column.strip() == text
+    assert float(text) == pytest.approx(seconds * 1e3, rel=1e-3)
 
 
 def test_tile_counts_of_tilings_in_words() -> None:
