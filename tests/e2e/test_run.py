@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mc2sim.results import read_results
+from mc2sim.study.calibrate import CONTENTION, SAMPLED
 from mc2sim.timeline import Clock, Source
 
 from .conftest import mpiexec
@@ -108,10 +109,13 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     held = lines[header + 3 : header + 39]
     assert len(held) == 36 and all(row.endswith("%") for row in held)
     assert lines[header + 39].startswith("in sample: case")
-    inside = lines[header + 40 : header + 62]
-    assert len(inside) == 22 and all(row.endswith("%") for row in inside)
-    assert lines[header + 62].startswith("held-out geomean error over 36 cases: ")
-    assert lines[header + 63].startswith("in-sample geomean error over 22 cases: ")
+    # every calibration call the fit is made on: the serial samples and the tiled calls
+    fitted = len(SAMPLED) + len(CONTENTION)
+    inside = lines[header + 40 : header + 40 + fitted]
+    assert len(inside) == fitted and all(row.endswith("%") for row in inside)
+    assert [row.split()[0] for row in inside] == [name for name, _ in (*SAMPLED, *CONTENTION)]
+    assert lines[header + 40 + fitted].startswith("held-out geomean error over 36 cases: ")
+    assert lines[header + 41 + fitted].startswith(f"in-sample geomean error over {fitted} cases: ")
     # the fitted figures beside the independent ones
     assert res.stdout.count("fitted against independent") == 1
     for row in (
@@ -132,4 +136,4 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     res = mpiexec(2, "-m", "mc2sim", "validate-model", "--topology", str(out), "--reps", "1")
     assert res.returncode == 0, res.stderr
     assert f"# validate-model: 2 ranks, {out}, lower quartile of 1 rounds" in res.stdout
-    assert "in-sample geomean error over 22 cases: " in res.stdout
+    assert f"in-sample geomean error over {len(SAMPLED) + len(CONTENTION)} cases: " in res.stdout
