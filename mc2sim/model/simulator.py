@@ -404,7 +404,9 @@ class _Engine:
         # waiting for peers off their cores, from when the last rank queued it: latency, and
         # what a collective queued with others waits overlaps theirs (a peer back on its core
         # progresses every collective it has posted)
-        wait = max(0.0, float(np.max(self.queued[k])) + self.wait - self.now)
+        wait = 0.0
+        if self.wait > 0.0:
+            wait = max(0.0, float(np.max(self.queued[k])) + self.wait - self.now)
         if self.latency_only is not None:
             latency = min(work, times.pop(0) * ratio) + wait
         work += wait
