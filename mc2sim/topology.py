@@ -294,7 +294,9 @@ class Device:
     """Where a node's ranks share fewer cores (``Topology.core_share`` below 1): how long a
     collective waits, in microseconds, for a peer that is off its core (the scheduler's
     time slice). Each collective waits ``slice_us * (1 - core_share)`` on average, as
-    latency; ``mc2sim calibrate`` fits it with the contention. >= 0."""
+    latency, counted from when its last rank queued it, so collectives queued together wait
+    at once (a peer back on its core progresses all it has posted); ``mc2sim calibrate``
+    fits it with the contention. >= 0."""
 
     profile: tuple[ProfilePoint, ...] = ()
     """Compute tasks timed on this machine (``mc2sim calibrate``); empty for a machine

@@ -137,7 +137,9 @@ def compute_time(task: Task, topology: Topology, dtype: str) -> float:
 def schedule_wait(topology: Topology) -> float:
     """Seconds a collective waits for peers off their cores: ``slice * (1 - core_share)``.
 
-    0 where every rank has a core of its own (``core_share`` 1) or ``slice_us`` is 0.
+    0 where every rank has a core of its own (``core_share`` 1) or ``slice_us`` is 0. The
+    simulator counts it from when the collective's last rank queued it, so the waits of
+    collectives queued together overlap.
     """
     return topology.device.slice_us * 1e-6 * (1.0 - topology.core_share)
 

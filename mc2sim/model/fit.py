@@ -353,7 +353,7 @@ def fit_levels(
 COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 """The grid :func:`fit_contention` searches for the compute slowdown."""
 
-SLICES_US = (0.0, 100.0, 300.0, 1000.0, 3000.0)
+SLICES_US = (0.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 3000.0, 5000.0, 10000.0)
 """The grid :func:`fit_contention` searches for ``Device.slice_us`` where ranks share cores."""
 
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)

@@ -23,7 +23,10 @@ inside MPI calls, which the executor makes between tasks), the ranks' own part o
 stops while a rank computes and only a capped wire's part goes on (``1 - 1 / h``).
 
 Where a node's ranks share fewer cores, every collective also waits ``Device.slice_us * (1 -
-core_share)`` for peers off their cores, as latency (:func:`mc2sim.model.cost.schedule_wait`).
+core_share)`` for peers off their cores, as latency (:func:`mc2sim.model.cost.schedule_wait`),
+counted from when its last rank queued it: collectives queued together wait at once (a peer
+back on its core progresses every collective it has posted), also on a communication stream,
+where a collective that starts late has only what is left of its wait to go.
 Posting a collective holds the rank's issuer for the device's issue overhead (LogP's ``o``,
 ``Device.issue_us``) before the collective is queued; compute, the overhead and the
 reductions run at the rank's share of a core where a node's ranks share fewer cores
@@ -398,9 +401,15 @@ class _Engine:
         if self.bare is not None:  # the profile's ratio of this collective
             bare = times.pop()
             ratio = work / bare if bare > 0 else 1.0
+        # waiting for peers off their cores, from when the last rank queued it: latency, and
+        # what a collective queued with others waits overlaps theirs (a peer back on its core
+        # progresses every collective it has posted)
+        wait = 0.0
+        if self.wait > 0.0:
+            wait = max(0.0, float(np.max(self.queued[k])) + self.wait - self.now)
         if self.latency_only is not None:
-            latency = min(work, times.pop(0) * ratio) + self.wait
-        work += self.wait  # waiting for peers off their cores: latency
+            latency = min(work, times.pop(0) * ratio) + wait
+        work += wait
         headroom = 1.0
         if self.uncapped is not None:  # the transfer's own work, without the wires' caps
             own = times.pop(0) - latency

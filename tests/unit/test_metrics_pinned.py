@@ -110,9 +110,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
     "serial": "0.794 0.229 0.631 0.565 10.5 1.00",
-    "hardware(per expert)": "2.520 0.427 2.423 2.093 0.0 0.32",
-    "experts x 2": "4.917 0.718 4.826 4.200 0.0 0.16",
-    "experts x 4": "9.715 1.294 9.626 8.420 0.0 0.08",
+    "hardware(per expert)": "1.020 0.427 0.923 0.593 6.1 0.78",
+    "experts x 2": "1.458 0.718 1.367 0.741 0.0 0.54",
+    "experts x 4": "2.341 1.294 2.253 1.047 0.0 0.34",
 }
 
 

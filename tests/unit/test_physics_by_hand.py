@@ -214,15 +214,16 @@ def test_a_profiled_collective_keeps_the_models_share_of_latency() -> None:
 
 
 def test_a_collective_waits_for_peers_off_their_cores_as_latency() -> None:
-    # 4 ranks on 2 cores (share 1/2), slice 1 s: each collective waits 1 * (1 - 1/2) = 0.5 s.
-    # In flight together, latency 0: two 1000-byte AllReduces on a 4-rank switch (the ring's
-    # 2 (p - 1) / p * n / B = 1.5 s each). Both wait [0, 0.5]; transfers one at a time:
-    # [0.5, 2], [2, 3.5]. On a stream the whole of each is serialised: [0, 2], [2, 4]. With a
-    # core per rank (cores 4) there is no wait: [0, 1.5], [1.5, 3].
+    # 4 ranks on 2 cores (share 1/2), slice 1 s: each collective waits 1 * (1 - 1/2) = 0.5 s
+    # from when the last rank queued it. Latency 0: two 1000-byte AllReduces on a 4-rank
+    # switch (the ring's 2 (p - 1) / p * n / B = 1.5 s each), both queued at 0, so both wait
+    # [0, 0.5]. In flight together, transfers one at a time: [0.5, 2], [2, 3.5]. On a stream
+    # the second starts when the first ends (2), its wait already over: [2, 3.5] as well. With
+    # a core per rank (cores 4) there is no wait: [0, 1.5], [1.5, 3].
     plans = {r: plan(r, 4, allreduce(1), allreduce(1)) for r in range(4)}
     for concurrent, cores, ar0, ar1 in (
         (True, 2, (0.0, 2.0), (0.0, 3.5)),
-        (False, 2, (0.0, 2.0), (2.0, 4.0)),
+        (False, 2, (0.0, 2.0), (2.0, 3.5)),
         (True, 4, (0.0, 1.5), (0.0, 3.0)),
     ):
         topo = with_device(machine(4, concurrent=concurrent), cores_per_node=cores, slice_us=1e6)
@@ -230,6 +231,18 @@ def test_a_collective_waits_for_peers_off_their_cores_as_latency() -> None:
         assert_spans(
             simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()}
         )
+
+
+def test_on_a_stream_a_collective_waits_what_is_left_of_its_wait() -> None:
+    # As above, on a stream, with a matmul of 0.875 s on a whole core between the two
+    # AllReduces: 1.75 s at a half core, [0, 1.75], so the second is queued at 1.75 and its
+    # wait for peers runs to 1.75 + 0.5 = 2.25. The first ends at 2 (0.5 wait + 1.5); the
+    # second starts then, waits the 0.25 s left and transfers 1.5 s: [2, 3.75]. (A wait
+    # counted from its start, as before overlapping waits, would end it at 4.)
+    plans = {r: plan(r, 4, allreduce(1), mm(0.875), allreduce(1)) for r in range(4)}
+    topo = with_device(machine(4), cores_per_node=2, slice_us=1e6)
+    expected = {"ar0": (0.0, 2.0), "mm1": (0.0, 1.75), "ar2": (2.0, 3.75)}
+    assert_spans(simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()})
 
 
 @pytest.mark.parametrize(
