@@ -48,6 +48,7 @@ __all__ = [
     "allgather_time",
     "allreduce_time",
     "alltoallv_time",
+    "pairs_alltoallv_time",
     "compute_time",
     "issue_time",
     "profiled_ratio",
@@ -371,15 +372,39 @@ def alltoallv_time(
     Returns:
         Seconds.
     """
-    modelled = 0.0
+    sides = []
     for peers_at, bytes_at in ((0, 1), (2, 3)):
         sizes = [len(parts[peers_at]) for parts in splits]
-        if not sum(sizes):
-            continue
         ranks = np.repeat(np.arange(len(splits)), sizes)
+        if not sum(sizes):
+            sides.append((ranks, ranks, ranks))
+            continue
         peers = np.concatenate([parts[peers_at] for parts in splits])
         nbytes = np.concatenate([parts[bytes_at] for parts in splits])
-        modelled = max(modelled, _busiest_side(topology, ranks, peers, nbytes))
+        sides.append((ranks, peers, nbytes))
+    return pairs_alltoallv_time(topology, sides[0], sides[1])
+
+
+def pairs_alltoallv_time(
+    topology: Topology,
+    send: tuple[np.ndarray, np.ndarray, np.ndarray],
+    recv: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> float:
+    """:func:`alltoallv_time` of every rank's pairs, gathered already.
+
+    Args:
+        topology: the machine.
+        send: ``(ranks, peers, bytes)``: pair ``i`` sends ``bytes[i]`` from ``ranks[i]`` to
+            ``peers[i]``; no zero-byte pair, no pair of a rank with itself.
+        recv: likewise, ``ranks[i]`` receiving from ``peers[i]``.
+
+    Returns:
+        Seconds.
+    """
+    modelled = 0.0
+    for ranks, peers, nbytes in (send, recv):
+        if ranks.size:
+            modelled = max(modelled, _busiest_side(topology, ranks, peers, nbytes))
     return _profiled(topology, "alltoallv", modelled)
 
 
