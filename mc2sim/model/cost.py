@@ -286,13 +286,22 @@ def separating_dims(topology: Topology, ranks: np.ndarray, peers: np.ndarray) ->
     dimensions inside ``d``, so the answer is the last ``d`` at which those quotients
     differ (no coordinates are formed).
     """
-    ranks, peers = np.asarray(ranks, dtype=np.int64), np.asarray(peers, dtype=np.int64)
-    out = np.full(ranks.shape, -1, dtype=np.int64)
+    ranks, peers = _ints(ranks), _ints(peers)
+    out = np.full(ranks.shape, -1, dtype=np.int8 if len(topology.network) < 127 else np.int64)
     inside = 1
     for d, dim in enumerate(topology.network):
-        out[ranks // inside != peers // inside] = d
+        if inside == 1:  # no division: the outermost dimension they differ in comes later
+            out[ranks != peers] = d
+        else:
+            out[ranks // inside != peers // inside] = d
         inside *= dim.ranks
     return out
+
+
+def _ints(values: np.ndarray) -> np.ndarray:
+    """``values`` as a NumPy integer array, kept in its own dtype if already one (no copy)."""
+    array = np.asarray(values)
+    return array if array.dtype.kind in "iu" else array.astype(np.int64)
 
 
 def _ring_hops(dim: NetworkDim) -> float:

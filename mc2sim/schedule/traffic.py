@@ -100,9 +100,9 @@ class AlltoAllvPairs:
     """
 
     ranks: np.ndarray
-    """The rank of each pair's chunk (int64)."""
+    """The rank of each pair's chunk (int32 below 2**31 ranks, else int64)."""
     peers: np.ndarray
-    """The peer of each pair (int64)."""
+    """The peer of each pair (as ``ranks``)."""
     counts: np.ndarray
     """Rows each pair moves (int64, > 0)."""
     sizes: np.ndarray
@@ -138,8 +138,14 @@ def alltoallv_pairs(
             peers.append(at)
             counts.append(dense[at])
     sizes = np.fromiter((len(p) for p in peers), dtype=np.int64, count=len(peers))
-    owners = np.repeat(np.asarray(ranks, dtype=np.int64), sizes)
-    every_peer = np.concatenate(peers) if peers else np.zeros(0, dtype=np.int64)
+    world = max((len(getattr(task, side)) for task in tasks), default=0)
+    narrow = np.int32 if world < 1 << 31 else np.int64  # half the memory traffic of int64
+    owners = np.repeat(np.asarray(ranks, dtype=narrow), sizes)
+    every_peer = (
+        np.concatenate(peers, dtype=narrow, casting="same_kind")
+        if peers
+        else np.zeros(0, dtype=narrow)
+    )
     every_count = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
     keep = every_peer != owners
     if keep.all():
