@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from mc2sim._compat import StrEnum
-from mc2sim.comm.agree import agreed
-from mc2sim.comm.base import Communicator
 from mc2sim.errors import ParamInvalidError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mc2sim.comm.base import Communicator
 
 __all__ = [
     "ALLCLOSE_ATOL",
@@ -209,6 +211,8 @@ def _standard(standard: str | Standard) -> Standard:
 
 def _dtype_name(dtype: object) -> str:
     """Return the canonical name of a torch dtype, NumPy dtype or dtype string."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return str(dtype).removeprefix("torch.")
     if isinstance(dtype, str):
@@ -224,6 +228,8 @@ def _dtype_name(dtype: object) -> str:
 
 def _to_float64(name: str, value: object) -> tuple[npt.NDArray[np.float64], str]:
     """Return ``value`` as a float64 NumPy array on the CPU, and its dtype's name."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         if value.is_complex():
             raise ParamInvalidError(f"{name}.dtype", value.dtype, "must be real")
@@ -415,6 +421,8 @@ def check_all(
         The same list on every rank: index r holds rank r's verdict.
 
     """
+    from mc2sim.comm.agree import agreed
+
     verdict: Verdict | None = None
     with agreed(comm):
         verdict = check(actual, golden, standard, rank=comm.rank, **kw)

@@ -16,15 +16,17 @@ every rank), then one allgather of the counts.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
-import torch
 
-from mc2sim.comm import Communicator, agreed
 from mc2sim.comm.watchdog import in_op
 from mc2sim.errors import ParamInvalidError
+
+if TYPE_CHECKING:
+    from mc2sim.comm import Communicator
 
 __all__ = [
     "check_counts",
@@ -78,7 +80,8 @@ def check_counts_local(
 
 def _ints(name: str, counts: Sequence[int]) -> list[int]:
     """``counts`` as Python ints: a list, tuple, 1-D tensor or 1-D array of integers."""
-    if isinstance(counts, (torch.Tensor, np.ndarray)):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if isinstance(counts, np.ndarray) or (torch is not None and isinstance(counts, torch.Tensor)):
         if counts.ndim != 1:
             raise ParamInvalidError(
                 f"{name}.shape", tuple(counts.shape), "must be 1-D: one count per (rank, expert)"
@@ -203,6 +206,8 @@ def check_counts(
             or a length that differs between ranks, with each rank's value.
 
     """
+    from mc2sim.comm.agree import agreed
+
     with agreed(comm) as same:
         send, recv = check_counts_local(send_counts, recv_counts, e, comm.size)
         same("e", e, "every rank holds the same number of local experts")
@@ -228,6 +233,8 @@ def counts_invariant(comm: Communicator, send: list[int], recv: list[int], e: in
             and expert j with both values.
 
     """
+    import torch
+
     both = comm.allgather(torch.tensor([send + recv], dtype=torch.int64)).numpy()
     width = e * comm.size
     first = counts_mismatch(both[:, :width], both[:, width:], e)

@@ -1,29 +1,35 @@
 """Communicators: one ``Communicator`` protocol; backends over mpi4py, torch.distributed, threads.
 
-``MpiCommunicator`` and ``TorchCommunicator`` are imported lazily, so importing this package
-neither initialises MPI nor requires a launcher.
+The names of the modules that import torch or mpi4py are resolved on first use
+(:func:`__getattr__`), so importing this package, or a torch-free module of it such as
+:mod:`mc2sim.comm.job`, imports neither, initialises no MPI and requires no launcher:
+``simulate`` and the other commands that run no kernel start without them. ``agree`` and
+``agreed`` are imported here (:mod:`mc2sim.comm.agree` imports torch where it sends), since
+the function ``agree`` shares its module's name: a lazy one would resolve to the module
+once anything imported ``mc2sim.comm.agree``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from mc2sim.comm.agree import MustMatch, agree, agreed
-from mc2sim.comm.base import Communicator, Completed, ReduceOp, Work
-from mc2sim.comm.launch import (
-    Backend,
-    DeviceChoice,
-    Launcher,
-    describe_device,
-    detect_launcher,
-    init,
-    rank_device,
-    transport,
-)
-from mc2sim.comm.threads import ThreadCommunicator, run_threads
 
 if TYPE_CHECKING:
+    from mc2sim.comm.base import Communicator, Completed, ReduceOp, Work
+    from mc2sim.comm.launch import (
+        Backend,
+        DeviceChoice,
+        Launcher,
+        describe_device,
+        detect_launcher,
+        init,
+        rank_device,
+        transport,
+    )
     from mc2sim.comm.mpi import MpiCommunicator
+    from mc2sim.comm.threads import ThreadCommunicator, run_threads
     from mc2sim.comm.torch_dist import TorchCommunicator
 
 __all__ = [
@@ -48,15 +54,33 @@ __all__ = [
     "transport",
 ]
 
-_LAZY = {
-    "MpiCommunicator": "mc2sim.comm.mpi",
-    "TorchCommunicator": "mc2sim.comm.torch_dist",
+_HOME = {
+    "Communicator": "base",
+    "Completed": "base",
+    "ReduceOp": "base",
+    "Work": "base",
+    "Backend": "launch",
+    "DeviceChoice": "launch",
+    "Launcher": "launch",
+    "describe_device": "launch",
+    "detect_launcher": "launch",
+    "init": "launch",
+    "rank_device": "launch",
+    "transport": "launch",
+    "MpiCommunicator": "mpi",
+    "ThreadCommunicator": "threads",
+    "run_threads": "threads",
+    "TorchCommunicator": "torch_dist",
 }
+"""The module of :mod:`mc2sim.comm` that defines each public name."""
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    """Import the module defining ``name`` on first use (PEP 562) and return the name."""
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,12 +18,13 @@ import contextlib
 import hashlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
-from mc2sim.comm.base import Communicator
 from mc2sim.comm.watchdog import collectives_named, current_op
 from mc2sim.errors import AclnnError, ParamInvalidError
+
+if TYPE_CHECKING:
+    from mc2sim.comm.base import Communicator
 
 __all__ = ["MustMatch", "agree", "agreed", "disagreement"]
 
@@ -82,6 +83,8 @@ def agree(comm: Communicator, error: AclnnError | None, same: MustMatch | None =
         ParamInvalidError: on every rank, when a value that must match differs.
 
     """
+    import torch  # here, so that importing mc2sim.comm needs no torch
+
     mine = comm.size if error is None else comm.rank
     digest = 0 if same is None else same.digest()
     with collectives_named("agree"):

@@ -48,6 +48,7 @@ __all__ = [
     "allgather_time",
     "allreduce_time",
     "alltoallv_time",
+    "pairs_alltoallv_time",
     "compute_time",
     "issue_time",
     "profiled_ratio",
@@ -287,13 +288,22 @@ def separating_dims(topology: Topology, ranks: np.ndarray, peers: np.ndarray) ->
     dimensions inside ``d``, so the answer is the last ``d`` at which those quotients
     differ (no coordinates are formed).
     """
-    ranks, peers = np.asarray(ranks, dtype=np.int64), np.asarray(peers, dtype=np.int64)
-    out = np.full(ranks.shape, -1, dtype=np.int64)
+    ranks, peers = _ints(ranks), _ints(peers)
+    out = np.full(ranks.shape, -1, dtype=np.int8 if len(topology.network) < 127 else np.int64)
     inside = 1
     for d, dim in enumerate(topology.network):
-        out[ranks // inside != peers // inside] = d
+        if inside == 1:  # no division: the outermost dimension they differ in comes later
+            out[ranks != peers] = d
+        else:
+            out[ranks // inside != peers // inside] = d
         inside *= dim.ranks
     return out
+
+
+def _ints(values: np.ndarray) -> np.ndarray:
+    """``values`` as a NumPy integer array, kept in its own dtype if already one (no copy)."""
+    array = np.asarray(values)
+    return array if array.dtype.kind in "iu" else array.astype(np.int64)
 
 
 def _ring_hops(dim: NetworkDim) -> float:
@@ -373,15 +383,39 @@ def alltoallv_time(
     Returns:
         Seconds.
     """
-    modelled = 0.0
+    sides = []
     for peers_at, bytes_at in ((0, 1), (2, 3)):
         sizes = [len(parts[peers_at]) for parts in splits]
-        if not sum(sizes):
-            continue
         ranks = np.repeat(np.arange(len(splits)), sizes)
+        if not sum(sizes):
+            sides.append((ranks, ranks, ranks))
+            continue
         peers = np.concatenate([parts[peers_at] for parts in splits])
         nbytes = np.concatenate([parts[bytes_at] for parts in splits])
-        modelled = max(modelled, _busiest_side(topology, ranks, peers, nbytes))
+        sides.append((ranks, peers, nbytes))
+    return pairs_alltoallv_time(topology, sides[0], sides[1])
+
+
+def pairs_alltoallv_time(
+    topology: Topology,
+    send: tuple[np.ndarray, np.ndarray, np.ndarray],
+    recv: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> float:
+    """:func:`alltoallv_time` of every rank's pairs, gathered already.
+
+    Args:
+        topology: the machine.
+        send: ``(ranks, peers, bytes)``: pair ``i`` sends ``bytes[i]`` from ``ranks[i]`` to
+            ``peers[i]``; no zero-byte pair, no pair of a rank with itself.
+        recv: likewise, ``ranks[i]`` receiving from ``peers[i]``.
+
+    Returns:
+        Seconds.
+    """
+    modelled = 0.0
+    for ranks, peers, nbytes in (send, recv):
+        if ranks.size:
+            modelled = max(modelled, _busiest_side(topology, ranks, peers, nbytes))
     return _profiled(topology, "alltoallv", modelled)
 
 

@@ -57,16 +57,22 @@ from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import (
     allgather_time,
     allreduce_time,
-    alltoallv_time,
     compute_time,
     issue_time,
+    pairs_alltoallv_time,
     rank_alltoallv_time,
     reduce_scatter_time,
     schedule_wait,
 )
 from mc2sim.model.heterogeneity import Arrivals, Straggler
 from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
-from mc2sim.schedule.traffic import Placement, level_bytes
+from mc2sim.schedule.traffic import (
+    AlltoAllvPairs,
+    Placement,
+    alltoallv_pairs,
+    level_bytes,
+    sent_by_level,
+)
 from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
@@ -105,6 +111,7 @@ class _Active:
     transfer: float = 0.0  # a collective's transfer part, to come after its latency part
     transferring: bool = False  # a collective in its transfer part
     headroom: float = 1.0  # a transfer's time over its time without the wires' caps (>= 1)
+    levels: tuple[np.ndarray, np.ndarray] | None = None  # an AlltoAllv's (intra, inter) by rank
 
     def left_at(self, now: float) -> float:
         return self.work - (now - self.since) * self.rate
@@ -141,19 +148,22 @@ def _narrowed(topology: Topology, factor: float) -> Topology:
 
 
 def _straggling_times(
-    tasks: list[Task], links: Mapping[int, float], *topologies: Topology
+    tasks: list[Task],
+    links: Mapping[int, float],
+    pairs: tuple[AlltoAllvPairs, AlltoAllvPairs] | None,
+    *topologies: Topology,
 ) -> list[float]:
     """:func:`_collective_times` with some ranks' links at a fraction of their bandwidth.
 
     An AlltoAllv takes its slowest rank's time, each degraded rank's own traffic costed on
     its narrowed links; any other collective runs at the narrowest rank's bandwidth.
     """
-    times = _collective_times(tasks, *topologies)
+    times = _collective_times(tasks, pairs, *topologies)
     if not links:
         return times
     if tasks[0].kind is not TaskKind.ALLTOALLV:
         narrowest = min(links.values())
-        return _collective_times(tasks, *(_narrowed(t, narrowest) for t in topologies))
+        return _collective_times(tasks, pairs, *(_narrowed(t, narrowest) for t in topologies))
     for rank, factor in links.items():
         parts = _splits_arrays(tasks[rank], rank)
         times = [
@@ -163,11 +173,8 @@ def _straggling_times(
     return times
 
 
-def _collective_times(tasks: list[Task], *topologies: Topology) -> list[float]:
-    """Seconds of collective k on each of ``topologies``, from every rank's k-th comm task.
-
-    The ranks' traffic is gathered once for all the topologies.
-    """
+def _check_same_kind(tasks: list[Task]) -> None:
+    """Every rank's k-th comm task is the same collective."""
     kind = tasks[0].kind
     for rank, task in enumerate(tasks):
         if task.kind is not kind:
@@ -176,6 +183,27 @@ def _collective_times(tasks: list[Task], *topologies: Topology) -> list[float]:
                 task.name,
                 f"collective mismatch: rank 0 runs {tasks[0].name} ({kind}) at the same position",
             )
+
+
+def _gathered(tasks: list[Task]) -> tuple[AlltoAllvPairs, AlltoAllvPairs]:
+    """An AlltoAllv's send and receive pairs, every rank's at once (index = rank)."""
+    ranks = range(len(tasks))
+    send = alltoallv_pairs(tasks, ranks, "send_splits")
+    return send, alltoallv_pairs(tasks, ranks, "recv_splits")
+
+
+def _collective_times(
+    tasks: list[Task],
+    pairs: tuple[AlltoAllvPairs, AlltoAllvPairs] | None,
+    *topologies: Topology,
+) -> list[float]:
+    """Seconds of collective k on each of ``topologies``, from every rank's k-th comm task.
+
+    The ranks' traffic is gathered once for all the topologies (``pairs``: an AlltoAllv's,
+    from :func:`_gathered`).
+    """
+    _check_same_kind(tasks)
+    kind = tasks[0].kind
     if kind is TaskKind.ALLREDUCE:
         nbytes = max(t.bytes for t in tasks)
         return [allreduce_time(topology, nbytes) for topology in topologies]
@@ -185,8 +213,10 @@ def _collective_times(tasks: list[Task], *topologies: Topology) -> list[float]:
     if kind is TaskKind.REDUCE_SCATTER:
         nbytes = max(t.bytes for t in tasks)
         return [reduce_scatter_time(topology, nbytes) for topology in topologies]
-    splits = [_splits_arrays(t, r) for r, t in enumerate(tasks)]
-    return [alltoallv_time(topology, splits) for topology in topologies]
+    send, recv = pairs if pairs is not None else _gathered(tasks)
+    rows = [t.row_bytes for t in tasks]
+    sides = [(p.ranks, p.peers, p.bytes(rows)) for p in (send, recv)]
+    return [pairs_alltoallv_time(topology, sides[0], sides[1]) for topology in topologies]
 
 
 class _Engine:
@@ -395,7 +425,9 @@ class _Engine:
         del self.waiting_count[k]
         latency = 0.0  # on a stream the whole time is the transfer part
         others = [t for t in (self.latency_only, self.uncapped, self.bare) if t is not None]
-        work, *times = _straggling_times(tasks, self.links, self.topology, *others)
+        _check_same_kind(tasks)
+        pairs = _gathered(tasks) if tasks[0].kind is TaskKind.ALLTOALLV else None
+        work, *times = _straggling_times(tasks, self.links, pairs, self.topology, *others)
         self.started.append(self.now)
         ratio = 1.0
         if self.bare is not None:  # the profile's ratio of this collective
@@ -426,6 +458,11 @@ class _Engine:
             self.now,
             transfer=work - latency,
             headroom=max(headroom, 1.0),
+            levels=(
+                sent_by_level(pairs[0], self.placement.nodes, [t.row_bytes for t in tasks])
+                if pairs is not None
+                else None
+            ),
         )
         self.collectives[k] = active
         if latency > 0.0:
@@ -465,9 +502,10 @@ class _Engine:
             if state.computing is not None:
                 self.rerate(state.computing, rate, "compute", r)
 
-    def record(self, rank: int, task: Task) -> None:
+    def record(self, rank: int, task: Task, levels: tuple[int, int] | None = None) -> None:
+        """Note ``task`` done on ``rank``; ``levels``: its (intra, inter) bytes if known."""
         self.ranks[rank].done.add(task.id)
-        intra, inter = level_bytes(task, rank, self.placement)
+        intra, inter = levels if levels is not None else level_bytes(task, rank, self.placement)
         self.records.append(
             TaskRecord(
                 rank=rank,
@@ -507,8 +545,13 @@ class _Engine:
         del self.collectives[k]
         self.transferring = False
         self.next_transfer += 1
-        for rank, task in active.tasks:
-            self.record(rank, task)
+        if active.levels is not None:  # an AlltoAllv's: found for every rank at once
+            intra, inter = (level.tolist() for level in active.levels)
+            for rank, task in active.tasks:
+                self.record(rank, task, (intra[rank], inter[rank]))
+        else:
+            for rank, task in active.tasks:
+                self.record(rank, task)
         self.try_transfer()
         self._rerate_computes()
         for rank, _ in active.tasks:

@@ -25,7 +25,7 @@ import numpy as np
 
 from mc2sim.schedule.plan import Resource, SparseSplits, Task, TaskKind
 
-__all__ = ["Placement", "level_bytes"]
+__all__ = ["AlltoAllvPairs", "Placement", "alltoallv_pairs", "level_bytes", "sent_by_level"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +84,99 @@ def level_bytes(task: Task, rank: int, where: Placement) -> tuple[int, int]:
 
 def _alltoallv(task: Task, rank: int, nodes: np.ndarray, mine: int) -> tuple[int, int]:
     """An AlltoAllv's sent bytes to peers on this rank's node and on others."""
-    send = task.send_splits
-    if isinstance(send, SparseSplits):
-        peers, counts = send.peers, send.counts
-    else:
-        dense = np.asarray(send, dtype=np.int64)
-        peers = np.flatnonzero(dense)
-        counts = dense[peers]
-    keep = peers != rank
-    peers, counts = peers[keep], counts[keep]
-    local = nodes[peers] == mine
-    intra = int(counts[local].sum()) * task.row_bytes
-    inter = int(counts[~local].sum()) * task.row_bytes
-    return intra, inter
+    del mine  # the rank's node, nodes[rank]
+    pairs = alltoallv_pairs([task], ranks=[rank], side="send_splits")
+    intra, inter = sent_by_level(pairs, nodes, [task.row_bytes])
+    return int(intra[0]), int(inter[0])
+
+
+@dataclass(frozen=True, slots=True)
+class AlltoAllvPairs:
+    """One side (send or receive) of several ranks' AlltoAllv chunks, as pairs of ranks.
+
+    Pair ``i`` moves ``counts[i]`` rows between ``ranks[i]`` and ``peers[i]``; the pairs are
+    grouped by position in the chunks given (``sizes[j]`` pairs of chunk ``j``), in peer
+    order within each; no pair has a zero count or a rank with itself.
+    """
+
+    ranks: np.ndarray
+    """The rank of each pair's chunk (int32 below 2**31 ranks, else int64)."""
+    peers: np.ndarray
+    """The peer of each pair (as ``ranks``)."""
+    counts: np.ndarray
+    """Rows each pair moves (int64, > 0)."""
+    sizes: np.ndarray
+    """How many pairs each chunk has (int64), in the order of the chunks given."""
+
+    def bytes(self, row_bytes: Sequence[int]) -> np.ndarray:
+        """Bytes of each pair, chunk ``j``'s rows being ``row_bytes[j]`` bytes each (int64)."""
+        return self.counts * np.repeat(np.asarray(row_bytes, dtype=np.int64), self.sizes)
+
+
+def alltoallv_pairs(
+    tasks: Sequence[Task], ranks: Sequence[int], side: str = "send_splits"
+) -> AlltoAllvPairs:
+    """The pairs of one side of AlltoAllv chunks: ``tasks[j]`` run by ``ranks[j]``.
+
+    Args:
+        tasks: AlltoAllv comm tasks (sparse or dense splits).
+        ranks: the rank running each.
+        side: ``"send_splits"`` or ``"recv_splits"``.
+
+    Returns:
+        Every chunk's non-zero counts to or from ranks other than its own.
+    """
+    peers, counts = [], []
+    for task in tasks:
+        splits = getattr(task, side)
+        if isinstance(splits, SparseSplits):
+            peers.append(splits.peers)
+            counts.append(splits.counts)
+        else:
+            dense = np.asarray(splits, dtype=np.int64)
+            at = np.flatnonzero(dense)
+            peers.append(at)
+            counts.append(dense[at])
+    sizes = np.fromiter((len(p) for p in peers), dtype=np.int64, count=len(peers))
+    world = max((len(getattr(task, side)) for task in tasks), default=0)
+    narrow = np.int32 if world < 1 << 31 else np.int64  # half the memory traffic of int64
+    owners = np.repeat(np.asarray(ranks, dtype=narrow), sizes)
+    every_peer = (
+        np.concatenate(peers, dtype=narrow, casting="same_kind")
+        if peers
+        else np.zeros(0, dtype=narrow)
+    )
+    every_count = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+    keep = every_peer != owners
+    if keep.all():
+        return AlltoAllvPairs(ranks=owners, peers=every_peer, counts=every_count, sizes=sizes)
+    chunk = np.repeat(np.arange(len(peers)), sizes)[keep]
+    return AlltoAllvPairs(
+        ranks=owners[keep],
+        peers=every_peer[keep],
+        counts=every_count[keep],
+        sizes=np.bincount(chunk, minlength=len(peers)).astype(np.int64),
+    )
+
+
+def sent_by_level(
+    pairs: AlltoAllvPairs, nodes: np.ndarray, row_bytes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each chunk's sent bytes to peers on its rank's node and on others.
+
+    Args:
+        pairs: the send side of the chunks (:func:`alltoallv_pairs`).
+        nodes: every rank's node.
+        row_bytes: each chunk's bytes per row.
+
+    Returns:
+        ``(intra, inter)``: int64 bytes per chunk, in the order of the chunks.
+    """
+    local = nodes[pairs.peers] == nodes[pairs.ranks]
+    ends = np.cumsum(pairs.sizes)
+    rows = np.asarray(row_bytes, dtype=np.int64)
+    out = []
+    for counts in (np.where(local, pairs.counts, 0), np.where(local, 0, pairs.counts)):
+        total = np.concatenate(([0], np.cumsum(counts)))
+        out.append((total[ends] - total[ends - pairs.sizes]) * rows)
+    return out[0], out[1]

@@ -18,7 +18,7 @@ from mc2sim.model import allreduce_time, reduce_scatter_time, simulate
 from mc2sim.schedule import Task, TaskKind, plan_gmm_alltoallv, plan_mm_all_reduce, tiling_of
 from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import SparseSplits
-from mc2sim.schedule.traffic import Placement, level_bytes
+from mc2sim.schedule.traffic import Placement, alltoallv_pairs, level_bytes, sent_by_level
 from mc2sim.timeline import Stream
 from mc2sim.topology import (
     Contention,
@@ -166,3 +166,38 @@ def test_simulated_alltoallv_levels_add_up_to_the_bytes_sent() -> None:
         r = record.rank
         peer = r ^ 1  # the other rank of its node
         assert record.intra_bytes == counts[r, peer] * row
+
+
+def test_gathered_pairs_and_levels_match_a_loop_over_dense_splits() -> None:
+    """Oracle: a plain loop over every rank's dense splits, pair by pair."""
+    rng = np.random.default_rng(7)
+    world, nodes = 6, Placement.of([0, 0, 0, 1, 1, 2])
+    tasks, dense, rows = [], [], []
+    for rank in range(world):
+        send = rng.integers(0, 3, world) * (rng.random(world) < 0.6)
+        send[rank] = rng.integers(1, 3)  # a rank's own rows: never a pair
+        recv = rng.integers(0, 3, world)
+        row_bytes = int(rng.integers(1, 9)) * 2
+        splits: dict[str, object] = {
+            "send_splits": tuple(int(c) for c in send),
+            "recv_splits": tuple(int(c) for c in recv),
+        }
+        if rank % 2:  # sparse and dense splits mixed
+            splits = {
+                k: SparseSplits(world, np.arange(world), np.array(v)) for k, v in splits.items()
+            }
+        tasks.append(comm_task(TaskKind.ALLTOALLV, row_bytes=row_bytes, **splits))
+        dense.append(send)
+        rows.append(row_bytes)
+    pairs = alltoallv_pairs(tasks, range(world), "send_splits")
+    expected = [(r, q, int(dense[r][q])) for r in range(world) for q in range(world)]
+    expected = [(r, q, c) for r, q, c in expected if q != r and c > 0]
+    got = list(zip(pairs.ranks.tolist(), pairs.peers.tolist(), pairs.counts.tolist(), strict=True))
+    assert got == expected
+    assert pairs.sizes.tolist() == [sum(1 for e in expected if e[0] == r) for r in range(world)]
+    assert pairs.bytes(rows).tolist() == [c * rows[r] for r, _, c in expected]
+    intra, inter = sent_by_level(pairs, nodes.nodes, rows)
+    for r in range(world):
+        same = sum(c for s, q, c in expected if s == r and nodes.nodes[q] == nodes.nodes[r])
+        other = sum(c for s, q, c in expected if s == r and nodes.nodes[q] != nodes.nodes[r])
+        assert (int(intra[r]), int(inter[r])) == (same * rows[r], other * rows[r])
