@@ -12,8 +12,9 @@ runs it (``real_case``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mc2sim._lazy import lazy_names
 
 if TYPE_CHECKING:
     from mc2sim.ops.attention import ifa_decode
@@ -44,13 +45,4 @@ _HOME = {
 }
 """The module of :mod:`mc2sim.ops` that defines each public name."""
 
-
-def __getattr__(name: str) -> Any:
-    """Import the module defining ``name`` on first use (PEP 562) and return the name."""
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _HOME, __all__)
