@@ -638,7 +638,7 @@ def _read_yaml(file: str) -> object:
     try:
         stat = os.stat(file)
     except OSError:
-        return _parse_yaml(file)
+        return read_yaml(file)
     return copy.deepcopy(_parsed(file, stat.st_mtime_ns, stat.st_size, stat.st_ino))
 
 
@@ -646,11 +646,6 @@ def _read_yaml(file: str) -> object:
 def _parsed(file: str, mtime_ns: int, size: int, inode: int) -> object:
     """The parsed YAML of ``file`` as it was at ``mtime_ns``, ``size`` and ``inode``."""
     del mtime_ns, size, inode  # the cache key: a changed file is parsed again
-    return _parse_yaml(file)
-
-
-def _parse_yaml(file: str) -> object:
-    """Return the parsed YAML of ``file``, naming the file in every error."""
     return read_yaml(file)
 
 

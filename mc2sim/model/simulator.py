@@ -199,10 +199,9 @@ def _collective_times(
 ) -> list[float]:
     """Seconds of collective k on each of ``topologies``, from every rank's k-th comm task.
 
-    The ranks' traffic is gathered once for all the topologies (``pairs``: an AlltoAllv's,
-    from :func:`_gathered`).
+    The tasks are one collective (:func:`_check_same_kind`); the ranks' traffic is gathered
+    once for all the topologies (``pairs``: an AlltoAllv's, from :func:`_gathered`).
     """
-    _check_same_kind(tasks)
     kind = tasks[0].kind
     if kind is TaskKind.ALLREDUCE:
         nbytes = max(t.bytes for t in tasks)
@@ -213,7 +212,9 @@ def _collective_times(
     if kind is TaskKind.REDUCE_SCATTER:
         nbytes = max(t.bytes for t in tasks)
         return [reduce_scatter_time(topology, nbytes) for topology in topologies]
-    send, recv = pairs if pairs is not None else _gathered(tasks)
+    if pairs is None:
+        raise RuntimeError("an AlltoAllv's times need its pairs (_gathered)")
+    send, recv = pairs
     rows = [t.row_bytes for t in tasks]
     sides = [(p.ranks, p.peers, p.bytes(rows)) for p in (send, recv)]
     return [pairs_alltoallv_time(topology, sides[0], sides[1]) for topology in topologies]

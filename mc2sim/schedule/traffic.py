@@ -70,7 +70,7 @@ def level_bytes(task: Task, rank: int, where: Placement) -> tuple[int, int]:
         return 0, 0
     mine = int(where.nodes[rank])
     if task.kind is TaskKind.ALLTOALLV:
-        return _alltoallv(task, rank, where.nodes, mine)
+        return _alltoallv(task, rank, where.nodes)
     per_node = int(where.sizes[mine])  # p: ranks on this rank's node
     count = where.node_count  # q: nodes
     n = task.bytes
@@ -82,9 +82,8 @@ def level_bytes(task: Task, rank: int, where: Placement) -> tuple[int, int]:
     return intra, inter
 
 
-def _alltoallv(task: Task, rank: int, nodes: np.ndarray, mine: int) -> tuple[int, int]:
+def _alltoallv(task: Task, rank: int, nodes: np.ndarray) -> tuple[int, int]:
     """An AlltoAllv's sent bytes to peers on this rank's node and on others."""
-    del mine  # the rank's node, nodes[rank]
     pairs = alltoallv_pairs([task], ranks=[rank], side="send_splits")
     intra, inter = sent_by_level(pairs, nodes, [task.row_bytes])
     return int(intra[0]), int(inter[0])
