@@ -116,8 +116,11 @@ def test_a_failing_rank_under_torchrun_ends_the_job(
 
 def test_exec_passes_arguments_and_runs_as_main(tmp_path: Path) -> None:
     script = tmp_path / "ok.py"
+    # one write per rank: print() writes its items apart, and under PYTHONUNBUFFERED the two
+    # ranks' pieces interleaved on the shared pipe ("argsargs [...]" once failed this)
     script.write_text(
-        "import sys\nif __name__ == '__main__':\n    print('args', sys.argv[1:], flush=True)\n"
+        "import sys\nif __name__ == '__main__':\n"
+        "    sys.stdout.write(f'args {sys.argv[1:]}\\n')\n    sys.stdout.flush()\n"
     )
     res = mpiexec(2, "-m", "mc2sim", "exec", str(script), "--flag", "v")
     assert res.returncode == 0, res.stderr
