@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,10 +42,31 @@ def _counts(group_list: Sequence[int] | torch.Tensor) -> list[int]:
 def _grouped_gemm(
     x: torch.Tensor, weight: torch.Tensor, counts: list[int], trans_weight: bool
 ) -> torch.Tensor | None:
-    """One grouped GEMM for every expert on CUDA, or None where that path does not apply."""
-    if not (x.is_cuda and x.dtype in _HALF and hasattr(torch, "_grouped_mm")):
+    """One grouped GEMM for every expert on CUDA, or None where that path does not apply.
+
+    Triton's (:mod:`mc2sim.kernels._gmm_triton`, its last wave split along K) where Triton
+    imports, else CUTLASS's through ``torch._grouped_mm``.
+    """
+    if not (x.is_cuda and x.dtype in _HALF):
+        return None
+    triton_gemm = _triton_grouped_gemm()
+    if triton_gemm is not None:  # pragma: no cover - CUDA
+        return triton_gemm(x, weight, counts, trans_weight)
+    if not hasattr(torch, "_grouped_mm"):
         return None
     return _cuda_grouped_gemm(x, weight, counts, trans_weight)
+
+
+@functools.cache
+def _triton_grouped_gemm() -> (
+    Callable[[torch.Tensor, torch.Tensor, list[int], bool], torch.Tensor] | None
+):
+    """The Triton grouped GEMM, or None where Triton is not installed (imported on first use)."""
+    try:
+        from mc2sim.kernels._gmm_triton import grouped_gemm
+    except ImportError:
+        return None
+    return grouped_gemm  # pragma: no cover - Triton
 
 
 def _cuda_grouped_gemm(
@@ -79,7 +101,8 @@ def grouped_matmul(
     as the matrix unit does: exact products, float32 accumulation (summation order
     unspecified), then rounded once to ``x.dtype`` (round to nearest even). Experts with zero
     rows are skipped. Runs on ``x``'s device and returns there (CUDA: one grouped
-    tensor-core GEMM for all experts, or one GEMM per expert with float32 output).
+    tensor-core GEMM for all experts, its last wave split along K, or one GEMM per expert
+    with float32 output).
 
     Only the per-operator limits that do not depend on the communication group are checked
     here (H and N in [1, 65535], counts invariant); e <= 32, the send/recv count rules and the

@@ -131,6 +131,44 @@ def test_grouped_matmul(dtype: torch.dtype, trans: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("n", [256, 2048], ids=["all_tiles_cut", "last_wave_cut"])
+def test_grouped_matmul_splits_the_last_wave_along_k(dtype: torch.dtype, n: int) -> None:
+    """The bench's uneven experts: tiles cut along K sum to the per-expert float32 result."""
+    gmm_triton = pytest.importorskip("mc2sim.kernels._gmm_triton")
+    g = gen(12)
+    counts = [576, 585, 732, 364, 561, 548, 318, 412]
+    h = 1024
+    x = rand(g, sum(counts), h, dtype=dtype)
+    w = rand(g, len(counts), h, n, dtype=dtype, scale=0.05)
+    tiles = len(gmm_triton.row_tiles(counts, gmm_triton.BLOCK_M)) // 3 * (n // gmm_triton.BLOCK_N)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    whole, split = gmm_triton.plan_split(tiles, h, sms)
+    assert split > 1 and (whole == 0) == (tiles < sms), "the case must cut tiles along K"
+    out = grouped_matmul(x.to(DEVICE), w.to(DEVICE), counts)
+    # the per-expert path: one float32-output GEMM per expert, rounded once
+    starts = np.cumsum([0, *counts])
+    per_expert = torch.cat(
+        [
+            (x[starts[j] : starts[j + 1]].float() @ w[j].float()).to(dtype)
+            for j in range(len(counts))
+        ]
+    )
+    assert_like_cpu(out, per_expert, ulps=1.0, equal=0.95)
+    exact = torch.cat(
+        [x[starts[j] : starts[j + 1]].double() @ w[j].double() for j in range(len(counts))]
+    )
+    verdict = check(out.cpu(), exact.numpy(), "double_thousandths")
+    assert verdict.passed, verdict.summary()
+    # the same product from CUTLASS's grouped GEMM (no split), where torch has it
+    if hasattr(torch, "_grouped_mm"):
+        from mc2sim.kernels.grouped_matmul import _cuda_grouped_gemm
+
+        cutlass = _cuda_grouped_gemm(x.to(DEVICE), w.to(DEVICE), counts, False)
+        if cutlass is not None:
+            assert_like_cpu(out, cutlass.cpu(), ulps=1.0, equal=0.95)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize(
     "case", ["int8_per_tensor", "int8_per_group_offset", "int4_per_channel", "int4_nz"]
 )
