@@ -62,8 +62,10 @@ def _tiles(  # pragma: no cover - CUDA
     rk = k0 + tl.arange(0, BK)
     in_m = rm < row1
     in_n = rn < n
-    xp = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
-    wp = w_ptr + expert.to(tl.int64) * swe + rk[:, None] * swk + rn[None, :] * swn
+    # 64-bit offsets: an (H, N) weight of the largest shapes holds more than 2**31 elements
+    rk64, rn64 = rk.to(tl.int64), rn.to(tl.int64)
+    xp = x_ptr + rm[:, None].to(tl.int64) * sxm + rk64[None, :] * sxk
+    wp = w_ptr + expert.to(tl.int64) * swe + rk64[:, None] * swk + rn64[None, :] * swn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k_at in range(k0, k1, BK):
         if EVEN_K and EVEN_N:
@@ -80,7 +82,7 @@ def _tiles(  # pragma: no cover - CUDA
         xp += BK * sxk
         wp += BK * swk
     if pid < whole:
-        op = out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :] * son
+        op = out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :].to(tl.int64) * son
         tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
     else:
         local = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
@@ -104,7 +106,7 @@ def _add_parts(  # pragma: no cover - CUDA
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for s in range(split):
         acc += tl.load(part_ptr + (t * split + s).to(tl.int64) * (BM * BN) + local)
-    op = out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :] * son
+    op = out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :].to(tl.int64) * son
     tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=(rm < row1)[:, None] & (rn < n)[None, :])
 
 
