@@ -296,7 +296,9 @@ def _launch(
 
     Triton's own launch path (binding, specializing and hashing every argument in Python,
     about 70 us of host time per launch on the H200's host) runs on the first launch of a
-    key; later launches call the compiled kernel's launcher with the same arguments. The key
+    key; later launches call the compiled kernel's launcher with the same arguments (the
+    tensors as their data pointers) and no launch hooks (a profiler hooked into Triton's
+    launches sees the first launch of a key only). The key
     holds everything Triton specializes on and more: the scalars' values themselves (Triton
     looks at an int's being 1, its divisibility by 16 and its width), the tensors' dtypes
     and 16-byte alignment, the constexprs and the options. A decode step's layers repeat
@@ -313,30 +315,45 @@ def _launch(
         constexprs: the constexpr arguments, in the kernel's order (:data:`_CONSTEXPRS`).
         options: ``(num_warps, num_stages)``.
     """
+    pointers = [t.data_ptr() for t in tensors]
     key = (
         kernel,
         options,
         constexprs,
         scalars,
-        *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors],
+        *[(t.dtype, p % 16 == 0) for t, p in zip(tensors, pointers, strict=True)],
     )
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    found = _COMPILED.get(key)
+    if found is None:
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.pop(next(iter(_COMPILED)))
         names = _CONSTEXPRS[kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__]
-        _COMPILED[key] = kernel[grid](
+        compiled = kernel[grid](
             *tensors,
             *scalars,
             **dict(zip(names, constexprs, strict=True)),
             num_warps=options[0],
             num_stages=options[1],
         )
+        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata)
         return
-    compiled.run(
-        grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata,
-        None, None, None, *tensors, *scalars, *constexprs,
-    )  # fmt: skip
+    run, function, metadata = found
+    # the pointers as ints: the launcher takes them as they are (a tensor it would ask for
+    # its data_ptr and have the driver confirm it is a device pointer, per argument)
+    run(
+        grid[0],
+        grid[1],
+        1,
+        stream,
+        function,
+        metadata,
+        None,
+        None,
+        None,
+        *pointers,
+        *scalars,
+        *constexprs,
+    )
 
 
 def _stream_getter() -> Callable[[int], int]:
