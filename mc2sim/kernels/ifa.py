@@ -93,7 +93,10 @@ def incre_flash_attention(
     scale are applied to the weighted sum. The float32 result is rounded once, to the query's
     dtype (round to nearest even), or, with ``quant_scale2``, to INT8 as
     ``clamp(round_half_even(out * quant_scale2 + quant_offset2), -128, 127)``. Computed on
-    the query's device and returned there.
+    the query's device and returned there: on a CUDA device with Triton installed,
+    float16/bfloat16 dense or paged key/value run as two fused kernels
+    (:mod:`mc2sim.kernels._ifa_triton`, the same rounding points, :data:`FUSED_CUDA_KERNEL`);
+    everything else as torch operations.
 
     Args:
         query: FLOAT16 or BFLOAT16, ``(B, 1, H)`` for BSH, ``(B, N, 1, D)`` for BNSD,
@@ -117,7 +120,10 @@ def incre_flash_attention(
             index 0 is the key's, 1 the value's.
         antiquant_offset: optional, same dtype and shape as ``antiquant_scale``.
         block_table: INT32 ``(B, maxBlockNumPerSeq)``: enables page attention;
-            ``block_table[b][j]`` is the physical block of batch b's logical block j.
+            ``block_table[b][j]`` is the physical block of batch b's logical block j. The
+            entries in use are read on the host (off the CPU, a synchronization) once per
+            table and version: a table reused unchanged is not read again, one changed in
+            place through torch is (``_ifa_plan._check_table_entries``).
         dequant_scale1: fully INT8 attention is not supported: must be None.
         quant_scale1: must be None, like ``dequant_scale1``.
         dequant_scale2: must be None, like ``dequant_scale1``.
@@ -188,7 +194,7 @@ def _fused_path(plan: IfaPlan) -> Callable[[IfaPlan], torch.Tensor] | None:
         return None
     if not _TRITON:
         try:
-            from mc2sim.kernels import _ifa_triton
+            import mc2sim.kernels._ifa_triton as _ifa_triton
         except ImportError:
             _TRITON.append(None)
         else:
