@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -20,14 +21,14 @@ import torch
 from mc2sim import limits
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
-from mc2sim.kernels._device import from_host, same_device
+from mc2sim.kernels._device import same_device
 from mc2sim.kernels._ifa_sources import (
     Antiquant,
-    BlockIndex,
     DenseKV,
     KVSource,
     ListKV,
     PagedKV,
+    PageTable,
 )
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
@@ -53,6 +54,10 @@ class IfaLayout(StrEnum):
     """(B, N, S, D)."""
     BSND = "BSND"
     """(B, S, N, D)."""
+
+
+_LAYOUTS = {layout.value: layout for layout in IfaLayout}
+"""``input_layout`` strings to their layout."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,6 +111,8 @@ class IfaPlan:
 
 def _present(value: object) -> object:
     """Return ``value``, or ``None`` for an empty tensor (optional inputs accept empty tensors)."""
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor) and value.numel() == 0:
         return None
     return value
@@ -113,6 +120,9 @@ def _present(value: object) -> object:
 
 def _require_int(param: str, value: object, ok: bool, rule: str) -> int:
     """Return ``value`` as an int after checking it is one and ``ok`` holds."""
+    if type(value) is int:  # the common case, without the abstract-class check
+        require(param, value, ok, rule)
+        return value
     is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     require(param, value, is_int, "must be an integer")
     require(param, value, ok, rule)
@@ -159,14 +169,11 @@ def _parse_lengths(value: object, batch: int) -> list[int] | None:
         )
     if not items:
         return None  # an empty list counts as absent, as an empty tensor does
-    for item in items:
-        _require_int("actual_seq_lengths", item, True, "")
-    require(
-        "actual_seq_lengths",
-        items,
-        len(items) in (1, batch),
-        f"must hold 1 or B={batch} lengths",
-    )
+    if not all(type(item) is int for item in items):  # plain ints need no further look
+        for item in items:
+            _require_int("actual_seq_lengths", item, True, "")
+    if len(items) not in (1, batch):
+        raise ParamInvalidError("actual_seq_lengths", items, f"must hold 1 or B={batch} lengths")
     lengths = [int(cast(numbers.Integral, x)) for x in items]
     require("actual_seq_lengths", lengths, min(lengths) >= 0, "lengths must be >= 0")
     return lengths * batch if len(lengths) == 1 else lengths
@@ -377,24 +384,24 @@ def _paged_cache(
     kv_int8 = keys[0].dtype == torch.int8
     align = limits.IFA_BLOCK_ALIGN["int8" if kv_int8 else "float"]
     size = limits.IFA_BLOCK_SIZE.check("block_size", block_size)
-    limits.require_multiple(
-        "block_size", size, align, f"{align} with {'INT8' if kv_int8 else 'FLOAT16/BFLOAT16'} KV"
-    )
+    if size % align:
+        limits.require_multiple(
+            "block_size",
+            size,
+            align,
+            f"{align} with {'INT8' if kv_int8 else 'FLOAT16/BFLOAT16'} KV",
+        )
     table = _tensor("block_table", block_table)
     require_dtype("block_table", table, (torch.int32,))
     require_rank("block_table", table, (2,))
-    require(
-        "block_table.shape",
-        tuple(table.shape),
-        table.shape[0] == batch,
-        f"must be (B={batch}, maxBlockNumPerSeq)",
-    )
-    require(
-        "key",
-        f"list of {len(keys)} tensors",
-        len(keys) == 1,
-        "must be one cache tensor with page attention",
-    )
+    if table.shape[0] != batch:
+        raise ParamInvalidError(
+            "block_table.shape", tuple(table.shape), f"must be (B={batch}, maxBlockNumPerSeq)"
+        )
+    if len(keys) != 1:
+        raise ParamInvalidError(
+            "key", f"list of {len(keys)} tensors", "must be one cache tensor with page attention"
+        )
     key, value = keys[0], values[0]
     require_rank("key", key, (3, 4))
     heads_first = key.dim() == 4
@@ -407,11 +414,16 @@ def _paged_cache(
             "use (blocknum, blockSize, H) with BSH and BSND",
         )
         expected: tuple[int, ...] = (key.shape[0], heads, size, dim)
-        words = f"(blocknum, {heads}, blockSize={size}, {dim})"
     else:
         expected = (key.shape[0], size, heads * dim)
-        words = f"(blocknum, blockSize={size}, H={heads * dim})"
-    require("key.shape", tuple(key.shape), tuple(key.shape) == expected, f"must be {words}")
+    key_shape = tuple(key.shape)
+    if key_shape != expected:
+        words = (
+            f"(blocknum, {heads}, blockSize={size}, {dim})"
+            if heads_first
+            else f"(blocknum, blockSize={size}, H={heads * dim})"
+        )
+        raise ParamInvalidError("key.shape", key_shape, f"must be {words}")
     require("value.shape", tuple(value.shape), value.shape == key.shape, "must equal key's shape")
     if not heads_first:
         # with a (blocknum, blockSize, H) cache; the (blocknum, N_kv, blockSize, D) one is free
@@ -422,46 +434,29 @@ def _paged_cache(
         )
 
     blocknum = int(key.shape[0])
-    needed = [math.ceil(n / size) for n in lengths]
-    require(
-        "block_table.shape",
-        tuple(table.shape),
-        table.shape[1] >= max(needed),
-        f"second dim must be >= maxBlockNumPerSeq={max(needed)}, "
-        "ceil(max actual_seq_lengths / blockSize)",
-    )
-    require(
-        "key.shape",
-        tuple(key.shape),
-        blocknum >= sum(needed),
-        f"blocknum must be >= {sum(needed)}, the sum over batches of "
-        "ceil(actual_seq_lengths[b] / blockSize)",
-    )
-    used = max(needed)
-    # The table's entries in use are checked on the host: one copy of (B, used) indices, the
-    # metadata every check needs, where checking them on an accelerator takes a dozen kernel
-    # launches and a synchronization anyway.
-    table64 = table[:, :used].to(device="cpu", dtype=torch.int64)
-    in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
-    bad = in_use & ((table64 < 0) | (table64 >= blocknum))
-    if bool(bad.any()):
-        b, j = (int(i) for i in bad.nonzero()[0])
+    needed = [-(-n // size) for n in lengths]
+    if table.shape[1] < max(needed):
         raise ParamInvalidError(
-            f"block_table[{b}][{j}]",
-            int(table64[b, j]),
-            f"must be a block index in [0, blocknum={blocknum})",
+            "block_table.shape",
+            tuple(table.shape),
+            f"second dim must be >= maxBlockNumPerSeq={max(needed)}, "
+            "ceil(max actual_seq_lengths / blockSize)",
         )
-    # Entries past a batch's last block are never read by the operator; any valid index will
-    # do for the gather, and the attention zeroes what they bring in.
-    safe = from_host(torch.where(in_use, table64, torch.zeros_like(table64)), table.device)
-    blocks = _block_index(table64, in_use, lengths, size, blocknum, table.device)
+    if blocknum < sum(needed):
+        raise ParamInvalidError(
+            "key.shape",
+            key_shape,
+            f"blocknum must be >= {sum(needed)}, the sum over batches of "
+            "ceil(actual_seq_lengths[b] / blockSize)",
+        )
+    _check_table_entries(table, needed, blocknum)
+    pages = PageTable(table, tuple(lengths), size, blocknum)
     readers = [
         PagedKV(
             cache=t if heads_first else t.view(blocknum, size, heads, dim),
             heads_first=heads_first,
-            table=safe,
+            pages=pages,
             block_size=size,
-            blocks=blocks,
         )
         for t in (key, value)
     ]
@@ -475,43 +470,94 @@ def _paged_cache(
     )
 
 
-def _block_index(
-    table: torch.Tensor,
-    in_use: torch.Tensor,
-    lengths: list[int],
-    size: int,
-    blocknum: int,
-    device: torch.device,
-) -> BlockIndex | None:
-    """Index the blocks in use when each belongs to one batch and they fill half the cache.
+_CHECKED_TABLES: dict[
+    int, tuple[weakref.ref[torch.Tensor], tuple[object, ...], tuple[int, ...]]
+] = {}
+"""Block tables whose entries were checked: ``id(table)`` -> (a weak reference to it, what
+identifies its contents, per batch how many leading entries were found valid)."""
+_CHECKED_TABLES_MAX = 256
+"""At most this many tables are remembered (the oldest is forgotten first)."""
+
+
+def _table_state(table: torch.Tensor, blocknum: int) -> tuple[object, ...] | None:
+    """What must be unchanged for a check of ``table`` against ``blocknum`` blocks to hold.
+
+    ``None`` for a tensor without a version counter (an inference-mode tensor): never
+    remembered.
+    """
+    try:
+        version = table._version
+    except RuntimeError:
+        return None
+    return (version, table.data_ptr(), tuple(table.shape), table.stride(), table.device, blocknum)
+
+
+def _check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) -> None:
+    """Check that the entries each batch's length reaches are block indices in [0, blocknum).
+
+    The values are read on the host: a copy of the ``(B, max(needed))`` entries in use, which
+    on an accelerator waits for every kernel queued before it. A decode step calls the
+    attention once per layer with the same table, so a table found valid is remembered (by
+    identity, weakly) with its version counter, data pointer, shape, strides, device and
+    ``blocknum``, and how many leading entries of each batch were checked; a later call whose
+    entries in use lie within those is not checked again. Any in-place change through torch
+    (``table[b, j] = x``, ``copy_``, ``fill_``, ...) bumps the version and is checked again;
+    a write that bypasses torch's version counter (through ``data_ptr``, DLPack or a numpy
+    view of a CPU table) is not seen, and the fused CUDA kernel clamps every entry it reads
+    into [0, blocknum) so such a table cannot make it read outside the cache.
 
     Args:
-        table: int64 ``(B, used)`` on the host, the block table's entries in use or not.
-        in_use: bool ``(B, used)``, which entries a batch's length reaches.
-        lengths: per-batch KV lengths.
-        size: the block size.
+        table: INT32 ``(B, >= max(needed))``.
+        needed: per batch, the entries its length reaches.
         blocknum: blocks in the cache.
-        device: where the attention runs.
 
-    Returns:
-        The index, or None (shared blocks, or a cache mostly of other batches' blocks).
+    Raises:
+        ParamInvalidError: an entry in use is out of range, naming ``block_table[b][j]``.
     """
-    use_b, use_j = in_use.nonzero(as_tuple=True)
-    use_p = table[use_b, use_j]
-    if use_p.numel() * 2 < blocknum or len(set(use_p.tolist())) != use_p.numel():
-        return None
-    owner = torch.zeros(blocknum, dtype=torch.int64)
-    owner[use_p] = use_b
-    ends = [(b, n // size, n % size) for b, n in enumerate(lengths) if n % size]
-    return BlockIndex(
-        owner=from_host(owner, device),
-        in_use=from_host(in_use, device),
-        use_b=from_host(use_b, device),
-        use_j=from_host(use_j, device),
-        use_p=from_host(use_p, device),
-        partial_p=from_host(table[[b for b, _, _ in ends], [j for _, j, _ in ends]], device),
-        partial_valid=tuple(valid for _, _, valid in ends),
-    )
+    state = _table_state(table, blocknum)
+    entry = _CHECKED_TABLES.get(id(table))
+    if (
+        state is not None
+        and entry is not None
+        and entry[0]() is table
+        and entry[1] == state
+        and all(n <= c for n, c in zip(needed, entry[2], strict=True))
+    ):
+        return
+    used = max(needed)
+    table64 = _read_entries(table, used)
+    in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
+    bad = in_use & ((table64 < 0) | (table64 >= blocknum))
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ParamInvalidError(
+            f"block_table[{b}][{j}]",
+            int(table64[b, j]),
+            f"must be a block index in [0, blocknum={blocknum})",
+        )
+    if state is None:
+        return
+    key = id(table)
+    checked = tuple(needed)
+    if entry is not None and entry[0]() is table and entry[1] == state:
+        checked = tuple(max(n, c) for n, c in zip(needed, entry[2], strict=True))
+    _CHECKED_TABLES.pop(key, None)
+    if len(_CHECKED_TABLES) >= _CHECKED_TABLES_MAX:
+        _CHECKED_TABLES.pop(next(iter(_CHECKED_TABLES)))
+    ref = weakref.ref(table, lambda _, key=key: _forget(key))  # type: ignore[misc]
+    _CHECKED_TABLES[key] = (ref, state, checked)
+
+
+def _read_entries(table: torch.Tensor, used: int) -> torch.Tensor:
+    """The table's first ``used`` columns as int64 on the host (a synchronization off it)."""
+    return table[:, :used].to(device="cpu", dtype=torch.int64)
+
+
+def _forget(key: int) -> None:
+    """Drop a collected table from the remembered ones (its id may be reused)."""
+    entry = _CHECKED_TABLES.get(key)
+    if entry is not None and entry[0]() is None:
+        del _CHECKED_TABLES[key]
 
 
 def _check_mask(mask: object, batch: int, need: int) -> torch.Tensor:
@@ -575,7 +621,7 @@ def _windows(
         padding = max(0, int(t.reshape(-1)[0]))
     if lengths is None:
         return (0,) * batch, cache.seq_lens
-    if not cache.paged:
+    if not cache.paged and max(lengths) > min(cache.seq_lens):
         for b, (n, s) in enumerate(zip(lengths, cache.seq_lens, strict=True)):
             require(
                 f"actual_seq_lengths[{b}]", n, n <= s, f"must be <= {s}, the S of key and value"
@@ -588,6 +634,43 @@ def _windows(
     starts = tuple(smax - padding - n for n in lengths)
     ends = tuple(smax - padding if s >= 0 else 0 for s in starts)
     return tuple(max(s, 0) for s in starts), ends
+
+
+def _query_words(layout: IfaLayout, heads: int) -> str:
+    """The query's shape for ``layout``, in words (for the error message)."""
+    if layout is IfaLayout.BSH:
+        return f"(B, 1, H) with H a positive multiple of num_heads={heads}"
+    if layout is IfaLayout.BSND:
+        return f"(B, 1, N={heads}, D)"
+    return f"(B, N={heads}, 1, D)"
+
+
+def _same_device(
+    q: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    optional: tuple[object, ...],
+) -> None:
+    """Raise, naming the first input on another device than the query."""
+    names = (
+        "atten_mask",
+        "pse_shift",
+        "antiquant_scale",
+        "antiquant_offset",
+        "block_table",
+        "quant_scale2",
+        "quant_offset2",
+        "kv_padding_size",
+    )
+    same_device(
+        ("query", q),
+        *((f"key[{i}]" if len(keys) > 1 else "key", t) for i, t in enumerate(keys)),
+        *((f"value[{i}]" if len(values) > 1 else "value", t) for i, t in enumerate(values)),
+        *(
+            (name, t if isinstance(t, torch.Tensor) else None)
+            for name, t in zip(names, optional, strict=True)
+        ),
+    )
 
 
 def plan_incre_flash_attention(
@@ -672,8 +755,8 @@ def plan_incre_flash_attention(
 
     if isinstance(input_layout, IfaLayout):
         layout = input_layout
-    elif isinstance(input_layout, str) and input_layout in IfaLayout.__members__:
-        layout = IfaLayout(input_layout)
+    elif isinstance(input_layout, str) and input_layout in _LAYOUTS:
+        layout = _LAYOUTS[input_layout]
     else:
         raise ParamInvalidError(
             "input_layout", input_layout, f"must be one of {', '.join(IfaLayout)}"
@@ -692,28 +775,32 @@ def plan_incre_flash_attention(
         f"must be 0 or a positive divisor of num_heads={heads}",
     )
     limits.IFA_GROUP.check("num_heads / num_key_value_heads", heads // kv_heads)
-    scale_ok = isinstance(scale_value, numbers.Real) and not isinstance(scale_value, bool)
+    scale_ok = type(scale_value) is float or (
+        isinstance(scale_value, numbers.Real) and not isinstance(scale_value, bool)
+    )
     require("scale_value", scale_value, scale_ok, "must be a real number")
 
     require_not_none("query", query)
     q = _tensor("query", query)
     keys = _tensor_list("key", key)
     values = _tensor_list("value", value)
-    require(
-        "value",
-        f"list of {len(values)} tensors",
-        len(values) == len(keys),
-        f"must hold as many tensors as key ({len(keys)})",
-    )
+    if len(values) != len(keys):
+        raise ParamInvalidError(
+            "value",
+            f"list of {len(values)} tensors",
+            f"must hold as many tensors as key ({len(keys)})",
+        )
+    # (the messages of the checks on this path are built only when a check fails: a decode
+    # step calls the attention once per layer, and the host time counts)
     kv_dtype = keys[0].dtype
     for param, items in (("key", keys), ("value", values)):
         for i, t in enumerate(items):
-            require(
-                f"{param}[{i}].dtype" if len(items) > 1 else f"{param}.dtype",
-                str(t.dtype).removeprefix("torch."),
-                t.dtype == kv_dtype,
-                f"must equal key's dtype {str(kv_dtype).removeprefix('torch.')}",
-            )
+            if t.dtype != kv_dtype:
+                raise ParamInvalidError(
+                    f"{param}[{i}].dtype" if len(items) > 1 else f"{param}.dtype",
+                    str(t.dtype).removeprefix("torch."),
+                    f"must equal key's dtype {str(kv_dtype).removeprefix('torch.')}",
+                )
     require(
         "query.dtype",
         "int8",
@@ -722,43 +809,44 @@ def plan_incre_flash_attention(
     )
     require_dtype("query", q, _FLOAT_DTYPES)
     require_dtype("key", keys[0], _KV_DTYPES)
-    require(
-        "key.dtype",
-        str(kv_dtype).removeprefix("torch."),
-        kv_dtype in (q.dtype, torch.int8),
-        f"must equal query's dtype {str(q.dtype).removeprefix('torch.')} or be int8",
-    )
+    if kv_dtype not in (q.dtype, torch.int8):
+        raise ParamInvalidError(
+            "key.dtype",
+            str(kv_dtype).removeprefix("torch."),
+            f"must equal query's dtype {str(q.dtype).removeprefix('torch.')} or be int8",
+        )
 
-    same_device(
-        ("query", q),
-        *((f"key[{i}]" if len(keys) > 1 else "key", t) for i, t in enumerate(keys)),
-        *((f"value[{i}]" if len(values) > 1 else "value", t) for i, t in enumerate(values)),
-        *(
-            (name, t if isinstance(t, torch.Tensor) else None)
-            for name, t in (
-                ("atten_mask", atten_mask),
-                ("pse_shift", pse_shift),
-                ("antiquant_scale", antiquant_scale),
-                ("antiquant_offset", antiquant_offset),
-                ("block_table", block_table),
-                ("quant_scale2", quant_scale2),
-                ("quant_offset2", quant_offset2),
-                ("kv_padding_size", kv_padding_size),
-            )
-        ),
+    device = q.device
+    optional = (
+        atten_mask,
+        pse_shift,
+        antiquant_scale,
+        antiquant_offset,
+        block_table,
+        quant_scale2,
+        quant_offset2,
+        kv_padding_size,
     )
+    if (
+        any(t.device != device for t in keys)
+        or any(t.device != device for t in values)
+        or any(isinstance(t, torch.Tensor) and t.device != device for t in optional)
+    ):
+        _same_device(q, keys, values, optional)  # raises, naming the parameter
     require_rank("query", q, (3,) if layout is IfaLayout.BSH else (4,))
     shape = tuple(q.shape)
     if layout is IfaLayout.BSH:
         ok = shape[1] == 1 and shape[2] % heads == 0 and shape[2] > 0
-        words = f"(B, 1, H) with H a positive multiple of num_heads={heads}"
     elif layout is IfaLayout.BSND:
         ok = shape[1] == 1 and shape[2] == heads
-        words = f"(B, 1, N={heads}, D)"
     else:
         ok = shape[1] == heads and shape[2] == 1
-        words = f"(B, N={heads}, 1, D)"
-    require("query.shape", shape, ok, f"must be {words} for {layout}: query S must be 1")
+    if not ok:
+        raise ParamInvalidError(
+            "query.shape",
+            shape,
+            f"must be {_query_words(layout, heads)} for {layout}: query S must be 1",
+        )
     batch = shape[0]
     dim = shape[2] // heads if layout is IfaLayout.BSH else shape[3]
     limits.IFA_BATCH.check("query.shape", batch)

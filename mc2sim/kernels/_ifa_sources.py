@@ -16,7 +16,18 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Antiquant", "BlockIndex", "DenseKV", "KVSource", "ListKV", "PagedKV"]
+from mc2sim.kernels._device import from_host
+
+__all__ = [
+    "Antiquant",
+    "BlockIndex",
+    "DenseKV",
+    "KVSource",
+    "ListKV",
+    "PageTable",
+    "PagedKV",
+    "block_index",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,6 +119,90 @@ class BlockIndex:
     """For each of ``partial_p``, how many of its positions the window covers."""
 
 
+class PageTable:
+    """A page-attention block table whose entries in use were checked, read on the host lazily.
+
+    The checks need only the entries' validity; the torch composition also needs them on the
+    host (a copy, and a synchronization with an accelerator), the fused CUDA kernel does not.
+    So the host copy is made the first time :meth:`resolve` is asked, once for key and value.
+    """
+
+    __slots__ = ("_resolved", "blocknum", "block_size", "lengths", "raw")
+
+    def __init__(
+        self, raw: torch.Tensor, lengths: tuple[int, ...], block_size: int, blocknum: int
+    ) -> None:
+        """Wrap a checked table.
+
+        Args:
+            raw: the caller's INT32 ``(B, maxBlockNumPerSeq)`` table, on the cache's device;
+                the entries each batch's length reaches are block indices in ``[0, blocknum)``.
+            lengths: per-batch KV lengths.
+            block_size: tokens per block.
+            blocknum: blocks in the cache.
+        """
+        self.raw = raw
+        self.lengths = lengths
+        self.block_size = block_size
+        self.blocknum = blocknum
+        self._resolved: tuple[torch.Tensor, BlockIndex | None] | None = None
+
+    def resolve(self) -> tuple[torch.Tensor, BlockIndex | None]:
+        """Return the int64 ``(B, used)`` table with unused entries 0, and the block index."""
+        if self._resolved is None:
+            size = self.block_size
+            needed = [-(-n // size) for n in self.lengths]
+            used = max(needed)
+            table64 = self.raw[:, :used].to(device="cpu", dtype=torch.int64)
+            in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
+            # Entries past a batch's last block are never read by the operator; any valid
+            # index will do for the gather, and the attention zeroes what they bring in.
+            safe = torch.where(in_use, table64, torch.zeros_like(table64))
+            device = self.raw.device
+            blocks = block_index(table64, in_use, list(self.lengths), size, self.blocknum, device)
+            self._resolved = (from_host(safe, device), blocks)
+        return self._resolved
+
+
+def block_index(
+    table: torch.Tensor,
+    in_use: torch.Tensor,
+    lengths: list[int],
+    size: int,
+    blocknum: int,
+    device: torch.device,
+) -> BlockIndex | None:
+    """Index the blocks in use when each belongs to one batch and they fill half the cache.
+
+    Args:
+        table: int64 ``(B, used)`` on the host, the block table's entries in use or not.
+        in_use: bool ``(B, used)``, which entries a batch's length reaches.
+        lengths: per-batch KV lengths.
+        size: the block size.
+        blocknum: blocks in the cache.
+        device: where the attention runs.
+
+    Returns:
+        The index, or None (shared blocks, or a cache mostly of other batches' blocks).
+    """
+    use_b, use_j = in_use.nonzero(as_tuple=True)
+    use_p = table[use_b, use_j]
+    if use_p.numel() * 2 < blocknum or len(set(use_p.tolist())) != use_p.numel():
+        return None
+    owner = torch.zeros(blocknum, dtype=torch.int64)
+    owner[use_p] = use_b
+    ends = [(b, n // size, n % size) for b, n in enumerate(lengths) if n % size]
+    return BlockIndex(
+        owner=from_host(owner, device),
+        in_use=from_host(in_use, device),
+        use_b=from_host(use_b, device),
+        use_j=from_host(use_j, device),
+        use_p=from_host(use_p, device),
+        partial_p=from_host(table[[b for b, _, _ in ends], [j for _, j, _ in ends]], device),
+        partial_valid=tuple(valid for _, _, valid in ends),
+    )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PagedKV:
     """A page-attention cache: physical blocks gathered through a block table."""
@@ -116,13 +211,24 @@ class PagedKV:
     """``(blocknum, blockSize, N_kv, D)``, or ``(blocknum, N_kv, blockSize, D)`` if heads_first."""
     heads_first: bool
     """Whether the cache puts the KV heads before the block positions."""
-    table: torch.Tensor
-    """int64 ``(B, used blocks)``: physical block of each logical block, every entry valid."""
+    pages: PageTable
+    """The checked block table (shared by key and value)."""
     block_size: int
     """Tokens per block; chunk bounds are multiples of it."""
-    blocks: BlockIndex | None = None
-    """Set when every block in use belongs to one batch and they fill at least half the cache:
-    the accelerator path then reads the cache in place, block by block."""
+
+    @property
+    def table(self) -> torch.Tensor:
+        """int64 ``(B, used blocks)``: physical block of each logical block, every entry valid."""
+        return self.pages.resolve()[0]
+
+    @property
+    def blocks(self) -> BlockIndex | None:
+        """The in-place block index, or None (the gathered path).
+
+        Set when every block in use belongs to one batch and they fill at least half the
+        cache: the accelerator path then reads the cache in place, block by block.
+        """
+        return self.pages.resolve()[1]
 
     def load(self, c0: int, c1: int, buffer: torch.Tensor | None) -> torch.Tensor:
         """Gather the blocks covering ``[c0, c1)`` (multiples of the block size).

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 
@@ -28,6 +29,13 @@ MSD_EXPAND = 254.0
 MSD_STEPS = {0: 3, 1: 2}
 """INT8 KV: int8 parts per inner_precise (``HIGH_PRECISION_ITER_NUM``, ``ITER_NUM`` of the
 IFA tiling, hicann/ops-transformer ``incre_flash_attention_tiling_base.h``)."""
+FUSED_CUDA_KERNEL = True
+"""On a CUDA device with Triton installed, float16/bfloat16 key/value (dense or paged) take
+the fused kernels of :mod:`mc2sim.kernels._ifa_triton` (same rounding points, two launches);
+``False`` forces the torch composition below (the tests compare the two)."""
+_TRITON: list[ModuleType | None] = []
+"""The fused kernels' module once imported, or None where Triton does not import."""
+
 MSD_EXACT_POSITIONS = 1024
 """INT8 KV: positions per chunk of the probability-by-value product; 1024 * 127 * 128 < 2**24,
 so the float32 GEMM of the int8-valued parts sums exact integers, as the int32 cube does."""
@@ -85,7 +93,10 @@ def incre_flash_attention(
     scale are applied to the weighted sum. The float32 result is rounded once, to the query's
     dtype (round to nearest even), or, with ``quant_scale2``, to INT8 as
     ``clamp(round_half_even(out * quant_scale2 + quant_offset2), -128, 127)``. Computed on
-    the query's device and returned there.
+    the query's device and returned there: on a CUDA device with Triton installed,
+    float16/bfloat16 dense or paged key/value run as two fused kernels
+    (:mod:`mc2sim.kernels._ifa_triton`, the same rounding points, :data:`FUSED_CUDA_KERNEL`);
+    everything else as torch operations.
 
     Args:
         query: FLOAT16 or BFLOAT16, ``(B, 1, H)`` for BSH, ``(B, N, 1, D)`` for BNSD,
@@ -109,7 +120,10 @@ def incre_flash_attention(
             index 0 is the key's, 1 the value's.
         antiquant_offset: optional, same dtype and shape as ``antiquant_scale``.
         block_table: INT32 ``(B, maxBlockNumPerSeq)``: enables page attention;
-            ``block_table[b][j]`` is the physical block of batch b's logical block j.
+            ``block_table[b][j]`` is the physical block of batch b's logical block j. The
+            entries in use are read on the host (off the CPU, a synchronization) once per
+            table and version: a table reused unchanged is not read again, one changed in
+            place through torch is (``_ifa_plan._check_table_entries``).
         dequant_scale1: fully INT8 attention is not supported: must be None.
         quant_scale1: must be None, like ``dequant_scale1``.
         dequant_scale2: must be None, like ``dequant_scale1``.
@@ -164,7 +178,31 @@ def incre_flash_attention(
         block_size=block_size,
         inner_precise=inner_precise,
     )
+    fused = _fused_path(plan)
+    if fused is not None:
+        return fused(plan)
     return _finish(plan, _attend(plan))
+
+
+def _fused_path(plan: IfaPlan) -> Callable[[IfaPlan], torch.Tensor] | None:
+    """The fused CUDA kernels' entry point if they cover ``plan``, else None.
+
+    Triton is imported on the first CUDA call only (never on the CPU path); where it does not
+    import, every call takes the torch composition.
+    """
+    if not (FUSED_CUDA_KERNEL and plan.query.is_cuda):
+        return None
+    if not _TRITON:
+        try:
+            import mc2sim.kernels._ifa_triton as _ifa_triton
+        except ImportError:
+            _TRITON.append(None)
+        else:
+            _TRITON.append(_ifa_triton)
+    module = _TRITON[0]
+    if module is None or not module.supported(plan):
+        return None
+    return module.attend  # type: ignore[no-any-return]
 
 
 def _chunk_positions(plan: IfaPlan, on_cpu: bool) -> int:

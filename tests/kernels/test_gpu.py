@@ -392,6 +392,167 @@ def test_ifa_int8_kv_and_int8_output(inner_precise: int, dtype: torch.dtype) -> 
     assert q8.dtype == I8 and (q8.cpu().int() - q8_cpu.int()).abs().max() <= 1
 
 
+def _fused_and_torch(
+    monkeypatch: pytest.MonkeyPatch, **kwargs: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused Triton kernels and the torch composition on the GPU, same arguments.
+
+    Asserts the first call took the fused kernels and the second did not.
+    """
+    from mc2sim.kernels import ifa as ifa_module
+
+    pytest.importorskip("triton")
+    if DEVICE.type != "cuda":
+        pytest.skip("the fused kernels need CUDA")
+    from mc2sim.kernels import _ifa_triton
+
+    calls: list[int] = []
+    real = _ifa_triton.attend
+
+    def counted(plan: object) -> torch.Tensor:
+        calls.append(1)
+        return real(plan)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_ifa_triton, "attend", counted)
+    fused = incre_flash_attention(**kwargs)  # type: ignore[arg-type]
+    assert calls == [1], "the fused kernels did not run"
+    # a second call launches the compiled kernels directly, not through Triton's launcher
+    assert torch.equal(incre_flash_attention(**kwargs), fused)  # type: ignore[arg-type]
+    calls.pop()
+    monkeypatch.setattr(ifa_module, "FUSED_CUDA_KERNEL", False)
+    composed = incre_flash_attention(**kwargs)  # type: ignore[arg-type]
+    assert calls == [1]
+    return fused, composed
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize(
+    ("layout", "group", "padding"),
+    [("BSH", 4, False), ("BNSD", 1, True), ("BSND", 8, False), ("BNSD", 16, False)],
+)
+def test_ifa_fused_kernel_is_the_torch_path_dense(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, layout: str, group: int, padding: bool
+) -> None:
+    """Dense KV, GQA, mask, pse, lengths (one empty), left padding: fused == composed."""
+    g = gen(15)
+    b, nkv, d, s = 4, 2, 128, 1100
+    n = nkv * group
+    q, k, v = (
+        rand(g, b, n, d, dtype=dtype),
+        rand(g, b, nkv, s, d, dtype=dtype),
+        rand(g, b, nkv, s, d, dtype=dtype),
+    )
+    mask = torch.rand(b, s, generator=g) < 0.1
+    pse = rand(g, b, n, 1, s, dtype=dtype, scale=0.5)
+    lengths = [1100, 613, 0, 64] if not padding else [1000, 613, 0, 64]
+    pad = 37
+    kwargs = dict(
+        query=_query(q, layout).to(DEVICE), key=_kv(k, layout).to(DEVICE),
+        value=_kv(v, layout).to(DEVICE), atten_mask=mask.to(DEVICE),
+        pse_shift=pse.to(DEVICE), actual_seq_lengths=lengths, num_heads=n,
+        num_key_value_heads=nkv, scale_value=d**-0.5, input_layout=layout,
+    )  # fmt: skip
+    if padding:
+        kwargs["kv_padding_size"] = torch.tensor([pad]).to(DEVICE)
+    fused, composed = _fused_and_torch(monkeypatch, **kwargs)
+    assert fused.dtype == dtype and fused.shape == composed.shape
+    assert_like_cpu(fused, composed.cpu(), ulps=2, equal=0.97)
+    windows = [(s - pad - x, s - pad) if padding else (0, x) for x in lengths]
+    ref = _loop_oracle(
+        q, list(k), list(v), scale=d**-0.5, windows=windows, mask=mask, pse=pse[:, :, 0],
+        probs_dtype=dtype,
+    )  # fmt: skip
+    verdict = check(fused.cpu().reshape(b, n, d), ref, "allclose")
+    assert verdict.passed, verdict.summary()
+    assert not fused.reshape(b, -1)[2].any()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("heads_first", [False, True])
+@pytest.mark.parametrize("block", [16, 128])
+def test_ifa_fused_kernel_is_the_torch_path_paged(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, heads_first: bool, block: int
+) -> None:
+    """Page attention (shuffled blocks, NaN garbage past the windows): fused == composed."""
+    g = gen(16)
+    b, n, nkv, d = 3, 16, 4, 64
+    lengths = [700, 129, 0]
+    s = 768
+    q, k, v = (
+        rand(g, b, n, d, dtype=dtype),
+        rand(g, b, nkv, s, d, dtype=dtype),
+        rand(g, b, nkv, s, d, dtype=dtype),
+    )
+    blocknum = sum(-(-x // block) for x in lengths) + 3
+    perm = torch.randperm(blocknum, generator=g)
+    kc, table = _paged(k, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
+    vc, _ = _paged(v, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
+    layout = "BNSD" if heads_first else "BSH"
+    fused, composed = _fused_and_torch(
+        monkeypatch, query=_query(q, layout).to(DEVICE), key=kc.to(DEVICE), value=vc.to(DEVICE),
+        block_table=table.to(DEVICE), actual_seq_lengths=lengths, block_size=block,
+        num_heads=n, num_key_value_heads=nkv, scale_value=d**-0.5, input_layout=layout,
+    )  # fmt: skip
+    assert not fused.isnan().any() and not fused.reshape(b, -1)[2].any()
+    assert_like_cpu(fused, composed.cpu(), ulps=2, equal=0.97)
+    ref = _loop_oracle(
+        q, [k[i, :, : lengths[i]] for i in range(b)], [v[i, :, : lengths[i]] for i in range(b)],
+        scale=d**-0.5, windows=[(0, x) for x in lengths], probs_dtype=dtype,
+    )  # fmt: skip
+    verdict = check(fused.cpu().reshape(b, n, d), ref, "allclose")
+    assert verdict.passed, verdict.summary()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("s", [48, 1000])
+def test_ifa_rounds_the_probabilities_where_the_device_does(dtype: torch.dtype, s: int) -> None:
+    """exp(s - max) in the query's dtype before the values, over the window's own maximum.
+
+    As tests/kernels/test_ifa.py's CPU test, on the GPU (the fused kernels where Triton
+    imports; at S=1000 the positions are split over many programs): nearly every output is
+    the device-rounded float64 oracle rounded once; float32 probabilities throughout would
+    differ from it in a large share.
+    """
+    g = gen(18)
+    b, n, nkv, d = 8, 8, 2, 16
+    q, k, v = (
+        rand(g, b, n, d, dtype=dtype),
+        rand(g, b, nkv, s, d, dtype=dtype),
+        rand(g, b, nkv, s, d, dtype=dtype),
+    )
+    out = incre_flash_attention(
+        _query(q, "BNSD").to(DEVICE), k.to(DEVICE), v.to(DEVICE), num_heads=n,
+        num_key_value_heads=nkv, scale_value=0.5, input_layout="BNSD",
+    )  # fmt: skip
+    windows = [(0, s)] * b
+    device = _loop_oracle(q, list(k), list(v), scale=0.5, windows=windows, probs_dtype=dtype)
+    exact = _loop_oracle(q, list(k), list(v), scale=0.5, windows=windows)
+    got = out.cpu().double().reshape(b, -1)
+    rounded = torch.from_numpy(device).to(dtype).double().reshape(b, -1)
+    assert (got == rounded).double().mean() >= 0.99
+    plain = torch.from_numpy(exact).to(dtype).double().reshape(b, -1)
+    assert (got != plain).double().mean() >= 0.2
+
+
+def test_ifa_fused_kernel_on_a_reused_table_rechecks_an_in_place_change() -> None:
+    """A CUDA block table checked once is not re-read; an in-place change is (161002)."""
+    from mc2sim.errors import ParamInvalidError
+
+    g = gen(17)
+    q, kv = rand(g, 2, 1, 4 * 32), rand(g, 6, 16, 4 * 32)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=I32).to(DEVICE)
+    call = dict(
+        query=q.to(DEVICE), key=kv.to(DEVICE), value=kv.to(DEVICE), block_table=table,
+        actual_seq_lengths=[32, 20], block_size=16, num_heads=4,
+    )  # fmt: skip
+    first = incre_flash_attention(**call)  # type: ignore[arg-type]
+    assert torch.equal(incre_flash_attention(**call), first)  # type: ignore[arg-type]
+    table[1, 1] = 6
+    with pytest.raises(ParamInvalidError) as info:
+        incre_flash_attention(**call)  # type: ignore[arg-type]
+    assert info.value.code == 161002 and "block_table[1][1]" in str(info.value)
+
+
 # -- fused ops, one rank -----------------------------------------------------------------------
 
 

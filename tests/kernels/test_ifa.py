@@ -1401,3 +1401,42 @@ def test_error_message_names_value_and_rule() -> None:
     assert str(info.value) == "block_size=24: must be a multiple of 16 with FLOAT16/BFLOAT16 KV"
     with pytest.raises(ParamInvalidError, match="all INT8"):
         _run(INVALID_CASES["qkv_all_int8"][0]())
+
+
+def test_a_reused_block_table_is_checked_once_until_it_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The table's values are read on the host once per table version.
+
+    A decode step's layers share one table; an in-place change through torch, or a longer
+    window reaching entries not checked yet, is read again and an out-of-range id still
+    raises 161002.
+    """
+    from mc2sim.kernels import _ifa_plan
+
+    reads: list[int] = []
+    real = _ifa_plan._read_entries
+
+    def counted(table: torch.Tensor, used: int) -> torch.Tensor:
+        reads.append(used)
+        return real(table, used)
+
+    monkeypatch.setattr(_ifa_plan, "_read_entries", counted)
+    call = _paged_call()  # lengths [40, 20], block 32: entries [0][0:2] and [1][0] in use
+    table = torch.tensor([[0, 1, 99], [2, 99, 99]], dtype=torch.int32)
+    call["block_table"] = table
+    first = _run(call)
+    assert torch.equal(_run(call), first) and reads == [2]
+    table[0, 1] = 4  # in place through torch: the version changes
+    with pytest.raises(ParamInvalidError) as info:
+        _run(call)
+    assert info.value.code == 161002 and info.value.param == "block_table[0][1]"
+    table[0, 1] = 1
+    assert torch.equal(_run(call), first) and reads == [2, 2, 2]
+    assert torch.equal(_run(dict(call, block_table=table.clone())), first)  # another tensor
+    assert reads == [2, 2, 2, 2]
+    # a longer window reaches entry [1][1], never checked: read again
+    with pytest.raises(ParamInvalidError) as info:
+        _run(dict(call, actual_seq_lengths=[20, 40]))
+    assert info.value.code == 161002 and info.value.param == "block_table[1][1]"
+    assert reads == [2, 2, 2, 2, 2]
