@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
@@ -29,16 +30,13 @@ MSD_EXPAND = 254.0
 MSD_STEPS = {0: 3, 1: 2}
 """INT8 KV: int8 parts per inner_precise (``HIGH_PRECISION_ITER_NUM``, ``ITER_NUM`` of the
 IFA tiling, hicann/ops-transformer ``incre_flash_attention_tiling_base.h``)."""
+MSD_EXACT_POSITIONS = 1024
+"""INT8 KV: positions per chunk of the probability-by-value product; 1024 * 127 * 128 < 2**24,
+so the float32 GEMM of the int8-valued parts sums exact integers, as the int32 cube does."""
 FUSED_CUDA_KERNEL = True
 """On a CUDA device with Triton installed, float16/bfloat16 key/value (dense or paged) take
 the fused kernels of :mod:`mc2sim.kernels._ifa_triton` (same rounding points, two launches);
 ``False`` forces the torch composition below (the tests compare the two)."""
-_TRITON: list[ModuleType | None] = []
-"""The fused kernels' module once imported, or None where Triton does not import."""
-
-MSD_EXACT_POSITIONS = 1024
-"""INT8 KV: positions per chunk of the probability-by-value product; 1024 * 127 * 128 < 2**24,
-so the float32 GEMM of the int8-valued parts sums exact integers, as the int32 cube does."""
 
 
 def incre_flash_attention(
@@ -192,17 +190,20 @@ def _fused_path(plan: IfaPlan) -> Callable[[IfaPlan], torch.Tensor] | None:
     """
     if not (FUSED_CUDA_KERNEL and plan.query.is_cuda):
         return None
-    if not _TRITON:
-        try:
-            import mc2sim.kernels._ifa_triton as _ifa_triton
-        except ImportError:
-            _TRITON.append(None)
-        else:
-            _TRITON.append(_ifa_triton)
-    module = _TRITON[0]
+    module = _fused_module()
     if module is None or not module.supported(plan):
         return None
     return module.attend  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _fused_module() -> ModuleType | None:
+    """:mod:`mc2sim.kernels._ifa_triton`, imported once; None where Triton does not import."""
+    try:
+        import mc2sim.kernels._ifa_triton as module
+    except ImportError:
+        return None
+    return module  # pragma: no cover - Triton
 
 
 def _chunk_positions(plan: IfaPlan, on_cpu: bool) -> int:
