@@ -479,12 +479,19 @@ _CHECKED_TABLES_MAX = 256
 """At most this many tables are remembered (the oldest is forgotten first)."""
 
 
+_ALWAYS_READ = frozenset({"cpu"})
+"""Device types whose tables are read on every call, never remembered: reading a CPU table
+costs no synchronization, and a numpy view of it could change it unseen."""
+
+
 def _table_state(table: torch.Tensor, blocknum: int) -> tuple[object, ...] | None:
     """What must be unchanged for a check of ``table`` against ``blocknum`` blocks to hold.
 
-    ``None`` for a tensor without a version counter (an inference-mode tensor): never
-    remembered.
+    ``None`` for a table never remembered: on a device of :data:`_ALWAYS_READ`, or without a
+    version counter (an inference-mode tensor).
     """
+    if table.device.type in _ALWAYS_READ:
+        return None
     try:
         version = table._version
     except RuntimeError:
@@ -497,14 +504,15 @@ def _check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) 
 
     The values are read on the host: a copy of the ``(B, max(needed))`` entries in use, which
     on an accelerator waits for every kernel queued before it. A decode step calls the
-    attention once per layer with the same table, so a table found valid is remembered (by
-    identity, weakly) with its version counter, data pointer, shape, strides, device and
-    ``blocknum``, and how many leading entries of each batch were checked; a later call whose
-    entries in use lie within those is not checked again. Any in-place change through torch
-    (``table[b, j] = x``, ``copy_``, ``fill_``, ...) bumps the version and is checked again;
-    a write that bypasses torch's version counter (through ``data_ptr``, DLPack or a numpy
-    view of a CPU table) is not seen, and the fused CUDA kernel clamps every entry it reads
-    into [0, blocknum) so such a table cannot make it read outside the cache.
+    attention once per layer with the same table, so a table off the CPU found valid is
+    remembered (by identity, weakly) with its version counter, data pointer, shape, strides,
+    device and ``blocknum``, and how many leading entries of each batch were checked; a later
+    call whose entries in use lie within those is not checked again. Any in-place change
+    through torch (``table[b, j] = x``, ``copy_``, ``fill_``, ...) bumps the version and is
+    checked again; a write that bypasses torch's version counter (through ``data_ptr`` or
+    DLPack) is not seen, and the fused CUDA kernel clamps every entry it reads into
+    [0, blocknum) so such a table cannot make it read outside the cache. A CPU table is read
+    on every call (:data:`_ALWAYS_READ`).
 
     Args:
         table: INT32 ``(B, >= max(needed))``.

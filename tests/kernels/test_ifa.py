@@ -1423,10 +1423,21 @@ def test_a_reused_block_table_is_checked_once_until_it_changes(
 
     monkeypatch.setattr(_ifa_plan, "_read_entries", counted)
     call = _paged_call()  # lengths [40, 20], block 32: entries [0][0:2] and [1][0] in use
+    # a CPU table is read on every call: a numpy view can change it behind torch's back
+    entries = np.array([[0, 1, 99], [2, 99, 99]], dtype=np.int32)
+    call["block_table"] = torch.from_numpy(entries)
+    first = _run(call)
+    assert torch.equal(_run(call), first) and reads == [2, 2]
+    entries[0, 1] = 4
+    with pytest.raises(ParamInvalidError) as info:
+        _run(call)
+    assert info.value.code == 161002 and info.value.param == "block_table[0][1]"
+    # off the CPU a table is remembered; the same rule on a CPU table, for a host-only test
+    monkeypatch.setattr(_ifa_plan, "_ALWAYS_READ", frozenset())
+    reads.clear()
     table = torch.tensor([[0, 1, 99], [2, 99, 99]], dtype=torch.int32)
     call["block_table"] = table
-    first = _run(call)
-    assert torch.equal(_run(call), first) and reads == [2]
+    assert torch.equal(_run(call), first) and torch.equal(_run(call), first) and reads == [2]
     table[0, 1] = 4  # in place through torch: the version changes
     with pytest.raises(ParamInvalidError) as info:
         _run(call)
