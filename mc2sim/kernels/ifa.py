@@ -119,9 +119,10 @@ def incre_flash_attention(
         antiquant_offset: optional, same dtype and shape as ``antiquant_scale``.
         block_table: INT32 ``(B, maxBlockNumPerSeq)``: enables page attention;
             ``block_table[b][j]`` is the physical block of batch b's logical block j. The
-            entries in use are read on the host (off the CPU, a synchronization) once per
-            table and version: a table reused unchanged is not read again, one changed in
-            place through torch is (``_ifa_plan._check_table_entries``).
+            entries in use are read on the host: a CPU table on every call; off the CPU (a
+            synchronization) once per table and version: a table reused unchanged is not
+            read again, one changed in place through torch is
+            (``_ifa_plan._check_table_entries``).
         dequant_scale1: fully INT8 attention is not supported: must be None.
         quant_scale1: must be None, like ``dequant_scale1``.
         dequant_scale2: must be None, like ``dequant_scale1``.
