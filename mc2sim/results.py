@@ -1651,11 +1651,14 @@ def encode_results(
     verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
     implementations: Mapping[str, ImplementationRecord] | None = None,
     ranks: Sequence[RankRow] = (),
+    metrics: Mapping[RunKey, Metrics] | None = None,
 ) -> dict[str, bytes]:
     """The files of a results folder, as bytes, without writing them (:func:`write_results`).
 
     A sweep spread over MPI ranks encodes each point on the rank that simulated it and has
     rank 0 write the bytes (:func:`write_encoded`), so its folder is the serial sweep's.
+    ``metrics``: every run's metrics against ``baseline``, where the caller has them already
+    (a simulated study); computed from ``timeline`` otherwise.
 
     Returns:
         File name -> its bytes, ``complete.json`` (listing the others' digests) last.
@@ -1688,8 +1691,13 @@ def encode_results(
         raise ParamInvalidError(
             "timeline", f"rank {outside[0]}", f"must be below the world size {manifest.world_size}"
         )
-    per_run = timeline.by_run()
-    metrics = {run: per_run[run].metrics(baseline=per_run[baseline]) for run in runs}
+    if metrics is None:
+        per_run = timeline.by_run()
+        metrics = {run: per_run[run].metrics(baseline=per_run[baseline]) for run in runs}
+    elif set(metrics) != set(runs):
+        raise ParamInvalidError(
+            "metrics", sorted(str(r) for r in metrics), "must hold exactly the timeline's runs"
+        )
     impls = dict(implementations or {})
     _check_implementations(impls, tilings, manifest.world_size)
     golden = _golden_records(verdicts or {}, tilings)

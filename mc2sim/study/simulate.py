@@ -61,14 +61,15 @@ class StudyResult:
     """Tiling, in words -> its run in ``timeline``."""
     baseline: RunKey
     """The serial plan's run."""
+    by_run: Mapping[RunKey, Metrics]
+    """Each run's metrics against the serial plan's, computed once (the table and the files
+    both use them)."""
     ranks: tuple[RankRow, ...] = ()
     """With stragglers: every rank of every tiling, against the study without them."""
 
     def metrics(self) -> dict[str, Metrics]:
         """Tiling, in words -> its metrics against the serial plan."""
-        per_run = self.timeline.by_run()
-        base = per_run[self.baseline]
-        return {tiling: per_run[run].metrics(baseline=base) for tiling, run in self.runs.items()}
+        return {tiling: self.by_run[run] for tiling, run in self.runs.items()}
 
 
 def simulate_study(scenario: Scenario, topology: Topology, world: int | None = None) -> StudyResult:
@@ -100,13 +101,16 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
                 scenario, described, (timeline, arrivals), simulate_waits(plans, sized)
             )
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": ranks})
+    baseline = runs["serial"]  # every scenario has the serial baseline
+    per_run = merged.by_run()
     return StudyResult(
         scenario=scenario,
         topology=sized,
         world=ranks,
         timeline=merged,
         runs=runs,
-        baseline=runs["serial"],  # every scenario has the serial baseline
+        baseline=baseline,
+        by_run={run: per_run[run].metrics(baseline=per_run[baseline]) for run in runs.values()},
         ranks=tuple(rows),
     )
 
@@ -212,7 +216,7 @@ def encode_study(
     )  # fmt: skip
     return results.encode_results(
         timeline=result.timeline, baseline=result.baseline, manifest=manifest,
-        ranks=result.ranks,
+        ranks=result.ranks, metrics=result.by_run,
     )  # fmt: skip
 
 

@@ -65,6 +65,34 @@ def test_study_at_another_world_size_and_its_results_folder(tmp_path: Path) -> N
     assert len(rows) == len(result.timeline.records)
 
 
+def test_a_studys_metrics_are_computed_once_and_are_the_timelines() -> None:
+    """The metrics the study keeps (the table's and the files') are those of its timeline."""
+    from mc2sim.errors import ParamInvalidError
+    from mc2sim.results import encode_results
+    from mc2sim.study.simulate import encode_study, manifest_of
+
+    scenario = builtin("seed_gmm_alltoallv_ep4", ["scale=small"])
+    result = simulate_study(scenario, scenario.load_topology())
+    per_run = result.timeline.by_run()
+    base = per_run[result.baseline]
+    for tiling, run in result.runs.items():
+        assert result.metrics()[tiling] == per_run[run].metrics(baseline=base)
+    files = encode_study(result, argv=["x"])
+    manifest = manifest_of(
+        scenario, topology=result.topology.name, world=result.world, source="simulated",
+        argv=["x"],
+    )  # fmt: skip
+    computed = encode_results(timeline=result.timeline, baseline=result.baseline, manifest=manifest)
+    assert computed["summary.json"] == files["summary.json"]
+    runs = list(result.by_run)
+    with pytest.raises(ParamInvalidError, match="metrics") as info:
+        encode_results(
+            timeline=result.timeline, baseline=result.baseline, manifest=manifest,
+            metrics={run: result.by_run[run] for run in runs[1:]},
+        )  # fmt: skip
+    assert info.value.code == 161002
+
+
 def test_command_line_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "study"
     status = main(
