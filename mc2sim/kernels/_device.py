@@ -19,11 +19,19 @@ float32 (int32). The paths below compute exactly that on every device:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mc2sim.errors import ParamInvalidError
 
-__all__ = ["from_host", "int8_matmul", "mm_float32", "same_device", "uses_cuda_int8"]
+__all__ = [
+    "cpu_gemm",
+    "from_host",
+    "int8_matmul",
+    "mm_float32",
+    "same_device",
+    "uses_cuda_int8",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
 _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.bmm, "dtype")
@@ -112,6 +120,30 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.matmul(a.float(), b.float())
+
+
+def cpu_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` of 2-D float32 CPU matrices by numpy's GEMM (the BLAS of its wheel).
+
+    The same arithmetic as ``torch.matmul`` (float32 products and sums, summation order
+    unspecified), through the library the kernels' targets are measured against: on this
+    project's AMD host torch's CPU build runs a large float32 GEMM through MKL about 20%
+    slower than numpy's OpenBLAS (2048 x 4096 x 4096: 440 to 455 against 360 to 390 ms).
+    Used where that GEMM is one large product (weight_quant_batchmatmul); the grouped
+    matmul's expert-by-panel products ran slower this way (docs/BENCHMARKS.md).
+
+    Args:
+        a: float32 ``(m, k)`` on the CPU; any strides.
+        b: float32 ``(k, n)`` on the CPU; any strides.
+        out: optional float32 ``(m, n)`` for the result.
+
+    Returns:
+        ``out``, or a new ``(m, n)`` tensor.
+    """
+    if out is None:
+        return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
+    np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
+    return out
 
 
 def uses_cuda_int8(a: torch.Tensor) -> bool:

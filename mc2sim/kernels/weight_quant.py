@@ -8,7 +8,7 @@ import torch
 
 from mc2sim import limits
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
-from mc2sim.kernels._device import mm_float32, same_device
+from mc2sim.kernels._device import cpu_gemm, mm_float32, same_device
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 from mc2sim.kernels.int4 import (
     NZ_C0_BYTES,
@@ -387,7 +387,7 @@ def weight_quant_batchmatmul(
         w32.copy_(w)
         x32 = torch.empty((m, k), dtype=torch.float32)
         x32.copy_(x2d)
-        y = torch.matmul(x32, w32)
+        y = cpu_gemm(x32, w32)
     else:
         y = mm_float32(x2d, w)
     if bias is not None:
