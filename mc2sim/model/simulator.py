@@ -65,7 +65,7 @@ from mc2sim.model.cost import (
     schedule_wait,
 )
 from mc2sim.model.heterogeneity import Arrivals, Straggler
-from mc2sim.schedule.plan import Plan, Resource, SparseSplits, Task, TaskKind
+from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import (
     AlltoAllvPairs,
     Placement,
@@ -117,23 +117,6 @@ class _Active:
         return self.work - (now - self.since) * self.rate
 
 
-def _splits_arrays(task: Task, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A rank's AlltoAllv traffic: peers and bytes sent and received, itself left out."""
-    if isinstance(task.send_splits, SparseSplits) and isinstance(task.recv_splits, SparseSplits):
-        out = []
-        for splits in (task.send_splits, task.recv_splits):
-            keep = splits.peers != rank
-            out += [splits.peers[keep], splits.counts[keep] * task.row_bytes]
-        return out[0], out[1], out[2], out[3]
-    send = np.array(task.send_splits, dtype=np.int64)
-    recv = np.array(task.recv_splits, dtype=np.int64)
-    send[rank] = 0
-    recv[rank] = 0
-    sp = np.flatnonzero(send)
-    rp = np.flatnonzero(recv)
-    return sp, send[sp] * task.row_bytes, rp, recv[rp] * task.row_bytes
-
-
 def _narrowed(topology: Topology, factor: float) -> Topology:
     """``topology`` with every link at ``factor`` of its bandwidth (latencies unchanged)."""
     return dataclasses.replace(
@@ -165,7 +148,10 @@ def _straggling_times(
         narrowest = min(links.values())
         return _collective_times(tasks, pairs, *(_narrowed(t, narrowest) for t in topologies))
     for rank, factor in links.items():
-        parts = _splits_arrays(tasks[rank], rank)
+        task = tasks[rank]  # its own traffic, itself left out (alltoallv_pairs)
+        send, recv = (alltoallv_pairs([task], [rank], side) for side in _SIDES)
+        row = [task.row_bytes]
+        parts = (send.peers, send.bytes(row), recv.peers, recv.bytes(row))
         times = [
             max(time, rank_alltoallv_time(_narrowed(topology, factor), rank, *parts))
             for time, topology in zip(times, topologies, strict=True)
@@ -185,11 +171,15 @@ def _check_same_kind(tasks: list[Task]) -> None:
             )
 
 
+_SIDES = ("send_splits", "recv_splits")
+"""An AlltoAllv task's two sides, as :func:`~mc2sim.schedule.traffic.alltoallv_pairs` names them."""
+
+
 def _gathered(tasks: list[Task]) -> tuple[AlltoAllvPairs, AlltoAllvPairs]:
     """An AlltoAllv's send and receive pairs, every rank's at once (index = rank)."""
     ranks = range(len(tasks))
-    send = alltoallv_pairs(tasks, ranks, "send_splits")
-    return send, alltoallv_pairs(tasks, ranks, "recv_splits")
+    send, recv = (alltoallv_pairs(tasks, ranks, side) for side in _SIDES)
+    return send, recv
 
 
 def _collective_times(
