@@ -122,7 +122,7 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.float(), b.float())
 
 
-def cpu_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def cpu_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of 2-D float32 CPU matrices by numpy's GEMM (the BLAS of its wheel).
 
     The same arithmetic as ``torch.matmul`` (float32 products and sums, summation order
@@ -135,15 +135,11 @@ def cpu_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) 
     Args:
         a: float32 ``(m, k)`` on the CPU; any strides.
         b: float32 ``(k, n)`` on the CPU; any strides.
-        out: optional float32 ``(m, n)`` for the result.
 
     Returns:
-        ``out``, or a new ``(m, n)`` tensor.
+        The float32 ``(m, n)`` product.
     """
-    if out is None:
-        return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
-    np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
-    return out
+    return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 
 def uses_cuda_int8(a: torch.Tensor) -> bool:

@@ -188,7 +188,7 @@ def test_from_host_on_the_cpu_keeps_values_and_casts_to_the_dtype() -> None:
 
 
 def test_cpu_gemm_is_a_float32_product_whatever_the_strides() -> None:
-    """The float64 product within float32 summation error, written into ``out`` if given."""
+    """The float64 product within float32 summation error, for a transposed view too."""
     from mc2sim.kernels._device import cpu_gemm
 
     g = torch.Generator().manual_seed(7)
@@ -199,9 +199,6 @@ def test_cpu_gemm_is_a_float32_product_whatever_the_strides() -> None:
     assert got.dtype == torch.float32 and got.shape == (37, 29)
     bound = 64 * torch.finfo(torch.float32).eps * (a.abs().double() @ b.abs().double())
     assert ((got.double() - exact).abs() <= bound).all()
-    out = torch.full((37, 29), float("nan"))
-    assert cpu_gemm(a, b, out=out) is out
-    assert torch.equal(out, got)
     # integers below 2**24 sum exactly, in any order (the int8 paths rely on it)
     ints_a = torch.randint(-128, 128, (16, 200), generator=g).float()
     ints_b = torch.randint(-128, 128, (200, 8), generator=g).float()
