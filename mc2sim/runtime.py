@@ -134,20 +134,27 @@ def _wait_for_interrupt(read_fd: int) -> None:
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 32 * 1024 * 1024
-"""glibc's largest mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit)."""
+_MMAP_THRESHOLD = 1 << 30
+"""Blocks below 1 GiB come from the heap and stay there when freed."""
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+"""The largest threshold glibc moves to by itself (``DEFAULT_MMAP_THRESHOLD_MAX``, 64-bit)."""
 _TRIM_THRESHOLD = 1 << 30
 
 
 def steady_allocator() -> bool:
-    """Keep freed blocks of up to 32 MiB in the process instead of returning them to the OS.
+    """Keep freed blocks in the process instead of returning them to the OS.
 
-    glibc maps a block above its (moving) mmap threshold afresh on every allocation and unmaps
-    it when freed, so each call of an op touches new pages and pays a fault per page, more in
-    a VM, and whether a call pays depends on what ran before it. Fixing the threshold at its
-    maximum and raising the trim threshold makes repeated calls reuse their memory, as a
-    caching allocator (PyTorch's on accelerators, jemalloc or tcmalloc on CPUs) does. Set by
-    ``mc2sim`` commands at start; the user's ``MALLOC_MMAP_THRESHOLD_`` or
+    glibc maps a block above its mmap threshold afresh on every allocation and unmaps it when
+    freed, so each call of an op touches new pages and pays a fault per page, more in a VM,
+    and whether a call pays depends on what ran before it. Its own threshold moves up to 32
+    MiB (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit) and no further, so a call whose buffers
+    are larger (a grouped matmul's 8192 x 2048 bfloat16 output, the float32 copy of a 16 MiB
+    bfloat16 AllReduce) faulted on every call: 42.8 against 28.8 ms for that grouped matmul
+    on this project's host (docs/BENCHMARKS.md, issue 17). Fixing the threshold at
+    ``_MMAP_THRESHOLD`` (glibc 2.36 takes it; a glibc that refuses a threshold above 32 MiB
+    gets 32 MiB) and raising the trim threshold makes repeated calls reuse their memory, as
+    a caching allocator (PyTorch's on accelerators, jemalloc or tcmalloc on CPUs) does. Set
+    by ``mc2sim`` commands at start; the user's ``MALLOC_MMAP_THRESHOLD_`` or
     ``MALLOC_TRIM_THRESHOLD_`` win.
 
     Returns:
@@ -163,6 +170,7 @@ def steady_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    threshold = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) or bool(
+        mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
     )
+    return threshold and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

@@ -134,6 +134,7 @@ def work(args: argparse.Namespace) -> int:
     import torch
 
     from mc2sim.comm import init
+    from mc2sim.runtime import steady_allocator
     from mc2sim.schedule.executor import execute
     from mc2sim.schedule.plan import Plan, Task, TaskKind
     from mc2sim.study.calibrate import calibrate
@@ -141,6 +142,7 @@ def work(args: argparse.Namespace) -> int:
     from mc2sim.timeline import gather, record
     from mc2sim.topology import dump
 
+    steady_allocator()  # as every mc2sim command does: repeated calls reuse their memory
     comm = init("mpi")
     gen = torch.Generator().manual_seed(comm.rank)
 

@@ -84,8 +84,9 @@ import resource, sys
 import numpy as np
 from mc2sim.runtime import steady_allocator
 applied = steady_allocator() if sys.argv[1] == "steady" else False
-def step():  # an op's call: three 20 MiB buffers alive at once, freed at the end
-    xs = [np.ones(20 << 17) for _ in range(3)]
+def step():  # an op's call: buffers alive at once, freed at the end
+    # 20 MiB: below glibc's own 32 MiB cap on its threshold; 40 MiB: above it
+    xs = [np.ones(mib << 17) for mib in (20, 20, 40)]
     return sum(x.sum() for x in xs)
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
