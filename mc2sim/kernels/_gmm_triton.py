@@ -7,7 +7,10 @@ as a full one (CUTLASS's grouped GEMM behind ``torch._grouped_mm`` and a plain T
 both took 137 us there, against 86 us for one GEMM of the same FLOPs in two waves). Here the
 tiles of that last wave are split along K into parts that fill the multiprocessors
 (split-K: each part sums its share of K in float32, and a second kernel adds the parts in
-order and rounds), so the last wave takes a fraction of a full one.
+order and rounds, a few rows of a tile per program), so the last wave takes a fraction of a
+full one. Both are launched through :class:`mc2sim.kernels._triton_launch.KernelLaunch`
+(Triton's own launch path cost more host time per call than the kernels' GPU time at this
+size), and the tile table is moved to the device once per routing's counts.
 
 The arithmetic is the matrix unit's: exact products of the 16-bit operands, float32
 accumulation (split or not, only the summation order differs), one rounding to the output
@@ -16,7 +19,7 @@ dtype. Deterministic: the parts are added in a fixed order, never by atomics.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import itertools
 
 import torch
@@ -24,14 +27,28 @@ import triton
 import triton.language as tl
 
 from mc2sim.kernels._device import from_host
+from mc2sim.kernels._triton_launch import KernelLaunch, current_stream, multiprocessors, workspace
 
-__all__ = ["grouped_gemm"]
+__all__ = ["grouped_gemm", "plan_split", "row_tiles"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 64
 """The output tile and the K step (the fastest of the configurations timed on the H200)."""
 WARPS, STAGES = 8, 4
+ADD_ROWS, ADD_WARPS, ADD_STAGES = 8, 4, 3
+"""Rows of a split tile per program of the adding kernel, its warps and pipeline depth: a
+tile's 5 float32 parts are 640 KiB, slow for one multiprocessor to read (the bench's A=4096
+on the H200: 128 rows per program 0.71 to 0.74 of one GEMM's throughput, 8 rows 0.78 to
+0.79; docs/BENCHMARKS.md)."""
 MIN_PART_STEPS = 4
 """A split part sums at least this many K steps (shorter parts cost more than they save)."""
+_TILES_CONSTEXPRS = ("NUM_N", "BM", "BN", "BK", "EVEN_K", "EVEN_N")
+"""The tile kernel's constexpr parameters, in order."""
+_ADD_CONSTEXPRS = ("NUM_N", "BM", "BN", "ROWS")
+"""The adding kernel's constexpr parameters, in order."""
+_TABLES: dict[tuple[object, ...], torch.Tensor] = {}
+"""Row tile tables already on a device, by device and counts: the layers of a step share the
+routing's counts. Bounded by :data:`_TABLES_MAX`."""
+_TABLES_MAX = 64
 
 
 @triton.jit
@@ -92,27 +109,31 @@ def _tiles(  # pragma: no cover - CUDA
 @triton.jit
 def _add_parts(  # pragma: no cover - CUDA
     out_ptr, part_ptr, table_ptr, n, som, son, whole, split,
-    NUM_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    NUM_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Sum a split tile's parts in order, in float32, and round once into the output."""
+    """Sum a split tile's parts in order, in float32, and round once into the output.
+
+    One program per ``ROWS`` rows of a split tile (``BM // ROWS`` programs per tile): the
+    parts of a tile are many rows of float32 to read, more than one multiprocessor reads
+    quickly.
+    """
     t = tl.program_id(0)
+    r0 = tl.program_id(1) * ROWS
     tile = whole + t
     m_tile = tile // NUM_N
     row0 = tl.load(table_ptr + 3 * m_tile + 1)
     row1 = tl.load(table_ptr + 3 * m_tile + 2)
-    rm = row0 + tl.arange(0, BM)
-    rn = (tile % NUM_N) * BN + tl.arange(0, BN)
-    local = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for s in range(split):
-        acc += tl.load(part_ptr + (t * split + s).to(tl.int64) * (BM * BN) + local)
-    op = out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :].to(tl.int64) * son
-    tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=(rm < row1)[:, None] & (rn < n)[None, :])
-
-
-@functools.lru_cache(maxsize=8)
-def _multiprocessors(index: int) -> int:  # pragma: no cover - CUDA
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+    if row0 + r0 < row1:  # rows past the expert's: nothing to add
+        lr = r0 + tl.arange(0, ROWS)
+        rm = row0 + lr
+        rn = (tile % NUM_N) * BN + tl.arange(0, BN)
+        local = lr[:, None] * BN + tl.arange(0, BN)[None, :]
+        acc = tl.zeros((ROWS, BN), dtype=tl.float32)
+        for s in range(split):
+            acc += tl.load(part_ptr + (t * split + s).to(tl.int64) * (BM * BN) + local)
+        op = out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :].to(tl.int64) * son
+        inside = (rm < row1)[:, None] & (rn < n)[None, :]
+        tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def plan_split(tiles: int, k: int, multiprocessors: int) -> tuple[int, int]:
@@ -161,27 +182,50 @@ def grouped_gemm(  # pragma: no cover - CUDA
     else:
         n = weight.shape[2]
         swe, swk, swn = weight.stride(0), weight.stride(1), weight.stride(2)
-    table = row_tiles(counts, BLOCK_M)
+    device = x.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    table = _table(counts, device)
     num_n = -(-n // BLOCK_N)
-    tiles = len(table) // 3 * num_n
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    whole, split = plan_split(tiles, h, _multiprocessors(index))
+    tiles = table.shape[0] // 3 * num_n
+    whole, split = plan_split(tiles, h, multiprocessors(index))
     cut = tiles - whole
     steps = -(-h // BLOCK_K)
     part_k = -(-steps // split) * BLOCK_K  # whole K steps per part
-    on_device = from_host(table, x.device, torch.int32)
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    parts = torch.empty((cut * split, BLOCK_M * BLOCK_N) if cut else (1,), device=x.device)
-    _tiles[(whole + cut * split,)](
-        x, weight, out, parts, on_device, n, h,
-        x.stride(0), x.stride(1), swe, swk, swn, out.stride(0), out.stride(1),
-        whole, split, part_k,
-        NUM_N=num_n, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, EVEN_K=h % BLOCK_K == 0,
-        EVEN_N=n % BLOCK_N == 0, num_warps=WARPS, num_stages=STAGES,
-    )  # fmt: skip
-    if cut:
-        _add_parts[(cut,)](
-            out, parts, on_device, n, out.stride(0), out.stride(1), whole, split,
-            NUM_N=num_n, BM=BLOCK_M, BN=BLOCK_N, num_warps=WARPS,
-        )  # fmt: skip
+    stream = current_stream(index)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=device)
+    parts = workspace(index, stream, max(1, cut * split * BLOCK_M * BLOCK_N))
+    with torch.cuda.device(index) if index != torch.cuda.current_device() else _SAME_DEVICE:
+        # (Triton launches on the current device)
+        KernelLaunch(
+            _tiles, _TILES_CONSTEXPRS, (whole + cut * split,), index,
+            (x.dtype, weight.dtype, x.dtype, torch.float32, torch.int32),
+            (n, h, x.stride(0), x.stride(1), swe, swk, swn, out.stride(0), out.stride(1),
+             whole, split, part_k),
+            (num_n, BLOCK_M, BLOCK_N, BLOCK_K, h % BLOCK_K == 0, n % BLOCK_N == 0),
+            (WARPS, STAGES),
+        )(stream, (x, weight, out, parts, table))  # fmt: skip
+        if cut:
+            KernelLaunch(
+                _add_parts, _ADD_CONSTEXPRS, (cut, BLOCK_M // ADD_ROWS), index,
+                (x.dtype, torch.float32, torch.int32),
+                (n, out.stride(0), out.stride(1), whole, split),
+                (num_n, BLOCK_M, BLOCK_N, ADD_ROWS),
+                (ADD_WARPS, ADD_STAGES),
+            )(stream, (out, parts, table))  # fmt: skip
     return out
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+"""A context that changes nothing, for launches already on the current device."""
+
+
+def _table(counts: list[int], device: torch.device) -> torch.Tensor:  # pragma: no cover - CUDA
+    """:func:`row_tiles` of ``counts`` as int32 on ``device`` (cached by value)."""
+    key = (device, *counts)
+    found = _TABLES.get(key)
+    if found is None:
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.pop(next(iter(_TABLES)))
+        found = from_host(row_tiles(counts, BLOCK_M), device, torch.int32)
+        _TABLES[key] = found
+    return found

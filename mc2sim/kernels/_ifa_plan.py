@@ -32,7 +32,13 @@ from mc2sim.kernels._ifa_sources import (
 )
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
-__all__ = ["IfaLayout", "IfaPlan", "plan_incre_flash_attention"]
+__all__ = [
+    "IfaLayout",
+    "IfaPlan",
+    "call_key",
+    "check_table_entries",
+    "plan_incre_flash_attention",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
@@ -449,7 +455,7 @@ def _paged_cache(
             f"blocknum must be >= {sum(needed)}, the sum over batches of "
             "ceil(actual_seq_lengths[b] / blockSize)",
         )
-    _check_table_entries(table, needed, blocknum)
+    check_table_entries(table, needed, blocknum)
     pages = PageTable(table, tuple(lengths), size, blocknum)
     readers = [
         PagedKV(
@@ -499,7 +505,7 @@ def _table_state(table: torch.Tensor, blocknum: int) -> tuple[object, ...] | Non
     return (version, table.data_ptr(), tuple(table.shape), table.stride(), table.device, blocknum)
 
 
-def _check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) -> None:
+def check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) -> None:
     """Check that the entries each batch's length reaches are block indices in [0, blocknum).
 
     The values are read on the host: a copy of the ``(B, max(needed))`` entries in use, which
@@ -906,4 +912,88 @@ def plan_incre_flash_attention(
         quant_offset2=q_offset2,
         out_dtype=torch.int8 if q_scale2 is not None else q.dtype,
         out_shape=shape,
+    )
+
+
+def call_key(
+    query: object,
+    key: object,
+    value: object,
+    block_table: object,
+    actual_seq_lengths: object,
+    num_heads: object,
+    scale_value: object,
+    input_layout: object,
+    num_key_value_heads: object,
+    block_size: object,
+    inner_precise: object,
+) -> tuple[object, ...] | None:
+    """Everything the checks read of a call whose other optional inputs are None, or None.
+
+    :func:`plan_incre_flash_attention` reads the tensors' dtypes, shapes, strides and
+    devices, the scalar arguments and the lengths, and nothing else of them but the block
+    table's entries (:func:`check_table_entries`, which a caller of this key must still
+    run). So a call whose key equals that of a call that passed its checks, with padding_mask,
+    atten_mask, pse_shift, the antiquant, quant and dequant inputs and kv_padding_size all
+    None, passes the same checks and resolves into a plan of the same shapes, strides,
+    windows and scale: only the tensors' addresses and data differ (a decode step's layers,
+    each with its own cache).
+
+    Args:
+        query: as :func:`plan_incre_flash_attention` takes it; so are the others.
+        key: as above.
+        value: as above.
+        block_table: as above.
+        actual_seq_lengths: as above.
+        num_heads: as above.
+        scale_value: as above.
+        input_layout: as above.
+        num_key_value_heads: as above.
+        block_size: as above.
+        inner_precise: as above.
+
+    Returns:
+        The key; None where it would not tell the checks' outcome: a tensor of a subclass, a
+        list of tensors, lengths given as a tensor (read from it), a number of another type
+        than a plain int (or float, for ``scale_value``: ``True`` equals 1 as a key, not to
+        the checks), a layout that is not a string.
+    """
+    if not (type(query) is torch.Tensor and type(key) is torch.Tensor):
+        return None
+    if type(value) is not torch.Tensor:
+        return None
+    if block_table is not None and type(block_table) is not torch.Tensor:
+        return None
+    if not (
+        type(num_heads) is int
+        and type(num_key_value_heads) is int
+        and type(block_size) is int
+        and type(inner_precise) is int
+        and (type(scale_value) is float or type(scale_value) is int)
+        and (type(input_layout) is str or type(input_layout) is IfaLayout)
+    ):
+        return None
+    lengths: tuple[int, ...] | None = None
+    if actual_seq_lengths is not None:
+        if type(actual_seq_lengths) is not list and type(actual_seq_lengths) is not tuple:
+            return None
+        lengths = tuple(actual_seq_lengths)
+        if not all(type(n) is int for n in lengths):
+            return None
+    table = None
+    if block_table is not None:
+        table = (block_table.dtype, block_table.shape, block_table.stride(), block_table.device)
+    return (
+        (query.dtype, query.shape, query.stride(), query.device),
+        (key.dtype, key.shape, key.stride(), key.device),
+        (value.dtype, value.shape, value.stride(), value.device),
+        table,
+        lengths,
+        num_heads,
+        scale_value,
+        math.copysign(1.0, scale_value),  # -0.0 == 0.0 as a key
+        input_layout,
+        num_key_value_heads,
+        block_size,
+        inner_precise,
     )

@@ -26,13 +26,19 @@ The scores round trip (float32, G values per position) costs ``4 * G / (2 * D)``
 the keys again (1/16 at G=4, D=128). Block ids are read from the caller's INT32 table and
 clamped into ``[0, blocknum)``, so the kernel never reads outside the cache whatever the
 table holds (the checks reject an out-of-range id in use before the launch).
+
+Host time: a decode step at a small batch takes less GPU time (about 65 us at B=4 on the
+H200) than Python took to check and launch it, so :func:`prepare` fixes both launches from a
+plan once (:class:`IfaLaunch`, launched directly by
+:class:`mc2sim.kernels._triton_launch.KernelLaunch`) and :func:`run` only queues them;
+:mod:`mc2sim.kernels.ifa` keeps a checked call's launches for the calls of its key.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import triton
@@ -46,8 +52,9 @@ except ImportError:  # pragma: no cover - older Triton
 from mc2sim.kernels._device import from_host
 from mc2sim.kernels._ifa_plan import IfaPlan
 from mc2sim.kernels._ifa_sources import DenseKV, PagedKV
+from mc2sim.kernels._triton_launch import KernelLaunch, current_stream, multiprocessors, workspace
 
-__all__ = ["MAX_HEAD_DIM", "attend"]
+__all__ = ["MAX_HEAD_DIM", "IfaLaunch", "attend", "prepare", "run", "supported"]
 
 MAX_HEAD_DIM = 256
 """Larger head dimensions take the torch composition (one program holds D float32 sums per
@@ -67,21 +74,10 @@ _WINDOWS_MAX = 64
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 """Per (device, stream): int32 zeros, one per (batch, KV head), that the values kernel's
 last split resets after use."""
-_SM_COUNT: dict[int, int] = {}
-_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
-"""Per (device, stream): the float32 workspace, grown when a call needs more. Kernels on one
-stream run in order, so a call's workspace is free again once its kernels are queued."""
-_DIRECT_LAUNCH = triton.__version__.split(".")[:2] == ["3", "6"]
-"""Launch a compiled kernel directly (see :func:`_launch`) only on the Triton whose launcher
-signature this was written against (3.6); any other goes through Triton's launch each time."""
-_COMPILED: dict[tuple[object, ...], Any] = {}
-"""Compiled kernels by everything Triton specializes them on (see :func:`_launch`)."""
-_COMPILED_MAX = 4096
-_CONSTEXPRS = {
-    "_scores_kernel": ("PAGED", "PAGE", "HAS_MASK", "HAS_PSE", "G_PAD", "D_PAD", "BLOCK_N"),
-    "_values_kernel": ("PAGED", "PAGE", "G_PAD", "D_PAD", "S_PAD", "BLOCK_N"),
-}
-"""Each kernel's constexpr parameters, in order."""
+_SCORES_CONSTEXPRS = ("PAGED", "PAGE", "HAS_MASK", "HAS_PSE", "G_PAD", "D_PAD", "BLOCK_N")
+"""The scores kernel's constexpr parameters, in order."""
+_VALUES_CONSTEXPRS = ("PAGED", "PAGE", "G_PAD", "D_PAD", "S_PAD", "BLOCK_N")
+"""The values kernel's constexpr parameters, in order."""
 
 
 @triton.jit
@@ -286,101 +282,6 @@ def _values_kernel(
         tl.atomic_xchg(count_ptr + row, 0)
 
 
-def _launch(
-    kernel: Any,
-    grid: tuple[int, int],
-    stream: int,
-    tensors: tuple[torch.Tensor, ...],
-    scalars: tuple[int | float, ...],
-    constexprs: tuple[object, ...],
-    options: tuple[int, int],
-) -> None:
-    """Launch a Triton kernel; after its first launch for a specialization, directly.
-
-    Directly only on Triton 3.6 (:data:`_DIRECT_LAUNCH`): the compiled kernel's launcher and
-    its argument order are Triton's internals, so another version always takes Triton's own
-    launch path.
-
-    Triton's own launch path (binding, specializing and hashing every argument in Python,
-    about 70 us of host time per launch on the H200's host) runs on the first launch of a
-    key; later launches call the compiled kernel's launcher with the same arguments (the
-    tensors as their data pointers) and no launch hooks (a profiler hooked into Triton's
-    launches sees the first launch of a key only). The key
-    holds everything Triton specializes on and more: the scalars' values themselves (Triton
-    looks at an int's being 1, its divisibility by 16 and its width), the tensors' dtypes
-    and 16-byte alignment, the constexprs and the options. A decode step's layers repeat
-    one key; a new length makes a new key, launched through Triton once (its own cache then
-    finds the compiled kernel). At most :data:`_COMPILED_MAX` keys are kept.
-
-    Args:
-        kernel: the ``triton.jit`` function, whose arguments are the tensors, then the
-            scalars, then the constexprs, in that order.
-        grid: programs along axes 0 and 1.
-        stream: the raw CUDA stream.
-        tensors: the pointer arguments.
-        scalars: the int and float arguments.
-        constexprs: the constexpr arguments, in the kernel's order (:data:`_CONSTEXPRS`).
-        options: ``(num_warps, num_stages)``.
-    """
-    pointers = [t.data_ptr() for t in tensors]
-    key = (
-        kernel,
-        options,
-        constexprs,
-        scalars,
-        *[(t.dtype, p % 16 == 0) for t, p in zip(tensors, pointers, strict=True)],
-    )
-    found = _COMPILED.get(key)
-    if found is None or not _DIRECT_LAUNCH:
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        names = _CONSTEXPRS[kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__]
-        compiled = kernel[grid](
-            *tensors,
-            *scalars,
-            **dict(zip(names, constexprs, strict=True)),
-            num_warps=options[0],
-            num_stages=options[1],
-        )
-        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata)
-        return
-    run, function, metadata = found
-    # the pointers as ints: the launcher takes them as they are (a tensor it would ask for
-    # its data_ptr and have the driver confirm it is a device pointer, per argument)
-    run(
-        grid[0],
-        grid[1],
-        1,
-        stream,
-        function,
-        metadata,
-        None,
-        None,
-        None,
-        *pointers,
-        *scalars,
-        *constexprs,
-    )
-
-
-def _stream_getter() -> Callable[[int], int]:
-    """Triton's own reader of the current raw CUDA stream (torch's, under torch)."""
-    return cast(Callable[[int], int], triton.runtime.driver.active.get_current_stream)
-
-
-_current_stream = _stream_getter()
-
-
-def _workspace(index: int, stream: int, elements: int, device: torch.device) -> torch.Tensor:
-    """A float32 workspace of at least ``elements`` for kernels queued on ``stream``."""
-    key = (index, stream)
-    found = _WORKSPACES.get(key)
-    if found is None or found.numel() < elements:
-        found = torch.empty(elements, dtype=torch.float32, device=device)
-        _WORKSPACES[key] = found
-    return found
-
-
 def _windows(plan: IfaPlan, device: torch.device) -> torch.Tensor:
     """The windows' starts then ends, int32 ``(2 * B,)`` on ``device`` (cached by value)."""
     key = (device, plan.starts, plan.ends)
@@ -393,22 +294,13 @@ def _windows(plan: IfaPlan, device: torch.device) -> torch.Tensor:
     return found
 
 
-def _counters(index: int, stream: int, rows: int, device: torch.device) -> torch.Tensor:
+def _counters(index: int, stream: int, rows: int) -> torch.Tensor:
     """Zeroed int32 counters for ``rows`` (batch, KV head) pairs on ``stream``."""
     key = (index, stream)
     found = _COUNTERS.get(key)
     if found is None or found.numel() < rows:
-        found = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
+        found = torch.zeros(max(rows, 1024), dtype=torch.int32, device=torch.device("cuda", index))
         _COUNTERS[key] = found
-    return found
-
-
-def _sm_count(index: int) -> int:
-    """Streaming multiprocessors of device ``index``."""
-    found = _SM_COUNT.get(index)
-    if found is None:
-        found = torch.cuda.get_device_properties(index).multi_processor_count
-        _SM_COUNT[index] = found
     return found
 
 
@@ -429,14 +321,41 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
-def attend(plan: IfaPlan) -> torch.Tensor:
-    """Run the fused kernels on a plan :func:`supported` covers; return the final output.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IfaLaunch:
+    """Both kernels' launches for a plan: everything a call fixes but its tensors' addresses.
+
+    A function of the plan's shapes, strides, dtypes, windows and scale only, so one serves
+    every call whose plan agrees in those (a decode step's layers, each with its own cache).
+    """
+
+    index: int
+    """The CUDA device."""
+    out_shape: tuple[int, ...]
+    """The output's shape (the query's)."""
+    out_dtype: torch.dtype
+    """The output's dtype (the query's)."""
+    windows: torch.Tensor
+    """The windows' starts then ends, int32 on the device."""
+    rows: int
+    """(batch, KV head) pairs: the values kernel's counters."""
+    workspace: int
+    """float32 elements of workspace: the scores, the splits' maxima, partial sums."""
+    scores: KernelLaunch
+    """The scores kernel (tensors: query, key, table, windows, mask, pse, workspace)."""
+    values: KernelLaunch
+    """The values kernel (tensors: value, table, windows, workspace, output, counters)."""
+
+
+def prepare(plan: IfaPlan) -> IfaLaunch:
+    """Fix both kernels' launches for a plan :func:`supported` covers.
 
     Args:
         plan: the checked plan, its tensors on one CUDA device.
 
     Returns:
-        The attention output shaped like the query, in its dtype.
+        The launches; :func:`run` queues them for the plan's tensors or any of the same
+        shapes, strides and dtypes.
     """
     q = plan.query
     device = q.device
@@ -452,75 +371,148 @@ def attend(plan: IfaPlan) -> torch.Tensor:
         paged, page = True, key.block_size
         while page % block_n:
             block_n //= 2
-        table = key.pages.raw
-        st_b, st_j = table.stride()
+        table_dtype = key.pages.raw.dtype
+        st_b, st_j = key.pages.raw.stride()
         blocknum = key.pages.blocknum
         # (blocknum, blockSize, N_kv, D) strides: block, position in the block, head, dim
         kc = key.cache if not key.heads_first else key.cache.transpose(1, 2)
         vc = value.cache if not value.heads_first else value.cache.transpose(1, 2)
         sk = kc.stride()
         sv = vc.stride()
-        k_base, v_base = key.cache, value.cache
+        k_dtype, v_dtype = key.cache.dtype, value.cache.dtype
     else:
         paged, page = False, 1
-        table = plan.query  # unused
+        table_dtype = q.dtype  # the query fills the unused slot
         st_b = st_j = 0
         blocknum = 1
         # (B, N_kv, S, D) views: batch, position, head, dim
         kv, vv = cast(DenseKV, key).view, cast(DenseKV, value).view
         sk = (kv.stride(0), kv.stride(2), kv.stride(1), kv.stride(3))
         sv = (vv.stride(0), vv.stride(2), vv.stride(1), vv.stride(3))
-        k_base, v_base = kv, vv
-    q3 = q.reshape(batch, heads, dim)
+        k_dtype, v_dtype = kv.dtype, vv.dtype
+    # (B, N, D): always a view of the query (a size-1 axis dropped, H split into N and D)
+    q_strides = q.reshape(batch, heads, dim).stride()
     rows = batch * kv_heads
     index = device.index if device.index is not None else torch.cuda.current_device()
     tiles = -(-length // block_n)
-    n_split = max(1, min(tiles, -(-_PROGRAMS_PER_SM * _sm_count(index) // rows)))
+    n_split = max(1, min(tiles, -(-_PROGRAMS_PER_SM * multiprocessors(index) // rows)))
     split_len = -(-tiles // n_split) * block_n
     n_split = -(-length // split_len)
     rows_g = batch * heads
     max_off = rows_g * length
     acc_off = max_off + rows_g * n_split
     sum_off = acc_off + rows_g * n_split * dim
-    stream = _current_stream(index)
-    workspace = _workspace(index, stream, sum_off + rows_g * n_split, device)
-    windows = _windows(plan, device)
     mask = plan.atten_mask
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
+    mask_dtype = q.dtype if mask is None else _mask_dtype(mask)
     pse = plan.pse_shift
     sm = (0, 0) if mask is None else mask.stride()
     sp = (0, 0, 0) if pse is None else pse.stride()
     sp_b = 0 if pse is None or pse.shape[0] == 1 else sp[0]
     grid = (rows, n_split)
-    out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=device)
-    scores_tensors = (
-        q3, k_base, table, windows, q3 if mask is None else mask, q3 if pse is None else pse,
-        workspace,
-    )  # fmt: skip
-    q_strides = q3.stride()
-    scores_scalars = (
-        kv_heads, group, dim, length, batch, split_len, n_split, blocknum,
-        q_strides[0], q_strides[1], q_strides[2], sk[0], sk[1], sk[2], sk[3], st_b, st_j,
-        sm[0], sm[1], sp_b, sp[1], sp[2], plan.scale_value, max_off,
-    )  # fmt: skip
-    scores_constexprs = (paged, page, mask is not None, pse is not None, g_pad, d_pad, block_n)
-    values_tensors = (
-        v_base, table, windows, workspace, out, _counters(index, stream, rows, device)
-    )  # fmt: skip
-    values_scalars = (
-        kv_heads, group, dim, length, batch, split_len, n_split, blocknum,
-        sv[0], sv[1], sv[2], sv[3], st_b, st_j, max_off, acc_off, sum_off,
-    )  # fmt: skip
-    values_constexprs = (paged, page, g_pad, d_pad, _pow2(n_split, 2), block_n)
     options = (warps, _NUM_STAGES)
-    current = torch.cuda.current_device()
-    with torch.cuda.device(index) if index != current else contextlib.nullcontext():
+    scores = KernelLaunch(
+        _scores_kernel,
+        _SCORES_CONSTEXPRS,
+        grid,
+        index,
+        (q.dtype, k_dtype, table_dtype, torch.int32, mask_dtype,
+         q.dtype if pse is None else pse.dtype, torch.float32),
+        (kv_heads, group, dim, length, batch, split_len, n_split, blocknum,
+         q_strides[0], q_strides[1], q_strides[2], sk[0], sk[1], sk[2], sk[3], st_b, st_j,
+         sm[0], sm[1], sp_b, sp[1], sp[2], plan.scale_value, max_off),
+        (paged, page, mask is not None, pse is not None, g_pad, d_pad, block_n),
+        options,
+    )  # fmt: skip
+    values = KernelLaunch(
+        _values_kernel,
+        _VALUES_CONSTEXPRS,
+        grid,
+        index,
+        (v_dtype, table_dtype, torch.int32, torch.float32, plan.out_dtype, torch.int32),
+        (kv_heads, group, dim, length, batch, split_len, n_split, blocknum,
+         sv[0], sv[1], sv[2], sv[3], st_b, st_j, max_off, acc_off, sum_off),
+        (paged, page, g_pad, d_pad, _pow2(n_split, 2), block_n),
+        options,
+    )  # fmt: skip
+    return IfaLaunch(
+        index=index,
+        out_shape=plan.out_shape,
+        out_dtype=plan.out_dtype,
+        windows=_windows(plan, device),
+        rows=rows,
+        workspace=sum_off + rows_g * n_split,
+        scores=scores,
+        values=values,
+    )
+
+
+def _mask_dtype(mask: torch.Tensor) -> torch.dtype:
+    """The dtype the kernel reads ``atten_mask`` as (a bool mask as its bytes)."""
+    return torch.uint8 if mask.dtype == torch.bool else mask.dtype
+
+
+def run(
+    launch: IfaLaunch,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    table: torch.Tensor | None,
+    atten_mask: torch.Tensor | None = None,
+    pse_shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Queue both kernels on the current stream; return the output.
+
+    Args:
+        launch: :func:`prepare`'s launches for a plan of these tensors' shapes, strides and
+            dtypes.
+        query: the query as given.
+        key: the key cache (or any view of it starting at its first element: only the
+            address is read, the strides are the launch's).
+        value: the value cache, likewise.
+        table: the INT32 block table with page attention, else None.
+        atten_mask: the plan's ``(B, S_mask)`` mask, or None.
+        pse_shift: the plan's ``(1 or B, N, S_pse)`` pse, or None.
+
+    Returns:
+        The attention output shaped like the query, in its dtype.
+    """
+    index = launch.index
+    stream = current_stream(index)
+    work = workspace(index, stream, launch.workspace)
+    out = torch.empty(launch.out_shape, dtype=launch.out_dtype, device=query.device)
+    slot = query  # fills the slots of absent tensors (never read)
+    if atten_mask is not None and atten_mask.dtype == torch.bool:
+        atten_mask = atten_mask.view(torch.uint8)
+    table_or = slot if table is None else table
+    scores = (query, key, table_or, launch.windows, slot if atten_mask is None else atten_mask,
+              slot if pse_shift is None else pse_shift, work)  # fmt: skip
+    values = (value, table_or, launch.windows, work, out, _counters(index, stream, launch.rows))
+    with torch.cuda.device(index) if index != torch.cuda.current_device() else _SAME_DEVICE:
         # (Triton launches on the current device)
-        _launch(
-            _scores_kernel, grid, stream, scores_tensors, scores_scalars, scores_constexprs, options
-        )
-        _launch(
-            _values_kernel, grid, stream, values_tensors, values_scalars, values_constexprs, options
-        )
+        launch.scores(stream, scores)
+        launch.values(stream, values)
     return out
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+"""A context that changes nothing, for launches already on the current device."""
+
+
+def attend(plan: IfaPlan, launch: IfaLaunch | None = None) -> torch.Tensor:
+    """Run the fused kernels on a plan :func:`supported` covers; return the final output.
+
+    Args:
+        plan: the checked plan, its tensors on one CUDA device.
+        launch: :func:`prepare`'s launches for the plan (made here when None).
+
+    Returns:
+        The attention output shaped like the query, in its dtype.
+    """
+    key, value = plan.key, plan.value
+    if isinstance(key, PagedKV) and isinstance(value, PagedKV):
+        k_base, v_base, table = key.cache, value.cache, key.pages.raw
+    else:
+        k_base, v_base, table = cast(DenseKV, key).view, cast(DenseKV, value).view, None
+    if launch is None:
+        launch = prepare(plan)
+    return run(launch, plan.query, k_base, v_base, table, plan.atten_mask, plan.pse_shift)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from mc2sim.kernels._device import from_host, mm_float32
-from mc2sim.kernels._ifa_plan import IfaLayout, IfaPlan, plan_incre_flash_attention
+from mc2sim.kernels._ifa_plan import (
+    IfaLayout,
+    IfaPlan,
+    call_key,
+    check_table_entries,
+    plan_incre_flash_attention,
+)
 from mc2sim.kernels._ifa_sources import BlockIndex, PagedKV
+
+if TYPE_CHECKING:
+    from mc2sim.kernels._ifa_triton import IfaLaunch
 
 __all__ = ["IfaLayout", "incre_flash_attention"]
 
@@ -37,6 +48,25 @@ FUSED_CUDA_KERNEL = True
 """On a CUDA device with Triton installed, float16/bfloat16 key/value (dense or paged) take
 the fused kernels of :mod:`mc2sim.kernels._ifa_triton` (same rounding points, two launches);
 ``False`` forces the torch composition below (the tests compare the two)."""
+_CHECKED_MAX = 256
+"""At most this many checked calls' launches are kept (the oldest is forgotten first)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Checked:
+    """A call that passed its checks and ran the fused kernels: what a call of its key reuses."""
+
+    launch: IfaLaunch
+    """Both kernels' launches (:func:`mc2sim.kernels._ifa_triton.prepare`)."""
+    table: tuple[list[int], int] | None
+    """With page attention, what the block table's entries are checked against: per batch
+    the entries its length reaches, and blocknum (:func:`check_table_entries`)."""
+
+
+_CHECKED: dict[tuple[object, ...], _Checked] = {}
+"""Fused calls by :func:`mc2sim.kernels._ifa_plan.call_key`: a decode step calls the attention
+once per layer with inputs that differ only in their data, and a call of a known key skips
+the checks that key already passed and the launches' set-up (about half its host time)."""
 
 
 def incre_flash_attention(
@@ -122,7 +152,7 @@ def incre_flash_attention(
             entries in use are read on the host: a CPU table on every call; off the CPU (a
             synchronization) once per table and version: a table reused unchanged is not
             read again, one changed in place through torch is
-            (``_ifa_plan._check_table_entries``).
+            (``_ifa_plan.check_table_entries``).
         dequant_scale1: fully INT8 attention is not supported: must be None.
         quant_scale1: must be None, like ``dequant_scale1``.
         dequant_scale2: must be None, like ``dequant_scale1``.
@@ -153,6 +183,32 @@ def incre_flash_attention(
             parameter, the value seen and the rule.
 
     """
+    fast = None
+    if (
+        FUSED_CUDA_KERNEL
+        and type(query) is torch.Tensor
+        and query.is_cuda
+        and padding_mask is None
+        and atten_mask is None
+        and pse_shift is None
+        and antiquant_scale is None
+        and antiquant_offset is None
+        and dequant_scale1 is None
+        and quant_scale1 is None
+        and dequant_scale2 is None
+        and quant_scale2 is None
+        and quant_offset2 is None
+        and kv_padding_size is None
+    ):  # pragma: no cover - CUDA
+        fast = call_key(
+            query, key, value, block_table, actual_seq_lengths, num_heads, scale_value,
+            input_layout, num_key_value_heads, block_size, inner_precise,
+        )  # fmt: skip
+        checked = None if fast is None else _CHECKED.get(fast)
+        if checked is not None:
+            return _repeat(
+                checked, query, cast(torch.Tensor, key), cast(torch.Tensor, value), block_table
+            )
     plan = plan_incre_flash_attention(
         query,
         key,
@@ -178,13 +234,16 @@ def incre_flash_attention(
         inner_precise=inner_precise,
     )
     fused = _fused_path(plan)
-    if fused is not None:
-        return fused(plan)
+    if fused is not None:  # pragma: no cover - CUDA
+        launch = fused.prepare(plan)
+        if fast is not None:
+            _remember(fast, plan, launch)
+        return fused.attend(plan, launch)  # type: ignore[no-any-return]
     return _finish(plan, _attend(plan))
 
 
-def _fused_path(plan: IfaPlan) -> Callable[[IfaPlan], torch.Tensor] | None:
-    """The fused CUDA kernels' entry point if they cover ``plan``, else None.
+def _fused_path(plan: IfaPlan) -> ModuleType | None:
+    """The fused CUDA kernels' module if they cover ``plan``, else None.
 
     Triton is imported on the first CUDA call only (never on the CPU path); where it does not
     import, every call takes the torch composition.
@@ -194,7 +253,39 @@ def _fused_path(plan: IfaPlan) -> Callable[[IfaPlan], torch.Tensor] | None:
     module = _fused_module()
     if module is None or not module.supported(plan):
         return None
-    return module.attend  # type: ignore[no-any-return]
+    return module  # pragma: no cover - Triton
+
+
+def _remember(
+    fast: tuple[object, ...], plan: IfaPlan, launch: IfaLaunch
+) -> None:  # pragma: no cover - CUDA
+    """Keep a checked fused call's launch under its key (:data:`_CHECKED`)."""
+    table = None
+    if isinstance(plan.key, PagedKV):
+        pages = plan.key.pages
+        table = ([-(-n // pages.block_size) for n in pages.lengths], pages.blocknum)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[fast] = _Checked(launch=launch, table=table)
+
+
+def _repeat(
+    checked: _Checked,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_table: torch.Tensor | None,
+) -> torch.Tensor:  # pragma: no cover - CUDA
+    """A call of a checked call's key: check the block table's entries, then launch.
+
+    (``block_table`` is a tensor where ``checked.table`` is set: the key holds its facts.)
+    """
+    module = cast(ModuleType, _fused_module())  # imported: the checked call ran it
+    table = None
+    if checked.table is not None:
+        table = cast(torch.Tensor, block_table)
+        check_table_entries(table, *checked.table)
+    return module.run(checked.launch, query, key, value, table)  # type: ignore[no-any-return]
 
 
 @functools.cache

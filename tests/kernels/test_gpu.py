@@ -407,17 +407,19 @@ def _fused_and_torch(
     from mc2sim.kernels import _ifa_triton
 
     calls: list[int] = []
-    real = _ifa_triton.attend
+    real = _ifa_triton.run
 
-    def counted(plan: object) -> torch.Tensor:
+    def counted(*args: object) -> torch.Tensor:
         calls.append(1)
-        return real(plan)  # type: ignore[arg-type]
+        return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_ifa_triton, "attend", counted)
+    monkeypatch.setattr(_ifa_triton, "run", counted)
     fused = incre_flash_attention(**kwargs)  # type: ignore[arg-type]
     assert calls == [1], "the fused kernels did not run"
     # a second call launches the compiled kernels directly, not through Triton's launcher
+    # (and, without mask, pse or padding, skips the checks its first call passed)
     assert torch.equal(incre_flash_attention(**kwargs), fused)  # type: ignore[arg-type]
+    assert calls == [1, 1], "the second call did not run the fused kernels"
     calls.pop()
     monkeypatch.setattr(ifa_module, "FUSED_CUDA_KERNEL", False)
     composed = incre_flash_attention(**kwargs)  # type: ignore[arg-type]
@@ -532,6 +534,69 @@ def test_ifa_rounds_the_probabilities_where_the_device_does(dtype: torch.dtype, 
     assert (got == rounded).double().mean() >= 0.99
     plain = torch.from_numpy(exact).to(dtype).double().reshape(b, -1)
     assert (got != plain).double().mean() >= 0.2
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense_bsh", "paged_bnsd"])
+def test_ifa_fused_kernel_repeats_a_checked_call_for_other_data(
+    monkeypatch: pytest.MonkeyPatch, paged: bool
+) -> None:
+    """A call of a checked call's key (other caches, same shapes) skips the checks, not the data.
+
+    Its output is bitwise the one of the same call checked from scratch (the remembered
+    launches forgotten), and a new table of that key with an entry out of range still raises
+    161002.
+    """
+    from mc2sim.errors import ParamInvalidError
+    from mc2sim.kernels import ifa as ifa_module
+
+    pytest.importorskip("triton")
+    if DEVICE.type != "cuda":
+        pytest.skip("the fused kernels need CUDA")
+    b, n, nkv, d, s, block = 3, 8, 2, 64, 512, 32
+    lengths = [500, 33, 0] if paged else [512, 200, 1]
+    layout = "BNSD" if paged else "BSH"
+
+    def call(seed: int) -> dict[str, object]:
+        g = gen(seed)
+        q, k, v = rand(g, b, n, d), rand(g, b, nkv, s, d), rand(g, b, nkv, s, d)
+        kwargs: dict[str, object] = dict(
+            query=_query(q, layout).to(DEVICE), num_heads=n, num_key_value_heads=nkv,
+            scale_value=d**-0.5, input_layout=layout, actual_seq_lengths=lengths,
+        )  # fmt: skip
+        if paged:
+            perm = torch.randperm(b * s // block, generator=g)
+            kc, table = _paged(k, lengths, block, heads_first=True, perm=perm, garbage=float("nan"))
+            vc, _ = _paged(v, lengths, block, heads_first=True, perm=perm, garbage=float("nan"))
+            kwargs.update(key=kc.to(DEVICE), value=vc.to(DEVICE), block_table=table.to(DEVICE),
+                          block_size=block)  # fmt: skip
+        else:
+            kwargs.update(key=_kv(k, layout).to(DEVICE), value=_kv(v, layout).to(DEVICE))
+        return kwargs
+
+    planned: list[int] = []
+    real_plan = ifa_module.plan_incre_flash_attention
+
+    def counted(*args: object, **kwargs: object) -> object:
+        planned.append(1)
+        return real_plan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ifa_module, "plan_incre_flash_attention", counted)
+    monkeypatch.setattr(ifa_module, "_CHECKED", {})
+    incre_flash_attention(**call(1))  # type: ignore[arg-type]
+    other = call(2)
+    repeated = incre_flash_attention(**other)  # type: ignore[arg-type]
+    assert planned == [1], "the second call was checked again"
+    monkeypatch.setattr(ifa_module, "_CHECKED", {})
+    assert torch.equal(repeated, incre_flash_attention(**other))  # type: ignore[arg-type]
+    assert planned == [1, 1]
+    assert not repeated.isnan().any()
+    if paged:
+        bad = other["block_table"].clone()  # type: ignore[union-attr]
+        bad[1, 0] = b * s // block  # one past the last block, in use by batch 1
+        with pytest.raises(ParamInvalidError) as info:
+            incre_flash_attention(**dict(other, block_table=bad))  # type: ignore[arg-type]
+        assert info.value.code == 161002 and "block_table[1][0]" in str(info.value)
+        assert planned == [1, 1], "the bad table was caught by the full checks, not the repeat"
 
 
 def test_ifa_fused_kernel_on_a_reused_table_rechecks_an_in_place_change() -> None:

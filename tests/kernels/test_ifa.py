@@ -1451,3 +1451,106 @@ def test_a_reused_block_table_is_checked_once_until_it_changes(
         _run(dict(call, actual_seq_lengths=[20, 40]))
     assert info.value.code == 161002 and info.value.param == "block_table[1][1]"
     assert reads == [2, 2, 2, 2, 2]
+
+
+# --------------------------------------------------------------------------- call keys
+
+
+def _key(call: Kwargs) -> tuple[object, ...] | None:
+    """``call_key`` of a call, or None where another optional input is given."""
+    from mc2sim.kernels._ifa_plan import call_key
+
+    optional = set(call) - {
+        "query", "key", "value", "block_table", "actual_seq_lengths", "num_heads",
+        "scale_value", "input_layout", "num_key_value_heads", "block_size", "inner_precise",
+    }  # fmt: skip
+    if any(call[name] is not None for name in optional):
+        return None
+    return call_key(
+        call["query"], call["key"], call["value"], call.get("block_table"),
+        call.get("actual_seq_lengths"), call.get("num_heads", 1), call.get("scale_value", 1.0),
+        call.get("input_layout", "BSH"), call.get("num_key_value_heads", 0),
+        call.get("block_size", 0), call.get("inner_precise", 1),
+    )  # fmt: skip
+
+
+def _valid_calls() -> list[Kwargs]:
+    return [
+        _dense(),
+        _bsh(_dense()),
+        _with(_dense, actual_seq_lengths=[32, 7])(),
+        _paged_call(),
+        _paged_call(heads_first=True),
+    ]
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_CASES) + sorted(NULLPTR_CASES))
+def test_no_call_the_checks_reject_shares_a_key_with_one_they_pass(case: str) -> None:
+    """A call of a passed call's key skips the checks on CUDA: the key must tell them apart.
+
+    Only the block table's entries are data the key does not hold; a call of the key still
+    checks them (``check_table_entries``).
+    """
+    make = (INVALID_CASES.get(case) or NULLPTR_CASES[case])[0]
+    key = _key(make())
+    if case.startswith("block_table_entry_"):
+        assert key in {_key(c) for c in _valid_calls()}  # rejected for its data
+        return
+    assert key is None or key not in {_key(c) for c in _valid_calls()}
+
+
+def test_calls_of_one_key_resolve_into_the_same_plan_but_for_their_data() -> None:
+    """Other data of the same dtypes, shapes, strides and lengths: one key, one plan shape."""
+    from mc2sim.kernels._ifa_plan import plan_incre_flash_attention
+
+    def plan(call: Kwargs) -> Any:
+        full = dict.fromkeys(
+            ["padding_mask", "atten_mask", "pse_shift", "actual_seq_lengths",
+             "antiquant_scale", "antiquant_offset", "block_table", "dequant_scale1",
+             "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
+             "kv_padding_size"]
+        )  # fmt: skip
+        full.update(num_heads=1, scale_value=1.0, input_layout="BSH", num_key_value_heads=0)
+        full.update(block_size=0, inner_precise=1)
+        full.update(call)
+        return plan_incre_flash_attention(**full)
+
+    static = ("batch", "num_heads", "num_kv_heads", "head_dim", "starts", "ends", "length",
+              "block_size", "scale_value", "out_dtype", "out_shape")  # fmt: skip
+    for call in _valid_calls():
+        gen = _gen(99)
+        other = dict(call)
+        for name in ("query", "key", "value"):
+            other[name] = torch.randn(call[name].shape, generator=gen).to(call[name].dtype)
+        if "block_table" in call:
+            other["block_table"] = call["block_table"].flip(0).contiguous()
+        assert _key(other) == _key(call) is not None
+        a, b = plan(call), plan(other)
+        assert [getattr(a, f) for f in static] == [getattr(b, f) for f in static]
+    # what the checks or the plan read makes another key
+    base = _dense()
+    changed = [
+        dict(base, key=base["key"].transpose(2, 3).contiguous().transpose(2, 3)),  # strides
+        dict(base, query=base["query"].bfloat16()),
+        dict(base, actual_seq_lengths=[32, 31]),
+        dict(base, scale_value=-0.0),
+        dict(base, num_key_value_heads=4, key=base["key"].repeat(1, 2, 1, 1)),
+        dict(base, inner_precise=0),
+    ]
+    keys = {_key(c) for c in changed}
+    assert len(keys) == len(changed) and _key(dict(base, scale_value=0.0)) not in keys
+    assert _key(base) not in keys
+    # what the key cannot tell: None
+    for odd in (
+        dict(base, num_heads=True),
+        dict(base, num_heads=np.int64(4)),
+        dict(base, scale_value=np.float32(0.5)),
+        dict(base, input_layout=None),
+        dict(base, actual_seq_lengths=torch.tensor([32, 32])),
+        dict(base, actual_seq_lengths=[32, np.int64(32)]),
+        dict(base, actual_seq_lengths=range(2)),
+        dict(base, key=[base["key"][:1], base["key"][1:]]),
+        dict(base, query=torch.nn.Parameter(base["query"], requires_grad=False)),
+        dict(base, block_table=[[0, 1]]),
+    ):
+        assert _key(odd) is None
