@@ -537,9 +537,14 @@ class _Reader:
         self.base = base
 
     def error(self, where: str, value: object, rule: str) -> ParamInvalidError:
-        """Return an error naming the file and ``where`` (``--set KEY`` if overridden)."""
+        """Return an error naming the file and ``where`` (``--set KEY`` if overridden).
+
+        ``where`` is named as ``--set KEY`` when it is that key or lies inside it (the value is
+        the override's); an override deeper inside ``where`` (``--set stragglers.9.compute``
+        for a rule on ``stragglers.9``) is named after the rule instead.
+        """
         for key in self.overridden:
-            if where == key or where.startswith(key + ".") or key.startswith(where + "."):
+            if where == key or where.startswith(key + "."):
                 return ParamInvalidError(f"{self.file}: --set {key}", value, rule)
         if self.overridden:
             rule += " (with " + ", ".join(f"--set {k}" for k in self.overridden) + ")"
