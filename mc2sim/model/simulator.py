@@ -26,7 +26,9 @@ Where a node's ranks share fewer cores, every collective also waits ``Device.sli
 core_share)`` for peers off their cores, as latency (:func:`mc2sim.model.cost.schedule_wait`),
 counted from when its last rank queued it: collectives queued together wait at once (a peer
 back on its core progresses every collective it has posted), also on a communication stream,
-where a collective that starts late has only what is left of its wait to go.
+where a collective that starts late has only what is left of its wait to go. A capped wire
+keeps its pace while a peer is off its core, so there the wait shows only past the wire's
+slack: latency + max(capped transfer, the ranks' own transfer + wait).
 Posting a collective holds the rank's issuer for the device's issue overhead (LogP's ``o``,
 ``Device.issue_us``) before the collective is queued; compute, the overhead and the
 reductions run at the rank's share of a core where a node's ranks share fewer cores
@@ -430,12 +432,22 @@ class _Engine:
         wait = 0.0
         if self.wait > 0.0:
             wait = max(0.0, float(np.max(self.queued[k])) + self.wait - self.now)
+        alpha = min(work, times.pop(0) * ratio) if self.latency_only is not None else 0.0
+        uncapped = times.pop(0) if self.uncapped is not None else 0.0
+        if self.uncapped is not None:
+            # a capped wire keeps its pace while a peer is off its core (what the ranks
+            # handed it goes on): the wait shows only where it outlasts the wire's slack,
+            # the capped time beyond the ranks' own, so the collective takes
+            # alpha + max(capped transfer, own transfer + wait)
+            wait = max(0.0, wait - max(0.0, work - uncapped))
         if self.latency_only is not None:
-            latency = min(work, times.pop(0) * ratio) + wait
+            latency = alpha + wait
         work += wait
         headroom = 1.0
-        if self.uncapped is not None:  # the transfer's own work, without the wires' caps
-            own = times.pop(0) - latency
+        if self.uncapped is not None:
+            # the transfer's own work without the wires' caps, the wait for peers included
+            # (the ranks' time, not the wire's) where the transfer part holds it
+            own = uncapped + wait - latency
             headroom = (work - latency) / own if own > 0 else 1.0
         for r, task in enumerate(tasks):
             peer = self.ranks[r]

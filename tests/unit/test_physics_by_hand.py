@@ -245,6 +245,43 @@ def test_on_a_stream_a_collective_waits_what_is_left_of_its_wait() -> None:
     assert_spans(simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()})
 
 
+@pytest.mark.parametrize("concurrent", [True, False])
+@pytest.mark.parametrize(
+    ("cap", "span"),
+    [(0.0, 2.0), (500.0, 3.0), (800.0, 2.0), (1200.0, 2.0)],
+)
+def test_a_capped_wire_hides_the_wait_for_peers_up_to_its_slack(
+    concurrent: bool, cap: float, span: float
+) -> None:
+    # 4 ranks on 2 cores, slice 1 s: the AllReduce (1000 B, ring 2 (p - 1) / p * n / B =
+    # 1.5 s of the ranks' own transfer) waits 0.5 s for peers. A wire capped at 500 B/s takes
+    # 1500 / 500 = 3 s and keeps its pace while a peer is off its core: max(3, 1.5 + 0.5) =
+    # 3 (it was 3.5). At 800 B/s, 1.875 s: max(1.875, 2) = 2, the wait showing 0.125 s past
+    # the wire's 0.375 s of slack. A wire faster than the ranks (1200 B/s) caps nothing.
+    plans = {r: plan(r, 4, allreduce(1)) for r in range(4)}
+    topo = with_device(machine(4, concurrent=concurrent), cores_per_node=2, slice_us=1e6)
+    link = dataclasses.replace(topo.network[0], link_gbps=cap / 1e9)
+    topo = dataclasses.replace(topo, network=(link,))
+    assert_spans(simulate(plans, topo), {(r, "ar0"): (0.0, span) for r in range(4)})
+
+
+def test_a_capped_transfers_headroom_counts_the_wait_as_the_ranks_time() -> None:
+    # As above at 800 B/s, in flight together, comm slowdown 4: the wait left, 0.125 s, is the
+    # latency part [0, 0.125]; the transfer part is the wire's 1.875 s against the ranks' own
+    # 1.5, headroom 1.25, so while a rank computes it advances at min(1, 1.25 / 4) = 0.3125.
+    # The matmul (1.0625 s on a whole core) runs [0, 2.125] at half a core: the transfer
+    # does 2 * 0.3125 = 0.625 s of its 1.875 by 2.125 and the rest at full rate, ending at
+    # 2.125 + 1.25 = 3.375. (Taking the wait off the ranks' own part, 1.375 s, gave headroom
+    # 1.36 and an end at 3.318.)
+    plans = {r: plan(r, 4, allreduce(1), mm(1.0625)) for r in range(4)}
+    topo = with_device(machine(4, concurrent=True, comm_slowdown=4.0), cores_per_node=2)
+    topo = with_device(topo, slice_us=1e6)
+    link = dataclasses.replace(topo.network[0], link_gbps=800 / 1e9)
+    topo = dataclasses.replace(topo, network=(link,))
+    expected = {"ar0": (0.0, 3.375), "mm1": (0.0, 2.125)}
+    assert_spans(simulate(plans, topo), {(r, n): s for r in range(4) for n, s in expected.items()})
+
+
 @pytest.mark.parametrize(
     ("entry", "where", "rule"),
     [
