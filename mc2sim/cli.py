@@ -617,14 +617,14 @@ def _measure_into(
             out, timeline=result.timeline, baseline=result.baseline, manifest=manifest,
             verdicts=result.verdicts,
         )  # fmt: skip
-        base = result.timeline.for_run(result.baseline)
+        by_run = result.timeline.metrics_by_run(result.baseline)
         print(
             f"# {scenario.name}: {scenario.op}, {comm.size} ranks (measured on "
             f"{', '.join(sorted(set(result.devices)))} via {result.backend})"
         )
         print(METRICS_HEADER + "  golden")
         for tiling, run in result.runs.items():
-            m = result.timeline.for_run(run).metrics(baseline=base)
+            m = by_run[run]
             ok = all(v.passed for v in result.verdicts[tiling])
             print(f"{metrics_row(tiling, m)}  {'pass' if ok else 'FAIL'}")
         if plots:

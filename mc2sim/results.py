@@ -1692,8 +1692,7 @@ def encode_results(
             "timeline", f"rank {outside[0]}", f"must be below the world size {manifest.world_size}"
         )
     if metrics is None:
-        per_run = timeline.by_run()
-        metrics = {run: per_run[run].metrics(baseline=per_run[baseline]) for run in runs}
+        metrics = timeline.metrics_by_run(baseline)
     elif set(metrics) != set(runs):
         raise ParamInvalidError(
             "metrics", sorted(str(r) for r in metrics), "must hold exactly the timeline's runs"

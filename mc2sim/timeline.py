@@ -506,6 +506,15 @@ class Timeline:
             for run, records in zip(runs, kept, strict=True)
         }
 
+    def metrics_by_run(self, baseline: RunKey) -> dict[RunKey, Metrics]:
+        """Each run's :meth:`metrics` against the ``baseline`` run, runs in :meth:`runs` order.
+
+        One pass over the records (:meth:`by_run`), however many runs.
+        """
+        per_run = self.by_run()
+        base = per_run[baseline]
+        return {run: one.metrics(baseline=base) for run, one in per_run.items()}
+
     def for_rank(self, rank: int) -> Timeline:
         """Return the timeline of ``rank``'s records only (same source and meta).
 

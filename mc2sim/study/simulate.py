@@ -102,7 +102,6 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
             )
     merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": ranks})
     baseline = runs["serial"]  # every scenario has the serial baseline
-    per_run = merged.by_run()
     return StudyResult(
         scenario=scenario,
         topology=sized,
@@ -110,7 +109,7 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
         timeline=merged,
         runs=runs,
         baseline=baseline,
-        by_run={run: per_run[run].metrics(baseline=per_run[baseline]) for run in runs.values()},
+        by_run=merged.metrics_by_run(baseline),
         ranks=tuple(rows),
     )
 

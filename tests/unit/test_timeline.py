@@ -136,6 +136,22 @@ def test_baseline_gives_t_pure_and_speedup() -> None:
     assert serial.metrics(baseline=serial).speedup == 1.0
 
 
+def test_metrics_by_run_is_each_run_against_the_baseline() -> None:
+    # the runs of test_baseline_gives_t_pure_and_speedup, interleaved in one timeline
+    serial = key("serial")
+    both = tl(
+        rec("compute", 0, 4, run=serial), rec("compute", 0, 4),
+        rec("comm", 4, 6, task=1, run=serial), rec("comm", 2, 5, task=1),
+    )  # fmt: skip
+    by_run = both.metrics_by_run(serial)
+    assert list(by_run) == [serial, RUN]
+    assert by_run[serial].speedup == 1.0
+    assert by_run[RUN].speedup == 1.2  # 6 / 5
+    assert by_run[RUN].overlap_pct == 50.0  # 100 * (1 - 1/2): the serial comm is t_pure
+    with pytest.raises(KeyError):
+        both.metrics_by_run(key("tiles=4"))
+
+
 def test_critical_rank_is_the_slowest() -> None:
     t = tl(
         rec("compute", 0, 4, rank=0),
