@@ -29,6 +29,7 @@ from mc2sim.kernels._ifa_sources import (
     ListKV,
     PagedKV,
     PageTable,
+    check_entries,
 )
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
 
@@ -516,9 +517,11 @@ def check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) -
     call whose entries in use lie within those is not checked again. Any in-place change
     through torch (``table[b, j] = x``, ``copy_``, ``fill_``, ...) bumps the version and is
     checked again; a write that bypasses torch's version counter (through ``data_ptr`` or
-    DLPack) is not seen, and the fused CUDA kernel clamps every entry it reads into
-    [0, blocknum) so such a table cannot make it read outside the cache. A CPU table is read
-    on every call (:data:`_ALWAYS_READ`).
+    DLPack) is not seen here: the fused CUDA kernel clamps every entry it reads into
+    [0, blocknum), and the torch composition, which reads the entries on the host anyway
+    (:meth:`~mc2sim.kernels._ifa_sources.PageTable.resolve`), checks them again there, so
+    such a table cannot make either read outside the cache. A CPU table is read on every
+    call (:data:`_ALWAYS_READ`).
 
     Args:
         table: INT32 ``(B, >= max(needed))``.
@@ -541,14 +544,7 @@ def check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) -
     used = max(needed)
     table64 = _read_entries(table, used)
     in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
-    bad = in_use & ((table64 < 0) | (table64 >= blocknum))
-    if bool(bad.any()):
-        b, j = (int(i) for i in bad.nonzero()[0])
-        raise ParamInvalidError(
-            f"block_table[{b}][{j}]",
-            int(table64[b, j]),
-            f"must be a block index in [0, blocknum={blocknum})",
-        )
+    check_entries(table64, in_use, blocknum)
     if state is None:
         return
     key = id(table)

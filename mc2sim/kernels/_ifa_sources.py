@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels._device import from_host
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "PageTable",
     "PagedKV",
     "block_index",
+    "check_entries",
 ]
 
 
@@ -155,6 +157,11 @@ class PageTable:
             used = max(needed)
             table64 = self.raw[:, :used].to(device="cpu", dtype=torch.int64)
             in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
+            # checked when the call was planned, unless a check of this table was remembered
+            # and it changed since unseen (a write through data_ptr or DLPack): the entries
+            # are on the host now, so checking them again costs nothing, and an index out of
+            # the cache never reaches a gather on the device
+            check_entries(table64, in_use, self.blocknum)
             # Entries past a batch's last block are never read by the operator; any valid
             # index will do for the gather, and the attention zeroes what they bring in.
             safe = torch.where(in_use, table64, torch.zeros_like(table64))
@@ -162,6 +169,28 @@ class PageTable:
             blocks = block_index(table64, in_use, list(self.lengths), size, self.blocknum, device)
             self._resolved = (from_host(safe, device), blocks)
         return self._resolved
+
+
+def check_entries(table: torch.Tensor, in_use: torch.Tensor, blocknum: int) -> None:
+    """Check that the block table's entries in use are block indices in [0, blocknum).
+
+    Args:
+        table: int64 ``(B, used)`` on the host, the block table's first ``used`` columns.
+        in_use: bool ``(B, used)``, which entries a batch's length reaches.
+        blocknum: blocks in the cache.
+
+    Raises:
+        ParamInvalidError: the first entry in use out of range (row-major), naming
+            ``block_table[b][j]``.
+    """
+    bad = in_use & ((table < 0) | (table >= blocknum))
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ParamInvalidError(
+            f"block_table[{b}][{j}]",
+            int(table[b, j]),
+            f"must be a block index in [0, blocknum={blocknum})",
+        )
 
 
 def block_index(

@@ -31,7 +31,7 @@ from mc2sim.kernels import (
     unpack_int4,
     weight_quant_batchmatmul,
 )
-from tests.kernels.test_ifa import _kv, _loop_oracle, _paged, _query
+from tests.kernels.test_ifa import _kv, _loop_oracle, _paged, _paged_call, _query, _run
 from tests.kernels.test_weight_quant import oracle as wq_oracle
 
 DEVICE = torch.device(os.environ.get("MC2SIM_GPU_TEST_DEVICE", "cuda"))
@@ -390,6 +390,44 @@ def test_ifa_int8_kv_and_int8_output(inner_precise: int, dtype: torch.dtype) -> 
         **common, quant_scale2=torch.tensor([40.0]), quant_offset2=torch.tensor([1.0])
     )
     assert q8.dtype == I8 and (q8.cpu().int() - q8_cpu.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("kv_dtype", [F16, I8], ids=str)
+def test_ifa_a_remembered_cuda_table_changed_unseen_raises_before_any_gather(
+    monkeypatch: pytest.MonkeyPatch, kv_dtype: torch.dtype
+) -> None:
+    """A remembered CUDA table changed unseen is checked where the torch path reads it.
+
+    The table's check is remembered, then it is written through ``.data`` (torch's version
+    counter unchanged): the entries the torch composition reads on the host are checked again,
+    so an entry out of the cache raises 161002 instead of indexing on the device.
+    """
+    from mc2sim.errors import ParamInvalidError
+    from mc2sim.kernels import _ifa_plan
+    from mc2sim.kernels import ifa as ifa_module
+
+    if DEVICE.type != "cuda":
+        pytest.skip("a CUDA table is the one whose check is remembered")
+    monkeypatch.setattr(_ifa_plan, "_CHECKED_TABLES", {})
+    monkeypatch.setattr(ifa_module, "FUSED_CUDA_KERNEL", False)
+    call = {
+        name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+        for name, value in _paged_call(kv_dtype=kv_dtype).items()
+    }
+    table = call["block_table"]  # [[0, 1], [2, 3]]; lengths [40, 20], block 32, 4 blocks
+    assert isinstance(table, torch.Tensor)
+    first = _run(call)
+    assert id(table) in _ifa_plan._CHECKED_TABLES  # remembered: the next call does not read it
+    version = table._version
+    table.data[1, 0] = 7
+    assert table._version == version
+    with pytest.raises(ParamInvalidError) as info:
+        _run(call)
+    assert info.value.code == 161002
+    assert str(info.value) == "block_table[1][0]=7: must be a block index in [0, blocknum=4)"
+    table.data[1, 0] = 2
+    assert torch.equal(_run(call), first)
+    torch.cuda.synchronize()  # no device-side error was left behind
 
 
 def _fused_and_torch(

@@ -1453,6 +1453,33 @@ def test_a_reused_block_table_is_checked_once_until_it_changes(
     assert reads == [2, 2, 2, 2, 2]
 
 
+def test_a_remembered_table_changed_unseen_is_checked_where_its_entries_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that bypasses torch's version counter skips the remembered check, not the read.
+
+    The torch composition reads the entries in use on the host to gather blocks
+    (``PageTable.resolve``); an entry out of the cache raises 161002 there, naming the same
+    entry as the check at planning would, instead of reaching an index on the device.
+    """
+    from mc2sim.kernels import _ifa_plan
+
+    monkeypatch.setattr(_ifa_plan, "_ALWAYS_READ", frozenset())  # remember a CPU table
+    monkeypatch.setattr(_ifa_plan, "_CHECKED_TABLES", {})
+    call = _paged_call()  # lengths [40, 20], block 32: entries [0][0:2] and [1][0] in use
+    table = torch.tensor([[0, 1, 99], [2, 99, 99]], dtype=torch.int32)
+    first = _run(dict(call, block_table=table))
+    table.numpy()[1, 0] = 7  # blocknum is 4 (_paged_call): out of the cache, version unchanged
+    assert table._version == 0
+    with pytest.raises(ParamInvalidError) as info:
+        _run(dict(call, block_table=table))
+    assert info.value.code == 161002 and info.value.param == "block_table[1][0]"
+    assert str(info.value) == "block_table[1][0]=7: must be a block index in [0, blocknum=4)"
+    table.numpy()[1, 2] = -5  # past batch 1's length: never read, never checked
+    table.numpy()[1, 0] = 2
+    assert torch.equal(_run(dict(call, block_table=table)), first)
+
+
 # --------------------------------------------------------------------------- call keys
 
 
