@@ -49,6 +49,7 @@ try:
 except ImportError:  # pragma: no cover - older Triton
     from triton.language.extra.cuda import libdevice
 
+from mc2sim.kernels._cache import put_bounded
 from mc2sim.kernels._device import from_host
 from mc2sim.kernels._ifa_plan import IfaPlan
 from mc2sim.kernels._ifa_sources import DenseKV, PagedKV
@@ -287,10 +288,8 @@ def _windows(plan: IfaPlan, device: torch.device) -> torch.Tensor:
     key = (device, plan.starts, plan.ends)
     found = _WINDOWS.get(key)
     if found is None:
-        if len(_WINDOWS) >= _WINDOWS_MAX:
-            _WINDOWS.pop(next(iter(_WINDOWS)))
         found = from_host([*plan.starts, *plan.ends], device, torch.int32)
-        _WINDOWS[key] = found
+        put_bounded(_WINDOWS, key, found, _WINDOWS_MAX)
     return found
 
 
