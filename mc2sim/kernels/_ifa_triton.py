@@ -82,6 +82,39 @@ _VALUES_CONSTEXPRS = ("PAGED", "PAGE", "G_PAD", "D_PAD", "S_PAD", "BLOCK_N")
 
 
 @triton.jit
+def _program_start(
+    win_ptr,
+    n_kv,
+    group,
+    dim,
+    batch,
+    split_len,
+    G_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+):  # pragma: no cover - compiled by Triton for the GPU
+    """Where a program of either kernel starts: its place in the grid, its window, its heads.
+
+    Returns ``(row, split, b, kvh, start, end, lo, hi, g, d, g_ok, d_ok)``: the program's
+    (batch, KV head) row and split of the positions, that batch and KV head, the batch's
+    window ``[start, end)``, the split's share of it ``[lo, hi)``, the query group's head and
+    the head dimension's offsets (padded to ``G_PAD`` and ``D_PAD``) and which are real.
+    """
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row // n_kv
+    kvh = row % n_kv
+    start = tl.load(win_ptr + b)
+    end = tl.load(win_ptr + batch + b)
+    lo = tl.maximum(split * split_len, start)
+    hi = tl.minimum((split + 1) * split_len, end)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    g_ok = g < group
+    d_ok = d < dim
+    return row, split, b, kvh, start, end, lo, hi, g, d, g_ok, d_ok
+
+
+@triton.jit
 def _scores_kernel(
     q_ptr,
     k_ptr,
@@ -122,18 +155,9 @@ def _scores_kernel(
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # pragma: no cover - compiled by Triton for the GPU
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    b = row // n_kv
-    kvh = row % n_kv
-    start = tl.load(win_ptr + b)
-    end = tl.load(win_ptr + batch + b)
-    lo = tl.maximum(split * split_len, start)
-    hi = tl.minimum((split + 1) * split_len, end)
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    g_ok = g < group
-    d_ok = d < dim
+    row, split, b, kvh, _, _, lo, hi, g, d, g_ok, d_ok = _program_start(
+        win_ptr, n_kv, group, dim, batch, split_len, G_PAD, D_PAD
+    )
     heads = kvh * group + g
     q = tl.load(
         q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :] * sq_d,
@@ -206,18 +230,9 @@ def _values_kernel(
     S_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # pragma: no cover - compiled by Triton for the GPU
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    b = row // n_kv
-    kvh = row % n_kv
-    start = tl.load(win_ptr + b)
-    end = tl.load(win_ptr + batch + b)
-    lo = tl.maximum(split * split_len, start)
-    hi = tl.minimum((split + 1) * split_len, end)
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    g_ok = g < group
-    d_ok = d < dim
+    row, split, b, kvh, start, end, lo, hi, g, d, g_ok, d_ok = _program_start(
+        win_ptr, n_kv, group, dim, batch, split_len, G_PAD, D_PAD
+    )
     rows = row * group + g
     splits = tl.arange(0, S_PAD)
     maxima = tl.load(
