@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mc2sim.kernels._cache import put_bounded
 from mc2sim.kernels._device import from_host
 from mc2sim.kernels._triton_launch import KernelLaunch, current_stream, multiprocessors, workspace
 
@@ -224,8 +225,6 @@ def _table(counts: list[int], device: torch.device) -> torch.Tensor:  # pragma: 
     key = (device, *counts)
     found = _TABLES.get(key)
     if found is None:
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.pop(next(iter(_TABLES)))
         found = from_host(row_tiles(counts, BLOCK_M), device, torch.int32)
-        _TABLES[key] = found
+        put_bounded(_TABLES, key, found, _TABLES_MAX)
     return found

@@ -21,6 +21,7 @@ import torch
 from mc2sim import limits
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
+from mc2sim.kernels._cache import put_bounded
 from mc2sim.kernels._device import same_device
 from mc2sim.kernels._ifa_sources import (
     Antiquant,
@@ -551,11 +552,11 @@ def check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) -
     checked = tuple(needed)
     if entry is not None and entry[0]() is table and entry[1] == state:
         checked = tuple(max(n, c) for n, c in zip(needed, entry[2], strict=True))
-    _CHECKED_TABLES.pop(key, None)
-    if len(_CHECKED_TABLES) >= _CHECKED_TABLES_MAX:
-        _CHECKED_TABLES.pop(next(iter(_CHECKED_TABLES)))
     ref = weakref.ref(table, lambda _, key=key: _forget(key))  # type: ignore[misc]
-    _CHECKED_TABLES[key] = (ref, state, checked)
+    # the re-checked table becomes the newest: it is the last to be forgotten
+    put_bounded(
+        _CHECKED_TABLES, key, (ref, state, checked), _CHECKED_TABLES_MAX, move_to_newest=True
+    )
 
 
 def _read_entries(table: torch.Tensor, used: int) -> torch.Tensor:

@@ -49,6 +49,7 @@ try:
 except ImportError:  # pragma: no cover - older Triton
     from triton.language.extra.cuda import libdevice
 
+from mc2sim.kernels._cache import put_bounded
 from mc2sim.kernels._device import from_host
 from mc2sim.kernels._ifa_plan import IfaPlan
 from mc2sim.kernels._ifa_sources import DenseKV, PagedKV
@@ -78,6 +79,39 @@ _SCORES_CONSTEXPRS = ("PAGED", "PAGE", "HAS_MASK", "HAS_PSE", "G_PAD", "D_PAD", 
 """The scores kernel's constexpr parameters, in order."""
 _VALUES_CONSTEXPRS = ("PAGED", "PAGE", "G_PAD", "D_PAD", "S_PAD", "BLOCK_N")
 """The values kernel's constexpr parameters, in order."""
+
+
+@triton.jit
+def _program_start(
+    win_ptr,
+    n_kv,
+    group,
+    dim,
+    batch,
+    split_len,
+    G_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+):  # pragma: no cover - compiled by Triton for the GPU
+    """Where a program of either kernel starts: its place in the grid, its window, its heads.
+
+    Returns ``(row, split, b, kvh, start, end, lo, hi, g, d, g_ok, d_ok)``: the program's
+    (batch, KV head) row and split of the positions, that batch and KV head, the batch's
+    window ``[start, end)``, the split's share of it ``[lo, hi)``, the query group's head and
+    the head dimension's offsets (padded to ``G_PAD`` and ``D_PAD``) and which are real.
+    """
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row // n_kv
+    kvh = row % n_kv
+    start = tl.load(win_ptr + b)
+    end = tl.load(win_ptr + batch + b)
+    lo = tl.maximum(split * split_len, start)
+    hi = tl.minimum((split + 1) * split_len, end)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    g_ok = g < group
+    d_ok = d < dim
+    return row, split, b, kvh, start, end, lo, hi, g, d, g_ok, d_ok
 
 
 @triton.jit
@@ -121,18 +155,9 @@ def _scores_kernel(
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # pragma: no cover - compiled by Triton for the GPU
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    b = row // n_kv
-    kvh = row % n_kv
-    start = tl.load(win_ptr + b)
-    end = tl.load(win_ptr + batch + b)
-    lo = tl.maximum(split * split_len, start)
-    hi = tl.minimum((split + 1) * split_len, end)
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    g_ok = g < group
-    d_ok = d < dim
+    row, split, b, kvh, _, _, lo, hi, g, d, g_ok, d_ok = _program_start(
+        win_ptr, n_kv, group, dim, batch, split_len, G_PAD, D_PAD
+    )
     heads = kvh * group + g
     q = tl.load(
         q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :] * sq_d,
@@ -205,18 +230,9 @@ def _values_kernel(
     S_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # pragma: no cover - compiled by Triton for the GPU
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    b = row // n_kv
-    kvh = row % n_kv
-    start = tl.load(win_ptr + b)
-    end = tl.load(win_ptr + batch + b)
-    lo = tl.maximum(split * split_len, start)
-    hi = tl.minimum((split + 1) * split_len, end)
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    g_ok = g < group
-    d_ok = d < dim
+    row, split, b, kvh, start, end, lo, hi, g, d, g_ok, d_ok = _program_start(
+        win_ptr, n_kv, group, dim, batch, split_len, G_PAD, D_PAD
+    )
     rows = row * group + g
     splits = tl.arange(0, S_PAD)
     maxima = tl.load(
@@ -287,10 +303,8 @@ def _windows(plan: IfaPlan, device: torch.device) -> torch.Tensor:
     key = (device, plan.starts, plan.ends)
     found = _WINDOWS.get(key)
     if found is None:
-        if len(_WINDOWS) >= _WINDOWS_MAX:
-            _WINDOWS.pop(next(iter(_WINDOWS)))
         found = from_host([*plan.starts, *plan.ends], device, torch.int32)
-        _WINDOWS[key] = found
+        put_bounded(_WINDOWS, key, found, _WINDOWS_MAX)
     return found
 
 

@@ -19,6 +19,8 @@ from typing import Any, cast
 import torch
 import triton
 
+from mc2sim.kernels._cache import put_bounded
+
 __all__ = ["DIRECT_LAUNCH", "KernelLaunch", "current_stream", "multiprocessors", "workspace"]
 
 DIRECT_LAUNCH = triton.__version__.split(".")[:2] == ["3", "6"]
@@ -152,8 +154,6 @@ class KernelLaunch:
 
     def _first(self, key: tuple[object, ...], tensors: Sequence[torch.Tensor]) -> None:
         """Launch through Triton, and keep the compiled kernel's launcher under ``key``."""
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.pop(next(iter(_COMPILED)))
         compiled = self._kernel[self._grid](
             *tensors,
             *self.scalars,
@@ -161,4 +161,5 @@ class KernelLaunch:
             num_warps=self.options[0],
             num_stages=self.options[1],
         )
-        _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+        launcher = (compiled.run, compiled.function, compiled.packed_metadata)
+        put_bounded(_COMPILED, key, launcher, _COMPILED_MAX)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from mc2sim.kernels._cache import put_bounded
 from mc2sim.kernels._device import from_host, mm_float32
 from mc2sim.kernels._ifa_plan import (
     IfaLayout,
@@ -264,9 +265,7 @@ def _remember(
     if isinstance(plan.key, PagedKV):
         pages = plan.key.pages
         table = ([-(-n // pages.block_size) for n in pages.lengths], pages.blocknum)
-    if len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.pop(next(iter(_CHECKED)))
-    _CHECKED[fast] = _Checked(launch=launch, table=table)
+    put_bounded(_CHECKED, fast, _Checked(launch=launch, table=table), _CHECKED_MAX)
 
 
 def _repeat(
