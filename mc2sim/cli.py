@@ -197,7 +197,8 @@ def _print_independent(topology: Topology, independent: Any) -> None:
     Each row is the model's figure for what the independent measurement times: a 1024^3
     float32 matmul task on a whole core (the roofline, its efficiency and memory terms),
     the memory rate (against a bfloat16 to float32 conversion, the kernels' memory pass,
-    and a memcpy), a 4-byte exchange of two ranks (latency plus issue overhead).
+    and a memcpy), a 4-byte exchange of two ranks (latency plus issue overhead), and where
+    posting a reduction copies it to float32, that copy's rate (against the conversion).
     """
     from mc2sim.model.cost import roofline_time
     from mc2sim.schedule.plan import TaskKind
@@ -214,6 +215,10 @@ def _print_independent(topology: Topology, independent: Any) -> None:
         ("4-byte exchange us, the others asleep", message, independent.pingpong_us),
         ("4-byte exchange us, every pair at once", message, independent.pingpong_loaded_us),
     ]
+    if device.issue_gbps > 0:  # posting a reduction converts its buffer: the same pass
+        rows.append(
+            ("posting's float32 copy GB/s vs bf16->f32", device.issue_gbps, independent.upcast_gbps)
+        )
     print(
         f"fitted against independent ({device.cores_per_node:g} cores per node, each rank at "
         f"{topology.core_share:.2g} of one; compute and memory on one rank, the others asleep):"

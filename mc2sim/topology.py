@@ -290,6 +290,13 @@ class Device:
     plan of many tiny chunks pays it once per chunk. 0 on accelerators, whose
     communication engine takes a descriptor."""
 
+    issue_gbps: float = 0.0
+    """Where reductions move float32 copies (``reductions_in_float32``): the rate, in GB/s of
+    the plan's 16-bit bytes, at which posting an AllReduce or a ReduceScatter makes its
+    float32 copy (a conversion pass on the rank's core, before the nonblocking call returns),
+    on top of ``issue_us``. 0: posting costs ``issue_us`` whatever the size (accelerators,
+    which reduce 16-bit data in line). >= 0."""
+
     slice_us: float = 0.0
     """Where a node's ranks share fewer cores (``Topology.core_share`` below 1): how long a
     collective waits, in microseconds, for a peer that is off its core (the scheduler's
@@ -348,6 +355,7 @@ class Device:
             self, "cores_per_node", _non_negative("cores_per_node", self.cores_per_node)
         )
         object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
+        object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
         if not isinstance(self.profile, tuple) or not all(
             isinstance(p, ProfilePoint) for p in self.profile
@@ -369,6 +377,7 @@ class Device:
                 self.reductions_in_float32,
                 self.cores_per_node,
                 self.issue_us,
+                self.issue_gbps,
                 self.slice_us,
                 self.profile,
             )
@@ -685,6 +694,7 @@ _DEVICE_OPTIONAL = (
     "reductions_in_float32",
     "cores_per_node",
     "issue_us",
+    "issue_gbps",
     "slice_us",
     "profile",
 )
@@ -818,6 +828,7 @@ class _Reader:
             ),
             cores_per_node=self.number(dev.get("cores_per_node", 0.0), "device.cores_per_node"),
             issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
+            issue_gbps=self.number(dev.get("issue_gbps", 0.0), "device.issue_gbps"),
             slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
             profile=self.profile(dev.get("profile", [])),
         )
@@ -914,6 +925,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "reductions_in_float32": dev.reductions_in_float32,
             **({"cores_per_node": dev.cores_per_node} if dev.cores_per_node else {}),
             **({"issue_us": dev.issue_us} if dev.issue_us else {}),
+            **({"issue_gbps": dev.issue_gbps} if dev.issue_gbps else {}),
             **({"slice_us": dev.slice_us} if dev.slice_us else {}),
             "efficiency": {
                 "small_util": eff.small_util,

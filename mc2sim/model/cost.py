@@ -145,9 +145,22 @@ def schedule_wait(topology: Topology) -> float:
     return topology.device.slice_us * 1e-6 * (1.0 - topology.core_share)
 
 
-def issue_time(topology: Topology) -> float:
-    """Seconds a rank's issuer spends posting one collective (LogP's ``o``), at its core share."""
-    return topology.device.issue_us * 1e-6 / topology.core_share
+_FLOAT32_COPIED = frozenset({TaskKind.ALLREDUCE, TaskKind.REDUCE_SCATTER})
+"""The collectives whose posting makes a float32 copy where reductions move float32
+(``Device.reductions_in_float32``)."""
+
+
+def issue_time(topology: Topology, task: Task) -> float:
+    """Seconds a rank's issuer spends posting comm task ``task`` (LogP's ``o``), at its core share.
+
+    ``Device.issue_us``, plus, for an AllReduce or a ReduceScatter where reductions move
+    float32 copies, its float32 copy of the task's bytes at ``Device.issue_gbps``.
+    """
+    device = topology.device
+    seconds = device.issue_us * 1e-6
+    if device.issue_gbps > 0 and device.reductions_in_float32 and task.kind in _FLOAT32_COPIED:
+        seconds += task.bytes / (device.issue_gbps * 1e9)
+    return seconds / topology.core_share
 
 
 def _phase(dim: NetworkDim, nbytes: float) -> float:

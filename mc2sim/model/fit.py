@@ -47,6 +47,7 @@ __all__ = [
     "fit_peaks",
     "fit_comm_profile",
     "fit_profile",
+    "fit_rate",
 ]
 
 
@@ -155,6 +156,21 @@ def fit_peaks(
         if inv_peak > 0:
             peaks[dtype] = 1.0 / inv_peak / 1e12
     return peaks
+
+
+def fit_rate(nbytes: Sequence[float], seconds: Sequence[float]) -> float:
+    """GB/s of ``seconds = nbytes / rate``: the least-squares slope through the origin.
+
+    Args:
+        nbytes: each sample's bytes.
+        seconds: each sample's time beyond its fixed part.
+
+    Returns:
+        The rate in GB/s; 0 where the slope is not positive (no per-byte cost measured).
+    """
+    sizes = np.asarray(nbytes, dtype=np.float64)
+    per_byte = float(np.dot(sizes, np.asarray(seconds, dtype=np.float64)) / np.dot(sizes, sizes))
+    return 1.0 / per_byte / 1e9 if per_byte > 0 else 0.0
 
 
 def fit_profile(samples: Sequence[ComputeSample]) -> tuple[ProfilePoint, ...]:

@@ -30,7 +30,8 @@ where a collective that starts late has only what is left of its wait to go. A c
 keeps its pace while a peer is off its core, so there the wait shows only past the wire's
 slack: latency + max(capped transfer, the ranks' own transfer + wait).
 Posting a collective holds the rank's issuer for the device's issue overhead (LogP's ``o``,
-``Device.issue_us``) before the collective is queued; compute, the overhead and the
+``Device.issue_us``, and a reduction's float32 copy at ``Device.issue_gbps``:
+:func:`mc2sim.model.cost.issue_time`) before the collective is queued; compute, the overhead and the
 reductions run at the rank's share of a core where a node's ranks share fewer cores
 (``Topology.core_share``; :mod:`mc2sim.model.cost`).
 
@@ -292,7 +293,6 @@ class _Engine:
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
         self.polled = topology.contention.polled
-        self.issue = issue_time(topology)
         self.wait = schedule_wait(topology)
         self.run = {r: RunKey(op=plans[r].op, tiling=plans[r].tiling) for r in range(self.world)}
 
@@ -366,11 +366,12 @@ class _Engine:
                 if self.computing == 1:
                     self._rerate_comms()
                 return
-            if self.issue > 0.0:  # posting it holds the issuer (LogP's o)
+            issue = issue_time(self.topology, task)
+            if issue > 0.0:  # posting it holds the issuer (LogP's o)
                 state.issuer_busy = True
                 state.issuing = task
                 state.issue_version = next(self.versions)
-                at = self.now + self.issue
+                at = self.now + issue
                 heapq.heappush(self.heap, (at, next(self.seq), "issue", rank, state.issue_version))
                 return
             self.queue_comm(rank, task)

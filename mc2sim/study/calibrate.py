@@ -77,6 +77,7 @@ from mc2sim.model.fit import (
     fit_levels,
     fit_peaks,
     fit_profile,
+    fit_rate,
 )
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.scenario import load
@@ -440,7 +441,7 @@ def calibrate(
     spans = [[t.metrics().total_s for t in mine] for mine in rounds[first:]]
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
-    issue_s = measure_issue(comm, reps)
+    issue_s, issue_gbps = measure_issue(comm, reps)
     in_ops: list[CommSample] = []
     if len(levels) == 1:  # one host: the collectives over sizes join the serial runs' samples
         swept = measure_collectives(comm, reps)
@@ -452,12 +453,15 @@ def calibrate(
         in_ops = samples_of(comm, [c for c, _ in whole], [r for _, r in whole])[1] + swept
     # a whole core's figures: the ranks measured at once, each at its share of a core
     compute = [replace(s, seconds=s.seconds * share) for s in compute]
+
     # a collective's span includes its last rank's posting, which the model holds apart
-    by_level = [
-        [replace(s, seconds=max(s.seconds - issue_s, 0.1 * s.seconds)) for s in mine]
-        for mine in by_level
-    ]
-    in_ops = [replace(s, seconds=max(s.seconds - issue_s, 0.1 * s.seconds)) for s in in_ops]
+    def posted_apart(s: CommSample) -> CommSample:
+        return replace(
+            s, seconds=max(s.seconds - _posting(s, issue_s, issue_gbps), 0.1 * s.seconds)
+        )
+
+    by_level = [[posted_apart(s) for s in mine] for mine in by_level]
+    in_ops = [posted_apart(s) for s in in_ops]
     peaks, efficiency, launch_us, memory_gbps = fit_compute(
         [s for s in compute if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
     )
@@ -489,6 +493,7 @@ def calibrate(
             reductions_in_float32=wide,
             cores_per_node=cores,
             issue_us=issue_s * share * 1e6,
+            issue_gbps=issue_gbps / share if issue_gbps > 0 else 0.0,
             profile=fit_profile(compute)
             + (fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()),
         ),
@@ -598,12 +603,17 @@ def node_cores(comm: Communicator, hosts: Sequence[str]) -> float:
     return min(figures)
 
 
-def measure_issue(comm: Communicator, reps: int) -> float:
-    """Median seconds a rank spends posting a nonblocking collective (LogP's ``o``).
+def measure_issue(comm: Communicator, reps: int) -> tuple[float, float]:
+    """Seconds a rank spends posting a nonblocking collective (LogP's ``o``), and its per-byte part.
 
     Every rank posts a 1-row-per-peer bfloat16 AlltoAllv and a 256-element AllReduce at
     once, as the tiled plans do, timing the post alone; the slowest rank's median of both
-    kinds together.
+    kinds together is ``o``. Then bfloat16 AllReduces of :data:`POSTED_BYTES` where the
+    communicator sums in float32 (its float32 copy is made while posting): the least-squares
+    slope of their posts over ``o`` by bytes gives ``Device.issue_gbps``.
+
+    Returns:
+        ``(o in seconds, GB/s of the per-byte part; 0 where there is none)``.
     """
     rows = torch.zeros((comm.size, 64), dtype=torch.bfloat16)
     ones = [1] * comm.size
@@ -617,7 +627,33 @@ def measure_issue(comm: Communicator, reps: int) -> float:
         work.wait()
         if i >= 2:  # the first of each kind warms up
             times.append(posted)
-    return float(max(comm.allgather_object(statistics.median(times))))
+    issue_s = float(max(comm.allgather_object(statistics.median(times))))
+    if comm.backend not in WIDE_REDUCTIONS:
+        return issue_s, 0.0
+    over = []
+    for nbytes in POSTED_BYTES:
+        buffer = torch.zeros(nbytes // 2, dtype=torch.bfloat16)
+        posts = []
+        for _ in range(reps + 1):
+            comm.barrier()
+            start = time.perf_counter()
+            work = comm.iallreduce(buffer)
+            posts.append(time.perf_counter() - start)
+            work.wait()
+        mine = statistics.median(posts[1:])  # the first warms up
+        over.append(float(max(comm.allgather_object(mine))) - issue_s)
+    return issue_s, fit_rate(POSTED_BYTES, over)
+
+
+POSTED_BYTES = (262144, 1048576, 4194304)
+"""Bytes of the bfloat16 AllReduces whose posts :func:`measure_issue` times for the per-byte
+part of posting a reduction (its float32 copy)."""
+
+
+def _posting(sample: CommSample, issue_s: float, issue_gbps: float) -> float:
+    """Seconds of ``sample`` spent posting: ``o``, and a reduction's float32 copy."""
+    copied = sample.kind in ("allreduce", "reduce_scatter") and issue_gbps > 0
+    return issue_s + (sample.nbytes / (issue_gbps * 1e9) if copied else 0.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

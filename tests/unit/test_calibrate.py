@@ -24,6 +24,7 @@ from mc2sim.model.fit import (
     fit_compute,
     fit_contention,
     fit_network,
+    fit_rate,
 )
 from mc2sim.model.simulator import simulate
 from mc2sim.schedule import plan_gmm_alltoallv, plan_mm_all_reduce, tiling_of
@@ -449,3 +450,12 @@ def test_a_network_with_no_measurable_cost_per_byte_fits_an_unbounded_bandwidth(
     dim, _ = fit_network(samples, 2)
     assert dim.bandwidth_gbps == UNBOUNDED_GBPS
     assert dim.latency_us > 0
+
+
+def test_a_rate_is_the_least_squares_slope_through_the_origin() -> None:
+    # 1 MB in 1 ms and 4 MB in 4 ms: 1 GB/s exactly
+    assert fit_rate([1e6, 4e6], [1e-3, 4e-3]) == pytest.approx(1.0)
+    # 1 MB in 1 ms, 2 MB in 3 ms: slope (1e6 * 1e-3 + 2e6 * 3e-3) / (1e12 + 4e12) = 1.4e-9 s/B
+    assert fit_rate([1e6, 2e6], [1e-3, 3e-3]) == pytest.approx(1 / 1.4)
+    # no per-byte cost measured (posts no slower than the fixed part): 0, not a negative rate
+    assert fit_rate([1e6, 4e6], [-1e-6, 0.0]) == 0.0

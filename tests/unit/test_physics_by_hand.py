@@ -15,7 +15,14 @@ from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import compute_time, issue_time
 from mc2sim.model.simulator import simulate
 from mc2sim.topology import Contention, NetworkDim, Topology, dump, load
-from tests.unit.test_simulator_by_hand import allreduce, assert_spans, machine, mm, plan
+from tests.unit.test_simulator_by_hand import (
+    allreduce,
+    alltoallv,
+    assert_spans,
+    machine,
+    mm,
+    plan,
+)
 
 
 def with_device(topology: Topology, **changes: object) -> Topology:
@@ -32,7 +39,7 @@ def test_a_rank_runs_at_its_share_of_the_nodes_cores(ranks: int, cores: int, sha
     task = mm(3).__class__(id=0, name="mm", kind=mm(3).kind, flops=3_000_000)
     # 3 s on a whole core; at a share s of a core, 3 / s
     assert compute_time(task, topo, "float16") == pytest.approx(3 / share)
-    assert issue_time(topo) == pytest.approx(1 / share)  # 1 s of issue overhead
+    assert issue_time(topo, allreduce(1)) == pytest.approx(1 / share)  # 1 s of issue overhead
 
 
 def test_the_share_is_per_node_not_per_job() -> None:
@@ -83,6 +90,26 @@ def test_posting_a_collective_holds_the_issuer() -> None:
     assert_spans(simulate(plans, topo), {(r, n): s for r in range(2) for n, s in expected.items()})
 
 
+def test_posting_a_float32_reduction_copies_its_bytes_on_the_issuer() -> None:
+    # o = 0.25 s, and a reduction's float32 copy at 2000 B/s: the 1000-byte AllReduce posts
+    # over [0, 0.75]; in float32 it moves 2000 B at 1000 B/s: [0.75, 2.75]; mm1 after the
+    # post: [0.75, 1.75]. Without float32 copies the post is o alone, the transfer 1 s
+    plans = {r: plan(r, 2, allreduce(1), mm(1)) for r in range(2)}
+    wide = with_device(machine(2), issue_us=0.25e6, issue_gbps=2e-6, reductions_in_float32=True)
+    expected = {"ar0": (0.75, 2.75), "mm1": (0.75, 1.75)}
+    assert_spans(simulate(plans, wide), {(r, n): s for r in range(2) for n, s in expected.items()})
+    narrow = with_device(wide, reductions_in_float32=False)
+    expected = {"ar0": (0.25, 1.25), "mm1": (0.25, 1.25)}
+    assert_spans(
+        simulate(plans, narrow), {(r, n): s for r in range(2) for n, s in expected.items()}
+    )
+    # only the reductions copy: an AlltoAllv of 3000 B posts in o
+    assert issue_time(wide, alltoallv([0, 3], [0, 3], 0)) == pytest.approx(0.25)
+    # at half a core, the copy too takes twice as long
+    half = with_device(wide, cores_per_node=1)
+    assert issue_time(half, allreduce(1)) == pytest.approx(2 * 0.75)
+
+
 def test_the_issue_overhead_runs_at_the_core_share() -> None:
     # 4 ranks on 2 cores, o = 0.25 s of a whole core: 0.5 s each; an AllReduce of 1000 B on a
     # 4-rank switch (latency 0) takes the cheaper of the ring (2 (p - 1) chunks of n / p:
@@ -95,17 +122,20 @@ def test_the_issue_overhead_runs_at_the_core_share() -> None:
 
 
 def test_the_new_figures_survive_a_file_and_are_checked(tmp_path: object) -> None:
-    topo = with_device(machine(4), issue_us=12.5, cores_per_node=2)
+    topo = with_device(machine(4), issue_us=12.5, issue_gbps=3.5, cores_per_node=2)
     topo = dataclasses.replace(topo, contention=Contention(comm_slowdown=3.0, polled=True))
     path = f"{tmp_path}/t.yaml"
     dump(topo, path)
     back = load(path)
     assert (back.device.issue_us, back.device.cores_per_node) == (12.5, 2)
+    assert back.device.issue_gbps == 3.5
     assert back.contention.polled is True
     with pytest.raises(ParamInvalidError, match="cores_per_node"):
         with_device(topo, cores_per_node=-1)
     with pytest.raises(ParamInvalidError, match="issue_us"):
         with_device(topo, issue_us=-1.0)
+    with pytest.raises(ParamInvalidError, match="issue_gbps"):
+        with_device(topo, issue_gbps=-1.0)
     with pytest.raises(ParamInvalidError, match="polled"):
         Contention(polled=1)  # type: ignore[arg-type]
 
