@@ -30,6 +30,7 @@ import torch
 from mpi4py import MPI
 
 from mc2sim.comm import MpiCommunicator
+from mc2sim.runtime import steady_allocator
 
 MB = 1 << 20
 DEFAULT_SIZES = [1 * MB, 4 * MB, 16 * MB, 64 * MB]
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sizes-mb", type=float, nargs="*", default=[s / MB for s in DEFAULT_SIZES]
     )
     args = parser.parse_args(argv)
+    steady_allocator()  # as every mc2sim command does: repeated calls reuse their memory
     world = MPI.COMM_WORLD
     comm = MpiCommunicator(world)
     n = world.Get_size()

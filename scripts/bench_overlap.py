@@ -45,6 +45,7 @@ import torch
 from mc2sim import ops
 from mc2sim.comm import Communicator, Completed, Work, describe_device, init, rank_device, transport
 from mc2sim.routing import RoutingConfig, RoutingKind, route
+from mc2sim.runtime import steady_allocator
 from mc2sim.schedule import Plan, Task, TaskKind
 from mc2sim.schedule.executor import execute
 from mc2sim.timeline import Timeline, gather, record
@@ -320,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seed shapes (the issue's; default on a device) or small ones (default on the CPU)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    steady_allocator()  # as every mc2sim command does: repeated calls reuse their memory
     comm = init(args.backend)
     if args.world_size is not None and args.world_size != comm.size:
         if comm.rank == 0:
