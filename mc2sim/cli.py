@@ -196,9 +196,10 @@ def _print_independent(topology: Topology, independent: Any) -> None:
 
     Each row is the model's figure for what the independent measurement times: a 1024^3
     float32 matmul task on a whole core (the roofline, its efficiency and memory terms),
-    the memory rate (against a bfloat16 to float32 conversion, the kernels' memory pass,
-    and a memcpy), a 4-byte exchange of two ranks (latency plus issue overhead), and where
-    posting a reduction copies it to float32, that copy's rate (against the conversion).
+    the rate the kernels move bytes at (against a bfloat16 to float32 conversion, the
+    kernels' memory pass, and a memcpy, each as the bytes it reads and writes), a 4-byte
+    exchange of two ranks (latency plus issue overhead), and where posting a reduction
+    copies it to float32, that copy's rate (against the conversion, as 16-bit bytes read).
     """
     from mc2sim.model.cost import roofline_time
     from mc2sim.schedule.plan import TaskKind
@@ -210,7 +211,13 @@ def _print_independent(topology: Topology, independent: Any) -> None:
     message = inner.latency_us + device.issue_us
     rows = [
         ("float32 matmul 1024^3, TFLOP/s", matmul / 1e12, independent.matmul_tflops),
-        ("memory GB/s vs bf16->f32 conversion", device.memory_gbps, independent.upcast_gbps),
+        # both as bytes moved: a conversion reads 2 bytes and writes 4 per element, and the
+        # fitted rate is the kernels' bytes moved (Device.memory_traffic per counted byte)
+        (
+            "memory GB/s vs bf16->f32 (read + write)",
+            device.memory_gbps,
+            3 * independent.upcast_gbps,
+        ),
         ("memory GB/s vs memcpy (read + write)", device.memory_gbps, independent.memcpy_gbps),
         ("4-byte exchange us, the others asleep", message, independent.pingpong_us),
         ("4-byte exchange us, every pair at once", message, independent.pingpong_loaded_us),

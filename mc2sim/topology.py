@@ -261,6 +261,15 @@ class Device:
     reduction is free (done in line by the communication engine, as HCCL and NCCL do). A CPU
     MPI sums received buffers in a loop of its own, which calibration measures."""
 
+    memory_traffic: float = 1.0
+    """Bytes a compute task moves through memory per byte the plans count for it (>= 1): 1
+    where a kernel reads each operand and writes each result once (accelerators; a machine on
+    paper). mc2sim's CPU reference kernels convert each 16-bit operand to a float32 copy
+    (2 bytes read, 4 written), multiply the copies (4 read) and convert the float32 result
+    back (4 written, 4 read, 2 written): 5 bytes per counted byte, which ``mc2sim calibrate``
+    writes, so that ``memory_gbps`` is the rate at which the machine moves bytes (comparable
+    to a memcpy's) rather than counted bytes per second."""
+
     memory_overlap: bool = True
     """Whether a task's memory traffic overlaps its arithmetic (the roofline: the longer of the
     two, as on accelerators whose DMA feeds the matrix unit) or adds to it (separate passes, as
@@ -341,6 +350,9 @@ class Device:
             raise ParamInvalidError("efficiency", self.efficiency, "must be an Efficiency")
         object.__setattr__(self, "launch_us", _non_negative("launch_us", self.launch_us))
         object.__setattr__(self, "reduce_gbps", _non_negative("reduce_gbps", self.reduce_gbps))
+        object.__setattr__(
+            self, "memory_traffic", _at_least_one("memory_traffic", self.memory_traffic)
+        )
         if not isinstance(self.memory_overlap, bool):
             raise ParamInvalidError("memory_overlap", self.memory_overlap, "must be true or false")
         if not isinstance(self.concurrent_collectives, bool):
@@ -372,6 +384,7 @@ class Device:
                 self.efficiency,
                 self.launch_us,
                 self.reduce_gbps,
+                self.memory_traffic,
                 self.memory_overlap,
                 self.concurrent_collectives,
                 self.reductions_in_float32,
@@ -689,6 +702,7 @@ class Topology:
 _TOP_KEYS = ("name", "description", "source", "device", "network", "contention")
 _DEVICE_OPTIONAL = (
     "reduce_gbps",
+    "memory_traffic",
     "memory_overlap",
     "concurrent_collectives",
     "reductions_in_float32",
@@ -819,6 +833,7 @@ class _Reader:
             launch_us=self.number(dev["launch_us"], "device.launch_us"),
             efficiency=efficiency,
             reduce_gbps=self.number(dev.get("reduce_gbps", 0.0), "device.reduce_gbps"),
+            memory_traffic=self.number(dev.get("memory_traffic", 1.0), "device.memory_traffic"),
             memory_overlap=self.flag(dev.get("memory_overlap", True), "device.memory_overlap"),
             concurrent_collectives=self.flag(
                 dev.get("concurrent_collectives", False), "device.concurrent_collectives"
@@ -920,6 +935,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "memory_gbps": dev.memory_gbps,
             "launch_us": dev.launch_us,
             "reduce_gbps": dev.reduce_gbps,
+            **({"memory_traffic": dev.memory_traffic} if dev.memory_traffic != 1.0 else {}),
             "memory_overlap": dev.memory_overlap,
             "concurrent_collectives": dev.concurrent_collectives,
             "reductions_in_float32": dev.reductions_in_float32,

@@ -81,7 +81,7 @@ def roofline_time(device: Device, kind: TaskKind, dtype: str, flops: float, nbyt
         rate = device.vector_tflops * 1e12
     else:
         raise ParamInvalidError("task.kind", kind, "is not a compute task")
-    memory = nbytes / (device.memory_gbps * 1e9)
+    memory = nbytes * device.memory_traffic / (device.memory_gbps * 1e9)
     arithmetic = flops / rate if rate > 0 else 0.0
     whole = max(arithmetic, memory) if device.memory_overlap else arithmetic + memory
     return whole + launch

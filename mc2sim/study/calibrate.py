@@ -171,6 +171,13 @@ def contention_cases(comm: Communicator) -> list[Case]:
     return _cases(comm, CONTENTION)
 
 
+KERNEL_TRAFFIC = 5.0
+"""Bytes mc2sim's CPU kernels move per byte a plan counts (``Device.memory_traffic``): a
+16-bit operand is read (2 bytes), written as a float32 copy (4) and read again by the float32
+GEMM (4); a result is written in float32 (4), read (4) and written in 16 bits (2): 10 bytes
+for each 2 counted (:func:`mc2sim.kernels._device.mm_float32` and the casts after it)."""
+
+
 COLLECTIVE_BYTES = (64, 4096, 65536, 1048576, 4194304)
 """Bytes per rank of the AllReduce and AlltoAllv sweep of ``calibrate`` (bfloat16): from a
 tiny message, where the latency and the per-call costs are all, to bandwidth."""
@@ -485,7 +492,10 @@ def calibrate(
             name=f"{hosts[0]} CPU share of one rank (mc2sim kernels)",
             matrix_tflops=peaks,
             vector_tflops=vector_tflops,
-            memory_gbps=memory_gbps,
+            # the fits' rate is of the bytes the plans count; the kernels move KERNEL_TRAFFIC
+            # times those, so the machine moves bytes KERNEL_TRAFFIC times as fast
+            memory_gbps=memory_gbps * KERNEL_TRAFFIC,
+            memory_traffic=KERNEL_TRAFFIC,
             efficiency=efficiency,
             launch_us=launch_us,
             reduce_gbps=reduce_gbps,

@@ -120,7 +120,7 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     assert res.stdout.count("fitted against independent") == 1
     for row in (
         "float32 matmul 1024^3, TFLOP/s",
-        "memory GB/s vs bf16->f32 conversion",
+        "memory GB/s vs bf16->f32 (read + write)",
         "memory GB/s vs memcpy (read + write)",
         "4-byte exchange us, the others asleep",
         "4-byte exchange us, every pair at once",

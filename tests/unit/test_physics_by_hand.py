@@ -14,6 +14,7 @@ import pytest
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import compute_time, issue_time
 from mc2sim.model.simulator import simulate
+from mc2sim.schedule.plan import Task, TaskKind
 from mc2sim.topology import Contention, NetworkDim, Topology, dump, load
 from tests.unit.test_simulator_by_hand import (
     allreduce,
@@ -110,6 +111,23 @@ def test_posting_a_float32_reduction_copies_its_bytes_on_the_issuer() -> None:
     assert issue_time(half, allreduce(1)) == pytest.approx(2 * 0.75)
 
 
+def test_memory_traffic_counts_the_bytes_the_kernels_move_per_counted_byte() -> None:
+    # 2000 counted bytes at 1000 B/s moved, 5 bytes moved per counted byte: 10 s of memory,
+    # after 1 s of arithmetic (1e6 FLOP at 1e6 FLOP/s; the passes add, memory_overlap off)
+    task = Task(id=0, name="mm", kind=TaskKind.MATMUL, flops=1_000_000, bytes=2000)
+    paper = with_device(machine(2), memory_gbps=1e-6, memory_overlap=False)
+    assert compute_time(task, paper, "float16") == pytest.approx(1 + 2)
+    moved = with_device(paper, memory_traffic=5.0)
+    assert compute_time(task, moved, "float16") == pytest.approx(1 + 10)
+    # the same machine described as 5 bytes moved per counted byte at 5 times the rate
+    faster = with_device(moved, memory_gbps=5e-6)
+    assert compute_time(task, faster, "float16") == pytest.approx(
+        compute_time(task, paper, "float16")
+    )
+    with pytest.raises(ParamInvalidError, match="memory_traffic"):
+        with_device(paper, memory_traffic=0.5)
+
+
 def test_the_issue_overhead_runs_at_the_core_share() -> None:
     # 4 ranks on 2 cores, o = 0.25 s of a whole core: 0.5 s each; an AllReduce of 1000 B on a
     # 4-rank switch (latency 0) takes the cheaper of the ring (2 (p - 1) chunks of n / p:
@@ -129,6 +147,9 @@ def test_the_new_figures_survive_a_file_and_are_checked(tmp_path: object) -> Non
     back = load(path)
     assert (back.device.issue_us, back.device.cores_per_node) == (12.5, 2)
     assert back.device.issue_gbps == 3.5
+    moved = with_device(topo, memory_traffic=5.0)
+    dump(moved, path)
+    assert load(path).device.memory_traffic == 5.0
     assert back.contention.polled is True
     with pytest.raises(ParamInvalidError, match="cores_per_node"):
         with_device(topo, cores_per_node=-1)
