@@ -30,6 +30,7 @@ from mc2sim.kernels._ifa_sources import (
     ListKV,
     PagedKV,
     PageTable,
+    blocks_needed,
     check_entries,
 )
 from mc2sim.kernels._validate import require, require_dtype, require_not_none, require_rank
@@ -442,7 +443,7 @@ def _paged_cache(
         )
 
     blocknum = int(key.shape[0])
-    needed = [-(-n // size) for n in lengths]
+    needed = blocks_needed(lengths, size)
     if table.shape[1] < max(needed):
         raise ParamInvalidError(
             "block_table.shape",
@@ -542,10 +543,7 @@ def check_table_entries(table: torch.Tensor, needed: list[int], blocknum: int) -
         and all(n <= c for n, c in zip(needed, entry[2], strict=True))
     ):
         return
-    used = max(needed)
-    table64 = _read_entries(table, used)
-    in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
-    check_entries(table64, in_use, blocknum)
+    check_entries(_read_entries(table, max(needed)), needed, blocknum)
     if state is None:
         return
     key = id(table)

@@ -11,6 +11,7 @@ not have (past the end of its tensor-list entry) are zeros.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +29,7 @@ __all__ = [
     "PageTable",
     "PagedKV",
     "block_index",
+    "blocks_needed",
     "check_entries",
 ]
 
@@ -129,7 +131,7 @@ class PageTable:
     So the host copy is made the first time :meth:`resolve` is asked, once for key and value.
     """
 
-    __slots__ = ("_resolved", "blocknum", "block_size", "lengths", "raw")
+    __slots__ = ("_resolved", "blocknum", "block_size", "lengths", "needed", "raw")
 
     def __init__(
         self, raw: torch.Tensor, lengths: tuple[int, ...], block_size: int, blocknum: int
@@ -147,21 +149,19 @@ class PageTable:
         self.lengths = lengths
         self.block_size = block_size
         self.blocknum = blocknum
+        self.needed = blocks_needed(lengths, block_size)  # per batch, the entries it reaches
         self._resolved: tuple[torch.Tensor, BlockIndex | None] | None = None
 
     def resolve(self) -> tuple[torch.Tensor, BlockIndex | None]:
         """Return the int64 ``(B, used)`` table with unused entries 0, and the block index."""
         if self._resolved is None:
             size = self.block_size
-            needed = [-(-n // size) for n in self.lengths]
-            used = max(needed)
-            table64 = self.raw[:, :used].to(device="cpu", dtype=torch.int64)
-            in_use = torch.arange(used).unsqueeze(0) < torch.tensor(needed).unsqueeze(1)
+            table64 = self.raw[:, : max(self.needed)].to(device="cpu", dtype=torch.int64)
             # checked when the call was planned, unless a check of this table was remembered
             # and it changed since unseen (a write through data_ptr or DLPack): the entries
             # are on the host now, so checking them again costs nothing, and an index out of
             # the cache never reaches a gather on the device
-            check_entries(table64, in_use, self.blocknum)
+            in_use = check_entries(table64, self.needed, self.blocknum)
             # Entries past a batch's last block are never read by the operator; any valid
             # index will do for the gather, and the attention zeroes what they bring in.
             safe = torch.where(in_use, table64, torch.zeros_like(table64))
@@ -171,18 +171,27 @@ class PageTable:
         return self._resolved
 
 
-def check_entries(table: torch.Tensor, in_use: torch.Tensor, blocknum: int) -> None:
+def blocks_needed(lengths: Sequence[int], block_size: int) -> list[int]:
+    """Per batch, the block table entries its length reaches: ``ceil(length / block_size)``."""
+    return [-(-n // block_size) for n in lengths]
+
+
+def check_entries(table: torch.Tensor, needed: Sequence[int], blocknum: int) -> torch.Tensor:
     """Check that the block table's entries in use are block indices in [0, blocknum).
 
     Args:
-        table: int64 ``(B, used)`` on the host, the block table's first ``used`` columns.
-        in_use: bool ``(B, used)``, which entries a batch's length reaches.
+        table: int64 ``(B, max(needed))`` on the host, the block table's first columns.
+        needed: per batch, the entries its length reaches (:func:`blocks_needed`).
         blocknum: blocks in the cache.
+
+    Returns:
+        bool ``(B, max(needed))``: which entries are in use.
 
     Raises:
         ParamInvalidError: the first entry in use out of range (row-major), naming
             ``block_table[b][j]``.
     """
+    in_use = torch.arange(table.shape[1]).unsqueeze(0) < torch.tensor(list(needed)).unsqueeze(1)
     bad = in_use & ((table < 0) | (table >= blocknum))
     if bool(bad.any()):
         b, j = (int(i) for i in bad.nonzero()[0])
@@ -191,6 +200,7 @@ def check_entries(table: torch.Tensor, in_use: torch.Tensor, blocknum: int) -> N
             int(table[b, j]),
             f"must be a block index in [0, blocknum={blocknum})",
         )
+    return in_use
 
 
 def block_index(

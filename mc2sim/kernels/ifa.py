@@ -264,7 +264,7 @@ def _remember(
     table = None
     if isinstance(plan.key, PagedKV):
         pages = plan.key.pages
-        table = ([-(-n // pages.block_size) for n in pages.lengths], pages.blocknum)
+        table = (pages.needed, pages.blocknum)
     put_bounded(_CHECKED, fast, _Checked(launch=launch, table=table), _CHECKED_MAX)
 
 
