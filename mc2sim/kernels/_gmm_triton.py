@@ -19,7 +19,6 @@ dtype. Deterministic: the parts are added in a fixed order, never by atomics.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import torch
@@ -28,7 +27,14 @@ import triton.language as tl
 
 from mc2sim.kernels._cache import put_bounded
 from mc2sim.kernels._device import from_host
-from mc2sim.kernels._triton_launch import KernelLaunch, current_stream, multiprocessors, workspace
+from mc2sim.kernels._triton_launch import (
+    KernelLaunch,
+    current_stream,
+    device_index,
+    launching_on,
+    multiprocessors,
+    workspace,
+)
 
 __all__ = ["grouped_gemm", "plan_split", "row_tiles"]
 
@@ -184,7 +190,7 @@ def grouped_gemm(  # pragma: no cover - CUDA
         n = weight.shape[2]
         swe, swk, swn = weight.stride(0), weight.stride(1), weight.stride(2)
     device = x.device
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     table = _table(counts, device)
     num_n = -(-n // BLOCK_N)
     tiles = table.shape[0] // 3 * num_n
@@ -195,8 +201,7 @@ def grouped_gemm(  # pragma: no cover - CUDA
     stream = current_stream(index)
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=device)
     parts = workspace(index, stream, max(1, cut * split * BLOCK_M * BLOCK_N))
-    with torch.cuda.device(index) if index != torch.cuda.current_device() else _SAME_DEVICE:
-        # (Triton launches on the current device)
+    with launching_on(index):
         KernelLaunch(
             _tiles, _TILES_CONSTEXPRS, (whole + cut * split,), index,
             (x.dtype, weight.dtype, x.dtype, torch.float32, torch.int32),
@@ -214,10 +219,6 @@ def grouped_gemm(  # pragma: no cover - CUDA
                 (ADD_WARPS, ADD_STAGES),
             )(stream, (out, parts, table))  # fmt: skip
     return out
-
-
-_SAME_DEVICE = contextlib.nullcontext()
-"""A context that changes nothing, for launches already on the current device."""
 
 
 def _table(counts: list[int], device: torch.device) -> torch.Tensor:  # pragma: no cover - CUDA

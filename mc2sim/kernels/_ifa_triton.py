@@ -36,7 +36,6 @@ plan once (:class:`IfaLaunch`, launched directly by
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import cast
 
@@ -53,7 +52,14 @@ from mc2sim.kernels._cache import put_bounded
 from mc2sim.kernels._device import from_host
 from mc2sim.kernels._ifa_plan import IfaPlan
 from mc2sim.kernels._ifa_sources import DenseKV, PagedKV
-from mc2sim.kernels._triton_launch import KernelLaunch, current_stream, multiprocessors, workspace
+from mc2sim.kernels._triton_launch import (
+    KernelLaunch,
+    current_stream,
+    device_index,
+    launching_on,
+    multiprocessors,
+    workspace,
+)
 
 __all__ = ["MAX_HEAD_DIM", "IfaLaunch", "attend", "prepare", "run", "supported"]
 
@@ -407,7 +413,7 @@ def prepare(plan: IfaPlan) -> IfaLaunch:
     # (B, N, D): always a view of the query (a size-1 axis dropped, H split into N and D)
     q_strides = q.reshape(batch, heads, dim).stride()
     rows = batch * kv_heads
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     tiles = -(-length // block_n)
     n_split = max(1, min(tiles, -(-_PROGRAMS_PER_SM * multiprocessors(index) // rows)))
     split_len = -(-tiles // n_split) * block_n
@@ -501,15 +507,10 @@ def run(
     scores = (query, key, table_or, launch.windows, slot if atten_mask is None else atten_mask,
               slot if pse_shift is None else pse_shift, work)  # fmt: skip
     values = (value, table_or, launch.windows, work, out, _counters(index, stream, launch.rows))
-    with torch.cuda.device(index) if index != torch.cuda.current_device() else _SAME_DEVICE:
-        # (Triton launches on the current device)
+    with launching_on(index):
         launch.scores(stream, scores)
         launch.values(stream, values)
     return out
-
-
-_SAME_DEVICE = contextlib.nullcontext()
-"""A context that changes nothing, for launches already on the current device."""
 
 
 def attend(plan: IfaPlan, launch: IfaLaunch | None = None) -> torch.Tensor:

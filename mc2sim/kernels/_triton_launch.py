@@ -12,6 +12,7 @@ launcher itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -21,7 +22,15 @@ import triton
 
 from mc2sim.kernels._cache import put_bounded
 
-__all__ = ["DIRECT_LAUNCH", "KernelLaunch", "current_stream", "multiprocessors", "workspace"]
+__all__ = [
+    "DIRECT_LAUNCH",
+    "KernelLaunch",
+    "current_stream",
+    "device_index",
+    "launching_on",
+    "multiprocessors",
+    "workspace",
+]
 
 DIRECT_LAUNCH = triton.__version__.split(".")[:2] == ["3", "6"]
 """Launch a compiled kernel directly (see :class:`KernelLaunch`) only on the Triton whose
@@ -41,6 +50,25 @@ def _stream_getter() -> Callable[[int], int]:
 
 current_stream = _stream_getter()
 """``current_stream(device_index)``: the raw CUDA stream kernels are queued on now."""
+
+
+def device_index(device: torch.device) -> int:
+    """The index of CUDA ``device`` (the current device where it names none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def launching_on(index: int) -> contextlib.AbstractContextManager[object]:
+    """A context in which CUDA device ``index`` is current (Triton launches on the current one).
+
+    Nothing changes where it is current already, the usual case.
+    """
+    if index != torch.cuda.current_device():
+        return cast(contextlib.AbstractContextManager[object], torch.cuda.device(index))
+    return _SAME_DEVICE
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+"""A context that changes nothing, for launches already on the current device."""
 
 
 @functools.lru_cache(maxsize=64)
