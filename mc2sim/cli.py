@@ -505,7 +505,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from mc2sim.model.accuracy import model_error
     from mc2sim.report import METRICS_HEADER, metrics_row
     from mc2sim.results import clear_folder
-    from mc2sim.study.simulate import simulate_study, write_results
+    from mc2sim.study.simulate import PER_TASK_RECORDS, simulate_study, write_results
 
     with _checking():
         scenario = _load_scenario(args.scenario, args.set, args.what_if)
@@ -524,9 +524,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         result = simulate_study(scenario, topology, world)
     if args.overwrite:
         clear_folder(out)
+    records = result.records
+    per_task = args.per_task == "yes" or (args.per_task == "auto" and records <= PER_TASK_RECORDS)
     write_results(
         result, out, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-        overrides=_with_profile(args.set, args.what_if),
+        overrides=_with_profile(args.set, args.what_if), per_task=per_task,
     )  # fmt: skip
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
     print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
@@ -539,6 +541,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(line)
     if args.plots:
         _write_plots([out, Path(args.measured)] if args.measured else [out], out)
+    if not per_task and args.per_task == "auto":
+        print(
+            f"per-task files left out: {records:,} task records (auto writes up to "
+            f"{PER_TASK_RECORDS:,}); --per-task yes writes tasks.csv and trace.json"
+        )
     print(f"results: {out}")
     return 0
 
@@ -1140,6 +1147,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_out(sim, "results folder, new or empty (default results/<scenario>-<time>-sim)")
     sim.add_argument(
         "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
+    )
+    sim.add_argument(
+        "--per-task",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="write tasks.csv and trace.json (a record per task and rank); auto: up to "
+        "200,000 records",
     )
     sim.add_argument(
         "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"

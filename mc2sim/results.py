@@ -58,6 +58,7 @@ from mc2sim.errors import ParamInvalidError
 from mc2sim.timeline import (
     Clock,
     Metrics,
+    Outline,
     RankMetrics,
     RunKey,
     Source,
@@ -1645,7 +1646,7 @@ def write_results(
 
 def encode_results(
     *,
-    timeline: Timeline,
+    timeline: Timeline | Outline,
     baseline: RunKey,
     manifest: Manifest,
     verdicts: Mapping[str, Sequence[Verdict | GoldenVerdict]] | None = None,
@@ -1657,6 +1658,8 @@ def encode_results(
 
     A sweep spread over MPI ranks encodes each point on the rank that simulated it and has
     rank 0 write the bytes (:func:`write_encoded`), so its folder is the serial sweep's.
+    Given an :class:`~mc2sim.timeline.Outline` instead of a timeline (with ``metrics``), the
+    per-task files (``tasks.csv``, ``trace.json``) are left out.
     ``metrics``: every run's metrics against ``baseline``, where the caller has them already
     (a simulated study); computed from ``timeline`` otherwise.
 
@@ -1692,6 +1695,8 @@ def encode_results(
             "timeline", f"rank {outside[0]}", f"must be below the world size {manifest.world_size}"
         )
     if metrics is None:
+        if not isinstance(timeline, Timeline):
+            raise ParamInvalidError("metrics", None, "must be given with an outline")
         metrics = timeline.metrics_by_run(baseline)
     elif set(metrics) != set(runs):
         raise ParamInvalidError(
@@ -1719,12 +1724,12 @@ def encode_results(
         "implementations": {label: record.to_json() for label, record in impls.items()},
         "timeline_meta": dict(timeline.meta),
     }
-    files = {
-        TASKS_FILE: _tasks_csv(timeline).encode("utf-8"),
-        TRACE_FILE: _trace_json(timeline).encode("utf-8"),
-        SUMMARY_FILE: _json_text(summary).encode("utf-8"),
-        MANIFEST_FILE: _json_text(manifest.to_json()).encode("utf-8"),
-    }
+    files = {}
+    if isinstance(timeline, Timeline):
+        files[TASKS_FILE] = _tasks_csv(timeline).encode("utf-8")
+        files[TRACE_FILE] = _trace_json(timeline).encode("utf-8")
+    files[SUMMARY_FILE] = _json_text(summary).encode("utf-8")
+    files[MANIFEST_FILE] = _json_text(manifest.to_json()).encode("utf-8")
     if ranks:
         bad = [r for r in ranks if r.tiling not in tilings or not 0 <= r.rank < manifest.world_size]
         if bad:

@@ -24,11 +24,13 @@ import json
 import math
 import operator
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
@@ -39,14 +41,17 @@ if TYPE_CHECKING:
 __all__ = [
     "Clock",
     "Metrics",
+    "Outline",
     "RankMetrics",
     "Recorder",
+    "RunColumns",
     "RunKey",
     "Source",
     "Stream",
     "TaskRecord",
     "Timeline",
     "busy_time",
+    "busy_times",
     "current_recorder",
     "gather",
     "record",
@@ -287,6 +292,178 @@ def busy_time(intervals: Iterable[tuple[float, float]]) -> float:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Outline:
+    """A timeline's runs, ranks and meta without its records.
+
+    What a results folder's summary needs where the per-task files are left out
+    (:func:`mc2sim.results.encode_results`): a simulation of many thousand ranks.
+    """
+
+    source: Source
+    """Measured or simulated."""
+    run_keys: tuple[RunKey, ...]
+    """The runs, in order."""
+    world: int
+    """Ranks 0..world-1 have records."""
+    meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """As :attr:`Timeline.meta`."""
+
+    def runs(self) -> list[RunKey]:
+        """The runs, in order."""
+        return list(self.run_keys)
+
+    def ranks(self) -> list[int]:
+        """The ranks, in increasing order."""
+        return list(range(self.world))
+
+
+def busy_times(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """:func:`busy_time` of many sets of intervals at once: row ``r`` is one set.
+
+    The same arithmetic in the same order as :func:`busy_time`, a column at a time, so each
+    row's result equals ``busy_time(zip(start[r], end[r]))`` exactly.
+
+    Args:
+        start: (sets, intervals) starts.
+        end: (sets, intervals) ends, ``end >= start``.
+
+    Returns:
+        (sets,) float64 lengths of the unions.
+    """
+    sets = start.shape[0]
+    total = np.zeros(sets)
+    if start.shape[1] == 0:
+        return total
+    order = np.lexsort((end, start), axis=1)  # by start, then end: as sorted() orders tuples
+    start, end = np.take_along_axis(start, order, 1), np.take_along_axis(end, order, 1)
+    cur_start = np.full(sets, -math.inf)
+    cur_end = np.full(sets, -math.inf)
+    with np.errstate(invalid="ignore"):  # -inf - -inf before the first block: never taken
+        for i in range(start.shape[1]):
+            s, e = start[:, i], end[:, i]
+            gap = s > cur_end
+            close = gap & (cur_end > cur_start)
+            total = np.where(close, total + (cur_end - cur_start), total)
+            cur_start = np.where(gap, s, cur_start)
+            cur_end = np.where(gap, e, np.where(e > cur_end, e, cur_end))
+        return np.where(cur_end > cur_start, total + (cur_end - cur_start), total)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class RunColumns:
+    """One run's task records as columns: task ``i`` of rank ``r`` at ``[i, r]``.
+
+    What the lockstep simulator makes (:mod:`mc2sim.model.simulator`), where every rank's
+    plan has the same tasks in kind and order (their names and figures may differ): the
+    same facts as the run's :class:`TaskRecord` objects, in arrays, so that metrics over
+    thousands of ranks need no object per task. :meth:`timeline` gives the records.
+    """
+
+    run: RunKey
+    """The op call."""
+    kinds: tuple[str, ...]
+    """Task ``i``'s kind (the same on every rank)."""
+    streams: tuple[Stream, ...]
+    """Task ``i``'s stream."""
+    names: tuple[tuple[str, ...], ...]
+    """``names[r][i]``: task ``i``'s name on rank ``r``."""
+    start_s: np.ndarray
+    """(tasks, ranks) float64 starts."""
+    end_s: np.ndarray
+    """(tasks, ranks) float64 ends."""
+    flops: np.ndarray
+    """(tasks, ranks) int64."""
+    bytes: np.ndarray
+    """(tasks, ranks) int64."""
+    intra_bytes: np.ndarray
+    """(tasks, ranks) int64: a comm task's bytes to its rank's own node."""
+    inter_bytes: np.ndarray
+    """(tasks, ranks) int64: a comm task's bytes to other nodes."""
+
+    @property
+    def world(self) -> int:
+        """Ranks."""
+        return int(self.start_s.shape[1])
+
+    def records(self) -> list[TaskRecord]:
+        """The run's records, in the order the tasks ended (as the event engine emits them).
+
+        Ties go by rank, then task.
+        """
+        tasks = len(self.kinds)
+        order = np.argsort(self.end_s.T, axis=None, kind="stable").tolist()
+        columns = [
+            a.T.ravel().tolist()
+            for a in (
+                self.start_s,
+                self.end_s,
+                self.flops,
+                self.bytes,
+                self.intra_bytes,
+                self.inter_bytes,
+            )
+        ]
+        start, end, flops, nbytes, intra, inter = columns
+        out = []
+        for at in order:
+            rank, i = divmod(at, tasks)
+            out.append(
+                TaskRecord(
+                    rank=rank,
+                    run=self.run,
+                    task=i,
+                    name=self.names[rank][i],
+                    stream=self.streams[i],
+                    kind=self.kinds[i],
+                    start_s=start[at],
+                    end_s=end[at],
+                    flops=flops[at],
+                    bytes=nbytes[at],
+                    intra_bytes=intra[at],
+                    inter_bytes=inter[at],
+                )
+            )
+        return out
+
+    def _busy(self, stream: Stream) -> np.ndarray:
+        rows = [i for i, s in enumerate(self.streams) if s is stream]
+        return busy_times(self.start_s[rows].T, self.end_s[rows].T)
+
+    def _rank_metrics(self, pure: np.ndarray | None) -> list[RankMetrics]:
+        """Every rank's metrics, as :meth:`Timeline.metrics` finds them."""
+        comm = self._busy(Stream.COMM)
+        return _rank_metrics_of(
+            range(self.world),
+            self.end_s.max(axis=0) - self.start_s.min(axis=0),
+            self._busy(Stream.COMPUTE),
+            comm,
+            comm if pure is None else pure,
+            self.flops.sum(axis=0).tolist(),
+            self.bytes.sum(axis=0).tolist(),
+        )
+
+    def metrics(self, *, baseline: RunColumns | None = None) -> Metrics:
+        """:meth:`Timeline.metrics` of this run (the same values), ``baseline`` likewise.
+
+        Raises:
+            ParamInvalidError: the baseline has another number of ranks.
+        """
+        if baseline is None:
+            return _job_metrics(self._rank_metrics(None), None)
+        if baseline.world != self.world:
+            raise ParamInvalidError(
+                "baseline", f"{baseline.world} ranks", f"must have this run's {self.world}"
+            )
+        base = baseline._rank_metrics(None)
+        pure = np.array([m.comm_s for m in base])
+        return _job_metrics(self._rank_metrics(pure), base)
+
+    def timeline(self, *, meta: Mapping[str, Any] | None = None) -> Timeline:
+        """The run's records as a simulated :class:`Timeline`."""
+        return Timeline(records=tuple(self.records()), source=Source.SIMULATED, meta=meta or {})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RankMetrics:
     """How one rank spent one run: busy time per stream, exposed communication, overlap.
 
@@ -418,11 +595,63 @@ class Metrics:
         )
 
 
-def _overlap_pct(total_s: float, compute_s: float, pure_comm_s: float) -> float:
-    """OSU micro-benchmarks' overlap, in percent; 0.0 when there is no communication."""
-    if pure_comm_s <= 0.0:
-        return 0.0
-    return max(0.0, min(100.0, 100.0 * (1.0 - (total_s - compute_s) / pure_comm_s)))
+def _rank_metrics_of(
+    ranks: Iterable[int],
+    total: np.ndarray,
+    compute: np.ndarray,
+    comm: np.ndarray,
+    pure: np.ndarray,
+    flops: list[int],
+    nbytes: list[int],
+) -> list[RankMetrics]:
+    """Each rank's :class:`RankMetrics` from its times, for records and columns alike.
+
+    Exposed comm and the OSU overlap as :meth:`Timeline.metrics` defines them; the arrays'
+    entry ``i`` is rank ``ranks[i]``'s.
+    """
+    exposed = np.maximum(0.0, total - compute)
+    with np.errstate(divide="ignore", invalid="ignore"):  # no comm: 0, as OSU's benchmarks
+        overlap = np.where(
+            pure > 0.0,
+            np.maximum(0.0, np.minimum(100.0, 100.0 * (1.0 - (total - compute) / pure))),
+            0.0,
+        )
+    rows = zip(
+        ranks, total.tolist(), compute.tolist(), comm.tolist(), exposed.tolist(),
+        pure.tolist(), overlap.tolist(), flops, nbytes, strict=True,
+    )  # fmt: skip
+    return [
+        RankMetrics(
+            rank=r,
+            total_s=t,
+            compute_s=c,
+            comm_s=m,
+            exposed_comm_s=x,
+            pure_comm_s=p,
+            overlap_pct=o,
+            flops=f,
+            bytes=b,
+        )  # fmt: skip
+        for r, t, c, m, x, p, o, f, b in rows
+    ]
+
+
+def _job_metrics(per_rank: Sequence[RankMetrics], base: Sequence[RankMetrics] | None) -> Metrics:
+    """A run's :class:`Metrics` from its ranks' (and the baseline's, if any)."""
+    critical = max(per_rank, key=lambda m: (m.total_s, -m.rank))
+    speedup = None
+    if base is not None and critical.total_s > 0.0:
+        speedup = max(m.total_s for m in base) / critical.total_s
+    return Metrics(
+        per_rank=tuple(per_rank),
+        critical_rank=critical.rank,
+        total_s=critical.total_s,
+        compute_s=critical.compute_s,
+        comm_s=critical.comm_s,
+        exposed_comm_s=critical.exposed_comm_s,
+        overlap_pct=critical.overlap_pct,
+        speedup=speedup,
+    )
 
 
 def _freeze_meta(meta: Mapping[str, Any] | None) -> MappingProxyType[str, Any]:
@@ -602,12 +831,13 @@ class Timeline:
         by_rank: dict[int, list[TaskRecord]] = {}
         for rec in self.records:
             by_rank.setdefault(rec.rank, []).append(rec)
-        result = []
-        for rank in sorted(by_rank):
+        ranks = sorted(by_rank)
+        times = []
+        for rank in ranks:
             recs = by_rank[rank]
-            total = max(r.end_s for r in recs) - min(r.start_s for r in recs)
             compute = busy_time((r.start_s, r.end_s) for r in recs if r.stream is Stream.COMPUTE)
             comm = busy_time((r.start_s, r.end_s) for r in recs if r.stream is Stream.COMM)
+            total = max(r.end_s for r in recs) - min(r.start_s for r in recs)
             if pure_by_rank is None:
                 pure = comm
             elif rank in pure_by_rank:
@@ -616,20 +846,15 @@ class Timeline:
                 raise ParamInvalidError(
                     "baseline", sorted(pure_by_rank), f"has no records of rank {rank}"
                 )
-            result.append(
-                RankMetrics(
-                    rank=rank,
-                    total_s=total,
-                    compute_s=compute,
-                    comm_s=comm,
-                    exposed_comm_s=max(0.0, total - compute),
-                    pure_comm_s=pure,
-                    overlap_pct=_overlap_pct(total, compute, pure),
-                    flops=sum(r.flops for r in recs),
-                    bytes=sum(r.bytes for r in recs),
-                )
-            )
-        return result
+            times.append((total, compute, comm, pure))
+        total_s, compute_s, comm_s, pure_s = (
+            np.array(c, dtype=float) for c in zip(*times, strict=True)
+        )
+        return _rank_metrics_of(
+            ranks, total_s, compute_s, comm_s, pure_s,
+            [sum(r.flops for r in by_rank[k]) for k in ranks],
+            [sum(r.bytes for r in by_rank[k]) for k in ranks],
+        )  # fmt: skip
 
     def metrics(self, *, baseline: Timeline | None = None) -> Metrics:
         """Return the metrics of the one run this timeline holds.
@@ -674,20 +899,7 @@ class Timeline:
             baseline._single_run("baseline")
             base = baseline._rank_metrics(None)
         per_rank = self._rank_metrics(None if base is None else {m.rank: m.comm_s for m in base})
-        critical = max(per_rank, key=lambda m: (m.total_s, -m.rank))
-        speedup = None
-        if base is not None and critical.total_s > 0.0:
-            speedup = max(m.total_s for m in base) / critical.total_s
-        return Metrics(
-            per_rank=tuple(per_rank),
-            critical_rank=critical.rank,
-            total_s=critical.total_s,
-            compute_s=critical.compute_s,
-            comm_s=critical.comm_s,
-            exposed_comm_s=critical.exposed_comm_s,
-            overlap_pct=critical.overlap_pct,
-            speedup=speedup,
-        )
+        return _job_metrics(per_rank, base)
 
 
 _FIELDS = (

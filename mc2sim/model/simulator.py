@@ -51,8 +51,9 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,10 +77,10 @@ from mc2sim.schedule.traffic import (
     level_bytes,
     sent_by_level,
 )
-from mc2sim.timeline import RunKey, Source, Stream, TaskRecord, Timeline
+from mc2sim.timeline import RunColumns, RunKey, Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
-__all__ = ["simulate", "simulate_waits"]
+__all__ = ["lockstep_applies", "run_topology", "simulate", "simulate_run", "simulate_waits"]
 
 _UNBOUNDED_GBPS = 1e300
 """Link bandwidth at which a collective's time is its latency alone (finite, as topologies
@@ -213,6 +214,104 @@ def _collective_times(
     return [pairs_alltoallv_time(topology, sides[0], sides[1]) for topology in topologies]
 
 
+class _Parts(NamedTuple):
+    """A collective's time, as both engines run it."""
+
+    latency: float
+    """Its latency part (0 on a communication stream: the whole time is its transfer)."""
+    work: float
+    """Its whole time, latency part included."""
+    headroom: float
+    """Its transfer's time over the transfer's time without the wires' caps (>= 1)."""
+    pairs: tuple[AlltoAllvPairs, AlltoAllvPairs] | None
+    """An AlltoAllv's send and receive pairs (:func:`_gathered`); None for the others."""
+
+
+class _Machine:
+    """The topology as the collectives see it: its variants for a collective's parts.
+
+    A collective has two parts: its latency part (the alpha terms: its time on links of
+    unbounded bandwidth) and its transfer part (the rest); see :class:`_Engine`.
+    """
+
+    def __init__(self, topology: Topology, links: Mapping[int, float]) -> None:
+        self.topology = topology
+        self.links = links
+        self.concurrent = topology.device.concurrent_collectives
+        # the same links at unbounded bandwidth, the reductions free: a collective's latency
+        self.latency_only = (
+            dataclasses.replace(
+                topology,
+                network=tuple(
+                    dataclasses.replace(d, bandwidth_gbps=_UNBOUNDED_GBPS, link_gbps=0.0)
+                    for d in topology.network
+                ),
+                # the profile's ratios are of whole collectives, not of their latency
+                device=dataclasses.replace(topology.device, reduce_gbps=0.0, profile=()),
+            )
+            if self.concurrent
+            else None
+        )
+        # the same links without the wires' caps: the part of a transfer the ranks' own work
+        # limits, which overlapped compute slows (a capped wire keeps its pace)
+        self.uncapped = (
+            dataclasses.replace(
+                topology,
+                network=tuple(dataclasses.replace(d, link_gbps=0.0) for d in topology.network),
+            )
+            if any(d.link_gbps > 0 for d in topology.network)
+            else None
+        )
+        # the same machine without its profile: a profiled collective's latency part is the
+        # model's latency times the profile's ratio (its fixed costs overlap as latency does)
+        self.bare = (
+            dataclasses.replace(topology, device=dataclasses.replace(topology.device, profile=()))
+            if self.latency_only is not None and topology.device.profile
+            else None
+        )
+        self.wait = schedule_wait(topology)
+
+    def parts(self, tasks: list[Task], last_queued: float, now: float) -> _Parts:
+        """The parts of the collective of every rank's ``tasks``, starting at ``now``.
+
+        ``last_queued``: when its last rank queued it (a wait for peers off their cores
+        counts from then).
+        """
+        latency = 0.0  # on a stream the whole time is the transfer part
+        others = [t for t in (self.latency_only, self.uncapped, self.bare) if t is not None]
+        _check_same_kind(tasks)
+        pairs = _gathered(tasks) if tasks[0].kind is TaskKind.ALLTOALLV else None
+        work, *times = _straggling_times(tasks, self.links, pairs, self.topology, *others)
+        ratio = 1.0
+        if self.bare is not None:  # the profile's ratio of this collective
+            bare = times.pop()
+            ratio = work / bare if bare > 0 else 1.0
+        # waiting for peers off their cores, from when the last rank queued it: latency, and
+        # what a collective queued with others waits overlaps theirs (a peer back on its core
+        # progresses every collective it has posted)
+        wait = 0.0
+        if self.wait > 0.0:
+            wait = max(0.0, last_queued + self.wait - now)
+        alpha = min(work, times.pop(0) * ratio) if self.latency_only is not None else 0.0
+        uncapped = times.pop(0) if self.uncapped is not None else 0.0
+        if self.uncapped is not None:
+            # a capped wire keeps its pace while a peer is off its core (what the ranks
+            # handed it goes on): the wait shows only where it outlasts the wire's slack,
+            # the capped time beyond the ranks' own, so the collective takes
+            # alpha + max(capped transfer, own transfer + wait)
+            wait = max(0.0, wait - max(0.0, work - uncapped))
+        if self.latency_only is not None:
+            latency = alpha + wait
+        work += wait
+        headroom = 1.0
+        if self.uncapped is not None:
+            # the transfer's own work without the wires' caps, the wait for peers included
+            # (the ranks' time, not the wire's) where the transfer part holds it
+            own = uncapped + wait - latency
+            headroom = (work - latency) / own if own > 0 else 1.0
+        return _Parts(latency, work, max(headroom, 1.0), pairs)
+
+
 class _Engine:
     """The event loop. Events are (time, sequence, kind, rank, version) in one heap.
 
@@ -243,37 +342,7 @@ class _Engine:
         self.late = {r: s.late_us * 1e-6 for r, s in stragglers.items() if s.late_us > 0}
         self.queued: list[np.ndarray] = []  # collective k -> when each rank queued it
         self.started: list[float] = []  # collective k -> when it started
-        # the same links at unbounded bandwidth, the reductions free: a collective's latency
-        self.latency_only = (
-            dataclasses.replace(
-                topology,
-                network=tuple(
-                    dataclasses.replace(d, bandwidth_gbps=_UNBOUNDED_GBPS, link_gbps=0.0)
-                    for d in topology.network
-                ),
-                # the profile's ratios are of whole collectives, not of their latency
-                device=dataclasses.replace(topology.device, reduce_gbps=0.0, profile=()),
-            )
-            if topology.device.concurrent_collectives
-            else None
-        )
-        # the same links without the wires' caps: the part of a transfer the ranks' own work
-        # limits, which overlapped compute slows (a capped wire keeps its pace)
-        self.uncapped = (
-            dataclasses.replace(
-                topology,
-                network=tuple(dataclasses.replace(d, link_gbps=0.0) for d in topology.network),
-            )
-            if any(d.link_gbps > 0 for d in topology.network)
-            else None
-        )
-        # the same machine without its profile: a profiled collective's latency part is the
-        # model's latency times the profile's ratio (its fixed costs overlap as latency does)
-        self.bare = (
-            dataclasses.replace(topology, device=dataclasses.replace(topology.device, profile=()))
-            if self.latency_only is not None and topology.device.profile
-            else None
-        )
+        self.machine = _Machine(topology, self.links)
         self.world = len(plans)
         self.placement = Placement.of(np.arange(self.world) // topology.ranks_per_node)
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
@@ -293,7 +362,6 @@ class _Engine:
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
         self.polled = topology.contention.polled
-        self.wait = schedule_wait(topology)
         self.run = {r: RunKey(op=plans[r].op, tiling=plans[r].tiling) for r in range(self.world)}
 
     # -- the one ordering --------------------------------------------------------------------
@@ -403,7 +471,7 @@ class _Engine:
         On a communication stream, also only once no other collective is in flight.
         """
         state = self.ranks[rank]
-        if not state.comm_queue or (self.collectives and self.latency_only is None):
+        if not state.comm_queue or (self.collectives and not self.machine.concurrent):
             return
         k = state.comm_started
         if k not in self.waiting:
@@ -417,39 +485,10 @@ class _Engine:
             return
         tasks = [t for t in self.waiting.pop(k) if t is not None]
         del self.waiting_count[k]
-        latency = 0.0  # on a stream the whole time is the transfer part
-        others = [t for t in (self.latency_only, self.uncapped, self.bare) if t is not None]
-        _check_same_kind(tasks)
-        pairs = _gathered(tasks) if tasks[0].kind is TaskKind.ALLTOALLV else None
-        work, *times = _straggling_times(tasks, self.links, pairs, self.topology, *others)
         self.started.append(self.now)
-        ratio = 1.0
-        if self.bare is not None:  # the profile's ratio of this collective
-            bare = times.pop()
-            ratio = work / bare if bare > 0 else 1.0
-        # waiting for peers off their cores, from when the last rank queued it: latency, and
-        # what a collective queued with others waits overlaps theirs (a peer back on its core
-        # progresses every collective it has posted)
-        wait = 0.0
-        if self.wait > 0.0:
-            wait = max(0.0, float(np.max(self.queued[k])) + self.wait - self.now)
-        alpha = min(work, times.pop(0) * ratio) if self.latency_only is not None else 0.0
-        uncapped = times.pop(0) if self.uncapped is not None else 0.0
-        if self.uncapped is not None:
-            # a capped wire keeps its pace while a peer is off its core (what the ranks
-            # handed it goes on): the wait shows only where it outlasts the wire's slack,
-            # the capped time beyond the ranks' own, so the collective takes
-            # alpha + max(capped transfer, own transfer + wait)
-            wait = max(0.0, wait - max(0.0, work - uncapped))
-        if self.latency_only is not None:
-            latency = alpha + wait
-        work += wait
-        headroom = 1.0
-        if self.uncapped is not None:
-            # the transfer's own work without the wires' caps, the wait for peers included
-            # (the ranks' time, not the wire's) where the transfer part holds it
-            own = uncapped + wait - latency
-            headroom = (work - latency) / own if own > 0 else 1.0
+        latency, work, headroom, pairs = self.machine.parts(
+            tasks, float(np.max(self.queued[k])), self.now
+        )
         for r, task in enumerate(tasks):
             peer = self.ranks[r]
             peer.comm_queue.pop(0)
@@ -461,7 +500,7 @@ class _Engine:
             1.0,
             self.now,
             transfer=work - latency,
-            headroom=max(headroom, 1.0),
+            headroom=headroom,
             levels=(
                 sent_by_level(pairs[0], self.placement.nodes, [t.row_bytes for t in tasks])
                 if pairs is not None
@@ -473,7 +512,7 @@ class _Engine:
             self.schedule(active, "comm", k)
         else:
             self.latency_over(k)
-        if self.latency_only is not None:  # every rank's next queued collective may start too
+        if self.machine.concurrent:  # every rank's next queued collective may start too
             for r in range(self.world):
                 self.try_collective(r)
 
@@ -601,6 +640,150 @@ class _Engine:
             )
 
 
+def lockstep_applies(topology: Topology) -> bool:
+    """Whether every rank of a run on ``topology`` can be advanced at once (:func:`_lockstep`).
+
+    Where overlapped compute and transfers do not slow each other (contention factors 1, no
+    polled progress) and ranks never wait for peers off their cores, every task takes a time
+    fixed when it starts: the event engine's rates never change.
+    """
+    contention = topology.contention
+    return (
+        contention.compute_slowdown == 1.0
+        and contention.comm_slowdown == 1.0
+        and not contention.polled
+        and schedule_wait(topology) == 0.0
+    )
+
+
+def _shared_structure(plans: Sequence[Plan]) -> bool:
+    """Whether every plan has the same tasks in kind and dependencies, in the same order."""
+    seen: dict[int, None] = {}
+    first = [(t.kind, t.deps) for t in plans[0].tasks]
+    for plan in plans:
+        if id(plan.tasks) in seen:
+            continue
+        seen[id(plan.tasks)] = None
+        if len(plan.tasks) != len(first) or any(
+            t.kind is not kind or t.deps != deps
+            for t, (kind, deps) in zip(plan.tasks, first, strict=True)
+        ):
+            return False
+    return True
+
+
+def _per_rank(tasks: Sequence[Task], figure: Callable[[Task], float]) -> np.ndarray:
+    """``figure`` of every rank's task, computed once per distinct (flops, bytes)."""
+    cache: dict[tuple[int, int], float] = {}
+    out = np.empty(len(tasks))
+    for r, task in enumerate(tasks):
+        key = (task.flops, task.bytes)
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = figure(task)
+        out[r] = value
+    return out
+
+
+def _levels(tasks: Sequence[Task], placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (intra, inter) bytes of a collective other than an AlltoAllv.
+
+    :func:`~mc2sim.schedule.traffic.level_bytes`, once per distinct byte count and node size.
+    """
+    cache: dict[tuple[int, int], tuple[int, int]] = {}
+    intra, inter = np.empty(len(tasks), np.int64), np.empty(len(tasks), np.int64)
+    sizes = placement.sizes[placement.nodes]
+    for r, task in enumerate(tasks):
+        key = (task.bytes, int(sizes[r]))
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = level_bytes(task, r, placement)
+        intra[r], inter[r] = value
+    return intra, inter
+
+
+def _lockstep(
+    plans: Sequence[Plan], topology: Topology, stragglers: Mapping[int, Straggler]
+) -> tuple[RunColumns, Arrivals]:
+    """Every rank's plan advanced at once, task by task (numpy over ranks).
+
+    Only where :func:`lockstep_applies` and the plans share one structure
+    (:func:`_shared_structure`): then each rank's issuer is a max-plus recursion and the
+    event engine's times follow in closed form, with the same arithmetic. A compute task
+    starts once the issuer is free and its dependencies are done, and ends its time later;
+    a comm task is queued its issue overhead after that; collective k starts when its last
+    rank queued it (on a communication stream, also once k - 1 has ended; with concurrent
+    collectives its transfer part waits for k - 1's) and ends at once on every rank.
+    """
+    world = len(plans)
+    machine = _Machine(topology, {r: s.link for r, s in stragglers.items() if s.link != 1.0})
+    placement = Placement.of(np.arange(world) // topology.ranks_per_node)
+    slow = np.ones(world)
+    free = np.zeros(world)  # when each rank's issuer is next free
+    for r, s in stragglers.items():
+        slow[r] = s.compute
+        free[r] = s.late_us * 1e-6 if s.late_us > 0 else 0.0
+    first, dtype = plans[0].tasks, plans[0].dtype
+    shape = (len(first), world)
+    start, end = np.zeros(shape), np.zeros(shape)
+    flops, nbytes = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    intra, inter = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    queued: list[np.ndarray] = []
+    started: list[float] = []
+    ended = 0.0  # when the last collective (its transfer part) ended
+    for i, head in enumerate(first):
+        tasks = [plan.tasks[i] for plan in plans]
+        flops[i] = [t.flops for t in tasks]
+        nbytes[i] = [t.bytes for t in tasks]
+        ready = free
+        for d in head.deps:
+            ready = np.maximum(ready, end[d])
+        if head.resource is Resource.COMPUTE:
+            times = _per_rank(tasks, lambda t: compute_time(t, topology, dtype))
+            start[i] = ready
+            end[i] = free = ready + times * slow
+            continue
+        free = ready + _per_rank(tasks, lambda t: issue_time(topology, t))
+        queued.append(free)
+        last = float(free.max())
+        now = last if machine.concurrent else max(last, ended)
+        started.append(now)
+        latency, work, _, pairs = machine.parts(tasks, last, now)
+        # its transfer part follows its latency part and the previous collective's transfer
+        ended = max(now + latency, ended) + (work - latency)
+        start[i], end[i] = now, ended
+        if pairs is not None:
+            intra[i], inter[i] = sent_by_level(
+                pairs[0], placement.nodes, [t.row_bytes for t in tasks]
+            )
+        else:
+            intra[i], inter[i] = _levels(tasks, placement)
+    names_of: dict[int, tuple[str, ...]] = {}
+    names = tuple(
+        names_of.get(id(p.tasks))
+        or names_of.setdefault(id(p.tasks), tuple(t.name for t in p.tasks))
+        for p in plans
+    )
+    columns = RunColumns(
+        run=RunKey(op=plans[0].op, tiling=plans[0].tiling),
+        kinds=tuple(str(t.kind) for t in first),
+        streams=tuple(
+            Stream.COMM if t.resource is Resource.COMM else Stream.COMPUTE for t in first
+        ),
+        names=names,
+        start_s=start,
+        end_s=end,
+        flops=flops,
+        bytes=nbytes,
+        intra_bytes=intra,
+        inter_bytes=inter,
+    )
+    arrivals = Arrivals(
+        queued_s=np.array(queued).reshape(len(queued), world), started_s=np.array(started)
+    )
+    return columns, arrivals
+
+
 def simulate(plans: Mapping[int, Plan], topology: Topology) -> Timeline:
     """Run every rank's plan on ``topology`` and return the simulated timeline.
 
@@ -638,14 +821,62 @@ def simulate_waits(
     Raises:
         ParamInvalidError: as :func:`simulate`; or a straggler's rank outside the plans.
     """
+    run, arrivals = simulate_run(plans, topology, stragglers)
+    if isinstance(run, RunColumns):
+        first = plans[0]
+        meta = {
+            "op": first.op,
+            "tiling": first.tiling,
+            "world_size": len(plans),
+            "topology": run_topology(plans, topology).name,
+        }
+        return run.timeline(meta=meta), arrivals
+    return run, arrivals
+
+
+def run_topology(plans: Mapping[int, Plan], topology: Topology) -> Topology:
+    """``topology`` resized to the plans' ranks (``Topology.with_world``) where it differs."""
+    world = len(plans)
+    return topology if topology.world_size == world else topology.with_world(world)
+
+
+def simulate_run(
+    plans: Mapping[int, Plan],
+    topology: Topology,
+    stragglers: Mapping[int, Straggler] | None = None,
+    *,
+    lockstep: bool = True,
+) -> tuple[RunColumns | Timeline, Arrivals]:
+    """:func:`simulate_waits`, the run's records as columns where every rank ran in lockstep.
+
+    Where :func:`lockstep_applies` to the topology and every rank's plan has the same tasks
+    in kind and order, all ranks are advanced at once and the run comes back as
+    :class:`~mc2sim.timeline.RunColumns` (no object per task: what thousands of ranks
+    need); otherwise the event engine runs it and its timeline comes back. The times are
+    the same either way.
+
+    Args:
+        plans: rank -> that rank's plan, for ranks 0..n-1.
+        topology: the machine (resized to ``len(plans)`` ranks if needed).
+        stragglers: rank -> its slowdowns; the other ranks are nominal.
+        lockstep: False runs the event engine wherever (the tests' oracle).
+
+    Returns:
+        The run, and the arrivals at every collective.
+
+    Raises:
+        ParamInvalidError: as :func:`simulate_waits`.
+    """
     world = len(plans)
     if sorted(plans) != list(range(world)) or world == 0:
         raise ParamInvalidError("plans", sorted(plans)[:8], "must map ranks 0..n-1 to plans")
-    if topology.world_size != world:
-        topology = topology.with_world(world)
+    topology = run_topology(plans, topology)
     outside = [r for r in stragglers or {} if not 0 <= r < world]
     if outside:
         raise ParamInvalidError(f"stragglers.{outside[0]}", outside[0], f"must be a rank < {world}")
+    ordered = [plans[r] for r in range(world)]
+    if lockstep and lockstep_applies(topology) and _shared_structure(ordered):
+        return _lockstep(ordered, topology, stragglers or {})
     engine = _Engine(plans, topology, stragglers)
     engine.run_all()
     first = plans[0]

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from mc2sim import results
 from mc2sim.model.heterogeneity import Arrivals, rank_waits
-from mc2sim.model.simulator import simulate_waits
+from mc2sim.model.simulator import simulate_run
 from mc2sim.results import RankRow
 from mc2sim.scenario import Scenario
 from mc2sim.schedule import Plan, tiling_of
-from mc2sim.timeline import Metrics, RunKey, Timeline
+from mc2sim.timeline import Metrics, Outline, RunColumns, RunKey, Source, Timeline
 from mc2sim.topology import Topology
 
 __all__ = [
+    "PER_TASK_RECORDS",
     "StudyResult",
     "manifest_of",
     "plans_for",
@@ -45,6 +46,12 @@ def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[
     return scenario.spec.plans(scenario, world, tiling_of(tiling))
 
 
+PER_TASK_RECORDS = 200_000
+"""``--per-task auto`` writes ``tasks.csv`` and ``trace.json`` up to this many task records
+(about 1024 ranks of an MoE study's four tilings); past it a study of thousands of ranks
+would spend most of its time, and hundreds of MiB, on them."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StudyResult:
     """A scenario simulated under each of its tilings."""
@@ -55,10 +62,11 @@ class StudyResult:
     """The machine, resized to ``world`` ranks."""
     world: int
     """Ranks simulated."""
-    timeline: Timeline
-    """Every tiling's runs, all ranks (source ``simulated``)."""
+    parts: tuple[RunColumns | Timeline, ...]
+    """Each tiling's run, in order: as columns where the ranks ran in lockstep
+    (:func:`mc2sim.model.simulator.simulate_run`), else as a timeline."""
     runs: Mapping[str, RunKey]
-    """Tiling, in words -> its run in ``timeline``."""
+    """Tiling, in words -> its run."""
     baseline: RunKey
     """The serial plan's run."""
     by_run: Mapping[RunKey, Metrics]
@@ -67,9 +75,55 @@ class StudyResult:
     ranks: tuple[RankRow, ...] = ()
     """With stragglers: every rank of every tiling, against the study without them."""
 
+    @property
+    def meta(self) -> dict[str, object]:
+        """The timeline's meta."""
+        return {"scenario": self.scenario.name, "world_size": self.world}
+
+    @property
+    def records(self) -> int:
+        """How many task records the runs hold."""
+        return sum(
+            p.start_s.size if isinstance(p, RunColumns) else len(p.records) for p in self.parts
+        )
+
+    @property
+    def timeline(self) -> Timeline:
+        """Every tiling's runs, all ranks (source ``simulated``), as records (made on demand)."""
+        return Timeline.merge(*(_timeline(p) for p in self.parts), meta=self.meta)
+
+    def outline(self) -> Outline:
+        """The runs and ranks of :attr:`timeline`, without its records."""
+        return Outline(
+            source=Source.SIMULATED,
+            run_keys=tuple(self.runs.values()),
+            world=self.world,
+            meta=self.meta,
+        )
+
     def metrics(self) -> dict[str, Metrics]:
         """Tiling, in words -> its metrics against the serial plan."""
         return {tiling: self.by_run[run] for tiling, run in self.runs.items()}
+
+
+def _timeline(part: RunColumns | Timeline) -> Timeline:
+    return part.timeline() if isinstance(part, RunColumns) else part
+
+
+def _metrics_by_run(
+    parts: Sequence[RunColumns | Timeline], baseline: RunKey
+) -> dict[RunKey, Metrics]:
+    """Each run's metrics against the baseline run (columns where every run has them)."""
+    if all(isinstance(p, RunColumns) for p in parts):
+        columns = {p.run: p for p in parts if isinstance(p, RunColumns)}
+        base = columns[baseline]
+        return {run: c.metrics(baseline=base) for run, c in columns.items()}
+    merged = Timeline.merge(*(_timeline(p) for p in parts), meta={})
+    return merged.metrics_by_run(baseline)
+
+
+def _run_of(part: RunColumns | Timeline) -> RunKey:
+    return part.run if isinstance(part, RunColumns) else part.runs()[0]
 
 
 def simulate_study(scenario: Scenario, topology: Topology, world: int | None = None) -> StudyResult:
@@ -85,7 +139,7 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
     """
     ranks = scenario.world_size(world)
     sized = topology if topology.world_size == ranks else topology.with_world(ranks)
-    timelines = []
+    parts: list[RunColumns | Timeline] = []
     runs: dict[str, RunKey] = {}
     rows: list[RankRow] = []
     for tiling in scenario.tilings:
@@ -93,23 +147,20 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
         described = plans[0].tiling
         if described in runs:  # e.g. None and "hardware": the same plan, simulated once
             continue
-        timeline, arrivals = simulate_waits(plans, sized, scenario.stragglers)
-        runs[described] = timeline.runs()[0]
-        timelines.append(timeline)
+        part, arrivals = simulate_run(plans, sized, scenario.stragglers)
+        runs[described] = _run_of(part)
+        parts.append(part)
         if scenario.stragglers:
-            rows += _rank_rows(
-                scenario, described, (timeline, arrivals), simulate_waits(plans, sized)
-            )
-    merged = Timeline.merge(*timelines, meta={"scenario": scenario.name, "world_size": ranks})
+            rows += _rank_rows(scenario, described, (part, arrivals), simulate_run(plans, sized))
     baseline = runs["serial"]  # every scenario has the serial baseline
     return StudyResult(
         scenario=scenario,
         topology=sized,
         world=ranks,
-        timeline=merged,
+        parts=tuple(parts),
         runs=runs,
         baseline=baseline,
-        by_run=merged.metrics_by_run(baseline),
+        by_run=_metrics_by_run(parts, baseline),
         ranks=tuple(rows),
     )
 
@@ -117,13 +168,13 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
 def _rank_rows(
     scenario: Scenario,
     tiling: str,
-    straggling: tuple[Timeline, Arrivals],
-    nominal: tuple[Timeline, Arrivals],
+    straggling: tuple[RunColumns | Timeline, Arrivals],
+    nominal: tuple[RunColumns | Timeline, Arrivals],
 ) -> list[RankRow]:
     """Every rank's row of one tiling: its slowdowns, exposed comm and waits, both ways."""
-    (timeline, arrivals), (base_timeline, base_arrivals) = straggling, nominal
-    per_rank = timeline.metrics().per_rank
-    base_per_rank = base_timeline.metrics().per_rank
+    (run, arrivals), (base_run, base_arrivals) = straggling, nominal
+    per_rank = run.metrics().per_rank
+    base_per_rank = base_run.metrics().per_rank
     waits, base_waits = rank_waits(arrivals), rank_waits(base_arrivals)
     rows = []
     for m, base in zip(per_rank, base_per_rank, strict=True):
@@ -197,6 +248,7 @@ def encode_study(
     scenario_path: str | os.PathLike[str] | None = None,
     argv: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    per_task: bool = True,
 ) -> dict[str, bytes]:
     """The results folder of a simulated study as bytes (:func:`mc2sim.results.encode_results`).
 
@@ -205,6 +257,8 @@ def encode_study(
         scenario_path: the scenario file read, if any.
         argv: the command line; default ``sys.argv``.
         overrides: the ``--set`` strings applied.
+        per_task: write ``tasks.csv`` and ``trace.json`` (a record per task and rank);
+            without them the folder has the summary, the manifest and any ``ranks.csv``.
 
     Returns:
         File name -> bytes, ready for :func:`mc2sim.results.write_encoded`.
@@ -214,8 +268,8 @@ def encode_study(
         scenario_path=scenario_path, argv=argv, overrides=overrides,
     )  # fmt: skip
     return results.encode_results(
-        timeline=result.timeline, baseline=result.baseline, manifest=manifest,
-        ranks=result.ranks, metrics=result.by_run,
+        timeline=result.timeline if per_task else result.outline(), baseline=result.baseline,
+        manifest=manifest, ranks=result.ranks, metrics=result.by_run,
     )  # fmt: skip
 
 
@@ -226,7 +280,13 @@ def write_results(
     scenario_path: str | os.PathLike[str] | None = None,
     argv: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    per_task: bool = True,
 ) -> dict[str, Path]:
-    """Write the results folder of a simulated study (see :func:`mc2sim.results.write_results`)."""
-    files = encode_study(result, scenario_path=scenario_path, argv=argv, overrides=overrides)
+    """Write the results folder of a simulated study (see :func:`mc2sim.results.write_results`).
+
+    ``per_task``: as :func:`encode_study`.
+    """
+    files = encode_study(
+        result, scenario_path=scenario_path, argv=argv, overrides=overrides, per_task=per_task
+    )
     return results.write_encoded(directory, files)
