@@ -503,6 +503,7 @@ def _stamp() -> str:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     """Simulate a scenario under each of its tilings; write a results folder; print a table."""
     from mc2sim.model.accuracy import model_error
+    from mc2sim.ops.moe_spec import EXPECTED_ROUTING_RANKS
     from mc2sim.report import METRICS_HEADER, metrics_row
     from mc2sim.results import clear_folder
     from mc2sim.study.simulate import PER_TASK_RECORDS, simulate_study, write_results
@@ -541,6 +542,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(line)
     if args.plots:
         _write_plots([out, Path(args.measured)] if args.measured else [out], out)
+    if result.expected_routing:
+        print(
+            f"routing: read from its law above {EXPECTED_ROUTING_RANKS:,} ranks (each rank's "
+            "loads drawn from it, not every token's picks: docs/MODEL.md)"
+        )
     if not per_task and args.per_task == "auto":
         print(
             f"per-task files left out: {records:,} task records (auto writes up to "

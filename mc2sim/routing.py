@@ -19,12 +19,14 @@ from mc2sim.schedule.plan import SparseCounts
 
 __all__ = [
     "Direction",
+    "ExpectedRouting",
     "RoutingConfig",
     "RoutingKind",
     "MAX_SEED",
     "RoutingTable",
     "SparseRouting",
     "check_matrix",
+    "expect",
     "load_matrix",
     "route",
 ]
@@ -45,6 +47,7 @@ MAX_SEED = 2**32 - 1
 #: Stream tags of the seed sequences, so global draws never reuse a rank's stream.
 _GLOBAL_STREAM = 0
 _RANK_STREAM = 1
+_LAW_STREAM = 2
 
 
 class RoutingKind(StrEnum):
@@ -543,6 +546,171 @@ def route(
         bins = count * num_experts
         rows[first : first + count] = np.bincount(picks, minlength=bins)[:bins].reshape(count, -1)
     return RoutingTable(counts=rows.reshape(world, world, e))
+
+
+#: Experts whose expected rows from one rank are at most this take their split parts from
+#: the count's law itself (its first :data:`_PMF_TERMS` probabilities); above it, a count's
+#: remainder modulo the parts is taken as uniform and its tail as normal.
+_PMF_MEAN = 16.0
+_PMF_TERMS = 64
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class ExpectedRouting:
+    """The routing law in expectation: what one rank sends each expert, on average.
+
+    Every rank's tokens follow the same law, so rank r's count for global expert g has the
+    same law for every r: ``Binomial(tokens, pi_g)``, ``pi_g`` the probability that a token
+    picks g (a token picks each expert at most once), or, for ``balanced``, ``floor(mean_g)``
+    or ``ceil(mean_g)``. Simulating thousands of ranks reads this law instead of drawing
+    every token's picks (:func:`expect`): what a rank sends or receives over thousands of
+    peers is drawn from its normal approximation, seeded by :meth:`rng`.
+    """
+
+    world_size: int
+    """Ranks, W."""
+    experts_per_rank: int
+    """Local experts per rank, e."""
+    tokens: int
+    """Tokens per rank."""
+    seed: int
+    """The routing's seed, which the loads drawn from this law use
+    (:func:`mc2sim.schedule.builders.moe_arrays`)."""
+    mean: np.ndarray
+    """(W * e,) float64: rows one rank sends global expert g, on average (``tokens * pi_g``)."""
+    binomial: bool
+    """True: a count is ``Binomial(tokens, mean / tokens)``; False: ``floor`` or ``ceil`` of
+    ``mean`` (``balanced``)."""
+
+    def parts(self, parts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One rank's count for each expert cut in ``parts`` sub-tiles (the larger first).
+
+        Returns:
+            ``(mean, var, nonzero)``, each (parts, W * e): sub-tile p's expected rows, their
+            variance, and the probability that it has any.
+        """
+        mean = np.empty((parts, self.mean.size))
+        var = np.empty((parts, self.mean.size))
+        nonzero = np.empty((parts, self.mean.size))
+        if not self.binomial:  # two points: floor (weight 1 - f) and ceil (weight f)
+            low = np.floor(self.mean)
+            frac = self.mean - low
+            for p in range(parts):
+                at_low, at_high = _part(low, p, parts), _part(low + 1, p, parts)
+                mean[p] = (1 - frac) * at_low + frac * at_high
+                var[p] = (1 - frac) * at_low**2 + frac * at_high**2 - mean[p] ** 2
+                nonzero[p] = (1 - frac) * (at_low > 0) + frac * (at_high > 0)
+            return mean, np.maximum(var, 0.0), nonzero
+        small = self.mean <= _PMF_MEAN
+        pmf = _binomial_pmf(self.tokens, self.mean[small] / self.tokens, _PMF_TERMS)
+        counts = np.arange(_PMF_TERMS, dtype=np.float64)
+        big = self.mean[~small]
+        spread = big * (1 - big / self.tokens)  # the count's variance
+        sd = np.sqrt(spread)
+        for p in range(parts):
+            cut = _part(counts, p, parts)
+            mean[p, small] = cut @ pmf
+            var[p, small] = cut**2 @ pmf - mean[p, small] ** 2
+            nonzero[p, small] = 1.0 - pmf[: p + 1].sum(axis=0)
+            # the remainder modulo parts as uniform: E[c // P] = (mean - (P - 1) / 2) / P
+            mean[p, ~small] = (big - (parts - 1) / 2) / parts + (parts - 1 - p) / parts
+            var[p, ~small] = spread / parts**2
+            z = (p + 0.5 - big) / (sd * math.sqrt(2.0))
+            nonzero[p, ~small] = 0.5 * np.array([math.erfc(v) for v in z.tolist()])
+        return mean, np.maximum(var, 0.0), nonzero
+
+    def rng(self, *keys: int) -> np.random.Generator:
+        """A generator of draws from this law, keyed by ``keys`` (its own stream of the seed)."""
+        return np.random.default_rng([self.seed, _LAW_STREAM, *keys])
+
+    def none_of(self) -> np.ndarray:
+        """(W,) the probability that one rank sends nothing to any expert of rank q."""
+        e = self.experts_per_rank
+        if self.binomial:
+            zero = np.exp(self.tokens * np.log1p(-np.minimum(self.mean / self.tokens, 1.0)))
+        else:
+            zero = np.where(self.mean < 1.0, 1.0 - self.mean, 0.0)
+        out: np.ndarray = zero.reshape(self.world_size, e).prod(axis=1)
+        return out
+
+
+def _part(counts: np.ndarray, p: int, parts: int) -> np.ndarray:
+    """Sub-tile p's rows of each count cut in ``parts`` (``tiling.even_split``'s rule)."""
+    return counts // parts + (p < counts % parts)
+
+
+def _binomial_pmf(n: int, prob: np.ndarray, terms: int) -> np.ndarray:
+    """(terms, len(prob)): ``P(Binomial(n, prob) = c)`` for c = 0 .. terms - 1."""
+    out = np.zeros((terms, prob.size))
+    q = 1.0 - prob
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[0] = np.exp(n * np.log1p(-prob))
+        ratio = np.where(q > 0, prob / q, 0.0)
+        for c in range(terms - 1):
+            out[c + 1] = out[c] * (n - c) / (c + 1) * ratio if c < n else 0.0
+    return out
+
+
+def expect(
+    config: RoutingConfig,
+    *,
+    world_size: int,
+    experts_per_rank: int,
+    tokens_per_rank: int,
+    top_k: int,
+) -> ExpectedRouting:
+    """The law of ``config``'s routing in expectation (:class:`ExpectedRouting`).
+
+    A token picks expert g with probability ``pi_g``: ``top_k / (W * e)`` for ``uniform``,
+    ``balanced`` and ``zipf`` of skew 0; for ``hot``, a hot expert ``top_k *
+    hot_fraction / hot_experts`` and a cold one the rest spread evenly; for ``zipf``, whose
+    tokens draw ``top_k`` distinct experts by successive sampling with weights ``w_g`` (the
+    popularity order of :func:`route`, the same seed), ``1 - exp(-t * w_g)`` with t such that
+    the probabilities add up to ``top_k`` (successive sampling keeps the experts whose
+    exponential keys ``E_g / w_g`` are the ``top_k`` smallest; with many experts the k-th
+    smallest key concentrates at t).
+
+    Raises:
+        ParamInvalidError: as :func:`route`; ``matrix`` has no law to expect.
+    """
+    if config.kind is RoutingKind.MATRIX:
+        raise ParamInvalidError("routing.kind", "matrix", "has no law to expect: its counts rule")
+    world = _check_int("world_size", world_size, 1)
+    e = _check_int("experts_per_rank", experts_per_rank, 1)
+    tokens = _check_int("tokens_per_rank", tokens_per_rank, 1)
+    num_experts = world * e
+    k = _check_int_range("top_k", top_k, 1, num_experts)
+    if config.kind is RoutingKind.HOT:
+        hot = _hot_experts(config, num_experts)
+        target = _hot_target(config, k, num_experts)
+        cold = num_experts - len(hot)
+        pi = np.full(num_experts, (k - target) / cold if cold else 0.0)
+        pi[hot] = target / len(hot)
+    elif config.kind is RoutingKind.ZIPF and config.skew > 0.0:
+        weights = _law(config, num_experts, k).weight
+        pi = _inclusion(weights / weights.max(), k)
+    else:
+        pi = np.full(num_experts, k / num_experts)
+    return ExpectedRouting(
+        world_size=world,
+        experts_per_rank=e,
+        tokens=tokens,
+        seed=config.seed,
+        mean=tokens * pi,
+        binomial=config.kind is not RoutingKind.BALANCED,
+    )
+
+
+def _inclusion(weights: np.ndarray, k: int) -> np.ndarray:
+    """``1 - exp(-t * w)`` with t > 0 such that the sum is k (bisection on log t)."""
+    if k >= weights.size:
+        return np.ones(weights.size)
+    low, high = -60.0, 60.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        total = float(-np.expm1(-math.exp(mid) * weights).sum())
+        low, high = (mid, high) if total < k else (low, mid)
+    return -np.expm1(-math.exp((low + high) / 2) * weights)
 
 
 def _rank_rng(seed: int, rank: int) -> np.random.Generator:

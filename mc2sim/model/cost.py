@@ -41,19 +41,23 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mc2sim.errors import ParamInvalidError
-from mc2sim.schedule.plan import Task, TaskKind
+from mc2sim.schedule.plan import AlltoAllvLoads, Task, TaskKind
 from mc2sim.topology import Device, LinkKind, NetworkDim, ProfilePoint, Topology
 
 __all__ = [
     "allgather_time",
     "allreduce_time",
     "alltoallv_time",
+    "loads_alltoallv_time",
     "pairs_alltoallv_time",
     "compute_time",
+    "compute_times",
     "issue_time",
+    "issue_times",
     "profiled_ratio",
     "schedule_wait",
     "roofline_time",
+    "rooflines",
     "task_dtype",
     "reduce_scatter_time",
 ]
@@ -74,16 +78,35 @@ def task_dtype(kind: TaskKind, dtype: str) -> str:
 
 def roofline_time(device: Device, kind: TaskKind, dtype: str, flops: float, nbytes: float) -> float:
     """Seconds of a compute task on a whole core (or engine) by the roofline alone."""
+    return float(rooflines(device, kind, dtype, np.array([flops]), np.array([nbytes]))[0])
+
+
+def rooflines(
+    device: Device, kind: TaskKind, dtype: str, flops: np.ndarray, nbytes: np.ndarray
+) -> np.ndarray:
+    """:func:`roofline_time` of many tasks of one kind at once (elementwise)."""
     launch = device.launch_us * 1e-6
+    flops = np.asarray(flops, dtype=np.float64)
     if kind in _MATRIX_KINDS:
-        rate = device.matrix_peak(task_dtype(kind, dtype)) * device.efficiency.util(flops)
+        peak = device.matrix_peak(task_dtype(kind, dtype))
+        eff = device.efficiency  # Efficiency.util, elementwise
+        if eff.half_flops == 0:
+            util = np.full(flops.shape, eff.large_util)
+        else:
+            util = eff.small_util + (eff.large_util - eff.small_util) * flops / (
+                flops + eff.half_flops
+            )
+        rate = peak * util
     elif kind in (TaskKind.REDUCE, TaskKind.PACK):  # a pack has no FLOPs: memory only
-        rate = device.vector_tflops * 1e12
+        peak = device.vector_tflops * 1e12
+        rate = np.full(flops.shape, peak)
     else:
         raise ParamInvalidError("task.kind", kind, "is not a compute task")
-    memory = nbytes * device.memory_traffic / (device.memory_gbps * 1e9)
-    arithmetic = flops / rate if rate > 0 else 0.0
-    whole = max(arithmetic, memory) if device.memory_overlap else arithmetic + memory
+    memory = (
+        np.asarray(nbytes, dtype=np.float64) * device.memory_traffic / (device.memory_gbps * 1e9)
+    )
+    arithmetic = flops / rate if peak > 0 else np.zeros(flops.shape)
+    whole = np.maximum(arithmetic, memory) if device.memory_overlap else arithmetic + memory
     return whole + launch
 
 
@@ -127,11 +150,20 @@ def compute_time(task: Task, topology: Topology, dtype: str) -> float:
     Returns:
         Seconds, launch overhead included.
     """
+    flops, nbytes = np.array([task.flops]), np.array([task.bytes])
+    return float(compute_times(topology, task.kind, dtype, flops, nbytes)[0])
+
+
+def compute_times(
+    topology: Topology, kind: TaskKind, dtype: str, flops: np.ndarray, nbytes: np.ndarray
+) -> np.ndarray:
+    """:func:`compute_time` of many tasks of one kind at once (elementwise)."""
     device = topology.device
-    roof = roofline_time(device, task.kind, dtype, task.flops, task.bytes)
-    kind_dtype = task_dtype(task.kind, dtype)
+    roof = rooflines(device, kind, dtype, flops, nbytes)
     if device.profile:
-        roof *= profiled_ratio(device, task.kind, kind_dtype, roof)
+        x, y = _profile_curve(device, kind, task_dtype(kind, dtype))
+        if x.size:
+            roof = roof * np.exp(np.interp(np.log(roof), x, y))
     return roof / topology.core_share
 
 
@@ -156,10 +188,15 @@ def issue_time(topology: Topology, task: Task) -> float:
     ``Device.issue_us``, plus, for an AllReduce or a ReduceScatter where reductions move
     float32 copies, its float32 copy of the task's bytes at ``Device.issue_gbps``.
     """
+    return float(issue_times(topology, task.kind, np.array([task.bytes]))[0])
+
+
+def issue_times(topology: Topology, kind: TaskKind, nbytes: np.ndarray) -> np.ndarray:
+    """:func:`issue_time` of many comm tasks of one kind at once (elementwise)."""
     device = topology.device
-    seconds = device.issue_us * 1e-6
-    if device.issue_gbps > 0 and device.reductions_in_float32 and task.kind in _FLOAT32_COPIED:
-        seconds += task.bytes / (device.issue_gbps * 1e9)
+    seconds = np.full(np.shape(nbytes), device.issue_us * 1e-6)
+    if device.issue_gbps > 0 and device.reductions_in_float32 and kind in _FLOAT32_COPIED:
+        seconds = seconds + np.asarray(nbytes, dtype=np.float64) / (device.issue_gbps * 1e9)
     return seconds / topology.core_share
 
 
@@ -335,8 +372,8 @@ def _busiest_side(
     Pair ``i`` moves ``nbytes[i]`` between ``ranks[i]`` and ``peers[i]`` (no pair of a rank
     with itself). In each dimension a rank's bytes over it cost, by the dimension's kind,
     their largest (full mesh: a link per peer), their sum (switch: one port) or their sum
-    times the ring's mean hops over both directions; plus one latency per peer. The
-    dimensions run at once: a rank takes its slowest one.
+    times the ring's mean hops over both directions; plus one latency per peer it talks to
+    there (:func:`_dim_busy`). The dimensions run at once: a rank takes its slowest one.
     """
     if ranks.size == 0:
         return 0.0
@@ -349,19 +386,47 @@ def _busiest_side(
         if not here.any():
             continue
         owners, load = ranks[here], nbytes[here].astype(np.float64)
-        beta = 1.0 / (dim.effective_gbps * 1e9)
-        alpha = dim.latency_us * 1e-6
-        busy: np.ndarray
+        size = int(owners.max()) + 1
+        total: np.ndarray
         if dim.kind is LinkKind.FULL_MESH:
-            largest = np.zeros(int(owners.max()) + 1)
-            np.maximum.at(largest, owners, load)
-            busy = largest * beta
-        elif dim.kind is LinkKind.RING:
-            busy = np.bincount(owners, weights=load) * _ring_hops(dim) * beta / 2
+            total = np.zeros(size)
+            np.maximum.at(total, owners, load)
         else:
-            busy = np.bincount(owners, weights=load) * beta
-        worst = max(worst, float((busy + alpha * np.bincount(owners)).max()))
+            total = np.bincount(owners, weights=load, minlength=size)
+        busy = _dim_busy(dim, total, np.bincount(owners, minlength=size))
+        worst = max(worst, float(busy.max()))
     return worst
+
+
+def _dim_busy(dim: NetworkDim, load: np.ndarray, peers: np.ndarray) -> np.ndarray:
+    """Seconds each rank spends on dimension ``dim`` of one side of an AlltoAllv.
+
+    ``load``: a rank's bytes over the dimension, their sum (switch, ring) or the largest to
+    one peer (full mesh); ``peers``: how many peers it talks to there.
+    """
+    beta = 1.0 / (dim.effective_gbps * 1e9)
+    alpha = dim.latency_us * 1e-6
+    if dim.kind is LinkKind.RING:
+        busy = load * _ring_hops(dim) * beta / 2
+    else:
+        busy = load * beta
+    return busy + alpha * peers
+
+
+def loads_alltoallv_time(topology: Topology, loads: AlltoAllvLoads) -> float:
+    """:func:`alltoallv_time` of an AlltoAllv given as every rank's loads, not its pairs.
+
+    The busiest rank's slowest dimension on either side, as :func:`_busiest_side` costs it
+    (:func:`_dim_busy`), then the device's profile.
+    """
+    modelled = 0.0
+    for side in (loads.send, loads.recv):
+        for d, dim in enumerate(topology.network):
+            if dim.ranks <= 1:
+                continue
+            load = side.largest[d] if dim.kind is LinkKind.FULL_MESH else side.total[d]
+            modelled = max(modelled, float(_dim_busy(dim, load, side.peers[d]).max()))
+    return _profiled(topology, "alltoallv", modelled)
 
 
 def rank_alltoallv_time(

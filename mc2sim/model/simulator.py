@@ -62,14 +62,25 @@ from mc2sim.model.cost import (
     allgather_time,
     allreduce_time,
     compute_time,
+    compute_times,
     issue_time,
+    issue_times,
+    loads_alltoallv_time,
     pairs_alltoallv_time,
     rank_alltoallv_time,
     reduce_scatter_time,
     schedule_wait,
 )
 from mc2sim.model.heterogeneity import Arrivals, Straggler
-from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
+from mc2sim.schedule.plan import (
+    AlltoAllvLoads,
+    Plan,
+    PlanArrays,
+    Resource,
+    SideLoads,
+    Task,
+    TaskKind,
+)
 from mc2sim.schedule.traffic import (
     AlltoAllvPairs,
     Placement,
@@ -80,7 +91,14 @@ from mc2sim.schedule.traffic import (
 from mc2sim.timeline import RunColumns, RunKey, Source, Stream, TaskRecord, Timeline
 from mc2sim.topology import Topology
 
-__all__ = ["lockstep_applies", "run_topology", "simulate", "simulate_run", "simulate_waits"]
+__all__ = [
+    "lockstep_applies",
+    "run_topology",
+    "simulate",
+    "simulate_arrays",
+    "simulate_run",
+    "simulate_waits",
+]
 
 _UNBOUNDED_GBPS = 1e300
 """Link bandwidth at which a collective's time is its latency alone (finite, as topologies
@@ -277,11 +295,23 @@ class _Machine:
         ``last_queued``: when its last rank queued it (a wait for peers off their cores
         counts from then).
         """
-        latency = 0.0  # on a stream the whole time is the transfer part
-        others = [t for t in (self.latency_only, self.uncapped, self.bare) if t is not None]
         _check_same_kind(tasks)
         pairs = _gathered(tasks) if tasks[0].kind is TaskKind.ALLTOALLV else None
-        work, *times = _straggling_times(tasks, self.links, pairs, self.topology, *others)
+        latency, work, headroom = self.split(
+            lambda *tops: _straggling_times(tasks, self.links, pairs, *tops), last_queued, now
+        )
+        return _Parts(latency, work, headroom, pairs)
+
+    def split(
+        self, times_on: Callable[..., list[float]], last_queued: float, now: float
+    ) -> tuple[float, float, float]:
+        """A collective's (latency part, whole time, headroom).
+
+        ``times_on(*topologies)`` gives its seconds on each of the topology's variants.
+        """
+        latency = 0.0  # on a stream the whole time is the transfer part
+        others = [t for t in (self.latency_only, self.uncapped, self.bare) if t is not None]
+        work, *times = times_on(self.topology, *others)
         ratio = 1.0
         if self.bare is not None:  # the profile's ratio of this collective
             bare = times.pop()
@@ -309,7 +339,7 @@ class _Machine:
             # (the ranks' time, not the wire's) where the transfer part holds it
             own = uncapped + wait - latency
             headroom = (work - latency) / own if own > 0 else 1.0
-        return _Parts(latency, work, max(headroom, 1.0), pairs)
+        return latency, work, max(headroom, 1.0)
 
 
 class _Engine:
@@ -672,19 +702,6 @@ def _shared_structure(plans: Sequence[Plan]) -> bool:
     return True
 
 
-def _per_rank(tasks: Sequence[Task], figure: Callable[[Task], float]) -> np.ndarray:
-    """``figure`` of every rank's task, computed once per distinct (flops, bytes)."""
-    cache: dict[tuple[int, int], float] = {}
-    out = np.empty(len(tasks))
-    for r, task in enumerate(tasks):
-        key = (task.flops, task.bytes)
-        value = cache.get(key)
-        if value is None:
-            value = cache[key] = figure(task)
-        out[r] = value
-    return out
-
-
 def _levels(tasks: Sequence[Task], placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's (intra, inter) bytes of a collective other than an AlltoAllv.
 
@@ -702,28 +719,111 @@ def _levels(tasks: Sequence[Task], placement: Placement) -> tuple[np.ndarray, np
     return intra, inter
 
 
+class _PlanRanks:
+    """Every rank's own plan, as the lockstep engine reads a task position of all of them."""
+
+    def __init__(self, plans: Sequence[Plan], machine: _Machine) -> None:
+        self.plans, self.machine = plans, machine
+        self.template = plans[0]
+        self.placement = Placement.of(np.arange(len(plans)) // machine.topology.ranks_per_node)
+        names_of: dict[int, tuple[str, ...]] = {}
+        self.names = tuple(
+            names_of.get(id(p.tasks))
+            or names_of.setdefault(id(p.tasks), tuple(t.name for t in p.tasks))
+            for p in plans
+        )
+        self.tasks: list[Task] = []  # position i of every plan, while the engine is at i
+
+    def figures(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank's (FLOPs, bytes) of task ``i``."""
+        self.tasks = [plan.tasks[i] for plan in self.plans]
+        return (
+            np.array([t.flops for t in self.tasks], dtype=np.int64),
+            np.array([t.bytes for t in self.tasks], dtype=np.int64),
+        )
+
+    def collective(self, i: int, last: float, now: float) -> tuple[float, float]:
+        """Collective ``i``'s (latency part, whole time); notes its bytes by level."""
+        latency, work, _, pairs = self.machine.parts(self.tasks, last, now)
+        if pairs is not None:
+            rows = [t.row_bytes for t in self.tasks]
+            self.levels = sent_by_level(pairs[0], self.placement.nodes, rows)
+        else:
+            self.levels = _levels(self.tasks, self.placement)
+        return latency, work
+
+
+class _ArrayRanks:
+    """:class:`~mc2sim.schedule.plan.PlanArrays` as the lockstep engine reads them."""
+
+    def __init__(self, arrays: PlanArrays, machine: _Machine) -> None:
+        self.arrays, self.machine = arrays, machine
+        self.template = arrays.template
+        names = tuple(t.name for t in arrays.template.tasks)
+        self.names = (names,) * arrays.world_size
+
+    def figures(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.arrays.flops[i], self.arrays.bytes[i]
+
+    def collective(self, i: int, last: float, now: float) -> tuple[float, float]:
+        loads = self.arrays.loads.get(i)
+        if loads is None:
+            raise ParamInvalidError(
+                "plans",
+                self.template.tasks[i].name,
+                "an array plan's collectives must be AlltoAllv",
+            )
+        links = self.machine.links
+
+        def times_on(*topologies: Topology) -> list[float]:
+            return [_loads_time(t, loads, links) for t in topologies]
+
+        latency, work, _ = self.machine.split(times_on, last, now)
+        self.levels = self.arrays.intra[i], self.arrays.inter[i]
+        return latency, work
+
+
+def _loads_time(topology: Topology, loads: AlltoAllvLoads, links: Mapping[int, float]) -> float:
+    """An AlltoAllv's seconds from its loads, each degraded rank's own on its narrowed links."""
+    time = loads_alltoallv_time(topology, loads)
+    for rank, factor in links.items():
+        own = AlltoAllvLoads(send=_rank_side(loads.send, rank), recv=_rank_side(loads.recv, rank))
+        time = max(time, loads_alltoallv_time(_narrowed(topology, factor), own))
+    return time
+
+
+def _rank_side(side: SideLoads, rank: int) -> SideLoads:
+    """One rank's column of a side's loads."""
+    cut = slice(rank, rank + 1)
+    return SideLoads(
+        total=side.total[:, cut], largest=side.largest[:, cut], peers=side.peers[:, cut]
+    )
+
+
 def _lockstep(
-    plans: Sequence[Plan], topology: Topology, stragglers: Mapping[int, Straggler]
+    ranks: _PlanRanks | _ArrayRanks, stragglers: Mapping[int, Straggler]
 ) -> tuple[RunColumns, Arrivals]:
     """Every rank's plan advanced at once, task by task (numpy over ranks).
 
     Only where :func:`lockstep_applies` and the plans share one structure
-    (:func:`_shared_structure`): then each rank's issuer is a max-plus recursion and the
-    event engine's times follow in closed form, with the same arithmetic. A compute task
-    starts once the issuer is free and its dependencies are done, and ends its time later;
-    a comm task is queued its issue overhead after that; collective k starts when its last
-    rank queued it (on a communication stream, also once k - 1 has ended; with concurrent
-    collectives its transfer part waits for k - 1's) and ends at once on every rank.
+    (:func:`_shared_structure`, or one :class:`~mc2sim.schedule.plan.PlanArrays`): then each
+    rank's issuer is a max-plus recursion and the event engine's times follow in closed
+    form, with the same arithmetic. A compute task starts once the issuer is free and its
+    dependencies are done, and ends its time later; a comm task is queued its issue overhead
+    after that; collective k starts when its last rank queued it (on a communication stream,
+    also once k - 1 has ended; with concurrent collectives its transfer part waits for k -
+    1's) and ends at once on every rank.
     """
-    world = len(plans)
-    machine = _Machine(topology, {r: s.link for r, s in stragglers.items() if s.link != 1.0})
-    placement = Placement.of(np.arange(world) // topology.ranks_per_node)
+    machine = ranks.machine
+    topology = machine.topology
+    template = ranks.template
+    world = len(ranks.names)
     slow = np.ones(world)
     free = np.zeros(world)  # when each rank's issuer is next free
     for r, s in stragglers.items():
         slow[r] = s.compute
         free[r] = s.late_us * 1e-6 if s.late_us > 0 else 0.0
-    first, dtype = plans[0].tasks, plans[0].dtype
+    first, dtype = template.tasks, template.dtype
     shape = (len(first), world)
     start, end = np.zeros(shape), np.zeros(shape)
     flops, nbytes = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
@@ -732,45 +832,33 @@ def _lockstep(
     started: list[float] = []
     ended = 0.0  # when the last collective (its transfer part) ended
     for i, head in enumerate(first):
-        tasks = [plan.tasks[i] for plan in plans]
-        flops[i] = [t.flops for t in tasks]
-        nbytes[i] = [t.bytes for t in tasks]
+        task_flops, task_bytes = ranks.figures(i)
+        flops[i], nbytes[i] = np.rint(task_flops), np.rint(task_bytes)
         ready = free
         for d in head.deps:
             ready = np.maximum(ready, end[d])
         if head.resource is Resource.COMPUTE:
-            times = _per_rank(tasks, lambda t: compute_time(t, topology, dtype))
+            times = compute_times(topology, head.kind, dtype, task_flops, task_bytes)
             start[i] = ready
             end[i] = free = ready + times * slow
             continue
-        free = ready + _per_rank(tasks, lambda t: issue_time(topology, t))
+        free = ready + issue_times(topology, head.kind, task_bytes)
         queued.append(free)
         last = float(free.max())
         now = last if machine.concurrent else max(last, ended)
         started.append(now)
-        latency, work, _, pairs = machine.parts(tasks, last, now)
+        latency, work = ranks.collective(i, last, now)
         # its transfer part follows its latency part and the previous collective's transfer
         ended = max(now + latency, ended) + (work - latency)
         start[i], end[i] = now, ended
-        if pairs is not None:
-            intra[i], inter[i] = sent_by_level(
-                pairs[0], placement.nodes, [t.row_bytes for t in tasks]
-            )
-        else:
-            intra[i], inter[i] = _levels(tasks, placement)
-    names_of: dict[int, tuple[str, ...]] = {}
-    names = tuple(
-        names_of.get(id(p.tasks))
-        or names_of.setdefault(id(p.tasks), tuple(t.name for t in p.tasks))
-        for p in plans
-    )
+        intra[i], inter[i] = ranks.levels
     columns = RunColumns(
-        run=RunKey(op=plans[0].op, tiling=plans[0].tiling),
+        run=RunKey(op=template.op, tiling=template.tiling),
         kinds=tuple(str(t.kind) for t in first),
         streams=tuple(
             Stream.COMM if t.resource is Resource.COMM else Stream.COMPUTE for t in first
         ),
-        names=names,
+        names=ranks.names,
         start_s=start,
         end_s=end,
         flops=flops,
@@ -782,6 +870,35 @@ def _lockstep(
         queued_s=np.array(queued).reshape(len(queued), world), started_s=np.array(started)
     )
     return columns, arrivals
+
+
+def simulate_arrays(
+    arrays: PlanArrays,
+    topology: Topology,
+    stragglers: Mapping[int, Straggler] | None = None,
+) -> tuple[RunColumns, Arrivals]:
+    """:func:`simulate_run` of every rank's plan given at once as arrays (thousands of ranks).
+
+    Raises:
+        ParamInvalidError: a topology on which the ranks cannot run in lockstep
+            (:func:`lockstep_applies`), or a straggler's rank outside the world.
+    """
+    world = arrays.world_size
+    if topology.world_size != world:
+        topology = topology.with_world(world)
+    if not lockstep_applies(topology):
+        raise ParamInvalidError(
+            "topology",
+            topology.name,
+            "must let every rank run in lockstep (contention 1, no polled progress, no core "
+            "sharing) to simulate plans given as arrays",
+        )
+    stragglers = stragglers or {}
+    outside = [r for r in stragglers if not 0 <= r < world]
+    if outside:
+        raise ParamInvalidError(f"stragglers.{outside[0]}", outside[0], f"must be a rank < {world}")
+    links = {r: s.link for r, s in stragglers.items() if s.link != 1.0}
+    return _lockstep(_ArrayRanks(arrays, _Machine(topology, links)), stragglers)
 
 
 def simulate(plans: Mapping[int, Plan], topology: Topology) -> Timeline:
@@ -876,7 +993,8 @@ def simulate_run(
         raise ParamInvalidError(f"stragglers.{outside[0]}", outside[0], f"must be a rank < {world}")
     ordered = [plans[r] for r in range(world)]
     if lockstep and lockstep_applies(topology) and _shared_structure(ordered):
-        return _lockstep(ordered, topology, stragglers or {})
+        links = {r: s.link for r, s in (stragglers or {}).items() if s.link != 1.0}
+        return _lockstep(_PlanRanks(ordered, _Machine(topology, links)), stragglers or {})
     engine = _Engine(plans, topology, stragglers)
     engine.run_all()
     first = plans[0]

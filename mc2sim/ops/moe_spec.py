@@ -8,8 +8,9 @@ for a shared expert, ``h2`` and ``n2``. Tokens pick experts by the scenario's ro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mc2sim import limits
@@ -30,10 +31,11 @@ from mc2sim.routing import (
     RoutingKind,
     RoutingTable,
     SparseRouting,
+    expect,
     route,
 )
-from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
-from mc2sim.schedule.plan import Plan, SparseCounts
+from mc2sim.schedule.builders import MoeShape, moe_arrays, plan_alltoallv_gmm, plan_gmm_alltoallv
+from mc2sim.schedule.plan import Plan, PlanArrays, SparseCounts
 
 if TYPE_CHECKING:
     import torch
@@ -42,9 +44,16 @@ if TYPE_CHECKING:
     from mc2sim.scenario import Scenario
     from mc2sim.schedule.tiling import Tiling
 
-__all__ = ["AlltoAllvGmmSpec", "GmmAlltoAllvSpec", "routing_of"]
+__all__ = ["EXPECTED_ROUTING_RANKS", "AlltoAllvGmmSpec", "GmmAlltoAllvSpec", "routing_of"]
 
 _ELEM_BYTES = {"float16": 2, "bfloat16": 2}
+
+EXPECTED_ROUTING_RANKS = 1024
+"""Above this many ranks a simulation reads the routing's law in expectation instead of
+drawing every token's picks (:meth:`_MoeSpec.plan_arrays`): at 8192 ranks of DeepSeek-V3's
+combine the draw alone is 268 million picks. The expectation keeps what decides an
+AlltoAllv's time at that scale, which experts are hot and by how much; a sum over thousands
+of peers is close to its mean."""
 
 DENSE_ROUTING_LIMIT = 64
 """Above this many ranks MoE counts are kept sparse (``route(..., sparse=True)``) to save
@@ -125,11 +134,46 @@ class _MoeSpec(OpSpec):
             f"top_k ({shape['top_k']}) must be <= experts_per_rank ({e}) * {param}",
         )
 
+    def plan_arrays(
+        self, scenario: Scenario, world: int, tiling: Tiling, dims: Sequence[int]
+    ) -> PlanArrays | None:
+        """Above :data:`EXPECTED_ROUTING_RANKS` ranks, the plans from the routing in expectation.
+
+        :func:`mc2sim.routing.expect` and :func:`~mc2sim.schedule.builders.moe_arrays`; None
+        at or below it, and for a ``matrix`` routing (its counts are given).
+        """
+        if world <= EXPECTED_ROUTING_RANKS or scenario.routing.kind is RoutingKind.MATRIX:
+            return None
+        shape = scenario.effective_shape()
+        expected = expect(
+            scenario.routing, world_size=world, experts_per_rank=shape["experts_per_rank"],
+            tokens_per_rank=shape["tokens"], top_k=shape["top_k"],
+        )  # fmt: skip
+        return moe_arrays(
+            op=self.op.value, expected=expected, shape=self._shape(scenario),
+            tiling=tiling, dims=dims,
+        )  # fmt: skip
+
+    def _shape(self, scenario: Scenario) -> MoeShape:
+        """The :class:`MoeShape` of ``scenario``, without counts (a rank's are put in)."""
+        shape = scenario.effective_shape()
+        e = shape["experts_per_rank"]
+        shared = (shape["tokens"], shape["h2"], shape["n2"]) if "h2" in shape else None
+        return MoeShape(
+            e=e,
+            send=(),
+            recv=(),
+            h1=shape["h1"],
+            n1=shape["n1"],
+            elem_bytes=_ELEM_BYTES[scenario.dtype],
+            shared=shared,
+            dtype=scenario.dtype,
+        )
+
     def plans(self, scenario: Scenario, world: int, tiling: Tiling) -> dict[int, Plan]:
         """Every rank's plan, its counts from the scenario's routing."""
-        shape = scenario.effective_shape()
         table = routing_of(scenario, world)
-        shared = (shape["tokens"], shape["h2"], shape["n2"]) if "h2" in shape else None
+        blank = self._shape(scenario)
         builder = plan_gmm_alltoallv if self.direction is Direction.COMBINE else plan_alltoallv_gmm
 
         def counts(rank: int) -> tuple[tuple[int, ...] | SparseCounts, ...]:
@@ -143,20 +187,8 @@ class _MoeSpec(OpSpec):
         plans = {}
         for r in range(world):
             send, recv = counts(r)
-            plans[r] = builder(
-                shape=MoeShape(
-                    e=shape["experts_per_rank"],
-                    send=send,
-                    recv=recv,
-                    h1=shape["h1"],
-                    n1=shape["n1"],
-                    elem_bytes=_ELEM_BYTES[scenario.dtype],
-                    shared=shared,
-                    dtype=scenario.dtype,
-                ),
-                tiling=tiling,
-                rank=r,
-            )
+            shape = dataclasses.replace(blank, send=send, recv=recv)
+            plans[r] = builder(shape=shape, tiling=tiling, rank=r)
         return plans
 
     def real_case(

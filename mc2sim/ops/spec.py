@@ -17,7 +17,7 @@ nothing else branches on an op's name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from mc2sim.comm.base import Communicator
     from mc2sim.scenario import Scenario
-    from mc2sim.schedule.plan import Plan
+    from mc2sim.schedule.plan import Plan, PlanArrays
     from mc2sim.schedule.tiling import Tiling
 
 __all__ = [
@@ -281,6 +281,22 @@ class OpSpec(ABC):
         Returns:
             rank -> plan.
         """
+
+    def plan_arrays(
+        self, scenario: Scenario, world: int, tiling: Tiling, dims: Sequence[int]
+    ) -> PlanArrays | None:
+        """Every rank's plan at once as arrays, where the op plans thousands of ranks so.
+
+        Args:
+            scenario: the study.
+            world: ranks.
+            tiling: the tiling.
+            dims: the topology's ranks per network dimension, innermost first.
+
+        Returns:
+            The plans as arrays, or None: this op and world are planned by :meth:`plans`.
+        """
+        return None
 
     @abstractmethod
     def real_case(

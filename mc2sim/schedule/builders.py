@@ -6,13 +6,25 @@ overlaps"): compute of tile i runs while tile i-1's chunk communicates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mc2sim.errors import ParamInvalidError
-from mc2sim.schedule.plan import Plan, SparseCounts, SparseSplits, Task, TaskKind, row_tiles
+from mc2sim.schedule.plan import (
+    AlltoAllvLoads,
+    Plan,
+    PlanArrays,
+    SideLoads,
+    SparseCounts,
+    SparseSplits,
+    Task,
+    TaskKind,
+    row_tiles,
+)
 from mc2sim.schedule.tiling import (
     Tiling,
     TilingMode,
@@ -21,8 +33,12 @@ from mc2sim.schedule.tiling import (
     tile_lengths,
 )
 
+if TYPE_CHECKING:
+    from mc2sim.routing import ExpectedRouting
+
 __all__ = [
     "IfaShape",
+    "moe_arrays",
     "plan_all_gather_matmul",
     "plan_alltoallv_gmm",
     "plan_gmm_alltoallv",
@@ -627,3 +643,180 @@ def plan_ifa(*, batch: int, shape: IfaShape, tiling: Tiling, rank: int, world_si
         tasks=tuple(tasks.items),
         meta=(("batch", batch), ("heads", shape.heads), ("kv_len", shape.kv_len)),
     )
+
+
+def _level_sums(values: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """(len(dims), W): per dimension d, the sum of ``values`` over each rank's peers there.
+
+    A rank's peers over dimension d are the ranks of its block of ``dims[0] * ... * dims[d]``
+    consecutive ranks outside its block of the dimensions inside d (itself left out).
+    """
+    out = np.empty((len(dims), values.size))
+    inner, size = values.astype(np.float64), 1
+    for d, ranks in enumerate(dims):
+        size *= ranks
+        block = np.repeat(values.reshape(-1, size).sum(axis=1), size)
+        out[d] = block - inner
+        inner = block
+    return out
+
+
+def _level_max(values: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """(len(dims), W): per dimension d, the largest of ``values`` over each rank's peers there."""
+    out = np.zeros((len(dims), values.size))
+    size = 1
+    for d, ranks in enumerate(dims):
+        if ranks > 1:  # each inner block's largest; the largest of the others in its block
+            sub = values.reshape(-1, ranks, size).max(axis=2)  # (outer blocks, ranks)
+            order = np.sort(sub, axis=1)
+            top, second = order[:, -1:], order[:, -2:-1]
+            others = np.where(sub == top, second, top)  # ties: the top is another's too
+            others = np.where((sub == top).sum(axis=1, keepdims=True) > 1, top, others)
+            out[d] = np.repeat(others.ravel(), size)
+        size *= ranks
+    return out
+
+
+def _peers_per_level(dims: Sequence[int]) -> np.ndarray:
+    """(len(dims), 1): how many peers every rank has over each dimension."""
+    inside = np.cumprod([1, *dims])
+    return (inside[1:] - inside[:-1]).astype(np.float64)[:, None]
+
+
+def _normal(rng: np.random.Generator, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """A draw of each ``Normal(mean, var)``, at least 0."""
+    out: np.ndarray = np.maximum(mean + np.sqrt(var) * rng.standard_normal(mean.shape), 0.0)
+    return out
+
+
+def _owner_side(
+    rows: np.ndarray, nonzero: np.ndarray, dims: Sequence[int], row_bytes: int,
+    rng: np.random.Generator,
+) -> SideLoads:  # fmt: skip
+    """The expert owners' side: rank q's ``rows[q]`` (over all ranks) from every rank alike.
+
+    Each peer's share is ``rows[q] / W``; how many peers have any is drawn (binomial).
+    """
+    peers = _peers_per_level(dims)
+    each = rows / math.prod(dims)  # a peer's share of the rows over all ranks
+    count = rng.binomial(np.broadcast_to(peers, (len(dims), rows.size)).astype(np.int64), nonzero)
+    given = np.divide(
+        each, nonzero, out=np.zeros_like(each), where=nonzero > 0
+    )  # rows of a peer that has any
+    return SideLoads(
+        total=peers * each * row_bytes,
+        largest=np.where(count > 0, given * row_bytes, 0.0),
+        peers=count.astype(np.float64),
+    )
+
+
+def _token_side(
+    rows: np.ndarray, var: np.ndarray, nonzero: np.ndarray, dims: Sequence[int],
+    row_bytes: int, rng: np.random.Generator,
+) -> SideLoads:  # fmt: skip
+    """The token owners' side: rows from (or to) every expert owner q, independent of each other.
+
+    A rank's sum over its peers on a dimension, and how many of them it talks to, are drawn
+    from their normal approximations (the peers' means and variances summed).
+    """
+    given = np.divide(rows, nonzero, out=np.zeros_like(rows), where=nonzero > 0)
+    count = _normal(rng, _level_sums(nonzero, dims), _level_sums(nonzero * (1 - nonzero), dims))
+    count = np.minimum(np.rint(count), _peers_per_level(dims))
+    return SideLoads(
+        total=_normal(rng, _level_sums(rows, dims), _level_sums(var, dims)) * row_bytes,
+        largest=np.where(count > 0, _level_max(given, dims) * row_bytes, 0.0),
+        peers=count,
+    )
+
+
+def moe_arrays(
+    *,
+    op: str,
+    expected: ExpectedRouting,
+    shape: MoeShape,
+    tiling: Tiling,
+    dims: Sequence[int],
+) -> PlanArrays:
+    """Every rank's MoE plan at once from the routing's law in expectation (thousands of ranks).
+
+    The tasks are :func:`plan_gmm_alltoallv`'s (``op`` ``gmm_alltoallv``) or
+    :func:`plan_alltoallv_gmm`'s, built once; each rank's figures come from the expected
+    rows of every (rank, expert) pair (:class:`mc2sim.routing.ExpectedRouting`), cut in
+    sub-tiles as the plans cut counts, with the same FLOPs and bytes of each task; an
+    AlltoAllv's loads are summed over each rank's peers per network dimension (``dims``:
+    ranks per dimension, innermost first, the node innermost).
+
+    Args:
+        op: ``gmm_alltoallv`` (combine: expert owners send) or ``alltoallv_gmm`` (dispatch).
+        expected: the routing in expectation.
+        shape: the call's shapes (its counts unused).
+        tiling: the tiling.
+        dims: the topology's dimensions.
+
+    Returns:
+        The plans as arrays.
+    """
+    world, e = expected.world_size, expected.experts_per_rank
+    combine = op == "gmm_alltoallv"
+    empty = SparseCounts(size=world * e, index=np.zeros(0, np.int64), values=np.zeros(0, np.int64))
+    blank = MoeShape(
+        e=e, send=empty, recv=empty, h1=shape.h1, n1=shape.n1, elem_bytes=shape.elem_bytes,
+        shared=shape.shared, dtype=shape.dtype,
+    )  # fmt: skip
+    builder = plan_gmm_alltoallv if combine else plan_alltoallv_gmm
+    template = builder(shape=blank, tiling=tiling, rank=0)
+    row_bytes = (shape.n1 if combine else shape.h1) * shape.elem_bytes
+    parts = 1 if tiling.mode is TilingMode.SERIAL else _moe_parts(tiling)[0]
+    means, variances, nonzeros = (a.reshape(-1, world, e) for a in expected.parts(parts))
+    ones, ones_var, _ = (a.reshape(world, e) for a in expected.parts(1))
+    # a serial chunk's per peer: all of rank q's experts at once
+    whole, whole_var, any_rows = ones.sum(axis=1), ones_var.sum(axis=1), 1.0 - expected.none_of()
+    tasks = template.tasks
+    flops = np.zeros((len(tasks), world))
+    nbytes = np.zeros((len(tasks), world))
+    intra = np.zeros((len(tasks), world))
+    loads: dict[int, AlltoAllvLoads] = {}
+    owned: dict[tuple[int | None, int], np.ndarray] = {}  # an expert sub-tile's drawn rows
+
+    def rows_of(task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, variance, nonzero) of one rank's rows to each expert owner, and theirs.
+
+        The owners' rows over all ranks are drawn once per sub-tile, shared by its tasks.
+        """
+        if task.expert is None:
+            mean, var, nonzero = whole, whole_var, any_rows
+        else:
+            j, p = task.expert, task.part
+            mean, var, nonzero = means[p, :, j], variances[p, :, j], nonzeros[p, :, j]
+        key = (task.expert, task.part)
+        if key not in owned:
+            draw = expected.rng(1, parts, 0 if task.expert is None else task.expert + 1, task.part)
+            owned[key] = _normal(draw, world * mean, world * var)
+        return mean, var, nonzero, owned[key]
+
+    for task in tasks:
+        if task.kind is TaskKind.MATMUL:  # the shared expert: the same on every rank
+            flops[task.id], nbytes[task.id] = task.flops, task.bytes
+            continue
+        mean, var, nonzero, total = rows_of(task)
+        if task.kind is TaskKind.GROUPED_MATMUL:  # an expert owner's rows from every rank
+            experts = e if task.expert is None else 1
+            permuted = (shape.n1 if combine else shape.h1) if task.expert is None else 0
+            fields = _gmm_fields(total, shape, experts, permuted=permuted)  # type: ignore[arg-type]
+            flops[task.id], nbytes[task.id] = fields["flops"], fields["bytes"]
+        elif task.kind is TaskKind.PACK:  # a token owner's rows to every expert owner
+            nbytes[task.id] = 2 * mean.sum() * row_bytes
+        elif task.kind is TaskKind.ALLTOALLV:
+            draw = expected.rng(2, parts, task.id)
+            owners = _owner_side(total, nonzero, dims, row_bytes, draw)
+            tokens = _token_side(mean, var, nonzero, dims, row_bytes, draw)
+            send, recv = (owners, tokens) if combine else (tokens, owners)
+            loads[task.id] = AlltoAllvLoads(send=send, recv=recv)
+            nbytes[task.id] = send.total.sum(axis=0)
+            intra[task.id] = send.total[0]
+        else:
+            raise ParamInvalidError("op", op, f"has a {task.kind} task the arrays cannot cost")
+    return PlanArrays(
+        template=template, world_size=world, flops=flops, bytes=nbytes, loads=loads,
+        intra=intra, inter=nbytes - intra,
+    )  # fmt: skip

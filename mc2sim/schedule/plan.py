@@ -8,7 +8,7 @@ fused kernel issues them on the hardware.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -17,7 +17,17 @@ import numpy as np
 from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
 
-__all__ = ["Plan", "Resource", "SparseCounts", "SparseSplits", "Task", "TaskKind"]
+__all__ = [
+    "AlltoAllvLoads",
+    "Plan",
+    "PlanArrays",
+    "Resource",
+    "SideLoads",
+    "SparseCounts",
+    "SparseSplits",
+    "Task",
+    "TaskKind",
+]
 
 
 class SparseSplits(Sequence[int]):
@@ -307,6 +317,61 @@ class Plan:
     def meta_value(self, key: str, default: object = None) -> object:
         """Return a meta value by key."""
         return dict(self.meta).get(key, default)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class SideLoads:
+    """One side (send or receive) of an AlltoAllv, every rank's load on every dimension.
+
+    What the cost model reads of the side's pairs (:func:`mc2sim.model.cost.loads_alltoallv_time`):
+    entry ``[d, r]`` is rank r's traffic over network dimension d (the outermost in which it
+    and the peer differ), the rank itself left out.
+    """
+
+    total: np.ndarray
+    """(dims, ranks) float64: bytes over the dimension, summed over its peers there."""
+    largest: np.ndarray
+    """(dims, ranks) float64: bytes to its busiest single peer there."""
+    peers: np.ndarray
+    """(dims, ranks) float64: how many peers it talks to there (an expectation may be
+    fractional)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class AlltoAllvLoads:
+    """An AlltoAllv chunk of every rank, as loads rather than pairs (thousands of ranks)."""
+
+    send: SideLoads
+    """What each rank sends."""
+    recv: SideLoads
+    """What each rank receives."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class PlanArrays:
+    """Every rank's plan of one call at once: one task structure, each rank's figures.
+
+    Where every rank's plan has the same tasks (an op's plans do: the kinds, names and
+    dependencies follow from the shapes and tiling; the counts only change the figures),
+    ``template`` holds them and the arrays hold what differs by rank: row ``i`` is task
+    ``i``, column ``r`` rank ``r``. An AlltoAllv's traffic is its :class:`AlltoAllvLoads`.
+    No object per task and rank is made: what simulating thousands of ranks needs.
+    """
+
+    template: Plan
+    """The tasks (names, kinds, dependencies, row bytes); their own figures are unused."""
+    world_size: int
+    """Ranks."""
+    flops: np.ndarray
+    """(tasks, ranks) FLOPs of each compute task (float64: an expectation may be fractional)."""
+    bytes: np.ndarray
+    """(tasks, ranks) bytes: a compute task's traffic, a comm task's bytes sent to other ranks."""
+    loads: Mapping[int, AlltoAllvLoads]
+    """Task id -> its AlltoAllv's loads, for every AlltoAllv task."""
+    intra: np.ndarray
+    """(tasks, ranks) bytes a comm task sends within its rank's node (0 for compute)."""
+    inter: np.ndarray
+    """(tasks, ranks) bytes a comm task sends to other nodes."""
 
 
 def row_tiles(total: int, lengths: Sequence[int]) -> list[tuple[int, int]]:

@@ -13,23 +13,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mc2sim import results
-from mc2sim.model.heterogeneity import Arrivals, rank_waits
-from mc2sim.model.simulator import simulate_run
+from mc2sim.model.heterogeneity import Arrivals, Straggler, rank_waits
+from mc2sim.model.simulator import lockstep_applies, simulate_arrays, simulate_run
 from mc2sim.results import RankRow
 from mc2sim.scenario import Scenario
 from mc2sim.schedule import Plan, tiling_of
+from mc2sim.schedule.plan import PlanArrays
 from mc2sim.timeline import Metrics, Outline, RunColumns, RunKey, Source, Timeline
 from mc2sim.topology import Topology
 
 __all__ = [
     "PER_TASK_RECORDS",
     "StudyResult",
+    "arrays_for",
     "manifest_of",
     "plans_for",
     "encode_study",
     "simulate_study",
     "write_results",
 ]
+
+
+def arrays_for(
+    scenario: Scenario, topology: Topology, tiling: None | str | int
+) -> PlanArrays | None:
+    """Every rank's plan of ``scenario`` at once as arrays, where its op plans this world so.
+
+    Only where the ranks run in lockstep on ``topology`` (:func:`lockstep_applies`); None
+    where the plans are made one per rank (:func:`plans_for`).
+    """
+    if not lockstep_applies(topology):
+        return None
+    dims = [d.ranks for d in topology.network]
+    return scenario.spec.plan_arrays(scenario, topology.world_size, tiling_of(tiling), dims)
 
 
 def plans_for(scenario: Scenario, world: int, tiling: None | str | int) -> dict[int, Plan]:
@@ -62,6 +78,9 @@ class StudyResult:
     """The machine, resized to ``world`` ranks."""
     world: int
     """Ranks simulated."""
+    expected_routing: bool = False
+    """Whether the MoE routing was read in expectation rather than drawn token by token
+    (above :data:`mc2sim.ops.moe_spec.EXPECTED_ROUTING_RANKS` ranks)."""
     parts: tuple[RunColumns | Timeline, ...]
     """Each tiling's run, in order: as columns where the ranks ran in lockstep
     (:func:`mc2sim.model.simulator.simulate_run`), else as a timeline."""
@@ -77,8 +96,11 @@ class StudyResult:
 
     @property
     def meta(self) -> dict[str, object]:
-        """The timeline's meta."""
-        return {"scenario": self.scenario.name, "world_size": self.world}
+        """The timeline's meta (``routing: expected`` where the routing was read so)."""
+        meta: dict[str, object] = {"scenario": self.scenario.name, "world_size": self.world}
+        if self.expected_routing:
+            meta["routing"] = "expected"
+        return meta
 
     @property
     def records(self) -> int:
@@ -142,27 +164,45 @@ def simulate_study(scenario: Scenario, topology: Topology, world: int | None = N
     parts: list[RunColumns | Timeline] = []
     runs: dict[str, RunKey] = {}
     rows: list[RankRow] = []
+    expected = False
     for tiling in scenario.tilings:
-        plans = plans_for(scenario, ranks, tiling)
-        described = plans[0].tiling
+        arrays = arrays_for(scenario, sized, tiling)
+        plans: PlanArrays | dict[int, Plan]
+        if arrays is None:
+            plans = plans_for(scenario, ranks, tiling)
+            described = plans[0].tiling
+        else:
+            plans, described, expected = arrays, arrays.template.tiling, True
         if described in runs:  # e.g. None and "hardware": the same plan, simulated once
             continue
-        part, arrivals = simulate_run(plans, sized, scenario.stragglers)
+        part, arrivals = _simulated(plans, sized, scenario.stragglers)
         runs[described] = _run_of(part)
         parts.append(part)
         if scenario.stragglers:
-            rows += _rank_rows(scenario, described, (part, arrivals), simulate_run(plans, sized))
+            rows += _rank_rows(scenario, described, (part, arrivals), _simulated(plans, sized))
     baseline = runs["serial"]  # every scenario has the serial baseline
     return StudyResult(
         scenario=scenario,
         topology=sized,
         world=ranks,
+        expected_routing=expected,
         parts=tuple(parts),
         runs=runs,
         baseline=baseline,
         by_run=_metrics_by_run(parts, baseline),
         ranks=tuple(rows),
     )
+
+
+def _simulated(
+    plans: PlanArrays | dict[int, Plan],
+    topology: Topology,
+    stragglers: Mapping[int, Straggler] | None = None,
+) -> tuple[RunColumns | Timeline, Arrivals]:
+    """One tiling's run, from its plans as arrays or one per rank."""
+    if isinstance(plans, PlanArrays):
+        return simulate_arrays(plans, topology, stragglers)
+    return simulate_run(plans, topology, stragglers)
 
 
 def _rank_rows(
