@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mc2sim import limits
 from mc2sim.limits import Policy
-from mc2sim.ops.spec import OpName, OpSpec, RealCase, one_tensor, placed, torch_dtype
+from mc2sim.ops.spec import (
+    OpName,
+    OpSpec,
+    RealCase,
+    one_tensor,
+    placed,
+    same_on_every_rank,
+    torch_dtype,
+)
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.schedule.builders import IfaShape, plan_ifa
 from mc2sim.schedule.plan import Plan
@@ -77,12 +85,10 @@ class IfaSpec(OpSpec):
             elem_bytes=_ELEM_BYTES[scenario.dtype],
             dtype=scenario.dtype,
         )
-        return {
-            r: plan_ifa(
-                batch=shape["batch"], shape=attention, tiling=tiling, rank=r, world_size=world
-            )
-            for r in range(world)
-        }
+        first = plan_ifa(
+            batch=shape["batch"], shape=attention, tiling=tiling, rank=0, world_size=world
+        )
+        return same_on_every_rank(first, world)
 
     def real_case(
         self,

@@ -16,6 +16,7 @@ nothing else branches on an op's name.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -173,6 +174,15 @@ def one_tensor(value: object, op: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise OutputFormError(f"{op} returns one tensor; got a {type(value).__name__}")
     return value
+
+
+def same_on_every_rank(plan: Plan, world: int) -> dict[int, Plan]:
+    """Every rank's plan where they differ only in their rank: one task tuple, shared.
+
+    What an op whose ranks all run the same tasks plans (MatmulAllReduce, attention): the
+    simulator then reads the tasks once for all ranks.
+    """
+    return {r: plan if r == plan.rank else dataclasses.replace(plan, rank=r) for r in range(world)}
 
 
 class OpSpec(ABC):

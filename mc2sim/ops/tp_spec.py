@@ -22,6 +22,7 @@ from mc2sim.ops.spec import (
     one_tensor,
     placed,
     returned,
+    same_on_every_rank,
     torch_dtype,
 )
 from mc2sim.schedule.builders import (
@@ -39,7 +40,18 @@ if TYPE_CHECKING:
     from mc2sim.scenario import Scenario
     from mc2sim.schedule.tiling import Tiling
 
-__all__ = ["AllGatherMatmulSpec", "MatmulAllReduceSpec", "MatmulReduceScatterSpec"]
+__all__ = [
+    "RING_RECORDS_LIMIT",
+    "AllGatherMatmulSpec",
+    "MatmulAllReduceSpec",
+    "MatmulReduceScatterSpec",
+]
+
+RING_RECORDS_LIMIT = 4_000_000
+"""The most tasks (over all ranks) a simulation of AllGatherMatmul or MatmulReduceScatter
+plans: tiled, each rank takes a step per peer, so the tasks grow as the square of the ranks
+(8.4 million at 1024 ranks of ``ranks x 4``); past this a run is refused at once, in one
+line, rather than filling the memory."""
 
 _ELEM_BYTES = {"float16": 2, "bfloat16": 2}
 
@@ -131,12 +143,10 @@ class MatmulAllReduceSpec(_TpSpec):
         m = scenario.effective_shape()["m"]
         dense = _dense_shape(scenario)
         kind = _KIND.get(scenario.quant, TaskKind.WEIGHT_QUANT_MATMUL)
-        return {
-            r: plan_mm_all_reduce(
-                m=m, shape=dense, kind=kind, tiling=tiling, rank=r, world_size=world
-            )
-            for r in range(world)
-        }
+        first = plan_mm_all_reduce(
+            m=m, shape=dense, kind=kind, tiling=tiling, rank=0, world_size=world
+        )
+        return same_on_every_rank(first, world)
 
     def real_case(
         self,
@@ -217,9 +227,19 @@ class _TpPairSpec(_TpSpec):
         m = scenario.effective_shape()["m"]
         dense = _dense_shape(scenario)
         build = type(self).builder
-        return {
+        first = build(m=m, shape=dense, tiling=tiling, rank=0, world_size=world)
+        records = len(first.tasks) * world
+        if records > RING_RECORDS_LIMIT:
+            raise ParamInvalidError(
+                "ranks",
+                world,
+                f"{self.op.value} tiled as {first.tiling!r} takes {len(first.tasks):,} tasks a "
+                f"rank (a step per peer), {records:,} in all: a simulation holds at most "
+                f"{RING_RECORDS_LIMIT:,}; use fewer ranks or the serial tiling",
+            )
+        return {first.rank: first} | {
             r: build(m=m, shape=dense, tiling=tiling, rank=r, world_size=world)
-            for r in range(world)
+            for r in range(1, world)
         }
 
 

@@ -391,12 +391,26 @@ def _sent_bytes(send: tuple[int, ...] | SparseSplits, rank: int, row_bytes: int)
     return sum(c for q, c in enumerate(send) if q != rank) * row_bytes
 
 
-def _shift(world: int, rank: int, step: int, rows: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+DENSE_SHIFT_LIMIT = 64
+"""Above this many ranks a ring step's splits are kept sparse (one peer each way): a dense
+list per step and rank grows as the square of the ranks; the counts are the same."""
+
+
+def _shift(
+    world: int, rank: int, step: int, rows: int
+) -> tuple[tuple[int, ...] | SparseSplits, tuple[int, ...] | SparseSplits]:
     """Splits of a ring step: send ``rows`` to rank+step, receive ``rows`` from rank-step."""
+    to, frm = (rank + step) % world, (rank - step) % world
+    if world > DENSE_SHIFT_LIMIT:
+        one = np.array([rows], dtype=np.int64)
+        return (
+            SparseSplits(world, np.array([to], dtype=np.int64), one),
+            SparseSplits(world, np.array([frm], dtype=np.int64), one),
+        )
     send = [0] * world
     recv = [0] * world
-    send[(rank + step) % world] = rows
-    recv[(rank - step) % world] = rows
+    send[to] = rows
+    recv[frm] = rows
     return tuple(send), tuple(recv)
 
 

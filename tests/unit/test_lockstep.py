@@ -161,3 +161,41 @@ def test_auto_leaves_the_per_task_files_out_past_its_limit_and_says_so(
     assert not (out / "tasks.csv").exists()
     printed = capsys.readouterr().out
     assert "per-task files left out:" in printed and "--per-task yes" in printed
+
+
+def test_ranks_running_the_same_tasks_share_one_plan() -> None:
+    from mc2sim.scenario import builtin
+    from mc2sim.schedule import tiling_of
+
+    scenario = builtin("llama70b_tp8_prefill")
+    plans = scenario.spec.plans(scenario, 16, tiling_of(4))
+    assert [p.rank for p in plans.values()] == list(range(16))
+    assert all(p.tasks is plans[0].tasks for p in plans.values())
+
+
+def test_sparse_ring_steps_simulate_as_dense_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mc2sim.schedule import builders
+
+    world = builders.DENSE_SHIFT_LIMIT + 8
+    topology = machine(dim("full_mesh", 8, 100.0, 1.0), dim("switch", world // 8, 10.0, 10.0))
+    sparse = dense_plans("all_gather_matmul", 2, world, m=64)
+    monkeypatch.setattr(builders, "DENSE_SHIFT_LIMIT", world)
+    dense = dense_plans("all_gather_matmul", 2, world, m=64)
+    assert isinstance(dense[0].tasks[1].send_splits, tuple)
+    assert not isinstance(sparse[0].tasks[1].send_splits, tuple)
+    a, _ = simulate_run(sparse, topology)
+    b, _ = simulate_run(dense, topology)
+    assert isinstance(a, RunColumns) and isinstance(b, RunColumns)
+    assert a.metrics() == b.metrics()
+    np.testing.assert_array_equal(a.intra_bytes, b.intra_bytes)
+    np.testing.assert_array_equal(a.inter_bytes, b.inter_bytes)
+
+
+def test_a_ring_too_long_to_simulate_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = ["simulate", "llama70b_tp8_allgather", "--what-if", "--ranks", "1024", "--no-plots"]
+    assert main([*args, "--set", "tilings=serial,4", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ranks=1024" in err[0] and "tasks a rank" in err[0]
+    assert "4,000,000" in err[0]
