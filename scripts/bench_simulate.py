@@ -7,15 +7,17 @@ For each world size W the command a user types runs in a fresh process::
 timed wall-clock (Python start-up included) with its peak resident memory (the child's
 ``ru_maxrss``), as ``/usr/bin/time -v`` reports them. With ``--stages`` a second fresh process
 runs the same functions the command calls (``mc2sim.cli`` -> ``Scenario.world_size`` ->
-``simulate_study``: ``routing_of``, ``plans_for`` and ``simulate_waits`` per tiling ->
-``encode_study`` -> ``write_encoded``) and times each stage, so the table says where the time
-goes. A W whose command runs past ``--timeout`` seconds is reported as such.
+``simulate_study``: per tiling ``arrays_for`` (the MoE plans from the routing's law, above
+1024 ranks) or ``routing_of`` and ``plans_for``, then ``simulate_arrays`` or ``simulate_run``
+-> ``encode_study`` -> ``write_encoded``) and times each stage, so the table says where the
+time goes. A W whose command runs past ``--timeout`` seconds is reported as such.
 
 Targets (the issue's): W = 8192 within 5 s; W = 65536 within 60 s and 8 GiB peak memory; the
 script exits 1 if one is missed.
 
-    python scripts/bench_simulate.py                            # W = 1024 8192
+    python scripts/bench_simulate.py                            # W = 1024 8192 65536
     python scripts/bench_simulate.py --ranks 256 1024 --stages
+    python scripts/bench_simulate.py --against-draw 256        # the routing's law, checked
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULT_RANKS = (1024, 8192)
+DEFAULT_RANKS = (1024, 8192, 65536)
 TARGETS = {8192: (5.0, None), 65536: (60.0, 8 * 1024.0)}
 """W -> (seconds, MiB of peak memory or None) the command may take (the issue's targets)."""
 
@@ -88,10 +90,16 @@ def stages(scenario_name: str, ranks: int, overrides: Sequence[str]) -> dict[str
     """Seconds of each stage of the command's code path, in this (fresh) process."""
     marks = {"start": time.perf_counter()}
     from mc2sim.cli import _load_scenario, _sized_topology
-    from mc2sim.model.simulator import simulate_waits
+    from mc2sim.model.simulator import simulate_arrays, simulate_run
     from mc2sim.ops.moe_spec import routing_of
     from mc2sim.results import write_encoded
-    from mc2sim.study.simulate import encode_study, plans_for, simulate_study
+    from mc2sim.study.simulate import (
+        PER_TASK_RECORDS,
+        arrays_for,
+        encode_study,
+        plans_for,
+        simulate_study,
+    )
 
     marks["import"] = time.perf_counter()
     scenario = _load_scenario(scenario_name, list(overrides), True)
@@ -100,26 +108,30 @@ def stages(scenario_name: str, ranks: int, overrides: Sequence[str]) -> dict[str
     marks["scenario"] = time.perf_counter()
     times = {"import": marks["import"] - marks["start"], "scenario": 0.0}
     times["scenario"] = marks["scenario"] - marks["import"]
-    if scenario.routed:
-        t = time.perf_counter()
-        routing_of(scenario, world)
-        times["routing (once)"] = time.perf_counter() - t
     plan_s = sim_s = 0.0
     for tiling in scenario.tilings:  # what simulate_study does, stage by stage
         t = time.perf_counter()
-        plans = plans_for(scenario, world, tiling)
+        arrays = arrays_for(scenario, topology, tiling)
+        if arrays is None and scenario.routed and "routing (once)" not in times:
+            routing_of(scenario, world)  # drawn once per study, token by token
+            times["routing (once)"] = time.perf_counter() - t
+            t = time.perf_counter()
+        plans = plans_for(scenario, world, tiling) if arrays is None else None
         plan_s += time.perf_counter() - t
         t = time.perf_counter()
-        simulate_waits(plans, topology, scenario.stragglers)
+        if arrays is not None:
+            simulate_arrays(arrays, topology, scenario.stragglers)
+        elif plans is not None:
+            simulate_run(plans, topology, scenario.stragglers)
         sim_s += time.perf_counter() - t
-        del plans
+        del plans, arrays
     times["plans"] = plan_s
     times["simulate"] = sim_s
     t = time.perf_counter()
     result = simulate_study(scenario, topology, world)  # all of the above again, as the CLI
     times["simulate_study"] = time.perf_counter() - t
     t = time.perf_counter()
-    files = encode_study(result, argv=["bench"])
+    files = encode_study(result, argv=["bench"], per_task=result.records <= PER_TASK_RECORDS)
     times["encode"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -135,6 +147,36 @@ def _stages_isolated(scenario: str, ranks: int, overrides: Sequence[str]) -> dic
     return result
 
 
+def against_draw(scenario_name: str, ranks: int, overrides: Sequence[str]) -> None:
+    """Print each tiling's times from the routing's law against the token-by-token draw.
+
+    The same study twice at ``ranks``: once with the law (as above 1024 ranks), once drawn.
+    """
+    import mc2sim.ops.moe_spec as moe_spec
+    from mc2sim.cli import _load_scenario, _sized_topology
+    from mc2sim.study.simulate import simulate_study
+
+    scenario = _load_scenario(scenario_name, list(overrides), True)
+    world = scenario.world_size(ranks, "--ranks")
+    topology = _sized_topology(scenario, None, world, "--ranks")
+    limit = moe_spec.EXPECTED_ROUTING_RANKS
+    try:
+        moe_spec.EXPECTED_ROUTING_RANKS = 10**9
+        drawn = simulate_study(scenario, topology, world).metrics()
+        moe_spec.EXPECTED_ROUTING_RANKS = 0
+        law = simulate_study(scenario, topology, world).metrics()
+    finally:
+        moe_spec.EXPECTED_ROUTING_RANKS = limit
+    print(f"# {scenario_name} at {world} ranks {' '.join(overrides)}: law / draw - 1")
+    for tiling, m in drawn.items():
+        got = law[tiling]
+        cells = []
+        for name in ("total_s", "comm_s", "compute_s"):
+            base, mine = getattr(m, name), getattr(got, name)
+            cells.append(f"{name} {base * 1e3:9.3f} ms {mine / base - 1:+6.1%}")
+        print(f"  {tiling:22s} " + "  ".join(cells), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Time the command at each W; print the table; 1 if a target is missed."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
@@ -143,8 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="a --set of the command")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per command")
     parser.add_argument("--stages", action="store_true", help="also time each stage")
+    parser.add_argument(
+        "--against-draw",
+        type=int,
+        metavar="W",
+        help="instead: the routing's law against the token draw at W ranks (MoE scenarios)",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.against_draw:
+        against_draw(args.scenario, args.against_draw, args.set)
+        return 0
     print(f"# mc2sim simulate {args.scenario} --what-if --ranks W --no-plots "
           + " ".join(f"--set {s}" for s in args.set), flush=True)  # fmt: skip
     missed = []
