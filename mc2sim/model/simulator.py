@@ -44,6 +44,14 @@ from which :func:`~mc2sim.model.heterogeneity.rank_waits` tells who waited for w
 
 Events are ordered in exactly one place: one heap keyed by (time, sequence number). Handlers
 only schedule events at or after the current time, so time never goes backwards.
+
+Where no rate can ever change (contention factors 1, no polled progress, no wait for peers
+off their cores: :func:`lockstep_applies`) and every rank's plan has the same tasks, the event
+loop reduces to a max-plus recursion over the tasks, and :func:`simulate_run` advances all
+ranks at once, a task at a time, in numpy (``_lockstep``): the same times, from the same
+collective parts (``_Machine``), as :class:`~mc2sim.timeline.RunColumns`. Thousands of ranks'
+plans may also come as one :class:`~mc2sim.schedule.plan.PlanArrays`, their AlltoAllvs as
+per-rank loads (:func:`simulate_arrays`).
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def encode_study(
     scenario_path: str | os.PathLike[str] | None = None,
     argv: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
-    per_task: bool = True,
+    per_task: bool | None = None,
 ) -> dict[str, bytes]:
     """The results folder of a simulated study as bytes (:func:`mc2sim.results.encode_results`).
 
@@ -299,6 +299,7 @@ def encode_study(
         overrides: the ``--set`` strings applied.
         per_task: write ``tasks.csv`` and ``trace.json`` (a record per task and rank);
             without them the folder has the summary, the manifest and any ``ranks.csv``.
+            None (a sweep's points): up to :data:`PER_TASK_RECORDS` task records.
 
     Returns:
         File name -> bytes, ready for :func:`mc2sim.results.write_encoded`.
@@ -307,6 +308,8 @@ def encode_study(
         result.scenario, topology=result.topology.name, world=result.world, source="simulated",
         scenario_path=scenario_path, argv=argv, overrides=overrides,
     )  # fmt: skip
+    if per_task is None:
+        per_task = result.records <= PER_TASK_RECORDS
     return results.encode_results(
         timeline=result.timeline if per_task else result.outline(), baseline=result.baseline,
         manifest=manifest, ranks=result.ranks, metrics=result.by_run,
@@ -320,7 +323,7 @@ def write_results(
     scenario_path: str | os.PathLike[str] | None = None,
     argv: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
-    per_task: bool = True,
+    per_task: bool | None = None,
 ) -> dict[str, Path]:
     """Write the results folder of a simulated study (see :func:`mc2sim.results.write_results`).
 
