@@ -714,9 +714,8 @@ def _owner_side(
     peers = _peers_per_level(dims)
     each = rows / math.prod(dims)  # a peer's share of the rows over all ranks
     count = rng.binomial(np.broadcast_to(peers, (len(dims), rows.size)).astype(np.int64), nonzero)
-    given = np.divide(
-        each, nonzero, out=np.zeros_like(each), where=nonzero > 0
-    )  # rows of a peer that has any
+    # the rows of a peer that has any
+    given = np.divide(each, nonzero, out=np.zeros_like(each), where=nonzero > 0)
     return SideLoads(
         total=peers * each * row_bytes,
         largest=np.where(count > 0, given * row_bytes, 0.0),
@@ -751,14 +750,17 @@ def moe_arrays(
     tiling: Tiling,
     dims: Sequence[int],
 ) -> PlanArrays:
-    """Every rank's MoE plan at once from the routing's law in expectation (thousands of ranks).
+    """Every rank's MoE plan at once from the routing's law (thousands of ranks).
 
     The tasks are :func:`plan_gmm_alltoallv`'s (``op`` ``gmm_alltoallv``) or
-    :func:`plan_alltoallv_gmm`'s, built once; each rank's figures come from the expected
-    rows of every (rank, expert) pair (:class:`mc2sim.routing.ExpectedRouting`), cut in
-    sub-tiles as the plans cut counts, with the same FLOPs and bytes of each task; an
-    AlltoAllv's loads are summed over each rank's peers per network dimension (``dims``:
-    ranks per dimension, innermost first, the node innermost).
+    :func:`plan_alltoallv_gmm`'s, built once. Each rank's figures come from the law of its
+    count for each expert (:class:`mc2sim.routing.ExpectedRouting`), cut in sub-tiles as the
+    plans cut counts, with the same FLOPs and bytes of each task: an expert owner's rows over
+    all ranks are drawn from their normal approximation, each peer's share alike, how many
+    peers have any binomial; a token owner's rows to (or from) the owners of one expert
+    index and how many of them it talks to, summed per network dimension (``dims``: ranks
+    per dimension, innermost first, the node innermost), from theirs. The draws are seeded
+    by the routing's seed, per tiling and task.
 
     Args:
         op: ``gmm_alltoallv`` (combine: expert owners send) or ``alltoallv_gmm`` (dispatch).
