@@ -601,23 +601,50 @@ class ExpectedRouting:
                 var[p] = (1 - frac) * at_low**2 + frac * at_high**2 - mean[p] ** 2
                 nonzero[p] = (1 - frac) * (at_low > 0) + frac * (at_high > 0)
             return mean, np.maximum(var, 0.0), nonzero
-        small = self.mean <= _PMF_MEAN
-        pmf = _binomial_pmf(self.tokens, self.mean[small] / self.tokens, _PMF_TERMS)
-        counts = np.arange(_PMF_TERMS, dtype=np.float64)
-        big = self.mean[~small]
-        spread = big * (1 - big / self.tokens)  # the count's variance
+        spread = self.mean * (1 - self.mean / self.tokens)  # a count's variance
         sd = np.sqrt(spread)
+        small = self.mean <= _PMF_MEAN
+        # a remainder modulo parts spread over many of its values is uniform
+        uniform = ~small & (sd >= 2 * parts)
+        mid = ~small & ~uniform  # a few hot experts at most: their windows are wide
+        for chosen in [*_chunks(np.flatnonzero(small), 1 << 16), *_chunks(np.flatnonzero(mid))]:
+            counts, weights = self._law_of(chosen, sd[chosen])
+            for p in range(parts):
+                cut = _part(counts, p, parts)  # (terms,) shared, or (terms, experts)
+                if cut.ndim == 1:
+                    mean[p, chosen] = cut @ weights
+                    var[p, chosen] = cut**2 @ weights - mean[p, chosen] ** 2
+                    nonzero[p, chosen] = (cut > 0).astype(np.float64) @ weights
+                else:
+                    mean[p, chosen] = (weights * cut).sum(axis=0)
+                    var[p, chosen] = (weights * cut**2).sum(axis=0) - mean[p, chosen] ** 2
+                    nonzero[p, chosen] = (weights * (cut > 0)).sum(axis=0)
+        big, big_sd = self.mean[uniform], sd[uniform]
         for p in range(parts):
-            cut = _part(counts, p, parts)
-            mean[p, small] = cut @ pmf
-            var[p, small] = cut**2 @ pmf - mean[p, small] ** 2
-            nonzero[p, small] = 1.0 - pmf[: p + 1].sum(axis=0)
-            # the remainder modulo parts as uniform: E[c // P] = (mean - (P - 1) / 2) / P
-            mean[p, ~small] = (big - (parts - 1) / 2) / parts + (parts - 1 - p) / parts
-            var[p, ~small] = spread / parts**2
-            z = (p + 0.5 - big) / (sd * math.sqrt(2.0))
-            nonzero[p, ~small] = 0.5 * np.array([math.erfc(v) for v in z.tolist()])
-        return mean, np.maximum(var, 0.0), nonzero
+            # the remainder as uniform: E[c // P] = (mean - (P - 1) / 2) / P
+            mean[p, uniform] = (big - (parts - 1) / 2) / parts + (parts - 1 - p) / parts
+            var[p, uniform] = spread[uniform] / parts**2
+            z = (p + 0.5 - big) / (big_sd * math.sqrt(2.0))
+            nonzero[p, uniform] = 0.5 * np.array([math.erfc(v) for v in z.tolist()])
+        return np.maximum(mean, 0.0), np.maximum(var, 0.0), np.clip(nonzero, 0.0, 1.0)
+
+    def _law_of(self, experts: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, weights): where each expert's law puts weight, (terms, len(experts)).
+
+        Experts whose mean is at most :data:`_PMF_MEAN` (all of them or none): the
+        binomial's first :data:`_PMF_TERMS` terms, ``counts`` then (terms,), every expert's
+        the same; above, its normal approximation on the integers within 8 standard
+        deviations of the mean, normalised.
+        """
+        mean = self.mean[experts]
+        if np.all(mean <= _PMF_MEAN):
+            counts = np.arange(_PMF_TERMS, dtype=np.float64)
+            return counts, _binomial_pmf(self.tokens, mean / self.tokens, _PMF_TERMS)
+        terms = int(np.ceil(16 * sd.max())) + 2
+        start = np.maximum(0.0, np.floor(mean - 8 * sd))
+        window = start + np.arange(terms, dtype=np.float64)[:, None]
+        normal = np.exp(-0.5 * ((window - mean) / sd) ** 2)
+        return window, normal / normal.sum(axis=0)
 
     def rng(self, *keys: int) -> np.random.Generator:
         """A generator of draws from this law, keyed by ``keys`` (its own stream of the seed)."""
@@ -632,6 +659,12 @@ class ExpectedRouting:
             zero = np.where(self.mean < 1.0, 1.0 - self.mean, 0.0)
         out: np.ndarray = zero.reshape(self.world_size, e).prod(axis=1)
         return out
+
+
+def _chunks(indices: np.ndarray, size: int = 4096) -> Iterator[np.ndarray]:
+    """``indices`` in pieces of at most ``size`` (bounds the work arrays' memory)."""
+    for start in range(0, indices.size, size):
+        yield indices[start : start + size]
 
 
 def _part(counts: np.ndarray, p: int, parts: int) -> np.ndarray:
