@@ -606,7 +606,13 @@ class ExpectedRouting:
         small = self.mean <= _PMF_MEAN
         # a remainder modulo parts spread over many of its values is uniform
         uniform = ~small & (sd >= 2 * parts)
-        mid = ~small & ~uniform  # a few hot experts at most: their windows are wide
+        # a count that cannot vary (every token picks the expert): its parts are fixed
+        fixed = ~small & (sd == 0.0)
+        uniform &= ~fixed
+        for p in range(parts):
+            at = _part(self.mean[fixed], p, parts)
+            mean[p, fixed], var[p, fixed], nonzero[p, fixed] = at, 0.0, at > 0
+        mid = ~small & ~uniform & ~fixed  # a few hot experts at most: their windows are wide
         for chosen in [*_chunks(np.flatnonzero(small), 1 << 16), *_chunks(np.flatnonzero(mid))]:
             counts, weights = self._law_of(chosen, sd[chosen])
             for p in range(parts):
@@ -654,7 +660,8 @@ class ExpectedRouting:
         """(W,) the probability that one rank sends nothing to any expert of rank q."""
         e = self.experts_per_rank
         if self.binomial:
-            zero = np.exp(self.tokens * np.log1p(-np.minimum(self.mean / self.tokens, 1.0)))
+            with np.errstate(divide="ignore"):  # an expert every token picks: never zero
+                zero = np.exp(self.tokens * np.log1p(-np.minimum(self.mean / self.tokens, 1.0)))
         else:
             zero = np.where(self.mean < 1.0, 1.0 - self.mean, 0.0)
         out: np.ndarray = zero.reshape(self.world_size, e).prod(axis=1)

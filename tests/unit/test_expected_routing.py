@@ -180,3 +180,29 @@ def test_thousands_of_ranks_read_the_law_and_say_so(
     assert not (tmp_path / "a" / "tasks.csv").exists()  # 241,664 records: left out
     sixteen = [*args, "--ranks", "2048", "--set", "tilings=serial,16"]
     assert main([*sixteen, "--out", str(tmp_path / "d")]) == 0  # sub-tiles of a few rows
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["routing.skew=3"],
+        ["routing.kind=hot", "routing.hot_experts=1", "routing.hot_fraction=0.125"],
+    ],
+    ids=["zipf-3", "hot-1"],
+)
+def test_an_expert_every_token_picks_is_a_fixed_count(sets: list[str], tmp_path: Path) -> None:
+    """A count that cannot vary (pi = 1: tokens rows from every rank) has fixed sub-tiles."""
+    world, e, tokens = 4096, 8, 64
+    config = builtin("deepseek_v3_combine_ep32", sets).routing
+    law = expect(config, world_size=world, experts_per_rank=e, tokens_per_rank=tokens, top_k=8)
+    assert law.mean.max() == pytest.approx(tokens)  # somebody's expert takes every token
+    for parts in (1, 4, 16):
+        mean, var, nonzero = law.parts(parts)
+        assert np.isfinite(mean).all() and np.isfinite(var).all()
+        assert ((nonzero >= 0) & (nonzero <= 1)).all()
+        hot = int(np.argmax(law.mean))
+        cut = [tokens // parts + (p < tokens % parts) for p in range(parts)]
+        assert mean[:, hot].tolist() == pytest.approx(cut) and var[:, hot].max() == 0
+    args = ["simulate", "deepseek_v3_combine_ep32", "--what-if", "--ranks", "2048", "--no-plots"]
+    sets_args = [a for s in sets for a in ("--set", s)]
+    assert main([*args, *sets_args, "--set", "tilings=serial,16", "--out", str(tmp_path)]) == 0
