@@ -727,8 +727,8 @@ def expect(
         pi = np.full(num_experts, (k - target) / cold if cold else 0.0)
         pi[hot] = target / len(hot)
     elif config.kind is RoutingKind.ZIPF and config.skew > 0.0:
-        weights = _law(config, num_experts, k).weight
-        pi = _inclusion(weights / weights.max(), k)
+        _, popularity, by_popularity = _zipf_order(config, num_experts)
+        pi = _inclusion(by_popularity[popularity], k)  # the heaviest weighs 1
     else:
         pi = np.full(num_experts, k / num_experts)
     return ExpectedRouting(
@@ -918,10 +918,7 @@ def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
         raise ParamInvalidError(
             "world_size * experts_per_rank", num_experts, "must be below 2**38 for zipf"
         )
-    order = _global_rng(config.seed).permutation(num_experts).astype(np.int64)
-    popularity = np.empty(num_experts, dtype=np.int64)
-    popularity[order] = identity
-    by_popularity = np.power(identity + 1.0, -config.skew)
+    order, popularity, by_popularity = _zipf_order(config, num_experts)
     weights = by_popularity[popularity]
     alias, probability = _alias_table(weights)
     threshold = np.round(probability * float(1 << shift)).astype(np.int64)
@@ -941,6 +938,21 @@ def _law(config: RoutingConfig, num_experts: int, k: int) -> _Law:
         hot_base=0,
         hot_frac=None,
     )
+
+
+def _zipf_order(
+    config: RoutingConfig, num_experts: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """``zipf``'s seeded popularity order: ``(order, popularity, by_popularity)``.
+
+    ``order[p]`` is the expert of popularity rank p, ``popularity`` its inverse, and
+    ``by_popularity[p] = 1 / (p + 1) ** skew`` the weight of rank p.
+    """
+    identity = np.arange(num_experts, dtype=np.int64)
+    order = _global_rng(config.seed).permutation(num_experts).astype(np.int64)
+    popularity = np.empty(num_experts, dtype=np.int64)
+    popularity[order] = identity
+    return order, popularity, np.power(identity + 1.0, -config.skew)
 
 
 def _alias_table(

@@ -27,6 +27,7 @@ from mc2sim.ops.spec import (
 from mc2sim.ops.tp_spec import uniform
 from mc2sim.routing import (
     Direction,
+    ExpectedRouting,
     RoutingConfig,
     RoutingKind,
     RoutingTable,
@@ -91,6 +92,20 @@ def _routing(
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=2)
+def _expected(
+    config: RoutingConfig, world: int, experts: int, tokens: int, top_k: int
+) -> ExpectedRouting:
+    """The routing's law (:func:`mc2sim.routing.expect`), read once per config and sizes.
+
+    A study plans every tiling from the same law, as it plans them from one draw
+    (:func:`_routing`); the law is never changed once made.
+    """
+    return expect(
+        config, world_size=world, experts_per_rank=experts, tokens_per_rank=tokens, top_k=top_k
+    )
+
+
 class _MoeSpec(OpSpec):
     """What both MoE ops share: keys, limits, world-size rules, plans from the routing."""
 
@@ -145,10 +160,9 @@ class _MoeSpec(OpSpec):
         if world <= EXPECTED_ROUTING_RANKS or scenario.routing.kind is RoutingKind.MATRIX:
             return None
         shape = scenario.effective_shape()
-        expected = expect(
-            scenario.routing, world_size=world, experts_per_rank=shape["experts_per_rank"],
-            tokens_per_rank=shape["tokens"], top_k=shape["top_k"],
-        )  # fmt: skip
+        expected = _expected(
+            scenario.routing, world, shape["experts_per_rank"], shape["tokens"], shape["top_k"]
+        )
         return moe_arrays(
             op=self.op.value, expected=expected, shape=self._shape(scenario),
             tiling=tiling, dims=dims,
