@@ -376,7 +376,7 @@ class _Engine:
         self.topology = topology
         stragglers = stragglers or {}
         self.slow = {r: s.compute for r, s in stragglers.items() if s.compute != 1.0}
-        self.links = {r: s.link for r, s in stragglers.items() if s.link != 1.0}
+        self.links = _links(stragglers)
         self.late = {r: s.late_us * 1e-6 for r, s in stragglers.items() if s.late_us > 0}
         self.queued: list[np.ndarray] = []  # collective k -> when each rank queued it
         self.started: list[float] = []  # collective k -> when it started
@@ -678,6 +678,18 @@ class _Engine:
             )
 
 
+def _links(stragglers: Mapping[int, Straggler]) -> dict[int, float]:
+    """The ranks whose links are narrowed, and to what fraction of their bandwidth."""
+    return {r: s.link for r, s in stragglers.items() if s.link != 1.0}
+
+
+def _check_stragglers(stragglers: Mapping[int, Straggler], world: int) -> None:
+    """Every straggler is a rank of the world."""
+    outside = [r for r in stragglers if not 0 <= r < world]
+    if outside:
+        raise ParamInvalidError(f"stragglers.{outside[0]}", outside[0], f"must be a rank < {world}")
+
+
 def lockstep_applies(topology: Topology) -> bool:
     """Whether every rank of a run on ``topology`` can be advanced at once (:func:`_lockstep`).
 
@@ -727,6 +739,19 @@ def _levels(tasks: Sequence[Task], placement: Placement) -> tuple[np.ndarray, np
     return intra, inter
 
 
+class _Collective(NamedTuple):
+    """One collective of every rank, as the lockstep engine runs it."""
+
+    latency: float
+    """Its latency part (see :class:`_Parts`)."""
+    work: float
+    """Its whole time."""
+    intra: np.ndarray
+    """Every rank's bytes sent within its node."""
+    inter: np.ndarray
+    """Every rank's bytes sent to other nodes."""
+
+
 class _PlanRanks:
     """Every rank's own plan, as the lockstep engine reads a task position of all of them."""
 
@@ -740,25 +765,25 @@ class _PlanRanks:
             or names_of.setdefault(id(p.tasks), tuple(t.name for t in p.tasks))
             for p in plans
         )
-        self.tasks: list[Task] = []  # position i of every plan, while the engine is at i
 
     def figures(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Every rank's (FLOPs, bytes) of task ``i``."""
-        self.tasks = [plan.tasks[i] for plan in self.plans]
+        tasks = [plan.tasks[i] for plan in self.plans]
         return (
-            np.array([t.flops for t in self.tasks], dtype=np.int64),
-            np.array([t.bytes for t in self.tasks], dtype=np.int64),
+            np.array([t.flops for t in tasks], dtype=np.int64),
+            np.array([t.bytes for t in tasks], dtype=np.int64),
         )
 
-    def collective(self, i: int, last: float, now: float) -> tuple[float, float]:
-        """Collective ``i``'s (latency part, whole time); notes its bytes by level."""
-        latency, work, _, pairs = self.machine.parts(self.tasks, last, now)
+    def collective(self, i: int, last: float, now: float) -> _Collective:
+        """Collective ``i`` of every rank, queued last at ``last``, starting at ``now``."""
+        tasks = [plan.tasks[i] for plan in self.plans]
+        latency, work, _, pairs = self.machine.parts(tasks, last, now)
         if pairs is not None:
-            rows = [t.row_bytes for t in self.tasks]
-            self.levels = sent_by_level(pairs[0], self.placement.nodes, rows)
+            rows = [t.row_bytes for t in tasks]
+            intra, inter = sent_by_level(pairs[0], self.placement.nodes, rows)
         else:
-            self.levels = _levels(self.tasks, self.placement)
-        return latency, work
+            intra, inter = _levels(tasks, self.placement)
+        return _Collective(latency, work, intra, inter)
 
 
 class _ArrayRanks:
@@ -773,7 +798,7 @@ class _ArrayRanks:
     def figures(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.arrays.flops[i], self.arrays.bytes[i]
 
-    def collective(self, i: int, last: float, now: float) -> tuple[float, float]:
+    def collective(self, i: int, last: float, now: float) -> _Collective:
         loads = self.arrays.loads.get(i)
         if loads is None:
             raise ParamInvalidError(
@@ -787,8 +812,7 @@ class _ArrayRanks:
             return [_loads_time(t, loads, links) for t in topologies]
 
         latency, work, _ = self.machine.split(times_on, last, now)
-        self.levels = self.arrays.intra[i], self.arrays.inter[i]
-        return latency, work
+        return _Collective(latency, work, self.arrays.intra[i], self.arrays.inter[i])
 
 
 def _loads_time(topology: Topology, loads: AlltoAllvLoads, links: Mapping[int, float]) -> float:
@@ -855,11 +879,10 @@ def _lockstep(
         last = float(free.max())
         now = last if machine.concurrent else max(last, ended)
         started.append(now)
-        latency, work = ranks.collective(i, last, now)
+        latency, work, intra[i], inter[i] = ranks.collective(i, last, now)
         # its transfer part follows its latency part and the previous collective's transfer
         ended = max(now + latency, ended) + (work - latency)
         start[i], end[i] = now, ended
-        intra[i], inter[i] = ranks.levels
     columns = RunColumns(
         run=RunKey(op=template.op, tiling=template.tiling),
         kinds=tuple(str(t.kind) for t in first),
@@ -894,6 +917,8 @@ def simulate_arrays(
     world = arrays.world_size
     if topology.world_size != world:
         topology = topology.with_world(world)
+    stragglers = stragglers or {}
+    _check_stragglers(stragglers, world)
     if not lockstep_applies(topology):
         raise ParamInvalidError(
             "topology",
@@ -901,12 +926,7 @@ def simulate_arrays(
             "must let every rank run in lockstep (contention 1, no polled progress, no core "
             "sharing) to simulate plans given as arrays",
         )
-    stragglers = stragglers or {}
-    outside = [r for r in stragglers if not 0 <= r < world]
-    if outside:
-        raise ParamInvalidError(f"stragglers.{outside[0]}", outside[0], f"must be a rank < {world}")
-    links = {r: s.link for r, s in stragglers.items() if s.link != 1.0}
-    return _lockstep(_ArrayRanks(arrays, _Machine(topology, links)), stragglers)
+    return _lockstep(_ArrayRanks(arrays, _Machine(topology, _links(stragglers))), stragglers)
 
 
 def simulate(plans: Mapping[int, Plan], topology: Topology) -> Timeline:
@@ -996,13 +1016,11 @@ def simulate_run(
     if sorted(plans) != list(range(world)) or world == 0:
         raise ParamInvalidError("plans", sorted(plans)[:8], "must map ranks 0..n-1 to plans")
     topology = run_topology(plans, topology)
-    outside = [r for r in stragglers or {} if not 0 <= r < world]
-    if outside:
-        raise ParamInvalidError(f"stragglers.{outside[0]}", outside[0], f"must be a rank < {world}")
+    stragglers = stragglers or {}
+    _check_stragglers(stragglers, world)
     ordered = [plans[r] for r in range(world)]
     if lockstep and lockstep_applies(topology) and _shared_structure(ordered):
-        links = {r: s.link for r, s in (stragglers or {}).items() if s.link != 1.0}
-        return _lockstep(_PlanRanks(ordered, _Machine(topology, links)), stragglers or {})
+        return _lockstep(_PlanRanks(ordered, _Machine(topology, _links(stragglers))), stragglers)
     engine = _Engine(plans, topology, stragglers)
     engine.run_all()
     first = plans[0]
