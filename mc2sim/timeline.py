@@ -429,34 +429,43 @@ class RunColumns:
         rows = [i for i, s in enumerate(self.streams) if s is stream]
         return busy_times(self.start_s[rows].T, self.end_s[rows].T)
 
-    def _rank_metrics(self, pure: np.ndarray | None) -> list[RankMetrics]:
-        """Every rank's metrics, as :meth:`Timeline.metrics` finds them."""
-        comm = self._busy(Stream.COMM)
-        return _rank_metrics_of(
-            range(self.world),
-            self.end_s.max(axis=0) - self.start_s.min(axis=0),
-            self._busy(Stream.COMPUTE),
-            comm,
-            comm if pure is None else pure,
-            self.flops.sum(axis=0).tolist(),
-            self.bytes.sum(axis=0).tolist(),
-        )
+    def _totals(self) -> np.ndarray:
+        """Every rank's last end minus its first start."""
+        out: np.ndarray = self.end_s.max(axis=0) - self.start_s.min(axis=0)
+        return out
 
-    def metrics(self, *, baseline: RunColumns | None = None) -> Metrics:
+    def baseline(self) -> tuple[np.ndarray, float]:
+        """What a run compared with this one reads of it.
+
+        Every rank's ``comm_s`` (the overlap's t_pure) and the slowest rank's ``total_s``
+        (the speedup's numerator).
+        """
+        return self._busy(Stream.COMM), float(self._totals().max())
+
+    def metrics(self, *, baseline: RunColumns | tuple[np.ndarray, float] | None = None) -> Metrics:
         """:meth:`Timeline.metrics` of this run (the same values), ``baseline`` likewise.
+
+        ``baseline`` may also be its :meth:`baseline`, read once for many runs.
 
         Raises:
             ParamInvalidError: the baseline has another number of ranks.
         """
-        if baseline is None:
-            return _job_metrics(self._rank_metrics(None), None)
-        if baseline.world != self.world:
+        base = baseline.baseline() if isinstance(baseline, RunColumns) else baseline
+        if base is not None and base[0].size != self.world:
             raise ParamInvalidError(
-                "baseline", f"{baseline.world} ranks", f"must have this run's {self.world}"
+                "baseline", f"{base[0].size} ranks", f"must have this run's {self.world}"
             )
-        base = baseline._rank_metrics(None)
-        pure = np.array([m.comm_s for m in base])
-        return _job_metrics(self._rank_metrics(pure), base)
+        comm = self._busy(Stream.COMM)
+        per_rank = _rank_metrics_of(
+            range(self.world),
+            self._totals(),
+            self._busy(Stream.COMPUTE),
+            comm,
+            comm if base is None else base[0],
+            self.flops.sum(axis=0).tolist(),
+            self.bytes.sum(axis=0).tolist(),
+        )
+        return _job_metrics(per_rank, None if base is None else base[1])
 
     def timeline(self, *, meta: Mapping[str, Any] | None = None) -> Timeline:
         """The run's records as a simulated :class:`Timeline`."""
@@ -636,12 +645,12 @@ def _rank_metrics_of(
     ]
 
 
-def _job_metrics(per_rank: Sequence[RankMetrics], base: Sequence[RankMetrics] | None) -> Metrics:
-    """A run's :class:`Metrics` from its ranks' (and the baseline's, if any)."""
+def _job_metrics(per_rank: Sequence[RankMetrics], base_total: float | None) -> Metrics:
+    """A run's :class:`Metrics` from its ranks' (and the baseline's slowest total, if any)."""
     critical = max(per_rank, key=lambda m: (m.total_s, -m.rank))
     speedup = None
-    if base is not None and critical.total_s > 0.0:
-        speedup = max(m.total_s for m in base) / critical.total_s
+    if base_total is not None and critical.total_s > 0.0:
+        speedup = base_total / critical.total_s
     return Metrics(
         per_rank=tuple(per_rank),
         critical_rank=critical.rank,
@@ -741,8 +750,8 @@ class Timeline:
         One pass over the records (:meth:`by_run`), however many runs.
         """
         per_run = self.by_run()
-        base = per_run[baseline]
-        return {run: one.metrics(baseline=base) for run, one in per_run.items()}
+        base = per_run[baseline]._rank_metrics(None)  # read once for every run
+        return {run: one._metrics_against(base) for run, one in per_run.items()}
 
     def for_rank(self, rank: int) -> Timeline:
         """Return the timeline of ``rank``'s records only (same source and meta).
@@ -898,8 +907,12 @@ class Timeline:
         if baseline is not None:
             baseline._single_run("baseline")
             base = baseline._rank_metrics(None)
+        return self._metrics_against(base)
+
+    def _metrics_against(self, base: list[RankMetrics] | None) -> Metrics:
+        """:meth:`metrics` of one run, the baseline's rank metrics given (read once for many)."""
         per_rank = self._rank_metrics(None if base is None else {m.rank: m.comm_s for m in base})
-        return _job_metrics(per_rank, base)
+        return _job_metrics(per_rank, None if base is None else max(m.total_s for m in base))
 
 
 _FIELDS = (

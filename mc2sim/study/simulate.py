@@ -138,7 +138,7 @@ def _metrics_by_run(
     """Each run's metrics against the baseline run (columns where every run has them)."""
     if all(isinstance(p, RunColumns) for p in parts):
         columns = {p.run: p for p in parts if isinstance(p, RunColumns)}
-        base = columns[baseline]
+        base = columns[baseline].baseline()  # read once for every run
         return {run: c.metrics(baseline=base) for run, c in columns.items()}
     merged = Timeline.merge(*(_timeline(p) for p in parts), meta={})
     return merged.metrics_by_run(baseline)
