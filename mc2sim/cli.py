@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
     from _typeshed import SupportsWrite
 
-    from mc2sim.comm import Communicator
+    from mc2sim.comm import Communicator, ObjectCommunicator
     from mc2sim.scenario import Scenario
     from mc2sim.topology import Topology
 
@@ -73,7 +73,7 @@ def _as_param_error(exc: BaseException) -> AclnnError:
 
 
 @contextlib.contextmanager
-def _checking(comm: Communicator | None = None) -> Iterator[None]:
+def _checking(comm: ObjectCommunicator | None = None) -> Iterator[None]:
     """Run checks of the user's input; a rule broken in the body becomes an :class:`InputError`.
 
     ``AclnnError`` (the project's errors: every reader names file, key and rule), and an
@@ -858,10 +858,13 @@ def _simulate_sweep(
     Under ``mpiexec -n N`` the points are dealt out in batches of ``N x`` :data:`_SWEEP_BATCH`,
     in snake order (:func:`_dealt`: a grid whose cost rises along its inner axis would give
     rank ``N - 1`` the dearest point of every round under ``i mod N``); each rank simulates
-    and encodes its points of a batch, rank 0 gathers them and alone writes the folders, in
-    grid order: the folder is the serial sweep's (:func:`mc2sim.results.comparable_files`). A
-    point the model refuses ends the sweep on every rank with the first such point's error
-    (exit status 2).
+    and encodes its points of a batch. Where every rank sees the folder rank 0 made (one
+    host, or a shared file system: :func:`_sees_folder`), each rank writes its own points'
+    folders and rank 0 gathers their table rows alone; elsewhere rank 0 gathers the files
+    too and writes every folder. Either way the folder is the serial sweep's
+    (:func:`mc2sim.results.comparable_files`). A point the model refuses ends the sweep on
+    every rank with the first such point's error, and a folder a rank cannot write ends it
+    with the lowest such rank's error, after the other points (exit status 2 both).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -871,10 +874,10 @@ def _simulate_sweep(
     from mc2sim.study.simulate import encode_study, simulate_study
 
     comm = None
-    if world_position()[1] > 1:
-        from mc2sim.comm import init
+    if world_position()[1] > 1:  # the ranks move objects alone: no torch is imported
+        from mc2sim.comm.mpi_objects import MpiObjectCommunicator
 
-        comm = init("mpi")
+        comm = MpiObjectCommunicator()
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     lead = rank == 0
     with _checking(comm):  # every rank reads the same inputs: an error is the same everywhere
@@ -898,10 +901,12 @@ def _simulate_sweep(
         _warn_lifted(lifted, "sweep")
         if args.overwrite:
             clear_folder(out)
+    own_writes = comm is None or _sees_folder(comm, out)
+    if lead:
         print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
     grid = list(zip(points, names, scenarios, topologies, worlds, strict=True))
-    # rank 0 writes the folders in a thread of its own, while it simulates its next points
-    writer = ThreadPoolExecutor(max_workers=1)
+    # the folders are written by threads (their fsyncs overlap), while the ranks simulate on
+    writer = ThreadPoolExecutor(max_workers=_SWEEP_WRITERS)
     written = []
     with writer, tqdm(total=len(grid), desc="sweep", file=sys.stderr, disable=not lead) as bar:
         for first in range(0, len(grid), size * _SWEEP_BATCH):
@@ -917,19 +922,24 @@ def _simulate_sweep(
                     result, scenario_path=_scenario_file(args.scenario), argv=args.argv,
                     overrides=_with_profile(point, args.what_if),
                 )  # fmt: skip
-                mine.append((i, files, _sweep_rows(label, result.metrics())))
+                if own_writes:
+                    written.append(writer.submit(write_encoded, out / name, files))
+                rows = _sweep_rows(label, result.metrics())
+                mine.append((i, None if own_writes else files, rows))
             done = comm.allgather_object(mine) if comm is not None else [mine]
             batch = sorted((item for items in done for item in items), key=lambda item: item[0])
-            refused = [item[2] for item in batch if item[1] is None]
+            refused = [item[2] for item in batch if isinstance(item[2], AclnnError)]
             if refused:  # every rank raises the first point's error, so none is left waiting
                 raise InputError(refused[0])
             if lead:
                 for i, files, rows in batch:
-                    written.append(writer.submit(write_encoded, out / names[i], files))
+                    if not own_writes:
+                        written.append(writer.submit(write_encoded, out / names[i], files))
                     print("\n".join(rows))
                     bar.update(1)
-        for write in written:
-            write.result()  # a write that failed raises here
+        with _checking(comm):  # a write that failed raises here, on every rank
+            for write in written:
+                write.result()
     if lead:
         if args.plots:
             _write_plots([out / name for name in names], out)
@@ -952,9 +962,42 @@ def _dealt(first: int, stop: int, rank: int, size: int) -> list[int]:
     return mine
 
 
+def _sees_folder(comm: ObjectCommunicator, out: Path) -> bool:
+    """Whether every rank sees the folder ``out`` that rank 0 makes (one host, or shared disk).
+
+    Rank 0 leaves a file of random name and content there and each rank looks for it; rank 0
+    removes the file before it returns, and ``out`` stays (empty).
+    """
+    import secrets
+
+    from mc2sim._atomic import write_atomic
+
+    token = secrets.token_hex(8) if comm.rank == 0 else ""
+    probe = out / f".mc2sim-probe-{token}"
+    with _checking(comm):
+        if comm.rank == 0:
+            write_atomic(probe, token, parents=True)
+    token = comm.allgather_object(token)[0]
+    probe = out / f".mc2sim-probe-{token}"
+    try:
+        seen = probe.read_text(encoding="utf-8") == token
+    except (OSError, UnicodeError):
+        seen = False
+    everywhere = all(comm.allgather_object(seen))
+    if comm.rank == 0:
+        probe.unlink()
+    return everywhere
+
+
 _SWEEP_BATCH = 8
 """Points each rank of a sweep under mpiexec simulates between two gatherings at rank 0:
 fewer collectives and waits, at the memory of ``ranks x 8`` points' files on rank 0."""
+
+_SWEEP_WRITERS = 4
+"""Threads of a sweep's process that write its folders: a file is synced to disk before it is
+renamed into place, and syncs from several threads are committed together by the file
+system, where one thread waits for each in turn (on this project's 2-core machine, the 200
+points of ``scripts/bench_sweep_mpi.py`` took 11 s of syncs from one thread)."""
 
 
 def _sweep_rows(label: str, metrics: Mapping[str, Any]) -> list[str]:

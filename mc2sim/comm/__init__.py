@@ -29,6 +29,8 @@ if TYPE_CHECKING:
         transport,
     )
     from mc2sim.comm.mpi import MpiCommunicator
+    from mc2sim.comm.mpi_objects import MpiObjectCommunicator
+    from mc2sim.comm.objects import ObjectCommunicator
     from mc2sim.comm.threads import ThreadCommunicator, run_threads
     from mc2sim.comm.torch_dist import TorchCommunicator
 
@@ -39,7 +41,9 @@ __all__ = [
     "DeviceChoice",
     "Launcher",
     "MpiCommunicator",
+    "MpiObjectCommunicator",
     "MustMatch",
+    "ObjectCommunicator",
     "ReduceOp",
     "ThreadCommunicator",
     "TorchCommunicator",
@@ -68,6 +72,8 @@ _HOME = {
     "rank_device": "launch",
     "transport": "launch",
     "MpiCommunicator": "mpi",
+    "MpiObjectCommunicator": "mpi_objects",
+    "ObjectCommunicator": "objects",
     "ThreadCommunicator": "threads",
     "run_threads": "threads",
     "TorchCommunicator": "torch_dist",

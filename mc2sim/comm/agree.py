@@ -7,9 +7,10 @@ between ranks where they must not (a tiling, a dtype, a dimension): each op name
 with the rule, in a :class:`MustMatch` during its checks, and :func:`agree` compares them in
 the same collective. The fast path (nobody failed, everyone matches) costs one allreduce of
 three int64: the lowest failing rank, and the minimum of a digest of what must match and of
-its negation. After a failure the lowest failing rank's error is sent to everyone; after a
-mismatch every rank's values are gathered and every rank raises the same error naming the
-parameter, the value on each disagreeing rank and the rule.
+its negation (one allgather of the three numbers over a communicator of objects alone,
+:class:`~mc2sim.comm.objects.ObjectCommunicator`). After a failure the lowest failing rank's
+error is sent to everyone; after a mismatch every rank's values are gathered and every rank
+raises the same error naming the parameter, the value on each disagreeing rank and the rule.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mc2sim.comm.watchdog import collectives_named, current_op
 from mc2sim.errors import AclnnError, ParamInvalidError
 
 if TYPE_CHECKING:
-    from mc2sim.comm.base import Communicator
+    from mc2sim.comm.objects import ObjectCommunicator
 
 __all__ = ["MustMatch", "agree", "agreed", "disagreement"]
 
@@ -64,7 +65,9 @@ class MustMatch:
         return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 2
 
 
-def agree(comm: Communicator, error: AclnnError | None, same: MustMatch | None = None) -> None:
+def agree(
+    comm: ObjectCommunicator, error: AclnnError | None, same: MustMatch | None = None
+) -> None:
     """Raise, on every rank, the error of the lowest failing rank, or of a mismatch across ranks.
 
     Every rank of ``comm`` must call this, passing the error its own checks found (or
@@ -83,13 +86,10 @@ def agree(comm: Communicator, error: AclnnError | None, same: MustMatch | None =
         ParamInvalidError: on every rank, when a value that must match differs.
 
     """
-    import torch  # here, so that importing mc2sim.comm needs no torch
-
     mine = comm.size if error is None else comm.rank
     digest = 0 if same is None else same.digest()
     with collectives_named("agree"):
-        both = comm.allreduce(torch.tensor([mine, digest, -digest], dtype=torch.int64), op="min")
-        first, low, minus_high = (int(v) for v in both.tolist())
+        first, low, minus_high = _minima(comm, (mine, digest, -digest))
         if first == comm.size:
             if low == -minus_high:
                 return
@@ -102,6 +102,20 @@ def agree(comm: Communicator, error: AclnnError | None, same: MustMatch | None =
     chosen: AclnnError = error if (comm.rank == first and error is not None) else errors[first]
     chosen.rank = first
     raise chosen
+
+
+def _minima(comm: ObjectCommunicator, values: tuple[int, ...]) -> tuple[int, ...]:
+    """Each of ``values``' minimum over the ranks.
+
+    One allreduce of int64 on a communicator of tensors; one allgather of the numbers on a
+    communicator of objects alone (which has no ``allreduce``).
+    """
+    allreduce = getattr(comm, "allreduce", None)
+    if allreduce is None:
+        return tuple(min(column) for column in zip(*comm.allgather_object(values), strict=True))
+    import torch  # here, so that importing mc2sim.comm needs no torch
+
+    return tuple(int(v) for v in allreduce(torch.tensor(values, dtype=torch.int64), op="min"))
 
 
 def disagreement(entries: Sequence[Sequence[Entry]]) -> ParamInvalidError | None:
@@ -153,7 +167,7 @@ def _ranks(ranks: list[int]) -> str:
 
 
 @contextlib.contextmanager
-def agreed(comm: Communicator) -> Iterator[MustMatch]:
+def agreed(comm: ObjectCommunicator) -> Iterator[MustMatch]:
     """Run parameter checks in the body, then :func:`agree` on their outcome.
 
     An ``AclnnError`` raised in the body is held back until every rank has finished its

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from mc2sim._compat import StrEnum
+from mc2sim.comm.objects import ObjectCommunicator
 from mc2sim.errors import ParamInvalidError
 
 __all__ = [
@@ -121,22 +122,14 @@ class Completed:
 
 
 @runtime_checkable
-class Communicator(Protocol):
+class Communicator(ObjectCommunicator, Protocol):
     """A group of ranks with the collectives the MC2 operators need.
 
-    Tensors are torch tensors of any dtype in ``SUPPORTED_DTYPES``; inputs are never
-    modified and results are new tensors. Row-wise collectives act along dim 0.
+    Its ``rank``, ``size``, ``allgather_object`` and ``barrier`` are
+    :class:`~mc2sim.comm.objects.ObjectCommunicator`'s. Tensors are torch tensors of any
+    dtype in ``SUPPORTED_DTYPES``; inputs are never modified and results are new tensors.
+    Row-wise collectives act along dim 0.
     """
-
-    @property
-    def rank(self) -> int:
-        """Rank of this process in the group, 0 <= rank < size."""
-        ...
-
-    @property
-    def size(self) -> int:
-        """Number of ranks in the group."""
-        ...
 
     @property
     def backend(self) -> str:
@@ -192,14 +185,6 @@ class Communicator(Protocol):
 
     def reduce_scatter(self, t: torch.Tensor, op: str | ReduceOp = "sum") -> torch.Tensor:
         """Reduce ``t`` over ranks and return this rank's block of ``t.shape[0] / size`` rows."""
-        ...
-
-    def allgather_object(self, obj: Any) -> list[Any]:
-        """Return every rank's picklable ``obj``, in rank order (control path, not data)."""
-        ...
-
-    def barrier(self) -> None:
-        """Block until every rank of the group has entered the barrier."""
         ...
 
     def split(self, color: int, key: int = 0) -> Communicator:

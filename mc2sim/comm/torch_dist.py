@@ -102,7 +102,7 @@ def _side_channel(group: dist.ProcessGroup | None) -> SideChannel | None:
     world = mpi.COMM_WORLD
     if world.Get_size() != dist.get_world_size() or world.Get_rank() != dist.get_rank():
         return None  # torch's ranks are not MPI's: no way to name them
-    from mc2sim.comm.mpi import MpiSideChannel
+    from mc2sim.comm.mpi_objects import MpiSideChannel
 
     if group is None:
         return MpiSideChannel(world)

@@ -15,7 +15,7 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     found = BIN / name
     if found.exists():
         return str(found)
@@ -48,11 +48,11 @@ def launch(argv: list[str], *, timeout: float = 120) -> Result:
 
 
 def mpiexec(n: int, *args: str, timeout: float = 120) -> Result:
-    return launch([_tool("mpiexec"), "-n", str(n), sys.executable, *args], timeout=timeout)
+    return launch([tool("mpiexec"), "-n", str(n), sys.executable, *args], timeout=timeout)
 
 
 def torchrun(n: int, *args: str, timeout: float = 120) -> Result:
     return launch(
-        [_tool("torchrun"), "--nproc_per_node", str(n), "--monitor_interval", "0.2", *args],
+        [tool("torchrun"), "--nproc_per_node", str(n), "--monitor_interval", "0.2", *args],
         timeout=timeout,
     )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from mc2sim.results import read_results
+from mc2sim.results import comparable_files, read_results
 from mc2sim.study.calibrate import CONTENTION, SAMPLED
 from mc2sim.timeline import Clock, Source
 
-from .conftest import mpiexec
+from .conftest import launch, mpiexec, tool
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -76,6 +80,59 @@ def test_real_sweep_runs_every_point(tmp_path: Path) -> None:
     for m in (16, 32):
         manifest = read_results(out / f"small.m={m}").manifest
         assert manifest.shape["m"] == m and manifest.world_size == 2
+
+
+_IMPORTS_PROBE = """
+import sys
+from mc2sim.cli import main
+status = main(sys.argv[1:])
+print("STATUS", status, "torch" in sys.modules, "mpi4py" in sys.modules, flush=True)
+"""
+
+
+def test_a_simulated_sweep_under_mpiexec_starts_without_torch(tmp_path: Path) -> None:
+    """Its ranks move objects alone (MpiObjectCommunicator): mpi4py, but no torch."""
+    out = tmp_path / "sweep"
+    res = mpiexec(
+        2, "-c", _IMPORTS_PROBE, "sweep", "seed_gmm_alltoallv_ep4", "--set", "scale=small",
+        "--set", "small.tokens=8,16,24", "--no-plots", "--out", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = sorted(line for line in res.stdout.splitlines() if line.startswith("STATUS "))
+    assert lines == ["STATUS 0 False True"] * 2, res.stdout
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        f"small.tokens={t}" for t in (16, 24, 8)
+    ]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+def test_a_sweep_whose_ranks_do_not_share_a_disk_is_written_by_rank_0(tmp_path: Path) -> None:
+    """A sweep over ranks that do not share a disk: rank 0 writes every point's folder.
+
+    Rank 1 runs in a mount namespace of its own with an empty tmpfs over the sweep's parent
+    folder, as on a host without rank 0's disk, so it does not see rank 0's folder. The
+    folder is the lone sweep's.
+    """
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    argv = [
+        "-m", "mc2sim", "sweep", "seed_gmm_alltoallv_ep4", "--set", "scale=small",
+        "--set", "small.tokens=8,16,24", "--no-plots", "--out", str(disk / "sweep"),
+    ]  # fmt: skip
+    alone = launch([sys.executable, *argv])
+    assert alone.returncode == 0, alone.stderr
+    (disk / "sweep").rename(tmp_path / "alone")
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *argv])
+    own_disk = f"mount -t tmpfs none {shlex.quote(str(disk))} && exec {command}"
+    script = (
+        f'if [ "$PMI_RANK" = 1 ]; then exec unshare --mount sh -c {shlex.quote(own_disk)}; '
+        f"else exec {command}; fi"
+    )
+    res = launch([tool("mpiexec"), "-n", "2", "sh", "-c", script])
+    assert res.returncode == 0, res.stderr
+    assert comparable_files(disk / "sweep") == comparable_files(tmp_path / "alone")
 
 
 def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Result, _tool, launch, mpiexec
+from .conftest import Result, launch, mpiexec, tool
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -138,7 +138,7 @@ INTERRUPTED = r"""
 def test_sigint_ends_the_job_with_status_130_and_one_line(tmp_path: Path, backend: str) -> None:
     script = tmp_path / "interrupted.py"
     script.write_text(textwrap.dedent(INTERRUPTED))
-    argv = [_tool("mpiexec"), "-n", "2", sys.executable, "-m", "mc2sim", "exec", str(script)]
+    argv = [tool("mpiexec"), "-n", "2", sys.executable, "-m", "mc2sim", "exec", str(script)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [*argv, backend], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mc2sim.comm import Communicator, agree, agreed
+from mc2sim.comm import Communicator, MpiObjectCommunicator, agree, agreed
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
 from mc2sim.invariants import check_counts
 
@@ -36,6 +36,23 @@ def test_error_class_and_code_travel(comm: Communicator) -> None:
     assert info.value.code == 161001
     assert info.value.rank == last
     comm.barrier()  # everyone is still in step after the error
+
+
+def test_ranks_of_objects_alone_agree_on_errors_and_mismatches() -> None:
+    """The same outcomes over a communicator with no tensor collectives (a simulated sweep's)."""
+    group = MpiObjectCommunicator()
+    assert not hasattr(group, "allreduce")
+    agree(group, None)
+    last = group.size - 1
+    with pytest.raises(ParamNullptrError) as info:
+        agree(group, ParamNullptrError("x1", None, "is required") if group.rank == last else None)
+    assert (info.value.code, info.value.rank) == (161001, last)
+    with pytest.raises(ParamInvalidError) as mismatch:
+        with agreed(group) as same:
+            same("tiling", "by-k-4" if group.rank == last else "by-m-2", "one schedule")
+    assert mismatch.value.rank == last
+    assert str(mismatch.value).startswith(f"tiling={{{last}: 'by-k-4'}}: must be the same")
+    group.barrier()
 
 
 def consistent_counts(world: int, e: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -3,11 +3,13 @@
 Every rank calls the command line; rank 0 also runs the same sweep as a lone process
 (a subprocess outside the MPI job). Both folders must hold the same files with the same bytes,
 but for what says when and in which kind of process they were written
-(:data:`mc2sim.results.VOLATILE_MANIFEST_FIELDS`).
+(:data:`mc2sim.results.VOLATILE_MANIFEST_FIELDS`): when each rank writes its own points (the
+ranks share the disk, as here) and when rank 0 writes them all (ranks told they do not).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+import mc2sim.cli
+import mc2sim.results
 from mc2sim.cli import main
-from mc2sim.comm import Communicator
+from mc2sim.comm import Communicator, MpiObjectCommunicator
 from mc2sim.results import VOLATILE_MANIFEST_FIELDS, comparable_files, read_sweep
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(300)]
@@ -39,9 +43,18 @@ def _lone_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["each-rank-writes", "rank-0-writes"])
 def test_a_sweep_over_mpi_ranks_writes_the_serial_sweeps_folder(
-    comm: Communicator, tmp_path: Path
+    comm: Communicator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool
 ) -> None:
+    seen: list[bool] = []
+    sees = mc2sim.cli._sees_folder
+
+    def told(group: MpiObjectCommunicator, out: Path) -> bool:
+        seen.append(sees(group, out))
+        return shared
+
+    monkeypatch.setattr(mc2sim.cli, "_sees_folder", told)
     base = Path(comm.allgather_object(str(tmp_path))[0])
     out = base / "sweep"  # the same --out (it is in the manifest's argv) for both runs
     if comm.rank == 0:
@@ -53,6 +66,7 @@ def test_a_sweep_over_mpi_ranks_writes_the_serial_sweeps_folder(
         out.rename(base / "serial")
     comm.barrier()
     assert main([*ARGV, "--out", str(out)]) == 0
+    assert seen == [True]  # one host: every rank saw rank 0's folder
     comm.barrier()
     if comm.rank == 0:
         points = read_sweep(out)
@@ -66,4 +80,50 @@ def test_a_sweep_over_mpi_ranks_writes_the_serial_sweeps_folder(
         manifest = spread[f"{next(iter(points.values())).name}/manifest.json"].decode()
         assert all(f'"{key}"' not in manifest for key in VOLATILE_MANIFEST_FIELDS)
         assert '"argv"' in manifest and '"hosts"' in manifest and '"git_revision"' in manifest
+    comm.barrier()
+
+
+def test_the_ranks_see_rank_0s_folder_only_where_it_is_theirs_too(
+    comm: Communicator, tmp_path: Path
+) -> None:
+    group = MpiObjectCommunicator()
+    common = Path(group.allgather_object(str(tmp_path))[0]) / "shared"
+    assert mc2sim.cli._sees_folder(group, common) is True
+    group.barrier()  # rank 0 removed its probe before it returned
+    assert list(common.iterdir()) == []  # the folder stays, empty
+    group.barrier()  # every rank has looked before rank 0 writes its next probe there
+    # rank 1 looks into a folder of its own: as on a host without rank 0's disk
+    own = common if group.rank != 1 else tmp_path / "elsewhere"
+    assert mc2sim.cli._sees_folder(group, own) is False
+    comm.barrier()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["each-rank-writes", "rank-0-writes"])
+def test_a_folder_a_rank_cannot_write_ends_the_sweep_on_every_rank(
+    comm: Communicator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    shared: bool,
+) -> None:
+    writer = comm.size - 1 if shared else 0  # the rank that writes the point's folder
+    monkeypatch.setattr(mc2sim.cli, "_sees_folder", lambda group, out: shared)
+    write = mc2sim.results.write_encoded
+
+    def full_disk(folder: Path, files: dict[str, bytes], **kwargs: bool) -> object:
+        if Path(folder).name.startswith("routing.skew=1.5"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        return write(folder, files, **kwargs)
+
+    if comm.rank == writer:
+        monkeypatch.setattr(mc2sim.results, "write_encoded", full_disk)
+    out = Path(comm.allgather_object(str(tmp_path))[0]) / "sweep"
+    assert main([*ARGV, "--out", str(out)]) == 2  # on every rank, none left waiting
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mc2sim")]
+    if comm.rank == 0:
+        assert len(err) == 1 and err[0].startswith("mc2sim sweep: "), err
+        assert "routing.skew=1.5" in err[0] and "No space left on device" in err[0]
+        assert err[0].endswith(f"(found on rank {writer})" if writer else "device")
+    else:
+        assert err == []
     comm.barrier()
