@@ -70,7 +70,8 @@ def timed_pair(argv: list[str], ranks: int, env: dict[str, str]) -> tuple[float,
     Returns both times, whether the two folders are the same, and how many files they hold.
     """
     python = sys.executable
-    mpiexec = str(Path(python).with_name("mpiexec"))
+    beside = Path(python).with_name("mpiexec")  # the venv's (the mpich wheel), else PATH's
+    mpiexec = str(beside) if beside.exists() else shutil.which("mpiexec") or "mpiexec"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sweep"
         alone_s = timed([python, "-m", "mc2sim", *argv, "--out", str(out)], env)
