@@ -901,11 +901,14 @@ def _simulate_sweep(
         _warn_lifted(lifted, "sweep")
         if args.overwrite:
             clear_folder(out)
+    if comm is not None:  # rank 0's folder (a default one is named by rank 0's clock)
+        theirs = Path(comm.allgather_object(str(out.absolute()))[0])
+        out = out if lead else theirs
     own_writes = comm is None or _sees_folder(comm, out)
     if lead:
         print(f"{'point':<34}{'tiling':<26}{'total ms':>10}{'overlap%':>9}{'speedup':>9}")
     grid = list(zip(points, names, scenarios, topologies, worlds, strict=True))
-    # the folders are written by threads (their fsyncs overlap), while the ranks simulate on
+    # the folders are written by threads of their own while the ranks simulate on
     writer = ThreadPoolExecutor(max_workers=_SWEEP_WRITERS)
     written = []
     with writer, tqdm(total=len(grid), desc="sweep", file=sys.stderr, disable=not lead) as bar:
@@ -973,10 +976,9 @@ def _sees_folder(comm: ObjectCommunicator, out: Path) -> bool:
     from mc2sim._atomic import write_atomic
 
     token = secrets.token_hex(8) if comm.rank == 0 else ""
-    probe = out / f".mc2sim-probe-{token}"
     with _checking(comm):
         if comm.rank == 0:
-            write_atomic(probe, token, parents=True)
+            write_atomic(out / f".mc2sim-probe-{token}", token, parents=True)
     token = comm.allgather_object(token)[0]
     probe = out / f".mc2sim-probe-{token}"
     try:
@@ -994,10 +996,10 @@ _SWEEP_BATCH = 8
 fewer collectives and waits, at the memory of ``ranks x 8`` points' files on rank 0."""
 
 _SWEEP_WRITERS = 4
-"""Threads of a sweep's process that write its folders: a file is synced to disk before it is
-renamed into place, and syncs from several threads are committed together by the file
-system, where one thread waits for each in turn (on this project's 2-core machine, the 200
-points of ``scripts/bench_sweep_mpi.py`` took 11 s of syncs from one thread)."""
+"""Threads of a sweep's process that write its folders. A writer waits for the GIL after each
+system call while the main thread simulates: on this project's 2-core machine one thread
+took 11 to 13.6 s to write the 1001 files of ``scripts/bench_sweep_mpi.py``'s 200 points,
+which take 0.6 s to write alone; four get their turns more often."""
 
 
 def _sweep_rows(label: str, metrics: Mapping[str, Any]) -> list[str]:

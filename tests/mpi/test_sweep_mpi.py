@@ -127,3 +127,27 @@ def test_a_folder_a_rank_cannot_write_ends_the_sweep_on_every_rank(
     else:
         assert err == []
     comm.barrier()
+
+
+def test_every_rank_writes_into_rank_0s_folder(
+    comm: Communicator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0's --out is the one every rank writes into (a default one is named by its clock)."""
+    seen: list[bool] = []
+    sees = mc2sim.cli._sees_folder
+
+    def spied(group: MpiObjectCommunicator, out: Path) -> bool:
+        seen.append(sees(group, out))
+        return seen[-1]
+
+    monkeypatch.setattr(mc2sim.cli, "_sees_folder", spied)
+    base = Path(comm.allgather_object(str(tmp_path))[0])
+    out = base / ("sweep" if comm.rank == 0 else f"elsewhere-{comm.rank}")
+    assert main([*ARGV, "--out", str(out)]) == 0
+    assert seen == [True]
+    comm.barrier()
+    assert sorted(p.name for p in base.iterdir()) == ["sweep"]
+    points = read_sweep(base / "sweep")
+    assert points is not None and len(points) == 6
+    assert all((folder / "complete.json").is_file() for folder in points.values())
+    comm.barrier()
