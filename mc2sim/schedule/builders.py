@@ -28,7 +28,6 @@ from mc2sim.schedule.plan import (
 from mc2sim.schedule.tiling import (
     Tiling,
     TilingMode,
-    even_split,
     hardware_mm_all_reduce_tiles,
     tile_lengths,
 )
@@ -181,12 +180,20 @@ class MoeShape:
     def expert_part(
         self, counts: tuple[int, ...] | SparseCounts, j: int, part: int, parts: int
     ) -> tuple[int, ...] | SparseSplits:
-        """Rows of expert ``j``'s sub-tile ``part`` for each peer (both sides split alike)."""
+        """Rows of expert ``j``'s sub-tile ``part`` for each peer (both sides split alike).
+
+        Part ``part`` of :func:`~mc2sim.schedule.tiling.even_split` of each peer's count,
+        read off the count's quotient and remainder without the list.
+        """
         if isinstance(counts, SparseCounts):
             whole = counts.expert(j, self.e)
             base, extra = np.divmod(whole.counts, parts)
             return SparseSplits(self.world, whole.peers, base + (part < extra))
-        return tuple(even_split(counts[q * self.e + j], parts)[part] for q in range(self.world))
+        e = self.e
+        return tuple(
+            base + (part < extra)
+            for base, extra in (divmod(counts[q * e + j], parts) for q in range(self.world))
+        )
 
     def expert_parts(
         self, counts: tuple[int, ...] | SparseCounts, parts: int
@@ -194,7 +201,12 @@ class MoeShape:
         """:meth:`expert_part` of every expert and sub-tile, entry ``j * parts + p``."""
         if isinstance(counts, SparseCounts):
             return counts.expert_parts(self.e, parts)
-        return [self.expert_part(counts, j, p, parts) for j in range(self.e) for p in range(parts)]
+        e, world = self.e, self.world
+        split: list[tuple[int, ...]] = []
+        for j in range(e):  # each count divided once, its sub-tiles read off (even_split's)
+            column = [divmod(counts[q * e + j], parts) for q in range(world)]
+            split.extend(tuple(base + (p < extra) for base, extra in column) for p in range(parts))
+        return split
 
     def per_peer(self, counts: tuple[int, ...] | SparseCounts) -> tuple[int, ...] | SparseSplits:
         """Rows per peer over all experts."""

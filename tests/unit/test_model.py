@@ -1218,3 +1218,21 @@ def test_sparse_counts_expert_parts_cut_each_peers_count_as_even_split(
             assert split.world == world
             assert list(split) == [even_split(c, parts)[p] for c in dense[j::e]]
             assert np.all(split.counts != 0) and np.all(np.diff(split.peers) > 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.data())
+def test_dense_expert_parts_cut_each_peers_count_as_even_split(
+    e: int, parts: int, data: st.DataObject
+) -> None:
+    """Dense counts: entry j * parts + p (and expert_part) is even_split of each peer's count."""
+    world = data.draw(st.integers(1, 6))
+    dense = tuple(data.draw(st.lists(st.integers(0, 40), min_size=world * e, max_size=world * e)))
+    shape = MoeShape(e=e, send=dense, recv=dense, h1=8, n1=8, elem_bytes=2)
+    cut = shape.expert_parts(dense, parts)
+    assert len(cut) == e * parts
+    for j in range(e):
+        for p in range(parts):
+            expected = tuple(even_split(c, parts)[p] for c in dense[j::e])
+            assert cut[j * parts + p] == expected == shape.expert_part(dense, j, p, parts)
+            assert all(type(rows) is int for rows in cut[j * parts + p])
