@@ -855,16 +855,18 @@ def _simulate_sweep(
 ) -> int:
     """``sweep`` without ``--real``: every point simulated, a results folder each.
 
-    Under ``mpiexec -n N`` the points are dealt out in batches of ``N x`` :data:`_SWEEP_BATCH`,
-    in snake order (:func:`_dealt`: a grid whose cost rises along its inner axis would give
-    rank ``N - 1`` the dearest point of every round under ``i mod N``); each rank simulates
-    and encodes its points of a batch. Where every rank sees the folder rank 0 made (one
-    host, or a shared file system: :func:`_sees_folder`), each rank writes its own points'
-    folders and rank 0 gathers their table rows alone; elsewhere rank 0 gathers the files
-    too and writes every folder. Either way the folder is the serial sweep's
-    (:func:`mc2sim.results.comparable_files`). A point the model refuses ends the sweep on
-    every rank with the first such point's error, and a folder a rank cannot write ends it
-    with the lowest such rank's error, after the other points (exit status 2 both).
+    Under ``mpiexec -n N`` the points are dealt out in batches of ``N x``
+    :data:`_SWEEP_BATCH` by the ranks' speeds so far (:func:`_dealt`, :func:`_speeds`: a
+    rank on a slower or busier core gets fewer points, and equal speeds deal in snake order,
+    since a grid whose cost rises along its inner axis would give rank ``N - 1`` the dearest
+    point of every round under ``i mod N``); each rank simulates and encodes its points of a
+    batch. Where every rank sees the folder rank 0 made (one host, or a shared file system:
+    :func:`_sees_folder`), each rank writes its own points' folders and rank 0 gathers their
+    table rows alone; elsewhere rank 0 gathers the files too and writes every folder. Either
+    way the folder is the serial sweep's (:func:`mc2sim.results.comparable_files`). A point
+    the model refuses ends the sweep on every rank with the first such point's error, and a
+    folder a rank cannot write ends it with the lowest such rank's error, after the other
+    points (exit status 2 both).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -912,14 +914,17 @@ def _simulate_sweep(
     writer = ThreadPoolExecutor(max_workers=_SWEEP_WRITERS)
     written = []
     with writer, tqdm(total=len(grid), desc="sweep", file=sys.stderr, disable=not lead) as bar:
+        busy = [(0, 0.0)] * size  # each rank's points so far and the seconds they took
         for first in range(0, len(grid), size * _SWEEP_BATCH):
-            mine: list[tuple[int, Any, Any]] = []
-            for i in _dealt(first, min(first + size * _SWEEP_BATCH, len(grid)), rank, size):
+            mine: list[tuple[int, Any, Any, float]] = []
+            stop = min(first + size * _SWEEP_BATCH, len(grid))
+            for i in _dealt(first, stop, rank, _speeds(busy)):
                 (label, point), name, scenario, topology, world = grid[i]
+                start = time.perf_counter()
                 try:  # the model is pure: what it refuses is in the input
                     result = simulate_study(scenario, topology, world)
                 except AclnnError as err:
-                    mine.append((i, None, err))
+                    mine.append((i, None, err, 0.0))
                     break
                 files = encode_study(
                     result, scenario_path=_scenario_file(args.scenario), argv=args.argv,
@@ -928,14 +933,19 @@ def _simulate_sweep(
                 if own_writes:
                     written.append(writer.submit(write_encoded, out / name, files))
                 rows = _sweep_rows(label, result.metrics())
-                mine.append((i, None if own_writes else files, rows))
+                seconds = time.perf_counter() - start
+                mine.append((i, None if own_writes else files, rows, seconds))
             done = comm.allgather_object(mine) if comm is not None else [mine]
+            busy = [
+                (points + len(items), seconds + sum(item[3] for item in items))
+                for (points, seconds), items in zip(busy, done, strict=True)
+            ]
             batch = sorted((item for items in done for item in items), key=lambda item: item[0])
             refused = [item[2] for item in batch if isinstance(item[2], AclnnError)]
             if refused:  # every rank raises the first point's error, so none is left waiting
                 raise InputError(refused[0])
             if lead:
-                for i, files, rows in batch:
+                for i, files, rows, _ in batch:
                     if not own_writes:
                         written.append(writer.submit(write_encoded, out / names[i], files))
                     print("\n".join(rows))
@@ -951,18 +961,35 @@ def _simulate_sweep(
     return 0
 
 
-def _dealt(first: int, stop: int, rank: int, size: int) -> list[int]:
-    """The points ``[first, stop)`` of a sweep batch that ``rank`` of ``size`` simulates.
+def _dealt(first: int, stop: int, rank: int, speeds: Sequence[float]) -> list[int]:
+    """The points ``[first, stop)`` of a sweep batch that ``rank`` simulates.
 
-    Snake order: round ``j`` of ``size`` points goes to ranks ``0..size-1`` when ``j`` is even
-    and ``size-1..0`` when odd, so no rank always gets the later, dearer point of each round.
+    Each point in turn goes to the rank that would finish its share of the batch first at its
+    speed (``speeds[r]``, points a second, the same list on every rank): ``(dealt + 1) /
+    speed`` least. Ties go in snake order, round ``j`` of ``len(speeds)`` points looking at
+    ranks ``0..N-1`` when ``j`` is even and ``N-1..0`` when odd, so that at equal speeds no
+    rank always gets the later, dearer point of each round.
     """
+    size = len(speeds)
+    dealt = [0] * size
     mine = []
     for i in range(first, stop):
-        j, k = divmod(i - first, size)
-        if (k if j % 2 == 0 else size - 1 - k) == rank:
+        order = range(size) if (i - first) // size % 2 == 0 else range(size - 1, -1, -1)
+        owner = min(order, key=lambda r: (dealt[r] + 1) / speeds[r])
+        dealt[owner] += 1
+        if owner == rank:
             mine.append(i)
     return mine
+
+
+def _speeds(busy: Sequence[tuple[int, float]]) -> list[float]:
+    """Each rank's points a second from its ``(points, seconds)`` so far.
+
+    A rank with nothing measured yet counts at the mean of the others (1 when none is).
+    """
+    known = [points / seconds for points, seconds in busy if points and seconds > 0]
+    mean = sum(known) / len(known) if known else 1.0
+    return [points / seconds if points and seconds > 0 else mean for points, seconds in busy]
 
 
 def _sees_folder(comm: ObjectCommunicator, out: Path) -> bool:

@@ -84,7 +84,7 @@ def test_sweep_batches_deal_each_point_to_one_rank_in_snake_order(
 
     owners: dict[int, int] = {}
     for rank in range(size):
-        for i in _dealt(first, first + count, rank, size):
+        for i in _dealt(first, first + count, rank, [2.5] * size):  # equal speeds
             assert i not in owners, f"point {i} dealt twice"
             owners[i] = rank
     assert sorted(owners) == list(range(first, first + count))
@@ -95,3 +95,27 @@ def test_sweep_batches_deal_each_point_to_one_rank_in_snake_order(
         cost = {i: (i - first) % size for i in owners}  # the later point of a round is dearer
         per_rank = [sum(cost[i] for i, r in owners.items() if r == rank) for rank in range(2)]
         assert per_rank == [4, 4]  # i mod 2 would give [0, 8]
+
+
+@pytest.mark.parametrize("speeds", [[2.0, 1.0], [1.0, 3.0, 1.5], [0.4, 0.4, 0.4, 1.6]])
+def test_sweep_batches_deal_points_in_proportion_to_the_ranks_speeds(speeds: list[float]) -> None:
+    """A rank twice as fast gets twice the points, every point once.
+
+    Each rank's share of 48 points is 48 x its speed / the sum, within one.
+    """
+    from mc2sim.cli import _dealt
+
+    shares = [_dealt(10, 58, rank, speeds) for rank in range(len(speeds))]
+    assert sorted(i for share in shares for i in share) == list(range(10, 58))
+    for share, speed in zip(shares, speeds, strict=True):
+        assert abs(len(share) - 48 * speed / sum(speeds)) <= 1
+    # the same finishing time within one point's: (points) / speed nearly equal
+    finish = [len(share) / speed for share, speed in zip(shares, speeds, strict=True)]
+    assert max(finish) - min(finish) <= max(1 / speed for speed in speeds)
+
+
+def test_sweep_speeds_are_points_a_second_and_the_mean_where_unmeasured() -> None:
+    from mc2sim.cli import _speeds
+
+    assert _speeds([(0, 0.0), (0, 0.0)]) == [1.0, 1.0]
+    assert _speeds([(8, 2.0), (8, 4.0), (0, 0.0)]) == [4.0, 2.0, 3.0]
