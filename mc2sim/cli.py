@@ -32,6 +32,8 @@ from mc2sim.errors import AclnnError, ParamInvalidError
 from mc2sim.runtime import abort_on_exception, steady_allocator, world_position
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
     from _typeshed import SupportsWrite
 
@@ -776,7 +778,11 @@ def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def _point_folders(points: Sequence[tuple[str, list[str]]]) -> list[str]:
-    """Each sweep point's folder name (its label, ``/`` as ``_``); two alike are refused."""
+    """Each sweep point's folder name (its label, ``/`` as ``_``).
+
+    Two alike, and a name longer than :data:`_NAME_BYTES`, are refused before any point is
+    simulated.
+    """
     names = [label.replace("/", "_") for label, _ in points]
     seen: set[str] = set()
     for i, name in enumerate(names):
@@ -785,8 +791,17 @@ def _point_folders(points: Sequence[tuple[str, list[str]]]) -> list[str]:
                 "--set", points[i][0], f"names the point folder {name!r}, which another point "
                 "has or which is no folder name",
             )  # fmt: skip
+        if len(name.encode("utf-8")) > _NAME_BYTES:
+            raise ParamInvalidError(
+                "--set", points[i][0], f"names a point folder of {len(name.encode('utf-8'))} "
+                f"bytes: a file system takes at most {_NAME_BYTES} (shorten the values)",
+            )  # fmt: skip
         seen.add(name)
     return names
+
+
+_NAME_BYTES = 255
+"""The longest file name, in bytes, of ext4, XFS, Btrfs, tmpfs and NTFS alike (``NAME_MAX``)."""
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -865,8 +880,8 @@ def _simulate_sweep(
     table rows alone; elsewhere rank 0 gathers the files too and writes every folder. Either
     way the folder is the serial sweep's (:func:`mc2sim.results.comparable_files`). A point
     the model refuses ends the sweep on every rank with the first such point's error, and a
-    folder a rank cannot write ends it with the lowest such rank's error, after the other
-    points (exit status 2 both).
+    folder that cannot be written ends it, after the other points, with the first such
+    point's error (:func:`_first_failed_write`), as the lone sweep does (exit status 2 both).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -931,7 +946,7 @@ def _simulate_sweep(
                     overrides=_with_profile(point, args.what_if),
                 )  # fmt: skip
                 if own_writes:
-                    written.append(writer.submit(write_encoded, out / name, files))
+                    written.append((i, writer.submit(write_encoded, out / name, files)))
                 rows = _sweep_rows(label, result.metrics())
                 seconds = time.perf_counter() - start
                 mine.append((i, None if own_writes else files, rows, seconds))
@@ -947,18 +962,37 @@ def _simulate_sweep(
             if lead:
                 for i, files, rows, _ in batch:
                     if not own_writes:
-                        written.append(writer.submit(write_encoded, out / names[i], files))
+                        written.append((i, writer.submit(write_encoded, out / names[i], files)))
                     print("\n".join(rows))
                     bar.update(1)
-        with _checking(comm):  # a write that failed raises here, on every rank
-            for write in written:
-                write.result()
+        _first_failed_write(comm, written)
     if lead:
         if args.plots:
             _write_plots([out / name for name in names], out)
         write_sweep(out, {label: name for (label, _), name in zip(points, names, strict=True)})
         print(f"results: {out}")
     return 0
+
+
+def _first_failed_write(
+    comm: ObjectCommunicator | None, written: Sequence[tuple[int, Future[Any]]]
+) -> None:
+    """Wait for a sweep's writes, ``(point, future)`` in point order.
+
+    Raises, on every rank, the error of the first point in the grid whose folder could not
+    be written: the point the lone sweep names, whichever rank wrote it.
+    """
+    failed: tuple[int, AclnnError] | None = None
+    for i, write in written:
+        try:
+            write.result()
+        except (AclnnError, OSError) as exc:
+            failed = (i, _as_param_error(exc))
+            break
+    firsts = comm.allgather_object(failed) if comm is not None else [failed]
+    errors = sorted((first for first in firsts if first is not None), key=lambda f: f[0])
+    if errors:
+        raise InputError(errors[0][1])
 
 
 def _dealt(first: int, stop: int, rank: int, speeds: Sequence[float]) -> list[int]:

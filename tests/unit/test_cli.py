@@ -119,3 +119,23 @@ def test_sweep_speeds_are_points_a_second_and_the_mean_where_unmeasured() -> Non
 
     assert _speeds([(0, 0.0), (0, 0.0)]) == [1.0, 1.0]
     assert _speeds([(8, 2.0), (8, 4.0), (0, 0.0)]) == [4.0, 2.0, 3.0]
+
+
+def test_a_sweep_point_folder_name_too_long_for_a_file_system_is_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """256 bytes of folder name (NAME_MAX is 255): one line before any point is simulated."""
+    long = "a" * 229  # 256 bytes with the point's other value
+    status = main([
+        "sweep", "seed_gmm_alltoallv_ep4", "--set", "scale=small", "--set", "small.tokens=8,16",
+        "--set", f"description=x,{long}", "--no-plots", "--out", str(tmp_path / "s"),
+    ])  # fmt: skip
+    assert status == 2
+    line = capsys.readouterr().err.strip()  # one line, the long value shortened in it
+    assert "\n" not in line and line.startswith(
+        "mc2sim sweep: --set='small.tokens=8,description=aaa"
+    )
+    assert line.endswith(
+        ": names a point folder of 256 bytes: a file system takes at most 255 (shorten the values)"
+    )
+    assert not (tmp_path / "s").exists()
