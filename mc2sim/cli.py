@@ -1054,7 +1054,8 @@ def _sees_folder(comm: ObjectCommunicator, out: Path) -> bool:
 
 _SWEEP_BATCH = 8
 """Points each rank of a sweep under mpiexec simulates between two gatherings at rank 0:
-fewer collectives and waits, at the memory of ``ranks x 8`` points' files on rank 0."""
+fewer collectives and waits, at the memory of ``ranks x 8`` points' files on rank 0 where
+rank 0 writes every folder (ranks that do not see its folder)."""
 
 _SWEEP_WRITERS = 4
 """Threads of a sweep's process that write its folders. A writer waits for the GIL after each

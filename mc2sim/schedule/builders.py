@@ -177,28 +177,15 @@ class MoeShape:
         size = self.send.size if isinstance(self.send, SparseCounts) else len(self.send)
         return size // self.e
 
-    def expert_part(
-        self, counts: tuple[int, ...] | SparseCounts, j: int, part: int, parts: int
-    ) -> tuple[int, ...] | SparseSplits:
-        """Rows of expert ``j``'s sub-tile ``part`` for each peer (both sides split alike).
-
-        Part ``part`` of :func:`~mc2sim.schedule.tiling.even_split` of each peer's count,
-        read off the count's quotient and remainder without the list.
-        """
-        if isinstance(counts, SparseCounts):
-            whole = counts.expert(j, self.e)
-            base, extra = np.divmod(whole.counts, parts)
-            return SparseSplits(self.world, whole.peers, base + (part < extra))
-        e = self.e
-        return tuple(
-            base + (part < extra)
-            for base, extra in (divmod(counts[q * e + j], parts) for q in range(self.world))
-        )
-
     def expert_parts(
         self, counts: tuple[int, ...] | SparseCounts, parts: int
     ) -> Sequence[tuple[int, ...] | SparseSplits]:
-        """:meth:`expert_part` of every expert and sub-tile, entry ``j * parts + p``."""
+        """Rows of every expert's sub-tiles for each peer, entry ``j * parts + p``.
+
+        Sub-tile ``p`` of expert ``j`` is part ``p`` of
+        :func:`~mc2sim.schedule.tiling.even_split` of each peer's count for ``j``, read off
+        the count's quotient and remainder (both sides of an exchange split alike).
+        """
         if isinstance(counts, SparseCounts):
             return counts.expert_parts(self.e, parts)
         e, world = self.e, self.world

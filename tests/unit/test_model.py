@@ -1202,37 +1202,26 @@ def test_sparse_counts_expert_matches_the_dense_counts_for_every_expert(e: int) 
 
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 5), st.data())
-def test_sparse_counts_expert_parts_cut_each_peers_count_as_even_split(
+def test_expert_parts_cut_each_peers_count_as_even_split(
     e: int, parts: int, data: st.DataObject
 ) -> None:
-    """All sub-tiles at once: entry j * parts + p is even_split of each peer's count for j."""
-    world = data.draw(st.integers(1, 6))
-    dense = data.draw(st.lists(st.integers(0, 9), min_size=world * e, max_size=world * e))
-    index = np.flatnonzero(dense)
-    counts = SparseCounts(world * e, index, np.asarray(dense)[index])
-    cut = counts.expert_parts(e, parts)
-    assert len(cut) == e * parts
-    for j in range(e):
-        for p in range(parts):
-            split = cut[j * parts + p]
-            assert split.world == world
-            assert list(split) == [even_split(c, parts)[p] for c in dense[j::e]]
-            assert np.all(split.counts != 0) and np.all(np.diff(split.peers) > 0)
+    """All sub-tiles at once, of dense and sparse counts alike.
 
-
-@settings(max_examples=50, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 5), st.data())
-def test_dense_expert_parts_cut_each_peers_count_as_even_split(
-    e: int, parts: int, data: st.DataObject
-) -> None:
-    """Dense counts: entry j * parts + p (and expert_part) is even_split of each peer's count."""
+    Entry j * parts + p is even_split of each peer's count for j.
+    """
     world = data.draw(st.integers(1, 6))
     dense = tuple(data.draw(st.lists(st.integers(0, 40), min_size=world * e, max_size=world * e)))
+    index = np.flatnonzero(dense)
+    sparse = SparseCounts(world * e, index, np.asarray(dense)[index])
     shape = MoeShape(e=e, send=dense, recv=dense, h1=8, n1=8, elem_bytes=2)
-    cut = shape.expert_parts(dense, parts)
-    assert len(cut) == e * parts
+    cut, sparse_cut = shape.expert_parts(dense, parts), shape.expert_parts(sparse, parts)
+    assert len(cut) == len(sparse_cut) == e * parts
     for j in range(e):
         for p in range(parts):
             expected = tuple(even_split(c, parts)[p] for c in dense[j::e])
-            assert cut[j * parts + p] == expected == shape.expert_part(dense, j, p, parts)
+            assert cut[j * parts + p] == expected
             assert all(type(rows) is int for rows in cut[j * parts + p])
+            split = sparse_cut[j * parts + p]
+            assert isinstance(split, SparseSplits) and split.world == world
+            assert tuple(split) == expected
+            assert np.all(split.counts != 0) and np.all(np.diff(split.peers) > 0)
