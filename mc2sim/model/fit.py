@@ -137,7 +137,7 @@ def fit_compute(
     _, small_util, large_util, half, coef = best
     peaks = {d: float(1.0 / coef[i + 2] / 1e12) for i, d in enumerate(dtypes)}
     efficiency = Efficiency(small_util=small_util, large_util=large_util, half_flops=half)
-    memory_gbps = 1.0 / coef[1] / 1e9 if coef[1] > 0 else UNBOUNDED_GBPS
+    memory_gbps = _gbps(float(coef[1]))
     return peaks, efficiency, float(coef[0] * 1e6), float(memory_gbps)
 
 
@@ -217,6 +217,17 @@ UNBOUNDED_GBPS = 1e6
 
 UNBOUNDED_TFLOPS = 1e6
 """Vector rate written when a reduce's memory traffic accounts for all of its time."""
+
+
+def _gbps(seconds_per_byte: float) -> float:
+    """GB/s of a fitted cost per byte, at most :data:`UNBOUNDED_GBPS`.
+
+    Least squares may leave a cost per byte of rounding size (1e-27 s) where none is
+    measurable: that is an unbounded rate, not 1e17 GB/s.
+    """
+    if seconds_per_byte <= 0:
+        return UNBOUNDED_GBPS
+    return min(1.0 / seconds_per_byte / 1e9, UNBOUNDED_GBPS)
 
 
 def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -350,9 +361,7 @@ def fit_levels(
                 kind=kind,
                 ranks=level.world,
                 # no cost per byte found (noise, or latency explains all): unbounded
-                bandwidth_gbps=(
-                    1.0 / float(coef[2 * i + 1]) / 1e9 if coef[2 * i + 1] > 0 else UNBOUNDED_GBPS
-                ),
+                bandwidth_gbps=_gbps(float(coef[2 * i + 1])),
                 latency_us=float(coef[2 * i]) * 1e6,
                 name=level.name,
             )
