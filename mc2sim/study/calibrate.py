@@ -32,7 +32,10 @@ figures include what the others take from the machine, as in real runs:
 
 Besides (``docs/MODEL.md``): every compute task and collective of the serial runs is kept as
 the device's profile (interpolated in log space by the model), with a bfloat16 AllReduce and
-AlltoAllv timed over :data:`COLLECTIVE_BYTES` (in the network fit, and in the profile); the
+AlltoAllv timed over :data:`COLLECTIVE_BYTES` twice: posted again and again, their caches
+warm (:func:`measure_collectives`: the network fit's latency and bandwidth), and run by the
+executor among the other calls of the rounds (:func:`collective_cases`: the profile, what
+the ops' collectives meet); the
 cores the ranks share are read (:func:`node_cores`) and every compute figure scaled to a
 whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`)
 and taken off every collective sample; where ranks share cores, the contention fit also
@@ -63,6 +66,7 @@ import torch
 
 from mc2sim._yaml import shipped_dir
 from mc2sim.comm import Communicator
+from mc2sim.comm.base import Work
 from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import matmul, quant_matmul
 from mc2sim.model.accuracy import typical
@@ -81,7 +85,8 @@ from mc2sim.model.fit import (
 )
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.scenario import load
-from mc2sim.schedule.plan import Resource, TaskKind
+from mc2sim.schedule.executor import execute
+from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import Placement
 from mc2sim.study.measure import Case, cases_of, measure_rounds
 from mc2sim.timeline import Stream, TaskRecord, Timeline
@@ -97,6 +102,7 @@ __all__ = [
     "calibration_dir",
     "contention_cases",
     "COLLECTIVE_BYTES",
+    "collective_cases",
     "measure_collectives",
     "measure_compute",
     "measure_independent",
@@ -125,9 +131,17 @@ SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_reduce_scatter", "serial"),
     ("cal_ifa_small", "serial"),  # the attention kernel's profile
     ("cal_ifa_mid", "serial"),
+    ("cal_ifa_long", "serial"),
     ("cal_ifa_large", "serial"),
-    ("cal_mm_w8a8", "serial"),  # the int8 kernel's profile
-    ("cal_mm_weight_quant", "serial"),  # the weight-quant kernel's profile
+    # the int8 and weight-quant kernels' profiles, over two decades of FLOPs each: one
+    # point held the ratio of its size at every size (a 537 MFLOP int8 call predicted 22%
+    # too slow from a 268 MFLOP point: a CPU's int8 GEMM runs faster per FLOP as it grows)
+    ("cal_mm_w8a8_small", "serial"),
+    ("cal_mm_w8a8", "serial"),
+    ("cal_mm_w8a8_large", "serial"),
+    ("cal_mm_weight_quant_small", "serial"),
+    ("cal_mm_weight_quant", "serial"),
+    ("cal_mm_weight_quant_large", "serial"),
 )
 """(calibration scenario, tiling) whose tasks give the compute and collective samples."""
 
@@ -186,10 +200,12 @@ tiny message, where the latency and the per-call costs are all, to bandwidth."""
 def measure_collectives(comm: Communicator, reps: int) -> list[CommSample]:
     """Time a bfloat16 AllReduce and an even AlltoAllv at each of :data:`COLLECTIVE_BYTES`.
 
-    Each call is posted and waited for as the executor does (every rank at once, after a
-    barrier); its figure is the slowest rank's lower quartile over ``reps`` calls, the post
-    included (``calibrate`` takes the issue overhead off every collective sample alike). The
-    samples of one kind share one unit of weight.
+    Each call is posted and waited for again and again (every rank at once, after a
+    barrier), its caches warm: the network's own latency and bandwidth, which the network
+    fit reads and a ping-pong checks; its figure is the slowest rank's lower quartile over
+    ``reps`` calls, the post included (``calibrate`` takes the issue overhead off every
+    collective sample alike). The samples of one kind share one unit of weight. The
+    profile times the same sizes as the ops meet them (:func:`collective_cases`).
     """
     samples = []
     for nbytes in COLLECTIVE_BYTES:
@@ -207,6 +223,80 @@ def measure_collectives(comm: Communicator, reps: int) -> list[CommSample]:
             weight = 1.0 / len(COLLECTIVE_BYTES)
             samples.append(CommSample(kind=kind, nbytes=size, seconds=seconds, weight=weight))
     return samples
+
+
+class _CollectiveRunner:
+    """Runs a plan of one collective: an AllReduce or an even AlltoAllv of a zero tensor."""
+
+    def __init__(self, comm: Communicator, data: torch.Tensor) -> None:
+        self.comm, self.data = comm, data
+
+    def compute(self, task: Task) -> None:
+        raise ValueError(f"a collective's plan has no compute task ({task.name})")
+
+    def start(self, task: Task) -> Work:
+        if task.kind is TaskKind.ALLREDUCE:
+            return self.comm.iallreduce(self.data)
+        return self.comm.ialltoallv(self.data, task.send_splits, task.recv_splits)
+
+    def land(self, task: Task, result: torch.Tensor) -> None:
+        """Nothing to keep: the figure is the task's time."""
+
+
+def collective_cases(comm: Communicator) -> list[Case]:
+    """A bfloat16 AllReduce and an even AlltoAllv at each of :data:`COLLECTIVE_BYTES`.
+
+    Each is a plan of that one collective, run by the executor as the ops' collectives are
+    and timed in :func:`measure_rounds` with the other calls, so it meets the machine as they
+    do: after other calls' compute, their caches and allocations (a 128 KiB AllReduce took
+    90 us posted again and again, 157 us after 16 MiB of other memory traffic, 175 us inside
+    a MatmulAllReduce call of the validation rounds; 2 ranks here). :func:`samples_of` reads
+    them as it reads the serial calls' collectives, for the device's profile; the network's
+    parameters come from :func:`measure_collectives`.
+    """
+    cases = []
+    for nbytes in COLLECTIVE_BYTES:
+        elements = max(nbytes // 2, 1)
+        rows_per_peer = max(elements // (64 * comm.size), 1)
+        counts = (rows_per_peer,) * comm.size
+        for kind, data, task in (
+            (
+                "allreduce",
+                torch.zeros(elements, dtype=torch.bfloat16),
+                Task(id=0, name="allreduce", kind=TaskKind.ALLREDUCE, bytes=elements * 2),
+            ),
+            (
+                "alltoallv",
+                torch.zeros((rows_per_peer * comm.size, 64), dtype=torch.bfloat16),
+                Task(
+                    id=0,
+                    name="alltoallv",
+                    kind=TaskKind.ALLTOALLV,
+                    bytes=rows_per_peer * (comm.size - 1) * 128,  # sent away, as the MoE plans
+                    send_splits=counts,
+                    recv_splits=counts,
+                    row_bytes=128,
+                ),
+            ),
+        ):
+            plan = Plan(
+                op=f"calibrate_{kind}",
+                tiling=f"{data.numel() * 2} bytes",
+                rank=comm.rank,
+                world_size=comm.size,
+                tasks=(task,),
+                dtype="bfloat16",
+            )
+            runner = _CollectiveRunner(comm, data)
+            cases.append(
+                Case(
+                    name=f"{kind} of {data.numel() * 2} bytes",
+                    tiling="serial",
+                    run=functools.partial(execute, plan, comm, runner),
+                    plans=tuple(replace(plan, rank=r) for r in range(comm.size)),
+                )
+            )
+    return cases
 
 
 def _quiet_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
@@ -429,10 +519,12 @@ def calibrate(
     levels, per_node = _levels(comm, hosts)
     serial = [(level.group, calibration_cases(level.group)) for level in levels]
     tiled = contention_cases(comm)
+    # one host: the collectives over sizes join the serial calls' samples
+    swept_cases = collective_cases(comm) if len(levels) == 1 else []
     runs = [c.run for _, cases in serial for c in cases]
     groups = [group for group, cases in serial for _ in cases]
-    runs += [c.run for c in tiled] + list(alongside)
-    groups += [comm] * (len(tiled) + len(alongside))
+    runs += [c.run for c in tiled + swept_cases] + list(alongside)
+    groups += [comm] * (len(tiled) + len(swept_cases) + len(alongside))
     rounds = measure_rounds(comm, runs, reps=reps, progress=progress, groups=groups)
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
@@ -445,14 +537,19 @@ def calibrate(
         spoken = [p for p in parts if p is not None]
         compute += [replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[0]]
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
-    spans = [[t.metrics().total_s for t in mine] for mine in rounds[first:]]
+    spans = [[t.metrics().total_s for t in mine] for mine in rounds[first : first + len(tiled)]]
+    swept_rounds = rounds[first + len(tiled) : first + len(tiled) + len(swept_cases)]
+    beside = rounds[first + len(tiled) + len(swept_cases) :]
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
     issue_s, issue_gbps = measure_issue(comm, reps)
     in_ops: list[CommSample] = []
-    if len(levels) == 1:  # one host: the collectives over sizes join the serial runs' samples
-        swept = measure_collectives(comm, reps)
-        by_level[0] += swept
+    if swept_cases:
+        by_level[0] += measure_collectives(comm, reps)
+        swept = [
+            replace(s, weight=1.0 / len(COLLECTIVE_BYTES))
+            for s in samples_of(comm, swept_cases, swept_rounds)[1]
+        ]
         # the profile: the serial calls' collectives and the sweep's; a sub-tiled call's
         # chunks (cal_combine_64) are timed while the ranks take turns computing, which
         # the contention model accounts for
@@ -524,12 +621,12 @@ def calibrate(
             "mc2sim's kernels and communicator on this machine, not of the chips"
         ),
     )
-    fitted = fit_contention(base, tiled, spans[: len(tiled)])
+    fitted = fit_contention(base, tiled, spans)
     independent = measure_independent(comm, reps)
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
     return Calibration(
         topology=fitted,
-        alongside=spans[len(tiled) :],
+        alongside=[[t.metrics().total_s for t in mine] for mine in beside],
         fitted_cases=[c for group, cases in serial if group is comm for c in cases] + tiled,
         fitted_spans=_fitted_spans(serial, rounds, comm, len(tiled)),
         independent=independent,

@@ -322,6 +322,28 @@ def test_measure_rounds_interleaves_the_calls_and_drops_the_warm_up() -> None:
     assert seen == [(0, 3, "warm-up"), (1, 3, "round 1/2"), (2, 3, "round 2/2")]
 
 
+def test_the_collective_sweep_runs_each_size_through_the_executor_as_the_ops_do() -> None:
+    from mc2sim.study.calibrate import COLLECTIVE_BYTES, collective_cases
+
+    def body(comm: ThreadCommunicator) -> tuple[list[Case], list[ComputeSample], list[CommSample]]:
+        cases = collective_cases(comm)
+        compute, samples = samples_of(
+            comm, cases, measure_rounds(comm, [c.run for c in cases], reps=2)
+        )
+        return cases, compute, samples
+
+    (cases, compute, samples), _ = run_threads(2, body)
+    # an AllReduce of n bytes and an even AlltoAllv of 64-element bfloat16 rows, >= 1 a peer
+    expected = []
+    for n in COLLECTIVE_BYTES:
+        expected += [("allreduce", float(n)), ("alltoallv", float(max(n // 256, 1) * 2 * 128))]
+    assert [(s.kind, s.nbytes) for s in samples] == expected
+    assert compute == [] and all(s.seconds > 0 and s.weight == 1.0 for s in samples)
+    for case in cases:  # one collective, every rank's plan alike but for its rank
+        assert [p.rank for p in case.plans] == [0, 1]
+        assert [len(p.tasks) for p in case.plans] == [1, 1] and case.tiling == "serial"
+
+
 def test_measure_rounds_needs_a_round() -> None:
     with pytest.raises(ParamInvalidError) as err:
         measure_rounds(SameOnEveryRank(1), [lambda: None], reps=0)
