@@ -48,12 +48,15 @@ __all__ = [
     "allgather_time",
     "allreduce_time",
     "alltoallv_time",
+    "baselines",
     "loads_alltoallv_time",
+    "nonnegative_lstsq",
     "pairs_alltoallv_time",
     "compute_time",
     "compute_times",
     "issue_time",
     "issue_times",
+    "LINE_KINDS",
     "profiled_ratio",
     "schedule_wait",
     "roofline_time",
@@ -110,21 +113,85 @@ def rooflines(
     return whole + launch
 
 
+LINE_KINDS = frozenset({TaskKind.QUANT_MATMUL, TaskKind.WEIGHT_QUANT_MATMUL, TaskKind.ATTENTION})
+"""Compute kinds whose roofline is not fitted on their own kernel (their peaks are other
+kernels' or a dtype's): where a device's profile holds at least three points of such a kind
+and dtype, the kind's own line through them, ``a + b * flops + c * bytes``, is the
+baseline its profile corrects (:func:`baselines`). A CPU's int8 GEMM pays per output element
+(the dequantisation) as well as per FLOP: a 537 MFLOP call of ``k`` 256 took 9.6 us per
+MFLOP where one of ``k`` 128 took 14.1, which a curve in the roofline's time alone, nearly
+the FLOPs, cannot tell apart."""
+
+
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (active set: drop the most negative, refit)."""
+    active = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while active:
+        sub, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        if np.all(sub >= 0):
+            coef[active] = sub
+            return coef
+        active.pop(int(np.argmin(sub)))
+    return coef
+
+
+@functools.lru_cache(maxsize=256)
+def _own_line(device: Device, kind: TaskKind, dtype: str) -> tuple[float, float, float] | None:
+    """The line ``(a, b, c)`` of a :data:`LINE_KINDS` kind through its profiled points.
+
+    Seconds, per FLOP and per byte, of the profile's points of ``kind`` in ``dtype`` (least
+    squares on relative error, none negative); None for another kind, fewer than three
+    points, or a line without a fixed cost.
+    """
+    if kind not in LINE_KINDS:
+        return None
+    points = [p for p in device.profile if p.kind == str(kind) and p.dtype == dtype]
+    if len(points) < 3:
+        return None
+    seconds = np.array([p.us * 1e-6 for p in points])
+    terms = np.array([[1.0, p.flops, p.bytes] for p in points]) / seconds[:, None]
+    a, b, c = (float(v) for v in nonnegative_lstsq(terms, np.ones(len(points))))
+    return (a, b, c) if a > 0 else None
+
+
+def baselines(
+    device: Device, kind: TaskKind, dtype: str, flops: np.ndarray, nbytes: np.ndarray
+) -> np.ndarray:
+    """Seconds of tasks of one kind before the profile's correction, on a whole core.
+
+    The kind's own line through its profiled points (:data:`LINE_KINDS`), else the roofline
+    (:func:`rooflines`). ``dtype`` is the plan's.
+    """
+    line = _own_line(device, kind, task_dtype(kind, dtype))
+    if line is None:
+        return rooflines(device, kind, dtype, flops, nbytes)
+    a, b, c = line
+    return a + b * np.asarray(flops, dtype=np.float64) + c * np.asarray(nbytes, dtype=np.float64)
+
+
 @functools.lru_cache(maxsize=256)
 def _profile_curve(device: Device, kind: TaskKind, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Log roofline time and log measured / roofline of the profile's points of one kind.
+    """Log baseline time and log measured / baseline of the profile's points of one kind.
 
-    Sorted by the first; empty where the profile has no point of that kind and dtype.
+    Sorted by the first; empty where the profile has no point of that kind and dtype
+    (``dtype`` the task's: :func:`task_dtype`).
     """
     points = [p for p in device.profile if p.kind == str(kind) and p.dtype == dtype]
-    roof = np.array([roofline_time(device, kind, dtype, p.flops, p.bytes) for p in points])
-    ratio = np.array([p.us * 1e-6 for p in points]) / roof if points else np.array([])
-    order = np.argsort(roof)
-    return np.log(roof[order]), np.log(ratio[order])
+    base = baselines(
+        device,
+        kind,
+        dtype,
+        np.array([p.flops for p in points], dtype=np.float64),
+        np.array([p.bytes for p in points], dtype=np.float64),
+    )
+    ratio = np.array([p.us * 1e-6 for p in points]) / base if points else np.array([])
+    order = np.argsort(base)
+    return np.log(base[order]), np.log(ratio[order])
 
 
-def profiled_ratio(device: Device, kind: TaskKind, dtype: str, roofline: float) -> float:
-    """The measured over roofline ratio of a task of ``kind`` whose roofline time is ``roofline``.
+def profiled_ratio(device: Device, kind: TaskKind, dtype: str, baseline: float) -> float:
+    """The measured over baseline ratio of a task of ``kind`` whose baseline time is ``baseline``.
 
     Interpolated linearly in log space between the profile's points of the same kind and
     dtype, held at the end points' ratios outside them; 1 where the profile has none.
@@ -132,13 +199,14 @@ def profiled_ratio(device: Device, kind: TaskKind, dtype: str, roofline: float) 
     x, y = _profile_curve(device, kind, dtype)
     if x.size == 0:
         return 1.0
-    return float(np.exp(np.interp(math.log(roofline), x, y)))
+    return float(np.exp(np.interp(math.log(baseline), x, y)))
 
 
 def compute_time(task: Task, topology: Topology, dtype: str) -> float:
     """Seconds of a compute task on one device.
 
-    The roofline's time, times the device's profiled ratio for the task's kind and dtype
+    The baseline's time (:func:`baselines`: the roofline, or the kind's own line through
+    its profiled points), times the device's profiled ratio for the task's kind and dtype
     (:func:`profiled_ratio`; 1 for a device described on paper), at the rank's share of a
     core.
 
@@ -159,12 +227,12 @@ def compute_times(
 ) -> np.ndarray:
     """:func:`compute_time` of many tasks of one kind at once (elementwise)."""
     device = topology.device
-    roof = rooflines(device, kind, dtype, flops, nbytes)
+    base = baselines(device, kind, dtype, flops, nbytes)
     if device.profile:
         x, y = _profile_curve(device, kind, task_dtype(kind, dtype))
         if x.size:
-            roof = roof * np.exp(np.interp(np.log(roof), x, y))
-    return roof / topology.core_share
+            base = base * np.exp(np.interp(np.log(base), x, y))
+    return base / topology.core_share
 
 
 def schedule_wait(topology: Topology) -> float:

@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from mc2sim.model.accuracy import typical
+from mc2sim.model.cost import nonnegative_lstsq
 from mc2sim.model.simulator import simulate
 from mc2sim.schedule.plan import Plan
 from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, ProfilePoint, Topology
@@ -126,7 +127,7 @@ def fit_compute(
                 np.where([s.dtype == d for s in samples], flops / util, 0.0) for d in dtypes
             ]
             a = np.stack(columns, axis=1) * (root_weight / seconds)[:, None]
-            coef = _nonnegative_lstsq(a, root_weight)
+            coef = nonnegative_lstsq(a, root_weight)
             if np.any(coef[2:] <= 0):  # every dtype needs a finite peak
                 continue
             error = float(np.sum((a @ coef - root_weight) ** 2))
@@ -228,19 +229,6 @@ def _gbps(seconds_per_byte: float) -> float:
     if seconds_per_byte <= 0:
         return UNBOUNDED_GBPS
     return min(1.0 / seconds_per_byte / 1e9, UNBOUNDED_GBPS)
-
-
-def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with every coefficient >= 0 (active set: drop the most negative, refit)."""
-    active = list(range(a.shape[1]))
-    coef = np.zeros(a.shape[1])
-    while active:
-        sub, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        if np.all(sub >= 0):
-            coef[active] = sub
-            return coef
-        active.pop(int(np.argmin(sub)))
-    return coef
 
 
 def _coefficients(
@@ -345,7 +333,7 @@ def fit_levels(
         for _ in range(len(flat) + 1):  # a fixed point, or as many passes as samples
             rows = np.array([row(kinds, i, s, d) for (i, s), d in zip(flat, doubling, strict=True)])
             a = rows * (root_weight / seconds)[:, None]
-            coef = _nonnegative_lstsq(a, root_weight)
+            coef = nonnegative_lstsq(a, root_weight)
             cheaper = [
                 s.kind == "allreduce"
                 and float(np.dot(row(kinds, i, s, True), coef))

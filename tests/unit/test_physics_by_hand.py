@@ -8,6 +8,7 @@ this module set one at a time. Every expected time is derived in the comments.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -210,6 +211,41 @@ def test_a_profile_corrects_the_roofline_by_kind_in_log_space(tmp_path: object) 
     path = f"{tmp_path}/profile.yaml"
     dump(topo, path)
     assert load(path).device.profile == profile
+
+
+def test_a_kind_without_its_own_roofline_follows_its_line_through_three_points() -> None:
+    # weight-quant matmuls measured on the line t = 0.5 s + 1 us per FLOP + 1 ms per byte:
+    # (1e6 FLOPs, 0 B) 1.5 s, (4e6, 1000) 5.5 s, (2e6, 3000) 5.5 s. The paper machine's
+    # roofline is 1 us per FLOP alone, so a curve in the roofline's time cannot tell the last
+    # two apart. Three points: the line is the baseline, its ratio 1 at every point.
+    from mc2sim.topology import ProfilePoint
+
+    def point(kind: str, flops: float, nbytes: float, seconds: float) -> ProfilePoint:
+        return ProfilePoint(kind=kind, dtype="float16", flops=flops, bytes=nbytes, us=seconds * 1e6)
+
+    measured = [(1e6, 0.0, 1.5), (4e6, 1000.0, 5.5), (2e6, 3000.0, 5.5)]
+    line = with_device(
+        machine(2), profile=tuple(point("weight_quant_matmul", *m) for m in measured)
+    )
+    for flops, nbytes, expected in ((3e6, 2000, 0.5 + 3 + 2), (1e8, 100_000, 0.5 + 100 + 100)):
+        task = Task(
+            id=0, name="wq", kind=TaskKind.WEIGHT_QUANT_MATMUL, flops=int(flops), bytes=nbytes
+        )
+        assert compute_time(task, line, "float16") == pytest.approx(expected)
+    # two points: the roofline (3 s) times the ratio interpolated in log roofline time
+    # between 1 s (ratio 1.5) and 4 s (ratio 5.5 / 4)
+    two = with_device(
+        machine(2), profile=tuple(point("weight_quant_matmul", *m) for m in measured[:2])
+    )
+    task = Task(id=0, name="wq", kind=TaskKind.WEIGHT_QUANT_MATMUL, flops=3_000_000, bytes=2000)
+    at = math.log(3) / math.log(4)
+    assert compute_time(task, two, "float16") == pytest.approx(3 * 1.5 * (5.5 / 4 / 1.5) ** at)
+    # a matmul, whose roofline calibrate fits on its own tasks, keeps the roofline's curve:
+    # 3 s between the points at 2 s (ratio 2.75) and 4 s (ratio 1.375)
+    mm_topo = with_device(machine(2), profile=tuple(point("matmul", *m) for m in measured))
+    task = Task(id=0, name="mm", kind=TaskKind.MATMUL, flops=3_000_000, bytes=2000)
+    at = math.log(3 / 2) / math.log(2)
+    assert compute_time(task, mm_topo, "float16") == pytest.approx(3 * 2.75 * 0.5**at)
 
 
 def test_a_collective_profile_holds_at_its_rank_count_only() -> None:
