@@ -120,6 +120,11 @@ SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_mm_4096x128x512", "serial"),
     ("cal_mm_64x256x256", "serial"),  # small: per-task and per-message fixed costs dominate
     ("cal_mm_256x128x512", "serial"),
+    # the grouped matmul's profile over four decades of FLOPs: 17 and 134 MFLOP between the
+    # small chunks' and 1024 tokens' points (a skewed rank's 347 MFLOP grouped matmul, on
+    # 4 ranks of a 16-core host, was predicted 20% too slow from points at 0.7 and 550)
+    ("cal_combine_128", "serial"),
+    ("cal_combine_256", "serial"),
     ("cal_combine_1024", "serial"),
     # large: a CPU's grouped matmul slows per FLOP once its operands leave the caches, and
     # past the profile's largest point the model holds that point's ratio (4096 tokens per

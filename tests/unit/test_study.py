@@ -355,7 +355,7 @@ def test_calibration_pairs_name_shipped_files_and_their_tilings() -> None:
     from mc2sim.schedule import tiling_of
     from mc2sim.study.calibrate import CONTENTION, SAMPLED, calibration_dir
 
-    assert len(SAMPLED) == 22 and len(CONTENTION) == 6
+    assert len(SAMPLED) == 24 and len(CONTENTION) == 6
     for name, tiling in (*SAMPLED, *CONTENTION):
         scenario = load(calibration_dir() / f"{name}.yaml")
         assert tiling_of(tiling) in {tiling_of(t) for t in scenario.tilings}, (name, tiling)
