@@ -66,6 +66,21 @@ def test_polled_progress_stops_a_transfer_while_a_rank_computes() -> None:
     )
 
 
+def test_polled_progress_moves_an_alltoallv_at_the_share_of_ranks_not_computing() -> None:
+    # the same, an AlltoAllv of 2 s (2000 bytes each way): a rank waiting inside MPI copies
+    # what its peer posted, so while 1 of the 2 ranks computes [0, 1] it goes on at 1/2: 0.5 s
+    # of its 2 s done, the other 1.5 s at full rate: [0, 2.5]; rank 1's matmul [2.5, 3.5]
+    plans = {
+        0: plan(0, 2, alltoallv([0, 2], [0, 2], 0), mm(1)),
+        1: plan(1, 2, alltoallv([2, 0], [2, 0], 1), mm(1, 0)),
+    }
+    topo = dataclasses.replace(machine(2), contention=Contention(polled=True))
+    assert_spans(
+        simulate(plans, topo),
+        {(0, "a2a0"): (0, 2.5), (0, "mm1"): (0, 1), (1, "a2a0"): (0, 2.5), (1, "mm1"): (2.5, 3.5)},
+    )
+
+
 def test_polled_progress_on_a_capped_wire_keeps_the_wires_part() -> None:
     # the link's own rate is 1000 B/s; a wire capped at 250 B/s makes the 2000-byte AllReduce
     # take 8 s where the ranks' own work would take 2 s: headroom 4. While rank 0 computes
