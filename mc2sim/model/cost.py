@@ -3,7 +3,10 @@
 Compute: ``max(flops / (peak(dtype) * util(flops)), bytes / memory_bw) + launch``, the
 matrix unit's peak scaled by the device's small-tile efficiency curve (the sum instead of the
 max on a device whose memory traffic does not overlap its arithmetic); reductions run on the
-vector unit. Where a node's ranks share fewer CPU cores than there are ranks
+vector unit. On a calibrated device the int8 and weight-quant matmuls and attention instead
+follow their own line through the profile's points (:func:`baselines`), and every kind's time
+is corrected by the profile's measured ratio (:func:`compute_times`). Where a node's ranks
+share fewer CPU cores than there are ranks
 (``Device.cores_per_node``), every rank's CPU work (compute, the issue overhead ``o`` of a
 collective, a collective's reduction) runs at its share of a core,
 ``Topology.core_share``. Collectives: each network dimension is ``alpha`` (latency per message) and
