@@ -145,7 +145,8 @@ def _own_line(device: Device, kind: TaskKind, dtype: str) -> tuple[float, float,
 
     Seconds, per FLOP and per byte, of the profile's points of ``kind`` in ``dtype`` (least
     squares on relative error, none negative); None for another kind, fewer than three
-    points, or a line without a fixed cost.
+    points, or a line without a fixed cost or without a cost per FLOP or byte (one that
+    would not grow with the work, beyond the points it was fitted on).
     """
     if kind not in LINE_KINDS:
         return None
@@ -155,7 +156,7 @@ def _own_line(device: Device, kind: TaskKind, dtype: str) -> tuple[float, float,
     seconds = np.array([p.us * 1e-6 for p in points])
     terms = np.array([[1.0, p.flops, p.bytes] for p in points]) / seconds[:, None]
     a, b, c = (float(v) for v in nonnegative_lstsq(terms, np.ones(len(points))))
-    return (a, b, c) if a > 0 else None
+    return (a, b, c) if a > 0 and (b > 0 or c > 0) else None
 
 
 def baselines(

@@ -255,6 +255,18 @@ def test_a_kind_without_its_own_roofline_follows_its_line_through_three_points()
     task = Task(id=0, name="wq", kind=TaskKind.WEIGHT_QUANT_MATMUL, flops=3_000_000, bytes=2000)
     at = math.log(3) / math.log(4)
     assert compute_time(task, two, "float16") == pytest.approx(3 * 1.5 * (5.5 / 4 / 1.5) ** at)
+    # points that take less time the more work they hold (noise) fit no line that grows with
+    # the work (no cost per FLOP survives): the roofline's curve, 3 s between 2 s (ratio
+    # 1.5 / 2) and 4 s (ratio 1 / 4)
+    falling = with_device(
+        machine(2),
+        profile=tuple(
+            point("weight_quant_matmul", f, 0.0, t) for f, t in ((1e6, 2.0), (2e6, 1.5), (4e6, 1.0))
+        ),
+    )
+    task = Task(id=0, name="wq", kind=TaskKind.WEIGHT_QUANT_MATMUL, flops=3_000_000)
+    at = math.log(3 / 2) / math.log(2)
+    assert compute_time(task, falling, "float16") == pytest.approx(3 * 0.75 * (0.25 / 0.75) ** at)
     # a matmul, whose roofline calibrate fits on its own tasks, keeps the roofline's curve:
     # 3 s between the points at 2 s (ratio 2.75) and 4 s (ratio 1.375)
     mm_topo = with_device(machine(2), profile=tuple(point("matmul", *m) for m in measured))
