@@ -202,6 +202,29 @@ COLLECTIVE_BYTES = (64, 4096, 65536, 1048576, 4194304)
 tiny message, where the latency and the per-call costs are all, to bandwidth."""
 
 
+def _swept_buffers(
+    comm: Communicator,
+) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
+    """The buffers of the collectives' sweep, one triple for each of :data:`COLLECTIVE_BYTES`.
+
+    A flat bfloat16 tensor of that many bytes (the AllReduce's), and as many bfloat16 rows
+    of 64 elements, the same number for every rank and at least one (the even AlltoAllv's),
+    with those per-rank counts.
+    """
+    buffers = []
+    for nbytes in COLLECTIVE_BYTES:
+        elements = max(nbytes // 2, 1)
+        rows_per_peer = max(elements // (64 * comm.size), 1)
+        buffers.append(
+            (
+                torch.zeros(elements, dtype=torch.bfloat16),
+                torch.zeros((rows_per_peer * comm.size, 64), dtype=torch.bfloat16),
+                (rows_per_peer,) * comm.size,
+            )
+        )
+    return buffers
+
+
 def measure_collectives(comm: Communicator, reps: int) -> list[CommSample]:
     """Time a bfloat16 AllReduce and an even AlltoAllv at each of :data:`COLLECTIVE_BYTES`.
 
@@ -213,12 +236,7 @@ def measure_collectives(comm: Communicator, reps: int) -> list[CommSample]:
     profile times the same sizes as the ops meet them (:func:`collective_cases`).
     """
     samples = []
-    for nbytes in COLLECTIVE_BYTES:
-        elements = max(nbytes // 2, 1)
-        flat = torch.zeros(elements, dtype=torch.bfloat16)
-        rows_per_peer = max(elements // (64 * comm.size), 1)
-        rows = torch.zeros((rows_per_peer * comm.size, 64), dtype=torch.bfloat16)
-        counts = [rows_per_peer] * comm.size
+    for flat, rows, counts in _swept_buffers(comm):
         for kind, call in (
             ("allreduce", lambda flat=flat: comm.iallreduce(flat).wait()),
             ("alltoallv", lambda rows=rows, c=counts: comm.ialltoallv(rows, c, c).wait()),
@@ -260,24 +278,21 @@ def collective_cases(comm: Communicator) -> list[Case]:
     parameters come from :func:`measure_collectives`.
     """
     cases = []
-    for nbytes in COLLECTIVE_BYTES:
-        elements = max(nbytes // 2, 1)
-        rows_per_peer = max(elements // (64 * comm.size), 1)
-        counts = (rows_per_peer,) * comm.size
+    for flat, rows, counts in _swept_buffers(comm):
         for kind, data, task in (
             (
                 "allreduce",
-                torch.zeros(elements, dtype=torch.bfloat16),
-                Task(id=0, name="allreduce", kind=TaskKind.ALLREDUCE, bytes=elements * 2),
+                flat,
+                Task(id=0, name="allreduce", kind=TaskKind.ALLREDUCE, bytes=flat.numel() * 2),
             ),
             (
                 "alltoallv",
-                torch.zeros((rows_per_peer * comm.size, 64), dtype=torch.bfloat16),
+                rows,
                 Task(
                     id=0,
                     name="alltoallv",
                     kind=TaskKind.ALLTOALLV,
-                    bytes=rows_per_peer * (comm.size - 1) * 128,  # sent away, as the MoE plans
+                    bytes=counts[0] * (comm.size - 1) * 128,  # sent away, as the MoE plans
                     send_splits=counts,
                     recv_splits=counts,
                     row_bytes=128,
@@ -524,7 +539,7 @@ def calibrate(
     levels, per_node = _levels(comm, hosts)
     serial = [(level.group, calibration_cases(level.group)) for level in levels]
     tiled = contention_cases(comm)
-    # one host: the collectives over sizes join the serial calls' samples
+    # one host: the collectives over sizes, as the ops meet them, join the profile
     swept_cases = collective_cases(comm) if len(levels) == 1 else []
     runs = [c.run for _, cases in serial for c in cases]
     groups = [group for group, cases in serial for _ in cases]
