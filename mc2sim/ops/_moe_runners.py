@@ -107,11 +107,13 @@ class CombineRunner(_ExpertChunks):
     def compute(self, task: Task) -> None:
         if task.kind is TaskKind.MATMUL:
             self.shared.run()
-        elif task.expert is None:  # serial: every expert at once, then unpermute
-            gmm_y = grouped_matmul(
+        elif task.kind is TaskKind.PACK:  # serial: the GMM's output back to rank-major
+            gmm_y = self.outputs.pop(task.deps[0])
+            self.outputs[task.id] = gmm_y[from_host(transpose_blocks(self.by_dest.T), gmm_y.device)]
+        elif task.expert is None:  # serial: every expert at once
+            self.outputs[task.id] = grouped_matmul(
                 self.x, self.weight, self.by_dest.sum(axis=0).tolist(), trans_weight=self.trans
             )
-            self.outputs[task.id] = gmm_y[from_host(transpose_blocks(self.by_dest.T), gmm_y.device)]
         else:
             j = task.expert
             if self.parts == 1:
@@ -178,10 +180,14 @@ class DispatchRunner(_ExpertChunks):
         if task.kind is TaskKind.MATMUL:
             self.shared.run()
             return
+        if task.kind is TaskKind.PACK and task.expert is None:  # serial: to expert-major
+            arrived = self.received.pop(task.deps[0])
+            self.packed[task.id] = arrived[
+                from_host(transpose_blocks(self.by_source), arrived.device)
+            ]
+            return
         if task.kind is TaskKind.PACK:  # expert j's sub-tile rows, destination by destination
             j = task.expert
-            if j is None:
-                raise RuntimeError(f"{task.name}: a pack task belongs to one expert")
             self.packed[task.id] = self.x[
                 from_host(
                     chunk_rows(
@@ -195,14 +201,14 @@ class DispatchRunner(_ExpertChunks):
                 )
             ]
             return
-        arrived = self.received.pop(task.deps[0])
-        if task.expert is None:  # serial: permute (r, j) -> (j, r), then every expert
-            permuted = arrived[from_host(transpose_blocks(self.by_source), arrived.device)]
+        if task.expert is None:  # serial: every expert at once, on the permuted rows
+            permuted = self.packed.pop(task.deps[0])
             gmm_y = grouped_matmul(
                 permuted, self.weight, self.by_source.sum(axis=0).tolist(), trans_weight=self.trans
             )
             self.whole = (gmm_y, permuted)
         else:
+            arrived = self.received.pop(task.deps[0])
             j = task.expert
             self.inputs[(j, task.part)] = arrived
             self.outputs[(j, task.part)] = grouped_matmul(

@@ -225,14 +225,19 @@ def _shared_task(tasks: _Tasks, shape: MoeShape) -> None:
         )
 
 
-def _gmm_fields(rows: int, shape: MoeShape, experts: int, permuted: int = 0) -> dict[str, int]:
-    """FLOPs and bytes of a grouped matmul of ``rows``.
-
-    ``permuted`` more elements per row are read and written again where a serial plan reorders
-    rows between expert-major and rank-major (a permute kernel in a non-fused pipeline).
-    """
-    traffic = rows * (shape.h1 + shape.n1) + experts * shape.h1 * shape.n1 + 2 * rows * permuted
+def _gmm_fields(rows: int, shape: MoeShape, experts: int) -> dict[str, int]:
+    """FLOPs and bytes of a grouped matmul of ``rows``."""
+    traffic = rows * (shape.h1 + shape.n1) + experts * shape.h1 * shape.n1
     return {"flops": 2 * rows * shape.h1 * shape.n1, "bytes": traffic * shape.elem_bytes}
+
+
+def _permute_bytes(rows: int, row_bytes: int) -> int:
+    """Bytes of a permute kernel reordering ``rows`` of ``row_bytes`` (each read and written).
+
+    A serial (non-fused) MoE pipeline reorders rows between rank-major and expert-major in a
+    kernel of its own, apart from the grouped matmul; a fused op's chunks need none.
+    """
+    return 2 * rows * row_bytes
 
 
 def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
@@ -240,7 +245,8 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
 
     The hardware keeps one AlltoAllv handle per local expert: GMM of expert j, then commit
     its AlltoAllv; the shared-expert matmul runs after the loop. ``serial``: one GMM of all
-    experts, one AlltoAllv, then the shared matmul.
+    experts, the unpermute of its output to rank-major (a pack task), one AlltoAllv, then the
+    shared matmul.
     """
     tasks = _Tasks()
     row_bytes = shape.n1 * shape.elem_bytes
@@ -248,9 +254,11 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     if tiling.mode is TilingMode.SERIAL:
         rows = shape.total(shape.send)
         gmm = tasks.add(
-            "grouped_matmul[all]",
-            TaskKind.GROUPED_MATMUL,
-            **_gmm_fields(rows, shape, shape.e, permuted=shape.n1),  # unpermute its output
+            "grouped_matmul[all]", TaskKind.GROUPED_MATMUL, **_gmm_fields(rows, shape, shape.e)
+        )
+        # its output, expert-major, back to rank-major
+        unpermute = tasks.add(
+            "unpermute[all]", TaskKind.PACK, deps=(gmm,), bytes=_permute_bytes(rows, row_bytes)
         )
         send = shape.per_peer(shape.send)
         recv = shape.per_peer(shape.recv)
@@ -258,7 +266,7 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
             "alltoallv[all]",
             TaskKind.ALLTOALLV,
             row_bytes=row_bytes,
-            deps=(gmm,),
+            deps=(unpermute,),
             send_splits=send,
             recv_splits=recv,
             bytes=_sent_bytes(send, rank, row_bytes),
@@ -308,7 +316,8 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
     expert waits for its rows and multiplies. Each chunk's rows lie apart in the rank-major
     input (one block per destination and expert), so a pack task first copies them into one
     send buffer (read and write of every row the chunk sends). ``serial``: one AlltoAllv of
-    the input as it is, the shared matmul, one GMM.
+    the input as it is, the shared matmul, the permute of the received rows to expert-major
+    (a pack task), one GMM.
     """
     tasks = _Tasks()
     row_bytes = shape.h1 * shape.elem_bytes
@@ -325,11 +334,16 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
             bytes=_sent_bytes(send, rank, row_bytes),
         )
         _shared_task(tasks, shape)
+        rows = shape.total(shape.recv)
+        # the received rows, rank-major, to expert-major
+        permute = tasks.add(
+            "permute[all]", TaskKind.PACK, deps=(a2a,), bytes=_permute_bytes(rows, row_bytes)
+        )
         tasks.add(
             "grouped_matmul[all]",
             TaskKind.GROUPED_MATMUL,
-            deps=(a2a,),
-            **_gmm_fields(shape.total(shape.recv), shape, shape.e, permuted=shape.h1),
+            deps=(permute,),
+            **_gmm_fields(rows, shape, shape.e),
         )
         described = "serial"
     else:
@@ -816,9 +830,10 @@ def moe_arrays(
         mean, var, nonzero, total = rows_of(task)
         if task.kind is TaskKind.GROUPED_MATMUL:  # an expert owner's rows from every rank
             experts = e if task.expert is None else 1
-            permuted = (shape.n1 if combine else shape.h1) if task.expert is None else 0
-            fields = _gmm_fields(total, shape, experts, permuted=permuted)  # type: ignore[arg-type]
+            fields = _gmm_fields(total, shape, experts)  # type: ignore[arg-type]
             flops[task.id], nbytes[task.id] = fields["flops"], fields["bytes"]
+        elif task.kind is TaskKind.PACK and task.expert is None:  # a serial plan's (un)permute
+            nbytes[task.id] = _permute_bytes(total, row_bytes)  # type: ignore[arg-type]
         elif task.kind is TaskKind.PACK:  # a token owner's rows to every expert owner
             nbytes[task.id] = 2 * mean.sum() * row_bytes
         elif task.kind is TaskKind.ALLTOALLV:

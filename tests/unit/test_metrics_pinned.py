@@ -109,10 +109,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # `make demo`'s simulated table (README), as mc2sim prints it: tiling -> total, compute,
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
-    "serial": "1.236 0.263 1.027 0.973 5.2 1.00",
-    "hardware(per expert)": "1.598 0.482 1.453 1.116 0.0 0.77",
-    "experts x 2": "2.143 0.822 2.003 1.321 0.0 0.58",
-    "experts x 4": "3.237 1.505 3.099 1.731 0.0 0.38",
+    "serial": "1.314 0.341 1.027 0.973 5.2 1.00",
+    "hardware(per expert)": "1.598 0.482 1.453 1.116 0.0 0.82",
+    "experts x 2": "2.143 0.822 2.003 1.321 0.0 0.61",
+    "experts x 4": "3.237 1.505 3.099 1.731 0.0 0.41",
 }
 
 

@@ -566,7 +566,7 @@ def test_a_one_tile_plan_takes_its_compute_plus_its_comm_in_two_parts(op: str) -
     assert simulate(plans, topo).metrics().total_s == pytest.approx(expected(topo), rel=1e-12)
 
 
-def test_a_serial_moe_plan_takes_its_gmm_plus_its_alltoallv() -> None:
+def test_a_serial_moe_plan_takes_its_gmm_and_unpermute_plus_its_alltoallv() -> None:
     topo = two_level()
     routing = sparse_routing(8, 2)
     plans = moe_plans("gmm_alltoallv", "serial", routing, shared=None)
@@ -583,10 +583,18 @@ def test_a_serial_moe_plan_takes_its_gmm_plus_its_alltoallv() -> None:
     for rec in simulate(plans, topo).records:
         if rec.stream is Stream.COMM:
             ends[rec.rank] = rec.end_s
-    gmm = {r: compute_time(p.of(Resource.COMPUTE)[0], topo, p.dtype) for r, p in plans.items()}
-    # the AlltoAllv starts when the slowest rank's GMM ends
+    # the GMM, then the unpermute of its output (a pack task): the rank's compute before it sends
+    before = {
+        r: sum(compute_time(t, topo, p.dtype) for t in p.of(Resource.COMPUTE)[:2])
+        for r, p in plans.items()
+    }
+    assert all(
+        [t.kind for t in p.of(Resource.COMPUTE)[:2]] == [TaskKind.GROUPED_MATMUL, TaskKind.PACK]
+        for p in plans.values()
+    )
+    # the AlltoAllv starts when the slowest rank's unpermute ends
     for r in plans:
-        assert ends[r] == pytest.approx(max(gmm.values()) + a2a_s, rel=1e-12)
+        assert ends[r] == pytest.approx(max(before.values()) + a2a_s, rel=1e-12)
 
 
 # ---------------------------------------------------------------- sanity (b): bandwidth

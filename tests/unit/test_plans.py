@@ -101,6 +101,11 @@ def test_gmm_alltoallv_plan(tiling: Tiling, rank: int) -> None:
     for c in comm:  # compute first: each AlltoAllv sends the GMM output it depends on
         (dep,) = c.deps
         producer = plan.tasks[dep]
+        if tiling.mode is TilingMode.SERIAL:  # through the unpermute: read + write of each row
+            assert producer.kind is TaskKind.PACK and producer.flops == 0
+            assert producer.bytes == 2 * sum(c.send_splits) * 8 * 2
+            (dep,) = producer.deps
+            producer = plan.tasks[dep]
         assert producer.kind is TaskKind.GROUPED_MATMUL and producer.expert == c.expert
         assert producer.flops == 2 * sum(c.send_splits) * 16 * 8
     sent = Counter()
@@ -127,15 +132,19 @@ def test_alltoallv_gmm_plan(tiling: Tiling) -> None:
     comm = plan.of(Resource.COMM)
     gmms = [t for t in plan.tasks if t.kind is TaskKind.GROUPED_MATMUL]
     assert max(c.id for c in comm) < min(g.id for g in gmms), "every AlltoAllv is issued first"
+    packs = [t for t in plan.tasks if t.kind is TaskKind.PACK]
     for g in gmms:  # comm first: each GMM depends on the AlltoAllv that delivered its rows
         (dep,) = g.deps
+        if tiling.mode is TilingMode.SERIAL:  # through the permute to expert-major
+            assert packs == [plan.tasks[dep]] and plan.tasks[dep].deps == (comm[0].id,)
+            assert packs[0].bytes == 2 * sum(comm[0].recv_splits) * 16 * 2
+            (dep,) = plan.tasks[dep].deps
         assert plan.tasks[dep].kind is TaskKind.ALLTOALLV and plan.tasks[dep].expert == g.expert
         assert g.flops == 2 * sum(plan.tasks[dep].recv_splits) * 16 * 8
     assert sum(sum(c.recv_splits) for c in comm) == sum(shape.recv)
     assert sum(sum(c.send_splits) for c in comm) == sum(shape.send)
-    packs = [t for t in plan.tasks if t.kind is TaskKind.PACK]
     if tiling.mode is TilingMode.SERIAL:  # the input goes as it is, rank-major
-        assert packs == [] and comm[0].deps == ()
+        assert comm[0].deps == ()
         return
     for c in comm:  # each chunk's rows are first copied into one buffer: read + write
         (dep,) = c.deps
