@@ -19,6 +19,12 @@ MAX_DIM = 65535
 PANEL = 1024
 """Output columns converted and multiplied per step (bounds the float32 weight buffer)."""
 
+ROW_BLOCK_BYTES = 1 << 20
+"""Bytes of float32 output a CPU panel product makes per step (rows enough to fill it, and
+at least H rows), so the product is still in a core's cache when rounded into the output:
+an expert of 3280 rows, H 64 and 1024 columns, 13 MiB at once, ran at 56 against 97
+GFLOP/s (docs/BENCHMARKS.md)."""
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -177,12 +183,16 @@ def grouped_matmul(
         return out
     # Fresh CPU memory costs a page fault per 4 KiB on first touch, so the float32 copies
     # live in small buffers reused across experts; the weight is converted one panel of at
-    # most PANEL output columns at a time.
+    # most PANEL output columns at a time, and each panel's product is made ROW_BLOCK_BYTES
+    # of float32 output at a time, so that it is still in cache when rounded into ``out``.
     widest = max(counts)
     panel = min(n, PANEL)
+    # at least h rows a block: each block re-reads the weight panel (h x width), no more
+    # bytes than the block's own output
+    block = max(1, ROW_BLOCK_BYTES // (4 * panel), h)
     x_buf = torch.empty((widest, h), dtype=torch.float32)
     w_buf = torch.empty(h * panel, dtype=torch.float32)  # flat: every panel view contiguous
-    y_buf = torch.empty(widest * panel, dtype=torch.float32)
+    y_buf = torch.empty(min(widest, block) * panel, dtype=torch.float32)
     start = 0
     for j, c in enumerate(counts):
         if c == 0:
@@ -191,15 +201,14 @@ def grouped_matmul(
         xs.copy_(x[start : start + c])
         for n0 in range(0, n, panel):
             width = min(panel, n - n0)
-            ys = y_buf[: c * width].view(c, width)
             if trans_weight:
-                wp = w_buf[: width * h].view(width, h)
-                wp.copy_(weight[j, n0 : n0 + width])
-                torch.matmul(xs, wp.t(), out=ys)
+                wp = w_buf[: width * h].view(width, h).copy_(weight[j, n0 : n0 + width]).t()
             else:
-                wp = w_buf[: h * width].view(h, width)
-                wp.copy_(weight[j, :, n0 : n0 + width])
-                torch.matmul(xs, wp, out=ys)
-            out[start : start + c, n0 : n0 + width].copy_(ys)
+                wp = w_buf[: h * width].view(h, width).copy_(weight[j, :, n0 : n0 + width])
+            for r0 in range(0, c, block):
+                r1 = min(c, r0 + block)
+                ys = y_buf[: (r1 - r0) * width].view(r1 - r0, width)
+                torch.matmul(xs[r0:r1], wp, out=ys)
+                out[start + r0 : start + r1, n0 : n0 + width].copy_(ys)
         start += c
     return out

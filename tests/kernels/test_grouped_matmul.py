@@ -148,3 +148,22 @@ def test_weight_converted_in_column_panels(monkeypatch: pytest.MonkeyPatch, tran
     weight = rand((3, 10, 6) if trans else (3, 6, 10), F32, 6)
     out = grouped_matmul(x, weight, counts, trans_weight=trans)
     assert_close_to(out, oracle(x, weight, counts, trans))
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_panel_products_in_row_blocks(monkeypatch: pytest.MonkeyPatch, trans: bool) -> None:
+    """A panel's product made a few rows at a time, the last block shorter, same bits.
+
+    7 = 3 + 3 + 1 rows of a 4-column panel (48 bytes of float32 a block; H = 2 rows fewer).
+    """
+    gmm_module = importlib.import_module("mc2sim.kernels.grouped_matmul")
+    counts = [7, 0, 2]
+    x = rand((9, 2), BF16, 7)
+    weight = rand((3, 10, 2) if trans else (3, 2, 10), BF16, 8)
+    monkeypatch.setattr(gmm_module, "PANEL", 4)
+    whole = grouped_matmul(x, weight, counts, trans_weight=trans)
+    monkeypatch.setattr(gmm_module, "ROW_BLOCK_BYTES", 3 * 4 * 4)
+    out = grouped_matmul(x, weight, counts, trans_weight=trans)
+    assert out.dtype == BF16 and out.shape == (9, 10)
+    assert torch.equal(out, whole)
+    assert_close_to(out, oracle(x, weight, counts, trans))
