@@ -268,7 +268,8 @@ class Device:
     (2 bytes read, 4 written), multiply the copies (4 read) and convert the float32 result
     back (4 written, 4 read, 2 written): 5 bytes per counted byte, which ``mc2sim calibrate``
     writes, so that ``memory_gbps`` is the rate at which the machine moves bytes (comparable
-    to a memcpy's) rather than counted bytes per second."""
+    to a memcpy's) rather than counted bytes per second. A ``pack`` task (a row gather)
+    moves the bytes it counts, each row read and written once, whatever this figure."""
 
     memory_overlap: bool = True
     """Whether a task's memory traffic overlaps its arithmetic (the roofline: the longer of the

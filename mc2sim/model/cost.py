@@ -108,9 +108,9 @@ def rooflines(
         rate = np.full(flops.shape, peak)
     else:
         raise ParamInvalidError("task.kind", kind, "is not a compute task")
-    memory = (
-        np.asarray(nbytes, dtype=np.float64) * device.memory_traffic / (device.memory_gbps * 1e9)
-    )
+    # a pack (a row gather) moves the bytes it counts; the kernels' passes move more
+    traffic = 1.0 if kind is TaskKind.PACK else device.memory_traffic
+    memory = np.asarray(nbytes, dtype=np.float64) * traffic / (device.memory_gbps * 1e9)
     arithmetic = flops / rate if peak > 0 else np.zeros(flops.shape)
     whole = np.maximum(arithmetic, memory) if device.memory_overlap else arithmetic + memory
     return whole + launch

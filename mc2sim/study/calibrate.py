@@ -150,9 +150,12 @@ SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
 )
 """(calibration scenario, tiling) whose tasks give the compute and collective samples."""
 
-ROOFLINE_KINDS = ("matmul", "grouped_matmul", "reduce", "pack")
-"""The task kinds the roofline is fitted on (16-bit matmuls and memory passes); every kind,
-these too, is also kept in the device's profile, which corrects the roofline kind by kind."""
+ROOFLINE_KINDS = ("matmul", "grouped_matmul", "reduce")
+"""The task kinds the roofline is fitted on (16-bit matmuls and the reductions' passes);
+every kind, these too, is also kept in the device's profile, which corrects the roofline kind
+by kind. Not the packs (row gathers): they move the bytes they count where the kernels move
+``KERNEL_TRAFFIC`` times as many, and with the serial MoE plans' reorders among the samples
+they pulled the fitted memory rate to 4 to 5x a memcpy's (59 GB/s against 13.8)."""
 
 CONTENTION: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_mm_3072x48x2048", 4),

@@ -142,6 +142,11 @@ def test_memory_traffic_counts_the_bytes_the_kernels_move_per_counted_byte() -> 
     )
     with pytest.raises(ParamInvalidError, match="memory_traffic"):
         with_device(paper, memory_traffic=0.5)
+    # a pack (a row gather of 2000 counted bytes: each row read and written once) moves what
+    # it counts whatever the kernels' traffic: 2 s at 1000 B/s on both machines
+    pack = Task(id=1, name="pack", kind=TaskKind.PACK, bytes=2000)
+    assert compute_time(pack, paper, "float16") == pytest.approx(2)
+    assert compute_time(pack, moved, "float16") == pytest.approx(2)
 
 
 def test_the_issue_overhead_runs_at_the_core_share() -> None:
