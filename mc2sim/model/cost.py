@@ -139,6 +139,11 @@ def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return coef
 
 
+def _points(device: Device, kind: TaskKind, dtype: str) -> list[ProfilePoint]:
+    """The profile's points of one compute kind and dtype."""
+    return [p for p in device.profile if p.kind == str(kind) and p.dtype == dtype]
+
+
 @functools.lru_cache(maxsize=256)
 def _own_line(device: Device, kind: TaskKind, dtype: str) -> tuple[float, float, float] | None:
     """The line ``(a, b, c)`` of a :data:`LINE_KINDS` kind through its profiled points.
@@ -150,7 +155,7 @@ def _own_line(device: Device, kind: TaskKind, dtype: str) -> tuple[float, float,
     """
     if kind not in LINE_KINDS:
         return None
-    points = [p for p in device.profile if p.kind == str(kind) and p.dtype == dtype]
+    points = _points(device, kind, dtype)
     if len(points) < 3:
         return None
     seconds = np.array([p.us * 1e-6 for p in points])
@@ -181,7 +186,7 @@ def _profile_curve(device: Device, kind: TaskKind, dtype: str) -> tuple[np.ndarr
     Sorted by the first; empty where the profile has no point of that kind and dtype
     (``dtype`` the task's: :func:`task_dtype`).
     """
-    points = [p for p in device.profile if p.kind == str(kind) and p.dtype == dtype]
+    points = _points(device, kind, dtype)
     base = baselines(
         device,
         kind,

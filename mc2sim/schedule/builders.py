@@ -231,11 +231,12 @@ def _gmm_fields(rows: int, shape: MoeShape, experts: int) -> dict[str, int]:
     return {"flops": 2 * rows * shape.h1 * shape.n1, "bytes": traffic * shape.elem_bytes}
 
 
-def _permute_bytes(rows: int, row_bytes: int) -> int:
-    """Bytes of a permute kernel reordering ``rows`` of ``row_bytes`` (each read and written).
+def _gather_bytes(rows: int, row_bytes: int) -> int:
+    """Bytes of a pack task gathering ``rows`` of ``row_bytes`` into a new buffer.
 
-    A serial (non-fused) MoE pipeline reorders rows between rank-major and expert-major in a
-    kernel of its own, apart from the grouped matmul; a fused op's chunks need none.
+    Each row is read and written once: a dispatch chunk's rows copied into its send buffer,
+    or a serial (non-fused) MoE pipeline's reorder between rank-major and expert-major, a
+    kernel of its own apart from the grouped matmul.
     """
     return 2 * rows * row_bytes
 
@@ -258,7 +259,7 @@ def plan_gmm_alltoallv(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
         )
         # its output, expert-major, back to rank-major
         unpermute = tasks.add(
-            "unpermute[all]", TaskKind.PACK, deps=(gmm,), bytes=_permute_bytes(rows, row_bytes)
+            "unpermute[all]", TaskKind.PACK, deps=(gmm,), bytes=_gather_bytes(rows, row_bytes)
         )
         send = shape.per_peer(shape.send)
         recv = shape.per_peer(shape.recv)
@@ -337,7 +338,7 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
         rows = shape.total(shape.recv)
         # the received rows, rank-major, to expert-major
         permute = tasks.add(
-            "permute[all]", TaskKind.PACK, deps=(a2a,), bytes=_permute_bytes(rows, row_bytes)
+            "permute[all]", TaskKind.PACK, deps=(a2a,), bytes=_gather_bytes(rows, row_bytes)
         )
         tasks.add(
             "grouped_matmul[all]",
@@ -358,7 +359,7 @@ def plan_alltoallv_gmm(*, shape: MoeShape, tiling: Tiling, rank: int) -> Plan:
                     TaskKind.PACK,
                     expert=j,
                     part=p,
-                    bytes=2 * _rows(send) * row_bytes,
+                    bytes=_gather_bytes(_rows(send), row_bytes),
                 )
                 a2a = tasks.add(
                     f"alltoallv[e{j}.{p}]",
@@ -833,9 +834,9 @@ def moe_arrays(
             fields = _gmm_fields(total, shape, experts)  # type: ignore[arg-type]
             flops[task.id], nbytes[task.id] = fields["flops"], fields["bytes"]
         elif task.kind is TaskKind.PACK and task.expert is None:  # a serial plan's (un)permute
-            nbytes[task.id] = _permute_bytes(total, row_bytes)  # type: ignore[arg-type]
+            nbytes[task.id] = _gather_bytes(total, row_bytes)  # type: ignore[arg-type]
         elif task.kind is TaskKind.PACK:  # a token owner's rows to every expert owner
-            nbytes[task.id] = 2 * mean.sum() * row_bytes
+            nbytes[task.id] = _gather_bytes(mean.sum(), row_bytes)
         elif task.kind is TaskKind.ALLTOALLV:
             draw = expected.rng(2, parts, task.id)
             owners = _owner_side(total, nonzero, dims, row_bytes, draw)
