@@ -275,7 +275,12 @@ def _print_fit(topology: Topology) -> None:
     for dim in topology.network:  # innermost first: on several hosts, then across them
         print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
         print(f"latency {dim.latency_us:.1f} us")
-    print(f"contention: compute x{slow.compute_slowdown}, comm x{slow.comm_slowdown}")
+    comm = (
+        "polled (a transfer waits while its ranks compute)"
+        if slow.polled
+        else (f"x{slow.comm_slowdown}")
+    )
+    print(f"contention: compute x{slow.compute_slowdown}, comm {comm}")
     together = "together" if device.concurrent_collectives else "one at a time"
     print(f"collectives in flight progress {together}")
 

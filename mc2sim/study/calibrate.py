@@ -28,7 +28,9 @@ figures include what the others take from the machine, as in real runs:
    :data:`CONTENTION`), measured for real
    and simulated over a grid of compute and communication slowdowns and of whether
    collectives in flight progress together (``Device.concurrent_collectives``); the point
-   with the smallest squared log error is kept.
+   with the smallest squared log error is kept. Whether a collective progresses while its
+   rank computes is measured, not fitted (:func:`measure_progress`): where it does not
+   (``Contention.polled``), the grid has no communication slowdown.
 
 Besides (``docs/MODEL.md``): every compute task and collective of the serial runs is kept as
 the device's profile (interpolated in log space by the model), with a bfloat16 AllReduce and
@@ -107,6 +109,7 @@ __all__ = [
     "measure_compute",
     "measure_independent",
     "measure_issue",
+    "measure_progress",
     "measure_vector",
     "node_cores",
     "samples_of",
@@ -644,7 +647,19 @@ def calibrate(
             "mc2sim's kernels and communicator on this machine, not of the chips"
         ),
     )
-    fitted = fit_contention(base, tiled, spans)
+    share_left = measure_progress(comm, reps)
+    polled = share_left > POLLED_SHARE
+    fitted = fit_contention(
+        base,
+        tiled,
+        spans,
+        polled=polled,
+        progress=(
+            f"progress {'polled' if polled else 'on its own'}, measured: a collective posted "
+            f"before its ranks computed had {share_left:.0%} of its time after the post "
+            "still to run"
+        ),
+    )
     independent = measure_independent(comm, reps)
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
     return Calibration(
@@ -773,6 +788,57 @@ def measure_issue(comm: Communicator, reps: int) -> tuple[float, float]:
         mine = statistics.median(posts[1:])  # the first warms up
         over.append(float(max(comm.allgather_object(mine))) - issue_s)
     return issue_s, fit_rate(POSTED_BYTES, over)
+
+
+PROGRESS_BYTES = 4 * 1024 * 1024
+"""Bytes of the float32 AllReduce :func:`measure_progress` leaves in flight while it computes:
+several chunks of a pipelined shared-memory collective, so its transfer outlasts its post
+(MPICH's 2-rank post did about half of its 3 ms here)."""
+
+POLLED_SHARE = 0.5
+"""The share of a collective's time after its post still to run after its rank computed for
+twice that time, above which it progresses only inside the communicator's calls
+(:func:`measure_progress`). Measured on this project's machines: MPICH 0.74 to 0.81 on 2
+ranks and 0.65 to 1.4 on 4 ranks of a 2-core machine, gloo 0.01 to 0.02."""
+
+
+def measure_progress(comm: Communicator, reps: int) -> float:
+    """The share of a nonblocking collective left to run after its rank computed meanwhile.
+
+    Every rank posts a float32 AllReduce of :data:`PROGRESS_BYTES` and waits for it (its
+    time ``t``, of which the post took ``p``); then posts it again, computes (matmuls) for
+    ``2 t`` without calling the communicator, and waits, ``w``. The figure is the median
+    over the ranks of each rank's median ``w / (t - p)`` over ``reps`` trials (after one
+    that warms up): about 1 where a collective advances only inside the communicator's
+    calls (a CPU MPI without a progress thread: ``Contention.polled``), about 0 where it
+    advances on its own (gloo's threads, a NIC, a GPU's stream). The same on every rank.
+
+    Returns:
+        The share, >= 0; 0 on a single rank (nothing to exchange).
+    """
+    if comm.size < 2:
+        return 0.0
+    buffer = torch.ones(PROGRESS_BYTES // 4)
+    work_unit = torch.ones(64, 64)
+    shares = []
+    for trial in range(max(reps, 3) + 1):
+        comm.barrier()
+        start = time.perf_counter()
+        work = comm.iallreduce(buffer)
+        posted = time.perf_counter()
+        work.wait()
+        alone = time.perf_counter() - start
+        comm.barrier()
+        work = comm.iallreduce(buffer)
+        until = time.perf_counter() + 2 * alone
+        while time.perf_counter() < until:
+            torch.mm(work_unit, work_unit)
+        waiting = time.perf_counter()
+        work.wait()
+        waited = time.perf_counter() - waiting
+        if trial > 0:
+            shares.append(waited / max(alone - (posted - start), 1e-9))
+    return float(statistics.median(comm.allgather_object(statistics.median(shares))))
 
 
 POSTED_BYTES = (262144, 1048576, 4194304)

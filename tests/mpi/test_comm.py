@@ -345,3 +345,16 @@ def test_16bit_reductions_in_flight_never_share_scratch(comm: Communicator) -> N
             everyone = [as_f64(data(30 + i, r, shape, dtype)) for r in range(comm.size)]
             expected = torch.from_numpy(reduce_np(everyone, ReduceOp.SUM)).to(dtype)
             assert_same(work.wait(), expected)
+
+
+def test_measure_progress_finds_how_each_backend_progresses(comm: Communicator) -> None:
+    # MPICH (no progress thread) advances a nonblocking collective only inside its calls:
+    # most of it is left after its ranks computed; gloo's threads finish it meanwhile
+    from mc2sim.study.calibrate import POLLED_SHARE, measure_progress
+
+    share = measure_progress(comm, 3)
+    assert share == comm.allgather_object(share)[0]  # every rank decides alike
+    if comm.backend == "mpi":
+        assert share > POLLED_SHARE
+    else:
+        assert share < POLLED_SHARE

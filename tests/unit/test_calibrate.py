@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -30,7 +31,14 @@ from mc2sim.model.simulator import simulate
 from mc2sim.schedule import plan_gmm_alltoallv, plan_mm_all_reduce, tiling_of
 from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import TaskKind
-from mc2sim.study.calibrate import _fit_levels, _Level, _levels, samples_of
+from mc2sim.study.calibrate import (
+    POLLED_SHARE,
+    _fit_levels,
+    _Level,
+    _levels,
+    measure_progress,
+    samples_of,
+)
 from mc2sim.study.measure import Case, measure_rounds
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline, current_recorder
 from mc2sim.topology import (
@@ -292,6 +300,75 @@ def test_fit_contention_finds_the_slowdowns_that_made_the_spans(
     assert (fitted.compute_slowdown, fitted.comm_slowdown) == (compute, comm)
     assert "mm, moe" in fitted.source
     assert compute in COMPUTE_SLOWDOWNS and comm in COMM_SLOWDOWNS
+
+
+@pytest.mark.parametrize("polled", [True, False])
+def test_fit_contention_keeps_to_the_measured_progress(polled: bool) -> None:
+    # spans made by one machine; told how its collectives progress, the grid keeps to it:
+    # polled, no comm slowdown (1.0, the grid's only point then); not polled, the slowdowns
+    base = topology(2, alpha_us=100.0, gbps=1.0, reduce_gbps=2.0)
+    truth = dataclasses.replace(
+        base, contention=Contention(compute_slowdown=1.5, comm_slowdown=5.0)
+    )
+    cases = tiled_cases(2)
+    spans = [[simulate(dict(enumerate(c.plans)), truth).metrics().total_s] * 3 for c in cases]
+    said = "progress measured somehow"
+    fitted = fit_contention(base, cases, spans, polled=polled, progress=said).contention
+    assert fitted.polled is polled
+    assert said in fitted.source
+    if polled:
+        assert fitted.comm_slowdown == 1.0
+    else:
+        assert (fitted.compute_slowdown, fitted.comm_slowdown) == (1.5, 5.0)
+
+
+class _Transfer:
+    """A nonblocking collective of ``seconds``.
+
+    Done that long after its post where it progresses on its own, else advancing only
+    inside ``wait`` (all of it left there).
+    """
+
+    def __init__(self, seconds: float, on_its_own: bool) -> None:
+        self.seconds, self.on_its_own = seconds, on_its_own
+        self.posted = time.perf_counter()
+
+    def wait(self) -> None:
+        left = self.posted + self.seconds - time.perf_counter()
+        time.sleep(max(left, 0.0) if self.on_its_own else self.seconds)
+
+    def test(self) -> bool:
+        return self.on_its_own and time.perf_counter() >= self.posted + self.seconds
+
+
+class _ProgressComm:
+    """Rank 0 of 2 whose AllReduces are :class:`_Transfer` of 2 ms."""
+
+    size = 2
+    rank = 0
+
+    def __init__(self, on_its_own: bool) -> None:
+        self.on_its_own = on_its_own
+
+    def barrier(self) -> None:
+        return None
+
+    def iallreduce(self, t: object) -> _Transfer:
+        return _Transfer(0.002, self.on_its_own)
+
+    def allgather_object(self, obj: object) -> list[object]:
+        return [obj, obj]
+
+
+def test_measure_progress_tells_polled_from_progressing_on_its_own() -> None:
+    # polled: after the rank computed for twice the collective's time, all of it is left
+    polled = measure_progress(_ProgressComm(on_its_own=False), 3)  # type: ignore[arg-type]
+    assert polled == pytest.approx(1.0, abs=0.3)
+    assert polled > POLLED_SHARE
+    # on its own: done while the rank computed, nothing left
+    apart = measure_progress(_ProgressComm(on_its_own=True), 3)  # type: ignore[arg-type]
+    assert apart < 0.1
+    assert run_threads(1, lambda comm: measure_progress(comm, 3)) == [0.0]  # nothing to send
 
 
 # ---------------------------------------------------------------- interleaved rounds
