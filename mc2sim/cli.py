@@ -272,14 +272,14 @@ def _print_fit(topology: Topology) -> None:
         f"half-way at {eff.half_flops:.3g} FLOP"
     )
     print(f"memory {device.memory_gbps:.1f} GB/s, vector {device.vector_tflops:.3g} TFLOP/s")
+    if device.warm_us:
+        saved = ", ".join(f"{k} {v:.0f}" for k, v in device.warm_us.items())
+        print(f"a call's later task of a kind saves (us): {saved}")
     for dim in topology.network:  # innermost first: on several hosts, then across them
         print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
         print(f"latency {dim.latency_us:.1f} us")
-    comm = (
-        "polled (a transfer waits while its ranks compute)"
-        if slow.polled
-        else (f"x{slow.comm_slowdown}")
-    )
+    comm = "polled (a transfer waits while its ranks compute)" if slow.polled else "x"
+    comm += "" if slow.polled else f"{slow.comm_slowdown}"
     print(f"contention: compute x{slow.compute_slowdown}, comm {comm}")
     together = "together" if device.concurrent_collectives else "one at a time"
     print(f"collectives in flight progress {together}")

@@ -24,7 +24,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from mc2sim._compat import StrEnum
 from mc2sim._yaml import read_yaml, shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.errors import ParamInvalidError
+from mc2sim.schedule.plan import Resource, TaskKind
 
 __all__ = [
     "MATRIX_DTYPES",
@@ -315,6 +316,15 @@ class Device:
     at once (a peer back on its core progresses all it has posted); ``mc2sim calibrate``
     fits it with the contention. >= 0."""
 
+    warm_us: Mapping[str, float] = field(default_factory=dict)
+    """Per compute task kind (``matmul``, ``grouped_matmul``, ``attention``, ...), the
+    microseconds of a whole core a task saves when its rank ran a task of the same kind
+    earlier in the same call: its code, operands and buffers are warm in the caches. A
+    call's first task of a kind pays them (the profile's points are such tasks: a serial
+    call has one of each); its later ones (a tiled call's) do not, and never take less than
+    ``launch_us``. ``mc2sim calibrate`` measures them by running small calls twice in a row;
+    none (the default) for a machine described on paper. Each >= 0; stored read-only."""
+
     profile: tuple[ProfilePoint, ...] = ()
     """Compute tasks timed on this machine (``mc2sim calibrate``); empty for a machine
     described on paper, whose tasks take the roofline's time."""
@@ -370,6 +380,20 @@ class Device:
         object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
+        if not isinstance(self.warm_us, Mapping):
+            raise ParamInvalidError(
+                "warm_us", self.warm_us, "must be a mapping of compute task kind to microseconds"
+            )
+        warm = {}
+        computed = [str(k) for k in TaskKind if k.resource is Resource.COMPUTE]
+        for kind, us in self.warm_us.items():
+            if kind not in computed:
+                known = ", ".join(computed)
+                raise ParamInvalidError(
+                    f"warm_us.{kind}", us, f"unknown compute task kind; known: {known}"
+                )
+            warm[str(kind)] = _non_negative(f"warm_us.{kind}", us)
+        object.__setattr__(self, "warm_us", MappingProxyType(warm))
         if not isinstance(self.profile, tuple) or not all(
             isinstance(p, ProfilePoint) for p in self.profile
         ):
@@ -393,6 +417,7 @@ class Device:
                 self.issue_us,
                 self.issue_gbps,
                 self.slice_us,
+                tuple(sorted(self.warm_us.items())),
                 self.profile,
             )
         )
@@ -711,6 +736,7 @@ _DEVICE_OPTIONAL = (
     "issue_us",
     "issue_gbps",
     "slice_us",
+    "warm_us",
     "profile",
 )
 _DEVICE_KEYS = (
@@ -789,8 +815,8 @@ class _Reader:
         try:
             return factory(**kwargs)
         except ParamInvalidError as err:
-            field = f"{where}.{err.param}" if where else err.param
-            raise self.error(field, err.value, err.rule) from None
+            path = f"{where}.{err.param}" if where else err.param
+            raise self.error(path, err.value, err.rule) from None
 
     def topology(self, data: object) -> Topology:
         top = self.mapping(data, "", _TOP_KEYS)
@@ -846,8 +872,16 @@ class _Reader:
             issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
             issue_gbps=self.number(dev.get("issue_gbps", 0.0), "device.issue_gbps"),
             slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
+            warm_us=self.warm(dev.get("warm_us", {})),
             profile=self.profile(dev.get("profile", [])),
         )
+
+    def warm(self, data: object) -> dict[str, float]:
+        if not isinstance(data, dict):
+            raise self.error(
+                "device.warm_us", data, "must be a mapping of compute task kind to microseconds"
+            )
+        return {str(k): self.number(v, f"device.warm_us.{k}") for k, v in data.items()}
 
     def profile(self, data: object) -> tuple[ProfilePoint, ...]:
         if not isinstance(data, list):
@@ -944,6 +978,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             **({"issue_us": dev.issue_us} if dev.issue_us else {}),
             **({"issue_gbps": dev.issue_gbps} if dev.issue_gbps else {}),
             **({"slice_us": dev.slice_us} if dev.slice_us else {}),
+            **({"warm_us": dict(dev.warm_us)} if dev.warm_us else {}),
             "efficiency": {
                 "small_util": eff.small_util,
                 "large_util": eff.large_util,

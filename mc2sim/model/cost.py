@@ -211,28 +211,36 @@ def profiled_ratio(device: Device, kind: TaskKind, dtype: str, baseline: float) 
     return float(np.exp(np.interp(math.log(baseline), x, y)))
 
 
-def compute_time(task: Task, topology: Topology, dtype: str) -> float:
+def compute_time(task: Task, topology: Topology, dtype: str, *, warm: bool = False) -> float:
     """Seconds of a compute task on one device.
 
     The baseline's time (:func:`baselines`: the roofline, or the kind's own line through
     its profiled points), times the device's profiled ratio for the task's kind and dtype
-    (:func:`profiled_ratio`; 1 for a device described on paper), at the rank's share of a
-    core.
+    (:func:`profiled_ratio`; 1 for a device described on paper), less ``Device.warm_us`` of
+    its kind where an earlier task of that kind ran on the rank in the same call (never
+    below ``launch_us``), at the rank's share of a core.
 
     Args:
         task: a compute task (its FLOPs and bytes).
         topology: the machine.
         dtype: the plan's compute dtype (``int8`` for quant matmuls).
+        warm: whether the rank ran a task of the same kind earlier in the call.
 
     Returns:
         Seconds, launch overhead included.
     """
     flops, nbytes = np.array([task.flops]), np.array([task.bytes])
-    return float(compute_times(topology, task.kind, dtype, flops, nbytes)[0])
+    return float(compute_times(topology, task.kind, dtype, flops, nbytes, warm=warm)[0])
 
 
 def compute_times(
-    topology: Topology, kind: TaskKind, dtype: str, flops: np.ndarray, nbytes: np.ndarray
+    topology: Topology,
+    kind: TaskKind,
+    dtype: str,
+    flops: np.ndarray,
+    nbytes: np.ndarray,
+    *,
+    warm: bool = False,
 ) -> np.ndarray:
     """:func:`compute_time` of many tasks of one kind at once (elementwise)."""
     device = topology.device
@@ -241,6 +249,9 @@ def compute_times(
         x, y = _profile_curve(device, kind, task_dtype(kind, dtype))
         if x.size:
             base = base * np.exp(np.interp(np.log(base), x, y))
+    saved = device.warm_us.get(str(kind), 0.0) * 1e-6 if warm else 0.0
+    if saved > 0.0:
+        base = np.maximum(base - saved, np.minimum(base, device.launch_s))
     return base / topology.core_share
 
 

@@ -129,6 +129,7 @@ class _Rank:
     computing: _Active | None = None  # the compute task in progress
     issuing: Task | None = None  # a comm task being posted (the issue overhead o)
     issue_version: int = 0
+    ran: set[TaskKind] = field(default_factory=set)  # compute kinds run so far: warm
 
 
 _PULLED_KINDS = frozenset({TaskKind.ALLTOALLV, TaskKind.ALLGATHER})
@@ -478,7 +479,10 @@ class _Engine:
                 return  # waiting on a dependency (a comm chunk still in flight)
             state.pointer += 1
             if task.resource is Resource.COMPUTE:
-                work = compute_time(task, self.topology, state.plan.dtype)
+                work = compute_time(
+                    task, self.topology, state.plan.dtype, warm=task.kind in state.ran
+                )
+                state.ran.add(task.kind)
                 work *= self.slow.get(rank, 1.0)
                 state.computing = _Active([(rank, task)], work, self.compute_rate(), self.now)
                 state.issuer_busy = True
@@ -879,6 +883,7 @@ def _lockstep(
     queued: list[np.ndarray] = []
     started: list[float] = []
     ended = 0.0  # when the last collective (its transfer part) ended
+    ran: set[TaskKind] = set()  # compute kinds run so far (every rank's plan alike): warm
     for i, head in enumerate(first):
         task_flops, task_bytes = ranks.figures(i)
         flops[i], nbytes[i] = np.rint(task_flops), np.rint(task_bytes)
@@ -886,7 +891,10 @@ def _lockstep(
         for d in head.deps:
             ready = np.maximum(ready, end[d])
         if head.resource is Resource.COMPUTE:
-            times = compute_times(topology, head.kind, dtype, task_flops, task_bytes)
+            times = compute_times(
+                topology, head.kind, dtype, task_flops, task_bytes, warm=head.kind in ran
+            )
+            ran.add(head.kind)
             start[i] = ready
             end[i] = free = ready + times * slow
             continue

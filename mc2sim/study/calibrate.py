@@ -41,7 +41,10 @@ the ops' collectives meet); the
 cores the ranks share are read (:func:`node_cores`) and every compute figure scaled to a
 whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`)
 and taken off every collective sample; where ranks share cores, the contention fit also
-finds how long a collective waits for peers off their cores (``Device.slice_us``); and a
+finds how long a collective waits for peers off their cores (``Device.slice_us``); a small
+serial call of each compute kind runs twice in a row (:func:`warm_cases`), and what each
+kind's first task saves the second time is ``Device.warm_us`` (:func:`warm_savings`; it is
+added back to a sampled call's later tasks of a kind, so the profile holds first tasks); and a
 float32 matmul, a memcpy, a 16-bit to float32 conversion and a 4-byte exchange are timed
 apart from the fit (:func:`measure_independent`) for ``calibrate`` to print beside the
 fitted figures. A call's figure over its rounds is their lower quartile
@@ -60,7 +63,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -91,18 +94,21 @@ from mc2sim.schedule.executor import execute
 from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import Placement
 from mc2sim.study.measure import Case, cases_of, measure_rounds
-from mc2sim.timeline import Stream, TaskRecord, Timeline
+from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
 from mc2sim.topology import Contention, Device, LinkKind, NetworkDim, Topology
 
 __all__ = [
     "CONTENTION",
     "SAMPLED",
+    "WARMED",
     "Calibration",
     "Independent",
     "calibrate",
     "calibration_cases",
     "calibration_dir",
     "contention_cases",
+    "warm_cases",
+    "warm_savings",
     "COLLECTIVE_BYTES",
     "collective_cases",
     "measure_collectives",
@@ -122,6 +128,9 @@ SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_mm_2048x192x1536", "serial"),
     ("cal_mm_4096x128x512", "serial"),
     ("cal_mm_64x256x256", "serial"),  # small: per-task and per-message fixed costs dominate
+    # the matmul profile's low end, 1 MFLOP, where small calls' tiles fall: from 8 MFLOP up,
+    # the line through the points overshot a 2 MFLOP tile by 37% (126 us against 92)
+    ("cal_mm_32x64x256", "serial"),
     ("cal_mm_256x128x512", "serial"),
     # the grouped matmul's profile over four decades of FLOPs: 17 and 134 MFLOP between the
     # small chunks' and 1024 tokens' points (a skewed rank's 347 MFLOP grouped matmul, on
@@ -194,6 +203,63 @@ def calibration_cases(comm: Communicator) -> list[Case]:
 def contention_cases(comm: Communicator) -> list[Case]:
     """The calls of :data:`CONTENTION` (``mc2sim calibrate``'s contention fit)."""
     return _cases(comm, CONTENTION)
+
+
+WARMED: tuple[str, ...] = (
+    "cal_mm_64x256x256",
+    "cal_combine_128",  # grouped matmul and pack
+    "cal_ifa_small",
+    "cal_mm_w8a8_small",
+    "cal_mm_weight_quant_small",
+)
+"""Calibration scenarios whose serial call :func:`warm_cases` runs twice in a row: a small
+call of each compute kind, where what a warm task saves weighs most against its time."""
+
+
+def _twice(run: Callable[[], object]) -> None:
+    run()
+    run()
+
+
+def warm_cases(comm: Communicator) -> list[Case]:
+    """The serial calls of :data:`WARMED`, each run twice in a row by one case's ``run``."""
+    return [
+        replace(c, name=f"{c.name} twice", run=functools.partial(_twice, c.run))
+        for c in _cases(comm, [(name, "serial") for name in WARMED])
+    ]
+
+
+def warm_savings(rounds: Sequence[Sequence[Timeline]]) -> dict[str, float]:
+    """Seconds (at each rank's share of a core) a compute task saves when its kind ran before.
+
+    ``rounds[i]``: the gathered timelines of :func:`warm_cases`' case i, two calls each. In
+    every round, each rank's first task of a kind in the first call less its first of that
+    kind in the second; the median over the ranks, then over the rounds, then over the cases
+    of the kind; none below 0. The first call's task follows other calls (the rounds
+    interleave them), as a call's first task does; the second's follows a call of its own
+    kind, as a tiled call's later tasks do.
+    """
+    by_kind: dict[str, list[float]] = {}
+    for timelines in rounds:
+        per_case: dict[str, list[float]] = {}
+        for timeline in timelines:
+            calls = timeline.runs()
+            if len(calls) != 2:
+                raise RuntimeError(f"a call run twice recorded {len(calls)} calls")
+            firsts: dict[tuple[RunKey, int, str], float] = {}
+            for r in sorted(timeline.records, key=lambda r: r.start_s):
+                if r.stream is Stream.COMPUTE:
+                    firsts.setdefault((r.run, r.rank, r.kind), r.duration_s)
+            saved: dict[str, list[float]] = {}
+            for (run, rank, kind), seconds in firsts.items():
+                again = firsts.get((calls[1], rank, kind)) if run == calls[0] else None
+                if again is not None:
+                    saved.setdefault(kind, []).append(seconds - again)
+            for kind, values in saved.items():
+                per_case.setdefault(kind, []).append(statistics.median(values))
+        for kind, values in per_case.items():
+            by_kind.setdefault(kind, []).append(statistics.median(values))
+    return {kind: max(0.0, statistics.median(v)) for kind, v in sorted(by_kind.items())}
 
 
 KERNEL_TRAFFIC = 5.0
@@ -423,7 +489,11 @@ def measure_vector(
 
 
 def samples_of(
-    comm: Communicator, cases: Sequence[Case], rounds: Sequence[Sequence[Timeline]]
+    comm: Communicator,
+    cases: Sequence[Case],
+    rounds: Sequence[Sequence[Timeline]],
+    *,
+    warm_s: Mapping[str, float] | None = None,
 ) -> tuple[list[ComputeSample], list[CommSample]]:
     """Per-task samples of serial op runs (``rounds[i]``: case i's gathered timelines).
 
@@ -437,7 +507,10 @@ def samples_of(
     is left out, as that time holds contention, which :func:`fit_contention` fits. Each
     task's figure is the lower quartile over the rounds kept
     (:func:`mc2sim.model.accuracy.typical`), paired with the FLOPs and bytes of the
-    busiest rank's task; the tasks of one case share one unit of weight in the fits.
+    busiest rank's task; the tasks of one case share one unit of weight in the fits. A
+    compute task after one of its kind in its call gets ``warm_s`` of its kind (seconds at
+    the rank's share: :func:`warm_savings`) added back, so every sample is a call's first
+    task of its kind, as the model's profile holds them (``Device.warm_us``).
     """
     compute: list[ComputeSample] = []
     comm_samples: list[CommSample] = []
@@ -457,6 +530,7 @@ def samples_of(
                     seconds = max(r.duration_s for r in records)
                 durations.setdefault(task_id, []).append(seconds)
         plan = case.plans[comm.rank]
+        seen: set[TaskKind] = set()
         n_compute = sum(t.resource is Resource.COMPUTE for t in plan.tasks)
         n_comm = sum(t.resource is Resource.COMM and t.id in durations for t in plan.tasks)
         for task in plan.tasks:
@@ -464,6 +538,9 @@ def samples_of(
                 continue  # a collective that overlapped compute in every round
             seconds = typical(durations[task.id])
             if task.resource is Resource.COMPUTE:
+                if task.kind in seen:
+                    seconds += (warm_s or {}).get(str(task.kind), 0.0)
+                seen.add(task.kind)
                 dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else plan.dtype
                 busiest = max((p.tasks[task.id] for p in case.plans), key=lambda t: t.flops)
                 compute.append(
@@ -547,16 +624,20 @@ def calibrate(
     tiled = contention_cases(comm)
     # one host: the collectives over sizes, as the ops meet them, join the profile
     swept_cases = collective_cases(comm) if len(levels) == 1 else []
+    warmed = warm_cases(comm)
     runs = [c.run for _, cases in serial for c in cases]
     groups = [group for group, cases in serial for _ in cases]
-    runs += [c.run for c in tiled + swept_cases] + list(alongside)
-    groups += [comm] * (len(tiled) + len(swept_cases) + len(alongside))
+    runs += [c.run for c in tiled + swept_cases + warmed] + list(alongside)
+    groups += [comm] * (len(tiled) + len(swept_cases) + len(warmed) + len(alongside))
     rounds = measure_rounds(comm, runs, reps=reps, progress=progress, groups=groups)
+    after_serial = sum(len(cases) for _, cases in serial)
+    at = after_serial + len(tiled) + len(swept_cases)
+    warm_s = warm_savings(rounds[at : at + len(warmed)])
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
     first = 0
     for group, cases in serial:
-        mine = samples_of(group, cases, rounds[first : first + len(cases)])
+        mine = samples_of(group, cases, rounds[first : first + len(cases)], warm_s=warm_s)
         first += len(cases)
         # each group of a level measured its own copy: pool every group's (its rank 0 speaks)
         parts = comm.allgather_object(mine if group.rank == 0 else None)
@@ -565,7 +646,7 @@ def calibrate(
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
     spans = [[t.metrics().total_s for t in mine] for mine in rounds[first : first + len(tiled)]]
     swept_rounds = rounds[first + len(tiled) : first + len(tiled) + len(swept_cases)]
-    beside = rounds[first + len(tiled) + len(swept_cases) :]
+    beside = rounds[first + len(tiled) + len(swept_cases) + len(warmed) :]
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
     issue_s, issue_gbps = measure_issue(comm, reps)
@@ -626,6 +707,7 @@ def calibrate(
             reductions_in_float32=wide,
             cores_per_node=cores,
             issue_us=issue_s * share * 1e6,
+            warm_us={kind: seconds * share * 1e6 for kind, seconds in warm_s.items()},
             issue_gbps=issue_gbps / share if issue_gbps > 0 else 0.0,
             profile=fit_profile(compute)
             + (fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()),

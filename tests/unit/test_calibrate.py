@@ -38,6 +38,7 @@ from mc2sim.study.calibrate import (
     _levels,
     measure_progress,
     samples_of,
+    warm_savings,
 )
 from mc2sim.study.measure import Case, measure_rounds
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline, current_recorder
@@ -284,6 +285,75 @@ def tiled_cases(world: int) -> list[Case]:
         Case(name="mm", tiling="serial", run=lambda: None, plans=mm),
         Case(name="moe", tiling="serial", run=lambda: None, plans=moe),
     ]
+
+
+def twice(*calls: tuple[tuple[int, int, TaskKind, float, float], ...]) -> Timeline:
+    """A call run twice in a row: each call's (rank, task, kind, start ms, end ms)."""
+    return Timeline(records=tuple(
+        TaskRecord(
+            rank=rank, run=RunKey(op="mm", tiling="serial", repetition=i), task=task,
+            name=str(kind), stream=Stream.COMPUTE, kind=str(kind), start_s=start * MS,
+            end_s=end * MS,
+        )
+        for i, call in enumerate(calls)
+        for rank, task, kind, start, end in call
+    ))  # fmt: skip
+
+
+def test_warm_savings_compare_each_kinds_first_task_of_two_calls_in_a_row() -> None:
+    mm, pack = TaskKind.MATMUL, TaskKind.PACK
+
+    def round_(first: float, second: float, pack_saved: float) -> Timeline:
+        # rank 0's matmul takes `first` then `second` ms; rank 1's 1 ms more each time; a
+        # later matmul in each call (task 2) is not a first task and does not count
+        return twice(
+            ((0, 0, mm, 0, first), (1, 0, mm, 0, first + 1), (0, 1, pack, 10, 13),
+             (1, 1, pack, 10, 13), (0, 2, mm, 20, 21), (1, 2, mm, 20, 21)),
+            ((0, 0, mm, 30, 30 + second), (1, 0, mm, 30, 31 + second),
+             (0, 1, pack, 40, 43 - pack_saved), (1, 1, pack, 40, 43 - pack_saved),
+             (0, 2, mm, 50, 59), (1, 2, mm, 50, 59)),
+        )  # fmt: skip
+
+    # matmul saved 1, 2 and 6 ms per round (both ranks alike): median 2 ms. The pack: 0.5 ms,
+    # and once slower the second time (-1 ms), median over 3 rounds 0.5; a case where it
+    # is always slower gives 0, never a negative time
+    rounds = [round_(5, 4, 0.5), round_(6, 4, -1.0), round_(9, 3, 0.5)]
+    saved = warm_savings([rounds])
+    assert saved == pytest.approx({"matmul": 2 * MS, "pack": 0.5 * MS})
+    slower = [round_(5, 7, 0.5)] * 3
+    assert warm_savings([slower])["matmul"] == 0.0
+    # cases of one kind: the median of theirs before the floor at 0 (2, -2, 2 ms: 2; 2, -2: 0)
+    assert warm_savings([rounds, slower, rounds])["matmul"] == pytest.approx(2 * MS)
+    assert warm_savings([rounds, slower])["matmul"] == 0.0
+    with pytest.raises(RuntimeError, match="recorded 1 calls"):
+        warm_savings([[twice(((0, 0, mm, 0, 1),))]])
+
+
+def test_samples_add_what_a_warm_task_saved_back_to_a_calls_later_tasks() -> None:
+    shape = MatmulShape(k=64, n=256, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
+    plans = tuple(
+        plan_mm_all_reduce(
+            m=128, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of(2), rank=r,
+            world_size=2,
+        )
+        for r in range(2)
+    )  # fmt: skip
+    case = Case(name="mm tiled", tiling="tiles=2", run=lambda: None, plans=plans)
+    mm0, ar0, mm1, ar1 = (t.id for t in plans[0].tasks)
+    timeline = Timeline(records=tuple(
+        rec(r, t, kind, start, end)
+        for r in range(2)
+        for t, kind, start, end in (
+            (mm0, TaskKind.MATMUL, 0, 4), (ar0, TaskKind.ALLREDUCE, 4, 6),
+            (mm1, TaskKind.MATMUL, 6, 9), (ar1, TaskKind.ALLREDUCE, 9, 12),
+        )
+    ))  # fmt: skip
+    warm = {"matmul": 1 * MS, "pack": 7 * MS}
+    compute, _ = samples_of(SameOnEveryRank(2), [case], [[timeline]], warm_s=warm)
+    # the first tile as measured (4 ms); the second, warm, 3 ms + the 1 ms it saved
+    assert [s.seconds for s in compute] == pytest.approx([4 * MS, 4 * MS])
+    plain, _ = samples_of(SameOnEveryRank(2), [case], [[timeline]])
+    assert [s.seconds for s in plain] == pytest.approx([4 * MS, 3 * MS])
 
 
 @pytest.mark.parametrize(("compute", "comm"), [(1.5, 5.0), (1.0, 1.0), (3.0, 30.0)])

@@ -182,6 +182,42 @@ def test_the_new_figures_survive_a_file_and_are_checked(tmp_path: object) -> Non
         Contention(polled=1)  # type: ignore[arg-type]
 
 
+def test_a_calls_later_tasks_of_a_kind_save_their_warm_time() -> None:
+    # warm: a matmul saves 0.5 s once one ran on its rank in the call, never below the
+    # 0.25 s launch (on a whole core; at half a core every figure doubles). Rank 0: mm 2 s
+    # [0, 2], mm 2 s warm 1.5 [2, 3.5], mm 0.6 s warm 0.25 (the launch floor: 0.6 - 0.5
+    # would be 0.1) [3.5, 3.75]. A task's time is its kind's: a reduce after the matmuls is
+    # the call's first reduce, 1 s in full [3.75, 4.75]
+    topo = with_device(machine(2), warm_us={"matmul": 5e5}, launch_us=2.5e5)
+    reduce = Task(id=-1, name="red", kind=TaskKind.REDUCE, flops=0, bytes=0)
+    plans = {r: plan(r, 2, mm(1.75), mm(1.75), mm(0.35), reduce) for r in (0, 1)}
+    # launch 0.25 s is on top of the FLOPs: mm(1.75) is 2 s, mm(0.35) 0.6 s
+    expected = {"mm0": (0, 2), "mm1": (2, 3.5), "mm2": (3.5, 3.75)}
+    timeline = simulate(plans, topo)
+    got = {(r.rank, r.name): (r.start_s, r.end_s) for r in timeline.records}
+    for name, span in expected.items():
+        assert got[(0, name)] == pytest.approx(span), name
+    red = got[(0, "red3")]
+    assert red[0] == pytest.approx(3.75)
+    first = compute_time(plans[0].tasks[3], topo, "float16")
+    assert red[1] - red[0] == pytest.approx(first)  # a first reduce: nothing saved
+    halved = with_device(topo, cores_per_node=1)
+    assert compute_time(plans[0].tasks[1], halved, "float16", warm=True) == pytest.approx(3.0)
+    assert compute_time(plans[0].tasks[1], topo, "float16", warm=True) == pytest.approx(1.5)
+
+
+def test_warm_times_survive_a_file_and_are_checked(tmp_path: object) -> None:
+    topo = with_device(machine(2), warm_us={"attention": 250.0, "pack": 12.5})
+    path = f"{tmp_path}/t.yaml"
+    dump(topo, path)
+    assert dict(load(path).device.warm_us) == {"attention": 250.0, "pack": 12.5}
+    assert dict(machine(2).device.warm_us) == {}  # none unless measured
+    with pytest.raises(ParamInvalidError, match=r"warm_us\.allreduce.*unknown compute task kind"):
+        with_device(topo, warm_us={"allreduce": 1.0})  # a collective is not a compute task
+    with pytest.raises(ParamInvalidError, match=r"warm_us\.matmul"):
+        with_device(topo, warm_us={"matmul": -1.0})
+
+
 def test_fit_contention_finds_polled_progress() -> None:
     # spans made with polled progress and compute slowdown 1: X, a 1 s AllReduce under 4 s of
     # compute, waits for the compute: [4, 5]; Y, a 4 s AllReduce under 1 s: 1 + 4 = 5; Z, a 2 s

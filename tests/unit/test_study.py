@@ -353,10 +353,10 @@ def test_a_new_validation_file_is_a_new_case(tmp_path: Path) -> None:
 
 def test_calibration_pairs_name_shipped_files_and_their_tilings() -> None:
     from mc2sim.schedule import tiling_of
-    from mc2sim.study.calibrate import CONTENTION, SAMPLED, calibration_dir
+    from mc2sim.study.calibrate import CONTENTION, SAMPLED, WARMED, calibration_dir
 
-    assert len(SAMPLED) == 24 and len(CONTENTION) == 6
-    for name, tiling in (*SAMPLED, *CONTENTION):
+    assert len(SAMPLED) == 25 and len(CONTENTION) == 6
+    for name, tiling in (*SAMPLED, *CONTENTION, *((w, "serial") for w in WARMED)):
         scenario = load(calibration_dir() / f"{name}.yaml")
         assert tiling_of(tiling) in {tiling_of(t) for t in scenario.tilings}, (name, tiling)
     # the contention fit sees tiled calls only; the samples are serial but for one
