@@ -272,6 +272,9 @@ def _print_fit(topology: Topology) -> None:
         f"half-way at {eff.half_flops:.3g} FLOP"
     )
     print(f"memory {device.memory_gbps:.1f} GB/s, vector {device.vector_tflops:.3g} TFLOP/s")
+    if device.issue_us or device.issue_extra_us:
+        extra = "".join(f", {k} +{v:.1f}" for k, v in device.issue_extra_us.items())
+        print(f"posting a collective: {device.issue_us:.1f} us{extra}")
     if device.warm_us:
         saved = ", ".join(f"{k} {v:.0f}" for k, v in device.warm_us.items())
         print(f"a call's later task of a kind saves (us): {saved}")

@@ -134,6 +134,21 @@ def _text(param: str, value: object, *, nonempty: bool = False) -> str:
     return value
 
 
+def _us_by_kind(param: str, value: object, resource: Resource) -> Mapping[str, float]:
+    """``value``, microseconds by task kind of ``resource``, each >= 0, read-only."""
+    words = "compute" if resource is Resource.COMPUTE else "collective"
+    if not isinstance(value, Mapping):
+        raise ParamInvalidError(param, value, f"must be a mapping of {words} kind to microseconds")
+    kinds = [str(k) for k in TaskKind if k.resource is resource]
+    table = {}
+    for kind, us in value.items():
+        if kind not in kinds:
+            known = ", ".join(kinds)
+            raise ParamInvalidError(f"{param}.{kind}", us, f"unknown {words} kind; known: {known}")
+        table[str(kind)] = _non_negative(f"{param}.{kind}", us)
+    return MappingProxyType(table)
+
+
 def _as_link_kind(param: str, value: object) -> LinkKind:
     """Return ``value`` as a :class:`LinkKind`, listing the allowed values otherwise."""
     try:
@@ -301,6 +316,14 @@ class Device:
     plan of many tiny chunks pays it once per chunk. 0 on accelerators, whose
     communication engine takes a descriptor."""
 
+    issue_extra_us: Mapping[str, float] = field(default_factory=dict)
+    """Per collective kind (``allreduce``, ``alltoallv``, ``allgather``, ``reduce_scatter``),
+    the microseconds (a whole core's) posting one takes beyond ``issue_us``, which is a post
+    that converts nothing (a float32 AllReduce's, as a ping-pong's): an AlltoAllv's counts
+    and displacements, a 16-bit reduction's float32 copy's fixed part (its bytes at
+    ``issue_gbps`` come on top). ``mc2sim calibrate`` times each; none (the default) on
+    accelerators. Each >= 0; stored read-only."""
+
     issue_gbps: float = 0.0
     """Where reductions move float32 copies (``reductions_in_float32``): the rate, in GB/s of
     the plan's 16-bit bytes, at which posting an AllReduce or a ReduceScatter makes its
@@ -380,20 +403,8 @@ class Device:
         object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
-        if not isinstance(self.warm_us, Mapping):
-            raise ParamInvalidError(
-                "warm_us", self.warm_us, "must be a mapping of compute task kind to microseconds"
-            )
-        warm = {}
-        computed = [str(k) for k in TaskKind if k.resource is Resource.COMPUTE]
-        for kind, us in self.warm_us.items():
-            if kind not in computed:
-                known = ", ".join(computed)
-                raise ParamInvalidError(
-                    f"warm_us.{kind}", us, f"unknown compute task kind; known: {known}"
-                )
-            warm[str(kind)] = _non_negative(f"warm_us.{kind}", us)
-        object.__setattr__(self, "warm_us", MappingProxyType(warm))
+        for name, resource in (("warm_us", Resource.COMPUTE), ("issue_extra_us", Resource.COMM)):
+            object.__setattr__(self, name, _us_by_kind(name, getattr(self, name), resource))
         if not isinstance(self.profile, tuple) or not all(
             isinstance(p, ProfilePoint) for p in self.profile
         ):
@@ -415,6 +426,7 @@ class Device:
                 self.reductions_in_float32,
                 self.cores_per_node,
                 self.issue_us,
+                tuple(sorted(self.issue_extra_us.items())),
                 self.issue_gbps,
                 self.slice_us,
                 tuple(sorted(self.warm_us.items())),
@@ -734,6 +746,7 @@ _DEVICE_OPTIONAL = (
     "reductions_in_float32",
     "cores_per_node",
     "issue_us",
+    "issue_extra_us",
     "issue_gbps",
     "slice_us",
     "warm_us",
@@ -872,16 +885,15 @@ class _Reader:
             issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
             issue_gbps=self.number(dev.get("issue_gbps", 0.0), "device.issue_gbps"),
             slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
-            warm_us=self.warm(dev.get("warm_us", {})),
+            warm_us=self.by_kind(dev.get("warm_us", {}), "device.warm_us"),
+            issue_extra_us=self.by_kind(dev.get("issue_extra_us", {}), "device.issue_extra_us"),
             profile=self.profile(dev.get("profile", [])),
         )
 
-    def warm(self, data: object) -> dict[str, float]:
+    def by_kind(self, data: object, where: str) -> dict[str, float]:
         if not isinstance(data, dict):
-            raise self.error(
-                "device.warm_us", data, "must be a mapping of compute task kind to microseconds"
-            )
-        return {str(k): self.number(v, f"device.warm_us.{k}") for k, v in data.items()}
+            raise self.error(where, data, "must be a mapping of task kind to microseconds")
+        return {str(k): self.number(v, f"{where}.{k}") for k, v in data.items()}
 
     def profile(self, data: object) -> tuple[ProfilePoint, ...]:
         if not isinstance(data, list):
@@ -976,6 +988,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "reductions_in_float32": dev.reductions_in_float32,
             **({"cores_per_node": dev.cores_per_node} if dev.cores_per_node else {}),
             **({"issue_us": dev.issue_us} if dev.issue_us else {}),
+            **({"issue_extra_us": dict(dev.issue_extra_us)} if dev.issue_extra_us else {}),
             **({"issue_gbps": dev.issue_gbps} if dev.issue_gbps else {}),
             **({"slice_us": dev.slice_us} if dev.slice_us else {}),
             **({"warm_us": dict(dev.warm_us)} if dev.warm_us else {}),

@@ -273,8 +273,9 @@ _FLOAT32_COPIED = frozenset({TaskKind.ALLREDUCE, TaskKind.REDUCE_SCATTER})
 def issue_time(topology: Topology, task: Task) -> float:
     """Seconds a rank's issuer spends posting comm task ``task`` (LogP's ``o``), at its core share.
 
-    ``Device.issue_us``, plus, for an AllReduce or a ReduceScatter where reductions move
-    float32 copies, its float32 copy of the task's bytes at ``Device.issue_gbps``.
+    ``Device.issue_us``, plus its kind's ``Device.issue_extra_us``, plus, for an AllReduce
+    or a ReduceScatter where reductions move float32 copies, its float32 copy of the task's
+    bytes at ``Device.issue_gbps``.
     """
     return float(issue_times(topology, task.kind, np.array([task.bytes]))[0])
 
@@ -282,7 +283,8 @@ def issue_time(topology: Topology, task: Task) -> float:
 def issue_times(topology: Topology, kind: TaskKind, nbytes: np.ndarray) -> np.ndarray:
     """:func:`issue_time` of many comm tasks of one kind at once (elementwise)."""
     device = topology.device
-    seconds = np.full(np.shape(nbytes), device.issue_us * 1e-6)
+    fixed = device.issue_us + device.issue_extra_us.get(str(kind), 0.0)
+    seconds = np.full(np.shape(nbytes), fixed * 1e-6)
     if device.issue_gbps > 0 and device.reductions_in_float32 and kind in _FLOAT32_COPIED:
         seconds = seconds + np.asarray(nbytes, dtype=np.float64) / (device.issue_gbps * 1e9)
     return seconds / topology.core_share

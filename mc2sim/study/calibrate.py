@@ -103,6 +103,7 @@ __all__ = [
     "WARMED",
     "Calibration",
     "Independent",
+    "Posting",
     "calibrate",
     "calibration_cases",
     "calibration_dir",
@@ -649,7 +650,7 @@ def calibrate(
     beside = rounds[first + len(tiled) + len(swept_cases) + len(warmed) :]
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
-    issue_s, issue_gbps = measure_issue(comm, reps)
+    posting = measure_issue(comm, reps)
     in_ops: list[CommSample] = []
     if swept_cases:
         by_level[0] += measure_collectives(comm, reps)
@@ -667,9 +668,7 @@ def calibrate(
 
     # a collective's span includes its last rank's posting, which the model holds apart
     def posted_apart(s: CommSample) -> CommSample:
-        return replace(
-            s, seconds=max(s.seconds - _posting(s, issue_s, issue_gbps), 0.1 * s.seconds)
-        )
+        return replace(s, seconds=max(s.seconds - posting.of(s.kind, s.nbytes), 0.1 * s.seconds))
 
     by_level = [[posted_apart(s) for s in mine] for mine in by_level]
     in_ops = [posted_apart(s) for s in in_ops]
@@ -706,9 +705,10 @@ def calibrate(
             memory_overlap=False,
             reductions_in_float32=wide,
             cores_per_node=cores,
-            issue_us=issue_s * share * 1e6,
+            issue_us=posting.bare_s * share * 1e6,
+            issue_extra_us={kind: v * share * 1e6 for kind, v in posting.extra_s.items()},
             warm_us={kind: seconds * share * 1e6 for kind, seconds in warm_s.items()},
-            issue_gbps=issue_gbps / share if issue_gbps > 0 else 0.0,
+            issue_gbps=posting.copy_gbps / share if posting.copy_gbps > 0 else 0.0,
             profile=fit_profile(compute)
             + (fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()),
         ),
@@ -830,46 +830,77 @@ def node_cores(comm: Communicator, hosts: Sequence[str]) -> float:
     return min(figures)
 
 
-def measure_issue(comm: Communicator, reps: int) -> tuple[float, float]:
-    """Seconds a rank spends posting a nonblocking collective (LogP's ``o``), and its per-byte part.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Posting:
+    """What posting a nonblocking collective costs a rank (LogP's ``o``), slowest rank's."""
 
-    Every rank posts a 1-row-per-peer bfloat16 AlltoAllv and a 256-element AllReduce at
-    once, as the tiled plans do, timing the post alone; the slowest rank's median of both
-    kinds together is ``o``. Then bfloat16 AllReduces of :data:`POSTED_BYTES` where the
-    communicator sums in float32 (its float32 copy is made while posting): the least-squares
-    slope of their posts over ``o`` by bytes gives ``Device.issue_gbps``.
+    bare_s: float
+    """Seconds to post a collective that converts nothing (a 1-element float32 AllReduce):
+    ``Device.issue_us``."""
+    extra_s: dict[str, float]
+    """Seconds a post of each kind takes beyond ``bare_s`` (a 1-row-per-peer bfloat16
+    AlltoAllv's counts and displacements; a 256-element bfloat16 AllReduce's float32 copy's
+    fixed part, a ReduceScatter's alike): ``Device.issue_extra_us``."""
+    copy_gbps: float
+    """Where reductions sum in float32: the rate of their float32 copy per 16-bit byte posted
+    (``Device.issue_gbps``); 0 where there is none."""
 
-    Returns:
-        ``(o in seconds, GB/s of the per-byte part; 0 where there is none)``.
+    def of(self, kind: str, nbytes: float) -> float:
+        """Seconds of posting a collective of ``kind`` (a ``CommSample`` kind) of ``nbytes``."""
+        copied = kind in ("allreduce", "reduce_scatter") and self.copy_gbps > 0
+        return (
+            self.bare_s
+            + self.extra_s.get(kind, 0.0)
+            + (nbytes / (self.copy_gbps * 1e9) if copied else 0.0)
+        )
+
+
+def _slowest_post(comm: Communicator, post: Callable[[], Work], reps: int) -> float:
+    """The slowest rank's median seconds of ``post`` alone (every rank at once), waited after."""
+    times = []
+    for i in range(max(reps, 3) + 1):
+        comm.barrier()
+        start = time.perf_counter()
+        work = post()
+        posted = time.perf_counter() - start
+        work.wait()
+        if i > 0:  # the first warms up
+            times.append(posted)
+    return float(max(comm.allgather_object(statistics.median(times))))
+
+
+def measure_issue(comm: Communicator, reps: int) -> Posting:
+    """Seconds a rank spends posting a nonblocking collective (LogP's ``o``), kind by kind.
+
+    Every rank posts at once, timing the post alone (the slowest rank's median): a
+    1-element float32 AllReduce (the bare post, as a ping-pong's), a 1-row-per-peer
+    bfloat16 AlltoAllv and a 256-element bfloat16 AllReduce, as the tiled plans post them
+    (their excess over the bare post is their kind's extra; a ReduceScatter's is the
+    AllReduce's: the same float32 copy); then, where the communicator sums in float32 (its
+    float32 copy is made while posting), bfloat16 AllReduces of :data:`POSTED_BYTES`: the
+    least-squares slope through the origin of their posts over the small one's, by bytes,
+    gives ``Device.issue_gbps``. The bare post alone was 6.1 us of a 7.8 us float32
+    exchange on 2 ranks here, the AlltoAllv's 8.6 us and the bfloat16 AllReduce's 11.1.
     """
     rows = torch.zeros((comm.size, 64), dtype=torch.bfloat16)
     ones = [1] * comm.size
     flat = torch.zeros(256, dtype=torch.bfloat16)
-    times = []
-    for i in range(2 * (reps + 1)):
-        comm.barrier()
-        start = time.perf_counter()
-        work = comm.ialltoallv(rows, ones, ones) if i % 2 == 0 else comm.iallreduce(flat)
-        posted = time.perf_counter() - start
-        work.wait()
-        if i >= 2:  # the first of each kind warms up
-            times.append(posted)
-    issue_s = float(max(comm.allgather_object(statistics.median(times))))
+    single = torch.zeros(1)
+    bare = _slowest_post(comm, lambda: comm.iallreduce(single), reps)
+    alltoallv = _slowest_post(comm, lambda: comm.ialltoallv(rows, ones, ones), reps)
+    reduction = _slowest_post(comm, lambda: comm.iallreduce(flat), reps)
+    extra = {
+        "alltoallv": max(alltoallv - bare, 0.0),
+        "allreduce": max(reduction - bare, 0.0),
+        "reduce_scatter": max(reduction - bare, 0.0),
+    }
     if comm.backend not in WIDE_REDUCTIONS:
-        return issue_s, 0.0
+        return Posting(bare_s=bare, extra_s=extra, copy_gbps=0.0)
     over = []
     for nbytes in POSTED_BYTES:
-        buffer = torch.zeros(nbytes // 2, dtype=torch.bfloat16)
-        posts = []
-        for _ in range(reps + 1):
-            comm.barrier()
-            start = time.perf_counter()
-            work = comm.iallreduce(buffer)
-            posts.append(time.perf_counter() - start)
-            work.wait()
-        mine = statistics.median(posts[1:])  # the first warms up
-        over.append(float(max(comm.allgather_object(mine))) - issue_s)
-    return issue_s, fit_rate(POSTED_BYTES, over)
+        post = functools.partial(comm.iallreduce, torch.zeros(nbytes // 2, dtype=torch.bfloat16))
+        over.append(_slowest_post(comm, post, reps) - reduction)
+    return Posting(bare_s=bare, extra_s=extra, copy_gbps=fit_rate(POSTED_BYTES, over))
 
 
 PROGRESS_BYTES = 4 * 1024 * 1024
@@ -926,12 +957,6 @@ def measure_progress(comm: Communicator, reps: int) -> float:
 POSTED_BYTES = (262144, 1048576, 4194304)
 """Bytes of the bfloat16 AllReduces whose posts :func:`measure_issue` times for the per-byte
 part of posting a reduction (its float32 copy)."""
-
-
-def _posting(sample: CommSample, issue_s: float, issue_gbps: float) -> float:
-    """Seconds of ``sample`` spent posting: ``o``, and a reduction's float32 copy."""
-    copied = sample.kind in ("allreduce", "reduce_scatter") and issue_gbps > 0
-    return issue_s + (sample.nbytes / (issue_gbps * 1e9) if copied else 0.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from mc2sim.comm import ThreadCommunicator, run_threads
 from mc2sim.errors import ParamInvalidError
@@ -36,6 +37,7 @@ from mc2sim.study.calibrate import (
     _fit_levels,
     _Level,
     _levels,
+    measure_issue,
     measure_progress,
     samples_of,
     warm_savings,
@@ -428,6 +430,47 @@ class _ProgressComm:
 
     def allgather_object(self, obj: object) -> list[object]:
         return [obj, obj]
+
+
+class _PostingComm:
+    """Rank 0 of 2 whose posts take known times (sleeps).
+
+    A float32 AllReduce 2 ms, a bfloat16 one 4 ms + 1 ms per MiB (its float32 copy), an
+    AlltoAllv 7 ms.
+    """
+
+    size = 2
+    rank = 0
+    backend = "mpi"
+
+    def barrier(self) -> None:
+        return None
+
+    def iallreduce(self, t: torch.Tensor) -> _Transfer:
+        extra = 0.0 if t.dtype == torch.float32 else 0.002 + t.numel() * 2 / 2**20 * 1e-3
+        time.sleep(0.002 + extra)
+        return _Transfer(0.0, True)
+
+    def ialltoallv(self, t: torch.Tensor, send: object, recv: object) -> _Transfer:
+        time.sleep(0.007)
+        return _Transfer(0.0, True)
+
+    def allgather_object(self, obj: object) -> list[object]:
+        return [obj, obj]
+
+
+def test_measure_issue_times_the_bare_post_and_each_kinds_extra() -> None:
+    posting = measure_issue(_PostingComm(), 3)  # type: ignore[arg-type]
+    assert posting.bare_s == pytest.approx(0.002, abs=5e-4)
+    assert posting.extra_s["alltoallv"] == pytest.approx(0.005, abs=7e-4)
+    assert posting.extra_s["allreduce"] == posting.extra_s["reduce_scatter"]
+    assert posting.extra_s["allreduce"] == pytest.approx(0.002, abs=7e-4)
+    # 1 ms per MiB posted: 2**20 / 1e-3 B/s, 1.05 GB/s
+    assert posting.copy_gbps == pytest.approx(2**20 / 1e-3 / 1e9, rel=0.15)
+    # a sample's posting: bare + its kind's extra + its copy
+    assert posting.of("alltoallv", 2**20) == pytest.approx(0.007, abs=1e-3)
+    assert posting.of("allreduce", 2**21) == pytest.approx(0.006, abs=1.2e-3)
+    assert posting.of("allgather", 2**21) == posting.bare_s
 
 
 def test_measure_progress_tells_polled_from_progressing_on_its_own() -> None:

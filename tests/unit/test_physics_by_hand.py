@@ -127,6 +127,39 @@ def test_posting_a_float32_reduction_copies_its_bytes_on_the_issuer() -> None:
     assert issue_time(half, allreduce(1)) == pytest.approx(2 * 0.75)
 
 
+def test_each_kind_of_post_adds_its_own_extra_to_the_bare_post() -> None:
+    # o = 0.25 s bare; an AlltoAllv's post 0.5 s more, an AllReduce's 0.125 s more, and its
+    # float32 copy of 1000 B at 2000 B/s 0.5 s: ar0 posts over [0, 0.875], runs 2 s (float32)
+    # [0.875, 2.875]; a2a1 (0 bytes away: no transfer) posts [0.875, 1.625]; mm2 [1.625, 2.625]
+    plans = {r: plan(r, 2, allreduce(1), alltoallv([0, 0], [0, 0], r), mm(1)) for r in range(2)}
+    extra = {"alltoallv": 0.5e6, "allreduce": 0.125e6}
+    topo = with_device(
+        machine(2), issue_us=0.25e6, issue_extra_us=extra, issue_gbps=2e-6,
+        reductions_in_float32=True,
+    )  # fmt: skip
+    got = {(r.rank, r.name): (r.start_s, r.end_s) for r in simulate(plans, topo).records}
+    assert got[(0, "ar0")] == pytest.approx((0.875, 2.875))
+    assert got[(0, "mm2")] == pytest.approx((1.625, 2.625))
+    assert issue_time(topo, alltoallv([0, 3], [0, 3], 0)) == pytest.approx(0.75)
+    # an AllGather has no extra of its own: the bare post
+    gather = Task(id=0, name="ag", kind=TaskKind.ALLGATHER, bytes=10)
+    assert issue_time(topo, gather) == pytest.approx(0.25)
+    # at half a core every part of a post takes twice as long
+    half = with_device(topo, cores_per_node=1)
+    assert issue_time(half, allreduce(1)) == pytest.approx(2 * 0.875)
+
+
+def test_post_extras_survive_a_file_and_are_checked(tmp_path: object) -> None:
+    topo = with_device(machine(2), issue_us=6.5, issue_extra_us={"alltoallv": 2.5})
+    path = f"{tmp_path}/t.yaml"
+    dump(topo, path)
+    assert dict(load(path).device.issue_extra_us) == {"alltoallv": 2.5}
+    with pytest.raises(ParamInvalidError, match=r"issue_extra_us\.matmul.*unknown collective"):
+        with_device(topo, issue_extra_us={"matmul": 1.0})
+    with pytest.raises(ParamInvalidError, match=r"issue_extra_us\.allreduce"):
+        with_device(topo, issue_extra_us={"allreduce": -0.5})
+
+
 def test_memory_traffic_counts_the_bytes_the_kernels_move_per_counted_byte() -> None:
     # 2000 counted bytes at 1000 B/s moved, 5 bytes moved per counted byte: 10 s of memory,
     # after 1 s of arithmetic (1e6 FLOP at 1e6 FLOP/s; the passes add, memory_overlap off)
@@ -212,7 +245,7 @@ def test_warm_times_survive_a_file_and_are_checked(tmp_path: object) -> None:
     dump(topo, path)
     assert dict(load(path).device.warm_us) == {"attention": 250.0, "pack": 12.5}
     assert dict(machine(2).device.warm_us) == {}  # none unless measured
-    with pytest.raises(ParamInvalidError, match=r"warm_us\.allreduce.*unknown compute task kind"):
+    with pytest.raises(ParamInvalidError, match=r"warm_us\.allreduce.*unknown compute kind"):
         with_device(topo, warm_us={"allreduce": 1.0})  # a collective is not a compute task
     with pytest.raises(ParamInvalidError, match=r"warm_us\.matmul"):
         with_device(topo, warm_us={"matmul": -1.0})
