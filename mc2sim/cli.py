@@ -281,8 +281,8 @@ def _print_fit(topology: Topology) -> None:
     for dim in topology.network:  # innermost first: on several hosts, then across them
         print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
         print(f"latency {dim.latency_us:.1f} us")
-    comm = "polled (a transfer waits while its ranks compute)" if slow.polled else "x"
-    comm += "" if slow.polled else f"{slow.comm_slowdown}"
+    polled = "polled (a transfer waits while its ranks compute)"
+    comm = polled if slow.polled else f"x{slow.comm_slowdown}"
     print(f"contention: compute x{slow.compute_slowdown}, comm {comm}")
     together = "together" if device.concurrent_collectives else "one at a time"
     print(f"collectives in flight progress {together}")

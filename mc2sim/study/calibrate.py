@@ -912,7 +912,9 @@ POLLED_SHARE = 0.5
 """The share of a collective's time after its post still to run after its rank computed for
 twice that time, above which it progresses only inside the communicator's calls
 (:func:`measure_progress`). Measured on this project's machines: MPICH 0.74 to 0.81 on 2
-ranks and 0.65 to 1.4 on 4 ranks of a 2-core machine, gloo 0.01 to 0.02."""
+ranks and 0.65 to 1.4 on 4 ranks of a 2-core machine; gloo 0.01 to 0.02 on 2 ranks, 0.79 on
+4 (its progress threads starved of cores by the ranks computing: polled, as the model sees
+it)."""
 
 
 def measure_progress(comm: Communicator, reps: int) -> float:

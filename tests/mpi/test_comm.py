@@ -349,12 +349,16 @@ def test_16bit_reductions_in_flight_never_share_scratch(comm: Communicator) -> N
 
 def test_measure_progress_finds_how_each_backend_progresses(comm: Communicator) -> None:
     # MPICH (no progress thread) advances a nonblocking collective only inside its calls:
-    # most of it is left after its ranks computed; gloo's threads finish it meanwhile
+    # most of it is left after its ranks computed; gloo's threads finish it meanwhile where
+    # they find a core (4 ranks computing on 2 cores starve them: 79% left, polled as far as
+    # the model goes, so no claim there)
+    import os
+
     from mc2sim.study.calibrate import POLLED_SHARE, measure_progress
 
     share = measure_progress(comm, 3)
     assert share == comm.allgather_object(share)[0]  # every rank decides alike
     if comm.backend == "mpi":
         assert share > POLLED_SHARE
-    else:
+    elif comm.size <= len(os.sched_getaffinity(0)):  # a core for every rank
         assert share < POLLED_SHARE
