@@ -167,6 +167,19 @@ def serial_mm_case() -> Case:
     return Case(name="mm", tiling="serial", run=lambda: None, plans=plans)
 
 
+def tiled_mm_case() -> Case:
+    """A MatmulAllReduce of 2 tiles on 2 ranks: matmul, AllReduce, matmul, AllReduce."""
+    shape = MatmulShape(k=64, n=256, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
+    plans = tuple(
+        plan_mm_all_reduce(
+            m=128, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of(2), rank=r,
+            world_size=2,
+        )
+        for r in range(2)
+    )  # fmt: skip
+    return Case(name="mm tiled", tiling="tiles=2", run=lambda: None, plans=plans)
+
+
 def test_samples_time_a_collective_from_the_last_arrival_to_the_last_completion() -> None:
     case = serial_mm_case()
     matmul, allreduce = (t.id for t in case.plans[0].tasks)
@@ -198,16 +211,8 @@ def test_samples_time_a_collective_from_the_last_arrival_to_the_last_completion(
 
 
 def test_samples_leave_out_rounds_where_a_rank_computed_during_its_collective() -> None:
-    shape = MatmulShape(k=64, n=256, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
-    plans = tuple(
-        plan_mm_all_reduce(
-            m=128, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of(2), rank=r,
-            world_size=2,
-        )
-        for r in range(2)
-    )  # fmt: skip
-    case = Case(name="mm tiled", tiling="tiles=2", run=lambda: None, plans=plans)
-    mm0, ar0, mm1, ar1 = (t.id for t in plans[0].tasks)
+    case = tiled_mm_case()
+    mm0, ar0, mm1, ar1 = (t.id for t in case.plans[0].tasks)
 
     def round_(ar0_end: float, mm1_start: float) -> Timeline:
         return Timeline(records=tuple(
@@ -332,16 +337,8 @@ def test_warm_savings_compare_each_kinds_first_task_of_two_calls_in_a_row() -> N
 
 
 def test_samples_add_what_a_warm_task_saved_back_to_a_calls_later_tasks() -> None:
-    shape = MatmulShape(k=64, n=256, in_bytes=2, w_bytes=2, out_bytes=2, dtype="bfloat16")
-    plans = tuple(
-        plan_mm_all_reduce(
-            m=128, shape=shape, kind=TaskKind.MATMUL, tiling=tiling_of(2), rank=r,
-            world_size=2,
-        )
-        for r in range(2)
-    )  # fmt: skip
-    case = Case(name="mm tiled", tiling="tiles=2", run=lambda: None, plans=plans)
-    mm0, ar0, mm1, ar1 = (t.id for t in plans[0].tasks)
+    case = tiled_mm_case()
+    mm0, ar0, mm1, ar1 = (t.id for t in case.plans[0].tasks)
     timeline = Timeline(records=tuple(
         rec(r, t, kind, start, end)
         for r in range(2)
