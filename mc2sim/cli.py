@@ -234,8 +234,10 @@ def _print_independent(topology: Topology, independent: Any) -> None:
     )
     print(f"  {'':<44}{'fitted':>10}{'measured':>10}   ratio")
     for label, fit, measured in rows:
-        ratio = fit / measured if measured > 0 else math.inf
-        print(f"  {label:<44}{fit:>10.4g}{measured:>10.4g}   x{ratio:.2f}")
+        if measured > 0:
+            print(f"  {label:<44}{fit:>10.4g}{measured:>10.4g}   x{fit / measured:.2f}")
+        else:  # a single rank has no peer to exchange with
+            print(f"  {label:<44}{fit:>10.4g}{'-':>10}   -")
 
 
 def _check_name(name: str) -> None:

@@ -146,6 +146,12 @@ def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None
     assert topology.world_size == 2
     assert topology.contention.source.startswith("fitted by mc2sim calibrate")
     assert set(topology.device.matrix_tflops) == {"bfloat16", "float16", "float32", "int8"}
+    # MPICH advances a nonblocking collective only inside its calls: measured, not fitted
+    assert topology.contention.polled and "progress polled, measured" in topology.contention.source
+    assert set(topology.device.issue_extra_us) == {"alltoallv", "allreduce", "reduce_scatter"}
+    assert set(topology.device.warm_us) == {
+        "matmul", "grouped_matmul", "pack", "attention", "quant_matmul", "weight_quant_matmul",
+    }  # fmt: skip
 
 
 def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:

@@ -139,3 +139,39 @@ def test_a_sweep_point_folder_name_too_long_for_a_file_system_is_refused_first(
         ": names a point folder of 256 bytes: a file system takes at most 255 (shorten the values)"
     )
     assert not (tmp_path / "s").exists()
+
+
+def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_peer(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import dataclasses
+
+    from mc2sim.cli import _print_fit, _print_independent
+    from mc2sim.study.calibrate import Independent
+    from mc2sim.topology import Contention, builtin
+
+    base = builtin("this_machine")
+    device = dataclasses.replace(
+        base.device,
+        issue_us=6.5,
+        issue_extra_us={"alltoallv": 2.5},
+        warm_us={"matmul": 30.0},
+    )
+    topology = dataclasses.replace(base, device=device, contention=Contention(polled=True))
+    _print_fit(topology)
+    out = capsys.readouterr().out.splitlines()
+    assert "posting a collective: 6.5 us, alltoallv +2.5" in out
+    assert "a call's later task of a kind saves (us): matmul 30" in out
+    assert "contention: compute x1.0, comm polled (a transfer waits while its ranks compute)" in out
+    # one rank: nothing to exchange with, so no ratio (not x inf)
+    alone = Independent(
+        matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=4.0, pingpong_us=0.0,
+        pingpong_loaded_us=0.0,
+    )  # fmt: skip
+    _print_independent(topology, alone)
+    rows = capsys.readouterr().out.splitlines()
+    (exchange,) = [r for r in rows if "4-byte exchange us, the others asleep" in r]
+    assert exchange.split()[-2:] == ["-", "-"]
+    (memcpy,) = [r for r in rows if "memory GB/s vs memcpy" in r]
+    assert memcpy.split()[-1] == f"x{device.memory_gbps / 12.0:.2f}"
+    assert "inf" not in "\n".join(rows)
