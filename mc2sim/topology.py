@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 from mc2sim._compat import StrEnum
 from mc2sim._yaml import read_yaml, shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.errors import ParamInvalidError
-from mc2sim.schedule.plan import Resource, TaskKind
 
 __all__ = [
     "MATRIX_DTYPES",
@@ -134,12 +133,17 @@ def _text(param: str, value: object, *, nonempty: bool = False) -> str:
     return value
 
 
-def _us_by_kind(param: str, value: object, resource: Resource) -> Mapping[str, float]:
-    """``value``, microseconds by task kind of ``resource``, each >= 0, read-only."""
-    words = "compute" if resource is Resource.COMPUTE else "collective"
+def _us_by_kind(param: str, value: object, resource: str) -> Mapping[str, float]:
+    """``value``, microseconds by task kind of ``resource`` (a ``Resource``'s value), read-only."""
+    words = "compute" if resource == "compute" else "collective"
     if not isinstance(value, Mapping):
         raise ParamInvalidError(param, value, f"must be a mapping of {words} kind to microseconds")
-    kinds = [str(k) for k in TaskKind if k.resource is resource]
+    if not value:
+        return MappingProxyType({})
+    # here, not at the top: the schedule package (and numpy) load only for a mapping to check
+    from mc2sim.schedule.plan import Resource, TaskKind
+
+    kinds = [str(k) for k in TaskKind if k.resource is Resource(resource)]
     table = {}
     for kind, us in value.items():
         if kind not in kinds:
@@ -403,7 +407,7 @@ class Device:
         object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
-        for name, resource in (("warm_us", Resource.COMPUTE), ("issue_extra_us", Resource.COMM)):
+        for name, resource in (("warm_us", "compute"), ("issue_extra_us", "comm")):
             object.__setattr__(self, name, _us_by_kind(name, getattr(self, name), resource))
         if not isinstance(self.profile, tuple) or not all(
             isinstance(p, ProfilePoint) for p in self.profile
@@ -765,6 +769,7 @@ _PROFILE_KEYS = ("kind", "dtype", "flops", "bytes", "us", "ranks")
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
 _DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us", "link_gbps")
 _DIM_OPTIONAL = ("name", "link_gbps")
+_US_BY_KIND = "a mapping of task kind to microseconds"
 _CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "polled", "source")
 _CONTENTION_OPTIONAL = ("compute_slowdown", "comm_slowdown", "polled")
 
@@ -851,12 +856,9 @@ class _Reader:
 
     def device(self, data: object) -> Device:
         dev = self.mapping(data, "device", _DEVICE_KEYS, _DEVICE_OPTIONAL)
-        table = dev["matrix_tflops"]
-        if not isinstance(table, dict):
-            raise self.error(
-                "device.matrix_tflops", table, "must be a mapping of dtype name to TFLOP/s"
-            )
-        matrix = {str(k): self.number(v, f"device.matrix_tflops.{k}") for k, v in table.items()}
+        matrix = self.numbers(
+            dev["matrix_tflops"], "device.matrix_tflops", "a mapping of dtype name to TFLOP/s"
+        )
         eff = self.mapping(dev["efficiency"], "device.efficiency", _EFFICIENCY_KEYS)
         efficiency = self.build(
             "device.efficiency",
@@ -885,14 +887,17 @@ class _Reader:
             issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
             issue_gbps=self.number(dev.get("issue_gbps", 0.0), "device.issue_gbps"),
             slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
-            warm_us=self.by_kind(dev.get("warm_us", {}), "device.warm_us"),
-            issue_extra_us=self.by_kind(dev.get("issue_extra_us", {}), "device.issue_extra_us"),
+            warm_us=self.numbers(dev.get("warm_us", {}), "device.warm_us", _US_BY_KIND),
+            issue_extra_us=self.numbers(
+                dev.get("issue_extra_us", {}), "device.issue_extra_us", _US_BY_KIND
+            ),
             profile=self.profile(dev.get("profile", [])),
         )
 
-    def by_kind(self, data: object, where: str) -> dict[str, float]:
+    def numbers(self, data: object, where: str, what: str) -> dict[str, float]:
+        """A mapping of names to numbers (``what`` says of what, for the error)."""
         if not isinstance(data, dict):
-            raise self.error(where, data, "must be a mapping of task kind to microseconds")
+            raise self.error(where, data, f"must be {what}")
         return {str(k): self.number(v, f"{where}.{k}") for k, v in data.items()}
 
     def profile(self, data: object) -> tuple[ProfilePoint, ...]:
