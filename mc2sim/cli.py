@@ -281,7 +281,9 @@ def _print_fit(topology: Topology) -> None:
         saved = ", ".join(f"{k} {v:.0f}" for k, v in device.warm_us.items())
         print(f"a call's later task of a kind saves (us): {saved}")
     for dim in topology.network:  # innermost first: on several hosts, then across them
-        print(f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s")
+        print(
+            f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s, {dim.duplex} duplex"
+        )
         print(f"latency {dim.latency_us:.1f} us")
     polled = "polled (a transfer waits while its ranks compute)"
     comm = polled if slow.polled else f"x{slow.comm_slowdown}"

@@ -37,6 +37,7 @@ __all__ = [
     "MATRIX_DTYPES",
     "Contention",
     "Device",
+    "Duplex",
     "Efficiency",
     "LinkKind",
     "NetworkDim",
@@ -76,6 +77,30 @@ class LinkKind(StrEnum):
     FULL_MESH = "full_mesh"
     RING = "ring"
     SWITCH = "switch"
+
+
+class Duplex(StrEnum):
+    """Whose work moves the bytes of a transfer in one network dimension.
+
+    Glossary:
+        ``full``: a rank sends and receives at once, each way at ``bandwidth_gbps`` (a NIC or a
+            chip-to-chip link): a rank's time is the larger of its send and receive bytes.
+        ``half``: one engine of the rank moves both ways (a CPU MPI copying through a
+            shared-memory buffer: the sender copies in, the receiver copies out): its send and
+            receive bytes add up.
+        ``receiver``: the receiving rank moves the bytes and the sender only posts them (a
+            single-copy shared-memory transport, the receiver reading the sender's buffer): a
+            rank's time is its receive bytes.
+
+    ``mc2sim calibrate`` measures it: one-way pairs, two-way pairs and one rank sending to
+    all (:func:`mc2sim.study.calibrate.measure_duplex`). On a 16-core host under Open MPI
+    without single copy, two-way pairs took 1.9-2.0x one-way pairs and one sender about
+    one-way's time (``half``); under MPICH on 2 cores, two-way 1.0-1.1x one-way.
+    """
+
+    FULL = "full"
+    HALF = "half"
+    RECEIVER = "receiver"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -153,12 +178,15 @@ def _us_by_kind(param: str, value: object, resource: str) -> Mapping[str, float]
     return MappingProxyType(table)
 
 
-def _as_link_kind(param: str, value: object) -> LinkKind:
-    """Return ``value`` as a :class:`LinkKind`, listing the allowed values otherwise."""
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _as_choice(param: str, value: object, vocabulary: type[_E]) -> _E:
+    """Return ``value`` as a member of ``vocabulary``, listing the allowed values otherwise."""
     try:
-        return LinkKind(value)
+        return vocabulary(value)
     except ValueError:
-        allowed = ", ".join(repr(k.value) for k in LinkKind)
+        allowed = ", ".join(repr(k.value) for k in vocabulary)
         raise ParamInvalidError(param, value, f"must be one of {allowed}") from None
 
 
@@ -508,8 +536,14 @@ class NetworkDim:
     its pace while the processor computes). ``mc2sim calibrate`` fits ``bandwidth_gbps`` on
     the links as they are; a cap says what a slower link would change."""
 
+    duplex: Duplex = Duplex.FULL
+    """Whose work moves a transfer's bytes (a ``Duplex`` or its string value):
+    ``bandwidth_gbps`` is then the rate of that work, both ways together for ``half``. A wire's
+    ``link_gbps`` is always full duplex."""
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", _as_link_kind("kind", self.kind))
+        object.__setattr__(self, "kind", _as_choice("kind", self.kind, LinkKind))
+        object.__setattr__(self, "duplex", _as_choice("duplex", self.duplex, Duplex))
         _integer("ranks", self.ranks, minimum=1)
         object.__setattr__(self, "bandwidth_gbps", _positive("bandwidth_gbps", self.bandwidth_gbps))
         object.__setattr__(self, "latency_us", _non_negative("latency_us", self.latency_us))
@@ -767,8 +801,8 @@ _DEVICE_KEYS = (
 )
 _PROFILE_KEYS = ("kind", "dtype", "flops", "bytes", "us", "ranks")
 _EFFICIENCY_KEYS = ("small_util", "large_util", "half_flops")
-_DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us", "link_gbps")
-_DIM_OPTIONAL = ("name", "link_gbps")
+_DIM_KEYS = ("name", "kind", "ranks", "bandwidth_gbps", "latency_us", "link_gbps", "duplex")
+_DIM_OPTIONAL = ("name", "link_gbps", "duplex")
 _US_BY_KIND = "a mapping of task kind to microseconds"
 _CONTENTION_KEYS = ("compute_slowdown", "comm_slowdown", "polled", "source")
 _CONTENTION_OPTIONAL = ("compute_slowdown", "comm_slowdown", "polled")
@@ -932,6 +966,7 @@ class _Reader:
             bandwidth_gbps=self.number(d["bandwidth_gbps"], f"{where}.bandwidth_gbps"),
             latency_us=self.number(d["latency_us"], f"{where}.latency_us"),
             link_gbps=self.number(d.get("link_gbps", 0.0), f"{where}.link_gbps"),
+            duplex=self.text(d.get("duplex", Duplex.FULL.value), f"{where}.duplex"),
         )
 
     def contention(self, data: object) -> Contention:
@@ -1028,6 +1063,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
                 "bandwidth_gbps": d.bandwidth_gbps,
                 "latency_us": d.latency_us,
                 **({"link_gbps": d.link_gbps} if d.link_gbps > 0 else {}),
+                **({"duplex": d.duplex.value} if d.duplex is not Duplex.FULL else {}),
             }
             for d in topology.network
         ],

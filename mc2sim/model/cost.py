@@ -24,11 +24,15 @@ count:
   ranks (small messages).
 * AllGather / ReduceScatter: the hierarchical phases of the same.
 * AlltoAllv on uneven counts: every rank's traffic is split by the dimension that separates
-  it from each peer; a rank's time on a dimension is the larger of its send and receive
-  bytes over that dimension's bandwidth (on a full mesh, the busiest single link; on a ring,
-  bytes times the mean hop count over both directions), plus one latency per peer it talks
-  to there (pairwise exchange); dimensions run at once, so a rank's time is its slowest
-  dimension; the collective ends with its busiest rank.
+  it from each peer; a rank's time on a dimension is its send and receive bytes there (on a
+  full mesh, the busiest single link; on a ring, bytes times the mean hop count over both
+  directions) over that dimension's bandwidth, plus one latency per peer it talks to there
+  (pairwise exchange); dimensions run at once, so a rank's time is its slowest dimension;
+  the collective ends with its busiest rank. How the two ways add is the dimension's
+  ``duplex``: the larger (``full``: a NIC, a link), their sum (``half``: one engine copies
+  both ways, as a CPU MPI through shared memory) or the receive bytes alone (``receiver``:
+  a single-copy transport); a symmetric exchange (the phases below) costs twice its bytes on
+  a ``half`` dimension.
 
 A rank's traffic on the dimensions inside its node and across nodes is what
 :func:`mc2sim.schedule.traffic.level_bytes` records; phased collectives pay the levels one
@@ -45,7 +49,7 @@ import numpy as np
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.schedule.plan import AlltoAllvLoads, Task, TaskKind
-from mc2sim.topology import Device, LinkKind, NetworkDim, ProfilePoint, Topology
+from mc2sim.topology import Device, Duplex, LinkKind, NetworkDim, ProfilePoint, Topology
 
 __all__ = [
     "allgather_time",
@@ -295,13 +299,12 @@ def _phase(dim: NetworkDim, nbytes: float) -> float:
     p = dim.ranks
     if p <= 1 or nbytes <= 0:
         return 0.0
-    beta = 1.0 / (dim.effective_gbps * 1e9)
-    alpha = dim.latency_us * 1e-6
     chunk = nbytes / p
+    step = dim.latency_s + float(_moved(dim, chunk, chunk))  # a chunk each way
     if dim.kind is LinkKind.FULL_MESH:  # a chunk to every peer at once, one link each
-        return alpha + chunk * beta
+        return step
     # ring (and a ring over a switch port): p - 1 steps of one chunk
-    return (p - 1) * (alpha + chunk * beta)
+    return (p - 1) * step
 
 
 def _reduce_work(topology: Topology, nbytes: float, rounds: float) -> float:
@@ -393,7 +396,7 @@ def _allreduce_model(topology: Topology, nbytes: float) -> float:
     for dim in topology.network:
         rounds = math.ceil(math.log2(dim.ranks)) if dim.ranks > 1 else 0
         steps += rounds
-        doubling += rounds * (dim.latency_us * 1e-6 + nbytes * wire / (dim.effective_gbps * 1e9))
+        doubling += rounds * (dim.latency_s + float(_moved(dim, nbytes * wire, nbytes * wire)))
     hierarchical += _reduce_work(topology, nbytes, (world - 1) / world)
     doubling += _reduce_work(topology, nbytes, steps)
     return min(hierarchical, doubling)
@@ -454,21 +457,23 @@ def _ring_hops(dim: NetworkDim) -> float:
     return sum(min(h, p - h) for h in range(1, p)) / (p - 1)
 
 
-def _busiest_side(
-    topology: Topology, ranks: np.ndarray, peers: np.ndarray, nbytes: np.ndarray
-) -> float:
-    """Seconds of the busiest rank on one side (sending or receiving) of an AlltoAllv.
+def _side_loads(
+    topology: Topology, ranks: np.ndarray, peers: np.ndarray, nbytes: np.ndarray, size: int
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each rank's load on one side (sending or receiving) of an AlltoAllv, by dimension.
 
     Pair ``i`` moves ``nbytes[i]`` between ``ranks[i]`` and ``peers[i]`` (no pair of a rank
-    with itself). In each dimension a rank's bytes over it cost, by the dimension's kind,
-    their largest (full mesh: a link per peer), their sum (switch: one port) or their sum
-    times the ring's mean hops over both directions; plus one latency per peer it talks to
-    there (:func:`_dim_busy`). The dimensions run at once: a rank takes its slowest one.
+    with itself). In each dimension a rank's load is, by the dimension's kind, the largest of
+    its bytes over it (full mesh: a link per peer) or their sum (switch: one port; ring).
+
+    Returns:
+        ``{dimension: (each rank's load, how many peers it talks to there)}``, arrays of
+        ``size`` ranks, for the dimensions the pairs use.
     """
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if ranks.size == 0:
-        return 0.0
+        return out
     dims = separating_dims(topology, ranks, peers)
-    worst = 0.0
     for d, dim in enumerate(topology.network):
         if dim.ranks <= 1:
             continue
@@ -476,46 +481,102 @@ def _busiest_side(
         if not here.any():
             continue
         owners, load = ranks[here], nbytes[here].astype(np.float64)
-        size = int(owners.max()) + 1
         total: np.ndarray
         if dim.kind is LinkKind.FULL_MESH:
             total = np.zeros(size)
             np.maximum.at(total, owners, load)
         else:
             total = np.bincount(owners, weights=load, minlength=size)
-        busy = _dim_busy(dim, total, np.bincount(owners, minlength=size))
-        worst = max(worst, float(busy.max()))
+        out[d] = (total, np.bincount(owners, minlength=size).astype(np.float64))
+    return out
+
+
+def _busiest(
+    topology: Topology,
+    send: dict[int, tuple[np.ndarray, np.ndarray]],
+    recv: dict[int, tuple[np.ndarray, np.ndarray]],
+    size: int,
+) -> float:
+    """Seconds of an AlltoAllv's busiest rank, from both sides' loads (:func:`_side_loads`).
+
+    A rank's time on a dimension is :func:`_dim_busy` of its two sides; the dimensions run
+    at once, so a rank takes its slowest one.
+    """
+    worst = 0.0
+    none = (np.zeros(size), np.zeros(size))
+    for d, dim in enumerate(topology.network):
+        if d in send or d in recv:
+            busy = _dim_busy(dim, *send.get(d, none), *recv.get(d, none))
+            worst = max(worst, float(busy.max()))
     return worst
 
 
-def _dim_busy(dim: NetworkDim, load: np.ndarray, peers: np.ndarray) -> np.ndarray:
-    """Seconds each rank spends on dimension ``dim`` of one side of an AlltoAllv.
+def _moved(dim: NetworkDim, send: np.ndarray | float, recv: np.ndarray | float) -> np.ndarray:
+    """Seconds a rank takes to send ``send`` and receive ``recv`` bytes over ``dim``, latency aside.
 
-    ``load``: a rank's bytes over the dimension, their sum (switch, ring) or the largest to
-    one peer (full mesh); ``peers``: how many peers it talks to there.
+    The rank's own work by the dimension's :class:`~mc2sim.topology.Duplex` (the larger way,
+    both ways added, or what it receives) at ``bandwidth_gbps``, and never faster than the
+    wire's ``link_gbps`` carries the larger way.
     """
-    beta = 1.0 / (dim.effective_gbps * 1e9)
-    alpha = dim.latency_us * 1e-6
-    if dim.kind is LinkKind.RING:
-        busy = load * _ring_hops(dim) * beta / 2
+    send, recv = np.asarray(send, dtype=np.float64), np.asarray(recv, dtype=np.float64)
+    wider = np.maximum(send, recv)
+    work: np.ndarray
+    if dim.duplex is Duplex.HALF:
+        work = (send + recv) / dim.bytes_per_s
+    elif dim.duplex is Duplex.RECEIVER:
+        work = recv / dim.bytes_per_s
     else:
-        busy = load * beta
-    return busy + alpha * peers
+        work = wider / dim.bytes_per_s
+    if dim.link_gbps > 0:
+        work = np.maximum(work, wider / (dim.link_gbps * 1e9))
+    return work
+
+
+def _dim_busy(
+    dim: NetworkDim,
+    send: np.ndarray,
+    send_peers: np.ndarray,
+    recv: np.ndarray,
+    recv_peers: np.ndarray,
+) -> np.ndarray:
+    """Seconds each rank spends on dimension ``dim`` of an AlltoAllv.
+
+    ``send``, ``recv``: a rank's load each way (:func:`_side_loads`; on a ring, times the
+    ring's mean hops over both directions); ``send_peers``, ``recv_peers``: how many peers it
+    talks to each way, one latency each (pairwise exchange). On a ``full`` duplex dimension
+    the two ways run apart and the rank takes the slower; otherwise :func:`_moved` of both,
+    with the latencies of the way that talks to more peers.
+    """
+    if dim.kind is LinkKind.RING:
+        send, recv = send * (_ring_hops(dim) / 2), recv * (_ring_hops(dim) / 2)
+    if dim.duplex is Duplex.FULL:
+        apart: np.ndarray = np.maximum(
+            _moved(dim, send, 0.0) + dim.latency_s * send_peers,
+            _moved(dim, 0.0, recv) + dim.latency_s * recv_peers,
+        )
+        return apart
+    together: np.ndarray = _moved(dim, send, recv) + dim.latency_s * np.maximum(
+        send_peers, recv_peers
+    )
+    return together
 
 
 def loads_alltoallv_time(topology: Topology, loads: AlltoAllvLoads) -> float:
     """:func:`alltoallv_time` of an AlltoAllv given as every rank's loads, not its pairs.
 
-    The busiest rank's slowest dimension on either side, as :func:`_busiest_side` costs it
-    (:func:`_dim_busy`), then the device's profile.
+    The busiest rank's slowest dimension, as :func:`_busiest` costs it (:func:`_dim_busy`),
+    then the device's profile.
     """
     modelled = 0.0
-    for side in (loads.send, loads.recv):
-        for d, dim in enumerate(topology.network):
-            if dim.ranks <= 1:
-                continue
-            load = side.largest[d] if dim.kind is LinkKind.FULL_MESH else side.total[d]
-            modelled = max(modelled, float(_dim_busy(dim, load, side.peers[d]).max()))
+    for d, dim in enumerate(topology.network):
+        if dim.ranks <= 1:
+            continue
+        send, recv = (
+            side.largest[d] if dim.kind is LinkKind.FULL_MESH else side.total[d]
+            for side in (loads.send, loads.recv)
+        )
+        busy = _dim_busy(dim, send, loads.send.peers[d], recv, loads.recv.peers[d])
+        modelled = max(modelled, float(busy.max()))
     return _profiled(topology, "alltoallv", modelled)
 
 
@@ -528,9 +589,12 @@ def rank_alltoallv_time(
     recv_bytes: np.ndarray,
 ) -> float:
     """Seconds one rank spends in an AlltoAllv, given its sparse send and receive bytes."""
-    return max(
-        _busiest_side(topology, np.full(len(send_peers), rank), send_peers, send_bytes),
-        _busiest_side(topology, np.full(len(recv_peers), rank), recv_peers, recv_bytes),
+    size = rank + 1
+    return _busiest(
+        topology,
+        _side_loads(topology, np.full(len(send_peers), rank), send_peers, send_bytes, size),
+        _side_loads(topology, np.full(len(recv_peers), rank), recv_peers, recv_bytes, size),
+        size,
     )
 
 
@@ -540,8 +604,8 @@ def alltoallv_time(
 ) -> float:
     """Seconds of an AlltoAllv: the busiest rank's time.
 
-    Every rank's pairs are costed at once (:func:`_busiest_side` over all of them), not
-    rank by rank.
+    Every rank's pairs are costed at once (:func:`_busiest` over all of them), not rank by
+    rank.
 
     Args:
         topology: the machine.
@@ -580,10 +644,13 @@ def pairs_alltoallv_time(
     Returns:
         Seconds.
     """
-    modelled = 0.0
-    for ranks, peers, nbytes in (send, recv):
-        if ranks.size:
-            modelled = max(modelled, _busiest_side(topology, ranks, peers, nbytes))
+    size = 1 + max((int(side[0].max()) for side in (send, recv) if side[0].size), default=0)
+    modelled = _busiest(
+        topology,
+        _side_loads(topology, *send, size),
+        _side_loads(topology, *recv, size),
+        size,
+    )
     return _profiled(topology, "alltoallv", modelled)
 
 

@@ -29,7 +29,15 @@ from mc2sim.model.accuracy import typical
 from mc2sim.model.cost import nonnegative_lstsq
 from mc2sim.model.simulator import simulate
 from mc2sim.schedule.plan import Plan
-from mc2sim.topology import Contention, Efficiency, LinkKind, NetworkDim, ProfilePoint, Topology
+from mc2sim.topology import (
+    Contention,
+    Duplex,
+    Efficiency,
+    LinkKind,
+    NetworkDim,
+    ProfilePoint,
+    Topology,
+)
 
 __all__ = [
     "COMM_SLOWDOWNS",
@@ -232,29 +240,37 @@ def _gbps(seconds_per_byte: float) -> float:
 
 
 def _coefficients(
-    kind: LinkKind, sample: CommSample, world: int, *, doubling: bool = False, wire: float = 1.0
+    kind: LinkKind,
+    sample: CommSample,
+    world: int,
+    *,
+    doubling: bool = False,
+    wire: float = 1.0,
+    duplex: Duplex = Duplex.FULL,
 ) -> tuple[float, float, float]:
     """(a, b, c) with t = a * alpha + b * beta + c / reduce_rate under one link kind.
 
     The same formulas as :mod:`mc2sim.model.cost` for one dimension of ``world`` ranks; an
     AllReduce by recursive doubling when ``doubling`` (else the ring or mesh phases); a
-    reduction's transfers carry ``wire`` bytes per byte of the sample.
+    reduction's transfers carry ``wire`` bytes per byte of the sample. Every sample moves as
+    much each way, which a ``half`` duplex dimension pays twice.
     """
     n, p = sample.nbytes, world
+    both = 2.0 if duplex is Duplex.HALF else 1.0
     mesh = kind is LinkKind.FULL_MESH
     if sample.kind == "allreduce":
         if doubling:
             rounds = float(math.ceil(math.log2(p))) if p > 1 else 0.0
-            return rounds, rounds * n * wire, rounds * n
+            return rounds, both * rounds * n * wire, rounds * n
         steps = 2.0 if mesh else 2.0 * (p - 1)
-        return steps, steps * n * wire / p, (p - 1) / p * n
+        return steps, both * steps * n * wire / p, (p - 1) / p * n
     if sample.kind == "allgather":
         steps = 1.0 if mesh else float(p - 1)
-        return steps, steps * n / p, 0.0
+        return steps, both * steps * n / p, 0.0
     if sample.kind == "reduce_scatter":
         steps = 1.0 if mesh else float(p - 1)
-        return steps, steps * n * wire / p, (p - 1) / p * n
-    return float(p - 1), (n / p if mesh else n * (p - 1) / p), 0.0
+        return steps, both * steps * n * wire / p, (p - 1) / p * n
+    return float(p - 1), both * (n / p if mesh else n * (p - 1) / p), 0.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -270,6 +286,9 @@ class LevelSamples:
     kinds: Sequence[LinkKind] = (LinkKind.FULL_MESH, LinkKind.SWITCH)
     """The link kinds to try (a host's network port is a ``switch`` whatever the number of
     hosts; with two, their timings cannot tell the kinds apart)."""
+    duplex: Duplex = Duplex.FULL
+    """Whose work moves the level's bytes, as measured
+    (:func:`mc2sim.study.calibrate.measure_duplex`): the fitted dimension's ``duplex``."""
 
 
 def fit_network(
@@ -321,7 +340,9 @@ def fit_levels(
     width = 2 * len(levels) + 1  # (alpha, beta) per level, then 1 / reduce rate
 
     def row(kinds: Sequence[LinkKind], i: int, sample: CommSample, doubling: bool) -> np.ndarray:
-        a, b, c = _coefficients(kinds[i], sample, levels[i].world, doubling=doubling, wire=wire)
+        a, b, c = _coefficients(
+            kinds[i], sample, levels[i].world, doubling=doubling, wire=wire, duplex=levels[i].duplex
+        )
         out = np.zeros(width)
         out[2 * i : 2 * i + 2] = a, b
         out[-1] = c
@@ -352,6 +373,7 @@ def fit_levels(
                 bandwidth_gbps=_gbps(float(coef[2 * i + 1])),
                 latency_us=float(coef[2 * i]) * 1e6,
                 name=level.name,
+                duplex=level.duplex,
             )
             for i, (kind, level) in enumerate(zip(kinds, levels, strict=True))
         )

@@ -13,7 +13,9 @@ figures include what the others take from the machine, as in real runs:
    memory passes add to their arithmetic: ``memory_overlap: false``), and their AllReduce,
    AlltoAllv, AllGather and ReduceScatter tasks fit the alpha-beta model of one network
    dimension (the better of full mesh and switch) jointly with the vector rate of the
-   reductions' additions. Tasks timed inside the ops carry every cost the model must
+   reductions' additions, at the dimension's duplex, measured apart (:func:`measure_duplex`:
+   whether a rank's send and receive bytes add up, as where one core copies both ways).
+   Tasks timed inside the ops carry every cost the model must
    predict (conversions, copies, the communicator's own work), which bare-kernel timings
    miss. On several hosts (the same number of ranks on each, placed by host) these runs
    are made on groups of each network level, every group at once: the ranks of each host
@@ -59,6 +61,7 @@ Sizes here differ from the ones ``mc2sim validate-model`` checks the model on.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 import statistics
@@ -95,7 +98,7 @@ from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import Placement
 from mc2sim.study.measure import Case, cases_of, measure_rounds
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
-from mc2sim.topology import Contention, Device, LinkKind, NetworkDim, Topology
+from mc2sim.topology import Contention, Device, Duplex, LinkKind, NetworkDim, Topology
 
 __all__ = [
     "CONTENTION",
@@ -113,11 +116,15 @@ __all__ = [
     "COLLECTIVE_BYTES",
     "collective_cases",
     "measure_collectives",
+    "DUPLEX_BYTES",
+    "DuplexMeasure",
     "measure_compute",
+    "measure_duplex",
     "measure_independent",
     "measure_issue",
     "measure_progress",
     "measure_vector",
+    "nearest_duplex",
     "node_cores",
     "samples_of",
     "share_of_cores",
@@ -682,7 +689,12 @@ def calibrate(
     ]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
     wide = comm.backend in WIDE_REDUCTIONS
-    network, reduce_gbps = _fit_levels(levels, by_level, wide=wide, per_node=per_node)
+    duplexes = [
+        measure_duplex(level.group, reps) if level.group.size > 1 else None for level in levels
+    ]
+    network, reduce_gbps = _fit_levels(
+        levels, by_level, wide=wide, per_node=per_node, duplexes=duplexes
+    )
     reduce_gbps *= share
     vector_tflops = measure_vector(
         comm, reps, launch_us=launch_us, memory_gbps=memory_gbps, share=share
@@ -724,6 +736,11 @@ def calibrate(
                 else " (the collectives of each network level timed on groups of that level "
                 "alone: the ranks of one host, and one rank of each host, every group at "
                 "once)"
+            )
+            + "".join(
+                f"; {level.name} transfers {measured.describe()}"
+                for level, measured in zip(levels, duplexes, strict=True)
+                if measured is not None
             )
             + "; memory bandwidth and the reductions' vector rate are effective figures of "
             "mc2sim's kernels and communicator on this machine, not of the chips"
@@ -956,6 +973,107 @@ def measure_progress(comm: Communicator, reps: int) -> float:
     return float(statistics.median(comm.allgather_object(statistics.median(shares))))
 
 
+DUPLEX_BYTES = 4 * 1024 * 1024
+"""Bytes each sending rank moves in :func:`measure_duplex`'s exchanges: enough that one
+latency per peer is a few percent of the transfer (a 4 MiB one-way pair took 0.4 ms on 2
+cores under MPICH and 0.65 ms on the 16-core host under Open MPI)."""
+
+_DUPLEX_ROW = 64
+"""bfloat16 elements per row of :func:`measure_duplex`'s exchanges (128-byte rows)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DuplexMeasure:
+    """Three AlltoAllvs of one level's group, and whose work moves their bytes."""
+
+    one_way_s: float
+    """Ranks in pairs (0-1, 2-3, ...), the first of each sending :data:`DUPLEX_BYTES` to the
+    second."""
+    both_ways_s: float
+    """The same pairs, each rank sending :data:`DUPLEX_BYTES` to the other."""
+    one_to_all_s: float
+    """Rank 0 sending :data:`DUPLEX_BYTES` split evenly among all the others."""
+    duplex: Duplex
+    """The duplex the ratios point to (:func:`nearest_duplex`)."""
+
+    def describe(self) -> str:
+        """The measurement in words, for a fitted topology's ``source``."""
+        return (
+            f"{self.duplex} duplex, measured: two-way pairs took "
+            f"x{self.both_ways_s / self.one_way_s:.2f} a one-way pair's time and one rank "
+            f"sending to all x{self.one_to_all_s / self.one_way_s:.2f}"
+        )
+
+
+def measure_duplex(comm: Communicator, reps: int) -> DuplexMeasure:
+    """Time the exchanges of :class:`DuplexMeasure` on ``comm`` (every rank at once).
+
+    Each is the slowest rank's lower quartile over ``reps`` rounds (at least 3) after one
+    that warms up, each round running the three in turn, posted and waited for as the
+    executor does. The same on every rank.
+    """
+    size, rank = comm.size, comm.rank
+    if size < 2:
+        raise ParamInvalidError("comm", size, "must have at least 2 ranks to exchange between")
+    rows = DUPLEX_BYTES // (2 * _DUPLEX_ROW)
+    partner = rank ^ 1 if (rank ^ 1) < size else rank
+
+    def exchange(send_to: dict[int, int]) -> Callable[[], object]:
+        send = [send_to.get(peer, 0) for peer in range(size)]
+        recv = comm.allgather_object(send)
+        counts = [recv[peer][rank] for peer in range(size)]
+        data = torch.zeros((sum(send), _DUPLEX_ROW), dtype=torch.bfloat16)
+        return lambda: comm.ialltoallv(data, send, counts).wait()
+
+    one_way = {partner: rows} if rank % 2 == 0 and partner != rank else {}
+    both = {partner: rows} if partner != rank else {}
+    spread = {peer: rows // (size - 1) for peer in range(1, size)} if rank == 0 else {}
+    runs = [exchange(pattern) for pattern in (one_way, both, spread)]
+    times: list[list[float]] = [[] for _ in runs]
+    for trial in range(max(reps, 3) + 1):  # interleaved: a slow spell lands on all three
+        for run, mine in zip(runs, times, strict=True):
+            comm.barrier()
+            start = time.perf_counter()
+            run()
+            if trial > 0:
+                mine.append(time.perf_counter() - start)
+    slowest = [max(comm.allgather_object(typical(mine))) for mine in times]
+    one_way_s, both_ways_s, one_to_all_s = slowest
+    return DuplexMeasure(
+        one_way_s=one_way_s,
+        both_ways_s=both_ways_s,
+        one_to_all_s=one_to_all_s,
+        duplex=nearest_duplex(both_ways_s / one_way_s, one_to_all_s / one_way_s, size),
+    )
+
+
+def nearest_duplex(both_ways: float, one_to_all: float, ranks: int) -> Duplex:
+    """The duplex whose predicted ratios are nearest the measured ones (:class:`DuplexMeasure`).
+
+    Predicted (both ways, one to all) over one way: ``full`` (1, 1), ``half`` (2, 1),
+    ``receiver`` (1, 1 / (ranks - 1)); nearest in squared log ratio, ``full`` where it ties
+    (2 ranks cannot tell ``receiver`` from it: neither can their AlltoAllvs).
+
+    Args:
+        both_ways: two-way pairs' time over one-way pairs'.
+        one_to_all: one rank sending to all the others, over one-way pairs.
+        ranks: the group's ranks (>= 2).
+    """
+    predicted = {
+        Duplex.FULL: (1.0, 1.0),
+        Duplex.HALF: (2.0, 1.0),
+        Duplex.RECEIVER: (1.0, 1.0 / max(ranks - 1, 1)),
+    }
+
+    def distance(duplex: Duplex) -> float:
+        return sum(
+            math.log(m / p) ** 2
+            for m, p in zip((both_ways, one_to_all), predicted[duplex], strict=True)
+        )
+
+    return min(predicted, key=distance)  # dicts keep order: full first where it ties
+
+
 POSTED_BYTES = (262144, 1048576, 4194304)
 """Bytes of the bfloat16 AllReduces whose posts :func:`measure_issue` times for the per-byte
 part of posting a reduction (its float32 copy)."""
@@ -1090,13 +1208,19 @@ def _levels(comm: Communicator, hosts: Sequence[str]) -> tuple[list[_Level], int
 
 
 def _fit_levels(
-    levels: Sequence[_Level], samples: Sequence[Sequence[CommSample]], *, wide: bool, per_node: int
+    levels: Sequence[_Level],
+    samples: Sequence[Sequence[CommSample]],
+    *,
+    wide: bool,
+    per_node: int,
+    duplexes: Sequence[DuplexMeasure | None],
 ) -> tuple[tuple[NetworkDim, ...], float]:
     """Each level's network dimension and the reductions' rate, fitted together.
 
     The inter-node level is a ``switch``: each host reaches the others through its port.
     With one rank per host, the host is a dimension of one rank, which carries no traffic
-    (its figures, copied from the level above, are never used).
+    (its figures, copied from the level above, are never used). Each level's duplex is
+    measured (``duplexes``, None for a group of one rank: ``full``).
     """
     dims, reduce_gbps = fit_levels(
         [
@@ -1107,8 +1231,9 @@ def _fit_levels(
                 kinds=(LinkKind.SWITCH,)
                 if level.name == "inter-node"
                 else (LinkKind.FULL_MESH, LinkKind.SWITCH),
+                duplex=measured.duplex if measured is not None else Duplex.FULL,
             )
-            for level, mine in zip(levels, samples, strict=True)
+            for level, mine, measured in zip(levels, samples, duplexes, strict=True)
         ],
         reductions_in_float32=wide,
     )

@@ -362,3 +362,21 @@ def test_measure_progress_finds_how_each_backend_progresses(comm: Communicator) 
         assert share > POLLED_SHARE
     elif comm.size <= len(os.sched_getaffinity(0)):  # a core for every rank
         assert share < POLLED_SHARE
+
+
+def test_measure_duplex_agrees_on_every_rank_and_reads_mpich_pairs_as_full(
+    comm: Communicator,
+) -> None:
+    # MPICH's shared-memory transport moves a 2-rank exchange both ways at once: two-way
+    # pairs took 0.96-1.14x one-way pairs here (full). 4 ranks on 2 cores are left unclaimed:
+    # their spinning waits make the ratios swing (receiver on five runs of six)
+    from mc2sim.study.calibrate import DUPLEX_BYTES, measure_duplex
+    from mc2sim.topology import Duplex
+
+    measured = measure_duplex(comm, 3)
+    assert measured == comm.allgather_object(measured)[0]
+    assert min(measured.one_way_s, measured.both_ways_s, measured.one_to_all_s) > 0
+    # no exchange of DUPLEX_BYTES beats a memcpy of them at 100 GB/s
+    assert measured.one_way_s > DUPLEX_BYTES / 100e9
+    if comm.backend == "mpi" and comm.size == 2:
+        assert measured.duplex is Duplex.FULL

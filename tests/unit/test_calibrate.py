@@ -34,9 +34,11 @@ from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import TaskKind
 from mc2sim.study.calibrate import (
     POLLED_SHARE,
+    DuplexMeasure,
     _fit_levels,
     _Level,
     _levels,
+    measure_duplex,
     measure_issue,
     measure_progress,
     samples_of,
@@ -47,6 +49,7 @@ from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline, current_record
 from mc2sim.topology import (
     Contention,
     Device,
+    Duplex,
     Efficiency,
     LinkKind,
     NetworkDim,
@@ -481,6 +484,14 @@ def test_measure_progress_tells_polled_from_progressing_on_its_own() -> None:
     assert run_threads(1, lambda comm: measure_progress(comm, 3)) == [0.0]  # nothing to send
 
 
+def test_measure_duplex_times_three_exchanges_alike_on_every_rank() -> None:
+    measured = run_threads(4, lambda comm: measure_duplex(comm, 3))
+    assert all(m == measured[0] for m in measured)
+    assert min(measured[0].one_way_s, measured[0].both_ways_s, measured[0].one_to_all_s) > 0
+    with pytest.raises(ParamInvalidError, match="comm.*at least 2 ranks"):
+        run_threads(1, lambda comm: measure_duplex(comm, 3))
+
+
 # ---------------------------------------------------------------- interleaved rounds
 
 
@@ -622,16 +633,24 @@ def test_levels_refuse_ranks_not_placed_by_host() -> None:
 def test_both_levels_are_fitted_from_their_own_groups(wide: bool) -> None:
     # shared memory inside a host (fast, short latency) and TCP across hosts (slow, long):
     # each level's samples come from its own groups; the reductions' rate, a property of the
-    # ranks, is one figure fitted on both
+    # ranks, is one figure fitted on both; shared memory measured half duplex (one core copies
+    # both ways), the network full
     intra = topology(2, alpha_us=80.0, gbps=3.0, reduce_gbps=1.5)
+    intra = dataclasses.replace(
+        intra, network=(dataclasses.replace(intra.network[0], duplex=Duplex.HALF),)
+    )
     inter = topology(2, alpha_us=400.0, gbps=0.4, reduce_gbps=1.5)
     samples = [level_samples(intra, wide), level_samples(inter, wide)]
     groups = [
         _Level(name="shared-memory", group=SameOnEveryRank(2)),
         _Level(name="inter-node", group=SameOnEveryRank(2)),
     ]  # type: ignore[arg-type]
-    network, reduce_gbps = _fit_levels(groups, samples, wide=wide, per_node=2)
+    half = DuplexMeasure(one_way_s=1.0, both_ways_s=2.0, one_to_all_s=1.0, duplex=Duplex.HALF)
+    network, reduce_gbps = _fit_levels(
+        groups, samples, wide=wide, per_node=2, duplexes=[half, None]
+    )
     assert [(d.name, d.ranks) for d in network] == [("shared-memory", 2), ("inter-node", 2)]
+    assert [d.duplex for d in network] == [Duplex.HALF, Duplex.FULL]
     assert [d.bandwidth_gbps for d in network] == pytest.approx([3.0, 0.4], rel=1e-6)
     assert [d.latency_us for d in network] == pytest.approx([80.0, 400.0], rel=1e-6)
     assert reduce_gbps == pytest.approx(1.5, rel=1e-6)
@@ -640,7 +659,9 @@ def test_both_levels_are_fitted_from_their_own_groups(wide: bool) -> None:
 def test_one_rank_per_host_makes_the_host_a_dimension_of_one_rank() -> None:
     inter = topology(3, alpha_us=400.0, gbps=0.4, reduce_gbps=1.5, kind=LinkKind.SWITCH)
     groups = [_Level(name="inter-node", group=SameOnEveryRank(3))]  # type: ignore[arg-type]
-    network, _ = _fit_levels(groups, [level_samples(inter, True)], wide=True, per_node=1)
+    network, _ = _fit_levels(
+        groups, [level_samples(inter, True)], wide=True, per_node=1, duplexes=[None]
+    )
     assert [(d.name, d.ranks) for d in network] == [("one rank per host", 1), ("inter-node", 3)]
     assert network[1].kind is LinkKind.SWITCH, "a host's port, whatever the timings"
     assert network[1].bandwidth_gbps == pytest.approx(0.4, rel=1e-6)
