@@ -519,16 +519,15 @@ def _moved(dim: NetworkDim, send: np.ndarray | float, recv: np.ndarray | float) 
     wire's ``link_gbps`` carries the larger way.
     """
     send, recv = np.asarray(send, dtype=np.float64), np.asarray(recv, dtype=np.float64)
-    wider = np.maximum(send, recv)
     work: np.ndarray
     if dim.duplex is Duplex.HALF:
         work = (send + recv) / dim.bytes_per_s
     elif dim.duplex is Duplex.RECEIVER:
         work = recv / dim.bytes_per_s
     else:
-        work = wider / dim.bytes_per_s
+        work = np.maximum(send, recv) / dim.bytes_per_s
     if dim.link_gbps > 0:
-        work = np.maximum(work, wider / (dim.link_gbps * 1e9))
+        work = np.maximum(work, np.maximum(send, recv) / (dim.link_gbps * 1e9))
     return work
 
 
@@ -549,10 +548,10 @@ def _dim_busy(
     """
     if dim.kind is LinkKind.RING:
         send, recv = send * (_ring_hops(dim) / 2), recv * (_ring_hops(dim) / 2)
-    if dim.duplex is Duplex.FULL:
+    if dim.duplex is Duplex.FULL:  # each way at the lower of the ranks' rate and the wire's
+        beta = 1.0 / (dim.effective_gbps * 1e9)
         apart: np.ndarray = np.maximum(
-            _moved(dim, send, 0.0) + dim.latency_s * send_peers,
-            _moved(dim, 0.0, recv) + dim.latency_s * recv_peers,
+            send * beta + dim.latency_s * send_peers, recv * beta + dim.latency_s * recv_peers
         )
         return apart
     together: np.ndarray = _moved(dim, send, recv) + dim.latency_s * np.maximum(
