@@ -26,17 +26,8 @@ from mc2sim.model.cost import (
 from mc2sim.model.fit import CommSample, LevelSamples, fit_levels
 from mc2sim.schedule.plan import AlltoAllvLoads, SideLoads
 from mc2sim.study.calibrate import nearest_duplex
-from mc2sim.topology import (
-    Contention,
-    Device,
-    Duplex,
-    Efficiency,
-    LinkKind,
-    NetworkDim,
-    Topology,
-    dump,
-    load,
-)
+from mc2sim.topology import Contention, Duplex, LinkKind, NetworkDim, Topology, dump, load
+from tests.unit.test_traffic import DEVICE
 
 MB = 1e6
 
@@ -45,14 +36,7 @@ def machine(duplex: Duplex, *, latency_us: float = 0.0, link_gbps: float = 0.0) 
     return Topology(
         name="hand_duplex",
         description="hand-built",
-        device=Device(
-            name="hand",
-            matrix_tflops={"float16": 1.0},
-            vector_tflops=1.0,
-            memory_gbps=1.0,
-            launch_us=0.0,
-            efficiency=Efficiency(small_util=1.0, large_util=1.0, half_flops=0.0),
-        ),
+        device=DEVICE,  # 1 TFLOP/s, 1 GB/s, no launch: only the links matter here
         network=(
             NetworkDim(
                 kind=LinkKind.SWITCH,
@@ -88,13 +72,13 @@ def splits(
 
 
 # rank 0 sends 1 MB to each peer: it sends 3 MB, each other rank receives 1 MB
-ONE_TO_ALL = [[0, MB, MB, MB], [0] * 4, [0] * 4, [0] * 4]
+ONE_TO_ALL: list[list[float]] = [[0, MB, MB, MB], [0] * 4, [0] * 4, [0] * 4]
 # pairs 0-1 and 2-3 swap 1 MB: every rank sends and receives 1 MB
-BOTH_WAYS = [[0, MB, 0, 0], [MB, 0, 0, 0], [0, 0, 0, MB], [0, 0, MB, 0]]
+BOTH_WAYS: list[list[float]] = [[0, MB, 0, 0], [MB, 0, 0, 0], [0, 0, 0, MB], [0, 0, MB, 0]]
 # 0 -> 1 and 2 -> 3 only
-ONE_WAY = [[0, MB, 0, 0], [0] * 4, [0, 0, 0, MB], [0] * 4]
+ONE_WAY: list[list[float]] = [[0, MB, 0, 0], [0] * 4, [0, 0, 0, MB], [0] * 4]
 # every rank sends 1 MB to every peer: 3 MB each way
-UNIFORM = [[0 if i == j else MB for j in range(4)] for i in range(4)]
+UNIFORM: list[list[float]] = [[0 if i == j else MB for j in range(4)] for i in range(4)]
 
 
 @pytest.mark.parametrize(
