@@ -63,6 +63,7 @@ __all__ = [
     "compute_times",
     "issue_time",
     "issue_times",
+    "collective_ratio",
     "LINE_KINDS",
     "profiled_ratio",
     "schedule_wait",
@@ -352,6 +353,16 @@ def _profiled(topology: Topology, kind: str, modelled: float) -> float:
     if x.size == 0:
         return modelled
     return modelled * float(np.exp(np.interp(math.log(modelled), x, y)))
+
+
+def collective_ratio(topology: Topology, kind: str, nbytes: float) -> float:
+    """The profile's measured over modelled time of collective ``kind`` at ``nbytes``.
+
+    ``nbytes`` as the kind's time takes them (:data:`_RAW`: an AllGather's result, the
+    others' buffer per rank); 1 where the device has no profile of the kind on this world.
+    """
+    modelled = _RAW[kind](topology, nbytes)
+    return _profiled(topology, kind, modelled) / modelled if modelled > 0 else 1.0
 
 
 def allreduce_time(topology: Topology, nbytes: float) -> float:

@@ -15,7 +15,7 @@ import pytest
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import compute_time, issue_time
 from mc2sim.model.simulator import simulate
-from mc2sim.schedule.plan import Task, TaskKind
+from mc2sim.schedule.plan import Plan, Task, TaskKind
 from mc2sim.topology import Contention, NetworkDim, Topology, dump, load
 from tests.unit.test_simulator_by_hand import (
     allreduce,
@@ -79,6 +79,50 @@ def test_polled_progress_moves_an_alltoallv_at_the_share_of_ranks_not_computing(
         simulate(plans, topo),
         {(0, "a2a0"): (0, 2.5), (0, "mm1"): (0, 1), (1, "a2a0"): (0, 2.5), (1, "mm1"): (2.5, 3.5)},
     )
+
+
+def grouped_machine(*, polled: bool = True, concurrent: bool = True) -> Topology:
+    """2 ranks, AllReduces profiled.
+
+    1000 bytes take 3 s (the model's 1 s, ratio 3), 2000 take 4 s (the model's 2 s, ratio 2).
+    """
+    from mc2sim.topology import ProfilePoint
+
+    profile = tuple(
+        ProfilePoint(kind="allreduce", dtype="", flops=0.0, bytes=n, us=us, ranks=2)
+        for n, us in ((1000.0, 3e6), (2000.0, 4e6))
+    )
+    topo = with_device(machine(2), profile=profile, concurrent_collectives=concurrent)
+    return dataclasses.replace(topo, contention=Contention(polled=polled))
+
+
+def two_tiles() -> dict[int, Plan]:
+    """Each rank: a 1 s tile, its 1000-byte AllReduce, a 3 s tile, its AllReduce."""
+    return {r: plan(r, 2, mm(1), allreduce(1, 0), mm(3, 0), allreduce(1, 2)) for r in range(2)}
+
+
+def test_allreduces_in_flight_together_pay_the_ratio_of_their_combined_bytes() -> None:
+    # ar1 starts at 1 (3 s: 1 s modelled x 3) but waits while the ranks compute mm2 [1, 4]
+    # (polled). At 4 ar3 is posted: 2000 bytes of AllReduce in flight, whose ratio is 2, not
+    # 3, so both transfers take 2/3 of their time: ar1's 3 s left -> 2, [4, 6]; ar3's 3 -> 2,
+    # after ar1 on the links: [6, 8]. The two take 4 s from 4: one AllReduce of 2000 bytes
+    spans = {(r, "mm0"): (0, 1) for r in range(2)} | {(r, "mm2"): (1, 4) for r in range(2)}
+    spans |= {(r, "ar1"): (1, 6) for r in range(2)} | {(r, "ar3"): (4, 8) for r in range(2)}
+    assert_spans(simulate(two_tiles(), grouped_machine()), spans)
+
+
+@pytest.mark.parametrize(
+    ("polled", "concurrent"), [(True, False), (False, True)], ids=["stream", "progressing"]
+)
+def test_collectives_move_apart_on_a_stream_or_where_they_progress_alone(
+    polled: bool, concurrent: bool
+) -> None:
+    # a stream runs ar1 alone before ar3 is queued; without polling ar1 moves while the ranks
+    # compute: [1, 4] done before ar3 is posted; either way each pays its own ratio, 3 s
+    ends = {(True, False): (7, 10), (False, True): (4, 7)}[(polled, concurrent)]
+    timeline = simulate(two_tiles(), grouped_machine(polled=polled, concurrent=concurrent))
+    got = {r.name: r.end_s for r in timeline.records if r.rank == 0}
+    assert (got["ar1"], got["ar3"]) == pytest.approx(ends)
 
 
 def test_polled_progress_on_a_capped_wire_keeps_the_wires_part() -> None:
