@@ -631,6 +631,8 @@ class _Engine:
                 continue
             scale = ratio / collective_ratio(self.topology, str(kind), company)
             self.company[j] = total
+            if scale == 1.0:  # no profile, or the same ratio: nothing to rescale
+                continue
             if other.transferring:
                 other.work = max(other.left_at(self.now), 0.0) * scale
                 other.since = self.now
