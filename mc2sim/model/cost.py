@@ -558,7 +558,8 @@ def _dim_busy(
     with the latencies of the way that talks to more peers.
     """
     if dim.kind is LinkKind.RING:
-        send, recv = send * (_ring_hops(dim) / 2), recv * (_ring_hops(dim) / 2)
+        over_both = _ring_hops(dim) / 2
+        send, recv = send * over_both, recv * over_both
     if dim.duplex is Duplex.FULL:  # each way at the lower of the ranks' rate and the wire's
         beta = 1.0 / (dim.effective_gbps * 1e9)
         apart: np.ndarray = np.maximum(

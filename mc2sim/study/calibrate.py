@@ -69,6 +69,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -129,6 +130,8 @@ __all__ = [
     "samples_of",
     "share_of_cores",
 ]
+
+_T = TypeVar("_T")
 
 SAMPLED: tuple[tuple[str, TilingSpec], ...] = (
     ("cal_mm_1024x64x1024", "serial"),
@@ -401,14 +404,25 @@ def collective_cases(comm: Communicator) -> list[Case]:
 
 def _quiet_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
     """The slowest rank's lower quartile (:func:`typical`) of ``fn``, every rank at once."""
-    fn()
-    times = []
-    for _ in range(max(reps, 3)):
-        comm.barrier()
-        start = time.perf_counter()
+    return _quiet_times(comm, [fn], reps)[0]
+
+
+def _quiet_times(comm: Communicator, fns: Sequence[Callable[[], object]], reps: int) -> list[float]:
+    """:func:`_quiet_time` of each of ``fns``, in interleaved rounds (a slow spell lands on all).
+
+    Each runs once to warm up, then ``max(reps, 3)`` rounds run them in turn, each call after
+    a barrier.
+    """
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return float(max(comm.allgather_object(typical(times))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(reps, 3)):
+        for fn, mine in zip(fns, times, strict=True):
+            comm.barrier()
+            start = time.perf_counter()
+            fn()
+            mine.append(time.perf_counter() - start)
+    return [float(max(comm.allgather_object(typical(mine)))) for mine in times]
 
 
 def _median_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
@@ -638,23 +652,22 @@ def calibrate(
     runs += [c.run for c in tiled + swept_cases + warmed] + list(alongside)
     groups += [comm] * (len(tiled) + len(swept_cases) + len(warmed) + len(alongside))
     rounds = measure_rounds(comm, runs, reps=reps, progress=progress, groups=groups)
-    after_serial = sum(len(cases) for _, cases in serial)
-    at = after_serial + len(tiled) + len(swept_cases)
-    warm_s = warm_savings(rounds[at : at + len(warmed)])
+    serial_rounds, tiled_rounds, swept_rounds, warm_rounds, beside = _consecutive(
+        rounds, [sum(len(cases) for _, cases in serial), len(tiled), len(swept_cases), len(warmed)]
+    )
+    warm_s = warm_savings(warm_rounds)
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
     first = 0
     for group, cases in serial:
-        mine = samples_of(group, cases, rounds[first : first + len(cases)], warm_s=warm_s)
+        mine = samples_of(group, cases, serial_rounds[first : first + len(cases)], warm_s=warm_s)
         first += len(cases)
         # each group of a level measured its own copy: pool every group's (its rank 0 speaks)
         parts = comm.allgather_object(mine if group.rank == 0 else None)
         spoken = [p for p in parts if p is not None]
         compute += [replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[0]]
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
-    spans = [[t.metrics().total_s for t in mine] for mine in rounds[first : first + len(tiled)]]
-    swept_rounds = rounds[first + len(tiled) : first + len(tiled) + len(swept_cases)]
-    beside = rounds[first + len(tiled) + len(swept_cases) + len(warmed) :]
+    spans = [[t.metrics().total_s for t in mine] for mine in tiled_rounds]
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
     posting = measure_issue(comm, reps)
@@ -768,6 +781,15 @@ def calibrate(
         fitted_spans=_fitted_spans(serial, rounds, comm, len(tiled)),
         independent=independent,
     )
+
+
+def _consecutive(items: Sequence[_T], sizes: Sequence[int]) -> list[Sequence[_T]]:
+    """``items`` cut into consecutive parts of ``sizes``, then what is left."""
+    parts, first = [], 0
+    for size in sizes:
+        parts.append(items[first : first + size])
+        first += size
+    return [*parts, items[first:]]
 
 
 def _fitted_spans(
@@ -1009,8 +1031,8 @@ def measure_duplex(comm: Communicator, reps: int) -> DuplexMeasure:
     """Time the exchanges of :class:`DuplexMeasure` on ``comm`` (every rank at once).
 
     Each is the slowest rank's lower quartile over ``reps`` rounds (at least 3) after one
-    that warms up, each round running the three in turn, posted and waited for as the
-    executor does. The same on every rank.
+    that warms up, each round running the three in turn (:func:`_quiet_times`), posted and
+    waited for as the executor does. The same on every rank.
     """
     size, rank = comm.size, comm.rank
     if size < 2:
@@ -1028,17 +1050,9 @@ def measure_duplex(comm: Communicator, reps: int) -> DuplexMeasure:
     one_way = {partner: rows} if rank % 2 == 0 and partner != rank else {}
     both = {partner: rows} if partner != rank else {}
     spread = {peer: rows // (size - 1) for peer in range(1, size)} if rank == 0 else {}
-    runs = [exchange(pattern) for pattern in (one_way, both, spread)]
-    times: list[list[float]] = [[] for _ in runs]
-    for trial in range(max(reps, 3) + 1):  # interleaved: a slow spell lands on all three
-        for run, mine in zip(runs, times, strict=True):
-            comm.barrier()
-            start = time.perf_counter()
-            run()
-            if trial > 0:
-                mine.append(time.perf_counter() - start)
-    slowest = [max(comm.allgather_object(typical(mine))) for mine in times]
-    one_way_s, both_ways_s, one_to_all_s = slowest
+    one_way_s, both_ways_s, one_to_all_s = _quiet_times(
+        comm, [exchange(pattern) for pattern in (one_way, both, spread)], reps
+    )
     return DuplexMeasure(
         one_way_s=one_way_s,
         both_ways_s=both_ways_s,
