@@ -356,7 +356,7 @@ def test_measure_progress_finds_how_each_backend_progresses(comm: Communicator) 
 
     from mc2sim.study.calibrate import POLLED_SHARE, measure_progress
 
-    share = measure_progress(comm, 3)
+    share = measure_progress(comm, 9)
     assert share == comm.allgather_object(share)[0]  # every rank decides alike
     if comm.backend == "mpi":
         assert share > POLLED_SHARE
@@ -373,7 +373,7 @@ def test_measure_duplex_agrees_on_every_rank_and_reads_mpich_pairs_as_full(
     from mc2sim.study.calibrate import DUPLEX_BYTES, measure_duplex
     from mc2sim.topology import Duplex
 
-    measured = measure_duplex(comm, 3)
+    measured = measure_duplex(comm, 9)
     assert measured == comm.allgather_object(measured)[0]
     assert min(measured.one_way_s, measured.both_ways_s, measured.one_to_all_s) > 0
     # no exchange of DUPLEX_BYTES beats a memcpy of them at 100 GB/s
