@@ -265,6 +265,8 @@ def _write_topology(topology: Topology, out: str) -> None:
 
 def _print_fit(topology: Topology) -> None:
     """Print a fitted topology's figures, one line a part."""
+    from mc2sim.topology import CoreSharing
+
     device, slow = topology.device, topology.contention
     peaks = ", ".join(f"{k} {v:.3g}" for k, v in sorted(device.matrix_tflops.items()))
     eff = device.efficiency
@@ -290,6 +292,14 @@ def _print_fit(topology: Topology) -> None:
     print(f"contention: compute x{slow.compute_slowdown}, comm {comm}")
     together = "together" if device.concurrent_collectives else "one at a time"
     print(f"collectives in flight progress {together}")
+    if topology.core_share < 1.0:
+        if device.core_sharing is CoreSharing.TURNS:
+            print(f"ranks share cores in turns of up to {device.slice_us:.0f} us")
+        else:
+            print(
+                f"ranks share cores, each at its share; a collective waits "
+                f"{device.slice_us:.0f} us x {1 - topology.core_share:.2f} for peers off theirs"
+            )
 
 
 def _ticker(bar: Any) -> Callable[[int, int, str], None]:

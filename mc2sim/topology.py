@@ -36,6 +36,7 @@ from mc2sim.errors import ParamInvalidError
 __all__ = [
     "MATRIX_DTYPES",
     "Contention",
+    "CoreSharing",
     "Device",
     "Duplex",
     "Efficiency",
@@ -101,6 +102,31 @@ class Duplex(StrEnum):
     FULL = "full"
     HALF = "half"
     RECEIVER = "receiver"
+
+
+class CoreSharing(StrEnum):
+    """How ranks that share their node's cores (``Topology.core_share`` below 1) get them.
+
+    Glossary:
+        ``processor``: every rank runs all the time at its share of a core (processor
+            sharing: ranks that busy-poll while they wait hold their time slices), and a
+            collective waits ``Device.slice_us * (1 - core_share)`` for peers off their cores.
+        ``turns``: the ranks take turns on the cores. A rank holds a core from when it has CPU
+            work (a compute task, posting a collective) until its issuer waits (inside MPI,
+            which yields the core) or it has held it ``Device.slice_us`` while another rank
+            of its node waits for one (the scheduler's time slice); it then runs at a whole
+            core's speed, and a rank waiting for a core does nothing. The ranks a node runs
+            first hold the cores until they wait, and the others start then.
+
+    ``mc2sim calibrate`` chooses one with the contention (:func:`mc2sim.model.fit.fit_contention`).
+    Measured on 4 ranks of a 2-core machine (MPICH, which yields a waiting rank's core):
+    the 0.05 ms tiles of a tiled GroupedMatMulAlltoAllv ran at a whole core's speed, two ranks
+    ran their tiles while the other two waited, and the first two's collectives completed
+    only after the other two had run theirs (``turns``).
+    """
+
+    PROCESSOR = "processor"
+    TURNS = "turns"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -369,7 +395,13 @@ class Device:
     time slice). Each collective waits ``slice_us * (1 - core_share)`` on average, as
     latency, counted from when its last rank queued it, so collectives queued together wait
     at once (a peer back on its core progresses all it has posted); ``mc2sim calibrate``
-    fits it with the contention. >= 0."""
+    fits it with the contention. >= 0. Where ranks take turns on the cores (``core_sharing``
+    ``turns``), it is instead how long a rank holds a core while another waits for one,
+    > 0."""
+
+    core_sharing: CoreSharing = CoreSharing.PROCESSOR
+    """How the ranks of a node that share its cores get them (:class:`CoreSharing`); only
+    where a node holds more ranks than cores."""
 
     warm_us: Mapping[str, float] = field(default_factory=dict)
     """Per compute task kind (``matmul``, ``grouped_matmul``, ``attention``, ...), the
@@ -435,6 +467,15 @@ class Device:
         object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
+        object.__setattr__(
+            self, "core_sharing", _as_choice("core_sharing", self.core_sharing, CoreSharing)
+        )
+        if self.core_sharing is CoreSharing.TURNS and self.slice_us <= 0:
+            raise ParamInvalidError(
+                "slice_us",
+                self.slice_us,
+                "must be > 0 where core_sharing is 'turns' (how long a rank holds a core)",
+            )
         for name, resource in (("warm_us", "compute"), ("issue_extra_us", "comm")):
             object.__setattr__(self, name, _us_by_kind(name, getattr(self, name), resource))
         if not isinstance(self.profile, tuple) or not all(
@@ -461,6 +502,7 @@ class Device:
                 tuple(sorted(self.issue_extra_us.items())),
                 self.issue_gbps,
                 self.slice_us,
+                self.core_sharing,
                 tuple(sorted(self.warm_us.items())),
                 self.profile,
             )
@@ -787,6 +829,7 @@ _DEVICE_OPTIONAL = (
     "issue_extra_us",
     "issue_gbps",
     "slice_us",
+    "core_sharing",
     "warm_us",
     "profile",
 )
@@ -921,6 +964,9 @@ class _Reader:
             issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
             issue_gbps=self.number(dev.get("issue_gbps", 0.0), "device.issue_gbps"),
             slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
+            core_sharing=self.text(
+                dev.get("core_sharing", CoreSharing.PROCESSOR.value), "device.core_sharing"
+            ),
             warm_us=self.numbers(dev.get("warm_us", {}), "device.warm_us", _US_BY_KIND),
             issue_extra_us=self.numbers(
                 dev.get("issue_extra_us", {}), "device.issue_extra_us", _US_BY_KIND
@@ -1031,6 +1077,11 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             **({"issue_extra_us": dict(dev.issue_extra_us)} if dev.issue_extra_us else {}),
             **({"issue_gbps": dev.issue_gbps} if dev.issue_gbps else {}),
             **({"slice_us": dev.slice_us} if dev.slice_us else {}),
+            **(
+                {"core_sharing": dev.core_sharing.value}
+                if dev.core_sharing is not CoreSharing.PROCESSOR
+                else {}
+            ),
             **({"warm_us": dict(dev.warm_us)} if dev.warm_us else {}),
             "efficiency": {
                 "small_util": eff.small_util,

@@ -49,7 +49,15 @@ import numpy as np
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.schedule.plan import AlltoAllvLoads, Task, TaskKind
-from mc2sim.topology import Device, Duplex, LinkKind, NetworkDim, ProfilePoint, Topology
+from mc2sim.topology import (
+    CoreSharing,
+    Device,
+    Duplex,
+    LinkKind,
+    NetworkDim,
+    ProfilePoint,
+    Topology,
+)
 
 __all__ = [
     "allgather_time",
@@ -61,6 +69,7 @@ __all__ = [
     "pairs_alltoallv_time",
     "compute_time",
     "compute_times",
+    "core_time",
     "issue_time",
     "issue_times",
     "collective_ratio",
@@ -263,11 +272,27 @@ def compute_times(
 def schedule_wait(topology: Topology) -> float:
     """Seconds a collective waits for peers off their cores: ``slice * (1 - core_share)``.
 
-    0 where every rank has a core of its own (``core_share`` 1) or ``slice_us`` is 0. The
-    simulator counts it from when the collective's last rank queued it, so the waits of
-    collectives queued together overlap.
+    0 where every rank has a core of its own (``core_share`` 1) or ``slice_us`` is 0, and
+    where ranks take turns on the cores (``CoreSharing.TURNS``: a rank waits for its peers'
+    turns in the simulation itself). The simulator counts it from when the collective's last
+    rank queued it, so the waits of collectives queued together overlap.
     """
+    if topology.device.core_sharing is CoreSharing.TURNS:
+        return 0.0
     return topology.device.slice_us * 1e-6 * (1.0 - topology.core_share)
+
+
+def core_time(topology: Topology, seconds: float) -> float:
+    """Seconds on a core of CPU work that takes ``seconds`` at the rank's core share.
+
+    Where ranks take turns on their node's cores (``CoreSharing.TURNS``), a rank runs its
+    work on a whole core while it holds one: the device's whole-core figures, ``seconds *
+    core_share`` (:func:`compute_time` and :func:`issue_time` give times at the share).
+    ``seconds`` itself where ranks share cores by processor sharing or have one each.
+    """
+    if topology.device.core_sharing is CoreSharing.TURNS:
+        return seconds * topology.core_share
+    return seconds
 
 
 _FLOAT32_COPIED = frozenset({TaskKind.ALLREDUCE, TaskKind.REDUCE_SCATTER})

@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +31,7 @@ from mc2sim.model.simulator import simulate
 from mc2sim.schedule.plan import Plan
 from mc2sim.topology import (
     Contention,
+    CoreSharing,
     Duplex,
     Efficiency,
     LinkKind,
@@ -42,6 +43,7 @@ from mc2sim.topology import (
 __all__ = [
     "COMM_SLOWDOWNS",
     "SLICES_US",
+    "TURNS_US",
     "COMPUTE_SLOWDOWNS",
     "UNBOUNDED_GBPS",
     "UNBOUNDED_TFLOPS",
@@ -57,6 +59,7 @@ __all__ = [
     "fit_comm_profile",
     "fit_profile",
     "fit_rate",
+    "turn_work",
 ]
 
 
@@ -389,7 +392,28 @@ COMPUTE_SLOWDOWNS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 """The grid :func:`fit_contention` searches for the compute slowdown."""
 
 SLICES_US = (0.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 3000.0, 5000.0, 10000.0)
-"""The grid :func:`fit_contention` searches for ``Device.slice_us`` where ranks share cores."""
+"""The grid :func:`fit_contention` searches for ``Device.slice_us`` where ranks share cores
+by processor sharing (``CoreSharing.PROCESSOR``: the wait for a peer off its core)."""
+
+TURNS_US = (250.0, 500.0, 1000.0, 2000.0, 3000.0, 5000.0)
+"""The grid :func:`fit_contention` searches for ``Device.slice_us`` where ranks take turns on
+the cores they share (``CoreSharing.TURNS``: how long a rank holds a core while another
+waits for one)."""
+
+
+def turn_work(seconds: float, share: float, turn_s: float) -> float:
+    """A whole core's seconds of a task timed at ``seconds`` by ranks taking turns on cores.
+
+    Every rank had work, each at ``share`` of a core over time, in turns of ``turn_s``. A task
+    that fit in one turn ran uninterrupted on a whole core: its time is its work. A longer
+    one ran a turn, then a turn in every ``1 / share`` while the other ranks had theirs:
+    ``share * seconds + (1 - share) * turn_s`` (processor sharing's ``share * seconds``, plus
+    the part of its first turn it did not wait for).
+    """
+    if seconds <= turn_s:
+        return seconds
+    return share * seconds + (1.0 - share) * turn_s
+
 
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
@@ -402,11 +426,13 @@ def fit_contention(
     *,
     polled: bool | None = None,
     progress: str = "",
+    turns_base: Callable[[float], Topology] | None = None,
 ) -> Topology:
     """Grid-search how overlapped work slows down, to make simulated tiled runs match.
 
-    The grid: where ranks share cores, the wait for a peer off its core
-    (``Device.slice_us``); the compute and communication slowdowns, or polled progress (a
+    The grid: where ranks share cores, how (``Device.core_sharing``: processor sharing, with
+    the wait for a peer off its core, or turns, with how long a turn lasts: both
+    ``Device.slice_us``); the compute and communication slowdowns, or polled progress (a
     transfer stops while a rank computes: ``Contention.polled``) in place of the latter, and
     whether
     collectives in flight progress together or one at a time
@@ -427,6 +453,9 @@ def fit_contention(
             them within 2% of polled progress in squared error on two measurements of
             five, and predicted the held-out cases 1.1 to 1.9 points worse.
         progress: how ``polled`` was found, in words, for the fit's ``source``.
+        turns_base: where ranks share cores, the topology whose compute figures are a
+            whole core's for ranks taking turns of the given microseconds (``calibrate``
+            maps its samples by :func:`turn_work`); None: ``base``'s figures as they are.
 
     Returns:
         ``base`` at the grid point with the smallest sum of squared log errors over the cases.
@@ -445,12 +474,27 @@ def fit_contention(
     comm = ([] if polled is True else [(ms, False) for ms in COMM_SLOWDOWNS]) + (
         [] if polled is False else [(1.0, True)]
     )
-    slices = SLICES_US if base.core_share < 1.0 else (0.0,)
-    grid = itertools.product(devices.values(), slices, COMPUTE_SLOWDOWNS, comm)
-    for device, slice_us, cs, (ms, polled) in grid:
+    sharing = (
+        [(CoreSharing.PROCESSOR, slice_us) for slice_us in SLICES_US]
+        + [(CoreSharing.TURNS, turn_us) for turn_us in TURNS_US]
+        if base.core_share < 1.0
+        else [(CoreSharing.PROCESSOR, 0.0)]
+    )
+    grid = itertools.product(devices.values(), sharing, COMPUTE_SLOWDOWNS, comm)
+    bases = {
+        turn_us: turns_base(turn_us) if turns_base is not None else base
+        for cores, turn_us in sharing
+        if cores is CoreSharing.TURNS
+    }
+    for device, (cores, slice_us), cs, (ms, polled) in grid:
+        if cores is CoreSharing.TURNS:
+            figures = bases[slice_us].device
+            device = dataclasses.replace(
+                figures, concurrent_collectives=device.concurrent_collectives
+            )
         trial = dataclasses.replace(
             base,
-            device=dataclasses.replace(device, slice_us=slice_us),
+            device=dataclasses.replace(device, slice_us=slice_us, core_sharing=cores),
             contention=Contention(
                 compute_slowdown=cs, comm_slowdown=ms, polled=polled, source=source
             ),

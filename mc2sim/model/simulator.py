@@ -36,6 +36,15 @@ back on its core progresses every collective it has posted), also on a communica
 where a collective that starts late has only what is left of its wait to go. A capped wire
 keeps its pace while a peer is off its core, so there the wait shows only past the wire's
 slack: latency + max(capped transfer, the ranks' own transfer + wait).
+That is processor sharing (``CoreSharing.PROCESSOR``). Where instead the ranks take turns
+on the cores (``CoreSharing.TURNS``), each node's cores go to its ranks in order: a rank
+takes a free core when its issuer has CPU work (a compute task, a post) and holds it until
+its issuer waits (for a collective, or at the end of its plan) or it has held it
+``Device.slice_us`` while another rank of the node waits for one (a post or a task ending
+then finishes first); a rank without a core waits in its node's queue and does nothing,
+and its compute task in progress stops. On its core a rank runs its work at a whole core's
+speed (:func:`mc2sim.model.cost.core_time`), and a collective waits for its peers' turns in
+the simulation itself, not as latency.
 Posting a collective holds the rank's issuer for the device's issue overhead (LogP's ``o``,
 ``Device.issue_us``, and a reduction's float32 copy at ``Device.issue_gbps``:
 :func:`mc2sim.model.cost.issue_time`) before the collective is queued; compute, the overhead and the
@@ -66,6 +75,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -79,6 +89,7 @@ from mc2sim.model.cost import (
     collective_ratio,
     compute_time,
     compute_times,
+    core_time,
     issue_time,
     issue_times,
     loads_alltoallv_time,
@@ -105,7 +116,7 @@ from mc2sim.schedule.traffic import (
     sent_by_level,
 )
 from mc2sim.timeline import RunColumns, RunKey, Source, Stream, TaskRecord, Timeline
-from mc2sim.topology import Topology
+from mc2sim.topology import CoreSharing, Topology
 
 __all__ = [
     "lockstep_applies",
@@ -115,6 +126,9 @@ __all__ = [
     "simulate_run",
     "simulate_waits",
 ]
+
+_DONE_S = 1e-12
+"""Work left (seconds) below which a compute task is ending now (a rounding's worth)."""
 
 _UNBOUNDED_GBPS = 1e300
 """Link bandwidth at which a collective's time is its latency alone (finite, as topologies
@@ -136,6 +150,8 @@ class _Rank:
     issuing: Task | None = None  # a comm task being posted (the issue overhead o)
     issue_version: int = 0
     ran: set[TaskKind] = field(default_factory=set)  # compute kinds run so far: warm
+    turn: int = 0  # where ranks take turns on cores: its turn's version while it holds one
+    turn_over: bool = False  # its turn ended as it posted or finished a task: yield after
 
 
 _GROUPED_KINDS = frozenset({TaskKind.ALLREDUCE, TaskKind.REDUCE_SCATTER, TaskKind.ALLGATHER})
@@ -391,6 +407,35 @@ class _Machine:
         return latency, work, max(headroom, 1.0)
 
 
+@dataclass
+class _Turns:
+    """Each node's free cores and its ranks queued for one, in order.
+
+    Only where ranks take turns on their node's cores (``CoreSharing.TURNS``).
+    """
+
+    per_node: int
+    slice_s: float
+    free: list[int]
+    queue: list[deque[int]]
+
+    @classmethod
+    def of(cls, topology: Topology, world: int) -> _Turns | None:
+        """The turns of ``world`` ranks on ``topology``; None where ranks do not take turns.
+
+        A node runs ``cores_per_node`` ranks at once, rounded (at least one).
+        """
+        device = topology.device
+        if device.core_sharing is not CoreSharing.TURNS or topology.core_share >= 1.0:
+            return None
+        per_node = topology.ranks_per_node
+        nodes = -(-world // per_node)
+        cores = max(1, round(device.cores_per_node))
+        return cls(
+            per_node, device.slice_us * 1e-6, [cores] * nodes, [deque() for _ in range(nodes)]
+        )
+
+
 class _Engine:
     """The event loop. Events are (time, sequence, kind, rank, version) in one heap.
 
@@ -438,6 +483,7 @@ class _Engine:
         self.next_transfer = 0  # the collective whose transfer part is next
         self.transferring = False  # a transfer part holds the links
         self.computing = 0  # ranks with a compute task in progress
+        self.turns = _Turns.of(topology, self.world)
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
         self.polled = topology.contention.polled
@@ -473,7 +519,13 @@ class _Engine:
         active.rate = rate
         self.schedule(active, kind, rank)
 
-    def compute_rate(self) -> float:
+    def compute_rate(self, rank: int) -> float:
+        """A compute task's rate on ``rank``: slowed while a transfer is in progress.
+
+        Where ranks take turns on the cores, 0 while ``rank`` waits for one.
+        """
+        if self.turns is not None and not self.ranks[rank].turn:
+            return 0.0
         return 1.0 / self.compute_slow if self.transferring else 1.0
 
     def comm_rate(self, active: _Active) -> float:
@@ -511,15 +563,18 @@ class _Engine:
         while not state.issuer_busy and state.pointer < len(tasks):
             task = tasks[state.pointer]
             if any(d not in state.done for d in task.deps):
+                self.yield_core(rank)
                 return  # waiting on a dependency (a comm chunk still in flight)
+            if not self.take_core(rank):
+                return  # waiting for a core: it gets one when a rank of its node yields
             state.pointer += 1
             if task.resource is Resource.COMPUTE:
                 work = compute_time(
                     task, self.topology, state.plan.dtype, warm=task.kind in state.ran
                 )
                 state.ran.add(task.kind)
-                work *= self.slow.get(rank, 1.0)
-                state.computing = _Active([(rank, task)], work, self.compute_rate(), self.now)
+                work = core_time(self.topology, work * self.slow.get(rank, 1.0))
+                state.computing = _Active([(rank, task)], work, self.compute_rate(rank), self.now)
                 state.issuer_busy = True
                 self.starts[(rank, task.id)] = self.now
                 self.computing += 1
@@ -527,7 +582,7 @@ class _Engine:
                 if self.computing == 1 or self.polled:
                     self._rerate_comms()
                 return
-            issue = issue_time(self.topology, task)
+            issue = core_time(self.topology, issue_time(self.topology, task))
             if issue > 0.0:  # posting it holds the issuer (LogP's o)
                 state.issuer_busy = True
                 state.issuing = task
@@ -536,6 +591,94 @@ class _Engine:
                 heapq.heappush(self.heap, (at, next(self.seq), "issue", rank, state.issue_version))
                 return
             self.queue_comm(rank, task)
+        if not state.issuer_busy:
+            self.yield_core(rank)  # its plan is done
+
+    # -- turns on shared cores (CoreSharing.TURNS) -----------------------------------------------
+
+    def take_core(self, rank: int) -> bool:
+        """Whether ``rank`` holds a core for its next CPU work, taking a free one if any.
+
+        Always where ranks do not take turns; otherwise a rank with no core and none free
+        joins its node's queue and runs when a rank of its node yields (:meth:`yield_core`).
+        """
+        turns = self.turns
+        state = self.ranks[rank]
+        if turns is None or state.turn:
+            return True
+        node = rank // turns.per_node
+        if turns.free[node] > 0:
+            turns.free[node] -= 1
+            self.start_turn(rank)
+            return True
+        if rank not in turns.queue[node]:
+            turns.queue[node].append(rank)
+        return False
+
+    def start_turn(self, rank: int) -> None:
+        """``rank`` has a core: its turn runs until it yields or ``slice_us`` ends it."""
+        turns = self.turns
+        if turns is None:
+            raise RuntimeError("a turn on a core where ranks do not take turns")
+        state = self.ranks[rank]
+        state.turn = next(self.versions)
+        heapq.heappush(
+            self.heap, (self.now + turns.slice_s, next(self.seq), "turn", rank, state.turn)
+        )
+
+    def yield_core(self, rank: int) -> None:
+        """``rank``'s issuer waits (or is done): its core goes to the next rank queued."""
+        turns = self.turns
+        state = self.ranks[rank]
+        if turns is None or not state.turn:
+            return
+        state.turn = 0
+        state.turn_over = False
+        self.hand_over(rank // turns.per_node)
+
+    def hand_over(self, node: int) -> None:
+        """A core of ``node`` is free: the first rank queued for one takes it and goes on."""
+        turns = self.turns
+        if turns is None:
+            raise RuntimeError("a core handed over where ranks do not take turns")
+        if not turns.queue[node]:
+            turns.free[node] += 1
+            return
+        rank = turns.queue[node].popleft()
+        self.start_turn(rank)
+        state = self.ranks[rank]
+        if state.computing is not None:  # a task its turn's end stopped goes on
+            self.rerate(state.computing, self.compute_rate(rank), "compute", rank)
+        else:
+            self.advance(rank)
+
+    def requeue(self, rank: int) -> None:
+        """``rank``'s turn is over: it queues behind its node's others; one of them runs."""
+        turns = self.turns
+        if turns is None:
+            raise RuntimeError("a turn ended where ranks do not take turns")
+        state = self.ranks[rank]
+        state.turn = 0
+        if state.computing is not None:
+            self.rerate(state.computing, 0.0, "compute", rank)
+        node = rank // turns.per_node
+        turns.queue[node].append(rank)
+        self.hand_over(node)
+
+    def turn_ends(self, rank: int) -> None:
+        """``rank`` has held its core ``slice_us``: it yields it if a rank of its node waits."""
+        turns = self.turns
+        state = self.ranks[rank]
+        if turns is None:
+            raise RuntimeError("a turn ended where ranks do not take turns")
+        if not turns.queue[rank // turns.per_node]:
+            self.start_turn(rank)  # nobody waits: a new turn
+        elif state.issuing is not None or (
+            state.computing is not None and state.computing.left_at(self.now) <= _DONE_S
+        ):
+            state.turn_over = True  # a post, or a task ending now: it yields after it
+        else:
+            self.requeue(rank)
 
     def queue_comm(self, rank: int, task: Task) -> None:
         """Queue rank's posted comm task (noting when, for who-waited-for-whom) and try it."""
@@ -556,6 +699,10 @@ class _Engine:
         state.issuing = None
         state.issuer_busy = False
         self.queue_comm(rank, task)
+        if state.turn_over:  # its turn ended while it posted: the next rank's now
+            state.turn_over = False
+            self.requeue(rank)
+            return
         self.advance(rank)
 
     def try_collective(self, rank: int) -> None:
@@ -664,10 +811,9 @@ class _Engine:
     def _rerate_computes(self) -> None:
         if self.compute_slow == 1.0:
             return  # no contention: rates never change
-        rate = self.compute_rate()
         for r, state in enumerate(self.ranks):
             if state.computing is not None:
-                self.rerate(state.computing, rate, "compute", r)
+                self.rerate(state.computing, self.compute_rate(r), "compute", r)
 
     def record(self, rank: int, task: Task, levels: tuple[int, int] | None = None) -> None:
         """Note ``task`` done on ``rank``; ``levels``: its (intra, inter) bytes if known."""
@@ -701,6 +847,10 @@ class _Engine:
         self.record(rank, active.tasks[0][1])
         if self.computing == 0 or self.polled:
             self._rerate_comms()
+        if state.turn_over:  # its turn ended as the task did: the next rank's now
+            state.turn_over = False
+            self.requeue(rank)
+            return
         self.advance(rank)
 
     def end_part(self, k: int) -> None:
@@ -739,6 +889,11 @@ class _Engine:
             if kind == "start":
                 self.now = at
                 self.advance(rank)
+                continue
+            if kind == "turn":
+                if self.ranks[rank].turn == version:
+                    self.now = at
+                    self.turn_ends(rank)
                 continue
             if kind == "issue":
                 if self.ranks[rank].issue_version == version:
@@ -792,6 +947,7 @@ def lockstep_applies(topology: Topology) -> bool:
         and contention.comm_slowdown == 1.0
         and not contention.polled
         and schedule_wait(topology) == 0.0
+        and _Turns.of(topology, 1) is None
     )
 
 

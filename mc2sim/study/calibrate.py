@@ -91,6 +91,7 @@ from mc2sim.model.fit import (
     fit_peaks,
     fit_profile,
     fit_rate,
+    turn_work,
 )
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.scenario import load
@@ -99,7 +100,16 @@ from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import Placement
 from mc2sim.study.measure import Case, cases_of, measure_rounds
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
-from mc2sim.topology import Contention, Device, Duplex, LinkKind, NetworkDim, Topology
+from mc2sim.topology import (
+    Contention,
+    Device,
+    Duplex,
+    Efficiency,
+    LinkKind,
+    NetworkDim,
+    ProfilePoint,
+    Topology,
+)
 
 __all__ = [
     "CONTENTION",
@@ -516,6 +526,7 @@ def samples_of(
     rounds: Sequence[Sequence[Timeline]],
     *,
     warm_s: Mapping[str, float] | None = None,
+    own_clocks: bool = False,
 ) -> tuple[list[ComputeSample], list[CommSample]]:
     """Per-task samples of serial op runs (``rounds[i]``: case i's gathered timelines).
 
@@ -533,6 +544,11 @@ def samples_of(
     compute task after one of its kind in its call gets ``warm_s`` of its kind (seconds at
     the rank's share: :func:`warm_savings`) added back, so every sample is a call's first
     task of its kind, as the model's profile holds them (``Device.warm_us``).
+
+    ``own_clocks``: where ranks share cores, each rank's clock starts when it first runs
+    after the call's barrier, and ranks that take turns on the cores start a turn apart, so
+    their times do not line up; a collective's time is then the shortest of the ranks' own
+    (post to completion): the last rank's to arrive, which waits for no one.
     """
     compute: list[ComputeSample] = []
     comm_samples: list[CommSample] = []
@@ -546,8 +562,10 @@ def samples_of(
                 if case.plans[0].tasks[task_id].resource is Resource.COMM:
                     if _overlapped(records, timeline):
                         continue  # its time holds contention, not the collective alone
-                    # from the last rank's arrival to the last rank's completion
-                    seconds = max(r.end_s for r in records) - max(r.start_s for r in records)
+                    if own_clocks:  # the last rank to arrive: the shortest wait
+                        seconds = min(r.end_s - r.start_s for r in records)
+                    else:  # from the last rank's arrival to the last rank's completion
+                        seconds = max(r.end_s for r in records) - max(r.start_s for r in records)
                 else:
                     seconds = max(r.duration_s for r in records)
                 durations.setdefault(task_id, []).append(seconds)
@@ -656,11 +674,20 @@ def calibrate(
         rounds, [sum(len(cases) for _, cases in serial), len(tiled), len(swept_cases), len(warmed)]
     )
     warm_s = warm_savings(warm_rounds)
+    cores = node_cores(comm, hosts)
+    share = min(1.0, cores / per_node) if cores > 0 else 1.0
+    shared = share < 1.0  # each rank's clock starts when it first runs (samples_of)
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
     first = 0
     for group, cases in serial:
-        mine = samples_of(group, cases, serial_rounds[first : first + len(cases)], warm_s=warm_s)
+        mine = samples_of(
+            group,
+            cases,
+            serial_rounds[first : first + len(cases)],
+            warm_s=warm_s,
+            own_clocks=shared,
+        )
         first += len(cases)
         # each group of a level measured its own copy: pool every group's (its rank 0 speaks)
         parts = comm.allgather_object(mine if group.rank == 0 else None)
@@ -668,23 +695,22 @@ def calibrate(
         compute += [replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[0]]
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
     spans = [[t.metrics().total_s for t in mine] for mine in tiled_rounds]
-    cores = node_cores(comm, hosts)
-    share = min(1.0, cores / per_node) if cores > 0 else 1.0
     posting = measure_issue(comm, reps)
     in_ops: list[CommSample] = []
     if swept_cases:
         by_level[0] += measure_collectives(comm, reps)
         swept = [
             replace(s, weight=1.0 / len(COLLECTIVE_BYTES))
-            for s in samples_of(comm, swept_cases, swept_rounds)[1]
+            for s in samples_of(comm, swept_cases, swept_rounds, own_clocks=shared)[1]
         ]
         # the profile: the serial calls' collectives and the sweep's; a sub-tiled call's
         # chunks (cal_combine_64) are timed while the ranks take turns computing, which
         # the contention model accounts for
         whole = [(c, r) for c, r in zip(serial[0][1], rounds, strict=False) if c.tiling == "serial"]
-        in_ops = samples_of(comm, [c for c, _ in whole], [r for _, r in whole])[1] + swept
-    # a whole core's figures: the ranks measured at once, each at its share of a core
-    compute = [replace(s, seconds=s.seconds * share) for s in compute]
+        in_ops = (
+            samples_of(comm, [c for c, _ in whole], [r for _, r in whole], own_clocks=shared)[1]
+            + swept
+        )
 
     # a collective's span includes its last rank's posting, which the model holds apart
     def posted_apart(s: CommSample) -> CommSample:
@@ -692,15 +718,11 @@ def calibrate(
 
     by_level = [[posted_apart(s) for s in mine] for mine in by_level]
     in_ops = [posted_apart(s) for s in in_ops]
-    peaks, efficiency, launch_us, memory_gbps = fit_compute(
-        [s for s in compute if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
-    )
-    others = [
-        replace(s, seconds=s.seconds * share)
-        for s in measure_compute(comm, reps)
-        if s.dtype not in peaks
-    ]
-    peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
+    bare = measure_compute(comm, reps)
+    # a whole core's figures: the ranks measured at once, each at its share of a core
+    figures = _core_figures(compute, bare, posting, warm_s, lambda seconds: seconds * share)
+    peaks, efficiency = figures.peaks, figures.efficiency
+    launch_us, memory_gbps = figures.launch_us, figures.memory_gbps
     wide = comm.backend in WIDE_REDUCTIONS
     duplexes = [
         measure_duplex(level.group, reps) if level.group.size > 1 else None for level in levels
@@ -730,11 +752,11 @@ def calibrate(
             memory_overlap=False,
             reductions_in_float32=wide,
             cores_per_node=cores,
-            issue_us=posting.bare_s * share * 1e6,
-            issue_extra_us={kind: v * share * 1e6 for kind, v in posting.extra_s.items()},
-            warm_us={kind: seconds * share * 1e6 for kind, seconds in warm_s.items()},
-            issue_gbps=posting.copy_gbps / share if posting.copy_gbps > 0 else 0.0,
-            profile=fit_profile(compute)
+            issue_us=figures.issue_us,
+            issue_extra_us=figures.issue_extra_us,
+            warm_us=figures.warm_us,
+            issue_gbps=figures.issue_gbps,
+            profile=figures.profile
             + (fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()),
         ),
         network=network,
@@ -761,10 +783,20 @@ def calibrate(
     )
     share_left = measure_progress(comm, reps)
     polled = share_left > POLLED_SHARE
+    comm_profile = base.device.profile[len(figures.profile) :]
+
+    def turns_base(turn_us: float) -> Topology:
+        """``base`` with a whole core's figures for ranks taking turns of ``turn_us``."""
+        mine = _core_figures(
+            compute, bare, posting, warm_s, lambda s: turn_work(s, share, turn_us * 1e-6)
+        )
+        return replace(base, device=mine.on(base.device, comm_profile))
+
     fitted = fit_contention(
         base,
         tiled,
         spans,
+        turns_base=turns_base if shared else None,
         polled=polled,
         progress=(
             f"progress {'polled' if polled else 'on its own'}, measured: a collective posted "
@@ -780,6 +812,76 @@ def calibrate(
         fitted_cases=[c for group, cases in serial if group is comm for c in cases] + tiled,
         fitted_spans=_fitted_spans(serial, rounds, comm, len(tiled)),
         independent=independent,
+    )
+
+
+@dataclass(frozen=True)
+class _CoreFigures:
+    """The device's compute and posting figures, a whole core's.
+
+    From one reading of the samples: the share each rank ran at (processor sharing, or turns).
+    """
+
+    peaks: dict[str, float]
+    efficiency: Efficiency
+    launch_us: float
+    memory_gbps: float
+    profile: tuple[ProfilePoint, ...]
+    issue_us: float
+    issue_extra_us: dict[str, float]
+    warm_us: dict[str, float]
+    issue_gbps: float
+
+    def on(self, device: Device, comm_profile: tuple[ProfilePoint, ...]) -> Device:
+        """``device`` with these figures, its profile these tasks' and ``comm_profile``."""
+        return replace(
+            device,
+            matrix_tflops=self.peaks,
+            efficiency=self.efficiency,
+            launch_us=self.launch_us,
+            memory_gbps=self.memory_gbps * KERNEL_TRAFFIC,
+            issue_us=self.issue_us,
+            issue_extra_us=self.issue_extra_us,
+            warm_us=self.warm_us,
+            issue_gbps=self.issue_gbps,
+            profile=self.profile + comm_profile,
+        )
+
+
+def _core_figures(
+    compute: Sequence[ComputeSample],
+    bare: Sequence[ComputeSample],
+    posting: Posting,
+    warm_s: Mapping[str, float],
+    on_core: Callable[[float], float],
+) -> _CoreFigures:
+    """Fit a whole core's figures from samples timed with every rank at once.
+
+    ``compute``: the serial calls' tasks; ``bare``: the bare kernels (:func:`measure_compute`)
+    of the dtypes those lack; ``on_core`` maps a time measured among the ranks to a whole
+    core's (``share * seconds`` by processor sharing; :func:`~mc2sim.model.fit.turn_work`
+    where they take turns).
+    """
+    whole = [replace(s, seconds=on_core(s.seconds)) for s in compute]
+    peaks, efficiency, launch_us, memory_gbps = fit_compute(
+        [s for s in whole if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
+    )
+    others = [replace(s, seconds=on_core(s.seconds)) for s in bare if s.dtype not in peaks]
+    peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
+    issue_gbps = 0.0
+    if posting.copy_gbps > 0:  # a MiB's copy, as long as it took and on a whole core
+        took = 2**20 / (posting.copy_gbps * 1e9)
+        issue_gbps = posting.copy_gbps * took / on_core(took)
+    return _CoreFigures(
+        peaks=peaks,
+        efficiency=efficiency,
+        launch_us=launch_us,
+        memory_gbps=memory_gbps,
+        profile=fit_profile(whole),
+        issue_us=on_core(posting.bare_s) * 1e6,
+        issue_extra_us={kind: on_core(v) * 1e6 for kind, v in posting.extra_s.items()},
+        warm_us={kind: on_core(seconds) * 1e6 for kind, seconds in warm_s.items()},
+        issue_gbps=issue_gbps,
     )
 
 

@@ -1,0 +1,156 @@
+"""Ranks that take turns on the cores they share (``CoreSharing.TURNS``), worked on paper.
+
+The machine of :mod:`tests.unit.test_simulator_by_hand` (a matmul of ``1e6 * t`` FLOPs takes
+t s on a whole core, links carry 1000 B/s, no launch or latency) with 4 ranks on 2 cores: a
+rank's share is 1/2, so a matmul of t s on a whole core takes ``2 t`` sharing the cores by
+processor sharing, and ``t`` on a core while its rank holds one, taking turns
+(:func:`~mc2sim.model.cost.core_time`). ``calibrate`` reads its samples either way: a task
+timed at ``d`` among ranks taking turns of ``q`` is ``d`` of a whole core's work within one
+turn, ``d / 2 + q / 2`` beyond (:func:`~mc2sim.model.fit.turn_work`). Every expected time is
+derived in the comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mc2sim.errors import ParamInvalidError
+from mc2sim.model.cost import compute_time, core_time, schedule_wait
+from mc2sim.model.fit import TURNS_US, fit_contention, turn_work
+from mc2sim.model.simulator import lockstep_applies, simulate
+from mc2sim.study.measure import Case
+from mc2sim.topology import Contention, CoreSharing, Topology, dump, load
+from tests.unit.test_simulator_by_hand import allreduce, assert_spans, machine, mm, plan
+
+
+def on_two_cores(turn_s: float, sharing: CoreSharing = CoreSharing.TURNS) -> Topology:
+    """4 ranks on one node of 2 cores, sharing them as ``sharing`` with turns of ``turn_s``."""
+    topo = machine(4)
+    return dataclasses.replace(
+        topo,
+        device=dataclasses.replace(
+            topo.device, cores_per_node=2, slice_us=turn_s * 1e6, core_sharing=sharing
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "work"),
+    [(0.5, 0.5), (1.0, 1.0), (3.0, 0.5 * 3 + 0.5 * 1), (11.0, 0.5 * 11 + 0.5 * 1)],
+)
+def test_a_task_timed_within_one_turn_is_its_work_and_a_longer_one_half_plus_half_a_turn(
+    seconds: float, work: float
+) -> None:
+    assert turn_work(seconds, 0.5, 1.0) == pytest.approx(work)
+
+
+def test_a_rank_taking_turns_runs_a_whole_cores_time() -> None:
+    task = mm(3)
+    turns = on_two_cores(1.0)
+    assert compute_time(task, turns, "float16") == pytest.approx(6.0)  # at the share
+    assert core_time(turns, 6.0) == pytest.approx(3.0)  # on a core while it holds one
+    assert core_time(on_two_cores(1.0, CoreSharing.PROCESSOR), 6.0) == 6.0
+
+
+def test_ranks_take_turns_until_they_wait() -> None:
+    # a matmul of 1 s on a whole core each, within a 10 s turn. Ranks 0 and 1 take the two
+    # cores [0, 1], then are done and yield; ranks 2 and 3 have waited for a core: [1, 2].
+    plans = {r: plan(r, 4, mm(1)) for r in range(4)}
+    assert_spans(
+        simulate(plans, on_two_cores(10.0)),
+        {(0, "mm0"): (0, 1), (1, "mm0"): (0, 1), (2, "mm0"): (1, 2), (3, "mm0"): (1, 2)},
+    )
+
+
+def test_a_turn_ends_after_its_length_while_others_wait() -> None:
+    # a matmul of 3 s on a whole core, 1 s turns. Ranks 0, 1 run [0, 1], 2, 3 [1, 2], 0, 1
+    # [2, 3], 2, 3 [3, 4], 0, 1 [4, 5]: done as their turn ends, they yield; 2, 3 [5, 6].
+    # Each took 5 s, its 3 s of work at 3 / 5 of a core (processor sharing's 1/2 over a long
+    # task, the first turn's wait spared).
+    plans = {r: plan(r, 4, mm(3)) for r in range(4)}
+    assert_spans(
+        simulate(plans, on_two_cores(1.0)),
+        {(0, "mm0"): (0, 5), (1, "mm0"): (0, 5), (2, "mm0"): (1, 6), (3, "mm0"): (1, 6)},
+    )
+
+
+def test_a_collective_starts_when_the_last_turn_has_posted_it() -> None:
+    # a matmul of 0.5 s on a whole core (within the 10 s turn), then a 1000-byte AllReduce
+    # that needs it: on a 4-rank switch 2 (p - 1) / p * 1000 / 1000 = 1.5 s. Ranks 0, 1
+    # compute [0, 0.5], post it and wait: they yield; 2, 3 compute [0.5, 1] and post it, so
+    # it starts at 1 for every rank and ends at 2.5. Processor sharing (no wait for peers
+    # off their cores: slice 0) runs all four at once at half a core: [0, 1], the AllReduce
+    # [1, 2.5].
+    plans = {r: plan(r, 4, mm(0.5), allreduce(1, 0)) for r in range(4)}
+    turns = {(r, "mm0"): (0, 0.5) if r < 2 else (0.5, 1) for r in range(4)}
+    turns |= {(r, "ar1"): (1, 2.5) for r in range(4)}
+    assert_spans(simulate(plans, on_two_cores(10.0)), turns)
+    sharing = {(r, "mm0"): (0, 1) for r in range(4)} | {(r, "ar1"): (1, 2.5) for r in range(4)}
+    processor = dataclasses.replace(
+        on_two_cores(10.0),
+        device=dataclasses.replace(
+            on_two_cores(10.0).device, core_sharing=CoreSharing.PROCESSOR, slice_us=0.0
+        ),
+    )
+    assert_spans(simulate(plans, processor), sharing)
+
+
+def test_a_rank_waiting_for_its_collective_yields_its_core() -> None:
+    # as above, then a second 0.5 s matmul that needs the AllReduce: ranks 0, 1 post it at
+    # 0.5 and wait for it (yielding their cores), 2, 3 compute [0.5, 1] and post it: [1, 2.5].
+    # Then all four want a core: 0 and 1, first in line, [2.5, 3]; 2 and 3 [3, 3.5]. A rank
+    # that kept its core while it waited would hold it to its turn's end (10 s).
+    plans = {r: plan(r, 4, mm(0.5), allreduce(1, 0), mm(0.5, 1)) for r in range(4)}
+    expected = {(r, "mm0"): (0, 0.5) if r < 2 else (0.5, 1) for r in range(4)}
+    expected |= {(r, "ar1"): (1, 2.5) for r in range(4)}
+    expected |= {(r, "mm2"): (2.5, 3) if r < 2 else (3, 3.5) for r in range(4)}
+    assert_spans(simulate(plans, on_two_cores(10.0)), expected)
+
+
+def test_turns_wait_for_peers_in_the_simulation_not_as_latency() -> None:
+    assert schedule_wait(on_two_cores(1.0)) == 0.0
+    assert schedule_wait(on_two_cores(1.0, CoreSharing.PROCESSOR)) == pytest.approx(0.5)
+    assert not lockstep_applies(on_two_cores(1.0))
+
+
+def test_core_sharing_survives_a_file_and_is_checked(tmp_path: object) -> None:
+    path = f"{tmp_path}/t.yaml"
+    dump(on_two_cores(0.002), path)
+    back = load(path)
+    assert back.device.core_sharing is CoreSharing.TURNS
+    assert back.device.slice_us == pytest.approx(2000.0)
+    dump(on_two_cores(0.002, CoreSharing.PROCESSOR), path)
+    assert "core_sharing" not in open(path).read()  # the default is left out
+    assert load(path).device.core_sharing is CoreSharing.PROCESSOR
+    device = on_two_cores(1.0).device
+    with pytest.raises(ParamInvalidError, match="core_sharing.*'processor', 'turns'"):
+        dataclasses.replace(device, core_sharing="round_robin")
+    with pytest.raises(ParamInvalidError, match="slice_us.*> 0 where core_sharing is 'turns'"):
+        dataclasses.replace(device, slice_us=0.0)
+
+
+def test_fit_contention_finds_ranks_taking_turns() -> None:
+    # spans made by ranks taking 1 s turns (in the grid), no slowdowns: the fit, starting
+    # from processor sharing, finds the turns and their length
+    turns = dataclasses.replace(
+        on_two_cores(TURNS_US[2] * 1e-6),
+        contention=Contention(polled=True),
+    )
+
+    def case(name: str, *tasks: object) -> Case:
+        plans = tuple(plan(r, 4, *tasks) for r in range(4))  # type: ignore[arg-type]
+        return Case(name=name, tiling="tiles=2", run=lambda: None, plans=plans)
+
+    cases = [  # tasks of 0.8 ms run in one 1 ms turn, but not in 0.5 ms; 1.6 ms in two
+        case("one turn", mm(0.0008), allreduce(0.001, 0), mm(0.0008), allreduce(0.001, 2)),
+        case("two turns", mm(0.0016), allreduce(0.002, 0), mm(0.0016), allreduce(0.002, 2)),
+        case("long", mm(0.003), allreduce(0.004), mm(0.0004, 1)),
+    ]
+    spans = [[simulate(dict(enumerate(c.plans)), turns).metrics().total_s] for c in cases]
+    base = on_two_cores(1.0, CoreSharing.PROCESSOR)
+    base = dataclasses.replace(base, device=dataclasses.replace(base.device, slice_us=0.0))
+    fitted = fit_contention(base, cases, spans, polled=True)
+    assert fitted.device.core_sharing is CoreSharing.TURNS
+    assert fitted.device.slice_us == TURNS_US[2]
