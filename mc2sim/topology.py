@@ -362,10 +362,12 @@ class Device:
     """CPU cores the ranks of one node share (fractional where several nodes share one
     machine's cores, as namespaces on one host do) (``ranks_per_node`` of them); 0: every rank has
     an engine of its own (an NPU, a GPU). Where a node holds more ranks than cores (four MPI
-    ranks on two cores), each rank's share of a core is ``cores_per_node / ranks_per_node``
-    (MPI ranks busy-poll while they wait, so every rank of the node holds a core's time
-    slices all the time): compute tasks, the issue overhead and the collectives' reductions
-    run at that share, and the figures above are those of one whole core."""
+    ranks on two cores), each rank's share of a core is ``cores_per_node / ranks_per_node``,
+    and the figures above are those of one whole core. How the ranks get it is
+    ``core_sharing``: by processor sharing (MPI ranks busy-poll while they wait, so every rank
+    of the node holds a core's time slices all the time), compute tasks, the issue overhead
+    and the collectives' reductions run at that share; taking turns, a rank runs on a whole
+    core while it holds one and not at all while it waits for one."""
 
     issue_us: float = 0.0
     """CPU time a rank spends issuing one collective (LogP's overhead ``o``), in microseconds,
