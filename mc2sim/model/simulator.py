@@ -419,6 +419,11 @@ class _Turns:
     free: list[int]
     queue: list[deque[int]]
 
+    @staticmethod
+    def apply(topology: Topology) -> bool:
+        """Whether ranks take turns on ``topology``: its sharing says so and they share cores."""
+        return topology.device.core_sharing is CoreSharing.TURNS and topology.core_share < 1.0
+
     @classmethod
     def of(cls, topology: Topology, world: int) -> _Turns | None:
         """The turns of ``world`` ranks on ``topology``; None where ranks do not take turns.
@@ -426,7 +431,7 @@ class _Turns:
         A node runs ``cores_per_node`` ranks at once, rounded (at least one).
         """
         device = topology.device
-        if device.core_sharing is not CoreSharing.TURNS or topology.core_share >= 1.0:
+        if not cls.apply(topology):
             return None
         per_node = topology.ranks_per_node
         nodes = -(-world // per_node)
@@ -615,11 +620,15 @@ class _Engine:
             turns.queue[node].append(rank)
         return False
 
+    def _turns(self) -> _Turns:
+        """The node's turns, where only a topology whose ranks take turns gets here."""
+        if self.turns is None:
+            raise RuntimeError("a turn on a core where ranks do not take turns")
+        return self.turns
+
     def start_turn(self, rank: int) -> None:
         """``rank`` has a core: its turn runs until it yields or ``slice_us`` ends it."""
-        turns = self.turns
-        if turns is None:
-            raise RuntimeError("a turn on a core where ranks do not take turns")
+        turns = self._turns()
         state = self.ranks[rank]
         state.turn = next(self.versions)
         heapq.heappush(
@@ -638,9 +647,7 @@ class _Engine:
 
     def hand_over(self, node: int) -> None:
         """A core of ``node`` is free: the first rank queued for one takes it and goes on."""
-        turns = self.turns
-        if turns is None:
-            raise RuntimeError("a core handed over where ranks do not take turns")
+        turns = self._turns()
         if not turns.queue[node]:
             turns.free[node] += 1
             return
@@ -654,9 +661,7 @@ class _Engine:
 
     def requeue(self, rank: int) -> None:
         """``rank``'s turn is over: it queues behind its node's others; one of them runs."""
-        turns = self.turns
-        if turns is None:
-            raise RuntimeError("a turn ended where ranks do not take turns")
+        turns = self._turns()
         state = self.ranks[rank]
         state.turn = 0
         if state.computing is not None:
@@ -665,12 +670,19 @@ class _Engine:
         turns.queue[node].append(rank)
         self.hand_over(node)
 
+    def go_on(self, rank: int) -> None:
+        """``rank``'s issuer has finished a post or a task: on, unless its turn ended then."""
+        state = self.ranks[rank]
+        if state.turn_over:  # the next rank's now
+            state.turn_over = False
+            self.requeue(rank)
+            return
+        self.advance(rank)
+
     def turn_ends(self, rank: int) -> None:
         """``rank`` has held its core ``slice_us``: it yields it if a rank of its node waits."""
-        turns = self.turns
+        turns = self._turns()
         state = self.ranks[rank]
-        if turns is None:
-            raise RuntimeError("a turn ended where ranks do not take turns")
         if not turns.queue[rank // turns.per_node]:
             self.start_turn(rank)  # nobody waits: a new turn
         elif state.issuing is not None or (
@@ -699,11 +711,7 @@ class _Engine:
         state.issuing = None
         state.issuer_busy = False
         self.queue_comm(rank, task)
-        if state.turn_over:  # its turn ended while it posted: the next rank's now
-            state.turn_over = False
-            self.requeue(rank)
-            return
-        self.advance(rank)
+        self.go_on(rank)
 
     def try_collective(self, rank: int) -> None:
         """Queue rank's next collective; start collective k once every rank has queued it.
@@ -847,11 +855,7 @@ class _Engine:
         self.record(rank, active.tasks[0][1])
         if self.computing == 0 or self.polled:
             self._rerate_comms()
-        if state.turn_over:  # its turn ended as the task did: the next rank's now
-            state.turn_over = False
-            self.requeue(rank)
-            return
-        self.advance(rank)
+        self.go_on(rank)
 
     def end_part(self, k: int) -> None:
         """Collective k's latency part, or the whole collective, has ended."""
@@ -947,7 +951,7 @@ def lockstep_applies(topology: Topology) -> bool:
         and contention.comm_slowdown == 1.0
         and not contention.polled
         and schedule_wait(topology) == 0.0
-        and _Turns.of(topology, 1) is None
+        and not _Turns.apply(topology)
     )
 
 

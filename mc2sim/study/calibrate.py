@@ -735,6 +735,7 @@ def calibrate(
         comm, reps, launch_us=launch_us, memory_gbps=memory_gbps, share=share
     )
     where = f"host {hosts[0]}" if len(network) == 1 else f"{network[-1].ranks} hosts"
+    comm_profile = fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()
     base = Topology(
         name=name,
         description=f"{comm.size} ranks on {where}, fitted by mc2sim calibrate",
@@ -756,8 +757,7 @@ def calibrate(
             issue_extra_us=figures.issue_extra_us,
             warm_us=figures.warm_us,
             issue_gbps=figures.issue_gbps,
-            profile=figures.profile
-            + (fit_comm_profile(in_ops, comm.size) if len(network) == 1 else ()),
+            profile=figures.profile + comm_profile,
         ),
         network=network,
         contention=Contention(source="not yet fitted"),
@@ -783,7 +783,6 @@ def calibrate(
     )
     share_left = measure_progress(comm, reps)
     polled = share_left > POLLED_SHARE
-    comm_profile = base.device.profile[len(figures.profile) :]
 
     def turns_base(turn_us: float) -> Topology:
         """``base`` with a whole core's figures for ranks taking turns of ``turn_us``."""
