@@ -10,11 +10,13 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 from mc2sim.comm.job import ABORT_GRACE_S, end_job, world_position
@@ -24,6 +26,7 @@ __all__ = [
     "ABORT_GRACE_S",
     "INTERRUPTED_STATUS",
     "abort_on_exception",
+    "machine_id",
     "steady_allocator",
     "world_position",
 ]
@@ -174,3 +177,15 @@ def steady_allocator() -> bool:
         mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
     )
     return threshold and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def machine_id() -> str:
+    """This machine's identity: its kernel's boot id, else its host name.
+
+    Processes with one boot id share the kernel's clocks and cores (the network namespaces
+    of one host, which emulate several, too).
+    """
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()

@@ -430,8 +430,8 @@ class RunColumns:
         return busy_times(self.start_s[rows].T, self.end_s[rows].T)
 
     def _totals(self) -> np.ndarray:
-        """Every rank's last end minus its first start."""
-        out: np.ndarray = self.end_s.max(axis=0) - self.start_s.min(axis=0)
+        """Every rank's last end minus the run's first start."""
+        out: np.ndarray = self.end_s.max(axis=0) - self.start_s.min()
         return out
 
     def baseline(self) -> tuple[np.ndarray, float]:
@@ -483,7 +483,7 @@ class RankMetrics:
     """The rank these metrics describe."""
 
     total_s: float
-    """Last end minus first start of the rank's tasks."""
+    """The rank's last end minus the run's first start (of any rank)."""
 
     compute_s: float
     """Busy time of the compute stream: the union of its tasks' intervals."""
@@ -841,12 +841,13 @@ class Timeline:
         for rec in self.records:
             by_rank.setdefault(rec.rank, []).append(rec)
         ranks = sorted(by_rank)
+        began = min(r.start_s for r in self.records)
         times = []
         for rank in ranks:
             recs = by_rank[rank]
             compute = busy_time((r.start_s, r.end_s) for r in recs if r.stream is Stream.COMPUTE)
             comm = busy_time((r.start_s, r.end_s) for r in recs if r.stream is Stream.COMM)
-            total = max(r.end_s for r in recs) - min(r.start_s for r in recs)
+            total = max(r.end_s for r in recs) - began
             if pure_by_rank is None:
                 pure = comm
             elif rank in pure_by_rank:
@@ -870,7 +871,10 @@ class Timeline:
 
         Per rank (times in seconds):
 
-        * ``total_s``: last end minus first start of the rank's records.
+        * ``total_s``: the rank's last end minus the run's first start (of any rank): the
+          ranks' clocks line up (one machine's ranks read its clock, machines are lined up
+          by the barrier before the run), so a rank that started late, e.g. waiting for a
+          core it shares, spent that wait in the call.
         * ``compute_s`` / ``comm_s``: busy time of the compute / comm stream, i.e. the length
           of the union of its records' intervals (concurrent tasks count once).
         * ``exposed_comm_s = max(0, total_s - compute_s)``: the time not hidden behind

@@ -9,7 +9,9 @@ compute runs (``progress="thread"``; the matmuls release the GIL). MPICH's own p
 thread (``MPIR_CVAR_ASYNC_PROGRESS=1``) is a third option, set in the environment.
 
 Every task's start and end are recorded (``time.perf_counter_ns`` relative to an epoch
-taken right after a barrier, so the ranks' clocks line up) into the active
+taken right after a barrier; the ranks of one machine are then put on its clock, from the
+first of them to leave the barrier, so a rank that waited for a shared core before it first
+ran shows that wait, and machines line up by the barrier) into the active
 :func:`mc2sim.timeline.record` context, if any, with a comm task's bytes split into those
 sent within the rank's node and across nodes (the ranks' host names give the placement:
 :mod:`mc2sim.schedule.traffic`). A comm task's end is when its completion was observed: by
@@ -45,6 +47,7 @@ import torch
 from mc2sim._compat import StrEnum
 from mc2sim.comm import Communicator, Work
 from mc2sim.errors import ParamInvalidError
+from mc2sim.runtime import machine_id
 from mc2sim.schedule.plan import Plan, Resource, Task
 from mc2sim.schedule.traffic import Placement, level_bytes
 from mc2sim.timeline import Clock, RunKey, Stream, current_recorder
@@ -111,14 +114,22 @@ class _InFlight:
 
 
 class _Recorder:
-    """Turns task times into TaskRecords for the active recording, if there is one."""
+    """Turns task times into TaskRecords for the active recording, if there is one.
+
+    Times are kept from this rank's epoch until :meth:`close`, which moves them onto its
+    machine's clock: from the first epoch among the ranks of its machine (:func:`machine_id`),
+    i.e. when the barrier let the first of them go. Ranks that share cores leave the barrier
+    when they first get one; their wait for it is time in the call, not before it.
+    """
 
     def __init__(self, plan: Plan, comm: Communicator) -> None:
         self.sink = current_recorder()
         self.plan = plan
+        self.comm = comm
         self.run = _next_run(plan)
         self.epoch = 0
         self.levels: dict[int, tuple[int, int]] = {}
+        self.rows: list[tuple[Task, float, float, tuple[object, ...]]] = []
         if self.sink is not None:
             where = Placement.of_hosts(comm.allgather_object(socket.gethostname()))
             self.levels = {
@@ -140,18 +151,26 @@ class _Recorder:
         """Add a task timed by device events (seconds from the epoch already)."""
         if self.sink is None:
             return
-        self.sink.add_raw(
-            self._fields(task, start_s, max(start_s, end_s))
-            + (clock, (host_ns[0] - self.epoch) * 1e-9, (host_ns[1] - self.epoch) * 1e-9)
-        )
+        host = ((host_ns[0] - self.epoch) * 1e-9, (host_ns[1] - self.epoch) * 1e-9)
+        self.rows.append((task, start_s, max(start_s, end_s), (clock, *host)))
 
     def add(self, task: Task, start_ns: int, end_ns: int) -> None:
         """Add a task timed by the host's clock (nanoseconds)."""
         if self.sink is None:
             return
-        self.sink.add_raw(
-            self._fields(task, (start_ns - self.epoch) * 1e-9, (end_ns - self.epoch) * 1e-9)
-        )
+        self.rows.append((task, (start_ns - self.epoch) * 1e-9, (end_ns - self.epoch) * 1e-9, ()))
+
+    def close(self) -> None:
+        """Hand the records to the recording, on the machine's clock (every rank calls it)."""
+        if self.sink is None:
+            return
+        epochs = self.comm.allgather_object((machine_id(), self.epoch))
+        mine = machine_id()
+        offset = (self.epoch - min(e for m, e in epochs if m == mine)) * 1e-9
+        for task, start_s, end_s, device in self.rows:
+            extra = (device[0], device[1] + offset, device[2] + offset) if device else ()
+            self.sink.add_raw(self._fields(task, start_s + offset, end_s + offset) + extra)
+        self.rows.clear()
 
     def _fields(self, task: Task, start_s: float, end_s: float) -> tuple[object, ...]:
         """A record's fields up to its bytes by level (``Timeline.add_raw``'s order)."""
@@ -257,6 +276,7 @@ def execute(
             complete(task_id)
     finally:
         poller.close()
+    recorder.close()
     return recorder.run
 
 
@@ -364,6 +384,7 @@ class _DeviceRun:
                     self.host[task.id],
                 )
         self.keep.clear()
+        recorder.close()
         return recorder.run
 
     def _stream_of(self, task: Task) -> Any:

@@ -94,6 +94,7 @@ from mc2sim.model.fit import (
     turn_work,
 )
 from mc2sim.ops.spec import TilingSpec
+from mc2sim.runtime import machine_id
 from mc2sim.scenario import load
 from mc2sim.schedule.executor import execute
 from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
@@ -526,7 +527,6 @@ def samples_of(
     rounds: Sequence[Sequence[Timeline]],
     *,
     warm_s: Mapping[str, float] | None = None,
-    own_clocks: bool = False,
 ) -> tuple[list[ComputeSample], list[CommSample]]:
     """Per-task samples of serial op runs (``rounds[i]``: case i's gathered timelines).
 
@@ -543,12 +543,9 @@ def samples_of(
     busiest rank's task; the tasks of one case share one unit of weight in the fits. A
     compute task after one of its kind in its call gets ``warm_s`` of its kind (seconds at
     the rank's share: :func:`warm_savings`) added back, so every sample is a call's first
-    task of its kind, as the model's profile holds them (``Device.warm_us``).
-
-    ``own_clocks``: where ranks share cores, each rank's clock starts when it first runs
-    after the call's barrier, and ranks that take turns on the cores start a turn apart, so
-    their times do not line up; a collective's time is then the shortest of the ranks' own
-    (post to completion): the last rank's to arrive, which waits for no one.
+    task of its kind, as the model's profile holds them (``Device.warm_us``). The ranks'
+    times line up (the executor puts a machine's ranks on its clock), also where they
+    take turns on shared cores and start their calls a turn apart.
     """
     compute: list[ComputeSample] = []
     comm_samples: list[CommSample] = []
@@ -562,10 +559,8 @@ def samples_of(
                 if case.plans[0].tasks[task_id].resource is Resource.COMM:
                     if _overlapped(records, timeline):
                         continue  # its time holds contention, not the collective alone
-                    if own_clocks:  # the last rank to arrive: the shortest wait
-                        seconds = min(r.end_s - r.start_s for r in records)
-                    else:  # from the last rank's arrival to the last rank's completion
-                        seconds = max(r.end_s for r in records) - max(r.start_s for r in records)
+                    # from the last rank's arrival to the last rank's completion
+                    seconds = max(r.end_s for r in records) - max(r.start_s for r in records)
                 else:
                     seconds = max(r.duration_s for r in records)
                 durations.setdefault(task_id, []).append(seconds)
@@ -676,7 +671,6 @@ def calibrate(
     warm_s = warm_savings(warm_rounds)
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
-    shared = share < 1.0  # each rank's clock starts when it first runs (samples_of)
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
     first = 0
@@ -686,7 +680,6 @@ def calibrate(
             cases,
             serial_rounds[first : first + len(cases)],
             warm_s=warm_s,
-            own_clocks=shared,
         )
         first += len(cases)
         # each group of a level measured its own copy: pool every group's (its rank 0 speaks)
@@ -701,16 +694,13 @@ def calibrate(
         by_level[0] += measure_collectives(comm, reps)
         swept = [
             replace(s, weight=1.0 / len(COLLECTIVE_BYTES))
-            for s in samples_of(comm, swept_cases, swept_rounds, own_clocks=shared)[1]
+            for s in samples_of(comm, swept_cases, swept_rounds)[1]
         ]
         # the profile: the serial calls' collectives and the sweep's; a sub-tiled call's
         # chunks (cal_combine_64) are timed while the ranks take turns computing, which
         # the contention model accounts for
         whole = [(c, r) for c, r in zip(serial[0][1], rounds, strict=False) if c.tiling == "serial"]
-        in_ops = (
-            samples_of(comm, [c for c, _ in whole], [r for _, r in whole], own_clocks=shared)[1]
-            + swept
-        )
+        in_ops = samples_of(comm, [c for c, _ in whole], [r for _, r in whole])[1] + swept
 
     # a collective's span includes its last rank's posting, which the model holds apart
     def posted_apart(s: CommSample) -> CommSample:
@@ -795,7 +785,7 @@ def calibrate(
         base,
         tiled,
         spans,
-        turns_base=turns_base if shared else None,
+        turns_base=turns_base if share < 1.0 else None,
         polled=polled,
         progress=(
             f"progress {'polled' if polled else 'on its own'}, measured: a collective posted "
@@ -941,14 +931,6 @@ def _cgroup_cores() -> float:
     return 0.0 if quota == "max" else float(quota) / float(period)
 
 
-def _machine() -> str:
-    """This machine's identity: its kernel's boot id (namespaces of one host share it)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return socket.gethostname()
-
-
 def node_cores(comm: Communicator, hosts: Sequence[str]) -> float:
     """The CPU cores each node's ranks share (``Device.cores_per_node``; every rank).
 
@@ -956,7 +938,7 @@ def node_cores(comm: Communicator, hosts: Sequence[str]) -> float:
     cores by the launcher get one each), capped by a cgroup quota; nodes of one machine
     split them by ranks (:func:`share_of_cores`). The smallest node's figure is kept.
     """
-    mine = (_machine(), sorted(os.sched_getaffinity(0)), _cgroup_cores())
+    mine = (machine_id(), sorted(os.sched_getaffinity(0)), _cgroup_cores())
     every = comm.allgather_object(mine)
     per_node = comm.size // max(len(set(hosts)), 1)
     figures = []

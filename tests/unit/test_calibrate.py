@@ -213,32 +213,6 @@ def test_samples_time_a_collective_from_the_last_arrival_to_the_last_completion(
     assert compute[0].weight == comm[0].weight == 1.0
 
 
-def test_samples_on_shared_cores_time_a_collective_by_its_last_rank_to_arrive() -> None:
-    # ranks that take turns on shared cores start their clocks a turn apart: rank 1 started
-    # when rank 0 waited, so rank 0's clock is ahead. Its own post to completion: rank 0
-    # 2 -> 9 (7: it waited for rank 1's turn), rank 1 2 -> 5 (3: it arrived last).
-    case = serial_mm_case()
-    matmul, allreduce = (t.id for t in case.plans[0].tasks)
-    rounds = [
-        Timeline(records=(
-            rec(0, matmul, TaskKind.MATMUL, 0, 2), rec(0, allreduce, TaskKind.ALLREDUCE, 2, 9),
-            rec(1, matmul, TaskKind.MATMUL, 0, 2), rec(1, allreduce, TaskKind.ALLREDUCE, 2, 5),
-        )),
-        Timeline(records=(
-            rec(0, matmul, TaskKind.MATMUL, 0, 2), rec(0, allreduce, TaskKind.ALLREDUCE, 2, 6),
-            rec(1, matmul, TaskKind.MATMUL, 0, 3), rec(1, allreduce, TaskKind.ALLREDUCE, 3, 8),
-        )),
-    ]  # fmt: skip
-    _, shared = samples_of(SameOnEveryRank(2), [case], [rounds], own_clocks=True)
-    # the shortest own wait per round: min(7, 3) = 3, min(4, 5) = 4 -> lower quartile of 3, 4
-    # at index 0.25: 3.25 ms
-    assert [s.seconds for s in shared] == pytest.approx([3.25 * MS])
-    # on aligned clocks, from the last arrival to the last completion: 9 - 2 = 7, 8 - 3 = 5:
-    # 5.5 ms
-    _, aligned = samples_of(SameOnEveryRank(2), [case], [rounds])
-    assert [s.seconds for s in aligned] == pytest.approx([5.5 * MS])
-
-
 def test_samples_leave_out_rounds_where_a_rank_computed_during_its_collective() -> None:
     case = tiled_mm_case()
     mm0, ar0, mm1, ar1 = (t.id for t in case.plans[0].tasks)

@@ -109,10 +109,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # `make demo`'s simulated table (README), as mc2sim prints it: tiling -> total, compute,
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
-    "serial": "0.837 0.424 0.080 0.413 0.0 1.00",
-    "hardware(per expert)": "1.404 0.642 0.261 0.763 0.0 0.60",
-    "experts x 2": "2.567 1.132 0.432 1.435 0.0 0.33",
-    "experts x 4": "5.128 4.122 1.835 1.006 0.0 0.16",
+    "serial": "0.931 0.401 0.222 0.530 0.0 1.00",
+    "hardware(per expert)": "1.385 0.572 0.596 0.813 0.0 0.67",
+    "experts x 2": "2.366 0.994 1.083 1.372 0.0 0.39",
+    "experts x 4": "4.553 3.849 2.339 0.704 0.0 0.20",
 }
 
 

@@ -8,7 +8,10 @@ whole file takes seconds; tests/mpi repeats the core cases over the real librari
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import mc2sim.schedule.executor as executor
 from mc2sim import golden, ops
 from mc2sim.comm import ThreadCommunicator, run_threads
 from mc2sim.compare import check
@@ -23,7 +27,7 @@ from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import convert_weight_to_int4pack, trans_quant_param
 from mc2sim.routing import RoutingConfig, RoutingTable, route
 from mc2sim.schedule import Resource
-from mc2sim.timeline import gather, record
+from mc2sim.timeline import Timeline, gather, record
 
 WORLDS = [2, 3, 4]
 MOE_TILINGS: list[Any] = [None, "serial", 1, 2, 3]
@@ -423,3 +427,60 @@ def test_a_tiled_run_records_every_ranks_tasks_in_dependency_order() -> None:
         for task, r in mine.items():
             if r.stream == Resource.COMM:  # each allreduce follows the matmul before it
                 assert r.start_s >= mine[task - 1].end_s
+
+
+LATE_S = 0.05
+"""How long after the call's barrier rank 1 starts, as a rank waiting for a shared core does."""
+
+
+def late_second_rank(monkeypatch: pytest.MonkeyPatch, machine: Callable[[int], str]) -> Timeline:
+    """Both ranks' records of one recorded tiled call, rank 1 leaving its barrier late."""
+    where = threading.local()
+    monkeypatch.setattr(executor, "machine_id", lambda: machine(where.rank))
+
+    def body(comm: ThreadCommunicator) -> Timeline:
+        where.rank = comm.rank
+        if comm.rank == 1:
+            barrier = comm.barrier
+
+            def late() -> None:
+                barrier()
+                time.sleep(LATE_S)
+
+            monkeypatch.setattr(comm, "barrier", late)
+        gen = gen_for(comm, 12)
+        x1 = rand(gen, 16, 8, dtype=torch.float16)
+        x2 = rand(gen, 8, 4, dtype=torch.float16)
+        with record() as rec:
+            ops.mm_all_reduce(x1, x2, comm, tiling=2)
+        monkeypatch.setattr(comm, "barrier", type(comm).barrier.__get__(comm))
+        return gather(comm, rec.timeline)
+
+    timeline = run_threads(2, body)[0]
+    assert isinstance(timeline, Timeline)
+    # thread ranks share the process's count of calls: one run key for both
+    run = timeline.records[0].run
+    return Timeline(records=tuple(replace(x, run=run) for x in timeline.records))
+
+
+def first_starts(timeline: Timeline) -> list[float]:
+    return [min(x.start_s for x in timeline.records if x.rank == r) for r in (0, 1)]
+
+
+def test_the_ranks_of_one_machine_are_timed_on_its_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rank 1 left the barrier LATE_S after rank 0: on the machine's clock its tasks start
+    # then, and its total counts from rank 0's first start
+    timeline = late_second_rank(monkeypatch, lambda rank: "one machine")
+    first = first_starts(timeline)
+    assert first[0] < LATE_S / 5
+    assert first[1] >= LATE_S
+    late = timeline.metrics().per_rank[1]
+    assert late.total_s >= LATE_S + late.compute_s
+
+
+def test_ranks_of_different_machines_are_each_timed_from_their_barrier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # no clock in common: each rank's epoch is its own exit from the barrier
+    timeline = late_second_rank(monkeypatch, lambda rank: f"machine {rank}")
+    assert max(first_starts(timeline)) < LATE_S / 5

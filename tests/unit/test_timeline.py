@@ -156,21 +156,26 @@ def test_critical_rank_is_the_slowest() -> None:
     t = tl(
         rec("compute", 0, 4, rank=0),
         rec("comm", 4, 5, rank=0, task=1),  # rank 0: total 5
+        # rank 1 started at 1 (say, waiting for a core): its total counts from the run's
+        # first start, 0: total 8, compute 4, comm 5
         rec("compute", 1, 5, rank=1),
-        rec("comm", 3, 8, rank=1, task=1),  # rank 1: total 7, compute 4, comm 5
+        rec("comm", 3, 8, rank=1, task=1),
         rec("compute", 0, 2, rank=2, flops=10, nbytes=3),
         rec("compute", 2, 3, rank=2, flops=5),  # rank 2: total 3
     )
     m = t.metrics()
     assert [r.rank for r in m.per_rank] == [0, 1, 2]
     assert m.critical_rank == 1
-    assert (m.total_s, m.compute_s, m.comm_s, m.exposed_comm_s) == (7.0, 4.0, 5.0, 3.0)
-    assert m.overlap_pct == 40.0  # 100 * (1 - 3/5)
+    assert (m.total_s, m.compute_s, m.comm_s, m.exposed_comm_s) == (8.0, 4.0, 5.0, 4.0)
+    assert m.overlap_pct == pytest.approx(20.0)  # 100 * (1 - 4/5)
     assert (m.per_rank[2].flops, m.per_rank[2].bytes) == (15, 3)
-    # baseline speedup uses the slowest baseline rank: 14 / 7
+    # baseline speedup uses the slowest baseline rank: 14 / 8
     base = tl(rec("compute", 0, 14, rank=0, run=key("s")), rec("comm", 0, 1, rank=1, run=key("s")))
     base = Timeline.merge(base, tl(rec("comm", 0, 1, rank=2, run=key("s"))))
-    assert t.metrics(baseline=base).speedup == 2.0
+    assert t.metrics(baseline=base).speedup == 1.75
+    # one run's records from a later start: every total counts from the run's first start
+    late = tl(rec("compute", 10, 12, rank=0), rec("compute", 11, 15, rank=1))
+    assert [r.total_s for r in late.metrics().per_rank] == [2.0, 5.0]
 
 
 def test_critical_rank_tie_goes_to_lowest() -> None:
