@@ -161,14 +161,16 @@ CSV_COLUMNS = (
     "clock",
     "host_start_s",
     "host_end_s",
+    "cpu_s",
 )
 """Columns of ``tasks.csv``: the ``TaskRecord`` fields with the run as its three fields,
 then ``duration_s`` (written for readers; derived, so not read back), then the bytes sent
-within and across nodes, then what timed the task and the host's interval of it."""
+within and across nodes, then what timed the task and the host's interval of it, then its
+CPU time (empty where not measured)."""
 
-_LATER_COLUMNS = ("clock", "host_start_s", "host_end_s")
+_LATER_COLUMNS = ("clock", "host_start_s", "host_end_s", "cpu_s")
 """Columns added after format 2 was fixed: a ``tasks.csv`` written before lacks them and
-reads as host-timed tasks (the host's interval is the task's)."""
+reads as host-timed tasks (the host's interval is the task's) with no CPU time."""
 
 _STREAM_TID = {"compute": 0, "comm": 1}
 """Chrome trace thread id of each stream's first lane; lane k of a stream is at ``tid + 2k``."""
@@ -1379,7 +1381,8 @@ def _tasks_csv(timeline: Timeline) -> str:
         lines.append(
             f"{rec.rank},{run_cells},{rec.task},{cell(rec.name)},{rec.stream},{cell(rec.kind)},"
             f"{rec.start_s!r},{rec.end_s!r},{rec.flops},{rec.bytes},{rec.end_s - rec.start_s!r},"
-            f"{rec.intra_bytes},{rec.inter_bytes},{rec.clock},{host_start!r},{host_end!r}"
+            f"{rec.intra_bytes},{rec.inter_bytes},{rec.clock},{host_start!r},{host_end!r},"
+            f"{'' if rec.cpu_s is None else repr(rec.cpu_s)}"
         )
     lines.append("")
     return "\n".join(lines)
@@ -1431,6 +1434,7 @@ def _read_tasks(path: Path, folder: Path, source: Source, meta: Mapping[str, Any
                             clock=Clock(row.get("clock") or Clock.HOST),
                             host_start_s=_float_or_none(row.get("host_start_s")),
                             host_end_s=_float_or_none(row.get("host_end_s")),
+                            cpu_s=_float_or_none(row.get("cpu_s")),
                         )
                     )
                 except (TypeError, ValueError) as exc:  # ParamInvalidError is a ValueError

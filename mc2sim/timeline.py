@@ -203,6 +203,12 @@ class TaskRecord:
     enqueued (``host_end_s - host_start_s`` is the launch overhead); for a staged
     collective, when the host saw MPI complete. None (the default) means ``end_s``."""
 
+    cpu_s: float | None = None
+    """The CPU time the rank's process spent while the task ran, in seconds (>= 0): a
+    compute task run on the host's CPU; None (the default) where not measured (collectives,
+    tasks on a device). Where ranks share cores it is the task's own work, which the task's
+    span (``end_s - start_s``) also holds the other ranks' turns in."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.run, RunKey):
             raise ParamInvalidError("run", self.run, "must be a RunKey")
@@ -247,6 +253,14 @@ class TaskRecord:
             if not math.isfinite(value):
                 raise ParamInvalidError(name, value, "must be a finite number")
             object.__setattr__(self, name, value)
+        if self.cpu_s is not None:
+            try:
+                cpu = float(self.cpu_s)
+            except (TypeError, ValueError):
+                raise ParamInvalidError("cpu_s", self.cpu_s, "must be a number or None") from None
+            if not (math.isfinite(cpu) and cpu >= 0):
+                raise ParamInvalidError("cpu_s", self.cpu_s, "must be a finite number >= 0")
+            object.__setattr__(self, "cpu_s", cpu)
         if self.host_span_s[1] < self.host_span_s[0]:
             raise ParamInvalidError(
                 "host_end_s",
@@ -935,11 +949,13 @@ _FIELDS = (
     "clock",
     "host_start_s",
     "host_end_s",
+    "cpu_s",
 )
 """TaskRecord's fields, in the order ``Recorder.add_raw`` takes them."""
 
 _RAW_LENGTHS = (_FIELDS.index("inter_bytes") + 1, len(_FIELDS))
-"""How many fields ``add_raw`` takes: up to the bytes by level (host-timed), or all."""
+"""How many fields ``add_raw`` takes: up to the bytes by level (host-timed, no CPU time), or
+all."""
 
 
 class Recorder:
@@ -992,7 +1008,7 @@ class Recorder:
         Args:
             fields: ``(rank, run, task, name, stream, kind, start_s, end_s, flops, bytes,
                 intra_bytes, inter_bytes)``, optionally followed by ``(clock, host_start_s,
-                host_end_s)`` (else the task was timed by the host).
+                host_end_s, cpu_s)`` (else the task was timed by the host, with no CPU time).
 
         """
         if len(fields) not in _RAW_LENGTHS:

@@ -15,7 +15,9 @@ ran shows that wait, and machines line up by the barrier) into the active
 :func:`mc2sim.timeline.record` context, if any, with a comm task's bytes split into those
 sent within the rank's node and across nodes (the ranks' host names give the placement:
 :mod:`mc2sim.schedule.traffic`). A comm task's end is when its completion was observed: by
-the next poll, a wait, or the progress thread.
+the next poll, a wait, or the progress thread. A compute task on the CPU also records the
+process's CPU time over it (``time.process_time_ns``: every thread of the rank, so a kernel's
+intra-op threads count): its own work, where ranks sharing cores stretch its span.
 
 On an accelerator (``device`` not the CPU: CUDA, or an Ascend ``npu`` through the same
 ``torch.get_device_module`` stream and event calls) the plan runs on two device streams:
@@ -129,7 +131,7 @@ class _Recorder:
         self.run = _next_run(plan)
         self.epoch = 0
         self.levels: dict[int, tuple[int, int]] = {}
-        self.rows: list[tuple[Task, float, float, tuple[object, ...]]] = []
+        self.rows: list[tuple[Task, float, float, tuple[Any, ...]]] = []
         if self.sink is not None:
             where = Placement.of_hosts(comm.allgather_object(socket.gethostname()))
             self.levels = {
@@ -152,13 +154,16 @@ class _Recorder:
         if self.sink is None:
             return
         host = ((host_ns[0] - self.epoch) * 1e-9, (host_ns[1] - self.epoch) * 1e-9)
-        self.rows.append((task, start_s, max(start_s, end_s), (clock, *host)))
+        self.rows.append((task, start_s, max(start_s, end_s), (clock, *host, None)))
 
-    def add(self, task: Task, start_ns: int, end_ns: int) -> None:
-        """Add a task timed by the host's clock (nanoseconds)."""
+    def add(self, task: Task, start_ns: int, end_ns: int, cpu_ns: int | None = None) -> None:
+        """Add a task timed by the host's clock (nanoseconds), with its CPU time if taken."""
         if self.sink is None:
             return
-        self.rows.append((task, (start_ns - self.epoch) * 1e-9, (end_ns - self.epoch) * 1e-9, ()))
+        extra = () if cpu_ns is None else (Clock.HOST, None, None, cpu_ns * 1e-9)
+        self.rows.append(
+            (task, (start_ns - self.epoch) * 1e-9, (end_ns - self.epoch) * 1e-9, extra)
+        )
 
     def close(self) -> None:
         """Hand the records to the recording, on the machine's clock (every rank calls it)."""
@@ -167,8 +172,9 @@ class _Recorder:
         epochs = self.comm.allgather_object((machine_id(), self.epoch))
         mine = machine_id()
         offset = (self.epoch - min(e for m, e in epochs if m == mine)) * 1e-9
-        for task, start_s, end_s, device in self.rows:
-            extra = (device[0], device[1] + offset, device[2] + offset) if device else ()
+        for task, start_s, end_s, extra in self.rows:
+            if extra and extra[1] is not None:  # the host's interval of a device task
+                extra = (extra[0], extra[1] + offset, extra[2] + offset, extra[3])
             self.sink.add_raw(self._fields(task, start_s + offset, end_s + offset) + extra)
         self.rows.clear()
 
@@ -263,9 +269,11 @@ def execute(
                 if dep in poller.inflight:
                     complete(dep)
             if task.resource is Resource.COMPUTE:
+                cpu = time.process_time_ns()
                 start = now()
                 runner.compute(task)
-                recorder.add(task, start, now())
+                end = now()
+                recorder.add(task, start, end, time.process_time_ns() - cpu)
                 poller.poll()
             else:
                 start = now()

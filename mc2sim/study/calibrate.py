@@ -63,6 +63,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import random
 import socket
 import statistics
 import time
@@ -103,6 +104,7 @@ from mc2sim.study.measure import Case, cases_of, measure_rounds
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
 from mc2sim.topology import (
     Contention,
+    CoreSharing,
     Device,
     Duplex,
     Efficiency,
@@ -136,10 +138,13 @@ __all__ = [
     "measure_issue",
     "measure_progress",
     "measure_vector",
+    "measure_waiting",
     "nearest_duplex",
     "node_cores",
     "samples_of",
     "share_of_cores",
+    "sharing_of",
+    "work_s",
 ]
 
 _T = TypeVar("_T")
@@ -251,8 +256,17 @@ def warm_cases(comm: Communicator) -> list[Case]:
     ]
 
 
-def warm_savings(rounds: Sequence[Sequence[Timeline]]) -> dict[str, float]:
-    """Seconds (at each rank's share of a core) a compute task saves when its kind ran before.
+def work_s(record: TaskRecord, cpu: bool) -> float:
+    """A compute task's time: its CPU time where ``cpu`` and measured, else its span.
+
+    Where ranks share cores a task's span also holds the other ranks' turns on its core; its
+    CPU time is its own work, a whole core's (the executor records it on the host's CPU).
+    """
+    return record.cpu_s if cpu and record.cpu_s is not None else record.duration_s
+
+
+def warm_savings(rounds: Sequence[Sequence[Timeline]], *, cpu: bool = False) -> dict[str, float]:
+    """Seconds a compute task saves when its kind ran before (``cpu``: of CPU time, :func:`work_s`).
 
     ``rounds[i]``: the gathered timelines of :func:`warm_cases`' case i, two calls each. In
     every round, each rank's first task of a kind in the first call less its first of that
@@ -271,7 +285,7 @@ def warm_savings(rounds: Sequence[Sequence[Timeline]]) -> dict[str, float]:
             firsts: dict[tuple[RunKey, int, str], float] = {}
             for r in sorted(timeline.records, key=lambda r: r.start_s):
                 if r.stream is Stream.COMPUTE:
-                    firsts.setdefault((r.run, r.rank, r.kind), r.duration_s)
+                    firsts.setdefault((r.run, r.rank, r.kind), work_s(r, cpu))
             saved: dict[str, list[float]] = {}
             for (run, rank, kind), seconds in firsts.items():
                 again = firsts.get((calls[1], rank, kind)) if run == calls[0] else None
@@ -436,14 +450,18 @@ def _quiet_times(comm: Communicator, fns: Sequence[Callable[[], object]], reps: 
     return [float(max(comm.allgather_object(typical(mine)))) for mine in times]
 
 
-def _median_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
+def _median_time(
+    comm: Communicator, fn: Callable[[], object], reps: int, *, cpu: bool = False
+) -> float:
+    """The slowest rank's median time of ``fn`` (``cpu``: of the process's CPU time)."""
+    clock = time.process_time if cpu else time.perf_counter
     fn()
     times = []
     for _ in range(reps):
         comm.barrier()
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return float(max(comm.allgather_object(statistics.median(times))))
 
 
@@ -461,8 +479,8 @@ COMPUTE_SIZES = (
 )
 
 
-def measure_compute(comm: Communicator, reps: int) -> list[ComputeSample]:
-    """Time the kernels at several shapes and dtypes, all ranks at once."""
+def measure_compute(comm: Communicator, reps: int, *, cpu: bool = False) -> list[ComputeSample]:
+    """Time the kernels at several shapes and dtypes, all ranks at once (``cpu``: CPU time)."""
     samples = []
     gen = torch.Generator().manual_seed(comm.rank)
     for dtype, sizes in (
@@ -475,7 +493,7 @@ def measure_compute(comm: Communicator, reps: int) -> list[ComputeSample]:
         for m, k, n in sizes:
             x = torch.randn(m, k, generator=gen).to(dtype)
             w = torch.randn(k, n, generator=gen).to(dtype)
-            seconds = _median_time(comm, functools.partial(matmul, x, w), reps)
+            seconds = _median_time(comm, functools.partial(matmul, x, w), reps, cpu=cpu)
             nbytes = (m * k + k * n + m * n) * size
             samples.append(
                 ComputeSample(dtype=name, flops=2.0 * m * k * n, nbytes=nbytes, seconds=seconds)
@@ -485,7 +503,7 @@ def measure_compute(comm: Communicator, reps: int) -> list[ComputeSample]:
         a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
         b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8)
         run = functools.partial(quant_matmul, a, b, scale, output_dtype=torch.float16)
-        seconds = _median_time(comm, run, reps)
+        seconds = _median_time(comm, run, reps, cpu=cpu)
         nbytes = m * k + k * n + 2 * m * n
         samples.append(
             ComputeSample(dtype="int8", flops=2.0 * m * k * n, nbytes=nbytes, seconds=seconds)
@@ -527,22 +545,24 @@ def samples_of(
     rounds: Sequence[Sequence[Timeline]],
     *,
     warm_s: Mapping[str, float] | None = None,
+    cpu: bool = False,
 ) -> tuple[list[ComputeSample], list[CommSample]]:
     """Per-task samples of serial op runs (``rounds[i]``: case i's gathered timelines).
 
     The tasks ran through the very code paths the model must predict (the kernels inside the
     ops, the communicator's collectives with their conversions and copies), so the fit sees
     their real costs, not only the bare kernels'. A compute task's time in one run is the
-    slowest rank's; a collective's runs from the last rank's arrival (before it, the others
-    only wait) to the last rank's completion (when the op's span ends on an oversubscribed
-    machine, where a rank may see its completion a time slice late); a round in which some
+    slowest rank's (``cpu``: its CPU time, :func:`work_s`); a collective's runs from the
+    last rank's arrival (before it, the others only wait) to the last rank's completion
+    (when the op's span ends on an oversubscribed machine, where a rank may see its
+    completion a time slice late); a round in which some
     rank computed while its part of the collective was in flight (a tiled plan's next tile)
     is left out, as that time holds contention, which :func:`fit_contention` fits. Each
     task's figure is the lower quartile over the rounds kept
     (:func:`mc2sim.model.accuracy.typical`), paired with the FLOPs and bytes of the
     busiest rank's task; the tasks of one case share one unit of weight in the fits. A
-    compute task after one of its kind in its call gets ``warm_s`` of its kind (seconds at
-    the rank's share: :func:`warm_savings`) added back, so every sample is a call's first
+    compute task after one of its kind in its call gets ``warm_s`` of its kind (seconds as
+    its own were read: :func:`warm_savings`) added back, so every sample is a call's first
     task of its kind, as the model's profile holds them (``Device.warm_us``). The ranks'
     times line up (the executor puts a machine's ranks on its clock), also where they
     take turns on shared cores and start their calls a turn apart.
@@ -562,7 +582,7 @@ def samples_of(
                     # from the last rank's arrival to the last rank's completion
                     seconds = max(r.end_s for r in records) - max(r.start_s for r in records)
                 else:
-                    seconds = max(r.duration_s for r in records)
+                    seconds = max(work_s(r, cpu) for r in records)
                 durations.setdefault(task_id, []).append(seconds)
         plan = case.plans[comm.rank]
         seen: set[TaskKind] = set()
@@ -668,9 +688,11 @@ def calibrate(
     serial_rounds, tiled_rounds, swept_rounds, warm_rounds, beside = _consecutive(
         rounds, [sum(len(cases) for _, cases in serial), len(tiled), len(swept_cases), len(warmed)]
     )
-    warm_s = warm_savings(warm_rounds)
     cores = node_cores(comm, hosts)
     share = min(1.0, cores / per_node) if cores > 0 else 1.0
+    # where ranks share cores, a compute task's span holds the others' turns: take its CPU time
+    on_cpu = share < 1.0
+    warm_s = warm_savings(warm_rounds, cpu=on_cpu)
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
     first = 0
@@ -680,6 +702,7 @@ def calibrate(
             cases,
             serial_rounds[first : first + len(cases)],
             warm_s=warm_s,
+            cpu=on_cpu,
         )
         first += len(cases)
         # each group of a level measured its own copy: pool every group's (its rank 0 speaks)
@@ -708,8 +731,8 @@ def calibrate(
 
     by_level = [[posted_apart(s) for s in mine] for mine in by_level]
     in_ops = [posted_apart(s) for s in in_ops]
-    bare = measure_compute(comm, reps)
-    # a whole core's figures: the ranks measured at once, each at its share of a core
+    bare = measure_compute(comm, reps, cpu=on_cpu)
+    # a whole core's figures: the ranks' posts measured at once, each at its share of a core
     figures = _core_figures(compute, bare, posting, warm_s, lambda seconds: seconds * share)
     peaks, efficiency = figures.peaks, figures.efficiency
     launch_us, memory_gbps = figures.launch_us, figures.memory_gbps
@@ -781,16 +804,29 @@ def calibrate(
         )
         return replace(base, device=mine.on(base.device, comm_profile))
 
+    # where ranks share cores: whether a waiting rank gives its core away, measured; the
+    # serial calls also judge how long a turn lasts
+    waiting_share = measure_waiting(comm, reps) if on_cpu else 1.0
+    on_job = [c for group, cases in serial if group is comm for c in cases] if on_cpu else []
     fitted = fit_contention(
         base,
         tiled,
         spans,
-        turns_base=turns_base if share < 1.0 else None,
+        sharing=sharing_of(waiting_share, share) if on_cpu else None,
+        turns_base=turns_base if on_cpu else None,
+        serial=on_job,
+        serial_spans=_fitted_spans(serial, rounds, comm, 0) if on_cpu else [],
         polled=polled,
         progress=(
             f"progress {'polled' if polled else 'on its own'}, measured: a collective posted "
             f"before its ranks computed had {share_left:.0%} of its time after the post "
             "still to run"
+            + (
+                f"; cores shared by {sharing_of(waiting_share, share)}, measured: a rank "
+                f"computing while half the ranks waited got {waiting_share:.2f} of a core"
+                if on_cpu
+                else ""
+            )
         ),
     )
     independent = measure_independent(comm, reps)
@@ -847,15 +883,15 @@ def _core_figures(
     """Fit a whole core's figures from samples timed with every rank at once.
 
     ``compute``: the serial calls' tasks; ``bare``: the bare kernels (:func:`measure_compute`)
-    of the dtypes those lack; ``on_core`` maps a time measured among the ranks to a whole
-    core's (``share * seconds`` by processor sharing; :func:`~mc2sim.model.fit.turn_work`
-    where they take turns).
+    of the dtypes those lack; they and ``warm_s`` are a whole core's already (CPU time where
+    ranks share cores). ``on_core`` maps the posting times measured among the ranks to a
+    whole core's (``share * seconds`` by processor sharing;
+    :func:`~mc2sim.model.fit.turn_work` where they take turns).
     """
-    whole = [replace(s, seconds=on_core(s.seconds)) for s in compute]
     peaks, efficiency, launch_us, memory_gbps = fit_compute(
-        [s for s in whole if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
+        [s for s in compute if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
     )
-    others = [replace(s, seconds=on_core(s.seconds)) for s in bare if s.dtype not in peaks]
+    others = [s for s in bare if s.dtype not in peaks]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
     issue_gbps = 0.0
     if posting.copy_gbps > 0:  # a MiB's copy, as long as it took and on a whole core
@@ -866,10 +902,10 @@ def _core_figures(
         efficiency=efficiency,
         launch_us=launch_us,
         memory_gbps=memory_gbps,
-        profile=fit_profile(whole),
+        profile=fit_profile(compute),
         issue_us=on_core(posting.bare_s) * 1e6,
         issue_extra_us={kind: on_core(v) * 1e6 for kind, v in posting.extra_s.items()},
-        warm_us={kind: on_core(seconds) * 1e6 for kind, seconds in warm_s.items()},
+        warm_us={kind: seconds * 1e6 for kind, seconds in warm_s.items()},
         issue_gbps=issue_gbps,
     )
 
@@ -1076,6 +1112,60 @@ def measure_progress(comm: Communicator, reps: int) -> float:
         if trial > 0:
             shares.append(waited / max(alone - (posted - start), 1e-9))
     return float(statistics.median(comm.allgather_object(statistics.median(shares))))
+
+
+WAITING_SIZE = 1024
+"""The float32 matmul (``n x n x n``) :func:`measure_waiting`'s busy ranks compute: 12 ms on
+a core here, a few time slices of the scheduler."""
+
+
+def measure_waiting(comm: Communicator, reps: int) -> float:
+    """The share of a core a rank computing gets while other ranks of its machine wait.
+
+    In each of ``reps`` rounds (after one that warms up) half the ranks, drawn afresh (the
+    same draw on every rank), compute a float32 matmul of :data:`WAITING_SIZE` while the
+    others wait in the communicator's barrier; each busy rank's figure is its CPU time over
+    its span. The median over the rounds and ranks: about ``cores / busy ranks`` (at most 1)
+    where a waiting rank gives its core away (the ranks take turns:
+    ``CoreSharing.TURNS``), about ``cores / ranks`` where it keeps its share (it polls:
+    ``CoreSharing.PROCESSOR``). The same on every rank. 4 ranks of MPICH on this 2-core
+    machine: 0.53 to 0.54 in three runs (processor sharing's 0.5; turns would give 1).
+
+    Returns:
+        The share, in (0, 1]; 1 on a single rank.
+    """
+    if comm.size < 2:
+        return 1.0
+    gen = torch.Generator().manual_seed(comm.rank)
+    x = torch.randn(WAITING_SIZE, WAITING_SIZE, generator=gen)
+    draw = random.Random(comm.size)
+    shares = []
+    for trial in range(max(reps, 3) + 1):
+        busy = set(draw.sample(range(comm.size), comm.size // 2))
+        comm.barrier()
+        if comm.rank in busy:
+            start, cpu = time.perf_counter(), time.process_time()
+            torch.mm(x, x)
+            span = time.perf_counter() - start
+            if trial > 0:
+                shares.append(min(1.0, (time.process_time() - cpu) / max(span, 1e-9)))
+        comm.barrier()
+    every = [v for mine in comm.allgather_object(shares) for v in mine]
+    return float(statistics.median(every))
+
+
+def sharing_of(waiting_share: float, share: float) -> CoreSharing:
+    """How ranks share cores, from :func:`measure_waiting`'s figure and their ``share``.
+
+    Turns where the busy half of the ranks got nearer to the cores they would have with the
+    waiting half off them (``min(1, 2 * share)``) than to processor sharing's ``share``.
+    """
+    turns = min(1.0, 2.0 * share)
+    return (
+        CoreSharing.TURNS
+        if abs(waiting_share - turns) < abs(waiting_share - share)
+        else CoreSharing.PROCESSOR
+    )
 
 
 DUPLEX_BYTES = 4 * 1024 * 1024

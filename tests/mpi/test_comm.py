@@ -364,6 +364,26 @@ def test_measure_progress_finds_how_each_backend_progresses(comm: Communicator) 
         assert share < POLLED_SHARE
 
 
+def test_measure_waiting_reads_how_a_busy_rank_shares_its_core(comm: Communicator) -> None:
+    # half the ranks compute while the others wait in the communicator. With a core per
+    # rank a busy one has its core to itself; MPICH's waiting ranks poll, so where ranks
+    # outnumber cores (4 on this 2-core machine: 0.53) a busy one gets about its share
+    import os
+
+    from mc2sim.study.calibrate import measure_waiting, sharing_of
+    from mc2sim.topology import CoreSharing
+
+    got = measure_waiting(comm, 5)
+    assert got == comm.allgather_object(got)[0]  # every rank decides alike
+    assert 0 < got <= 1
+    cores = len(os.sched_getaffinity(0))
+    if comm.size <= cores:
+        assert got > 0.75
+    elif comm.backend == "mpi" and comm.size >= 2 * cores:
+        share = cores / comm.size
+        assert sharing_of(got, share) is CoreSharing.PROCESSOR
+
+
 def test_measure_duplex_agrees_on_every_rank_and_reads_mpich_pairs_as_full(
     comm: Communicator,
 ) -> None:

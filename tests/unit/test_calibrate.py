@@ -42,12 +42,15 @@ from mc2sim.study.calibrate import (
     measure_issue,
     measure_progress,
     samples_of,
+    sharing_of,
     warm_savings,
+    work_s,
 )
 from mc2sim.study.measure import Case, measure_rounds
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline, current_recorder
 from mc2sim.topology import (
     Contention,
+    CoreSharing,
     Device,
     Duplex,
     Efficiency,
@@ -297,6 +300,54 @@ def tiled_cases(world: int) -> list[Case]:
     ]
 
 
+def test_where_ranks_share_cores_a_compute_sample_is_its_cpu_time() -> None:
+    # ranks taking turns: a matmul's span holds the other ranks' turns (rank 1: 0 -> 9 ms),
+    # its CPU time is its own work (2 ms). With cpu: the slowest rank's CPU time per round
+    # (3, 2.5 ms: lower quartile 2.625 ms); the AllReduce is timed as before (9 - 9, ...)
+    case = serial_mm_case()
+    matmul, allreduce = (t.id for t in case.plans[0].tasks)
+
+    def on_cpu(record: TaskRecord, cpu_ms: float) -> TaskRecord:
+        return dataclasses.replace(record, cpu_s=cpu_ms * MS)
+
+    rounds = [
+        Timeline(records=(
+            on_cpu(rec(0, matmul, TaskKind.MATMUL, 0, 3), 3), rec(0, allreduce, TaskKind.ALLREDUCE, 3, 12),
+            on_cpu(rec(1, matmul, TaskKind.MATMUL, 0, 9), 2), rec(1, allreduce, TaskKind.ALLREDUCE, 9, 11),
+        )),
+        Timeline(records=(
+            on_cpu(rec(0, matmul, TaskKind.MATMUL, 0, 8), 2.5), rec(0, allreduce, TaskKind.ALLREDUCE, 8, 10),
+            on_cpu(rec(1, matmul, TaskKind.MATMUL, 0, 2.5), 2.5), rec(1, allreduce, TaskKind.ALLREDUCE, 2.5, 10),
+        )),
+    ]  # fmt: skip
+    compute, comm = samples_of(SameOnEveryRank(2), [case], [rounds], cpu=True)
+    assert [s.seconds for s in compute] == pytest.approx([2.625 * MS])
+    spans, _ = samples_of(SameOnEveryRank(2), [case], [rounds])  # the spans: 9 and 8 ms
+    assert [s.seconds for s in spans] == pytest.approx([8.25 * MS])
+    # the AllReduce: 12 - 9 = 3 and 10 - 8 = 2 ms -> 2.25 ms either way
+    assert [s.seconds for s in comm] == pytest.approx([2.25 * MS])
+    # a record without a CPU time (a device's task) keeps its span
+    assert work_s(rec(0, matmul, TaskKind.MATMUL, 0, 4), cpu=True) == pytest.approx(4 * MS)
+    assert work_s(rounds[0].records[2], cpu=False) == pytest.approx(9 * MS)
+
+
+@pytest.mark.parametrize(
+    ("got", "share", "sharing"),
+    [
+        (0.53, 0.5, CoreSharing.PROCESSOR),  # 4 ranks of MPICH here: waiting ranks poll
+        (0.95, 0.5, CoreSharing.TURNS),  # waiting ranks give their cores away
+        (0.74, 0.5, CoreSharing.PROCESSOR),  # nearer 0.5 than 1
+        (0.76, 0.5, CoreSharing.TURNS),
+        (0.3, 0.25, CoreSharing.PROCESSOR),  # 8 ranks on 2 cores: turns would give 0.5
+        (0.45, 0.25, CoreSharing.TURNS),
+    ],
+)
+def test_sharing_of_picks_the_nearer_of_the_two_readings(
+    got: float, share: float, sharing: CoreSharing
+) -> None:
+    assert sharing_of(got, share) is sharing
+
+
 def twice(*calls: tuple[tuple[int, int, TaskKind, float, float], ...]) -> Timeline:
     """A call run twice in a row: each call's (rank, task, kind, start ms, end ms)."""
     return Timeline(records=tuple(
@@ -337,6 +388,20 @@ def test_warm_savings_compare_each_kinds_first_task_of_two_calls_in_a_row() -> N
     assert warm_savings([rounds, slower])["matmul"] == 0.0
     with pytest.raises(RuntimeError, match="recorded 1 calls"):
         warm_savings([[twice(((0, 0, mm, 0, 1),))]])
+    # with cpu, each task's CPU time where it has one: 1 ms less in every first matmul of
+    # the first call (the spans held another rank's turn) -> matmul saves 1 ms less
+    first_calls = [
+        Timeline(
+            records=tuple(
+                dataclasses.replace(r, cpu_s=r.duration_s - (MS if r.run.repetition == 0 else 0))
+                for r in timeline.records
+            )
+        )
+        for timeline in rounds
+    ]
+    on_cpu = warm_savings([first_calls], cpu=True)
+    assert on_cpu == pytest.approx({"matmul": 1 * MS, "pack": 0.0})
+    assert warm_savings([first_calls]) == pytest.approx(saved)
 
 
 def test_samples_add_what_a_warm_task_saved_back_to_a_calls_later_tasks() -> None:

@@ -421,6 +421,10 @@ def test_a_tiled_run_records_every_ranks_tasks_in_dependency_order() -> None:
 
     everyone = run_threads(3, body)[0]
     assert everyone.ranks() == [0, 1, 2] and len(everyone.records) == 3 * 8
+    # a compute task on the CPU carries the process's CPU time over it; a collective none
+    for r in everyone.records:
+        assert (r.cpu_s is None) == (r.stream == Resource.COMM)
+        assert r.cpu_s is None or r.cpu_s >= 0
     for rank in range(3):
         mine = {r.task: r for r in everyone.records if r.rank == rank}
         assert sorted(mine) == list(range(8))

@@ -260,27 +260,28 @@ def test_the_new_figures_survive_a_file_and_are_checked(tmp_path: object) -> Non
 
 
 def test_a_calls_later_tasks_of_a_kind_save_their_warm_time() -> None:
-    # warm: a matmul saves 0.5 s once one ran on its rank in the call, never below the
-    # 0.25 s launch (on a whole core; at half a core every figure doubles). Rank 0: mm 2 s
-    # [0, 2], mm 2 s warm 1.5 [2, 3.5], mm 0.6 s warm 0.25 (the launch floor: 0.6 - 0.5
-    # would be 0.1) [3.5, 3.75]. A task's time is its kind's: a reduce after the matmuls is
-    # the call's first reduce, 1 s in full [3.75, 4.75]
-    topo = with_device(machine(2), warm_us={"matmul": 5e5}, launch_us=2.5e5)
+    # warm: a matmul saves 0.5 s once one ran on its rank in the call, never below half its
+    # cold time (on a whole core; at half a core every figure doubles); the launch, 0.75 s,
+    # is a cold task's and no floor. Rank 0: mm 2.5 s [0, 2.5], mm 2.5 s warm 2 [2.5, 4.5],
+    # mm 1.2 s warm 0.7 (below the launch) [4.5, 5.2], mm 0.8 s warm 0.4 (half of it: 0.8 -
+    # 0.5 would be 0.3) [5.2, 5.6]. A task's time is its kind's: a reduce after the matmuls
+    # is the call's first reduce, in full from 5.6
+    topo = with_device(machine(2), warm_us={"matmul": 5e5}, launch_us=7.5e5)
     reduce = Task(id=-1, name="red", kind=TaskKind.REDUCE, flops=0, bytes=0)
-    plans = {r: plan(r, 2, mm(1.75), mm(1.75), mm(0.35), reduce) for r in (0, 1)}
-    # launch 0.25 s is on top of the FLOPs: mm(1.75) is 2 s, mm(0.35) 0.6 s
-    expected = {"mm0": (0, 2), "mm1": (2, 3.5), "mm2": (3.5, 3.75)}
+    plans = {r: plan(r, 2, mm(1.75), mm(1.75), mm(0.45), mm(0.05), reduce) for r in (0, 1)}
+    # launch 0.75 s is on top of the FLOPs: mm(1.75) is 2.5 s, mm(0.45) 1.2 s, mm(0.05) 0.8 s
+    expected = {"mm0": (0, 2.5), "mm1": (2.5, 4.5), "mm2": (4.5, 5.2), "mm3": (5.2, 5.6)}
     timeline = simulate(plans, topo)
     got = {(r.rank, r.name): (r.start_s, r.end_s) for r in timeline.records}
     for name, span in expected.items():
         assert got[(0, name)] == pytest.approx(span), name
-    red = got[(0, "red3")]
-    assert red[0] == pytest.approx(3.75)
-    first = compute_time(plans[0].tasks[3], topo, "float16")
+    red = got[(0, "red4")]
+    assert red[0] == pytest.approx(5.6)
+    first = compute_time(plans[0].tasks[4], topo, "float16")
     assert red[1] - red[0] == pytest.approx(first)  # a first reduce: nothing saved
     halved = with_device(topo, cores_per_node=1)
-    assert compute_time(plans[0].tasks[1], halved, "float16", warm=True) == pytest.approx(3.0)
-    assert compute_time(plans[0].tasks[1], topo, "float16", warm=True) == pytest.approx(1.5)
+    assert compute_time(plans[0].tasks[1], halved, "float16", warm=True) == pytest.approx(4.0)
+    assert compute_time(plans[0].tasks[1], topo, "float16", warm=True) == pytest.approx(2.0)
 
 
 def test_warm_times_survive_a_file_and_are_checked(tmp_path: object) -> None:

@@ -164,18 +164,18 @@ def test_tasks_csv_has_op_tiling_repetition_columns_and_reads_back_unparsed(
     assert rows[0] == [
         "rank", "op", "tiling", "repetition", "task", "name", "stream", "kind", "start_s",
         "end_s", "flops", "bytes", "duration_s", "intra_bytes", "inter_bytes", "clock",
-        "host_start_s", "host_end_s",
+        "host_start_s", "host_end_s", "cpu_s",
     ]  # fmt: skip
     assert tuple(rows[0]) == CSV_COLUMNS
     assert "run" not in rows[0]
     assert len(rows) == 1 + len(timeline.records)
     assert rows[1] == [
         "0", OP, "a/b#2, c", "7", "0", "matmul[0]", "compute", "matmul", "0.0", "0.5", "100",
-        "0", "0.5", "0", "0", "host", "0.0", "0.5",
+        "0", "0.5", "0", "0", "host", "0.0", "0.5", "",
     ]  # fmt: skip
     assert rows[2] == [
         "0", OP, "a/b#2, c", "7", "1", "allreduce[1]", "comm", "allreduce", "0.25", "1.0", "0",
-        "64", "0.75", "0", "0", "host", "0.25", "1.0",
+        "64", "0.75", "0", "0", "host", "0.25", "1.0", "",
     ]  # fmt: skip
     assert rows[4][8:10] == ["0.75", "1.0"]
     folder = read_results(tmp_path)
@@ -200,7 +200,7 @@ def test_tasks_csv_is_what_csv_writer_writes_for_texts_that_need_quotes() -> Non
         writer.writerow(
             (r.rank, r.run.op, r.run.tiling, r.run.repetition, r.task, r.name, "compute",
              r.kind, repr(r.start_s), repr(r.end_s), r.flops, r.bytes, repr(r.end_s - r.start_s),
-             r.intra_bytes, r.inter_bytes, "host", repr(r.start_s), repr(r.end_s))
+             r.intra_bytes, r.inter_bytes, "host", repr(r.start_s), repr(r.end_s), "")
         )  # fmt: skip
     assert results._tasks_csv(timeline) == buf.getvalue()
 
@@ -224,12 +224,14 @@ def test_device_clocks_round_trip_and_older_csv_reads_as_host_timed(tmp_path: Pa
     staged = dataclasses.replace(
         rec("comm", 0.5, 1.0, task=1), clock="staged", host_start_s=0.125, host_end_s=0.875
     )
-    timeline = Timeline(records=(device, staged))
+    on_cpu = dataclasses.replace(rec("compute", 1.0, 1.5, task=2), cpu_s=0.375)
+    timeline = Timeline(records=(device, staged, on_cpu))
     write_results(tmp_path, timeline=timeline, baseline=RUN, manifest=toy_manifest())
     folder = read_results(tmp_path)
     assert folder.timeline == timeline
-    assert [r.clock for r in folder.timeline.records] == [Clock.DEVICE, Clock.STAGED]
+    assert [r.clock for r in folder.timeline.records] == [Clock.DEVICE, Clock.STAGED, Clock.HOST]
     assert folder.timeline.records[1].host_span_s == (0.125, 0.875)
+    assert [r.cpu_s for r in folder.timeline.records] == [None, None, 0.375]
     trace = json.loads((tmp_path / "trace.json").read_text())
     threads = {
         (e["pid"], e["tid"]): e["args"]["name"]
@@ -242,11 +244,11 @@ def test_device_clocks_round_trip_and_older_csv_reads_as_host_timed(tmp_path: Pa
         ("issue matmul[0]", 0.0, 125000.0),
         ("issue allreduce[1]", 125000.0, 750000.0),
     ]
-    # a tasks.csv written before the clock columns existed: host-timed tasks
+    # a tasks.csv written before the clock and CPU columns existed: host-timed tasks
     path = tmp_path / "tasks.csv"
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
-    keep = len(rows[0]) - 3
+    keep = len(rows[0]) - 4
     path.write_text("".join(",".join(row[:keep]) + "\n" for row in rows))
     marker = json.loads((tmp_path / "complete.json").read_text())
     body = path.read_bytes()  # certify the older file as that run's marker would have
@@ -254,8 +256,9 @@ def test_device_clocks_round_trip_and_older_csv_reads_as_host_timed(tmp_path: Pa
     (tmp_path / "complete.json").write_text(json.dumps(marker))
     older = read_results(tmp_path).timeline
     assert older is not None
-    assert [r.clock for r in older.records] == [Clock.HOST, Clock.HOST]
+    assert [r.clock for r in older.records] == [Clock.HOST] * 3
     assert older.records[1].host_span_s == (0.5, 1.0)
+    assert [r.cpu_s for r in older.records] == [None] * 3
 
 
 def test_floats_round_trip_exactly(tmp_path: Path) -> None:

@@ -443,6 +443,9 @@ def test_a_record_without_host_times_is_host_timed_over_its_own_interval() -> No
         ({"host_start_s": 0.5, "host_end_s": 0.25}, "host_end_s=0.25: must be >= host_start_s"),
         ({"host_start_s": float("nan")}, "host_start_s=nan: must be a finite number"),
         ({"host_end_s": "soon"}, "host_end_s='soon': must be a number or None"),
+        ({"cpu_s": -0.5}, "cpu_s=-0.5: must be a finite number >= 0"),
+        ({"cpu_s": float("inf")}, "cpu_s=inf: must be a finite number >= 0"),
+        ({"cpu_s": "lots"}, "cpu_s='lots': must be a number or None"),
     ],
 )
 def test_bad_clocks_and_host_times_are_refused(changes: dict[str, object], match: str) -> None:
@@ -460,12 +463,18 @@ def test_add_raw_takes_the_host_timed_fields_or_all_of_them() -> None:
     run = RunKey(op="x", tiling="serial")
     rec = Recorder()
     rec.add_raw((0, run, 0, "a", "compute", "matmul", 0.0, 1.0, 0, 0, 0, 0))
-    rec.add_raw((0, run, 1, "b", "comm", "allreduce", 0.5, 2.0, 0, 8, 8, 0, "staged", 0.25, 1.5))
-    first, second = rec.records
-    assert first.clock is Clock.HOST and first.host_span_s == (0.0, 1.0)
+    rec.add_raw(
+        (0, run, 1, "b", "comm", "allreduce", 0.5, 2.0, 0, 8, 8, 0, "staged", 0.25, 1.5, None)
+    )
+    rec.add_raw(
+        (0, run, 2, "c", "compute", "matmul", 2.0, 3.0, 0, 0, 0, 0, "host", None, None, 0.5)
+    )
+    first, second, third = rec.records
+    assert first.clock is Clock.HOST and first.host_span_s == (0.0, 1.0) and first.cpu_s is None
     assert second.clock is Clock.STAGED and second.host_span_s == (0.25, 1.5)
-    with pytest.raises(ParamInvalidError, match="fields=13: must hold 12 or 15 values"):
-        rec.add_raw((0, run, 2, "c", "comm", "allreduce", 0.5, 2.0, 0, 8, 8, 0, "staged"))
+    assert third.cpu_s == 0.5 and third.host_span_s == (2.0, 3.0)
+    with pytest.raises(ParamInvalidError, match="fields=13: must hold 12 or 16 values"):
+        rec.add_raw((0, run, 3, "c", "comm", "allreduce", 0.5, 2.0, 0, 8, 8, 0, "staged"))
 
 
 @settings(max_examples=40, deadline=None)

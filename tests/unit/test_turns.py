@@ -131,9 +131,8 @@ def test_core_sharing_survives_a_file_and_is_checked(tmp_path: object) -> None:
         dataclasses.replace(device, slice_us=0.0)
 
 
-def test_fit_contention_finds_ranks_taking_turns() -> None:
-    # spans made by ranks taking 1 s turns (in the grid), no slowdowns: the fit, starting
-    # from processor sharing, finds the turns and their length
+def turn_cases() -> tuple[list[Case], list[list[float]]]:
+    """Tiled calls and their spans, made by ranks taking 1 s turns (in the grid), no slowdowns."""
     turns = dataclasses.replace(
         on_two_cores(TURNS_US[2] * 1e-6),
         contention=Contention(polled=True),
@@ -148,9 +147,42 @@ def test_fit_contention_finds_ranks_taking_turns() -> None:
         case("two turns", mm(0.0016), allreduce(0.002, 0), mm(0.0016), allreduce(0.002, 2)),
         case("long", mm(0.003), allreduce(0.004), mm(0.0004, 1)),
     ]
-    spans = [[simulate(dict(enumerate(c.plans)), turns).metrics().total_s] for c in cases]
+    return cases, [[simulate(dict(enumerate(c.plans)), turns).metrics().total_s] for c in cases]
+
+
+def test_fit_contention_finds_ranks_taking_turns() -> None:
+    # the fit, starting from processor sharing, finds the turns and their length
+    cases, spans = turn_cases()
     base = on_two_cores(1.0, CoreSharing.PROCESSOR)
     base = dataclasses.replace(base, device=dataclasses.replace(base.device, slice_us=0.0))
     fitted = fit_contention(base, cases, spans, polled=True)
     assert fitted.device.core_sharing is CoreSharing.TURNS
     assert fitted.device.slice_us == TURNS_US[2]
+
+
+def test_a_measured_sharing_keeps_the_grid_to_it() -> None:
+    # the turns' spans, but calibrate measured that a waiting rank keeps its share of the
+    # core: the grid keeps to processor sharing
+    cases, spans = turn_cases()
+    base = on_two_cores(0.0, CoreSharing.PROCESSOR)
+    kept = fit_contention(base, cases, spans, polled=True, sharing=CoreSharing.PROCESSOR)
+    assert kept.device.core_sharing is CoreSharing.PROCESSOR
+    both = fit_contention(base, cases, spans, polled=True, sharing=None)
+    assert both.device.core_sharing is CoreSharing.TURNS
+
+
+def test_serial_calls_join_the_grids_error() -> None:
+    # no tiled call at all: the serial ones alone decide. A 1 ms AllReduce after 0.8 ms of
+    # compute, measured with a 0.5 ms wait for peers off their cores (processor sharing,
+    # slice 1 ms at share 1/2: a SLICES_US point): the fit finds that slice
+    measured = dataclasses.replace(
+        on_two_cores(1e-3, CoreSharing.PROCESSOR), contention=Contention(polled=True)
+    )
+    plans = tuple(plan(r, 4, mm(0.0008), allreduce(0.001, 0)) for r in range(4))
+    serial = [Case(name="serial", tiling="serial", run=lambda: None, plans=plans)]
+    spans = [[simulate(dict(enumerate(plans)), measured).metrics().total_s]]
+    base = on_two_cores(0.0, CoreSharing.PROCESSOR)
+    fitted = fit_contention(
+        base, [], [], polled=True, sharing=CoreSharing.PROCESSOR, serial=serial, serial_spans=spans
+    )
+    assert fitted.device.slice_us == 1000.0
