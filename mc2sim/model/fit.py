@@ -462,10 +462,11 @@ def fit_contention(
             are.
         sharing: where ranks share cores, how, where that was measured (``calibrate``'s
             :func:`~mc2sim.study.calibrate.measure_waiting`): the grid keeps to it. None:
-            it tries both. Left to the spans, the grid chose turns of 2 to 3 ms in 5 of 5
-            4-rank runs on this 2-core machine (with no floor of ``launch_us`` under warm
+            it tries both. Left to the spans, the grid chose turns of 2 to 3 ms on five
+            4-rank runs of this 2-core machine (with no floor of ``launch_us`` under warm
             tasks), where a rank computing while the others waited in MPI got 0.53 of a
-            core, and processor sharing predicted the held-out cases 2.5 to 3.2 points better.
+            core: held-out 8.7, 8.7, 8.6, 8.2, 6.9%, against 6.4, 5.9, 5.7, 5.5, 6.2% kept
+            to processor sharing.
         serial: further calls whose errors the grid also sums: where ranks share cores,
             the serial calls show how they share them as much as the tiled ones (who runs
             first, who waits), and there are more of them. Five 4-rank runs on this 2-core
@@ -482,7 +483,9 @@ def fit_contention(
     ]
     source = (
         "fitted by mc2sim calibrate: simulated against measured tiled runs of "
-        f"{', '.join(c.name for c in cases)} on this machine, grid search on squared log "
+        f"{', '.join(c.name for c in cases)}"
+        + (f" and {len(serial)} serial calls" if serial else "")
+        + " on this machine, grid search on squared log "
         "error (with device.concurrent_collectives)" + (f"; {progress}" if progress else "")
     )
     devices = {

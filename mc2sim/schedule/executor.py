@@ -169,8 +169,8 @@ class _Recorder:
         """Hand the records to the recording, on the machine's clock (every rank calls it)."""
         if self.sink is None:
             return
-        epochs = self.comm.allgather_object((machine_id(), self.epoch))
         mine = machine_id()
+        epochs = self.comm.allgather_object((mine, self.epoch))
         offset = (self.epoch - min(e for m, e in epochs if m == mine)) * 1e-9
         for task, start_s, end_s, extra in self.rows:
             if extra and extra[1] is not None:  # the host's interval of a device task
@@ -254,6 +254,8 @@ def execute(
     recorder = _Recorder(plan, comm)
     poller = _Poller(mode)
     now: Callable[[], int] = time.perf_counter_ns
+    # the CPU time only where it is recorded (reading it is a system call; int() is 0)
+    cpu_now: Callable[[], int] = time.process_time_ns if recorder.sink is not None else int
 
     def complete(task_id: int) -> None:
         with poller.lock:
@@ -269,11 +271,11 @@ def execute(
                 if dep in poller.inflight:
                     complete(dep)
             if task.resource is Resource.COMPUTE:
-                cpu = time.process_time_ns()
+                cpu = cpu_now()
                 start = now()
                 runner.compute(task)
                 end = now()
-                recorder.add(task, start, end, time.process_time_ns() - cpu)
+                recorder.add(task, start, end, cpu_now() - cpu)
                 poller.poll()
             else:
                 start = now()

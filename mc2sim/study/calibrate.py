@@ -805,7 +805,7 @@ def calibrate(
         return replace(base, device=mine.on(base.device, comm_profile))
 
     # where ranks share cores: whether a waiting rank gives its core away, measured; the
-    # serial calls also judge how long a turn lasts
+    # serial calls join the tiled ones in fitting the slice
     waiting_share = measure_waiting(comm, reps) if on_cpu else 1.0
     on_job = [c for group, cases in serial if group is comm for c in cases] if on_cpu else []
     fitted = fit_contention(
