@@ -296,8 +296,13 @@ def _print_fit(topology: Topology) -> None:
         if device.core_sharing is CoreSharing.TURNS:
             print(f"ranks share cores in turns of up to {device.slice_us:.0f} us")
         else:
+            weight = (
+                f" (a waiting rank takes {device.waiting_weight:.2f} of a busy one's)"
+                if device.waiting_weight < 1.0
+                else ""
+            )
             print(
-                f"ranks share cores, each at its share; a collective waits "
+                f"ranks share cores, each at its share{weight}; a collective waits "
                 f"{device.slice_us:.0f} us x {1 - topology.core_share:.2f} for peers off theirs"
             )
 

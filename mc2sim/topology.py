@@ -405,6 +405,13 @@ class Device:
     """How the ranks of a node that share its cores get them (:class:`CoreSharing`); only
     where a node holds more ranks than cores."""
 
+    waiting_weight: float = 1.0
+    """Under processor sharing, the part of a busy rank's share of the cores a rank takes
+    while it waits (polls inside MPI): a computing rank of a node with ``b`` busy ranks of
+    ``n`` runs at ``min(1, cores_per_node / (b + waiting_weight * (n - b)))`` of a core. 1
+    (the default): every rank holds its share all the time; ``mc2sim calibrate`` measures
+    it (4 ranks of MPICH here: 0.87). In [0, 1]."""
+
     warm_us: Mapping[str, float] = field(default_factory=dict)
     """Per compute task kind (``matmul``, ``grouped_matmul``, ``attention``, ...), the
     microseconds of a whole core a task saves when its rank ran a task of the same kind
@@ -472,6 +479,10 @@ class Device:
         object.__setattr__(
             self, "core_sharing", _as_choice("core_sharing", self.core_sharing, CoreSharing)
         )
+        weight = _non_negative("waiting_weight", self.waiting_weight)
+        if weight > 1.0:
+            raise ParamInvalidError("waiting_weight", self.waiting_weight, "must be in [0, 1]")
+        object.__setattr__(self, "waiting_weight", weight)
         if self.core_sharing is CoreSharing.TURNS and self.slice_us <= 0:
             raise ParamInvalidError(
                 "slice_us",
@@ -832,6 +843,7 @@ _DEVICE_OPTIONAL = (
     "issue_gbps",
     "slice_us",
     "core_sharing",
+    "waiting_weight",
     "warm_us",
     "profile",
 )
@@ -969,6 +981,7 @@ class _Reader:
             core_sharing=self.text(
                 dev.get("core_sharing", CoreSharing.PROCESSOR.value), "device.core_sharing"
             ),
+            waiting_weight=self.number(dev.get("waiting_weight", 1.0), "device.waiting_weight"),
             warm_us=self.numbers(dev.get("warm_us", {}), "device.warm_us", _US_BY_KIND),
             issue_extra_us=self.numbers(
                 dev.get("issue_extra_us", {}), "device.issue_extra_us", _US_BY_KIND
@@ -1084,6 +1097,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
                 if dev.core_sharing is not CoreSharing.PROCESSOR
                 else {}
             ),
+            **({"waiting_weight": dev.waiting_weight} if dev.waiting_weight != 1.0 else {}),
             **({"warm_us": dict(dev.warm_us)} if dev.warm_us else {}),
             "efficiency": {
                 "small_util": eff.small_util,

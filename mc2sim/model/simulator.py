@@ -489,6 +489,10 @@ class _Engine:
         self.transferring = False  # a transfer part holds the links
         self.computing = 0  # ranks with a compute task in progress
         self.turns = _Turns.of(topology, self.world)
+        # processor sharing where waiting ranks take less than a busy one's share: a node's
+        # computing ranks run faster while its other ranks wait (Device.waiting_weight)
+        self.weighted = _weighted(topology)
+        self.busy = [0] * -(-self.world // topology.ranks_per_node)  # computing, per node
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
         self.polled = topology.contention.polled
@@ -531,7 +535,31 @@ class _Engine:
         """
         if self.turns is not None and not self.ranks[rank].turn:
             return 0.0
-        return 1.0 / self.compute_slow if self.transferring else 1.0
+        rate = 1.0 / self.compute_slow if self.transferring else 1.0
+        if self.weighted:
+            rate *= self.busy_share(rank) / self.topology.core_share
+        return rate
+
+    def busy_share(self, rank: int) -> float:
+        """The share of a core a computing rank gets (``Device.waiting_weight``).
+
+        Its node's cores over its busy ranks and the others' ``waiting_weight`` of a share.
+        """
+        per_node = self.topology.ranks_per_node
+        node = rank // per_node
+        ranks = min(per_node, self.world - node * per_node)
+        busy = self.busy[node]
+        device = self.topology.device
+        return min(1.0, device.cores_per_node / (busy + device.waiting_weight * (ranks - busy)))
+
+    def _rerate_node(self, rank: int) -> None:
+        """Re-rate the compute tasks of ``rank``'s node: how many of its ranks are busy changed."""
+        per_node = self.topology.ranks_per_node
+        first = (rank // per_node) * per_node
+        for r in range(first, min(first + per_node, self.world)):
+            active = self.ranks[r].computing
+            if active is not None:
+                self.rerate(active, self.compute_rate(r), "compute", r)
 
     def comm_rate(self, active: _Active) -> float:
         """A transfer's rate: slowed while a rank computes, unless a capped wire holds it back.
@@ -579,11 +607,14 @@ class _Engine:
                 )
                 state.ran.add(task.kind)
                 work = core_time(self.topology, work * self.slow.get(rank, 1.0))
+                self.busy[rank // self.topology.ranks_per_node] += 1
                 state.computing = _Active([(rank, task)], work, self.compute_rate(rank), self.now)
                 state.issuer_busy = True
                 self.starts[(rank, task.id)] = self.now
                 self.computing += 1
                 self.schedule(state.computing, "compute", rank)
+                if self.weighted:
+                    self._rerate_node(rank)
                 if self.computing == 1 or self.polled:
                     self._rerate_comms()
                 return
@@ -852,6 +883,9 @@ class _Engine:
         state.computing = None
         state.issuer_busy = False
         self.computing -= 1
+        self.busy[rank // self.topology.ranks_per_node] -= 1
+        if self.weighted:
+            self._rerate_node(rank)
         self.record(rank, active.tasks[0][1])
         if self.computing == 0 or self.polled:
             self._rerate_comms()
@@ -952,6 +986,19 @@ def lockstep_applies(topology: Topology) -> bool:
         and not contention.polled
         and schedule_wait(topology) == 0.0
         and not _Turns.apply(topology)
+        and not _weighted(topology)
+    )
+
+
+def _weighted(topology: Topology) -> bool:
+    """Whether a computing rank's share of the cores depends on how many ranks are busy.
+
+    Processor sharing of shared cores with ``waiting_weight`` below 1.
+    """
+    return (
+        topology.device.core_sharing is CoreSharing.PROCESSOR
+        and topology.core_share < 1.0
+        and topology.device.waiting_weight < 1.0
     )
 
 

@@ -144,6 +144,7 @@ __all__ = [
     "samples_of",
     "share_of_cores",
     "sharing_of",
+    "waiting_weight_of",
     "work_s",
 ]
 
@@ -807,12 +808,16 @@ def calibrate(
     # where ranks share cores: whether a waiting rank gives its core away, measured; the
     # serial calls join the tiled ones in fitting the slice
     waiting_share = measure_waiting(comm, reps) if on_cpu else 1.0
+    sharing = sharing_of(waiting_share, share) if on_cpu else None
+    if sharing is CoreSharing.PROCESSOR:  # a waiting rank's part of a busy one's share
+        weight = waiting_weight_of(waiting_share, share)
+        base = replace(base, device=replace(base.device, waiting_weight=weight))
     on_job = [c for group, cases in serial if group is comm for c in cases] if on_cpu else []
     fitted = fit_contention(
         base,
         tiled,
         spans,
-        sharing=sharing_of(waiting_share, share) if on_cpu else None,
+        sharing=sharing,
         turns_base=turns_base if on_cpu else None,
         serial=on_job,
         serial_spans=_fitted_spans(serial, rounds, comm, 0) if on_cpu else [],
@@ -1166,6 +1171,16 @@ def sharing_of(waiting_share: float, share: float) -> CoreSharing:
         if abs(waiting_share - turns) < abs(waiting_share - share)
         else CoreSharing.PROCESSOR
     )
+
+
+def waiting_weight_of(waiting_share: float, share: float) -> float:
+    """``Device.waiting_weight`` from :func:`measure_waiting`'s figure and the ranks' ``share``.
+
+    Half a node's ranks busy, the other half waiting at the weight ``w``: a busy one gets
+    ``share / ((1 + w) / 2)`` of a core, so ``w = 2 * share / waiting_share - 1``, in [0, 1]
+    (4 ranks on 2 cores here, 0.535 of a core: 0.87).
+    """
+    return min(1.0, max(0.0, 2.0 * share / waiting_share - 1.0))
 
 
 DUPLEX_BYTES = 4 * 1024 * 1024

@@ -109,10 +109,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # `make demo`'s simulated table (README), as mc2sim prints it: tiling -> total, compute,
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
-    "serial": "1.012 0.798 0.454 0.214 52.9 1.00",
-    "hardware(per expert)": "1.370 1.119 1.103 0.251 44.7 0.74",
-    "experts x 2": "2.197 1.918 1.938 0.279 38.6 0.46",
-    "experts x 4": "3.858 3.410 3.603 0.448 1.4 0.26",
+    "serial": "1.043 0.882 0.388 0.161 58.5 1.00",
+    "hardware(per expert)": "1.523 1.230 1.189 0.293 24.4 0.68",
+    "experts x 2": "2.552 2.026 2.226 0.526 0.0 0.41",
+    "experts x 4": "4.629 3.609 4.308 1.020 0.0 0.23",
 }
 
 

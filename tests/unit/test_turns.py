@@ -20,6 +20,7 @@ from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import compute_time, core_time, schedule_wait
 from mc2sim.model.fit import TURNS_US, fit_contention, turn_work
 from mc2sim.model.simulator import lockstep_applies, simulate
+from mc2sim.study.calibrate import waiting_weight_of
 from mc2sim.study.measure import Case
 from mc2sim.topology import Contention, CoreSharing, Topology, dump, load
 from tests.unit.test_simulator_by_hand import allreduce, assert_spans, machine, mm, plan
@@ -186,3 +187,54 @@ def test_serial_calls_join_the_grids_error() -> None:
         base, [], [], polled=True, sharing=CoreSharing.PROCESSOR, serial=serial, serial_spans=spans
     )
     assert fitted.device.slice_us == 1000.0
+
+
+def weighted(weight: float) -> Topology:
+    """4 ranks on 2 cores by processor sharing, a waiting rank taking ``weight`` of a share."""
+    topo = on_two_cores(0.0, CoreSharing.PROCESSOR)
+    return dataclasses.replace(topo, device=dataclasses.replace(topo.device, waiting_weight=weight))
+
+
+def test_a_busy_rank_runs_faster_the_less_its_waiting_peers_take() -> None:
+    # rank 0 computes 1 s of a whole core's work while ranks 1 to 3 have nothing to do (they
+    # wait): a busy rank gets min(1, 2 / (1 + w * 3)) of a core. w = 1: 0.5, 2 s (every rank
+    # holds its share); w = 0.5: 0.8, 1.25 s; w = 0: the whole core, 1 s
+    plans = {0: plan(0, 4, mm(1.0)), **{r: plan(r, 4) for r in (1, 2, 3)}}
+    for weight, seconds in ((1.0, 2.0), (0.5, 1.25), (0.0, 1.0)):
+        assert_spans(simulate(plans, weighted(weight)), {(0, "mm0"): (0.0, seconds)})
+
+
+def test_when_peers_finish_the_busy_ranks_speed_up() -> None:
+    # w = 0.5; ranks 0 and 1 compute 1 s of work, ranks 2 and 3 0.5 s. All four busy: half a
+    # core each, so 2 and 3 end at 1.0, with 0 and 1 halfway. Then 2 busy, 2 waiting: each
+    # busy one gets 2 / (2 + 0.5 * 2) = 2/3 of a core, 0.5 s of work left: 0.75 s, to 1.75
+    plans = {r: plan(r, 4, mm(1.0 if r < 2 else 0.5)) for r in range(4)}
+    assert_spans(
+        simulate(plans, weighted(0.5)),
+        {(0, "mm0"): (0.0, 1.75), (1, "mm0"): (0.0, 1.75), (2, "mm0"): (0.0, 1.0), (3, "mm0"): (0.0, 1.0)},
+    )  # fmt: skip
+    # a weight below 1 changes rates as ranks start and stop: not lockstep
+    assert not lockstep_applies(weighted(0.5))
+    assert lockstep_applies(dataclasses.replace(weighted(1.0), contention=Contention()))
+
+
+def test_waiting_weight_survives_a_file_and_is_checked(tmp_path: object) -> None:
+    path = f"{tmp_path}/t.yaml"
+    dump(weighted(0.87), path)
+    assert load(path).device.waiting_weight == pytest.approx(0.87)
+    dump(weighted(1.0), path)
+    assert "waiting_weight" not in open(path).read()  # the default is left out
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ParamInvalidError, match="waiting_weight"):
+            weighted(bad)
+
+
+@pytest.mark.parametrize(
+    ("got", "share", "weight"),
+    [(0.535, 0.5, 2 * 0.5 / 0.535 - 1), (0.5, 0.5, 1.0), (1.0, 0.5, 0.0), (0.45, 0.5, 1.0)],
+)
+def test_the_waiting_weight_is_read_from_a_busy_ranks_share(
+    got: float, share: float, weight: float
+) -> None:
+    # half the ranks busy, half waiting at w: a busy one gets share / ((1 + w) / 2)
+    assert waiting_weight_of(got, share) == pytest.approx(weight)
