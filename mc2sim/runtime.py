@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -179,8 +180,9 @@ def steady_allocator() -> bool:
     return threshold and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
+@functools.cache
 def machine_id() -> str:
-    """This machine's identity: its kernel's boot id, else its host name.
+    """This machine's identity: its kernel's boot id, else its host name (read once).
 
     Processes with one boot id share the kernel's clocks and cores (the network namespaces
     of one host, which emulate several, too).

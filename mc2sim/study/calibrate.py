@@ -686,7 +686,7 @@ def calibrate(
     runs += [c.run for c in tiled + swept_cases + warmed] + list(alongside)
     groups += [comm] * (len(tiled) + len(swept_cases) + len(warmed) + len(alongside))
     rounds = measure_rounds(comm, runs, reps=reps, progress=progress, groups=groups)
-    serial_rounds, tiled_rounds, swept_rounds, warm_rounds, beside = _consecutive(
+    serial_rounds, _tiled, swept_rounds, warm_rounds, beside = _consecutive(
         rounds, [sum(len(cases) for _, cases in serial), len(tiled), len(swept_cases), len(warmed)]
     )
     cores = node_cores(comm, hosts)
@@ -711,7 +711,9 @@ def calibrate(
         spoken = [p for p in parts if p is not None]
         compute += [replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[0]]
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
-    spans = [[t.metrics().total_s for t in mine] for mine in tiled_rounds]
+    # the calls run on the whole job, the fit's in-sample set: the serial ones, then the tiled
+    on_job = [c for group, cases in serial if group is comm for c in cases]
+    job_spans = _fitted_spans(serial, rounds, comm, len(tiled))
     posting = measure_issue(comm, reps)
     in_ops: list[CommSample] = []
     if swept_cases:
@@ -812,22 +814,21 @@ def calibrate(
     if sharing is CoreSharing.PROCESSOR:  # a waiting rank's part of a busy one's share
         weight = waiting_weight_of(waiting_share, share)
         base = replace(base, device=replace(base.device, waiting_weight=weight))
-    on_job = [c for group, cases in serial if group is comm for c in cases] if on_cpu else []
     fitted = fit_contention(
         base,
         tiled,
-        spans,
+        job_spans[len(on_job) :],
         sharing=sharing,
         turns_base=turns_base if on_cpu else None,
-        serial=on_job,
-        serial_spans=_fitted_spans(serial, rounds, comm, 0) if on_cpu else [],
+        serial=on_job if on_cpu else [],
+        serial_spans=job_spans[: len(on_job)] if on_cpu else [],
         polled=polled,
         progress=(
             f"progress {'polled' if polled else 'on its own'}, measured: a collective posted "
             f"before its ranks computed had {share_left:.0%} of its time after the post "
             "still to run"
             + (
-                f"; cores shared by {sharing_of(waiting_share, share)}, measured: a rank "
+                f"; cores shared by {sharing}, measured: a rank "
                 f"computing while half the ranks waited got {waiting_share:.2f} of a core"
                 if on_cpu
                 else ""
@@ -839,8 +840,8 @@ def calibrate(
     return Calibration(
         topology=fitted,
         alongside=[[t.metrics().total_s for t in mine] for mine in beside],
-        fitted_cases=[c for group, cases in serial if group is comm for c in cases] + tiled,
-        fitted_spans=_fitted_spans(serial, rounds, comm, len(tiled)),
+        fitted_cases=on_job + tiled,
+        fitted_spans=job_spans,
         independent=independent,
     )
 
