@@ -281,7 +281,7 @@ def _print_fit(topology: Topology) -> None:
         print(f"posting a collective: {device.issue_us:.1f} us{extra}")
     if device.warm_us:
         saved = ", ".join(f"{k} {v:.0f}" for k, v in device.warm_us.items())
-        print(f"a call's later task of a kind saves (us): {saved}")
+        print(f"a call's task after its first saves (us), by kind: {saved}")
     for dim in topology.network:  # innermost first: on several hosts, then across them
         print(
             f"network: {dim.kind} x{dim.ranks}, {dim.bandwidth_gbps:.2f} GB/s, {dim.duplex} duplex"
@@ -321,7 +321,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     """Run the validation sweep for real and simulated; rank 0 prints the errors."""
     from mc2sim.comm import init
     from mc2sim.model.accuracy import geomean_of
-    from mc2sim.study.calibrate import calibrate, calibration_cases, contention_cases
+    from mc2sim.study.calibrate import calibrate, fitted_cases
     from mc2sim.study.measure import measure_rounds
     from mc2sim.study.validate import default_cases, geomean_error, score_cases
 
@@ -353,7 +353,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology)
         else:
             topology, source = given, args.topology
-            own = calibration_cases(comm) + contention_cases(comm)
+            own = fitted_cases(comm)
             runs = [c.run for c in cases + own]
             rounds = measure_rounds(comm, runs, reps=args.reps, progress=_ticker(bar))
             spans = [[t.metrics().total_s for t in mine] for mine in rounds]

@@ -239,14 +239,17 @@ def compute_time(task: Task, topology: Topology, dtype: str, *, warm: bool = Fal
     The baseline's time (:func:`baselines`: the roofline, or the kind's own line through
     its profiled points), times the device's profiled ratio for the task's kind and dtype
     (:func:`profiled_ratio`; 1 for a device described on paper), less ``Device.warm_us`` of
-    its kind where an earlier task of that kind ran on the rank in the same call (never
-    below :data:`WARM_FLOOR` of its time), at the rank's share of a core.
+    its kind where the rank ran a compute task earlier in the same call, of any kind (never
+    below :data:`WARM_FLOOR` of its time), at the rank's share of a core. A call's first
+    task meets what the calls before it left in the caches; later ones follow their own
+    call's work (4 ranks here: ``make demo``'s shared-expert matmul after its grouped matmul
+    took 61 us of CPU time, one of its kind first in a call 150 to 200).
 
     Args:
         task: a compute task (its FLOPs and bytes).
         topology: the machine.
         dtype: the plan's compute dtype (``int8`` for quant matmuls).
-        warm: whether the rank ran a task of the same kind earlier in the call.
+        warm: whether the rank ran a compute task earlier in the call.
 
     Returns:
         Seconds, launch overhead included.

@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,7 +59,6 @@ __all__ = [
     "fit_comm_profile",
     "fit_profile",
     "fit_rate",
-    "turn_work",
 ]
 
 
@@ -401,20 +400,6 @@ the cores they share (``CoreSharing.TURNS``: how long a rank holds a core while 
 waits for one)."""
 
 
-def turn_work(seconds: float, share: float, turn_s: float) -> float:
-    """A whole core's seconds of a task timed at ``seconds`` by ranks taking turns on cores.
-
-    Every rank had work, each at ``share`` of a core over time, in turns of ``turn_s``. A task
-    that fit in one turn ran uninterrupted on a whole core: its time is its work. A longer
-    one ran a turn, then a turn in every ``1 / share`` while the other ranks had theirs:
-    ``share * seconds + (1 - share) * turn_s`` (processor sharing's ``share * seconds``, plus
-    the part of its first turn it did not wait for).
-    """
-    if seconds <= turn_s:
-        return seconds
-    return share * seconds + (1.0 - share) * turn_s
-
-
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
 
@@ -426,7 +411,6 @@ def fit_contention(
     *,
     polled: bool | None = None,
     progress: str = "",
-    turns_base: Callable[[float], Topology] | None = None,
     sharing: CoreSharing | None = None,
     serial: Sequence[PlannedCall] = (),
     serial_spans: Sequence[Sequence[float]] = (),
@@ -456,10 +440,6 @@ def fit_contention(
             them within 2% of polled progress in squared error on two measurements of
             five, and predicted the held-out cases 1.1 to 1.9 points worse.
         progress: how ``polled`` was found, in words, for the fit's ``source``.
-        turns_base: where ranks share cores, the topology whose compute figures are a
-            whole core's for ranks taking turns of the given microseconds (``calibrate``
-            maps its posting times by :func:`turn_work`); None: ``base``'s figures as they
-            are.
         sharing: where ranks share cores, how, where that was measured (``calibrate``'s
             :func:`~mc2sim.study.calibrate.measure_waiting`): the grid keeps to it. None:
             it tries both. Left to the spans, the grid chose turns of 2 to 3 ms on five
@@ -505,17 +485,7 @@ def fit_contention(
     if sharing is not None and base.core_share < 1.0:
         ways = [(cores, slice_us) for cores, slice_us in ways if cores is sharing]
     grid = itertools.product(devices.values(), ways, COMPUTE_SLOWDOWNS, comm)
-    bases = {
-        turn_us: turns_base(turn_us) if turns_base is not None else base
-        for cores, turn_us in ways
-        if cores is CoreSharing.TURNS
-    }
     for device, (cores, slice_us), cs, (ms, polled) in grid:
-        if cores is CoreSharing.TURNS:
-            figures = bases[slice_us].device
-            device = dataclasses.replace(
-                figures, concurrent_collectives=device.concurrent_collectives
-            )
         trial = dataclasses.replace(
             base,
             device=dataclasses.replace(device, slice_us=slice_us, core_sharing=cores),

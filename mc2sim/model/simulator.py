@@ -149,7 +149,7 @@ class _Rank:
     computing: _Active | None = None  # the compute task in progress
     issuing: Task | None = None  # a comm task being posted (the issue overhead o)
     issue_version: int = 0
-    ran: set[TaskKind] = field(default_factory=set)  # compute kinds run so far: warm
+    warm: bool = False  # it ran a compute task earlier in the call
     turn: int = 0  # where ranks take turns on cores: its turn's version while it holds one
     turn_over: bool = False  # its turn ended as it posted or finished a task: yield after
 
@@ -602,10 +602,8 @@ class _Engine:
                 return  # waiting for a core: it gets one when a rank of its node yields
             state.pointer += 1
             if task.resource is Resource.COMPUTE:
-                work = compute_time(
-                    task, self.topology, state.plan.dtype, warm=task.kind in state.ran
-                )
-                state.ran.add(task.kind)
+                work = compute_time(task, self.topology, state.plan.dtype, warm=state.warm)
+                state.warm = True
                 work = core_time(self.topology, work * self.slow.get(rank, 1.0))
                 self.busy[rank // self.topology.ranks_per_node] += 1
                 state.computing = _Active([(rank, task)], work, self.compute_rate(rank), self.now)
@@ -1159,7 +1157,7 @@ def _lockstep(
     queued: list[np.ndarray] = []
     started: list[float] = []
     ended = 0.0  # when the last collective (its transfer part) ended
-    ran: set[TaskKind] = set()  # compute kinds run so far (every rank's plan alike): warm
+    warm = False  # a compute task ran earlier in the call (every rank's plan alike)
     for i, head in enumerate(first):
         task_flops, task_bytes = ranks.figures(i)
         flops[i], nbytes[i] = np.rint(task_flops), np.rint(task_bytes)
@@ -1167,10 +1165,8 @@ def _lockstep(
         for d in head.deps:
             ready = np.maximum(ready, end[d])
         if head.resource is Resource.COMPUTE:
-            times = compute_times(
-                topology, head.kind, dtype, task_flops, task_bytes, warm=head.kind in ran
-            )
-            ran.add(head.kind)
+            times = compute_times(topology, head.kind, dtype, task_flops, task_bytes, warm=warm)
+            warm = True
             start[i] = ready
             end[i] = free = ready + times * slow
             continue

@@ -27,7 +27,7 @@ figures include what the others take from the machine, as in real runs:
    terms held fixed;
 3. contention: tiled runs of four ops (MatmulAllReduce at two shapes, both MoE ops,
    AllGatherMatmul, and a GroupedMatMulAlltoAllv of a few KiB per chunk; the pairs of
-   :data:`CONTENTION`), measured for real
+   :data:`CONTENTION`; and the small calls of :data:`WARMED` in two tiles), measured for real
    and simulated over a grid of compute and communication slowdowns and of whether
    collectives in flight progress together (``Device.concurrent_collectives``); the point
    with the smallest squared log error is kept. Whether a collective progresses while its
@@ -41,12 +41,13 @@ warm (:func:`measure_collectives`: the network fit's latency and bandwidth), and
 executor among the other calls of the rounds (:func:`collective_cases`: the profile, what
 the ops' collectives meet); the
 cores the ranks share are read (:func:`node_cores`) and every compute figure scaled to a
-whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`)
-and taken off every collective sample; where ranks share cores, the contention fit also
-finds how long a collective waits for peers off their cores (``Device.slice_us``); a small
-serial call of each compute kind runs twice in a row (:func:`warm_cases`), and what each
-kind's first task saves the second time is ``Device.warm_us`` (:func:`warm_savings`; it is
-added back to a sampled call's later tasks of a kind, so the profile holds first tasks); and a
+whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`;
+its CPU time where ranks share cores, a whole core's) and taken off every collective sample;
+where ranks share cores, the contention fit also finds how long a collective waits for peers
+off their cores (``Device.slice_us``); a small call of each compute kind runs in two tiles
+(:func:`warm_cases`), and what its second task saves on its first is its kind's
+``Device.warm_us`` (:func:`warm_savings`; it is added back to a sampled call's tasks after
+its first, so the profile holds first tasks); and a
 float32 matmul, a memcpy, a 16-bit to float32 conversion and a 4-byte exchange are timed
 apart from the fit (:func:`measure_independent`) for ``calibrate`` to print beside the
 fitted figures. A call's figure over its rounds is their lower quartile
@@ -92,7 +93,6 @@ from mc2sim.model.fit import (
     fit_peaks,
     fit_profile,
     fit_rate,
-    turn_work,
 )
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.runtime import machine_id
@@ -101,7 +101,7 @@ from mc2sim.schedule.executor import execute
 from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import Placement
 from mc2sim.study.measure import Case, cases_of, measure_rounds
-from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
+from mc2sim.timeline import Stream, TaskRecord, Timeline
 from mc2sim.topology import (
     Contention,
     CoreSharing,
@@ -126,6 +126,7 @@ __all__ = [
     "calibration_dir",
     "contention_cases",
     "warm_cases",
+    "fitted_cases",
     "warm_savings",
     "COLLECTIVE_BYTES",
     "collective_cases",
@@ -235,26 +236,24 @@ def contention_cases(comm: Communicator) -> list[Case]:
 
 WARMED: tuple[str, ...] = (
     "cal_mm_64x256x256",
-    "cal_combine_128",  # grouped matmul and pack
+    "cal_combine_128",  # grouped matmul
+    "cal_dispatch_128",  # pack: a dispatch's first task
     "cal_ifa_small",
     "cal_mm_w8a8_small",
     "cal_mm_weight_quant_small",
 )
-"""Calibration scenarios whose serial call :func:`warm_cases` runs twice in a row: a small
-call of each compute kind, where what a warm task saves weighs most against its time."""
-
-
-def _twice(run: Callable[[], object]) -> None:
-    run()
-    run()
+"""Calibration scenarios whose call :func:`warm_cases` runs in two even tiles: a small call
+of each compute kind, where what a warm task saves weighs most against its time."""
 
 
 def warm_cases(comm: Communicator) -> list[Case]:
-    """The serial calls of :data:`WARMED`, each run twice in a row by one case's ``run``."""
-    return [
-        replace(c, name=f"{c.name} twice", run=functools.partial(_twice, c.run))
-        for c in _cases(comm, [(name, "serial") for name in WARMED])
-    ]
+    """The calls of :data:`WARMED` at tiling 2: each kind's tasks twice in one call."""
+    return _cases(comm, [(name, 2) for name in WARMED])
+
+
+def fitted_cases(comm: Communicator) -> list[Case]:
+    """Every call the fit is made on, in order: the serial samples, then the tiled calls."""
+    return calibration_cases(comm) + contention_cases(comm) + warm_cases(comm)
 
 
 def work_s(record: TaskRecord, cpu: bool) -> float:
@@ -267,31 +266,31 @@ def work_s(record: TaskRecord, cpu: bool) -> float:
 
 
 def warm_savings(rounds: Sequence[Sequence[Timeline]], *, cpu: bool = False) -> dict[str, float]:
-    """Seconds a compute task saves when its kind ran before (``cpu``: of CPU time, :func:`work_s`).
+    """Seconds a compute task saves when its rank computed earlier in the call (``cpu``: CPU time).
 
-    ``rounds[i]``: the gathered timelines of :func:`warm_cases`' case i, two calls each. In
-    every round, each rank's first task of a kind in the first call less its first of that
-    kind in the second; the median over the ranks, then over the rounds, then over the cases
-    of the kind; none below 0. The first call's task follows other calls (the rounds
-    interleave them), as a call's first task does; the second's follows a call of its own
-    kind, as a tiled call's later tasks do.
+    ``rounds[i]``: the gathered timelines of :func:`warm_cases`' case i, each one call whose
+    tiles split its work evenly. In every round, each rank's first compute task less its next
+    task of the same kind (:func:`work_s`), for the first task's kind; the median over the
+    ranks, then over the rounds, then over the cases of the kind; none below 0. The first
+    task follows other calls (the rounds interleave them), as a call's first task does; the
+    other follows compute of the same call, with no barrier between, as a call's later tasks
+    do. Where ranks share cores, a barrier between two calls hands the core to another rank,
+    which leaves it as cold as a first task's: 4 ranks here, an 8 MFLOP attention tile
+    saved 0.24 ms after a whole call of its kind, 0.3 to 0.4 ms after a tile of the call.
     """
     by_kind: dict[str, list[float]] = {}
     for timelines in rounds:
         per_case: dict[str, list[float]] = {}
         for timeline in timelines:
-            calls = timeline.runs()
-            if len(calls) != 2:
-                raise RuntimeError(f"a call run twice recorded {len(calls)} calls")
-            firsts: dict[tuple[RunKey, int, str], float] = {}
+            tasks: dict[int, list[TaskRecord]] = {}
             for r in sorted(timeline.records, key=lambda r: r.start_s):
                 if r.stream is Stream.COMPUTE:
-                    firsts.setdefault((r.run, r.rank, r.kind), work_s(r, cpu))
+                    tasks.setdefault(r.rank, []).append(r)
             saved: dict[str, list[float]] = {}
-            for (run, rank, kind), seconds in firsts.items():
-                again = firsts.get((calls[1], rank, kind)) if run == calls[0] else None
+            for first, *later in tasks.values():
+                again = next((r for r in later if r.kind == first.kind), None)
                 if again is not None:
-                    saved.setdefault(kind, []).append(seconds - again)
+                    saved.setdefault(first.kind, []).append(work_s(first, cpu) - work_s(again, cpu))
             for kind, values in saved.items():
                 per_case.setdefault(kind, []).append(statistics.median(values))
         for kind, values in per_case.items():
@@ -562,9 +561,9 @@ def samples_of(
     task's figure is the lower quartile over the rounds kept
     (:func:`mc2sim.model.accuracy.typical`), paired with the FLOPs and bytes of the
     busiest rank's task; the tasks of one case share one unit of weight in the fits. A
-    compute task after one of its kind in its call gets ``warm_s`` of its kind (seconds as
-    its own were read: :func:`warm_savings`) added back, so every sample is a call's first
-    task of its kind, as the model's profile holds them (``Device.warm_us``). The ranks'
+    compute task after the call's first gets ``warm_s`` of its kind (seconds as its own were
+    read: :func:`warm_savings`) added back, so every sample is a cold task, as the model's
+    profile holds them (``Device.warm_us``). The ranks'
     times line up (the executor puts a machine's ranks on its clock), also where they
     take turns on shared cores and start their calls a turn apart.
     """
@@ -586,7 +585,7 @@ def samples_of(
                     seconds = max(work_s(r, cpu) for r in records)
                 durations.setdefault(task_id, []).append(seconds)
         plan = case.plans[comm.rank]
-        seen: set[TaskKind] = set()
+        warm = False  # a compute task of the call ran before
         n_compute = sum(t.resource is Resource.COMPUTE for t in plan.tasks)
         n_comm = sum(t.resource is Resource.COMM and t.id in durations for t in plan.tasks)
         for task in plan.tasks:
@@ -594,9 +593,9 @@ def samples_of(
                 continue  # a collective that overlapped compute in every round
             seconds = typical(durations[task.id])
             if task.resource is Resource.COMPUTE:
-                if task.kind in seen:
+                if warm:
                     seconds += (warm_s or {}).get(str(task.kind), 0.0)
-                seen.add(task.kind)
+                warm = True
                 dtype = "int8" if task.kind is TaskKind.QUANT_MATMUL else plan.dtype
                 busiest = max((p.tasks[task.id] for p in case.plans), key=lambda t: t.flops)
                 compute.append(
@@ -714,6 +713,9 @@ def calibrate(
     # the calls run on the whole job, the fit's in-sample set: the serial ones, then the tiled
     on_job = [c for group, cases in serial if group is comm for c in cases]
     job_spans = _fitted_spans(serial, rounds, comm, len(tiled))
+    # the small calls run in two tiles for the warm savings join the contention fit's
+    tiled = tiled + warmed
+    job_spans += [[t.metrics().total_s for t in mine] for mine in warm_rounds]
     posting = measure_issue(comm, reps)
     in_ops: list[CommSample] = []
     if swept_cases:
@@ -736,7 +738,10 @@ def calibrate(
     in_ops = [posted_apart(s) for s in in_ops]
     bare = measure_compute(comm, reps, cpu=on_cpu)
     # a whole core's figures: the ranks' posts measured at once, each at its share of a core
-    figures = _core_figures(compute, bare, posting, warm_s, lambda seconds: seconds * share)
+    # a whole core's posts: where ranks share cores, their CPU time (one that gets its core
+    # posts at a whole core's speed; a span may also hold another rank's turn)
+    on_core = measure_issue(comm, reps, cpu=True) if on_cpu else posting
+    figures = _core_figures(compute, bare, on_core, warm_s)
     peaks, efficiency = figures.peaks, figures.efficiency
     launch_us, memory_gbps = figures.launch_us, figures.memory_gbps
     wide = comm.backend in WIDE_REDUCTIONS
@@ -800,13 +805,6 @@ def calibrate(
     share_left = measure_progress(comm, reps)
     polled = share_left > POLLED_SHARE
 
-    def turns_base(turn_us: float) -> Topology:
-        """``base`` with a whole core's figures for ranks taking turns of ``turn_us``."""
-        mine = _core_figures(
-            compute, bare, posting, warm_s, lambda s: turn_work(s, share, turn_us * 1e-6)
-        )
-        return replace(base, device=mine.on(base.device, comm_profile))
-
     # where ranks share cores: whether a waiting rank gives its core away, measured; the
     # serial calls join the tiled ones in fitting the slice
     waiting_share = measure_waiting(comm, reps) if on_cpu else 1.0
@@ -819,7 +817,6 @@ def calibrate(
         tiled,
         job_spans[len(on_job) :],
         sharing=sharing,
-        turns_base=turns_base if on_cpu else None,
         serial=on_job if on_cpu else [],
         serial_spans=job_spans[: len(on_job)] if on_cpu else [],
         polled=polled,
@@ -884,35 +881,28 @@ def _core_figures(
     bare: Sequence[ComputeSample],
     posting: Posting,
     warm_s: Mapping[str, float],
-    on_core: Callable[[float], float],
 ) -> _CoreFigures:
     """Fit a whole core's figures from samples timed with every rank at once.
 
     ``compute``: the serial calls' tasks; ``bare``: the bare kernels (:func:`measure_compute`)
-    of the dtypes those lack; they and ``warm_s`` are a whole core's already (CPU time where
-    ranks share cores). ``on_core`` maps the posting times measured among the ranks to a
-    whole core's (``share * seconds`` by processor sharing;
-    :func:`~mc2sim.model.fit.turn_work` where they take turns).
+    of the dtypes those lack; they, ``posting`` and ``warm_s`` are a whole core's already (CPU
+    time where ranks share cores).
     """
     peaks, efficiency, launch_us, memory_gbps = fit_compute(
         [s for s in compute if s.kind in ROOFLINE_KINDS and s.dtype == "bfloat16"]
     )
     others = [s for s in bare if s.dtype not in peaks]
     peaks.update(fit_peaks(others, efficiency, launch_us, memory_gbps))
-    issue_gbps = 0.0
-    if posting.copy_gbps > 0:  # a MiB's copy, as long as it took and on a whole core
-        took = 2**20 / (posting.copy_gbps * 1e9)
-        issue_gbps = posting.copy_gbps * took / on_core(took)
     return _CoreFigures(
         peaks=peaks,
         efficiency=efficiency,
         launch_us=launch_us,
         memory_gbps=memory_gbps,
         profile=fit_profile(compute),
-        issue_us=on_core(posting.bare_s) * 1e6,
-        issue_extra_us={kind: on_core(v) * 1e6 for kind, v in posting.extra_s.items()},
+        issue_us=posting.bare_s * 1e6,
+        issue_extra_us={kind: v * 1e6 for kind, v in posting.extra_s.items()},
         warm_us={kind: seconds * 1e6 for kind, seconds in warm_s.items()},
-        issue_gbps=issue_gbps,
+        issue_gbps=posting.copy_gbps,
     )
 
 
@@ -1019,21 +1009,27 @@ class Posting:
         )
 
 
-def _slowest_post(comm: Communicator, post: Callable[[], Work], reps: int) -> float:
-    """The slowest rank's median seconds of ``post`` alone (every rank at once), waited after."""
+def _slowest_post(
+    comm: Communicator, post: Callable[[], Work], reps: int, *, cpu: bool = False
+) -> float:
+    """The slowest rank's median seconds of ``post`` alone (every rank at once), waited after.
+
+    ``cpu``: of the process's CPU time over the post, not its span.
+    """
+    clock = time.process_time if cpu else time.perf_counter
     times = []
     for i in range(max(reps, 3) + 1):
         comm.barrier()
-        start = time.perf_counter()
+        start = clock()
         work = post()
-        posted = time.perf_counter() - start
+        posted = clock() - start
         work.wait()
         if i > 0:  # the first warms up
             times.append(posted)
     return float(max(comm.allgather_object(statistics.median(times))))
 
 
-def measure_issue(comm: Communicator, reps: int) -> Posting:
+def measure_issue(comm: Communicator, reps: int, *, cpu: bool = False) -> Posting:
     """Seconds a rank spends posting a nonblocking collective (LogP's ``o``), kind by kind.
 
     Every rank posts at once, timing the post alone (the slowest rank's median): a
@@ -1050,9 +1046,9 @@ def measure_issue(comm: Communicator, reps: int) -> Posting:
     ones = [1] * comm.size
     flat = torch.zeros(256, dtype=torch.bfloat16)
     single = torch.zeros(1)
-    bare = _slowest_post(comm, lambda: comm.iallreduce(single), reps)
-    alltoallv = _slowest_post(comm, lambda: comm.ialltoallv(rows, ones, ones), reps)
-    reduction = _slowest_post(comm, lambda: comm.iallreduce(flat), reps)
+    bare = _slowest_post(comm, lambda: comm.iallreduce(single), reps, cpu=cpu)
+    alltoallv = _slowest_post(comm, lambda: comm.ialltoallv(rows, ones, ones), reps, cpu=cpu)
+    reduction = _slowest_post(comm, lambda: comm.iallreduce(flat), reps, cpu=cpu)
     extra = {
         "alltoallv": max(alltoallv - bare, 0.0),
         "allreduce": max(reduction - bare, 0.0),
@@ -1063,7 +1059,7 @@ def measure_issue(comm: Communicator, reps: int) -> Posting:
     over = []
     for nbytes in POSTED_BYTES:
         post = functools.partial(comm.iallreduce, torch.zeros(nbytes // 2, dtype=torch.bfloat16))
-        over.append(_slowest_post(comm, post, reps) - reduction)
+        over.append(_slowest_post(comm, post, reps, cpu=cpu) - reduction)
     return Posting(bare_s=bare, extra_s=extra, copy_gbps=fit_rate(POSTED_BYTES, over))
 
 

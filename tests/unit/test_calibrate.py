@@ -348,60 +348,59 @@ def test_sharing_of_picks_the_nearer_of_the_two_readings(
     assert sharing_of(got, share) is sharing
 
 
-def twice(*calls: tuple[tuple[int, int, TaskKind, float, float], ...]) -> Timeline:
-    """A call run twice in a row: each call's (rank, task, kind, start ms, end ms)."""
+def one_call(*tasks: tuple[int, int, TaskKind, float, float]) -> Timeline:
+    """One call's compute tasks: (rank, task, kind, start ms, end ms) each."""
     return Timeline(records=tuple(
         TaskRecord(
-            rank=rank, run=RunKey(op="mm", tiling="serial", repetition=i), task=task,
-            name=str(kind), stream=Stream.COMPUTE, kind=str(kind), start_s=start * MS,
-            end_s=end * MS,
+            rank=rank, run=RunKey(op="mm", tiling="tiles=2"), task=task, name=str(kind),
+            stream=Stream.COMPUTE, kind=str(kind), start_s=start * MS, end_s=end * MS,
         )
-        for i, call in enumerate(calls)
-        for rank, task, kind, start, end in call
+        for rank, task, kind, start, end in tasks
     ))  # fmt: skip
 
 
-def test_warm_savings_compare_each_kinds_first_task_of_two_calls_in_a_row() -> None:
+def test_warm_savings_compare_a_calls_first_task_with_its_next_of_that_kind() -> None:
     mm, pack = TaskKind.MATMUL, TaskKind.PACK
 
-    def round_(first: float, second: float, pack_saved: float) -> Timeline:
-        # rank 0's matmul takes `first` then `second` ms; rank 1's 1 ms more each time; a
-        # later matmul in each call (task 2) is not a first task and does not count
-        return twice(
-            ((0, 0, mm, 0, first), (1, 0, mm, 0, first + 1), (0, 1, pack, 10, 13),
-             (1, 1, pack, 10, 13), (0, 2, mm, 20, 21), (1, 2, mm, 20, 21)),
-            ((0, 0, mm, 30, 30 + second), (1, 0, mm, 30, 31 + second),
-             (0, 1, pack, 40, 43 - pack_saved), (1, 1, pack, 40, 43 - pack_saved),
-             (0, 2, mm, 50, 59), (1, 2, mm, 50, 59)),
-        )  # fmt: skip
+    def round_(first: float, second: float) -> Timeline:
+        # each rank: a matmul of `first` ms (rank 1's 1 ms longer), a pack, then a matmul of
+        # `second` ms (rank 1's 1 ms longer), then a longer pack: the packs never count, as
+        # neither is the call's first compute task
+        return one_call(*(
+            task
+            for rank in range(2)
+            for task in (
+                (rank, 0, mm, 0, first + rank), (rank, 1, pack, 10, 13),
+                (rank, 2, mm, 20, 20 + second + rank), (rank, 3, pack, 30, 39),
+            )
+        ))  # fmt: skip
 
-    # matmul saved 1, 2 and 6 ms per round (both ranks alike): median 2 ms. The pack: 0.5 ms,
-    # and once slower the second time (-1 ms), median over 3 rounds 0.5; a case where it
-    # is always slower gives 0, never a negative time
-    rounds = [round_(5, 4, 0.5), round_(6, 4, -1.0), round_(9, 3, 0.5)]
-    saved = warm_savings([rounds])
-    assert saved == pytest.approx({"matmul": 2 * MS, "pack": 0.5 * MS})
-    slower = [round_(5, 7, 0.5)] * 3
-    assert warm_savings([slower])["matmul"] == 0.0
+    # matmul saved 1, 2 and 6 ms per round (both ranks alike): median 2 ms
+    rounds = [round_(5, 4), round_(6, 4), round_(9, 3)]
+    assert warm_savings([rounds]) == pytest.approx({"matmul": 2 * MS})
+    slower = [round_(5, 7)] * 3
+    assert warm_savings([slower]) == {"matmul": 0.0}  # never a negative time
     # cases of one kind: the median of theirs before the floor at 0 (2, -2, 2 ms: 2; 2, -2: 0)
     assert warm_savings([rounds, slower, rounds])["matmul"] == pytest.approx(2 * MS)
     assert warm_savings([rounds, slower])["matmul"] == 0.0
-    with pytest.raises(RuntimeError, match="recorded 1 calls"):
-        warm_savings([[twice(((0, 0, mm, 0, 1),))]])
-    # with cpu, each task's CPU time where it has one: 1 ms less in every first matmul of
-    # the first call (the spans held another rank's turn) -> matmul saves 1 ms less
-    first_calls = [
+    # a call that starts with a pack (a dispatch): the pack's saving, from its next pack
+    dispatch = one_call((0, 0, pack, 0, 5), (0, 1, mm, 5, 9), (0, 2, pack, 9, 11))
+    assert warm_savings([[dispatch]]) == pytest.approx({"pack": 3 * MS})
+    # a kind that ran once: nothing to compare
+    assert warm_savings([[one_call((0, 0, mm, 0, 5), (0, 1, pack, 5, 6))]]) == {}
+    # with cpu, each task's CPU time where it has one: 1 ms less in every first matmul (its
+    # span held another rank's turn) -> matmul saves 1 ms less
+    on_cpu = [
         Timeline(
             records=tuple(
-                dataclasses.replace(r, cpu_s=r.duration_s - (MS if r.run.repetition == 0 else 0))
+                dataclasses.replace(r, cpu_s=r.duration_s - (MS if r.task == 0 else 0))
                 for r in timeline.records
             )
         )
         for timeline in rounds
     ]
-    on_cpu = warm_savings([first_calls], cpu=True)
-    assert on_cpu == pytest.approx({"matmul": 1 * MS, "pack": 0.0})
-    assert warm_savings([first_calls]) == pytest.approx(saved)
+    assert warm_savings([on_cpu], cpu=True) == pytest.approx({"matmul": 1 * MS})
+    assert warm_savings([on_cpu]) == pytest.approx({"matmul": 2 * MS})
 
 
 def test_samples_add_what_a_warm_task_saved_back_to_a_calls_later_tasks() -> None:
@@ -421,6 +420,36 @@ def test_samples_add_what_a_warm_task_saved_back_to_a_calls_later_tasks() -> Non
     assert [s.seconds for s in compute] == pytest.approx([4 * MS, 4 * MS])
     plain, _ = samples_of(SameOnEveryRank(2), [case], [[timeline]])
     assert [s.seconds for s in plain] == pytest.approx([4 * MS, 3 * MS])
+
+
+def test_samples_add_the_saving_back_to_a_later_task_of_another_kind_too() -> None:
+    # a serial MoE call: its grouped matmul, then its pack, then its AlltoAllv; the pack
+    # ran after the matmul in the same call: warm, so it gets its kind's saving back
+    counts = (64, 64, 64, 64)
+    plans = tuple(
+        plan_gmm_alltoallv(
+            shape=MoeShape(e=2, send=counts, recv=counts, h1=64, n1=128, elem_bytes=2,
+                           dtype="bfloat16"),
+            tiling=tiling_of("serial"), rank=r,
+        )
+        for r in range(2)
+    )  # fmt: skip
+    case = Case(name="moe", tiling="serial", run=lambda: None, plans=plans)
+    kinds = [t.kind for t in plans[0].tasks]
+    assert kinds == [TaskKind.GROUPED_MATMUL, TaskKind.PACK, TaskKind.ALLTOALLV]
+    timeline = Timeline(records=tuple(
+        rec(r, t, kind, start, end)
+        for r in range(2)
+        for t, (kind, start, end) in enumerate(
+            ((TaskKind.GROUPED_MATMUL, 0, 4), (TaskKind.PACK, 4, 6), (TaskKind.ALLTOALLV, 6, 9))
+        )
+    ))  # fmt: skip
+    warm = {"grouped_matmul": 1 * MS, "pack": 0.5 * MS}
+    compute, _ = samples_of(SameOnEveryRank(2), [case], [[timeline]], warm_s=warm)
+    assert [(s.kind, s.seconds) for s in compute] == [
+        ("grouped_matmul", pytest.approx(4 * MS)),
+        ("pack", pytest.approx(2.5 * MS)),
+    ]
 
 
 @pytest.mark.parametrize(("compute", "comm"), [(1.5, 5.0), (1.0, 1.0), (3.0, 30.0)])
@@ -536,6 +565,15 @@ def test_measure_issue_times_the_bare_post_and_each_kinds_extra() -> None:
     assert posting.of("alltoallv", 2**20) == pytest.approx(0.007, abs=1e-3)
     assert posting.of("allreduce", 2**21) == pytest.approx(0.006, abs=1.2e-3)
     assert posting.of("allgather", 2**21) == posting.bare_s
+
+
+def test_measure_issue_by_cpu_time_counts_only_the_posts_own_work() -> None:
+    # the fake's posts sleep: a span of milliseconds, next to no CPU time (where ranks share
+    # cores, a post's span may also hold another rank's turn; its CPU time is its work)
+    posting = measure_issue(_PostingComm(), 3, cpu=True)  # type: ignore[arg-type]
+    assert posting.bare_s < 3e-4
+    assert all(v < 3e-4 for v in posting.extra_s.values())
+    assert posting.of("allreduce", 2**21) < 1e-3
 
 
 def test_measure_progress_tells_polled_from_progressing_on_its_own() -> None:

@@ -161,7 +161,7 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     _print_fit(topology)
     out = capsys.readouterr().out.splitlines()
     assert "posting a collective: 6.5 us, alltoallv +2.5" in out
-    assert "a call's later task of a kind saves (us): matmul 30" in out
+    assert "a call's task after its first saves (us), by kind: matmul 30" in out
     assert "contention: compute x1.0, comm polled (a transfer waits while its ranks compute)" in out
     # one rank: nothing to exchange with, so no ratio (not x inf)
     alone = Independent(

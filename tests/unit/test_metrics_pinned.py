@@ -109,10 +109,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # `make demo`'s simulated table (README), as mc2sim prints it: tiling -> total, compute,
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
-    "serial": "1.043 0.882 0.388 0.161 58.5 1.00",
-    "hardware(per expert)": "1.523 1.230 1.189 0.293 24.4 0.68",
-    "experts x 2": "2.552 2.026 2.226 0.526 0.0 0.41",
-    "experts x 4": "4.629 3.609 4.308 1.020 0.0 0.23",
+    "serial": "0.919 0.741 0.293 0.178 39.4 1.00",
+    "hardware(per expert)": "1.410 1.071 1.007 0.339 0.0 0.65",
+    "experts x 2": "2.354 1.781 1.958 0.573 0.0 0.39",
+    "experts x 4": "4.271 3.207 3.878 1.064 0.0 0.22",
 }
 
 

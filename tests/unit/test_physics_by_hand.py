@@ -14,7 +14,7 @@ import pytest
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import compute_time, issue_time
-from mc2sim.model.simulator import simulate
+from mc2sim.model.simulator import lockstep_applies, simulate
 from mc2sim.schedule.plan import Plan, Task, TaskKind
 from mc2sim.topology import Contention, NetworkDim, Topology, dump, load
 from tests.unit.test_simulator_by_hand import (
@@ -264,8 +264,8 @@ def test_a_calls_later_tasks_of_a_kind_save_their_warm_time() -> None:
     # cold time (on a whole core; at half a core every figure doubles); the launch, 0.75 s,
     # is a cold task's and no floor. Rank 0: mm 2.5 s [0, 2.5], mm 2.5 s warm 2 [2.5, 4.5],
     # mm 1.2 s warm 0.7 (below the launch) [4.5, 5.2], mm 0.8 s warm 0.4 (half of it: 0.8 -
-    # 0.5 would be 0.3) [5.2, 5.6]. A task's time is its kind's: a reduce after the matmuls
-    # is the call's first reduce, in full from 5.6
+    # 0.5 would be 0.3) [5.2, 5.6]. A task's saving is its kind's: a reduce after the
+    # matmuls is warm too, but its kind saves nothing here: in full from 5.6
     topo = with_device(machine(2), warm_us={"matmul": 5e5}, launch_us=7.5e5)
     reduce = Task(id=-1, name="red", kind=TaskKind.REDUCE, flops=0, bytes=0)
     plans = {r: plan(r, 2, mm(1.75), mm(1.75), mm(0.45), mm(0.05), reduce) for r in (0, 1)}
@@ -282,6 +282,23 @@ def test_a_calls_later_tasks_of_a_kind_save_their_warm_time() -> None:
     halved = with_device(topo, cores_per_node=1)
     assert compute_time(plans[0].tasks[1], halved, "float16", warm=True) == pytest.approx(4.0)
     assert compute_time(plans[0].tasks[1], topo, "float16", warm=True) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_a_task_after_one_of_another_kind_is_warm(lockstep: bool) -> None:
+    # the reduce saves 0.5 s after the matmul (its rank computed earlier in the call): a
+    # reduce of 0.75 s (the launch alone) takes 0.375 s, half of it (the floor); a matmul
+    # first in its call pays in full, 2.5 s [0, 2.5], then the reduce [2.5, 2.875]. Both
+    # engines alike: polled progress makes the event engine run it
+    topo = with_device(machine(2), warm_us={"reduce": 5e5}, launch_us=7.5e5)
+    if not lockstep:
+        topo = dataclasses.replace(topo, contention=Contention(polled=True))
+    assert lockstep_applies(topo) is lockstep
+    reduce = Task(id=-1, name="red", kind=TaskKind.REDUCE, flops=0, bytes=0)
+    plans = {r: plan(r, 2, mm(1.75), reduce) for r in (0, 1)}
+    got = {(r.rank, r.name): (r.start_s, r.end_s) for r in simulate(plans, topo).records}
+    assert got[(0, "mm0")] == pytest.approx((0.0, 2.5))
+    assert got[(1, "red1")] == pytest.approx((2.5, 2.875))
 
 
 def test_warm_times_survive_a_file_and_are_checked(tmp_path: object) -> None:

@@ -4,10 +4,7 @@ The machine of :mod:`tests.unit.test_simulator_by_hand` (a matmul of ``1e6 * t``
 t s on a whole core, links carry 1000 B/s, no launch or latency) with 4 ranks on 2 cores: a
 rank's share is 1/2, so a matmul of t s on a whole core takes ``2 t`` sharing the cores by
 processor sharing, and ``t`` on a core while its rank holds one, taking turns
-(:func:`~mc2sim.model.cost.core_time`). ``calibrate`` reads its samples either way: a task
-timed at ``d`` among ranks taking turns of ``q`` is ``d`` of a whole core's work within one
-turn, ``d / 2 + q / 2`` beyond (:func:`~mc2sim.model.fit.turn_work`). Every expected time is
-derived in the comments.
+(:func:`~mc2sim.model.cost.core_time`). Every expected time is derived in the comments.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import pytest
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import compute_time, core_time, schedule_wait
-from mc2sim.model.fit import TURNS_US, fit_contention, turn_work
+from mc2sim.model.fit import TURNS_US, fit_contention
 from mc2sim.model.simulator import lockstep_applies, simulate
 from mc2sim.study.calibrate import waiting_weight_of
 from mc2sim.study.measure import Case
@@ -35,16 +32,6 @@ def on_two_cores(turn_s: float, sharing: CoreSharing = CoreSharing.TURNS) -> Top
             topo.device, cores_per_node=2, slice_us=turn_s * 1e6, core_sharing=sharing
         ),
     )
-
-
-@pytest.mark.parametrize(
-    ("seconds", "work"),
-    [(0.5, 0.5), (1.0, 1.0), (3.0, 0.5 * 3 + 0.5 * 1), (11.0, 0.5 * 11 + 0.5 * 1)],
-)
-def test_a_task_timed_within_one_turn_is_its_work_and_a_longer_one_half_plus_half_a_turn(
-    seconds: float, work: float
-) -> None:
-    assert turn_work(seconds, 0.5, 1.0) == pytest.approx(work)
 
 
 def test_a_rank_taking_turns_runs_a_whole_cores_time() -> None:
