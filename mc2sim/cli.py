@@ -190,7 +190,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if comm.rank == 0:
         _write_topology(fitted.topology, args.out)
         _print_independent(fitted.topology, fitted.independent)
+        _print_speeds(fitted.speeds)
     return 0
+
+
+def _print_speeds(speeds: Sequence[float]) -> None:
+    """Each rank's compute time over the slowest's, as this job measured them."""
+    if not speeds:
+        return
+    shown = " ".join(f"{f:.2f}" for f in speeds)
+    print(f"ranks' compute time over the slowest rank's (this job's placement): {shown}")
+    if min(speeds) < 1.0:
+        print(
+            "  the topology's figures are the slowest rank's; to simulate this job's ranks, "
+            "--set stragglers.RANK.compute=FACTOR"
+        )
 
 
 def _print_independent(topology: Topology, independent: Any) -> None:
@@ -349,8 +363,10 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
                 progress=_ticker(bar),
             )
             topology, source = fitted.topology, "calibrated in the same rounds"
-            results = score_cases(cases, fitted.alongside, topology)
-            inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology)
+            # this job's ranks at their measured speeds (the topology's are the slowest's)
+            faster = fitted.stragglers()
+            results = score_cases(cases, fitted.alongside, topology, faster)
+            inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology, faster)
         else:
             topology, source = given, args.topology
             own = fitted_cases(comm)
@@ -366,6 +382,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             _print_fit(topology)
         if args.calibrate:
             _print_independent(topology, fitted.independent)
+            _print_speeds(fitted.speeds)
         print(
             f"# validate-model: {comm.size} ranks, {source}, lower quartile of {args.reps} rounds"
         )

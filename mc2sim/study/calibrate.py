@@ -94,6 +94,7 @@ from mc2sim.model.fit import (
     fit_profile,
     fit_rate,
 )
+from mc2sim.model.heterogeneity import Straggler
 from mc2sim.ops.spec import TilingSpec
 from mc2sim.runtime import machine_id
 from mc2sim.scenario import load
@@ -127,6 +128,8 @@ __all__ = [
     "contention_cases",
     "warm_cases",
     "fitted_cases",
+    "rank_speeds",
+    "SPEED_TASK_S",
     "warm_savings",
     "COLLECTIVE_BYTES",
     "collective_cases",
@@ -650,6 +653,53 @@ class Calibration:
     """Their spans (slowest rank), one per round, index as ``fitted_cases``."""
     independent: Independent
     """Figures of the machine measured apart from the fit, to check the fitted ones against."""
+    speeds: tuple[float, ...] = ()
+    """Each rank's compute time over the slowest rank's, in this job (:func:`rank_speeds`);
+    the topology's figures are the slowest rank's."""
+
+    def stragglers(self) -> dict[int, Straggler]:
+        """The ranks faster than the slowest, as stragglers of a compute factor below 1."""
+        return {r: Straggler(compute=f) for r, f in enumerate(self.speeds) if f < 1.0}
+
+
+SPEED_TASK_S = 1e-3
+"""The least time of a task :func:`rank_speeds` reads: shorter ones hold more noise than
+speed."""
+
+
+def rank_speeds(
+    rounds: Sequence[Sequence[Timeline]], world: int, *, cpu: bool = False
+) -> tuple[float, ...]:
+    """Each rank's compute time over the slowest rank's, from calls that give every rank alike.
+
+    ``rounds[i]``: one call's gathered timelines on ``world`` ranks (the serial calibration
+    calls: even routing, so every rank's task of an id does the same work). For every
+    compute task of at least :data:`SPEED_TASK_S` on every rank: each rank's figure over the
+    rounds
+    (:func:`mc2sim.model.accuracy.typical` of :func:`work_s`) over the slowest rank's; a
+    rank's speed is the median over the tasks, 1 without any. The profile holds the slowest
+    rank's times (:func:`samples_of`), which set a call's pace where every rank does the
+    same work; where one rank does more (skewed routing), its own speed does. Ranks of one
+    job keep their speeds (where the scheduler placed them): on 8 ranks of the 16-core host
+    one rank ran 1.25x the others' time in every call.
+    """
+    ratios: list[list[float]] = [[] for _ in range(world)]
+    for timelines in rounds:
+        times: dict[int, dict[int, list[float]]] = {}
+        for timeline in timelines:
+            for r in timeline.records:
+                if r.stream is Stream.COMPUTE:
+                    times.setdefault(r.task, {}).setdefault(r.rank, []).append(work_s(r, cpu))
+        for by_rank in times.values():
+            if len(by_rank) < world:
+                continue
+            figures = {rank: typical(v) for rank, v in by_rank.items()}
+            slowest = max(figures.values())
+            if min(figures.values()) < SPEED_TASK_S:
+                continue
+            for rank, seconds in figures.items():
+                ratios[rank].append(seconds / slowest)
+    return tuple(statistics.median(v) if v else 1.0 for v in ratios)
 
 
 def calibrate(
@@ -712,7 +762,8 @@ def calibrate(
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
     # the calls run on the whole job, the fit's in-sample set: the serial ones, then the tiled
     on_job = [c for group, cases in serial if group is comm for c in cases]
-    job_spans = _fitted_spans(serial, rounds, comm, len(tiled))
+    job_rounds = _on_job(serial, rounds, comm, len(tiled))
+    job_spans = [[t.metrics().total_s for t in mine] for mine in job_rounds]
     # the small calls run in two tiles for the warm savings join the contention fit's
     tiled = tiled + warmed
     job_spans += [[t.metrics().total_s for t in mine] for mine in warm_rounds]
@@ -840,6 +891,7 @@ def calibrate(
         fitted_cases=on_job + tiled,
         fitted_spans=job_spans,
         independent=independent,
+        speeds=rank_speeds(job_rounds[: len(on_job)], comm.size, cpu=on_cpu),
     )
 
 
@@ -915,23 +967,20 @@ def _consecutive(items: Sequence[_T], sizes: Sequence[int]) -> list[Sequence[_T]
     return [*parts, items[first:]]
 
 
-def _fitted_spans(
+def _on_job(
     serial: Sequence[tuple[Communicator, Sequence[Case]]],
     rounds: Sequence[Sequence[Timeline]],
     comm: Communicator,
     tiled: int,
-) -> list[list[float]]:
-    """The spans of the serial calls run on the whole job, then of the ``tiled`` calls."""
-    spans = []
+) -> list[Sequence[Timeline]]:
+    """The rounds of the serial calls run on the whole job, then of the ``tiled`` calls."""
+    mine: list[Sequence[Timeline]] = []
     first = 0
     for group, cases in serial:
         if group is comm:
-            spans += [
-                [t.metrics().total_s for t in mine] for mine in rounds[first : first + len(cases)]
-            ]
+            mine += rounds[first : first + len(cases)]
         first += len(cases)
-    spans += [[t.metrics().total_s for t in mine] for mine in rounds[first : first + tiled]]
-    return spans
+    return mine + list(rounds[first : first + tiled])
 
 
 def share_of_cores(machine_cores: float, ranks_on_machine: int, ranks_per_node: int) -> float:

@@ -12,14 +12,15 @@ the same thing: the span of the plan's execution on the slowest rank
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mc2sim._yaml import shipped_dir, shipped_names
 from mc2sim.comm import Communicator
 from mc2sim.model.accuracy import geomean_of, model_error, typical
-from mc2sim.model.simulator import simulate
+from mc2sim.model.heterogeneity import Straggler
+from mc2sim.model.simulator import simulate_waits
 from mc2sim.scenario import Scenario, load
 from mc2sim.study.measure import Case, cases_of, measure_rounds
 from mc2sim.topology import Topology
@@ -100,15 +101,24 @@ def run_cases(
 
 
 def score_cases(
-    cases: Sequence[Case], spans: Sequence[Sequence[float]], topology: Topology
+    cases: Sequence[Case],
+    spans: Sequence[Sequence[float]],
+    topology: Topology,
+    stragglers: Mapping[int, Straggler] | None = None,
 ) -> list[CaseResult]:
-    """Each case's measured span (``spans[i]``: :func:`typical`) against its simulated span."""
+    """Each case's measured span (``spans[i]``: :func:`typical`) against its simulated span.
+
+    ``stragglers``: the job's ranks that compute faster or slower than the topology says
+    (:meth:`mc2sim.study.calibrate.Calibration.stragglers`).
+    """
     return [
         CaseResult(
             name=case.name,
             measured_s=typical(mine),
             median_s=statistics.median(mine),
-            simulated_s=simulate(dict(enumerate(case.plans)), topology).metrics().total_s,
+            simulated_s=simulate_waits(dict(enumerate(case.plans)), topology, stragglers)[0]
+            .metrics()
+            .total_s,
         )
         for case, mine in zip(cases, spans, strict=True)
     ]

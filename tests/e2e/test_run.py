@@ -183,6 +183,10 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     assert lines[header + 41 + fitted].startswith(f"in-sample geomean error over {fitted} cases: ")
     # the fitted figures beside the independent ones
     assert res.stdout.count("fitted against independent") == 1
+    # each rank's compute time over the slowest's, in this job: 2 figures, the slowest at 1
+    (speeds,) = [x for x in res.stdout.splitlines() if x.startswith("ranks' compute time over")]
+    figures = [float(v) for v in speeds.split(":")[-1].split()]
+    assert len(figures) == 2 and max(figures) == 1.0 and min(figures) > 0.0
     for row in (
         "float32 matmul 1024^3, TFLOP/s",
         "memory GB/s vs bf16->f32 (read + write)",

@@ -34,6 +34,7 @@ from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import TaskKind
 from mc2sim.study.calibrate import (
     POLLED_SHARE,
+    Calibration,
     DuplexMeasure,
     _fit_levels,
     _Level,
@@ -41,6 +42,7 @@ from mc2sim.study.calibrate import (
     measure_duplex,
     measure_issue,
     measure_progress,
+    rank_speeds,
     samples_of,
     sharing_of,
     warm_savings,
@@ -401,6 +403,70 @@ def test_warm_savings_compare_a_calls_first_task_with_its_next_of_that_kind() ->
     ]
     assert warm_savings([on_cpu], cpu=True) == pytest.approx({"matmul": 1 * MS})
     assert warm_savings([on_cpu]) == pytest.approx({"matmul": 2 * MS})
+
+
+def test_rank_speeds_read_each_ranks_time_over_the_slowest() -> None:
+    mm, pack = TaskKind.MATMUL, TaskKind.PACK
+
+    def call(scale: float) -> Timeline:
+        # 3 ranks: task 0 a matmul of 10, 8 and 5 ms (times `scale`), task 1 a pack of 2, 2
+        # and 4 ms, task 2 a 0.5 ms matmul (below SPEED_TASK_S: left out), task 3 on two
+        # ranks only (not every rank: left out)
+        return one_call(
+            (0, 0, mm, 0, 10 * scale), (1, 0, mm, 0, 8 * scale), (2, 0, mm, 0, 5 * scale),
+            (0, 1, pack, 20, 22), (1, 1, pack, 20, 22), (2, 1, pack, 20, 24),
+            (0, 2, mm, 30, 30.5), (1, 2, mm, 30, 30.2), (2, 2, mm, 30, 30.1),
+            (0, 3, mm, 40, 41), (1, 3, mm, 40, 49),
+        )  # fmt: skip
+
+    # per task over the rounds (lower quartiles): matmul 1, 0.8, 0.5; pack 0.5, 0.5, 1.
+    # Medians over the two tasks: 0.75, 0.65, 0.75
+    speeds = rank_speeds([[call(1.0), call(1.0), call(1.2)]], 3)
+    assert speeds == pytest.approx((0.75, 0.65, 0.75))
+    # two calls: their tasks pool (4 ratios per rank)
+    assert rank_speeds([[call(1.0)], [call(1.0)]], 3) == pytest.approx((0.75, 0.65, 0.75))
+    # nothing long enough on every rank: every rank at 1
+    assert rank_speeds([[one_call((0, 0, mm, 0, 0.5), (1, 0, mm, 0, 0.2))]], 2) == (1.0, 1.0)
+    # with cpu, the CPU times: rank 0's matmul 5 ms of CPU in a 10 ms span -> the slowest
+    # is rank 1 (8 ms): 0.625, 1, 0.625 for the matmul, 0.5 0.5 1 for the pack
+    on_cpu = Timeline(records=tuple(
+        dataclasses.replace(r, cpu_s=5 * MS if (r.rank, r.task) == (0, 0) else r.duration_s)
+        for r in call(1.0).records
+    ))  # fmt: skip
+    assert rank_speeds([[on_cpu]], 3, cpu=True) == pytest.approx((0.5625, 0.75, 0.8125))
+    assert rank_speeds([[on_cpu]], 3) == pytest.approx((0.75, 0.65, 0.75))
+
+
+def test_score_cases_simulates_the_jobs_ranks_at_their_speeds() -> None:
+    from mc2sim.model.heterogeneity import Straggler
+    from mc2sim.model.simulator import simulate_waits
+    from mc2sim.study.validate import score_cases
+
+    topo = topology(2, alpha_us=100.0, gbps=1.0, reduce_gbps=2.0)
+    case = serial_mm_case()
+    (plain,) = score_cases([case], [[1.0]], topo)
+    faster = {1: Straggler(compute=0.5)}
+    (both,) = score_cases([case], [[1.0]], topo, {0: Straggler(compute=0.5), **faster})
+    (one,) = score_cases([case], [[1.0]], topo, faster)
+    assert plain.simulated_s == simulate(dict(enumerate(case.plans)), topo).metrics().total_s
+    # the slower rank sets the pace: one rank faster changes nothing, both faster do
+    assert one.simulated_s == pytest.approx(plain.simulated_s)
+    expected = (
+        simulate_waits(dict(enumerate(case.plans)), topo, {0: Straggler(compute=0.5), **faster})[0]
+        .metrics()
+        .total_s
+    )
+    assert both.simulated_s == pytest.approx(expected) and expected < plain.simulated_s
+
+
+def test_a_calibrations_faster_ranks_are_stragglers_below_1() -> None:
+    topo = topology(2, alpha_us=100.0, gbps=1.0, reduce_gbps=2.0)
+    fitted = Calibration(
+        topology=topo, alongside=[], fitted_cases=[], fitted_spans=[],
+        independent=None, speeds=(0.8, 1.0, 0.5),  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert {r: s.compute for r, s in fitted.stragglers().items()} == {0: 0.8, 2: 0.5}
+    assert dataclasses.replace(fitted, speeds=()).stragglers() == {}
 
 
 def test_samples_add_what_a_warm_task_saved_back_to_a_calls_later_tasks() -> None:
