@@ -102,7 +102,7 @@ from mc2sim.schedule.executor import execute
 from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import Placement
 from mc2sim.study.measure import Case, cases_of, measure_rounds
-from mc2sim.timeline import Stream, TaskRecord, Timeline
+from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
 from mc2sim.topology import (
     Contention,
     CoreSharing,
@@ -128,6 +128,7 @@ __all__ = [
     "contention_cases",
     "warm_cases",
     "fitted_cases",
+    "core_share",
     "rank_speeds",
     "SPEED_TASK_S",
     "warm_savings",
@@ -245,18 +246,40 @@ WARMED: tuple[str, ...] = (
     "cal_mm_w8a8_small",
     "cal_mm_weight_quant_small",
 )
-"""Calibration scenarios whose call :func:`warm_cases` runs in two even tiles: a small call
+"""Calibration scenarios :func:`warm_cases` runs to see what a warm task saves: a small call
 of each compute kind, where what a warm task saves weighs most against its time."""
 
 
-def warm_cases(comm: Communicator) -> list[Case]:
-    """The calls of :data:`WARMED` at tiling 2: each kind's tasks twice in one call."""
-    return _cases(comm, [(name, 2) for name in WARMED])
+def _twice(run: Callable[[], object]) -> None:
+    run()
+    run()
+
+
+def warm_cases(comm: Communicator, *, in_call: bool) -> list[Case]:
+    """The calls of :data:`WARMED`: in two tiles (``in_call``), else serial twice in a row.
+
+    Where ranks share cores, a barrier between two calls hands a core to another rank, and
+    the second call starts as cold as the first: a call's later tasks are seen in its own
+    tiles. Where each rank has a core, its caches stay with it across the barrier, and the
+    second of two calls in a row meets the first's, as a tiled call's later tasks do.
+    """
+    if in_call:
+        return _cases(comm, [(name, 2) for name in WARMED])
+    return [
+        replace(c, name=f"{c.name} twice", run=functools.partial(_twice, c.run))
+        for c in _cases(comm, [(name, "serial") for name in WARMED])
+    ]
 
 
 def fitted_cases(comm: Communicator) -> list[Case]:
-    """Every call the fit is made on, in order: the serial samples, then the tiled calls."""
-    return calibration_cases(comm) + contention_cases(comm) + warm_cases(comm)
+    """Every call the fit is made on, in order: the serial samples, then the tiled calls.
+
+    Where ranks share cores, the :data:`WARMED` calls in two tiles too.
+    """
+    tiled = contention_cases(comm)
+    if core_share(comm) < 1.0:
+        tiled += warm_cases(comm, in_call=True)
+    return calibration_cases(comm) + tiled
 
 
 def work_s(record: TaskRecord, cpu: bool) -> float:
@@ -268,19 +291,25 @@ def work_s(record: TaskRecord, cpu: bool) -> float:
     return record.cpu_s if cpu and record.cpu_s is not None else record.duration_s
 
 
-def warm_savings(rounds: Sequence[Sequence[Timeline]], *, cpu: bool = False) -> dict[str, float]:
+def warm_savings(
+    rounds: Sequence[Sequence[Timeline]], *, cpu: bool = False, in_call: bool = True
+) -> dict[str, float]:
     """Seconds a compute task saves when its rank computed earlier in the call (``cpu``: CPU time).
 
-    ``rounds[i]``: the gathered timelines of :func:`warm_cases`' case i, each one call whose
-    tiles split its work evenly. In every round, each rank's first compute task less its next
-    task of the same kind (:func:`work_s`), for the first task's kind; the median over the
-    ranks, then over the rounds, then over the cases of the kind; none below 0. The first
-    task follows other calls (the rounds interleave them), as a call's first task does; the
-    other follows compute of the same call, with no barrier between, as a call's later tasks
-    do. Where ranks share cores, a barrier between two calls hands the core to another rank,
-    which leaves it as cold as a first task's: 4 ranks here, an 8 MFLOP attention tile
-    saved 0.24 ms after a whole call of its kind, 0.3 to 0.4 ms after a tile of the call.
+    ``rounds[i]``: the gathered timelines of :func:`warm_cases`' case i. ``in_call``: each
+    one call whose tiles split its work evenly; in every round, each rank's first compute
+    task less its next task of the same kind (:func:`work_s`), for the first task's kind; the
+    median over the ranks, then over the rounds, then over the cases of the kind; none below
+    0. The first task follows other calls (the rounds interleave them), as a call's first
+    task does; the other follows compute of the same call, with no barrier between, as a
+    call's later tasks do. Where ranks share cores, a barrier between two calls hands the
+    core to another rank, which leaves it as cold as a first task's: 4 ranks here, an 8
+    MFLOP attention tile saved 0.24 ms after a whole call of its kind, 0.3 to 0.4 ms after a
+    tile of the call. Else (each rank keeps its core) each a call run twice in a row
+    (:func:`_saved_between_calls`).
     """
+    if not in_call:
+        return _saved_between_calls(rounds, cpu=cpu)
     by_kind: dict[str, list[float]] = {}
     for timelines in rounds:
         per_case: dict[str, list[float]] = {}
@@ -294,6 +323,42 @@ def warm_savings(rounds: Sequence[Sequence[Timeline]], *, cpu: bool = False) -> 
                 again = next((r for r in later if r.kind == first.kind), None)
                 if again is not None:
                     saved.setdefault(first.kind, []).append(work_s(first, cpu) - work_s(again, cpu))
+            for kind, values in saved.items():
+                per_case.setdefault(kind, []).append(statistics.median(values))
+        for kind, values in per_case.items():
+            by_kind.setdefault(kind, []).append(statistics.median(values))
+    return {kind: max(0.0, statistics.median(v)) for kind, v in sorted(by_kind.items())}
+
+
+def _saved_between_calls(
+    rounds: Sequence[Sequence[Timeline]], *, cpu: bool = False
+) -> dict[str, float]:
+    """:func:`warm_savings` of calls run twice in a row (``rounds[i]``: two calls each).
+
+    In
+    every round, each rank's first task of a kind in the first call less its first of that
+    kind in the second; the median over the ranks, then over the rounds, then over the cases
+    of the kind; none below 0. The first call's task follows other calls (the rounds
+    interleave them), as a call's first task does; the second's follows a call of its own
+    kind, as a tiled call's later tasks do where each rank keeps its core (2 ranks here,
+    held-out 4.7, 5.1, 5.6% with these; 5.6 to 6.9% in five runs with the savings in a call).
+    """
+    by_kind: dict[str, list[float]] = {}
+    for timelines in rounds:
+        per_case: dict[str, list[float]] = {}
+        for timeline in timelines:
+            calls = timeline.runs()
+            if len(calls) != 2:
+                raise RuntimeError(f"a call run twice recorded {len(calls)} calls")
+            firsts: dict[tuple[RunKey, int, str], float] = {}
+            for r in sorted(timeline.records, key=lambda r: r.start_s):
+                if r.stream is Stream.COMPUTE:
+                    firsts.setdefault((r.run, r.rank, r.kind), work_s(r, cpu))
+            saved: dict[str, list[float]] = {}
+            for (run, rank, kind), seconds in firsts.items():
+                again = firsts.get((calls[1], rank, kind)) if run == calls[0] else None
+                if again is not None:
+                    saved.setdefault(kind, []).append(seconds - again)
             for kind, values in saved.items():
                 per_case.setdefault(kind, []).append(statistics.median(values))
         for kind, values in per_case.items():
@@ -725,11 +790,14 @@ def calibrate(
     """
     hosts = comm.allgather_object(socket.gethostname())
     levels, per_node = _levels(comm, hosts)
+    share = core_share(comm)
+    # where ranks share cores, a compute task's span holds the others' turns: take its CPU time
+    on_cpu = share < 1.0
     serial = [(level.group, calibration_cases(level.group)) for level in levels]
     tiled = contention_cases(comm)
     # one host: the collectives over sizes, as the ops meet them, join the profile
     swept_cases = collective_cases(comm) if len(levels) == 1 else []
-    warmed = warm_cases(comm)
+    warmed = warm_cases(comm, in_call=on_cpu)
     runs = [c.run for _, cases in serial for c in cases]
     groups = [group for group, cases in serial for _ in cases]
     runs += [c.run for c in tiled + swept_cases + warmed] + list(alongside)
@@ -739,10 +807,7 @@ def calibrate(
         rounds, [sum(len(cases) for _, cases in serial), len(tiled), len(swept_cases), len(warmed)]
     )
     cores = node_cores(comm, hosts)
-    share = min(1.0, cores / per_node) if cores > 0 else 1.0
-    # where ranks share cores, a compute task's span holds the others' turns: take its CPU time
-    on_cpu = share < 1.0
-    warm_s = warm_savings(warm_rounds, cpu=on_cpu)
+    warm_s = warm_savings(warm_rounds, cpu=on_cpu, in_call=on_cpu)
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
     first = 0
@@ -764,9 +829,9 @@ def calibrate(
     on_job = [c for group, cases in serial if group is comm for c in cases]
     job_rounds = _on_job(serial, rounds, comm, len(tiled))
     job_spans = [[t.metrics().total_s for t in mine] for mine in job_rounds]
-    # the small calls run in two tiles for the warm savings join the contention fit's
-    tiled = tiled + warmed
-    job_spans += [[t.metrics().total_s for t in mine] for mine in warm_rounds]
+    if on_cpu:  # the small calls run in two tiles for the warm savings join the contention fit's
+        tiled = tiled + warmed
+        job_spans += [[t.metrics().total_s for t in mine] for mine in warm_rounds]
     posting = measure_issue(comm, reps)
     in_ops: list[CommSample] = []
     if swept_cases:
@@ -1010,6 +1075,14 @@ def _cgroup_cores() -> float:
     except (OSError, ValueError):
         return 0.0
     return 0.0 if quota == "max" else float(quota) / float(period)
+
+
+def core_share(comm: Communicator) -> float:
+    """The share of a core each rank of a node gets (at most 1; every rank)."""
+    hosts = comm.allgather_object(socket.gethostname())
+    _, per_node = _levels(comm, hosts)
+    cores = node_cores(comm, hosts)
+    return min(1.0, cores / per_node) if cores > 0 else 1.0
 
 
 def node_cores(comm: Communicator, hosts: Sequence[str]) -> float:

@@ -8,6 +8,7 @@ measurement helpers against hand-built timelines and a fake one-process communic
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 
@@ -467,6 +468,63 @@ def test_a_calibrations_faster_ranks_are_stragglers_below_1() -> None:
     )  # fmt: skip
     assert {r: s.compute for r, s in fitted.stragglers().items()} == {0: 0.8, 2: 0.5}
     assert dataclasses.replace(fitted, speeds=()).stragglers() == {}
+
+
+def twice(*calls: tuple[tuple[int, int, TaskKind, float, float], ...]) -> Timeline:
+    """A call run twice in a row: each call's (rank, task, kind, start ms, end ms)."""
+    return Timeline(records=tuple(
+        TaskRecord(
+            rank=rank, run=RunKey(op="mm", tiling="serial", repetition=i), task=task,
+            name=str(kind), stream=Stream.COMPUTE, kind=str(kind), start_s=start * MS,
+            end_s=end * MS,
+        )
+        for i, call in enumerate(calls)
+        for rank, task, kind, start, end in call
+    ))  # fmt: skip
+
+
+def test_warm_savings_between_calls_compare_each_kinds_first_task_of_two_calls_in_a_row() -> None:
+    mm, pack = TaskKind.MATMUL, TaskKind.PACK
+    between = functools.partial(warm_savings, in_call=False)
+
+    def round_(first: float, second: float, pack_saved: float) -> Timeline:
+        # rank 0's matmul takes `first` then `second` ms; rank 1's 1 ms more each time; a
+        # later matmul in each call (task 2) is not a first task and does not count
+        return twice(
+            ((0, 0, mm, 0, first), (1, 0, mm, 0, first + 1), (0, 1, pack, 10, 13),
+             (1, 1, pack, 10, 13), (0, 2, mm, 20, 21), (1, 2, mm, 20, 21)),
+            ((0, 0, mm, 30, 30 + second), (1, 0, mm, 30, 31 + second),
+             (0, 1, pack, 40, 43 - pack_saved), (1, 1, pack, 40, 43 - pack_saved),
+             (0, 2, mm, 50, 59), (1, 2, mm, 50, 59)),
+        )  # fmt: skip
+
+    # matmul saved 1, 2 and 6 ms per round (both ranks alike): median 2 ms. The pack: 0.5 ms,
+    # and once slower the second time (-1 ms), median over 3 rounds 0.5; a case where it
+    # is always slower gives 0, never a negative time
+    rounds = [round_(5, 4, 0.5), round_(6, 4, -1.0), round_(9, 3, 0.5)]
+    saved = between([rounds])
+    assert saved == pytest.approx({"matmul": 2 * MS, "pack": 0.5 * MS})
+    slower = [round_(5, 7, 0.5)] * 3
+    assert between([slower])["matmul"] == 0.0
+    # cases of one kind: the median of theirs before the floor at 0 (2, -2, 2 ms: 2; 2, -2: 0)
+    assert between([rounds, slower, rounds])["matmul"] == pytest.approx(2 * MS)
+    assert between([rounds, slower])["matmul"] == 0.0
+    with pytest.raises(RuntimeError, match="recorded 1 calls"):
+        between([[twice(((0, 0, mm, 0, 1),))]])
+    # with cpu, each task's CPU time where it has one: 1 ms less in every first matmul of
+    # the first call (the spans held another rank's turn) -> matmul saves 1 ms less
+    first_calls = [
+        Timeline(
+            records=tuple(
+                dataclasses.replace(r, cpu_s=r.duration_s - (MS if r.run.repetition == 0 else 0))
+                for r in timeline.records
+            )
+        )
+        for timeline in rounds
+    ]
+    on_cpu = between([first_calls], cpu=True)
+    assert on_cpu == pytest.approx({"matmul": 1 * MS, "pack": 0.0})
+    assert between([first_calls]) == pytest.approx(saved)
 
 
 def test_samples_add_what_a_warm_task_saved_back_to_a_calls_later_tasks() -> None:

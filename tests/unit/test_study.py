@@ -356,7 +356,8 @@ def test_calibration_pairs_name_shipped_files_and_their_tilings() -> None:
     from mc2sim.study.calibrate import CONTENTION, SAMPLED, WARMED, calibration_dir
 
     assert len(SAMPLED) == 25 and len(CONTENTION) == 6
-    for name, tiling in (*SAMPLED, *CONTENTION, *((w, "serial") for w in WARMED)):
+    warmed = [(w, t) for w in WARMED for t in ("serial", 2)]  # two calls, or two tiles
+    for name, tiling in (*SAMPLED, *CONTENTION, *warmed):
         scenario = load(calibration_dir() / f"{name}.yaml")
         assert tiling_of(tiling) in {tiling_of(t) for t in scenario.tilings}, (name, tiling)
     # the contention fit sees tiled calls only; the samples are serial but for one
