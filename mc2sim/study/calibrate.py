@@ -27,7 +27,8 @@ figures include what the others take from the machine, as in real runs:
    terms held fixed;
 3. contention: tiled runs of four ops (MatmulAllReduce at two shapes, both MoE ops,
    AllGatherMatmul, and a GroupedMatMulAlltoAllv of a few KiB per chunk; the pairs of
-   :data:`CONTENTION`; and the small calls of :data:`WARMED` in two tiles), measured for real
+   :data:`CONTENTION`; and, where ranks share cores, the small calls of :data:`WARMED` in two
+   tiles), measured for real
    and simulated over a grid of compute and communication slowdowns and of whether
    collectives in flight progress together (``Device.concurrent_collectives``); the point
    with the smallest squared log error is kept. Whether a collective progresses while its
@@ -45,9 +46,9 @@ whole core; the issue overhead of a nonblocking collective is timed (:func:`meas
 its CPU time where ranks share cores, a whole core's) and taken off every collective sample;
 where ranks share cores, the contention fit also finds how long a collective waits for peers
 off their cores (``Device.slice_us``); a small call of each compute kind runs in two tiles
-(:func:`warm_cases`), and what its second task saves on its first is its kind's
-``Device.warm_us`` (:func:`warm_savings`; it is added back to a sampled call's tasks after
-its first, so the profile holds first tasks); and a
+where ranks share cores, else twice in a row (:func:`warm_cases`), and what a later task
+saves on the first is its kind's ``Device.warm_us`` (:func:`warm_savings`; it is added back
+to a sampled call's tasks after its first, so the profile holds first tasks); and a
 float32 matmul, a memcpy, a 16-bit to float32 conversion and a 4-byte exchange are timed
 apart from the fit (:func:`measure_independent`) for ``calibrate`` to print beside the
 fitted figures. A call's figure over its rounds is their lower quartile
