@@ -414,12 +414,13 @@ class Device:
 
     warm_us: Mapping[str, float] = field(default_factory=dict)
     """Per compute task kind (``matmul``, ``grouped_matmul``, ``attention``, ...), the
-    microseconds of a whole core a task saves when its rank ran a task of the same kind
-    earlier in the same call: its code, operands and buffers are warm in the caches. A
-    call's first task of a kind pays them (the profile's points are such tasks: a serial
-    call has one of each); its later ones (a tiled call's) do not, and never take less than
-    ``launch_us``. ``mc2sim calibrate`` measures them by running small calls twice in a row;
-    none (the default) for a machine described on paper. Each >= 0; stored read-only."""
+    microseconds of a whole core a task saves when its rank ran a compute task earlier in
+    the same call, of any kind: the call's code, operands and buffers are warm in the
+    caches. A call's first task pays them (the profile's points are such tasks); its later
+    ones do not, and never take less than half their cold time
+    (:data:`mc2sim.model.cost.WARM_FLOOR`). ``mc2sim calibrate`` measures them on small
+    calls in two tiles where ranks share cores, else run twice in a row; none (the default)
+    for a machine described on paper. Each >= 0; stored read-only."""
 
     profile: tuple[ProfilePoint, ...] = ()
     """Compute tasks timed on this machine (``mc2sim calibrate``); empty for a machine

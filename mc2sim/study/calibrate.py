@@ -310,61 +310,65 @@ def warm_savings(
     (:func:`_saved_between_calls`).
     """
     if not in_call:
-        return _saved_between_calls(rounds, cpu=cpu)
-    by_kind: dict[str, list[float]] = {}
-    for timelines in rounds:
-        per_case: dict[str, list[float]] = {}
-        for timeline in timelines:
-            tasks: dict[int, list[TaskRecord]] = {}
-            for r in sorted(timeline.records, key=lambda r: r.start_s):
-                if r.stream is Stream.COMPUTE:
-                    tasks.setdefault(r.rank, []).append(r)
-            saved: dict[str, list[float]] = {}
-            for first, *later in tasks.values():
-                again = next((r for r in later if r.kind == first.kind), None)
-                if again is not None:
-                    saved.setdefault(first.kind, []).append(work_s(first, cpu) - work_s(again, cpu))
-            for kind, values in saved.items():
-                per_case.setdefault(kind, []).append(statistics.median(values))
-        for kind, values in per_case.items():
-            by_kind.setdefault(kind, []).append(statistics.median(values))
-    return {kind: max(0.0, statistics.median(v)) for kind, v in sorted(by_kind.items())}
+        return _median_savings(rounds, functools.partial(_saved_between_calls, cpu=cpu))
+    return _median_savings(rounds, functools.partial(_saved_in_call, cpu=cpu))
 
 
-def _saved_between_calls(
-    rounds: Sequence[Sequence[Timeline]], *, cpu: bool = False
+def _median_savings(
+    rounds: Sequence[Sequence[Timeline]], saved_in: Callable[[Timeline], dict[str, list[float]]]
 ) -> dict[str, float]:
-    """:func:`warm_savings` of calls run twice in a row (``rounds[i]``: two calls each).
+    """Each kind's saving over :func:`warm_cases`' rounds, none below 0.
 
-    In
-    every round, each rank's first task of a kind in the first call less its first of that
-    kind in the second; the median over the ranks, then over the rounds, then over the cases
-    of the kind; none below 0. The first call's task follows other calls (the rounds
-    interleave them), as a call's first task does; the second's follows a call of its own
-    kind, as a tiled call's later tasks do where each rank keeps its core (2 ranks here,
-    held-out 4.7, 5.1, 5.6% with these; 5.6 to 6.9% in five runs with the savings in a call).
+    ``saved_in`` of every timeline (by kind, one figure per rank): the median over the ranks,
+    then over the rounds, then over the cases of the kind.
     """
     by_kind: dict[str, list[float]] = {}
     for timelines in rounds:
         per_case: dict[str, list[float]] = {}
         for timeline in timelines:
-            calls = timeline.runs()
-            if len(calls) != 2:
-                raise RuntimeError(f"a call run twice recorded {len(calls)} calls")
-            firsts: dict[tuple[RunKey, int, str], float] = {}
-            for r in sorted(timeline.records, key=lambda r: r.start_s):
-                if r.stream is Stream.COMPUTE:
-                    firsts.setdefault((r.run, r.rank, r.kind), work_s(r, cpu))
-            saved: dict[str, list[float]] = {}
-            for (run, rank, kind), seconds in firsts.items():
-                again = firsts.get((calls[1], rank, kind)) if run == calls[0] else None
-                if again is not None:
-                    saved.setdefault(kind, []).append(seconds - again)
-            for kind, values in saved.items():
+            for kind, values in saved_in(timeline).items():
                 per_case.setdefault(kind, []).append(statistics.median(values))
         for kind, values in per_case.items():
             by_kind.setdefault(kind, []).append(statistics.median(values))
     return {kind: max(0.0, statistics.median(v)) for kind, v in sorted(by_kind.items())}
+
+
+def _saved_in_call(timeline: Timeline, *, cpu: bool) -> dict[str, list[float]]:
+    """Each rank's first compute task less its next of that kind, by the first's kind."""
+    tasks: dict[int, list[TaskRecord]] = {}
+    for r in sorted(timeline.records, key=lambda r: r.start_s):
+        if r.stream is Stream.COMPUTE:
+            tasks.setdefault(r.rank, []).append(r)
+    saved: dict[str, list[float]] = {}
+    for first, *later in tasks.values():
+        again = next((r for r in later if r.kind == first.kind), None)
+        if again is not None:
+            saved.setdefault(first.kind, []).append(work_s(first, cpu) - work_s(again, cpu))
+    return saved
+
+
+def _saved_between_calls(timeline: Timeline, *, cpu: bool) -> dict[str, list[float]]:
+    """:func:`warm_savings`' reading of a call run twice in a row (two calls in ``timeline``).
+
+    Each rank's first task of a kind in the first call less its first of that kind in the
+    second. The first call's task follows other calls (the rounds interleave them), as a
+    call's first task does; the second's follows a call of its own kind, as a tiled call's
+    later tasks do where each rank keeps its core (2 ranks here, held-out 4.7, 5.1, 5.6% with
+    these; 5.6 to 6.9% in five runs with the savings in a call).
+    """
+    calls = timeline.runs()
+    if len(calls) != 2:
+        raise RuntimeError(f"a call run twice recorded {len(calls)} calls")
+    firsts: dict[tuple[RunKey, int, str], float] = {}
+    for r in sorted(timeline.records, key=lambda r: r.start_s):
+        if r.stream is Stream.COMPUTE:
+            firsts.setdefault((r.run, r.rank, r.kind), work_s(r, cpu))
+    saved: dict[str, list[float]] = {}
+    for (run, rank, kind), seconds in firsts.items():
+        again = firsts.get((calls[1], rank, kind)) if run == calls[0] else None
+        if again is not None:
+            saved.setdefault(kind, []).append(seconds - again)
+    return saved
 
 
 KERNEL_TRAFFIC = 5.0
@@ -741,9 +745,8 @@ def rank_speeds(
     ``rounds[i]``: one call's gathered timelines on ``world`` ranks (the serial calibration
     calls: even routing, so every rank's task of an id does the same work). For every
     compute task of at least :data:`SPEED_TASK_S` on every rank: each rank's figure over the
-    rounds
-    (:func:`mc2sim.model.accuracy.typical` of :func:`work_s`) over the slowest rank's; a
-    rank's speed is the median over the tasks, 1 without any. The profile holds the slowest
+    rounds (:func:`mc2sim.model.accuracy.typical` of :func:`work_s`) over the slowest rank's;
+    a rank's speed is the median over the tasks, 1 without any. The profile holds the slowest
     rank's times (:func:`samples_of`), which set a call's pace where every rank does the
     same work; where one rank does more (skewed routing), its own speed does. Ranks of one
     job keep their speeds (where the scheduler placed them): on 8 ranks of the 16-core host
@@ -791,7 +794,8 @@ def calibrate(
     """
     hosts = comm.allgather_object(socket.gethostname())
     levels, per_node = _levels(comm, hosts)
-    share = core_share(comm)
+    cores = node_cores(comm, hosts)
+    share = _share_of(cores, per_node)
     # where ranks share cores, a compute task's span holds the others' turns: take its CPU time
     on_cpu = share < 1.0
     serial = [(level.group, calibration_cases(level.group)) for level in levels]
@@ -807,7 +811,6 @@ def calibrate(
     serial_rounds, _tiled, swept_rounds, warm_rounds, beside = _consecutive(
         rounds, [sum(len(cases) for _, cases in serial), len(tiled), len(swept_cases), len(warmed)]
     )
-    cores = node_cores(comm, hosts)
     warm_s = warm_savings(warm_rounds, cpu=on_cpu, in_call=on_cpu)
     compute: list[ComputeSample] = []
     by_level: list[list[CommSample]] = []
@@ -854,7 +857,6 @@ def calibrate(
     by_level = [[posted_apart(s) for s in mine] for mine in by_level]
     in_ops = [posted_apart(s) for s in in_ops]
     bare = measure_compute(comm, reps, cpu=on_cpu)
-    # a whole core's figures: the ranks' posts measured at once, each at its share of a core
     # a whole core's posts: where ranks share cores, their CPU time (one that gets its core
     # posts at a whole core's speed; a span may also hold another rank's turn)
     on_core = measure_issue(comm, reps, cpu=True) if on_cpu else posting
@@ -1081,8 +1083,11 @@ def _cgroup_cores() -> float:
 def core_share(comm: Communicator) -> float:
     """The share of a core each rank of a node gets (at most 1; every rank)."""
     hosts = comm.allgather_object(socket.gethostname())
-    _, per_node = _levels(comm, hosts)
-    cores = node_cores(comm, hosts)
+    return _share_of(node_cores(comm, hosts), comm.size // max(len(set(hosts)), 1))
+
+
+def _share_of(cores: float, per_node: int) -> float:
+    """A node's ``cores`` over its ``per_node`` ranks, at most 1 (1 where none were read)."""
     return min(1.0, cores / per_node) if cores > 0 else 1.0
 
 
