@@ -305,6 +305,8 @@ def _print_fit(topology: Topology) -> None:
     comm = polled if slow.polled else f"x{slow.comm_slowdown}"
     print(f"contention: compute x{slow.compute_slowdown}, comm {comm}")
     together = "together" if device.concurrent_collectives else "one at a time"
+    if device.concurrent_collectives and device.one_at_a_time:
+        together += f", but {', '.join(device.one_at_a_time)} one at a time"
     print(f"collectives in flight progress {together}")
     if topology.core_share < 1.0:
         if device.core_sharing is CoreSharing.TURNS:

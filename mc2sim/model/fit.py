@@ -42,6 +42,7 @@ from mc2sim.topology import (
 
 __all__ = [
     "COMM_SLOWDOWNS",
+    "ORDERS",
     "SLICES_US",
     "TURNS_US",
     "COMPUTE_SLOWDOWNS",
@@ -400,6 +401,15 @@ the cores they share (``CoreSharing.TURNS``: how long a rank holds a core while 
 waits for one)."""
 
 
+ORDERS: tuple[tuple[bool, tuple[str, ...]], ...] = (
+    (False, ()),
+    (True, ()),
+    (True, ("allgather", "allreduce", "reduce_scatter")),
+)
+"""The grid :func:`fit_contention` searches for how collectives in flight progress
+(``Device.concurrent_collectives``, ``Device.one_at_a_time``): one at a time; together; and
+together but for the reductions and gathers, which a CPU MPI runs as schedules of rounds."""
+
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
 
@@ -421,9 +431,9 @@ def fit_contention(
     the wait for a peer off its core, or turns, with how long a turn lasts: both
     ``Device.slice_us``); the compute and communication slowdowns, or polled progress (a
     transfer stops while a rank computes: ``Contention.polled``) in place of the latter, and
-    whether
-    collectives in flight progress together or one at a time
-    (``Device.concurrent_collectives``).
+    how
+    collectives in flight progress: together, one at a time, or together but for some kinds
+    (:data:`ORDERS`: ``Device.concurrent_collectives``, ``Device.one_at_a_time``).
 
     Args:
         base: the fitted topology, contention aside.
@@ -466,12 +476,13 @@ def fit_contention(
         f"{', '.join(c.name for c in cases)}"
         + (f" and {len(serial)} serial calls" if serial else "")
         + " on this machine, grid search on squared log "
-        "error (with device.concurrent_collectives)" + (f"; {progress}" if progress else "")
+        "error (with device.concurrent_collectives and one_at_a_time)"
+        + (f"; {progress}" if progress else "")
     )
-    devices = {
-        concurrent: dataclasses.replace(base.device, concurrent_collectives=concurrent)
-        for concurrent in (False, True)
-    }
+    devices = [
+        dataclasses.replace(base.device, concurrent_collectives=together, one_at_a_time=kinds)
+        for together, kinds in ORDERS
+    ]
     best: tuple[float, Topology] | None = None
     comm = ([] if polled is True else [(ms, False) for ms in COMM_SLOWDOWNS]) + (
         [] if polled is False else [(1.0, True)]
@@ -484,7 +495,7 @@ def fit_contention(
     )
     if sharing is not None and base.core_share < 1.0:
         ways = [(cores, slice_us) for cores, slice_us in ways if cores is sharing]
-    grid = itertools.product(devices.values(), ways, COMPUTE_SLOWDOWNS, comm)
+    grid = itertools.product(devices, ways, COMPUTE_SLOWDOWNS, comm)
     for device, (cores, slice_us), cs, (ms, polled) in grid:
         trial = dataclasses.replace(
             base,

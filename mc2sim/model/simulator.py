@@ -10,19 +10,20 @@ time in order: k also waits for k - 1 to end. Where the device's ``concurrent_co
 is set (MPI's nonblocking collectives, advanced together by one progress engine), k starts
 as soon as every rank has queued it: its latency part (its time on links of unbounded
 bandwidth: the alpha terms) overlaps the collectives before it, and its transfer part (the
-rest) follows once the latency is over and collective k - 1 has ended, as the links carry one
-transfer at a time. A latency part is waiting: it takes its time whatever else runs. While a
-rank computes during a transfer, both progress slower by the topology's fitted contention
-factors (processor sharing; a factor of 1 is full overlap, a large one means communication
-barely advances while the rank computes, as with MPI progress polled between tiles). Only
-the ranks' own work of a transfer is slowed: one that a capped wire holds back
-(``NetworkDim.link_gbps``) to ``h`` times its uncapped time advances at
+rest) follows once the latency is over and collective k - 1 has ended, as the links carry
+one transfer at a time; a collective of a kind in ``Device.one_at_a_time`` still starts only
+once every collective before it has ended. A latency part is waiting: it takes its time
+whatever else runs. While a rank computes during a transfer, both progress slower by the
+topology's fitted contention factors (processor sharing; a factor of 1 is full overlap, a
+large one means communication barely advances while the rank computes, as with MPI progress
+polled between tiles). Only the ranks' own work of a transfer is slowed: one that a capped
+wire holds back (``NetworkDim.link_gbps``) to ``h`` times its uncapped time advances at
 ``min(1, h / comm_slowdown)`` while a rank computes, as the wire keeps its pace. Where
 progress is polled (``Contention.polled``: a CPU MPI advances a nonblocking collective only
 inside MPI calls, which the executor makes between tasks), the ranks' own part of a
 reduction's transfer stops while a rank computes and only a capped wire's part goes on
-(``1 - 1 / h``); an AlltoAllv's or AllGather's advances at the share of ranks not computing
-(a rank waiting inside MPI copies what its peers posted), if that is more. There, where
+(``1 - 1 / h``); an AlltoAllv's or AllGather's advances at the share of ranks not computing (a
+rank waiting inside MPI copies what its peers posted), if that is more. There, where
 collectives in flight progress together, the AllReduces, ReduceScatters and AllGathers of
 one kind in flight at once move as one collective of their combined bytes would: each one's
 transfer pays the device profile's measured over modelled ratio at the largest total of its
@@ -321,6 +322,7 @@ class _Machine:
         self.topology = topology
         self.links = links
         self.concurrent = topology.device.concurrent_collectives
+        self.one_at_a_time = frozenset(topology.device.one_at_a_time)
         # the same links at unbounded bandwidth, the reductions free: a collective's latency
         self.latency_only = (
             dataclasses.replace(
@@ -353,6 +355,10 @@ class _Machine:
             else None
         )
         self.wait = schedule_wait(topology)
+
+    def overlaps(self, kind: TaskKind) -> bool:
+        """Whether a collective of ``kind`` may start while others are in flight."""
+        return self.concurrent and str(kind) not in self.one_at_a_time
 
     def parts(self, tasks: list[Task], last_queued: float, now: float) -> _Parts:
         """The parts of the collective of every rank's ``tasks``, starting at ``now``.
@@ -449,7 +455,8 @@ class _Engine:
     they run one at a time in issue order: collective k transfers once its latency part is
     over and collective k - 1 has ended. On a communication stream the latency part is empty
     and k starts only once k - 1 has ended; with ``concurrent_collectives`` it starts as soon
-    as every rank has queued it, so its latency overlaps the collectives before it. A latency
+    as every rank has queued it, so its latency overlaps the collectives before it (unless its
+    kind is one of ``Device.one_at_a_time``). A latency
     part is waiting: it takes a fixed time and slows nothing.
 
     Contention is processor sharing: while a rank computes and a transfer is in progress, the
@@ -745,10 +752,13 @@ class _Engine:
     def try_collective(self, rank: int) -> None:
         """Queue rank's next collective; start collective k once every rank has queued it.
 
-        On a communication stream, also only once no other collective is in flight.
+        On a communication stream, or for a kind of ``Device.one_at_a_time``, also only once
+        no other collective is in flight.
         """
         state = self.ranks[rank]
-        if not state.comm_queue or (self.collectives and not self.machine.concurrent):
+        if not state.comm_queue or (
+            self.collectives and not self.machine.overlaps(state.comm_queue[0].kind)
+        ):
             return
         k = state.comm_started
         if k not in self.waiting:
@@ -1138,7 +1148,7 @@ def _lockstep(
     dependencies are done, and ends its time later; a comm task is queued its issue overhead
     after that; collective k starts when its last rank queued it (on a communication stream,
     also once k - 1 has ended; with concurrent collectives its transfer part waits for k -
-    1's) and ends at once on every rank.
+    1's, unless its kind runs one at a time) and ends at once on every rank.
     """
     machine = ranks.machine
     topology = machine.topology
@@ -1173,7 +1183,9 @@ def _lockstep(
         free = ready + issue_times(topology, head.kind, task_bytes)
         queued.append(free)
         last = float(free.max())
-        now = last if machine.concurrent else max(last, ended)
+        now = last if machine.overlaps(head.kind) else max(last, ended)
+        if started:  # collectives start in issue order (one of a kind run one at a time waits)
+            now = max(now, started[-1])
         started.append(now)
         latency, work, intra[i], inter[i] = ranks.collective(i, last, now)
         # its transfer part follows its latency part and the previous collective's transfer

@@ -27,10 +27,12 @@ figures include what the others take from the machine, as in real runs:
    terms held fixed;
 3. contention: tiled runs of four ops (MatmulAllReduce at two shapes, both MoE ops,
    AllGatherMatmul, and a GroupedMatMulAlltoAllv of a few KiB per chunk; the pairs of
-   :data:`CONTENTION`; and, where ranks share cores, the small calls of :data:`WARMED` in two
-   tiles), measured for real
-   and simulated over a grid of compute and communication slowdowns and of whether
-   collectives in flight progress together (``Device.concurrent_collectives``); the point
+   :data:`CONTENTION`; four AllReduces and four AlltoAllvs posted at once
+   (:func:`together_cases`); and, where ranks share cores, the small calls of :data:`WARMED`
+   in two tiles), measured for real and simulated over a grid of compute and communication
+   slowdowns and of how collectives in flight progress (together, one at a time, or
+   together but for the reductions and gathers: ``Device.concurrent_collectives``,
+   ``Device.one_at_a_time``); the point
    with the smallest squared log error is kept. Whether a collective progresses while its
    rank computes is measured, not fitted (:func:`measure_progress`): where it does not
    (``Contention.polled``), the grid has no communication slowdown.
@@ -135,6 +137,9 @@ __all__ = [
     "warm_savings",
     "COLLECTIVE_BYTES",
     "collective_cases",
+    "TOGETHER_BYTES",
+    "TOGETHER_POSTS",
+    "together_cases",
     "measure_collectives",
     "DUPLEX_BYTES",
     "DuplexMeasure",
@@ -275,9 +280,11 @@ def warm_cases(comm: Communicator, *, in_call: bool) -> list[Case]:
 def fitted_cases(comm: Communicator) -> list[Case]:
     """Every call the fit is made on, in order: the serial samples, then the tiled calls.
 
-    Where ranks share cores, the :data:`WARMED` calls in two tiles too.
+    The tiled calls: :data:`CONTENTION`'s, the collectives posted at once
+    (:func:`together_cases`), and where ranks share cores, the :data:`WARMED` calls in two
+    tiles.
     """
-    tiled = contention_cases(comm)
+    tiled = contention_cases(comm) + together_cases(comm)
     if core_share(comm) < 1.0:
         tiled += warm_cases(comm, in_call=True)
     return calibration_cases(comm) + tiled
@@ -384,16 +391,16 @@ tiny message, where the latency and the per-call costs are all, to bandwidth."""
 
 
 def _swept_buffers(
-    comm: Communicator,
+    comm: Communicator, sizes: Sequence[int] = COLLECTIVE_BYTES
 ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
-    """The buffers of the collectives' sweep, one triple for each of :data:`COLLECTIVE_BYTES`.
+    """The buffers of the collectives' sweep, one triple for each of ``sizes`` (bytes).
 
     A flat bfloat16 tensor of that many bytes (the AllReduce's), and as many bfloat16 rows
     of 64 elements, the same number for every rank and at least one (the even AlltoAllv's),
     with those per-rank counts.
     """
     buffers = []
-    for nbytes in COLLECTIVE_BYTES:
+    for nbytes in sizes:
         elements = max(nbytes // 2, 1)
         rows_per_peer = max(elements // (64 * comm.size), 1)
         buffers.append(
@@ -430,21 +437,69 @@ def measure_collectives(comm: Communicator, reps: int) -> list[CommSample]:
 
 
 class _CollectiveRunner:
-    """Runs a plan of one collective: an AllReduce or an even AlltoAllv of a zero tensor."""
+    """Runs a plan of collectives: AllReduces or even AlltoAllvs, each of its own zero tensor."""
 
-    def __init__(self, comm: Communicator, data: torch.Tensor) -> None:
+    def __init__(self, comm: Communicator, data: Sequence[torch.Tensor]) -> None:
         self.comm, self.data = comm, data
 
     def compute(self, task: Task) -> None:
         raise ValueError(f"a collective's plan has no compute task ({task.name})")
 
     def start(self, task: Task) -> Work:
+        data = self.data[task.id]
         if task.kind is TaskKind.ALLREDUCE:
-            return self.comm.iallreduce(self.data)
-        return self.comm.ialltoallv(self.data, task.send_splits, task.recv_splits)
+            return self.comm.iallreduce(data)
+        return self.comm.ialltoallv(data, task.send_splits, task.recv_splits)
 
     def land(self, task: Task, result: torch.Tensor) -> None:
         """Nothing to keep: the figure is the task's time."""
+
+
+def _collective_case(
+    comm: Communicator,
+    kind: TaskKind,
+    data: torch.Tensor,
+    counts: tuple[int, ...],
+    posts: int = 1,
+) -> Case:
+    """A call of ``posts`` collectives of ``kind``, posted at once, run by the executor.
+
+    Each on a copy of ``data`` (an AllReduce's flat buffer, or an even AlltoAllv's rows of
+    64 elements, ``counts`` to each rank); none depends on another, so the executor posts
+    them all before it waits, as it posts the ops' collectives.
+    """
+    nbytes = data.numel() * 2
+    if kind is TaskKind.ALLREDUCE:
+        task = Task(id=0, name="allreduce", kind=kind, bytes=nbytes)
+    else:
+        task = Task(
+            id=0,
+            name="alltoallv",
+            kind=kind,
+            bytes=counts[0] * (comm.size - 1) * 128,  # sent away, as the MoE plans
+            send_splits=counts,
+            recv_splits=counts,
+            row_bytes=128,
+        )
+    tasks = tuple(
+        replace(task, id=i, name=f"{kind}{i}" if posts > 1 else task.name) for i in range(posts)
+    )
+    at_once = f", {posts} posted at once" if posts > 1 else ""
+    plan = Plan(
+        op=f"calibrate_{kind}",
+        tiling=f"{nbytes} bytes{at_once}",
+        rank=comm.rank,
+        world_size=comm.size,
+        tasks=tasks,
+        dtype="bfloat16",
+    )
+    runner = _CollectiveRunner(comm, [data] + [data.clone() for _ in range(posts - 1)])
+    return Case(
+        name=f"{kind} of {nbytes} bytes{at_once}",
+        tiling="serial" if posts == 1 else f"{posts} at once",
+        run=functools.partial(execute, plan, comm, runner),
+        plans=tuple(replace(plan, rank=r) for r in range(comm.size)),
+    )
 
 
 def collective_cases(comm: Communicator) -> list[Case]:
@@ -458,46 +513,38 @@ def collective_cases(comm: Communicator) -> list[Case]:
     them as it reads the serial calls' collectives, for the device's profile; the network's
     parameters come from :func:`measure_collectives`.
     """
-    cases = []
-    for flat, rows, counts in _swept_buffers(comm):
-        for kind, data, task in (
-            (
-                "allreduce",
-                flat,
-                Task(id=0, name="allreduce", kind=TaskKind.ALLREDUCE, bytes=flat.numel() * 2),
-            ),
-            (
-                "alltoallv",
-                rows,
-                Task(
-                    id=0,
-                    name="alltoallv",
-                    kind=TaskKind.ALLTOALLV,
-                    bytes=counts[0] * (comm.size - 1) * 128,  # sent away, as the MoE plans
-                    send_splits=counts,
-                    recv_splits=counts,
-                    row_bytes=128,
-                ),
-            ),
-        ):
-            plan = Plan(
-                op=f"calibrate_{kind}",
-                tiling=f"{data.numel() * 2} bytes",
-                rank=comm.rank,
-                world_size=comm.size,
-                tasks=(task,),
-                dtype="bfloat16",
-            )
-            runner = _CollectiveRunner(comm, data)
-            cases.append(
-                Case(
-                    name=f"{kind} of {data.numel() * 2} bytes",
-                    tiling="serial",
-                    run=functools.partial(execute, plan, comm, runner),
-                    plans=tuple(replace(plan, rank=r) for r in range(comm.size)),
-                )
-            )
-    return cases
+    return [
+        _collective_case(comm, kind, data, counts)
+        for flat, rows, counts in _swept_buffers(comm)
+        for kind, data in ((TaskKind.ALLREDUCE, flat), (TaskKind.ALLTOALLV, rows))
+    ]
+
+
+TOGETHER_BYTES = 65536
+"""Bytes per rank of each collective :func:`together_cases` posts: one of
+:data:`COLLECTIVE_BYTES` (so its time alone is in the profile), small enough for the latency
+to weigh (a tile's AllReduce in the 4-rank validation sweep has 32 KiB)."""
+
+TOGETHER_POSTS = 4
+"""How many collectives :func:`together_cases` posts at once."""
+
+
+def together_cases(comm: Communicator) -> list[Case]:
+    """:data:`TOGETHER_POSTS` bfloat16 AllReduces, and as many even AlltoAllvs, posted at once.
+
+    Each of :data:`TOGETHER_BYTES`; none on a single rank. The contention fit matches them
+    with the others: how collectives in flight progress (together, one at a time, or
+    together but for the reductions: :data:`mc2sim.model.fit.ORDERS`) shows in them
+    undiluted. Four 32 KiB AllReduces posted at once took 2.6x one on 4 ranks of this
+    2-core machine: overlapped latencies give 2.0x, one at a time 3.0x.
+    """
+    if comm.size < 2:
+        return []
+    flat, rows, counts = _swept_buffers(comm, (TOGETHER_BYTES,))[0]
+    return [
+        _collective_case(comm, kind, data, counts, TOGETHER_POSTS)
+        for kind, data in ((TaskKind.ALLREDUCE, flat), (TaskKind.ALLTOALLV, rows))
+    ]
 
 
 def _quiet_time(comm: Communicator, fn: Callable[[], object], reps: int) -> float:
@@ -802,14 +849,22 @@ def calibrate(
     tiled = contention_cases(comm)
     # one host: the collectives over sizes, as the ops meet them, join the profile
     swept_cases = collective_cases(comm) if len(levels) == 1 else []
+    together = together_cases(comm)
     warmed = warm_cases(comm, in_call=on_cpu)
     runs = [c.run for _, cases in serial for c in cases]
     groups = [group for group, cases in serial for _ in cases]
-    runs += [c.run for c in tiled + swept_cases + warmed] + list(alongside)
-    groups += [comm] * (len(tiled) + len(swept_cases) + len(warmed) + len(alongside))
+    measured = tiled + together + swept_cases + warmed
+    runs += [c.run for c in measured] + list(alongside)
+    groups += [comm] * (len(measured) + len(alongside))
     rounds = measure_rounds(comm, runs, reps=reps, progress=progress, groups=groups)
     serial_rounds, _tiled, swept_rounds, warm_rounds, beside = _consecutive(
-        rounds, [sum(len(cases) for _, cases in serial), len(tiled), len(swept_cases), len(warmed)]
+        rounds,
+        [
+            sum(len(cases) for _, cases in serial),
+            len(tiled) + len(together),
+            len(swept_cases),
+            len(warmed),
+        ],
     )
     warm_s = warm_savings(warm_rounds, cpu=on_cpu, in_call=on_cpu)
     compute: list[ComputeSample] = []
@@ -831,6 +886,8 @@ def calibrate(
         by_level.append([replace(s, weight=s.weight / len(spoken)) for p in spoken for s in p[1]])
     # the calls run on the whole job, the fit's in-sample set: the serial ones, then the tiled
     on_job = [c for group, cases in serial if group is comm for c in cases]
+    # the collectives posted at once join the tiled calls: how collectives in flight progress
+    tiled = tiled + together
     job_rounds = _on_job(serial, rounds, comm, len(tiled))
     job_spans = [[t.metrics().total_s for t in mine] for mine in job_rounds]
     if on_cpu:  # the small calls run in two tiles for the warm savings join the contention fit's

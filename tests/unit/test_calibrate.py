@@ -769,6 +769,34 @@ def test_the_collective_sweep_runs_each_size_through_the_executor_as_the_ops_do(
         assert [len(p.tasks) for p in case.plans] == [1, 1] and case.tiling == "serial"
 
 
+def test_collectives_posted_together_are_all_posted_before_any_is_waited_for() -> None:
+    from mc2sim.study.calibrate import TOGETHER_BYTES, TOGETHER_POSTS, together_cases
+
+    def body(comm: ThreadCommunicator) -> tuple[list[Case], list[list[Timeline]]]:
+        cases = together_cases(comm)
+        return cases, measure_rounds(comm, [c.run for c in cases], reps=2)
+
+    (cases, rounds), _ = run_threads(2, body)
+    assert [c.name for c in cases] == [
+        f"allreduce of {TOGETHER_BYTES} bytes, {TOGETHER_POSTS} posted at once",
+        f"alltoallv of {TOGETHER_BYTES} bytes, {TOGETHER_POSTS} posted at once",
+    ]
+    sent = (TOGETHER_BYTES // 256) * 128  # 64-element bfloat16 rows, half of them to the peer
+    for case, kind, nbytes in zip(
+        cases, ("allreduce", "alltoallv"), (TOGETHER_BYTES, sent), strict=True
+    ):
+        for rank, plan in enumerate(case.plans):
+            assert plan.rank == rank and [t.id for t in plan.tasks] == list(range(TOGETHER_POSTS))
+            assert {(str(t.kind), t.bytes, t.deps) for t in plan.tasks} == {(kind, nbytes, ())}
+    for mine in rounds:
+        for timeline in mine:  # every rank posted all four before its first wait ended
+            for rank in (0, 1):
+                records = [r for r in timeline.records if r.rank == rank]
+                assert len(records) == TOGETHER_POSTS
+                assert max(r.start_s for r in records) <= min(r.end_s for r in records)
+    assert together_cases(SameOnEveryRank(1)) == []  # nothing to exchange
+
+
 def test_measure_rounds_needs_a_round() -> None:
     with pytest.raises(ParamInvalidError) as err:
         measure_rounds(SameOnEveryRank(1), [lambda: None], reps=0)

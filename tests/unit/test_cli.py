@@ -161,6 +161,14 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     _print_fit(topology)
     out = capsys.readouterr().out.splitlines()
     assert "posting a collective: 6.5 us, alltoallv +2.5" in out
+    together = dataclasses.replace(device, concurrent_collectives=True)
+    for alone, text in (
+        ((), "together"),
+        (("allreduce", "reduce_scatter"), "together, but allreduce, reduce_scatter one at a time"),
+    ):
+        mixed = dataclasses.replace(together, one_at_a_time=alone)
+        _print_fit(dataclasses.replace(topology, device=mixed))
+        assert f"collectives in flight progress {text}" in capsys.readouterr().out.splitlines()
     assert "a call's task after its first saves (us), by kind: matmul 30" in out
     assert "contention: compute x1.0, comm polled (a transfer waits while its ranks compute)" in out
     # one rank: nothing to exchange with, so no ratio (not x inf)

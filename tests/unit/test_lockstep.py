@@ -73,6 +73,13 @@ def concurrent_capped() -> Topology:
     return machine(inner, replace(outer, link_gbps=4.0), concurrent=True)
 
 
+def reductions_alone() -> Topology:
+    """:func:`concurrent_capped`, its reductions and gathers one at a time."""
+    topology = concurrent_capped()
+    alone = ("allgather", "allreduce", "reduce_scatter")
+    return replace(topology, device=replace(topology.device, one_at_a_time=alone))
+
+
 def warm() -> Topology:
     """Two levels, a call's later tasks of a kind faster (one kind saving more than it takes)."""
     topology = two_level()
@@ -84,6 +91,7 @@ TOPOLOGIES = {
     "warm": warm,
     "stream": two_level,
     "concurrent-capped": concurrent_capped,
+    "reductions-alone": reductions_alone,
     "ring": lambda: machine(dim("ring", 8, 50.0, 2.0)),
 }
 

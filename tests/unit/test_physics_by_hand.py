@@ -204,6 +204,28 @@ def test_post_extras_survive_a_file_and_are_checked(tmp_path: object) -> None:
         with_device(topo, issue_extra_us={"allreduce": -0.5})
 
 
+def test_kinds_one_at_a_time_survive_a_file_and_are_checked(tmp_path: object) -> None:
+    topo = with_device(machine(2), concurrent_collectives=True)
+    alone = with_device(topo, one_at_a_time=["reduce_scatter", "allreduce", "allreduce"])
+    assert alone.device.one_at_a_time == ("allreduce", "reduce_scatter")  # sorted, once each
+    assert hash(alone) != hash(topo)
+    path = f"{tmp_path}/t.yaml"
+    dump(alone, path)
+    assert load(path).device.one_at_a_time == ("allreduce", "reduce_scatter")
+    dump(topo, path)  # none: the key stays out of the file
+    assert "one_at_a_time" not in open(path).read()
+    assert load(path).device.one_at_a_time == ()
+    with pytest.raises(ParamInvalidError, match=r"one_at_a_time.*'matmul'.*unknown collective"):
+        with_device(topo, one_at_a_time=("matmul",))
+    with pytest.raises(ParamInvalidError, match=r"one_at_a_time.*must be a list"):
+        with_device(topo, one_at_a_time="allreduce")
+    text = open(path).read().replace("device:\n", "device:\n  one_at_a_time: allreduce\n", 1)
+    with open(path, "w") as f:
+        f.write(text)
+    with pytest.raises(ParamInvalidError, match=r"device\.one_at_a_time.*must be a list"):
+        load(path)
+
+
 def test_memory_traffic_counts_the_bytes_the_kernels_move_per_counted_byte() -> None:
     # 2000 counted bytes at 1000 B/s moved, 5 bytes moved per counted byte: 10 s of memory,
     # after 1 s of arithmetic (1e6 FLOP at 1e6 FLOP/s; the passes add, memory_overlap off)

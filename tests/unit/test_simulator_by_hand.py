@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
 from mc2sim.model.fit import CommSample, fit_contention, fit_network
-from mc2sim.model.simulator import simulate
+from mc2sim.model.simulator import simulate, simulate_run
 from mc2sim.schedule.plan import Plan, Task, TaskKind
 from mc2sim.study.measure import Case
-from mc2sim.timeline import Timeline
+from mc2sim.timeline import RunColumns, Timeline
 from mc2sim.topology import Contention, Device, Efficiency, LinkKind, NetworkDim, Topology
 
 FLOPS_PER_S = 1e6
@@ -275,6 +276,41 @@ def test_a_collective_joined_late_starts_with_its_last_rank() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("lockstep", [True, False], ids=["lockstep", "events"])
+@pytest.mark.parametrize(
+    ("concurrent", "alone", "expected"),
+    [
+        (False, (), {"ar0": (0, 2.5), "ar1": (2.5, 4), "a2a2": (4, 5.5)}),
+        (True, (), {"ar0": (0, 2.5), "ar1": (0, 3.5), "a2a2": (0, 4.5)}),
+        (True, ("allreduce",), {"ar0": (0, 2.5), "ar1": (2.5, 4), "a2a2": (2.5, 5)}),
+        (True, ("alltoallv",), {"ar0": (0, 2.5), "ar1": (0, 3.5), "a2a2": (3.5, 5)}),
+    ],
+    ids=["stream", "together", "allreduces-alone", "alltoallvs-alone"],
+)
+def test_kinds_that_run_one_at_a_time_start_once_every_collective_before_has_ended(
+    concurrent: bool,
+    alone: tuple[str, ...],
+    expected: dict[str, tuple[float, float]],
+    lockstep: bool,
+) -> None:
+    # every rank queues a 2 s AllReduce, a 1 s one and a 1000-byte AlltoAllv at 0; latency
+    # 0.5 s: they take 2.5, 1.5 and 1.5 s alone. A stream runs them in turn. Together, each
+    # starts at 0: latencies [0, 0.5], transfers in turn from 0.5 (ends 2.5, 3.5, 4.5). With
+    # the AllReduces one at a time, ar1 starts when ar0 ends (2.5: latency to 3, transfer to
+    # 4), and the AlltoAllv with it (latency [2.5, 3]; its transfer after ar1's: [4, 5]).
+    # With the AlltoAllvs one at a time, it starts when ar1 ends (3.5: latency to 4, transfer
+    # to 5)
+    plans = {
+        r: plan(r, 2, allreduce(2), allreduce(1), alltoallv([1, 1], [1, 1], r)) for r in range(2)
+    }
+    topo = machine(2, latency_s=0.5, concurrent=concurrent)
+    topo = replace(topo, device=replace(topo.device, one_at_a_time=alone))
+    run, _ = simulate_run(plans, topo, lockstep=lockstep)
+    assert isinstance(run, RunColumns) is lockstep
+    timeline = run.timeline() if isinstance(run, RunColumns) else run
+    assert_spans(timeline, {(r, name): s for r in range(2) for name, s in expected.items()})
+
+
 # ---------------------------------------------------------------- calibration
 
 
@@ -330,3 +366,22 @@ def test_fit_contention_recovers_the_factors_that_made_the_spans() -> None:
     measured = [[4 + 4 / 3], [5.125], [3.0]]
     fitted = fit_contention(machine(2), cases, measured)
     assert (fitted.contention.compute_slowdown, fitted.contention.comm_slowdown) == (1.5, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("span", "together", "alone"),
+    [(5.5, False, ()), (4.5, True, ()), (5.0, True, ("allgather", "allreduce", "reduce_scatter"))],
+    ids=["stream", "together", "reductions-alone"],
+)
+def test_fit_contention_finds_how_collectives_in_flight_progress(
+    span: float, together: bool, alone: tuple[str, ...]
+) -> None:
+    # the three collectives of test_kinds_that_run_one_at_a_time_start_once_every_collective_
+    # before_has_ended end at 5.5 on a stream, 4.5 together, 5 with the AllReduces one at a time
+    plans = tuple(
+        plan(r, 2, allreduce(2), allreduce(1), alltoallv([1, 1], [1, 1], r)) for r in range(2)
+    )
+    case = Case(name="three", tiling="tiles=3", run=lambda: None, plans=plans)
+    fitted = fit_contention(machine(2, latency_s=0.5), [case], [[span]])
+    assert fitted.device.concurrent_collectives is together
+    assert fitted.device.one_at_a_time == alone
