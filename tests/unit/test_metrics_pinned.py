@@ -109,10 +109,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # `make demo`'s simulated table (README), as mc2sim prints it: tiling -> total, compute,
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
-    "serial": "0.919 0.741 0.293 0.178 39.4 1.00",
-    "hardware(per expert)": "1.410 1.071 1.007 0.339 0.0 0.65",
-    "experts x 2": "2.354 1.781 1.958 0.573 0.0 0.39",
-    "experts x 4": "4.271 3.207 3.878 1.064 0.0 0.22",
+    "serial": "0.963 0.725 0.367 0.238 35.1 1.00",
+    "hardware(per expert)": "1.371 1.026 0.992 0.344 6.2 0.70",
+    "experts x 2": "2.196 1.685 1.824 0.512 0.0 0.44",
+    "experts x 4": "3.871 3.005 3.502 0.865 0.0 0.25",
 }
 
 
