@@ -172,10 +172,11 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     held = lines[header + 3 : header + 39]
     assert len(held) == 36 and all(row.endswith("%") for row in held)
     assert lines[header + 39].startswith("in sample: case")
-    # every calibration call the fit is made on: the serial samples, the tiled calls and,
-    # where the 2 ranks share a core, the small calls in two tiles the warm savings are read
-    # from (:func:`mc2sim.study.calibrate.warm_cases`)
-    names = [name for name, _ in (*SAMPLED, *CONTENTION)]
+    # every calibration call the fit is made on: the serial samples, the tiled calls, the
+    # collectives posted at once (:func:`mc2sim.study.calibrate.together_cases`) and, where
+    # the 2 ranks share a core, the small calls in two tiles the warm savings are read from
+    # (:func:`mc2sim.study.calibrate.warm_cases`)
+    names = [name for name, _ in (*SAMPLED, *CONTENTION)] + ["allreduce", "alltoallv"]
     cores = float(len(os.sched_getaffinity(0)))
     if _cgroup_cores() > 0:
         cores = min(cores, _cgroup_cores())
@@ -185,6 +186,11 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     inside = lines[header + 40 : header + 40 + calls]
     assert len(inside) == calls and all(row.endswith("%") for row in inside)
     assert [row.split()[0] for row in inside] == names
+    together = inside[len(SAMPLED) + len(CONTENTION) :][:2]
+    assert [row.split("  ")[0] for row in together] == [
+        "allreduce of 65536 bytes, 4 posted at once",
+        "alltoallv of 65536 bytes, 4 posted at once",
+    ]
     assert lines[header + 40 + calls].startswith("held-out geomean error over 36 cases: ")
     assert lines[header + 41 + calls].startswith(f"in-sample geomean error over {calls} cases: ")
     # the fitted figures beside the independent ones
