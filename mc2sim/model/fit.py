@@ -431,9 +431,8 @@ def fit_contention(
     the wait for a peer off its core, or turns, with how long a turn lasts: both
     ``Device.slice_us``); the compute and communication slowdowns, or polled progress (a
     transfer stops while a rank computes: ``Contention.polled``) in place of the latter, and
-    how
-    collectives in flight progress: together, one at a time, or together but for some kinds
-    (:data:`ORDERS`: ``Device.concurrent_collectives``, ``Device.one_at_a_time``).
+    how collectives in flight progress: together, one at a time, or together but for some
+    kinds (:data:`ORDERS`: ``Device.concurrent_collectives``, ``Device.one_at_a_time``).
 
     Args:
         base: the fitted topology, contention aside.

@@ -456,8 +456,8 @@ class _Engine:
     over and collective k - 1 has ended. On a communication stream the latency part is empty
     and k starts only once k - 1 has ended; with ``concurrent_collectives`` it starts as soon
     as every rank has queued it, so its latency overlaps the collectives before it (unless its
-    kind is one of ``Device.one_at_a_time``). A latency
-    part is waiting: it takes a fixed time and slows nothing.
+    kind is one of ``Device.one_at_a_time``). A latency part is waiting: it takes a fixed time
+    and slows nothing.
 
     Contention is processor sharing: while a rank computes and a transfer is in progress, the
     rank's compute advances at ``1 / compute_slowdown`` of its speed and the transfer (held

@@ -32,10 +32,10 @@ figures include what the others take from the machine, as in real runs:
    in two tiles), measured for real and simulated over a grid of compute and communication
    slowdowns and of how collectives in flight progress (together, one at a time, or
    together but for the reductions and gathers: ``Device.concurrent_collectives``,
-   ``Device.one_at_a_time``); the point
-   with the smallest squared log error is kept. Whether a collective progresses while its
-   rank computes is measured, not fitted (:func:`measure_progress`): where it does not
-   (``Contention.polled``), the grid has no communication slowdown.
+   ``Device.one_at_a_time``); the point with the smallest squared log error is kept.
+   Whether a collective progresses while its rank computes is measured, not fitted
+   (:func:`measure_progress`): where it does not (``Contention.polled``), the grid has no
+   communication slowdown.
 
 Besides (``docs/MODEL.md``): every compute task and collective of the serial runs is kept as
 the device's profile (interpolated in log space by the model), with a bfloat16 AllReduce and
