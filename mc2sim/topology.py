@@ -383,7 +383,8 @@ class Device:
     nonblocking reduction as a schedule of rounds, each waiting for the one before: four
     32 KiB AllReduces posted at once on 4 ranks of this 2-core machine took 2.6x one, where
     overlapped latencies give 2.0x and one at a time 3.0x. ``mc2sim calibrate`` fits it with
-    the contention. Stored sorted, each kind once."""
+    the contention, where ranks share cores (:data:`mc2sim.model.fit.ORDERS`). Stored sorted,
+    each kind once."""
 
     cores_per_node: float = 0.0
     """CPU cores the ranks of one node share (fractional where several nodes share one

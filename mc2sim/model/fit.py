@@ -407,8 +407,16 @@ ORDERS: tuple[tuple[bool, tuple[str, ...]], ...] = (
     (True, ("allgather", "allreduce", "reduce_scatter")),
 )
 """The grid :func:`fit_contention` searches for how collectives in flight progress
-(``Device.concurrent_collectives``, ``Device.one_at_a_time``): one at a time; together; and
-together but for the reductions and gathers, which a CPU MPI runs as schedules of rounds."""
+(``Device.concurrent_collectives``, ``Device.one_at_a_time``): one at a time; together; and,
+where ranks share cores, together but for the reductions and gathers. A CPU MPI runs a
+nonblocking reduction as rounds, each waiting for its peers; where they are off their cores
+a round waits for a time slice (``Device.slice_us``), and the rounds of reductions in flight
+together wait in turn: four 64 KiB AllReduces posted at once on 4 ranks of this 2-core
+machine took x2.9 one, where overlapping waits gave x2.2 and one at a time x2.7. Where each
+rank has a core, no round waits for a slice: four took x2.9 again on 2 ranks, but there
+"together" is x1.95 and one at a time x4.0, and fits that chose the reductions alone
+predicted the held-out cases worse (2 ranks: 5.4, 5.4, 5.6% against 4.8, 5.3, 5.4%; a 4-rank
+dump of the 16-core host refitted, 7.5 against 6.5%)."""
 
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
@@ -431,8 +439,9 @@ def fit_contention(
     the wait for a peer off its core, or turns, with how long a turn lasts: both
     ``Device.slice_us``); the compute and communication slowdowns, or polled progress (a
     transfer stops while a rank computes: ``Contention.polled``) in place of the latter, and
-    how collectives in flight progress: together, one at a time, or together but for some
-    kinds (:data:`ORDERS`: ``Device.concurrent_collectives``, ``Device.one_at_a_time``).
+    how collectives in flight progress: together, one at a time, or (where ranks share
+    cores) together but for some kinds (:data:`ORDERS`: ``Device.concurrent_collectives``,
+    ``Device.one_at_a_time``).
 
     Args:
         base: the fitted topology, contention aside.
@@ -481,6 +490,7 @@ def fit_contention(
     devices = [
         dataclasses.replace(base.device, concurrent_collectives=together, one_at_a_time=kinds)
         for together, kinds in ORDERS
+        if base.core_share < 1.0 or not kinds  # some kinds alone: only where ranks share cores
     ]
     best: tuple[float, Topology] | None = None
     comm = ([] if polled is True else [(ms, False) for ms in COMM_SLOWDOWNS]) + (

@@ -377,11 +377,29 @@ def test_fit_contention_finds_how_collectives_in_flight_progress(
     span: float, together: bool, alone: tuple[str, ...]
 ) -> None:
     # the three collectives of test_kinds_that_run_one_at_a_time_start_once_every_collective_
-    # before_has_ended end at 5.5 on a stream, 4.5 together, 5 with the AllReduces one at a time
-    plans = tuple(
-        plan(r, 2, allreduce(2), allreduce(1), alltoallv([1, 1], [1, 1], r)) for r in range(2)
-    )
-    case = Case(name="three", tiling="tiles=3", run=lambda: None, plans=plans)
-    fitted = fit_contention(machine(2, latency_s=0.5), [case], [[span]])
+    # before_has_ended end at 5.5 on a stream, 4.5 together, 5 with the AllReduces one at a
+    # time. The 2 ranks share a core (the reductions alone are tried only there); with no
+    # wait for a peer off its core (slice 0, the grid's first) the times are the same
+    case = Case(name="three", tiling="tiles=3", run=lambda: None, plans=three_collectives())
+    shared = machine(2, latency_s=0.5)
+    shared = replace(shared, device=replace(shared.device, cores_per_node=1.0))
+    assert shared.core_share == 0.5
+    fitted = fit_contention(shared, [case], [[span]])
     assert fitted.device.concurrent_collectives is together
     assert fitted.device.one_at_a_time == alone
+    assert fitted.device.slice_us == 0.0
+
+
+def test_fit_contention_tries_kinds_alone_only_where_ranks_share_cores() -> None:
+    # each rank a core: 5 s, the AllReduces-alone span, is not on the grid; one at a time
+    # (5.5) is nearer in log than together (4.5)
+    case = Case(name="three", tiling="tiles=3", run=lambda: None, plans=three_collectives())
+    fitted = fit_contention(machine(2, latency_s=0.5), [case], [[5.0]])
+    assert not fitted.device.concurrent_collectives and fitted.device.one_at_a_time == ()
+
+
+def three_collectives() -> tuple[Plan, ...]:
+    """Every rank: a 2 s AllReduce, a 1 s one and a 1000-byte AlltoAllv, all queued at 0."""
+    return tuple(
+        plan(r, 2, allreduce(2), allreduce(1), alltoallv([1, 1], [1, 1], r)) for r in range(2)
+    )
