@@ -184,22 +184,25 @@ def _text(param: str, value: object, *, nonempty: bool = False) -> str:
     return value
 
 
+def _check_kind(param: str, kind: object, value: object, resource: str) -> None:
+    """Raise unless ``kind`` names a task kind of ``resource`` (a ``Resource``'s value)."""
+    # here, not at the top: the schedule package (and numpy) load only for a kind to check
+    from mc2sim.schedule.plan import Resource, TaskKind
+
+    kinds = [str(k) for k in TaskKind if k.resource is Resource(resource)]
+    if kind not in kinds:
+        words = "compute" if resource == "compute" else "collective"
+        raise ParamInvalidError(param, value, f"unknown {words} kind; known: {', '.join(kinds)}")
+
+
 def _us_by_kind(param: str, value: object, resource: str) -> Mapping[str, float]:
     """``value``, microseconds by task kind of ``resource`` (a ``Resource``'s value), read-only."""
     words = "compute" if resource == "compute" else "collective"
     if not isinstance(value, Mapping):
         raise ParamInvalidError(param, value, f"must be a mapping of {words} kind to microseconds")
-    if not value:
-        return MappingProxyType({})
-    # here, not at the top: the schedule package (and numpy) load only for a mapping to check
-    from mc2sim.schedule.plan import Resource, TaskKind
-
-    kinds = [str(k) for k in TaskKind if k.resource is Resource(resource)]
     table = {}
     for kind, us in value.items():
-        if kind not in kinds:
-            known = ", ".join(kinds)
-            raise ParamInvalidError(f"{param}.{kind}", us, f"unknown {words} kind; known: {known}")
+        _check_kind(f"{param}.{kind}", kind, us, resource)
         table[str(kind)] = _non_negative(f"{param}.{kind}", us)
     return MappingProxyType(table)
 
@@ -208,16 +211,8 @@ def _comm_kinds(param: str, value: object) -> tuple[str, ...]:
     """``value``, collective kind names, sorted and each once."""
     if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
         raise ParamInvalidError(param, value, "must be a list of collective kinds")
-    if not value:
-        return ()
-    from mc2sim.schedule.plan import Resource, TaskKind
-
-    kinds = [str(k) for k in TaskKind if k.resource is Resource.COMM]
     for kind in value:
-        if kind not in kinds:
-            raise ParamInvalidError(
-                param, kind, f"unknown collective kind; known: {', '.join(kinds)}"
-            )
+        _check_kind(param, kind, kind, "comm")
     return tuple(sorted({str(k) for k in value}))
 
 
