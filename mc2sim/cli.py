@@ -339,7 +339,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from mc2sim.model.accuracy import geomean_of
     from mc2sim.study.calibrate import calibrate, fitted_cases
     from mc2sim.study.measure import measure_rounds
-    from mc2sim.study.validate import default_cases, geomean_error, score_cases
+    from mc2sim.study.validate import geomean_error, held_out_cases, runnable, score_cases
 
     with _checking():  # the arguments alone, the same on every rank: before MPI starts
         for flag, value in (("--out", args.out), ("--name", args.name)):
@@ -348,13 +348,16 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
                     flag, value, "is for the fitted topology: it needs --calibrate"
                 )
         _check_name(args.name or "this_machine")
+        scenarios, held = _held_out(args.cases)
     comm = init("mpi")
     with _checking(comm):
         if args.calibrate and comm.rank == 0 and args.out is not None:
             _check_topology_out(args.out, args.overwrite)
         if not args.calibrate:
-            given = _topology_file(args.topology, comm.size)
-    cases = default_cases(comm)
+            given, fitted_on = _topology_file(args.topology, comm.size)
+        # the shipped set runs what fits the world size; the files a user names all must
+        kept, skipped = runnable(scenarios, comm.size, strict=args.cases is not None)
+    cases = held_out_cases(comm, kept)
     with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
         if args.calibrate:
             fitted = calibrate(
@@ -371,6 +374,8 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology, faster)
         else:
             topology, source = given, args.topology
+            if fitted_on != comm.size:  # its core share and fits are of another job
+                source += f" (fitted on {fitted_on} ranks, resized to {comm.size})"
             own = fitted_cases(comm)
             runs = [c.run for c in cases + own]
             rounds = measure_rounds(comm, runs, reps=args.reps, progress=_ticker(bar))
@@ -389,10 +394,12 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             f"# validate-model: {comm.size} ranks, {source}, lower quartile of {args.reps} rounds"
         )
         split = (
-            "held out: scenarios/validation/ (never fitted on); "
+            f"held out: {held} (never fitted on); "
             "in sample: the calls calibrate fits on (scenarios/calibration/)"
         )
         print(f"# split: {split}")
+        for line in skipped:
+            print(f"# not run on {comm.size} ranks: {line}")
         for title, rows in (("held out", results), ("in sample", inside)):
             print(f"{title + ': case':<76}{'measured ms':>12}{'simulated ms':>13}{'error':>8}")
             for r in rows:
@@ -409,8 +416,27 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _topology_file(path: str, world: int) -> Topology:
-    """``validate-model --topology``: a topology file, resized to ``world`` ranks."""
+def _held_out(cases: Sequence[str] | None) -> tuple[list[tuple[Path, Scenario]], str]:
+    """``validate-model --cases``: the held-out scenarios (each with its file), and where from.
+
+    None: the shipped ``scenarios/validation/``.
+    """
+    from mc2sim._yaml import shipped_names
+    from mc2sim.study.validate import held_out, scenario_files, validation_dir
+
+    if cases is not None:
+        return held_out(scenario_files(cases)), " ".join(cases)
+    folder = validation_dir()
+    files = [folder / f"{name}.yaml" for name in shipped_names(folder)]
+    if not files:
+        raise ParamInvalidError(
+            "--cases", str(folder), "the default set has no scenario files here: name some"
+        )
+    return held_out(files), "scenarios/validation/"
+
+
+def _topology_file(path: str, world: int) -> tuple[Topology, int]:
+    """``validate-model --topology``: a topology file, resized to ``world`` ranks, and its own."""
     from mc2sim.topology import load
 
     if not Path(path).is_file():
@@ -419,7 +445,7 @@ def _topology_file(path: str, world: int) -> Topology:
             rule = "no such file: fit one first (mc2sim calibrate), or pass --calibrate"
         raise ParamInvalidError("--topology", path, rule)
     topology = load(path)
-    return topology if topology.world_size == world else topology.with_world(world)
+    return topology.with_world(world), topology.world_size
 
 
 def _rounds(text: str) -> int:
@@ -1384,6 +1410,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     val.add_argument(
         "--reps", type=_rounds, default=15, help="interleaved rounds of every case (>= 1)"
+    )
+    val.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="PATH",
+        help="the held-out cases: scenario files or folders of them (default: "
+        "scenarios/validation/, less what cannot run on the ranks at hand); each must run "
+        "on the ranks at hand and differ from every calibration scenario",
     )
     _add_timeout(val)
     val.set_defaults(func=_cmd_validate_model)

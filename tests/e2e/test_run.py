@@ -219,3 +219,28 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert f"# validate-model: 2 ranks, {out}, lower quartile of 1 rounds" in res.stdout
     assert f"in-sample geomean error over {calls} cases: " in res.stdout
+
+
+def test_validate_model_holds_out_the_named_files_on_a_resized_fit(tmp_path: Path) -> None:
+    from mc2sim.scenario import builtin, dump
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    small = builtin("llama70b_tp8_decode", ["scale=small", "tilings=serial,2", "name=my_tp"])
+    dump(small, mine / "my_tp.yaml")
+    four = Path(__file__).parents[2] / "topologies" / "this_machine_4ranks.yaml"
+    res = mpiexec(
+        2, "-m", "mc2sim", "validate-model", "--topology", str(four), "--cases", str(mine),
+        "--reps", "1",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    header = lines.index(
+        f"# validate-model: 2 ranks, {four} (fitted on 4 ranks, resized to 2), "
+        "lower quartile of 1 rounds"
+    )
+    assert lines[header + 1].startswith(f"# split: held out: {mine} (never fitted on)")
+    held = lines[header + 3 : header + 5]
+    assert [row.split()[:2] for row in held] == [["my_tp", "serial"], ["my_tp", "tiles=2"]]
+    assert lines[header + 5].startswith("in sample: case")
+    assert "held-out geomean error over 2 cases: " in res.stdout

@@ -40,7 +40,7 @@ def test_timeout_is_in_the_environment_when_the_communicator_starts(
     for module, name in [
         (mc2sim.study.measure, "measure_study"),
         (mc2sim.study.calibrate, "calibrate"),
-        (mc2sim.study.validate, "default_cases"),
+        (mc2sim.study.validate, "held_out_cases"),
     ]:
         monkeypatch.setattr(module, name, stop)
     argv = {

@@ -23,6 +23,8 @@ ROOT = Path(__file__).parents[2]
 TP = (ROOT / "scenarios" / "llama70b_tp8_decode.yaml").read_text(encoding="utf-8")
 MOE = (ROOT / "scenarios" / "seed_gmm_alltoallv_ep4.yaml").read_text(encoding="utf-8")
 TOPOLOGY = (ROOT / "topologies" / "atlas_a2_8p.yaml").read_text(encoding="utf-8")
+CAL = (ROOT / "scenarios" / "calibration" / "cal_mm_64x256x256.yaml").read_text(encoding="utf-8")
+RS = (ROOT / "scenarios" / "validation" / "val_reduce_scatter.yaml").read_text(encoding="utf-8")
 SMALL = ["--set", "scale=small", "--no-plots"]
 
 
@@ -56,6 +58,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         MOE.replace("seed: 0", "seed: 18446744073709551616"), encoding="utf-8"
     )
     (t / "deep.yaml").write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    # validate-model --cases: a calibration call under another name; a shape of one rank
+    # that 2 cannot split; two files of one scenario name
+    (t / "fitted.yaml").write_text(
+        CAL.replace("name: cal_mm_64x256x256", "name: mine"), encoding="utf-8"
+    )
+    (t / "odd_m.yaml").write_text(
+        RS.replace("ranks: 4", "ranks: 1").replace("m: 1024", "m: 1023"), encoding="utf-8"
+    )
+    (t / "twins").mkdir()
+    for twin in ("a", "b"):
+        (t / "twins" / f"{twin}.yaml").write_text(RS, encoding="utf-8")
     (t / "nul.yaml").write_bytes(b"name: a\x00b\n")  # PyYAML's message has two lines
     (t / "m_deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     (t / "afile").write_text("not a folder\n", encoding="utf-8")
@@ -133,7 +146,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(mc2sim.comm, "init", lambda *a, **k: SameOnEveryRank(2))
     monkeypatch.setattr(mc2sim.study.measure, "measure_study", tripwire)
     monkeypatch.setattr(mc2sim.study.calibrate, "calibrate", tripwire)
-    monkeypatch.setattr(mc2sim.study.validate, "default_cases", tripwire)
+    monkeypatch.setattr(mc2sim.study.validate, "held_out_cases", tripwire)
     monkeypatch.setattr(mc2sim.study.simulate, "simulate_study", tripwire)
     monkeypatch.setattr(runpy, "run_path", tripwire)
     yield
@@ -250,6 +263,28 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--topology", "{t}/nonutf8.yaml"], ["nonutf8.yaml=", "not UTF-8"]),
     (["validate-model", "--topology", "{t}/topo_neg.yaml"], ["bandwidth_gbps=-28.0", "> 0"]),
     (["validate-model", "--topology", "{t}/good.yaml"], ["good.yaml: op=", "unknown key"]),
+    (["validate-model", "--cases", "{t}/absent.yaml"], ["--cases=", "no such file or folder"]),
+    (["validate-model", "--cases", "{t}/adir"], ["--cases=", "without scenario files"]),
+    (["validate-model", "--cases", "{t}/m.txt"], ["--cases=", "must be a scenario file"]),
+    (["validate-model", "--cases", ""], ["--cases=''", "must name a scenario file"]),
+    (["validate-model", "--cases", "{t}/badyaml.yaml"], ["badyaml.yaml", "not valid YAML"]),
+    (["validate-model", "--cases", "{t}/unknown.yaml"], ["unknown.yaml: colour", "unknown key"]),
+    (
+        ["validate-model", "--cases", "{t}/fitted.yaml"],
+        ["--cases='{t}/fitted.yaml'", "cal_mm_64x256x256.yaml, which calibrate fits on"],
+    ),
+    (
+        ["validate-model", "--cases", "{t}/odd_m.yaml"],
+        ["--cases='{t}/odd_m.yaml'", "cannot run on 2 ranks", "m (1023) must be a multiple"],
+    ),
+    (
+        ["validate-model", "--cases", "{t}/twins"],
+        ["--cases='{t}/twins/b.yaml'", "holds scenario 'val_reduce_scatter', as {t}/twins/a"],
+    ),
+    (
+        ["validate-model", "--cases", "{t}/twins", "{t}/twins/a.yaml"],
+        ["--cases='{t}/twins/a.yaml'", "is given twice (also as {t}/twins/a.yaml)"],
+    ),
     # output paths, found before any work
     (["simulate", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
     # empty strings (an unset shell variable) were read as '.' or as the flag left out

@@ -11,7 +11,7 @@ import pytest
 
 from mc2sim.cli import main
 from mc2sim.results import read_results
-from mc2sim.scenario import builtin, list_builtin, load
+from mc2sim.scenario import Scenario, builtin, list_builtin, load
 from mc2sim.schedule import Plan, TaskKind
 from mc2sim.study import plans_for, simulate_study, write_results
 from mc2sim.timeline import Source
@@ -349,6 +349,63 @@ def test_a_new_validation_file_is_a_new_case(tmp_path: Path) -> None:
     dump(builtin("llama70b_tp8_decode", ["scale=small", "tilings=serial,2"]), tmp_path / "a.yaml")
     (found,) = validation_scenarios(tmp_path)
     assert found.op == "mm_all_reduce" and found.tilings == ("serial", 2)
+
+
+def test_held_out_files_run_where_they_fit_the_world_and_the_named_ones_must() -> None:
+    from mc2sim.errors import ParamInvalidError
+    from mc2sim.study.validate import held_out, runnable, scenario_files, validation_dir
+
+    folder = validation_dir()
+    pairs = held_out(scenario_files([str(folder)]))
+    assert [f.name for f, _ in pairs] == sorted(p.name for p in folder.glob("*.yaml"))
+    # 3 ranks cannot split the ReduceScatter's 1024 rows; every other file runs there
+    kept, skipped = runnable(pairs, 3, strict=False)
+    assert [s.name for s in kept] == [s.name for _, s in pairs if s.name != "val_reduce_scatter"]
+    (line,) = skipped
+    assert line.startswith("val_reduce_scatter (world_size=3: shape m (1024) must be a multiple")
+    kept, skipped = runnable(pairs, 4, strict=False)
+    assert len(kept) == len(pairs) and skipped == []
+    with pytest.raises(
+        ParamInvalidError, match=r"val_reduce_scatter.yaml'?: cannot run on 3 ranks"
+    ):
+        runnable(pairs, 3, strict=True)
+    lone = [(f, s) for f, s in pairs if s.name == "val_reduce_scatter"]
+    with pytest.raises(ParamInvalidError, match="no scenario of these runs on 3 ranks"):
+        runnable(lone, 3, strict=False)
+
+
+def test_validate_model_measures_the_named_cases_in_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mc2sim.comm
+    import mc2sim.study.validate
+
+    from .fakes import SameOnEveryRank
+
+    seen: list[list[str]] = []
+
+    class _Stop(Exception):
+        pass
+
+    def stop(comm: object, scenarios: list[Scenario]) -> None:
+        seen.append([s.name for s in scenarios])
+        raise _Stop
+
+    monkeypatch.setattr(mc2sim.comm, "init", lambda *a, **k: SameOnEveryRank(2))
+    monkeypatch.setattr(mc2sim.study.validate, "held_out_cases", stop)
+    from mc2sim.scenario import dump
+
+    (tmp_path / "cases").mkdir()
+    for name, m in (("b_first", 16), ("a_second", 24)):
+        small = builtin("llama70b_tp8_decode", ["scale=small", f"small.m={m}", f"name={name}"])
+        dump(small, tmp_path / "cases" / f"{name}.yaml")
+    with pytest.raises(_Stop):
+        main(["validate-model", "--calibrate", "--cases", str(tmp_path / "cases")])
+    assert seen == [["a_second", "b_first"]]  # a folder's files by name
+    with pytest.raises(_Stop):
+        files = [str(tmp_path / "cases" / f"{n}.yaml") for n in ("b_first", "a_second")]
+        main(["validate-model", "--calibrate", "--cases", *files])
+    assert seen[-1] == ["b_first", "a_second"]  # files in the order given
 
 
 def test_calibration_pairs_name_shipped_files_and_their_tilings() -> None:
