@@ -338,7 +338,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from mc2sim.comm import init
     from mc2sim.model.accuracy import geomean_of
     from mc2sim.study.calibrate import calibrate, fitted_cases
-    from mc2sim.study.measure import measure_rounds
+    from mc2sim.study.measure import measure_rounds, probe_tflops
     from mc2sim.study.validate import geomean_error, held_out_cases, runnable, score_cases
 
     with _checking():  # the arguments alone, the same on every rank: before MPI starts
@@ -347,6 +347,10 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
                 raise ParamInvalidError(
                     flag, value, "is for the fitted topology: it needs --calibrate"
                 )
+        if args.as_fitted and args.calibrate:
+            raise ParamInvalidError(
+                "--as-fitted", True, "is for a stored fit (--topology): --calibrate fits now"
+            )
         _check_name(args.name or "this_machine")
         scenarios, held = _held_out(args.cases)
     comm = init("mpi")
@@ -380,6 +384,10 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             runs = [c.run for c in cases + own]
             rounds = measure_rounds(comm, runs, reps=args.reps, progress=_ticker(bar))
             spans = [[t.metrics().total_s for t in mine] for mine in rounds]
+            speed = None if args.as_fitted else _run_speed(topology, probe_tflops(comm))
+            if speed is not None:  # the fit at this job's speed (its probe against the fit's)
+                topology = topology.at_speed(speed)
+                source += f" at this job's speed (x{1 / speed:.2f} the fit's times)"
             results = score_cases(cases, spans[: len(cases)], topology)
             inside = score_cases(own, spans[len(cases) :], topology)
     if comm.rank == 0:
@@ -588,13 +596,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         world_param = "ranks" if args.ranks is None else "--ranks"
         lifted = scenario.lifted(args.ranks, "--ranks")
         topology = _sized_topology(scenario, args.topology, world, world_param)
-        measured = _measured_totals(Path(args.measured)) if args.measured else {}
+        measured, probe = _measured_totals(Path(args.measured)) if args.measured else ({}, None)
+        if args.as_fitted and not args.measured:
+            raise ParamInvalidError("--as-fitted", True, "is for a comparison: it needs --measured")
+        speed = None if args.as_fitted else _run_speed(topology, probe)
         default = f"results/{scenario.name}-{_stamp()}-sim"
         out = _check_out(_out_or(args.out, default), args.overwrite)
         if args.measured and out.resolve() == Path(args.measured).resolve():
             raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
     _warn_lifted(lifted, "simulate")
+    if speed is not None:
+        topology = topology.at_speed(speed)
     with _checking():  # the model is pure: what it refuses is in the input
         result = simulate_study(scenario, topology, world)
     if args.overwrite:
@@ -606,6 +619,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides=_with_profile(args.set, args.what_if), per_task=per_task,
     )  # fmt: skip
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
+    if speed is not None:
+        print(_speed_line(topology, speed, "the run"))
     print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
     for tiling, m in result.metrics().items():
         line = metrics_row(tiling, m)
@@ -638,14 +653,33 @@ def _write_plots(folders: Sequence[Path], out: Path) -> None:
     print(f"plots: {len(written)} PNG in {out}")
 
 
-def _measured_totals(directory: Path) -> dict[str, float]:
-    """``--measured``: tiling -> measured total seconds, from a ``mc2sim run`` results folder."""
+def _measured_totals(directory: Path) -> tuple[dict[str, float], float | None]:
+    """``--measured``: a ``mc2sim run`` folder's measured seconds by tiling, and its probe.
+
+    The probe (``Manifest.probe_tflops``) is None where the run has none.
+    """
     from mc2sim.results import read_results
 
     try:
-        return read_results(directory).totals()
+        folder = read_results(directory)
     except ParamInvalidError as err:
         raise ParamInvalidError("--measured", str(directory), err.rule) from None
+    return folder.totals(), folder.manifest.probe_tflops
+
+
+def _run_speed(topology: Topology, probe: float | None) -> float | None:
+    """A run's speed over its fit's (both probes: ``Device.probe_tflops``); None without both."""
+    fitted = topology.device.probe_tflops
+    return probe / fitted if probe is not None and fitted > 0 else None
+
+
+def _speed_line(topology: Topology, speed: float, what: str) -> str:
+    """The line that says a fit runs at ``what``'s speed (``topology`` already at it)."""
+    now = topology.device.probe_tflops
+    return (
+        f"# at {what}'s speed: its probe (a float32 1024^3 matmul on a core) read {now:.3g} "
+        f"TFLOP/s, the fit's {now / speed:.3g}: the fit's times x{1 / speed:.2f} (--as-fitted: not)"
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -710,7 +744,7 @@ def _measure_into(
         manifest = manifest_of(
             scenario, topology="measured", world=comm.size, source="measured",
             hosts=result.hosts, scenario_path=scenario_path, argv=argv, overrides=overrides,
-            devices=result.devices, backend=result.backend,
+            devices=result.devices, backend=result.backend, probe_tflops=result.probe_tflops,
         )  # fmt: skip
         write_results(
             out, timeline=result.timeline, baseline=result.baseline, manifest=manifest,
@@ -789,7 +823,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         manifest = manifest_of(
             scenario, topology="measured", world=comm.size, source="measured",
             hosts=measured.hosts, scenario_path=_scenario_file(args.scenario), argv=args.argv,
-            overrides=args.set,
+            overrides=args.set, probe_tflops=measured.probe_tflops,
         )  # fmt: skip
         write_results(
             out, timeline=measured.timeline, baseline=measured.baseline, manifest=manifest,
@@ -1331,7 +1365,15 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--what-if", action="store_true", help=_WHAT_IF_HELP)
     _add_out(sim, "results folder, new or empty (default results/<scenario>-<time>-sim)")
     sim.add_argument(
-        "--measured", metavar="DIR", help="a `mc2sim run` results folder to compare with"
+        "--measured",
+        metavar="DIR",
+        help="a `mc2sim run` results folder to compare with; a fitted topology runs at the "
+        "run's speed (its speed probe against the fit's)",
+    )
+    sim.add_argument(
+        "--as-fitted",
+        action="store_true",
+        help="with --measured: keep the fit's speed, not the run's",
     )
     sim.add_argument(
         "--per-task",
@@ -1410,6 +1452,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     val.add_argument(
         "--reps", type=_rounds, default=15, help="interleaved rounds of every case (>= 1)"
+    )
+    val.add_argument(
+        "--as-fitted",
+        action="store_true",
+        help="keep --topology's speed; by default the fit runs at this job's (its speed "
+        "probe after the rounds against the fit's)",
     )
     val.add_argument(
         "--cases",

@@ -806,6 +806,11 @@ class Manifest:
     memory)"``, ``"mpi (device-aware)"``, ``"nccl"``, ``"gloo"``; None when simulated (and in
     folders written before backends were recorded)."""
 
+    probe_tflops: float | None = None
+    """A measured run's speed probe (:func:`mc2sim.study.measure.probe_tflops`: a float32
+    1024^3 matmul on rank 0's core while the others slept, after the rounds), TFLOP/s, > 0;
+    None when simulated (and in folders written before probes were recorded)."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "argv", _texts("argv", self.argv))
         object.__setattr__(self, "overrides", _texts("overrides", self.overrides))
@@ -814,6 +819,14 @@ class Manifest:
         object.__setattr__(self, "devices", _texts("devices", self.devices))
         if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
             raise ParamInvalidError("backend", self.backend, "must be a non-empty string or None")
+        probe = self.probe_tflops
+        if probe is not None and not (
+            isinstance(probe, (int, float))
+            and not isinstance(probe, bool)
+            and math.isfinite(probe)
+            and probe > 0
+        ):
+            raise ParamInvalidError("probe_tflops", probe, "must be a finite number > 0 or None")
         for name in ("scenario", "op", "dtype", "quant", "standard", "scale", "topology"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -933,6 +946,7 @@ class Manifest:
             # recorded since the accelerator executor; older folders lack them
             devices=got.texts("devices") if "devices" in got.data else (),
             backend=got.text_or_none("backend") if "backend" in got.data else None,
+            probe_tflops=got.number_or_none("probe_tflops") if "probe_tflops" in got.data else None,
         )
 
 
@@ -1052,6 +1066,7 @@ def collect_manifest(
     overrides: Sequence[str] = (),
     devices: Sequence[str] = (),
     backend: str | None = None,
+    probe_tflops: float | None = None,
 ) -> Manifest:
     """Build a :class:`Manifest` from a study's plain values and the facts of this process.
 
@@ -1082,6 +1097,7 @@ def collect_manifest(
         overrides: the ``--set`` strings.
         devices: every rank's device (a measured run).
         backend: the collectives' transport (a measured run).
+        probe_tflops: the speed probe after a measured run's rounds.
 
     Returns:
         The manifest.
@@ -1126,6 +1142,7 @@ def collect_manifest(
         git_dirty=dirty,
         devices=tuple(devices),
         backend=backend,
+        probe_tflops=probe_tflops,
     )
 
 

@@ -449,6 +449,15 @@ class Device:
     """Compute tasks timed on this machine (``mc2sim calibrate``); empty for a machine
     described on paper, whose tasks take the roofline's time."""
 
+    probe_tflops: float = 0.0
+    """The machine's speed when these figures were fitted: a plain float32 1024 x 1024 x 1024
+    matmul on one rank's core while the job's other ranks sleep, in TFLOP/s (``mc2sim
+    calibrate``). ``mc2sim run`` times the same probe after its rounds, and a comparison of
+    that run with a simulation on this topology runs the simulation at the run's speed
+    (:meth:`Topology.at_speed`): a machine whose other users slow it, or another host of the
+    same kind, keeps the fit. 0 (the default): not measured (a machine described on paper).
+    >= 0."""
+
     reductions_in_float32: bool = False
     """Whether AllReduce and ReduceScatter move float32 copies of the plans' 16-bit data,
     twice the bytes the plans count (mc2sim's MPI and gloo communicators on a CPU: MPI has no
@@ -501,6 +510,7 @@ class Device:
         object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
+        object.__setattr__(self, "probe_tflops", _non_negative("probe_tflops", self.probe_tflops))
         object.__setattr__(
             self, "core_sharing", _as_choice("core_sharing", self.core_sharing, CoreSharing)
         )
@@ -544,6 +554,7 @@ class Device:
                 self.core_sharing,
                 tuple(sorted(self.warm_us.items())),
                 self.profile,
+                self.probe_tflops,
             )
         )
 
@@ -842,6 +853,46 @@ class Topology:
         outer = replace(self.network[-1], ranks=world_size // inner)
         return replace(self, network=(*self.network[:-1], outer))
 
+    def at_speed(self, speed: float) -> Topology:
+        """Return a copy of this machine running ``speed`` times as fast (0.5: half as fast).
+
+        Every figure set by the CPU's pace scales: times (``launch_us``, ``issue_us`` and
+        ``issue_extra_us``, ``slice_us``, ``warm_us``, the profile's points, each level's
+        ``latency_us``) by ``1 / speed`` and rates (``matrix_tflops``, ``vector_tflops``,
+        ``memory_gbps``, ``reduce_gbps``, ``issue_gbps``, each level's ``bandwidth_gbps``) by
+        ``speed``, so a plan's simulated times scale by ``1 / speed``; a wire's cap
+        (``link_gbps``) keeps its pace, and ``probe_tflops`` becomes the probe at that speed.
+        For a fit (``probe_tflops``) compared with a run whose probe read otherwise.
+
+        Raises:
+            ParamInvalidError: ``speed`` is not a finite number > 0.
+        """
+        if not (isinstance(speed, (int, float)) and math.isfinite(speed) and speed > 0):
+            raise ParamInvalidError("speed", speed, "must be a finite number > 0")
+        if speed == 1.0:
+            return self
+        dev, slow = self.device, 1.0 / speed
+        device = replace(
+            dev,
+            matrix_tflops={d: v * speed for d, v in dev.matrix_tflops.items()},
+            vector_tflops=dev.vector_tflops * speed,
+            memory_gbps=dev.memory_gbps * speed,
+            launch_us=dev.launch_us * slow,
+            reduce_gbps=dev.reduce_gbps * speed,
+            issue_us=dev.issue_us * slow,
+            issue_extra_us={k: v * slow for k, v in dev.issue_extra_us.items()},
+            issue_gbps=dev.issue_gbps * speed,
+            slice_us=dev.slice_us * slow,
+            warm_us={k: v * slow for k, v in dev.warm_us.items()},
+            profile=tuple(replace(p, us=p.us * slow) for p in dev.profile),
+            probe_tflops=dev.probe_tflops * speed,
+        )
+        network = tuple(
+            replace(d, bandwidth_gbps=d.bandwidth_gbps * speed, latency_us=d.latency_us * slow)
+            for d in self.network
+        )
+        return replace(self, device=device, network=network)
+
     def _check_rank(self, param: str, rank: object) -> None:
         """Raise ``ParamInvalidError`` unless ``rank`` is an int in ``[0, world_size)``."""
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
@@ -873,6 +924,7 @@ _DEVICE_OPTIONAL = (
     "waiting_weight",
     "warm_us",
     "profile",
+    "probe_tflops",
 )
 _DEVICE_KEYS = (
     "name",
@@ -1015,6 +1067,7 @@ class _Reader:
                 dev.get("issue_extra_us", {}), "device.issue_extra_us", _US_BY_KIND
             ),
             profile=self.profile(dev.get("profile", [])),
+            probe_tflops=self.number(dev.get("probe_tflops", 0.0), "device.probe_tflops"),
         )
 
     def names(self, data: object, where: str) -> tuple[str, ...]:
@@ -1134,6 +1187,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             ),
             **({"waiting_weight": dev.waiting_weight} if dev.waiting_weight != 1.0 else {}),
             **({"warm_us": dict(dev.warm_us)} if dev.warm_us else {}),
+            **({"probe_tflops": dev.probe_tflops} if dev.probe_tflops else {}),
             "efficiency": {
                 "small_util": eff.small_util,
                 "large_util": eff.large_util,

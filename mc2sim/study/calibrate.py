@@ -104,7 +104,14 @@ from mc2sim.scenario import load
 from mc2sim.schedule.executor import execute
 from mc2sim.schedule.plan import Plan, Resource, Task, TaskKind
 from mc2sim.schedule.traffic import Placement
-from mc2sim.study.measure import Case, cases_of, measure_rounds
+from mc2sim.study.measure import (
+    Case,
+    alone_median,
+    asleep_until_done,
+    cases_of,
+    matmul_tflops,
+    measure_rounds,
+)
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
 from mc2sim.topology import (
     Contention,
@@ -1009,6 +1016,8 @@ def calibrate(
         ),
     )
     independent = measure_independent(comm, reps)
+    # the machine's speed at the fit: a run compared with it is simulated at its own speed
+    fitted = replace(fitted, device=replace(fitted.device, probe_tflops=independent.matmul_tflops))
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
     return Calibration(
         topology=fitted,
@@ -1471,7 +1480,9 @@ class Independent:
     """
 
     matmul_tflops: float
-    """A plain float32 matmul (1024 x 1024 x 1024, torch), TFLOP/s."""
+    """A plain float32 matmul (1024 x 1024 x 1024, torch, one thread:
+    :func:`mc2sim.study.measure.matmul_tflops`), TFLOP/s; the fit keeps it as its speed
+    probe (``Device.probe_tflops``)."""
     memcpy_gbps: float
     """A 64 MiB copy, bytes read plus written per second, GB/s."""
     upcast_gbps: float
@@ -1486,45 +1497,31 @@ class Independent:
     the job's own ranks, sharing the cores, see it."""
 
 
-def _asleep_until_done(comm: Communicator, busy: bool) -> None:
-    """Ranks not ``busy`` sleep (never spin) until every busy rank is done."""
-    work = comm.iallreduce(torch.zeros(1))
-    if busy:
-        work.wait()
-        return
-    while not work.test():
-        time.sleep(0.002)
-    work.wait()
-
-
 def measure_independent(comm: Communicator, reps: int) -> Independent:
     """Time a float32 matmul and a memcpy on rank 0, and a ping-pong on ranks 0 and 1."""
     figures: dict[str, float] = {}
     if comm.rank == 0:
-        a = torch.randn(1024, 1024)
-        b = torch.randn(1024, 1024)
-        seconds = _alone_median(lambda: torch.mm(a, b), reps)
-        figures["matmul"] = 2.0 * 1024**3 / seconds / 1e12
+        figures["matmul"] = matmul_tflops(reps)
         src = torch.ones(16 * 1024 * 1024)  # 64 MiB of float32
         dst = torch.empty_like(src)
-        seconds = _alone_median(lambda: dst.copy_(src), reps)
+        seconds = alone_median(lambda: dst.copy_(src), reps)
         figures["memcpy"] = 2.0 * src.numel() * 4 / seconds / 1e9
         half = torch.ones(16 * 1024 * 1024, dtype=torch.bfloat16)
-        seconds = _alone_median(lambda: dst.copy_(half), reps)
+        seconds = alone_median(lambda: dst.copy_(half), reps)
         figures["upcast"] = half.numel() * 2 / seconds / 1e9
-    _asleep_until_done(comm, comm.rank == 0)
+    asleep_until_done(comm, comm.rank == 0)
     pair = comm.split(0 if comm.rank < 2 else 1, comm.rank)
     if comm.size >= 2 and comm.rank < 2:
         x = torch.zeros(1)
-        seconds = _alone_median(lambda: pair.iallreduce(x).wait(), 20 * reps)
+        seconds = alone_median(lambda: pair.iallreduce(x).wait(), 20 * reps)
         figures["pingpong"] = seconds * 1e6
-    _asleep_until_done(comm, comm.rank < 2)
+    asleep_until_done(comm, comm.rank < 2)
     pairs = comm.split(comm.rank // 2, comm.rank)
     paired = pairs.size == 2
     if paired:
         x = torch.zeros(1)
-        figures["loaded"] = _alone_median(lambda: pairs.iallreduce(x).wait(), 20 * reps) * 1e6
-    _asleep_until_done(comm, paired)
+        figures["loaded"] = alone_median(lambda: pairs.iallreduce(x).wait(), 20 * reps) * 1e6
+    asleep_until_done(comm, paired)
     loaded = max((f.get("loaded", 0.0) for f in comm.allgather_object(figures)), default=0.0)
     shared = comm.allgather_object(figures)[0]
     return Independent(
@@ -1534,17 +1531,6 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
         pingpong_us=shared.get("pingpong", 0.0),
         pingpong_loaded_us=loaded,
     )
-
-
-def _alone_median(fn: Callable[[], object], reps: int) -> float:
-    """Median seconds of ``fn`` on this rank alone (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(max(reps, 3)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 WIDE_REDUCTIONS = ("mpi", "gloo", "threads")

@@ -9,13 +9,18 @@ run and its simulated plans describe the same work.
 :func:`measure_study` is ``mc2sim run``: every tiling of the scenario is golden-checked under
 its precision standard, then timed in ``repetitions`` rounds; the representative run of each
 tiling is the one at the lower quartile of the spans (:data:`mc2sim.model.accuracy.QUIET_QUANTILE`:
-the machine's other users only add time to a round).
+the machine's other users only add time to a round). After the rounds, rank 0 times the
+machine's speed probe while the others sleep (:func:`probe_tflops`), which a fitted topology
+also holds (``Device.probe_tflops``): a comparison with a simulation runs the model at the
+run's speed.
 """
 
 from __future__ import annotations
 
 import functools
 import socket
+import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,9 +40,13 @@ from mc2sim.timeline import RunKey, Timeline, gather, record
 __all__ = [
     "Case",
     "MeasuredStudy",
+    "alone_median",
+    "asleep_until_done",
     "cases_of",
+    "matmul_tflops",
     "measure_rounds",
     "measure_study",
+    "probe_tflops",
     "real_case",
 ]
 
@@ -75,6 +84,9 @@ class MeasuredStudy:
     """Every rank's device, in words (:func:`mc2sim.comm.describe_device`)."""
     backend: str
     """How the collectives travelled (:func:`mc2sim.comm.transport`)."""
+    probe_tflops: float | None = None
+    """The machine's speed after the rounds (:func:`probe_tflops`), TFLOP/s; None on an
+    accelerator (its fits are not made by ``mc2sim calibrate``)."""
 
     def passed_tiling(self, tiling: str) -> bool:
         """Whether every rank's output matched its golden under ``tiling``."""
@@ -244,4 +256,63 @@ def measure_study(
     return MeasuredStudy(
         timeline=merged, runs=runs, baseline=runs["serial"], verdicts=verdicts, hosts=hosts,
         devices=devices, backend=transport(comm, where),
+        probe_tflops=probe_tflops(comm) if where.type == "cpu" else None,
     )  # fmt: skip
+
+
+PROBE_N = 1024
+"""The speed probe's matmul: float32, ``PROBE_N`` cubed (2.1 GFLOP: about 10 ms on a core
+here)."""
+
+PROBE_REPS = 5
+"""Timed calls of the probe (after one warm-up); their median counts."""
+
+
+def alone_median(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of ``fn`` on this rank alone (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(max(reps, 3)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def asleep_until_done(comm: Communicator, busy: bool) -> None:
+    """Ranks not ``busy`` sleep (never spin) until every busy rank is done."""
+    work = comm.iallreduce(torch.zeros(1))
+    if busy:
+        work.wait()
+        return
+    while not work.test():
+        time.sleep(0.002)
+    work.wait()
+
+
+def matmul_tflops(reps: int = PROBE_REPS) -> float:
+    """TFLOP/s of a float32 ``PROBE_N`` cubed matmul on one thread of this process.
+
+    One thread whatever ``OMP_NUM_THREADS`` says, so the figure is a core's, comparable
+    between jobs launched differently.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(PROBE_N, PROBE_N, generator=gen)
+        b = torch.randn(PROBE_N, PROBE_N, generator=gen)
+        seconds = alone_median(lambda: torch.mm(a, b), reps)
+    finally:
+        torch.set_num_threads(threads)
+    return 2.0 * PROBE_N**3 / seconds / 1e12
+
+
+def probe_tflops(comm: Communicator, reps: int = PROBE_REPS) -> float:
+    """The machine's speed now, the same on every rank: :func:`matmul_tflops` on rank 0.
+
+    The other ranks sleep meanwhile, so it has a core to itself wherever ranks share them.
+    """
+    mine = matmul_tflops(reps) if comm.rank == 0 else 0.0
+    asleep_until_done(comm, comm.rank == 0)
+    return float(comm.allgather_object(mine)[0])

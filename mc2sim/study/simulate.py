@@ -252,6 +252,7 @@ def manifest_of(
     overrides: Sequence[str] = (),
     devices: Sequence[str] = (),
     backend: str | None = None,
+    probe_tflops: float | None = None,
 ) -> results.Manifest:
     """The manifest of a results folder of ``scenario`` (:func:`mc2sim.results.collect_manifest`).
 
@@ -266,6 +267,7 @@ def manifest_of(
         overrides: the ``--set`` strings applied.
         devices: every rank's device (a measured run).
         backend: the collectives' transport (a measured run).
+        probe_tflops: the machine's speed probe after a measured run's rounds.
 
     Returns:
         The manifest.
@@ -278,7 +280,7 @@ def manifest_of(
         tilings=scenario.tilings, routing_kind=routing.kind, routing_seed=routing.seed,
         routing_skew=routing.skew, topology=topology, world_size=world, source=source,
         seeds={"routing": routing.seed}, hosts=hosts, argv=argv, overrides=overrides,
-        devices=devices, backend=backend,
+        devices=devices, backend=backend, probe_tflops=probe_tflops,
     )  # fmt: skip
 
 

@@ -39,6 +39,8 @@ def test_run_a_small_scenario(tmp_path: Path, ranks: int, scenario: str) -> None
     assert manifest.overrides == ("scale=small", "repetitions=1") and manifest.repetitions == 1
     assert manifest.mpi_library is not None, "mc2sim run loads MPI: its library is recorded"
     assert manifest.devices == ("cpu",) * ranks and manifest.backend == "mpi"
+    # the machine's speed after the rounds: a 1024^3 float32 matmul of a core, 0.01 to 10 TFLOP/s
+    assert manifest.probe_tflops is not None and 0.01 < manifest.probe_tflops < 10
     assert {r.clock for r in folder.timeline.records} == {Clock.HOST}  # type: ignore[union-attr]
     assert set(folder.verdicts) == set(folder.runs) >= {"serial"}
     for verdicts in folder.verdicts.values():
@@ -152,6 +154,9 @@ def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None
     assert set(topology.device.warm_us) == {
         "matmul", "grouped_matmul", "pack", "attention", "quant_matmul", "weight_quant_matmul",
     }  # fmt: skip
+    # the fit keeps its speed probe: the independent matmul calibrate prints
+    (row,) = [x for x in res.stdout.splitlines() if "float32 matmul 1024^3" in x]
+    assert row.split()[-2] == f"{topology.device.probe_tflops:.4g}"
 
 
 def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:

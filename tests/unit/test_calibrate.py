@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import itertools
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -944,3 +945,27 @@ def test_a_rate_is_the_least_squares_slope_through_the_origin() -> None:
     assert fit_rate([1e6, 2e6], [1e-3, 3e-3]) == pytest.approx(1 / 1.4)
     # no per-byte cost measured (posts no slower than the fixed part): 0, not a negative rate
     assert fit_rate([1e6, 4e6], [-1e-6, 0.0]) == 0.0
+
+
+def test_the_speed_probe_is_rank_0s_one_thread_matmul_and_every_rank_gets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mc2sim.study.measure as measure
+
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+
+    def timed(fn: Callable[[], object], reps: int) -> float:
+        seen.append(torch.get_num_threads())
+        return 0.02  # seconds of one 1024^3 matmul: 2 * 1024^3 / 0.02 FLOP/s
+
+    monkeypatch.setattr(measure, "alone_median", timed)
+    assert measure.matmul_tflops() == pytest.approx(2 * 1024**3 / 0.02 / 1e12)
+    assert seen == [1] and torch.get_num_threads() == threads  # one thread, then restored
+
+    def body(comm: ThreadCommunicator) -> float:
+        return measure.probe_tflops(comm)
+
+    seen.clear()
+    assert run_threads(3, body) == [pytest.approx(2 * 1024**3 / 0.02 / 1e12)] * 3
+    assert seen == [1]  # rank 0 alone timed it

@@ -350,7 +350,7 @@ MANIFEST_KEYS = {
     "format", "argv", "overrides", "scenario", "scenario_path", "scenario_sha256", "op",
     "shape", "dtype", "quant", "standard", "repetitions", "scale", "tilings", "routing",
     "topology", "world_size", "source", "hosts", "seeds", "versions", "mpi_library", "python",
-    "created", "git_revision", "git_dirty", "devices", "backend",
+    "created", "git_revision", "git_dirty", "devices", "backend", "probe_tflops",
 }  # fmt: skip
 
 
@@ -433,6 +433,19 @@ def _checkout(root: Path, name: str) -> Path:
     _git(root, "add", ".")
     _git(root, "commit", "-q", "-m", "first")
     return root / "mc2sim"
+
+
+def test_manifest_keeps_a_runs_speed_probe_and_reads_older_folders_without_one() -> None:
+    probed = dataclasses.replace(toy_manifest(), probe_tflops=0.1234)
+    data = json.loads(json.dumps(probed.to_json()))
+    assert data["probe_tflops"] == 0.1234
+    assert Manifest.from_json(data).probe_tflops == 0.1234
+    del data["probe_tflops"]  # a folder written before runs kept their probe
+    assert Manifest.from_json(data).probe_tflops is None
+    assert toy_manifest().probe_tflops is None
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "fast"):
+        with pytest.raises(ParamInvalidError, match="probe_tflops"):
+            dataclasses.replace(probed, probe_tflops=bad)
 
 
 def test_git_revision_and_dirty_flag_only_in_our_own_checkout(

@@ -155,6 +155,50 @@ def test_command_line_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert row.endswith(f"{total * 1e3:>10.3f}{0.0:>8.1%}")
 
 
+def test_a_fit_compared_with_a_run_runs_at_the_runs_speed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+
+    from mc2sim.results import write_results
+    from mc2sim.topology import builtin as topology_of
+    from mc2sim.topology import dump
+
+    fit = topology_of("this_machine_4ranks")
+    probed = tmp_path / "fit.yaml"
+    dump(dataclasses.replace(fit, device=dataclasses.replace(fit.device, probe_tflops=0.2)), probed)
+    args = ["simulate", "seed_gmm_alltoallv_ep4", "--set", "scale=small", "--ranks", "4"]
+    base = tmp_path / "base"
+    assert main([*args, "--topology", str(probed), "--no-plots", "--out", str(base)]) == 0
+    # a run of the same plans whose probe read half the fit's: the machine ran half as fast
+    done = read_results(base)
+    assert done.timeline is not None
+    run = tmp_path / "run"
+    write_results(
+        run, timeline=done.timeline, baseline=done.baseline,
+        manifest=dataclasses.replace(done.manifest, probe_tflops=0.1),
+    )  # fmt: skip
+    totals = done.totals()
+    for extra, factor in (([], 2.0), (["--as-fitted"], 1.0)):
+        capsys.readouterr()
+        out = tmp_path / f"sim{len(extra)}"
+        argv = [*args, "--topology", str(probed), "--measured", str(run), "--no-plots"]
+        assert main([*argv, *extra, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        said = [line for line in printed.splitlines() if line.startswith("# at the run's speed")]
+        assert len(said) == (factor != 1.0)
+        if said:
+            assert "read 0.1 TFLOP/s, the fit's 0.2: the fit's times x2.00" in said[0]
+        for tiling, total in read_results(out).totals().items():
+            assert total == pytest.approx(totals[tiling] * factor, rel=1e-9)
+    # a topology without a probe (described on paper, or fitted before probes) is as it is
+    capsys.readouterr()
+    out = tmp_path / "plain"
+    plain = [*args, "--topology", "this_machine_4ranks", "--measured", str(run), "--no-plots"]
+    assert main([*plain, "--out", str(out)]) == 0
+    assert "# at the run's speed" not in capsys.readouterr().out
+
+
 def test_broken_scenario_exits_2_naming_file_and_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

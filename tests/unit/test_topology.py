@@ -537,3 +537,71 @@ def test_loader_error_for_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ParamInvalidError) as info:
         load(tmp_path / "absent.yaml")
     assert info.value.code == 161002 and "absent.yaml" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+@pytest.mark.parametrize(
+    ("name", "scenario", "world", "turns"),
+    [
+        ("this_machine_4ranks", "seed_gmm_alltoallv_ep4", 4, False),
+        ("this_machine_4ranks", "seed_gmm_alltoallv_ep4", 4, True),
+        ("this_machine", "llama70b_tp8_decode", 2, False),
+        ("atlas_a2_multinode", "llama70b_tp8_prefill", 16, False),
+    ],
+)
+@pytest.mark.parametrize("speed", [0.5, 1.7])
+def test_at_speed_scales_every_simulated_time_by_its_inverse(
+    name: str, scenario: str, world: int, turns: bool, speed: float
+) -> None:
+    from mc2sim.model.simulator import simulate_waits
+    from mc2sim.scenario import builtin as scenario_of
+    from mc2sim.study.simulate import plans_for
+    from mc2sim.topology import CoreSharing
+
+    topo = builtin(name).with_world(world)
+    if turns:  # ranks taking turns on the cores: the slice is how long a rank holds one
+        topo = replace(topo, device=replace(topo.device, core_sharing=CoreSharing.TURNS))
+    sc = scenario_of(scenario, ["scale=small"])
+    for tiling in sc.tilings:
+        plans = plans_for(sc, world, tiling)
+        before = simulate_waits(plans, topo)[0]
+        after = simulate_waits(plans, topo.at_speed(speed))[0]
+        assert after.metrics().total_s == pytest.approx(before.metrics().total_s / speed, rel=1e-9)
+        ends = sorted(r.end_s for r in before.records)
+        assert sorted(r.end_s for r in after.records) == pytest.approx(
+            [e / speed for e in ends], rel=1e-9, abs=1e-15
+        )
+
+
+def test_at_speed_keeps_a_wires_cap_and_carries_the_probe() -> None:
+    topo = two_level()
+    capped = replace(topo, network=(topo.network[0], replace(topo.network[1], link_gbps=3.0)))
+    probed = replace(capped, device=replace(capped.device, probe_tflops=0.2))
+    slow = probed.at_speed(0.5)
+    assert slow.network[1].link_gbps == 3.0
+    assert slow.network[1].bandwidth_gbps == probed.network[1].bandwidth_gbps * 0.5
+    assert slow.network[0].latency_us == probed.network[0].latency_us * 2
+    assert slow.device.probe_tflops == pytest.approx(0.1)
+    assert slow.device.launch_us == probed.device.launch_us * 2
+    assert probed.at_speed(1.0) is probed
+    for bad in (0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ParamInvalidError, match="speed"):
+            probed.at_speed(bad)  # type: ignore[arg-type]
+
+
+def test_probe_tflops_round_trips_through_yaml_and_is_checked(tmp_path: Path) -> None:
+    from mc2sim.topology import dump, load
+
+    topo = builtin("this_machine_4ranks")
+    probed = replace(topo, device=replace(topo.device, probe_tflops=0.205))
+    dump(probed, tmp_path / "p.yaml")
+    assert "probe_tflops: 0.205" in (tmp_path / "p.yaml").read_text()
+    assert load(tmp_path / "p.yaml") == probed
+    dump(replace(probed, device=replace(probed.device, probe_tflops=0.0)), tmp_path / "n.yaml")
+    assert "probe_tflops" not in (tmp_path / "n.yaml").read_text()  # not measured: left out
+    text = (tmp_path / "p.yaml").read_text().replace("probe_tflops: 0.205", "probe_tflops: -1")
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ParamInvalidError, match="probe_tflops"):
+        load(tmp_path / "bad.yaml")
