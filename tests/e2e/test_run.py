@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -222,7 +223,14 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     # the stored fit validates again, measured anew
     res = mpiexec(2, "-m", "mc2sim", "validate-model", "--topology", str(out), "--reps", "1")
     assert res.returncode == 0, res.stderr
-    assert f"# validate-model: 2 ranks, {out}, lower quartile of 1 rounds" in res.stdout
+    # at this job's speed: the fit's probe against the one taken after the rounds
+    (header,) = [x for x in res.stdout.splitlines() if x.startswith("# validate-model:")]
+    assert re.fullmatch(
+        rf"# validate-model: 2 ranks, {re.escape(str(out))} at this job's speed "
+        r"\(x\d+\.\d\d the fit's times\), lower quartile of 1 rounds",
+        header,
+    ), header
+    assert res.stdout.count("held-out geomean error at the fit's own speed (--as-fitted): ") == 1
     assert f"in-sample geomean error over {calls} cases: " in res.stdout
 
 
@@ -240,10 +248,11 @@ def test_validate_model_holds_out_the_named_files_on_a_resized_fit(tmp_path: Pat
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    header = lines.index(
-        f"# validate-model: 2 ranks, {four} (fitted on 4 ranks, resized to 2), "
-        "lower quartile of 1 rounds"
+    (header,) = [i for i, x in enumerate(lines) if x.startswith("# validate-model:")]
+    assert lines[header].startswith(
+        f"# validate-model: 2 ranks, {four} (fitted on 4 ranks, resized to 2)"
     )
+    assert lines[header].endswith(", lower quartile of 1 rounds")
     assert lines[header + 1].startswith(f"# split: held out: {mine} (never fitted on)")
     held = lines[header + 3 : header + 5]
     assert [row.split()[:2] for row in held] == [["my_tp", "serial"], ["my_tp", "tiles=2"]]
