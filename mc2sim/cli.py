@@ -359,7 +359,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         if args.calibrate and comm.rank == 0 and args.out is not None:
             _check_topology_out(args.out, args.overwrite)
         if not args.calibrate:
-            given, fitted_on = _topology_file(args.topology, comm.size)
+            given, fitted_on, named = _topology_file(args.topology, comm.size)
         # the shipped set runs what fits the world size; the files a user names all must
         kept, skipped = runnable(scenarios, comm.size, strict=args.cases is not None)
     cases = held_out_cases(comm, kept)
@@ -378,7 +378,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             results = score_cases(cases, fitted.alongside, topology, faster)
             inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology, faster)
         else:
-            topology, source = given, args.topology
+            topology, source = given, named
             if fitted_on != comm.size:  # its core share and fits are of another job
                 source += f" (fitted on {fitted_on} ranks, resized to {comm.size})"
             own = fitted_cases(comm)
@@ -450,17 +450,36 @@ def _held_out(cases: Sequence[str] | None) -> tuple[list[tuple[Path, Scenario]],
     return held_out(files), "scenarios/validation/"
 
 
-def _topology_file(path: str, world: int) -> tuple[Topology, int]:
-    """``validate-model --topology``: a topology file, resized to ``world`` ranks, and its own."""
-    from mc2sim.topology import load
+def _topology_file(path: str | None, world: int) -> tuple[Topology, int, str]:
+    """``validate-model --topology``: a fit resized to ``world`` ranks, its own ranks, its name.
 
-    if not Path(path).is_file():
+    A topology file, or a shipped one by name; None: the shipped fit of this machine made on
+    ``world`` ranks where there is one (``this_machine_4ranks`` for 4), else ``this_machine``.
+    """
+    from mc2sim.topology import builtin, list_builtin, load
+
+    if path is None:
+        shipped = [n for n in list_builtin() if n.startswith(DEFAULT_FIT)]
+        mine = [n for n in shipped if builtin(n).world_size == world]
+        path = mine[0] if mine else DEFAULT_FIT
+    if path in list_builtin() and not Path(path).exists():
+        topology = builtin(path)
+    elif not Path(path).is_file():
         rule = "is not a file"
         if not Path(path).exists():
-            rule = "no such file: fit one first (mc2sim calibrate), or pass --calibrate"
+            rule = (
+                "no such file or shipped topology: fit one first (mc2sim calibrate), "
+                "or pass --calibrate"
+            )
         raise ParamInvalidError("--topology", path, rule)
-    topology = load(path)
-    return topology.with_world(world), topology.world_size
+    else:
+        topology = load(path)
+    return topology.with_world(world), topology.world_size, path
+
+
+DEFAULT_FIT = "this_machine"
+"""The shipped fits of the machine this project is developed on: ``this_machine`` (2 ranks),
+``this_machine_4ranks``; ``validate-model`` takes the one made on as many ranks as the job's."""
 
 
 def _rounds(text: str) -> int:
@@ -1445,7 +1464,9 @@ def _parser() -> argparse.ArgumentParser:
         help="run a sweep for real and simulated; print per-case and geomean error",
     )
     val.add_argument(
-        "--topology", default="topologies/this_machine.yaml", help="topology file (calibrated)"
+        "--topology",
+        help="a fitted topology: a file, or a shipped one by name (default: the shipped fit "
+        "of this machine on as many ranks, this_machine_4ranks on 4, else this_machine)",
     )
     val.add_argument(
         "--calibrate",

@@ -183,3 +183,23 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     (memcpy,) = [r for r in rows if "memory GB/s vs memcpy" in r]
     assert memcpy.split()[-1] == f"x{device.memory_gbps / 12.0:.2f}"
     assert "inf" not in "\n".join(rows)
+
+
+def test_validate_model_takes_the_shipped_fit_made_on_as_many_ranks(tmp_path: Path) -> None:
+    from mc2sim.cli import _topology_file
+    from mc2sim.errors import ParamInvalidError
+    from mc2sim.topology import builtin, dump
+
+    four, on, name = _topology_file(None, 4)
+    assert (name, on, four) == ("this_machine_4ranks", 4, builtin("this_machine_4ranks"))
+    two, on, name = _topology_file(None, 2)
+    assert (name, on, two) == ("this_machine", 2, builtin("this_machine"))
+    three, on, name = _topology_file(None, 3)  # none made on 3: the 2-rank fit, resized
+    assert (name, on, three.world_size) == ("this_machine", 2, 3)
+    by_name, on, _ = _topology_file("this_machine_4ranks", 2)  # a shipped one by name
+    assert on == 4 and by_name == builtin("this_machine_4ranks").with_world(2)
+    dump(builtin("this_machine"), tmp_path / "fit.yaml")
+    from_file, on, name = _topology_file(str(tmp_path / "fit.yaml"), 4)
+    assert (on, name, from_file.world_size) == (2, str(tmp_path / "fit.yaml"), 4)
+    with pytest.raises(ParamInvalidError, match="no such file or shipped topology"):
+        _topology_file("no_such_fit", 2)
