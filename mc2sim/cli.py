@@ -347,9 +347,9 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
                 raise ParamInvalidError(
                     flag, value, "is for the fitted topology: it needs --calibrate"
                 )
-        if args.as_fitted and args.calibrate:
+        if args.at_run_speed and args.calibrate:
             raise ParamInvalidError(
-                "--as-fitted", True, "is for a stored fit (--topology): --calibrate fits now"
+                "--at-run-speed", True, "is for a stored fit (--topology): --calibrate fits now"
             )
         _check_name(args.name or "this_machine")
         scenarios, held = _held_out(args.cases)
@@ -360,6 +360,8 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             _check_topology_out(args.out, args.overwrite)
         if not args.calibrate:
             given, fitted_on, named = _topology_file(args.topology, comm.size)
+            if args.at_run_speed:
+                _check_probed(given, named)
         # the shipped set runs what fits the world size; the files a user names all must
         kept, skipped = runnable(scenarios, comm.size, strict=args.cases is not None)
     cases = held_out_cases(comm, kept)
@@ -385,11 +387,13 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             runs = [c.run for c in cases + own]
             rounds = measure_rounds(comm, runs, reps=args.reps, progress=_ticker(bar))
             spans = [[t.metrics().total_s for t in mine] for mine in rounds]
-            speed = None if args.as_fitted else _run_speed(topology, probe_tflops(comm))
-            if speed is not None:  # the fit at this job's speed (its probe against the fit's)
-                as_fitted = score_cases(cases, spans[: len(cases)], topology)
-                topology = topology.at_speed(speed)
-                source += f" at this job's speed (x{1 / speed:.2f} the fit's times)"
+            speed = _run_speed(topology, probe_tflops(comm))
+            if speed is not None:  # the fit at this job's speed too (its probe against the fit's)
+                other = topology if args.at_run_speed else topology.at_speed(speed)
+                if args.at_run_speed:
+                    topology = topology.at_speed(speed)
+                    source += f" at this job's speed (x{1 / speed:.2f} the fit's times)"
+                beside = score_cases(cases, spans[: len(cases)], other)
             results = score_cases(cases, spans[: len(cases)], topology)
             inside = score_cases(own, spans[len(cases) :], topology)
     if comm.rank == 0:
@@ -424,10 +428,9 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         medians = geomean_of(r.median_error for r in results)
         print(f"held-out geomean error against the rounds' medians: {medians:.1%}")
         if speed is not None:
-            print(
-                f"held-out geomean error at the fit's own speed (--as-fitted): "
-                f"{geomean_error(as_fitted):.1%}"
-            )
+            print(_speed_line(speed, topology.device.probe_tflops, args.at_run_speed, "job"))
+            where = "fit's own speed" if args.at_run_speed else "job's speed (--at-run-speed)"
+            print(f"held-out geomean error at the {where}: {geomean_error(beside):.1%}")
     return 0
 
 
@@ -623,16 +626,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         lifted = scenario.lifted(args.ranks, "--ranks")
         topology = _sized_topology(scenario, args.topology, world, world_param)
         measured, probe = _measured_totals(Path(args.measured)) if args.measured else ({}, None)
-        if args.as_fitted and not args.measured:
-            raise ParamInvalidError("--as-fitted", True, "is for a comparison: it needs --measured")
-        speed = None if args.as_fitted else _run_speed(topology, probe)
+        if args.at_run_speed and not args.measured:
+            raise ParamInvalidError(
+                "--at-run-speed", True, "is for a comparison: it needs --measured"
+            )
+        speed = _run_speed(topology, probe)
+        if args.at_run_speed and speed is None:
+            _check_probed(topology, args.topology or scenario.topology)
+            raise ParamInvalidError(
+                "--at-run-speed", args.measured, "the run has no speed probe (an older run)"
+            )
         default = f"results/{scenario.name}-{_stamp()}-sim"
         out = _check_out(_out_or(args.out, default), args.overwrite)
         if args.measured and out.resolve() == Path(args.measured).resolve():
             raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
     _warn_lifted(lifted, "simulate")
-    if speed is not None:
+    if speed is not None and args.at_run_speed:
         topology = topology.at_speed(speed)
     with _checking():  # the model is pure: what it refuses is in the input
         result = simulate_study(scenario, topology, world)
@@ -645,8 +655,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides=_with_profile(args.set, args.what_if), per_task=per_task,
     )  # fmt: skip
     print(f"# {scenario.name}: {scenario.op}, {result.world} ranks on {result.topology.name}")
-    if speed is not None:
-        print(_speed_line(topology, speed, "the run"))
+    if speed is not None and (args.at_run_speed or not _near(speed)):
+        print(_speed_line(speed, topology.device.probe_tflops, args.at_run_speed, "run"))
     print(METRICS_HEADER + (f"{'measured':>10}{'error':>8}" if measured else ""))
     for tiling, m in result.metrics().items():
         line = metrics_row(tiling, m)
@@ -699,13 +709,43 @@ def _run_speed(topology: Topology, probe: float | None) -> float | None:
     return probe / fitted if probe is not None and fitted > 0 else None
 
 
-def _speed_line(topology: Topology, speed: float, what: str) -> str:
-    """The line that says a fit runs at ``what``'s speed (``topology`` already at it)."""
-    now = topology.device.probe_tflops
-    return (
-        f"# at {what}'s speed: its probe (a float32 1024^3 matmul on a core) read {now:.3g} "
-        f"TFLOP/s, the fit's {now / speed:.3g}: the fit's times x{1 / speed:.2f} (--as-fitted: not)"
+def _speed_line(speed: float, probe: float, rescaled: bool, what: str) -> str:
+    """The line that says at what pace the ``what`` ran against its fit (the probes' ratio).
+
+    ``probe``: the topology's own, at the ``what``'s speed where ``rescaled``.
+    """
+    fitted = probe / speed if rescaled else probe
+    now = fitted * speed
+    read = (
+        f"its probe (a float32 1024^3 matmul on a core) read {now:.3g} TFLOP/s, "
+        f"the fit's {fitted:.3g}"
     )
+    if rescaled:
+        return f"# at the {what}'s speed: {read}: the fit's times x{1 / speed:.2f}"
+    return (
+        f"# the {what} ran at x{speed:.2f} the fit's pace: {read} "
+        "(--at-run-speed runs the fit at it)"
+    )
+
+
+SPEED_NOTE = 0.15
+"""How far a run's speed probe may read from its fit's (as a ratio) before ``simulate
+--measured`` says so: the probe's spread between quiet hours here."""
+
+
+def _near(speed: float) -> bool:
+    """Whether a run's speed over its fit's is within :data:`SPEED_NOTE` of 1."""
+    return 1.0 / (1.0 + SPEED_NOTE) <= speed <= 1.0 + SPEED_NOTE
+
+
+def _check_probed(topology: Topology, named: str) -> None:
+    """``--at-run-speed`` needs the fit's speed probe (``Device.probe_tflops``)."""
+    if topology.device.probe_tflops <= 0:
+        raise ParamInvalidError(
+            "--at-run-speed",
+            named,
+            "the topology has no speed probe (device.probe_tflops: a fit by mc2sim calibrate)",
+        )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -1393,13 +1433,14 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--measured",
         metavar="DIR",
-        help="a `mc2sim run` results folder to compare with; a fitted topology runs at the "
-        "run's speed (its speed probe against the fit's)",
+        help="a `mc2sim run` results folder to compare with (said when its speed probe read "
+        "over 15%% off the fit's)",
     )
     sim.add_argument(
-        "--as-fitted",
+        "--at-run-speed",
         action="store_true",
-        help="with --measured: keep the fit's speed, not the run's",
+        help="with --measured: run a fitted topology at the run's speed (the run's speed probe "
+        "over the fit's)",
     )
     sim.add_argument(
         "--per-task",
@@ -1482,10 +1523,10 @@ def _parser() -> argparse.ArgumentParser:
         "--reps", type=_rounds, default=15, help="interleaved rounds of every case (>= 1)"
     )
     val.add_argument(
-        "--as-fitted",
+        "--at-run-speed",
         action="store_true",
-        help="keep --topology's speed; by default the fit runs at this job's (its speed "
-        "probe after the rounds against the fit's)",
+        help="run --topology at this job's speed (a speed probe after the rounds over the "
+        "fit's); the other way's held-out error is printed too",
     )
     val.add_argument(
         "--cases",

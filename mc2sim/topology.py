@@ -452,11 +452,10 @@ class Device:
     probe_tflops: float = 0.0
     """The machine's speed when these figures were fitted: a plain float32 1024 x 1024 x 1024
     matmul on one rank's core while the job's other ranks sleep, in TFLOP/s (``mc2sim
-    calibrate``). ``mc2sim run`` times the same probe after its rounds, and a comparison of
-    that run with a simulation on this topology runs the simulation at the run's speed
-    (:meth:`Topology.at_speed`): a machine whose other users slow it, or another host of the
-    same kind, keeps the fit. 0 (the default): not measured (a machine described on paper).
-    >= 0."""
+    calibrate``). ``mc2sim run`` times the same probe after its rounds; a comparison of that
+    run with a simulation on this topology says when the two differ, and can run the
+    simulation at the run's speed (``--at-run-speed``: :meth:`Topology.at_speed`). 0 (the
+    default): not measured (a machine described on paper). >= 0."""
 
     reductions_in_float32: bool = False
     """Whether AllReduce and ReduceScatter move float32 copies of the plans' 16-bit data,

@@ -11,8 +11,8 @@ its precision standard, then timed in ``repetitions`` rounds; the representative
 tiling is the one at the lower quartile of the spans (:data:`mc2sim.model.accuracy.QUIET_QUANTILE`:
 the machine's other users only add time to a round). After the rounds, rank 0 times the
 machine's speed probe while the others sleep (:func:`probe_tflops`), which a fitted topology
-also holds (``Device.probe_tflops``): a comparison with a simulation runs the model at the
-run's speed.
+also holds (``Device.probe_tflops``): a comparison with a simulation says when the machine
+ran at another pace than its fit, and can run the model at the run's speed.
 """
 
 from __future__ import annotations

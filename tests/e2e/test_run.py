@@ -223,14 +223,24 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     # the stored fit validates again, measured anew
     res = mpiexec(2, "-m", "mc2sim", "validate-model", "--topology", str(out), "--reps", "1")
     assert res.returncode == 0, res.stderr
-    # at this job's speed: the fit's probe against the one taken after the rounds
+    assert f"# validate-model: 2 ranks, {out}, lower quartile of 1 rounds" in res.stdout
+    # the fit's probe against the one taken after the rounds: the pace, and the error there
+    assert re.search(r"^# the job ran at x\d+\.\d\d the fit's pace: ", res.stdout, re.M)
+    assert res.stdout.count("held-out geomean error at the job's speed (--at-run-speed): ") == 1
+    res = mpiexec(
+        2, "-m", "mc2sim", "validate-model", "--topology", str(out), "--reps", "1",
+        "--cases", str(Path(__file__).parents[2] / "scenarios" / "validation" / "val_ifa.yaml"),
+        "--at-run-speed",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
     (header,) = [x for x in res.stdout.splitlines() if x.startswith("# validate-model:")]
     assert re.fullmatch(
         rf"# validate-model: 2 ranks, {re.escape(str(out))} at this job's speed "
         r"\(x\d+\.\d\d the fit's times\), lower quartile of 1 rounds",
         header,
     ), header
-    assert res.stdout.count("held-out geomean error at the fit's own speed (--as-fitted): ") == 1
+    assert re.search(r"^# at the job's speed: its probe ", res.stdout, re.M)
+    assert res.stdout.count("held-out geomean error at the fit's own speed: ") == 1
     assert f"in-sample geomean error over {calls} cases: " in res.stdout
 
 

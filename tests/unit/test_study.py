@@ -179,24 +179,42 @@ def test_a_fit_compared_with_a_run_runs_at_the_runs_speed(
         manifest=dataclasses.replace(done.manifest, probe_tflops=0.1),
     )  # fmt: skip
     totals = done.totals()
-    for extra, factor in (([], 2.0), (["--as-fitted"], 1.0)):
+    for extra, factor in (([], 1.0), (["--at-run-speed"], 2.0)):
         capsys.readouterr()
         out = tmp_path / f"sim{len(extra)}"
         argv = [*args, "--topology", str(probed), "--measured", str(run), "--no-plots"]
         assert main([*argv, *extra, "--out", str(out)]) == 0
         printed = capsys.readouterr().out
-        said = [line for line in printed.splitlines() if line.startswith("# at the run's speed")]
-        assert len(said) == (factor != 1.0)
-        if said:
-            assert "read 0.1 TFLOP/s, the fit's 0.2: the fit's times x2.00" in said[0]
+        (said,) = [line for line in printed.splitlines() if line.startswith("# ")][1:]
+        read = "its probe (a float32 1024^3 matmul on a core) read 0.1 TFLOP/s, the fit's 0.2"
+        if extra:
+            assert said == f"# at the run's speed: {read}: the fit's times x2.00"
+        else:  # as fitted, but said: the probes differ by more than SPEED_NOTE
+            assert (
+                said
+                == f"# the run ran at x0.50 the fit's pace: {read} (--at-run-speed runs the fit at it)"
+            )
         for tiling, total in read_results(out).totals().items():
             assert total == pytest.approx(totals[tiling] * factor, rel=1e-9)
+    # within SPEED_NOTE of the fit's probe: nothing to say
+    near = tmp_path / "near"
+    write_results(
+        near, timeline=done.timeline, baseline=done.baseline,
+        manifest=dataclasses.replace(done.manifest, probe_tflops=0.21),
+    )  # fmt: skip
+    capsys.readouterr()
+    argv = [*args, "--topology", str(probed), "--measured", str(near), "--no-plots"]
+    assert main([*argv, "--out", str(tmp_path / "sim_near")]) == 0
+    assert "pace" not in capsys.readouterr().out
     # a topology without a probe (described on paper, or fitted before probes) is as it is
     capsys.readouterr()
     out = tmp_path / "plain"
     plain = [*args, "--topology", "this_machine_4ranks", "--measured", str(run), "--no-plots"]
     assert main([*plain, "--out", str(out)]) == 0
-    assert "# at the run's speed" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pace" not in printed and "# at the run's speed" not in printed
+    err = main([*plain, "--at-run-speed", "--out", str(tmp_path / "never")])
+    assert err == 2 and "the topology has no speed probe" in capsys.readouterr().err
 
 
 def test_broken_scenario_exits_2_naming_file_and_key(
