@@ -156,7 +156,12 @@ def fit_compute(
 def fit_peaks(
     samples: Sequence[ComputeSample], efficiency: Efficiency, launch_us: float, memory_gbps: float
 ) -> dict[str, float]:
-    """Peak TFLOP/s of further dtypes, the efficiency, launch and memory terms held fixed."""
+    """Peak TFLOP/s of further dtypes, the efficiency, launch and memory terms held fixed.
+
+    Where those terms already take a dtype's samples' whole time (a fast bare kernel beside
+    the reference kernels' fixed costs: a float32 matmul of one rank, one round), its peak is
+    the fastest sample's own rate, a rate the kernel reached; every dtype gets one.
+    """
     peaks = {}
     for dtype in sorted({s.dtype for s in samples}):
         mine = [s for s in samples if s.dtype == dtype]
@@ -167,6 +172,8 @@ def fit_peaks(
         inv_peak = float(np.sum(work * arithmetic) / np.sum(work * work))  # least squares
         if inv_peak > 0:
             peaks[dtype] = 1.0 / inv_peak / 1e12
+        else:
+            peaks[dtype] = max(w / s.seconds for w, s in zip(work, mine, strict=True)) / 1e12
     return peaks
 
 

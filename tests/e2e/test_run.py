@@ -268,3 +268,24 @@ def test_validate_model_holds_out_the_named_files_on_a_resized_fit(tmp_path: Pat
     assert [row.split()[:2] for row in held] == [["my_tp", "serial"], ["my_tp", "tiles=2"]]
     assert lines[header + 5].startswith("in sample: case")
     assert "held-out geomean error over 2 cases: " in res.stdout
+
+
+def test_calibrate_on_one_rank_fits_every_dtype_and_prints_its_side_by_side(
+    tmp_path: Path,
+) -> None:
+    # one rank, one round: the bare float32 matmuls are faster than the launch the reference
+    # kernels' fit holds; the fit keeps a float32 peak all the same (it once dropped it, and
+    # the side-by-side then ended in a traceback)
+    out = tmp_path / "one.yaml"
+    res = launch([sys.executable, "-m", "mc2sim", "calibrate", "--reps", "1", "--out", str(out)])
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    from mc2sim.topology import load
+
+    device = load(out).device
+    assert set(device.matrix_tflops) == {"bfloat16", "float16", "float32", "int8"}
+    assert all(v > 0 for v in device.matrix_tflops.values())
+    (row,) = [x for x in res.stdout.splitlines() if "float32 matmul 1024^3" in x]
+    assert row.split()[-1].startswith("x")
+    (peer,) = [x for x in res.stdout.splitlines() if "exchange us, the others asleep" in x]
+    assert peer.split()[-2:] == ["-", "-"]  # one rank has no peer to exchange with

@@ -969,3 +969,19 @@ def test_the_speed_probe_is_rank_0s_one_thread_matmul_and_every_rank_gets_it(
     seen.clear()
     assert run_threads(3, body) == [pytest.approx(2 * 1024**3 / 0.02 / 1e12)] * 3
     assert seen == [1]  # rank 0 alone timed it
+
+
+def test_a_dtype_whose_time_the_fixed_terms_take_keeps_the_rate_it_reached() -> None:
+    from mc2sim.model.fit import fit_peaks
+    from mc2sim.topology import Efficiency
+
+    flat = Efficiency(small_util=1.0, large_util=1.0, half_flops=1e9)
+    # float16: 1 TFLOP/s of arithmetic above 100 us of launch; float32: faster than the launch
+    # the reference kernels' fit holds (a BLAS kernel of one rank, one round)
+    fp16 = [ComputeSample(dtype="float16", flops=f, nbytes=0.0, seconds=1e-4 + f / 1e12)
+            for f in (1e8, 1e9)]  # fmt: skip
+    fp32 = [ComputeSample(dtype="float32", flops=f, nbytes=0.0, seconds=s)
+            for f, s in ((1e7, 5e-5), (4e7, 8e-5))]  # fmt: skip
+    peaks = fit_peaks(fp16 + fp32, flat, launch_us=100.0, memory_gbps=1e6)
+    assert peaks["float16"] == pytest.approx(1.0, rel=1e-6)
+    assert peaks["float32"] == pytest.approx(4e7 / 8e-5 / 1e12)  # the fastest sample's rate
