@@ -191,7 +191,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         _write_topology(fitted.topology, args.out)
         _print_independent(fitted.topology, fitted.independent)
         _print_speeds(fitted.speeds)
+        _print_pace(fitted.probe_before, fitted.topology.device.probe_tflops)
     return 0
+
+
+def _print_pace(before: float, after: float) -> None:
+    """Say so where the machine's speed probe moved over :data:`SPEED_NOTE` during a fit."""
+    if before > 0 and after > 0 and not _near(after / before):
+        print(
+            f"the machine's pace changed during the fit: its speed probe read {before:.3g} "
+            f"TFLOP/s before the rounds and {after:.3g} after (x{after / before:.2f}); the fit "
+            "holds a mix of the two: refit in a steadier period"
+        )
 
 
 def _print_speeds(speeds: Sequence[float]) -> None:
@@ -404,6 +415,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         if args.calibrate:
             _print_independent(topology, fitted.independent)
             _print_speeds(fitted.speeds)
+            _print_pace(fitted.probe_before, topology.device.probe_tflops)
         print(
             f"# validate-model: {comm.size} ranks, {source}, lower quartile of {args.reps} rounds"
         )

@@ -111,6 +111,7 @@ from mc2sim.study.measure import (
     cases_of,
     matmul_tflops,
     measure_rounds,
+    probe_tflops,
 )
 from mc2sim.timeline import RunKey, Stream, TaskRecord, Timeline
 from mc2sim.topology import (
@@ -780,6 +781,9 @@ class Calibration:
     speeds: tuple[float, ...] = ()
     """Each rank's compute time over the slowest rank's, in this job (:func:`rank_speeds`);
     the topology's figures are the slowest rank's."""
+    probe_before: float = 0.0
+    """The machine's speed probe before the rounds (:func:`mc2sim.study.measure.probe_tflops`),
+    TFLOP/s; the one after them is the fit's (``Device.probe_tflops``). 0: not measured."""
 
     def stragglers(self) -> dict[int, Straggler]:
         """The ranks faster than the slowest, as stragglers of a compute factor below 1."""
@@ -847,6 +851,7 @@ def calibrate(
         The fitted topology and the spans of the ``alongside`` calls.
     """
     hosts = comm.allgather_object(socket.gethostname())
+    before = probe_tflops(comm)  # the machine's pace as the rounds start: steady through them?
     levels, per_node = _levels(comm, hosts)
     cores = node_cores(comm, hosts)
     share = _share_of(cores, per_node)
@@ -1026,6 +1031,7 @@ def calibrate(
         fitted_spans=job_spans,
         independent=independent,
         speeds=rank_speeds(job_rounds[: len(on_job)], comm.size, cpu=on_cpu),
+        probe_before=before,
     )
 
 

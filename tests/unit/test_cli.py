@@ -203,3 +203,19 @@ def test_validate_model_takes_the_shipped_fit_made_on_as_many_ranks(tmp_path: Pa
     assert (on, name, from_file.world_size) == (2, str(tmp_path / "fit.yaml"), 4)
     with pytest.raises(ParamInvalidError, match="no such file or shipped topology"):
         _topology_file("no_such_fit", 2)
+
+
+def test_a_fit_says_when_the_machines_pace_moved_during_its_rounds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mc2sim.cli import SPEED_NOTE, _print_pace
+
+    _print_pace(0.2, 0.2 * (1 + SPEED_NOTE) * 0.99)  # within the probe's spread: nothing
+    _print_pace(0.0, 0.1)  # not measured
+    assert capsys.readouterr().out == ""
+    _print_pace(0.2, 0.13)
+    assert capsys.readouterr().out == (
+        "the machine's pace changed during the fit: its speed probe read 0.2 TFLOP/s before "
+        "the rounds and 0.13 after (x0.65); the fit holds a mix of the two: refit in a "
+        "steadier period\n"
+    )
