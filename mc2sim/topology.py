@@ -449,6 +449,12 @@ class Device:
     """Compute tasks timed on this machine (``mc2sim calibrate``); empty for a machine
     described on paper, whose tasks take the roofline's time."""
 
+    reductions_in_float32: bool = False
+    """Whether AllReduce and ReduceScatter move float32 copies of the plans' 16-bit data,
+    twice the bytes the plans count (mc2sim's MPI and gloo communicators on a CPU: MPI has no
+    bfloat16 sum, so they sum in float32 and round once). False: 16-bit data moves and is
+    reduced as it is (HCCL, NCCL)."""
+
     probe_tflops: float = 0.0
     """The machine's speed when these figures were fitted: a plain float32 1024 x 1024 x 1024
     matmul on one rank's core while the job's other ranks sleep, in TFLOP/s (``mc2sim
@@ -456,12 +462,6 @@ class Device:
     run with a simulation on this topology says when the two differ, and can run the
     simulation at the run's speed (``--at-run-speed``: :meth:`Topology.at_speed`). 0 (the
     default): not measured (a machine described on paper). >= 0."""
-
-    reductions_in_float32: bool = False
-    """Whether AllReduce and ReduceScatter move float32 copies of the plans' 16-bit data,
-    twice the bytes the plans count (mc2sim's MPI and gloo communicators on a CPU: MPI has no
-    bfloat16 sum, so they sum in float32 and round once). False: 16-bit data moves and is
-    reduced as it is (HCCL, NCCL)."""
 
     def __post_init__(self) -> None:
         _text("name", self.name, nonempty=True)
