@@ -32,7 +32,7 @@ figures include what the others take from the machine, as in real runs:
    in two tiles), measured for real and simulated over a grid of compute and communication
    slowdowns and of how collectives in flight progress (together, one at a time, or
    together but for the reductions and gathers: ``Device.concurrent_collectives``,
-   ``Device.one_at_a_time``); the point with the smallest squared log error is kept.
+   ``Device.one_at_a_time``); the point with the smallest absolute log error is kept.
    Whether a collective progresses while its rank computes is measured, not fitted
    (:func:`measure_progress`): where it does not (``Contention.polled``), the grid has no
    communication slowdown.

@@ -368,6 +368,24 @@ def test_fit_contention_recovers_the_factors_that_made_the_spans() -> None:
     assert (fitted.contention.compute_slowdown, fitted.contention.comm_slowdown) == (1.5, 4.0)
 
 
+@pytest.mark.parametrize("outlier", [1.5, 2.0, 3.0])
+def test_fit_contention_is_not_steered_by_a_call_it_cannot_follow(outlier: float) -> None:
+    # X and Y of the test above, at compute slowdown 1.5 and comm slowdown 4: X measured twice
+    # at 4 + 4/3 s, and a third time at `outlier` times that (a call the model cannot follow;
+    # no grid point gives one plan two spans). The sum of absolute log errors is least at the
+    # factors that made the others (the outlier's error then is ln(outlier), X's 0); squared,
+    # X's best span would be 4 + 4/3 times outlier ** (1/3), off every true factor
+    def case(name: str, *tasks: Task) -> Case:
+        plans = tuple(plan(r, 2, *tasks) for r in (0, 1))
+        return Case(name=name, tiling="tiles=2", run=lambda: None, plans=plans)
+
+    x = 4 + 4 / 3
+    cases = [case(n, allreduce(1), mm(4)) for n in ("X", "X again", "X off")]
+    cases.append(case("Y", allreduce(4), mm(1)))
+    fitted = fit_contention(machine(2), cases, [[x], [x], [x * outlier], [5.125]]).contention
+    assert (fitted.compute_slowdown, fitted.comm_slowdown, fitted.polled) == (1.5, 4.0, False)
+
+
 @pytest.mark.parametrize(
     ("span", "together", "alone"),
     [(5.5, False, ()), (4.5, True, ()), (5.0, True, ("allgather", "allreduce", "reduce_scatter"))],
