@@ -21,7 +21,8 @@ wire holds back (``NetworkDim.link_gbps``) to ``h`` times its uncapped time adva
 ``min(1, h / comm_slowdown)`` while a rank computes, as the wire keeps its pace. Where
 progress is polled (``Contention.polled``: a CPU MPI advances a nonblocking collective only
 inside MPI calls, which the executor makes between tasks), the ranks' own part of a
-reduction's transfer stops while a rank computes and only a capped wire's part goes on
+reduction's transfer stops while a rank computes or posts a collective (a post's copy is CPU
+work on the rank's core, as a task is) and only a capped wire's part goes on
 (``1 - 1 / h``); an AlltoAllv's or AllGather's advances at the share of ranks not computing (a
 rank waiting inside MPI copies what its peers posted), if that is more. There, where
 collectives in flight progress together, the AllReduces, ReduceScatters and AllGathers of
@@ -495,6 +496,7 @@ class _Engine:
         self.next_transfer = 0  # the collective whose transfer part is next
         self.transferring = False  # a transfer part holds the links
         self.computing = 0  # ranks with a compute task in progress
+        self.posting = 0  # ranks posting a collective
         self.turns = _Turns.of(topology, self.world)
         # processor sharing where waiting ranks take less than a busy one's share: a node's
         # computing ranks run faster while its other ranks wait (Device.waiting_weight)
@@ -574,16 +576,17 @@ class _Engine:
         A transfer whose wire takes ``headroom`` times what the ranks' own work would
         (:attr:`_Active.headroom`) advances at ``min(1, headroom / comm_slowdown)``. Where
         progress is polled (``Contention.polled``), a reduction's own part stops while a rank
-        computes and only the wire's goes on: ``1 - 1 / headroom`` (0 on an uncapped wire);
-        an AlltoAllv or AllGather (:data:`_PULLED_KINDS`) advances at the share of ranks not
-        computing, if that is more.
+        computes or posts a collective and only the wire's goes on: ``1 - 1 / headroom`` (0
+        on an uncapped wire); an AlltoAllv or AllGather (:data:`_PULLED_KINDS`) advances at
+        the share of ranks neither computing nor posting, if that is more.
         """
-        if self.computing == 0:
+        busy = self.computing + (self.posting if self.polled else 0)
+        if busy == 0:
             return 1.0
         if self.polled:
             wire = 1.0 - 1.0 / active.headroom
             if active.tasks[0][1].kind in _PULLED_KINDS:
-                return max(wire, 1.0 - self.computing / self.world)
+                return max(wire, 1.0 - busy / self.world)
             return wire
         return min(1.0, active.headroom / self.comm_slow)
 
@@ -625,6 +628,9 @@ class _Engine:
                 return
             issue = core_time(self.topology, issue_time(self.topology, task))
             if issue > 0.0:  # posting it holds the issuer (LogP's o)
+                if self.polled:
+                    self.posting += 1
+                    self._rerate_comms()
                 state.issuer_busy = True
                 state.issuing = task
                 state.issue_version = next(self.versions)
@@ -746,6 +752,9 @@ class _Engine:
             raise RuntimeError(f"rank {rank} finished posting a collective it did not post")
         state.issuing = None
         state.issuer_busy = False
+        if self.polled:
+            self.posting -= 1
+            self._rerate_comms()
         self.queue_comm(rank, task)
         self.go_on(rank)
 

@@ -110,9 +110,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # comm, exposed (ms), overlap %, speedup
 DEMO = {
     "serial": "0.963 0.725 0.367 0.238 35.1 1.00",
-    "hardware(per expert)": "1.371 1.026 0.992 0.344 6.2 0.70",
-    "experts x 2": "2.196 1.685 1.824 0.512 0.0 0.44",
-    "experts x 4": "3.871 3.005 3.502 0.865 0.0 0.25",
+    "hardware(per expert)": "1.381 1.048 1.002 0.333 9.1 0.70",
+    "experts x 2": "2.251 1.750 1.879 0.501 0.0 0.43",
+    "experts x 4": "4.013 3.158 3.644 0.854 0.0 0.24",
 }
 
 

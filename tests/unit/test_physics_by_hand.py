@@ -151,6 +151,22 @@ def test_posting_a_collective_holds_the_issuer() -> None:
     assert_spans(simulate(plans, topo), {(r, n): s for r in range(2) for n, s in expected.items()})
 
 
+@pytest.mark.parametrize("polled", [True, False], ids=["polled", "progressing"])
+def test_a_post_stops_a_polled_transfer_as_compute_does(polled: bool) -> None:
+    # o = 1 s. Every rank posts a 2 s AllReduce over [0, 1] (it starts at 1), then a 1 s
+    # one over [1, 2]. A post is CPU work on the rank's core: where progress is polled the
+    # first transfer stands still while the ranks post the second, so it runs [1, 2] not at
+    # all and ends at 4, and the second follows on the stream: [4, 5]. Progressing on its
+    # own (no slowdown) the first ends at 3 and the second runs [3, 4]
+    plans = {r: plan(r, 2, allreduce(2), allreduce(1)) for r in range(2)}
+    topo = dataclasses.replace(
+        with_device(machine(2), issue_us=1e6), contention=Contention(polled=polled)
+    )
+    first, second = ((1, 4), (4, 5)) if polled else ((1, 3), (3, 4))
+    expected = {"ar0": first, "ar1": second}
+    assert_spans(simulate(plans, topo), {(r, n): s for r in range(2) for n, s in expected.items()})
+
+
 def test_posting_a_float32_reduction_copies_its_bytes_on_the_issuer() -> None:
     # o = 0.25 s, and a reduction's float32 copy at 2000 B/s: the 1000-byte AllReduce posts
     # over [0, 0.75]; in float32 it moves 2000 B at 1000 B/s: [0.75, 2.75]; mm1 after the
