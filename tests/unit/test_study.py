@@ -209,7 +209,7 @@ def test_a_fit_compared_with_a_run_runs_at_the_runs_speed(
     # a topology without a probe (described on paper, or fitted before probes) is as it is
     capsys.readouterr()
     out = tmp_path / "plain"
-    plain = [*args, "--topology", "this_machine", "--measured", str(run), "--no-plots"]
+    plain = [*args, "--topology", "atlas_a2_8p", "--measured", str(run), "--no-plots"]
     assert main([*plain, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "pace" not in printed and "# at the run's speed" not in printed
