@@ -440,7 +440,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         medians = geomean_of(r.median_error for r in results)
         print(f"held-out geomean error against the rounds' medians: {medians:.1%}")
         if speed is not None:
-            print(_speed_line(speed, topology.device.probe_tflops, args.at_run_speed, "job"))
+            print(_speed_line(speed, given.device.probe_tflops, args.at_run_speed, "job"))
             where = "fit's own speed" if args.at_run_speed else "job's speed (--at-run-speed)"
             print(f"held-out geomean error at the {where}: {geomean_error(beside):.1%}")
     return 0
@@ -451,16 +451,16 @@ def _held_out(cases: Sequence[str] | None) -> tuple[list[tuple[Path, Scenario]],
 
     None: the shipped ``scenarios/validation/``.
     """
-    from mc2sim._yaml import shipped_names
-    from mc2sim.study.validate import held_out, scenario_files, validation_dir
+    from mc2sim.study.validate import held_out, scenario_files, validation_dir, validation_files
 
     if cases is not None:
         return held_out(scenario_files(cases)), " ".join(cases)
-    folder = validation_dir()
-    files = [folder / f"{name}.yaml" for name in shipped_names(folder)]
+    files = validation_files()
     if not files:
         raise ParamInvalidError(
-            "--cases", str(folder), "the default set has no scenario files here: name some"
+            "--cases",
+            str(validation_dir()),
+            "the default set has no scenario files here: name some",
         )
     return held_out(files), "scenarios/validation/"
 
@@ -654,10 +654,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
     _warn_lifted(lifted, "simulate")
-    if speed is not None and args.at_run_speed:
-        topology = topology.at_speed(speed)
+    run_on = topology.at_speed(speed) if speed is not None and args.at_run_speed else topology
     with _checking():  # the model is pure: what it refuses is in the input
-        result = simulate_study(scenario, topology, world)
+        result = simulate_study(scenario, run_on, world)
     if args.overwrite:
         clear_folder(out)
     records = result.records
@@ -721,12 +720,12 @@ def _run_speed(topology: Topology, probe: float | None) -> float | None:
     return probe / fitted if probe is not None and fitted > 0 else None
 
 
-def _speed_line(speed: float, probe: float, rescaled: bool, what: str) -> str:
+def _speed_line(speed: float, fitted: float, rescaled: bool, what: str) -> str:
     """The line that says at what pace the ``what`` ran against its fit (the probes' ratio).
 
-    ``probe``: the topology's own, at the ``what``'s speed where ``rescaled``.
+    ``fitted``: the fit's probe (``Device.probe_tflops``); ``rescaled``: the fit ran at the
+    ``what``'s speed.
     """
-    fitted = probe / speed if rescaled else probe
     now = fitted * speed
     read = (
         f"its probe (a float32 1024^3 matmul on a core) read {now:.3g} TFLOP/s, "

@@ -866,8 +866,7 @@ class Topology:
         Raises:
             ParamInvalidError: ``speed`` is not a finite number > 0.
         """
-        if not (isinstance(speed, (int, float)) and math.isfinite(speed) and speed > 0):
-            raise ParamInvalidError("speed", speed, "must be a finite number > 0")
+        speed = _positive("speed", speed)
         if speed == 1.0:
             return self
         dev, slow = self.device, 1.0 / speed

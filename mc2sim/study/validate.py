@@ -40,6 +40,7 @@ __all__ = [
     "scenario_files",
     "score_cases",
     "validation_dir",
+    "validation_files",
     "validation_scenarios",
 ]
 
@@ -58,8 +59,13 @@ def validation_scenarios(folder: Path | None = None) -> list[Scenario]:
     Returns:
         The scenarios, sorted by file name.
     """
+    return [load(file) for file in validation_files(folder)]
+
+
+def validation_files(folder: Path | None = None) -> list[Path]:
+    """The ``*.yaml`` files of ``folder`` (default :func:`validation_dir`), by name."""
     where = validation_dir() if folder is None else folder
-    return [load(where / f"{name}.yaml") for name in shipped_names(where)]
+    return [where / f"{name}.yaml" for name in shipped_names(where)]
 
 
 def scenario_files(paths: Sequence[str], param: str = "--cases") -> list[Path]:
@@ -77,7 +83,7 @@ def scenario_files(paths: Sequence[str], param: str = "--cases") -> list[Path]:
         if not text.strip():
             raise ParamInvalidError(param, text, "must name a scenario file or a folder of them")
         if path.is_dir():
-            found = [path / f"{name}.yaml" for name in shipped_names(path)]
+            found = validation_files(path)
             if not found:
                 raise ParamInvalidError(param, text, "is a folder without scenario files (*.yaml)")
             files += found
