@@ -226,7 +226,8 @@ def _print_independent(topology: Topology, independent: Any) -> None:
     the rate the kernels move bytes at (against a bfloat16 to float32 conversion, the
     kernels' memory pass, and a memcpy, each as the bytes it reads and writes), a 4-byte
     exchange of two ranks (latency plus issue overhead), and where posting a reduction
-    copies it to float32, that copy's rate (against the conversion, as 16-bit bytes read).
+    copies it to float32, that copy's rate (against the conversion, as 16-bit bytes read, on
+    one rank alone and on every rank at once: the rate is measured with every rank posting).
     """
     from mc2sim.model.cost import roofline_time
     from mc2sim.schedule.plan import TaskKind
@@ -250,9 +251,19 @@ def _print_independent(topology: Topology, independent: Any) -> None:
         ("4-byte exchange us, every pair at once", message, independent.pingpong_loaded_us),
     ]
     if device.issue_gbps > 0:  # posting a reduction converts its buffer: the same pass
-        rows.append(
-            ("posting's float32 copy GB/s vs bf16->f32", device.issue_gbps, independent.upcast_gbps)
-        )
+        rows += [
+            (
+                "posting's float32 copy GB/s vs bf16->f32",
+                device.issue_gbps,
+                independent.upcast_gbps,
+            ),
+            # every rank posts at once where the copy's rate is measured: memory shared
+            (
+                "posting's copy GB/s vs bf16->f32, all ranks",
+                device.issue_gbps,
+                independent.upcast_loaded_gbps,
+            ),
+        ]
     print(
         f"fitted against independent ({device.cores_per_node:g} cores per node, each rank at "
         f"{topology.core_share:.2g} of one; compute and memory on one rank, the others asleep):"

@@ -1478,11 +1478,17 @@ POSTED_BYTES = (262144, 1048576, 4194304)
 part of posting a reduction (its float32 copy)."""
 
 
+UPCAST_ELEMENTS = 16 * 1024 * 1024
+"""Elements of :func:`measure_independent`'s bfloat16 to float32 conversion (32 MiB read, 64
+MiB written): past the caches, as the kernels' memory passes and large posts go."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Independent:
     """Figures of the machine measured apart from the fit, printed beside the fitted ones.
 
-    Each is timed on one rank while the others sleep, so on a whole core.
+    Each is timed on one rank while the others sleep, so on a whole core, unless it says it
+    is timed on every rank at once.
     """
 
     matmul_tflops: float
@@ -1501,10 +1507,19 @@ class Independent:
     pingpong_loaded_us: float
     """The same, every pair of ranks exchanging at once (ranks 0-1, 2-3, ...): a message as
     the job's own ranks, sharing the cores, see it."""
+    upcast_loaded_gbps: float
+    """:attr:`upcast_gbps`'s conversion on every rank at once, by CPU time (the slowest
+    rank's median), GB/s: the memory the ranks' posts share where every rank posts at once,
+    as ``Device.issue_gbps`` is measured (8 ranks of a 16-core host fitted that 2.2 to 4.2
+    times below one rank's lone conversion)."""
 
 
 def measure_independent(comm: Communicator, reps: int) -> Independent:
-    """Time a float32 matmul and a memcpy on rank 0, and a ping-pong on ranks 0 and 1."""
+    """Time the figures of :class:`Independent` (rank 0 alone, ranks 0 and 1, every rank).
+
+    A float32 matmul, a memcpy and a bfloat16 to float32 conversion on rank 0, a ping-pong
+    on ranks 0 and 1 and on every pair, then the conversion on every rank at once.
+    """
     figures: dict[str, float] = {}
     if comm.rank == 0:
         figures["matmul"] = matmul_tflops()  # the speed probe: as a run measures it
@@ -1512,7 +1527,7 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
         dst = torch.empty_like(src)
         seconds = alone_median(lambda: dst.copy_(src), reps)
         figures["memcpy"] = 2.0 * src.numel() * 4 / seconds / 1e9
-        half = torch.ones(16 * 1024 * 1024, dtype=torch.bfloat16)
+        half = torch.ones(UPCAST_ELEMENTS, dtype=torch.bfloat16)
         seconds = alone_median(lambda: dst.copy_(half), reps)
         figures["upcast"] = half.numel() * 2 / seconds / 1e9
     asleep_until_done(comm, comm.rank == 0)
@@ -1530,12 +1545,16 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
     asleep_until_done(comm, paired)
     loaded = max((f.get("loaded", 0.0) for f in comm.allgather_object(figures)), default=0.0)
     shared = comm.allgather_object(figures)[0]
+    half = torch.ones(UPCAST_ELEMENTS, dtype=torch.bfloat16)
+    wide = torch.empty(UPCAST_ELEMENTS)
+    converted = _median_time(comm, lambda: wide.copy_(half), max(reps, 3), cpu=True)
     return Independent(
         matmul_tflops=shared["matmul"],
         memcpy_gbps=shared["memcpy"],
         upcast_gbps=shared["upcast"],
         pingpong_us=shared.get("pingpong", 0.0),
         pingpong_loaded_us=loaded,
+        upcast_loaded_gbps=half.numel() * 2 / max(converted, 1e-9) / 1e9,
     )
 
 

@@ -42,6 +42,7 @@ from mc2sim.study.calibrate import (
     _Level,
     _levels,
     measure_duplex,
+    measure_independent,
     measure_issue,
     measure_progress,
     rank_speeds,
@@ -718,6 +719,17 @@ def test_measure_duplex_times_three_exchanges_alike_on_every_rank() -> None:
     assert min(measured[0].one_way_s, measured[0].both_ways_s, measured[0].one_to_all_s) > 0
     with pytest.raises(ParamInvalidError, match="comm.*at least 2 ranks"):
         run_threads(1, lambda comm: measure_duplex(comm, 3))
+
+
+def test_measure_independent_agrees_on_every_rank_with_the_conversion_on_every_rank() -> None:
+    two = run_threads(2, lambda comm: measure_independent(comm, 3))
+    assert two[0] == two[1]  # rank 0's figures, the slowest pair's and rank's, on both
+    figures = dataclasses.asdict(two[0])
+    assert all(isinstance(v, float) and v > 0 for v in figures.values()), figures
+    # one rank: no peer to exchange with; the conversion on every rank is its own
+    (one,) = run_threads(1, lambda comm: measure_independent(comm, 3))
+    assert one.pingpong_us == one.pingpong_loaded_us == 0.0
+    assert one.upcast_loaded_gbps > 0 and one.upcast_gbps > 0
 
 
 # ---------------------------------------------------------------- interleaved rounds

@@ -174,7 +174,7 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     # one rank: nothing to exchange with, so no ratio (not x inf)
     alone = Independent(
         matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=4.0, pingpong_us=0.0,
-        pingpong_loaded_us=0.0,
+        pingpong_loaded_us=0.0, upcast_loaded_gbps=2.5,
     )  # fmt: skip
     _print_independent(topology, alone)
     rows = capsys.readouterr().out.splitlines()
@@ -183,6 +183,13 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     (memcpy,) = [r for r in rows if "memory GB/s vs memcpy" in r]
     assert memcpy.split()[-1] == f"x{device.memory_gbps / 12.0:.2f}"
     assert "inf" not in "\n".join(rows)
+    # the posts' copy against the conversion alone and on every rank at once, in one column
+    assert device.issue_gbps > 0
+    (lone,) = [r for r in rows if "posting's float32 copy GB/s vs bf16->f32" in r]
+    (loaded,) = [r for r in rows if "posting's copy GB/s vs bf16->f32, all ranks" in r]
+    assert lone.split()[-2:] == ["4", f"x{device.issue_gbps / 4.0:.2f}"]
+    assert loaded.split()[-2:] == ["2.5", f"x{device.issue_gbps / 2.5:.2f}"]
+    assert len(lone) == len(loaded) == len(memcpy)
 
 
 def test_validate_model_takes_the_shipped_fit_made_on_as_many_ranks(tmp_path: Path) -> None:
