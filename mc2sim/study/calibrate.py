@@ -51,10 +51,10 @@ off their cores (``Device.slice_us``); a small call of each compute kind runs in
 where ranks share cores, else twice in a row (:func:`warm_cases`), and what a later task
 saves on the first is its kind's ``Device.warm_us`` (:func:`warm_savings`; it is added back
 to a sampled call's tasks after its first, so the profile holds first tasks); and a
-float32 matmul, a memcpy, a 16-bit to float32 conversion and a 4-byte exchange are timed
-apart from the fit (:func:`measure_independent`) for ``calibrate`` to print beside the
-fitted figures. A call's figure over its rounds is their lower quartile
-(:func:`mc2sim.model.accuracy.typical`).
+float32 matmul, a memcpy, a 16-bit to float32 conversion (alone and on every rank at once)
+and a 4-byte exchange are timed apart from the fit (:func:`measure_independent`) for
+``calibrate`` to print beside the fitted figures. A call's figure over its rounds is their
+lower quartile (:func:`mc2sim.model.accuracy.typical`).
 
 Every measurement runs its calls in interleaved rounds (each round calls each once, after a
 warm-up round; :func:`mc2sim.study.measure.measure_rounds`) and keeps lower quartiles, so a slow
