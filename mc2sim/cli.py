@@ -411,9 +411,9 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             spans = [[t.metrics().total_s for t in mine] for mine in rounds]
             speed = _run_speed(topology, probe_tflops(comm))
             if speed is not None:  # the fit at this job's speed too (its probe against the fit's)
-                other = topology if args.at_run_speed else topology.at_speed(speed)
-                if args.at_run_speed:
-                    topology = topology.at_speed(speed)
+                other = topology.at_speed(speed)
+                if args.at_run_speed:  # the job's speed is the one scored; the fit's beside it
+                    topology, other = other, topology
                     source += f" at this job's speed (x{1 / speed:.2f} the fit's times)"
                 beside = score_cases(cases, spans[: len(cases)], other)
             results = score_cases(cases, spans[: len(cases)], topology)
