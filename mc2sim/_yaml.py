@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import site
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,57 @@ def _represent_str(dumper: Any, value: str) -> Any:
 _Dumper.add_representer(str, _represent_str)
 
 
+INPUT_BYTES = 64 * 1024 * 1024
+"""The largest input file read (a scenario, a topology, a counts file): a larger one, or a
+device such as ``/dev/zero``, is refused before it is read, never read into all memory."""
+
+
+def read_text(file: str, param: str | None = None) -> str:
+    """Return the UTF-8 text of the regular file ``file``, of at most :data:`INPUT_BYTES`.
+
+    Args:
+        file: the file's path.
+        param: what errors name (default: the path itself).
+
+    Raises:
+        ParamInvalidError: the file cannot be read, is not a regular file (a folder, a
+            FIFO, a device: reading one could block or never end), is larger than
+            :data:`INPUT_BYTES`, or is not UTF-8 text.
+    """
+    name = param if param is not None else file
+    try:
+        mode = os.stat(file).st_mode
+        if not stat.S_ISREG(mode):
+            raise ParamInvalidError(name, file, "must be a regular file")
+        with open(file, "rb") as handle:
+            data = handle.read(INPUT_BYTES + 1)
+    except OSError as err:
+        raise ParamInvalidError(name, file, f"cannot be read: {err.strerror or err}") from None
+    if len(data) > INPUT_BYTES:
+        raise ParamInvalidError(name, file, f"must be at most {INPUT_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamInvalidError(name, f"byte {err.start}", "is not UTF-8 text") from None
+
+
+class _UniqueKeys(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
+    """A safe loader that refuses a mapping with a key given twice (the last would win)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: the base loader refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(file: str) -> object:
     """Return the parsed YAML of ``file``; every error names the file and is one line.
 
@@ -36,18 +88,14 @@ def read_yaml(file: str) -> object:
         The plain data (``yaml.safe_load``).
 
     Raises:
-        ParamInvalidError: the file cannot be read, is not UTF-8 text, or is not valid YAML
-            (the value is where: ``line L, column C``, or the character for a character
-            YAML does not allow; the rule is PyYAML's problem on one line).
+        ParamInvalidError: the file cannot be read (:func:`read_text`), or is not valid YAML
+            or gives a mapping's key twice (the value is where: ``line L, column C``, or the
+            character for a character YAML does not allow; the rule is PyYAML's problem on
+            one line).
     """
+    text = read_text(file)
     try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ParamInvalidError(file, file, f"cannot be read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise ParamInvalidError(file, f"byte {err.start}", "is not UTF-8 text") from None
-    try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506  # a safe loader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         position = getattr(err, "position", None)  # a ReaderError: a character not allowed

@@ -373,6 +373,10 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             raise ParamInvalidError(
                 "--at-run-speed", True, "is for a stored fit (--topology): --calibrate fits now"
             )
+        if args.topology is not None and args.calibrate:
+            raise ParamInvalidError(
+                "--topology", args.topology, "is a stored fit to check: --calibrate fits now"
+            )
         _check_name(args.name or "this_machine")
         scenarios, held = _held_out(args.cases)
     comm = init("mpi")
@@ -508,14 +512,19 @@ DEFAULT_FIT = "this_machine"
 ``this_machine_4ranks``; ``validate-model`` takes the one made on as many ranks as the job's."""
 
 
+MAX_ROUNDS = 1000
+"""The most rounds ``--reps`` takes: a round of ``calibrate`` or ``validate-model`` runs every
+call once (seconds), so this many is already hours."""
+
+
 def _rounds(text: str) -> int:
-    """``--reps``: a whole number of rounds, at least one (argparse reports the rule)."""
+    """``--reps``: a whole number of rounds in [1, MAX_ROUNDS] (argparse reports the rule)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 1 (rounds measured)")
+    if not 1 <= value <= MAX_ROUNDS:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [1, {MAX_ROUNDS}] (rounds measured)")
     return value
 
 
@@ -617,7 +626,12 @@ def _check_out(out: Path, overwrite: bool) -> Path:
     """``--out`` of a results (or sweep) folder: a fresh one, or old results with --overwrite."""
     from mc2sim.results import check_folder
 
-    return check_folder(out, overwrite=overwrite, param="--out", hint="--overwrite")
+    try:
+        return check_folder(out, overwrite=overwrite, param="--out", hint="--overwrite")
+    except OSError as err:  # the path itself cannot be used (a name too long, a loop)
+        raise ParamInvalidError(
+            "--out", str(out), f"cannot be used: {err.strerror or err}"
+        ) from None
 
 
 def _check_plots(plots: bool) -> None:
@@ -648,7 +662,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         world_param = "ranks" if args.ranks is None else "--ranks"
         lifted = scenario.lifted(args.ranks, "--ranks")
         topology = _sized_topology(scenario, args.topology, world, world_param)
-        measured, probe = _measured_totals(Path(args.measured)) if args.measured else ({}, None)
+        default = f"results/{scenario.name}-{_stamp()}-sim"
+        out = _check_out(_out_or(args.out, default), args.overwrite)
+        if args.measured and out.resolve() == Path(args.measured).resolve():
+            raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
+        measured, probe = (
+            _measured_totals(Path(args.measured), scenario, world) if args.measured else ({}, None)
+        )
         if args.at_run_speed and not args.measured:
             raise ParamInvalidError(
                 "--at-run-speed", True, "is for a comparison: it needs --measured"
@@ -659,10 +679,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             raise ParamInvalidError(
                 "--at-run-speed", args.measured, "the run has no speed probe (an older run)"
             )
-        default = f"results/{scenario.name}-{_stamp()}-sim"
-        out = _check_out(_out_or(args.out, default), args.overwrite)
-        if args.measured and out.resolve() == Path(args.measured).resolve():
-            raise ParamInvalidError("--out", str(out), "must be another folder than --measured")
         _check_plots(args.plots)
     _warn_lifted(lifted, "simulate")
     run_on = topology.at_speed(speed) if speed is not None and args.at_run_speed else topology
@@ -711,18 +727,37 @@ def _write_plots(folders: Sequence[Path], out: Path) -> None:
     print(f"plots: {len(written)} PNG in {out}")
 
 
-def _measured_totals(directory: Path) -> tuple[dict[str, float], float | None]:
+def _measured_totals(
+    directory: Path, scenario: Scenario, world: int
+) -> tuple[dict[str, float], float | None]:
     """``--measured``: a ``mc2sim run`` folder's measured seconds by tiling, and its probe.
 
-    The probe (``Manifest.probe_tflops``) is None where the run has none.
+    The folder must hold a measured run of the same call as the simulation: its op, shape,
+    dtype and world size. The probe (``Manifest.probe_tflops``) is None where the run has none.
     """
     from mc2sim.results import read_results
+    from mc2sim.timeline import Source
 
     try:
         folder = read_results(directory)
     except ParamInvalidError as err:
         raise ParamInvalidError("--measured", str(directory), err.rule) from None
-    return folder.totals(), folder.manifest.probe_tflops
+    manifest = folder.manifest
+    if manifest.source is not Source.MEASURED:
+        raise ParamInvalidError(
+            "--measured", str(directory), "must be a folder of `mc2sim run` (it holds a simulation)"
+        )
+    ran = (manifest.op, dict(manifest.shape), manifest.dtype, manifest.world_size)
+    simulated = (scenario.op, dict(scenario.effective_shape()), scenario.dtype, world)
+    for what, theirs, ours in zip(("op", "shape", "dtype", "ranks"), ran, simulated, strict=True):
+        if str(theirs) != str(ours):
+            raise ParamInvalidError(
+                "--measured",
+                str(directory),
+                f"ran another call: {what} {theirs} there, {ours} here (the same op, shape, "
+                "dtype and ranks are compared)",
+            )
+    return folder.totals(), manifest.probe_tflops
 
 
 def _run_speed(topology: Topology, probe: float | None) -> float | None:
@@ -774,6 +809,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     """Run a scenario for real under mpiexec: every tiling, golden check, timeline, results."""
     from mc2sim.comm import init, rank_device
     from mc2sim.results import clear_folder
+    from mc2sim.topology import resolve
 
     comm = init("mpi")
     lead = comm.rank == 0
@@ -783,6 +819,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scenario = _load_scenario(args.scenario, args.set)
         _require_strict(scenario, "run")
         scenario.world_size(comm.size)
+        _check_fits(scenario, comm.size)
+        resolve(scenario.topology)  # unused by the run, but its folder names it: a bad one fails
         out = _out_or(args.out, f"results/{scenario.name}-{stamp}")
         if lead:  # rank 0 alone writes the folder
             _check_out(out, args.overwrite)
@@ -793,6 +831,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         comm, scenario, out, plots=args.plots, scenario_path=_scenario_file(args.scenario),
         argv=args.argv, overrides=args.set, device=device,
     )  # fmt: skip
+
+
+def _check_fits(scenario: Scenario, world: int) -> None:
+    """Refuse a real run whose largest kernel alone needs more memory than this host has free.
+
+    A shape within every limit can need terabytes (``m = 2**31 - 1`` by ``k = n = 65535``):
+    the largest compute task of a rank's serial plan (its bytes read and written, a lower
+    bound on what its tensors hold at once) is compared with the memory free now
+    (:func:`mc2sim.runtime.available_memory`), before any tensor is made. The ranks of a
+    host share that memory, so a run can still fail short of this bound.
+    """
+    from mc2sim.runtime import available_memory
+    from mc2sim.schedule.plan import Resource
+    from mc2sim.study.simulate import plans_for
+
+    free = available_memory()
+    if free is None:
+        return
+    rank, task = max(
+        ((r, t) for r, p in plans_for(scenario, world, "serial").items() for t in p.tasks),
+        key=lambda item: item[1].bytes if item[1].resource is Resource.COMPUTE else -1,
+    )
+    if task.bytes > free:
+        raise ParamInvalidError(
+            "shape",
+            dict(scenario.effective_shape()),
+            f"is too large to run here: rank {rank}'s {task.name} alone moves "
+            f"{task.bytes / 2**30:.4g} GiB, and this host has {free / 2**30:.4g} GiB free",
+        )
 
 
 def _require_strict(scenario: Scenario, what: str) -> None:
@@ -878,6 +945,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     with _checking(comm):  # every rank loads the same module: an error is the same everywhere
         scenario = _load_scenario(args.scenario, args.set)
         scenario.world_size(comm.size)
+        _check_fits(scenario, comm.size)
         impl = load_implementation(args.impl, rank=comm.rank)
         check_device(args.device)
         out = _out_or(args.out, f"results/{scenario.name}-check-{stamp}")
@@ -957,6 +1025,10 @@ def _sweep_points(axes: Sequence[str]) -> list[tuple[str, list[str]]]:
                 )  # fmt: skip
             given[key] = item
         if "," in values and key != "tilings":
+            if any(not v.strip() for v in values.split(",")):
+                raise ParamInvalidError(
+                    f"--set {key}", values, "an axis lists values, none empty: --set key=v1,v2"
+                )
             grid.append([f"{key}={v.strip()}" for v in values.split(",")])
         else:
             fixed.append(item)
@@ -994,6 +1066,20 @@ def _point_folders(points: Sequence[tuple[str, list[str]]]) -> list[str]:
     return names
 
 
+def _distinct_studies(points: Sequence[tuple[str, list[str]]], scenarios: Sequence[Any]) -> None:
+    """Refuse two sweep points that load the same study (``shape.m=8,08``).
+
+    One would be simulated twice, into two folders.
+    """
+    seen: dict[str, str] = {}
+    for (label, _), scenario in zip(points, scenarios, strict=True):
+        first = seen.setdefault(repr(scenario), label)
+        if first != label:
+            raise ParamInvalidError(
+                "--set", label, f"is the same study as the point {first}: a sweep's points differ"
+            )
+
+
 _NAME_BYTES = 255
 """The longest file name, in bytes, of ext4, XFS, Btrfs, tmpfs and NTFS alike (``NAME_MAX``)."""
 
@@ -1025,9 +1111,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                 )
             names = _point_folders(points)
             scenarios = [_load_scenario(args.scenario, point) for _, point in points]
+            _distinct_studies(points, scenarios)
             for scenario in scenarios:
                 _require_strict(scenario, "sweep --real")
                 scenario.world_size(comm.size)
+                _check_fits(scenario, comm.size)
             out = _out_or(args.out, default + stamp)
             if lead:
                 _check_out(out, args.overwrite)
@@ -1098,6 +1186,7 @@ def _simulate_sweep(
             )
         names = _point_folders(points)
         scenarios = [_load_scenario(args.scenario, point, args.what_if) for _, point in points]
+        _distinct_studies(points, scenarios)
         worlds = [sc.world_size(args.ranks, "--ranks") for sc in scenarios]
         lifted = [item for sc in scenarios for item in sc.lifted(args.ranks, "--ranks")]
         topologies = [
@@ -1291,24 +1380,28 @@ def _read_counts(path: Path) -> tuple[Any, Any, Any]:
     """``check-counts``' file: JSON with experts_per_rank, send_counts and recv_counts."""
     import json
 
+    from mc2sim._yaml import read_text
+
     expected = (
         "must be JSON with the keys experts_per_rank, send_counts (a list of counts per rank) "
         "and recv_counts (likewise)"
     )
+    text = read_text(str(path))  # a regular file of at most INPUT_BYTES, UTF-8
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as err:
-        rule = f"cannot be read: {err.strerror or err}"
-        raise ParamInvalidError("file", str(path), rule) from None
-    except UnicodeDecodeError as err:
-        raise ParamInvalidError(str(path), f"byte {err.start}", "is not UTF-8 text") from None
+        data = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise ParamInvalidError(str(path), "not JSON", f"{expected} ({err})") from None
     if not isinstance(data, dict):
         raise ParamInvalidError(str(path), type(data).__name__, expected)
-    for key in ("experts_per_rank", "send_counts", "recv_counts"):
+    keys = ("experts_per_rank", "send_counts", "recv_counts")
+    for key in keys:
         if key not in data:
             raise ParamInvalidError(f"{path}: {key}", None, f"is missing; the file {expected}")
+    for key in data:
+        if key not in keys:  # a misspelt key would be read as if absent
+            raise ParamInvalidError(
+                f"{path}: {key}", data[key], f"is an unknown key; the file {expected}"
+            )
     return data["send_counts"], data["recv_counts"], data["experts_per_rank"]
 
 
@@ -1349,6 +1442,14 @@ def _cmd_exec(args: argparse.Namespace) -> int:
             raise ParamInvalidError("script", args.script, rule)
         if not os.access(script, os.R_OK):
             raise ParamInvalidError("script", args.script, "is not readable")
+        try:  # compiled here, so a script that cannot run is refused before MPI starts
+            compile(script.read_bytes(), args.script, "exec")
+        except SyntaxError as err:
+            where = f" (line {err.lineno})" if err.lineno else ""
+            rule = f"is not valid Python: {err.msg}{where}"
+            raise ParamInvalidError("script", args.script, rule) from None
+        except ValueError as err:  # a null byte
+            raise ParamInvalidError("script", args.script, f"is not valid Python: {err}") from None
     sys.argv = [args.script, *args.script_args]
     runpy.run_path(args.script, run_name="__main__")
     return 0
@@ -1516,7 +1617,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     cal.add_argument(
-        "--reps", type=_rounds, default=15, help="interleaved rounds of every call (>= 1)"
+        "--reps",
+        type=_rounds,
+        default=15,
+        help=f"interleaved rounds of every call (1 to {MAX_ROUNDS})",
     )
     cal.add_argument("--name", default="this_machine", help="the topology's name")
     _add_timeout(cal)
@@ -1542,7 +1646,10 @@ def _parser() -> argparse.ArgumentParser:
         "--name", help="with --calibrate: the fitted topology's name (default this_machine)"
     )
     val.add_argument(
-        "--reps", type=_rounds, default=15, help="interleaved rounds of every case (>= 1)"
+        "--reps",
+        type=_rounds,
+        default=15,
+        help=f"interleaved rounds of every case (1 to {MAX_ROUNDS})",
     )
     val.add_argument(
         "--at-run-speed",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "MAX_SEED",
     "RoutingTable",
     "SparseRouting",
+    "check_hot",
     "check_matrix",
     "expect",
     "load_matrix",
@@ -163,7 +165,9 @@ class RoutingConfig:
             raise ParamInvalidError("matrix_path", None, "is required when kind='matrix'")
         if kind is not RoutingKind.MATRIX and self.matrix_path is not None:
             raise ParamInvalidError(
-                "matrix_path", self.matrix_path, f"only applies to kind='matrix', not {kind!r}"
+                "matrix_path",
+                self.matrix_path,
+                f"only applies to kind='matrix', not {kind.value!r}",
             )
 
 
@@ -330,10 +334,14 @@ def _as_count_matrix(param: str, value: npt.NDArray[Any], what: str) -> npt.NDAr
             raise ParamInvalidError(param, what, "entries must be finite")
         if not np.all(value == np.round(value)):
             raise ParamInvalidError(param, what, "entries must be whole numbers of rows")
-        if np.any(np.abs(value) >= 2.0**62):
-            raise ParamInvalidError(param, what, "entries must be below 2**62")
     if np.any(value < 0):
         raise ParamInvalidError(param, f"{what} with minimum {value.min()}", "entries must be >= 0")
+    # as floats: an unsigned or huge integer compares without wrapping; a rank's rows are a
+    # row's sum, which must fit the int64 counts too
+    if value.astype(np.float64).sum(axis=1).max() >= 2.0**62:
+        raise ParamInvalidError(
+            param, f"{what} with maximum {value.max()}", "entries and row sums must be below 2**62"
+        )
     return value.astype(np.int64)
 
 
@@ -359,8 +367,9 @@ def load_matrix(path: str | os.PathLike[str]) -> npt.NDArray[np.int64]:
     suffix = file.suffix.lower()
     if suffix not in (".npy", ".csv", ".json"):
         raise ParamInvalidError("matrix_path", name, "must end in .npy, .csv or .json")
-    if not file.is_file():
-        raise ParamInvalidError("matrix_path", name, "no such file")
+    if not file.is_file():  # a folder, FIFO or device would block or never end
+        rule = "must be a regular file" if file.exists() else "no such file"
+        raise ParamInvalidError("matrix_path", name, rule)
     try:
         if suffix == ".npy":
             raw = np.load(file, allow_pickle=False)
@@ -382,7 +391,9 @@ def load_matrix(path: str | os.PathLike[str]) -> npt.NDArray[np.int64]:
     except ParamInvalidError:
         raise
     except (OSError, ValueError, RecursionError) as exc:
-        raise ParamInvalidError("matrix_path", name, f"cannot be read: {exc}") from None
+        # one line, the same on every rank: no object's address (numpy's header parser)
+        said = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split()))
+        raise ParamInvalidError("matrix_path", name, f"cannot be read: {said}") from None
     return _as_count_matrix("matrix_path", np.asarray(raw), f"matrix in {name}")
 
 
@@ -993,6 +1004,19 @@ def _hot_experts(config: RoutingConfig, num_experts: int) -> npt.NDArray[np.int6
         )
     order = _global_rng(config.seed).permutation(num_experts)
     return np.sort(order[: config.hot_experts]).astype(np.int64)
+
+
+def check_hot(config: RoutingConfig, *, top_k: int, num_experts: int) -> None:
+    """Refuse a ``hot`` routing whose ``hot_fraction`` no token's picks can reach.
+
+    Each token picks ``top_k`` distinct experts of ``num_experts``, between ``max(0, top_k -
+    cold)`` and ``min(top_k, hot_experts)`` of them hot. Nothing to check for other kinds.
+
+    Raises:
+        ParamInvalidError: ``hot_fraction`` out of that range, over ``top_k``.
+    """
+    if config.kind is RoutingKind.HOT:
+        _hot_target(config, top_k, num_experts)
 
 
 def _hot_target(config: RoutingConfig, k: int, num_experts: int) -> float:

@@ -27,6 +27,7 @@ __all__ = [
     "ABORT_GRACE_S",
     "INTERRUPTED_STATUS",
     "abort_on_exception",
+    "available_memory",
     "machine_id",
     "steady_allocator",
     "world_position",
@@ -191,3 +192,18 @@ def machine_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return socket.gethostname()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give processes, or None where unknown.
+
+    ``MemAvailable`` of ``/proc/meminfo``; None where that cannot be read (not Linux).
+    """
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemAvailable":
+                return int(value.split()[0]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

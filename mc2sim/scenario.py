@@ -33,11 +33,11 @@ from mc2sim._compat import StrEnum
 from mc2sim._yaml import read_yaml, shipped_dir, shipped_file, shipped_names, write_yaml
 from mc2sim.compare import Standard
 from mc2sim.errors import ParamInvalidError
-from mc2sim.limits import WORLD, Lifted, LimitProfile, Policy
+from mc2sim.limits import BSK, WORLD, Lifted, LimitProfile, Policy
 from mc2sim.model.heterogeneity import STRAGGLER_KEYS, Straggler, check_stragglers
 from mc2sim.ops.registry import SPECS, spec_of
 from mc2sim.ops.spec import DTYPES, OpName, OpSpec, QuantMode
-from mc2sim.routing import RoutingConfig, RoutingKind, check_matrix
+from mc2sim.routing import RoutingConfig, RoutingKind, check_hot, check_matrix
 from mc2sim.schedule.tiling import tiling_of
 
 __all__ = [
@@ -73,6 +73,10 @@ class Scale(StrEnum):
 MAX_WORLD = WORLD.high
 """The largest world size a scenario plans for (``ranks``, ``--ranks``): no machine mc2sim
 models is larger, and an op's own limits (MoE's expert count) may bound it lower."""
+
+MAX_REPETITIONS = 10_000
+"""The most timed repetitions per tiling a scenario asks for: more would keep a run going
+for days (a large call takes seconds a repetition) with nothing more to learn."""
 
 SHAPE_KEYS: Mapping[OpName, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
     {op: (spec.required, spec.optional) for op, spec in SPECS.items()}
@@ -160,7 +164,7 @@ class Scenario:
     """Precision standard the outputs are checked with (a ``Standard`` or its value)."""
 
     repetitions: int = 5
-    """Timed repetitions per tiling, >= 1."""
+    """Timed repetitions per tiling, in [1, MAX_REPETITIONS]."""
 
     small: Mapping[str, int] = field(default_factory=dict)
     """Shape values used with ``scale == "small"`` (a subset of ``shape``'s keys, each no
@@ -195,7 +199,7 @@ class Scenario:
         object.__setattr__(self, "scale", _choice("scale", self.scale, Scale))
         object.__setattr__(self, "standard", _choice("standard", self.standard, Standard))
         object.__setattr__(self, "limits", _choice("limits", self.limits, LimitProfile))
-        _integer("repetitions", self.repetitions, 1)
+        _integer("repetitions", self.repetitions, 1, MAX_REPETITIONS)
         policy = Policy(profile=self.limits)
 
         spec = spec_of(op)
@@ -343,12 +347,30 @@ class Scenario:
             world = _integer(param, override, 1, MAX_WORLD)
             self.spec.check_world(self.effective_shape(), world, param, Policy(profile=self.limits))
             self.check_stragglers(world, param)
+        if self.routed and self.routing.kind is RoutingKind.HOT:
+            shape = self.effective_shape()
+            try:  # here, before any draw: the error then names the scenario's key
+                check_hot(
+                    self.routing,
+                    top_k=shape["top_k"],
+                    num_experts=world * shape["experts_per_rank"],
+                )
+            except ParamInvalidError as err:
+                raise ParamInvalidError(f"routing.{err.param}", err.value, err.rule) from None
         if self.routed and self.routing.kind is RoutingKind.MATRIX:
             experts = self.effective_shape()["experts_per_rank"]
             try:
-                check_matrix(self.routing, world_size=world, experts_per_rank=experts)
+                matrix = check_matrix(self.routing, world_size=world, experts_per_rank=experts)
             except ParamInvalidError as err:
                 raise ParamInvalidError(f"routing.{err.param}", err.value, err.rule) from None
+            rows = matrix.sum(axis=1)  # each rank's tokens * top_k: at most BSK's, as a shape's
+            busiest = int(rows.argmax())
+            if rows[busiest] > BSK.high:
+                BSK.check(
+                    f"routing.matrix_path row {busiest}: tokens * top_k",
+                    int(rows[busiest]),
+                    Policy(profile=self.limits),
+                )
         return world
 
     def check_stragglers(self, world: int, param: str) -> None:

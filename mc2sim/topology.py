@@ -259,6 +259,8 @@ class ProfilePoint:
     def __post_init__(self) -> None:
         _text("kind", self.kind, nonempty=True)
         object.__setattr__(self, "ranks", _integer("ranks", self.ranks, minimum=0))
+        # a compute task's point has no ranks, a collective's has them
+        _check_kind("kind", self.kind, self.kind, "compute" if self.ranks == 0 else "comm")
         _text("dtype", self.dtype, nonempty=self.ranks == 0)
         object.__setattr__(self, "flops", _non_negative("flops", self.flops))
         object.__setattr__(self, "bytes", _non_negative("bytes", self.bytes))

@@ -18,6 +18,7 @@ from mc2sim._compat import StrEnum
 from mc2sim.errors import ParamInvalidError
 
 __all__ = [
+    "FIGURE_LIMIT",
     "AlltoAllvLoads",
     "Plan",
     "PlanArrays",
@@ -27,6 +28,7 @@ __all__ = [
     "SparseSplits",
     "Task",
     "TaskKind",
+    "check_figures",
 ]
 
 
@@ -213,6 +215,35 @@ class TaskKind(StrEnum):
         return _RESOURCE_OF[self]
 
 
+FIGURE_LIMIT = 2**62
+"""A task's FLOPs and bytes must be below this: the simulator and the timelines count them in
+64-bit integers (numpy ``int64``), and sums of a few such figures must fit too."""
+
+
+def check_figures(param: str, flops: object, nbytes: object) -> None:
+    """Refuse FLOPs or bytes of a task (or an array of them) at or above :data:`FIGURE_LIMIT`.
+
+    Args:
+        param: what errors name (``tasks[3]`` of a plan; ``flops`` of plan arrays).
+        flops: a task's FLOPs, or an array of them.
+        nbytes: its bytes, or an array of them.
+
+    Raises:
+        ParamInvalidError: a figure is too large to simulate (a shape whose product of
+            sizes overflows the simulator's integers), negative or not finite.
+    """
+    for what, value in (("FLOPs", flops), ("bytes", nbytes)):
+        values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        bad = ~np.isfinite(values) | (values < 0) | (values >= FIGURE_LIMIT)
+        if bad.any():
+            raise ParamInvalidError(
+                param,
+                f"{values[bad][0]:.6g} {what}",
+                "a task's FLOPs and bytes must be in [0, 2**62): the shape is too large "
+                "(mc2sim counts them in 64-bit integers)",
+            )
+
+
 _COMM_KINDS = (TaskKind.ALLREDUCE, TaskKind.ALLTOALLV, TaskKind.ALLGATHER, TaskKind.REDUCE_SCATTER)
 _RESOURCE_OF = {k: Resource.COMM if k in _COMM_KINDS else Resource.COMPUTE for k in TaskKind}
 """Each task kind's resource (asked once per task by the simulator: a lookup, not a set)."""
@@ -282,6 +313,8 @@ class Plan:
                     task.name,
                     f"task ids must be 0..n-1 in order; got {task.id} at {position}",
                 )
+            if not 0 <= task.flops < FIGURE_LIMIT or not 0 <= task.bytes < FIGURE_LIMIT:
+                check_figures(f"tasks[{task.id}] ({task.name})", task.flops, task.bytes)
             for dep in task.deps:
                 if not 0 <= dep < task.id:
                     raise ParamInvalidError(
@@ -372,6 +405,9 @@ class PlanArrays:
     """(tasks, ranks) bytes a comm task sends within its rank's node (0 for compute)."""
     inter: np.ndarray
     """(tasks, ranks) bytes a comm task sends to other nodes."""
+
+    def __post_init__(self) -> None:
+        check_figures(f"{self.template.op} plan arrays", self.flops, self.bytes)
 
 
 def row_tiles(total: int, lengths: Sequence[int]) -> list[tuple[int, int]]:

@@ -9,10 +9,12 @@ running a script) is replaced by a tripwire: a bad input must be found before it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mc2sim.cli import main
@@ -49,6 +51,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (t / "nonutf8.yaml").write_bytes(b"name: caf\xe9\n")
     (t / "badyaml.yaml").write_text("name: [unclosed\n", encoding="utf-8")
     (t / "list.yaml").write_text("- 1\n- 2\n", encoding="utf-8")
+    (t / "syntax.py").write_text("import os\ndef f(:\n    pass\n", encoding="utf-8")
+    (t / "latin1.py").write_bytes(b'x = "caf\xe9"\n')
+    (t / "twice.yaml").write_text("name: x\nranks: 2\nranks: 4\n", encoding="utf-8")
+    os.mkfifo(t / "fifo.yaml")  # opening it to read would wait for a writer forever
     (t / "unknown.yaml").write_text(TP + "colour: blue\n", encoding="utf-8")
     (t / "python.yaml").write_text("!!python/object/apply:os.system [ls]\n", encoding="utf-8")
     (t / "zero_reps.yaml").write_text(
@@ -80,11 +86,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (t / "m_shape.csv").write_text("1,2,3\n", encoding="utf-8")
     (t / "m_neg.csv").write_text("-1,0,0,0,0,0,0,0\n" * 2, encoding="utf-8")
     (t / "m_text.csv").write_text("a,b\n", encoding="utf-8")
+    # 4 ranks x 16 experts: entries past int64 (unsigned), and rows past BSK's 52428799
+    np.save(t / "m_huge.npy", np.full((4, 16), 2**64 - 1, dtype=np.uint64))
+    (t / "m_rows.csv").write_text(",".join(["4000000"] * 16) + "\n" * 1, encoding="utf-8")
+    with (t / "m_rows.csv").open("a", encoding="utf-8") as rows:
+        rows.write((",".join(["1"] * 16) + "\n") * 3)
     (t / "m.txt").write_text("1\n", encoding="utf-8")
     (t / "topo_neg.yaml").write_text(
         TOPOLOGY.replace("bandwidth_gbps: 28.0", "bandwidth_gbps: -28.0"), encoding="utf-8"
     )
     (t / "topo_list.yaml").write_text("[1, 2]\n", encoding="utf-8")
+    shipped = Path(__file__).parents[2] / "topologies" / "this_machine.yaml"
+    fitted = shipped.read_text(encoding="utf-8")
+    assert "  - kind: matmul\n" in fitted
+    (t / "topo_kind.yaml").write_text(
+        fitted.replace("  - kind: matmul\n", "  - kind: bogus\n", 1), encoding="utf-8"
+    )
     # results folders: one complete, and broken copies of it
     done = t / "done"
     assert main(["simulate", "llama70b_tp8_decode", *SMALL, "--out", str(done)]) == 0
@@ -112,6 +129,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "c_e_frac": _counts(experts_per_rank=1.5),
         "c_e_zero": _counts(experts_per_rank=0),
         "c_e_bool": _counts(experts_per_rank=True),
+        "c_extra": _counts(recv_count=[[1, 3], [2, 4]]),
         "c_e_text": _counts(experts_per_rank="1"),
         "c_ragged": _counts(send_counts=[[1, 2], [3]]),
         "c_shape": _counts(experts_per_rank=2),
@@ -179,7 +197,10 @@ CASES: list[tuple[list[str], list[str]]] = [
     # scenario files and --set
     (["simulate", "nosuch"], ["scenario='nosuch'", "neither a scenario file nor a shipped"]),
     (["simulate", "{t}/absent.yaml"], ["absent.yaml'", "neither a scenario file"]),
-    (["simulate", "{t}/adir"], ["adir'", "cannot be read"]),
+    (["simulate", "{t}/adir"], ["adir'", "must be a regular file"]),
+    (["simulate", "{t}/fifo.yaml"], ["fifo.yaml'", "must be a regular file"]),
+    (["simulate", "{t}/twice.yaml"], ["twice.yaml='line 3, column 1'", "'ranks' is given twice"]),
+    (["simulate", "llama70b_tp8_decode", "--topology", "/dev/zero"], ["must be a regular file"]),
     (["simulate", "{t}/nonutf8.yaml"], ["nonutf8.yaml=", "byte 9", "not UTF-8"]),
     (["simulate", "{t}/badyaml.yaml"], ["badyaml.yaml=", "line 2", "not valid YAML"]),
     (["simulate", "{t}/list.yaml"], ["list.yaml=[1, 2]", "must be a mapping"]),
@@ -188,7 +209,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "{t}/deep.yaml"], ["deep.yaml=", "nested too deeply"]),
     (["simulate", "{t}/nul.yaml"], ["nul.yaml='character 8'", "unacceptable character #x0000"]),
     (["sweep", "{t}/nul.yaml"], ["nul.yaml='character 8'", "not valid YAML"]),
-    (["simulate", "{t}/zero_reps.yaml"], ["zero_reps.yaml: repetitions=0", ">= 1"]),
+    (["simulate", "{t}/zero_reps.yaml"], ["zero_reps.yaml: repetitions=0", "in [1, 10000]"]),
     (["simulate", "{t}/huge_seed.yaml"], ["routing.seed=18446744073709551616", "4294967295"]),
     (["simulate", "llama70b_tp8_decode", "--set", "ranks"], ["--set='ranks'", "KEY=VALUE"]),
     (["simulate", "llama70b_tp8_decode", "--set", "colour=blue"], ["--set colour", "unknown"]),
@@ -219,6 +240,25 @@ CASES: list[tuple[list[str], list[str]]] = [
     ),
     (["run", "{t}/absent.yaml"], ["absent.yaml'", "neither a scenario file"]),
     (["run", "{t}/nonutf8.yaml"], ["nonutf8.yaml=", "not UTF-8"]),
+    (["run", "llama70b_tp8_decode", "--set", "topology={t}/nonutf8.yaml"], ["not UTF-8"]),
+    # shapes within every limit that no host can run: terabytes, and FLOPs past int64
+    (
+        ["run", "llama70b_tp8_decode", "--set", "shape.m=2147483647", "--set", "shape.k=8192"],
+        ["run: shape={'m': 2147483647, 'k': 8192, 'n': 8192}", "is too large to run here"],
+    ),
+    (
+        [
+            "run",
+            "llama70b_tp8_decode",
+            "--set",
+            "shape.m=2147483647",
+            "--set",
+            "shape.k=65535",
+            "--set",
+            "shape.n=65535",
+        ],
+        ["(matmul[0])='1.84462e+19 FLOPs'", "must be in [0, 2**62)"],
+    ),  # fmt: skip
     (["sweep", "{t}/badyaml.yaml"], ["badyaml.yaml=", "not valid YAML"]),
     (["sweep", "llama70b_tp8_decode", "--set", "shape.m=64,0"], ["shape.m=0", ">= 1"]),
     (["sweep", "llama70b_tp8_decode", "--real", "--set", "dtype=a,b"], ["dtype='a'", "one of"]),
@@ -244,14 +284,30 @@ CASES: list[tuple[list[str], list[str]]] = [
             ("m_text.csv", "cannot be read"),
             ("m.txt", ".npy, .csv or .json"),
             ("m_deep.json", "cannot be read"),
+            ("m_huge.npy", "row sums must be below 2**62"),
         ]
     ],
+    (
+        [
+            "simulate",
+            "seed_gmm_alltoallv_ep4",
+            "--set",
+            "routing.kind=matrix",
+            "--set",
+            "routing.matrix_path={t}/m_rows.csv",
+        ],
+        ["routing.matrix_path row 0: tokens * top_k=64000000", "BSK must be in [1, 52428799]"],
+    ),
     # topologies
     (["simulate", "llama70b_tp8_decode", "--topology", "nosuch"], ["--topology='nosuch'"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/nonutf8.yaml"], ["not UTF-8"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/badyaml.yaml"], ["not valid YAML"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/deep.yaml"], ["nested too deeply"]),
     (["simulate", "llama70b_tp8_decode", "--topology", "{t}/nul.yaml"], ["#x0000", "valid YAML"]),
+    (
+        ["simulate", "llama70b_tp8_decode", "--topology", "{t}/topo_kind.yaml"],
+        [".kind='bogus'", "unknown compute kind; known: matmul"],
+    ),
     (
         ["simulate", "llama70b_tp8_decode", "--topology", "{t}/topo_neg.yaml"],
         ["topo_neg.yaml: network[0].bandwidth_gbps=-28.0", "> 0"],
@@ -265,6 +321,10 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--topology", "{t}/good.yaml"], ["good.yaml: op=", "unknown key"]),
     (["simulate", "llama70b_tp8_decode", "--at-run-speed"], ["--at-run-speed=True", "--measured"]),
     (["validate-model", "--calibrate", "--at-run-speed"], ["--at-run-speed=True", "stored fit"]),
+    (
+        ["validate-model", "--calibrate", "--topology", "atlas_a2_8p"],
+        ["--topology='atlas_a2_8p'", "a stored fit to check: --calibrate fits now"],
+    ),
     (
         ["validate-model", "--topology", "atlas_a2_8p", "--at-run-speed"],
         ["--at-run-speed='atlas_a2_8p'", "no speed probe"],
@@ -324,7 +384,12 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["simulate", "llama70b_tp8_decode", "--measured", "{t}/absent"], ["--measured=", "no such"]),
     (["simulate", "llama70b_tp8_decode", "--measured", "{t}/afile"], ["--measured=", "a file"]),
     (["simulate", "llama70b_tp8_decode", "--measured", "{t}/incomplete"], ["incomplete"]),
+    (
+        ["simulate", "llama70b_tp8_decode", *SMALL, "--measured", "{t}/done"],
+        ["--measured=", "must be a folder of `mc2sim run` (it holds a simulation)"],
+    ),
     (["sweep", "llama70b_tp8_decode", "--out", "{t}/afile"], ["--out=", "is a file"]),
+    (["simulate", "llama70b_tp8_decode", "--out", "{t}/" + "a" * 300], ["--out=", "too long"]),
     # a sweep's grid: a key twice would win silently in every point; a grid past the cap
     (
         ["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,16", "--set", "shape.m=32,64"],
@@ -334,6 +399,25 @@ CASES: list[tuple[list[str], list[str]]] = [
         ["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,16", "--set", " shape.m =32"],
         ["--set shape.m='32'", "is given twice"],
     ),
+    (
+        [
+            "simulate",
+            "seed_gmm_alltoallv_ep4",
+            "--set",
+            "routing.kind=hot",
+            "--set",
+            "routing.hot_fraction=1",
+            "--set",
+            "routing.hot_experts=1",
+        ],
+        ["routing.hot_fraction=1.0", "must be in [0, 0.5] with hot_experts=1, top_k=2"],
+    ),  # fmt: skip
+    # one study at two points (two spellings of a number); an axis with an empty value
+    (
+        ["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,16,08"],
+        ["--set='shape.m=08'", "the same study as the point shape.m=8"],
+    ),
+    (["sweep", "llama70b_tp8_decode", "--set", "shape.m=8,"], ["--set shape.m='8,'", "none empty"]),
     (
         [
             "sweep",
@@ -376,12 +460,16 @@ CASES: list[tuple[list[str], list[str]]] = [
     # scripts and options
     (["exec", "{t}/absent.py"], ["script=", "no such file"]),
     (["exec", "{t}/adir"], ["script=", "not a file"]),
+    (["exec", "{t}/syntax.py"], ["syntax.py'", "is not valid Python: invalid syntax (line 2)"]),
+    (["exec", "{t}/latin1.py"], ["latin1.py'", "is not valid Python", "can't decode byte 0xe9"]),
     (["exec", "--timeout", "0", "{t}/absent.py"], ["--timeout", "'0'", "> 0"]),
     (["run", "llama70b_tp8_decode", "--timeout", "-5"], ["--timeout", "'-5'", "> 0"]),
     (["run", "llama70b_tp8_decode", "--timeout", "nan"], ["--timeout", "'nan'", "finite"]),
     (["calibrate", "--timeout", "inf"], ["--timeout", "'inf'", "finite"]),
     (["validate-model", "--timeout", "soon"], ["--timeout", "'soon'", "seconds"]),
-    (["calibrate", "--reps", "0"], ["--reps", "0", ">= 1"]),
+    (["calibrate", "--reps", "0"], ["--reps", "0", "must be in [1, 1000]"]),
+    (["calibrate", "--reps", "99999999999999"], ["--reps", "must be in [1, 1000]"]),
+    (["simulate", "llama70b_tp8_decode", "--set", "repetitions=10001"], ["in [1, 10000]"]),
     (["validate-model", "--reps", "many"], ["--reps", "'many'", "whole number"]),
     (["simulate"], ["scenario", "required"]),
     (["frobnicate"], ["invalid choice", "'frobnicate'"]),
@@ -394,7 +482,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["info", "--backend", "carrier-pigeon"], ["--backend", "'carrier-pigeon'", "invalid choice"]),
     # check-counts: the rules of mc2sim.invariants.check_counts
     (["check-counts", "{t}/absent.json"], ["absent.json'", "cannot be read"]),
-    (["check-counts", "{t}/adir"], ["adir'", "cannot be read"]),
+    (["check-counts", "{t}/adir"], ["adir'", "must be a regular file"]),
     (["check-counts", "{t}/c_nonutf8.json"], ["c_nonutf8.json=", "not UTF-8"]),
     (["check-counts", "{t}/c_not_json.json"], ["c_not_json.json=", "must be JSON"]),
 ]
@@ -444,6 +532,7 @@ CASES += [
         ("c_e_frac", ["experts_per_rank=1.5", "int >= 1"]),
         ("c_e_zero", ["experts_per_rank=0", "int >= 1"]),
         ("c_e_bool", ["experts_per_rank=True", "int >= 1"]),
+        ("c_extra", ["c_extra.json: recv_count=[[1, 3], [2, 4]]", "is an unknown key"]),
         ("c_e_text", ["experts_per_rank='1'", "int >= 1"]),
         ("c_ragged", ["len(send_counts[1])=1", "= 2"]),
         ("c_shape", ["len(send_counts[0])=2", "= 4"]),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from mc2sim.cli import main
 from mc2sim.errors import ParamInvalidError
 from mc2sim.routing import RoutingConfig, route
 from mc2sim.schedule import (
@@ -253,3 +255,54 @@ def test_ifa_plan(tiling: Tiling) -> None:
     # position of the KV heads, plus the query and output rows
     assert plan.flops == 2 * 2 * 10 * 8 * 300 * 64
     assert sum(t.bytes for t in compute) == 2 * (2 * 10 * 300 * 2 * 64 + 2 * 10 * 8 * 64)
+
+
+@pytest.mark.parametrize(
+    ("flops", "nbytes", "shown"),
+    [(2**62, 0, "4.61169e+18 FLOPs"), (0, 2**64, "1.84467e+19 bytes"), (-1, 0, "-1 FLOPs")],
+)
+def test_a_plan_refuses_figures_the_simulator_cannot_count(
+    flops: int, nbytes: int, shown: str
+) -> None:
+    task = Task(id=0, name="matmul[0]", kind=TaskKind.MATMUL, flops=flops, bytes=nbytes)
+    with pytest.raises(ParamInvalidError, match=r"must be in \[0, 2\*\*62\)") as info:
+        Plan(op="mm_all_reduce", tiling="serial", rank=0, world_size=1, tasks=(task,))
+    assert info.value.param == "tasks[0] (matmul[0])"
+    assert info.value.value == shown
+    edge = Task(id=0, name="matmul[0]", kind=TaskKind.MATMUL, flops=2**62 - 1, bytes=2**62 - 1)
+    assert Plan(op="mm_all_reduce", tiling="serial", rank=0, world_size=1, tasks=(edge,))
+
+
+def test_a_shape_whose_flops_overflow_is_one_line_and_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # m, k and n each within the aclnn limits; 2 m k n is past 2**64
+    big = ["--set", "shape.m=2147483647", "--set", "shape.k=65535", "--set", "shape.n=65535"]
+    argv = ["simulate", "llama70b_tp8_decode", *big, "--no-plots", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        "mc2sim simulate: tasks[0] (matmul[0])='1.84462e+19 FLOPs': a task's FLOPs and bytes "
+        "must be in [0, 2**62): the shape is too large (mc2sim counts them in 64-bit integers)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_arrays_refuse_figures_the_simulator_cannot_count() -> None:
+    import numpy as np
+
+    from mc2sim.schedule.plan import PlanArrays
+
+    task = Task(id=0, name="grouped_matmul[0]", kind=TaskKind.GROUPED_MATMUL)
+    template = Plan(op="alltoallv_gmm", tiling="serial", rank=0, world_size=2, tasks=(task,))
+    zeros = np.zeros((1, 2))
+    for flops, shown in (
+        (np.array([[1.0, 2.0**63]]), "9.22337e+18 FLOPs"),
+        (np.array([[np.nan, 0]]), "nan FLOPs"),
+    ):
+        with pytest.raises(ParamInvalidError, match=r"must be in \[0, 2\*\*62\)") as info:
+            PlanArrays(
+                template=template, world_size=2, flops=flops, bytes=zeros, loads={},
+                intra=zeros, inter=zeros,
+            )  # fmt: skip
+        assert (info.value.param, info.value.value) == ("alltoallv_gmm plan arrays", shown)

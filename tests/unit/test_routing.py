@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -559,6 +560,24 @@ def test_missing_matrix_file(tmp_path: Path) -> None:
         load_matrix(tmp_path / "absent.npy")
     assert info.value.code == 161002
     assert "absent.npy" in str(info.value)
+    # a FIFO would block the read for a writer that never comes; a folder is no file either
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "folder.npy").mkdir()
+    for name in ("fifo.csv", "folder.npy"):
+        with pytest.raises(ParamInvalidError, match="must be a regular file") as info:
+            load_matrix(tmp_path / name)
+        assert info.value.param == "matrix_path"
+
+
+def test_a_matrix_past_int64_is_refused(tmp_path: Path) -> None:
+    # as unsigned integers they would wrap to negative counts; as rows they would overflow
+    np.save(tmp_path / "u.npy", np.full((2, 4), 2**64 - 1, dtype=np.uint64))
+    np.save(tmp_path / "rows.npy", np.full((2, 4), 2**61, dtype=np.int64))
+    for name in ("u.npy", "rows.npy"):
+        with pytest.raises(ParamInvalidError, match=r"row sums must be below 2\*\*62"):
+            load_matrix(tmp_path / name)
+    np.save(tmp_path / "ok.npy", np.full((2, 4), 2**59, dtype=np.int64))
+    assert load_matrix(tmp_path / "ok.npy").sum(axis=1).tolist() == [2**61, 2**61]
 
 
 def test_matrix_of_the_wrong_shape_for_the_group(tmp_path: Path) -> None:

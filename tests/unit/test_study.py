@@ -141,18 +141,42 @@ def test_command_line_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert Path(manifest.scenario_path).name == shipped.name
     assert manifest.scenario_sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
     # a measured folder's totals, compared tiling by tiling (here a twin: error 0)
+    import dataclasses
+
+    from mc2sim.results import write_results as write_folder
+
+    done = read_results(quick)
+    assert done.timeline is not None
+    ran = tmp_path / "ran"
+    write_folder(
+        ran, timeline=dataclasses.replace(done.timeline, source=Source.MEASURED),
+        baseline=done.baseline,
+        manifest=dataclasses.replace(done.manifest, source=Source.MEASURED),
+    )  # fmt: skip
     capsys.readouterr()
     again = tmp_path / "again"
     status = main(
         ["simulate", "seed_gmm_alltoallv_ep4", "--set", "scale=small", "--no-plots",
-         "--measured", str(quick), "--out", str(again)]
+         "--measured", str(ran), "--out", str(again)]
     )  # fmt: skip
     assert status == 0
     printed = capsys.readouterr().out
-    totals = read_results(quick).totals()
+    totals = read_results(ran).totals()
     for tiling, total in totals.items():
         row = next(line for line in printed.splitlines() if line.startswith(tiling + " "))
         assert row.endswith(f"{total * 1e3:>10.3f}{0.0:>8.1%}")
+    # a run of another call, or a simulation, is refused: one line, nothing written
+    for argv, rule in (
+        (["--set", "scale=small", "--ranks", "2"], "ranks 4 there, 2 here"),
+        ([], "shape {'tokens': 64,"),
+        (["--set", "scale=small", "--measured", str(quick)], "(it holds a simulation)"),
+    ):
+        out = tmp_path / f"refused{len(argv)}"
+        given = ["simulate", "seed_gmm_alltoallv_ep4", "--measured", str(ran), *argv]
+        assert main([*given, "--no-plots", "--out", str(out)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("mc2sim simulate: --measured='") and rule in line, line
+        assert not out.exists()
 
 
 def test_a_fit_compared_with_a_run_runs_at_the_runs_speed(
@@ -174,9 +198,10 @@ def test_a_fit_compared_with_a_run_runs_at_the_runs_speed(
     done = read_results(base)
     assert done.timeline is not None
     run = tmp_path / "run"
+    measured = dataclasses.replace(done.timeline, source=Source.MEASURED)
     write_results(
-        run, timeline=done.timeline, baseline=done.baseline,
-        manifest=dataclasses.replace(done.manifest, probe_tflops=0.1),
+        run, timeline=measured, baseline=done.baseline,
+        manifest=dataclasses.replace(done.manifest, probe_tflops=0.1, source=Source.MEASURED),
     )  # fmt: skip
     totals = done.totals()
     for extra, factor in (([], 1.0), (["--at-run-speed"], 2.0)):
@@ -199,8 +224,8 @@ def test_a_fit_compared_with_a_run_runs_at_the_runs_speed(
     # within SPEED_NOTE of the fit's probe: nothing to say
     near = tmp_path / "near"
     write_results(
-        near, timeline=done.timeline, baseline=done.baseline,
-        manifest=dataclasses.replace(done.manifest, probe_tflops=0.21),
+        near, timeline=measured, baseline=done.baseline,
+        manifest=dataclasses.replace(done.manifest, probe_tflops=0.21, source=Source.MEASURED),
     )  # fmt: skip
     capsys.readouterr()
     argv = [*args, "--topology", str(probed), "--measured", str(near), "--no-plots"]
