@@ -243,9 +243,11 @@ def counts_invariant(comm: Communicator, send: list[int], recv: list[int], e: in
     q, r, j = first
     got = int(both[q, width + r * e + j])
     sent = int(both[r, q * e + j])
-    raise ParamInvalidError(
+    error = ParamInvalidError(
         f"recv_counts[{r * e + j}] on rank {q}",
         got,
         f"must equal send_counts[{q * e + j}] on rank {r} ({sent}): rows of local expert {j} "
         f"that rank {r} sends to rank {q} (receiver q={q}, sender r={r}, expert j={j})",
     )
+    error.rank = q  # every rank raises it alike (the gathered counts): rank 0 alone says so
+    raise error

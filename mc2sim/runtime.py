@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from mc2sim.comm.job import ABORT_GRACE_S, end_job, world_position
-from mc2sim.errors import AclnnError
+from mc2sim.errors import AclnnError, ParamInvalidError, ParamNullptrError
 
 __all__ = [
     "ABORT_GRACE_S",
@@ -48,8 +48,10 @@ def abort_on_exception() -> Iterator[None]:
     The line reads ``mc2sim: rank R/N: ErrorClass: message``. Errors of the operators'
     contract (``AclnnError``) print that line alone; anything else prints its traceback
     first. An error the ranks agreed on (``AclnnError.rank`` set: every rank raises it) is
-    printed by rank 0 alone; another rank prints it only if still running after
-    ``LEAD_S``. A ``SystemExit`` with a non-zero code aborts too, since the other ranks may be
+    printed by rank 0 alone, R naming the rank that failed; another rank prints it only if
+    still running after ``LEAD_S``. Exit status 1, but 2 for an agreed parameter error
+    (``ParamInvalidError``, ``ParamNullptrError``: the caller's input, refused before any
+    data moved). A ``SystemExit`` with a non-zero code aborts too, since the other ranks may be
     waiting for this one in a collective. In a lone process the exception propagates.
 
     SIGINT (Ctrl-C) ends the job with exit status 130 and one line, ``mc2sim: interrupted``,
@@ -76,9 +78,14 @@ def abort_on_exception() -> Iterator[None]:
                 raise
             if not isinstance(exc, AclnnError):
                 traceback.print_exc()
-            elif exc.rank is not None and rank != 0:  # agreed: rank 0 has the same line
+                end_job(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1)
+            if exc.rank is None:  # this rank's own error
+                end_job(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1)
+            if rank != 0:  # agreed: rank 0 has the same line
                 time.sleep(LEAD_S)
-            end_job(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1)
+            # an agreed error names the rank that failed; a parameter error is the user's
+            status = 2 if isinstance(exc, (ParamInvalidError, ParamNullptrError)) else 1
+            end_job(f"mc2sim: rank {exc.rank}/{size}: {type(exc).__name__}: {exc}", status)
 
 
 def _interrupted() -> None:

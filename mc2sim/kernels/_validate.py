@@ -66,6 +66,8 @@ def require_rank(param: str, tensor: torch.Tensor, allowed: Collection[int]) -> 
         tensor: the tensor passed.
         allowed: the numbers of dimensions the rule allows.
     """
+    if not isinstance(tensor, torch.Tensor):
+        raise ParamInvalidError(param, type(tensor).__name__, "must be a torch.Tensor")
     if tensor.dim() not in allowed:
         raise ParamInvalidError(
             f"{param}.shape",
@@ -83,5 +85,7 @@ def require_shape(param: str, tensor: torch.Tensor, expected: tuple[int, ...], w
         expected: the shape the rule asks for.
         why: what the expected shape follows from ("(n,) for per-channel scale").
     """
+    if not isinstance(tensor, torch.Tensor):
+        raise ParamInvalidError(param, type(tensor).__name__, "must be a torch.Tensor")
     if tuple(tensor.shape) != tuple(expected):
         raise ParamInvalidError(f"{param}.shape", tuple(tensor.shape), f"must be {expected}: {why}")

@@ -13,18 +13,19 @@ heads' shape (each rank holds an equal share of the layer's heads).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
 
 from mc2sim.comm import Communicator, Work, agreed
 from mc2sim.comm.watchdog import in_op
-from mc2sim.errors import AclnnRuntimeError
+from mc2sim.errors import AclnnRuntimeError, ParamInvalidError
 from mc2sim.kernels import incre_flash_attention
 from mc2sim.kernels._ifa_plan import plan_incre_flash_attention
 from mc2sim.kernels._validate import require
 from mc2sim.schedule.builders import IfaShape, plan_ifa
-from mc2sim.schedule.executor import execute
+from mc2sim.schedule.executor import execute, progress_mode
 from mc2sim.schedule.plan import Task
 from mc2sim.schedule.tiling import Tiling, tiling_of
 
@@ -60,6 +61,21 @@ class _IfaRunner:
 
 
 @in_op("ifa_decode")
+def _lengths(actual_seq_lengths: Sequence[int]) -> list[int]:
+    """``actual_seq_lengths`` as ints, each an integer (a float would be cut short).
+
+    Checked inside the agreement, so a bad list on one rank fails every rank alike.
+    """
+    try:
+        return [operator.index(n) for n in actual_seq_lengths]
+    except TypeError:
+        listed = isinstance(actual_seq_lengths, (list, tuple))
+        shown = actual_seq_lengths if listed else type(actual_seq_lengths).__name__
+        raise ParamInvalidError(
+            "actual_seq_lengths", shown, "must be a sequence of integers, one per batch"
+        ) from None
+
+
 def ifa_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -104,8 +120,9 @@ def ifa_decode(
         ParamNullptrError: as the kernel.
         ParamInvalidError: as the kernel, or a bad ``tiling``.
     """
-    lengths = [int(n) for n in actual_seq_lengths]
     with agreed(comm) as same:
+        progress_mode(progress)  # here, not in execute: one rank's bad mode fails every rank
+        lengths = _lengths(actual_seq_lengths)
         require("block_table", block_table, block_table is not None, "is required (page attention)")
         plan = plan_incre_flash_attention(
             query,

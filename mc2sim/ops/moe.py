@@ -34,7 +34,7 @@ from mc2sim.kernels._validate import require, require_dtype, require_not_none, r
 from mc2sim.ops._moe_runners import CombineRunner, DispatchRunner, SharedExpert
 from mc2sim.ops.profile import HardwareProfile, hardware_profile
 from mc2sim.schedule.builders import MoeShape, plan_alltoallv_gmm, plan_gmm_alltoallv
-from mc2sim.schedule.executor import execute
+from mc2sim.schedule.executor import execute, progress_mode
 from mc2sim.schedule.tiling import Tiling, TilingMode, tiling_of
 
 __all__ = ["alltoallv_gmm", "gmm_alltoallv"]
@@ -367,6 +367,7 @@ def _run_moe(
 ) -> CombineRunner | DispatchRunner:
     """Check on every rank, agree, check the counts invariant, then plan and run the op."""
     with agreed(comm) as same:
+        progress_mode(progress)  # here, not in execute: one rank's bad mode fails every rank
         if also_check is not None:
             also_check()
         plan_tiling = tiling_of(tiling)  # a bad tiling is a parameter error like any other

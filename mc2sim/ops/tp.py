@@ -36,7 +36,7 @@ from mc2sim.schedule.builders import (
     plan_matmul_reduce_scatter,
     plan_mm_all_reduce,
 )
-from mc2sim.schedule.executor import execute
+from mc2sim.schedule.executor import execute, progress_mode
 from mc2sim.schedule.plan import Plan, TaskKind
 from mc2sim.schedule.tiling import Tiling, tiling_of
 
@@ -238,6 +238,7 @@ def mm_all_reduce(
         ParamInvalidError: any rule of OPS.md sections 2 and 5 (on every rank alike).
     """
     with agreed(comm) as same:
+        progress_mode(progress)  # here, not in execute: one rank's bad mode fails every rank
         _require_sum(reduce_op)
         _require_comm_turn(comm_turn)
         if hardware_profile(strict) is not HardwareProfile.NONE:
@@ -250,6 +251,7 @@ def mm_all_reduce(
         plan_tiling = tiling_of(tiling)
         require_not_none("x1", x1)
         require_rank("x1", x1, (2, 3))
+        limits.MM_K.check("k", x1.shape[-1])  # before the reshape, which k = 0 cannot take
         rows_2d = x1.reshape(-1, x1.shape[-1])
         m = limits.MM_M.check("m", rows_2d.shape[0])
         if pertoken_scale is not None:
@@ -341,6 +343,8 @@ def _check_tp(
     require_dtype("x2", x2, (x1.dtype,))
     require_rank("x1", x1, (2,))
     require_rank("x2", x2, (2,))
+    limits.MM_M.check("m", x1.shape[0])  # as a scenario's shape: every size is positive
+    limits.MM_N.check("n", x2.shape[1])
     k = limits.TP_K.check("k", x1.shape[1])
     require("x2.shape", tuple(x2.shape), x2.shape[0] == k, f"dim 0 must equal x1's k ({k})")
     require(
@@ -409,6 +413,7 @@ def all_gather_matmul(
         ParamInvalidError: any rule above (on every rank alike).
     """
     with agreed(comm) as same:
+        progress_mode(progress)  # here, not in execute: one rank's bad mode fails every rank
         _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
         chosen = tiling_of(tiling)
         require("gather_index", gather_index, gather_index == 0, "only 0 (gather x1) is supported")
@@ -466,6 +471,7 @@ def matmul_reduce_scatter(
         ParamInvalidError: any rule above (on every rank alike).
     """
     with agreed(comm) as same:
+        progress_mode(progress)  # here, not in execute: one rank's bad mode fails every rank
         _check_tp(x1, x2, comm, world_size, bias, comm_turn, strict)
         chosen = tiling_of(tiling)
         _require_sum(reduce_op)

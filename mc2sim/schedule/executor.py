@@ -54,7 +54,15 @@ from mc2sim.schedule.plan import Plan, Resource, Task
 from mc2sim.schedule.traffic import Placement, level_bytes
 from mc2sim.timeline import Clock, RunKey, Stream, current_recorder
 
-__all__ = ["POLL_INTERVAL_S", "SPIN_S", "Progress", "TileRunner", "device_streams", "execute"]
+__all__ = [
+    "POLL_INTERVAL_S",
+    "SPIN_S",
+    "Progress",
+    "TileRunner",
+    "device_streams",
+    "execute",
+    "progress_mode",
+]
 
 
 class Progress(StrEnum):
@@ -66,6 +74,18 @@ class Progress(StrEnum):
 
     POLL = "poll"
     THREAD = "thread"
+
+
+def progress_mode(progress: str | Progress) -> Progress:
+    """``progress`` as a :class:`Progress`; the ops check it with their other parameters.
+
+    Raises:
+        ParamInvalidError: not ``"poll"`` or ``"thread"``.
+    """
+    try:
+        return Progress(progress)
+    except ValueError:
+        raise ParamInvalidError("progress", progress, "must be 'poll' or 'thread'") from None
 
 
 class TileRunner(Protocol):
@@ -244,10 +264,7 @@ def execute(
     Raises:
         ParamInvalidError: an unknown ``progress`` mode.
     """
-    try:
-        mode = Progress(progress)
-    except ValueError:
-        raise ParamInvalidError("progress", progress, "must be 'poll' or 'thread'") from None
+    mode = progress_mode(progress)
     where = torch.device("cpu") if device is None else torch.device(device)
     if where.type != "cpu":
         return _DeviceRun(plan, comm, runner, where, mode).run()

@@ -195,10 +195,69 @@ def test_a_mismatch_across_ranks_ends_the_job_with_one_line_from_rank_zero(
     script = tmp_path / "mismatch.py"
     script.write_text(textwrap.dedent(MISMATCH))
     res = mpiexec(3, "-m", "mc2sim", "exec", str(script), timeout=120)
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 2, res.stderr  # the caller's parameter: a user error
     lines = [x for x in res.stderr.splitlines() if x.startswith("mc2sim:")]
-    assert lines == [
-        "mc2sim: rank 0/3: ParamInvalidError: tiling={2: 'tiles=2'}: must be the same on every "
+    assert lines == [  # from rank 0, naming rank 2, whose tiling differs
+        "mc2sim: rank 2/3: ParamInvalidError: tiling={2: 'tiles=2'}: must be the same on every "
         "rank ('hardware' on ranks 0, 1): the ranks issue one schedule of collectives together"
+    ], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+CROSS_RANK = r"""
+    import sys
+    import torch
+    from mc2sim import ops
+    from mc2sim.comm import init
+    from mc2sim.errors import AclnnError
+
+    comm = init("mpi")
+    r, w = comm.rank, comm.size
+    bf16 = torch.bfloat16
+    case = sys.argv[1]
+    if case == "progress":  # one rank's bad mode, caught: every rank raises, the group goes on
+        x1, x2 = torch.ones(4, 16, dtype=bf16), torch.ones(16, 8, dtype=bf16)
+        try:
+            ops.mm_all_reduce(x1, x2, comm, progress="bogus" if r == 1 else "poll")
+            said = [f"rank {r} returned"]
+        except AclnnError as exc:
+            said = [f"rank {r} raised {exc}"]
+        said.append(f"rank {r} then {ops.mm_all_reduce(x1, x2, comm)[0, 0].item():g}")
+        every = comm.allgather_object(said)  # printed by rank 0 alone: no lines interleaved
+        if r == 0:
+            print("\n".join(line for lines in every for line in lines), flush=True)
+    else:  # rank 0 sends 2 rows of its expert 0 to rank 1, which expects 1: the counts invariant
+        send = [1] * (2 * w)
+        if r == 0:
+            send[2] = 2
+        ops.gmm_alltoallv(
+            gmm_x=torch.ones(sum(send), 8, dtype=bf16), gmm_weight=torch.ones(2, 8, 4, dtype=bf16),
+            comm=comm, ep_world_size=w, send_counts=send, recv_counts=[1] * (2 * w),
+        )
+"""
+
+
+def test_a_bad_progress_mode_on_one_rank_fails_every_rank_alike(tmp_path: Path) -> None:
+    script = tmp_path / "cross.py"
+    script.write_text(textwrap.dedent(CROSS_RANK))
+    res = mpiexec(2, "-m", "mc2sim", "exec", str(script), "progress", timeout=120)
+    assert res.returncode == 0, res.stderr
+    said = [line for line in res.stdout.splitlines() if line.startswith("rank ")]
+    raised = "raised progress='bogus': must be 'poll' or 'thread'"
+    # 16 columns of ones, summed over 2 ranks
+    assert said == [f"rank 0 {raised}", "rank 0 then 32", f"rank 1 {raised}", "rank 1 then 32"]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_counts_invariant_ends_the_job_with_one_line(tmp_path: Path, n: int) -> None:
+    script = tmp_path / "cross.py"
+    script.write_text(textwrap.dedent(CROSS_RANK))
+    res = mpiexec(n, "-m", "mc2sim", "exec", str(script), "counts", timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = [x for x in res.stderr.splitlines() if "mc2sim" in x]
+    assert lines == [
+        f"mc2sim: rank 1/{n}: ParamInvalidError: recv_counts[0] on rank 1=1: must equal "
+        "send_counts[2] on rank 0 (2): rows of local expert 0 that rank 0 sends to rank 1 "
+        "(receiver q=1, sender r=0, expert j=0)"
     ], res.stderr
     assert "Traceback" not in res.stderr

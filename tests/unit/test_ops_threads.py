@@ -488,3 +488,78 @@ def test_ranks_of_different_machines_are_each_timed_from_their_barrier(
     # no clock in common: each rank's epoch is its own exit from the barrier
     timeline = late_second_rank(monkeypatch, lambda rank: f"machine {rank}")
     assert max(first_starts(timeline)) < LATE_S / 5
+
+
+# -- one rank's bad argument fails every rank alike, before any data moves ---------------------
+
+
+def _bf16(*shape: int) -> torch.Tensor:
+    return torch.ones(*shape, dtype=torch.bfloat16)
+
+
+def _ifa(comm: ThreadCommunicator, lengths: Any, progress: str = "poll") -> torch.Tensor:
+    """A 2-sequence decode on 2 heads of dim 16, 16-token blocks, ``lengths`` of KV each."""
+    return ops.ifa_decode(
+        _bf16(2, 1, 32), _bf16(4, 16, 32), _bf16(4, 16, 32), comm,
+        block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+        actual_seq_lengths=lengths, num_heads=2, num_key_value_heads=2, block_size=16,
+        progress=progress,
+    )  # fmt: skip
+
+
+ONE_RANK_BAD: dict[str, tuple[Callable[[ThreadCommunicator, bool], object], str]] = {
+    "progress": (
+        lambda comm, bad: ops.mm_all_reduce(
+            _bf16(4, 16), _bf16(16, 8), comm, progress="bogus" if bad else "poll"
+        ),
+        "progress='bogus': must be 'poll' or 'thread'",
+    ),
+    "x1 a list": (
+        lambda comm, bad: ops.mm_all_reduce(
+            [[1.0] * 16] * 4 if bad else _bf16(4, 16), _bf16(16, 8), comm
+        ),
+        "x1='list': must be a torch.Tensor",
+    ),
+    "k = 0": (
+        lambda comm, bad: ops.mm_all_reduce(_bf16(4, 0 if bad else 16), _bf16(16, 8), comm),
+        "k=0: k must be in [1, 65535]",
+    ),
+    "m = 0 gathered": (
+        lambda comm, bad: ops.all_gather_matmul(
+            _bf16(0 if bad else 2, 256), _bf16(256, 8), comm, 2
+        ),
+        "m=0: m must be in [1, 2147483647]",
+    ),
+    "n = 0 scattered": (
+        lambda comm, bad: ops.matmul_reduce_scatter(
+            _bf16(4, 256), _bf16(256, 0 if bad else 8), comm, 2
+        ),
+        "n=0: n must be in [1, 65535]",
+    ),
+    "float lengths": (
+        lambda comm, bad: _ifa(comm, [3.9, 5.9] if bad else [3, 5]),
+        "actual_seq_lengths=[3.9, 5.9]: must be a sequence of integers, one per batch",
+    ),
+    "no lengths": (
+        lambda comm, bad: _ifa(comm, None if bad else [3, 5]),
+        "actual_seq_lengths='NoneType': must be a sequence of integers, one per batch",
+    ),
+    "ifa progress": (
+        lambda comm, bad: _ifa(comm, [3, 5], progress="x" if bad else "poll"),
+        "progress='x': must be 'poll' or 'thread'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_RANK_BAD))
+def test_one_ranks_bad_argument_raises_the_same_error_on_every_rank(case: str) -> None:
+    call, said = ONE_RANK_BAD[case]
+
+    def body(comm: ThreadCommunicator) -> tuple[str, int | None, str]:
+        with pytest.raises(ParamInvalidError) as info:
+            call(comm, comm.rank == 1)
+        # the group is still usable: every rank left the call at its checks
+        total = ops.mm_all_reduce(_bf16(2, 16), _bf16(16, 4), comm)
+        return str(info.value), info.value.rank, f"{total[0, 0].item():g}"
+
+    assert run_threads(2, body) == [(said, 1, "32")] * 2
