@@ -60,7 +60,6 @@ class _IfaRunner:
         raise AclnnRuntimeError("task", task.name, "an ifa plan has no communication tasks")
 
 
-@in_op("ifa_decode")
 def _lengths(actual_seq_lengths: Sequence[int]) -> list[int]:
     """``actual_seq_lengths`` as ints, each an integer (a float would be cut short).
 
@@ -76,6 +75,7 @@ def _lengths(actual_seq_lengths: Sequence[int]) -> list[int]:
         ) from None
 
 
+@in_op("ifa_decode")
 def ifa_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
