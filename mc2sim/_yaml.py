@@ -67,6 +67,8 @@ class _UniqueKeys(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no typ
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[object] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *anchor``: merged keys may be overridden by the written ones
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)):
                 continue  # an unhashable key: the base loader refuses it

@@ -1386,9 +1386,17 @@ def _read_counts(path: Path) -> tuple[Any, Any, Any]:
         "must be JSON with the keys experts_per_rank, send_counts (a list of counts per rank) "
         "and recv_counts (likewise)"
     )
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        twice = next((key for key in keys if keys.count(key) > 1), None)
+        if twice is not None:  # the last would silently win
+            raise ValueError(f"the key {twice!r} is given twice")
+        return dict(pairs)
+
     text = read_text(str(path))  # a regular file of at most INPUT_BYTES, UTF-8
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=unique)
     except (ValueError, RecursionError) as err:
         raise ParamInvalidError(str(path), "not JSON", f"{expected} ({err})") from None
     if not isinstance(data, dict):
@@ -1442,17 +1450,31 @@ def _cmd_exec(args: argparse.Namespace) -> int:
             raise ParamInvalidError("script", args.script, rule)
         if not os.access(script, os.R_OK):
             raise ParamInvalidError("script", args.script, "is not readable")
-        try:  # compiled here, so a script that cannot run is refused before MPI starts
-            compile(script.read_bytes(), args.script, "exec")
-        except SyntaxError as err:
-            where = f" (line {err.lineno})" if err.lineno else ""
-            rule = f"is not valid Python: {err.msg}{where}"
-            raise ParamInvalidError("script", args.script, rule) from None
-        except ValueError as err:  # a null byte
-            raise ParamInvalidError("script", args.script, f"is not valid Python: {err}") from None
+        _check_source(script, args.script)
     sys.argv = [args.script, *args.script_args]
     runpy.run_path(args.script, run_name="__main__")
     return 0
+
+
+def _check_source(script: Path, given: str) -> None:
+    """Compile a Python source ``script`` (``exec``): one that cannot run is refused early.
+
+    Before MPI starts. What ``runpy`` runs besides sources (a zip application, a ``.pyc``) is
+    left to it.
+    """
+    import zipfile
+
+    if script.suffix == ".pyc" or zipfile.is_zipfile(script):
+        return
+    try:
+        compile(script.read_bytes(), given, "exec")
+    except SyntaxError as err:
+        where = f" (line {err.lineno})" if err.lineno else ""
+        raise ParamInvalidError("script", given, f"is not valid Python: {err.msg}{where}") from None
+    except ValueError as err:  # a null byte
+        raise ParamInvalidError("script", given, f"is not valid Python: {err}") from None
+    except RecursionError:
+        raise ParamInvalidError("script", given, "is not valid Python: nested too deeply") from None
 
 
 _TIMEOUT_HELP = (
@@ -1696,10 +1718,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``None`` means ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 done; 1 a check of the results failed (a golden verdict, the
-        counts invariant, an implementation's verdict); 2 a bad input or usage, reported as
-        one line before any work; 3 a collective or an implementation's call ran past the
-        deadline (the watchdog); 4 ``check`` skipped an implementation unavailable here.
+        The exit status: 0 done; 1 a check of the results failed (a golden verdict,
+        ``check-counts``' invariant, an implementation's verdict); 2 a bad input or usage,
+        reported as one line before any work (under ``exec``, also an op's arguments the
+        ranks agreed are wrong: ``mc2sim.runtime.abort_on_exception``); 3 a collective or
+        an implementation's call ran past the deadline (the watchdog); 4 ``check`` skipped
+        an implementation unavailable here.
 
     """
     try:

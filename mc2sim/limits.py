@@ -193,7 +193,7 @@ class Range:
             param: the parameter's name where it was met (``"H1"``, ``"shape.h1"``).
             value: the value seen.
             policy: the profile checked under (None: strict); a lifted range still needs a
-                positive value (:data:`POSITIVE`) and is noted in ``policy``.
+                positive value below 2**62 (:data:`POSITIVE`) and is noted in ``policy``.
 
         Returns:
             ``value`` as an ``int``.
@@ -205,7 +205,7 @@ class Range:
         if not self.low <= number <= self.high:
             if policy is None or not policy.lifts(self.kind):
                 raise ParamInvalidError(param, value, self.rule)
-            if number < 1:
+            if not 1 <= number < SIZE_CEILING:
                 raise ParamInvalidError(param, value, POSITIVE.rule)
             policy.note(self.name, self.rule, param, value)
         return number
@@ -343,8 +343,13 @@ IFA_PAGED_HIDDEN = Range(name="numKeyValueHeads * D", low=1, high=65535)
 """KV hidden size of a ``(blocknum, blockSize, H)`` page-attention cache."""
 
 # ----------------------------------------------------------- rules that are not ranges
-POSITIVE = Rule(name="every size", rule="must be >= 1", kind=LimitKind.SEMANTIC)
-"""A size, count or world size is positive: what a lifted range still asks."""
+POSITIVE = Rule(name="every size", rule="must be in [1, 2**62)", kind=LimitKind.SEMANTIC)
+"""A size, count or world size is positive, and below 2**62 (the simulator's 64-bit
+integers): what a lifted range still asks."""
+
+SIZE_CEILING = 2**62
+"""The bound :data:`POSITIVE` puts on a lifted size (a what-if dimension of hundreds of digits
+would overflow the planners' floating-point arithmetic before any figure is checked)."""
 WORLD = Range(name="world size", low=1, high=65536, kind=LimitKind.SEMANTIC)
 """Ranks a study plans for: at least one, at most the largest machine mc2sim models."""
 TOP_K_FITS = Rule(

@@ -50,9 +50,10 @@ def abort_on_exception() -> Iterator[None]:
     first. An error the ranks agreed on (``AclnnError.rank`` set: every rank raises it) is
     printed by rank 0 alone, R naming the rank that failed; another rank prints it only if
     still running after ``LEAD_S``. Exit status 1, but 2 for an agreed parameter error
-    (``ParamInvalidError``, ``ParamNullptrError``: the caller's input, refused before any
-    data moved). A ``SystemExit`` with a non-zero code aborts too, since the other ranks may be
-    waiting for this one in a collective. In a lone process the exception propagates.
+    (``ParamInvalidError``, ``ParamNullptrError``: the caller's input, which every rank
+    checked and agreed on: an op's arguments, or the counts invariant). A ``SystemExit``
+    with a non-zero code aborts too, since the other ranks may be waiting for this one in a
+    collective. In a lone process the exception propagates.
 
     SIGINT (Ctrl-C) ends the job with exit status 130 and one line, ``mc2sim: interrupted``,
     from rank 0 (a rank that alone got the signal says which it is), and no traceback. In a

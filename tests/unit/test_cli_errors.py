@@ -130,6 +130,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "c_e_zero": _counts(experts_per_rank=0),
         "c_e_bool": _counts(experts_per_rank=True),
         "c_extra": _counts(recv_count=[[1, 3], [2, 4]]),
+        "c_twice": _counts().replace(
+            '"recv_counts"', '"recv_counts": [[9, 9], [9, 9]], "recv_counts"'
+        ),
         "c_e_text": _counts(experts_per_rank="1"),
         "c_ragged": _counts(send_counts=[[1, 2], [3]]),
         "c_shape": _counts(experts_per_rank=2),
@@ -533,6 +536,7 @@ CASES += [
         ("c_e_zero", ["experts_per_rank=0", "int >= 1"]),
         ("c_e_bool", ["experts_per_rank=True", "int >= 1"]),
         ("c_extra", ["c_extra.json: recv_count=[[1, 3], [2, 4]]", "is an unknown key"]),
+        ("c_twice", ["c_twice.json='not JSON'", "the key 'recv_counts' is given twice"]),
         ("c_e_text", ["experts_per_rank='1'", "int >= 1"]),
         ("c_ragged", ["len(send_counts[1])=1", "= 2"]),
         ("c_shape", ["len(send_counts[0])=2", "= 4"]),
@@ -584,3 +588,19 @@ _COMMANDS = (
     "info", "run", "simulate", "sweep", "report", "check-counts", "calibrate",
     "validate-model", "exec",
 )  # fmt: skip
+
+
+def test_exec_compiles_a_source_and_leaves_zip_applications_to_runpy(tmp_path: Path) -> None:
+    import zipfile
+
+    from mc2sim.cli import _check_source
+    from mc2sim.errors import ParamInvalidError
+
+    app = tmp_path / "app.pyz"
+    with zipfile.ZipFile(app, "w") as archive:
+        archive.writestr("__main__.py", "print('ran')\n")
+    _check_source(app, str(app))  # bytes no compiler takes, which runpy runs
+    deep = tmp_path / "deep.py"
+    deep.write_text("x = " + "(" * 100_000 + ")" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(ParamInvalidError, match="is not valid Python"):
+        _check_source(deep, str(deep))

@@ -224,8 +224,13 @@ def test_what_if_keeps_semantic_limits() -> None:
         _moe(shape=shape, ranks=2, limits="what-if")
     assert _moe(shape=shape, ranks=3, limits="what-if").lifted()[0].param == "shape.top_k"
     # a lifted range still needs a positive size; the shared expert needs both sizes
-    with pytest.raises(ParamInvalidError, match="must be >= 1"):
-        limits.H1.check("h1", 0, limits.Policy(profile=limits.LimitProfile.WHAT_IF))
+    lifted = limits.Policy(profile=limits.LimitProfile.WHAT_IF)
+    with pytest.raises(ParamInvalidError, match=r"must be in \[1, 2\*\*62\)"):
+        limits.H1.check("h1", 0, lifted)
+    # and below 2**62: a size of hundreds of digits would overflow the planners' floats
+    with pytest.raises(ParamInvalidError, match=r"h1=10000000000.*must be in \[1, 2\*\*62\)"):
+        limits.H1.check("h1", 10**400, lifted)
+    assert limits.H1.check("h1", 2**62 - 1, lifted) == 2**62 - 1
     with pytest.raises(ParamInvalidError, match="needs both h2 and n2"):
         _moe(shape={**shape, "top_k": 2, "h2": 8}, limits="what-if")
     with pytest.raises(ParamInvalidError, match="must be a multiple of ranks"):

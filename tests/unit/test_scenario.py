@@ -428,3 +428,17 @@ def test_ifa_takes_no_quant_or_routing(tmp_path: Path) -> None:
         sc.load(write(tmp_path, with_(IFA, quant="w8a8"), "q.yaml"))
     with pytest.raises(ParamInvalidError, match="routing"):
         sc.load(write(tmp_path, with_(IFA, routing={"kind": "zipf", "skew": 1.0}), "r.yaml"))
+
+
+def test_a_key_given_twice_is_refused_and_a_merge_key_is_not(tmp_path: Path) -> None:
+    from mc2sim._yaml import read_yaml
+
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {a: 1, c: 3}\nx: {<<: *b, a: 2}\n", encoding="utf-8")
+    # the written key overrides the merged one, as YAML's merge says
+    assert read_yaml(str(merged)) == {"base": {"a": 1, "c": 3}, "x": {"a": 2, "c": 3}}
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("x:\n  a: 1\n  b: 2\n  a: 3\n", encoding="utf-8")
+    with pytest.raises(ParamInvalidError, match="the key 'a' is given twice") as info:
+        read_yaml(str(twice))
+    assert info.value.value == "line 4, column 3"
