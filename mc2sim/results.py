@@ -1920,6 +1920,8 @@ def _check_files(folder: Path, marker: Mapping[str, Any]) -> None:
                 raise _broken(folder, f"{name} is not one of the files {COMPLETE_FILE} lists")
             continue
         if not path.is_file():
+            if path.exists() or path.is_symlink():  # a FIFO would block the read for ever
+                raise _broken(folder, f"{name} is not a regular file")
             if name in _OPTIONAL_FILES:
                 continue
             raise _broken(folder, f"{name} is missing")
@@ -2016,6 +2018,12 @@ class ResultsFolder:
         if not verdicts:
             return None
         return all(v.passed for v in verdicts)
+
+
+def _require_regular(file: Path, folder: Path) -> None:
+    """Refuse a folder's file that is no regular file: reading a FIFO would block for ever."""
+    if not file.is_file():
+        raise _broken(folder, f"{file.name} is not a regular file")
 
 
 def _broken(folder: Path, rule: str) -> ParamInvalidError:
@@ -2143,6 +2151,7 @@ def read_results(folder: Path) -> ResultsFolder:
         raise _broken(path, f"{SUMMARY_FILE} is broken: {exc}") from None
     timeline = None
     if (path / TASKS_FILE).exists():
+        _require_regular(path / TASKS_FILE, path)
         timeline = _read_tasks(path / TASKS_FILE, path, manifest.source, meta)
         if set(timeline.runs()) != set(runs.values()):
             raise _broken(
@@ -2160,7 +2169,7 @@ def read_results(folder: Path) -> ResultsFolder:
     if marker is None:
         raise _broken(path, f"is incomplete: it has no {COMPLETE_FILE}")
     _check_files(path, marker)
-    rank_rows = _read_ranks(path / RANKS_FILE, path) if (path / RANKS_FILE).exists() else ()
+    rank_rows = _read_ranks(path / RANKS_FILE, path) if (path / RANKS_FILE).is_file() else ()
     return ResultsFolder(
         path=path,
         manifest=manifest,

@@ -105,8 +105,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # results folders: one complete, and broken copies of it
     done = t / "done"
     assert main(["simulate", "llama70b_tp8_decode", *SMALL, "--out", str(done)]) == 0
-    for name in ("incomplete", "cut", "strings", "mixed"):
+    for name in ("incomplete", "cut", "strings", "mixed", "fifo_tasks", "fifo_trace"):
         shutil.copytree(done, t / name)
+    for name, file in (("fifo_tasks", "tasks.csv"), ("fifo_trace", "trace.json")):
+        (t / name / file).unlink()
+        os.mkfifo(t / name / file)  # reading it would wait for a writer for ever
     (t / "incomplete" / "complete.json").unlink()
     cut = (t / "cut" / "tasks.csv").read_bytes()
     (t / "cut" / "tasks.csv").write_bytes(cut[: len(cut) - 7])  # in the middle of a row
@@ -457,6 +460,8 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["report", "{t}/adir"], ["directory=", "manifest.json is missing"]),
     (["report", "{t}/incomplete"], ["directory=", "incomplete", "complete.json"]),
     (["report", "{t}/cut"], ["directory=", "tasks.csv ends in the middle of a row"]),
+    (["report", "{t}/fifo_tasks"], ["directory=", "tasks.csv is not a regular file"]),
+    (["report", "{t}/fifo_trace"], ["directory=", "trace.json is not a regular file"]),
     (["report", "{t}/strings"], ["summary.runs[0].metrics", "total_s='fast'", "number"]),
     (["report", "{t}/mixed"], ["directory=", "summary.json"]),
     (["report", "{t}/done", "{t}/absent"], ["absent'", "no such folder"]),
