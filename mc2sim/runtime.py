@@ -77,16 +77,16 @@ def abort_on_exception() -> Iterator[None]:
             rank, size = world_position()
             if size <= 1:
                 raise
+            failed = exc.rank if isinstance(exc, AclnnError) else None  # set where agreed
+            agreed = failed is not None
             if not isinstance(exc, AclnnError):
                 traceback.print_exc()
-                end_job(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1)
-            if exc.rank is None:  # this rank's own error
-                end_job(f"mc2sim: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1)
-            if rank != 0:  # agreed: rank 0 has the same line
+            elif agreed and rank != 0:  # agreed: rank 0 has the same line
                 time.sleep(LEAD_S)
             # an agreed error names the rank that failed; a parameter error is the user's
-            status = 2 if isinstance(exc, (ParamInvalidError, ParamNullptrError)) else 1
-            end_job(f"mc2sim: rank {exc.rank}/{size}: {type(exc).__name__}: {exc}", status)
+            who = failed if failed is not None else rank
+            user = agreed and isinstance(exc, (ParamInvalidError, ParamNullptrError))
+            end_job(f"mc2sim: rank {who}/{size}: {type(exc).__name__}: {exc}", 2 if user else 1)
 
 
 def _interrupted() -> None:

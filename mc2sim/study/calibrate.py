@@ -1521,15 +1521,19 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
     on ranks 0 and 1 and on every pair, then the conversion on every rank at once.
     """
     figures: dict[str, float] = {}
+    half = torch.ones(UPCAST_ELEMENTS, dtype=torch.bfloat16)  # converted alone, then by all
+    wide = torch.empty(UPCAST_ELEMENTS)
+
+    def upcast_gbps(seconds: float) -> float:  # as 16-bit bytes read
+        return half.numel() * 2 / max(seconds, 1e-9) / 1e9
+
     if comm.rank == 0:
         figures["matmul"] = matmul_tflops()  # the speed probe: as a run measures it
         src = torch.ones(16 * 1024 * 1024)  # 64 MiB of float32
         dst = torch.empty_like(src)
         seconds = alone_median(lambda: dst.copy_(src), reps)
         figures["memcpy"] = 2.0 * src.numel() * 4 / seconds / 1e9
-        half = torch.ones(UPCAST_ELEMENTS, dtype=torch.bfloat16)
-        seconds = alone_median(lambda: dst.copy_(half), reps)
-        figures["upcast"] = half.numel() * 2 / seconds / 1e9
+        figures["upcast"] = upcast_gbps(alone_median(lambda: wide.copy_(half), reps))
     asleep_until_done(comm, comm.rank == 0)
     pair = comm.split(0 if comm.rank < 2 else 1, comm.rank)
     if comm.size >= 2 and comm.rank < 2:
@@ -1543,18 +1547,16 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
         x = torch.zeros(1)
         figures["loaded"] = alone_median(lambda: pairs.iallreduce(x).wait(), 20 * reps) * 1e6
     asleep_until_done(comm, paired)
-    loaded = max((f.get("loaded", 0.0) for f in comm.allgather_object(figures)), default=0.0)
-    shared = comm.allgather_object(figures)[0]
-    half = torch.ones(UPCAST_ELEMENTS, dtype=torch.bfloat16)
-    wide = torch.empty(UPCAST_ELEMENTS)
+    every = comm.allgather_object(figures)  # rank 0's figures, and every pair's exchange
+    shared = every[0]
     converted = _median_time(comm, lambda: wide.copy_(half), max(reps, 3), cpu=True)
     return Independent(
         matmul_tflops=shared["matmul"],
         memcpy_gbps=shared["memcpy"],
         upcast_gbps=shared["upcast"],
         pingpong_us=shared.get("pingpong", 0.0),
-        pingpong_loaded_us=loaded,
-        upcast_loaded_gbps=half.numel() * 2 / max(converted, 1e-9) / 1e9,
+        pingpong_loaded_us=max((f.get("loaded", 0.0) for f in every), default=0.0),
+        upcast_loaded_gbps=upcast_gbps(converted),
     )
 
 
