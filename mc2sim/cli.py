@@ -648,6 +648,12 @@ def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
+def _stamp_and_hosts(comm: ObjectCommunicator) -> tuple[str, list[str]]:
+    """Rank 0's time stamp and every rank's host name (index = rank), in one gather."""
+    rows = comm.allgather_object((_stamp(), socket.gethostname()))
+    return rows[0][0], [host for _, host in rows]
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     """Simulate a scenario under each of its tilings; write a results folder; print a table."""
     from mc2sim.model.accuracy import model_error
@@ -813,13 +819,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     comm = init("mpi")
     lead = comm.rank == 0
-    stamp = comm.allgather_object(_stamp())[0]
+    stamp, hosts = _stamp_and_hosts(comm)
     with _checking(comm):  # every rank reads the same file: an error is the same everywhere
         device = rank_device(args.device)
         scenario = _load_scenario(args.scenario, args.set)
         _require_strict(scenario, "run")
         scenario.world_size(comm.size)
-        _check_fits(scenario, comm.size)
+        _check_fits(scenario, comm.size, hosts, comm.rank)
         resolve(scenario.topology)  # unused by the run, but its folder names it: a bad one fails
         out = _out_or(args.out, f"results/{scenario.name}-{stamp}")
         if lead:  # rank 0 alone writes the folder
@@ -833,14 +839,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )  # fmt: skip
 
 
-def _check_fits(scenario: Scenario, world: int) -> None:
-    """Refuse a real run whose largest kernel alone needs more memory than this host has free.
+def _check_fits(scenario: Scenario, world: int, hosts: Sequence[str], rank: int) -> None:
+    """Refuse a real run whose ranks on this host need more memory than it has free, kernels alone.
 
     A shape within every limit can need terabytes (``m = 2**31 - 1`` by ``k = n = 65535``):
-    the largest compute task of a rank's serial plan (its bytes read and written, a lower
-    bound on what its tensors hold at once) is compared with the memory free now
-    (:func:`mc2sim.runtime.available_memory`), before any tensor is made. The ranks of a
-    host share that memory, so a run can still fail short of this bound.
+    each rank's largest compute task of its serial plan (its bytes read and written, a lower
+    bound on what its tensors hold at once) is summed over the ranks on this rank's host
+    (``hosts``: every rank's host name, index = rank), which run their serial calls at once,
+    and compared with the memory free now (:func:`mc2sim.runtime.available_memory`), before
+    any tensor is made: 8 ranks of one host whose kernels each fit its free memory, but not
+    together, met the out-of-memory killer. The ranks of other hosts check their own.
     """
     from mc2sim.runtime import available_memory
     from mc2sim.schedule.plan import Resource
@@ -849,17 +857,36 @@ def _check_fits(scenario: Scenario, world: int) -> None:
     free = available_memory()
     if free is None:
         return
-    rank, task = max(
-        ((r, t) for r, p in plans_for(scenario, world, "serial").items() for t in p.tasks),
-        key=lambda item: item[1].bytes if item[1].resource is Resource.COMPUTE else -1,
-    )
-    if task.bytes > free:
-        raise ParamInvalidError(
-            "shape",
-            dict(scenario.effective_shape()),
-            f"is too large to run here: rank {rank}'s {task.name} alone moves "
-            f"{task.bytes / 2**30:.4g} GiB, and this host has {free / 2**30:.4g} GiB free",
+    plans = plans_for(scenario, world, "serial")
+    here = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+    largest = {
+        r: max(
+            (t for t in plans[r].tasks if t.resource is Resource.COMPUTE),
+            key=lambda t: t.bytes,
+            default=None,
         )
+        for r in here
+    }
+    kernels = {r: t for r, t in largest.items() if t is not None}
+    if not kernels:
+        return
+    total = sum(t.bytes for t in kernels.values())
+    if total <= free:
+        return
+    top = max(kernels, key=lambda r: kernels[r].bytes)
+    task = kernels[top]
+    alone = f"rank {top}'s {task.name} alone moves {task.bytes / 2**30:.4g} GiB"
+    need = (
+        alone
+        if len(here) == 1
+        else f"its {len(here)} ranks on this host move {total / 2**30:.4g} GiB in their "
+        f"largest kernels at once ({alone})"
+    )
+    raise ParamInvalidError(
+        "shape",
+        dict(scenario.effective_shape()),
+        f"is too large to run here: {need}, and this host has {free / 2**30:.4g} GiB free",
+    )
 
 
 def _require_strict(scenario: Scenario, what: str) -> None:
@@ -941,11 +968,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     comm = init("mpi")
     lead = comm.rank == 0
-    stamp = comm.allgather_object(_stamp())[0]
+    stamp, hosts = _stamp_and_hosts(comm)
     with _checking(comm):  # every rank loads the same module: an error is the same everywhere
         scenario = _load_scenario(args.scenario, args.set)
         scenario.world_size(comm.size)
-        _check_fits(scenario, comm.size)
+        _check_fits(scenario, comm.size, hosts, comm.rank)
         impl = load_implementation(args.impl, rank=comm.rank)
         check_device(args.device)
         out = _out_or(args.out, f"results/{scenario.name}-check-{stamp}")
@@ -1096,7 +1123,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
         comm = init("mpi")
         lead = comm.rank == 0
-        stamp = comm.allgather_object(_stamp())[0]
+        stamp, hosts = _stamp_and_hosts(comm)
         with _checking(comm):
             device = rank_device(args.device)
             if args.ranks is not None or args.topology is not None:
@@ -1115,7 +1142,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             for scenario in scenarios:
                 _require_strict(scenario, "sweep --real")
                 scenario.world_size(comm.size)
-                _check_fits(scenario, comm.size)
+                _check_fits(scenario, comm.size, hosts, comm.rank)
             out = _out_or(args.out, default + stamp)
             if lead:
                 _check_out(out, args.overwrite)

@@ -226,3 +226,60 @@ def test_a_fit_says_when_the_machines_pace_moved_during_its_rounds(
         "the rounds and 0.13 after (x0.65); the fit holds a mix of the two: refit in a "
         "steadier period\n"
     )
+
+
+def _matmul_bytes(m: int, k: int, n: int) -> int:
+    """A bfloat16 matmul's bytes read and written, (m, k) x (k, n) -> (m, n), by hand."""
+    return 2 * (m * k + k * n + m * n)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "refused"),
+    [
+        (["a"] * 8, True),  # 8 ranks' kernels at once: 4x the free memory
+        (["a", "a"] + [f"h{i}" for i in range(6)], False),  # 2 ranks a host: exactly free
+        (["a", "a", "a"] + [f"h{i}" for i in range(5)], True),  # 3 on rank 0's host
+        ([f"h{i}" for i in range(8)], False),  # a rank a host
+    ],
+)
+def test_a_run_is_refused_where_the_ranks_of_one_host_need_more_than_it_has_free(
+    monkeypatch: pytest.MonkeyPatch, hosts: list[str], refused: bool
+) -> None:
+    import mc2sim.runtime
+    from mc2sim.cli import _check_fits, _load_scenario
+    from mc2sim.errors import ParamInvalidError
+
+    m, k, n = 4096, 3584, 8192
+    scenario = _load_scenario(
+        "llama70b_tp8_decode", [f"shape.m={m}", f"shape.k={k}", f"shape.n={n}"]
+    )
+    one = _matmul_bytes(m, k, n)  # every rank's one serial matmul: the same shape
+    monkeypatch.setattr(mc2sim.runtime, "available_memory", lambda: 2 * one)
+    if not refused:
+        _check_fits(scenario, 8, hosts, 0)
+        return
+    with pytest.raises(ParamInvalidError) as caught:
+        _check_fits(scenario, 8, hosts, 0)
+    message = str(caught.value)
+    on_host = hosts.count("a")
+    assert caught.value.param == "shape"
+    assert f"its {on_host} ranks on this host move {on_host * one / 2**30:.4g} GiB" in message
+    assert f"alone moves {one / 2**30:.4g} GiB" in message
+    assert f"this host has {2 * one / 2**30:.4g} GiB free" in message
+
+
+def test_a_rank_alone_on_its_host_is_refused_by_its_own_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mc2sim.runtime
+    from mc2sim.cli import _check_fits, _load_scenario
+    from mc2sim.errors import ParamInvalidError
+
+    scenario = _load_scenario("llama70b_tp8_decode", [])
+    one = _matmul_bytes(64, 3584, 8192)
+    monkeypatch.setattr(mc2sim.runtime, "available_memory", lambda: one)
+    hosts = [f"h{i}" for i in range(8)]
+    _check_fits(scenario, 8, hosts, 3)  # exactly free: runs
+    monkeypatch.setattr(mc2sim.runtime, "available_memory", lambda: one - 1)
+    with pytest.raises(ParamInvalidError, match=r"rank 3's matmul\[0\] alone moves"):
+        _check_fits(scenario, 8, hosts, 3)
