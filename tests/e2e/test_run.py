@@ -86,23 +86,30 @@ def test_real_sweep_runs_every_point(tmp_path: Path) -> None:
 
 
 _IMPORTS_PROBE = """
+import os
 import sys
+from pathlib import Path
 from mc2sim.cli import main
-status = main(sys.argv[1:])
-print("STATUS", status, "torch" in sys.modules, "mpi4py" in sys.modules, flush=True)
+status = main(sys.argv[2:])
+probed = f"{status} {'torch' in sys.modules} {'mpi4py' in sys.modules}"
+Path(sys.argv[1], str(os.getpid())).write_text(probed)
 """
+# Runs the CLI on argv[2:], then writes its exit status and whether torch and mpi4py were
+# imported to a file of its own in the folder argv[1]: the ranks' stdout lines can run into
+# each other (a print is several writes where output is unbuffered).
 
 
 def test_a_simulated_sweep_under_mpiexec_starts_without_torch(tmp_path: Path) -> None:
     """Its ranks move objects alone (MpiObjectCommunicator): mpi4py, but no torch."""
     out = tmp_path / "sweep"
+    probed = tmp_path / "probed"
+    probed.mkdir()
     res = mpiexec(
-        2, "-c", _IMPORTS_PROBE, "sweep", "seed_gmm_alltoallv_ep4", "--set", "scale=small",
-        "--set", "small.tokens=8,16,24", "--no-plots", "--out", str(out),
+        2, "-c", _IMPORTS_PROBE, str(probed), "sweep", "seed_gmm_alltoallv_ep4", "--set",
+        "scale=small", "--set", "small.tokens=8,16,24", "--no-plots", "--out", str(out),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    lines = sorted(line for line in res.stdout.splitlines() if line.startswith("STATUS "))
-    assert lines == ["STATUS 0 False True"] * 2, res.stdout
+    assert [p.read_text() for p in probed.iterdir()] == ["0 False True"] * 2, res.stdout
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         f"small.tokens={t}" for t in (16, 24, 8)
     ]
