@@ -847,8 +847,9 @@ def _check_fits(scenario: Scenario, world: int, hosts: Sequence[str], rank: int)
     bound on what its tensors hold at once) is summed over the ranks on this rank's host
     (``hosts``: every rank's host name, index = rank), which run their serial calls at once,
     and compared with the memory free now (:func:`mc2sim.runtime.available_memory`), before
-    any tensor is made: 8 ranks of one host whose kernels each fit its free memory, but not
-    together, met the out-of-memory killer. The ranks of other hosts check their own.
+    any tensor is made: ranks of one host whose kernels each fit its free memory, but not
+    together, would start and run it out (2 ranks of 13.2 GiB kernels where 22.9 GiB are
+    free). The ranks of other hosts check their own.
     """
     from mc2sim.runtime import available_memory
     from mc2sim.schedule.plan import Resource
