@@ -422,8 +422,9 @@ together wait in turn: four 64 KiB AllReduces posted at once on 4 ranks of this 
 machine took x2.9 one, where overlapping waits gave x2.2 and one at a time x2.7. Where each
 rank has a core, no round waits for a slice: four took x2.9 again on 2 ranks, but there
 "together" is x1.95 and one at a time x4.0, and fits that chose the reductions alone
-predicted the held-out cases worse (2 ranks: 5.4, 5.4, 5.6% against 4.8, 5.3, 5.4%; a 4-rank
-dump of the 16-core host refitted, 7.5 against 6.5%)."""
+predicted the held-out cases worse (2 ranks: 5.4, 5.4, 5.6% against 4.8, 5.3, 5.4%, and on an
+evening at half the machine's pace 5.0, 3.4, 5.2% against 4.9, 4.5, 4.0%; a 4-rank dump of the
+16-core host refitted, 7.5 against 6.5%)."""
 
 COMM_SLOWDOWNS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 """The grid :func:`fit_contention` searches for the communication slowdown."""
