@@ -60,6 +60,7 @@ from mc2sim.topology import (
 )
 
 __all__ = [
+    "FLOAT32_COPIED",
     "allgather_time",
     "allreduce_time",
     "alltoallv_time",
@@ -306,7 +307,7 @@ def core_time(topology: Topology, seconds: float) -> float:
     return seconds
 
 
-_FLOAT32_COPIED = frozenset({TaskKind.ALLREDUCE, TaskKind.REDUCE_SCATTER})
+FLOAT32_COPIED = frozenset({TaskKind.ALLREDUCE, TaskKind.REDUCE_SCATTER})
 """The collectives whose posting makes a float32 copy where reductions move float32
 (``Device.reductions_in_float32``)."""
 
@@ -326,7 +327,7 @@ def issue_times(topology: Topology, kind: TaskKind, nbytes: np.ndarray) -> np.nd
     device = topology.device
     fixed = device.issue_us + device.issue_extra_us.get(str(kind), 0.0)
     seconds = np.full(np.shape(nbytes), fixed * 1e-6)
-    if device.issue_gbps > 0 and device.reductions_in_float32 and kind in _FLOAT32_COPIED:
+    if device.issue_gbps > 0 and device.reductions_in_float32 and kind in FLOAT32_COPIED:
         seconds = seconds + np.asarray(nbytes, dtype=np.float64) / (device.issue_gbps * 1e9)
     return seconds / topology.core_share
 

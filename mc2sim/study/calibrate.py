@@ -84,6 +84,7 @@ from mc2sim.comm.base import Work
 from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import matmul, quant_matmul
 from mc2sim.model.accuracy import typical
+from mc2sim.model.cost import FLOAT32_COPIED
 from mc2sim.model.fit import (
     UNBOUNDED_TFLOPS,
     CommSample,
@@ -1201,7 +1202,7 @@ class Posting:
 
     def of(self, kind: str, nbytes: float) -> float:
         """Seconds of posting a collective of ``kind`` (a ``CommSample`` kind) of ``nbytes``."""
-        copied = kind in ("allreduce", "reduce_scatter") and self.copy_gbps > 0
+        copied = kind in {str(k) for k in FLOAT32_COPIED} and self.copy_gbps > 0
         return (
             self.bare_s
             + self.extra_s.get(kind, 0.0)

@@ -691,6 +691,8 @@ def test_measure_issue_times_the_bare_post_and_each_kinds_extra() -> None:
     assert posting.of("alltoallv", 2**20) == pytest.approx(0.007, abs=1e-3)
     assert posting.of("allreduce", 2**21) == pytest.approx(0.006, abs=1.2e-3)
     assert posting.of("allgather", 2**21) == posting.bare_s
+    # a ReduceScatter's post copies to float32 as an AllReduce's does (cost.FLOAT32_COPIED)
+    assert posting.of("reduce_scatter", 2**21) == posting.of("allreduce", 2**21)
 
 
 def test_measure_issue_by_cpu_time_counts_only_the_posts_own_work() -> None:
