@@ -860,17 +860,11 @@ def _check_fits(scenario: Scenario, world: int, hosts: Sequence[str], rank: int)
         return
     plans = plans_for(scenario, world, "serial")
     here = [r for r, host in enumerate(hosts) if host == hosts[rank]]
-    largest = {
-        r: max(
-            (t for t in plans[r].tasks if t.resource is Resource.COMPUTE),
-            key=lambda t: t.bytes,
-            default=None,
-        )
-        for r in here
-    }
-    kernels = {r: t for r, t in largest.items() if t is not None}
-    if not kernels:
-        return
+    kernels = {}  # each rank's largest compute task; a rank without one holds no kernel
+    for r in here:
+        computes = [t for t in plans[r].tasks if t.resource is Resource.COMPUTE]
+        if computes:
+            kernels[r] = max(computes, key=lambda t: t.bytes)
     total = sum(t.bytes for t in kernels.values())
     if total <= free:
         return

@@ -1202,7 +1202,7 @@ class Posting:
 
     def of(self, kind: str, nbytes: float) -> float:
         """Seconds of posting a collective of ``kind`` (a ``CommSample`` kind) of ``nbytes``."""
-        copied = kind in {str(k) for k in FLOAT32_COPIED} and self.copy_gbps > 0
+        copied = kind in FLOAT32_COPIED and self.copy_gbps > 0  # TaskKind is a StrEnum
         return (
             self.bare_s
             + self.extra_s.get(kind, 0.0)
