@@ -106,8 +106,9 @@ def test_fused_over_ideal_is_the_total_over_perfect_overlap_of_compute_and_pure_
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# `make demo`'s simulated table (README), as mc2sim prints it: tiling -> total, compute,
-# comm, exposed (ms), overlap %, speedup
+# the demo's simulated table on the stored fit (README: `make demo
+# DEMO_TOPOLOGY=topologies/this_machine_4ranks.yaml`), as mc2sim prints it: tiling -> total,
+# compute, comm, exposed (ms), overlap %, speedup
 DEMO = {
     "serial": "0.963 0.725 0.367 0.238 35.1 1.00",
     "hardware(per expert)": "1.381 1.048 1.002 0.333 9.1 0.70",
