@@ -185,14 +185,34 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     with _checking(comm):
         if comm.rank == 0:
             _check_topology_out(args.out, args.overwrite)
-    with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
-        fitted = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar))
+    made: list[tuple[float, Any]] = []  # (drift, fit) of each fit
+    for fit in range(1, args.fits + 1):
+        with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
+            fitted = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar))
+        # the probes are rank 0's, gathered: every rank reads the same drift and goes on alike
+        drift = _drift(fitted.probe_before, fitted.topology.device.probe_tflops)
+        made.append((drift, fitted))
+        if fit == args.fits or _near(math.exp(drift)):
+            break
+        if comm.rank == 0:
+            before, after = fitted.probe_before, fitted.topology.device.probe_tflops
+            print(
+                f"the machine's pace changed during fit {fit}: its speed probe read {before:.3g} "
+                f"TFLOP/s before the rounds and {after:.3g} after (x{after / before:.2f}); "
+                f"fitting again ({fit + 1} of at most {args.fits}, the steadiest kept)"
+            )
+    fitted = min(made, key=lambda pair: pair[0])[1]  # the steadiest, the first of equals
     if comm.rank == 0:
         _write_topology(fitted.topology, args.out)
         _print_independent(fitted.topology, fitted.independent)
         _print_speeds(fitted.speeds)
         _print_pace(fitted.probe_before, fitted.topology.device.probe_tflops)
     return 0
+
+
+def _drift(before: float, after: float) -> float:
+    """How far a fit's speed probe moved over its rounds: ``|ln(after / before)|``, 0 unmeasured."""
+    return abs(math.log(after / before)) if before > 0 and after > 0 else 0.0
 
 
 def _print_pace(before: float, after: float) -> None:
@@ -517,15 +537,29 @@ MAX_ROUNDS = 1000
 call once (seconds), so this many is already hours."""
 
 
-def _rounds(text: str) -> int:
-    """``--reps``: a whole number of rounds in [1, MAX_ROUNDS] (argparse reports the rule)."""
+def _whole(text: str, high: int, what: str) -> int:
+    """A whole number in [1, high] of ``what`` (argparse reports the rule)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1") from None
-    if not 1 <= value <= MAX_ROUNDS:
-        raise argparse.ArgumentTypeError(f"{value}: must be in [1, {MAX_ROUNDS}] (rounds measured)")
+    if not 1 <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [1, {high}] ({what})")
     return value
+
+
+def _rounds(text: str) -> int:
+    """``--reps``: a whole number of rounds in [1, MAX_ROUNDS]."""
+    return _whole(text, MAX_ROUNDS, "rounds measured")
+
+
+MAX_FITS = 10
+"""The most fits ``calibrate --fits`` makes (each takes a minute or more)."""
+
+
+def _fits(text: str) -> int:
+    """``calibrate --fits``: a whole number of fits in [1, MAX_FITS]."""
+    return _whole(text, MAX_FITS, "fits made")
 
 
 def _seconds(text: str) -> float:
@@ -1667,6 +1701,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"interleaved rounds of every call (1 to {MAX_ROUNDS})",
     )
     cal.add_argument("--name", default="this_machine", help="the topology's name")
+    cal.add_argument(
+        "--fits",
+        type=_fits,
+        default=1,
+        help="fit again while the machine's speed probe moves over 15%% during a fit's rounds, "
+        f"up to this many fits, keeping the steadiest (1 to {MAX_FITS})",
+    )
     _add_timeout(cal)
     cal.set_defaults(func=_cmd_calibrate)
 

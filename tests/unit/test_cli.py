@@ -54,6 +54,79 @@ def test_timeout_is_in_the_environment_when_the_communicator_starts(
     assert seen == ["12.5"]
 
 
+@pytest.mark.parametrize(
+    ("fits", "probes", "made", "kept"),
+    [
+        # the probe moved x0.5, then x1.2 (both over 15%), then x0.8: three fits, the second kept
+        (3, [(0.1, 0.05), (0.1, 0.12), (0.1, 0.08)], 3, 1),
+        # the second fit is steady (x1.1): no third
+        (3, [(0.1, 0.05), (0.1, 0.11), (0.1, 0.1)], 2, 1),
+        # one fit by default, however far its probe moved
+        (1, [(0.1, 0.05), (0.1, 0.1)], 1, 0),
+        # equally unsteady fits (x2 and x0.5): the first is kept
+        (2, [(0.1, 0.2), (0.2, 0.1)], 2, 0),
+    ],
+)
+def test_calibrate_fits_again_while_the_machines_pace_moves_and_keeps_the_steadiest(
+    fits: int,
+    probes: list[tuple[float, float]],
+    made: int,
+    kept: int,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import dataclasses
+
+    import mc2sim.comm
+    import mc2sim.study.calibrate
+    from mc2sim.study.calibrate import Calibration, Independent
+    from mc2sim.topology import load, resolve
+
+    shipped = resolve("this_machine_4ranks")
+    independent = Independent(
+        matmul_tflops=0.1,
+        memcpy_gbps=20.0,
+        upcast_gbps=7.0,
+        pingpong_us=10.0,
+        pingpong_loaded_us=20.0,
+        upcast_loaded_gbps=6.0,
+    )
+    fitted: list[Calibration] = []
+
+    def calibrate(*args: object, **kwargs: object) -> Calibration:
+        before, after = probes[len(fitted)]
+        device = dataclasses.replace(shipped.device, probe_tflops=after)
+        topology = dataclasses.replace(shipped, name=f"fit{len(fitted)}", device=device)
+        fitted.append(
+            Calibration(
+                topology=topology,
+                alongside=[],
+                fitted_cases=[],
+                fitted_spans=[],
+                independent=independent,
+                probe_before=before,
+            )
+        )
+        return fitted[-1]
+
+    monkeypatch.setattr(mc2sim.comm, "init", lambda *a, **k: SameOnEveryRank(4))
+    monkeypatch.setattr(mc2sim.study.calibrate, "calibrate", calibrate)
+    out = tmp_path / "fit.yaml"
+    assert main(["calibrate", "--out", str(out), "--reps", "1", "--fits", str(fits)]) == 0
+    assert len(fitted) == made
+    written = load(out)
+    assert written.name == f"fit{kept}"
+    assert written.device.probe_tflops == probes[kept][1]
+    printed = capsys.readouterr().out
+    assert printed.count("fitting again") == made - 1
+    if made > 1:
+        assert f"fitting again (2 of at most {fits}, the steadiest kept)" in printed
+    ratio = probes[kept][1] / probes[kept][0]
+    steady = 1 / 1.15 <= ratio <= 1.15
+    assert ("pace changed during the fit" in printed) is not steady
+
+
 def test_exec_passes_the_timeout_to_the_script(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
