@@ -1524,6 +1524,10 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
     figures: dict[str, float] = {}
     half = torch.ones(UPCAST_ELEMENTS, dtype=torch.bfloat16)  # converted alone, then by all
     wide = torch.empty(UPCAST_ELEMENTS)
+    # every rank done with what came before: the contention fit runs on every rank, and one
+    # still fitting shares rank 0's core (4 ranks here: the matmul then read 0.045 to 0.053
+    # TFLOP/s against 0.085 to 0.093 before the rounds, and the pace check cried wolf)
+    asleep_until_done(comm, False)
 
     def upcast_gbps(seconds: float) -> float:  # as 16-bit bytes read
         return half.numel() * 2 / max(seconds, 1e-9) / 1e9

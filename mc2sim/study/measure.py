@@ -313,8 +313,10 @@ def matmul_tflops(reps: int = PROBE_REPS) -> float:
 def probe_tflops(comm: Communicator) -> float:
     """The machine's speed now, the same on every rank: :func:`matmul_tflops` on rank 0.
 
-    The other ranks sleep meanwhile, so it has a core to itself wherever ranks share them.
+    Every rank first finishes what it was doing (:func:`asleep_until_done`, all waiting), and
+    the others sleep meanwhile, so it has a core to itself wherever ranks share them.
     """
+    asleep_until_done(comm, False)
     mine = matmul_tflops() if comm.rank == 0 else 0.0
     asleep_until_done(comm, comm.rank == 0)
     return float(comm.allgather_object(mine)[0])

@@ -9,6 +9,7 @@ is exact in float32, so the expected result is exact too and compared bit for bi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -362,6 +363,50 @@ def test_measure_progress_finds_how_each_backend_progresses(comm: Communicator) 
         assert share > POLLED_SHARE
     elif comm.size <= len(os.sched_getaffinity(0)):  # a core for every rank
         assert share < POLLED_SHARE
+
+
+def _last_rank_busy_then(comm: Communicator, measure: Callable[[], object]) -> float:
+    """The last rank sleeps 0.3 s before ``measure`` (every rank calls it); when it was done."""
+    if comm.rank == comm.size - 1:
+        time.sleep(0.3)  # still at what came before (a fit of the contention, say)
+    done = time.monotonic()
+    measure()
+    return float(max(comm.allgather_object(done)))
+
+
+def test_the_speed_probe_waits_for_every_rank_before_rank_0_times_it(
+    comm: Communicator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rank 0 times the probe alone: a rank still working would share its core (4 ranks here
+    # read half the machine's speed after a fit that every rank computes)
+    from mc2sim.study import measure
+
+    started: list[float] = []
+    monkeypatch.setattr(measure, "matmul_tflops", lambda: started.append(time.monotonic()) or 0.5)
+    got: list[float] = []
+    last_done = _last_rank_busy_then(comm, lambda: got.append(measure.probe_tflops(comm)))
+    assert got == [0.5]  # rank 0's, on every rank
+    if comm.rank == 0:
+        assert len(started) == 1 and started[0] >= last_done
+    else:
+        assert not started
+
+
+def test_the_independent_figures_wait_for_every_rank_before_rank_0_times_them(
+    comm: Communicator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mc2sim.study import calibrate
+
+    started: list[float] = []
+    monkeypatch.setattr(calibrate, "UPCAST_ELEMENTS", 1024)
+    monkeypatch.setattr(calibrate, "matmul_tflops", lambda: started.append(time.monotonic()) or 0.5)
+    got: list[object] = []
+    last_done = _last_rank_busy_then(
+        comm, lambda: got.append(calibrate.measure_independent(comm, 1))
+    )
+    assert got[0].matmul_tflops == 0.5  # type: ignore[attr-defined]
+    if comm.rank == 0:
+        assert len(started) == 1 and started[0] >= last_done
 
 
 def test_measure_waiting_reads_how_a_busy_rank_shares_its_core(comm: Communicator) -> None:
