@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,8 +34,17 @@ class Result:
     seconds: float
 
 
-def launch(argv: list[str], *, timeout: float = 120) -> Result:
-    """Run ``argv`` and return its status, output and wall time; never hangs past ``timeout``."""
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def launch(argv: list[str], *, timeout: float = 120, interruptible: bool = False) -> Result:
+    """Run ``argv`` and return its status, output and wall time; never hangs past ``timeout``.
+
+    ``interruptible``: start it with SIGINT's default action, as from a terminal, whatever
+    this test run inherited (a shell script's background job starts with SIGINT ignored, and
+    Python then raises no ``KeyboardInterrupt``).
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     # Open MPI's mpiexec refuses root without these (CI and the GPU host run as root); MPICH
     # ignores them
@@ -42,7 +52,13 @@ def launch(argv: list[str], *, timeout: float = 120) -> Result:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     start = time.monotonic()
     proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+        preexec_fn=_sigint_default if interruptible else None,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
 

@@ -171,7 +171,9 @@ def test_sigint_ends_the_job_with_status_130_and_one_line(tmp_path: Path, backen
 def test_sigint_in_a_lone_process_is_one_line_and_status_130(tmp_path: Path) -> None:
     script = tmp_path / "lone.py"
     script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
-    res = launch([sys.executable, "-m", "mc2sim", "exec", str(script)], timeout=60)
+    res = launch(
+        [sys.executable, "-m", "mc2sim", "exec", str(script)], timeout=60, interruptible=True
+    )
     assert res.returncode == 130, res.stderr
     assert res.stderr == "mc2sim: interrupted\n"
 
