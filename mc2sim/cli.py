@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from mc2sim.comm import Communicator, ObjectCommunicator
     from mc2sim.scenario import Scenario
+    from mc2sim.study.calibrate import Calibration
     from mc2sim.topology import Topology
 
 __all__ = ["TIMEOUT_ENV", "InputError", "main"]
@@ -185,21 +186,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     with _checking(comm):
         if comm.rank == 0:
             _check_topology_out(args.out, args.overwrite)
-    made: list[tuple[float, Any]] = []  # (drift, fit) of each fit
+    made: list[tuple[float, Calibration]] = []  # (drift, fit) of each fit
     for fit in range(1, args.fits + 1):
         with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
             fitted = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar))
-        # the probes are rank 0's, gathered: every rank reads the same drift and goes on alike
-        drift = _drift(fitted.probe_before, fitted.topology.device.probe_tflops)
-        made.append((drift, fitted))
-        if fit == args.fits or _near(math.exp(drift)):
+        # the probes are rank 0's, gathered: every rank reads the same and goes on alike
+        before, after = fitted.probe_before, fitted.topology.device.probe_tflops
+        made.append((_drift(before, after), fitted))
+        moved = _pace_moved(before, after)
+        if fit == args.fits or moved is None:
             break
         if comm.rank == 0:
-            before, after = fitted.probe_before, fitted.topology.device.probe_tflops
             print(
-                f"the machine's pace changed during fit {fit}: its speed probe read {before:.3g} "
-                f"TFLOP/s before the rounds and {after:.3g} after (x{after / before:.2f}); "
-                f"fitting again ({fit + 1} of at most {args.fits}, the steadiest kept)"
+                f"the machine's pace changed during fit {fit}: {moved}; fitting again "
+                f"({fit + 1} of at most {args.fits}, the steadiest kept)"
             )
     fitted = min(made, key=lambda pair: pair[0])[1]  # the steadiest, the first of equals
     if comm.rank == 0:
@@ -215,13 +215,23 @@ def _drift(before: float, after: float) -> float:
     return abs(math.log(after / before)) if before > 0 and after > 0 else 0.0
 
 
+def _pace_moved(before: float, after: float) -> str | None:
+    """What the speed probe read over a fit's rounds, where it moved over :data:`SPEED_NOTE`."""
+    if before > 0 and after > 0 and not _near(after / before):
+        return (
+            f"its speed probe read {before:.3g} TFLOP/s before the rounds and {after:.3g} "
+            f"after (x{after / before:.2f})"
+        )
+    return None
+
+
 def _print_pace(before: float, after: float) -> None:
     """Say so where the machine's speed probe moved over :data:`SPEED_NOTE` during a fit."""
-    if before > 0 and after > 0 and not _near(after / before):
+    moved = _pace_moved(before, after)
+    if moved is not None:
         print(
-            f"the machine's pace changed during the fit: its speed probe read {before:.3g} "
-            f"TFLOP/s before the rounds and {after:.3g} after (x{after / before:.2f}); the fit "
-            "holds a mix of the two: refit in a steadier period"
+            f"the machine's pace changed during the fit: {moved}; the fit holds a mix of the "
+            "two: refit in a steadier period"
         )
 
 

@@ -110,7 +110,6 @@ from mc2sim.study.measure import (
     alone_median,
     asleep_until_done,
     cases_of,
-    matmul_tflops,
     measure_rounds,
     probe_tflops,
 )
@@ -1524,16 +1523,15 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
     figures: dict[str, float] = {}
     half = torch.ones(UPCAST_ELEMENTS, dtype=torch.bfloat16)  # converted alone, then by all
     wide = torch.empty(UPCAST_ELEMENTS)
-    # every rank done with what came before: the contention fit runs on every rank, and one
-    # still fitting shares rank 0's core (4 ranks here: the matmul then read 0.045 to 0.053
-    # TFLOP/s against 0.085 to 0.093 before the rounds, and the pace check cried wolf)
-    asleep_until_done(comm, False)
 
     def upcast_gbps(seconds: float) -> float:  # as 16-bit bytes read
         return half.numel() * 2 / max(seconds, 1e-9) / 1e9
 
+    # the speed probe, as a run measures it: once every rank is done with what came before
+    # (the contention fit runs on every rank, and one still fitting shared rank 0's core: 4
+    # ranks here read 0.045 to 0.053 TFLOP/s against 0.085 to 0.093 before the rounds)
+    matmul = probe_tflops(comm)
     if comm.rank == 0:
-        figures["matmul"] = matmul_tflops()  # the speed probe: as a run measures it
         src = torch.ones(16 * 1024 * 1024)  # 64 MiB of float32
         dst = torch.empty_like(src)
         seconds = alone_median(lambda: dst.copy_(src), reps)
@@ -1556,7 +1554,7 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
     shared = every[0]
     converted = _median_time(comm, lambda: wide.copy_(half), max(reps, 3), cpu=True)
     return Independent(
-        matmul_tflops=shared["matmul"],
+        matmul_tflops=matmul,
         memcpy_gbps=shared["memcpy"],
         upcast_gbps=shared["upcast"],
         pingpong_us=shared.get("pingpong", 0.0),

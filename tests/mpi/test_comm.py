@@ -395,11 +395,11 @@ def test_the_speed_probe_waits_for_every_rank_before_rank_0_times_it(
 def test_the_independent_figures_wait_for_every_rank_before_rank_0_times_them(
     comm: Communicator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mc2sim.study import calibrate
+    from mc2sim.study import calibrate, measure
 
     started: list[float] = []
     monkeypatch.setattr(calibrate, "UPCAST_ELEMENTS", 1024)
-    monkeypatch.setattr(calibrate, "matmul_tflops", lambda: started.append(time.monotonic()) or 0.5)
+    monkeypatch.setattr(measure, "matmul_tflops", lambda: started.append(time.monotonic()) or 0.5)
     got: list[object] = []
     last_done = _last_rank_busy_then(
         comm, lambda: got.append(calibrate.measure_independent(comm, 1))
