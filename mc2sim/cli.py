@@ -186,28 +186,41 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     with _checking(comm):
         if comm.rank == 0:
             _check_topology_out(args.out, args.overwrite)
-    made: list[tuple[float, Calibration]] = []  # (drift, fit) of each fit
-    for fit in range(1, args.fits + 1):
+
+    def fit() -> Calibration:
         with _progress_bar(args.reps + 1, "calibrate", "round", show=comm.rank == 0) as bar:
-            fitted = calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar))
-        # the probes are rank 0's, gathered: every rank reads the same and goes on alike
-        before, after = fitted.probe_before, fitted.topology.device.probe_tflops
-        made.append((_drift(before, after), fitted))
-        moved = _pace_moved(before, after)
-        if fit == args.fits or moved is None:
-            break
-        if comm.rank == 0:
-            print(
-                f"the machine's pace changed during fit {fit}: {moved}; fitting again "
-                f"({fit + 1} of at most {args.fits}, the steadiest kept)"
-            )
-    fitted = min(made, key=lambda pair: pair[0])[1]  # the steadiest, the first of equals
+            return calibrate(comm, reps=args.reps, name=args.name, progress=_ticker(bar))
+
+    fitted = _steadiest_fit(comm, args.fits, fit)
     if comm.rank == 0:
         _write_topology(fitted.topology, args.out)
         _print_independent(fitted.topology, fitted.independent)
         _print_speeds(fitted.speeds)
         _print_pace(fitted.probe_before, fitted.topology.device.probe_tflops)
     return 0
+
+
+def _steadiest_fit(comm: Communicator, fits: int, fit: Callable[[], Calibration]) -> Calibration:
+    """``fit()`` again while the speed probe moves over :data:`SPEED_NOTE` during a fit's rounds.
+
+    Up to ``fits`` fits; the steadiest (the least ``|ln(after / before)|``, the first of
+    equals) is kept. The probes are rank 0's, gathered: every rank reads the same and goes
+    on alike, so no rank fits again alone.
+    """
+    made: list[tuple[float, Calibration]] = []  # (drift, fit) of each fit
+    for number in range(1, fits + 1):
+        fitted = fit()
+        before, after = fitted.probe_before, fitted.topology.device.probe_tflops
+        made.append((_drift(before, after), fitted))
+        moved = _pace_moved(before, after)
+        if number == fits or moved is None:
+            break
+        if comm.rank == 0:
+            print(
+                f"the machine's pace changed during fit {number}: {moved}; fitting again "
+                f"({number + 1} of at most {fits}, the steadiest kept)"
+            )
+    return min(made, key=lambda pair: pair[0])[1]
 
 
 def _drift(before: float, after: float) -> float:
@@ -394,7 +407,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from mc2sim.study.validate import geomean_error, held_out_cases, runnable, score_cases
 
     with _checking():  # the arguments alone, the same on every rank: before MPI starts
-        for flag, value in (("--out", args.out), ("--name", args.name)):
+        for flag, value in (("--out", args.out), ("--name", args.name), ("--fits", args.fits)):
             if value is not None and not args.calibrate:
                 raise ParamInvalidError(
                     flag, value, "is for the fitted topology: it needs --calibrate"
@@ -421,21 +434,26 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         # the shipped set runs what fits the world size; the files a user names all must
         kept, skipped = runnable(scenarios, comm.size, strict=args.cases is not None)
     cases = held_out_cases(comm, kept)
-    with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
-        if args.calibrate:
-            fitted = calibrate(
+
+    def fit() -> Calibration:
+        with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
+            return calibrate(
                 comm,
                 reps=args.reps,
                 name=args.name or "this_machine",
                 alongside=[c.run for c in cases],
                 progress=_ticker(bar),
             )
-            topology, source = fitted.topology, "calibrated in the same rounds"
-            # this job's ranks at their measured speeds (the topology's are the slowest's)
-            faster = fitted.stragglers()
-            results = score_cases(cases, fitted.alongside, topology, faster)
-            inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology, faster)
-        else:
+
+    if args.calibrate:
+        fitted = _steadiest_fit(comm, args.fits or 1, fit)
+        topology, source = fitted.topology, "calibrated in the same rounds"
+        # this job's ranks at their measured speeds (the topology's are the slowest's)
+        faster = fitted.stragglers()
+        results = score_cases(cases, fitted.alongside, topology, faster)
+        inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology, faster)
+    else:
+        with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
             topology, source = given, named
             if fitted_on != comm.size:  # its core share and fits are of another job
                 source += f" (fitted on {fitted_on} ranks, resized to {comm.size})"
@@ -564,11 +582,12 @@ def _rounds(text: str) -> int:
 
 
 MAX_FITS = 10
-"""The most fits ``calibrate --fits`` makes (each takes a minute or more)."""
+"""The most fits ``--fits`` makes (calibrate, validate-model --calibrate; each takes a minute
+or more)."""
 
 
 def _fits(text: str) -> int:
-    """``calibrate --fits``: a whole number of fits in [1, MAX_FITS]."""
+    """``--fits`` (calibrate, validate-model): a whole number of fits in [1, MAX_FITS]."""
     return _whole(text, MAX_FITS, "fits made")
 
 
@@ -1745,6 +1764,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_rounds,
         default=15,
         help=f"interleaved rounds of every case (1 to {MAX_ROUNDS})",
+    )
+    val.add_argument(
+        "--fits",
+        type=_fits,
+        help="with --calibrate: fit again while the machine's speed probe moves over 15%% "
+        "during a fit's rounds, up to this many fits, scoring the steadiest (1 to "
+        f"{MAX_FITS}; default 1)",
     )
     val.add_argument(
         "--at-run-speed",

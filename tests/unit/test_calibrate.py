@@ -831,9 +831,16 @@ def test_measure_rounds_shuffles_each_round_the_same_way_on_every_rank() -> None
     assert orders() == first, "seeded: every rank (every process) runs the same order"
 
 
-@pytest.mark.parametrize("flag", ["--out", "--name"])
+@pytest.mark.parametrize(
+    ("flag", "value", "shown"),
+    [("--out", "x", "'x'"), ("--name", "x", "'x'"), ("--fits", "2", "2")],
+)
 def test_validate_model_flags_for_the_fitted_topology_need_calibrate(
-    flag: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    flag: str,
+    value: str,
+    shown: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mc2sim.comm
     from mc2sim.cli import main
@@ -842,10 +849,10 @@ def test_validate_model_flags_for_the_fitted_topology_need_calibrate(
         raise AssertionError("the arguments alone are wrong: found before MPI starts")
 
     monkeypatch.setattr(mc2sim.comm, "init", no_mpi)
-    assert main(["validate-model", flag, "x"]) == 2
+    assert main(["validate-model", flag, value]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"mc2sim validate-model: {flag}='x': is for the fitted topology: it needs --calibrate\n"
+        f"mc2sim validate-model: {flag}={shown}: is for the fitted topology: it needs --calibrate\n"
     )
 
 

@@ -54,34 +54,32 @@ def test_timeout_is_in_the_environment_when_the_communicator_starts(
     assert seen == ["12.5"]
 
 
-@pytest.mark.parametrize(
-    ("fits", "probes", "made", "kept"),
-    [
-        # the probe moved x0.5, then x1.2 (both over 15%), then x0.8: three fits, the second kept
-        (3, [(0.1, 0.05), (0.1, 0.12), (0.1, 0.08)], 3, 1),
-        # the second fit is steady (x1.1): no third
-        (3, [(0.1, 0.05), (0.1, 0.11), (0.1, 0.1)], 2, 1),
-        # one fit by default, however far its probe moved
-        (1, [(0.1, 0.05), (0.1, 0.1)], 1, 0),
-        # equally unsteady fits (x2 and x0.5): the first is kept
-        (2, [(0.1, 0.2), (0.2, 0.1)], 2, 0),
-    ],
-)
-def test_calibrate_fits_again_while_the_machines_pace_moves_and_keeps_the_steadiest(
-    fits: int,
-    probes: list[tuple[float, float]],
-    made: int,
-    kept: int,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+FITS_CASES = [
+    # the probe moved x0.5, then x1.2 (both over 15%), then x0.8: three fits, the second kept
+    (3, [(0.1, 0.05), (0.1, 0.12), (0.1, 0.08)], 3, 1),
+    # the second fit is steady (x1.1): no third
+    (3, [(0.1, 0.05), (0.1, 0.11), (0.1, 0.1)], 2, 1),
+    # one fit by default, however far its probe moved
+    (1, [(0.1, 0.05), (0.1, 0.1)], 1, 0),
+    # equally unsteady fits (x2 and x0.5): the first is kept
+    (2, [(0.1, 0.2), (0.2, 0.1)], 2, 0),
+]
+
+
+def _stand_in_fits(
+    probes: list[tuple[float, float]], monkeypatch: pytest.MonkeyPatch
+) -> list[object]:
+    """A stand-in ``calibrate`` on 4 ranks; returns the fits it made, in order.
+
+    Fit ``i`` is named ``fit{i}``; its probe moved from ``probes[i][0]`` before its rounds to
+    ``probes[i][1]`` after.
+    """
     import dataclasses
 
     import mc2sim.comm
     import mc2sim.study.calibrate
     from mc2sim.study.calibrate import Calibration, Independent
-    from mc2sim.topology import load, resolve
+    from mc2sim.topology import resolve
 
     shipped = resolve("this_machine_4ranks")
     independent = Independent(
@@ -92,7 +90,7 @@ def test_calibrate_fits_again_while_the_machines_pace_moves_and_keeps_the_steadi
         pingpong_loaded_us=20.0,
         upcast_loaded_gbps=6.0,
     )
-    fitted: list[Calibration] = []
+    fitted: list[object] = []
 
     def calibrate(*args: object, **kwargs: object) -> Calibration:
         before, after = probes[len(fitted)]
@@ -108,23 +106,77 @@ def test_calibrate_fits_again_while_the_machines_pace_moves_and_keeps_the_steadi
                 probe_before=before,
             )
         )
-        return fitted[-1]
+        return fitted[-1]  # type: ignore[return-value]
 
     monkeypatch.setattr(mc2sim.comm, "init", lambda *a, **k: SameOnEveryRank(4))
     monkeypatch.setattr(mc2sim.study.calibrate, "calibrate", calibrate)
+    return fitted
+
+
+def _check_fits_said(printed: str, fits: int, made: int, kept: tuple[float, float]) -> None:
+    """What a command printed of its fits: one line per fit again, the pace of the kept one."""
+    assert printed.count("fitting again") == made - 1
+    if made > 1:
+        assert f"fitting again (2 of at most {fits}, the steadiest kept)" in printed
+    steady = 1 / 1.15 <= kept[1] / kept[0] <= 1.15
+    assert ("pace changed during the fit" in printed) is not steady
+
+
+@pytest.mark.parametrize(("fits", "probes", "made", "kept"), FITS_CASES)
+def test_calibrate_fits_again_while_the_machines_pace_moves_and_keeps_the_steadiest(
+    fits: int,
+    probes: list[tuple[float, float]],
+    made: int,
+    kept: int,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mc2sim.topology import load
+
+    fitted = _stand_in_fits(probes, monkeypatch)
     out = tmp_path / "fit.yaml"
     assert main(["calibrate", "--out", str(out), "--reps", "1", "--fits", str(fits)]) == 0
     assert len(fitted) == made
     written = load(out)
     assert written.name == f"fit{kept}"
     assert written.device.probe_tflops == probes[kept][1]
+    _check_fits_said(capsys.readouterr().out, fits, made, probes[kept])
+
+
+@pytest.mark.parametrize(("fits", "probes", "made", "kept"), FITS_CASES)
+def test_validate_model_fits_again_while_the_machines_pace_moves_and_scores_the_steadiest(
+    fits: int,
+    probes: list[tuple[float, float]],
+    made: int,
+    kept: int,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import mc2sim.study.validate
+    from mc2sim.study.validate import CaseResult
+    from mc2sim.topology import Topology, load
+
+    fitted = _stand_in_fits(probes, monkeypatch)
+    scored: list[str] = []
+
+    def score_cases(cases: object, spans: object, topology: Topology, *a: object) -> list:
+        scored.append(topology.name)
+        return [CaseResult(name=f"scored on {topology.name}", measured_s=1e-3, simulated_s=1e-3)]
+
+    monkeypatch.setattr(mc2sim.study.validate, "held_out_cases", lambda *a, **k: [])
+    monkeypatch.setattr(mc2sim.study.validate, "score_cases", score_cases)
+    out = tmp_path / "fit.yaml"
+    argv = ["validate-model", "--calibrate", "--reps", "1", "--out", str(out)]
+    assert main([*argv, "--fits", str(fits)]) == 0
+    assert len(fitted) == made
+    # the held-out and in-sample cases are scored on the kept fit alone, which is written
+    assert scored == [f"fit{kept}", f"fit{kept}"]
+    assert load(out).name == f"fit{kept}"
     printed = capsys.readouterr().out
-    assert printed.count("fitting again") == made - 1
-    if made > 1:
-        assert f"fitting again (2 of at most {fits}, the steadiest kept)" in printed
-    ratio = probes[kept][1] / probes[kept][0]
-    steady = 1 / 1.15 <= ratio <= 1.15
-    assert ("pace changed during the fit" in printed) is not steady
+    assert f"scored on fit{kept}" in printed
+    _check_fits_said(printed, fits, made, probes[kept])
 
 
 def test_exec_passes_the_timeout_to_the_script(

@@ -479,6 +479,7 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["calibrate", "--reps", "99999999999999"], ["--reps", "must be in [1, 1000]"]),
     (["calibrate", "--fits", "0"], ["--fits", "0", "must be in [1, 10] (fits made)"]),
     (["calibrate", "--fits", "two"], ["--fits", "'two'", "whole number"]),
+    (["validate-model", "--calibrate", "--fits", "11"], ["--fits", "11", "must be in [1, 10]"]),
     (["simulate", "llama70b_tp8_decode", "--set", "repetitions=10001"], ["in [1, 10000]"]),
     (["validate-model", "--reps", "many"], ["--reps", "'many'", "whole number"]),
     (["simulate"], ["scenario", "required"]),
