@@ -122,30 +122,10 @@ def _check_fits_said(printed: str, fits: int, made: int, kept: tuple[float, floa
     assert ("pace changed during the fit" in printed) is not steady
 
 
+@pytest.mark.parametrize("command", ["calibrate", "validate-model"])
 @pytest.mark.parametrize(("fits", "probes", "made", "kept"), FITS_CASES)
-def test_calibrate_fits_again_while_the_machines_pace_moves_and_keeps_the_steadiest(
-    fits: int,
-    probes: list[tuple[float, float]],
-    made: int,
-    kept: int,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from mc2sim.topology import load
-
-    fitted = _stand_in_fits(probes, monkeypatch)
-    out = tmp_path / "fit.yaml"
-    assert main(["calibrate", "--out", str(out), "--reps", "1", "--fits", str(fits)]) == 0
-    assert len(fitted) == made
-    written = load(out)
-    assert written.name == f"fit{kept}"
-    assert written.device.probe_tflops == probes[kept][1]
-    _check_fits_said(capsys.readouterr().out, fits, made, probes[kept])
-
-
-@pytest.mark.parametrize(("fits", "probes", "made", "kept"), FITS_CASES)
-def test_validate_model_fits_again_while_the_machines_pace_moves_and_scores_the_steadiest(
+def test_fits_again_while_the_machines_pace_moves_and_keeps_the_steadiest(
+    command: str,
     fits: int,
     probes: list[tuple[float, float]],
     made: int,
@@ -161,21 +141,28 @@ def test_validate_model_fits_again_while_the_machines_pace_moves_and_scores_the_
     fitted = _stand_in_fits(probes, monkeypatch)
     scored: list[str] = []
 
-    def score_cases(cases: object, spans: object, topology: Topology, *a: object) -> list:
+    def score_cases(
+        cases: object, spans: object, topology: Topology, *a: object
+    ) -> list[CaseResult]:
         scored.append(topology.name)
         return [CaseResult(name=f"scored on {topology.name}", measured_s=1e-3, simulated_s=1e-3)]
 
     monkeypatch.setattr(mc2sim.study.validate, "held_out_cases", lambda *a, **k: [])
     monkeypatch.setattr(mc2sim.study.validate, "score_cases", score_cases)
     out = tmp_path / "fit.yaml"
-    argv = ["validate-model", "--calibrate", "--reps", "1", "--out", str(out)]
-    assert main([*argv, "--fits", str(fits)]) == 0
+    argv = {
+        "calibrate": ["calibrate"],
+        "validate-model": ["validate-model", "--calibrate"],
+    }[command]
+    assert main([*argv, "--reps", "1", "--out", str(out), "--fits", str(fits)]) == 0
     assert len(fitted) == made
-    # the held-out and in-sample cases are scored on the kept fit alone, which is written
-    assert scored == [f"fit{kept}", f"fit{kept}"]
-    assert load(out).name == f"fit{kept}"
+    written = load(out)  # the kept fit, written
+    assert written.name == f"fit{kept}"
+    assert written.device.probe_tflops == probes[kept][1]
     printed = capsys.readouterr().out
-    assert f"scored on fit{kept}" in printed
+    if command == "validate-model":  # both case sets scored on the kept fit alone
+        assert scored == [f"fit{kept}", f"fit{kept}"]
+        assert f"scored on fit{kept}" in printed
     _check_fits_said(printed, fits, made, probes[kept])
 
 
