@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from mc2sim.cli import TIMEOUT_ENV, main
 
 from .fakes import SameOnEveryRank
+
+if TYPE_CHECKING:
+    from mc2sim.study.calibrate import Calibration
 
 
 class _Stop(Exception):
@@ -68,7 +72,7 @@ FITS_CASES = [
 
 def _stand_in_fits(
     probes: list[tuple[float, float]], monkeypatch: pytest.MonkeyPatch
-) -> list[object]:
+) -> list[Calibration]:
     """A stand-in ``calibrate`` on 4 ranks; returns the fits it made, in order.
 
     Fit ``i`` is named ``fit{i}``; its probe moved from ``probes[i][0]`` before its rounds to
@@ -90,7 +94,7 @@ def _stand_in_fits(
         pingpong_loaded_us=20.0,
         upcast_loaded_gbps=6.0,
     )
-    fitted: list[object] = []
+    fitted: list[Calibration] = []
 
     def calibrate(*args: object, **kwargs: object) -> Calibration:
         before, after = probes[len(fitted)]
@@ -106,7 +110,7 @@ def _stand_in_fits(
                 probe_before=before,
             )
         )
-        return fitted[-1]  # type: ignore[return-value]
+        return fitted[-1]
 
     monkeypatch.setattr(mc2sim.comm, "init", lambda *a, **k: SameOnEveryRank(4))
     monkeypatch.setattr(mc2sim.study.calibrate, "calibrate", calibrate)
