@@ -268,18 +268,32 @@ def _print_independent(topology: Topology, independent: Any) -> None:
     float32 matmul task on a whole core (the roofline, its efficiency and memory terms),
     the rate the kernels move bytes at (against a bfloat16 to float32 conversion, the
     kernels' memory pass, and a memcpy, each as the bytes it reads and writes), a 4-byte
-    exchange of two ranks (latency plus issue overhead), and where posting a reduction
-    copies it to float32, that copy's rate (against the conversion, as 16-bit bytes read, on
-    one rank alone and on every rank at once: the rate is measured with every rank posting).
+    exchange of two ranks (latency plus issue overhead: with the other ranks asleep, each rank
+    on a core of its own; with every pair exchanging at once, the model's time for a
+    collective at the job's core share: its post at the share, a message's latency with what
+    sharing adds, and the wait for peers off their cores, :func:`mc2sim.model.cost.issue_times`,
+    :func:`mc2sim.model.cost.message_latency`, :func:`mc2sim.model.cost.schedule_wait`), and
+    where posting a reduction copies it to float32, that copy's rate (against the
+    conversion, as 16-bit bytes read, on one rank alone and on every rank at once: the rate
+    is measured with every rank posting).
     """
-    from mc2sim.model.cost import roofline_time
+    from dataclasses import replace
+
+    import numpy as np
+
+    from mc2sim.model.cost import issue_times, message_latency, roofline_time, schedule_wait
     from mc2sim.schedule.plan import TaskKind
 
     device = topology.device
     inner = topology.network[0]
     flops = 2.0 * 1024**3
     matmul = flops / roofline_time(device, TaskKind.MATMUL, "float32", flops, 3 * 1024**2 * 4)
-    message = inner.latency_us + device.issue_us
+    message = inner.latency_us + device.issue_us  # on cores of their own
+    # the bare post (a float32 AllReduce converts nothing) at the job's share, as it pays it
+    bare = replace(device, issue_extra_us={}, issue_gbps=0.0)
+    posted = issue_times(replace(topology, device=bare), TaskKind.ALLREDUCE, np.array([4.0]))
+    waited = message_latency(topology, inner) + schedule_wait(topology)
+    shared = (waited + float(posted[0])) * 1e6
     rows = [
         ("float32 matmul 1024^3, TFLOP/s", matmul / 1e12, independent.matmul_tflops),
         # both as bytes moved: a conversion reads 2 bytes and writes 4 per element, and the
@@ -291,7 +305,7 @@ def _print_independent(topology: Topology, independent: Any) -> None:
         ),
         ("memory GB/s vs memcpy (read + write)", device.memory_gbps, independent.memcpy_gbps),
         ("4-byte exchange us, the others asleep", message, independent.pingpong_us),
-        ("4-byte exchange us, every pair at once", message, independent.pingpong_loaded_us),
+        ("4-byte exchange us, every pair at once", shared, independent.pingpong_loaded_us),
     ]
     if device.issue_gbps > 0:  # posting a reduction converts its buffer: the same pass
         rows += [
@@ -385,6 +399,11 @@ def _print_fit(topology: Topology) -> None:
             print(
                 f"ranks share cores, each at its share{weight}; a collective waits "
                 f"{device.slice_us:.0f} us x {1 - topology.core_share:.2f} for peers off theirs"
+            )
+        if device.shared_issue_us or device.shared_latency_us:
+            print(
+                f"sharing a core adds {device.shared_issue_us:.1f} us of CPU time to a post "
+                f"and {device.shared_latency_us:.1f} us to every message's latency"
             )
 
 

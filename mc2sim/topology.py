@@ -401,6 +401,25 @@ class Device:
     plan of many tiny chunks pays it once per chunk. 0 on accelerators, whose
     communication engine takes a descriptor."""
 
+    shared_issue_us: float = 0.0
+    """Where a node's ranks share fewer cores (``Topology.core_share`` below 1): the CPU time,
+    in microseconds of a whole core, that every post takes on top of ``issue_us``, which is
+    then a post's on a core of its own. A rank that gets its core back after another's turn
+    finds its caches and its MPI library's state cold: on 4 ranks of a 2-core machine a
+    1-element AllReduce's post took 37.5 us of CPU time with every rank posting and 15.0 us
+    with one pair posting and the others asleep. ``mc2sim calibrate`` times both. >= 0; 0 (the
+    default) where it was not measured or every rank has a core of its own."""
+
+    shared_latency_us: float = 0.0
+    """Where a node's ranks share fewer cores (``Topology.core_share`` below 1): the
+    microseconds every message of a collective (each latency term of every network level)
+    takes on top of its level's ``latency_us``, which is then a message's between ranks on
+    cores of their own: a step waits for peers off their cores, and a progress engine runs
+    only while its rank holds one. On 4 ranks of a 2-core machine the level's latency fitted
+    34.6 us per message with every rank at once and 9.8 us on one pair with the others
+    asleep. ``mc2sim calibrate`` fits the latencies both ways; this is the difference. >= 0;
+    0 (the default) where it was not measured or every rank has a core of its own."""
+
     issue_extra_us: Mapping[str, float] = field(default_factory=dict)
     """Per collective kind (``allreduce``, ``alltoallv``, ``allgather``, ``reduce_scatter``),
     the microseconds (a whole core's) posting one takes beyond ``issue_us``, which is a post
@@ -508,7 +527,8 @@ class Device:
         object.__setattr__(
             self, "cores_per_node", _non_negative("cores_per_node", self.cores_per_node)
         )
-        object.__setattr__(self, "issue_us", _non_negative("issue_us", self.issue_us))
+        for name in ("issue_us", "shared_issue_us", "shared_latency_us"):
+            object.__setattr__(self, name, _non_negative(name, getattr(self, name)))
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
         object.__setattr__(self, "probe_tflops", _non_negative("probe_tflops", self.probe_tflops))
@@ -549,6 +569,8 @@ class Device:
                 self.reductions_in_float32,
                 self.cores_per_node,
                 self.issue_us,
+                self.shared_issue_us,
+                self.shared_latency_us,
                 tuple(sorted(self.issue_extra_us.items())),
                 self.issue_gbps,
                 self.slice_us,
@@ -857,12 +879,13 @@ class Topology:
     def at_speed(self, speed: float) -> Topology:
         """Return a copy of this machine running ``speed`` times as fast (0.5: half as fast).
 
-        Every figure set by the CPU's pace scales: times (``launch_us``, ``issue_us`` and
-        ``issue_extra_us``, ``slice_us``, ``warm_us``, the profile's points, each level's
-        ``latency_us``) by ``1 / speed`` and rates (``matrix_tflops``, ``vector_tflops``,
-        ``memory_gbps``, ``reduce_gbps``, ``issue_gbps``, each level's ``bandwidth_gbps``) by
-        ``speed``, so a plan's simulated times scale by ``1 / speed``; a wire's cap
-        (``link_gbps``) keeps its pace, and ``probe_tflops`` becomes the probe at that speed.
+        Every figure set by the CPU's pace scales: times (``launch_us``, ``issue_us``,
+        ``shared_issue_us`` and ``issue_extra_us``, ``shared_latency_us``, ``slice_us``,
+        ``warm_us``, the profile's points, each level's ``latency_us``) by ``1 / speed`` and
+        rates (``matrix_tflops``, ``vector_tflops``, ``memory_gbps``, ``reduce_gbps``,
+        ``issue_gbps``, each level's ``bandwidth_gbps``) by ``speed``, so a plan's simulated
+        times scale by ``1 / speed``; a wire's cap (``link_gbps``) keeps its pace, and
+        ``probe_tflops`` becomes the probe at that speed.
         For a fit (``probe_tflops``) compared with a run whose probe read otherwise.
 
         Raises:
@@ -880,6 +903,8 @@ class Topology:
             launch_us=dev.launch_us * slow,
             reduce_gbps=dev.reduce_gbps * speed,
             issue_us=dev.issue_us * slow,
+            shared_issue_us=dev.shared_issue_us * slow,
+            shared_latency_us=dev.shared_latency_us * slow,
             issue_extra_us={k: v * slow for k, v in dev.issue_extra_us.items()},
             issue_gbps=dev.issue_gbps * speed,
             slice_us=dev.slice_us * slow,
@@ -917,6 +942,8 @@ _DEVICE_OPTIONAL = (
     "reductions_in_float32",
     "cores_per_node",
     "issue_us",
+    "shared_issue_us",
+    "shared_latency_us",
     "issue_extra_us",
     "issue_gbps",
     "slice_us",
@@ -1056,6 +1083,10 @@ class _Reader:
             ),
             cores_per_node=self.number(dev.get("cores_per_node", 0.0), "device.cores_per_node"),
             issue_us=self.number(dev.get("issue_us", 0.0), "device.issue_us"),
+            shared_issue_us=self.number(dev.get("shared_issue_us", 0.0), "device.shared_issue_us"),
+            shared_latency_us=self.number(
+                dev.get("shared_latency_us", 0.0), "device.shared_latency_us"
+            ),
             issue_gbps=self.number(dev.get("issue_gbps", 0.0), "device.issue_gbps"),
             slice_us=self.number(dev.get("slice_us", 0.0), "device.slice_us"),
             core_sharing=self.text(
@@ -1177,6 +1208,8 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             "reductions_in_float32": dev.reductions_in_float32,
             **({"cores_per_node": dev.cores_per_node} if dev.cores_per_node else {}),
             **({"issue_us": dev.issue_us} if dev.issue_us else {}),
+            **({"shared_issue_us": dev.shared_issue_us} if dev.shared_issue_us else {}),
+            **({"shared_latency_us": dev.shared_latency_us} if dev.shared_latency_us else {}),
             **({"issue_extra_us": dict(dev.issue_extra_us)} if dev.issue_extra_us else {}),
             **({"issue_gbps": dev.issue_gbps} if dev.issue_gbps else {}),
             **({"slice_us": dev.slice_us} if dev.slice_us else {}),

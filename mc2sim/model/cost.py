@@ -9,7 +9,10 @@ is corrected by the profile's measured ratio (:func:`compute_times`). Where a no
 share fewer CPU cores than there are ranks
 (``Device.cores_per_node``), every rank's CPU work (compute, the issue overhead ``o`` of a
 collective, a collective's reduction) runs at its share of a core,
-``Topology.core_share``. Collectives: each network dimension is ``alpha`` (latency per message) and
+``Topology.core_share``, and pays what sharing a core costs on top: a post's colder start
+(``Device.shared_issue_us``) and a message's wait for peers off their cores
+(``Device.shared_latency_us``). Collectives: each network dimension is ``alpha`` (latency per
+message, :func:`message_latency`) and
 ``beta`` (1 / bandwidth per rank and direction; the wire's ``link_gbps`` where that is
 lower), GB = 1e9 bytes. AllReduce and ReduceScatter also add what they receive, at the
 device's ``reduce_gbps`` (0: free, the communication engine reduces in line, as on
@@ -315,7 +318,8 @@ FLOAT32_COPIED = frozenset({TaskKind.ALLREDUCE, TaskKind.REDUCE_SCATTER})
 def issue_time(topology: Topology, task: Task) -> float:
     """Seconds a rank's issuer spends posting comm task ``task`` (LogP's ``o``), at its core share.
 
-    ``Device.issue_us``, plus its kind's ``Device.issue_extra_us``, plus, for an AllReduce
+    ``Device.issue_us``, plus its kind's ``Device.issue_extra_us``, plus
+    ``Device.shared_issue_us`` where the node's ranks share cores, plus, for an AllReduce
     or a ReduceScatter where reductions move float32 copies, its float32 copy of the task's
     bytes at ``Device.issue_gbps``.
     """
@@ -326,19 +330,32 @@ def issue_times(topology: Topology, kind: TaskKind, nbytes: np.ndarray) -> np.nd
     """:func:`issue_time` of many comm tasks of one kind at once (elementwise)."""
     device = topology.device
     fixed = device.issue_us + device.issue_extra_us.get(str(kind), 0.0)
+    if topology.core_share < 1.0:  # a post on a shared core finds its caches cold
+        fixed += device.shared_issue_us
     seconds = np.full(np.shape(nbytes), fixed * 1e-6)
     if device.issue_gbps > 0 and device.reductions_in_float32 and kind in FLOAT32_COPIED:
         seconds = seconds + np.asarray(nbytes, dtype=np.float64) / (device.issue_gbps * 1e9)
     return seconds / topology.core_share
 
 
-def _phase(dim: NetworkDim, nbytes: float) -> float:
+def message_latency(topology: Topology, dim: NetworkDim) -> float:
+    """Seconds of one message's latency over ``dim`` (a latency term of the alpha-beta model).
+
+    ``NetworkDim.latency_us``, plus ``Device.shared_latency_us`` where the node's ranks share
+    fewer cores (``Topology.core_share`` below 1).
+    """
+    shared = topology.device.shared_latency_us if topology.core_share < 1.0 else 0.0
+    return (dim.latency_us + shared) * 1e-6
+
+
+def _phase(topology: Topology, dim: NetworkDim, nbytes: float) -> float:
     """One reduce-scatter or all-gather phase over ``dim``; ``nbytes`` is the full result."""
     p = dim.ranks
     if p <= 1 or nbytes <= 0:
         return 0.0
     chunk = nbytes / p
-    step = dim.latency_s + float(_moved(dim, chunk, chunk))  # a chunk each way
+    # a chunk each way
+    step = message_latency(topology, dim) + float(_moved(dim, chunk, chunk))
     if dim.kind is LinkKind.FULL_MESH:  # a chunk to every peer at once, one link each
         return step
     # ring (and a ring over a switch port): p - 1 steps of one chunk
@@ -436,7 +453,7 @@ def _allreduce_model(topology: Topology, nbytes: float) -> float:
     size = float(nbytes) * wire
     hierarchical = 0.0
     for dim in topology.network:  # reduce-scatter inwards out, all-gather back
-        hierarchical += 2 * _phase(dim, size)
+        hierarchical += 2 * _phase(topology, dim, size)
         size /= max(dim.ranks, 1)
     # recursive doubling, dimension by dimension: ceil(log2 r) exchanges of the whole buffer
     doubling = 0.0
@@ -444,7 +461,8 @@ def _allreduce_model(topology: Topology, nbytes: float) -> float:
     for dim in topology.network:
         rounds = math.ceil(math.log2(dim.ranks)) if dim.ranks > 1 else 0
         steps += rounds
-        doubling += rounds * (dim.latency_s + float(_moved(dim, nbytes * wire, nbytes * wire)))
+        exchange = _moved(dim, nbytes * wire, nbytes * wire)
+        doubling += rounds * (message_latency(topology, dim) + float(exchange))
     hierarchical += _reduce_work(topology, nbytes, (world - 1) / world)
     doubling += _reduce_work(topology, nbytes, steps)
     return min(hierarchical, doubling)
@@ -456,7 +474,7 @@ def _allgather_model(topology: Topology, nbytes_total: float) -> float:
     gathered = nbytes_total / max(topology.world_size, 1)
     for dim in reversed(topology.network):
         gathered *= dim.ranks
-        time += _phase(dim, gathered)
+        time += _phase(topology, dim, gathered)
     return time
 
 
@@ -466,7 +484,7 @@ def _reduce_scatter_model(topology: Topology, nbytes_total: float) -> float:
     time = _reduce_work(topology, nbytes_total, (world - 1) / world)
     size = float(nbytes_total) * _wire(topology)
     for dim in topology.network:
-        time += _phase(dim, size)
+        time += _phase(topology, dim, size)
         size /= max(dim.ranks, 1)
     return time
 
@@ -554,7 +572,8 @@ def _busiest(
     none = (np.zeros(size), np.zeros(size))
     for d, dim in enumerate(topology.network):
         if d in send or d in recv:
-            busy = _dim_busy(dim, *send.get(d, none), *recv.get(d, none))
+            alpha = message_latency(topology, dim)
+            busy = _dim_busy(dim, alpha, *send.get(d, none), *recv.get(d, none))
             worst = max(worst, float(busy.max()))
     return worst
 
@@ -581,6 +600,7 @@ def _moved(dim: NetworkDim, send: np.ndarray | float, recv: np.ndarray | float) 
 
 def _dim_busy(
     dim: NetworkDim,
+    alpha: float,
     send: np.ndarray,
     send_peers: np.ndarray,
     recv: np.ndarray,
@@ -590,7 +610,8 @@ def _dim_busy(
 
     ``send``, ``recv``: a rank's load each way (:func:`_side_loads`; on a ring, times the
     ring's mean hops over both directions); ``send_peers``, ``recv_peers``: how many peers it
-    talks to each way, one latency each (pairwise exchange). On a ``full`` duplex dimension
+    talks to each way, one latency ``alpha`` (seconds, :func:`message_latency`) each
+    (pairwise exchange). On a ``full`` duplex dimension
     the two ways run apart and the rank takes the slower; otherwise :func:`_moved` of both,
     with the latencies of the way that talks to more peers.
     """
@@ -600,12 +621,10 @@ def _dim_busy(
     if dim.duplex is Duplex.FULL:  # each way at the lower of the ranks' rate and the wire's
         beta = 1.0 / (dim.effective_gbps * 1e9)
         apart: np.ndarray = np.maximum(
-            send * beta + dim.latency_s * send_peers, recv * beta + dim.latency_s * recv_peers
+            send * beta + alpha * send_peers, recv * beta + alpha * recv_peers
         )
         return apart
-    together: np.ndarray = _moved(dim, send, recv) + dim.latency_s * np.maximum(
-        send_peers, recv_peers
-    )
+    together: np.ndarray = _moved(dim, send, recv) + alpha * np.maximum(send_peers, recv_peers)
     return together
 
 
@@ -623,7 +642,8 @@ def loads_alltoallv_time(topology: Topology, loads: AlltoAllvLoads) -> float:
             side.largest[d] if dim.kind is LinkKind.FULL_MESH else side.total[d]
             for side in (loads.send, loads.recv)
         )
-        busy = _dim_busy(dim, send, loads.send.peers[d], recv, loads.recv.peers[d])
+        alpha = message_latency(topology, dim)
+        busy = _dim_busy(dim, alpha, send, loads.send.peers[d], recv, loads.recv.peers[d])
         modelled = max(modelled, float(busy.max()))
     return _profiled(topology, "alltoallv", modelled)
 

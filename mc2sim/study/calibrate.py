@@ -47,10 +47,14 @@ cores the ranks share are read (:func:`node_cores`) and every compute figure sca
 whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`;
 its CPU time where ranks share cores, a whole core's) and taken off every collective sample;
 where ranks share cores, the contention fit also finds how long a collective waits for peers
-off their cores (``Device.slice_us``); a small call of each compute kind runs in two tiles
-where ranks share cores, else twice in a row (:func:`warm_cases`), and what a later task
-saves on the first is its kind's ``Device.warm_us`` (:func:`warm_savings`; it is added back
-to a sampled call's tasks after its first, so the profile holds first tasks); and a
+off their cores (``Device.slice_us``), and the latency and the post are timed again on one
+pair of ranks with the others asleep (:func:`measure_lone_pair`): the network's latencies
+and ``Device.issue_us`` become those of ranks on cores of their own, and the rest what
+sharing a core adds (``Device.shared_latency_us``, ``Device.shared_issue_us``); a small
+call of each compute kind runs in two tiles where ranks share cores, else twice in a row
+(:func:`warm_cases`), and what a later task saves on the first is its kind's
+``Device.warm_us`` (:func:`warm_savings`; it is added back to a sampled call's tasks after
+its first, so the profile holds first tasks); and a
 float32 matmul, a memcpy, a 16-bit to float32 conversion (alone and on every rank at once)
 and a 4-byte exchange are timed apart from the fit (:func:`measure_independent`) for
 ``calibrate`` to print beside the fitted figures. A call's figure over its rounds is their
@@ -129,6 +133,7 @@ from mc2sim.topology import (
 __all__ = [
     "CONTENTION",
     "SAMPLED",
+    "LonePair",
     "WARMED",
     "Calibration",
     "Independent",
@@ -155,6 +160,7 @@ __all__ = [
     "measure_duplex",
     "measure_independent",
     "measure_issue",
+    "measure_lone_pair",
     "measure_progress",
     "measure_vector",
     "measure_waiting",
@@ -163,6 +169,7 @@ __all__ = [
     "samples_of",
     "share_of_cores",
     "sharing_of",
+    "split_sharing",
     "waiting_weight_of",
     "work_s",
 ]
@@ -919,12 +926,8 @@ def calibrate(
         whole = [(c, r) for c, r in zip(serial[0][1], rounds, strict=False) if c.tiling == "serial"]
         in_ops = samples_of(comm, [c for c, _ in whole], [r for _, r in whole])[1] + swept
 
-    # a collective's span includes its last rank's posting, which the model holds apart
-    def posted_apart(s: CommSample) -> CommSample:
-        return replace(s, seconds=max(s.seconds - posting.of(s.kind, s.nbytes), 0.1 * s.seconds))
-
-    by_level = [[posted_apart(s) for s in mine] for mine in by_level]
-    in_ops = [posted_apart(s) for s in in_ops]
+    by_level = [[posting.taken_off(s) for s in mine] for mine in by_level]
+    in_ops = [posting.taken_off(s) for s in in_ops]
     bare = measure_compute(comm, reps, cpu=on_cpu)
     # a whole core's posts: where ranks share cores, their CPU time (one that gets its core
     # posts at a whole core's speed; a span may also hold another rank's turn)
@@ -939,6 +942,13 @@ def calibrate(
     network, reduce_gbps = _fit_levels(
         levels, by_level, wide=wide, per_node=per_node, duplexes=duplexes
     )
+    issue_us, shared_issue_us, shared_latency_us = figures.issue_us, 0.0, 0.0
+    if on_cpu:  # what sharing the cores adds: the figures again with cores of their own
+        duplex = duplexes[0].duplex if duplexes[0] is not None else Duplex.FULL
+        lone = measure_lone_pair(comm, reps, wide=wide, duplex=duplex)
+        network, issue_us, shared_issue_us, shared_latency_us = split_sharing(
+            network, issue_us, lone
+        )
     reduce_gbps *= share
     vector_tflops = measure_vector(
         comm, reps, launch_us=launch_us, memory_gbps=memory_gbps, share=share
@@ -962,7 +972,9 @@ def calibrate(
             memory_overlap=False,
             reductions_in_float32=wide,
             cores_per_node=cores,
-            issue_us=figures.issue_us,
+            issue_us=issue_us,
+            shared_issue_us=shared_issue_us,
+            shared_latency_us=shared_latency_us,
             issue_extra_us=figures.issue_extra_us,
             warm_us=figures.warm_us,
             issue_gbps=figures.issue_gbps,
@@ -1207,6 +1219,14 @@ class Posting:
             + self.extra_s.get(kind, 0.0)
             + (nbytes / (self.copy_gbps * 1e9) if copied else 0.0)
         )
+
+    def taken_off(self, sample: CommSample) -> CommSample:
+        """``sample`` without its post, never below a tenth of its span.
+
+        A collective's span includes its last rank's posting, which the model holds apart.
+        """
+        seconds = sample.seconds - self.of(sample.kind, sample.nbytes)
+        return replace(sample, seconds=max(seconds, 0.1 * sample.seconds))
 
 
 def _slowest_post(
@@ -1561,6 +1581,92 @@ def measure_independent(comm: Communicator, reps: int) -> Independent:
         pingpong_loaded_us=max((f.get("loaded", 0.0) for f in every), default=0.0),
         upcast_loaded_gbps=upcast_gbps(converted),
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LonePair:
+    """Ranks 0 and 1 alone, each on a core of its own (:func:`measure_lone_pair`)."""
+
+    latency_us: float
+    """The shared-memory level's latency fitted on the pair's collectives, microseconds."""
+    issue_us: float
+    """The CPU time of a bare post (a 1-element float32 AllReduce), microseconds."""
+
+
+LONE_READINGS = 3
+"""Readings of the lone pair's bare post (:func:`measure_lone_pair`), the least kept: on 4
+ranks of this 2-core machine one fit in six read 33 us where the others read 14.4 to 16.5."""
+
+
+def measure_lone_pair(
+    comm: Communicator, reps: int, *, wide: bool, duplex: Duplex = Duplex.FULL
+) -> LonePair:
+    """The level latency and the bare post of ranks 0 and 1 alone, the others asleep (every rank).
+
+    Where ranks share cores, a collective timed on every rank at once waits, at every
+    message, for peers off their cores, and a post runs cold after another rank's turn: the
+    figures ``calibrate`` fits from those timings hold both. Timed again with two ranks
+    (of the first host, where several hosts) on cores of their own, as
+    :func:`measure_collectives`'s sweep with its posts taken off (:func:`measure_issue`) and
+    fitted as one level of two ranks at ``duplex`` (:func:`mc2sim.model.fit.fit_levels`),
+    and the bare post by CPU time (the least of :data:`LONE_READINGS` slowest-rank medians),
+    they are the machine's own; the difference is what sharing
+    the cores adds. Every rank returns rank 0's figures.
+    """
+    asleep_until_done(comm, False)  # every rank done with what came before
+    paired = comm.rank < 2
+    pair = comm.split(0 if paired else 1, comm.rank)
+    mine: LonePair | None = None
+    if paired and pair.size == 2:
+        sweep = measure_collectives(pair, reps)
+        posting = measure_issue(pair, reps)
+        single = torch.zeros(1)
+        # the least of a few readings: a post alone reads twice its time now and then
+        bare = min(
+            _slowest_post(pair, lambda: pair.iallreduce(single), reps, cpu=True)
+            for _ in range(LONE_READINGS)
+        )
+        apart = [posting.taken_off(s) for s in sweep]
+        dims, _ = fit_levels(
+            [
+                LevelSamples(
+                    name="shared-memory",
+                    world=2,
+                    samples=apart,
+                    kinds=(LinkKind.FULL_MESH,),
+                    duplex=duplex,
+                )
+            ],
+            reductions_in_float32=wide,
+        )
+        mine = LonePair(latency_us=dims[0].latency_us, issue_us=bare * 1e6)
+    asleep_until_done(comm, paired)
+    lone = comm.allgather_object(mine)[0]
+    if not isinstance(lone, LonePair):  # a job of one rank: no pair
+        raise ValueError("measure_lone_pair needs a communicator of at least 2 ranks")
+    return lone
+
+
+def split_sharing(
+    network: Sequence[NetworkDim], issue_us: float, lone: LonePair
+) -> tuple[tuple[NetworkDim, ...], float, float, float]:
+    """Figures fitted with the ranks sharing cores, split by a lone pair's (:class:`LonePair`).
+
+    ``network`` and ``issue_us`` were fitted with every rank at once; the part of the
+    innermost level's latency and of the post above the lone pair's is what sharing the
+    cores adds (``Device.shared_latency_us``, ``Device.shared_issue_us``), and it comes off
+    every level's latency (never below 0) and off the post. Where the lone figure is the
+    larger, sharing adds nothing and the figure stays. At the fitted core share the model's
+    times are unchanged (:func:`mc2sim.model.cost.message_latency`,
+    :func:`mc2sim.model.cost.issue_times`).
+
+    Returns:
+        ``(network, issue_us, shared_issue_us, shared_latency_us)``.
+    """
+    shared_latency = max(network[0].latency_us - lone.latency_us, 0.0)
+    own = tuple(replace(d, latency_us=max(d.latency_us - shared_latency, 0.0)) for d in network)
+    shared_issue = max(issue_us - lone.issue_us, 0.0)
+    return own, issue_us - shared_issue, shared_issue, shared_latency
 
 
 WIDE_REDUCTIONS = ("mpi", "gloo", "threads")

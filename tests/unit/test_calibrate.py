@@ -38,16 +38,19 @@ from mc2sim.study.calibrate import (
     POLLED_SHARE,
     Calibration,
     DuplexMeasure,
+    LonePair,
     _fit_levels,
     _Level,
     _levels,
     measure_duplex,
     measure_independent,
     measure_issue,
+    measure_lone_pair,
     measure_progress,
     rank_speeds,
     samples_of,
     sharing_of,
+    split_sharing,
     warm_savings,
     work_s,
 )
@@ -1006,3 +1009,91 @@ def test_a_dtype_whose_time_the_fixed_terms_take_keeps_the_rate_it_reached() -> 
     peaks = fit_peaks(fp16 + fp32, flat, launch_us=100.0, memory_gbps=1e6)
     assert peaks["float16"] == pytest.approx(1.0, rel=1e-6)
     assert peaks["float32"] == pytest.approx(4e7 / 8e-5 / 1e12)  # the fastest sample's rate
+
+
+def _two_hosts(inner_us: float, outer_us: float, *, cores: float, **device: float) -> Topology:
+    """2 hosts x 2 ranks, the given level latencies and device figures."""
+    from tests.unit.test_simulator_by_hand import machine
+
+    topo = machine(4)
+    inner = dataclasses.replace(topo.network[0], ranks=2, latency_us=inner_us)
+    outer = dataclasses.replace(topo.network[0], ranks=2, latency_us=outer_us)
+    dev = dataclasses.replace(topo.device, cores_per_node=cores, **device)
+    return dataclasses.replace(topo, device=dev, network=(inner, outer))
+
+
+def test_split_sharing_moves_what_sharing_adds_apart_and_keeps_the_fitted_shares_times() -> None:
+    from mc2sim.model.cost import issue_times, message_latency
+    from tests.unit.test_simulator_by_hand import (
+        allreduce,
+        alltoallv,
+        assert_spans,
+        mm,
+        plan,
+        spans,
+    )
+
+    # fitted with 2 ranks on each host's 1 core: inner 0.4 s a message, outer 0.5 s, a post
+    # 0.37 s; the lone pair: 0.1 s and 0.15 s. Sharing adds 0.3 s a message and 0.22 s a post
+    fitted = _two_hosts(0.4e6, 0.5e6, cores=1, issue_us=0.37e6)
+    lone = LonePair(latency_us=0.1e6, issue_us=0.15e6)
+    network, issue, shared_issue, shared_latency = split_sharing(fitted.network, 0.37e6, lone)
+    assert [d.latency_us for d in network] == pytest.approx([0.1e6, 0.2e6])
+    assert (issue, shared_issue, shared_latency) == pytest.approx((0.15e6, 0.22e6, 0.3e6))
+    split = dataclasses.replace(
+        fitted,
+        network=network,
+        device=dataclasses.replace(
+            fitted.device,
+            issue_us=issue,
+            shared_issue_us=shared_issue,
+            shared_latency_us=shared_latency,
+        ),
+    )
+    # at the fitted share (1/2) a message and a post cost what they were fitted at ...
+    assert fitted.core_share == split.core_share == 0.5
+    for f, s in zip(fitted.network, split.network, strict=True):
+        assert message_latency(split, s) == pytest.approx(message_latency(fitted, f))
+    nbytes = np.array([4.0])
+    assert issue_times(split, TaskKind.ALLREDUCE, nbytes) == pytest.approx(
+        issue_times(fitted, TaskKind.ALLREDUCE, nbytes)
+    )
+    # ... and so does a plan of every kind of task, simulated
+    rows = [1, 1, 1, 1]
+    plans = {r: plan(r, 4, allreduce(1), alltoallv(rows, rows, r), mm(1, 0)) for r in range(4)}
+    assert_spans(simulate(plans, split), spans(simulate(plans, fitted)))
+    # with a core per rank (2 cores a host), the split topology pays the lone pair's figures:
+    # a message 0.1 s inside a host, a post 0.15 s
+    own = dataclasses.replace(split, device=dataclasses.replace(split.device, cores_per_node=2))
+    assert own.core_share == 1.0
+    assert message_latency(own, own.network[0]) == pytest.approx(0.1)
+    assert issue_times(own, TaskKind.ALLREDUCE, nbytes)[0] == pytest.approx(0.15)
+    # an outer level faster than what sharing adds stops at 0 ...
+    network, *_ = split_sharing(_two_hosts(0.4e6, 0.2e6, cores=1).network, 0.37e6, lone)
+    assert [d.latency_us for d in network] == pytest.approx([0.1e6, 0.0])
+    # ... and a lone pair slower than the fit leaves the figures as fitted, adding nothing
+    slow = LonePair(latency_us=0.5e6, issue_us=0.4e6)
+    network, issue, shared_issue, shared_latency = split_sharing(fitted.network, 0.37e6, slow)
+    assert network == fitted.network
+    assert (issue, shared_issue, shared_latency) == (0.37e6, 0.0, 0.0)
+
+
+def test_measure_lone_pair_times_ranks_0_and_1_alone_and_agrees_on_every_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mc2sim.study.calibrate as calibrate_module
+
+    swept: list[tuple[int, int]] = []  # (the sweeping comm's size, its rank)
+    sweep = calibrate_module.measure_collectives
+
+    def recorded(comm: ThreadCommunicator, reps: int) -> list[CommSample]:
+        swept.append((comm.size, comm.rank))
+        return sweep(comm, reps)
+
+    monkeypatch.setattr(calibrate_module, "measure_collectives", recorded)
+    four = run_threads(4, lambda comm: measure_lone_pair(comm, 1, wide=True))
+    assert all(lone == four[0] for lone in four)  # rank 0's figures on every rank
+    assert four[0].issue_us > 0 and four[0].latency_us >= 0
+    assert sorted(swept) == [(2, 0), (2, 1)]  # only the pair swept, on a communicator of two
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        run_threads(1, lambda comm: measure_lone_pair(comm, 1, wide=True))

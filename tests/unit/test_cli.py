@@ -308,6 +308,48 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     assert len(lone) == len(loaded) == len(memcpy)
 
 
+def test_the_exchange_rows_set_own_core_figures_and_the_jobs_share_beside_their_measures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import dataclasses
+
+    from mc2sim.cli import _print_fit, _print_independent
+    from mc2sim.study.calibrate import Independent
+    from mc2sim.topology import builtin
+
+    # 4 ranks on 2 cores (share 1/2): a message 10 us on cores of their own and 30 more for
+    # sharing, a post 15 us of a whole core and 20 more, a 200 us slice
+    base = builtin("this_machine_4ranks")
+    assert base.core_share == 0.5
+    device = dataclasses.replace(
+        base.device,
+        issue_us=15.0,
+        shared_issue_us=20.0,
+        shared_latency_us=30.0,
+        slice_us=200.0,
+        cores_per_node=2,
+    )
+    inner = dataclasses.replace(base.network[0], latency_us=10.0)
+    topology = dataclasses.replace(base, device=device, network=(inner,))
+    measured = Independent(
+        matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=4.0, pingpong_us=20.0,
+        pingpong_loaded_us=105.0, upcast_loaded_gbps=2.5,
+    )  # fmt: skip
+    _print_independent(topology, measured)
+    rows = capsys.readouterr().out.splitlines()
+    # the others asleep, each rank on a core of its own: 10 + 15 = 25 us
+    (asleep,) = [r for r in rows if "4-byte exchange us, the others asleep" in r]
+    assert asleep.split()[-3:] == ["25", "20", "x1.25"]
+    # every pair at once, at the job's share: a message 10 + 30, the post (15 + 20) / 0.5 =
+    # 70, the wait for peers off their cores 200 x (1 - 0.5) = 100: 210 us
+    (loaded,) = [r for r in rows if "4-byte exchange us, every pair at once" in r]
+    assert loaded.split()[-3:] == ["210", "105", "x2.00"]
+    _print_fit(topology)
+    assert (
+        "sharing a core adds 20.0 us of CPU time to a post and 30.0 us to every message's latency"
+    ) in capsys.readouterr().out.splitlines()
+
+
 def test_validate_model_takes_the_shipped_fit_made_on_as_many_ranks(tmp_path: Path) -> None:
     from mc2sim.cli import _topology_file
     from mc2sim.errors import ParamInvalidError

@@ -591,3 +591,46 @@ def test_a_bad_profile_entry_is_named_by_its_field(
     with pytest.raises(ParamInvalidError) as err:
         load(path)
     assert where in str(err.value) and rule in str(err.value)
+
+
+def test_sharing_a_core_adds_a_posts_cold_start_and_every_messages_wait() -> None:
+    # 4 ranks on 2 cores (share 1/2). A post: o = 0.25 s plus 0.25 s for sharing the core, both
+    # of a whole core: 1 s at half a core. A 1000-byte AllReduce on a 4-rank switch, latency 0
+    # plus 0.1 s a message for sharing: the ring's 2 (p - 1) = 6 steps of a 250-byte chunk
+    # each way (0.25 s) and a message each, 6 x 0.35 = 2.1 s (recursive doubling: 2 x (0.1 +
+    # 1) = 2.2 s); posted [0, 1], runs [1, 3.1]. With a core per rank (cores 4) sharing adds
+    # nothing: posted [0, 0.25], the ring 1.5 s, [0.25, 1.75].
+    plans = {r: plan(r, 4, allreduce(1)) for r in range(4)}
+    for cores, expected in ((2, (1.0, 3.1)), (4, (0.25, 1.75))):
+        topo = with_device(
+            machine(4),
+            issue_us=0.25e6,
+            shared_issue_us=0.25e6,
+            shared_latency_us=0.1e6,
+            cores_per_node=cores,
+        )
+        assert_spans(simulate(plans, topo), {(r, "ar0"): expected for r in range(4)})
+    # an AlltoAllv pays one message per peer: 1000 B to each of 3 peers on a full mesh (its
+    # own link each, 1 s) and 3 x 0.1 s: 1.3 s; with a core per rank, 1 s
+    rows = [1, 1, 1, 1]
+    plans = {r: plan(r, 4, alltoallv(rows, rows, r)) for r in range(4)}
+    for cores, end in ((2, 1.3), (4, 1.0)):
+        topo = with_device(
+            machine(4, kind="full_mesh"), shared_latency_us=0.1e6, cores_per_node=cores
+        )
+        assert_spans(simulate(plans, topo), {(r, "a2a0"): (0.0, end) for r in range(4)})
+
+
+def test_the_sharing_figures_survive_a_file_scale_with_the_machine_and_are_checked(
+    tmp_path: object,
+) -> None:
+    topo = with_device(machine(4), shared_issue_us=20.5, shared_latency_us=40.25, cores_per_node=2)
+    path = f"{tmp_path}/t.yaml"
+    dump(topo, path)
+    back = load(path).device
+    assert (back.shared_issue_us, back.shared_latency_us) == (20.5, 40.25)
+    half = topo.at_speed(0.5).device  # half as fast: every time doubles
+    assert (half.shared_issue_us, half.shared_latency_us) == (41.0, 80.5)
+    for name in ("shared_issue_us", "shared_latency_us"):
+        with pytest.raises(ParamInvalidError, match=name):
+            with_device(topo, **{name: -1.0})
