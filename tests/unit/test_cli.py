@@ -288,11 +288,11 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     assert "a call's task after its first saves (us), by kind: matmul 30" in out
     assert "contention: compute x1.0, comm polled (a transfer waits while its ranks compute)" in out
     # one rank: nothing to exchange with, so no ratio (not x inf)
-    alone = Independent(
+    one_rank = Independent(
         matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=4.0, pingpong_us=0.0,
         pingpong_loaded_us=0.0, upcast_loaded_gbps=2.5,
     )  # fmt: skip
-    _print_independent(topology, alone)
+    _print_independent(topology, one_rank)
     rows = capsys.readouterr().out.splitlines()
     (exchange,) = [r for r in rows if "4-byte exchange us, the others asleep" in r]
     assert exchange.split()[-2:] == ["-", "-"]
