@@ -1593,11 +1593,6 @@ class LonePair:
     """The CPU time of a bare post (a 1-element float32 AllReduce), microseconds."""
 
 
-LONE_READINGS = 3
-"""Readings of the lone pair's bare post (:func:`measure_lone_pair`), the least kept: on 4
-ranks of this 2-core machine one fit in six read 33 us where the others read 14.4 to 16.5."""
-
-
 def measure_lone_pair(
     comm: Communicator, reps: int, *, wide: bool, duplex: Duplex = Duplex.FULL
 ) -> LonePair:
@@ -1609,9 +1604,8 @@ def measure_lone_pair(
     (of the first host, where several hosts) on cores of their own, as
     :func:`measure_collectives`'s sweep with its posts taken off (:func:`measure_issue`) and
     fitted as one level of two ranks at ``duplex`` (:func:`mc2sim.model.fit.fit_levels`),
-    and the bare post by CPU time (the least of :data:`LONE_READINGS` slowest-rank medians),
-    they are the machine's own; the difference is what sharing
-    the cores adds. Every rank returns rank 0's figures.
+    and the bare post by CPU time (the slower rank's median), they are the machine's own;
+    the difference is what sharing the cores adds. Every rank returns rank 0's figures.
     """
     asleep_until_done(comm, False)  # every rank done with what came before
     paired = comm.rank < 2
@@ -1621,11 +1615,7 @@ def measure_lone_pair(
         sweep = measure_collectives(pair, reps)
         posting = measure_issue(pair, reps)
         single = torch.zeros(1)
-        # the least of a few readings: a post alone reads twice its time now and then
-        bare = min(
-            _slowest_post(pair, lambda: pair.iallreduce(single), reps, cpu=True)
-            for _ in range(LONE_READINGS)
-        )
+        bare = _slowest_post(pair, lambda: pair.iallreduce(single), reps, cpu=True)
         apart = [posting.taken_off(s) for s in sweep]
         dims, _ = fit_levels(
             [
