@@ -12,7 +12,7 @@ from mc2sim.cli import TIMEOUT_ENV, main
 from .fakes import SameOnEveryRank
 
 if TYPE_CHECKING:
-    from mc2sim.study.calibrate import Calibration
+    from mc2sim.study.calibrate import Calibration, Independent
 
 
 class _Stop(Exception):
@@ -257,13 +257,22 @@ def test_a_sweep_point_folder_name_too_long_for_a_file_system_is_refused_first(
     assert not (tmp_path / "s").exists()
 
 
+def _independent(pingpong_us: float, loaded_us: float) -> Independent:
+    """Independent figures with the given exchanges (0: one rank, no peer to exchange with)."""
+    from mc2sim.study.calibrate import Independent
+
+    return Independent(
+        matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=4.0, pingpong_us=pingpong_us,
+        pingpong_loaded_us=loaded_us, upcast_loaded_gbps=2.5,
+    )  # fmt: skip
+
+
 def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_peer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     import dataclasses
 
     from mc2sim.cli import _print_fit, _print_independent
-    from mc2sim.study.calibrate import Independent
     from mc2sim.topology import Contention, builtin
 
     base = builtin("this_machine")
@@ -288,11 +297,7 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
     assert "a call's task after its first saves (us), by kind: matmul 30" in out
     assert "contention: compute x1.0, comm polled (a transfer waits while its ranks compute)" in out
     # one rank: nothing to exchange with, so no ratio (not x inf)
-    one_rank = Independent(
-        matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=4.0, pingpong_us=0.0,
-        pingpong_loaded_us=0.0, upcast_loaded_gbps=2.5,
-    )  # fmt: skip
-    _print_independent(topology, one_rank)
+    _print_independent(topology, _independent(0.0, 0.0))
     rows = capsys.readouterr().out.splitlines()
     (exchange,) = [r for r in rows if "4-byte exchange us, the others asleep" in r]
     assert exchange.split()[-2:] == ["-", "-"]
@@ -314,7 +319,6 @@ def test_the_exchange_rows_set_own_core_figures_and_the_jobs_share_beside_their_
     import dataclasses
 
     from mc2sim.cli import _print_fit, _print_independent
-    from mc2sim.study.calibrate import Independent
     from mc2sim.topology import builtin
 
     # 4 ranks on 2 cores (share 1/2): a message 10 us on cores of their own and 30 more for
@@ -331,11 +335,7 @@ def test_the_exchange_rows_set_own_core_figures_and_the_jobs_share_beside_their_
     )
     inner = dataclasses.replace(base.network[0], latency_us=10.0)
     topology = dataclasses.replace(base, device=device, network=(inner,))
-    measured = Independent(
-        matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=4.0, pingpong_us=20.0,
-        pingpong_loaded_us=105.0, upcast_loaded_gbps=2.5,
-    )  # fmt: skip
-    _print_independent(topology, measured)
+    _print_independent(topology, _independent(20.0, 105.0))
     rows = capsys.readouterr().out.splitlines()
     # the others asleep, each rank on a core of its own: 10 + 15 = 25 us
     (asleep,) = [r for r in rows if "4-byte exchange us, the others asleep" in r]
