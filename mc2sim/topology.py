@@ -575,6 +575,7 @@ class Device:
                 self.issue_gbps,
                 self.slice_us,
                 self.core_sharing,
+                self.waiting_weight,
                 tuple(sorted(self.warm_us.items())),
                 self.profile,
                 self.probe_tflops,

@@ -606,3 +606,46 @@ def test_probe_tflops_round_trips_through_yaml_and_is_checked(tmp_path: Path) ->
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ParamInvalidError, match="probe_tflops"):
         load(tmp_path / "bad.yaml")
+
+
+def test_every_device_figure_takes_part_in_its_hash() -> None:
+    """Two devices that differ in any one figure hash apart.
+
+    Every field has a changed value below, so a field added to Device without one fails here.
+    """
+    import dataclasses
+
+    from mc2sim.topology import CoreSharing, ProfilePoint
+
+    base = device(cores_per_node=2.0, slice_us=100.0)
+    changed: dict[str, Any] = {
+        "name": "Other NPU",
+        "matrix_tflops": {"float16": 101.0},
+        "vector_tflops": 11.0,
+        "memory_gbps": 1001.0,
+        "efficiency": Efficiency(small_util=0.6, large_util=0.9, half_flops=1e9),
+        "launch_us": 2.0,
+        "reduce_gbps": 5.0,
+        "memory_traffic": 5.0,
+        "memory_overlap": False,
+        "concurrent_collectives": True,
+        "one_at_a_time": ("allreduce",),
+        "cores_per_node": 4.0,
+        "issue_us": 3.0,
+        "shared_issue_us": 4.0,
+        "shared_latency_us": 5.0,
+        "issue_extra_us": {"alltoallv": 1.0},
+        "issue_gbps": 2.0,
+        "slice_us": 200.0,
+        "core_sharing": CoreSharing.TURNS,
+        "waiting_weight": 0.5,
+        "warm_us": {"matmul": 10.0},
+        "profile": (ProfilePoint(kind="matmul", dtype="float16", flops=1, bytes=1, us=1.0),),
+        "reductions_in_float32": True,
+        "probe_tflops": 0.1,
+    }
+    assert set(changed) == {f.name for f in dataclasses.fields(Device)}
+    for name, value in changed.items():
+        other = replace(base, **{name: value})
+        assert other != base, name
+        assert hash(other) != hash(base), name
