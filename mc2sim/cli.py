@@ -270,9 +270,11 @@ def _print_independent(topology: Topology, independent: Any) -> None:
     kernels' memory pass, and a memcpy, each as the bytes it reads and writes), a 4-byte
     exchange of two ranks (latency plus issue overhead: with the other ranks asleep, each rank
     on a core of its own; with every pair exchanging at once, the model's time for a
-    collective at the job's core share: its post at the share, a message's latency with what
-    sharing adds, and the wait for peers off their cores, :func:`mc2sim.model.cost.issue_times`,
-    :func:`mc2sim.model.cost.message_latency`, :func:`mc2sim.model.cost.schedule_wait`), and
+    collective at the job's core share: its post as the simulator charges it, a message's
+    latency with what sharing adds, and the wait for peers off their cores, none where ranks
+    take turns, whose waits the simulation itself holds: :func:`mc2sim.model.cost.issue_times`,
+    :func:`mc2sim.model.cost.core_time`, :func:`mc2sim.model.cost.message_latency`,
+    :func:`mc2sim.model.cost.schedule_wait`), and
     where posting a reduction copies it to float32, that copy's rate (against the
     conversion, as 16-bit bytes read, on one rank alone and on every rank at once: the rate
     is measured with every rank posting).
@@ -281,7 +283,13 @@ def _print_independent(topology: Topology, independent: Any) -> None:
 
     import numpy as np
 
-    from mc2sim.model.cost import issue_times, message_latency, roofline_time, schedule_wait
+    from mc2sim.model.cost import (
+        core_time,
+        issue_times,
+        message_latency,
+        roofline_time,
+        schedule_wait,
+    )
     from mc2sim.schedule.plan import TaskKind
 
     device = topology.device
@@ -289,11 +297,12 @@ def _print_independent(topology: Topology, independent: Any) -> None:
     flops = 2.0 * 1024**3
     matmul = flops / roofline_time(device, TaskKind.MATMUL, "float32", flops, 3 * 1024**2 * 4)
     message = inner.latency_us + device.issue_us  # on cores of their own
-    # the bare post (a float32 AllReduce converts nothing) at the job's share, as it pays it
+    # the bare post (a float32 AllReduce converts nothing) at the job's share, as the
+    # simulator charges it (on a whole core where ranks take turns: cost.core_time)
     bare = replace(device, issue_extra_us={}, issue_gbps=0.0)
     posted = issue_times(replace(topology, device=bare), TaskKind.ALLREDUCE, np.array([4.0]))
     waited = message_latency(topology, inner) + schedule_wait(topology)
-    shared = (waited + float(posted[0])) * 1e6
+    shared = (waited + core_time(topology, float(posted[0]))) * 1e6
     rows = [
         ("float32 matmul 1024^3, TFLOP/s", matmul / 1e12, independent.matmul_tflops),
         # both as bytes moved: a conversion reads 2 bytes and writes 4 per element, and the

@@ -319,7 +319,7 @@ def test_the_exchange_rows_set_own_core_figures_and_the_jobs_share_beside_their_
     import dataclasses
 
     from mc2sim.cli import _print_fit, _print_independent
-    from mc2sim.topology import builtin
+    from mc2sim.topology import CoreSharing, builtin
 
     # 4 ranks on 2 cores (share 1/2): a message 10 us on cores of their own and 30 more for
     # sharing, a post 15 us of a whole core and 20 more, a 200 us slice
@@ -344,6 +344,13 @@ def test_the_exchange_rows_set_own_core_figures_and_the_jobs_share_beside_their_
     # 70, the wait for peers off their cores 200 x (1 - 0.5) = 100: 210 us
     (loaded,) = [r for r in rows if "4-byte exchange us, every pair at once" in r]
     assert loaded.split()[-3:] == ["210", "105", "x2.00"]
+    # where ranks take turns, the simulator runs a post on a whole core, 15 + 20 = 35 us, and
+    # holds the waits for turns itself (no slice wait as latency): 40 + 35 = 75 us
+    turns = dataclasses.replace(device, core_sharing=CoreSharing.TURNS)
+    _print_independent(dataclasses.replace(topology, device=turns), _independent(20.0, 105.0))
+    rows = capsys.readouterr().out.splitlines()
+    (loaded,) = [r for r in rows if "4-byte exchange us, every pair at once" in r]
+    assert loaded.split()[-3:] == ["75", "105", "x0.71"]
     _print_fit(topology)
     assert (
         "sharing a core adds 20.0 us of CPU time to a post and 30.0 us to every message's latency"
