@@ -448,7 +448,8 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
             raise ParamInvalidError(
                 "--topology", args.topology, "is a stored fit to check: --calibrate fits now"
             )
-        _check_name(args.name or "this_machine")
+        if args.name is not None:  # an empty one too: the default is this_machine
+            _check_name(args.name)
         scenarios, held = _held_out(args.cases)
     comm = init("mpi")
     speed: float | None = None  # a stored fit run at this job's speed: the probes' ratio

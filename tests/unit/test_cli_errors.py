@@ -443,6 +443,9 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["calibrate", "--out", "{t}/adir"], ["--out=", "is a folder"]),
     (["calibrate", "--out", "{t}/afile/x.yaml"], ["--out=", "not a folder"]),
     (["calibrate", "--name", " "], ["--name=' '", "non-empty"]),
+    # an empty name is a name given, not the default's
+    (["validate-model", "--calibrate", "--name", ""], ["--name=''", "non-empty"]),
+    (["validate-model", "--calibrate", "--name", " "], ["--name=' '", "non-empty"]),
     (["validate-model", "--calibrate", "--out", "{t}/afile"], ["--out=", "exists"]),
     (["validate-model", "--out", "{t}/new.yaml"], ["--out=", "needs --calibrate"]),
     (["report", "{t}/done", "--out", "{t}/afile"], ["--out=", "not a folder"]),
