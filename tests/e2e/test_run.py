@@ -235,12 +235,12 @@ def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
         "--at-run-speed",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    (header,) = [x for x in res.stdout.splitlines() if x.startswith("# validate-model:")]
+    (header_again,) = [x for x in res.stdout.splitlines() if x.startswith("# validate-model:")]
     assert re.fullmatch(
         rf"# validate-model: 2 ranks, {re.escape(str(out))} at this job's speed "
         r"\(x\d+\.\d\d the fit's times\), lower quartile of 1 rounds",
-        header,
-    ), header
+        header_again,
+    ), header_again
     assert re.search(r"^# at the job's speed: its probe ", res.stdout, re.M)
     assert res.stdout.count("held-out geomean error at the fit's own speed: ") == 1
     assert f"in-sample geomean error over {calls} cases: " in res.stdout

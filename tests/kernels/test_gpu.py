@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,15 +53,20 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def rand(g: torch.Generator, *shape: int, dtype: torch.dtype = F16, scale: float = 1.0):
+def rand(
+    g: torch.Generator, *shape: int, dtype: torch.dtype = F16, scale: float = 1.0
+) -> torch.Tensor:
     return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
 
-def ints(g: torch.Generator, *shape: int, lo: int = -128, hi: int = 128, dtype=I8):
+def ints(
+    g: torch.Generator, *shape: int, lo: int = -128, hi: int = 128, dtype: torch.dtype = I8
+) -> torch.Tensor:
     return torch.randint(lo, hi, shape, generator=g, dtype=dtype)
 
 
-def cuda(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+def cuda(*tensors: torch.Tensor | None) -> list[Any]:
+    """The tensors on the GPU, None kept (Any: each one is what its argument was)."""
     return [None if t is None else t.to(DEVICE) for t in tensors]
 
 
@@ -93,7 +99,7 @@ def test_matmul(dtype: torch.dtype) -> None:
         rand(g, 96, 256, dtype=dtype).t(),
         rand(g, 96, dtype=dtype),
     )
-    out = matmul(*cuda(x1, x2), bias=bias.to(DEVICE))  # type: ignore[misc]
+    out = matmul(x1.to(DEVICE), x2.to(DEVICE), bias=bias.to(DEVICE))
     cpu = matmul(x1, x2, bias=bias)
     exact = x1.double() @ x2.double() + bias.double()
     if dtype == F32:  # no rounding to a narrower dtype: summation order shows
@@ -177,7 +183,7 @@ def test_weight_quant_batchmatmul(dtype: torch.dtype, case: str) -> None:
     m, k, n = 24, 256, 64
     bits = 4 if case.startswith("int4") else 8
     values = ints(g, k, n, lo=-8 if bits == 4 else -128, hi=8 if bits == 4 else 128, dtype=I32)
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if case == "int4_nz":  # seed 000: the transposed weight packed to FRACTAL_NZ
         weight = convert_weight_to_int4pack(values.t().contiguous(), out_format="FRACTAL_NZ")
         kwargs = {"weight_shape": (k, n), "weight_transposed": True}
@@ -196,17 +202,19 @@ def test_weight_quant_batchmatmul(dtype: torch.dtype, case: str) -> None:
     offset = rand(g, *shape, dtype=dtype) if "offset" in case or bits == 4 else None
     bias = rand(g, n, dtype=dtype)
     args = (scale, offset)
+    scale_on_gpu, offset_on_gpu = cuda(*args)
     out = weight_quant_batchmatmul(
         x.to(DEVICE),
         weight.to(DEVICE),
-        *cuda(*args),
+        scale_on_gpu,
+        offset_on_gpu,
         bias=bias.to(DEVICE),
         antiquant_group_size=group,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
     cpu = weight_quant_batchmatmul(
         x, weight, *args, bias=bias, antiquant_group_size=group, **kwargs
-    )  # type: ignore[arg-type]
+    )
     assert_like_cpu(out, cpu)
     device = wq_oracle(x, values.numpy(), scale, offset, bias=bias, group_size=group)
     assert (out.cpu() == torch.from_numpy(device).to(dtype)).double().mean() >= 0.99
@@ -227,7 +235,7 @@ def test_weight_quant_int8_output() -> None:
     ).abs().max() <= 1
 
 
-QUANT_CASES = {
+QUANT_CASES: dict[str, dict[str, Any]] = {
     "int8->fp16 float scale, int32 bias": dict(
         x1=(5, 300), x2=(300, 24), scale="f32", bias="i32", out=F16
     ),
@@ -249,7 +257,7 @@ QUANT_CASES = {
 def test_quant_matmul_is_bitwise_the_cpu_result(case: str) -> None:
     spec = QUANT_CASES[case]
     g = gen(5)
-    x1, x2 = ints(g, *spec["x1"]), ints(g, *spec["x2"])  # type: ignore[misc]
+    x1, x2 = ints(g, *spec["x1"]), ints(g, *spec["x2"])
     n, m = x2.shape[-1], x1.shape[-2]
     raw = torch.rand(n, generator=g) * 1e-3 + 1e-4
     kwargs: dict[str, object] = {"output_dtype": spec["out"]}
@@ -585,6 +593,7 @@ def test_ifa_fused_kernel_repeats_a_checked_call_for_other_data(
     161002.
     """
     from mc2sim.errors import ParamInvalidError
+    from mc2sim.kernels import _ifa_plan
     from mc2sim.kernels import ifa as ifa_module
 
     pytest.importorskip("triton")
@@ -594,10 +603,10 @@ def test_ifa_fused_kernel_repeats_a_checked_call_for_other_data(
     lengths = [500, 33, 0] if paged else [512, 200, 1]
     layout = "BNSD" if paged else "BSH"
 
-    def call(seed: int) -> dict[str, object]:
+    def call(seed: int) -> dict[str, Any]:
         g = gen(seed)
         q, k, v = rand(g, b, n, d), rand(g, b, nkv, s, d), rand(g, b, nkv, s, d)
-        kwargs: dict[str, object] = dict(
+        kwargs: dict[str, Any] = dict(
             query=_query(q, layout).to(DEVICE), num_heads=n, num_key_value_heads=nkv,
             scale_value=d**-0.5, input_layout=layout, actual_seq_lengths=lengths,
         )  # fmt: skip
@@ -612,27 +621,27 @@ def test_ifa_fused_kernel_repeats_a_checked_call_for_other_data(
         return kwargs
 
     planned: list[int] = []
-    real_plan = ifa_module.plan_incre_flash_attention
+    real_plan = _ifa_plan.plan_incre_flash_attention  # the one ifa imports
 
-    def counted(*args: object, **kwargs: object) -> object:
+    def counted(*args: Any, **kwargs: Any) -> Any:
         planned.append(1)
-        return real_plan(*args, **kwargs)  # type: ignore[arg-type]
+        return real_plan(*args, **kwargs)
 
     monkeypatch.setattr(ifa_module, "plan_incre_flash_attention", counted)
     monkeypatch.setattr(ifa_module, "_CHECKED", {})
-    incre_flash_attention(**call(1))  # type: ignore[arg-type]
+    incre_flash_attention(**call(1))
     other = call(2)
-    repeated = incre_flash_attention(**other)  # type: ignore[arg-type]
+    repeated = incre_flash_attention(**other)
     assert planned == [1], "the second call was checked again"
     monkeypatch.setattr(ifa_module, "_CHECKED", {})
-    assert torch.equal(repeated, incre_flash_attention(**other))  # type: ignore[arg-type]
+    assert torch.equal(repeated, incre_flash_attention(**other))
     assert planned == [1, 1]
     assert not repeated.isnan().any()
     if paged:
-        bad = other["block_table"].clone()  # type: ignore[union-attr]
+        bad = other["block_table"].clone()
         bad[1, 0] = b * s // block  # one past the last block, in use by batch 1
         with pytest.raises(ParamInvalidError) as info:
-            incre_flash_attention(**dict(other, block_table=bad))  # type: ignore[arg-type]
+            incre_flash_attention(**dict(other, block_table=bad))
         assert info.value.code == 161002 and "block_table[1][0]" in str(info.value)
         assert planned == [1, 1], "the bad table was caught by the full checks, not the repeat"
 
@@ -682,7 +691,9 @@ def test_mm_all_reduce_modes(comm: Communicator, dtype: torch.dtype) -> None:
         rand(g, n, dtype=dtype),
         rand(g, m, n, dtype=dtype),
     )
-    out = ops.mm_all_reduce(*cuda(x1, x2), comm, bias=bias.to(DEVICE), x3=x3.to(DEVICE))  # type: ignore[misc]
+    out = ops.mm_all_reduce(
+        x1.to(DEVICE), x2.to(DEVICE), comm, bias=bias.to(DEVICE), x3=x3.to(DEVICE)
+    )
     _golden_check(out, golden.mm_all_reduce([x1], [x2], bias=[bias], x3=[x3], local_dtype=dtype))
     # weight-quant: int8 per-group with offset, and seed 000's int4 FRACTAL_NZ transposed weight
     w8 = ints(g, k, n)
@@ -746,11 +757,11 @@ def test_mm_all_reduce_quant(comm: Communicator) -> None:
 def test_all_gather_matmul_and_matmul_reduce_scatter(comm: Communicator) -> None:
     g = gen(12)
     x1, x2, bias = rand(g, 64, 256, scale=0.25), rand(g, 48, 256, scale=0.25).t(), rand(g, 48)
-    out, gathered = ops.all_gather_matmul(*cuda(x1, x2), comm, 1, bias.to(DEVICE))  # type: ignore[misc]
+    out, gathered = ops.all_gather_matmul(x1.to(DEVICE), x2.to(DEVICE), comm, 1, bias.to(DEVICE))
     expected, _ = golden.all_gather_matmul([x1], x2, bias)
     _golden_check(out, expected)
     assert gathered is not None and gathered.device.type == DEVICE.type
-    out = ops.matmul_reduce_scatter(*cuda(x1, x2), comm, 1, bias=bias.to(DEVICE))  # type: ignore[misc]
+    out = ops.matmul_reduce_scatter(x1.to(DEVICE), x2.to(DEVICE), comm, 1, bias=bias.to(DEVICE))
     _golden_check(out, golden.matmul_reduce_scatter(0, [x1], [x2], [bias], local_dtype=F16))
 
 

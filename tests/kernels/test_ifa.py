@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mc2sim.errors import ParamInvalidError, ParamNullptrError
 from mc2sim.kernels import ifa as ifa_module
+from mc2sim.kernels._ifa_plan import plan_incre_flash_attention
 from mc2sim.kernels.ifa import IfaLayout, incre_flash_attention
 
 FLOATS = [torch.float16, torch.bfloat16]
@@ -673,7 +674,7 @@ def test_in_place_block_path_matches_the_gathered_path(
     kc, table = _paged(k, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
     vc, _ = _paged(v, lengths, block, heads_first=heads_first, perm=perm, garbage=float("nan"))
     layout = "BNSD" if heads_first else "BSH"
-    plan = ifa_module.plan_incre_flash_attention(
+    plan = plan_incre_flash_attention(
         _query(q, layout), kc, vc, padding_mask=None,
         atten_mask=torch.rand(b, table.shape[1] * block, generator=gen) < 0.2,
         pse_shift=_rand(1, n, 1, table.shape[1] * block, dtype=dtype, gen=gen),
@@ -700,7 +701,7 @@ def test_shared_or_sparse_blocks_take_the_gathered_path() -> None:
     shared = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)  # block 1 in both tables
     sparse = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # 4 of 10 blocks in use
     for table in (shared, sparse):
-        plan = ifa_module.plan_incre_flash_attention(
+        plan = plan_incre_flash_attention(
             _query(q, "BSH"), kv, kv, padding_mask=None, atten_mask=None, pse_shift=None,
             actual_seq_lengths=[32, 20], antiquant_scale=None, antiquant_offset=None,
             block_table=table, dequant_scale1=None, quant_scale1=None, dequant_scale2=None,

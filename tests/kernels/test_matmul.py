@@ -1,8 +1,10 @@
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
-from mc2sim.errors import ParamInvalidError, ParamNullptrError
+from mc2sim.errors import AclnnError, ParamInvalidError, ParamNullptrError
 from mc2sim.kernels import matmul
 
 
@@ -47,7 +49,7 @@ def test_without_bias() -> None:
         ((torch.ones(2, 3), torch.ones(2, 2)), ParamInvalidError, "x2.shape"),
     ],
 )
-def test_rules(args, error, param: str) -> None:
+def test_rules(args: tuple[Any, Any], error: type[AclnnError], param: str) -> None:
     with pytest.raises(error) as info:
         matmul(*args)
     assert info.value.code == error.code

@@ -79,14 +79,16 @@ def mm_rounded_per_rank(
     x1: torch.Tensor, x2: torch.Tensor, comm: Any, reduce_op: str = "sum", **unused: Any
 ) -> torch.Tensor:
     """MatmulAllReduce: each rank's product rounded to the output dtype, then summed."""
-    return comm.allreduce((x1.float() @ x2.float()).to(x1.dtype))
+    out: torch.Tensor = comm.allreduce((x1.float() @ x2.float()).to(x1.dtype))
+    return out
 
 
 def mm_no_rounding(
     x1: torch.Tensor, x2: torch.Tensor, comm: Any, reduce_op: str = "sum", **unused: Any
 ) -> torch.Tensor:
     """BUG: the ranks' float32 products are summed, rounded once at the end (no per-rank)."""
-    return comm.allreduce(x1.float() @ x2.float()).to(x1.dtype)
+    out: torch.Tensor = comm.allreduce(x1.float() @ x2.float()).to(x1.dtype)
+    return out
 
 
 def _group_quant(
@@ -98,7 +100,8 @@ def _group_quant(
     group = rows // g if right else rows % scale.shape[0]  # BUG: modulo for division
     dtype = x1.dtype  # each antiquant step is stored in x1's dtype, as the device does
     w = ((x2.to(dtype) + offset[group]).to(dtype) * scale[group]).to(dtype)
-    return comm.allreduce((x1.float() @ w.float()).to(dtype))
+    out: torch.Tensor = comm.allreduce((x1.float() @ w.float()).to(dtype))
+    return out
 
 
 def group_quant_correct(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 
@@ -73,7 +75,8 @@ def test_consistent_counts_pass(comm: Communicator, e: int) -> None:
     send, recv = consistent_counts(comm.size, e)
     check_counts(comm, send[comm.rank], recv[comm.rank], e)
     # tensors are accepted too
-    check_counts(comm, torch.tensor(send[comm.rank]), torch.tensor(recv[comm.rank]), e)
+    send_t, recv_t = torch.tensor(send[comm.rank]), torch.tensor(recv[comm.rank])
+    check_counts(comm, cast(Any, send_t), cast(Any, recv_t), e)
 
 
 def test_violation_is_named_on_every_rank(comm: Communicator) -> None:
@@ -115,4 +118,4 @@ def test_malformed_counts_on_one_rank_raise_everywhere(comm: Communicator) -> No
     with pytest.raises(ParamInvalidError, match="e=0"):
         check_counts(comm, send[comm.rank], recv[comm.rank], 0)
     with pytest.raises(ParamInvalidError, match="must be integers"):
-        check_counts(comm, [0.5] * (comm.size * e), recv[comm.rank], e)
+        check_counts(comm, cast(Any, [0.5] * (comm.size * e)), recv[comm.rank], e)

@@ -35,6 +35,7 @@ DTYPES = [
 def data(seed: int, rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Rank ``rank``'s input for a test: reproducible on any rank, exactly summable."""
     gen = np.random.default_rng([seed, rank])
+    values: np.ndarray
     if dtype.is_floating_point:
         values = gen.integers(-128, 128, size=shape) / 8.0
     elif dtype == torch.uint8:
@@ -50,12 +51,13 @@ def as_f64(t: torch.Tensor) -> np.ndarray:
 
 def reduce_np(arrays: list[np.ndarray], op: ReduceOp) -> np.ndarray:
     stacked = np.stack(arrays)
-    return {
+    reduced: np.ndarray = {
         ReduceOp.SUM: stacked.sum(axis=0),
         ReduceOp.PROD: stacked.prod(axis=0),
         ReduceOp.MAX: stacked.max(axis=0),
         ReduceOp.MIN: stacked.min(axis=0),
     }[op]
+    return reduced
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -111,7 +113,11 @@ def send_matrix(size: int, rows_of: int) -> list[list[int]]:
 
 
 def expected_alltoallv(
-    comm: Communicator, matrix: list[list[int]], seed: int, row_shape: tuple[int, ...], dtype
+    comm: Communicator,
+    matrix: list[list[int]],
+    seed: int,
+    row_shape: tuple[int, ...],
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     pieces = []
     for r in range(comm.size):
@@ -271,7 +277,9 @@ def test_torch_split_refuses_to_reorder(comm: Communicator) -> None:
         (None, "short", "one count per rank"),
     ],
 )
-def test_alltoallv_rejects_bad_splits(comm: Communicator, send, recv, rule) -> None:
+def test_alltoallv_rejects_bad_splits(
+    comm: Communicator, send: str | None, recv: str | None, rule: str
+) -> None:
     n = comm.size
     good = [1] * n
     bad = {"short": [1] * (n - 1), "negative": [-1] + [1] * n, "wrong_sum": [2] * n}
@@ -382,7 +390,12 @@ def test_the_speed_probe_waits_for_every_rank_before_rank_0_times_it(
     from mc2sim.study import measure
 
     started: list[float] = []
-    monkeypatch.setattr(measure, "matmul_tflops", lambda: started.append(time.monotonic()) or 0.5)
+
+    def matmul_tflops() -> float:  # notes when the timing starts
+        started.append(time.monotonic())
+        return 0.5
+
+    monkeypatch.setattr(measure, "matmul_tflops", matmul_tflops)
     got: list[float] = []
     last_done = _last_rank_busy_then(comm, lambda: got.append(measure.probe_tflops(comm)))
     assert got == [0.5]  # rank 0's, on every rank
@@ -399,7 +412,12 @@ def test_the_independent_figures_wait_for_every_rank_before_rank_0_times_them(
 
     started: list[float] = []
     monkeypatch.setattr(calibrate, "UPCAST_ELEMENTS", 1024)
-    monkeypatch.setattr(measure, "matmul_tflops", lambda: started.append(time.monotonic()) or 0.5)
+
+    def matmul_tflops() -> float:  # notes when the timing starts
+        started.append(time.monotonic())
+        return 0.5
+
+    monkeypatch.setattr(measure, "matmul_tflops", matmul_tflops)
     got: list[object] = []
     last_done = _last_rank_busy_then(
         comm, lambda: got.append(calibrate.measure_independent(comm, 1))

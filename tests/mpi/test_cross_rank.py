@@ -40,7 +40,7 @@ def mm_all_reduce(comm: Communicator, odd: bool, change: dict[str, Any]) -> None
 
 def tp_pair(op: Callable[..., Any]) -> Callable[[Communicator, bool, dict[str, Any]], None]:
     def call(comm: Communicator, odd: bool, change: dict[str, Any]) -> None:
-        a = {"m": 2 * comm.size, "k": 256, "n": 4, "dtype": BF16, "tiling": None}
+        a: dict[str, Any] = {"m": 2 * comm.size, "k": 256, "n": 4, "dtype": BF16, "tiling": None}
         a.update(change if odd else {})
         m = a["m"](comm.size) if callable(a["m"]) else a["m"]
         x1 = torch.ones(m, a["k"], dtype=a["dtype"])
@@ -52,7 +52,14 @@ def tp_pair(op: Callable[..., Any]) -> Callable[[Communicator, bool, dict[str, A
 
 def moe(op: Callable[..., Any]) -> Callable[[Communicator, bool, dict[str, Any]], None]:
     def call(comm: Communicator, odd: bool, change: dict[str, Any]) -> None:
-        a = {"e": 2, "h1": 8, "n1": 4, "dtype": BF16, "tiling": None, "shared": False}
+        a: dict[str, Any] = {
+            "e": 2,
+            "h1": 8,
+            "n1": 4,
+            "dtype": BF16,
+            "tiling": None,
+            "shared": False,
+        }
         a.update(change if odd else {})
         counts = [1] * (comm.size * a["e"])
         kwargs: dict[str, Any] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from mc2sim import golden, ops
 from mc2sim.comm import Communicator
 from mc2sim.compare import check
 from mc2sim.kernels import convert_weight_to_int4pack, trans_quant_param
-from mc2sim.routing import RoutingConfig, RoutingTable, route
+from mc2sim.routing import RoutingConfig, RoutingKind, RoutingTable, route
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 
@@ -36,7 +38,7 @@ def assert_golden(actual: torch.Tensor, expected: np.ndarray, comm: Communicator
 
 def skewed_table(world: int, e: int, tokens: int, k: int, seed: int) -> RoutingTable:
     return route(
-        RoutingConfig(kind="zipf", seed=seed, skew=1.5),
+        RoutingConfig(kind=RoutingKind.ZIPF, seed=seed, skew=1.5),
         world_size=world,
         experts_per_rank=e,
         tokens_per_rank=tokens,
@@ -317,7 +319,7 @@ def test_matmul_reduce_scatter(comm: Communicator, dtype: torch.dtype) -> None:
 # -- decode attention -----------------------------------------------------------------------
 
 
-def paged_case(comm: Communicator, dtype: torch.dtype, seed: int) -> dict:
+def paged_case(comm: Communicator, dtype: torch.dtype, seed: int) -> dict[str, Any]:
     """This rank's heads of a decode step: a scattered paged cache, lengths down to 0."""
     gen = gen_for(comm, seed)
     batch, heads, kv_heads, dim, block, per_seq = 5, 4, 2, 32, 16, 4

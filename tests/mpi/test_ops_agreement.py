@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -14,7 +17,7 @@ pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 BF16 = torch.bfloat16
 
 
-def moe(comm: Communicator, e: int = 2) -> dict:
+def moe(comm: Communicator, e: int = 2) -> dict[str, Any]:
     counts = [1] * (comm.size * e)
     return {
         "gmm_x": torch.ones(sum(counts), 8, dtype=BF16),
@@ -27,7 +30,7 @@ def moe(comm: Communicator, e: int = 2) -> dict:
 
 
 @pytest.mark.parametrize("op", [ops.gmm_alltoallv, ops.alltoallv_gmm], ids=["combine", "dispatch"])
-def test_moe_error_on_the_last_rank_only(comm: Communicator, op) -> None:
+def test_moe_error_on_the_last_rank_only(comm: Communicator, op: Callable[..., object]) -> None:
     args = moe(comm)
     last = comm.size - 1
     if comm.rank == last:
@@ -76,7 +79,7 @@ def test_kernel_errors_are_agreed_too(comm: Communicator) -> None:
 @pytest.mark.parametrize(
     "op", [ops.all_gather_matmul, ops.matmul_reduce_scatter], ids=["ag_mm", "mm_rs"]
 )
-def test_tp_error_on_one_rank(comm: Communicator, op) -> None:
+def test_tp_error_on_one_rank(comm: Communicator, op: Callable[..., object]) -> None:
     k = 255 if comm.rank == comm.size - 1 else 256
     x1 = torch.ones(2 * comm.size, k, dtype=BF16)
     x2 = torch.ones(k, 4, dtype=BF16)
@@ -86,7 +89,7 @@ def test_tp_error_on_one_rank(comm: Communicator, op) -> None:
 
 def test_ifa_error_on_one_rank(comm: Communicator) -> None:
     block = 24 if comm.rank == comm.size - 1 else 16  # not a multiple of 16 on the last rank
-    args = {
+    args: dict[str, Any] = {
         "query": torch.ones(2, 1, 64, dtype=BF16),
         "key_cache": torch.ones(4, block, 64, dtype=BF16),
         "value_cache": torch.ones(4, block, 64, dtype=BF16),

@@ -8,15 +8,15 @@ import torch
 from mc2sim.comm import Communicator
 from mc2sim.compare import GoldenMismatchError, check_all, raise_if_failed
 from mc2sim.errors import ParamInvalidError
-from mc2sim.routing import RoutingConfig, route
+from mc2sim.routing import RoutingConfig, RoutingKind, route
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(90)]
 
 CONFIGS = [
-    RoutingConfig(kind="balanced"),
-    RoutingConfig(kind="uniform", seed=21),
-    RoutingConfig(kind="zipf", seed=22, skew=1.5),
-    RoutingConfig(kind="hot", seed=23, hot_experts=2, hot_fraction=0.4),
+    RoutingConfig(kind=RoutingKind.BALANCED),
+    RoutingConfig(kind=RoutingKind.UNIFORM, seed=21),
+    RoutingConfig(kind=RoutingKind.ZIPF, seed=22, skew=1.5),
+    RoutingConfig(kind=RoutingKind.HOT, seed=23, hot_experts=2, hot_fraction=0.4),
 ]
 
 

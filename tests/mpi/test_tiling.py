@@ -10,9 +10,8 @@ from mc2sim import golden, ops
 from mc2sim.comm import Communicator
 from mc2sim.compare import check
 from mc2sim.kernels import trans_quant_param
-from mc2sim.routing import RoutingConfig, route
-from mc2sim.schedule import Resource
-from mc2sim.timeline import gather, record
+from mc2sim.routing import RoutingConfig, RoutingKind, route
+from mc2sim.timeline import Stream, gather, record
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(180)]
 
@@ -35,7 +34,7 @@ def assert_close(
 
 
 @pytest.mark.parametrize("tiling", [*TILINGS, 16], ids=str)
-def test_mm_all_reduce_float(comm: Communicator, tiling) -> None:
+def test_mm_all_reduce_float(comm: Communicator, tiling: int | str | None) -> None:
     gen = gen_for(comm, 1)
     x1 = rand(gen, 4, 10, 32, dtype=torch.bfloat16, scale=0.5)  # m = 40 rows
     x2 = rand(gen, 32, 24, dtype=torch.bfloat16, scale=0.5)
@@ -50,7 +49,7 @@ def test_mm_all_reduce_float(comm: Communicator, tiling) -> None:
 
 
 @pytest.mark.parametrize("tiling", [*TILINGS, 5], ids=str)
-def test_mm_all_reduce_quant_is_bit_identical(comm: Communicator, tiling) -> None:
+def test_mm_all_reduce_quant_is_bit_identical(comm: Communicator, tiling: int | str | None) -> None:
     gen = gen_for(comm, 2)
     x1 = torch.randint(-128, 128, (13, 64), generator=gen, dtype=torch.int8)
     x2 = torch.randint(-128, 128, (64, 16), generator=gen, dtype=torch.int8)
@@ -70,10 +69,12 @@ def test_mm_all_reduce_progress_thread(comm: Communicator) -> None:
     assert torch.equal(threaded, polled)
 
 
-def moe_inputs(comm: Communicator, direction: str, seed: int):
+def moe_inputs(
+    comm: Communicator, direction: str, seed: int
+) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     e, bs, k, h1, n1, h2, n2 = 2, 6, 2, 16, 12, 8, 6
     table = route(
-        RoutingConfig(kind="zipf", seed=seed, skew=1.2),
+        RoutingConfig(kind=RoutingKind.ZIPF, seed=seed, skew=1.2),
         world_size=comm.size,
         experts_per_rank=e,
         tokens_per_rank=bs,
@@ -90,7 +91,7 @@ def moe_inputs(comm: Communicator, direction: str, seed: int):
 
 
 @pytest.mark.parametrize("tiling", TILINGS, ids=str)
-def test_gmm_alltoallv(comm: Communicator, tiling) -> None:
+def test_gmm_alltoallv(comm: Communicator, tiling: int | str | None) -> None:
     send, recv, x, w, mm_x, mm_w = moe_inputs(comm, "combine", 4)
     y, mm_y = ops.gmm_alltoallv(
         x, w, comm, comm.size, send, recv, mm_x=mm_x, mm_weight=mm_w, tiling=tiling
@@ -107,7 +108,7 @@ def test_gmm_alltoallv(comm: Communicator, tiling) -> None:
 
 
 @pytest.mark.parametrize("tiling", TILINGS, ids=str)
-def test_alltoallv_gmm(comm: Communicator, tiling) -> None:
+def test_alltoallv_gmm(comm: Communicator, tiling: int | str | None) -> None:
     send, recv, x, w, mm_x, mm_w = moe_inputs(comm, "dispatch", 5)
     gy, mm_y, perm = ops.alltoallv_gmm(
         x,
@@ -144,7 +145,7 @@ def test_alltoallv_gmm(comm: Communicator, tiling) -> None:
 
 
 @pytest.mark.parametrize("tiling", [None, "serial", 2], ids=str)
-def test_all_gather_matmul(comm: Communicator, tiling) -> None:
+def test_all_gather_matmul(comm: Communicator, tiling: int | str | None) -> None:
     gen = gen_for(comm, 6)
     x1 = rand(gen, 5, 256, dtype=torch.bfloat16, scale=0.25)
     x2 = rand(gen, 256, 8, dtype=torch.bfloat16, scale=0.25)
@@ -158,7 +159,7 @@ def test_all_gather_matmul(comm: Communicator, tiling) -> None:
 
 
 @pytest.mark.parametrize("tiling", [None, "serial", 2], ids=str)
-def test_matmul_reduce_scatter(comm: Communicator, tiling) -> None:
+def test_matmul_reduce_scatter(comm: Communicator, tiling: int | str | None) -> None:
     gen = gen_for(comm, 7)
     m = 3 * comm.size
     x1 = rand(gen, m, 256, dtype=torch.float16, scale=0.25)
@@ -182,11 +183,11 @@ def test_timeline_of_a_tiled_run(comm: Communicator) -> None:
     by_task = {r.task: r for r in mine.records}
     for r in mine.records:
         assert r.end_s >= r.start_s >= 0
-        if r.stream == Resource.COMM:
+        if r.stream == Stream.COMM:
             producer = by_task[r.task - 1]  # each allreduce depends on the matmul before it
             assert r.start_s >= producer.end_s
     compute = sorted(
-        (r for r in mine.records if r.stream == Resource.COMPUTE), key=lambda r: r.start_s
+        (r for r in mine.records if r.stream == Stream.COMPUTE), key=lambda r: r.start_s
     )
     for before, after in zip(compute, compute[1:], strict=False):
         assert after.start_s >= before.end_s, "one compute tile at a time"

@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from mc2sim.comm import init
+from mc2sim.comm import Communicator, Work, init
 from mc2sim.schedule import Plan, Task, TaskKind
 from mc2sim.schedule.executor import execute
 from mc2sim.timeline import gather, record
@@ -22,14 +22,14 @@ INTRA_ROWS, INTER_ROWS = (8 << 20) // ROW, (2 << 20) // ROW
 class Runner:
     """The TileRunner of a one-task AlltoAllv plan."""
 
-    def __init__(self, comm: object, x: torch.Tensor) -> None:
+    def __init__(self, comm: Communicator, x: torch.Tensor) -> None:
         self.comm, self.x = comm, x
 
     def compute(self, task: Task) -> None:
         raise RuntimeError("no compute task")
 
-    def start(self, task: Task) -> object:
-        return self.comm.ialltoallv(self.x, task.send_splits, task.recv_splits)  # type: ignore[attr-defined]
+    def start(self, task: Task) -> Work:
+        return self.comm.ialltoallv(self.x, task.send_splits, task.recv_splits)
 
     def land(self, task: Task, result: torch.Tensor) -> None:
         assert result.shape[0] == sum(task.recv_splits)

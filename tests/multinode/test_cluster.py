@@ -71,7 +71,7 @@ def test_down_leaves_nothing_behind_even_after_a_failure() -> None:
         subprocess.Popen(small.on(0, ["sleep", "60"]))  # a process left running inside
         raise RuntimeError("a test failed on purpose")
     assert small.k is None
-    assert traces(k) == []
+    assert k is not None and traces(k) == []
 
 
 def test_stale_clusters_of_dead_owners_are_removed_live_ones_kept(cluster_2x2: Cluster) -> None:

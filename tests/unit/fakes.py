@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from mc2sim.comm.base import Communicator, ReduceOp
 
 
 class SameOnEveryRank:
@@ -22,7 +25,9 @@ class SameOnEveryRank:
         self.rank = 0
         self.size = size
 
-    def allreduce(self, t: torch.Tensor, op: str = "sum", *, out: Any = None) -> torch.Tensor:
+    def allreduce(
+        self, t: torch.Tensor, op: str | ReduceOp = "sum", *, out: Any = None
+    ) -> torch.Tensor:
         result = t * self.size if op == "sum" else t.clone()
         return result if out is None else out.copy_(result)
 
@@ -33,20 +38,33 @@ class SameOnEveryRank:
         return [obj] * self.size
 
     def alltoallv(
-        self, t: torch.Tensor, send: Sequence[int], recv: Sequence[int], *, out: Any = None
+        self,
+        t: torch.Tensor,
+        send_splits: Sequence[int],
+        recv_splits: Sequence[int],
+        *,
+        out: Any = None,
     ) -> torch.Tensor:
         raise AssertionError("validation tests must fail before any data moves")
 
-    def reduce_scatter(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    def reduce_scatter(self, t: torch.Tensor, op: str | ReduceOp = "sum") -> torch.Tensor:
         raise AssertionError("validation tests must fail before any data moves")
 
     def ialltoallv(
-        self, t: torch.Tensor, send: Sequence[int], recv: Sequence[int], *, out: Any = None
+        self,
+        t: torch.Tensor,
+        send_splits: Sequence[int],
+        recv_splits: Sequence[int],
+        *,
+        out: Any = None,
     ) -> Any:
         raise AssertionError("validation tests must fail before any data moves")
 
-    def iallreduce(self, t: torch.Tensor, op: str = "sum", *, out: Any = None) -> Any:
+    def iallreduce(self, t: torch.Tensor, op: str | ReduceOp = "sum", *, out: Any = None) -> Any:
         raise AssertionError("validation tests must fail before any data moves")
+
+    def split(self, color: int, key: int = 0) -> Communicator:
+        raise AssertionError("a group whose ranks all hold the same data has no sub-groups")
 
     def barrier(self) -> None:
         pass

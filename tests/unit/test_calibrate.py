@@ -11,7 +11,9 @@ import dataclasses
 import functools
 import itertools
 import time
+import types
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +38,7 @@ from mc2sim.schedule.builders import MatmulShape, MoeShape
 from mc2sim.schedule.plan import TaskKind
 from mc2sim.study.calibrate import (
     POLLED_SHARE,
+    POSTED_BYTES,
     Calibration,
     DuplexMeasure,
     LonePair,
@@ -575,7 +578,8 @@ def test_samples_add_the_saving_back_to_a_later_task_of_another_kind_too() -> No
     ))  # fmt: skip
     warm = {"grouped_matmul": 1 * MS, "pack": 0.5 * MS}
     compute, _ = samples_of(SameOnEveryRank(2), [case], [[timeline]], warm_s=warm)
-    assert [(s.kind, s.seconds) for s in compute] == [
+    got: list[tuple[str, object]] = [(s.kind, s.seconds) for s in compute]
+    assert got == [
         ("grouped_matmul", pytest.approx(4 * MS)),
         ("pack", pytest.approx(2.5 * MS)),
     ]
@@ -656,55 +660,83 @@ class _ProgressComm:
 
 
 class _PostingComm:
-    """Rank 0 of 2 whose posts take known times (sleeps).
+    """Rank 0 of 2 whose posts take known times on a clock of its own (:meth:`clocks`).
 
     A float32 AllReduce 2 ms, a bfloat16 one 4 ms + 1 ms per MiB (its float32 copy), an
-    AlltoAllv 7 ms.
+    AlltoAllv 7 ms; each a span, none of it CPU time (as a post that waits would be).
     """
 
     size = 2
     rank = 0
     backend = "mpi"
 
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clocks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``calibrate``'s clocks read this communicator's: the span moves, the CPU time not."""
+        from mc2sim.study import calibrate
+
+        fake = types.SimpleNamespace(perf_counter=lambda: self.now, process_time=lambda: 0.0)
+        monkeypatch.setattr(calibrate, "time", fake)
+
     def barrier(self) -> None:
         return None
 
     def iallreduce(self, t: torch.Tensor) -> _Transfer:
         extra = 0.0 if t.dtype == torch.float32 else 0.002 + t.numel() * 2 / 2**20 * 1e-3
-        time.sleep(0.002 + extra)
+        self.now += 0.002 + extra
         return _Transfer(0.0, True)
 
     def ialltoallv(self, t: torch.Tensor, send: object, recv: object) -> _Transfer:
-        time.sleep(0.007)
+        self.now += 0.007
         return _Transfer(0.0, True)
 
     def allgather_object(self, obj: object) -> list[object]:
         return [obj, obj]
 
 
-def test_measure_issue_times_the_bare_post_and_each_kinds_extra() -> None:
-    posting = measure_issue(_PostingComm(), 3)  # type: ignore[arg-type]
-    assert posting.bare_s == pytest.approx(0.002, abs=5e-4)
-    assert posting.extra_s["alltoallv"] == pytest.approx(0.005, abs=7e-4)
+def test_measure_issue_times_the_bare_post_and_each_kinds_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    comm = _PostingComm()
+    comm.clocks(monkeypatch)
+    posting = measure_issue(comm, 3)  # type: ignore[arg-type]
+    assert posting.bare_s == pytest.approx(0.002)
+    assert posting.extra_s["alltoallv"] == pytest.approx(0.005)
     assert posting.extra_s["allreduce"] == posting.extra_s["reduce_scatter"]
-    assert posting.extra_s["allreduce"] == pytest.approx(0.002, abs=7e-4)
-    # 1 ms per MiB posted: 2**20 / 1e-3 B/s, 1.05 GB/s
-    assert posting.copy_gbps == pytest.approx(2**20 / 1e-3 / 1e9, rel=0.15)
+    # the 256-element bfloat16 AllReduce's: 2 ms and the copy of its 512 bytes
+    small_copy = 512 / 2**20 * 1e-3
+    assert posting.extra_s["allreduce"] == pytest.approx(0.002 + small_copy)
+    # 1 ms per MiB posted (2**20 / 1e-3 B/s, 1.05 GB/s), through the origin over the small
+    # post's: each size's post less the small one's, (nbytes - 512) / 2**20 ms
+    over = [(n - 512) / 2**20 * 1e-3 for n in POSTED_BYTES]
+    slope = sum(n * y for n, y in zip(POSTED_BYTES, over, strict=True)) / sum(
+        n * n for n in POSTED_BYTES
+    )
+    assert posting.copy_gbps == pytest.approx(1 / slope / 1e9)
+    assert posting.copy_gbps == pytest.approx(2**20 / 1e-3 / 1e9, rel=1e-3)
     # a sample's posting: bare + its kind's extra + its copy
-    assert posting.of("alltoallv", 2**20) == pytest.approx(0.007, abs=1e-3)
-    assert posting.of("allreduce", 2**21) == pytest.approx(0.006, abs=1.2e-3)
+    assert posting.of("alltoallv", 2**20) == pytest.approx(0.007)
+    assert posting.of("allreduce", 2**21) == pytest.approx(0.004 + small_copy + 2**21 * slope)
     assert posting.of("allgather", 2**21) == posting.bare_s
     # a ReduceScatter's post copies to float32 as an AllReduce's does (cost.FLOAT32_COPIED)
     assert posting.of("reduce_scatter", 2**21) == posting.of("allreduce", 2**21)
 
 
-def test_measure_issue_by_cpu_time_counts_only_the_posts_own_work() -> None:
-    # the fake's posts sleep: a span of milliseconds, next to no CPU time (where ranks share
-    # cores, a post's span may also hold another rank's turn; its CPU time is its work)
-    posting = measure_issue(_PostingComm(), 3, cpu=True)  # type: ignore[arg-type]
-    assert posting.bare_s < 3e-4
-    assert all(v < 3e-4 for v in posting.extra_s.values())
-    assert posting.of("allreduce", 2**21) < 1e-3
+def test_measure_issue_by_cpu_time_counts_only_the_posts_own_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the fake's posts take spans of milliseconds and no CPU time (where ranks share cores,
+    # a post's span may also hold another rank's turn; its CPU time is its work)
+    comm = _PostingComm()
+    comm.clocks(monkeypatch)
+    posting = measure_issue(comm, 3, cpu=True)  # type: ignore[arg-type]
+    assert posting.bare_s == 0.0
+    assert all(v == 0.0 for v in posting.extra_s.values())
+    assert posting.of("allreduce", 2**21) == 0.0
+    # the span, from the same posts
+    assert measure_issue(comm, 3).bare_s == pytest.approx(0.002)  # type: ignore[arg-type]
 
 
 def test_measure_progress_tells_polled_from_progressing_on_its_own() -> None:
@@ -924,7 +956,7 @@ def test_both_levels_are_fitted_from_their_own_groups(wide: bool) -> None:
     groups = [
         _Level(name="shared-memory", group=SameOnEveryRank(2)),
         _Level(name="inter-node", group=SameOnEveryRank(2)),
-    ]  # type: ignore[arg-type]
+    ]
     half = DuplexMeasure(one_way_s=1.0, both_ways_s=2.0, one_to_all_s=1.0, duplex=Duplex.HALF)
     network, reduce_gbps = _fit_levels(
         groups, samples, wide=wide, per_node=2, duplexes=[half, None]
@@ -938,7 +970,7 @@ def test_both_levels_are_fitted_from_their_own_groups(wide: bool) -> None:
 
 def test_one_rank_per_host_makes_the_host_a_dimension_of_one_rank() -> None:
     inter = topology(3, alpha_us=400.0, gbps=0.4, reduce_gbps=1.5, kind=LinkKind.SWITCH)
-    groups = [_Level(name="inter-node", group=SameOnEveryRank(3))]  # type: ignore[arg-type]
+    groups = [_Level(name="inter-node", group=SameOnEveryRank(3))]
     network, _ = _fit_levels(
         groups, [level_samples(inter, True)], wide=True, per_node=1, duplexes=[None]
     )
@@ -1011,7 +1043,7 @@ def test_a_dtype_whose_time_the_fixed_terms_take_keeps_the_rate_it_reached() -> 
     assert peaks["float32"] == pytest.approx(4e7 / 8e-5 / 1e12)  # the fastest sample's rate
 
 
-def _two_hosts(inner_us: float, outer_us: float, *, cores: float, **device: float) -> Topology:
+def _two_hosts(inner_us: float, outer_us: float, *, cores: float, **device: Any) -> Topology:
     """2 hosts x 2 ranks, the given level latencies and device figures."""
     from tests.unit.test_simulator_by_hand import machine
 

@@ -5,6 +5,8 @@ Building a cluster is tested in ``tests/multinode`` (root only).
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -49,8 +51,8 @@ def test_a_cluster_that_is_not_up_has_no_names_and_downs_to_nothing() -> None:
 
 
 def test_without_root_it_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cluster.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(cluster.sys, "platform", "linux")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sys, "platform", "linux")
     reason = cluster.unavailable()
     assert reason is not None and "root" in reason
     with pytest.raises(ClusterError, match="no cluster on this machine: needs root"):
@@ -58,9 +60,9 @@ def test_without_root_it_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_without_iproute2_it_names_the_tools(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cluster.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(cluster.sys, "platform", "linux")
-    monkeypatch.setattr(cluster.shutil, "which", lambda tool: None if tool == "tc" else tool)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "tc" else tool)
     assert cluster.unavailable() == "needs tc (iproute2: ip and tc; util-linux: unshare)"
 
 

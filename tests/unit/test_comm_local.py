@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from typing import Any, cast
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def test_reduce_op_accepts_names_and_members() -> None:
 
 
 def test_check_splits_returns_ints() -> None:
-    send, recv = check_splits(torch.zeros(3, 2), (1, 2), [torch.tensor(4), 0], 2)
+    send, recv = check_splits(torch.zeros(3, 2), (1, 2), [cast(Any, torch.tensor(4)), 0], 2)
     assert send == [1, 2] and recv == [4, 0]
     assert all(type(v) is int for v in send + recv)
 
@@ -35,7 +36,9 @@ def test_check_splits_returns_ints() -> None:
         (torch.zeros(2), [1, 2], [1, 1], "must sum to the rows of t \\(2\\), got 3"),
     ],
 )
-def test_check_splits_rejects(t, send, recv, match) -> None:
+def test_check_splits_rejects(
+    t: torch.Tensor, send: list[int], recv: list[int], match: str
+) -> None:
     with pytest.raises(ParamInvalidError, match=match):
         check_splits(t, send, recv, 2)
 
@@ -59,11 +62,11 @@ def test_check_reduce_rows() -> None:
         ({"RANK": "0", "WORLD_SIZE": "2"}, Launcher.SINGLE),
     ],
 )
-def test_detect_launcher(env, expected) -> None:
+def test_detect_launcher(env: dict[str, str], expected: Launcher) -> None:
     assert detect_launcher(env) is expected
 
 
-def test_world_position_from_environment(monkeypatch) -> None:
+def test_world_position_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setitem(__import__("sys").modules, "mpi4py.MPI", None)

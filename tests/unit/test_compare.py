@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_allclose_on_half_precision_tensors() -> None:
     ("dtype", "p", "numel"),
     [("float16", 1e-3, 1000), (torch.bfloat16, 4e-3, 1000), (np.float32, 1e-4, 10000)],
 )
-def test_double_thousandths_thresholds(dtype: object, p: float, numel: int) -> None:
+def test_double_thousandths_thresholds(dtype: Any, p: float, numel: int) -> None:
     golden = np.linspace(-3.0, 5.0, numel)
     golden[golden == 0] = 1.0
     allowed = round(p * numel)  # elements that may exceed relative error p
@@ -242,8 +243,8 @@ def test_shape_mismatch() -> None:
         (lambda: check(np.ones(2), np.ones(2), "close_enough"), "standard"),
         (lambda: check(np.ones(2), np.ones(2), "double_thousandths"), "dtype"),
         (lambda: check(np.ones(2), np.ones(2), "error_balance", dtype="float32"), "dtype"),
-        (lambda: check(np.ones(2), np.ones(2), dtype=object()), "dtype"),
-        (lambda: check([1.0], np.ones(1)), "actual"),
+        (lambda: check(np.ones(2), np.ones(2), dtype=cast(Any, object())), "dtype"),
+        (lambda: check(cast(Any, [1.0]), np.ones(1)), "actual"),
         (lambda: check(np.ones(1), np.array(["x"])), "golden.dtype"),
         (lambda: check(torch.ones(1, dtype=torch.complex64), torch.ones(1)), "actual.dtype"),
         (lambda: check(np.ones(1), np.ones(1), "error_balance", dtype="fp16", k=0), "k"),

@@ -20,7 +20,7 @@ from mc2sim.errors import (
         (AclnnRuntimeError, 361001, RuntimeError),
     ],
 )
-def test_codes_and_bases(cls, code, also) -> None:
+def test_codes_and_bases(cls: type[AclnnError], code: int, also: type[Exception] | None) -> None:
     err = cls("x1", 3, "must be even")
     assert err.code == code
     assert isinstance(err, AclnnError)
@@ -44,7 +44,7 @@ def test_long_values_are_shortened_in_the_message() -> None:
 
 
 @pytest.mark.parametrize("value", [5, "BSH", (1, 2), [3, 4], None, torch.ones(2)])
-def test_pickle_keeps_class_code_and_message(value) -> None:
+def test_pickle_keeps_class_code_and_message(value: object) -> None:
     err = ParamInvalidError("p", value, "rule")
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is ParamInvalidError

@@ -18,7 +18,7 @@ import torch
 
 from mc2sim import limits, ops
 from mc2sim.errors import AclnnError, ParamInvalidError
-from mc2sim.scenario import Scenario
+from mc2sim.scenario import OpName, Scenario
 
 from .fakes import SameOnEveryRank
 
@@ -60,7 +60,9 @@ def op_error(call: Callable[[], object]) -> AclnnError:
     return info.value
 
 
-def combine(*, world: int = 2, e: int = 2, h1: int = 8, n1: int = 4, rows: int = 2, **kw: Any):
+def combine(
+    *, world: int = 2, e: int = 2, h1: int = 8, n1: int = 4, rows: int = 2, **kw: Any
+) -> Callable[[], object]:
     counts = [rows] * (world * e)
     return lambda: ops.gmm_alltoallv(
         torch.zeros(sum(counts), h1, dtype=BF16),
@@ -165,9 +167,9 @@ def test_a_range_names_its_bounds_and_refuses_non_integers() -> None:
     for bad in (0, 65536):
         with pytest.raises(ParamInvalidError, match=r"H1=\d+: H1 must be in \[1, 65535\]"):
             h1.check("H1", bad)
-    for bad in (True, 2.0, "8"):
+    for not_an_int in (True, 2.0, "8"):
         with pytest.raises(ParamInvalidError, match="must be an integer"):
-            h1.check("H1", bad)
+            h1.check("H1", not_an_int)
 
 
 # ------------------------------------------------------------------ profiles: strict, what-if
@@ -235,9 +237,9 @@ def test_what_if_keeps_semantic_limits() -> None:
         _moe(shape={**shape, "top_k": 2, "h2": 8}, limits="what-if")
     with pytest.raises(ParamInvalidError, match="must be a multiple of ranks"):
         Scenario(
-            name="t", description="", op="matmul_reduce_scatter", ranks=3, dtype="float16",
+            name="t", description="", op=OpName.MATMUL_REDUCE_SCATTER, ranks=3, dtype="float16",
             shape={"m": 8, "k": 256, "n": 8}, tilings=("serial",), topology="atlas_a2_8p",
-            limits="what-if",
+            limits=limits.LimitProfile.WHAT_IF,
         )  # fmt: skip
 
 

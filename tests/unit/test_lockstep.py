@@ -10,6 +10,7 @@ concurrent collectives, on capped wires, with stragglers of every kind.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def warm() -> Topology:
     return replace(topology, device=replace(topology.device, warm_us=saved, launch_us=2.0))
 
 
-TOPOLOGIES = {
+TOPOLOGIES: dict[str, Callable[[], Topology]] = {
     "warm": warm,
     "stream": two_level,
     "concurrent-capped": concurrent_capped,

@@ -27,7 +27,7 @@ def rec(rank: int, stream: str, start: float, end: float, run: RunKey, task: int
 
 
 def timeline(run: RunKey, *spans: tuple[int, str, float, float]) -> Timeline:
-    return Timeline(records=[rec(r, s, a, b, run, i) for i, (r, s, a, b) in enumerate(spans)])
+    return Timeline(records=tuple(rec(r, s, a, b, run, i) for i, (r, s, a, b) in enumerate(spans)))
 
 
 # A serial baseline whose AlltoAllv overlaps the shared expert's matmul, on two ranks:

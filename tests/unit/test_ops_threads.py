@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ from mc2sim.comm import ThreadCommunicator, run_threads
 from mc2sim.compare import check
 from mc2sim.errors import ParamInvalidError
 from mc2sim.kernels import convert_weight_to_int4pack, trans_quant_param
-from mc2sim.routing import RoutingConfig, RoutingTable, route
+from mc2sim.routing import RoutingConfig, RoutingKind, RoutingTable, route
 from mc2sim.schedule import Resource
 from mc2sim.timeline import Timeline, gather, record
 
@@ -74,21 +74,21 @@ def sparse_table(world: int, e: int) -> RoutingTable:
 
 
 def routing_table(kind: str, world: int, e: int, bs: int, k: int, tmp: Path) -> RoutingTable:
-    sizes = {"world_size": world, "experts_per_rank": e, "tokens_per_rank": bs, "top_k": k}
     if kind == "sparse":
         return sparse_table(world, e)
     if kind == "matrix":  # an uneven file: rank r sends (r + g) % 4 rows to global expert g
         path = tmp / "routing.json"
         rows = [[(r + g) % 4 for g in range(world * e)] for r in range(world)]
         path.write_text(f'{{"matrix": {rows}}}')
-        return route(RoutingConfig(kind="matrix", matrix_path=str(path)), **sizes)
+        config = RoutingConfig(kind=RoutingKind.MATRIX, matrix_path=str(path))
+        return route(config, world_size=world, experts_per_rank=e, tokens_per_rank=bs, top_k=k)
     config = {
-        "balanced": RoutingConfig(kind="balanced"),
-        "uniform": RoutingConfig(kind="uniform", seed=4),
-        "zipf": RoutingConfig(kind="zipf", seed=4, skew=1.5),
-        "hot": RoutingConfig(kind="hot", seed=4, hot_fraction=0.5, hot_experts=1),
+        "balanced": RoutingConfig(kind=RoutingKind.BALANCED),
+        "uniform": RoutingConfig(kind=RoutingKind.UNIFORM, seed=4),
+        "zipf": RoutingConfig(kind=RoutingKind.ZIPF, seed=4, skew=1.5),
+        "hot": RoutingConfig(kind=RoutingKind.HOT, seed=4, hot_fraction=0.5, hot_experts=1),
     }[kind]
-    return route(config, **sizes)
+    return route(config, world_size=world, experts_per_rank=e, tokens_per_rank=bs, top_k=k)
 
 
 ROUTINGS = ["balanced", "uniform", "zipf", "hot", "matrix", "sparse"]
@@ -293,7 +293,11 @@ def test_mm_all_reduce_quant_is_bit_identical_under_every_tiling(world: int) -> 
                 g["x1"], g["x2"], bias=g["b"], dequant_scale=g["s"],
                 pertoken_scale=None if pertoken is None else g["pt"], local_dtype=torch.float16,
             )  # fmt: skip
-            kwargs = {"bias": bias, "dequant_scale": scale, "pertoken_scale": pertoken}
+            kwargs: dict[str, Any] = {
+                "bias": bias,
+                "dequant_scale": scale,
+                "pertoken_scale": pertoken,
+            }
             serial = ops.mm_all_reduce(x1, x2, comm, tiling="serial", **kwargs)
             problems.append(close(serial, expected, comm, f"pertoken={pertoken is not None}"))
             for tiling in (None, 1, 4):
@@ -364,7 +368,7 @@ def test_reduce_scatter_sums_the_partials_in_float32_and_rounds_once() -> None:
         for tiling in PAIR_TILINGS:
             out = ops.matmul_reduce_scatter(x1, x2, comm, 3, tiling=tiling)
             exact = bool((out == 2050.0).all())
-            problems.append(None if exact else f"tiling={tiling}: {out.unique().tolist()}")
+            problems.append(None if exact else f"tiling={tiling}: {torch.unique(out).tolist()}")
         return problems
 
     on_threads(3, body)
@@ -516,7 +520,7 @@ ONE_RANK_BAD: dict[str, tuple[Callable[[ThreadCommunicator, bool], object], str]
     ),
     "x1 a list": (
         lambda comm, bad: ops.mm_all_reduce(
-            [[1.0] * 16] * 4 if bad else _bf16(4, 16), _bf16(16, 8), comm
+            cast(Any, [[1.0] * 16] * 4) if bad else _bf16(4, 16), _bf16(16, 8), comm
         ),
         "x1='list': must be a torch.Tensor",
     ),

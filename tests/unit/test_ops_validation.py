@@ -7,7 +7,8 @@ data refuse to run, proving every error is raised before any data moves.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ BF16 = torch.bfloat16
 NULL, INVALID = ParamNullptrError, ParamInvalidError
 
 
-def moe_args(world: int = 2, e: int = 2, h1: int = 8, n1: int = 4, rows_per_block: int = 2):
+def moe_args(
+    world: int = 2, e: int = 2, h1: int = 8, n1: int = 4, rows_per_block: int = 2
+) -> dict[str, Any]:
     """Valid combine-direction arguments: every (rank, expert) block has the same rows."""
     counts = [rows_per_block] * (world * e)
     return {
@@ -129,7 +132,13 @@ MOE_CASES: list[tuple[str, Any, type[AclnnError], str]] = [
 @pytest.mark.parametrize(
     ("why", "change", "error", "param"), MOE_CASES, ids=[c[0] for c in MOE_CASES]
 )
-def test_moe_rules(op, why: str, change, error: type[AclnnError], param: str) -> None:
+def test_moe_rules(
+    op: Callable[..., object],
+    why: str,
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+    error: type[AclnnError],
+    param: str,
+) -> None:
     args = change(moe_args())
     if op is ops.alltoallv_gmm and why == "BSK = 0":
         args = {**args, "send_counts": [0] * 4, "gmm_x": args["gmm_x"][:0]}
@@ -140,7 +149,7 @@ def test_moe_rules(op, why: str, change, error: type[AclnnError], param: str) ->
     assert str(info.value).startswith(param), str(info.value)
 
 
-def _validate_only(op, args: dict[str, Any]) -> None:
+def _validate_only(op: Callable[..., object], args: dict[str, Any]) -> None:
     """Run ``op`` until it tries to move data: its validation passed."""
     with pytest.raises(AssertionError, match="before any data moves"):
         op(**args)
@@ -240,7 +249,9 @@ MM_CASES: list[tuple[str, dict[str, Any], type[AclnnError], str]] = [
 
 
 @pytest.mark.parametrize(("why", "over", "error", "param"), MM_CASES, ids=[c[0] for c in MM_CASES])
-def test_mm_all_reduce_rules(why: str, over: dict[str, Any], error, param: str) -> None:
+def test_mm_all_reduce_rules(
+    why: str, over: dict[str, Any], error: type[AclnnError], param: str
+) -> None:
     with pytest.raises(error) as info:
         ops.mm_all_reduce(**mm_args(**over))
     assert info.value.code == error.code
@@ -278,7 +289,9 @@ TP_CASES: list[tuple[str, dict[str, Any], type[AclnnError], str]] = [
 @pytest.mark.parametrize(
     "op", [ops.all_gather_matmul, ops.matmul_reduce_scatter], ids=["ag_mm", "mm_rs"]
 )
-def test_tp_rules(op, why: str, over: dict[str, Any], error, param: str) -> None:
+def test_tp_rules(
+    op: Callable[..., object], why: str, over: dict[str, Any], error: type[AclnnError], param: str
+) -> None:
     with pytest.raises(error) as info:
         op(**tp_args(**over))
     assert info.value.code == error.code
@@ -289,10 +302,10 @@ def test_tp_op_specific_rules() -> None:
     with pytest.raises(INVALID, match="gather_index=1"):
         ops.all_gather_matmul(**tp_args(), gather_index=1)
     with pytest.raises(INVALID, match="gather_output=1"):
-        ops.all_gather_matmul(**tp_args(), gather_output=1)
+        ops.all_gather_matmul(**tp_args(), gather_output=cast(Any, 1))
     with pytest.raises(INVALID, match="reduce_op='max'"):
         ops.matmul_reduce_scatter(**tp_args(), reduce_op="max")
     with pytest.raises(INVALID, match=r"x1.shape\[0\]=5: must be a multiple of world_size"):
         ops.matmul_reduce_scatter(**tp_args(x1=torch.zeros(5, 256, dtype=BF16)))
     with pytest.raises(INVALID, match="permute_out_flag"):
-        ops.alltoallv_gmm(**moe_args(), permute_out_flag="yes")
+        ops.alltoallv_gmm(**moe_args(), permute_out_flag=cast(Any, "yes"))

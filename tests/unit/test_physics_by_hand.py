@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from mc2sim.model.simulator import lockstep_applies, simulate
 from mc2sim.schedule.plan import Plan, Task, TaskKind
 from mc2sim.topology import Contention, NetworkDim, Topology, dump, load
 from tests.unit.test_simulator_by_hand import (
+    Spans,
     allreduce,
     alltoallv,
     assert_spans,
@@ -27,7 +29,7 @@ from tests.unit.test_simulator_by_hand import (
 )
 
 
-def with_device(topology: Topology, **changes: object) -> Topology:
+def with_device(topology: Topology, **changes: Any) -> Topology:
     return dataclasses.replace(topology, device=dataclasses.replace(topology.device, **changes))
 
 
@@ -106,7 +108,8 @@ def test_allreduces_in_flight_together_pay_the_ratio_of_their_combined_bytes() -
     # (polled). At 4 ar3 is posted: 2000 bytes of AllReduce in flight, whose ratio is 2, not
     # 3, so both transfers take 2/3 of their time: ar1's 3 s left -> 2, [4, 6]; ar3's 3 -> 2,
     # after ar1 on the links: [6, 8]. The two take 4 s from 4: one AllReduce of 2000 bytes
-    spans = {(r, "mm0"): (0, 1) for r in range(2)} | {(r, "mm2"): (1, 4) for r in range(2)}
+    spans: Spans = {(r, "mm0"): (0, 1) for r in range(2)}
+    spans |= {(r, "mm2"): (1, 4) for r in range(2)}
     spans |= {(r, "ar1"): (1, 6) for r in range(2)} | {(r, "ar3"): (4, 8) for r in range(2)}
     assert_spans(simulate(two_tiles(), grouped_machine()), spans)
 

@@ -9,7 +9,7 @@ import pytest
 
 from mc2sim.cli import main
 from mc2sim.errors import ParamInvalidError
-from mc2sim.routing import RoutingConfig, route
+from mc2sim.routing import RoutingConfig, RoutingKind, route
 from mc2sim.schedule import (
     Plan,
     Resource,
@@ -77,7 +77,7 @@ def test_more_tiles_never_change_flops_or_bytes() -> None:
 
 def moe_shape(rank: int, direction: str, world: int = 4, e: int = 3) -> MoeShape:
     table = route(
-        RoutingConfig(kind="zipf", seed=3, skew=1.5),
+        RoutingConfig(kind=RoutingKind.ZIPF, seed=3, skew=1.5),
         world_size=world,
         experts_per_rank=e,
         tokens_per_rank=10,
@@ -98,6 +98,7 @@ def moe_shape(rank: int, direction: str, world: int = 4, e: int = 3) -> MoeShape
 @pytest.mark.parametrize("rank", [0, 3])
 def test_gmm_alltoallv_plan(tiling: Tiling, rank: int) -> None:
     shape = moe_shape(rank, "combine")
+    assert isinstance(shape.send, tuple) and isinstance(shape.recv, tuple)  # dense counts
     plan = plan_gmm_alltoallv(shape=shape, tiling=tiling, rank=rank)
     comm = plan.of(Resource.COMM)
     for c in comm:  # compute first: each AlltoAllv sends the GMM output it depends on
@@ -110,8 +111,8 @@ def test_gmm_alltoallv_plan(tiling: Tiling, rank: int) -> None:
             producer = plan.tasks[dep]
         assert producer.kind is TaskKind.GROUPED_MATMUL and producer.expert == c.expert
         assert producer.flops == 2 * sum(c.send_splits) * 16 * 8
-    sent = Counter()
-    received = Counter()
+    sent: Counter[tuple[int, int | None]] = Counter()
+    received: Counter[tuple[int, int | None]] = Counter()
     for c in comm:  # chunks cover every (peer, expert) count exactly once
         for q, rows in enumerate(c.send_splits):
             sent[(q, c.expert)] += rows
@@ -130,6 +131,7 @@ def test_gmm_alltoallv_plan(tiling: Tiling, rank: int) -> None:
 @pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: t.describe())
 def test_alltoallv_gmm_plan(tiling: Tiling) -> None:
     shape = moe_shape(1, "dispatch")
+    assert isinstance(shape.send, tuple) and isinstance(shape.recv, tuple)  # dense counts
     plan = plan_alltoallv_gmm(shape=shape, tiling=tiling, rank=1)
     comm = plan.of(Resource.COMM)
     gmms = [t for t in plan.tasks if t.kind is TaskKind.GROUPED_MATMUL]

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mc2sim import results
+from mc2sim import _atomic, results
 from mc2sim.compare import Standard, check
 from mc2sim.errors import ParamInvalidError
 from mc2sim.results import (
@@ -192,7 +193,7 @@ def test_tasks_csv_is_what_csv_writer_writes_for_texts_that_need_quotes() -> Non
         dataclasses.replace(rec("compute", 0.1 * i, 0.1 * i + 0.3, run=odd, task=i), name=name)
         for i, name in enumerate(names)
     ]
-    timeline = Timeline(records=records)
+    timeline = Timeline(records=tuple(records))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -219,10 +220,10 @@ def test_bytes_by_level_round_trip(tmp_path: Path) -> None:
 
 def test_device_clocks_round_trip_and_older_csv_reads_as_host_timed(tmp_path: Path) -> None:
     device = dataclasses.replace(
-        rec("compute", 0.25, 0.5), clock="device", host_start_s=0.0, host_end_s=0.125
+        rec("compute", 0.25, 0.5), clock=Clock.DEVICE, host_start_s=0.0, host_end_s=0.125
     )
     staged = dataclasses.replace(
-        rec("comm", 0.5, 1.0, task=1), clock="staged", host_start_s=0.125, host_end_s=0.875
+        rec("comm", 0.5, 1.0, task=1), clock=Clock.STAGED, host_start_s=0.125, host_end_s=0.875
     )
     on_cpu = dataclasses.replace(rec("compute", 1.0, 1.5, task=2), cpu_s=0.375)
     timeline = Timeline(records=(device, staged, on_cpu))
@@ -553,7 +554,7 @@ def test_folders_written_otherwise_are_refused_naming_file_and_key(tmp_path: Pat
     (label_csv / "tasks.csv").write_text("\n".join(text) + "\n")
     _assert_broken(label_csv, "tasks.csv", "lacks the columns", "'op'", "'tiling'")
 
-    for name, change, words in [
+    cases: list[tuple[str, Callable[[dict[str, Any]], object], tuple[str, ...]]] = [
         ("nobase", lambda s: s.pop("baseline"), ("summary.json", "'baseline'")),
         (
             "badbase",
@@ -575,7 +576,8 @@ def test_folders_written_otherwise_are_refused_naming_file_and_key(tmp_path: Pat
             lambda s: s["runs"][0]["run"].__setitem__("repetition", "3"),
             ("summary.json", "runs[0].run.repetition", "integer"),
         ),
-    ]:
+    ]
+    for name, change, words in cases:
         folder = _written(tmp_path / name)
         summary = json.loads((folder / "summary.json").read_text())
         change(summary)
@@ -661,7 +663,7 @@ def test_trace_json_is_what_json_writes_of_the_chrome_trace() -> None:
     """Lanes, two runs, a device-timed task (host lane) and texts JSON must escape."""
     odd = RunKey(op=OP, tiling='tiles "4"\\ é', repetition=1)
     device = dataclasses.replace(
-        rec("compute", 0.25, 0.5, rank=1), clock="device", host_start_s=0.0, host_end_s=0.125
+        rec("compute", 0.25, 0.5, rank=1), clock=Clock.DEVICE, host_start_s=0.0, host_end_s=0.125
     )
     named = dataclasses.replace(rec("comm", 0.1, 0.7, task=3, run=odd), name='a "b"\n\tc ü')
     t = Timeline(
@@ -707,7 +709,7 @@ def test_a_folder_without_its_marker_is_incomplete(tmp_path: Path) -> None:
 def test_a_crash_while_writing_leaves_no_marker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = results.write_atomic
+    real = _atomic.write_atomic  # the function results imports as its write_atomic
 
     def dies_at_the_manifest(path: Path, data: Any, **kwargs: Any) -> Path:
         if Path(path).name == "manifest.json":

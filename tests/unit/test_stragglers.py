@@ -17,7 +17,7 @@ from mc2sim.errors import ParamInvalidError
 from mc2sim.model.heterogeneity import Straggler, rank_waits
 from mc2sim.model.simulator import simulate_waits
 from mc2sim.results import read_results
-from mc2sim.scenario import Scenario, builtin, dump, load
+from mc2sim.scenario import OpName, Scenario, builtin, dump, load
 
 from .test_simulator_by_hand import allreduce, alltoallv, machine, mm, plan, spans
 
@@ -50,7 +50,7 @@ def test_a_compute_straggler_of_64_shows_as_that_rank_with_the_others_added_wait
     # last to arrive at the one collective.
     (tmp_path / "paper64.yaml").write_text(TOPOLOGY, encoding="utf-8")
     sc = Scenario(
-        name="paper64", description="", op="mm_all_reduce", ranks=64, dtype="float16",
+        name="paper64", description="", op=OpName.MM_ALL_REDUCE, ranks=64, dtype="float16",
         shape={"m": 10, "k": 10, "n": 10}, tilings=("serial",),
         topology=str(tmp_path / "paper64.yaml"),
     )  # fmt: skip

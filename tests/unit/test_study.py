@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,9 +38,11 @@ def test_every_shipped_scenario_simulates(name: str) -> None:
     def matrix_flops(plan: Plan) -> int:
         return sum(t.flops for t in plan.tasks if t.kind is not TaskKind.REDUCE)
 
-    serial = plans_for(scenario, scenario.ranks, "serial")[0]
+    serial_plan = plans_for(scenario, scenario.ranks, "serial")[0]
     for tiling in scenario.tilings:
-        assert matrix_flops(plans_for(scenario, scenario.ranks, tiling)[0]) == matrix_flops(serial)
+        assert matrix_flops(plans_for(scenario, scenario.ranks, tiling)[0]) == matrix_flops(
+            serial_plan
+        )
 
 
 def test_study_at_another_world_size_and_its_results_folder(tmp_path: Path) -> None:
@@ -313,18 +316,18 @@ def test_out_must_be_fresh_and_overwrite_replaces_old_results(
 def test_a_crash_mid_run_leaves_no_complete_marker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mc2sim import results
+    from mc2sim import _atomic, results
 
     out = tmp_path / "study"
     small = ["simulate", "llama70b_tp8_decode", "--set", "scale=small", "--no-plots"]
     assert main([*small, "--out", str(out)]) == 0
 
-    write = results.write_atomic
+    write = _atomic.write_atomic  # the function results imports as its write_atomic
 
-    def crash(path: Path, data: object, **kwargs: object) -> Path:
+    def crash(path: Path, data: str | bytes, **kwargs: Any) -> Path:
         if Path(path).name == "manifest.json":
             raise RuntimeError("killed while writing")
-        return write(path, data, **kwargs)  # type: ignore[arg-type]
+        return write(path, data, **kwargs)
 
     monkeypatch.setattr(results, "write_atomic", crash)
     with pytest.raises(RuntimeError, match="killed"):

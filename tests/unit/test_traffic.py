@@ -10,6 +10,7 @@ for the float32 wire of a CPU MPI.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,8 +34,8 @@ from mc2sim.topology import (
 TWO_BY_TWO = Placement.of([0, 0, 1, 1])
 
 
-def comm_task(kind: TaskKind, nbytes: int = 0, **fields: object) -> Task:
-    return Task(id=0, name=str(kind), kind=kind, bytes=nbytes, **fields)  # type: ignore[arg-type]
+def comm_task(kind: TaskKind, nbytes: int = 0, **fields: Any) -> Task:
+    return Task(id=0, name=str(kind), kind=kind, bytes=nbytes, **fields)
 
 
 def test_placement_numbers_hosts_by_their_first_rank() -> None:
@@ -178,7 +179,7 @@ def test_gathered_pairs_and_levels_match_a_loop_over_dense_splits() -> None:
         send[rank] = rng.integers(1, 3)  # a rank's own rows: never a pair
         recv = rng.integers(0, 3, world)
         row_bytes = int(rng.integers(1, 9)) * 2
-        splits: dict[str, object] = {
+        splits: dict[str, Any] = {
             "send_splits": tuple(int(c) for c in send),
             "recv_splits": tuple(int(c) for c in recv),
         }

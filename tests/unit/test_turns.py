@@ -10,6 +10,7 @@ processor sharing, and ``t`` on a core while its rank holds one, taking turns
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 import pytest
 
@@ -20,7 +21,7 @@ from mc2sim.model.simulator import lockstep_applies, simulate
 from mc2sim.study.calibrate import waiting_weight_of
 from mc2sim.study.measure import Case
 from mc2sim.topology import Contention, CoreSharing, Topology, dump, load
-from tests.unit.test_simulator_by_hand import allreduce, assert_spans, machine, mm, plan
+from tests.unit.test_simulator_by_hand import Spans, allreduce, assert_spans, machine, mm, plan
 
 
 def on_two_cores(turn_s: float, sharing: CoreSharing = CoreSharing.TURNS) -> Topology:
@@ -72,10 +73,11 @@ def test_a_collective_starts_when_the_last_turn_has_posted_it() -> None:
     # off their cores: slice 0) runs all four at once at half a core: [0, 1], the AllReduce
     # [1, 2.5].
     plans = {r: plan(r, 4, mm(0.5), allreduce(1, 0)) for r in range(4)}
-    turns = {(r, "mm0"): (0, 0.5) if r < 2 else (0.5, 1) for r in range(4)}
+    turns: Spans = {(r, "mm0"): (0, 0.5) if r < 2 else (0.5, 1) for r in range(4)}
     turns |= {(r, "ar1"): (1, 2.5) for r in range(4)}
     assert_spans(simulate(plans, on_two_cores(10.0)), turns)
-    sharing = {(r, "mm0"): (0, 1) for r in range(4)} | {(r, "ar1"): (1, 2.5) for r in range(4)}
+    sharing: Spans = {(r, "mm0"): (0, 1) for r in range(4)}
+    sharing |= {(r, "ar1"): (1, 2.5) for r in range(4)}
     processor = dataclasses.replace(
         on_two_cores(10.0),
         device=dataclasses.replace(
@@ -91,7 +93,7 @@ def test_a_rank_waiting_for_its_collective_yields_its_core() -> None:
     # Then all four want a core: 0 and 1, first in line, [2.5, 3]; 2 and 3 [3, 3.5]. A rank
     # that kept its core while it waited would hold it to its turn's end (10 s).
     plans = {r: plan(r, 4, mm(0.5), allreduce(1, 0), mm(0.5, 1)) for r in range(4)}
-    expected = {(r, "mm0"): (0, 0.5) if r < 2 else (0.5, 1) for r in range(4)}
+    expected: Spans = {(r, "mm0"): (0, 0.5) if r < 2 else (0.5, 1) for r in range(4)}
     expected |= {(r, "ar1"): (1, 2.5) for r in range(4)}
     expected |= {(r, "mm2"): (2.5, 3) if r < 2 else (3, 3.5) for r in range(4)}
     assert_spans(simulate(plans, on_two_cores(10.0)), expected)
@@ -114,7 +116,7 @@ def test_core_sharing_survives_a_file_and_is_checked(tmp_path: object) -> None:
     assert load(path).device.core_sharing is CoreSharing.PROCESSOR
     device = on_two_cores(1.0).device
     with pytest.raises(ParamInvalidError, match="core_sharing.*'processor', 'turns'"):
-        dataclasses.replace(device, core_sharing="round_robin")
+        dataclasses.replace(device, core_sharing=cast(Any, "round_robin"))
     with pytest.raises(ParamInvalidError, match="slice_us.*> 0 where core_sharing is 'turns'"):
         dataclasses.replace(device, slice_us=0.0)
 
