@@ -5,7 +5,8 @@ matrix unit's peak scaled by the device's small-tile efficiency curve (the sum i
 max on a device whose memory traffic does not overlap its arithmetic); reductions run on the
 vector unit. On a calibrated device the int8 and weight-quant matmuls and attention instead
 follow their own line through the profile's points (:func:`baselines`), and every kind's time
-is corrected by the profile's measured ratio (:func:`compute_times`). Where a node's ranks
+is corrected by the profile's measured ratio (:func:`compute_times`; a 16-bit float without
+points of its own takes the other's: :func:`profiled_dtype`). Where a node's ranks
 share fewer CPU cores than there are ranks
 (``Device.cores_per_node``), every rank's CPU work (compute, the issue overhead ``o`` of a
 collective, a collective's reduction) runs at its share of a core,
@@ -78,7 +79,9 @@ __all__ = [
     "issue_times",
     "collective_ratio",
     "LINE_KINDS",
+    "profiled_dtype",
     "profiled_ratio",
+    "SIBLING_DTYPES",
     "schedule_wait",
     "roofline_time",
     "rooflines",
@@ -163,6 +166,33 @@ def _points(device: Device, kind: TaskKind, dtype: str) -> list[ProfilePoint]:
     return [p for p in device.profile if p.kind == str(kind) and p.dtype == dtype]
 
 
+SIBLING_DTYPES = {"float16": "bfloat16", "bfloat16": "float16"}
+"""The dtype whose profiled points stand in for a dtype a device's profile has none of, for
+a kind (:func:`profiled_dtype`): the other 16-bit float, whose kernels take the same path
+(the same matrix unit on an accelerator; the same conversions around float32 arithmetic on
+a CPU). The roofline's own peak of the task's dtype still scales its time. ``calibrate``
+runs the ops in bfloat16, so a float16 grouped matmul took the bare roofline before: 4 ranks
+here, ``make demo``'s float16 expert chunks of 0.11 MFLOP took 180 to 280 us of CPU time
+after a call's first task where the roofline gave 93, and the bfloat16 points' ratio gives
+163."""
+
+
+@functools.lru_cache(maxsize=256)
+def profiled_dtype(device: Device, kind: TaskKind, dtype: str) -> str:
+    """The dtype whose profiled points of ``kind`` correct a task of ``kind`` in ``dtype``.
+
+    ``dtype`` itself where the profile has a point of ``kind`` in it, else its
+    :data:`SIBLING_DTYPES` stand-in where the profile has one in that, else ``dtype`` (no
+    points: the roofline alone).
+    """
+    if _points(device, kind, dtype):
+        return dtype
+    sibling = SIBLING_DTYPES.get(dtype)
+    if sibling is not None and _points(device, kind, sibling):
+        return sibling
+    return dtype
+
+
 @functools.lru_cache(maxsize=256)
 def _own_line(device: Device, kind: TaskKind, dtype: str) -> tuple[float, float, float] | None:
     """The line ``(a, b, c)`` of a :data:`LINE_KINDS` kind through its profiled points.
@@ -174,7 +204,7 @@ def _own_line(device: Device, kind: TaskKind, dtype: str) -> tuple[float, float,
     """
     if kind not in LINE_KINDS:
         return None
-    points = _points(device, kind, dtype)
+    points = _points(device, kind, profiled_dtype(device, kind, dtype))
     if len(points) < 3:
         return None
     seconds = np.array([p.us * 1e-6 for p in points])
@@ -202,14 +232,16 @@ def baselines(
 def _profile_curve(device: Device, kind: TaskKind, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Log baseline time and log measured / baseline of the profile's points of one kind.
 
-    Sorted by the first; empty where the profile has no point of that kind and dtype
-    (``dtype`` the task's: :func:`task_dtype`).
+    Sorted by the first; empty where the profile has no point of that kind in ``dtype`` (the
+    task's: :func:`task_dtype`) or its stand-in (:func:`profiled_dtype`, whose points' ratios
+    are to their own dtype's baseline).
     """
-    points = _points(device, kind, dtype)
+    source = profiled_dtype(device, kind, dtype)
+    points = _points(device, kind, source)
     base = baselines(
         device,
         kind,
-        dtype,
+        source,
         np.array([p.flops for p in points], dtype=np.float64),
         np.array([p.bytes for p in points], dtype=np.float64),
     )
@@ -222,7 +254,8 @@ def profiled_ratio(device: Device, kind: TaskKind, dtype: str, baseline: float) 
     """The measured over baseline ratio of a task of ``kind`` whose baseline time is ``baseline``.
 
     Interpolated linearly in log space between the profile's points of the same kind and
-    dtype, held at the end points' ratios outside them; 1 where the profile has none.
+    dtype (or its stand-in: :func:`profiled_dtype`), held at the end points' ratios outside
+    them; 1 where the profile has none.
     """
     x, y = _profile_curve(device, kind, dtype)
     if x.size == 0:

@@ -405,6 +405,36 @@ def test_a_profile_corrects_the_roofline_by_kind_in_log_space(tmp_path: object) 
     assert load(path).device.profile == profile
 
 
+def test_a_16_bit_float_without_points_takes_the_other_16_bit_floats_ratio() -> None:
+    # the paper machine with bfloat16 at half float16's peak (a matmul of 1e6 * t FLOPs takes
+    # t s in float16, 2t in bfloat16, 4t in float32 at a quarter). Profile: bfloat16 matmuls
+    # only, 1e6 FLOPs (roofline 2 s) measured at 6 s, ratio 3. A float16 matmul of 1e6 FLOPs:
+    # its own roofline's 1 s at the ratio of the bfloat16 point whose baseline is nearest in
+    # log time (one point: 3 everywhere), 3 s. float32 is no 16-bit float: its roofline, 4 s.
+    # Once float16 has a point of its own (1e6 FLOPs at 1.5 s, ratio 1.5) it keeps to it.
+    # A grouped matmul has no point in either: its roofline, 1 s.
+    from mc2sim.model.cost import profiled_dtype
+    from mc2sim.topology import ProfilePoint
+
+    def point(dtype: str, us: float) -> ProfilePoint:
+        return ProfilePoint(kind="matmul", dtype=dtype, flops=1e6, bytes=0.0, us=us)
+
+    base = machine(2)
+    peaks = {"float16": 1e-6, "bfloat16": 0.5e-6, "float32": 0.25e-6}
+    topo = with_device(base, matrix_tflops=peaks, profile=(point("bfloat16", 6e6),))
+    mm1 = Task(id=0, name="mm", kind=TaskKind.MATMUL, flops=1_000_000)
+    assert compute_time(mm1, topo, "bfloat16") == pytest.approx(6.0)
+    assert compute_time(mm1, topo, "float16") == pytest.approx(3.0)
+    assert compute_time(mm1, topo, "float32") == pytest.approx(4.0)
+    assert profiled_dtype(topo.device, TaskKind.MATMUL, "float16") == "bfloat16"
+    assert profiled_dtype(topo.device, TaskKind.MATMUL, "float32") == "float32"
+    gmm = Task(id=0, name="gmm", kind=TaskKind.GROUPED_MATMUL, flops=1_000_000)
+    assert compute_time(gmm, topo, "float16") == pytest.approx(1.0)
+    own = with_device(topo, profile=(point("bfloat16", 6e6), point("float16", 1.5e6)))
+    assert compute_time(mm1, own, "float16") == pytest.approx(1.5)
+    assert profiled_dtype(own.device, TaskKind.MATMUL, "float16") == "float16"
+
+
 def test_a_kind_without_its_own_roofline_follows_its_line_through_three_points() -> None:
     # weight-quant matmuls measured on the line t = 0.5 s + 1 us per FLOP + 1 ms per byte:
     # (1e6 FLOPs, 0 B) 1.5 s, (4e6, 1000) 5.5 s, (2e6, 3000) 5.5 s. The paper machine's
