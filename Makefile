@@ -30,20 +30,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: a scenario run for real on $(NP) ranks (every tiling, golden-checked, timed),
-# this machine calibrated on the same ranks right after, the run simulated on the fit and
-# compared with the measurement, then the same plans predicted on the target hardware (Atlas
-# A3). The fit is made in every demo (about 90 s on 2 cores), next to the run: a stored fit
-# holds only while the machine runs at the pace it was fitted at, and a shared host's pace
-# moves by up to 2x from hour to hour; once more where its speed probe moved over 15% during
-# the fit's rounds (--fits 2), the steadier of the two kept.
+# this machine calibrated on the same ranks in the same rounds (run --calibrate), the run
+# simulated on the fit and compared with the measurement, then the same plans predicted on the
+# target hardware (Atlas A3). The fit is made in every demo (about 90 s on 2 cores), its calls
+# and the run's tilings interleaved: a stored fit holds only while the machine runs at the pace
+# it was fitted at, and a shared host's pace moves by up to 2x from hour to hour, and within a
+# minute here; once more where its speed probe moved over 15% during the fit's rounds
+# (--fits 2), the steadier of the two kept, with its rounds of the tilings.
 # `make demo DEMO_TOPOLOGY=topologies/this_machine_4ranks.yaml` skips the fit and uses a stored one.
 DEMO ?= seed_gmm_alltoallv_ep4
 DEMO_TOPOLOGY ?=
 DEMO_FIT := results/demo-fit.yaml
 demo: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim info
-	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim run $(DEMO) --set scale=small --out results/demo --overwrite
-	$(if $(DEMO_TOPOLOGY),,$(MPIEXEC) -n $(NP) $(PY) -m mc2sim calibrate --name this_machine_$(NP)ranks --out $(DEMO_FIT) --overwrite --fits 2)
+	$(MPIEXEC) -n $(NP) $(PY) -m mc2sim run $(DEMO) --set scale=small --out results/demo --overwrite \
+		$(if $(DEMO_TOPOLOGY),,--calibrate $(DEMO_FIT) --name this_machine_$(NP)ranks --fits 2)
 	$(PY) -m mc2sim simulate $(DEMO) --set scale=small --ranks $(NP) \
 		--topology $(or $(DEMO_TOPOLOGY),$(DEMO_FIT)) --measured results/demo --out results/demo-sim --overwrite
 	$(PY) -m mc2sim report results/demo results/demo-sim --out results/demo-report

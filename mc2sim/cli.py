@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from mc2sim.comm import Communicator, ObjectCommunicator
     from mc2sim.scenario import Scenario
     from mc2sim.study.calibrate import Calibration
+    from mc2sim.timeline import Timeline
     from mc2sim.topology import Topology
 
 __all__ = ["TIMEOUT_ENV", "InputError", "main"]
@@ -193,11 +194,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     fitted = _steadiest_fit(comm, args.fits, fit)
     if comm.rank == 0:
-        _write_topology(fitted.topology, args.out)
-        _print_independent(fitted.topology, fitted.independent)
-        _print_speeds(fitted.speeds)
-        _print_pace(fitted.probe_before, fitted.topology.device.probe_tflops)
+        _report_fit(fitted, args.out)
     return 0
+
+
+def _report_fit(fitted: Calibration, out: str) -> None:
+    """Write a fit to ``out`` and print its figures, the independent ones, speeds and pace."""
+    _write_topology(fitted.topology, out)
+    _print_independent(fitted.topology, fitted.independent)
+    _print_speeds(fitted.speeds)
+    _print_pace(fitted.probe_before, fitted.topology.device.probe_tflops)
 
 
 def _steadiest_fit(comm: Communicator, fits: int, fit: Callable[[], Calibration]) -> Calibration:
@@ -348,11 +354,11 @@ def _check_name(name: str) -> None:
         raise ParamInvalidError("--name", name, "must be a non-empty name for the topology")
 
 
-def _check_topology_out(out: str, overwrite: bool) -> None:
-    """``--out`` of a fitted topology: a new file, or an old one with ``--overwrite``."""
+def _check_topology_out(out: str, overwrite: bool, flag: str = "--out") -> None:
+    """``flag`` naming a fitted topology's file: a new file, or an old one with ``--overwrite``."""
     from mc2sim._paths import check_new_file
 
-    check_new_file(Path(out), "--out", overwrite=overwrite, hint="--overwrite")
+    check_new_file(Path(out), flag, overwrite=overwrite, hint="--overwrite")
 
 
 def _write_topology(topology: Topology, out: str) -> None:
@@ -479,7 +485,8 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         topology, source = fitted.topology, "calibrated in the same rounds"
         # this job's ranks at their measured speeds (the topology's are the slowest's)
         faster = fitted.stragglers()
-        results = score_cases(cases, fitted.alongside, topology, faster)
+        spans = [[t.metrics().total_s for t in mine] for mine in fitted.alongside]
+        results = score_cases(cases, spans, topology, faster)
         inside = score_cases(fitted.fitted_cases, fitted.fitted_spans, topology, faster)
     else:
         with _progress_bar(args.reps + 1, "validate-model", "round", show=comm.rank == 0) as bar:
@@ -609,6 +616,9 @@ def _rounds(text: str) -> int:
     """``--reps``: a whole number of rounds in [1, MAX_ROUNDS]."""
     return _whole(text, MAX_ROUNDS, "rounds measured")
 
+
+CALIBRATE_ROUNDS = 15
+"""The rounds a fit measures unless ``--reps`` says otherwise (calibrate, run --calibrate)."""
 
 MAX_FITS = 10
 """The most fits ``--fits`` makes (calibrate, validate-model --calibrate; each takes a minute
@@ -905,10 +915,18 @@ def _check_probed(topology: Topology, named: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run a scenario for real under mpiexec: every tiling, golden check, timeline, results."""
+    from dataclasses import replace
+
     from mc2sim.comm import init, rank_device
     from mc2sim.results import clear_folder
     from mc2sim.topology import resolve
 
+    with _checking():  # the arguments alone, the same on every rank: before MPI starts
+        for flag, value in (("--name", args.name), ("--fits", args.fits), ("--reps", args.reps)):
+            if value is not None and args.calibrate is None:
+                raise ParamInvalidError(flag, value, "is for the fit: it needs --calibrate")
+        if args.name is not None:
+            _check_name(args.name)
     comm = init("mpi")
     lead = comm.rank == 0
     stamp, hosts = _stamp_and_hosts(comm)
@@ -920,15 +938,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_fits(scenario, comm.size, hosts, comm.rank)
         resolve(scenario.topology)  # unused by the run, but its folder names it: a bad one fails
         out = _out_or(args.out, f"results/{scenario.name}-{stamp}")
+        if args.calibrate is not None:
+            if device.type != "cpu":
+                raise ParamInvalidError(
+                    "--calibrate", args.calibrate,
+                    f"fits this machine's CPU ranks: the run must be on the CPU, not {device}",
+                )  # fmt: skip
+            # the tilings are timed in the fit's rounds, which the results then say
+            scenario = replace(scenario, repetitions=args.reps or CALIBRATE_ROUNDS)
         if lead:  # rank 0 alone writes the folder
             _check_out(out, args.overwrite)
             _check_plots(args.plots)
+            if args.calibrate is not None:
+                _check_topology_out(args.calibrate, args.overwrite, "--calibrate")
     if lead and args.overwrite:
         clear_folder(out)
-    return _measure_into(
+    fits: list[Calibration] = []
+    code = _measure_into(
         comm, scenario, out, plots=args.plots, scenario_path=_scenario_file(args.scenario),
         argv=args.argv, overrides=args.set, device=device,
+        timing=None if args.calibrate is None else _fit_timing(comm, args, fits),
     )  # fmt: skip
+    if lead and fits:
+        _report_fit(fits[0], args.calibrate)
+    return code
+
+
+def _fit_timing(
+    comm: Communicator, args: argparse.Namespace, fits: list[Calibration]
+) -> Callable[[list[Callable[[], object]]], list[list[Timeline]]]:
+    """``run --calibrate``'s timing: the calls in the rounds of a fit of this machine.
+
+    The steadiest of ``--fits`` fits (:func:`_steadiest_fit`) is appended to ``fits``, and
+    its rounds of the calls are the run's.
+    """
+    from mc2sim.study.calibrate import calibrate
+
+    rounds = args.reps or CALIBRATE_ROUNDS
+    name = args.name or "this_machine"
+
+    def timing(calls: list[Callable[[], object]]) -> list[list[Timeline]]:
+        def fit() -> Calibration:
+            with _progress_bar(rounds + 1, "run + calibrate", "round", show=comm.rank == 0) as bar:
+                return calibrate(
+                    comm, reps=rounds, name=name, alongside=calls, progress=_ticker(bar)
+                )
+
+        fitted = _steadiest_fit(comm, args.fits or 1, fit)
+        fits.append(fitted)
+        return fitted.alongside
+
+    return timing
 
 
 def _check_fits(scenario: Scenario, world: int, hosts: Sequence[str], rank: int) -> None:
@@ -998,8 +1058,13 @@ def _measure_into(
     argv: Sequence[str],
     overrides: Sequence[str],
     device: torch.device | None = None,
+    timing: Callable[[list[Callable[[], object]]], list[list[Timeline]]] | None = None,
 ) -> int:
-    """Measure ``scenario`` on every rank; rank 0 writes the results folder ``out`` (fresh)."""
+    """Measure ``scenario`` on every rank; rank 0 writes the results folder ``out`` (fresh).
+
+    ``timing``: how the tilings are timed, where not in the scenario's own rounds
+    (:func:`mc2sim.study.measure.measure_study`; it shows its own progress).
+    """
     from mc2sim.report import METRICS_HEADER, metrics_row
     from mc2sim.results import write_results
     from mc2sim.study.measure import measure_study
@@ -1007,8 +1072,8 @@ def _measure_into(
 
     lead = comm.rank == 0
     rounds = scenario.repetitions + 1
-    with _progress_bar(rounds, scenario.name, "round", show=lead) as bar:
-        result = measure_study(scenario, comm, progress=_ticker(bar), device=device)
+    with _progress_bar(rounds, scenario.name, "round", show=lead and timing is None) as bar:
+        result = measure_study(scenario, comm, progress=_ticker(bar), device=device, timing=timing)
     if lead:
         manifest = manifest_of(
             scenario, topology="measured", world=comm.size, source="measured",
@@ -1652,6 +1717,29 @@ def _parser() -> argparse.ArgumentParser:
         "--no-plots", dest="plots", action="store_false", help="skip the PNG plots (faster)"
     )
     _add_device(run, "cpu")
+    run.add_argument(
+        "--calibrate",
+        metavar="PATH",
+        help="fit this machine's topology in the same rounds as the tilings and write it here "
+        "(new), so a comparison with the fit meets the machine at the same pace; the rounds "
+        "are the fit's (--reps), not the scenario's repetitions",
+    )
+    run.add_argument(
+        "--reps",
+        type=_rounds,
+        help=f"with --calibrate: interleaved rounds of the fit's calls and the tilings (1 to "
+        f"{MAX_ROUNDS}; default {CALIBRATE_ROUNDS})",
+    )
+    run.add_argument(
+        "--name", help="with --calibrate: the fitted topology's name (default this_machine)"
+    )
+    run.add_argument(
+        "--fits",
+        type=_fits,
+        help="with --calibrate: fit again while the machine's speed probe moves over 15%% "
+        "during a fit's rounds, up to this many fits, keeping the steadiest and its rounds "
+        f"of the tilings (1 to {MAX_FITS}; default 1)",
+    )
     _add_timeout(run)
     run.set_defaults(func=_cmd_run)
 
@@ -1755,7 +1843,7 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--reps",
         type=_rounds,
-        default=15,
+        default=CALIBRATE_ROUNDS,
         help=f"interleaved rounds of every call (1 to {MAX_ROUNDS})",
     )
     cal.add_argument("--name", default="this_machine", help="the topology's name")

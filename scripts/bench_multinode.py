@@ -214,7 +214,7 @@ def work(args: argparse.Namespace) -> int:
 
     fit = calibrate(comm, reps=args.reps, name="cluster_2x2", alongside=runs, progress=between)
     for name, mine in zip(names, fit.alongside, strict=True):
-        spans[name][rate_label(None)] = mine
+        spans[name][rate_label(None)] = [t.metrics().total_s for t in mine]
     if ask is not None and answer is not None:
         ask.close()
         answer.close()

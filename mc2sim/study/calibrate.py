@@ -773,12 +773,12 @@ def _overlapped(records: Sequence[TaskRecord], timeline: Timeline) -> bool:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Calibration:
-    """A fitted topology and the spans of the runs measured alongside the calibration."""
+    """A fitted topology and the rounds of the runs measured alongside the calibration."""
 
     topology: Topology
     """The fitted topology; the same on every rank."""
-    alongside: list[list[float]]
-    """For each run passed as ``alongside``, its spans (slowest rank), one per round."""
+    alongside: list[list[Timeline]]
+    """For each run passed as ``alongside``, its timeline (every rank's) in each round."""
     fitted_cases: list[Case]
     """The calls the fit was made on, run on every rank of the job (the in-sample cases)."""
     fitted_spans: list[list[float]]
@@ -851,11 +851,12 @@ def calibrate(
         reps: interleaved rounds of every measured call (medians).
         name: the topology's name.
         alongside: further calls measured in the same rounds (``validate-model --calibrate``
-            times its sweep there, so the fit and the sweep see the same state of the machine).
+            times its sweep there, ``run --calibrate`` its tilings, so the fit and the calls
+            see the same state of the machine).
         progress: called after each round with ``(round, rounds, label)``.
 
     Returns:
-        The fitted topology and the spans of the ``alongside`` calls.
+        The fitted topology and the rounds of the ``alongside`` calls.
     """
     hosts = comm.allgather_object(socket.gethostname())
     before = probe_tflops(comm)  # the machine's pace as the rounds start: steady through them?
@@ -1038,7 +1039,7 @@ def calibrate(
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
     return Calibration(
         topology=fitted,
-        alongside=[[t.metrics().total_s for t in mine] for mine in beside],
+        alongside=[list(mine) for mine in beside],
         fitted_cases=on_job + tiled,
         fitted_spans=job_spans,
         independent=independent,

@@ -209,12 +209,14 @@ def measure_study(
     alongside: Mapping[str, Callable[[], object]] | None = None,
     real: RealCase | None = None,
     device: torch.device | None = None,
+    timing: Callable[[list[Callable[[], object]]], list[list[Timeline]]] | None = None,
 ) -> MeasuredStudy:
     """Run ``scenario`` on every rank of ``comm`` under each of its tilings.
 
     Each tiling's output is checked against the golden first (that call also warms it up),
     then every tiling is timed in ``scenario.repetitions`` interleaved rounds
-    (:func:`measure_rounds`), together with the calls of ``alongside``.
+    (:func:`measure_rounds`), together with the calls of ``alongside``, or in the rounds
+    ``timing`` gives them.
 
     Args:
         scenario: the study; its per-rank shapes are used as they are, on ``comm.size`` ranks.
@@ -226,6 +228,9 @@ def measure_study(
             here).
         device: this rank's device (None: the CPU); on an accelerator the executor runs
             each plan on its compute and comm streams and times it by device events.
+        timing: how the calls are timed instead: given them, each one's timeline in every
+            round kept (``run --calibrate`` times them in a calibration's rounds, so the run
+            and its fit see the same state of the machine).
 
     Returns:
         The representative timelines (the round at the spans' lower quartile), golden
@@ -239,10 +244,12 @@ def measure_study(
     for case, tiling in zip(cases, scenario.tilings, strict=True):
         output = real.run(tiling)
         verdicts[case.tiling] = check_all(comm, output, real.expected, scenario.standard, k=real.k)
-    rounds = measure_rounds(
-        comm, [c.run for c in cases] + list(extra.values()), reps=scenario.repetitions,
-        progress=progress,
-    )  # fmt: skip
+    calls = [c.run for c in cases] + list(extra.values())
+    rounds = (
+        measure_rounds(comm, calls, reps=scenario.repetitions, progress=progress)
+        if timing is None
+        else timing(calls)
+    )
     timelines: list[Timeline] = []
     runs: dict[str, RunKey] = {}
     for name, mine in zip([c.tiling for c in cases] + list(extra), rounds, strict=True):

@@ -167,6 +167,38 @@ def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None
     assert row.split()[-2] == f"{topology.device.probe_tflops:.4g}"
 
 
+def test_run_calibrate_times_the_tilings_in_the_fits_rounds(tmp_path: Path) -> None:
+    out, fit = tmp_path / "results", tmp_path / "fit.yaml"
+    res = mpiexec(
+        2, "-m", "mc2sim", "run", "seed_gmm_alltoallv_ep4", "--set", "scale=small",
+        "--out", str(out), "--no-plots", "--calibrate", str(fit), "--reps", "2",
+        "--name", "demo_fit",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    # the run's table, then the fit rank 0 wrote
+    table = res.stdout.index("# seed_gmm_alltoallv_ep4: gmm_alltoallv, 2 ranks")
+    assert table < res.stdout.index(f"wrote {fit}") < res.stdout.index("contention: compute x")
+    assert res.stdout.count(f"wrote {fit}") == 1
+    from mc2sim.topology import load
+
+    topology = load(fit)
+    assert topology.name == "demo_fit" and topology.world_size == 2
+    folder = read_results(out)
+    # the tilings were timed in the fit's 2 rounds (not the scenario's 5): the results say so
+    assert folder.manifest.repetitions == 2
+    assert set(folder.runs) == {"serial", "hardware(per expert)", "experts x 2", "experts x 4"}
+    assert all(v.passed for verdicts in folder.verdicts.values() for v in verdicts)
+    # and a comparison of the two runs as make demo's does
+    sim = tmp_path / "sim"
+    res = launch(
+        [sys.executable, "-m", "mc2sim", "simulate", "seed_gmm_alltoallv_ep4", "--set",
+         "scale=small", "--ranks", "2", "--topology", str(fit), "--measured", str(out),
+         "--out", str(sim), "--no-plots"]
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("%") >= 4
+
+
 def test_validate_model_calibrates_in_the_same_rounds(tmp_path: Path) -> None:
     out = tmp_path / "fit.yaml"
     res = mpiexec(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -96,14 +96,16 @@ def _stand_in_fits(
     )
     fitted: list[Calibration] = []
 
-    def calibrate(*args: object, **kwargs: object) -> Calibration:
+    def calibrate(*args: object, **kwargs: Any) -> Calibration:
         before, after = probes[len(fitted)]
         device = dataclasses.replace(shipped.device, probe_tflops=after)
         topology = dataclasses.replace(shipped, name=f"fit{len(fitted)}", device=device)
+        calls = kwargs.get("alongside", ())
         fitted.append(
             Calibration(
                 topology=topology,
-                alongside=[],
+                # each call's rounds, marked by the fit they were timed in
+                alongside=[[f"fit{len(fitted)} call {i}"] for i in range(len(calls))],  # type: ignore[list-item]
                 fitted_cases=[],
                 fitted_spans=[],
                 independent=independent,
@@ -168,6 +170,51 @@ def test_fits_again_while_the_machines_pace_moves_and_keeps_the_steadiest(
         assert scored == [f"fit{kept}", f"fit{kept}"]
         assert f"scored on fit{kept}" in printed
     _check_fits_said(printed, fits, made, probes[kept])
+
+
+@pytest.mark.parametrize(("fits", "probes", "made", "kept"), FITS_CASES)
+def test_run_calibrate_times_the_tilings_in_the_kept_fits_rounds(
+    fits: int,
+    probes: list[tuple[float, float]],
+    made: int,
+    kept: int,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import mc2sim.study.measure
+
+    fitted = _stand_in_fits(probes, monkeypatch)
+    timed: list[object] = []
+
+    def measure_study(*args: object, timing: Any = None, **kwargs: object) -> None:
+        # the tilings' calls, as measure_study hands them over: 4 of them
+        timed.append(timing([lambda: None] * 4))
+        raise _Stop
+
+    monkeypatch.setattr(mc2sim.study.measure, "measure_study", measure_study)
+    fit = tmp_path / "fit.yaml"
+    argv = ["run", "seed_gmm_alltoallv_ep4", "--set", "scale=small", "--no-plots"]
+    argv += ["--out", str(tmp_path / "out"), "--calibrate", str(fit), "--fits", str(fits)]
+    with pytest.raises(_Stop):
+        main([*argv, "--reps", "3"])
+    assert len(fitted) == made
+    # every fit timed the 4 calls in its rounds; the run's are the kept fit's
+    assert timed == [[[f"fit{kept} call {i}"] for i in range(4)]]
+
+
+def test_run_calibrate_is_for_runs_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import torch
+
+    import mc2sim.comm
+
+    monkeypatch.setattr(mc2sim.comm, "init", lambda *a, **k: SameOnEveryRank(4))
+    monkeypatch.setattr(mc2sim.comm, "rank_device", lambda *a: torch.device("cuda", 0))
+    argv = ["run", "seed_gmm_alltoallv_ep4", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--calibrate", str(tmp_path / "fit.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--calibrate=" in err and "not cuda:0" in err, err
 
 
 def test_exec_passes_the_timeout_to_the_script(

@@ -448,6 +448,22 @@ CASES: list[tuple[list[str], list[str]]] = [
     (["validate-model", "--calibrate", "--name", " "], ["--name=' '", "non-empty"]),
     (["validate-model", "--calibrate", "--out", "{t}/afile"], ["--out=", "exists"]),
     (["validate-model", "--out", "{t}/new.yaml"], ["--out=", "needs --calibrate"]),
+    (["run", "llama70b_tp8_decode", "--name", "x"], ["--name='x'", "needs --calibrate"]),
+    (["run", "llama70b_tp8_decode", "--fits", "2"], ["--fits=2", "needs --calibrate"]),
+    (["run", "llama70b_tp8_decode", "--reps", "3"], ["--reps=3", "needs --calibrate"]),
+    (["run", "llama70b_tp8_decode", "--calibrate", "{t}/f.yaml", "--name", ""], ["--name=''"]),
+    (
+        ["run", "llama70b_tp8_decode", "--out", "{t}/new", "--calibrate", "{t}/afile"],
+        ["--calibrate=", "exists", "--overwrite"],
+    ),
+    (
+        ["run", "llama70b_tp8_decode", "--out", "{t}/new", "--calibrate", "{t}/adir"],
+        ["--calibrate=", "is a folder"],
+    ),
+    (
+        ["run", "llama70b_tp8_decode", "--calibrate", "x.yaml", "--reps", "0"],
+        ["--reps", "[1, 1000]"],
+    ),
     (["report", "{t}/done", "--out", "{t}/afile"], ["--out=", "not a folder"]),
     # a folder the permissions allow (root) but where nothing can be made: found before work
     (
