@@ -172,17 +172,15 @@ def test_fits_again_while_the_machines_pace_moves_and_keeps_the_steadiest(
     _check_fits_said(printed, fits, made, probes[kept])
 
 
-@pytest.mark.parametrize(("fits", "probes", "made", "kept"), FITS_CASES)
+@pytest.mark.parametrize("case", FITS_CASES)
 def test_run_calibrate_times_the_tilings_in_the_kept_fits_rounds(
-    fits: int,
-    probes: list[tuple[float, float]],
-    made: int,
-    kept: int,
+    case: tuple[int, list[tuple[float, float]], int, int],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
     import mc2sim.study.measure
 
+    fits, probes, made, kept = case
     fitted = _stand_in_fits(probes, monkeypatch)
     timed: list[object] = []
 
