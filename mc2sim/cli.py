@@ -420,6 +420,11 @@ def _print_fit(topology: Topology) -> None:
                 f"sharing a core adds {device.shared_issue_us:.1f} us of CPU time to a post "
                 f"and {device.shared_latency_us:.1f} us to every message's latency"
             )
+    if device.rank_spread != 1.0:
+        print(
+            f"a round's slowest rank computes x{device.rank_spread:.3f} the slowest rank's own "
+            "(a rank alone at the top of a task's load at its own pace)"
+        )
 
 
 def _ticker(bar: Any) -> Callable[[int, int, str], None]:

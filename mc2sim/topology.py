@@ -476,6 +476,18 @@ class Device:
     bfloat16 sum, so they sum in float32 and round once). False: 16-bit data moves and is
     reduced as it is (HCCL, NCCL)."""
 
+    rank_spread: float = 1.0
+    """How far a round's slowest rank's compute is above the slowest rank's own: the fitted
+    compute figures are each round's slowest rank's time (its lower quartile over the
+    rounds), and where ranks' times vary from round to round the slowest is a different
+    rank each time. A call where every rank does the same work waits for that one, as the
+    figures hold; a rank whose task carries more work than any other's (a skewed routing's
+    loaded rank) runs at its own pace, the figures over this (the simulator scales a
+    task between the two by how many ranks' tasks come near its work:
+    :func:`mc2sim.model.cost.spread_factors`). ``mc2sim calibrate`` measures it on its
+    serial calls (8 ranks of 16-core hosts: 1.00 to 1.21). >= 1; 1 (the default): every
+    rank alike."""
+
     probe_tflops: float = 0.0
     """The machine's speed when these figures were fitted: a plain float32 1024 x 1024 x 1024
     matmul on one rank's core while the job's other ranks sleep, in TFLOP/s (``mc2sim
@@ -532,6 +544,10 @@ class Device:
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
         object.__setattr__(self, "probe_tflops", _non_negative("probe_tflops", self.probe_tflops))
+        spread = _non_negative("rank_spread", self.rank_spread)
+        if spread < 1.0:
+            raise ParamInvalidError("rank_spread", self.rank_spread, "must be >= 1")
+        object.__setattr__(self, "rank_spread", spread)
         object.__setattr__(
             self, "core_sharing", _as_choice("core_sharing", self.core_sharing, CoreSharing)
         )
@@ -578,6 +594,7 @@ class Device:
                 self.waiting_weight,
                 tuple(sorted(self.warm_us.items())),
                 self.profile,
+                self.rank_spread,
                 self.probe_tflops,
             )
         )
@@ -952,6 +969,7 @@ _DEVICE_OPTIONAL = (
     "waiting_weight",
     "warm_us",
     "profile",
+    "rank_spread",
     "probe_tflops",
 )
 _DEVICE_KEYS = (
@@ -1099,6 +1117,7 @@ class _Reader:
                 dev.get("issue_extra_us", {}), "device.issue_extra_us", _US_BY_KIND
             ),
             profile=self.profile(dev.get("profile", [])),
+            rank_spread=self.number(dev.get("rank_spread", 1.0), "device.rank_spread"),
             probe_tflops=self.number(dev.get("probe_tflops", 0.0), "device.probe_tflops"),
         )
 
@@ -1221,6 +1240,7 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             ),
             **({"waiting_weight": dev.waiting_weight} if dev.waiting_weight != 1.0 else {}),
             **({"warm_us": dict(dev.warm_us)} if dev.warm_us else {}),
+            **({"rank_spread": dev.rank_spread} if dev.rank_spread != 1.0 else {}),
             **({"probe_tflops": dev.probe_tflops} if dev.probe_tflops else {}),
             "efficiency": {
                 "small_util": eff.small_util,

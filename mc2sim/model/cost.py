@@ -83,6 +83,9 @@ __all__ = [
     "profiled_ratio",
     "SIBLING_DTYPES",
     "schedule_wait",
+    "spread_factors",
+    "expected_max",
+    "PEER_MARGIN",
     "roofline_time",
     "rooflines",
     "task_dtype",
@@ -315,6 +318,54 @@ def compute_times(
     if saved > 0.0:
         base = np.maximum(base - saved, WARM_FLOOR * base)
     return base / topology.core_share
+
+
+PEER_MARGIN = 0.1
+"""How near another rank's task must come to a rank's (its FLOPs, else its bytes) to count as
+its peer in :func:`spread_factors`: within this fraction below it, or above it."""
+
+
+@functools.lru_cache(maxsize=1024)
+def expected_max(k: int) -> float:
+    """The expected largest of ``k`` independent standard normal draws (0 for one).
+
+    ``integral of x * k * phi(x) * Phi(x) ** (k - 1)`` on a grid of 4001 points over
+    [-9, 9] (a normal's tails beyond hold nothing at double precision for these ``k``).
+    """
+    if k <= 1:
+        return 0.0
+    x = np.linspace(-9.0, 9.0, 4001)
+    phi = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    cdf = 0.5 * (1.0 + np.array([math.erf(v / math.sqrt(2.0)) for v in x]))
+    return float(np.trapezoid(x * k * phi * cdf ** (k - 1), x))
+
+
+def spread_factors(spread: float, loads: np.ndarray) -> np.ndarray:
+    """Each rank's factor on one compute task's fitted time, from the ranks' ``loads``.
+
+    The fitted figures are each round's slowest rank (``Device.rank_spread`` over the
+    slowest rank's own). A rank's task waits on as many ranks as come near its load, its
+    peers (itself included; :data:`PEER_MARGIN`): with all of them its factor is 1, the
+    figures as fitted; alone at the top, ``1 / spread``, its own pace; between, the spread
+    grows with the peers as the expected largest of that many normal draws
+    (:func:`expected_max`): ``(1 + (spread - 1) * E_max(peers) / E_max(ranks)) / spread``.
+
+    Args:
+        spread: ``Device.rank_spread`` (>= 1).
+        loads: one task's work on each rank (FLOPs, else bytes), index = rank.
+
+    Returns:
+        The factors, index = rank; all 1 where ``spread`` is 1 or there is one rank.
+    """
+    loads = np.asarray(loads, dtype=np.float64)
+    n = loads.size
+    if spread == 1.0 or n < 2:
+        return np.ones(n)
+    order = np.sort(loads)
+    peers = n - np.searchsorted(order, (1.0 - PEER_MARGIN) * loads, side="left")
+    whole = expected_max(n)
+    share = np.array([expected_max(int(k)) for k in peers]) / whole
+    return (1.0 + (spread - 1.0) * share) / spread
 
 
 def schedule_wait(topology: Topology) -> float:

@@ -99,6 +99,7 @@ from mc2sim.model.cost import (
     rank_alltoallv_time,
     reduce_scatter_time,
     schedule_wait,
+    spread_factors,
 )
 from mc2sim.model.heterogeneity import Arrivals, Straggler
 from mc2sim.schedule.plan import (
@@ -483,6 +484,8 @@ class _Engine:
         self.world = len(plans)
         self.placement = Placement.of(np.arange(self.world) // topology.ranks_per_node)
         self.ranks = [_Rank(plans[r]) for r in range(self.world)]
+        # each rank's compute task at its place among the ranks' loads (Device.rank_spread)
+        self.spread = _spread_of([r.plan for r in self.ranks], topology.device.rank_spread)
         self.heap: list[tuple[float, int, str, int, int]] = []
         self.seq = itertools.count()
         self.versions = itertools.count(1)
@@ -615,6 +618,8 @@ class _Engine:
                 work = compute_time(task, self.topology, state.plan.dtype, warm=state.warm)
                 state.warm = True
                 work = core_time(self.topology, work * self.slow.get(rank, 1.0))
+                if self.spread:
+                    work *= self.spread[rank].get(task.id, 1.0)
                 self.busy[rank // self.topology.ranks_per_node] += 1
                 state.computing = _Active([(rank, task)], work, self.compute_rate(rank), self.now)
                 state.issuer_busy = True
@@ -977,6 +982,36 @@ class _Engine:
             )
 
 
+def _task_loads(tasks: Sequence[Task]) -> np.ndarray:
+    """One compute task's work on each rank: its FLOPs, else (a pack's) its bytes.
+
+    As :func:`~mc2sim.model.cost.spread_factors` reads it.
+    """
+    flops = np.array([t.flops for t in tasks], dtype=np.float64)
+    return flops if flops.any() else np.array([t.bytes for t in tasks], dtype=np.float64)
+
+
+def _spread_of(plans: Sequence[Plan], spread: float) -> list[dict[int, float]]:
+    """Each rank's factor on each compute task (by id) for ``Device.rank_spread``; none at 1.
+
+    A task id every rank's plan holds as a compute task of one kind is read across the
+    ranks (:func:`~mc2sim.model.cost.spread_factors`); any other keeps its fitted time.
+    """
+    if spread == 1.0 or len(plans) < 2:
+        return []
+    factors: list[dict[int, float]] = [{} for _ in plans]
+    for i, head in enumerate(plans[0].tasks):
+        if head.resource is not Resource.COMPUTE:
+            continue
+        tasks = [p.tasks[i] if i < len(p.tasks) else None for p in plans]
+        same = [t for t in tasks if t is not None and t.kind is head.kind and t.id == head.id]
+        if len(same) < len(plans):
+            continue
+        for rank, f in enumerate(spread_factors(spread, _task_loads(same)).tolist()):
+            factors[rank][i] = f
+    return factors
+
+
 def _links(stragglers: Mapping[int, Straggler]) -> dict[int, float]:
     """The ranks whose links are narrowed, and to what fraction of their bandwidth."""
     return {r: s.link for r, s in stragglers.items() if s.link != 1.0}
@@ -1187,7 +1222,9 @@ def _lockstep(
             times = compute_times(topology, head.kind, dtype, task_flops, task_bytes, warm=warm)
             warm = True
             start[i] = ready
-            end[i] = free = ready + times * slow
+            loads = task_flops if np.any(task_flops) else task_bytes
+            spread = spread_factors(topology.device.rank_spread, loads)
+            end[i] = free = ready + times * slow * spread
             continue
         free = ready + issue_times(topology, head.kind, task_bytes)
         queued.append(free)

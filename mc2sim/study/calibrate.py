@@ -75,7 +75,7 @@ import random
 import socket
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -171,6 +171,7 @@ __all__ = [
     "sharing_of",
     "split_sharing",
     "waiting_weight_of",
+    "measure_rank_spread",
     "work_s",
 ]
 
@@ -818,22 +819,62 @@ def rank_speeds(
     one rank ran 1.25x the others' time in every call.
     """
     ratios: list[list[float]] = [[] for _ in range(world)]
+    for figures, _ in _every_rank_tasks(rounds, world, cpu=cpu):
+        slowest = max(figures.values())
+        for rank, seconds in figures.items():
+            ratios[rank].append(seconds / slowest)
+    return tuple(statistics.median(v) if v else 1.0 for v in ratios)
+
+
+def measure_rank_spread(
+    rounds: Sequence[Sequence[Timeline]], world: int, *, cpu: bool = False
+) -> float:
+    """``Device.rank_spread``: a round's slowest rank over the slowest rank's own, typically.
+
+    ``rounds`` as :func:`rank_speeds` reads them. For every compute task of at least
+    :data:`SPEED_TASK_S` on every rank: the figure the profile holds, the lower quartile over
+    the rounds of each round's slowest rank (:func:`samples_of`), over the slowest rank's
+    own lower quartile; the median over the tasks, at least 1; 1 without any, or on one
+    rank. Ranks whose times move from round to round each have their slow rounds, so the
+    first is above the second (8 ranks of 16-core hosts: 1.08 to 1.21 where ranks' times
+    spread, 1.00 where they did not); a rank slower in every round is its speed
+    (:func:`rank_speeds`), not this.
+    """
+    spreads = [
+        typical(maxima) / max(figures.values())
+        for figures, maxima in _every_rank_tasks(rounds, world, cpu=cpu)
+    ]
+    return max(1.0, statistics.median(spreads)) if spreads and world > 1 else 1.0
+
+
+def _every_rank_tasks(
+    rounds: Sequence[Sequence[Timeline]], world: int, *, cpu: bool
+) -> Iterator[tuple[dict[int, float], list[float]]]:
+    """Each compute task every rank ran, of at least :data:`SPEED_TASK_S` on each.
+
+    Yields ``(figures, maxima)``: each rank's lower quartile over the rounds
+    (:func:`mc2sim.model.accuracy.typical` of :func:`work_s`), and each round's slowest
+    rank's time.
+    """
     for timelines in rounds:
         times: dict[int, dict[int, list[float]]] = {}
+        maxima: dict[int, list[float]] = {}
         for timeline in timelines:
+            by_task: dict[int, list[float]] = {}
             for r in timeline.records:
                 if r.stream is Stream.COMPUTE:
-                    times.setdefault(r.task, {}).setdefault(r.rank, []).append(work_s(r, cpu))
-        for by_rank in times.values():
+                    seconds = work_s(r, cpu)
+                    times.setdefault(r.task, {}).setdefault(r.rank, []).append(seconds)
+                    by_task.setdefault(r.task, []).append(seconds)
+            for task, values in by_task.items():
+                maxima.setdefault(task, []).append(max(values))
+        for task, by_rank in times.items():
             if len(by_rank) < world:
                 continue
             figures = {rank: typical(v) for rank, v in by_rank.items()}
-            slowest = max(figures.values())
             if min(figures.values()) < SPEED_TASK_S:
                 continue
-            for rank, seconds in figures.items():
-                ratios[rank].append(seconds / slowest)
-    return tuple(statistics.median(v) if v else 1.0 for v in ratios)
+            yield figures, maxima[task]
 
 
 def calibrate(
@@ -1035,7 +1076,12 @@ def calibrate(
     )
     independent = measure_independent(comm, reps)
     # the machine's speed at the fit: a run compared with it is simulated at its own speed
-    fitted = replace(fitted, device=replace(fitted.device, probe_tflops=independent.matmul_tflops))
+    # where a round's slowest rank is a different one each time: the figures over a lone rank's
+    spread = measure_rank_spread(job_rounds[: len(on_job)], comm.size, cpu=on_cpu)
+    fitted = replace(
+        fitted,
+        device=replace(fitted.device, probe_tflops=independent.matmul_tflops, rank_spread=spread),
+    )
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
     return Calibration(
         topology=fitted,

@@ -446,6 +446,34 @@ def test_rank_speeds_read_each_ranks_time_over_the_slowest() -> None:
     assert rank_speeds([[on_cpu]], 3) == pytest.approx((0.75, 0.65, 0.75))
 
 
+def test_rank_spread_reads_the_rounds_slowest_over_the_slowest_ranks_own() -> None:
+    from mc2sim.study.calibrate import measure_rank_spread
+
+    mm = TaskKind.MATMUL
+
+    def call(times: tuple[float, float, float]) -> Timeline:
+        # 3 ranks' one matmul, each rank's time in ms; a 0.5 ms task (below SPEED_TASK_S)
+        # beside it is left out
+        return one_call(
+            *((rank, 0, mm, 0.0, t) for rank, t in enumerate(times)),
+            *((rank, 1, mm, 20.0, 20.5) for rank in range(3)),
+        )
+
+    # a different rank slow in each of 4 rounds: the rounds' slowest 12, 12, 12, 10, lower
+    # quartile 11.5; each rank's own lower quartile: (10, 10, 10, 12) -> 10, (10, 12, 10, 10)
+    # -> 10, (12, 10, 10, 10) -> 10. Spread 11.5 / 10
+    noisy = [call((10, 10, 12)), call((10, 12, 10)), call((12, 10, 10)), call((10, 10, 10))]
+    assert measure_rank_spread([noisy], 3) == pytest.approx(1.15)
+    # rank 2 slower in every round: its speed, not spread (the slowest's own is the rounds')
+    steady = [call((10, 10, 12))] * 4
+    assert measure_rank_spread([steady], 3) == 1.0
+    # calls pool their tasks (the median over them): 1.15 and 1.0 -> 1.075
+    assert measure_rank_spread([noisy, steady], 3) == pytest.approx(1.075)
+    # one rank, or no task long enough: 1
+    assert measure_rank_spread([noisy], 1) == 1.0
+    assert measure_rank_spread([[one_call((0, 0, mm, 0, 0.5), (1, 0, mm, 0, 0.2))]], 2) == 1.0
+
+
 def test_score_cases_simulates_the_jobs_ranks_at_their_speeds() -> None:
     from mc2sim.model.heterogeneity import Straggler
     from mc2sim.model.simulator import simulate_waits

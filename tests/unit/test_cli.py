@@ -341,6 +341,13 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
         assert f"collectives in flight progress {text}" in capsys.readouterr().out.splitlines()
     assert "a call's task after its first saves (us), by kind: matmul 30" in out
     assert "contention: compute x1.0, comm polled (a transfer waits while its ranks compute)" in out
+    assert not any("slowest rank computes" in line for line in out)  # a spread of 1: no line
+    spread = dataclasses.replace(device, rank_spread=1.125)
+    _print_fit(dataclasses.replace(topology, device=spread))
+    assert (
+        "a round's slowest rank computes x1.125 the slowest rank's own (a rank alone at the top "
+        "of a task's load at its own pace)"
+    ) in capsys.readouterr().out.splitlines()
     # one rank: nothing to exchange with, so no ratio (not x inf)
     _print_independent(topology, _independent(0.0, 0.0))
     rows = capsys.readouterr().out.splitlines()

@@ -283,7 +283,12 @@ def test_the_new_figures_survive_a_file_and_are_checked(tmp_path: object) -> Non
     topo = dataclasses.replace(topo, contention=Contention(comm_slowdown=3.0, polled=True))
     path = f"{tmp_path}/t.yaml"
     dump(topo, path)
+    assert "rank_spread" not in open(path).read()  # at its default, left out
+    assert load(path).device.rank_spread == 1.0
+    topo = with_device(topo, rank_spread=1.15)
+    dump(topo, path)
     back = load(path)
+    assert back.device.rank_spread == 1.15
     assert (back.device.issue_us, back.device.cores_per_node) == (12.5, 2)
     assert back.device.issue_gbps == 3.5
     moved = with_device(topo, memory_traffic=5.0)
@@ -433,6 +438,53 @@ def test_a_16_bit_float_without_points_takes_the_other_16_bit_floats_ratio() -> 
     own = with_device(topo, profile=(point("bfloat16", 6e6), point("float16", 1.5e6)))
     assert compute_time(mm1, own, "float16") == pytest.approx(1.5)
     assert profiled_dtype(own.device, TaskKind.MATMUL, "float16") == "float16"
+
+
+def test_a_spread_of_the_ranks_leaves_a_loaded_rank_at_its_own_pace() -> None:
+    # the paper machine (a matmul of 1e6 * t FLOPs: t s) with rank_spread 1.2: the figures are
+    # a round's slowest rank's. Four ranks of one 2 s matmul each: every rank waits on all
+    # four, the figures as they are: 2 s. One rank with 10 s, the others 1 s: alone at the
+    # top, its own pace, 10 / 1.2 s; the others each have all four as peers (the loaded one
+    # is above them): 1 s. Two ranks at 4 s, two at 1: the two have each other,
+    # (1 + 0.2 * E2 / E4) / 1.2 of 4 s, E_k the expected largest of k normal draws
+    # (0.5642 and 1.0294).
+    import numpy as np
+
+    from mc2sim.model.cost import expected_max, spread_factors
+    from mc2sim.model.simulator import simulate_run
+    from mc2sim.timeline import RunColumns, Timeline
+
+    assert expected_max(1) == 0.0
+    assert expected_max(2) == pytest.approx(1 / math.sqrt(math.pi), abs=1e-9)
+    assert expected_max(4) == pytest.approx(1.0293754, abs=1e-6)
+    assert spread_factors(1.0, np.array([5.0, 1.0])).tolist() == [1.0, 1.0]
+    topo = with_device(machine(4), rank_spread=1.2)
+
+    def one_mm(*seconds: float) -> dict[int, Plan]:
+        return {r: plan(r, len(seconds), mm(s)) for r, s in enumerate(seconds)}
+
+    pair = (1 + 0.2 * 0.5641896 / 1.0293754) / 1.2 * 4
+    for seconds, expected in (
+        ((2, 2, 2, 2), [2.0] * 4),
+        ((10, 1, 1, 1), [10 / 1.2, 1.0, 1.0, 1.0]),
+        ((4, 1, 4, 1), [pair, 1.0, pair, 1.0]),
+    ):
+        timeline = simulate(one_mm(*seconds), topo)
+        ends = [r.end_s for r in sorted(timeline.records, key=lambda r: r.rank)]
+        assert ends == pytest.approx(expected, rel=1e-6), seconds
+    # the lockstep engine gives the event engine's times to the bit
+    plans = one_mm(10, 1, 1, 1)
+    assert lockstep_applies(topo)
+    columns, _ = simulate_run(plans, topo)
+    event, _ = simulate_run(plans, topo, lockstep=False)
+    assert isinstance(columns, RunColumns) and isinstance(event, Timeline)
+    by_rank = sorted(event.records, key=lambda r: r.rank)
+    assert columns.end_s[0].tolist() == [r.end_s for r in by_rank]
+    # a spread of 1 changes nothing; a spread below 1 is refused
+    plain = sorted(simulate(plans, machine(4)).records, key=lambda r: r.rank)
+    assert [r.end_s for r in plain] == [10.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ParamInvalidError, match="rank_spread"):
+        with_device(machine(4), rank_spread=0.9)
 
 
 def test_a_kind_without_its_own_roofline_follows_its_line_through_three_points() -> None:
