@@ -145,15 +145,24 @@ def test_a_sweep_whose_ranks_do_not_share_a_disk_is_written_by_rank_0(tmp_path: 
     assert comparable_files(disk / "sweep") == comparable_files(tmp_path / "alone")
 
 
-def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None:
-    out = tmp_path / "this.yaml"
-    res = mpiexec(2, "-m", "mc2sim", "calibrate", "--reps", "1", "--out", str(out))
+def test_run_calibrate_times_the_tilings_in_a_fit_the_simulator_loads(tmp_path: Path) -> None:
+    out, fit = tmp_path / "results", tmp_path / "fit.yaml"
+    res = mpiexec(
+        2, "-m", "mc2sim", "run", "seed_gmm_alltoallv_ep4", "--set", "scale=small",
+        "--out", str(out), "--no-plots", "--calibrate", str(fit), "--reps", "1",
+        "--name", "demo_fit",
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count(f"wrote {out}") == 1, "rank 0 writes"
+    # the run's table, then the fit rank 0 wrote
+    table = res.stdout.index("# seed_gmm_alltoallv_ep4: gmm_alltoallv, 2 ranks")
+    assert table < res.stdout.index(f"wrote {fit}") < res.stdout.index("contention: compute x")
+    assert res.stdout.count(f"wrote {fit}") == 1, "rank 0 writes"
     from mc2sim.topology import load
 
-    topology = load(out)
-    assert topology.world_size == 2
+    # a topology the simulator loads, of every figure calibrate fits (the calibrate command
+    # makes the same fit: tests/unit/test_cli.py, and on one rank below)
+    topology = load(fit)
+    assert topology.name == "demo_fit" and topology.world_size == 2
     assert topology.contention.source.startswith("fitted by mc2sim calibrate")
     assert set(topology.device.matrix_tflops) == {"bfloat16", "float16", "float32", "int8"}
     # MPICH advances a nonblocking collective only inside its calls: measured, not fitted
@@ -165,24 +174,6 @@ def test_calibrate_writes_a_topology_the_simulator_loads(tmp_path: Path) -> None
     # the fit keeps its speed probe: the independent matmul calibrate prints
     (row,) = [x for x in res.stdout.splitlines() if "float32 matmul 1024^3" in x]
     assert row.split()[-2] == f"{topology.device.probe_tflops:.4g}"
-
-
-def test_run_calibrate_times_the_tilings_in_the_fits_rounds(tmp_path: Path) -> None:
-    out, fit = tmp_path / "results", tmp_path / "fit.yaml"
-    res = mpiexec(
-        2, "-m", "mc2sim", "run", "seed_gmm_alltoallv_ep4", "--set", "scale=small",
-        "--out", str(out), "--no-plots", "--calibrate", str(fit), "--reps", "1",
-        "--name", "demo_fit",
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    # the run's table, then the fit rank 0 wrote
-    table = res.stdout.index("# seed_gmm_alltoallv_ep4: gmm_alltoallv, 2 ranks")
-    assert table < res.stdout.index(f"wrote {fit}") < res.stdout.index("contention: compute x")
-    assert res.stdout.count(f"wrote {fit}") == 1
-    from mc2sim.topology import load
-
-    topology = load(fit)
-    assert topology.name == "demo_fit" and topology.world_size == 2
     folder = read_results(out)
     # the tilings were timed in the fit's 1 round (not the scenario's 5): the results say so
     assert folder.manifest.repetitions == 1
