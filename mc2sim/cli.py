@@ -354,6 +354,13 @@ def _check_name(name: str) -> None:
         raise ParamInvalidError("--name", name, "must be a non-empty name for the topology")
 
 
+def _only_with_calibrate(calibrate: bool, *given: tuple[str, object]) -> None:
+    """Refuse a ``(flag, value)`` given (not None) where ``--calibrate`` is not."""
+    for flag, value in given:
+        if value is not None and not calibrate:
+            raise ParamInvalidError(flag, value, "is for the fitted topology: it needs --calibrate")
+
+
 def _check_topology_out(out: str, overwrite: bool, flag: str = "--out") -> None:
     """``flag`` naming a fitted topology's file: a new file, or an old one with ``--overwrite``."""
     from mc2sim._paths import check_new_file
@@ -446,11 +453,9 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from mc2sim.study.validate import geomean_error, held_out_cases, runnable, score_cases
 
     with _checking():  # the arguments alone, the same on every rank: before MPI starts
-        for flag, value in (("--out", args.out), ("--name", args.name), ("--fits", args.fits)):
-            if value is not None and not args.calibrate:
-                raise ParamInvalidError(
-                    flag, value, "is for the fitted topology: it needs --calibrate"
-                )
+        _only_with_calibrate(
+            args.calibrate, ("--out", args.out), ("--name", args.name), ("--fits", args.fits)
+        )
         if args.at_run_speed and args.calibrate:
             raise ParamInvalidError(
                 "--at-run-speed", True, "is for a stored fit (--topology): --calibrate fits now"
@@ -927,9 +932,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mc2sim.topology import resolve
 
     with _checking():  # the arguments alone, the same on every rank: before MPI starts
-        for flag, value in (("--name", args.name), ("--fits", args.fits), ("--reps", args.reps)):
-            if value is not None and args.calibrate is None:
-                raise ParamInvalidError(flag, value, "is for the fit: it needs --calibrate")
+        _only_with_calibrate(
+            args.calibrate is not None,
+            ("--name", args.name), ("--fits", args.fits), ("--reps", args.reps),
+        )  # fmt: skip
         if args.name is not None:
             _check_name(args.name)
     comm = init("mpi")
@@ -962,7 +968,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     code = _measure_into(
         comm, scenario, out, plots=args.plots, scenario_path=_scenario_file(args.scenario),
         argv=args.argv, overrides=args.set, device=device,
-        timing=None if args.calibrate is None else _fit_timing(comm, args, fits),
+        timing=None if args.calibrate is None else _fit_timing(comm, args, scenario, fits),
     )  # fmt: skip
     if lead and fits:
         _report_fit(fits[0], args.calibrate)
@@ -970,16 +976,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _fit_timing(
-    comm: Communicator, args: argparse.Namespace, fits: list[Calibration]
+    comm: Communicator, args: argparse.Namespace, scenario: Scenario, fits: list[Calibration]
 ) -> Callable[[list[Callable[[], object]]], list[list[Timeline]]]:
     """``run --calibrate``'s timing: the calls in the rounds of a fit of this machine.
 
-    The steadiest of ``--fits`` fits (:func:`_steadiest_fit`) is appended to ``fits``, and
-    its rounds of the calls are the run's.
+    The fit measures the scenario's ``repetitions`` rounds (``--reps``, set on it). The
+    steadiest of ``--fits`` fits (:func:`_steadiest_fit`) is appended to ``fits``, and its
+    rounds of the calls are the run's.
     """
     from mc2sim.study.calibrate import calibrate
 
-    rounds = args.reps or CALIBRATE_ROUNDS
+    rounds = scenario.repetitions
     name = args.name or "this_machine"
 
     def timing(calls: list[Callable[[], object]]) -> list[list[Timeline]]:

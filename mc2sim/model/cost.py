@@ -334,10 +334,17 @@ def expected_max(k: int) -> float:
     """
     if k <= 1:
         return 0.0
+    x, phi, cdf = _normal_grid()
+    return float(np.trapezoid(x * k * phi * cdf ** (k - 1), x))
+
+
+@functools.lru_cache(maxsize=1)
+def _normal_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`expected_max`'s grid: points, the normal's density and its distribution there."""
     x = np.linspace(-9.0, 9.0, 4001)
     phi = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
     cdf = 0.5 * (1.0 + np.array([math.erf(v / math.sqrt(2.0)) for v in x]))
-    return float(np.trapezoid(x * k * phi * cdf ** (k - 1), x))
+    return x, phi, cdf
 
 
 def spread_factors(spread: float, loads: np.ndarray) -> np.ndarray:

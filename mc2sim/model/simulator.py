@@ -982,13 +982,12 @@ class _Engine:
             )
 
 
-def _task_loads(tasks: Sequence[Task]) -> np.ndarray:
+def _task_loads(flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     """One compute task's work on each rank: its FLOPs, else (a pack's) its bytes.
 
-    As :func:`~mc2sim.model.cost.spread_factors` reads it.
+    As :func:`~mc2sim.model.cost.spread_factors` reads it, in both engines.
     """
-    flops = np.array([t.flops for t in tasks], dtype=np.float64)
-    return flops if flops.any() else np.array([t.bytes for t in tasks], dtype=np.float64)
+    return flops if np.any(flops) else nbytes
 
 
 def _spread_of(plans: Sequence[Plan], spread: float) -> list[dict[int, float]]:
@@ -1007,7 +1006,11 @@ def _spread_of(plans: Sequence[Plan], spread: float) -> list[dict[int, float]]:
         same = [t for t in tasks if t is not None and t.kind is head.kind and t.id == head.id]
         if len(same) < len(plans):
             continue
-        for rank, f in enumerate(spread_factors(spread, _task_loads(same)).tolist()):
+        loads = _task_loads(
+            np.array([t.flops for t in same], dtype=np.float64),
+            np.array([t.bytes for t in same], dtype=np.float64),
+        )
+        for rank, f in enumerate(spread_factors(spread, loads).tolist()):
             factors[rank][i] = f
     return factors
 
@@ -1222,8 +1225,9 @@ def _lockstep(
             times = compute_times(topology, head.kind, dtype, task_flops, task_bytes, warm=warm)
             warm = True
             start[i] = ready
-            loads = task_flops if np.any(task_flops) else task_bytes
-            spread = spread_factors(topology.device.rank_spread, loads)
+            spread = spread_factors(
+                topology.device.rank_spread, _task_loads(task_flops, task_bytes)
+            )
             end[i] = free = ready + times * slow * spread
             continue
         free = ready + issue_times(topology, head.kind, task_bytes)

@@ -858,23 +858,18 @@ def _every_rank_tasks(
     """
     for timelines in rounds:
         times: dict[int, dict[int, list[float]]] = {}
-        maxima: dict[int, list[float]] = {}
         for timeline in timelines:
-            by_task: dict[int, list[float]] = {}
             for r in timeline.records:
                 if r.stream is Stream.COMPUTE:
-                    seconds = work_s(r, cpu)
-                    times.setdefault(r.task, {}).setdefault(r.rank, []).append(seconds)
-                    by_task.setdefault(r.task, []).append(seconds)
-            for task, values in by_task.items():
-                maxima.setdefault(task, []).append(max(values))
-        for task, by_rank in times.items():
+                    times.setdefault(r.task, {}).setdefault(r.rank, []).append(work_s(r, cpu))
+        for by_rank in times.values():
             if len(by_rank) < world:
                 continue
             figures = {rank: typical(v) for rank, v in by_rank.items()}
             if min(figures.values()) < SPEED_TASK_S:
                 continue
-            yield figures, maxima[task]
+            # every rank's times are in round order: a round's slowest is its column's largest
+            yield figures, [max(column) for column in zip(*by_rank.values(), strict=True)]
 
 
 def calibrate(
