@@ -432,6 +432,12 @@ def _print_fit(topology: Topology) -> None:
             f"a round's slowest rank computes x{device.rank_spread:.3f} the slowest rank's own "
             "(a rank alone at the top of a task's load at its own pace)"
         )
+    if device.lone_memory_speedup != 1.0:
+        print(
+            f"a pack or reduction alone on its node runs x{device.lone_memory_speedup:.2f} its "
+            "speed beside every rank (the node's memory shared: one rank's bf16->f32 "
+            "conversion over every rank's at once)"
+        )
 
 
 def _ticker(bar: Any) -> Callable[[int, int, str], None]:

@@ -488,6 +488,17 @@ class Device:
     serial calls (8 ranks of 16-core hosts: 1.00 to 1.21). >= 1; 1 (the default): every
     rank alike."""
 
+    lone_memory_speedup: float = 1.0
+    """How much faster a memory-bound task (a pack, a reduction: ``cost.MEMORY_KINDS``) runs
+    with its node's other ranks idle than with every rank of the node computing: the ranks of a
+    node share its memory bandwidth. The profile's figures are every rank computing at once;
+    the simulator runs such a task at ``1 + (lone_memory_speedup - 1) * (n - busy) / (n - 1)``
+    times them, ``busy`` of the node's ``n`` ranks computing (:func:`mc2sim.model.cost.
+    memory_rate`). ``mc2sim calibrate`` measures it where each rank has a core of its own: one
+    rank's bfloat16 to float32 conversion, the others asleep, over every rank's at once (8
+    ranks of 16-core hosts: 1.5 to 2.8; 4 ranks 1.2 to 1.7). >= 1; 1 (the default): the
+    bandwidth not shared, or a machine described on paper."""
+
     probe_tflops: float = 0.0
     """The machine's speed when these figures were fitted: a plain float32 1024 x 1024 x 1024
     matmul on one rank's core while the job's other ranks sleep, in TFLOP/s (``mc2sim
@@ -548,6 +559,10 @@ class Device:
         if spread < 1.0:
             raise ParamInvalidError("rank_spread", self.rank_spread, "must be >= 1")
         object.__setattr__(self, "rank_spread", spread)
+        speedup = _non_negative("lone_memory_speedup", self.lone_memory_speedup)
+        if speedup < 1.0:
+            raise ParamInvalidError("lone_memory_speedup", self.lone_memory_speedup, "must be >= 1")
+        object.__setattr__(self, "lone_memory_speedup", speedup)
         object.__setattr__(
             self, "core_sharing", _as_choice("core_sharing", self.core_sharing, CoreSharing)
         )
@@ -595,6 +610,7 @@ class Device:
                 tuple(sorted(self.warm_us.items())),
                 self.profile,
                 self.rank_spread,
+                self.lone_memory_speedup,
                 self.probe_tflops,
             )
         )
@@ -970,6 +986,7 @@ _DEVICE_OPTIONAL = (
     "warm_us",
     "profile",
     "rank_spread",
+    "lone_memory_speedup",
     "probe_tflops",
 )
 _DEVICE_KEYS = (
@@ -1118,6 +1135,9 @@ class _Reader:
             ),
             profile=self.profile(dev.get("profile", [])),
             rank_spread=self.number(dev.get("rank_spread", 1.0), "device.rank_spread"),
+            lone_memory_speedup=self.number(
+                dev.get("lone_memory_speedup", 1.0), "device.lone_memory_speedup"
+            ),
             probe_tflops=self.number(dev.get("probe_tflops", 0.0), "device.probe_tflops"),
         )
 
@@ -1241,6 +1261,11 @@ def _as_data(topology: Topology) -> dict[str, Any]:
             **({"waiting_weight": dev.waiting_weight} if dev.waiting_weight != 1.0 else {}),
             **({"warm_us": dict(dev.warm_us)} if dev.warm_us else {}),
             **({"rank_spread": dev.rank_spread} if dev.rank_spread != 1.0 else {}),
+            **(
+                {"lone_memory_speedup": dev.lone_memory_speedup}
+                if dev.lone_memory_speedup != 1.0
+                else {}
+            ),
             **({"probe_tflops": dev.probe_tflops} if dev.probe_tflops else {}),
             "efficiency": {
                 "small_util": eff.small_util,

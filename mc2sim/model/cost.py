@@ -79,6 +79,8 @@ __all__ = [
     "issue_times",
     "collective_ratio",
     "LINE_KINDS",
+    "MEMORY_KINDS",
+    "memory_rate",
     "profiled_dtype",
     "profiled_ratio",
     "SIBLING_DTYPES",
@@ -373,6 +375,27 @@ def spread_factors(spread: float, loads: np.ndarray) -> np.ndarray:
     whole = expected_max(n)
     share = np.array([expected_max(int(k)) for k in peers]) / whole
     return (1.0 + (spread - 1.0) * share) / spread
+
+
+MEMORY_KINDS = frozenset({TaskKind.PACK, TaskKind.REDUCE})
+"""Compute kinds whose time is their memory traffic (row copies, sums of received partials):
+they run faster while fewer of their node's ranks compute (``Device.lone_memory_speedup``).
+Not the matmuls, attention included: on 8 ranks of a 16-core host a skewed call's loaded rank,
+alone on its node after the others were done, ran its grouped matmul at 0.93 of the figures
+as every rank's uniform one did, and its unpermute (49.6 MB) at 0.73."""
+
+
+def memory_rate(speedup: float, ranks: int, busy: int) -> float:
+    """A memory-bound task's rate on a node of ``ranks`` ranks, ``busy`` of them computing.
+
+    ``1 + (speedup - 1) * (ranks - busy) / (ranks - 1)``: the figures (every rank computing,
+    as the profile measured them) where all are busy, ``speedup`` (``Device.
+    lone_memory_speedup``) where the task's rank computes alone; 1 on a node of one rank.
+    """
+    if ranks < 2 or speedup == 1.0:
+        return 1.0
+    idle = min(max(ranks - busy, 0), ranks - 1)
+    return 1.0 + (speedup - 1.0) * idle / (ranks - 1)
 
 
 def schedule_wait(topology: Topology) -> float:

@@ -86,6 +86,7 @@ import numpy as np
 
 from mc2sim.errors import ParamInvalidError
 from mc2sim.model.cost import (
+    MEMORY_KINDS,
     allgather_time,
     allreduce_time,
     collective_ratio,
@@ -95,6 +96,7 @@ from mc2sim.model.cost import (
     issue_time,
     issue_times,
     loads_alltoallv_time,
+    memory_rate,
     pairs_alltoallv_time,
     rank_alltoallv_time,
     reduce_scatter_time,
@@ -504,6 +506,8 @@ class _Engine:
         # processor sharing where waiting ranks take less than a busy one's share: a node's
         # computing ranks run faster while its other ranks wait (Device.waiting_weight)
         self.weighted = _weighted(topology)
+        # memory-bound tasks faster while fewer of their node's ranks compute
+        self.memory = _memory_shared(topology)
         self.busy = [0] * -(-self.world // topology.ranks_per_node)  # computing, per node
         self.compute_slow = topology.contention.compute_slowdown
         self.comm_slow = topology.contention.comm_slowdown
@@ -540,16 +544,23 @@ class _Engine:
         active.rate = rate
         self.schedule(active, kind, rank)
 
-    def compute_rate(self, rank: int) -> float:
-        """A compute task's rate on ``rank``: slowed while a transfer is in progress.
+    def compute_rate(self, rank: int, task: Task) -> float:
+        """The rate of compute task ``task`` on ``rank``: slowed while a transfer is in progress.
 
-        Where ranks take turns on the cores, 0 while ``rank`` waits for one.
+        Where ranks take turns on the cores, 0 while ``rank`` waits for one. A memory-bound
+        task (:data:`~mc2sim.model.cost.MEMORY_KINDS`) runs faster while fewer of its node's
+        ranks compute (``Device.lone_memory_speedup``: :func:`~mc2sim.model.cost.memory_rate`).
         """
         if self.turns is not None and not self.ranks[rank].turn:
             return 0.0
         rate = 1.0 / self.compute_slow if self.transferring else 1.0
         if self.weighted:
             rate *= self.busy_share(rank) / self.topology.core_share
+        if self.memory and task.kind in MEMORY_KINDS:
+            per_node = self.topology.ranks_per_node
+            node = rank // per_node
+            ranks = min(per_node, self.world - node * per_node)
+            rate *= memory_rate(self.topology.device.lone_memory_speedup, ranks, self.busy[node])
         return rate
 
     def busy_share(self, rank: int) -> float:
@@ -571,7 +582,7 @@ class _Engine:
         for r in range(first, min(first + per_node, self.world)):
             active = self.ranks[r].computing
             if active is not None:
-                self.rerate(active, self.compute_rate(r), "compute", r)
+                self.rerate(active, self.compute_rate(r, active.tasks[0][1]), "compute", r)
 
     def comm_rate(self, active: _Active) -> float:
         """A transfer's rate: slowed while a rank computes, unless a capped wire holds it back.
@@ -621,12 +632,13 @@ class _Engine:
                 if self.spread:
                     work *= self.spread[rank].get(task.id, 1.0)
                 self.busy[rank // self.topology.ranks_per_node] += 1
-                state.computing = _Active([(rank, task)], work, self.compute_rate(rank), self.now)
+                rate = self.compute_rate(rank, task)
+                state.computing = _Active([(rank, task)], work, rate, self.now)
                 state.issuer_busy = True
                 self.starts[(rank, task.id)] = self.now
                 self.computing += 1
                 self.schedule(state.computing, "compute", rank)
-                if self.weighted:
+                if self.weighted or self.memory:
                     self._rerate_node(rank)
                 if self.computing == 1 or self.polled:
                     self._rerate_comms()
@@ -701,8 +713,9 @@ class _Engine:
         rank = turns.queue[node].popleft()
         self.start_turn(rank)
         state = self.ranks[rank]
-        if state.computing is not None:  # a task its turn's end stopped goes on
-            self.rerate(state.computing, self.compute_rate(rank), "compute", rank)
+        active = state.computing
+        if active is not None:  # a task its turn's end stopped goes on
+            self.rerate(active, self.compute_rate(rank, active.tasks[0][1]), "compute", rank)
         else:
             self.advance(rank)
 
@@ -873,8 +886,9 @@ class _Engine:
         if self.compute_slow == 1.0:
             return  # no contention: rates never change
         for r, state in enumerate(self.ranks):
-            if state.computing is not None:
-                self.rerate(state.computing, self.compute_rate(r), "compute", r)
+            active = state.computing
+            if active is not None:
+                self.rerate(active, self.compute_rate(r, active.tasks[0][1]), "compute", r)
 
     def record(self, rank: int, task: Task, levels: tuple[int, int] | None = None) -> None:
         """Note ``task`` done on ``rank``; ``levels``: its (intra, inter) bytes if known."""
@@ -906,7 +920,7 @@ class _Engine:
         state.issuer_busy = False
         self.computing -= 1
         self.busy[rank // self.topology.ranks_per_node] -= 1
-        if self.weighted:
+        if self.weighted or self.memory:
             self._rerate_node(rank)
         self.record(rank, active.tasks[0][1])
         if self.computing == 0 or self.polled:
@@ -1042,7 +1056,16 @@ def lockstep_applies(topology: Topology) -> bool:
         and schedule_wait(topology) == 0.0
         and not _Turns.apply(topology)
         and not _weighted(topology)
+        and not _memory_shared(topology)
     )
+
+
+def _memory_shared(topology: Topology) -> bool:
+    """Whether a memory-bound task's rate depends on how many of its node's ranks compute.
+
+    ``Device.lone_memory_speedup`` above 1 on nodes of more than one rank.
+    """
+    return topology.device.lone_memory_speedup != 1.0 and topology.ranks_per_node > 1
 
 
 def _weighted(topology: Topology) -> bool:

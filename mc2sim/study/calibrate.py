@@ -171,6 +171,7 @@ __all__ = [
     "sharing_of",
     "split_sharing",
     "waiting_weight_of",
+    "lone_memory_speedup_of",
     "measure_rank_spread",
     "work_s",
 ]
@@ -1075,7 +1076,12 @@ def calibrate(
     spread = measure_rank_spread(job_rounds[: len(on_job)], comm.size, cpu=on_cpu)
     fitted = replace(
         fitted,
-        device=replace(fitted.device, probe_tflops=independent.matmul_tflops, rank_spread=spread),
+        device=replace(
+            fitted.device,
+            probe_tflops=independent.matmul_tflops,
+            rank_spread=spread,
+            lone_memory_speedup=lone_memory_speedup_of(independent, fitted),
+        ),
     )
     # every figure above is the slowest rank's, shared by all: each rank fits the same topology
     return Calibration(
@@ -1574,6 +1580,22 @@ class Independent:
     rank's median), GB/s: the memory the ranks' posts share where every rank posts at once,
     as ``Device.issue_gbps`` is measured (8 ranks of a 16-core host fitted that 2.2 to 4.2
     times below one rank's lone conversion)."""
+
+
+def lone_memory_speedup_of(independent: Independent, topology: Topology) -> float:
+    """``Device.lone_memory_speedup``: one rank's conversion over every rank's at once.
+
+    :attr:`Independent.upcast_gbps` (the others asleep) over
+    :attr:`Independent.upcast_loaded_gbps` (every rank at once, by CPU time), at least 1,
+    where each rank of a node has a core of its own and a node has more than one rank; 1
+    elsewhere: where ranks share cores, the processor sharing (``Device.waiting_weight``)
+    already speeds a task up as its node's other ranks go idle.
+    """
+    if topology.ranks_per_node < 2 or topology.core_share < 1.0:
+        return 1.0
+    if independent.upcast_loaded_gbps <= 0.0 or independent.upcast_gbps <= 0.0:
+        return 1.0
+    return max(1.0, independent.upcast_gbps / independent.upcast_loaded_gbps)
 
 
 def measure_independent(comm: Communicator, reps: int) -> Independent:

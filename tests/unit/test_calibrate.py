@@ -1157,3 +1157,31 @@ def test_measure_lone_pair_times_ranks_0_and_1_alone_and_agrees_on_every_rank(
     assert sorted(swept) == [(2, 0), (2, 1)]  # only the pair swept, on a communicator of two
     with pytest.raises(ValueError, match="at least 2 ranks"):
         run_threads(1, lambda comm: measure_lone_pair(comm, 1, wide=True))
+
+
+def test_the_lone_memory_speedup_reads_one_rank_over_every_rank_where_each_has_a_core() -> None:
+    from mc2sim.study.calibrate import Independent, lone_memory_speedup_of
+    from tests.unit.test_simulator_by_hand import machine
+
+    def independent(alone: float, loaded: float) -> Independent:
+        return Independent(
+            matmul_tflops=0.2, memcpy_gbps=12.0, upcast_gbps=alone, pingpong_us=15.0,
+            pingpong_loaded_us=16.0, upcast_loaded_gbps=loaded,
+        )  # fmt: skip
+
+    def with_cores(ranks: int, cores: float) -> Topology:
+        topo = machine(ranks)
+        return dataclasses.replace(
+            topo, device=dataclasses.replace(topo.device, cores_per_node=cores)
+        )
+
+    own_cores = with_cores(8, 16)
+    assert own_cores.core_share == 1.0
+    assert lone_memory_speedup_of(independent(4.0, 2.5), own_cores) == pytest.approx(1.6)
+    # every rank at once no slower than one alone (noise): no speedup, not below 1
+    assert lone_memory_speedup_of(independent(2.0, 2.5), own_cores) == 1.0
+    # ranks sharing cores (their processor sharing speeds a task up already), a node of one
+    # rank, a figure not measured: 1
+    assert lone_memory_speedup_of(independent(4.0, 2.5), with_cores(4, 2)) == 1.0
+    assert lone_memory_speedup_of(independent(4.0, 2.5), with_cores(1, 16)) == 1.0
+    assert lone_memory_speedup_of(independent(4.0, 0.0), own_cores) == 1.0

@@ -348,6 +348,13 @@ def test_the_fit_prints_its_posts_warm_tasks_and_polled_progress_and_a_missing_p
         "a round's slowest rank computes x1.125 the slowest rank's own (a rank alone at the top "
         "of a task's load at its own pace)"
     ) in capsys.readouterr().out.splitlines()
+    assert not any("alone on its node" in line for line in out)  # a speedup of 1: no line
+    shared = dataclasses.replace(device, lone_memory_speedup=1.66)
+    _print_fit(dataclasses.replace(topology, device=shared))
+    assert (
+        "a pack or reduction alone on its node runs x1.66 its speed beside every rank (the "
+        "node's memory shared: one rank's bf16->f32 conversion over every rank's at once)"
+    ) in capsys.readouterr().out.splitlines()
     # one rank: nothing to exchange with, so no ratio (not x inf)
     _print_independent(topology, _independent(0.0, 0.0))
     rows = capsys.readouterr().out.splitlines()

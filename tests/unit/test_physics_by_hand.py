@@ -719,3 +719,49 @@ def test_the_sharing_figures_survive_a_file_scale_with_the_machine_and_are_check
     for name in ("shared_issue_us", "shared_latency_us"):
         with pytest.raises(ParamInvalidError, match=name):
             with_device(topo, **{name: -1.0})
+
+
+def test_a_memory_bound_task_speeds_up_as_its_nodes_other_ranks_go_idle() -> None:
+    # memory 1e-6 GB/s: a pack or a reduction of 3000 B takes 3 s beside every rank of its
+    # node (the figures), a matmul of 1e6 * t FLOPs t s as before. lone_memory_speedup 1.5 on
+    # a node of 2 ranks: alone, such a task runs at 1.5. Rank 0 packs 3 s of bytes while rank
+    # 1 multiplies for 1 s: 1 s of the pack done at 1, the other 2 s at 1.5 from there, 4/3 s:
+    # [0, 7/3]. A matmul on rank 0 instead is not memory-bound: [0, 3].
+    from mc2sim.model.cost import memory_rate
+
+    assert memory_rate(1.5, 4, 4) == 1.0
+    assert memory_rate(1.5, 4, 1) == 1.5
+    assert memory_rate(1.5, 4, 2) == pytest.approx(1 + 0.5 * 2 / 3)
+    assert memory_rate(1.5, 1, 1) == 1.0  # a node of one rank shares nothing
+    assert memory_rate(1.0, 4, 1) == 1.0
+    slow = with_device(machine(2), memory_gbps=1e-6)
+    topo = with_device(slow, lone_memory_speedup=1.5)
+
+    def memory_task(kind: TaskKind) -> Task:
+        return Task(id=-1, name=kind.value[:4], kind=kind, bytes=3000)
+
+    for kind in (TaskKind.PACK, TaskKind.REDUCE):
+        plans = {0: plan(0, 2, memory_task(kind)), 1: plan(1, 2, mm(1))}
+        name = f"{kind.value[:4]}0"
+        assert_spans(simulate(plans, slow), {(0, name): (0, 3), (1, "mm0"): (0, 1)})
+        assert_spans(simulate(plans, topo), {(0, name): (0, 7 / 3), (1, "mm0"): (0, 1)})
+    plans = {0: plan(0, 2, mm(3)), 1: plan(1, 2, mm(1))}
+    assert_spans(simulate(plans, topo), {(0, "mm0"): (0, 3), (1, "mm0"): (0, 1)})
+    # both ranks packing all along: the figures as they are
+    both = {r: plan(r, 2, memory_task(TaskKind.PACK)) for r in range(2)}
+    assert_spans(simulate(both, topo), {(r, "pack0"): (0, 3) for r in range(2)})
+    # rates change with the node's busy ranks: not for the lockstep engine; one rank a node is
+    assert lockstep_applies(slow) and not lockstep_applies(topo)
+    inner = dataclasses.replace(topo.network[0], ranks=1)
+    outer = NetworkDim(kind=inner.kind, ranks=2, bandwidth_gbps=1e-6, latency_us=0.0)
+    assert lockstep_applies(dataclasses.replace(topo, network=(inner, outer)))
+    with pytest.raises(ParamInvalidError, match="lone_memory_speedup"):
+        with_device(machine(2), lone_memory_speedup=0.9)
+
+
+def test_the_lone_memory_speedup_survives_a_file(tmp_path: object) -> None:
+    path = f"{tmp_path}/t.yaml"
+    dump(machine(2), path)
+    assert "lone_memory_speedup" not in open(path).read()  # at its default, left out
+    dump(with_device(machine(2), lone_memory_speedup=1.66), path)
+    assert load(path).device.lone_memory_speedup == 1.66

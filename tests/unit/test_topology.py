@@ -657,6 +657,7 @@ def test_every_device_figure_takes_part_in_its_hash() -> None:
         "profile": (ProfilePoint(kind="matmul", dtype="float16", flops=1, bytes=1, us=1.0),),
         "reductions_in_float32": True,
         "rank_spread": 1.2,
+        "lone_memory_speedup": 1.5,
         "probe_tflops": 0.1,
     }
     assert set(changed) == {f.name for f in dataclasses.fields(Device)}
