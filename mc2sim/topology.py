@@ -555,14 +555,11 @@ class Device:
         object.__setattr__(self, "issue_gbps", _non_negative("issue_gbps", self.issue_gbps))
         object.__setattr__(self, "slice_us", _non_negative("slice_us", self.slice_us))
         object.__setattr__(self, "probe_tflops", _non_negative("probe_tflops", self.probe_tflops))
-        spread = _non_negative("rank_spread", self.rank_spread)
-        if spread < 1.0:
-            raise ParamInvalidError("rank_spread", self.rank_spread, "must be >= 1")
-        object.__setattr__(self, "rank_spread", spread)
-        speedup = _non_negative("lone_memory_speedup", self.lone_memory_speedup)
-        if speedup < 1.0:
-            raise ParamInvalidError("lone_memory_speedup", self.lone_memory_speedup, "must be >= 1")
-        object.__setattr__(self, "lone_memory_speedup", speedup)
+        for name in ("rank_spread", "lone_memory_speedup"):  # ratios to the fitted figures
+            value = _non_negative(name, getattr(self, name))
+            if value < 1.0:
+                raise ParamInvalidError(name, getattr(self, name), "must be >= 1")
+            object.__setattr__(self, name, value)
         object.__setattr__(
             self, "core_sharing", _as_choice("core_sharing", self.core_sharing, CoreSharing)
         )
