@@ -557,21 +557,22 @@ class _Engine:
         if self.weighted:
             rate *= self.busy_share(rank) / self.topology.core_share
         if self.memory and task.kind in MEMORY_KINDS:
-            per_node = self.topology.ranks_per_node
-            node = rank // per_node
-            ranks = min(per_node, self.world - node * per_node)
-            rate *= memory_rate(self.topology.device.lone_memory_speedup, ranks, self.busy[node])
+            ranks, busy = self.node_load(rank)
+            rate *= memory_rate(self.topology.device.lone_memory_speedup, ranks, busy)
         return rate
+
+    def node_load(self, rank: int) -> tuple[int, int]:
+        """``rank``'s node: how many ranks it has (the last node may have fewer), how many busy."""
+        per_node = self.topology.ranks_per_node
+        node = rank // per_node
+        return min(per_node, self.world - node * per_node), self.busy[node]
 
     def busy_share(self, rank: int) -> float:
         """The share of a core a computing rank gets (``Device.waiting_weight``).
 
         Its node's cores over its busy ranks and the others' ``waiting_weight`` of a share.
         """
-        per_node = self.topology.ranks_per_node
-        node = rank // per_node
-        ranks = min(per_node, self.world - node * per_node)
-        busy = self.busy[node]
+        ranks, busy = self.node_load(rank)
         device = self.topology.device
         return min(1.0, device.cores_per_node / (busy + device.waiting_weight * (ranks - busy)))
 
