@@ -83,6 +83,41 @@ def test_polled_progress_moves_an_alltoallv_at_the_share_of_ranks_not_computing(
     )
 
 
+@pytest.mark.parametrize(
+    ("kind", "polled", "expected"),
+    [
+        # polled, a 2 s AllReduce: its transfer stops while rank 0 computes, so it slows
+        # nothing: the matmul [0, 1] at full speed, the transfer's 2 s after it [1, 3]
+        ("allreduce", True, {"mm1": (0, 1), "comm": (0, 3), "after": (3, 4)}),
+        # polled, a 2 s AlltoAllv: the waiting rank moves it at 1/2 while rank 0 computes,
+        # and the matmul runs at 1 / compute_slowdown = 1/2: [0, 2]; the transfer has 1 s of
+        # its 2 done then, the rest at full rate [2, 3]
+        ("alltoallv", True, {"mm1": (0, 2), "comm": (0, 3), "after": (3, 4)}),
+        # unpolled, the AllReduce goes on at full rate (comm_slowdown 1) and slows the
+        # matmul to 1/2: [0, 2]; the transfer [0, 2]
+        ("allreduce", False, {"mm1": (0, 2), "comm": (0, 2), "after": (2, 3)}),
+    ],
+)
+def test_a_transfer_slows_compute_only_while_the_ranks_compute_beside_it(
+    kind: str, polled: bool, expected: dict[str, tuple[float, float]]
+) -> None:
+    if kind == "allreduce":
+        first: list[Task] = [allreduce(2), allreduce(2)]
+        name = "ar0"
+    else:
+        first = [alltoallv([0, 2], [0, 2], 0), alltoallv([2, 0], [2, 0], 1)]
+        name = "a2a0"
+    plans = {0: plan(0, 2, first[0], mm(1)), 1: plan(1, 2, first[1], mm(1, 0))}
+    topo = dataclasses.replace(
+        machine(2), contention=Contention(compute_slowdown=2.0, polled=polled)
+    )
+    comm, after = expected["comm"], expected["after"]
+    assert_spans(
+        simulate(plans, topo),
+        {(0, "mm1"): expected["mm1"], (0, name): comm, (1, name): comm, (1, "mm1"): after},
+    )
+
+
 def grouped_machine(*, polled: bool = True, concurrent: bool = True) -> Topology:
     """2 ranks, AllReduces profiled.
 
