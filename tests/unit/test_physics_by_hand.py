@@ -96,12 +96,17 @@ def test_polled_progress_moves_an_alltoallv_at_the_share_of_ranks_not_computing(
         # unpolled, the AllReduce goes on at full rate (comm_slowdown 1) and slows the
         # matmul to 1/2: [0, 2]; the transfer [0, 2]
         ("allreduce", False, {"mm1": (0, 2), "comm": (0, 2), "after": (2, 3)}),
+        # polled, the 2 ranks sharing 1 core (each at 1/2 of it): the fitted factor stays
+        # on every transfer there, so the matmul's 1 s of a core takes 2 s at 1/2 of a core,
+        # slowed to 1/2 again: [0, 4]; the AllReduce's 2 s after it [4, 6], and rank 1's
+        # matmul [6, 8]
+        ("shared", True, {"mm1": (0, 4), "comm": (0, 6), "after": (6, 8)}),
     ],
 )
 def test_a_transfer_slows_compute_only_while_the_ranks_compute_beside_it(
     kind: str, polled: bool, expected: dict[str, tuple[float, float]]
 ) -> None:
-    if kind == "allreduce":
+    if kind in ("allreduce", "shared"):
         first: list[Task] = [allreduce(2), allreduce(2)]
         name = "ar0"
     else:
@@ -111,6 +116,8 @@ def test_a_transfer_slows_compute_only_while_the_ranks_compute_beside_it(
     topo = dataclasses.replace(
         machine(2), contention=Contention(compute_slowdown=2.0, polled=polled)
     )
+    if kind == "shared":
+        topo = with_device(topo, cores_per_node=1)
     comm, after = expected["comm"], expected["after"]
     assert_spans(
         simulate(plans, topo),
