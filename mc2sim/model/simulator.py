@@ -468,7 +468,7 @@ class _Engine:
     back by its slowest member) at ``1 / comm_slowdown``; rates change only when a task starts
     or ends, and the affected end events are moved (stale ones are skipped by version). Where
     progress is polled, a reduction's transfer stops while ranks compute, so it slows no
-    compute (:meth:`contending`).
+    compute where each rank has a core of its own (:meth:`contending`).
     """
 
     def __init__(
