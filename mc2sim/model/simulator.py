@@ -599,14 +599,20 @@ class _Engine:
         device = self.topology.device
         return min(1.0, device.cores_per_node / (busy + device.waiting_weight * (ranks - busy)))
 
+    def _rerate_compute(self, rank: int) -> bool:
+        """Re-rate ``rank``'s compute task in progress, if any; whether it had one."""
+        active = self.ranks[rank].computing
+        if active is None:
+            return False
+        self.rerate(active, self.compute_rate(rank, active.tasks[0][1]), "compute", rank)
+        return True
+
     def _rerate_node(self, rank: int) -> None:
         """Re-rate the compute tasks of ``rank``'s node: how many of its ranks are busy changed."""
         per_node = self.topology.ranks_per_node
         first = (rank // per_node) * per_node
         for r in range(first, min(first + per_node, self.world)):
-            active = self.ranks[r].computing
-            if active is not None:
-                self.rerate(active, self.compute_rate(r, active.tasks[0][1]), "compute", r)
+            self._rerate_compute(r)
 
     def comm_rate(self, active: _Active) -> float:
         """A transfer's rate: slowed while a rank computes, unless a capped wire holds it back.
@@ -736,11 +742,8 @@ class _Engine:
             return
         rank = turns.queue[node].popleft()
         self.start_turn(rank)
-        state = self.ranks[rank]
-        active = state.computing
-        if active is not None:  # a task its turn's end stopped goes on
-            self.rerate(active, self.compute_rate(rank, active.tasks[0][1]), "compute", rank)
-        else:
+        # a compute task its turn's end stopped goes on; without one, its issuer goes on
+        if not self._rerate_compute(rank):
             self.advance(rank)
 
     def requeue(self, rank: int) -> None:
@@ -909,10 +912,8 @@ class _Engine:
     def _rerate_computes(self) -> None:
         if self.compute_slow == 1.0:
             return  # no contention: rates never change
-        for r, state in enumerate(self.ranks):
-            active = state.computing
-            if active is not None:
-                self.rerate(active, self.compute_rate(r, active.tasks[0][1]), "compute", r)
+        for r in range(self.world):
+            self._rerate_compute(r)
 
     def record(self, rank: int, task: Task, levels: tuple[int, int] | None = None) -> None:
         """Note ``task`` done on ``rank``; ``levels``: its (intra, inter) bytes if known."""

@@ -1161,6 +1161,7 @@ def test_measure_lone_pair_times_ranks_0_and_1_alone_and_agrees_on_every_rank(
 
 def test_the_lone_memory_speedup_reads_one_rank_over_every_rank_where_each_has_a_core() -> None:
     from mc2sim.study.calibrate import Independent, lone_memory_speedup_of
+    from tests.unit.test_physics_by_hand import with_device
     from tests.unit.test_simulator_by_hand import machine
 
     def independent(alone: float, loaded: float) -> Independent:
@@ -1170,10 +1171,7 @@ def test_the_lone_memory_speedup_reads_one_rank_over_every_rank_where_each_has_a
         )  # fmt: skip
 
     def with_cores(ranks: int, cores: float) -> Topology:
-        topo = machine(ranks)
-        return dataclasses.replace(
-            topo, device=dataclasses.replace(topo.device, cores_per_node=cores)
-        )
+        return with_device(machine(ranks), cores_per_node=cores)
 
     own_cores = with_cores(8, 16)
     assert own_cores.core_share == 1.0
