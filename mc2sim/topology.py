@@ -274,10 +274,8 @@ class Efficiency:
     For a task of ``f`` FLOPs the utilisation is
     ``small_util + (large_util - small_util) * f / (f + half_flops)``: ``small_util`` for a
     vanishing task, half-way between the two at ``half_flops``, ``large_util`` for a very
-    large one. On an accelerator small tiles underuse the matrix unit (``small_util <
-    large_util``); on a CPU with more ranks than cores the curve can fall instead: a task
-    shorter than a scheduler time slice runs on a whole core, a long one shares it with the
-    other ranks (``mc2sim calibrate`` fits either shape).
+    large one. Small tiles underuse the matrix unit (``small_util < large_util``); ``mc2sim
+    calibrate`` fits a curve rising to 1, while a described topology may give any shape.
     """
 
     small_util: float

@@ -9,7 +9,7 @@ figures include what the others take from the machine, as in real runs:
    GroupedMatMulAlltoAllv of small tiles for the executor's per-task costs; the pairs of
    :data:`SAMPLED`), recorded task by task: their compute tasks fit ``launch + flops / (peak *
    util(flops)) + bytes / bandwidth`` with ``util(f) = small + (large - small) * f / (f +
-   half)``, rising or falling (least squares on relative error; the reference kernels'
+   half)``, rising to 1 (least squares on relative error; the reference kernels'
    memory passes add to their arithmetic: ``memory_overlap: false``), and their AllReduce,
    AlltoAllv, AllGather and ReduceScatter tasks fit the alpha-beta model of one network
    dimension (the better of full mesh and switch) jointly with the vector rate of the
