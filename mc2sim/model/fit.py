@@ -121,8 +121,8 @@ def fit_compute(
 
     The curve never falls: a task's utilisation does not drop as it grows, and every sample
     is a whole core's (CPU time where ranks share cores), so no time-sharing bends it
-    either. A falling curve, fitted until the twenty-eighth session, read the peak as 9 to
-    10 times a core's, ran small tasks at it, and ran large ones at 0.1 of it: 4 ranks here,
+    either. A falling curve, fitted until the twenty-eighth session, read the peak as about
+    ten times a core's, ran small tasks at it, and ran large ones at 0.1 of it: 4 ranks here,
     bfloat16 at 0.86 to 0.97 TFLOP/s, where a float32 1024^3 matmul measured 0.09.
 
     Returns:
