@@ -396,8 +396,10 @@ class Device:
     """CPU time a rank spends issuing one collective (LogP's overhead ``o``), in microseconds,
     >= 0: packing its buffers and posting the nonblocking call (a CPU MPI copies small
     messages eagerly while posting). The rank's issuer can do nothing else meanwhile; a
-    plan of many tiny chunks pays it once per chunk. 0 on accelerators, whose
-    communication engine takes a descriptor."""
+    plan of many tiny chunks pays it once per chunk. ``mc2sim calibrate`` times it right
+    after a compute task, as a plan posts: on 2 ranks here the bare post took 13.6 us
+    there and 8.4 us back to back. 0 on accelerators, whose communication engine takes a
+    descriptor."""
 
     shared_issue_us: float = 0.0
     """Where a node's ranks share fewer cores (``Topology.core_share`` below 1): the CPU time,

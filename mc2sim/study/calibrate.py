@@ -45,7 +45,9 @@ executor among the other calls of the rounds (:func:`collective_cases`: the prof
 the ops' collectives meet); the
 cores the ranks share are read (:func:`node_cores`) and every compute figure scaled to a
 whole core; the issue overhead of a nonblocking collective is timed (:func:`measure_issue`;
-its CPU time where ranks share cores, a whole core's) and taken off every collective sample;
+its CPU time where ranks share cores, a whole core's), back to back and right after a compute
+task as a plan posts, and taken off every collective sample (the back-to-back post off the
+sweep's, the other off the profile's, whose posts met the machine as a plan's do);
 where ranks share cores, the contention fit also finds how long a collective waits for peers
 off their cores (``Device.slice_us``), and the latency and the post are timed again on one
 pair of ranks with the others asleep (:func:`measure_lone_pair`): the network's latencies
@@ -950,7 +952,10 @@ def calibrate(
     if on_cpu:  # the small calls run in two tiles for the warm savings join the contention fit's
         tiled = tiled + warmed
         job_spans += [[t.metrics().total_s for t in mine] for mine in warm_rounds]
+    # posted back to back, as the sweep's are; then right after a compute task, as a plan
+    # posts (and the profile's collectives, run among the other calls' compute, were)
     posting = measure_issue(comm, reps)
+    after_task = measure_issue(comm, reps, after_task=True)
     in_ops: list[CommSample] = []
     if swept_cases:
         by_level[0] += measure_collectives(comm, reps)
@@ -965,11 +970,11 @@ def calibrate(
         in_ops = samples_of(comm, [c for c, _ in whole], [r for _, r in whole])[1] + swept
 
     by_level = [[posting.taken_off(s) for s in mine] for mine in by_level]
-    in_ops = [posting.taken_off(s) for s in in_ops]
+    in_ops = [after_task.taken_off(s) for s in in_ops]
     bare = measure_compute(comm, reps, cpu=on_cpu)
     # a whole core's posts: where ranks share cores, their CPU time (one that gets its core
     # posts at a whole core's speed; a span may also hold another rank's turn)
-    on_core = measure_issue(comm, reps, cpu=True) if on_cpu else posting
+    on_core = measure_issue(comm, reps, cpu=True, after_task=True) if on_cpu else after_task
     figures = _core_figures(compute, bare, on_core, warm_s)
     peaks, efficiency = figures.peaks, figures.efficiency
     launch_us, memory_gbps = figures.launch_us, figures.memory_gbps
@@ -1278,16 +1283,24 @@ class Posting:
 
 
 def _slowest_post(
-    comm: Communicator, post: Callable[[], Work], reps: int, *, cpu: bool = False
+    comm: Communicator,
+    post: Callable[[], Work],
+    reps: int,
+    *,
+    cpu: bool = False,
+    before: Callable[[], object] | None = None,
 ) -> float:
     """The slowest rank's median seconds of ``post`` alone (every rank at once), waited after.
 
-    ``cpu``: of the process's CPU time over the post, not its span.
+    ``cpu``: of the process's CPU time over the post, not its span. ``before``: run after the
+    barrier, right before each post, and not timed.
     """
     clock = time.process_time if cpu else time.perf_counter
     times = []
     for i in range(max(reps, 3) + 1):
         comm.barrier()
+        if before is not None:
+            before()
         start = clock()
         work = post()
         posted = clock() - start
@@ -1297,7 +1310,22 @@ def _slowest_post(
     return float(max(comm.allgather_object(statistics.median(times))))
 
 
-def measure_issue(comm: Communicator, reps: int, *, cpu: bool = False) -> Posting:
+POST_AFTER_MNK = (64, 64, 256)
+"""The bfloat16 matmul (``m, k, n``) :func:`measure_issue` runs before each post with
+``after_task``: a tile of the small tiled MatmulAllReduces, whose posts weigh most."""
+
+
+def _task_before_post() -> Callable[[], object]:
+    """The compute task :func:`measure_issue` runs right before a post (:data:`POST_AFTER_MNK`)."""
+    m, k, n = POST_AFTER_MNK
+    a = torch.ones(m, k, dtype=torch.bfloat16)
+    b = torch.ones(k, n, dtype=torch.bfloat16)
+    return functools.partial(torch.mm, a, b)
+
+
+def measure_issue(
+    comm: Communicator, reps: int, *, cpu: bool = False, after_task: bool = False
+) -> Posting:
     """Seconds a rank spends posting a nonblocking collective (LogP's ``o``), kind by kind.
 
     Every rank posts at once, timing the post alone (the slowest rank's median): a
@@ -1309,14 +1337,24 @@ def measure_issue(comm: Communicator, reps: int, *, cpu: bool = False) -> Postin
     least-squares slope through the origin of their posts over the small one's, by bytes,
     gives ``Device.issue_gbps``. The bare post alone was 6.1 us of a 7.8 us float32
     exchange on 2 ranks here, the AlltoAllv's 8.6 us and the bfloat16 AllReduce's 11.1.
+
+    ``after_task``: each post right after a compute task (:func:`_task_before_post`, not
+    timed), as a plan posts every collective: that is the overhead the model charges. A post
+    costs more there than back to back: on 2 ranks here a 32 KiB bfloat16 AllReduce's post
+    took 35 us after a barrier and 53 us right after a 64 x 64 x 256 bfloat16 matmul, the
+    bare post 8.4 and 13.6 us; a 4 MiB memcpy or a 50 us busy wait before it added 0 to 8 us.
+    Without it, the posts are back to back, as :func:`measure_collectives` posts (what comes
+    off that sweep's samples).
     """
     rows = torch.zeros((comm.size, 64), dtype=torch.bfloat16)
     ones = [1] * comm.size
     flat = torch.zeros(256, dtype=torch.bfloat16)
     single = torch.zeros(1)
-    bare = _slowest_post(comm, lambda: comm.iallreduce(single), reps, cpu=cpu)
-    alltoallv = _slowest_post(comm, lambda: comm.ialltoallv(rows, ones, ones), reps, cpu=cpu)
-    reduction = _slowest_post(comm, lambda: comm.iallreduce(flat), reps, cpu=cpu)
+    before = _task_before_post() if after_task else None
+    timed = functools.partial(_slowest_post, comm, reps=reps, cpu=cpu, before=before)
+    bare = timed(lambda: comm.iallreduce(single))
+    alltoallv = timed(lambda: comm.ialltoallv(rows, ones, ones))
+    reduction = timed(lambda: comm.iallreduce(flat))
     extra = {
         "alltoallv": max(alltoallv - bare, 0.0),
         "allreduce": max(reduction - bare, 0.0),
@@ -1327,7 +1365,7 @@ def measure_issue(comm: Communicator, reps: int, *, cpu: bool = False) -> Postin
     over = []
     for nbytes in POSTED_BYTES:
         post = functools.partial(comm.iallreduce, torch.zeros(nbytes // 2, dtype=torch.bfloat16))
-        over.append(_slowest_post(comm, post, reps, cpu=cpu) - reduction)
+        over.append(timed(post) - reduction)
     return Posting(bare_s=bare, extra_s=extra, copy_gbps=fit_rate(POSTED_BYTES, over))
 
 
@@ -1654,7 +1692,8 @@ class LonePair:
     latency_us: float
     """The shared-memory level's latency fitted on the pair's collectives, microseconds."""
     issue_us: float
-    """The CPU time of a bare post (a 1-element float32 AllReduce), microseconds."""
+    """The CPU time of a bare post (a 1-element float32 AllReduce) right after a compute task,
+    as ``Device.issue_us`` is timed (:func:`measure_issue`), microseconds."""
 
 
 def measure_lone_pair(
@@ -1679,7 +1718,9 @@ def measure_lone_pair(
         sweep = measure_collectives(pair, reps)
         posting = measure_issue(pair, reps)
         single = torch.zeros(1)
-        bare = _slowest_post(pair, lambda: pair.iallreduce(single), reps, cpu=True)
+        bare = _slowest_post(
+            pair, lambda: pair.iallreduce(single), reps, cpu=True, before=_task_before_post()
+        )
         apart = [posting.taken_off(s) for s in sweep]
         dims, _ = fit_levels(
             [

@@ -781,6 +781,43 @@ def test_measure_issue_by_cpu_time_counts_only_the_posts_own_work(
     assert measure_issue(comm, 3).bare_s == pytest.approx(0.002)  # type: ignore[arg-type]
 
 
+def test_measure_issue_after_a_task_runs_one_before_every_post_untimed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the task takes 1 s on the post's clock: timed with the post, it would read in every figure
+    from mc2sim.study import calibrate
+
+    comm = _PostingComm()
+    comm.clocks(monkeypatch)
+    order: list[str] = []
+
+    def task() -> None:
+        order.append("task")
+        comm.now += 1.0
+
+    monkeypatch.setattr(calibrate, "_task_before_post", lambda: task)
+    posting = measure_issue(comm, 3, after_task=True)  # type: ignore[arg-type]
+    assert posting.bare_s == pytest.approx(0.002)
+    assert posting.extra_s["alltoallv"] == pytest.approx(0.005)
+    assert posting.copy_gbps == pytest.approx(2**20 / 1e-3 / 1e9, rel=1e-3)
+    # one task before each post: 4 posts (a warm-up and 3) of each of the bare, AlltoAllv,
+    # small AllReduce and the POSTED_BYTES AllReduces
+    assert order == ["task"] * 4 * (3 + len(POSTED_BYTES))
+    order.clear()
+    measure_issue(comm, 3)  # type: ignore[arg-type]
+    assert order == []  # back to back: no task
+
+
+def test_the_task_before_a_post_is_a_bfloat16_matmul_of_a_tile() -> None:
+    from mc2sim.study.calibrate import POST_AFTER_MNK, _task_before_post
+
+    out = _task_before_post()()
+    m, k, n = POST_AFTER_MNK
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert torch.all(out == k)  # ones @ ones: each element sums k ones
+
+
 def test_measure_progress_tells_polled_from_progressing_on_its_own() -> None:
     # polled: after the rank computed for twice the collective's time, all of it is left
     polled = measure_progress(_ProgressComm(on_its_own=False), 3)  # type: ignore[arg-type]
