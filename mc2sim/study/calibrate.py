@@ -1342,7 +1342,8 @@ def measure_issue(
     timed), as a plan posts every collective: that is the overhead the model charges. A post
     costs more there than back to back: on 2 ranks here a 32 KiB bfloat16 AllReduce's post
     took 35 us after a barrier and 53 us right after a 64 x 64 x 256 bfloat16 matmul, the
-    bare post 8.4 and 13.6 us; a 4 MiB memcpy or a 50 us busy wait before it added 0 to 8 us.
+    bare post 8.4 and 13.6 us; a 4 MiB memcpy before them added 2 and 8 us, a 50 us busy
+    wait -7 and +1 us.
     Without it, the posts are back to back, as :func:`measure_collectives` posts (what comes
     off that sweep's samples).
     """
