@@ -1343,9 +1343,8 @@ def measure_issue(
     costs more there than back to back: on 2 ranks here a 32 KiB bfloat16 AllReduce's post
     took 35 us after a barrier and 53 us right after a 64 x 64 x 256 bfloat16 matmul, the
     bare post 8.4 and 13.6 us; a 4 MiB memcpy before them added 2 and 8 us, a 50 us busy
-    wait -7 and +1 us.
-    Without it, the posts are back to back, as :func:`measure_collectives` posts (what comes
-    off that sweep's samples).
+    wait -7 and +1 us. Without it, the posts are back to back, as :func:`measure_collectives`
+    posts (what comes off that sweep's samples).
     """
     rows = torch.zeros((comm.size, 64), dtype=torch.bfloat16)
     ones = [1] * comm.size
